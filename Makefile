@@ -1,0 +1,36 @@
+# Odyssey: two commands for a newcomer, `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+DEMO   ?= 1.2b
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-slow bench clean-demo
+
+# torch is installed first with its pinned version: a CPU build is at hand, while an unpinned
+# torch would pull gigabytes of CUDA packages.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	DEMO=$(DEMO) $(PY) tools/demo.py
+
+test: $(STAMP)
+	@bash tools/ensure_xvfb.sh || true
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	@bash tools/ensure_xvfb.sh || true
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean-demo:
+	rm -rf demo/

@@ -1,0 +1,3 @@
+from odyssey.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Memory readings of a process, its cgroup and the system. No torch import.
+
+Anonymous memory (`RssAnon`) is what a RAM budget must bound: heap, tensors, buffers. File-backed
+RSS (`RssFile`) is page cache mapped into the process: reclaimable, but counted in a cgroup's usage.
+psutil's RSS and USS mix the two, so we read /proc ourselves (Linux) and fall back to psutil.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+MIB = 1 << 20
+
+
+@dataclass
+class ProcessMemory:
+    anon_bytes: int
+    """RssAnon: heap and anonymous mappings (what the budget bounds)."""
+    file_bytes: int
+    """RssFile + RssShmem: file-backed pages mapped into the process."""
+    peak_bytes: int
+    """VmHWM: peak total RSS since the process started."""
+
+    @property
+    def rss_bytes(self) -> int:
+        return self.anon_bytes + self.file_bytes
+
+
+def process_memory(pid: Optional[int] = None) -> ProcessMemory:
+    pid = os.getpid() if pid is None else pid
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                    fields[key] = int(rest.split()[0]) * 1024  # kB -> bytes
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    if "RssAnon" not in fields:  # not Linux: psutil's RSS counts everything as anonymous
+        import psutil
+
+        info = psutil.Process(pid).memory_info()
+        return ProcessMemory(info.rss, 0, info.rss)
+    return ProcessMemory(fields["RssAnon"], fields.get("RssFile", 0) + fields.get("RssShmem", 0),
+                         fields.get("VmHWM", 0))
+
+
+def rss_anon_mib(pid: Optional[int] = None) -> float:
+    return process_memory(pid).anon_bytes / MIB
+
+
+def tree_memory(pid: int) -> ProcessMemory:
+    """Sum over a process and its children (the trainer may spawn workers)."""
+    import psutil
+
+    total = process_memory(pid)
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return total
+    for child in children:
+        try:
+            m = process_memory(child.pid)
+        except ProcessLookupError:
+            continue
+        total = ProcessMemory(total.anon_bytes + m.anon_bytes, total.file_bytes + m.file_bytes,
+                              max(total.peak_bytes, m.peak_bytes))
+    return total
+
+
+def system_available_bytes() -> int:
+    """MemAvailable: what can be allocated without swapping."""
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def swap_used_bytes() -> int:
+    import psutil
+
+    return psutil.swap_memory().used
+
+
+def cgroup_of(pid: int) -> Optional[Path]:
+    """The memory cgroup directory of `pid` (v1 memory controller or v2 unified), or None."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if "memory" in controllers.split(","):
+            d = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
+            if (d / "memory.usage_in_bytes").exists():
+                return d
+        if controllers == "":
+            d = Path("/sys/fs/cgroup") / rel.lstrip("/")
+            if (d / "memory.current").exists():
+                return d
+    return None
+
+
+def cgroup_usage_bytes(pid: int) -> Optional[tuple[int, Optional[int]]]:
+    """(usage, limit) of the memory cgroup `pid` is in; limit None when unlimited; None if unknown."""
+    d = cgroup_of(pid)
+    if d is None:
+        return None
+    if (d / "memory.usage_in_bytes").exists():
+        usage = int((d / "memory.usage_in_bytes").read_text())
+        limit = int((d / "memory.limit_in_bytes").read_text())
+        return usage, (None if limit >= (1 << 60) else limit)
+    usage = int((d / "memory.current").read_text())
+    raw = (d / "memory.max").read_text().strip()
+    return usage, (None if raw == "max" else int(raw))

@@ -1,0 +1,582 @@
+"""What the monitor knows about a run: tails RUN/metrics.jsonl and RUN/status.json into series and
+latest values. Pure logic, no Tk: the window (app.py) asks for formatted fields and downsampled
+chart points, the tests drive it without a display.
+
+Reading is incremental (`MetricsTail`) and capped per `poll` so a 100,000-line file never blocks the
+window; `poll` reports whether bytes are still waiting so the caller can come back sooner.
+
+A resumed run appends after a restart with step numbers going back to the last checkpoint: the
+step series drop the points the new process will redo (steps >= the first new step), so the loss
+chart shows one consistent history, and the log says where the run resumed. Time series (page-in,
+RAM, temperature) keep everything and break their line over a gap longer than `GAP_S`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import time
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from odyssey.runlog import ACTIONS, MetricsTail, RunDir
+
+GAP_S = 120.0
+"""A silence longer than this (seconds) between two samples of a time series breaks its line."""
+POLL_BYTES = 4 << 20
+"""Bytes read from metrics.jsonl per poll (about 20,000 lines): bounds the work of one UI tick."""
+LOG_LINES = 1000
+"""Log entries kept (the oldest are dropped)."""
+ETA_WINDOW = 50
+"""Steps over which the wall-clock rate for the ETA is measured."""
+TERMINAL_STATES = ("stopped", "finished", "failed")
+
+# Bilingual labels, shared by the window and the tests.
+ACTION_LABELS = {
+    "pause": ("Pause", "일시정지"),
+    "resume": ("Resume", "재개"),
+    "checkpoint": ("Checkpoint now", "지금 체크포인트"),
+    "stop": ("Stop", "중지"),
+}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _num(v: Any) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+# --------------------------------------------------------------------------------------------
+# downsampling
+
+
+def downsample_minmax(xs, ys, max_points: int, lo: int = 0, hi: Optional[int] = None) -> list[tuple[float, float]]:
+    """Points of xs[lo:hi], ys[lo:hi] (x sorted) reduced to at most about `max_points`: the range is
+    cut into max_points/2 buckets of equal count and each keeps its minimum and its maximum, in x
+    order, so spikes (a disk hiccup, a loss blow-up) survive at any zoom. The first and last points
+    are always kept. Work is done by C builtins over slices: ~5 ms for 100,000 points."""
+    hi = len(xs) if hi is None else hi
+    n = hi - lo
+    if n <= 0:
+        return []
+    if n <= max(max_points, 4):
+        return list(zip(xs[lo:hi], ys[lo:hi]))
+    buckets = max(1, (max_points - 2) // 2)
+    out = [(xs[lo], ys[lo])]
+    size = (n - 2) / buckets
+    start = lo + 1
+    for b in range(buckets):
+        end = lo + 1 + int(round((b + 1) * size)) if b < buckets - 1 else hi - 1
+        if end <= start:
+            continue
+        chunk = ys[start:end]
+        mn, mx = min(chunk), max(chunk)
+        i_mn = start + chunk.index(mn)
+        i_mx = start + chunk.index(mx)
+        if i_mn == i_mx:
+            out.append((xs[i_mn], ys[i_mn]))
+        else:
+            a, b2 = (i_mn, i_mx) if i_mn < i_mx else (i_mx, i_mn)
+            out.append((xs[a], ys[a]))
+            out.append((xs[b2], ys[b2]))
+        start = end
+    out.append((xs[hi - 1], ys[hi - 1]))
+    return out
+
+
+class Series:
+    """x-sorted samples in compact arrays, split into segments where the data has a gap."""
+
+    def __init__(self, gap: Optional[float] = None):
+        self.xs = array("d")
+        self.ys = array("d")
+        self.starts = [0]  # index where each segment begins
+        self.gap = gap
+        self.version = 0
+        self._cache: tuple = (None, None)
+
+    def __len__(self) -> int:
+        return len(self.xs)
+
+    def append(self, x: float, y: float) -> None:
+        if self.xs:
+            if self.gap is not None and x - self.xs[-1] > self.gap:
+                self.starts.append(len(self.xs))
+            if x < self.xs[-1]:  # out of order (clock step): keep x sorted
+                x = self.xs[-1]
+        self.xs.append(x)
+        self.ys.append(y)
+        self.version += 1
+
+    def truncate_from(self, x: float) -> int:
+        """Drop the points with x >= `x`; returns how many were dropped."""
+        i = bisect.bisect_left(self.xs, x)
+        dropped = len(self.xs) - i
+        if dropped:
+            del self.xs[i:]
+            del self.ys[i:]
+            self.starts = [s for s in self.starts if s < i] or [0]
+            self.version += 1
+        return dropped
+
+    def last(self) -> Optional[tuple[float, float]]:
+        return (self.xs[-1], self.ys[-1]) if self.xs else None
+
+    def segments(self, max_points: int) -> list[list[tuple[float, float]]]:
+        """Downsampled segments, about `max_points` points in all (cached until the data changes)."""
+        key = (self.version, max_points)
+        if self._cache[0] == key:
+            return self._cache[1]
+        n = len(self.xs)
+        bounds = self.starts + [n]
+        segs = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            if hi > lo:
+                share = max(4, int(max_points * (hi - lo) / n))
+                segs.append(downsample_minmax(self.xs, self.ys, share, lo, hi))
+        self._cache = (key, segs)
+        return segs
+
+    def y_range(self) -> Optional[tuple[float, float]]:
+        return (min(self.ys), max(self.ys)) if self.ys else None
+
+
+# --------------------------------------------------------------------------------------------
+# formatting
+
+
+def fmt_duration(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "–"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def fmt_num(v: Optional[float], digits: int = 0, unit: str = "") -> str:
+    if v is None:
+        return "–"
+    if not math.isfinite(v):
+        return str(v)  # nan / inf are worth seeing as such
+    text = f"{v:,.{digits}f}"
+    return f"{text} {unit}" if unit else text
+
+
+# --------------------------------------------------------------------------------------------
+# control requests
+
+
+@dataclass
+class PendingRequest:
+    id: int
+    action: str
+    t: float
+    acked_step: Optional[int] = None
+    superseded_by: Optional[str] = None
+
+
+# --------------------------------------------------------------------------------------------
+# the feed
+
+
+@dataclass
+class LogEntry:
+    t: float
+    level: str  # info | warning | error | guard
+    text: str
+    seq: int = 0
+
+
+@dataclass
+class GuardLimits:
+    """The guard's thresholds, read from RUN/config.yaml when present (else GuardSettings defaults)."""
+    soft_pct: float = 90.0
+    hard_pct: float = 97.0
+    max_temp_c: float = 90.0
+    resume_temp_c: float = 80.0
+    heartbeat_s: float = 2.0
+
+
+class Feed:
+    """Everything the window shows, updated by `poll()`."""
+
+    def __init__(self, run_dir: str | os.PathLike, poll_bytes: int = POLL_BYTES):
+        self.run = RunDir(run_dir)
+        self.tail = MetricsTail(self.run.metrics_path)
+        self.poll_bytes = poll_bytes
+        self.version = 0  # bumps whenever anything visible changed
+        self._reset_state()
+        self.status: Optional[dict] = None
+        self.heartbeat: Optional[dict] = None
+        self.limits = GuardLimits()
+        self._config_mtime: Optional[float] = None
+        self.pending: Optional[PendingRequest] = None
+        self.more_waiting = False
+
+    def _reset_state(self) -> None:
+        self.records = 0
+        # step series (x = step)
+        self.loss = Series()
+        self.loss_ema = Series()
+        self.val_loss = Series()
+        self._ema: Optional[float] = None
+        self.resume_steps: list[int] = []
+        # time series (x = unix s)
+        self.pagein = Series(gap=GAP_S)
+        self.anon = Series(gap=GAP_S)
+        self.cgroup = Series(gap=GAP_S)
+        self.temp = Series(gap=GAP_S)
+        self.budget_mib: Optional[float] = None
+        # latest values
+        self.last_step: Optional[dict] = None
+        self.last_val: Optional[dict] = None
+        self.last_memory: Optional[dict] = None
+        self.last_guard: Optional[dict] = None
+        self.layers: list[dict] = []
+        self.layers_step: Optional[int] = None
+        self._rss = (0.0, None)  # (t, anon MiB) latest from step or memory records
+        self._step_times: deque = deque(maxlen=ETA_WINDOW)  # (t, step) of the current segment
+        self.log: deque[LogEntry] = deque(maxlen=LOG_LINES)
+        self._log_seq = 0
+        self.t_first: Optional[float] = None
+        self.t_last: Optional[float] = None
+        self._resets_seen = getattr(self, "tail", None) and self.tail.resets or 0
+
+    # --- reading ---
+    def poll(self, max_bytes: Optional[int] = None) -> bool:
+        """Read what was appended since the last call (up to `max_bytes`), status.json, guard.json
+        and config.yaml. Returns True when something visible changed; `more_waiting` tells whether
+        the metrics file still has unread bytes."""
+        before = self.version
+        records = self.tail.read_new(max_bytes or self.poll_bytes)
+        if self.tail.resets != self._resets_seen:  # file replaced or truncated: start over
+            self._reset_state()
+            self._add_log(time.time(), "warning", "metrics.jsonl was replaced or truncated; reading it again")
+        if records:
+            self.ingest(records)
+        try:
+            self.more_waiting = os.stat(self.tail.path).st_size > self.tail.offset
+        except FileNotFoundError:
+            self.more_waiting = False
+        self._read_status()
+        self._read_config()
+        hb = self.run.read_heartbeat()
+        if hb != self.heartbeat:
+            self.heartbeat = hb
+            self.version += 1
+        return self.version != before
+
+    def ingest(self, records: list[dict]) -> None:
+        """Fold records (as read from metrics.jsonl) into the series and latest values."""
+        for r in records:
+            kind = r.get("kind")
+            t = _num(r.get("t")) or 0.0
+            self.records += 1
+            if self.t_first is None:
+                self.t_first = t
+            if self.t_last is None or t > self.t_last:
+                self.t_last = t
+            handler = _HANDLERS.get(kind)
+            if handler is not None:
+                handler(self, r, t)
+        if records:
+            self.version += 1
+
+    def _on_step(self, r: dict, t: float) -> None:
+        step = r.get("step")
+        if not isinstance(step, int):
+            return
+        last = self.loss.last()
+        if last is not None and step <= last[0]:
+            dropped = self.loss.truncate_from(step)
+            self.loss_ema.truncate_from(step)
+            self.val_loss.truncate_from(step)
+            self._ema = self.loss_ema.ys[-1] if len(self.loss_ema) else None
+            self._step_times.clear()
+            self.resume_steps = [s for s in self.resume_steps if s < step] + [step]
+            self._add_log(t, "info", f"run resumed at step {step} (after step {int(last[0])}; "
+                                     f"{dropped} step(s) will be redone) / 재개됨")
+        loss = r.get("loss")
+        if _finite(loss):
+            self.loss.append(step, loss)
+            self._ema = loss if self._ema is None else 0.9 * self._ema + 0.1 * loss
+            self.loss_ema.append(step, self._ema)
+        elif loss is not None:
+            self._add_log(t, "error", f"step {step}: loss is {loss}")
+        mbs = r.get("pagein_mb_s")
+        if _finite(mbs):
+            self.pagein.append(t, mbs)
+        rss = r.get("rss_anon_mib")
+        if _finite(rss) and t >= self._rss[0]:
+            self._rss = (t, rss)
+            if not self.last_memory:  # no guard samples: plot the trainer's own reading
+                self.anon.append(t, rss)
+        if _finite(r.get("budget_mib")):
+            self.budget_mib = r["budget_mib"]
+        self.last_step = r
+        self._step_times.append((t, step))
+
+    def _on_val(self, r: dict, t: float) -> None:
+        step, v = r.get("step"), r.get("val_loss")
+        if isinstance(step, int) and _finite(v):
+            last = self.val_loss.last()
+            if last is not None and step <= last[0]:
+                self.val_loss.truncate_from(step)
+            self.val_loss.append(step, v)
+            self.last_val = r
+
+    def _on_pagein(self, r: dict, t: float) -> None:
+        layers = r.get("layers")
+        if isinstance(layers, list):
+            self.layers = [L for L in layers if isinstance(L, dict)]
+            self.layers_step = r.get("step")
+
+    def _on_memory(self, r: dict, t: float) -> None:
+        anon = r.get("anon_mib")
+        if _finite(anon):
+            self.anon.append(t, anon)
+            if t >= self._rss[0]:
+                self._rss = (t, anon)
+        if _finite(r.get("cgroup_mib")):
+            self.cgroup.append(t, r["cgroup_mib"])
+        if _finite(r.get("temp_c")):
+            self.temp.append(t, r["temp_c"])
+        if _finite(r.get("budget_mib")):
+            self.budget_mib = r["budget_mib"]
+        self.last_memory = r
+
+    def _on_guard(self, r: dict, t: float) -> None:
+        self.last_guard = r
+        action, reason = r.get("action", "?"), r.get("reason", "")
+        level = "warning" if action in ("warn", "checkpoint", "pause") else "error" if action in ("stop", "exit") else "guard"
+        self._add_log(t, level, f"guard {action}: {reason}" if reason else f"guard {action}")
+
+    def _on_event(self, r: dict, t: float) -> None:
+        level = r.get("level", "info")
+        if level not in ("info", "warning", "error"):
+            level = "info"
+        self._add_log(t, level, str(r.get("message", "")))
+
+    def _add_log(self, t: float, level: str, text: str) -> None:
+        self._log_seq += 1
+        self.log.append(LogEntry(t, level, text, self._log_seq))
+        self.version += 1
+
+    def log_since(self, seq: int) -> list[LogEntry]:
+        """Log entries newer than `seq` (the window appends only those)."""
+        return [e for e in self.log if e.seq > seq]
+
+    def _read_status(self) -> None:
+        status = self.run.read_status()
+        if status == self.status:
+            return
+        self.status = status
+        self.version += 1
+        p = self.pending
+        if p is not None and status and p.acked_step is None and p.superseded_by is None:
+            ack = status.get("ack_id")
+            if isinstance(ack, int) and ack >= p.id:
+                if ack == p.id:
+                    p.acked_step = int(status.get("step") or 0)
+                else:
+                    ctl = self.run.read_control() or {}
+                    p.superseded_by = f"{ctl.get('source', '?')}: {ctl.get('action', '?')}"
+
+    def _read_config(self) -> None:
+        path = self.run.config_path
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if mtime == self._config_mtime:
+            return
+        self._config_mtime = mtime
+        try:
+            import yaml
+
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except Exception:  # a half-written or foreign config must not stop the monitor
+            return
+        guard = _find_section(data, "guard")
+        limits = GuardLimits()
+        if isinstance(guard, dict):
+            for name in ("soft_pct", "hard_pct", "max_temp_c", "resume_temp_c", "heartbeat_s"):
+                if _finite(guard.get(name)):
+                    setattr(limits, name, float(guard[name]))
+        self.limits = limits
+        self.version += 1
+
+    # --- control ---
+    def request(self, action: str) -> int:
+        """Write a control request from the monitor and remember it until the trainer acknowledges."""
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+        req_id = self.run.request(action, source="monitor", reason="button in odyssey monitor")
+        self.pending = PendingRequest(req_id, action, time.time())
+        self.version += 1
+        return req_id
+
+    def ack_text(self) -> str:
+        p = self.pending
+        if p is None:
+            return ""
+        en, ko = ACTION_LABELS[p.action]
+        if p.acked_step is not None:
+            return f"{en}: acknowledged at step {p.acked_step} / 확인됨 (단계 {p.acked_step})"
+        if p.superseded_by:
+            return f"{en}: replaced by a later request ({p.superseded_by}) / 다른 요청으로 대체됨"
+        text = f"{en} requested… / {ko} 요청됨…"
+        state = self.state()
+        if state in TERMINAL_STATES:
+            text += f" (trainer is {state})"
+        elif not self.trainer_alive():
+            text += " (trainer not running)"
+        return text
+
+    # --- derived values ---
+    def state(self) -> str:
+        return str((self.status or {}).get("state") or ("waiting" if not self.records else "unknown"))
+
+    def trainer_alive(self) -> bool:
+        pid = (self.status or {}).get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def steps_total(self) -> Optional[int]:
+        v = (self.last_step or {}).get("steps_total")
+        return v if isinstance(v, int) and v > 0 else None
+
+    def eta_s(self) -> Optional[float]:
+        """Wall-clock rate over the last ETA_WINDOW steps (checkpoints and evals included)."""
+        total, s = self.steps_total(), self.last_step
+        if total is None or s is None:
+            return None
+        remaining = total - s["step"]
+        if remaining <= 0:
+            return 0.0
+        times = self._step_times
+        if len(times) >= 2 and times[-1][1] > times[0][1]:
+            per_step = (times[-1][0] - times[0][0]) / (times[-1][1] - times[0][1])
+        elif _finite(s.get("step_s")):
+            per_step = s["step_s"]
+        else:
+            return None
+        return remaining * per_step
+
+    def rss_mib(self) -> Optional[float]:
+        return self._rss[1]
+
+    def headroom_mib(self) -> Optional[float]:
+        rss = self.rss_mib()
+        if rss is None or self.budget_mib is None:
+            return None
+        return self.budget_mib - rss
+
+    def guard_text(self) -> str:
+        now = time.time()
+        hb = self.heartbeat
+        g = self.last_guard
+        if g is not None and g.get("action") not in ("resume",):
+            age = now - (_num(g.get("t")) or now)
+            text = f"{g.get('action')}: {g.get('reason', '')}".rstrip(": ")
+            return text if age < 600 or self.state() in TERMINAL_STATES else f"ok (last: {text})"
+        if hb is None:
+            return "no guard / 없음"
+        age = now - (_num(hb.get("t")) or 0)
+        if age > max(10.0, 5 * self.limits.heartbeat_s) and self.state() not in TERMINAL_STATES:
+            return f"lost ({fmt_duration(age)} ago) / 끊김"
+        return f"ok, {hb.get('state', 'watching')} / 정상"
+
+    def values(self) -> dict[str, str]:
+        """The read-only fields, formatted (keys are FIELD names in app.py)."""
+        s = self.last_step or {}
+        total = self.steps_total()
+        out: dict[str, str] = {}
+        step = s.get("step")
+        out["step"] = "–" if step is None else (f"{step:,} / {total:,}" if total else f"{step:,}")
+        out["loss"] = fmt_num(_num(s.get("loss")), 4)
+        if self.last_val:
+            out["val_loss"] = f"{fmt_num(_num(self.last_val.get('val_loss')), 4)} (step {self.last_val.get('step')})"
+        else:
+            out["val_loss"] = "–"
+        out["tokens_per_s"] = fmt_num(_num(s.get("tokens_per_s")), 1)
+        out["step_s"] = fmt_num(_num(s.get("step_s")), 2, "s")
+        state = self.state()
+        if state == "finished":
+            out["eta"] = "done / 완료"
+        elif state in ("stopped", "failed"):
+            out["eta"] = f"{state}"
+        else:
+            out["eta"] = fmt_duration(self.eta_s())
+        out["pagein"] = fmt_num(_num(s.get("pagein_mb_s")), 0, "MB/s")
+        stall, step_s = _num(s.get("stall_s")), _num(s.get("step_s"))
+        out["stall"] = fmt_num(100.0 * stall / step_s, 1, "%") if stall is not None and step_s else "–"
+        out["rss"] = fmt_num(self.rss_mib(), 0, "MiB")
+        out["budget"] = fmt_num(self.budget_mib, 0, "MiB")
+        head = self.headroom_mib()
+        if head is not None and self.budget_mib:
+            out["headroom"] = f"{fmt_num(head, 0, 'MiB')} ({100 * head / self.budget_mib:.0f} %)"
+        else:
+            out["headroom"] = "–"
+        temp = _num((self.last_memory or {}).get("temp_c"))
+        if temp is not None:
+            out["temp"] = fmt_num(temp, 0, "°C")
+        else:
+            out["temp"] = "unavailable / 없음" if self.last_memory else "–"
+        out["guard"] = self.guard_text()
+        return out
+
+    def header_text(self) -> str:
+        state = self.state()
+        parts = [f"{self.run.root}", f"state: {state}"]
+        st = self.status or {}
+        if st.get("pid") and state not in TERMINAL_STATES and not self.trainer_alive():
+            parts.append(f"pid {st['pid']} not running")
+        if self.t_last is not None:
+            parts.append(f"last metrics {fmt_duration(max(0.0, time.time() - self.t_last))} ago")
+        if self.tail.bad_lines:
+            parts.append(f"{self.tail.bad_lines} bad line(s) skipped")
+        if self.more_waiting:
+            parts.append("reading…")
+        return "  ·  ".join(parts)
+
+
+def _find_section(data: Any, name: str, depth: int = 0) -> Any:
+    """The first mapping under key `name` anywhere in a nested config (depth-first, shallow first)."""
+    if not isinstance(data, dict) or depth > 4:
+        return None
+    if isinstance(data.get(name), dict):
+        return data[name]
+    for v in data.values():
+        found = _find_section(v, name, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+_HANDLERS = {
+    "step": Feed._on_step,
+    "val": Feed._on_val,
+    "pagein": Feed._on_pagein,
+    "memory": Feed._on_memory,
+    "guard": Feed._on_guard,
+    "event": Feed._on_event,
+}
