@@ -1,0 +1,253 @@
+"""Out-of-core forward and backward over the pager (layer-major, recompute in backward).
+
+The model is a `LlamaForCausalLM` skeleton on the `meta` device (optionally with PEFT LoRA
+adapters, whose weights are real and stay resident). For each unit the pager hands over, the
+frozen base weights are bound to the skeleton as `nn.Parameter(view, requires_grad=False)` —
+converted to the compute dtype when that differs from the store dtype — used, and unbound.
+
+Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
+
+- forward: embedding rows gathered from the memory-mapped embed shard (only the rows needed),
+  layers 0..L-1 without grad keeping only each layer's input, final norm, head in vocab chunks.
+- loss: cross-entropy through the paged head in vocab chunks with an online log-sum-exp; the
+  gradient w.r.t. the final hidden state is computed chunk by chunk too (never B x T x V in fp32).
+- backward: layers L-1..0, each recomputed with grad from its saved input (a leaf with
+  requires_grad, so LoRA weights get gradients), `torch.autograd.backward(out, grad)`, the input's
+  gradient passed down.
+The schedule is forward then reverse, so the last layer of forward is the first of backward and
+stays resident; layer 0 stays resident into the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from odyssey.errors import OdysseyError
+from odyssey.model import KVCache, LlamaForCausalLM, rope_cos_sin
+from odyssey.pager import Pager, Resident, ResidentPager
+from odyssey.store import Store
+
+VOCAB_CHUNK = 8192  # head rows per chunk: (B*T, 8192) fp32 logits = 16 MiB at B*T = 512
+
+
+def native_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX, Arm BF16). Elsewhere
+    bf16 matmuls are emulated and several times slower than fp32 (measured: 20 vs 158 GFLOP/s on
+    an AVX2 EPYC), so compute runs in fp32 and bf16 is only the storage format."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    if platform.machine() in ("x86_64", "AMD64"):
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return "bf16" in flags
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, "f32": torch.float32}[name]
+
+
+@dataclass
+class PassStats:
+    """Figures of one pass (forward, or a training step) for metrics and the monitor."""
+
+    seconds: float = 0.0
+    pagein_bytes: int = 0
+    read_s: float = 0.0
+    stall_s: float = 0.0
+    layers: list = field(default_factory=list)  # UnitStat.to_json() per unit
+
+    @property
+    def pagein_mb_s(self) -> float:
+        return self.pagein_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+class Engine:
+    def __init__(self, store: Store, compute_dtype: str = "auto", slots: int = 2, direct: bool = False,
+                 resident: bool = False, model: Optional[nn.Module] = None):
+        self.store = store
+        self.cfg = store.config
+        self.dtype = resolve_compute_dtype(compute_dtype)
+        if model is None:
+            with torch.device("meta"):
+                model = LlamaForCausalLM(self.cfg)
+        self.model = model  # a meta skeleton, possibly wrapped by PEFT (see adapters.py)
+        self.pager = ResidentPager(store) if resident else Pager(store, slots=slots, direct=direct)
+        self._bound: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
+        self._modules = dict(self._find_base_modules())
+        self._embed = self._open_embedding()
+
+    # --- weights ---
+    def _find_base_modules(self):
+        """HF parameter name -> (module owning the frozen base weight, attribute). PEFT wraps
+        targeted Linears: their base weight lives at `<name>.base_layer.weight`."""
+        core = self.model
+        for name, mod in core.named_modules():
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                if "lora_" in name or p.device.type != "meta":
+                    continue
+                hf = f"{name}.{pname}".replace(".base_layer", "")
+                # PEFT prefixes names with base_model.model.
+                hf = hf.removeprefix("base_model.model.")
+                yield hf, (mod, pname)
+
+    def bind(self, res: Resident) -> None:
+        for name, t in res.tensors.items():
+            if name not in self._modules:
+                continue
+            mod, attr = self._modules[name]
+            w = t if t.dtype == self.dtype else t.to(self.dtype)
+            old = mod._parameters[attr]
+            mod._parameters[attr] = nn.Parameter(w, requires_grad=False)
+            self._bound[name] = (mod, attr, old)
+
+    def unbind(self, res: Resident) -> None:
+        for name in res.tensors:
+            entry = self._bound.pop(name, None)
+            if entry:
+                mod, attr, old = entry
+                mod._parameters[attr] = old  # back to the meta placeholder: no view outlives the slot
+
+    @contextlib.contextmanager
+    def resident(self, unit):
+        res = self.pager.get(unit)
+        try:
+            self.bind(res)
+            yield res
+        finally:
+            self.unbind(res)
+            self.pager.release(res)
+
+    def _open_embedding(self):
+        info = self.store.shards["embed"]
+        span = info.tensors["model.embed_tokens.weight"]
+        np_dtype = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[span.dtype]
+        return np.memmap(info.path, dtype=np_dtype, mode="r", offset=info.data_offset + span.start,
+                         shape=span.shape), span.dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> (B, T, d) compute dtype; only the rows needed are read."""
+        mm, st = self._embed
+        rows = np.ascontiguousarray(mm[ids.reshape(-1).numpy()])
+        t = torch.from_numpy(rows)
+        if st == "BF16":
+            t = t.view(torch.bfloat16)
+        return t.to(self.dtype).view(*ids.shape, self.cfg.hidden_size)
+
+    # --- layers ---
+    def layer(self, i: int) -> nn.Module:
+        return self._core().layers[i]
+
+    def _core(self):
+        m = self.model
+        if hasattr(m, "base_model") and hasattr(m.base_model, "model"):  # PeftModel
+            m = m.base_model.model
+        return m.model
+
+    def rope(self, start: int, T: int):
+        pos = torch.arange(start, start + T)
+        return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+
+    def head_units(self) -> list:
+        return ["head", "embed"] if self.cfg.tie_word_embeddings else ["head"]
+
+    def layer_schedule(self, backward: bool = False) -> list:
+        L = self.cfg.num_hidden_layers
+        fwd = list(range(L)) + self.head_units()
+        return fwd + list(range(L - 1, -1, -1)) if backward else fwd
+
+    def _head_weight_and_norm(self, held: list) -> tuple[torch.Tensor, nn.Module]:
+        core = self._core()
+        if self.cfg.tie_word_embeddings:
+            w = held[1].tensors["model.embed_tokens.weight"]
+        else:
+            w = held[0].tensors["lm_head.weight"]
+        return w, core.norm
+
+    @contextlib.contextmanager
+    def head(self):
+        """Holds the head units; yields (W (V, d) store-dtype view, norm module bound)."""
+        held = []
+        try:
+            for u in self.head_units():
+                res = self.pager.get(u)
+                held.append(res)
+            self.bind(held[0])
+            yield self._head_weight_and_norm(held)
+        finally:
+            if held:
+                self.unbind(held[0])
+            for res in held:
+                self.pager.release(res)
+
+    def head_logits(self, h: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """h (N, d) -> logits (N, V) in compute dtype, converting W a chunk of rows at a time."""
+        out = torch.empty(h.shape[0], W.shape[0], dtype=self.dtype)
+        for v0 in range(0, W.shape[0], VOCAB_CHUNK):
+            out[:, v0:v0 + VOCAB_CHUNK] = F.linear(h, W[v0:v0 + VOCAB_CHUNK].to(self.dtype))
+        return out
+
+    # --- forward ---
+    @torch.no_grad()
+    def forward_hidden(self, ids: torch.Tensor, save_inputs: bool = False, cache: Optional[KVCache] = None,
+                       prefetch: bool = True):
+        """ids (B, T) -> (x (B, T, d) before the final norm, [layer inputs] if save_inputs)."""
+        L = self.cfg.num_hidden_layers
+        if prefetch:
+            self.pager.prefetch(range(L))
+        past = cache.length() if cache is not None else 0
+        x = self.embed(ids)
+        cos, sin = self.rope(past, ids.shape[1])
+        saved = []
+        for i in range(L):
+            if save_inputs:
+                saved.append(x)  # (B, T, d) compute dtype, kept for the recompute in backward
+            with self.resident(i):
+                x = self.layer(i)(x, cos, sin, cache)
+        return x, saved
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, cache: Optional[KVCache] = None, last_only: bool = False) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V) (or (B, V) with last_only), compute dtype."""
+        self.pager.prefetch(self.layer_schedule())
+        x, _ = self.forward_hidden(ids, cache=cache, prefetch=False)
+        if last_only:
+            x = x[:, -1:]
+        with self.head() as (W, norm):
+            h = norm(x)
+            B, T, d = h.shape
+            out = self.head_logits(h.reshape(B * T, d), W).view(B, T, -1)
+        return out[:, -1] if last_only else out
+
+    def pass_stats(self, seconds: float) -> PassStats:
+        st = self.pager.take_stats()
+        return PassStats(seconds=seconds,
+                         pagein_bytes=sum(s.bytes for s in st if not s.reused),
+                         read_s=sum(s.read_s for s in st), stall_s=sum(s.stall_s for s in st),
+                         layers=[s.to_json() for s in st])
+
+    def close(self) -> None:
+        self.pager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

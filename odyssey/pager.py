@@ -1,0 +1,291 @@
+"""The pager: layer bytes from disk into a fixed pool of page-aligned buffers, one unit ahead.
+
+A *unit* is one shard of the store ("embed", a layer index, or "head"). The consumer (the engine)
+announces a schedule of units with `prefetch(units)` and then calls `get(unit)` in exactly that
+order; a background thread reads ahead into free slots with large `preadv` calls (optionally
+O_DIRECT), and after each read drops the file's pages from the page cache (the bytes now live in
+our buffer; keeping a second copy in the cache would double RAM use).
+
+A unit still sitting in a slot is not read again: the last layer of a forward pass is the first of
+the backward pass, and layer 0 of one step's backward is layer 0 of the next step's forward.
+
+`get` returns a `Resident` whose tensors are zero-copy views (`torch.frombuffer`) of the slot, in
+the store dtype. They are valid until `release`; after that the slot may be overwritten.
+The pool never grows: `slots` buffers of the largest shard, allocated once.
+"""
+
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from odyssey.store import Store, Unit, _st_torch
+
+PAGE = 4096
+READ_CHUNK = 16 << 20  # bytes per preadv call: large enough to reach the disk's sequential rate
+
+
+@dataclass
+class UnitStat:
+    unit: Unit
+    bytes: int
+    read_s: float  # seconds the reader spent reading (0 when the unit was still resident)
+    stall_s: float  # seconds the consumer waited in get()
+    reused: bool = False
+
+    @property
+    def mb_s(self) -> float:
+        return self.bytes / 1e6 / self.read_s if self.read_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {"layer": self.unit, "bytes": self.bytes, "read_s": round(self.read_s, 5),
+                "stall_s": round(self.stall_s, 5), "mb_s": round(self.mb_s, 1), "reused": self.reused}
+
+
+@dataclass
+class _Slot:
+    index: int
+    buf: mmap.mmap  # anonymous, page-aligned, size = largest shard rounded up to a page
+    unit: Optional[Unit] = None  # what the buffer holds (also after release, until overwritten)
+    ready: bool = False
+    refs: int = 0  # gets served and not yet released
+    pending: int = 0  # scheduled gets that will be served from this slot
+    released_at: float = 0.0
+    read_s: float = 0.0
+    reused_flags: collections.deque = field(default_factory=collections.deque)
+
+
+@dataclass
+class Resident:
+    unit: Unit
+    tensors: dict  # HF name -> torch tensor view of the slot (store dtype)
+    slot: int
+
+
+class Pager:
+    def __init__(self, store: Store, slots: int = 2, direct: bool = False, read_chunk: int = READ_CHUNK,
+                 drop_cache: bool = True):
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        self.store = store
+        self.direct = direct
+        self.direct_fallback: Optional[str] = None  # why O_DIRECT was refused, if it was
+        self.read_chunk = read_chunk
+        self.drop_cache = drop_cache
+        size = -(-store.max_unit_bytes() // PAGE) * PAGE
+        self.slot_bytes = size
+        self._slots = [_Slot(i, mmap.mmap(-1, size)) for i in range(slots)]
+        self._queue: collections.deque = collections.deque()  # units the reader has yet to place
+        self._order: collections.deque = collections.deque()  # (unit, slot) in get() order
+        self._cv = threading.Condition()
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self.stats: list[UnitStat] = []
+        self._thread = threading.Thread(target=self._reader, name="odyssey-pager", daemon=True)
+        self._thread.start()
+
+    # --- consumer side ---
+    def prefetch(self, units) -> None:
+        """Append units to the schedule; get() must then be called in the same order."""
+        with self._cv:
+            self._queue.extend(units)
+            self._cv.notify_all()
+
+    def get(self, unit: Unit) -> Resident:
+        t0 = time.perf_counter()
+        with self._cv:
+            if not self._queue and not self._order:
+                self._queue.append(unit)  # unscheduled: fetch now
+                self._cv.notify_all()
+            while True:
+                self._raise_if_failed()
+                if self._order:
+                    u, slot = self._order[0]
+                    if u != unit:
+                        raise RuntimeError(f"pager: get({unit!r}) out of schedule order (next is {u!r})")
+                    if slot.ready and slot.unit == unit:
+                        break
+                self._cv.wait()
+            self._order.popleft()
+            slot.pending -= 1
+            slot.refs += 1
+            reused = slot.reused_flags.popleft()
+            stall = time.perf_counter() - t0
+            info = self.store.shards[unit]
+            self.stats.append(UnitStat(unit, info.file_bytes, 0.0 if reused else slot.read_s, stall, reused))
+        return Resident(unit, self._views(slot, unit), slot.index)
+
+    def release(self, res: Resident) -> None:
+        with self._cv:
+            slot = self._slots[res.slot]
+            slot.refs -= 1
+            slot.released_at = time.perf_counter()
+            self._cv.notify_all()
+
+    def take_stats(self) -> list[UnitStat]:
+        with self._cv:
+            out, self.stats = self.stats, []
+        return out
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+        for s in self._slots:
+            try:
+                s.buf.close()
+            except BufferError:  # views still alive somewhere: let the GC unmap it
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.slot_bytes * len(self._slots)
+
+    # --- views ---
+    def _views(self, slot: _Slot, unit: Unit) -> dict:
+        import torch
+
+        info = self.store.shards[unit]
+        out = {}
+        for name, span in info.tensors.items():
+            dt = _st_torch(span.dtype)
+            count = span.nbytes // dt.itemsize
+            t = torch.frombuffer(slot.buf, dtype=dt, count=count, offset=info.data_offset + span.start)
+            out[name] = t.view(span.shape)
+        return out
+
+    # --- reader side ---
+    def _raise_if_failed(self):
+        if self._error is not None:
+            raise self._error
+
+    def _reader(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._closed and not self._queue:
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    unit = self._queue[0]
+                    # Still in a slot (in use or released but not overwritten)? Serve from there.
+                    slot = next((s for s in self._slots if s.unit == unit and (s.ready or s.pending)), None)
+                    if slot is not None:
+                        self._queue.popleft()
+                        slot.pending += 1
+                        slot.reused_flags.append(True)
+                        self._order.append((unit, slot))
+                        self._cv.notify_all()
+                        continue
+                    # Otherwise wait for a free slot; take the one released longest ago, sparing
+                    # slots that hold a unit scheduled again soon.
+                    while not self._closed:
+                        free = [s for s in self._slots if s.refs == 0 and s.pending == 0]
+                        if free:
+                            soon = set(list(self._queue)[1:len(self._slots) + 1])
+                            free.sort(key=lambda s: (s.unit in soon, s.released_at))
+                            slot = free[0]
+                            break
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    self._queue.popleft()
+                    slot.unit, slot.ready = unit, False
+                    slot.pending += 1
+                    slot.reused_flags.append(False)
+                    self._order.append((unit, slot))
+                t0 = time.perf_counter()
+                self._read(unit, slot)  # outside the lock: the consumer keeps computing
+                with self._cv:
+                    slot.read_s = time.perf_counter() - t0
+                    slot.ready = True
+                    self._cv.notify_all()
+        except BaseException as e:  # surface in the consumer thread
+            with self._cv:
+                self._error = e
+                self._cv.notify_all()
+
+    def _open(self, path) -> int:
+        if self.direct and self.direct_fallback is None:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except (OSError, AttributeError) as e:
+                self.direct_fallback = f"O_DIRECT refused ({e}); using buffered reads"
+        return os.open(path, os.O_RDONLY)
+
+    def _read(self, unit: Unit, slot: _Slot) -> None:
+        info = self.store.shards[unit]
+        size = info.file_bytes
+        fd = self._open(info.path)
+        try:
+            view = memoryview(slot.buf)
+            direct = self.direct and self.direct_fallback is None
+            want = -(-size // PAGE) * PAGE if direct else size  # O_DIRECT: whole pages
+            off = 0
+            while off < want:
+                n = min(self.read_chunk, want - off)
+                try:
+                    got = os.preadv(fd, [view[off:off + n]], off)
+                except OSError as e:
+                    if direct and off == 0:  # filesystem accepted the flag but not the read
+                        self.direct_fallback = f"O_DIRECT read failed ({e}); using buffered reads"
+                        os.close(fd)
+                        fd = os.open(info.path, os.O_RDONLY)
+                        direct, want = False, size
+                        continue
+                    raise
+                if got == 0:
+                    break
+                off += got
+            if off < size:
+                raise IOError(f"{info.path}: short read ({off} of {size} bytes); run `odyssey verify`")
+            if self.drop_cache and not direct:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            view.release()
+        finally:
+            os.close(fd)
+
+
+class ResidentPager:
+    """Every unit loaded once and kept in RAM: the in-RAM baseline with the pager's interface."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._tensors = {u: store.load_tensors(u) for u in store.units}
+        self.stats: list[UnitStat] = []
+        self.pool_bytes = store.total_bytes()
+
+    def prefetch(self, units) -> None:
+        pass
+
+    def get(self, unit: Unit) -> Resident:
+        self.stats.append(UnitStat(unit, self.store.shards[unit].file_bytes, 0.0, 0.0, True))
+        return Resident(unit, self._tensors[unit], -1)
+
+    def release(self, res: Resident) -> None:
+        pass
+
+    def take_stats(self) -> list[UnitStat]:
+        out, self.stats = self.stats, []
+        return out
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
