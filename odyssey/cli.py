@@ -7,6 +7,7 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import time
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ EXAMPLES = {
     "import": "odyssey import ~/Downloads/TinyLlama-1.1B --out models/tinyllama",
     "verify": "odyssey verify models/base",
     "info": "odyssey info models/base",
+    "plan": "odyssey plan --model models/base --ram-budget 2GiB --seq-len 512",
+    "bench": "odyssey bench pagein --model models/base --out benchmarks/results/pagein.json",
+    "generate": 'odyssey generate --model models/base --prompt "Once upon a time" --max-new-tokens 32 --ram-budget 1GiB',
 }
 
 
@@ -82,6 +86,108 @@ def cmd_info(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# planning and generation
+
+
+def _budget(args):
+    from odyssey.config import parse_bytes
+
+    return parse_bytes(args.ram_budget) if args.ram_budget else None
+
+
+def cmd_plan(args) -> int:
+    from odyssey.config import LoraSettings
+    from odyssey.planner import check, plan_for_store
+    from odyssey.store import Store
+
+    store = Store.open(args.model)
+    budget = _budget(args)
+    lora = LoraSettings(r=args.lora_r) if args.mode == "lora" else None
+
+    def replan(seq_len):
+        return plan_for_store(store, mode=args.mode, seq_len=seq_len, batch_size=args.batch_size,
+                              slots=args.slots, lora=lora, budget=budget, compute_dtype=args.compute_dtype)
+
+    p = replan(args.seq_len)
+    print(p.table())
+    check(p, replan)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from odyssey.engine import Engine
+    from odyssey.generate import generate_ids, load_tokenizer, stream_text
+    from odyssey.planner import check, plan_for_store
+    from odyssey.store import Store
+
+    store = Store.open(args.model)
+    if args.prompt_ids:
+        try:
+            prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise OdysseyError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        tok = load_tokenizer(store.root) if store.tokenizer_path() else None
+    else:
+        if args.prompt is None:
+            raise OdysseyError("pass --prompt TEXT (or --prompt-ids 1,2,3)")
+        tok = load_tokenizer(store.root)
+        prompt = tok.encode(args.prompt).ids
+        bos = store.config.bos_token_id
+        if bos is not None and (not prompt or prompt[0] != bos):
+            prompt = [bos] + prompt
+    budget = _budget(args)
+    seq = len(prompt) + args.max_new_tokens
+
+    def replan(seq_len):
+        return plan_for_store(store, mode="forward", seq_len=seq_len, slots=args.slots, budget=budget)
+
+    p = replan(seq)
+    if not args.quiet:
+        print(p.table(), file=sys.stderr)
+    check(p, replan)
+    model = None
+    if args.adapter:
+        from odyssey.adapters import load_adapter_model
+
+        model = load_adapter_model(store, args.adapter)
+    t0 = time.perf_counter()
+    with Engine(store, compute_dtype=args.compute_dtype, slots=args.slots, model=model) as eng:
+        if args.prompt and not args.quiet:
+            sys.stdout.write(args.prompt)
+        new = stream_text(tok, prompt, generate_ids(eng, prompt, args.max_new_tokens, args.temperature,
+                                                    args.top_k, args.seed, eos_id=store.config.eos_token_id),
+                          lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    if not args.quiet:
+        print(f"{len(new)} tokens in {dt:.1f} s ({dt / max(len(new), 1):.2f} s/token)", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from odyssey import bench
+
+    if args.what != "pagein":
+        raise OdysseyError(f"unknown benchmark {args.what!r}; choose pagein")
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    bad = [s for s in strategies if s not in bench.STRATEGIES]
+    if bad:
+        raise OdysseyError(f"--strategies: unknown {bad[0]!r}; choose from {', '.join(bench.STRATEGIES)}")
+    try:
+        slots = [int(x) for x in args.slots.split(",")]
+    except ValueError:
+        raise OdysseyError(f"--slots must be comma-separated integers, got {args.slots!r}") from None
+    print(f"page-in benchmark on {args.model} (cold: page cache dropped before each run)")
+    result = bench.run(args.model, strategies, slots, repeats=args.repeats)
+    print(bench.table(result))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    for p in bench.write_outputs(result, args.out):
+        print(f"wrote {p}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +225,42 @@ def build_parser() -> argparse.ArgumentParser:
     s = _parser_for(sub, "info", "print architecture, parameters, bytes per layer and dtype")
     s.add_argument("model", help="store directory")
     s.set_defaults(func=cmd_info)
+
+    s = _parser_for(sub, "plan", "show the memory plan of a run against a RAM budget, term by term")
+    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--ram-budget", help="e.g. 2GiB, 1500MiB, 2G")
+    s.add_argument("--mode", default="lora", choices=["lora", "forward", "full"],
+                   help="lora: training with adapters; forward: generation; full: all parameters")
+    s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--lora-r", type=int, default=16)
+    s.add_argument("--slots", type=int, default=2, help="pager buffer slots")
+    s.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    s.set_defaults(func=cmd_plan)
+
+    s = _parser_for(sub, "generate", "generate text with the model paged from disk under a RAM budget")
+    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--adapter", help="a LoRA adapter directory (PEFT format) to apply")
+    s.add_argument("--prompt", help="prompt text (needs a tokenizer in the store)")
+    s.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--ram-budget", help="e.g. 1GiB")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=40)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--slots", type=int, default=2)
+    s.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    s.add_argument("--quiet", action="store_true", help="only the generated text")
+    s.set_defaults(func=cmd_generate)
+
+    s = _parser_for(sub, "bench", "measure page-in throughput against the disk's raw sequential read")
+    s.add_argument("what", choices=["pagein"], help="which benchmark")
+    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--strategies", default=",".join(("mmap", "mmap-willneed", "pread", "pread-direct")))
+    s.add_argument("--slots", default="1,2,3", help="slot counts for the pager strategies")
+    s.add_argument("--repeats", type=int, default=3, help="runs per row (the best is kept: the disk is noisy)")
+    s.add_argument("--out", help="JSON file; a .md table and a .png chart are written beside it")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

@@ -107,7 +107,7 @@ def test_soft_then_hard_limit_then_watched_killed(run, hog):
 
         mem = run.read_metrics("memory")
         assert mem and mem[0]["source"] == "guard" and mem[0]["budget_mib"] == 100.0
-        assert max(m["anon_mib"] for m in mem) > 120
+        assert event["value"] in [m["anon_mib"] for m in mem]  # a memory line goes with each decision
 
         hog.kill()  # not reaped: the guard must see the zombie as gone
         assert g.wait(timeout=5) == 0

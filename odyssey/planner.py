@@ -1,0 +1,182 @@
+"""Memory plan for a RAM budget: the resident memory of a run, term by term, and the verdict.
+
+Every command that takes `--ram-budget` plans first and refuses early, listing the terms, the
+smallest budget that fits and the longest sequence that fits in the given budget.
+
+Terms (bytes of anonymous memory, which is what a budget must bound):
+- runtime      the interpreter with torch (and peft when training) imported, measured in-process
+- buffer pool  `slots` page-aligned buffers of the largest shard (pager.py)
+- weights      one unit's base weights converted to the compute dtype (when it differs from the
+               store dtype), bound for the layer being computed
+- workspace    one layer's activations: (6d + 2kv + 4f) values a token without grad; training
+               recomputes with grad and keeps about three times that, plus the gradient flowing down
+- activations  training: every layer's saved input, L x B x T x d in the compute dtype
+- kv cache     generation: L x 2 x B x T x kv
+- adapters     LoRA weights (fp32); training adds their gradient and two AdamW moments
+- logits       one vocabulary chunk of logits (and its softmax and gradient when training)
+- margin       allocator slack and fragmentation: 10 % of the rest + 32 MiB
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from odyssey.config import LoraSettings, ModelConfig, format_bytes
+from odyssey.errors import OdysseyError
+
+MIB = 1 << 20
+VOCAB_CHUNK = 8192
+RUNTIME_FALLBACK = {"forward": 230 * MIB, "lora": 350 * MIB, "full": 350 * MIB}
+
+
+@dataclass
+class Plan:
+    mode: str  # "forward" (generate) | "lora" (train with adapters) | "full" (train everything)
+    terms: dict[str, int] = field(default_factory=dict)
+    budget: Optional[int] = None
+    seq_len: int = 0
+    batch_size: int = 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+    def table(self) -> str:
+        width = max(len(k) for k in self.terms)
+        lines = [f"memory plan ({self.mode}, batch {self.batch_size} x seq {self.seq_len}):"]
+        for k, v in self.terms.items():
+            lines.append(f"  {k:<{width}}  {format_bytes(v):>12}")
+        lines.append(f"  {'total':<{width}}  {format_bytes(self.total):>12}")
+        if self.budget is not None:
+            verdict = "fits" if self.fits else "DOES NOT FIT"
+            lines.append(f"  {'budget':<{width}}  {format_bytes(self.budget):>12}   -> {verdict} "
+                         f"(headroom {format_bytes(self.budget - self.total)})")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "terms": self.terms, "total": self.total, "budget": self.budget,
+                "fits": self.fits, "seq_len": self.seq_len, "batch_size": self.batch_size}
+
+
+def lora_parameter_count(cfg: ModelConfig, lora: LoraSettings) -> int:
+    """Adapter parameters: r x (in + out) for every targeted Linear."""
+    d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    per_layer = sum(lora.r * (i + o) for t, (i, o) in dims.items() if t in lora.targets)
+    total = per_layer * cfg.num_hidden_layers
+    if "lm_head" in lora.targets:
+        total += lora.r * (d + cfg.vocab_size)
+    return total
+
+
+def measured_runtime(mode: str) -> int:
+    """Anonymous RSS of this process with what `mode` imports (torch; peft for training)."""
+    try:
+        import torch  # noqa: F401
+
+        if mode == "lora":
+            import peft  # noqa: F401
+        from odyssey.memory import process_memory
+
+        return process_memory().anon_bytes
+    except Exception:  # not Linux, or imports failing: a measured constant of this machine
+        return RUNTIME_FALLBACK[mode]
+
+
+def plan(cfg: ModelConfig, *, mode: str, seq_len: int, batch_size: int = 1, slots: int = 2,
+         store_itemsize: int = 2, compute_itemsize: int = 4, unit_bytes: Optional[int] = None,
+         layer_params: Optional[int] = None, lora: Optional[LoraSettings] = None,
+         budget: Optional[int] = None, runtime: Optional[int] = None) -> Plan:
+    d, f, kv, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_size, cfg.num_hidden_layers,
+                      cfg.vocab_size)
+    B, T = batch_size, seq_len
+    BT = B * T
+    ci = compute_itemsize
+    if layer_params is None:
+        layer_params = sum(_numel(s) for s in cfg.layer_shapes(0).values())
+    head_params = V * d
+    if unit_bytes is None:
+        unit_bytes = max(layer_params, head_params) * store_itemsize + 4096
+    terms: dict[str, int] = {}
+    terms["runtime"] = runtime if runtime is not None else measured_runtime(mode)
+    per_token = 6 * d + 2 * kv + 4 * f  # values live in one layer's forward
+    if mode == "full":
+        params = cfg.num_parameters()
+        terms["parameters"] = params * 4
+        terms["gradients + AdamW"] = params * 4 * 3
+        terms["activations"] = L * BT * per_token * 4 * 2
+        terms["logits"] = BT * V * 4 * 3
+    else:
+        pool = slots * (-(-unit_bytes // 4096) * 4096)
+        terms["buffer pool"] = pool
+        if ci != store_itemsize:
+            terms["weights"] = layer_params * ci + VOCAB_CHUNK * d * ci
+        if mode == "forward":
+            terms["workspace"] = BT * per_token * ci
+            terms["kv cache"] = L * 2 * BT * kv * ci
+            terms["logits"] = B * V * ci * 2
+        else:
+            terms["workspace"] = BT * per_token * ci * 3 + BT * d * ci * 2
+            terms["activations"] = L * BT * d * ci
+            terms["logits"] = BT * VOCAB_CHUNK * 4 * 3 + BT * d * 4
+        if lora is not None:
+            n = lora_parameter_count(cfg, lora)
+            terms["adapters + AdamW" if mode == "lora" else "adapters"] = n * 4 * (4 if mode == "lora" else 1)
+    rest = sum(terms.values())
+    terms["margin"] = int(rest * 0.10) + 32 * MIB
+    return Plan(mode, terms, budget, seq_len, batch_size)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def plan_for_store(store, *, mode: str, seq_len: int, batch_size: int = 1, slots: int = 2,
+                   compute_dtype=None, lora: Optional[LoraSettings] = None,
+                   budget: Optional[int] = None, runtime: Optional[int] = None) -> Plan:
+    """A plan with the sizes read from an opened store."""
+    from odyssey.engine import resolve_compute_dtype
+
+    import torch
+
+    dt = compute_dtype if isinstance(compute_dtype, torch.dtype) else resolve_compute_dtype(compute_dtype or "auto")
+    store_itemsize = {"bf16": 2, "f16": 2, "f32": 4}[store.dtype]
+    layer_params = sum(_numel(s.shape) for s in store.shards[0].tensors.values())
+    return plan(store.config, mode=mode, seq_len=seq_len, batch_size=batch_size, slots=slots,
+                store_itemsize=store_itemsize, compute_itemsize=dt.itemsize,
+                unit_bytes=store.max_unit_bytes(), layer_params=layer_params, lora=lora,
+                budget=budget, runtime=runtime)
+
+
+def check(p: Plan, replan) -> None:
+    """Raise OdysseyError naming the terms, the smallest budget and the longest sequence that fit.
+    `replan(seq_len) -> Plan` re-plans at another sequence length (same budget)."""
+    if p.fits:
+        return
+    terms = ", ".join(f"{k} {format_bytes(v)}" for k, v in p.terms.items())
+    longest = 0
+    lo, hi = 1, p.seq_len
+    while lo <= hi:  # the plan grows with seq_len: binary search the longest that fits
+        mid = (lo + hi) // 2
+        if replan(mid).fits:
+            longest, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    seq_hint = (f"or --seq-len {longest} fits this budget" if longest >= 16 else
+                "no sequence length fits this budget")
+    raise OdysseyError(
+        f"--ram-budget {format_bytes(p.budget)} is too small: the plan needs {format_bytes(p.total)} "
+        f"({terms}); use --ram-budget {_round_up_mib(p.total)}MiB or more, {seq_hint}")
+
+
+def _round_up_mib(n: int) -> int:
+    return -(-n // MIB)
