@@ -19,6 +19,7 @@ EXAMPLES = {
     "verify": "odyssey verify models/base",
     "info": "odyssey info models/base",
     "plan": "odyssey plan --model models/base --ram-budget 2GiB --seq-len 512",
+    "prepare-data": "odyssey prepare-data data/sample --out data/tok --model models/base",
     "bench": "odyssey bench pagein --model models/base --out benchmarks/results/pagein.json",
     "generate": 'odyssey generate --model models/base --prompt "Once upon a time" --max-new-tokens 32 --ram-budget 1GiB',
 }
@@ -164,6 +165,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_prepare_data(args) -> int:
+    from odyssey.data import prepare_data
+
+    s = prepare_data([Path(p) for p in args.inputs], Path(args.out), vocab_size=args.vocab_size,
+                     tokenizer_dir=Path(args.tokenizer) if args.tokenizer else None,
+                     model_store=Path(args.model) if args.model else None, val_fraction=args.val_fraction,
+                     seed=args.seed, force=args.force, progress=not args.quiet)
+    print(f"prepared {s['out']}: {s['documents']:,} documents, {s['tokens']:,} tokens "
+          f"(train {s['train_tokens']:,}, val {s['val_tokens']:,}), vocabulary {s['vocab_size']:,} "
+          f"({s['dtype']}), {s['seconds']:.1f} s")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from odyssey import bench
 
@@ -252,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
     s.add_argument("--quiet", action="store_true", help="only the generated text")
     s.set_defaults(func=cmd_generate)
+
+    s = _parser_for(sub, "prepare-data", "tokenize .txt/.jsonl text into token files (training a BPE if needed)")
+    s.add_argument("inputs", nargs="+", help=".txt or .jsonl files or directories")
+    s.add_argument("--out", required=True, help="data directory to write")
+    s.add_argument("--vocab-size", type=int, help="BPE vocabulary to train (default: the model's, else 8192)")
+    s.add_argument("--tokenizer", help="use this directory's tokenizer.json instead of training one")
+    s.add_argument("--model", help="store directory: check the vocabulary fits and place the tokenizer there")
+    s.add_argument("--val-fraction", type=float, default=0.05)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_prepare_data)
 
     s = _parser_for(sub, "bench", "measure page-in throughput against the disk's raw sequential read")
     s.add_argument("what", choices=["pagein"], help="which benchmark")

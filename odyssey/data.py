@@ -35,8 +35,7 @@ import numpy as np
 from .atomic import atomic_open, write_bytes, write_json
 from .errors import OdysseyError
 
-if TYPE_CHECKING:  # imported lazily: `prepare-data` and the light processes need no torch
-    import torch
+if TYPE_CHECKING:  # imported lazily: `prepare-data` needs no torch, TokenData no tokenizers
     from tokenizers import Tokenizer
 
 EOT_LINE = "<|endoftext|>"
@@ -216,7 +215,7 @@ def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
                            f"write it again with prepare-data") from None
 
 
-def _tokenizer_side_files(model_max_length: int | None = None) -> dict[str, bytes]:
+def _tokenizer_side_files() -> dict[str, bytes]:
     """tokenizer_config.json and special_tokens_map.json for `AutoTokenizer.from_pretrained`."""
     specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
     config = {
@@ -226,7 +225,7 @@ def _tokenizer_side_files(model_max_length: int | None = None) -> dict[str, byte
         "add_eos_token": False,
         # HF's cleanup turns "a , b" into "a, b": off, so decode(encode(s)) == s
         "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length or 1_000_000_000,
+        "model_max_length": 1_000_000_000,  # no limit from the tokenizer; the model config has one
     }
     dump = lambda obj: (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
     return {"tokenizer_config.json": dump(config), "special_tokens_map.json": dump(specials)}
@@ -411,8 +410,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, vo
         written += [out / "train.bin", out / "val.bin"]
         if bar is not None:
             bar.close()
-        side = _tokenizer_side_files(None)
-        tok_files = {"tokenizer.json": tok_json, **side}
+        tok_files = {"tokenizer.json": tok_json, **_tokenizer_side_files()}
         _write_tokenizer_files(tok_files, out, written)
         seconds = time.perf_counter() - t0
         manifest = {

@@ -127,8 +127,6 @@ def _proc_identity(pid: int) -> Optional[tuple[str, int]]:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
     except OSError:
         return None
     fields = raw[raw.rindex(b")") + 2:].split()  # the command name may contain spaces and ')'
@@ -298,9 +296,11 @@ class Guard:
             self._event("cgroup", "warning", reason)
             return reason
         self.cgroup = cg
-        self._event("cgroup", "info",
-                    f"hard limit {format_bytes(self.budget_bytes)} on {cg.path}; the {format_bytes(held)} "
-                    "the process already held stays charged to its old group",
+        note = ""
+        if (cg.usage() or 0) < held / 2:  # v2, and v1 kernels without move_charge_at_immigrate
+            note = (f"; the {format_bytes(held)} the process already held stays charged to its old group, "
+                    "so start the guard early")
+        self._event("cgroup", "info", f"hard limit {format_bytes(self.budget_bytes)} on {cg.path}{note}",
                     limit=_mib(self.budget_bytes), unit="MiB", path=str(cg.path))
         return None
 
@@ -360,7 +360,7 @@ class Guard:
         for p in tree_pids(self.pid, self.exclude):
             try:
                 m = memory.process_memory(p)
-            except (ProcessLookupError, OSError):
+            except Exception:  # gone between listing and reading (ProcessLookupError, psutil's errors)
                 continue
             anon, file, peak = anon + m.anon_bytes, file + m.file_bytes, max(peak, m.peak_bytes)
         return memory.ProcessMemory(anon, file, peak)
@@ -444,11 +444,21 @@ class Guard:
         if t is not None:
             self.temp_lost_since = None
             if not self.paused_by_guard and t > st.max_temp_c:
+                if (self.run.read_status() or {}).get("state") == "paused":
+                    return False  # paused already (by the user): not ours to resume later
                 if self._request("pause", "warning", f"CPU at {t:.0f} C, above {st.max_temp_c:g} C",
                                  t, st.max_temp_c, unit="C"):
                     self.paused_by_guard = True
                     return True
             elif self.paused_by_guard and t < st.resume_temp_c:
+                ctl = self.run.read_control() or {}
+                if ctl.get("source", "guard") != "guard":
+                    # someone asked for something after our pause (a user's pause or resume): theirs now
+                    self.paused_by_guard = False
+                    self._event("resume", "info", f"CPU cooled to {t:.0f} C; not resuming: the last request "
+                                f"({ctl.get('action')!r} from {ctl.get('source')!r}) came after the guard's pause",
+                                value=round(t, 1), limit=st.resume_temp_c, unit="C", request_id=None)
+                    return True
                 if self._request("resume", "info", f"CPU cooled to {t:.0f} C, below {st.resume_temp_c:g} C",
                                  t, st.resume_temp_c, unit="C"):
                     self.paused_by_guard = False

@@ -277,6 +277,19 @@ def test_policy_heat_and_pending_requests(run, monkeypatch):
     assert g.apply(sample(temp=None)) is False and guard_events(run, "warn")
     time.sleep(0.06)
     assert g.apply(sample(temp=None)) and run.read_control()["action"] == "resume"
+    ack_all(run)
+
+
+def test_heat_respects_the_users_pause(run):
+    g = make_guard(run, max_temp_c=90, resume_temp_c=80)
+    run.write_status(state="paused", step=3)  # the user paused before it got hot
+    assert not g.apply(sample(temp=95)) and run.read_control() is None
+    run.write_status(state="running", step=3)
+    assert g.apply(sample(temp=95)) and run.read_control()["action"] == "pause"
+    ack_all(run)
+    run.request("pause", source="monitor")  # the user pauses too, after the guard
+    assert g.apply(sample(temp=70)) and run.read_control()["source"] == "monitor"
+    assert "not resuming" in guard_events(run, "resume")[-1]["reason"] and g.state == "watching"
 
 
 def test_memory_lines_are_compact(run):
@@ -329,7 +342,7 @@ def test_guard_enforces_cgroup(run, hog):
         (event,) = wait_for(lambda: guard_events(run, "cgroup"))
         assert event["level"] == "info" and event["limit"] == 128.0
         path = Path(event["path"])
-        assert path.name == f"odyssey-{hog.pid}" and hog.pid in cgroup.MemoryCgroup(path, 1).pids()
+        assert path.name == f"odyssey-{hog.pid}" and hog.pid in cgroup.MemoryCgroup(path, cgroup.find_hierarchy().version).pids()
         hog.proc.stdin.write("alloc 300\n")  # the kernel kills it at the cap
         hog.proc.stdin.flush()
         assert g.wait(timeout=10) == 0

@@ -168,7 +168,7 @@ SPOILERS = [("a big wave came and washed it away", "커다란 파도가 밀려�
             ("one piece was missing and it fell apart", "조각 하나가 빠져서 그만 무너지고 말았어요")]
 TREASURES = [("a tiny golden ring", "작은 금반지"), ("an old map of the village", "마을의 낡은 지도"),
              ("a note that said, \"Be kind every day.\"", "\"매일 친절하게 지내요.\"라고 적힌 쪽지"),
-             ("many colorful buttons", "알록달록한 단추 여러 개"),
+             ("a handful of colorful buttons", "알록달록한 단추 한 움큼"),
              ("a music box that played a sweet song", "달콤한 노래가 나오는 오르골"),
              ("seeds for a magic garden", "마법 정원의 씨앗"),
              ("a photo of a smiling family", "웃고 있는 가족의 사진"),
