@@ -168,13 +168,11 @@ def cmd_generate(args) -> int:
 def cmd_prepare_data(args) -> int:
     from odyssey.data import prepare_data
 
-    s = prepare_data([Path(p) for p in args.inputs], Path(args.out), vocab_size=args.vocab_size,
-                     tokenizer_dir=Path(args.tokenizer) if args.tokenizer else None,
-                     model_store=Path(args.model) if args.model else None, val_fraction=args.val_fraction,
-                     seed=args.seed, force=args.force, progress=not args.quiet)
-    print(f"prepared {s['out']}: {s['documents']:,} documents, {s['tokens']:,} tokens "
-          f"(train {s['train_tokens']:,}, val {s['val_tokens']:,}), vocabulary {s['vocab_size']:,} "
-          f"({s['dtype']}), {s['seconds']:.1f} s")
+    # prepare_data shows a progress bar and prints its own summary line
+    prepare_data([Path(p) for p in args.inputs], Path(args.out), vocab_size=args.vocab_size,
+                 tokenizer_dir=Path(args.tokenizer) if args.tokenizer else None,
+                 model_store=Path(args.model) if args.model else None, val_fraction=args.val_fraction,
+                 seed=args.seed, force=args.force, progress=not args.quiet)
     return 0
 
 

@@ -119,3 +119,43 @@ def cgroup_usage_bytes(pid: int) -> Optional[tuple[int, Optional[int]]]:
     usage = int((d / "memory.current").read_text())
     raw = (d / "memory.max").read_text().strip()
     return usage, (None if raw == "max" else int(raw))
+
+
+class PeakSampler:
+    """Samples this process's anonymous RSS on a thread every `interval_s`; `.peak_bytes` is the max.
+
+        with PeakSampler() as s:
+            work()
+        print(s.peak_bytes / MIB)
+    """
+
+    def __init__(self, interval_s: float = 0.005, pid: Optional[int] = None):
+        self.interval_s = interval_s
+        self.pid = pid
+        self.peak_bytes = 0
+        self._stop = None
+        self._thread = None
+
+    def sample(self) -> int:
+        anon = process_memory(self.pid).anon_bytes
+        self.peak_bytes = max(self.peak_bytes, anon)
+        return anon
+
+    def __enter__(self) -> "PeakSampler":
+        import threading
+
+        self._stop = threading.Event()
+        self.sample()
+
+        def loop():
+            while not self._stop.wait(self.interval_s):
+                self.sample()
+
+        self._thread = threading.Thread(target=loop, name="odyssey-peak", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()

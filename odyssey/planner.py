@@ -8,13 +8,14 @@ Terms (bytes of anonymous memory, which is what a budget must bound):
 - buffer pool  `slots` page-aligned buffers of the largest shard (pager.py)
 - weights      one unit's base weights converted to the compute dtype (when it differs from the
                store dtype), bound for the layer being computed
-- workspace    one layer's activations: (6d + 2kv + 4f) values a token without grad; training
-               recomputes with grad and keeps about three times that, plus the gradient flowing down
+- workspace    one layer's activations: about 3d + 3f values a token without grad (the MLP's peak);
+               training recomputes with grad and keeps about three times (6d + 2kv + 4f), plus the
+               gradient flowing down
 - activations  training: every layer's saved input, L x B x T x d in the compute dtype
 - kv cache     generation: L x 2 x B x T x kv
 - adapters     LoRA weights (fp32); training adds their gradient and two AdamW moments
 - logits       one vocabulary chunk of logits (and its softmax and gradient when training)
-- margin       allocator slack and fragmentation: 10 % of the rest + 32 MiB
+- margin       allocator slack and fragmentation: 5 % of the rest + 16 MiB
 """
 
 from __future__ import annotations
@@ -115,10 +116,10 @@ def plan(cfg: ModelConfig, *, mode: str, seq_len: int, batch_size: int = 1, slot
     else:
         pool = slots * (-(-unit_bytes // 4096) * 4096)
         terms["buffer pool"] = pool
-        if ci != store_itemsize:
-            terms["weights"] = layer_params * ci + VOCAB_CHUNK * d * ci
+        if ci != store_itemsize:  # a layer's converted weights, or one head chunk: never both
+            terms["weights"] = max(layer_params, VOCAB_CHUNK * d) * ci
         if mode == "forward":
-            terms["workspace"] = BT * per_token * ci
+            terms["workspace"] = BT * (3 * d + 3 * f) * ci  # no grad: the MLP's peak is live
             terms["kv cache"] = L * 2 * BT * kv * ci
             terms["logits"] = B * V * ci * 2
         else:
@@ -129,7 +130,7 @@ def plan(cfg: ModelConfig, *, mode: str, seq_len: int, batch_size: int = 1, slot
             n = lora_parameter_count(cfg, lora)
             terms["adapters + AdamW" if mode == "lora" else "adapters"] = n * 4 * (4 if mode == "lora" else 1)
     rest = sum(terms.values())
-    terms["margin"] = int(rest * 0.10) + 32 * MIB
+    terms["margin"] = int(rest * 0.05) + 16 * MIB
     return Plan(mode, terms, budget, seq_len, batch_size)
 
 

@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from odyssey.config import LoraSettings, load_model_config
+from odyssey.errors import OdysseyError
+from odyssey.planner import check, lora_parameter_count, plan
+from odyssey.store import init_store
+from tests.conftest import ROOT, assert_user_error, run_cli
+
+MIB = 1 << 20
+
+
+def test_estimate_matches_measured_peak_on_small_config(tmp_path):
+    """The forward plan against the measured peak anonymous RSS of a real generation (within 15%)."""
+    init_store(load_model_config(ROOT / "configs/small.yaml"), tmp_path / "small", progress=False)
+    p = subprocess.run([sys.executable, str(ROOT / "tools/plan_accuracy.py"), str(tmp_path / "small"), "512"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    print(f"small, seq 512: measured {r['measured_bytes'] / MIB:.0f} MiB, plan {r['plan_bytes'] / MIB:.0f} MiB")
+    assert 0.85 <= r["ratio"] <= 1.15, r
+
+
+def test_lora_parameter_count_matches_formula():
+    cfg = load_model_config(ROOT / "configs/odyssey-1.2b.yaml")
+    n = lora_parameter_count(cfg, LoraSettings(r=16))
+    d, f, kv = 2048, 5632, 512
+    assert n == 24 * 16 * ((d + d) + 2 * (d + kv) + (d + d) + 2 * (d + f) + (f + d))
+
+
+def test_refusal_names_terms_smallest_budget_and_longest_sequence():
+    cfg = load_model_config(ROOT / "configs/odyssey-1.2b.yaml")
+
+    def replan(seq):
+        return plan(cfg, mode="lora", seq_len=seq, lora=LoraSettings(), budget=1200 * MIB, runtime=350 * MIB)
+
+    p = replan(4096)
+    assert not p.fits
+    with pytest.raises(OdysseyError) as e:
+        check(p, replan)
+    msg = str(e.value)
+    assert "buffer pool" in msg and "adapters + AdamW" in msg
+    assert f"--ram-budget {-(-p.total // MIB)}MiB" in msg
+    longest = int(msg.split("--seq-len ")[1].split()[0])
+    assert replan(longest).fits and not replan(longest + 1).fits
+
+
+def test_plan_grows_with_sequence_and_batch():
+    cfg = load_model_config(ROOT / "configs/nano.yaml")
+    a = plan(cfg, mode="lora", seq_len=128, lora=LoraSettings(), runtime=0)
+    b = plan(cfg, mode="lora", seq_len=512, lora=LoraSettings(), runtime=0)
+    c = plan(cfg, mode="lora", seq_len=512, batch_size=2, lora=LoraSettings(), runtime=0)
+    assert a.total < b.total < c.total
+
+
+def test_plan_cli(tiny_store):
+    p = run_cli("plan", "--model", tiny_store, "--ram-budget", "2GiB")
+    assert p.returncode == 0 and "fits" in p.stdout and "buffer pool" in p.stdout
+    assert_user_error(run_cli("plan", "--model", tiny_store, "--ram-budget", "1MiB"), "too small", "--ram-budget")
+    assert_user_error(run_cli("plan", "--model", tiny_store, "--ram-budget", "lots"), "--ram-budget must be a size")
