@@ -147,10 +147,6 @@ def cmd_generate(args) -> int:
         print(p.table(), file=sys.stderr)
     check(p, replan)
     model = None
-    if args.adapter:
-        from odyssey.adapters import load_adapter_model
-
-        model = load_adapter_model(store, args.adapter)
     t0 = time.perf_counter()
     with Engine(store, compute_dtype=args.compute_dtype, slots=args.slots, model=model) as eng:
         if args.prompt and not args.quiet:
@@ -252,7 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _parser_for(sub, "generate", "generate text with the model paged from disk under a RAM budget")
     s.add_argument("--model", required=True, help="store directory")
-    s.add_argument("--adapter", help="a LoRA adapter directory (PEFT format) to apply")
     s.add_argument("--prompt", help="prompt text (needs a tokenizer in the store)")
     s.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
     s.add_argument("--max-new-tokens", type=int, default=32)
@@ -288,9 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+HEAVY = {"generate", "plan", "train", "merge", "export", "bench", "init", "import"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and getattr(args, "command", None) in HEAVY:
+        from odyssey import allocator
+
+        allocator.ensure(["-m", "odyssey", *sys.argv[1:]])  # re-exec with jemalloc, once
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

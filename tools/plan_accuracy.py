@@ -1,6 +1,11 @@
 """Compare the planner's forward estimate with the measured peak anonymous RSS of a generation
 (prompt of SEQ tokens + 4 new ones). Usage: python tools/plan_accuracy.py STORE SEQ"""
-import sys, torch
+import sys
+
+from odyssey import allocator
+
+allocator.ensure(sys.argv)  # the same allocator as `odyssey generate`
+import torch  # noqa: E402
 from odyssey.store import Store
 from odyssey.engine import Engine
 from odyssey.generate import generate_ids
