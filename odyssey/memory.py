@@ -87,30 +87,16 @@ def swap_used_bytes() -> int:
 
 def cgroup_of(pid: int) -> Optional[Path]:
     """The memory cgroup directory of `pid` (v1 memory controller or v2 unified), or None."""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, rel = parts
-        if "memory" in controllers.split(","):
-            d = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
-            if (d / "memory.usage_in_bytes").exists():
-                return d
-        if controllers == "":
-            d = Path("/sys/fs/cgroup") / rel.lstrip("/")
-            if (d / "memory.current").exists():
-                return d
-    return None
+    from odyssey.cgroup import find_hierarchy, own_group
+
+    h = find_hierarchy()
+    return own_group(h, pid) if h is not None else None
 
 
 def cgroup_usage_bytes(pid: int) -> Optional[tuple[int, Optional[int]]]:
     """(usage, limit) of the memory cgroup `pid` is in; limit None when unlimited; None if unknown."""
     d = cgroup_of(pid)
-    if d is None:
+    if d is None or not ((d / "memory.usage_in_bytes").exists() or (d / "memory.current").exists()):
         return None
     if (d / "memory.usage_in_bytes").exists():
         usage = int((d / "memory.usage_in_bytes").read_text())
