@@ -125,6 +125,17 @@ class MonitorApp:
         self.log_text.configure(yscrollcommand=scroll.set)
         scroll.pack(side="right", fill="y")
         self.log_text.pack(side="left", fill="both", expand=True)
+        # follow the end of the log unless the user scrolled up to read
+        self._follow_log = True
+        self.log_text.bind("<Configure>", lambda e: self._follow_log and self.log_text.yview_moveto(1.0))
+
+        def on_scroll(*args):
+            self.log_text.yview(*args)
+            self._follow_log = self.log_text.yview()[1] >= 0.999
+
+        scroll.configure(command=on_scroll)
+        for ev in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
+            self.log_text.bind(ev, lambda e: self.root.after_idle(self._update_follow), add="+")
         for level, color in LOG_COLORS.items():
             self.log_text.tag_configure(level, foreground=color)
         self.log_text.tag_configure("time", foreground="#888888")
@@ -186,7 +197,7 @@ class MonitorApp:
             grid.rowconfigure(i, weight=1)
             grid.columnconfigure(i, weight=1)
         self.strip = LayerStrip(right, "Per-layer page-in, last pass / 층별 페이지인 (마지막 패스)",
-                                self.bold, self.small, height=118)
+                                self.bold, self.small, height=140)
         self.strip.canvas.pack(side="top", fill="x", padx=2, pady=(4, 0))
 
     # --- controls ---
@@ -300,7 +311,7 @@ class MonitorApp:
             return
         self._log_seq = entries[-1].seq
         text = self.log_text
-        at_end = text.yview()[1] >= 0.999
+        at_end = self._follow_log
         text.configure(state="normal")
         for e in entries:
             text.insert("end", time.strftime("%H:%M:%S ", time.localtime(e.t)), ("time",))
@@ -310,7 +321,10 @@ class MonitorApp:
             text.delete("1.0", f"{lines - 1000}.0")
         text.configure(state="disabled")
         if at_end:
-            text.see("end")
+            text.yview_moveto(1.0)
+
+    def _update_follow(self) -> None:
+        self._follow_log = self.log_text.yview()[1] >= 0.999
 
     def close(self) -> None:
         self._closed = True

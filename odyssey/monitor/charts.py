@@ -27,7 +27,9 @@ PURPLE = "#9467bd"
 GREY = "#9aa4ad"
 STALL = "#7a1f5c"  # consumer stall on top of a layer's read time
 
-PAD_L, PAD_R, PAD_T, PAD_B = 56, 12, 24, 22  # px around the plot area
+PAD_L, PAD_R, PAD_T, PAD_B = 56, 12, 40, 22  # px around the plot area (title and legend above)
+TIME_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
+                43200, 86400, 172800, 604800)
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -47,6 +49,17 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
+def time_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About `n` clock-friendly ticks (every 1 s ... 1 week, aligned to local time) in [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return []
+    raw = (hi - lo) / max(1, n)
+    step = next((s for s in TIME_STEPS_S if s >= raw), TIME_STEPS_S[-1])
+    offset = time.localtime(lo).tm_gmtoff  # align to local minutes and hours
+    first = math.ceil((lo + offset) / step) * step - offset
+    return [first + i * step for i in range(int((hi - first) // step) + 1)][:50]
+
+
 def fmt_tick(v: float, span: float) -> str:
     if span >= 100 or v == int(v) and span >= 5:
         return f"{v:,.0f}"
@@ -58,7 +71,9 @@ def fmt_tick(v: float, span: float) -> str:
 
 
 def fmt_clock(t: float, span: float) -> str:
-    return time.strftime("%H:%M:%S" if span < 600 else "%H:%M", time.localtime(t))
+    if span > 2 * 86400:
+        return time.strftime("%m-%d %H:%M", time.localtime(t))
+    return time.strftime("%H:%M:%S" if span < 300 else "%H:%M", time.localtime(t))
 
 
 @dataclass
@@ -141,7 +156,7 @@ class Chart:
         if xmax <= xmin:
             xmax = xmin + 1
         ymin, ymax = min(ys), max(ys)
-        pad = (ymax - ymin) * 0.08 or abs(ymax) * 0.1 or 1.0
+        pad = (ymax - ymin) * 0.1 or abs(ymax) * 0.1 or 1.0  # room for reference-line labels
         ymin, ymax = ymin - (pad if d.y_floor is None or ymin < d.y_floor else 0), ymax + pad
 
         def sx(x: float) -> float:
@@ -155,14 +170,15 @@ class Chart:
             y = sy(v)
             c.create_line(x0, y, x1, y, fill=GRID)
             c.create_text(x0 - 4, y, text=fmt_tick(v, ymax - ymin), anchor="e", font=self.small, fill=AXIS)
-        for v in nice_ticks(xmin, xmax, max(2, int((x1 - x0) / 90))):
+        n_x = max(2, int((x1 - x0) / 90))
+        for v in (time_ticks(xmin, xmax, n_x) if self.x_kind == "time" else nice_ticks(xmin, xmax, n_x)):
             x = sx(v)
             c.create_line(x, y0, x, y1, fill=GRID)
             label = fmt_clock(v, xmax - xmin) if self.x_kind == "time" else fmt_tick(v, xmax - xmin)
             c.create_text(x, y1 + 3, text=label, anchor="n", font=self.small, fill=AXIS)
         c.create_rectangle(x0, y0, x1, y1, outline=AXIS)
         if self.y_unit:
-            c.create_text(x0 - 4, y0 - 3, text=self.y_unit, anchor="se", font=self.small, fill=AXIS)
+            c.create_text(x0 - 4, y0 - 2, text=self.y_unit, anchor="se", font=self.small, fill=AXIS)
 
         # filled areas first, then lines on top
         for L in d.lines:
@@ -194,15 +210,23 @@ class Chart:
                 elif seg:
                     coords = [v for x, y in seg for v in (sx(x), sy(y))]
                     c.create_line(coords, fill=L.color, width=L.width, dash=L.dash)
-        # legend
-        lx = x0 + 8
-        for L in d.lines:
-            if not L.label:
-                continue
-            c.create_line(lx, y0 + 9, lx + 14, y0 + 9, fill=L.color, width=max(2, L.width))
-            item = c.create_text(lx + 18, y0 + 9, text=L.label, anchor="w", font=self.small, fill=INK)
-            bbox = c.bbox(item)
-            lx = (bbox[2] if bbox else lx + 80) + 12
+        # legend, in the row between the title and the plot
+        legend(c, x0, y0 - 10, [(L.color, L.label, L.width) for L in d.lines if L.label and L.color],
+               self.small)
+
+
+def legend(c: tk.Canvas, x: float, y: float, entries, font, box: bool = False) -> None:
+    """Draw (color, label, width) entries left to right starting at (x, y)."""
+    for color, label, width in entries:
+        if box:
+            c.create_rectangle(x, y - 5, x + 10, y + 5, fill=color, outline="")
+            tx = x + 14
+        else:
+            c.create_line(x, y, x + 14, y, fill=color, width=max(2, width))
+            tx = x + 18
+        item = c.create_text(tx, y, text=label, anchor="w", font=font, fill=INK)
+        bbox = c.bbox(item)
+        x = (bbox[2] if bbox else tx + 80) + 12
 
 
 class LayerStrip:
@@ -227,7 +251,7 @@ class LayerStrip:
         W, H = max(50, c.winfo_width()), max(50, c.winfo_height())
         title = self.title + (f"  (step {self.step})" if self.step is not None else "")
         c.create_text(8, 4, text=title, anchor="nw", font=self.font, fill=INK)
-        x0, x1, y0, y1 = PAD_L, W - PAD_R, PAD_T + 4, H - PAD_B
+        x0, x1, y0, y1 = PAD_L, W - PAD_R, PAD_T + 2, H - PAD_B
         bars = strip_bars(self.layers)
         if not bars:
             c.create_text((x0 + x1) / 2, (y0 + y1) / 2, text="no page-in pass yet / 페이지인 기록 없음",
@@ -242,7 +266,9 @@ class LayerStrip:
             y = y1 - v / tmax * (y1 - y0)
             c.create_line(x0, y, x1, y, fill=GRID)
             c.create_text(x0 - 4, y, text=f"{v * 1000:.0f}", anchor="e", font=self.small, fill=AXIS)
-        c.create_text(x0 - 4, y0 - 3, text="ms", anchor="se", font=self.small, fill=AXIS)
+        c.create_text(x0 - 4, y0 - 2, text="ms", anchor="se", font=self.small, fill=AXIS)
+        legend(c, x0, y0 - 12, [(BLUE, "read / 읽기", 1), (STALL, "stall / 대기", 1),
+                                (ORANGE, "slow ≥2× / 느림", 1), (RED, "≥3×", 1)], self.small, box=True)
         n = len(bars)
         slot = (x1 - x0) / n
         gap = 1 if slot < 6 else 2

@@ -166,6 +166,15 @@ def fmt_duration(seconds: Optional[float]) -> str:
     return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
 
 
+def fmt_ago(seconds: float) -> str:
+    """Compact age: '40 s', '12 min', '3 h', '2 d'."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
+
+
 def fmt_num(v: Optional[float], digits: int = 0, unit: str = "") -> str:
     if v is None:
         return "–"
@@ -258,8 +267,9 @@ class Feed:
     # --- reading ---
     def poll(self, max_bytes: Optional[int] = None) -> bool:
         """Read what was appended since the last call (up to `max_bytes`), status.json, guard.json
-        and config.yaml. Returns True when something visible changed; `more_waiting` tells whether
-        the metrics file still has unread bytes."""
+        and config.yaml. Returns True when the charts or the log changed (`version` moved; the value
+        fields are cheap and refreshed every tick); `more_waiting` tells whether the metrics file
+        still has unread bytes."""
         before = self.version
         records = self.tail.read_new(max_bytes or self.poll_bytes)
         if self.tail.resets != self._resets_seen:  # file replaced or truncated: start over
@@ -273,10 +283,7 @@ class Feed:
             self.more_waiting = False
         self._read_status()
         self._read_config()
-        hb = self.run.read_heartbeat()
-        if hb != self.heartbeat:
-            self.heartbeat = hb
-            self.version += 1
+        self.heartbeat = self.run.read_heartbeat()  # shown in a field only: no chart redraw
         return self.version != before
 
     def ingest(self, records: list[dict]) -> None:
@@ -502,13 +509,13 @@ class Feed:
         g = self.last_guard
         if g is not None and g.get("action") not in ("resume",):
             age = now - (_num(g.get("t")) or now)
-            text = f"{g.get('action')}: {g.get('reason', '')}".rstrip(": ")
-            return text if age < 600 or self.state() in TERMINAL_STATES else f"ok (last: {text})"
+            when = f"{g.get('action')}, {fmt_ago(age)} ago"  # the reason is in the log pane
+            return when if age < 600 or self.state() in TERMINAL_STATES else f"ok / 정상 ({when})"
         if hb is None:
             return "no guard / 없음"
         age = now - (_num(hb.get("t")) or 0)
         if age > max(10.0, 5 * self.limits.heartbeat_s) and self.state() not in TERMINAL_STATES:
-            return f"lost ({fmt_duration(age)} ago) / 끊김"
+            return f"lost {fmt_ago(age)} ago / 끊김"
         return f"ok, {hb.get('state', 'watching')} / 정상"
 
     def values(self) -> dict[str, str]:
@@ -557,7 +564,7 @@ class Feed:
         if st.get("pid") and state not in TERMINAL_STATES and not self.trainer_alive():
             parts.append(f"pid {st['pid']} not running")
         if self.t_last is not None:
-            parts.append(f"last metrics {fmt_duration(max(0.0, time.time() - self.t_last))} ago")
+            parts.append(f"last metrics {fmt_ago(time.time() - self.t_last)} ago")
         if self.tail.bad_lines:
             parts.append(f"{self.tail.bad_lines} bad line(s) skipped")
         if self.more_waiting:
