@@ -37,10 +37,12 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path for a writer that wants a file name (torch.save, a library).
 
     The caller writes the file at the yielded path; on clean exit it is fsynced and renamed.
+    `durable=False` skips the fsyncs: still atomic (old or new file, never half), but a crash may
+    lose the new file. For state rewritten every fraction of a second, like a heartbeat.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,10 +52,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_path)
@@ -61,24 +65,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_open(path: str | os.PathLike, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
     """Open a temporary file beside `path`; on clean exit flush, fsync and rename it to `path`.
 
     On an exception the temporary file is removed and `path` is untouched.
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable) as tmp:
         with open(tmp, mode) as f:
             yield f
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
+def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    with atomic_open(path, "wb", durable) as f:
         f.write(data)
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+def write_text(path: str | os.PathLike, text: str, durable: bool = True) -> None:
+    write_bytes(path, text.encode("utf-8"), durable)
 
 
-def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
-    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2, durable: bool = True) -> None:
+    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", durable)

@@ -14,7 +14,6 @@ warm runs read the files once first and keep them cached.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import platform

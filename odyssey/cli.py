@@ -151,7 +151,7 @@ def cmd_generate(args) -> int:
     with Engine(store, compute_dtype=args.compute_dtype, slots=args.slots, model=model) as eng:
         if args.prompt and not args.quiet:
             sys.stdout.write(args.prompt)
-        new = stream_text(tok, prompt, generate_ids(eng, prompt, args.max_new_tokens, args.temperature,
+        new = stream_text(tok, generate_ids(eng, prompt, args.max_new_tokens, args.temperature,
                                                     args.top_k, args.seed, eos_id=store.config.eos_token_id),
                           lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         dt = time.perf_counter() - t0

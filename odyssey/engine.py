@@ -21,18 +21,15 @@ stays resident; layer 0 stays resident into the next step.
 from __future__ import annotations
 
 import contextlib
-import math
 import platform
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from odyssey.errors import OdysseyError
 from odyssey.model import KVCache, LlamaForCausalLM, rope_cos_sin
 from odyssey.pager import Pager, Resident, ResidentPager
 from odyssey.store import Store
@@ -91,6 +88,8 @@ class Engine:
         self.model = model  # a meta skeleton, possibly wrapped by PEFT (see adapters.py)
         self.pager = ResidentPager(store) if resident else Pager(store, slots=slots, direct=direct)
         self._bound: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
+        core = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
+        self._core = core.model  # LlamaModel inside the (PEFT-wrapped) skeleton: layers, norm
         self._modules = dict(self._find_base_modules())
         self._embed = self._open_embedding()
 
@@ -153,13 +152,7 @@ class Engine:
 
     # --- layers ---
     def layer(self, i: int) -> nn.Module:
-        return self._core().layers[i]
-
-    def _core(self):
-        m = self.model
-        if hasattr(m, "base_model") and hasattr(m.base_model, "model"):  # PeftModel
-            m = m.base_model.model
-        return m.model
+        return self._core.layers[i]
 
     def rope(self, start: int, T: int):
         pos = torch.arange(start, start + T)
@@ -174,7 +167,7 @@ class Engine:
         return fwd + list(range(L - 1, -1, -1)) if backward else fwd
 
     def _head_weight_and_norm(self, held: list) -> tuple[torch.Tensor, nn.Module]:
-        core = self._core()
+        core = self._core
         if self.cfg.tie_word_embeddings:
             w = held[1].tensors["model.embed_tokens.weight"]
         else:

@@ -6,8 +6,6 @@ keys and values are appended to the cache (L x 2 x (B, Hkv, S, hd)).
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -60,7 +58,7 @@ def generate_ids(engine, prompt_ids: list[int], max_new_tokens: int, temperature
         ids = torch.tensor([[nxt]])
 
 
-def stream_text(tokenizer, prompt_ids: list[int], new_ids: Iterator[int], write: Callable[[str], None]) -> list[int]:
+def stream_text(tokenizer, new_ids: Iterator[int], write: Callable[[str], None]) -> list[int]:
     """Decode incrementally and write only the new text (multi-byte characters wait until whole)."""
     out: list[int] = []
     shown = ""

@@ -134,44 +134,6 @@ def _proc_identity(pid: int) -> Optional[tuple[str, int]]:
 
 
 _HAS_PROC = os.path.exists("/proc/self/stat")
-_HAS_CHILDREN_FILE = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of `pid`: /proc/PID/task/*/children (cheap), else psutil (scans all pids)."""
-    if _HAS_CHILDREN_FILE:
-        kids: list[int] = []
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            return []
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                    kids.extend(int(k) for k in f.read().split())
-            except OSError:
-                continue  # the thread ended meanwhile
-        return kids
-    import psutil
-
-    try:
-        return [c.pid for c in psutil.Process(pid).children()]
-    except psutil.Error:
-        return []
-
-
-def tree_pids(pid: int, exclude: frozenset[int] = frozenset()) -> list[int]:
-    """`pid` and its descendants, leaving out `exclude` and everything below them."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        if p in exclude or p in out:
-            continue
-        out.append(p)
-        todo.extend(_children(p))
-    return out
-
-
 def _system_memory() -> tuple[int, int]:
     """(MemAvailable, swap in use) in bytes, from one read of /proc/meminfo."""
     try:
@@ -281,8 +243,8 @@ class Guard:
                 ok, why = False, str(e)
         if ok:
             try:
-                held = self._tree_memory().anon_bytes
-                for p in tree_pids(self.pid, self.exclude):
+                held = memory.tree_memory(self.pid, self.exclude).anon_bytes
+                for p in memory.tree_pids(self.pid, self.exclude):
                     try:
                         cg.add(p)
                     except ProcessLookupError:
@@ -355,21 +317,11 @@ class Guard:
         ident = _proc_identity(self.pid)
         return ident is not None and ident[1] == self.identity[1] and ident[0] not in "ZX"
 
-    def _tree_memory(self) -> memory.ProcessMemory:
-        anon = file = peak = 0
-        for p in tree_pids(self.pid, self.exclude):
-            try:
-                m = memory.process_memory(p)
-            except Exception:  # gone between listing and reading (ProcessLookupError, psutil's errors)
-                continue
-            anon, file, peak = anon + m.anon_bytes, file + m.file_bytes, max(peak, m.peak_bytes)
-        return memory.ProcessMemory(anon, file, peak)
-
     def sample(self) -> Optional[Sample]:
         """One reading, or None when the watched process is gone."""
         if not self.watched_alive():
             return None
-        tree = self._tree_memory()
+        tree = memory.tree_memory(self.pid, self.exclude)
         available, swap = _system_memory()
         cg_usage = cg_limit = None
         if self.cgroup is not None:

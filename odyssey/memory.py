@@ -53,23 +53,55 @@ def rss_anon_mib(pid: Optional[int] = None) -> float:
     return process_memory(pid).anon_bytes / MIB
 
 
-def tree_memory(pid: int) -> ProcessMemory:
-    """Sum over a process and its children (the trainer may spawn workers)."""
+_HAS_CHILDREN_FILE = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid`: /proc/PID/task/*/children (cheap), else psutil (scans all pids)."""
+    if _HAS_CHILDREN_FILE:
+        kids: list[int] = []
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return []
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                    kids.extend(int(k) for k in f.read().split())
+            except OSError:
+                continue  # the thread ended meanwhile
+        return kids
     import psutil
 
-    total = process_memory(pid)
     try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return total
-    for child in children:
-        try:
-            m = process_memory(child.pid)
-        except ProcessLookupError:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
+
+
+def tree_pids(pid: int, exclude: frozenset[int] = frozenset()) -> list[int]:
+    """`pid` and its descendants, leaving out `exclude` and everything below them."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if p in exclude or p in out:
             continue
-        total = ProcessMemory(total.anon_bytes + m.anon_bytes, total.file_bytes + m.file_bytes,
-                              max(total.peak_bytes, m.peak_bytes))
-    return total
+        out.append(p)
+        todo.extend(_children(p))
+    return out
+
+
+def tree_memory(pid: int, exclude: frozenset[int] = frozenset()) -> ProcessMemory:
+    """Summed over `pid` and its descendants (the trainer may spawn workers), leaving out
+    `exclude` and what is below it (the guard is the trainer's child and must not count itself)."""
+    anon = file = peak = 0
+    for p in tree_pids(pid, exclude):
+        try:
+            m = process_memory(p)
+        except Exception:  # gone between listing and reading (ProcessLookupError, psutil's errors)
+            continue
+        anon, file, peak = anon + m.anon_bytes, file + m.file_bytes, max(peak, m.peak_bytes)
+    return ProcessMemory(anon, file, peak)
 
 
 def system_available_bytes() -> int:

@@ -108,15 +108,11 @@ class RunDir:
 
     # --- guard heartbeat ---
     def write_heartbeat(self, **fields) -> None:
-        # Atomic (rename) but not durable: a heartbeat written every 0.5 s for hours must not force
-        # two fsyncs (journal commits) each time, competing with the pager's reads; after a crash
-        # a lost heartbeat means "guard gone", which is the truth.
-        data = json.dumps({"t": time.time(), "pid": os.getpid(), **fields}, ensure_ascii=False) + "\n"
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{self.guard_path.name}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(data)
-        os.replace(tmp, self.guard_path)
+        # Atomic but not durable: a heartbeat written every 0.5 s for hours must not force two
+        # fsyncs (journal commits) each time, competing with the pager's reads; after a crash a
+        # lost heartbeat means "guard gone", which is the truth.
+        atomic.write_json(self.guard_path, {"t": time.time(), "pid": os.getpid(), **fields}, indent=None,
+                          durable=False)
 
     def read_heartbeat(self) -> Optional[dict]:
         return _read_json(self.guard_path)

@@ -236,7 +236,7 @@ class Store:
         self.shards: dict[Unit, ShardInfo] = shards
 
     @classmethod
-    def open(cls, root: str | os.PathLike, check_headers: bool = True) -> "Store":
+    def open(cls, root: str | os.PathLike) -> "Store":
         root = Path(root)
         if not root.is_dir():
             raise StoreError(f"model directory {root} not found; create one with `odyssey init` or `odyssey import`")
@@ -270,11 +270,8 @@ class Store:
         for unit in units_of(config):
             if unit not in by_unit:
                 raise StoreError(f"{root}: the index lists no shard for {unit_label(unit)}; re-create the store")
-            if check_headers:
-                shards[unit] = shard_info(by_unit[unit], unit)
-                _check_shapes(config, unit, shards[unit])
-            else:
-                shards[unit] = ShardInfo(unit, by_unit[unit], 0, 0, {})
+            shards[unit] = shard_info(by_unit[unit], unit)
+            _check_shapes(config, unit, shards[unit])
         return cls(root, config, index, shards)
 
     @property
@@ -331,8 +328,7 @@ class Store:
             path = self.root / fname
             unit = info["unit"] if info["unit"] in ("embed", "head") else int(info["unit"])
             try:
-                si = shard_info(path, unit)
-                _check_shapes(self.config, unit, si)
+                si = self.shards[unit]  # header parsed and shapes checked by Store.open
                 if si.file_bytes != info["bytes"]:
                     raise StoreError(f"{path}: {si.file_bytes} bytes, the index says {info['bytes']}")
                 digest = file_sha256(path)
@@ -384,17 +380,21 @@ class StoreWriter:
         self.n = len(self.units)
         self.journal_key = journal_key
         self.journal: dict = {"key": journal_key, "done": {}}
+        self._headers = {u: self._header(u) for u in self.units}  # (header bytes, spans) per unit
+        self.file_bytes = {u: len(h) + sum(s.nbytes for s in spans) for u, (h, spans) in self._headers.items()}
         self._prepare(force, extra_bytes)
+
+    def _header(self, unit: Unit) -> tuple[bytes, list[TensorSpan]]:
+        st = SHORT_TO_ST[self.dtype]
+        return build_header([(n, st, s) for n, s in unit_shapes(self.config, unit).items()],
+                            metadata=self._meta(unit))
 
     # --- sizes ---
     def unit_file_bytes(self, unit: Unit) -> int:
-        st = SHORT_TO_ST[self.dtype]
-        header, spans = build_header([(n, st, s) for n, s in unit_shapes(self.config, unit).items()],
-                                     metadata=self._meta(unit))
-        return len(header) + sum(s.nbytes for s in spans)
+        return self.file_bytes[unit]
 
     def total_file_bytes(self) -> int:
-        return sum(self.unit_file_bytes(u) for u in self.units)
+        return sum(self.file_bytes.values())
 
     def _meta(self, unit: Unit) -> dict:
         return {"format": "pt", "odyssey_unit": unit_label(unit)}
@@ -453,9 +453,7 @@ class StoreWriter:
         import torch
 
         fname = shard_name(self.units.index(unit), self.n)
-        shapes = unit_shapes(self.config, unit)
-        st = SHORT_TO_ST[self.dtype]
-        header, spans = build_header([(n, st, s) for n, s in shapes.items()], metadata=self._meta(unit))
+        header, spans = self._headers[unit]
         h = hashlib.sha256()
         with atomic.atomic_open(self.root / fname, "wb") as f:
             f.write(header)

@@ -37,6 +37,16 @@ def tiny_store(tmp_path, tiny_cfg):
     return out
 
 
+def load_tool(name: str):
+    """Import tools/NAME.py (tools/ is not a package) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """Run `python -m odyssey ARGS` as a user would; returns the completed process."""
     return subprocess.run([sys.executable, "-m", "odyssey", *map(str, args)], capture_output=True,

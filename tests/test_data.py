@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,18 +14,13 @@ from odyssey.data import (BatchSampler, TokenData, eval_batches, load_tokenizer,
                           read_documents, token_dtype, train_tokenizer, unigram_loss)
 from odyssey.errors import OdysseyError
 
+from tests.conftest import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("make_sample_corpus", ROOT / "tools" / "make_sample_corpus.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-corpus_tool = _load_tool()
+corpus_tool = load_tool("make_sample_corpus")
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -8,7 +8,6 @@ Set ODYSSEY_MONITOR_SCREENSHOT=docs/monitor.png to keep the screenshot.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,22 +19,17 @@ from pathlib import Path
 import pytest
 
 from odyssey.errors import OdysseyError
-from odyssey.monitor import display_problem, launch_detached
+from odyssey.monitor import launch_detached
 from odyssey.monitor.charts import nice_ticks, strip_bars, time_ticks
 from odyssey.monitor.feed import Feed, Series, downsample_minmax, fmt_duration
 from odyssey.runlog import RunDir
 
+from tests.conftest import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_record_run():
-    spec = importlib.util.spec_from_file_location("record_run", ROOT / "tools" / "record_run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-record_run = _load_record_run()
+record_run = load_tool("record_run")
 
 
 def _step(step, loss=2.0, t=None, **kw):

@@ -1,6 +1,5 @@
 """The pager and the out-of-core forward."""
 
-import time
 
 import pytest
 import torch

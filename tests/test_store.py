@@ -1,7 +1,6 @@
 """The on-disk store: init, verify, import, HF compatibility, crash-resume and bad input."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -10,8 +9,7 @@ import torch
 
 from odyssey.errors import OdysseyError
 from odyssey.model import LlamaForCausalLM
-from odyssey.store import (FORMAT_VERSION, INDEX_NAME, JOURNAL_NAME, Store, StoreError, import_hf,
-                           init_store, shard_name)
+from odyssey.store import (FORMAT_VERSION, INDEX_NAME, JOURNAL_NAME, Store, StoreError, init_store, shard_name)
 from tests.conftest import ROOT, assert_user_error, run_cli, tiny_config
 
 
@@ -56,8 +54,8 @@ def test_init_is_deterministic_per_tensor(tmp_path, tiny_cfg):
         assert torch.equal(ta[name], tb[name]), name
     c = tmp_path / "c"
     init_store(tiny_cfg, c, dtype="bf16", seed=8, progress=False)
-    assert not torch.equal(Store.open(c).load_tensors(0)["model.layers.0.mlp.up_proj.weight"],
-                           ta["model.layers.0.mlp.up_proj.weight"] if False else Store.open(a).load_tensors(0)["model.layers.0.mlp.up_proj.weight"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(Store.open(c).load_tensors(0)[name], Store.open(a).load_tensors(0)[name])
     w = Store.open(a).load_tensors(0)["model.layers.0.self_attn.q_proj.weight"].float()
     assert abs(w.std().item() - 0.02) < 0.003 and abs(w.mean().item()) < 0.003
 
@@ -121,7 +119,6 @@ def test_resume_after_crash_keeps_complete_shards(tmp_path, tiny_cfg):
         (out / shard_name(k, 4)).unlink()
     (out / ".model-00003-of-00004.safetensors.abc.tmp").write_bytes(b"partial")
     # rebuild the journal as init would have left it
-    from odyssey.config import ModelConfig
     from odyssey.store import HF_DTYPE_NAMES
     journal["key"] = {"config": tiny_cfg.to_hf_dict(HF_DTYPE_NAMES["bf16"]), "dtype": "bf16", "seed": 3, "kind": "init"}
     for k in (0, 1):

@@ -19,8 +19,7 @@ import os
 import time
 from array import array
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from odyssey.runlog import ACTIONS, MetricsTail, RunDir
