@@ -26,8 +26,13 @@ test: $(STAMP)
 	@bash tools/ensure_xvfb.sh || true
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# llama-cpp-python (the GGUF interop test) builds from its source package: 5-7 minutes on 2
+# cores, once, pinned to the version tested. GGML_NATIVE=OFF: a portable build (CMAKE_ARGS overrides).
 test-slow: $(STAMP)
 	@bash tools/ensure_xvfb.sh || true
+	@$(PY) -c "import llama_cpp" 2>/dev/null || { \
+	  echo "building llama-cpp-python==0.3.36 from source into $(VENV) (5-7 minutes, once)"; \
+	  CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install -q --disable-pip-version-check llama-cpp-python==0.3.36; }
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -21,7 +21,13 @@ EXAMPLES = {
     "plan": "odyssey plan --model models/base --ram-budget 2GiB --seq-len 512",
     "prepare-data": "odyssey prepare-data data/sample --out data/tok --model models/base",
     "bench": "odyssey bench pagein --model models/base --out benchmarks/results/pagein.json",
+    "merge": "odyssey merge --model models/base --adapter runs/r1/adapter --out models/merged",
+    "export": "odyssey export models/merged --out exports --formats safetensors,pth,gguf --gguf-type q8_0",
+    "train": "odyssey train --model models/base --data data/tok --out runs/r1 --ram-budget 2GiB --steps 200 lora.r=16",
     "generate": 'odyssey generate --model models/base --prompt "Once upon a time" --max-new-tokens 32 --ram-budget 1GiB',
+    "doctor": "odyssey doctor --models-dir models",
+    "guard": "odyssey guard --pid 1234 --run runs/r1 --ram-budget 2GiB --thermal-file /tmp/temp",
+    "monitor": "odyssey monitor runs/r1   (headless: xvfb-run -a odyssey monitor runs/r1)",
 }
 
 
@@ -161,6 +167,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from odyssey.train import train
+
+    overrides = list(args.overrides)
+    if args.mode:
+        overrides.append(f"mode={args.mode}")
+    return train(args.out, model=args.model, data=args.data, budget=args.ram_budget, config_path=args.config,
+                 overrides=overrides, steps=args.steps, resume=args.resume, monitor=args.monitor,
+                 guard=not args.no_guard, progress=not args.quiet)
+
+
 def cmd_prepare_data(args) -> int:
     from odyssey.data import prepare_data
 
@@ -193,6 +210,96 @@ def cmd_bench(args) -> int:
     for p in bench.write_outputs(result, args.out):
         print(f"wrote {p}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# merge and export
+
+
+def cmd_merge(args) -> int:
+    from odyssey.merge import merge
+
+    s = merge(args.model, args.adapter, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    kept = f", {s['kept_shards']} complete shards kept" if s["kept_shards"] else ""
+    print(f"merged {s['adapter']} ({s['modules']} modules in {s['layers']} layers) into {s['base']} -> {s['out']}: "
+          f"{s['bytes'] / 1e6:,.1f} MB {s['dtype']} in {s['seconds']:.1f} s ({s['mb_s']:.0f} MB/s), "
+          f"peak anonymous RSS {s['peak_anon_bytes'] / 2**20:,.0f} MiB{kept}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from odyssey.export import export_model
+
+    s = export_model(args.model, args.out, args.formats, gguf_type=args.gguf_type, adapter=args.adapter,
+                     force=args.force, progress=not args.quiet)
+    merged = f" (with {s['adapter']} merged)" if s["adapter"] else ""
+    print(f"exported {args.model}{merged} -> {s['out']} in {s['seconds']:.1f} s")
+    for r in s["formats"]:
+        print(f"  {r['format']:<12} {r['path']:<40} {r['bytes'] / 1e6:>10,.1f} MB {r['seconds']:>7.1f} s "
+              f"{r['mb_s']:>6.0f} MB/s  peak anonymous RSS {r['peak_anon_bytes'] / 2**20:,.0f} MiB")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine, the guard and the monitor
+
+
+def cmd_doctor(args) -> int:
+    import json
+
+    from odyssey import doctor
+
+    if args.read_test_mib < 0:
+        raise OdysseyError(f"--read-test-mib must be >= 0 (0 skips the test), got {args.read_test_mib}")
+    facts = doctor.gather(args.models_dir, args.read_test_mib << 20, args.thermal_file)
+    if args.json:
+        print(json.dumps({f.key: f.to_json() for f in facts}, indent=2))
+        return 0
+    print(doctor.HEADING, flush=True)
+    for fact in facts:  # one at a time: the cold read takes a few seconds
+        print(fact.lines(), flush=True)
+    return 0
+
+
+def _argv_back(parser: argparse.ArgumentParser, args) -> list[str]:
+    """The command line that gives `parser` the values in `args`, options that kept their default
+    left out: how `guard` and `monitor` hand their arguments to their modules' own main(argv)."""
+    options, positionals = [], []
+    for a in parser._actions:
+        value = getattr(args, a.dest, argparse.SUPPRESS)
+        if isinstance(a, argparse._HelpAction) or value is argparse.SUPPRESS:
+            continue
+        if not a.option_strings:
+            positionals.append(str(value))
+        elif value != a.default:
+            # --opt=value, so that a value starting with '-' (a temperature below 0) stays a value
+            options.append(a.option_strings[0] if a.nargs == 0 else f"{a.option_strings[-1]}={value}")
+    return options + (["--", *positionals] if positionals else [])
+
+
+def cmd_guard(args) -> int:
+    from odyssey import guard
+
+    return guard.main(_argv_back(guard.build_parser(), args))
+
+
+def cmd_monitor(args) -> int:
+    import importlib.util
+
+    from odyssey import monitor
+
+    # Checked here, before tkinter is imported, so each ends in one line (exit 2).
+    if getattr(args, "wait_s", 0.0) <= 0 and not Path(args.run).is_dir():
+        raise OdysseyError(f"run directory {args.run} not found; pass the --out directory of an "
+                           "`odyssey train` run, e.g. odyssey monitor runs/r1")
+    problem = monitor.display_problem()
+    if problem:
+        raise OdysseyError(problem)
+    if importlib.util.find_spec("tkinter") is None:
+        raise OdysseyError("the monitor needs tkinter, which this Python lacks: apt-get install python3-tk")
+    from odyssey.monitor.app import build_parser as monitor_parser
+
+    return monitor.main(_argv_back(monitor_parser(), args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="only the generated text")
     s.set_defaults(func=cmd_generate)
 
+    s = _parser_for(sub, "train", "train LoRA adapters (or a small model fully) under a RAM budget, resumable")
+    s.add_argument("--model", help="base store directory (default on --resume: the run's)")
+    s.add_argument("--data", help="data directory from `odyssey prepare-data` (default on --resume: the run's)")
+    s.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints, adapter)")
+    s.add_argument("--ram-budget", help="e.g. 2GiB; checked by the memory plan before the first step")
+    s.add_argument("--config", help="training YAML (default: built-in defaults; see configs/lora.yaml)")
+    s.add_argument("--steps", type=int, help="optimizer steps (overrides the config's steps)")
+    s.add_argument("--mode", choices=["lora", "full"], help="full: train every parameter in RAM (small models)")
+    s.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
+    s.add_argument("--monitor", action="store_true", help="open the monitor window in its own process")
+    s.add_argument("--no-guard", action="store_true", help="do not start the guard process")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=32 seq_len=256")
+    s.set_defaults(func=cmd_train)
+
     s = _parser_for(sub, "prepare-data", "tokenize .txt/.jsonl text into token files (training a BPE if needed)")
     s.add_argument("inputs", nargs="+", help=".txt or .jsonl files or directories")
     s.add_argument("--out", required=True, help="data directory to write")
@@ -280,6 +402,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=3, help="runs per row (the best is kept: the disk is noisy)")
     s.add_argument("--out", help="JSON file; a .md table and a .png chart are written beside it")
     s.set_defaults(func=cmd_bench)
+
+    s = _parser_for(sub, "merge", "fold a LoRA adapter into its base, layer by layer, as a new store")
+    s.add_argument("--model", required=True, help="base store directory the adapter was trained on")
+    s.add_argument("--adapter", required=True, help="adapter directory in PEFT format, e.g. runs/r1/adapter")
+    s.add_argument("--out", required=True, help="store directory to create")
+    s.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32"], help="default: the base's dtype")
+    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_merge)
+
+    s = _parser_for(sub, "export", "write a store as safetensors (HF), .pth and/or .gguf, streaming")
+    s.add_argument("model", help="store directory")
+    s.add_argument("--out", required=True, help="directory for OUT/safetensors/, OUT/model.pth, OUT/model-TYPE.gguf")
+    s.add_argument("--formats", default="safetensors,pth,gguf", help="comma-separated: safetensors, pth, gguf")
+    s.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16, bf16 or q8_0")
+    s.add_argument("--adapter", help="merge this adapter on the fly (the store is left unchanged)")
+    s.add_argument("--force", action="store_true", help="overwrite outputs that exist")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_export)
+
+    s = _parser_for(sub, "doctor", "print the facts about this machine that matter to Odyssey, each with a verdict")
+    s.add_argument("--models-dir", help="where models go: free disk and the cold-read test are measured there "
+                                        "(default: ./models, else the current directory)")
+    s.add_argument("--read-test-mib", type=int, default=256,
+                   help="size of the cold-read test file in MiB (default 256, ~5 s at most; 0 skips it)")
+    s.add_argument("--thermal-file", help="a temperature file to check (millidegrees C), as the guard would read it")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    s.set_defaults(func=cmd_doctor)
+
+    # The guard's options come from its own parser (odyssey.guard is light: no torch), so they
+    # cannot drift; cmd_guard hands them back to guard.main as a command line.
+    from odyssey import guard
+
+    s = sub.add_parser("guard", parents=[guard.build_parser()], conflict_handler="resolve",
+                       help="watch a training process's RAM and temperature (what `train` starts)",
+                       description="Watch a training process's RAM and the CPU temperature; ask it (through "
+                                   "RUN/control.json)\nto checkpoint, pause, resume or stop. Exits when the "
+                                   "process is gone.",
+                       epilog=f"example:\n  {EXAMPLES['guard']}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.set_defaults(func=cmd_guard)
+
+    # The monitor's parser lives beside tkinter (odyssey.monitor.app), which every command would
+    # then import, so its options are repeated here; tests/test_cli_commands.py checks they match.
+    # Defaults are left to the monitor (SUPPRESS: an option not given is not passed on).
+    s = _parser_for(sub, "monitor", "open the live window on a run: loss, page-in, RAM, temperature, controls")
+    s.add_argument("run", help="the run directory (the --out of odyssey train)")
+    s.add_argument("--interval-ms", type=int, default=argparse.SUPPRESS, help="refresh period (default 500)")
+    s.add_argument("--wait-s", type=float, default=argparse.SUPPRESS,
+                   help="wait this long for the run directory to appear (used by train --monitor)")
+    s.add_argument("--geometry", default=argparse.SUPPRESS, help="window size, Tk syntax (default 1280x800)")
+    s.set_defaults(func=cmd_monitor)
     return p
 
 

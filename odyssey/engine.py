@@ -229,6 +229,99 @@ class Engine:
             out = self.head_logits(h.reshape(B * T, d), W).view(B, T, -1)
         return out[:, -1] if last_only else out
 
+    # --- training: loss and backward ---
+    def chunked_ce(self, hf: torch.Tensor, tgt: torch.Tensor, W: torch.Tensor, grad: bool
+                   ) -> tuple[float, Optional[torch.Tensor]]:
+        """Mean cross-entropy of hf @ W.T against tgt, and (if grad) its gradient w.r.t. hf, in one
+        pass over vocab chunks (never the (N, V) logits at once).
+
+        hf (N, d) compute dtype; tgt (N,) int64; W (V, d) store dtype. For each chunk c of logits
+        l_c (N, C): running max m, sum s = sum exp(l - m) and G = sum exp(l - m) @ W_c (N, d),
+        rescaled when m grows; then loss = mean(m + log s - l[tgt]) and
+        dloss/dhf = (G / s - W[tgt]) / N, fp32.
+        """
+        N, d = hf.shape
+        m = torch.full((N,), float("-inf"))
+        s = torch.zeros(N)
+        G = torch.zeros(N, d) if grad else None
+        for v0 in range(0, W.shape[0], VOCAB_CHUNK):
+            Wc = W[v0:v0 + VOCAB_CHUNK].to(self.dtype)  # (C, d)
+            lc = F.linear(hf, Wc).float()  # (N, C)
+            m_new = torch.maximum(m, lc.max(dim=1).values)
+            alpha = torch.exp(m - m_new)  # (N,) rescales what was summed under the old max
+            e = torch.exp(lc - m_new[:, None])  # (N, C)
+            s = s * alpha + e.sum(dim=1)
+            if grad:
+                G = G * alpha[:, None] + e @ Wc.float()
+            m = m_new
+            del lc, e, Wc
+        w_t = W[tgt].float()  # (N, d) target rows
+        loss = float((m + torch.log(s) - (hf.float() * w_t).sum(dim=1)).mean())
+        return loss, ((G / s[:, None] - w_t) / N if grad else None)
+
+    def loss_and_grad_x(self, x: torch.Tensor, targets: torch.Tensor, W: torch.Tensor, norm: nn.Module,
+                        grad_scale: float = 1.0) -> tuple[float, torch.Tensor]:
+        """x (B, T, d) before the final norm -> (loss, dloss/dx (B, T, d) scaled by grad_scale); the
+        gradient goes back through the frozen final norm by autograd."""
+        B, T, d = x.shape
+        xl = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            h = norm(xl)
+        loss, grad_h = self.chunked_ce(h.detach().reshape(B * T, d), targets.reshape(-1), W, grad=True)
+        with torch.enable_grad():
+            torch.autograd.backward(h, (grad_h * grad_scale).view(B, T, d).to(h.dtype))
+        return loss, xl.grad
+
+    def train_step(self, ids: torch.Tensor, targets: torch.Tensor, grad_scale: float = 1.0,
+                   between=None) -> float:
+        """One forward and backward on a batch; LoRA parameters accumulate `.grad` (scaled by
+        grad_scale, e.g. 1/grad_accum). Returns the mean loss. `between()` is called between
+        layers (control requests); it may block (pause) or raise (stop)."""
+        L = self.cfg.num_hidden_layers
+        between = between or (lambda: None)
+        self.pager.prefetch(self.layer_schedule(backward=True))
+        dropout = self._has_dropout()
+        x = self.embed(ids)
+        cos, sin = self.rope(0, ids.shape[1])
+        saved = []  # (layer input (B, T, d) compute dtype, RNG state when dropout draws masks)
+        with torch.no_grad():
+            for i in range(L):
+                saved.append((x, torch.get_rng_state() if dropout else None))
+                with self.resident(i):
+                    x = self.layer(i)(x, cos, sin)
+                between()
+        with self.head() as (W, norm):
+            loss, g = self.loss_and_grad_x(x, targets, W, norm, grad_scale)
+        del x
+        between()
+        for i in range(L - 1, -1, -1):
+            xi, rng = saved.pop()
+            xi = xi.detach().requires_grad_(True)  # a leaf: LoRA weights inside get gradients
+            with self.resident(i), torch.enable_grad():
+                if rng is not None:
+                    with torch.random.fork_rng():
+                        torch.set_rng_state(rng)  # the same dropout masks as in forward
+                        out = self.layer(i)(xi, cos, sin)
+                else:
+                    out = self.layer(i)(xi, cos, sin)
+                torch.autograd.backward(out, g)
+            g = xi.grad
+            del out, xi
+            between()
+        return loss
+
+    @torch.no_grad()
+    def eval_loss(self, ids: torch.Tensor, targets: torch.Tensor) -> float:
+        """Mean cross-entropy without gradients (validation), through the chunked head."""
+        self.pager.prefetch(self.layer_schedule())
+        x, _ = self.forward_hidden(ids, prefetch=False)
+        with self.head() as (W, norm):
+            h = norm(x)
+            return self.chunked_ce(h.reshape(-1, h.shape[-1]), targets.reshape(-1), W, grad=False)[0]
+
+    def _has_dropout(self) -> bool:
+        return any(isinstance(mod, nn.Dropout) and mod.p > 0 and mod.training for mod in self._core.modules())
+
     def pass_stats(self, seconds: float) -> PassStats:
         st = self.pager.take_stats()
         return PassStats(seconds=seconds,

@@ -16,7 +16,7 @@ class OdysseyError(Exception):
 class StopRequested(Exception):
     """Raised inside the trainer when a stop was requested (guard or user); carries the reason."""
 
-    def __init__(self, reason: str, exit_status: int = 0):
+    def __init__(self, reason: str, source: str = "user"):
         super().__init__(reason)
         self.reason = reason
-        self.exit_status = exit_status
+        self.source = source  # "user" (monitor, control.json), "guard" or "signal"

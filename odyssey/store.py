@@ -291,6 +291,14 @@ class Store:
     def total_bytes(self) -> int:
         return sum(s.file_bytes for s in self.shards.values())
 
+    def fingerprint(self) -> str:
+        """Identity of the weights (not of the path): sha256 over the shard checksums in the index,
+        16 hex digits. Adapters record it, so one made for another base is refused."""
+        h = hashlib.sha256()
+        for fname in sorted(self.meta["shards"]):
+            h.update(f"{fname}:{self.meta['shards'][fname]['sha256']};".encode())
+        return h.hexdigest()[:16]
+
     def tokenizer_path(self) -> Optional[Path]:
         p = self.root / "tokenizer.json"
         return p if p.is_file() else None

@@ -1,0 +1,228 @@
+"""LoRA adapters with `peft`: injected into the meta skeleton, materialised, saved and loaded in
+PEFT's own format.
+
+On disk (what `PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(store), dir)` reads):
+  adapter_config.json        PEFT `LoraConfig` (r, lora_alpha, target_modules, ...)
+  adapter_model.safetensors  base_model.model.<HF module>.lora_A.weight (r, in) and .lora_B.weight
+                             (out, r), fp32
+  odyssey_adapter.json       Odyssey's own record of the base it was trained on (fingerprint and
+                             shapes), so an adapter for another base is refused; optional, since
+                             adapters made by other tools lack it (then shapes alone are checked).
+
+In memory the skeleton keeps HF module names (`inject_adapter_in_model`, no PeftModel wrapper);
+each targeted Linear becomes a PEFT `lora.Linear` whose base weight stays on `meta` until the
+engine binds a paged view, while `lora_A`/`lora_B` hold real fp32 tensors that stay resident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from odyssey import atomic
+from odyssey.config import LoraSettings
+from odyssey.errors import OdysseyError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+ODYSSEY_NAME = "odyssey_adapter.json"
+PEFT_PREFIX = "base_model.model."
+ALLOWED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AdapterError(OdysseyError):
+    pass
+
+
+def check_targets(targets: list[str]) -> list[str]:
+    targets = list(targets)
+    bad = [t for t in targets if t not in ALLOWED_TARGETS]
+    if bad or not targets:
+        raise AdapterError(f"lora.targets {bad or targets} not supported: choose among {', '.join(ALLOWED_TARGETS)} "
+                           f"(the head and embeddings are paged and stay frozen)")
+    return targets
+
+
+def peft_config(settings: LoraSettings, base_path: Optional[str] = None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=check_targets(settings.targets), bias="none",
+                      base_model_name_or_path=base_path)
+
+
+def inject(model: nn.Module, settings: LoraSettings, seed: int = 0) -> nn.Module:
+    """Adds LoRA modules (adapter "default") to `model` (the meta skeleton or an in-RAM model) in
+    place and returns it. LoRA weights are materialised on CPU in fp32 and initialised as PEFT does
+    (A Kaiming-uniform, B zero) from a generator seeded by `seed`; everything else is frozen."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(peft_config(settings), model)
+    with torch.random.fork_rng():  # the caller's RNG stream is left as it was
+        torch.manual_seed(seed)
+        for name, mod in model.named_modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                for part in (mod.lora_A["default"], mod.lora_B["default"]):
+                    if part.weight.device.type == "meta":
+                        part.to_empty(device="cpu")
+                    part.float()
+                mod.reset_lora_parameters("default", True)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return model
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """HF-style key (PEFT's saved name) -> the trainable LoRA parameter, in a fixed order."""
+    out = {}
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            out[PEFT_PREFIX + n.replace(".default", "")] = p
+    return out
+
+
+def base_record(store) -> dict:
+    cfg = store.config
+    return {"base_fingerprint": store.fingerprint(), "base_path": str(Path(store.root).resolve()),
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size}
+
+
+def save_adapter(model: nn.Module, settings: LoraSettings, out: str | os.PathLike, store, **extra) -> Path:
+    """Writes the three adapter files into `out` (each to a temporary name, then renamed)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: p.detach().float().contiguous().clone() for k, p in lora_parameters(model).items()}
+    with atomic.atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    cfg = peft_config(settings, base_path=str(Path(store.root).resolve())).to_dict()
+    cfg = json.loads(json.dumps(cfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    atomic.write_json(out / CONFIG_NAME, cfg)
+    atomic.write_json(out / ODYSSEY_NAME, {**base_record(store), **extra})
+    return out
+
+
+@dataclass
+class AdapterFile:
+    """An adapter directory read into RAM: `pairs` maps an HF module name
+    ("model.layers.3.self_attn.q_proj") to (A (r, in), B (out, r)) fp32; W' = W + scale * B @ A."""
+
+    path: Path
+    r: int
+    alpha: float
+    dropout: float
+    targets: list
+    scale: float
+    pairs: dict
+    record: Optional[dict]  # odyssey_adapter.json, None for adapters made elsewhere
+
+    def settings(self) -> LoraSettings:
+        return LoraSettings(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=list(self.targets))
+
+    def layer_pairs(self, i: int) -> dict:
+        prefix = f"model.layers.{i}."
+        return {k: v for k, v in self.pairs.items() if k.startswith(prefix)}
+
+    def check_base(self, store) -> None:
+        """Refuses an adapter made for another base: fingerprint when recorded, shapes always."""
+        cfg = store.config
+        rec = self.record
+        if rec and rec.get("base_fingerprint") not in (None, store.fingerprint()):
+            dims = all(rec.get(k) == getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size"))
+            what = "other weights of the same shape" if dims else "a model of another shape"
+            raise AdapterError(f"adapter {self.path} was trained on {rec.get('base_path', 'another base')} "
+                               f"({what}), not on {store.root}; use it with its own base (--model)")
+        d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+        kv = cfg.num_key_value_heads * cfg.head_dim
+        q = cfg.num_attention_heads * cfg.head_dim
+        shapes = {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
+                  "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+        for name, (A, B) in self.pairs.items():
+            parts = name.split(".")
+            try:
+                layer, kind = int(parts[2]), parts[-1]
+            except (IndexError, ValueError):
+                raise AdapterError(f"adapter {self.path} has a LoRA module {name!r} that a Llama base does not "
+                                   f"have; use an adapter trained for this model") from None
+            out_f, in_f = shapes.get(kind, (None, None))
+            if layer >= L or out_f is None or A.shape[1] != in_f or B.shape[0] != out_f:
+                raise AdapterError(f"adapter {self.path} does not fit {store.root}: {name} is "
+                                   f"{tuple(B.shape[:1]) + tuple(A.shape[1:])} (out, in) but the base has "
+                                   f"{(out_f, in_f) if out_f else 'no such module'}; use the adapter's own base")
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Reads and checks an adapter directory in PEFT format."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise AdapterError(f"{path} is not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                           f"pass RUN/adapter or a checkpoint's adapter directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        record = json.loads((path / ODYSSEY_NAME).read_text()) if (path / ODYSSEY_NAME).is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: adapter config is not valid JSON ({e}); re-save the adapter") from None
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterError(f"{path} holds a {cfg.get('peft_type')} adapter; Odyssey merges LoRA adapters only")
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{w_path} is unreadable ({e}); the adapter is damaged, use a checkpoint's copy") from None
+    r = int(cfg.get("r", 8))
+    alpha = float(cfg.get("lora_alpha", r))
+    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    pairs: dict = {}
+    for key, t in tensors.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        module = key.removeprefix(PEFT_PREFIX).split(".lora_")[0]
+        slot = 0 if ".lora_A." in key else 1
+        pairs.setdefault(module, [None, None])[slot] = t.float()
+    broken = [m for m, (a, b) in pairs.items() if a is None or b is None or a.shape[0] != b.shape[1]]
+    if broken or not pairs:
+        raise AdapterError(f"{w_path}: {'LoRA pairs incomplete for ' + broken[0] if broken else 'no LoRA weights'}; "
+                           f"the adapter is damaged")
+    targets = cfg.get("target_modules") or sorted({m.split(".")[-1] for m in pairs})
+    if isinstance(targets, str):
+        targets = sorted({m.split(".")[-1] for m in pairs})
+    return AdapterFile(path=path, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
+                       targets=sorted(targets), scale=scale, pairs={k: tuple(v) for k, v in pairs.items()},
+                       record=record)
+
+
+def load_into(model: nn.Module, adapter: AdapterFile) -> None:
+    """Copies an adapter's weights into a model injected with the same settings."""
+    params = lora_parameters(model)
+    for module, (A, B) in adapter.pairs.items():
+        for part, t in (("lora_A", A), ("lora_B", B)):
+            key = f"{PEFT_PREFIX}{module}.{part}.weight"
+            if key not in params or params[key].shape != t.shape:
+                raise AdapterError(f"adapter {adapter.path}: {key} does not match this model's LoRA layout "
+                                   f"(r={adapter.r}, targets {adapter.targets}); use matching lora settings")
+            with torch.no_grad():
+                params[key].copy_(t)
+
+
+def adapter_skeleton(store, adapter: AdapterFile) -> nn.Module:
+    """A meta skeleton of `store`'s model with `adapter` injected and loaded (for generate/eval)."""
+    from odyssey.model import LlamaForCausalLM
+
+    adapter.check_base(store)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(store.config)
+    inject(model, adapter.settings())
+    load_into(model, adapter)
+    return model

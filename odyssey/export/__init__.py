@@ -1,0 +1,185 @@
+"""`odyssey export`: one store (optionally with an adapter merged on the fly) to the formats other
+tools load, each streamed one unit at a time by its own writer.
+
+```
+OUT/safetensors/       HF checkpoint directory (safetensors.py)  -> transformers.from_pretrained
+OUT/model.pth          torch.save'd state dict, HF names (pth.py) -> torch.load(mmap=True)
+OUT/model-<type>.gguf  llama.cpp file (gguf.py)                   -> llama.cpp, llama-cpp-python
+```
+Everything the user can get wrong is checked before the first byte is written: format names, the
+GGUF type, the adapter's base, outputs that exist already (unless --force), and free disk for all
+requested outputs together. Every output goes to a temporary name and is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+from odyssey.config import format_bytes
+from odyssey.errors import OdysseyError
+
+FORMATS = ("safetensors", "pth", "gguf")  # also the order they are written in
+DISK_MARGIN = 64 << 20  # bytes kept free beyond the estimate (metadata, filesystem slack)
+GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 + f16 scale
+Q8_BLOCK = 32
+
+
+def parse_formats(spec: Union[str, Iterable[str]]) -> list[str]:
+    """"safetensors,pth" or a list -> the known names, deduplicated, in FORMATS order."""
+    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [n for n in names if n]
+    bad = [n for n in names if n not in FORMATS]
+    if bad:
+        raise OdysseyError(f"--formats: unknown format {bad[0]!r}; choose from {', '.join(FORMATS)} "
+                           f"(comma-separated)")
+    if not names:
+        raise OdysseyError(f"--formats is empty; choose one or more of {', '.join(FORMATS)}")
+    return [f for f in FORMATS if f in names]
+
+
+def gguf_types() -> tuple[str, ...]:
+    from odyssey.export.gguf import GGUF_TYPES
+
+    return tuple(GGUF_TYPES)
+
+
+def check_gguf_type(gguf_type: str) -> str:
+    types = gguf_types()
+    if gguf_type not in types:
+        raise OdysseyError(f"--gguf-type {gguf_type!r} is not supported; choose from {', '.join(types)}")
+    return gguf_type
+
+
+def output_path(out: Path, fmt: str, gguf_type: str) -> Path:
+    return {"safetensors": out / "safetensors", "pth": out / "model.pth",
+            "gguf": out / f"model-{gguf_type}.gguf"}[fmt]
+
+
+def estimate_bytes(source, fmt: str, gguf_type: str) -> int:
+    """Bytes one output will take on disk (an upper estimate; headers and metadata included)."""
+    from odyssey.export import pth, safetensors
+
+    if fmt == "safetensors":
+        return safetensors.estimate_bytes(source)
+    if fmt == "pth":
+        return pth.estimate_bytes(source)
+    return gguf_estimate_bytes(source, gguf_type)
+
+
+def gguf_estimate_bytes(source, gguf_type: str) -> int:
+    """Norms stay f32; a matrix whose rows do not split into q8_0 blocks is counted as f32."""
+    total = 0.0
+    for shape in source.config.all_shapes().values():
+        n = 1
+        for s in shape:
+            n *= s
+        per = GGUF_BYTES_PER_WEIGHT[gguf_type]
+        if len(shape) == 1 or (gguf_type == "q8_0" and shape[-1] % Q8_BLOCK):
+            per = 4.0
+        total += n * per + 4096  # + per-tensor info and alignment padding
+    tok = source.tokenizer_path()
+    tok_bytes = 2 * tok.stat().st_size if tok else 0  # vocabulary and merges as GGUF arrays
+    return int(total) + tok_bytes + (1 << 20)
+
+
+def _existing_parent(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def check_outputs(out: Path, paths: dict[str, Path], force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OdysseyError(f"--out {out} is a file; choose a directory path")
+    there = [p for p in paths.values() if p.exists()]
+    if there and not force:
+        more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
+        raise OdysseyError(f"{there[0]} already exists{more}; pass --force to overwrite or choose another --out")
+
+
+def check_free_disk(out: Path, needs: dict[str, int]) -> None:
+    """All requested outputs must fit, checked before any is written."""
+    probe = _existing_parent(out)
+    free = shutil.disk_usage(probe).free
+    need = sum(needs.values())
+    if free < need + DISK_MARGIN:
+        parts = ", ".join(f"{fmt} {format_bytes(b)}" for fmt, b in needs.items())
+        raise OdysseyError(f"not enough free disk at {probe}: the export needs {format_bytes(need)} ({parts}), "
+                           f"{format_bytes(free)} is free; free some space or choose another --out")
+
+
+def open_source(model_dir: str | os.PathLike, adapter: Optional[str | os.PathLike]):
+    """The store, or the store with the adapter merged on the fly (refused if made for another base)."""
+    from odyssey.store import Store
+
+    store = Store.open(model_dir)
+    if adapter is None:
+        return store
+    from odyssey.adapters import read_adapter
+    from odyssey.merge import MergedSource
+
+    return MergedSource(store, read_adapter(adapter))
+
+
+def _write_one(source, fmt: str, path: Path, gguf_type: str, progress: bool) -> None:
+    if fmt == "safetensors":
+        from odyssey.export.safetensors import write_safetensors
+
+        write_safetensors(source, path, progress=progress)
+    elif fmt == "pth":
+        from odyssey.export.pth import write_pth
+
+        write_pth(source, path, progress=progress)
+    else:
+        from odyssey.export.gguf import write_gguf
+
+        write_gguf(source, path, gguf_type, progress=progress)  # to a temporary name, then renamed
+
+
+def disk_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def export_model(model_dir: str | os.PathLike, out: str | os.PathLike, formats: Union[str, Iterable[str]],
+                 gguf_type: str = "f16", adapter: Optional[str | os.PathLike] = None, force: bool = False,
+                 progress: bool = True) -> dict:
+    """Writes the requested formats of the store at `model_dir` (merged with `adapter` if given)
+    under `out`. Returns {"out", "adapter", "seconds", "formats": [{"format", "path", "bytes",
+    "seconds", "mb_s", "peak_anon_bytes"}]}; peak_anon_bytes is this process's RssAnon peak while
+    that output was written (sampled every 20 ms)."""
+    from odyssey.memory import PeakSampler
+
+    out = Path(out)
+    fmts = parse_formats(formats)
+    if "gguf" in fmts or gguf_type != "f16":
+        check_gguf_type(gguf_type)
+    source = open_source(model_dir, adapter)
+    paths = {f: output_path(out, f, gguf_type) for f in fmts}
+    check_outputs(out, paths, force)
+    if "gguf" in fmts and source.tokenizer_path() is None:
+        raise OdysseyError(f"{source.root} has no tokenizer.json, which GGUF needs; place one in the store with "
+                           f"`odyssey prepare-data CORPUS --out DATA --model {source.root}`, or export without gguf")
+    check_free_disk(out, {f: estimate_bytes(source, f, gguf_type) for f in fmts})
+
+    import torch  # noqa: F401  (seconds of import, not of writing, so the MB/s figures are fair)
+
+    out.mkdir(parents=True, exist_ok=True)
+    results, t_all = [], time.perf_counter()
+    for fmt in fmts:
+        t0 = time.perf_counter()
+        with PeakSampler(interval_s=0.02) as mem:
+            _write_one(source, fmt, paths[fmt], gguf_type, progress)
+        seconds = time.perf_counter() - t0
+        size = disk_bytes(paths[fmt])
+        results.append({"format": fmt if fmt != "gguf" else f"gguf {gguf_type}", "path": str(paths[fmt]),
+                        "bytes": size, "seconds": seconds, "mb_s": size / 1e6 / max(seconds, 1e-9),
+                        "peak_anon_bytes": mem.peak_bytes})
+    return {"out": str(out), "adapter": str(adapter) if adapter else None, "formats": results,
+            "seconds": time.perf_counter() - t_all}

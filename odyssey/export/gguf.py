@@ -1,0 +1,453 @@
+"""GGUF export: a store (or anything with its reading API) -> one `.gguf` file that llama.cpp loads.
+
+Written with the `gguf` package as architecture "llama", streamed: every tensor's info (name,
+shape, type) is declared first, then the header, key-values and tensor infos go out, then the
+tensor data one unit (embedding, decoder layer, head) at a time, so the process holds one unit
+plus one converted tensor, never the model. The file is written under a temporary name and
+renamed when complete (`odyssey.atomic.atomic_path`).
+
+What llama.cpp needs that a Hugging Face checkpoint does not say the same way:
+- tensor names: `token_embd`, `blk.N.attn_q` ..., `output_norm`, `output` (absent when the head
+  is tied: llama.cpp then reuses `token_embd`);
+- Q/K rows permuted: HF rotates the two halves of each head (`rotate_half`), llama.cpp's llama
+  graph rotates adjacent pairs, so the rows of q_proj/k_proj are reordered per head
+  (`permute_qk`); position 0 is unaffected, later positions drift without it;
+- norm weights in f32 whatever the file type; q8_0 only for rows that are a multiple of 32 long
+  (others fall back to f16, as llama.cpp's own converter does);
+- the tokenizer as "gpt2" (byte-level BPE): tokens in GPT-2 byte-to-unicode form (as HF's
+  tokenizer.json stores them), token types, merges "a b", special ids, the pre-tokenizer name
+  whose regex matches the tokenizer's; padded with unused tokens up to the model's vocab_size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from odyssey import atomic
+from odyssey.config import ModelConfig, format_bytes
+from odyssey.errors import OdysseyError
+from odyssey.store import drop_cache, unit_shapes
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+ARCH = "llama"
+Q8_CHUNK_ELEMENTS = 1 << 22  # elements quantized per gguf.quants call: 16 MiB of f32 input
+HEADER_SLACK_BYTES = 1 << 20  # bytes allowed for key-values and tensor infos beyond the vocabulary
+
+# HF names inside model.layers.N. -> llama.cpp names inside blk.N.
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+OTHER_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+# Pre-tokenizer regexes (as HF tokenizer.json writes them) whose llama.cpp name we know.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _types():
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+
+
+def _file_type(gguf_type: str) -> int:
+    import gguf
+
+    F = gguf.LlamaFileType
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[gguf_type]
+
+
+def check_gguf_type(gguf_type: str) -> None:
+    if gguf_type not in GGUF_TYPES:
+        raise OdysseyError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# tensors
+
+
+def gguf_name(hf_name: str) -> str:
+    """HF Llama tensor name -> llama.cpp GGUF name (`model.layers.3.mlp.up_proj.weight` ->
+    `blk.3.ffn_up.weight`)."""
+    if hf_name in OTHER_NAMES:
+        return OTHER_NAMES[hf_name]
+    parts = hf_name.split(".", 3)  # "model", "layers", N, rest
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in LAYER_NAMES:
+        return f"blk.{int(parts[2])}.{LAYER_NAMES[parts[3]]}"
+    raise ValueError(f"no GGUF name for tensor {hf_name!r}")
+
+
+def permute_qk(w, n_head: int):
+    """Rows of q_proj (n_head = query heads) or k_proj (n_head = KV heads), (n_head * hd, d):
+    within each head, HF's order [x0..x_{hd/2-1}, y0..y_{hd/2-1}] (halves rotated together)
+    becomes llama.cpp's [x0, y0, x1, y1, ...] (adjacent pairs rotated together). Same as
+    llama.cpp's convert_hf_to_gguf.py. Works on torch tensors and numpy arrays."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w, n_head: int):
+    """The inverse of `permute_qk` (for checks: GGUF rows back to HF order)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class TensorPlan:
+    """One tensor of the GGUF file, declared before any data is written."""
+
+    hf_name: str
+    name: str  # llama.cpp name
+    shape: tuple[int, ...]  # numpy order, HF (out_features, in_features); GGUF stores it reversed
+    qtype: object  # gguf.GGMLQuantizationType
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        """The dtype of the array handed to the writer: raw bytes for bf16 and q8_0."""
+        return np.dtype({"F32": np.float32, "F16": np.float16}.get(self.qtype.name, np.uint8))
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of that array: (rows, bytes per row) for bf16 and q8_0."""
+        import gguf
+
+        if self.np_dtype != np.uint8:
+            return self.shape
+        return tuple(gguf.quant_shape_to_byte_shape(self.shape, self.qtype))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.stored_shape) * self.np_dtype.itemsize
+
+
+def tensor_type(gguf_type: str, shape: tuple[int, ...]):
+    """The GGML type of one tensor: vectors (norm weights) in f32 as llama.cpp expects; q8_0
+    needs rows that are a multiple of its 32-element block, else f16."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if len(shape) == 1:
+        return Q.F32
+    qtype = _types()[gguf_type]
+    if qtype == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        return Q.F16
+    return qtype
+
+
+def plan_tensors(cfg: ModelConfig, units, gguf_type: str) -> list[tuple[object, list[TensorPlan]]]:
+    """[(unit, [TensorPlan in write order])] for the units a source lists, in that order."""
+    return [(unit, [TensorPlan(n, gguf_name(n), tuple(s), tensor_type(gguf_type, tuple(s)))
+                    for n, s in unit_shapes(cfg, unit).items()])
+            for unit in units]
+
+
+def encode(t, plan: TensorPlan) -> np.ndarray:
+    """A torch tensor (any float dtype, HF layout, already permuted) -> the array written for
+    `plan` (f32, f16, or uint8 bytes for bf16/q8_0, shape `plan.stored_shape`)."""
+    import gguf
+    import torch
+
+    Q = gguf.GGMLQuantizationType
+    if plan.qtype == Q.F32:
+        return t.to(torch.float32).contiguous().numpy()
+    if plan.qtype == Q.F16:
+        return t.to(torch.float16).contiguous().numpy()
+    if plan.qtype == Q.BF16:
+        return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()  # (rows, 2 * cols) bytes
+    out = np.empty(plan.stored_shape, dtype=np.uint8)  # (rows, cols / 32 * 34) bytes
+    step = max(1, Q8_CHUNK_ELEMENTS // t.shape[1])  # rows per call: bounds gguf.quants' f32 temporaries
+    for r0 in range(0, t.shape[0], step):
+        out[r0:r0 + step] = gguf.quants.quantize(t[r0:r0 + step].to(torch.float32).numpy(), Q.Q8_0)
+    return out
+
+
+def _prepare(hf_name: str, t, cfg: ModelConfig):
+    """HF tensor -> the layout llama.cpp expects (Q/K rows permuted, all else as is)."""
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        return permute_qk(t, cfg.num_attention_heads)
+    if hf_name.endswith("self_attn.k_proj.weight"):
+        return permute_qk(t, cfg.num_key_value_heads)
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer
+
+
+@dataclass
+class GGUFVocab:
+    """The tokenizer as GGUF stores it ("gpt2" model): one entry per model vocabulary row."""
+
+    tokens: list[str]  # GPT-2 byte-to-unicode strings; "[PAD<i>]" for rows the tokenizer lacks
+    types: list[int]  # gguf.TokenType: NORMAL, CONTROL (special), USER_DEFINED, UNUSED (padding)
+    merges: list[str]  # "a b", in rank order
+    pre: str  # llama.cpp pre-tokenizer name
+    bos_id: Optional[int]
+    eos_id: Optional[int]
+    unk_id: Optional[int]
+    add_bos: bool
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OdysseyError(f"{path} cannot be read as JSON ({e}); write the tokenizer again with "
+                           f"`odyssey prepare-data ... --model STORE --force`") from None
+    if not isinstance(data, dict):
+        raise OdysseyError(f"{path} is not a tokenizer.json object; write the tokenizer again with "
+                           f"`odyssey prepare-data ... --model STORE --force`")
+    return data
+
+
+def pre_tokenizer_name(pre: Optional[dict]) -> Optional[str]:
+    """llama.cpp's name for a byte-level pre-tokenizer: "gpt-2" for a plain ByteLevel with its
+    regex (what Odyssey trains), "llama-bpe" for Llama 3's split; "default" for another
+    byte-level split; None when the tokenizer is not byte-level."""
+    if not pre:
+        return None
+    parts = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if "ByteLevel" not in kinds:
+        return None
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    regexes = [(p.get("pattern") or {}).get("Regex") for p in parts if p.get("type") == "Split"]
+    if regexes == [LLAMA3_REGEX]:
+        return "llama-bpe"
+    return "default"
+
+
+def _adds_bos(tok: dict, bos: Optional[str]) -> bool:
+    """True when the tokenizer's post-processor puts `bos` before a single sequence."""
+    post = tok.get("post_processor") or {}
+    procs = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for p in procs:
+        if p.get("type") == "TemplateProcessing":
+            first = (p.get("single") or [{}])[0]
+            return (first.get("SpecialToken") or {}).get("id") == bos
+    return False
+
+
+def _special_names(tokenizer_path: Path) -> dict[str, str]:
+    """bos/eos/unk token strings: tokenizer_config.json's if present, else Odyssey's."""
+    from odyssey.data import BOS, EOS, UNK
+
+    names = {"bos": BOS, "eos": EOS, "unk": UNK}
+    cfg_path = tokenizer_path.parent / "tokenizer_config.json"
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            cfg = {}
+        for key in names:
+            v = cfg.get(f"{key}_token") if isinstance(cfg, dict) else None
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                names[key] = v
+    return names
+
+
+def read_vocab(tokenizer_path: Path, cfg: ModelConfig) -> GGUFVocab:
+    """tokenizer.json (HF `tokenizers`, byte-level BPE) -> the GGUF vocabulary for a model with
+    `cfg.vocab_size` rows. Raises OdysseyError naming the fix for what llama.cpp cannot load."""
+    import gguf
+
+    redo = "`odyssey prepare-data ... --model STORE --force` writes a byte-level BPE tokenizer into the store"
+    tok = _read_json(tokenizer_path)
+    model = tok.get("model") or {}
+    pre = pre_tokenizer_name(tok.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or pre is None:
+        raise OdysseyError(f"{tokenizer_path} is not a byte-level BPE tokenizer (model {model.get('type')!r}); "
+                           f"GGUF export writes those only: {redo}")
+    by_id: dict[int, str] = {int(i): t for t, i in (model.get("vocab") or {}).items()}
+    added = {int(a["id"]): a for a in tok.get("added_tokens") or []}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    n_tok = max(by_id, default=-1) + 1
+    if n_tok > cfg.vocab_size:
+        raise OdysseyError(f"{tokenizer_path} has {n_tok} tokens, the model only {cfg.vocab_size} embedding rows; "
+                           f"use the tokenizer the model was made for: {redo}")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    if not merges:
+        raise OdysseyError(f"{tokenizer_path} has no BPE merges (llama.cpp refuses a byte-level vocabulary "
+                           f"without them); train one with a --vocab-size above 259: {redo}")
+    T = gguf.TokenType
+    tokens, types = [], []
+    for i in range(cfg.vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")  # the model has rows the tokenizer never produces
+            types.append(T.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            a = added.get(i)
+            types.append(T.NORMAL if a is None else T.CONTROL if a.get("special") else T.USER_DEFINED)
+    if pre == "default":
+        print(f"warning: {tokenizer_path}: pre-tokenizer not known to llama.cpp; it will split text with "
+              f"its default rules, so its tokens may differ from this tokenizer's")
+    names = _special_names(tokenizer_path)
+    ids = {t: i for i, t in by_id.items()}
+    bos = ids.get(names["bos"], cfg.bos_token_id)
+    eos = ids.get(names["eos"], cfg.eos_token_id)
+    return GGUFVocab(tokens=tokens, types=[int(t) for t in types], merges=merges, pre=pre, bos_id=bos,
+                     eos_id=eos, unk_id=ids.get(names["unk"]), add_bos=_adds_bos(tok, names["bos"]))
+
+
+# --------------------------------------------------------------------------------------------
+# metadata
+
+
+def add_model_metadata(writer, cfg: ModelConfig, gguf_type: str, name: str) -> None:
+    import gguf
+
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)  # explicit: head_dim need not be hidden / heads
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(float(cfg.rope_theta))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(int(_file_type(gguf_type)))
+    if gguf_type == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def add_vocab(writer, vocab: GGUFVocab) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    for add, value in ((writer.add_bos_token_id, vocab.bos_id), (writer.add_eos_token_id, vocab.eos_id),
+                       (writer.add_unk_token_id, vocab.unk_id)):
+        if value is not None:
+            add(value)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(False)
+
+
+def _vocab_bytes(vocab: GGUFVocab) -> int:
+    """Bytes the token and merge arrays take in the file (8-byte length + UTF-8 per string)."""
+    strings = sum(len(s.encode("utf-8")) + 8 for s in vocab.tokens + vocab.merges)
+    return strings + 4 * len(vocab.types)
+
+
+def _tensor_bytes(plan) -> int:
+    """Bytes of tensor data in the file: each tensor starts 32-byte aligned."""
+    return sum(-(-p.nbytes // 32) * 32 for _, plans in plan for p in plans)
+
+
+def gguf_bytes(source, gguf_type: str) -> int:
+    """Checks what `write_gguf` would refuse (type, tokenizer) and returns an upper bound of the
+    file size in bytes, for a free-disk check over several outputs before any is written."""
+    check_gguf_type(gguf_type)
+    vocab = read_vocab(_tokenizer_of(source), source.config)
+    return _tensor_bytes(plan_tensors(source.config, source.units, gguf_type)) + _vocab_bytes(vocab) + HEADER_SLACK_BYTES
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _tokenizer_of(source) -> Path:
+    path = source.tokenizer_path()
+    if path is None:
+        raise OdysseyError(f"{source.root} has no tokenizer.json, which GGUF needs; place one in the store with "
+                           f"`odyssey prepare-data CORPUS --out DATA --model {source.root}`")
+    return Path(path)
+
+
+def _check_disk(path: Path, need: int) -> None:
+    probe = path.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need + (64 << 20):
+        raise OdysseyError(f"not enough free disk at {probe}: the GGUF file needs about {format_bytes(need)}, "
+                           f"{format_bytes(free)} is free; free some space or choose another --out")
+
+
+def write_gguf(source, path, gguf_type: str = "f16", progress: bool = True) -> dict:
+    """Write `source` (a Store, or anything with `.config`, `.units`, `.load_tensors(unit)`,
+    `.tokenizer_path()`, `.root`) as a llama.cpp GGUF file at `path`, one unit at a time.
+
+    Everything that can be refused (type, tokenizer, disk) is checked before a byte is written.
+    Returns {"path", "gguf_type", "bytes" (file size), "tensors", "seconds", "mb_s"}."""
+    import gguf
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    check_gguf_type(gguf_type)
+    cfg: ModelConfig = source.config
+    path = Path(path)
+    vocab = read_vocab(_tokenizer_of(source), cfg)
+    units = list(source.units)
+    plan = plan_tensors(cfg, units, gguf_type)
+    _check_disk(path, _tensor_bytes(plan) + _vocab_bytes(vocab) + HEADER_SLACK_BYTES)
+
+    writer = gguf.GGUFWriter(None, ARCH)
+    add_model_metadata(writer, cfg, gguf_type, Path(source.root).name)
+    add_vocab(writer, vocab)
+    for _, plans in plan:
+        for p in plans:  # raw bytes (bf16, q8_0) need their type; f32/f16 follow the numpy dtype
+            writer.add_tensor_info(p.name, p.stored_shape, p.np_dtype, p.nbytes,
+                                   raw_dtype=p.qtype if p.np_dtype == np.uint8 else None)
+    total = sum(p.nbytes for _, plans in plan for p in plans)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"gguf {gguf_type}", disable=not progress)
+    try:
+        with atomic.atomic_path(path) as tmp:
+            writer.write_header_to_file(path=tmp)  # opens tmp
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for unit, plans in plan:
+                _write_unit(writer, source, cfg, unit, plans, bar)
+            writer.close()
+    finally:
+        writer.close()
+        bar.close()
+    drop_cache(path)  # written once, read later by another program: keep RAM for work
+    seconds = time.perf_counter() - t0
+    size = path.stat().st_size
+    return {"path": str(path), "gguf_type": gguf_type, "bytes": size,
+            "tensors": sum(len(p) for _, p in plan), "seconds": seconds, "mb_s": size / 1e6 / max(seconds, 1e-9)}
+
+
+def _write_unit(writer, source, cfg: ModelConfig, unit, plans: list[TensorPlan], bar) -> None:
+    """Load one unit (store dtype), convert and write its tensors in plan order."""
+    tensors = source.load_tensors(unit)
+    for p in plans:
+        t = tensors.pop(p.hf_name)  # dropped after its conversion: one unit + one output at a time
+        if tuple(t.shape) != p.shape:
+            raise OdysseyError(f"{p.hf_name} has shape {list(t.shape)}, the model config implies {list(p.shape)}; "
+                               f"check the store with `odyssey verify {source.root}`")
+        data = encode(_prepare(p.hf_name, t, cfg), p)
+        del t
+        writer.write_tensor_data(data)
+        bar.update(p.nbytes)
+        del data

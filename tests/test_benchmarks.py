@@ -1,0 +1,297 @@
+"""The benchmarks' pure logic: tables, the budget ladder (with a fake runner), parsing of metrics and
+of generation output, the combined README. Nothing here is timed and nothing runs a model."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common  # noqa: E402
+import pagein  # noqa: E402
+import peers  # noqa: E402
+import run_all  # noqa: E402
+import scaling  # noqa: E402
+
+GIB, MIB = common.GIB, common.MIB
+
+
+# --------------------------------------------------------------------------------------------
+# tables and files
+
+
+def test_markdown_table_aligns_and_escapes():
+    t = common.markdown_table(["a", "b", "c"], [(1, "x|y", "two\nlines")], "lrc")
+    assert t.splitlines() == ["| a | b | c |", "|---|---:|:---:|", "| 1 | x\\|y | two lines |"]
+
+
+def test_markdown_table_rejects_a_short_row():
+    with pytest.raises(ValueError, match="2 cells, table has 3"):
+        common.markdown_table(["a", "b", "c"], [(1, 2)])
+
+
+@pytest.mark.parametrize("value, digits, want", [(None, 2, "-"), (True, 2, "yes"), (False, 2, "no"),
+                                                 (1234.567, 1, "1,234.6"), (12345, 2, "12,345"), ("x", 2, "x")])
+def test_fmt(value, digits, want):
+    assert common.fmt(value, digits) == want
+
+
+def test_last_line_skips_progress_bars_and_blank_lines():
+    log = "Traceback...\nRuntimeError: boom\n\ntrain:  50%|#####     | 2/4 [00:10<00:10]\r\n"
+    assert common.last_line(log) == "RuntimeError: boom"
+    assert common.last_line("") == ""
+
+
+def test_write_markdown_and_json(tmp_path):
+    md = common.write_markdown(tmp_path / "x.md", "Title", [("caption", "| a |\n|---|\n| 1 |")], ["a note"])
+    text = md.read_text()
+    assert text.startswith("## Title\n\ncaption\n\n| a |") and "- a note" in text
+    common.write_json(tmp_path / "x.json", {"a": 1})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+
+
+def test_machine_description_names_cpu_cores_and_dtype():
+    m = common.machine()
+    assert m["cores"] and m["compute_dtype"] in ("bf16", "fp32")
+    line = common.describe_machine(m)
+    assert f"{m['cores']} cores" in line and m["compute_dtype"] in line
+
+
+# --------------------------------------------------------------------------------------------
+# the budget ladder
+
+
+def test_ladder_starts_at_the_budget_and_respects_the_cap():
+    assert peers.ladder(2 * GIB) == [int(g * GIB) for g in (2, 3, 4, 6, 8, 12, 16)]
+    assert peers.ladder(int(2.5 * GIB), cap_bytes=6 * GIB) == [int(2.5 * GIB), 3 * GIB, 4 * GIB, 6 * GIB]
+    assert peers.ladder(20 * GIB) == [20 * GIB]
+
+
+class FakeRunner:
+    """Plays back outcomes by budget: 'ok', 'oom', or an error string."""
+
+    def __init__(self, outcomes: dict):
+        self.outcomes = outcomes
+        self.calls = []
+
+    def __call__(self, budget):
+        self.calls.append(budget)
+        out = self.outcomes.get(budget / GIB, "oom")
+        if out == "ok":
+            return peers.Attempt(budget, True, 0, False, budget // 2, "", 1.0, {"step_s": 3.0})
+        if out == "oom":
+            return peers.Attempt(budget, False, -9, True, budget, "OOM-killed")
+        return peers.Attempt(budget, False, 1, False, budget // 3, out)
+
+
+def quiet(*_):
+    pass
+
+
+def test_climb_retries_after_oom_and_reports_the_smallest_budget_that_ran():
+    run = FakeRunner({2: "oom", 3: "oom", 4: "ok"})
+    res = peers.climb(run, peers.ladder(2 * GIB), progress=quiet)
+    assert run.calls == [2 * GIB, 3 * GIB, 4 * GIB]
+    assert res["status"] == "runs" and not res["ran_within_budget"]
+    assert res["smallest_ok_bytes"] == 4 * GIB and res["ok_result"] == {"step_s": 3.0}
+    assert res["error"] == "OOM-killed" and res["ok_peak_bytes"] == 2 * GIB
+
+
+def test_climb_runs_within_budget_on_the_first_try():
+    res = peers.climb(FakeRunner({2: "ok"}), peers.ladder(2 * GIB), progress=quiet)
+    assert res["ran_within_budget"] and res["smallest_ok_bytes"] == 2 * GIB and res["error"] == ""
+
+
+def test_climb_stops_on_the_same_crash_at_two_budgets():
+    err = "RuntimeError: Function MmBackward0 returned an invalid gradient at index 1"
+    run = FakeRunner({2: "oom", 3: err, 4: err, 6: "ok"})
+    res = peers.climb(run, peers.ladder(2 * GIB), progress=quiet)
+    assert run.calls == [2 * GIB, 3 * GIB, 4 * GIB]
+    assert res["status"] == "does not run" and res["error"] == err and "not a memory limit" in res["stopped"]
+
+
+def test_climb_keeps_climbing_when_crashes_differ():
+    run = FakeRunner({2: "error A", 3: "error B", 4: "ok"})
+    res = peers.climb(run, peers.ladder(2 * GIB), progress=quiet)
+    assert res["smallest_ok_bytes"] == 4 * GIB
+
+
+def test_climb_gives_up_at_the_top_of_the_ladder():
+    run = FakeRunner({})
+    res = peers.climb(run, peers.ladder(2 * GIB, cap_bytes=4 * GIB), progress=quiet)
+    assert run.calls == [2 * GIB, 3 * GIB, 4 * GIB]
+    assert res["status"] == "does not run" and res["smallest_ok_bytes"] is None and res["error"] == "OOM-killed"
+
+
+def test_climb_jumps_to_the_budget_the_planner_suggests():
+    msg = "odyssey: error: the plan needs 4.20 GiB (...); use --ram-budget 4400MiB or more, seq_len 900 fits"
+    sugg = 4400 * MIB
+    run = FakeRunner({2: msg, sugg / GIB: "ok"})
+    res = peers.climb(run, peers.ladder(2 * GIB), progress=quiet,
+                      suggest=lambda a: common.suggested_budget(a.error), cap_bytes=16 * GIB)
+    assert run.calls == [2 * GIB, sugg]
+    assert res["smallest_ok_bytes"] == sugg
+
+
+def test_climb_stops_at_the_deadline_after_one_attempt():
+    run = FakeRunner({})
+    res = peers.climb(run, peers.ladder(2 * GIB), progress=quiet, deadline=time.monotonic() - 1)
+    assert run.calls == [2 * GIB] and "time limit" in res["stopped"]
+
+
+# --------------------------------------------------------------------------------------------
+# parsing
+
+
+def test_suggested_budget():
+    assert common.suggested_budget("use --ram-budget 1490MiB or more, no sequence length fits") == 1490 * MIB
+    assert common.suggested_budget("OOM-killed") is None and common.suggested_budget(None) is None
+
+
+def test_read_metrics_and_summarize_steps(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"t": 0, "kind": "event", "event": "start"}]
+    for i, s in enumerate([9.0, 5.0, 7.0, 6.0], start=1):
+        lines.append({"t": i, "kind": "step", "step": i, "loss": 10.0 - i, "step_s": s, "tokens_per_s": 512 / s,
+                      "rss_anon_mib": 500.0 + i, "stall_s": 0.1, "pagein_mb_s": 900.0})
+    path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"kind": "step", "ste')  # torn last line
+    recs = common.read_metrics(path)
+    assert len(recs) == 5
+    s = common.summarize_steps(recs)
+    assert s["steps"] == 4 and s["measured_steps"] == 3
+    assert s["step_s"] == 6.0  # median of 5, 7, 6: the first (warm-up) is left out
+    assert s["peak_rss_anon_mib"] == 504.0 and s["losses"][0] == 9.0
+    assert common.summarize_steps([])["step_s"] is None
+    assert common.read_metrics(tmp_path / "missing.jsonl") == []
+
+
+def test_train_cmd_follows_the_contract(tmp_path):
+    cmd = common.train_cmd(Path("S"), Path("D"), Path("R"), 2 * GIB, 4)
+    assert cmd[1:3] == ["-m", "odyssey"] and cmd[3] == "train"
+    for want in ("--no-guard", "seq_len=512", "batch_size=1", "lora.r=16", "lora.alpha=32", "eval_every=0"):
+        assert want in cmd
+    assert cmd[cmd.index("--ram-budget") + 1] == "2048MiB" and cmd[cmd.index("--steps") + 1] == "4"
+    ck = [c for c in cmd if c.startswith("checkpoint_every=")]
+    assert ck and int(ck[0].split("=")[1]) > 4  # no checkpoint inside the measured steps
+
+
+def test_generation_summary_leaves_out_the_first_token():
+    s = peers.generation_summary([5.0, 6.0, 6.5, 7.5], 4)
+    assert s["first_token_s"] == 5.0 and s["decode_steps"] == 3 and s["s_per_token"] == 1.0
+    assert peers.generation_summary([], 0)["s_per_token"] is None
+
+
+def test_count_new_tokens_waits_for_the_space(tmp_path):
+    out = tmp_path / "out"
+    arrivals = []
+    out.write_text("12 ")
+    seen = peers._count_new(out, 0, arrivals, 1.0)
+    out.write_text("12 345 67")  # 67 is still being written
+    seen = peers._count_new(out, seen, arrivals, 2.0)
+    out.write_text("12 345 67 \n")
+    seen = peers._count_new(out, seen, arrivals, 3.0)
+    assert seen == 3 and arrivals == [1.0, 2.0, 3.0]
+
+
+def test_parse_generate_stderr():
+    text = "plan...\n8 tokens in 12.5 s (1.56 s/token)\n"
+    assert peers._parse_generate_stderr(text) == {"tokens": 8, "seconds": 12.5, "s_per_token": 1.56}
+    assert peers._parse_generate_stderr("nothing") == {}
+
+
+# --------------------------------------------------------------------------------------------
+# result tables
+
+
+def _climb(status="runs", ok_bytes=2 * GIB, first_ok=True, result=None, error="", peak=1500 * MIB):
+    return {"attempts": [], "budget_bytes": 2 * GIB, "ran_within_budget": first_ok, "smallest_ok_bytes": ok_bytes,
+            "status": status, "error": error, "stopped": "", "ok_result": result or {}, "ok_peak_bytes": peak}
+
+
+def fake_peers_result():
+    ody = _climb(result={"step_s": 20.0, "measured_steps": 3, "peak_rss_anon_mib": 600.0, "losses": [10.4]})
+    inram = _climb(ok_bytes=12 * GIB, first_ok=False, error="OOM-killed", peak=9000 * MIB,
+                   result={"step_s": 10.0, "measured_steps": 3, "peak_anon_mib": 8000.0, "losses": [10.4]})
+    off = _climb(status="does not run", ok_bytes=None, first_ok=False, peak=None,
+                 error="RuntimeError: expected device meta but got cpu")
+    train = [peers._train_row("odyssey", ody, 20.0), peers._train_row("inram", inram, 20.0),
+             peers._train_row("offload", off, 20.0)]
+    gody = _climb(result={"s_per_token": 2.0, "decode_steps": 7})
+    goff = _climb(result={"s_per_token": 5.0, "decode_steps": 7, "device_map": {"disk_share": 0.9}})
+    gen = [peers._gen_row("odyssey", gody, 2.0), peers._gen_row("offload", goff, 2.0)]
+    settings = {"model_label": "1.21B", "seq_len": 512, "lora_r": 16, "lora_alpha": 32, "targets": peers.TARGETS,
+                "budget_gib": 2.0, "measured_steps": 3, "prompt_len": 32, "new_tokens": 8,
+                "peer_allocator": "system (glibc)", "offload_reserve_gib": 1.0}
+    return {"settings": settings, "train": train, "generate": gen}
+
+
+def test_peer_tables_show_ratios_budgets_and_errors():
+    res = fake_peers_result()
+    train, gen = res["train"], res["generate"]
+    assert [r["ratio_to_odyssey"] for r in train] == [1.0, 0.5, None]
+    t = peers.train_table(train, 2.0)
+    rows = t.splitlines()[2:]
+    assert "| yes | 2 GiB | 20.0 | 3 | 1.00 |" in rows[0]
+    assert "| no | 12 GiB | 10.0 | 3 | 0.50 |" in rows[1] and "at smaller budgets: OOM-killed" in rows[1]
+    assert "does not run" in rows[2] and "expected device meta but got cpu" in rows[2]
+    g = peers.gen_table(gen, 2.0)
+    assert "| 2.50 |" in g and "90% of the weights on disk" in g
+    sections = peers.markdown_sections(res)
+    assert len(sections) == 2 and "median of 3 steps" in sections[0][0] and "1.21B" in sections[0][0]
+
+
+def test_peers_png(tmp_path):
+    if common.pyplot() is None:
+        pytest.skip("matplotlib not installed")
+    assert peers.png(fake_peers_result(), tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_scaling_cases_reuse_and_table(tmp_path):
+    assert scaling.cases() == [("nano", 512), ("small", 512), ("odyssey-1.2b", 128), ("odyssey-1.2b", 512),
+                               ("odyssey-1.2b", 2048)]
+    model = tmp_path / "m"
+    model.mkdir()
+    pj = tmp_path / "peers.json"
+    climb = _climb(result={"step_s": 20.0})
+    pj.write_text(json.dumps({"settings": {"model": str(model), "steps": 4, "seq_len": 512},
+                              "climbs": {"train": {"odyssey": climb}}}))
+    assert scaling.reusable(pj, model, 4)["reused_from"] == str(pj)
+    assert scaling.reusable(pj, model, 5) is None  # other step count
+    assert scaling.reusable(pj, tmp_path / "other", 4) is None
+    assert scaling.reusable(tmp_path / "missing.json", model, 4) is None
+    rows = [{"config": "nano", "label": "2.8M", "seq_len": 512, "status": "runs", "budget_gib": 2.0, "step_s": 0.5,
+             "measured_steps": 3, "tokens_per_s": 1024.0, "peak_anon_mib": 300.0, "peak_cgroup_mib": 400,
+             "stall_s": 0.01, "error": "", "reused_from": None},
+            {"config": "odyssey-1.2b", "label": "1.21B", "seq_len": 2048, "status": "does not run", "budget_gib": None,
+             "step_s": None, "measured_steps": None, "tokens_per_s": None, "peak_anon_mib": None,
+             "peak_cgroup_mib": None, "stall_s": None, "error": "timed out after 1200 s", "reused_from": None}]
+    t = scaling.table(rows)
+    assert "| nano (2.8M) | 512 | 2.00 | 0.50 | 3 | 1,024.0 | 300 | 400 | 0.01 |" in t
+    assert "timed out after 1200 s" in t
+
+
+def test_pagein_grid_table():
+    res = {"rows": [{"slots": 2, "read_mib": 16, "mb_s": 1400.4, "raw_mb_s": 1500.0, "ratio_to_raw": 0.934,
+                     "default": True}]}
+    assert pagein.grid_table(res).splitlines()[2] == "| 2 | 16 | 1400 | 1500 | 0.93 | yes |"
+
+
+def test_run_all_commands_and_readme(tmp_path):
+    cmd = run_all.command("peers", tmp_path, 40 * 60, 4)
+    assert cmd[1].endswith("peers.py") and cmd[cmd.index("--steps") + 1] == "4"
+    assert float(cmd[cmd.index("--time-limit-s") + 1]) == 40 * 60 - run_all.RESERVE_AFTER_S["peers"]
+    cmd = run_all.command("scaling", tmp_path, 10 * 60, 4)
+    assert cmd[cmd.index("--reuse-peers") + 1] == str(tmp_path / "peers.json")
+    (tmp_path / "peers.md").write_text("## Peers\n\n| a |\n|---|\n| 1 |\n")
+    (tmp_path / "peers.png").write_bytes(b"png")
+    runs = [{"part": "peers", "status": "ok", "seconds": 600.0}, {"part": "scaling", "status": "failed (exit 1)",
+                                                                  "seconds": 5.0}]
+    text = run_all.readme(tmp_path, common.machine(), runs, "2026-11-21 10:00")
+    assert "Measured 2026-11-21 10:00 on" in text and "### Peers" in text and "![peers.png](peers.png)" in text
+    assert "| peers | ok | 10.0 |" in text and "No result (failed (exit 1))." in text

@@ -1,0 +1,359 @@
+"""Out-of-core LoRA training: gradients against peft in RAM, PEFT-format adapters, the training
+loop, crash-safe resume, control requests, signals, full training of a small model, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from odyssey.adapters import adapter_skeleton, inject, lora_parameters, read_adapter, save_adapter
+from odyssey.config import LoraSettings, TrainConfig, load_model_config
+from odyssey.engine import Engine
+from odyssey.model import LlamaForCausalLM
+from odyssey.runlog import RunDir
+from odyssey.store import Store, init_store
+from odyssey.train import lr_at
+
+from tests.conftest import ROOT, assert_user_error, load_tool, run_cli, tiny_config
+
+corpus_tool = load_tool("make_sample_corpus")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny f32 store (vocab 512) with a tokenizer, and token data from generated stories."""
+    from odyssey.data import prepare_data
+
+    d = tmp_path_factory.mktemp("train")
+    corpus_tool.write_corpus(d / "corpus", "stories", 80, seed=2)
+    init_store(tiny_config(vocab_size=512), d / "store", dtype="f32", seed=1, progress=False)
+    prepare_data([d / "corpus"], d / "tok", vocab_size=512, model_store=d / "store", progress=False)
+    return d
+
+
+def train_cli(setup, out, *extra, timeout=300, guard=False):
+    args = ["train", "--model", setup / "store", "--data", setup / "tok", "--out", out, "--ram-budget", "1GiB",
+            "--quiet", *extra]
+    if not guard:
+        args.insert(1, "--no-guard")
+    return run_cli(*args, timeout=timeout)
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    """step -> loss of the last line written for that step (a resumed run redoes steps)."""
+    return {r["step"]: r["loss"] for r in RunDir(run).read_metrics("step")}
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients and adapters
+
+
+def _nano_store(tmp_path) -> Store:
+    cfg = load_model_config(ROOT / "configs" / "nano.yaml")
+    init_store(cfg, tmp_path / "nano", dtype="f32", seed=3, progress=False)
+    return Store.open(tmp_path / "nano")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradients_equal_peft_in_ram(tmp_path, dropout):
+    """Out-of-core recompute backward (nano config, fp32) against transformers + peft holding the
+    whole model in RAM: same loss, LoRA gradients within 1e-4 relative error. With dropout the
+    recompute must replay the forward's masks."""
+    import peft
+    import transformers
+
+    store = _nano_store(tmp_path)
+    settings = LoraSettings(r=8, alpha=16, dropout=dropout)
+    with torch.device("meta"):
+        skel = LlamaForCausalLM(store.config)
+    inject(skel, settings, seed=5)
+    torch.manual_seed(0)
+    for k, p in lora_parameters(skel).items():
+        if "lora_B" in k:
+            torch.nn.init.normal_(p, std=0.02)  # B is zero at init: make every path carry gradient
+    save_adapter(skel, settings, tmp_path / "adapter", store)
+    ids = torch.randint(0, store.config.vocab_size, (2, 64))
+    tgt = torch.randint(0, store.config.vocab_size, (2, 64))
+
+    skel.train(True)
+    with Engine(store, compute_dtype="fp32", model=skel) as eng:
+        torch.manual_seed(123)
+        loss = eng.train_step(ids, tgt)
+    ours = {k: p.grad for k, p in lora_parameters(skel).items()}
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(store.root, dtype=torch.float32)
+    ref = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True)
+    ref.train(True)
+    torch.manual_seed(123)
+    logits = ref(input_ids=ids).logits
+    ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    ref_loss.backward()
+    assert abs(loss - float(ref_loss)) < 1e-5
+    theirs = {n.replace(".default", ""): p.grad for n, p in ref.named_parameters() if "lora_" in n}
+    assert set(theirs) == set(ours) and len(ours) == 2 * 7 * store.config.num_hidden_layers
+    worst = max(float((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max()) for k in ours)
+    assert worst < 1e-4, worst
+
+
+def test_chunked_loss_equals_full_cross_entropy(tiny_store):
+    """The vocab-chunked loss and its gradient equal F.cross_entropy on full logits (chunk < V)."""
+    import odyssey.engine as engine_mod
+
+    store = Store.open(tiny_store)
+    old = engine_mod.VOCAB_CHUNK
+    engine_mod.VOCAB_CHUNK = 48  # several chunks over V=256, the last one partial
+    try:
+        with Engine(store, compute_dtype="fp32") as eng:
+            h = torch.randn(40, store.config.hidden_size, requires_grad=True)
+            W = store.load_tensors("head")["lm_head.weight"]
+            tgt = torch.randint(0, 256, (40,))
+            loss, grad = eng.chunked_ce(h.detach(), tgt, W, grad=True)
+    finally:
+        engine_mod.VOCAB_CHUNK = old
+    ref = torch.nn.functional.cross_entropy(h @ W.T, tgt)
+    ref.backward()
+    assert abs(loss - float(ref)) < 1e-5
+    torch.testing.assert_close(grad, h.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_loads_with_peft_and_matches_engine(setup, tmp_path):
+    """A trained adapter in RUN/adapter loads with PeftModel.from_pretrained on the store and gives
+    the engine's logits (base paged, adapter resident)."""
+    import peft
+    import transformers
+
+    run = tmp_path / "run"
+    p = train_cli(setup, run, "--steps", "4", "seq_len=32", "batch_size=2", "lr=5e-3", "eval_every=0",
+                  "warmup_steps=0")
+    assert p.returncode == 0, p.stderr
+    files = sorted(x.name for x in (run / "adapter").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "odyssey_adapter.json"]
+    store = Store.open(setup / "store")
+    adapter = read_adapter(run / "adapter")
+    assert any(float(B.abs().max()) > 0 for _, B in adapter.pairs.values()), "training left B at zero"
+    ids = torch.randint(0, 512, (1, 24))
+    with Engine(store, compute_dtype="fp32", model=adapter_skeleton(store, adapter)) as eng:
+        ours = eng.logits(ids)
+    hf = transformers.LlamaForCausalLM.from_pretrained(store.root, dtype=torch.float32)
+    ref = peft.PeftModel.from_pretrained(hf, run / "adapter").eval()
+    with torch.no_grad():
+        theirs = ref(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    with Engine(store, compute_dtype="fp32") as eng:
+        base = eng.logits(ids)
+    assert float((base - ours).abs().max()) > 1e-4  # the adapter changes something
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(cfg, 1) == pytest.approx(1e-4)
+    assert lr_at(cfg, 10) == pytest.approx(1e-3)
+    assert lr_at(cfg, 55) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert lr_at(cfg, 100) == pytest.approx(1e-4)
+    assert all(lr_at(cfg, s) >= lr_at(cfg, s + 1) for s in range(10, 100))
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop, metrics, checkpoints
+
+
+def test_train_writes_run_directory(setup, tmp_path):
+    run = tmp_path / "run"
+    p = train_cli(setup, run, "--steps", "6", "seq_len=32", "batch_size=2", "grad_accum=2", "eval_every=3",
+                  "checkpoint_every=2", "keep_checkpoints=2", "eval_batches=2")
+    assert p.returncode == 0, p.stderr
+    assert "trained 6 steps" in p.stdout
+    records = RunDir(run).read_metrics()
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for key in ("t", "loss", "lr", "tokens_per_s", "step_s", "pagein_mb_s", "stall_s", "rss_anon_mib", "budget_mib"):
+        assert all(key in r for r in steps), key
+    assert steps[0]["budget_mib"] == 1024.0
+    vals = [r for r in records if r["kind"] == "val"]
+    assert [v["step"] for v in vals] == [0, 3, 6]
+    pagein = [r for r in records if r["kind"] == "pagein"]
+    assert pagein and {"layer", "bytes", "read_s", "stall_s"} <= set(pagein[-1]["layers"][0])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 6
+    assert "train:" in (run / "config.yaml").read_text()
+
+
+def test_sigkill_then_resume_gives_the_same_losses(setup, tmp_path):
+    """A run killed with SIGKILL at a random moment and resumed shows, at every later step, the
+    loss of an uninterrupted run with the same seed."""
+    common = ["--steps", "14", "seq_len=32", "batch_size=2", "checkpoint_every=3", "eval_every=0", "lr=3e-3",
+              "warmup_steps=2"]
+    ref = tmp_path / "ref"
+    assert train_cli(setup, ref, *common).returncode == 0
+    want = step_losses(ref)
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "odyssey", "train", "--no-guard", "--model", str(setup / "store"), "--data",
+           str(setup / "tok"), "--out", str(run), "--ram-budget", "1GiB", "--quiet", *common]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after = random.Random().randint(4, 10)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(step_losses(run)) >= kill_after if (run / "metrics.jsonl").exists() else False:
+            break
+        time.sleep(0.01)
+    time.sleep(random.random() * 0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = max(step_losses(run))
+    assert done < 14, "the run finished before it could be killed"
+    p = train_cli(setup, run, "--resume")
+    assert p.returncode == 0, p.stderr
+    got = step_losses(run)
+    assert sorted(got) == list(range(1, 15))
+    assert got == want, {s: (got[s], want[s]) for s in got if got[s] != want[s]}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_checkpoints_and_exits_cleanly(setup, tmp_path, sig):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "odyssey", "train", "--no-guard", "--model", str(setup / "store"), "--data",
+           str(setup / "tok"), "--out", str(run), "--ram-budget", "1GiB", "--quiet", "--steps", "100000",
+           "seq_len=32", "eval_every=0", "checkpoint_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: (run / "metrics.jsonl").exists() and len(step_losses(run)) >= 3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and "--resume" in err
+    status = json.loads((run / "status.json").read_text())
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert status["state"] == "stopped" and ckpts[-1].name == f"step-{status['step']:06d}"
+    assert (ckpts[-1] / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _wait(cond, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting")
+
+
+def test_control_pause_resume_checkpoint_stop(setup, tmp_path):
+    """Requests in control.json are honoured between layers and acknowledged in status.json."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "odyssey", "train", "--no-guard", "--model", str(setup / "store"), "--data",
+           str(setup / "tok"), "--out", str(run), "--ram-budget", "1GiB", "--quiet", "--steps", "100000",
+           "seq_len=32", "eval_every=0", "checkpoint_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rd = RunDir(run)
+    try:
+        _wait(lambda: (run / "metrics.jsonl").exists() and len(step_losses(run)) >= 2)
+
+        def acked(req_id, state):
+            st = rd.read_status() or {}
+            return st.get("ack_id") == req_id and st.get("state") == state
+
+        rid = rd.request("pause", source="test")
+        _wait(lambda: acked(rid, "paused"))
+        paused_at = rd.read_status()["step"]
+        time.sleep(0.6)
+        assert max(step_losses(run)) <= paused_at + 1  # no step completes while paused
+        rid = rd.request("resume", source="test")
+        _wait(lambda: acked(rid, "running"))
+        rid = rd.request("checkpoint", source="test")
+        _wait(lambda: (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()))
+        rid = rd.request("stop", source="test", reason="enough")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    status = rd.read_status()
+    assert status["state"] == "stopped" and status["ack_id"] == rid
+    events = [r.get("action") for r in rd.read_metrics("event")]
+    assert "paused" in events and "resumed" in events and "stopped" in events
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, nothing overwritten
+
+
+def test_bad_inputs(setup, tmp_path):
+    p = run_cli("train", "--model", setup / "store", "--data", tmp_path / "nope", "--out", tmp_path / "r0",
+                "--ram-budget", "1GiB")
+    assert_user_error(p, "nope")
+    (tmp_path / "empty").mkdir()
+    p = run_cli("train", "--model", setup / "store", "--data", tmp_path / "empty", "--out", tmp_path / "r0",
+                "--ram-budget", "1GiB")
+    assert_user_error(p, "empty")
+    assert not (tmp_path / "r0").exists()
+
+    # a tokenizer larger than the model's vocabulary
+    init_store(tiny_config(vocab_size=300), tmp_path / "small_vocab", dtype="f32", progress=False)
+    p = run_cli("train", "--model", tmp_path / "small_vocab", "--data", setup / "tok", "--out", tmp_path / "r1",
+                "--ram-budget", "1GiB")
+    assert_user_error(p, "512", "300")
+
+    # budget too small
+    p = run_cli("train", "--model", setup / "store", "--data", setup / "tok", "--out", tmp_path / "r2",
+                "--ram-budget", "64MiB")
+    assert_user_error(p, "too small")
+    assert not (tmp_path / "r2").exists()
+
+    # an existing run without --resume, and --resume with another config or another base
+    run = tmp_path / "run"
+    assert train_cli(setup, run, "--steps", "3", "seq_len=32", "eval_every=0", "checkpoint_every=3").returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    p = train_cli(setup, run, "--steps", "3")
+    assert_user_error(p, "--resume")
+    p = train_cli(setup, run, "--resume", "--steps", "6", "seq_len=64", "eval_every=0", "checkpoint_every=3")
+    assert_user_error(p, "seq_len")
+    init_store(tiny_config(vocab_size=512), tmp_path / "other", dtype="f32", seed=9, progress=False)
+    p = run_cli("train", "--no-guard", "--model", tmp_path / "other", "--data", setup / "tok", "--out", run,
+                "--ram-budget", "1GiB", "--resume")
+    assert_user_error(p, "model_fingerprint")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    # LoRA on the head is not supported out-of-core
+    p = train_cli(setup, tmp_path / "r3", "lora.targets=[q_proj,lm_head]")
+    assert_user_error(p, "lm_head")
+
+
+# ---------------------------------------------------------------------------------------------
+# full training of a small model, then LoRA on top of it
+
+
+def test_full_training_beats_unigram_then_lora_adapts(tmp_path):
+    """nano trained from scratch (--mode full) on the sample corpus goes below the unigram model's
+    validation loss; LoRA on top of it lowers the loss on a second corpus (letters)."""
+    from odyssey.data import TokenData, prepare_data, unigram_loss
+
+    init_store(load_model_config(ROOT / "configs" / "nano.yaml"), tmp_path / "nano", progress=False)
+    prepare_data([ROOT / "data" / "sample"], tmp_path / "tok", vocab_size=2048, model_store=tmp_path / "nano",
+                 progress=False)
+    uni = unigram_loss(TokenData(tmp_path / "tok"))
+    p = run_cli("train", "--no-guard", "--quiet", "--mode", "full", "--model", tmp_path / "nano", "--data",
+                tmp_path / "tok", "--out", tmp_path / "full", "--ram-budget", "2GiB", "--steps", "150",
+                "seq_len=128", "batch_size=8", "lr=3e-3", "warmup_steps=10", "eval_every=150", "eval_batches=4",
+                "checkpoint_every=150", timeout=900)
+    assert p.returncode == 0, p.stderr
+    val = RunDir(tmp_path / "full").read_metrics("val")
+    assert val[-1]["step"] == 150 and val[-1]["val_loss"] < uni, (val, uni)
+
+    corpus_tool.write_corpus(tmp_path / "letters", "letters", 150, seed=4)
+    prepare_data([tmp_path / "letters"], tmp_path / "tok2", tokenizer_dir=tmp_path / "full" / "model", progress=False)
+    p = run_cli("train", "--no-guard", "--quiet", "--model", tmp_path / "full" / "model", "--data", tmp_path / "tok2",
+                "--out", tmp_path / "lora", "--ram-budget", "1GiB", "--steps", "40", "seq_len=128", "batch_size=4",
+                "lr=3e-3", "warmup_steps=4", "eval_every=40", "eval_batches=4", "checkpoint_every=40", timeout=900)
+    assert p.returncode == 0, p.stderr
+    val2 = RunDir(tmp_path / "lora").read_metrics("val")
+    assert val2[0]["step"] == 0 and val2[-1]["step"] == 40
+    assert val2[-1]["val_loss"] < val2[0]["val_loss"] - 0.05, val2
