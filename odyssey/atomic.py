@@ -22,7 +22,7 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # The rename is only durable once the directory entry is on disk.
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -52,12 +52,13 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _umask_mode())  # a library may have re-created the file as 0600
         if durable:
             with open(tmp_path, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp_path, path)
         if durable:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_path)

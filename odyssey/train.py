@@ -207,14 +207,6 @@ def checkpoint_dirs(run: RunDir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class StepState:
     """What a checkpoint needs besides weights and optimizer, taken at the end of a step."""
@@ -290,10 +282,10 @@ class Trainer:
                  "sampler": s.sampler, "rng": s.rng, "config": to_dict(self.cfg)}
         with atomic.atomic_path(tmp / TRAINER_STATE) as p:
             torch.save(state, p)
-        _fsync_dir(tmp)
+        atomic.fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step
         os.rename(tmp, final)
-        _fsync_dir(self.run.checkpoints_dir)
+        atomic.fsync_dir(self.run.checkpoints_dir)
         for old in checkpoint_dirs(self.run)[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())

@@ -60,3 +60,31 @@ def test_1p2b_plan_refuses_256mib(store_1p2b):
 
     p = run_cli("plan", "--model", store_1p2b, "--ram-budget", "256MiB")
     assert_user_error(p, "too small", "use --ram-budget")
+
+
+@pytest.fixture(scope="session")
+def sample_tokens(tmp_path_factory):
+    from odyssey.data import prepare_data
+
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    prepare_data([ROOT / "data" / "sample"], out, vocab_size=8192, progress=False)
+    return out
+
+
+@pytest.mark.slow
+@needs_cgroup
+def test_1p2b_lora_training_inside_2gib(store_1p2b, sample_tokens, tmp_path):
+    """The acceptance run: LoRA r=16, seq 512, batch 1, 3 steps, in a 2 GiB memory cgroup."""
+    import json
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "odyssey", "train", "--model", str(store_1p2b), "--data", str(sample_tokens),
+           "--out", str(run), "--ram-budget", "2GiB", "--steps", "3", "--quiet", "seq_len=512", "batch_size=1",
+           "lora.r=16", "eval_every=0", "checkpoint_every=3"]
+    r = cgroup.run_in_cgroup(cmd, 2 << 30, cwd=ROOT)
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"kind":"step"' in x]
+    print(f"1.2B LoRA seq 512 r=16 in a 2 GiB cgroup: rc {r.returncode}, peak {r.peak_bytes / MIB:.0f} MiB, "
+          f"step_s {[s['step_s'] for s in steps]}, rss_anon_mib {[s['rss_anon_mib'] for s in steps]}")
+    assert r.returncode == 0 and not r.oom_killed, r
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

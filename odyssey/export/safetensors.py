@@ -107,7 +107,7 @@ def atomic_dir(final: Path):
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", suffix=".tmp", dir=final.parent))
             os.replace(final, old / final.name)
         os.replace(tmp, final)
-        atomic._fsync_dir(final.parent)
+        atomic.fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

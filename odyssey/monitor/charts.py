@@ -13,6 +13,8 @@ import tkinter as tk
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from odyssey.monitor.feed import layer_rows
+
 # Colors: readable on white, distinct for the eye and for the screenshot test.
 INK = "#222222"
 GRID = "#e6e6e6"
@@ -230,8 +232,10 @@ def legend(c: tk.Canvas, x: float, y: float, entries, font, box: bool = False) -
 
 
 class LayerStrip:
-    """One bar per layer of the last pass: height = read time, a dark cap = consumer stall, colour by
-    throughput (MB/s) relative to the median, so a slow layer or a disk hiccup stands out."""
+    """One bar per unit (layer, head) of the last step: height = time spent reading it from disk
+    (forward and backward reads together), a dark cap = the consumer's stall on it, colour by its
+    throughput (MB/s) relative to the median, so a slow layer or a disk hiccup stands out. A unit
+    served from a slot every time (the last layer in backward) is a grey stub."""
 
     def __init__(self, parent, title: str, font, small_font, height: int = 120):
         self.canvas = tk.Canvas(parent, bg="white", highlightthickness=1, highlightbackground="#cfcfcf",
@@ -239,10 +243,13 @@ class LayerStrip:
         self.title, self.font, self.small = title, font, small_font
         self.layers: list[dict] = []
         self.step = None
+        self.empty_text = "no page-in pass yet / 페이지인 기록 없음"
         self.canvas.bind("<Configure>", lambda e: self.redraw())
 
-    def draw(self, layers: list[dict], step) -> None:
+    def draw(self, layers: list[dict], step, empty_text: str = "") -> None:
         self.layers, self.step = layers, step
+        if empty_text:
+            self.empty_text = empty_text
         self.redraw()
 
     def redraw(self) -> None:
@@ -254,21 +261,24 @@ class LayerStrip:
         x0, x1, y0, y1 = PAD_L, W - PAD_R, PAD_T + 2, H - PAD_B
         bars = strip_bars(self.layers)
         if not bars:
-            c.create_text((x0 + x1) / 2, (y0 + y1) / 2, text="no page-in pass yet / 페이지인 기록 없음",
-                          font=self.small, fill=AXIS)
+            c.create_text((x0 + x1) / 2, (y0 + y1) / 2, text=self.empty_text, font=self.small, fill=AXIS)
             return
-        tmax = max(b["total_s"] for b in bars) or 1.0
-        med = bars[0]["median_s"]
+        tmax = max(b["total_s"] for b in bars) or 1e-3
+        reused = sum(b["reused"] for b in bars)
         c.create_text(W - PAD_R, 5, anchor="ne", font=self.small, fill=INK,
-                      text=f"median {med * 1000:.0f} ms · max {tmax * 1000:.0f} ms · "
-                           f"total {sum(b['total_s'] for b in bars):.2f} s")
-        for v in nice_ticks(0, tmax, 3):
-            y = y1 - v / tmax * (y1 - y0)
+                      text=f"median {fmt_ms(bars[0]['median_s'])} · max {fmt_ms(tmax)} · total "
+                           f"{fmt_ms(sum(b['total_s'] for b in bars))}"
+                           + (f" · {reused} reused from a slot / 재사용" if reused else ""))
+        for v in nice_ticks(0, tmax * 1000, 3):
+            y = y1 - v / 1000 / tmax * (y1 - y0)
+            if y < y0 - 1:
+                continue
             c.create_line(x0, y, x1, y, fill=GRID)
-            c.create_text(x0 - 4, y, text=f"{v * 1000:.0f}", anchor="e", font=self.small, fill=AXIS)
+            c.create_text(x0 - 4, y, text=fmt_tick(v, tmax * 1000), anchor="e", font=self.small, fill=AXIS)
         c.create_text(x0 - 4, y0 - 2, text="ms", anchor="se", font=self.small, fill=AXIS)
         legend(c, x0, y0 - 12, [(BLUE, "read / 읽기", 1), (STALL, "stall / 대기", 1),
-                                (ORANGE, "slow ≥2× / 느림", 1), (RED, "≥3×", 1)], self.small, box=True)
+                                (ORANGE, "slow ≥2× / 느림", 1), (RED, "≥3×", 1),
+                                (GREY, "reused / 재사용", 1)], self.small, box=True)
         n = len(bars)
         slot = (x1 - x0) / n
         gap = 1 if slot < 6 else 2
@@ -277,7 +287,10 @@ class LayerStrip:
             bx0, bx1 = x0 + i * slot + gap, x0 + (i + 1) * slot - gap
             yr = y1 - b["read_s"] / tmax * (y1 - y0)
             ys = yr - b["stall_s"] / tmax * (y1 - y0)
-            c.create_rectangle(bx0, yr, bx1, y1, fill=b["color"], outline="")
+            if b["reads"]:
+                c.create_rectangle(bx0, min(yr, y1 - 1), bx1, y1, fill=b["color"], outline="")
+            else:
+                c.create_rectangle(bx0, y1 - 3, bx1, y1, fill=GREY, outline="")
             if b["stall_s"] > 0:
                 c.create_rectangle(bx0, ys, bx1, yr, fill=STALL, outline="")
             if i % label_every == 0 or b["slow"] or i == n - 1:
@@ -286,30 +299,35 @@ class LayerStrip:
         c.create_line(x0, y1, x1, y1, fill=AXIS)
 
 
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms" if ms >= 1 else f"{ms:.2f} ms"
+
+
 def strip_bars(layers: list[dict]) -> list[dict]:
-    """Bars for LayerStrip from a pagein record's layers (pure logic, tested without a display)."""
-    bars = []
-    for L in layers:
-        read_s = L.get("read_s")
-        if not isinstance(read_s, (int, float)) or not math.isfinite(read_s):
-            continue
-        stall = L.get("stall_s") if isinstance(L.get("stall_s"), (int, float)) else 0.0
-        bars.append({"name": str(L.get("layer")), "read_s": max(0.0, float(read_s)),
-                     "stall_s": max(0.0, float(stall)), "mb_s": L.get("mb_s")})
+    """Bars for LayerStrip from a pagein record's layers (pure logic, tested without a display):
+    feed.layer_rows plus total_s, median_s (over the units that were read), slow and color.
+    Slowness is judged by MB/s against the median rate (embed and head are bigger than a layer,
+    not slower), else by time when rates are missing."""
+    bars = layer_rows(layers)
     if not bars:
         return []
-    times = sorted(b["read_s"] + b["stall_s"] for b in bars)
-    med = times[len(times) // 2]
-    rates = sorted(b["mb_s"] for b in bars if isinstance(b["mb_s"], (int, float)) and b["mb_s"] > 0)
-    use_rate = len(rates) == len(bars)  # embed and head are bigger than a layer: judge by MB/s
-    med_rate = rates[len(rates) // 2] if use_rate else 0.0
     for b in bars:
         b["total_s"] = b["read_s"] + b["stall_s"]
+    read = [b for b in bars if b["reads"]]
+    times = sorted(b["total_s"] for b in read) or [0.0]
+    med = times[len(times) // 2]
+    rates = sorted(b["mb_s"] for b in read if b["mb_s"])
+    use_rate = bool(read) and len(rates) == len(read)
+    med_rate = rates[len(rates) // 2] if use_rate else 0.0
+    for b in bars:
         b["median_s"] = med
-        if use_rate:
+        if not b["reads"]:
+            slowness = 0.0
+        elif use_rate:
             slowness = med_rate / b["mb_s"]
         else:
             slowness = b["total_s"] / med if med > 0 else 1.0
         b["slow"] = slowness >= 2.0
-        b["color"] = RED if slowness >= 3.0 else ORANGE if slowness >= 2.0 else BLUE
+        b["color"] = GREY if not b["reads"] else RED if slowness >= 3.0 else ORANGE if slowness >= 2.0 else BLUE
     return bars

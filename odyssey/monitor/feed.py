@@ -33,6 +33,10 @@ LOG_LINES = 1000
 ETA_WINDOW = 50
 """Steps over which the wall-clock rate for the ETA is measured."""
 TERMINAL_STATES = ("stopped", "finished", "failed")
+LIVE_STATES = ("starting", "running", "paused", "stopping")
+"""States of status.json (control.Controller) while a trainer owns the run."""
+GUARD_NOTABLE_S = 60.0
+"""A guard request (checkpoint, pause, stop) stays in the Guard field this long."""
 
 # Bilingual labels, shared by the window and the tests.
 ACTION_LABELS = {
@@ -230,6 +234,7 @@ class Feed:
         self.status: Optional[dict] = None
         self.heartbeat: Optional[dict] = None
         self.limits = GuardLimits()
+        self.mode: Optional[str] = None  # "lora" (paged base) or "full" (nothing paged), from config.yaml
         self._config_mtime: Optional[float] = None
         self.pending: Optional[PendingRequest] = None
         self.more_waiting = False
@@ -242,6 +247,7 @@ class Feed:
         self.val_loss = Series()
         self._ema: Optional[float] = None
         self.resume_steps: list[int] = []
+        self._resume_pending = False  # the trainer said "resumed from ..."; the next step marks it
         # time series (x = unix s)
         self.pagein = Series(gap=GAP_S)
         self.anon = Series(gap=GAP_S)
@@ -261,6 +267,8 @@ class Feed:
         self._log_seq = 0
         self.t_first: Optional[float] = None
         self.t_last: Optional[float] = None
+        self.guard_started = False
+        self._guard_limits: dict[str, float] = {}
         self._resets_seen = getattr(self, "tail", None) and self.tail.resets or 0
 
     # --- reading ---
@@ -315,6 +323,11 @@ class Feed:
             self.resume_steps = [s for s in self.resume_steps if s < step] + [step]
             self._add_log(t, "info", f"run resumed at step {step} (after step {int(last[0])}; "
                                      f"{dropped} step(s) will be redone) / 재개됨")
+        elif self._resume_pending and last is not None:  # resumed from the last step done
+            self._step_times.clear()
+            self.resume_steps.append(step)
+            self._add_log(t, "info", f"run resumed at step {step} / 재개됨")
+        self._resume_pending = False
         loss = r.get("loss")
         if _finite(loss):
             self.loss.append(step, loss)
@@ -369,16 +382,29 @@ class Feed:
         self.last_memory = r
 
     def _on_guard(self, r: dict, t: float) -> None:
-        self.last_guard = r
         action, reason = r.get("action", "?"), r.get("reason", "")
-        level = "warning" if action in ("warn", "checkpoint", "pause") else "error" if action in ("stop", "exit") else "guard"
-        self._add_log(t, level, f"guard {action}: {reason}" if reason else f"guard {action}")
+        level = r.get("level")
+        if level not in ("info", "warning", "error"):  # older lines without a level
+            level = "warning" if action in ("warn", "checkpoint", "pause") else "error" if action == "stop" else "info"
+        if level != "info" or action in ("pause", "resume", "checkpoint", "stop"):
+            self.last_guard = r  # a decision worth showing in the Guard field for a while
+        if action == "start":  # the running guard's own thresholds win over config.yaml
+            self.guard_started = True
+            self._guard_limits = {k: float(r[k]) for k in _LIMIT_KEYS if _finite(r.get(k))}
+            for k, v in self._guard_limits.items():
+                setattr(self.limits, k, v)
+        self._add_log(t, "guard" if level == "info" else level,
+                      f"guard {action}: {reason}" if reason else f"guard {action}")
 
     def _on_event(self, r: dict, t: float) -> None:
         level = r.get("level", "info")
         if level not in ("info", "warning", "error"):
             level = "info"
-        self._add_log(t, level, str(r.get("message", "")))
+        message = str(r.get("message", ""))
+        if r.get("source", "trainer") == "trainer" and (
+                r.get("resumed_from") is not None or message.startswith("resumed from")):
+            self._resume_pending = True
+        self._add_log(t, level, message)
 
     def _add_log(self, t: float, level: str, text: str) -> None:
         self._log_seq += 1
@@ -423,10 +449,15 @@ class Feed:
         guard = _find_section(data, "guard")
         limits = GuardLimits()
         if isinstance(guard, dict):
-            for name in ("soft_pct", "hard_pct", "max_temp_c", "resume_temp_c", "heartbeat_s"):
+            for name in _LIMIT_KEYS + ("heartbeat_s",):
                 if _finite(guard.get(name)):
                     setattr(limits, name, float(guard[name]))
+        for k, v in self._guard_limits.items():
+            setattr(limits, k, v)
         self.limits = limits
+        train = data.get("train") if isinstance(data, dict) else None
+        if isinstance(train, dict) and isinstance(train.get("mode"), str):
+            self.mode = train["mode"]
         self.version += 1
 
     # --- control ---
@@ -470,23 +501,51 @@ class Feed:
             return False
         except PermissionError:
             return True
-        return True
+        try:  # a zombie (killed, not yet reaped by its parent) is gone too
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+        except (OSError, IndexError):
+            return True
+
+    def trainer_gone(self) -> bool:
+        """status.json says a trainer owns the run, but its process is not running (killed, crashed,
+        or the run is being resumed and the new trainer has not written its status yet)."""
+        return self.state() in LIVE_STATES and not self.trainer_alive()
+
+    def enabled_actions(self) -> set[str]:
+        """Buttons that make sense now: none once the run ended, is stopping or its trainer is gone;
+        Pause only while running, Resume only while paused."""
+        state = self.state()
+        if state in TERMINAL_STATES or state == "stopping" or self.trainer_gone():
+            return set()
+        if state == "paused":
+            return {"resume", "checkpoint", "stop"}
+        if state == "running":
+            return {"pause", "checkpoint", "stop"}
+        return set(ACTIONS)
 
     def steps_total(self) -> Optional[int]:
-        v = (self.last_step or {}).get("steps_total")
-        return v if isinstance(v, int) and v > 0 else None
+        for src in (self.last_step, self.status):
+            v = (src or {}).get("steps_total")
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
 
     def eta_s(self) -> Optional[float]:
-        """Wall-clock rate over the last ETA_WINDOW steps (checkpoints and evals included)."""
+        """Remaining steps times the wall-clock time a step has taken over the last ETA_WINDOW
+        steps of this process (evaluations and checkpoints included); a gap more than 5x the
+        median (a pause, a laptop lid) counts as 5x the median."""
         total, s = self.steps_total(), self.last_step
         if total is None or s is None:
             return None
         remaining = total - s["step"]
         if remaining <= 0:
             return 0.0
-        times = self._step_times
-        if len(times) >= 2 and times[-1][1] > times[0][1]:
-            per_step = (times[-1][0] - times[0][0]) / (times[-1][1] - times[0][1])
+        times = list(self._step_times)
+        gaps = [(t2 - t1) / (s2 - s1) for (t1, s1), (t2, s2) in zip(times, times[1:]) if s2 > s1]
+        if gaps:
+            cap = 5 * sorted(gaps)[len(gaps) // 2]
+            per_step = sum(min(g, cap) for g in gaps) / len(gaps)
         elif _finite(s.get("step_s")):
             per_step = s["step_s"]
         else:
@@ -502,20 +561,51 @@ class Feed:
             return None
         return self.budget_mib - rss
 
+    def layer_rows(self) -> list[dict]:
+        """The last pagein record folded per unit (see `layer_rows`)."""
+        return layer_rows(self.layers)
+
     def guard_text(self) -> str:
+        """The Guard field, from guard.json (the heartbeat) and the guard's lines in metrics.jsonl."""
         now = time.time()
         hb = self.heartbeat
+        if hb is None and not self.guard_started:
+            return "none (--no-guard) / 없음" if self.records else "–"
+        hb_state = (hb or {}).get("state")
+        if hb_state == "exited":
+            return "exited / 종료됨"
+        age = now - (_num((hb or {}).get("t")) or 0.0)
+        stale = age > max(10.0, 5 * self.limits.heartbeat_s)
+        if stale:
+            if self.state() in TERMINAL_STATES or self.trainer_gone():
+                return "not running / 실행 안 함"
+            return f"lost, {fmt_ago(age)} ago / 끊김"
+        if hb_state == "stopping":
+            return "stop requested / 중지 요청"
+        if hb_state == "paused":
+            return "paused for heat / 과열로 일시정지"
         g = self.last_guard
-        if g is not None and g.get("action") not in ("resume",):
-            age = now - (_num(g.get("t")) or now)
-            when = f"{g.get('action')}, {fmt_ago(age)} ago"  # the reason is in the log pane
-            return when if age < 600 or self.state() in TERMINAL_STATES else f"ok / 정상 ({when})"
-        if hb is None:
-            return "no guard / 없음"
-        age = now - (_num(hb.get("t")) or 0)
-        if age > max(10.0, 5 * self.limits.heartbeat_s) and self.state() not in TERMINAL_STATES:
-            return f"lost {fmt_ago(age)} ago / 끊김"
-        return f"ok, {hb.get('state', 'watching')} / 정상"
+        if g is not None:
+            g_age = now - (_num(g.get("t")) or 0.0)
+            if g_age < GUARD_NOTABLE_S:
+                return f"{g.get('action')} {fmt_ago(g_age)} ago / 요청"
+        return "watching / 감시 중"
+
+    def eta_text(self) -> str:
+        state = self.state()
+        if state == "finished":
+            return "done / 완료"
+        if state == "stopped":
+            return "stopped / 중지됨"
+        if state == "failed":
+            return "failed / 실패"
+        if state == "stopping":
+            return "stopping / 중지 중"
+        if self.trainer_gone():
+            return "not running / 멈춤"
+        if state == "paused":
+            return "paused / 일시정지"
+        return fmt_duration(self.eta_s())
 
     def values(self) -> dict[str, str]:
         """The read-only fields, formatted (keys are FIELD names in app.py)."""
@@ -531,14 +621,12 @@ class Feed:
             out["val_loss"] = "–"
         out["tokens_per_s"] = fmt_num(_num(s.get("tokens_per_s")), 1)
         out["step_s"] = fmt_num(_num(s.get("step_s")), 2, "s")
-        state = self.state()
-        if state == "finished":
-            out["eta"] = "done / 완료"
-        elif state in ("stopped", "failed"):
-            out["eta"] = f"{state}"
+        out["eta"] = self.eta_text()
+        if self.mode == "full":
+            out["pagein"] = "none (full mode) / 없음"
         else:
-            out["eta"] = fmt_duration(self.eta_s())
-        out["pagein"] = fmt_num(_num(s.get("pagein_mb_s")), 0, "MB/s")
+            out["pagein"] = fmt_num(_num(s.get("pagein_mb_s")), 1 if (_num(s.get("pagein_mb_s")) or 0) < 10 else 0,
+                                    "MB/s")
         stall, step_s = _num(s.get("stall_s")), _num(s.get("step_s"))
         out["stall"] = fmt_num(100.0 * stall / step_s, 1, "%") if stall is not None and step_s else "–"
         out["rss"] = fmt_num(self.rss_mib(), 0, "MiB")
@@ -560,8 +648,9 @@ class Feed:
         state = self.state()
         parts = [f"{self.run.root}", f"state: {state}"]
         st = self.status or {}
-        if st.get("pid") and state not in TERMINAL_STATES and not self.trainer_alive():
-            parts.append(f"pid {st['pid']} not running")
+        if st.get("pid") and self.trainer_gone():
+            parts.append(f"trainer pid {st['pid']} not running (resume with odyssey train --out "
+                         f"{self.run.root} --resume)")
         if self.t_last is not None:
             parts.append(f"last metrics {fmt_ago(time.time() - self.t_last)} ago")
         if self.tail.bad_lines:
@@ -569,6 +658,43 @@ class Feed:
         if self.more_waiting:
             parts.append("reading…")
         return "  ·  ".join(parts)
+
+
+def layer_rows(layers: list[dict]) -> list[dict]:
+    """A pagein record's `layers` (pager.UnitStat.to_json, one entry per get() of the step: layers
+    0..L-1 forward, the head units, L-1..0 backward, times grad_accum) folded into one row per unit,
+    in order of first use: {"name", "reads", "reused", "bytes" (read from disk), "read_s", "stall_s",
+    "mb_s" (None when every use was served from a slot)}."""
+    rows: dict[Any, dict] = {}
+    for L in layers:
+        if not isinstance(L, dict):
+            continue
+        read_s, stall_s = _num(L.get("read_s")), _num(L.get("stall_s"))
+        if read_s is None or not math.isfinite(read_s):
+            continue
+        unit = L.get("layer")
+        key = unit if isinstance(unit, (int, str)) else str(unit)
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = {"name": str(unit), "reads": 0, "reused": 0, "bytes": 0, "read_s": 0.0,
+                               "stall_s": 0.0, "mb_s": None}
+        reused = L.get("reused")
+        if reused is True or (reused is None and read_s == 0):  # served from a slot: no read
+            row["reused"] += 1
+        else:
+            row["reads"] += 1
+            row["read_s"] += max(0.0, read_s)
+            nbytes, rate = _num(L.get("bytes")), _num(L.get("mb_s"))
+            if nbytes:
+                row["bytes"] += int(nbytes)
+            elif rate:  # a record without byte counts: bytes from the pager's rate
+                row["bytes"] += int(rate * 1e6 * read_s)
+        if stall_s is not None and math.isfinite(stall_s):
+            row["stall_s"] += max(0.0, stall_s)
+    for row in rows.values():
+        if row["read_s"] > 0 and row["bytes"] > 0:
+            row["mb_s"] = row["bytes"] / 1e6 / row["read_s"]
+    return list(rows.values())
 
 
 def _find_section(data: Any, name: str, depth: int = 0) -> Any:
@@ -583,6 +709,8 @@ def _find_section(data: Any, name: str, depth: int = 0) -> Any:
             return found
     return None
 
+
+_LIMIT_KEYS = ("soft_pct", "hard_pct", "max_temp_c", "resume_temp_c")
 
 _HANDLERS = {
     "step": Feed._on_step,

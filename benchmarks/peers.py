@@ -1,0 +1,650 @@
+"""Odyssey against what a user would reach for instead, on the same weights, the same batches and
+the same LoRA, each inside its own memory cgroup capped at the RAM budget.
+
+Training (batch 1, seq_len 512, LoRA r=16, alpha 32 on q,k,v,o,gate,up,down, AdamW lr 2e-4, the
+same token windows in the same order: `odyssey.data.BatchSampler` with seed 0 on the same token
+data, so every tool's first loss is the same number):
+- odyssey          `odyssey train --ram-budget B` (weights paged from disk, recompute backward)
+- peft-inram       transformers + peft, the model fully in RAM (`from_pretrained(store)`)
+- peft-offload     transformers + peft + accelerate disk offload: `device_map="auto"`,
+                   `max_memory={"cpu": B - reserve}`, `offload_folder`
+Generation (greedy, the same prompt ids, N new tokens): `odyssey generate --ram-budget B` against
+transformers + accelerate disk offload `generate()` under the same cap.
+
+All compute in fp32 here: this CPU has no native bf16 (bf16 matmuls are emulated and about 8x
+slower than fp32), so every tool gets `dtype=torch.float32` (Odyssey picks fp32 itself).
+
+Budgets: each tool starts at the budget (default 2 GiB). When it is OOM-killed or crashes, it is
+retried at the next rung of 3, 4, 6, 8, 12, 16 GiB; the smallest budget at which it runs is the
+result, or "does not run" with the last line of its error (a crash that repeats with the same
+message at two budgets is not a memory problem and stops the climb).
+
+Step time is the median of the steps after the first (warm-up); peak memory is the cgroup's peak
+(anonymous memory + page cache charged to the group) and the process's peak anonymous RSS.
+
+    .venv/bin/python benchmarks/peers.py [--model STORE] [--budget 2GiB] [--steps 4] [--new-tokens 8]
+
+The workers are this file too: `peers.py worker --task train|generate --peer inram|offload ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import GIB, MIB  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_R, LORA_ALPHA, LR = 16, 32, 2e-4
+RUNGS_GIB = (2, 3, 4, 6, 8, 12, 16)
+PEER_LABELS = {
+    "odyssey": "Odyssey (paged from disk)",
+    "inram": "transformers + peft, in RAM",
+    "offload": "transformers + peft + accelerate disk offload",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# the budget ladder (pure logic; tested with a fake runner)
+
+
+@dataclass
+class Attempt:
+    budget_bytes: int
+    ok: bool
+    returncode: Optional[int] = None
+    oom_killed: bool = False
+    peak_bytes: Optional[int] = None  # the cgroup's peak charge
+    error: str = ""  # last line of the log when it failed
+    seconds: float = 0.0
+    result: dict = field(default_factory=dict)  # what the worker (or metrics.jsonl) reported
+
+    @property
+    def budget_gib(self) -> float:
+        return self.budget_bytes / GIB
+
+
+def ladder(start_bytes: int, rungs_gib: Sequence[float] = RUNGS_GIB, cap_bytes: Optional[int] = None) -> list[int]:
+    """The budgets to try: the start, then every rung above it, up to `cap_bytes`."""
+    out = [int(start_bytes)]
+    for g in rungs_gib:
+        b = int(g * GIB)
+        if b > out[-1] and (cap_bytes is None or b <= cap_bytes):
+            out.append(b)
+    return out
+
+
+def climb(runner: Callable[[int], Attempt], budgets: Sequence[int], same_error_stop: int = 2,
+          deadline: Optional[float] = None, progress=print,
+          suggest: Optional[Callable[[Attempt], Optional[int]]] = None, cap_bytes: Optional[int] = None) -> dict:
+    """Run `runner(budget)` up the ladder until one attempt succeeds. Stops early when the last
+    `same_error_stop` attempts failed without an OOM kill and with the same error (a bug, not a
+    memory limit), or when `deadline` (time.monotonic) has passed. `suggest(attempt)` may name a
+    budget to try next after a failure (the planner's "use --ram-budget N MiB or more"): the
+    ladder then continues from there.
+
+    Returns {"attempts": [...], "budget_bytes": first budget, "ran_within_budget": bool,
+    "smallest_ok_bytes": int | None, "status": "runs" | "does not run", "error": str, "stopped": why}."""
+    attempts: list[Attempt] = []
+    stopped = ""
+    todo = list(budgets)
+    while todo:
+        b = todo.pop(0)
+        if deadline is not None and time.monotonic() > deadline and attempts:
+            stopped = "time limit of the benchmark reached"
+            break
+        a = runner(b)
+        attempts.append(a)
+        how = "ran" if a.ok else ("OOM-killed" if a.oom_killed else f"failed: {a.error}")
+        progress(f"    {b / GIB:5.2f} GiB: {how}" + (f" (peak {a.peak_bytes / MIB:,.0f} MiB)" if a.peak_bytes else ""))
+        if a.ok:
+            break
+        tail = attempts[-same_error_stop:]
+        if (same_error_stop and len(tail) == same_error_stop
+                and all(not t.oom_killed and t.error and t.error == tail[0].error for t in tail)):
+            stopped = f"same error at {same_error_stop} budgets: not a memory limit"
+            break
+        wanted = suggest(a) if suggest else None
+        if wanted and wanted > b and (cap_bytes is None or wanted <= cap_bytes):
+            todo = ladder(wanted, cap_bytes=cap_bytes)
+    ok = next((a for a in attempts if a.ok), None)
+    last_fail = next((a for a in reversed(attempts) if not a.ok), None)
+    return {
+        "attempts": [asdict(a) for a in attempts],
+        "budget_bytes": budgets[0] if budgets else None,
+        "ran_within_budget": bool(attempts) and attempts[0].ok,
+        "smallest_ok_bytes": ok.budget_bytes if ok else None,
+        "status": "runs" if ok else "does not run",
+        "error": (last_fail.error or ("OOM-killed" if last_fail.oom_killed else "")) if last_fail else "",
+        "stopped": stopped,
+        "ok_result": ok.result if ok else {},
+        "ok_peak_bytes": ok.peak_bytes if ok else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# running one attempt inside a memory cgroup
+
+
+def in_cgroup(cmd: list[str], budget: int, log: Path, timeout_s: float, env: Optional[dict] = None,
+              stdout_path: Optional[Path] = None) -> tuple[Optional[int], Optional[int], bool, str, float]:
+    """(returncode, peak_bytes, oom_killed, error_line, seconds). stdout goes to `stdout_path`
+    when given (else into the log with stderr)."""
+    from odyssey.cgroup import run_in_cgroup
+
+    t0 = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err:
+        out = open(stdout_path, "w") if stdout_path else err
+        try:
+            rc, peak, oom = run_in_cgroup(cmd, budget, timeout=timeout_s, stdout=out, stderr=err,
+                                          cwd=common.ROOT, env=env)
+        except subprocess.TimeoutExpired:
+            return None, None, False, f"timed out after {timeout_s:.0f} s", time.perf_counter() - t0
+        finally:
+            if stdout_path:
+                out.close()
+    seconds = time.perf_counter() - t0
+    error = ""
+    if rc != 0:
+        error = "OOM-killed" if oom else (common.last_line(log.read_text(errors="replace")) or f"exit {rc}")
+    return rc, peak, oom, error, seconds
+
+
+def peer_env(jemalloc: bool) -> dict:
+    """The peers run as a user would run them: the system allocator unless asked."""
+    env = dict(os.environ)
+    env.pop("_ODYSSEY_REEXEC", None)
+    if jemalloc:
+        from odyssey.allocator import find_jemalloc
+
+        lib = find_jemalloc()
+        if lib:
+            env["LD_PRELOAD"] = lib
+    else:
+        env.pop("LD_PRELOAD", None)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def peer_runner(task: str, peer: str, model: Path, data: Path, work: Path, steps: int, seq_len: int,
+                reserve_bytes: int, prompt_ids: Sequence[int], new_tokens: int, timeout_s: float,
+                jemalloc: bool) -> Callable[[int], Attempt]:
+    def run(budget: int) -> Attempt:
+        tag = f"{task}-{peer}-{budget // MIB}MiB"
+        result_file = work / f"{tag}.json"
+        offload = work / f"offload-{tag}"
+        result_file.unlink(missing_ok=True)
+        shutil.rmtree(offload, ignore_errors=True)
+        cmd = [common.PYTHON, str(Path(__file__).resolve()), "worker", "--task", task, "--peer", peer,
+               "--model", str(model), "--data", str(data), "--result", str(result_file), "--steps", str(steps),
+               "--seq-len", str(seq_len), "--budget", str(budget), "--reserve", str(reserve_bytes),
+               "--offload-folder", str(offload), "--prompt-ids", ",".join(map(str, prompt_ids)),
+               "--new-tokens", str(new_tokens)]
+        rc, peak, oom, error, seconds = in_cgroup(cmd, budget, work / f"{tag}.log", timeout_s, peer_env(jemalloc))
+        shutil.rmtree(offload, ignore_errors=True)
+        result = _read_json(result_file)
+        ok = rc == 0 and bool(result.get("done"))
+        if rc == 0 and not ok:
+            error = "exited 0 without a result"
+        return Attempt(budget, ok, rc, oom, peak, error, round(seconds, 1), result)
+
+    return run
+
+
+def odyssey_train_runner(model: Path, data: Path, work: Path, steps: int, seq_len: int,
+                         timeout_s: float, extra: Sequence[str] = ()) -> Callable[[int], Attempt]:
+    def run(budget: int) -> Attempt:
+        tag = f"train-odyssey-seq{seq_len}-{budget // MIB}MiB"
+        run_dir = work / tag
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = common.train_cmd(model, data, run_dir, budget, steps, seq_len, extra)
+        rc, peak, oom, error, seconds = in_cgroup(cmd, budget, work / f"{tag}.log", timeout_s)
+        summary = common.summarize_steps(common.read_metrics(run_dir / "metrics.jsonl"))
+        ok = rc == 0 and summary["measured_steps"] > 0
+        if rc == 0 and not ok:
+            error = f"exited 0 with {summary['steps']} step lines in metrics.jsonl (need at least 2)"
+        summary["command"] = " ".join(map(str, cmd[1:]))
+        summary["done"] = ok
+        return Attempt(budget, ok, rc, oom, peak, error, round(seconds, 1), summary)
+
+    return run
+
+
+def odyssey_generate_runner(model: Path, work: Path, prompt_ids: Sequence[int], new_tokens: int,
+                            timeout_s: float) -> Callable[[int], Attempt]:
+    """`odyssey generate` in a cgroup; its stdout (one flushed write per token) is tailed from a
+    file to time each token's arrival."""
+    def run(budget: int) -> Attempt:
+        tag = f"generate-odyssey-{budget // MIB}MiB"
+        out_file = work / f"{tag}.out"
+        cmd = common.odyssey_cmd("generate", "--model", model, "--prompt-ids", ",".join(map(str, prompt_ids)),
+                                 "--max-new-tokens", new_tokens, "--ram-budget", f"{budget // MIB}MiB",
+                                 "--temperature", 0)
+        box = {}
+        out_file.write_text("")
+        th = threading.Thread(target=lambda: box.update(r=in_cgroup(cmd, budget, work / f"{tag}.log", timeout_s,
+                                                                    stdout_path=out_file)))
+        arrivals = []  # seconds from start to each new token id appearing in stdout
+        t0 = time.perf_counter()
+        th.start()
+        seen = 0
+        while th.is_alive():
+            seen = _count_new(out_file, seen, arrivals, time.perf_counter() - t0)
+            time.sleep(0.01)
+        th.join()
+        rc, peak, oom, error, seconds = box["r"]
+        text = out_file.read_text(errors="replace")
+        tokens = [int(t) for t in text.split() if t.lstrip("-").isdigit()]
+        result = generation_summary(arrivals, len(tokens))
+        result["tokens"] = tokens
+        result["reported"] = _parse_generate_stderr((work / f"{tag}.log").read_text(errors="replace"))
+        result["done"] = rc == 0
+        return Attempt(budget, rc == 0, rc, oom, peak, error, round(seconds, 1), result)
+
+    return run
+
+
+def _count_new(path: Path, seen: int, arrivals: list, now: float) -> int:
+    """Append `now` to `arrivals` once per token id that appeared in `path` since `seen` were."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return seen
+    # a token is complete once the space after it is written (`odyssey generate` writes "ID ")
+    n = sum(1 for t in text.split(" ")[:-1] if t.strip().lstrip("-").isdigit())
+    arrivals.extend([now] * (n - seen))
+    return max(n, seen)
+
+
+def generation_summary(arrivals: Sequence[float], n_tokens: int) -> dict:
+    """Seconds per generated token = median gap between consecutive token arrivals after the
+    first (the first includes start-up and the prompt pass)."""
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    return {"new_tokens": n_tokens, "s_per_token": common.median(gaps), "decode_steps": len(gaps),
+            "first_token_s": arrivals[0] if arrivals else None}
+
+
+def _parse_generate_stderr(text: str) -> dict:
+    import re
+
+    m = re.search(r"(\d+) tokens in ([\d.]+) s \(([\d.]+) s/token\)", text)
+    return {"tokens": int(m.group(1)), "seconds": float(m.group(2)), "s_per_token": float(m.group(3))} if m else {}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# --------------------------------------------------------------------------------------------
+# the worker: one peer, one task, inside the cgroup
+
+
+def worker(args) -> int:
+    from odyssey.memory import PeakSampler
+
+    res: dict = {"task": args.task, "peer": args.peer, "done": False}
+
+    def save(**kw):
+        res.update(kw)
+        common.write_json(Path(args.result), res)
+
+    with PeakSampler(interval_s=0.05) as sampler:
+        t0 = time.perf_counter()
+        import torch
+        from odyssey import allocator
+
+        torch.manual_seed(0)
+        save(allocator=allocator.active(), threads=torch.get_num_threads(),
+             import_s=round(time.perf_counter() - t0, 2))
+        model, device_map = _load_peer(args, torch)
+        save(load_s=round(time.perf_counter() - t0, 2), device_map=device_map,
+             peak_anon_mib=round(sampler.peak_bytes / MIB, 1))
+        if args.task == "train":
+            _train(args, torch, model, sampler, save)
+        else:
+            _generate(args, torch, model, sampler, save)
+    save(done=True, peak_anon_mib=round(sampler.peak_bytes / MIB, 1))
+    return 0
+
+
+def _load_peer(args, torch):
+    from transformers import LlamaForCausalLM
+
+    if args.peer == "inram":
+        return LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32), {"cpu": "all"}
+    cpu = max(args.budget - args.reserve, 64 * MIB)
+    model = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map="auto",
+                                             max_memory={"cpu": cpu}, offload_folder=args.offload_folder)
+    counts = offload_summary(model, getattr(model, "hf_device_map", {}))
+    counts["cpu_max_memory_mib"] = cpu // MIB
+    return model, counts
+
+
+def offload_summary(model, device_map: dict) -> dict:
+    """How much of the model accelerate placed where: parameters per device and their share."""
+    per: dict = {}
+    for name, where in device_map.items():
+        mod = model.get_submodule(name) if name else model
+        per[str(where)] = per.get(str(where), 0) + sum(p.numel() for p in mod.parameters())
+    total = sum(per.values()) or 1
+    return {"params": per, "disk_share": round(per.get("disk", 0) / total, 3), "entries": len(device_map)}
+
+
+def _train(args, torch, model, sampler, save):
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    from odyssey.data import BatchSampler, TokenData
+
+    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                             target_modules=TARGETS, bias="none"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    save(trainable=sum(p.numel() for p in params), lora_devices=sorted({str(p.device) for p in params}))
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    batches = BatchSampler(TokenData(args.data), "train", args.seq_len, 1, seed=0)
+    steps, losses = [], []
+    for _ in range(args.steps):
+        x, y = batches.next_batch()  # (1, T) int64 each
+        t0 = time.perf_counter()
+        logits = model(input_ids=x).logits  # (1, T, V) fp32
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps.append(round(time.perf_counter() - t0, 3))
+        losses.append(round(float(loss), 5))
+        del logits, loss
+        save(step_s_all=steps, losses=losses, peak_anon_mib=round(sampler.peak_bytes / MIB, 1))
+    save(step_s=common.median(steps[1:]), measured_steps=len(steps[1:]))
+
+
+def _generate(args, torch, model, sampler, save):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids = torch.tensor([[int(i) for i in args.prompt_ids.split(",")]])
+    clock = Clock()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                             do_sample=False, streamer=clock, pad_token_id=0)
+    new = [int(t) for t in out[0, ids.shape[1]:]]
+    arrivals = [t - t0 for t in clock.t[1:]]  # the first put() is the prompt
+    summary = generation_summary(arrivals, len(new))
+    save(tokens=new, generate_s=round(time.perf_counter() - t0, 2), **summary)
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def prompt_from(data: Path, n: int) -> list[int]:
+    from odyssey.data import TokenData
+
+    return [int(t) for t in TokenData(data).tokens("val")[:n]]
+
+
+def _train_row(name: str, climb_res: dict, odyssey_step: Optional[float]) -> dict:
+    r = climb_res["ok_result"]
+    step = r.get("step_s")
+    return {
+        "tool": name, "label": PEER_LABELS[name], "status": climb_res["status"],
+        "ran_within_budget": climb_res["ran_within_budget"],
+        "smallest_ok_gib": climb_res["smallest_ok_bytes"] / GIB if climb_res["smallest_ok_bytes"] else None,
+        "step_s": step, "measured_steps": r.get("measured_steps"),
+        "ratio_to_odyssey": round(step / odyssey_step, 2) if step and odyssey_step else None,
+        "peak_cgroup_mib": round(climb_res["ok_peak_bytes"] / MIB) if climb_res["ok_peak_bytes"] else None,
+        "peak_anon_mib": r.get("peak_anon_mib") or r.get("peak_rss_anon_mib"),
+        "first_loss": (r.get("losses") or [None])[0],
+        "error": climb_res["error"], "device_map": r.get("device_map"),
+    }
+
+
+def _gen_row(name: str, climb_res: dict, odyssey_tok: Optional[float]) -> dict:
+    r = climb_res["ok_result"]
+    spt = r.get("s_per_token")
+    return {
+        "tool": name, "label": PEER_LABELS[name], "status": climb_res["status"],
+        "ran_within_budget": climb_res["ran_within_budget"],
+        "smallest_ok_gib": climb_res["smallest_ok_bytes"] / GIB if climb_res["smallest_ok_bytes"] else None,
+        "s_per_token": spt, "decode_steps": r.get("decode_steps"),
+        "ratio_to_odyssey": round(spt / odyssey_tok, 2) if spt and odyssey_tok else None,
+        "peak_cgroup_mib": round(climb_res["ok_peak_bytes"] / MIB) if climb_res["ok_peak_bytes"] else None,
+        "peak_anon_mib": r.get("peak_anon_mib"), "tokens": r.get("tokens"),
+        "error": climb_res["error"], "device_map": r.get("device_map"),
+    }
+
+
+def _note(row: dict) -> str:
+    parts = []
+    if row["status"] != "runs" or not row["ran_within_budget"]:
+        if row["error"]:
+            parts.append(("at smaller budgets: " if row["status"] == "runs" else "") + row["error"])
+    dm = row.get("device_map") or {}
+    if row["tool"] == "offload" and row["status"] == "runs":
+        share = dm.get("disk_share", 0)
+        parts.append(f"{share:.0%} of the weights on disk" if share else "nothing offloaded at this budget: runs as in RAM")
+    return "; ".join(parts)
+
+
+def train_table(rows: list[dict], budget_gib: float) -> str:
+    out = []
+    for r in rows:
+        out.append((r["label"], common.fmt(r["ran_within_budget"]),
+                    "does not run" if r["status"] != "runs" else f"{r['smallest_ok_gib']:g} GiB",
+                    common.fmt(r["step_s"], 1), r["measured_steps"] or "-", common.fmt(r["ratio_to_odyssey"]),
+                    common.fmt(r["peak_cgroup_mib"]), common.fmt(r["peak_anon_mib"], 0),
+                    common.fmt(r["first_loss"], 4), _note(r)))
+    return common.markdown_table(
+        ["tool", f"runs in {budget_gib:g} GiB", "smallest budget that ran", "step s", "median of",
+         "x Odyssey", "peak cgroup MiB", "peak anon MiB", "loss step 1", "notes"], out, "lccrrrrrrl")
+
+
+def gen_table(rows: list[dict], budget_gib: float) -> str:
+    out = []
+    for r in rows:
+        out.append((r["label"], common.fmt(r["ran_within_budget"]),
+                    "does not run" if r["status"] != "runs" else f"{r['smallest_ok_gib']:g} GiB",
+                    common.fmt(r["s_per_token"], 2), r["decode_steps"] or "-", common.fmt(r["ratio_to_odyssey"]),
+                    common.fmt(r["peak_cgroup_mib"]), common.fmt(r["peak_anon_mib"], 0), _note(r)))
+    return common.markdown_table(
+        ["tool", f"runs in {budget_gib:g} GiB", "smallest budget that ran", "s / token", "median of",
+         "x Odyssey", "peak cgroup MiB", "peak anon MiB", "notes"], out, "lccrrrrrl")
+
+
+def png(result: dict, path: Path):
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    rows = result["train"]
+    names = [r["label"].replace(" + ", "\n+ ") for r in rows]
+    budget_mib = result["settings"]["budget_gib"] * 1024
+
+    def bars(ax, values, title, ylabel, line=None):
+        ax.bar(range(len(values)), [v or 0 for v in values],
+               color=["#2ca02c" if r["tool"] == "odyssey" else "#1f77b4" for r in rows])
+        for i, v in enumerate(values):
+            ax.text(i, (v or 0), "n/a" if v is None else f"{v:,.1f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(values)), names, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel)
+        if line:
+            ax.axhline(line, color="#d62728", lw=0.8, ls="--")
+
+    bars(axes[0], [r["step_s"] for r in rows], "LoRA step (s, lower is better)", "s")
+    bars(axes[1], [r["peak_cgroup_mib"] for r in rows], "peak memory of the run that ran (MiB)\nred: the budget",
+         "MiB", budget_mib)
+    g = result["generate"]
+    axes[2].bar(range(len(g)), [r["s_per_token"] or 0 for r in g],
+                color=["#2ca02c" if r["tool"] == "odyssey" else "#1f77b4" for r in g])
+    axes[2].set_xticks(range(len(g)), [r["label"].replace(" + ", "\n+ ") for r in g], fontsize=7)
+    axes[2].set_title("generation (s / token, lower is better)", fontsize=9)
+    return common.save_figure(fig, path)
+
+
+def run(args) -> dict:
+    model = Path(args.model) if args.model else common.ensure_store("odyssey-1.2b")
+    data = Path(args.data) if args.data else common.ensure_data()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    budget = common.parse_budget(args.budget)
+    budgets = ladder(budget, cap_bytes=common.parse_budget(args.max_budget))
+    reserve = common.parse_budget(args.offload_reserve)
+    deadline = time.monotonic() + args.time_limit_s if args.time_limit_s else None
+    prompt = prompt_from(data, args.prompt_len)
+    settings = {"model": str(model), "model_label": common.model_label(model), "data": str(data), "seq_len": args.seq_len, "batch_size": 1, "lora_r": LORA_R,
+                "lora_alpha": LORA_ALPHA, "targets": TARGETS, "optimizer": f"AdamW lr {LR}", "steps": args.steps,
+                "measured_steps": args.steps - 1, "budget_gib": budget / GIB,
+                "ladder_gib": [b / GIB for b in budgets], "offload_reserve_gib": reserve / GIB,
+                "compute_dtype": "fp32", "prompt_len": len(prompt), "new_tokens": args.new_tokens,
+                "peer_allocator": "jemalloc" if args.peer_jemalloc else "system (glibc)"}
+    print(f"peers on {model}: seq_len {args.seq_len}, batch 1, LoRA r={LORA_R} alpha {LORA_ALPHA}, AdamW; "
+          f"{args.steps} steps each, step time = median of the last {args.steps - 1}; budget ladder "
+          f"{', '.join(f'{b / GIB:g}' for b in budgets)} GiB")
+    result = {"machine": common.machine(), "date": common.today(), "settings": settings, "climbs": {}}
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+
+    train_rows, gen_rows = [], []
+    if "train" in tasks:
+        climbs = {}
+        for peer in peers:
+            print(f"  train: {PEER_LABELS[peer]}")
+            if peer == "odyssey":
+                ok, why = common.train_available()
+                if not ok:
+                    print(f"    skipped: {why}")
+                    climbs[peer] = {"attempts": [], "budget_bytes": budget, "ran_within_budget": False,
+                                    "smallest_ok_bytes": None, "status": "not measured", "error": why,
+                                    "stopped": why, "ok_result": {}, "ok_peak_bytes": None}
+                    continue
+                runner = odyssey_train_runner(model, data, work, args.steps, args.seq_len, args.timeout_s)
+            else:
+                runner = peer_runner("train", peer, model, data, work, args.steps, args.seq_len, reserve, prompt,
+                                     args.new_tokens, args.timeout_s, args.peer_jemalloc)
+            climbs[peer] = climb(runner, budgets, deadline=deadline)
+        ody = climbs.get("odyssey", {}).get("ok_result", {}).get("step_s")
+        train_rows = [_train_row(p, c, ody) for p, c in climbs.items()]
+        result["climbs"]["train"] = climbs
+    if "generate" in tasks:
+        climbs = {}
+        for peer in [p for p in peers if p in ("odyssey", "offload")]:
+            print(f"  generate: {PEER_LABELS[peer]}")
+            if peer == "odyssey":
+                runner = odyssey_generate_runner(model, work, prompt, args.new_tokens, args.timeout_s)
+            else:
+                runner = peer_runner("generate", peer, model, data, work, args.steps, args.seq_len, reserve,
+                                     prompt, args.new_tokens, args.timeout_s, args.peer_jemalloc)
+            climbs[peer] = climb(runner, budgets, deadline=deadline)
+        ody = climbs.get("odyssey", {}).get("ok_result", {}).get("s_per_token")
+        gen_rows = [_gen_row(p, c, ody) for p, c in climbs.items()]
+        result["climbs"]["generate"] = climbs
+    result["train"], result["generate"] = train_rows, gen_rows
+    return result
+
+
+def markdown_sections(result: dict) -> list[tuple[str, str]]:
+    s = result["settings"]
+    out = []
+    if result["train"]:
+        out.append((f"**LoRA training step**, {s.get('model_label', '')} model, batch 1, seq_len {s['seq_len']}, r={s['lora_r']}, "
+                    f"alpha {s['lora_alpha']}, {', '.join(t.split('_')[0] for t in s['targets'])}, AdamW, fp32 "
+                    f"compute; each tool in a memory cgroup starting at {s['budget_gib']:g} GiB. Step time is "
+                    f"the median of {s['measured_steps']} steps after a warm-up step, at the smallest budget "
+                    f"that ran.", train_table(result["train"], s["budget_gib"])))
+    if result["generate"]:
+        out.append((f"**Generation**, greedy, {s['prompt_len']}-token prompt, {s['new_tokens']} new tokens; "
+                    f"seconds per token = median gap between tokens after the first.",
+                    gen_table(result["generate"], s["budget_gib"])))
+    return out
+
+
+def notes(result: dict) -> list[str]:
+    s = result["settings"]
+    return [f"Peers use the {s['peer_allocator']} allocator (as a user gets them); Odyssey preloads jemalloc "
+            "itself when it is installed.",
+            "Peak cgroup memory counts anonymous memory plus page cache charged to the group (file pages of "
+            "the weights read); peak anon is the process's anonymous RSS.",
+            f"accelerate disk offload gets max_memory cpu = budget - {s['offload_reserve_gib']:g} GiB for "
+            "weights; the rest goes to disk."]
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "worker":
+        w = argparse.ArgumentParser(prog="peers.py worker")
+        for a in ("--task", "--peer", "--model", "--data", "--result", "--offload-folder", "--prompt-ids"):
+            w.add_argument(a, required=True)
+        for a in ("--steps", "--seq-len", "--budget", "--reserve", "--new-tokens"):
+            w.add_argument(a, type=int, required=True)
+        return worker(w.parse_args(argv[1:]))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="store directory (default: the 1.2B under .cache/bench, created if missing)")
+    p.add_argument("--data", help="token data directory (default: the sample corpus under .cache/bench)")
+    p.add_argument("--budget", default="2GiB", help="RAM budget every tool starts at")
+    p.add_argument("--max-budget", default="16GiB", help="highest rung of the retry ladder")
+    p.add_argument("--offload-reserve", default="1GiB",
+                   help="budget left for runtime and activations; accelerate gets the rest for weights")
+    p.add_argument("--steps", type=int, default=4, help="training steps per tool (the first is warm-up)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--tasks", default="train,generate")
+    p.add_argument("--peers", default="odyssey,inram,offload")
+    p.add_argument("--peer-jemalloc", action="store_true", help="preload jemalloc into the peers too")
+    p.add_argument("--timeout-s", type=float, default=900, help="per attempt")
+    p.add_argument("--time-limit-s", type=float, default=0, help="stop climbing after this long (0: no limit)")
+    p.add_argument("--work", default=str(common.CACHE / "peers"), help="logs, run dirs, offload folders")
+    p.add_argument("--out-dir", default=str(common.RESULTS))
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    result = run(args)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = markdown_sections(result)
+    for caption, table in sections:
+        print(f"\n{caption}\n{table}")
+    for n in notes(result):
+        print(f"note: {n}")
+    written = [common.write_json(out / "peers.json", result),
+               common.write_markdown(out / "peers.md", "Odyssey against transformers + peft (+ accelerate)",
+                                     sections, notes(result))]
+    if result["train"] or result["generate"]:
+        pic = png(result, out / "peers.png")
+        if pic:
+            written.append(pic)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

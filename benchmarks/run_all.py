@@ -1,0 +1,140 @@
+"""Every benchmark, one after the other (`make bench`): page-in, out-of-core overhead, peers,
+scaling. Each part runs in its own process and prints its tables; the results land in
+benchmarks/results/ as JSON, markdown and PNG, and benchmarks/results/README.md collects the
+tables with the date and the machine. The whole run is planned to fit 45 minutes on a 2-core
+machine: the parts that climb budgets stop climbing when the time left runs short.
+
+    .venv/bin/python benchmarks/run_all.py [--parts pagein,overhead,peers,scaling] [--minutes 45]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PARTS = ("pagein", "overhead", "peers", "scaling")
+# seconds kept for the parts after this one: a part that climbs budgets stops climbing when only these are left
+RESERVE_AFTER_S = {"pagein": 40 * 60, "overhead": 30 * 60, "peers": 14 * 60, "scaling": 0}
+TITLES = {
+    "pagein": "Page-in",
+    "overhead": "Out-of-core overhead",
+    "peers": "Odyssey against transformers + peft (+ accelerate)",
+    "scaling": "Scaling",
+}
+MARKDOWN = {  # part -> result files shown in the README, in order
+    "pagein": ("pagein-strategies.md", "pagein-grid.md"),
+    "overhead": ("overhead.md",),
+    "peers": ("peers.md",),
+    "scaling": ("scaling.md",),
+}
+PICTURES = {"pagein": ("pagein-grid.png", "pagein-strategies.png"), "overhead": ("overhead.png",),
+            "peers": ("peers.png",), "scaling": ("scaling.png",)}
+
+
+def command(part: str, out_dir: Path, seconds_left: float, steps: int) -> list[str] | None:
+    """The command line of one part, or None when its script is missing."""
+    py = common.PYTHON
+    limit = max(60.0, seconds_left - RESERVE_AFTER_S[part])
+    if part == "pagein":
+        return [py, str(HERE / "pagein.py"), "--out-dir", str(out_dir)]
+    if part == "overhead":
+        script = HERE / "overhead.py"
+        return [py, str(script), "--out", str(out_dir / "overhead.json")] if script.exists() else None
+    if part == "peers":
+        return [py, str(HERE / "peers.py"), "--out-dir", str(out_dir), "--steps", str(steps),
+                "--time-limit-s", f"{limit:.0f}"]
+    if part == "scaling":
+        return [py, str(HERE / "scaling.py"), "--out-dir", str(out_dir), "--steps", str(steps),
+                "--reuse-peers", str(out_dir / "peers.json"), "--time-limit-s", f"{limit:.0f}"]
+    raise ValueError(part)
+
+
+def readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> str:
+    """The combined README of the results directory: date, machine, every table, the charts."""
+    lines = ["# Odyssey benchmarks", "",
+             f"Measured {date} on {common.describe_machine(machine)}.", "",
+             "Every comparison is a ratio of figures measured side by side in one run; other work shared "
+             "this machine, so absolute timings are noisy. Reproduce with `make bench`.", "",
+             common.markdown_table(["part", "status", "minutes"],
+                                   [(r["part"], r["status"], f"{r['seconds'] / 60:.1f}") for r in runs], "lll"), ""]
+    for r in runs:
+        part = r["part"]
+        lines += [f"## {TITLES[part]}", ""]
+        shown = False
+        for name in MARKDOWN[part]:
+            path = out_dir / name
+            if path.is_file():
+                text = path.read_text().strip()
+                # the part files start with their own "## title": demote it under this section
+                text = "\n".join(("#" + ln) if ln.startswith("## ") else ln for ln in text.splitlines())
+                lines += [text, ""]
+                shown = True
+        if not shown:
+            lines += [f"No result ({r['status']}).", ""]
+        for name in PICTURES[part]:
+            if (out_dir / name).is_file():
+                lines += [f"![{name}]({name})", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default=",".join(PARTS))
+    p.add_argument("--minutes", type=float, default=45, help="time the whole run should fit in")
+    p.add_argument("--steps", type=int, default=4, help="training steps per run; the first is warm-up")
+    p.add_argument("--out-dir", default=str(common.RESULTS))
+    args = p.parse_args(argv)
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    bad = [x for x in parts if x not in PARTS]
+    if bad:
+        p.error(f"--parts: unknown {bad[0]!r}; choose from {', '.join(PARTS)}")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    machine = common.machine()
+    date = common.today()
+    print(f"Odyssey benchmarks, {date}\n{common.describe_machine(machine)}")
+    print(f"training figures: median of {args.steps - 1} steps after a warm-up step; budget 2 GiB unless noted\n")
+    # the stores and data every part uses, made once up front (not timed with the parts)
+    for config in ("odyssey-1.2b", "small", "nano"):
+        common.ensure_store(config)
+    common.ensure_data()
+
+    runs = []
+    for part in parts:
+        left = args.minutes * 60 - (time.monotonic() - t_start)
+        cmd = command(part, out_dir, left, args.steps)
+        print(f"\n===== {part} ({left / 60:.1f} min left) =====", flush=True)
+        if cmd is None:
+            print(f"{part}: script missing, skipped")
+            runs.append({"part": part, "status": "missing", "seconds": 0.0, "returncode": None})
+            continue
+        t0 = time.monotonic()
+        rc = subprocess.call(cmd, cwd=common.ROOT)
+        seconds = time.monotonic() - t0
+        status = "ok" if rc == 0 else f"failed (exit {rc})"
+        print(f"===== {part}: {status} in {seconds / 60:.1f} min =====", flush=True)
+        runs.append({"part": part, "status": status, "seconds": round(seconds, 1), "returncode": rc,
+                     "command": " ".join(cmd[1:])})
+    total = time.monotonic() - t_start
+    summary = {"date": date, "machine": machine, "parts": runs, "seconds": round(total, 1),
+               "steps": args.steps, "measured_steps": args.steps - 1}
+    common.write_json(out_dir / "run_all.json", summary)
+    text = readme(out_dir, machine, runs, date)
+    common.atomic.write_text(out_dir / "README.md", text + "\n")
+    print(f"\nall parts in {total / 60:.1f} min (target {args.minutes:g} min)")
+    for r in runs:
+        print(f"  {r['part']:9s} {r['status']:18s} {r['seconds'] / 60:5.1f} min")
+    print(f"wrote {out_dir / 'README.md'}")
+    return 0 if all(r["returncode"] in (0, None) for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
