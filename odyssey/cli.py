@@ -170,12 +170,27 @@ def cmd_generate(args) -> int:
 def cmd_train(args) -> int:
     from odyssey.train import train
 
+    if args.nproc and args.nproc > 1:
+        return _launch_ranks(args.nproc)
     overrides = list(args.overrides)
     if args.mode:
         overrides.append(f"mode={args.mode}")
     return train(args.out, model=args.model, data=args.data, budget=args.ram_budget, config_path=args.config,
                  overrides=overrides, steps=args.steps, resume=args.resume, monitor=args.monitor,
                  guard=not args.no_guard, progress=not args.quiet)
+
+
+def _launch_ranks(nproc: int) -> int:
+    """`odyssey train --nproc N ...`: the same command on N local ranks through torchrun
+    (torch.distributed.run, standalone rendezvous on this machine)."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    i = next(k for k, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
+    argv = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "odyssey", *argv]
+    return subprocess.call(cmd)
 
 
 def cmd_prepare_data(args) -> int:
@@ -378,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
     s.add_argument("--monitor", action="store_true", help="open the monitor window in its own process")
     s.add_argument("--no-guard", action="store_true", help="do not start the guard process")
+    s.add_argument("--nproc", type=int, help="data-parallel ranks on this machine (torchrun shortcut)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=32 seq_len=256")
     s.set_defaults(func=cmd_train)

@@ -438,6 +438,9 @@ class TrainConfig:
     """auto (bf16 where the CPU has native bf16, else fp32), bf16 or fp32."""
     slots: int = 2
     """Pager buffer slots (layers resident at once)."""
+    dist_timeout_s: float = 300.0
+    """Distributed runs: seconds a rank waits for the others in a collective before it stops with
+    a checkpoint (a dead rank is usually noticed at once)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     guard: GuardSettings = field(default_factory=GuardSettings)
 

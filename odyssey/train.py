@@ -39,8 +39,10 @@ from odyssey.runlog import RunDir
 CKPT_PREFIX = "step-"
 TRAINER_STATE = "trainer.pt"
 # Keys that may differ on --resume: they change neither the maths nor the data order.
-RESUME_FREE_KEYS = {"guard", "slots", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches"}
+RESUME_FREE_KEYS = {"guard", "slots", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
+                    "dist_timeout_s", "world_size"}
 EXIT_GUARD_STOP = 3
+STOP_USER, STOP_SIGNAL, STOP_GUARD = 1, 2, 3  # stop causes, highest wins across ranks
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -223,9 +225,11 @@ class StepState:
 
 class Trainer:
     def __init__(self, *, store, data, run: RunDir, cfg: TrainConfig, budget: int, use_guard: bool = True,
-                 progress: bool = True, resident: bool = False, log=print):
+                 progress: bool = True, resident: bool = False, log=print, ranks=None):
         from odyssey.data import BatchSampler, eval_batches
+        from odyssey.distributed import Ranks
 
+        self.dist = ranks or Ranks()
         self.store, self.data, self.run, self.cfg = store, data, run, cfg
         self.budget, self.use_guard, self.progress, self.log = budget, use_guard, progress, log
         torch.manual_seed(cfg.seed)
@@ -233,14 +237,16 @@ class Trainer:
         self.params = [p for p in self.learner.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), eps=1e-8)
-        self.sampler = BatchSampler(data, "train", cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+        self.sampler = BatchSampler(data, "train", cfg.seq_len, cfg.batch_size, seed=cfg.seed,
+                                    rank=self.dist.rank, world_size=self.dist.world)
         self.val = eval_batches(data, cfg.seq_len, cfg.batch_size, cfg.eval_batches) if cfg.eval_batches else []
         self.step = 0
         self.tokens = 0
         self.last_done: Optional[StepState] = None
         self.controller = None
-        self.guard = None
+        self.local = run  # this rank's own run directory (status, control, guard); the run itself on rank 0
         self.state = "running"
+        self.want = {"stop": 0, "reason": "", "pause": 0, "checkpoint": 0}  # asked for, not yet done
         self._signal: Optional[int] = None
         self._want_checkpoint = False
         self._hog = _TestHog.from_env()
@@ -258,16 +264,34 @@ class Trainer:
                                f"from the one before") from None
         self.learner.load(path)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.sampler.load_state_dict(self._sampler_state(state["sampler"]))
         torch.set_rng_state(state["rng"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.last_done = StepState(self.step, state["sampler"], state["rng"], self.tokens)
         return path
 
+    def _sampler_state(self, saved: dict) -> dict:
+        """The saved data position for this rank. Every rank has the same (epoch, cursor) after a
+        step, so rank 0's position serves all; on another number of ranks the windows each rank
+        has consumed carry over onto the new shards."""
+        s = self.sampler
+        if saved.get("world_size", 1) == s.world_size and saved.get("num_windows") == s.num_windows:
+            return {**saved, "rank": s.rank}
+        old_per_epoch = saved["num_windows"] // saved.get("world_size", 1)
+        consumed = saved["epoch"] * old_per_epoch + saved["cursor"]
+        epoch, cursor = divmod(consumed, s.windows_per_epoch)
+        if self.dist.is_main:
+            b = self.cfg.batch_size * self.cfg.grad_accum
+            self.log(f"resuming a run of {saved.get('world_size', 1)} rank(s) on {s.world_size}: the global batch "
+                     f"changes from {saved.get('world_size', 1) * b} to {s.world_size * b} sequences a step and each "
+                     f"rank reads another shard of the data, so the steps from here differ from an uninterrupted run")
+        return {**saved, "epoch": epoch, "cursor": cursor, "rank": s.rank, "world_size": s.world_size,
+                "num_windows": s.num_windows}
+
     # --- checkpoints ---
     def checkpoint(self, reason: str) -> Optional[Path]:
         s = self.last_done
-        if s is None or s.step == 0:
+        if s is None or s.step == 0 or not self.dist.is_main:
             return None
         final = self.run.checkpoints_dir / f"{CKPT_PREFIX}{s.step:06d}"
         if (final / TRAINER_STATE).is_file():
@@ -278,7 +302,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         self.learner.save(tmp, step=s.step)
-        state = {"step": s.step, "tokens": s.tokens, "optimizer": self.optimizer.state_dict(),
+        state = {"step": s.step, "tokens": s.tokens, "optimizer": self.optimizer.state_dict(), "world_size": self.dist.world,
                  "sampler": s.sampler, "rng": s.rng, "config": to_dict(self.cfg)}
         with atomic.atomic_path(tmp / TRAINER_STATE) as p:
             torch.save(state, p)
@@ -295,47 +319,75 @@ class Trainer:
         return final
 
     # --- control, between layers ---
-    def _between(self) -> None:
+    def _collect(self) -> None:
+        """Signals, the guard's liveness and new control requests into `self.want` (never blocks)."""
+        w = self.want
         if self._signal is not None:
-            raise StopRequested(f"signal {signal.Signals(self._signal).name}", source="signal")
+            self._stop(STOP_SIGNAL, f"signal {signal.Signals(self._signal).name}")
         if self._hog is not None:
             self._hog.grow(self.step)
         if self.controller is None:
             return
         if self.controller.check_guard() == "stop":
-            raise StopRequested("the guard is gone and guard.on_guard_lost is stop", source="guard")
+            self._stop(STOP_GUARD, "the guard is gone and guard.on_guard_lost is stop")
         req = self.controller.poll()
-        while req is not None or self.state == "paused":
-            if req is not None:
-                self._handle(req)
-            if self.state != "paused":
-                break
-            time.sleep(0.2)
-            if self._signal is not None:
-                raise StopRequested(f"signal {signal.Signals(self._signal).name}", source="signal")
+        while req is not None:
+            action, source = req["action"], req.get("source", "user")
+            reason = req.get("reason") or f"{action} requested by {source}"
+            if action == "stop":
+                self._stop(STOP_GUARD if source == "guard" else STOP_USER, reason)
+                self.controller.ack(req, "stopping", self.step)
+            elif action == "pause":
+                w["pause"], w["pause_req"] = 1, req  # acknowledged once paused
+            elif action == "resume":
+                w["pause"], w["resume_req"] = 0, req
+                if self.state != "paused":
+                    self.controller.ack(req, self.state, self.step)
+            else:  # checkpoint: written at the end of the step in flight
+                w["checkpoint"] = 1
+                self.controller.ack(req, self.state, self.step)
             req = self.controller.poll()
 
-    def _handle(self, req: dict) -> None:
-        action, source = req["action"], req.get("source", "user")
-        reason = req.get("reason") or ""
-        if action == "stop":
-            self.controller.ack(req, "stopping", self.step)
-            raise StopRequested(reason or f"stop requested by {source}", source=source)
-        if action == "pause" and self.state != "paused":
-            self.state = "paused"
-            self.controller.ack(req, "paused", self.step)
-            self.run.append("event", level="warning", source="trainer", action="paused", step=self.step,
-                            message=f"paused by {source}{': ' + reason if reason else ''} / 일시정지")
+    def _stop(self, code: int, reason: str) -> None:
+        if code > self.want["stop"]:
+            self.want["stop"], self.want["reason"] = code, reason
+
+    def _between(self) -> None:
+        self._collect()
+        if not self.dist.active:  # distributed ranks act together at the end of the step
+            self._act()
+
+    def _act(self) -> None:
+        """Apply what was asked: a stop raises StopRequested, a pause blocks until resume or stop.
+        Across ranks the flags are combined (any rank's stop or pause holds for all)."""
+        stop, pause, ckpt = self.dist.flags([self.want["stop"], self.want["pause"], self.want["checkpoint"]])
+        self.want["checkpoint"] = 0
+        self._want_checkpoint |= bool(ckpt)
+        if stop:
+            self._raise_stop(stop)
+        if not pause:
             return
-        if action == "resume" and self.state == "paused":
-            self.state = "running"
-            self.controller.ack(req, "running", self.step)
-            self.run.append("event", level="info", source="trainer", action="resumed", step=self.step,
-                            message=f"resumed by {source} / 재개")
-            return
-        if action == "checkpoint":
-            self._want_checkpoint = True  # written at the end of the step in flight
-        self.controller.ack(req, self.state, self.step)
+        self.state = "paused"
+        req = self.want.pop("pause_req", None) or {"id": None, "action": "pause"}
+        self.controller.ack(req, "paused", self.step)
+        self.local.append("event", level="warning", source="trainer", action="paused", step=self.step,
+                        message=f"paused by {req.get('source', 'another rank')}"
+                                f"{': ' + req['reason'] if req.get('reason') else ''} / 일시정지")
+        while pause:
+            time.sleep(0.2)
+            self._collect()
+            stop, pause = self.dist.flags([self.want["stop"], self.want["pause"]])
+            if stop:
+                self._raise_stop(stop)
+        self.state = "running"
+        req = self.want.pop("resume_req", None) or {"id": None, "action": "resume"}
+        self.controller.ack(req, "running", self.step)
+        self.local.append("event", level="info", source="trainer", action="resumed", step=self.step,
+                        message=f"resumed by {req.get('source', 'another rank')} / 재개")
+
+    def _raise_stop(self, code: int) -> None:
+        reason = self.want["reason"] if self.want["stop"] == code else "stop requested on another rank"
+        raise StopRequested(reason, source={STOP_USER: "user", STOP_SIGNAL: "signal", STOP_GUARD: "guard"}[code])
 
     # --- the loop ---
     def _step_once(self) -> tuple[float, float]:
@@ -348,16 +400,19 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             x, y = self.sampler.next_batch()
             loss += self.learner.step(x, y, 1.0 / cfg.grad_accum, self._between) / cfg.grad_accum
+        loss = self.dist.average_grads(self.params, loss)
+        if self.dist.active:
+            self._act()  # the ranks stop, pause or checkpoint together, at the same step
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
-        self.tokens += cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        self.tokens += cfg.grad_accum * cfg.batch_size * cfg.seq_len * self.dist.world
         self.last_done = StepState(step, self.sampler.state_dict(), torch.get_rng_state(), self.tokens)
         return loss, float(norm)
 
     def evaluate(self) -> Optional[float]:
-        if not self.val:
+        if not self.val or not self.dist.is_main:
             return None
         self.learner.train(False)
         try:
@@ -395,14 +450,21 @@ class Trainer:
             st = self.learner.take_stats(step_s)
             anon = process_memory().anon_bytes / (1 << 20)
             rss_peak = max(rss_peak, anon)
-            tps = cfg.grad_accum * cfg.batch_size * cfg.seq_len / step_s
+            tps = cfg.grad_accum * cfg.batch_size * cfg.seq_len * self.dist.world / step_s  # all ranks
+            if self.dist.active:
+                self.run.append("rank", rank=self.dist.rank, pid=os.getpid(), step=self.step, step_s=round(step_s, 4),
+                                pagein_mb_s=round(st.pagein_mb_s, 1), stall_s=round(st.stall_s, 4),
+                                rss_anon_mib=round(anon, 1), budget_mib=round(budget_mib, 1))
+            if not self.dist.is_main:
+                bar.update(1)
+                continue
             if st.layers:
                 self.run.append("pagein", step=self.step, layers=st.layers)
             self.run.append("step", step=self.step, loss=round(loss, 6), lr=lr_at(cfg, self.step),
                             grad_norm=round(gnorm, 6), tokens_per_s=round(tps, 2), step_s=round(step_s, 4),
                             pagein_mb_s=round(st.pagein_mb_s, 1), stall_s=round(st.stall_s, 4),
                             rss_anon_mib=round(anon, 1), budget_mib=round(budget_mib, 1),
-                            steps_total=steps_total, tokens=self.tokens)
+                            steps_total=steps_total, tokens=self.tokens, world_size=self.dist.world)
             losses.append(loss)
             times.append(step_s)
             bar.update(1)
@@ -418,7 +480,8 @@ class Trainer:
         return {"steps": len(losses), "first_loss": losses[0] if losses else None,
                 "last_loss": losses[-1] if losses else None, "val_before": first_val, "val_after": last_val,
                 "step_s": sorted(times)[len(times) // 2] if times else None,
-                "tokens_per_s": (cfg.batch_size * cfg.seq_len * cfg.grad_accum / (sum(times) / len(times))) if times else None,
+                "tokens_per_s": (cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world
+                                 / (sum(times) / len(times))) if times else None,
                 "rss_peak_mib": rss_peak}
 
 
@@ -559,58 +622,77 @@ def train(out: str, *, model: Optional[str] = None, data: Optional[str] = None, 
 
         check_targets(cfg.lora.targets)
     plan = check_plan(store, cfg, budget)
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(run.config_path, "# effective config written by odyssey train\n" + dump_yaml(eff))
-    trainer = Trainer(store=store, data=data_set, run=run, cfg=cfg, budget=budget, progress=progress)
+    from odyssey.distributed import PeerLost, Ranks
+
+    ranks = Ranks(cfg.dist_timeout_s)  # after every rank checked its inputs: nothing is written before
+    main = ranks.is_main
+    local = run if main else RunDir(run.root / "ranks" / f"rank-{ranks.rank}")  # status, guard, events
+    eff["world_size"] = ranks.world
+    if main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run.config_path, "# effective config written by odyssey train\n" + dump_yaml(eff))
+    log = (lambda msg: print(msg, file=sys.stderr)) if main else (lambda msg: None)
+    trainer = Trainer(store=store, data=data_set, run=run, cfg=cfg, budget=budget, progress=progress and main,
+                      ranks=ranks, log=log)
+    trainer.local = local
     restored = trainer.restore() if resume else None
-    controller = Controller(run, cfg.guard if guard else _no_guard(cfg))
+    controller = Controller(local, cfg.guard if guard else _no_guard(cfg))
     trainer.controller = controller
     if resume and restored is None:
-        print(f"--resume: {run.root} has no checkpoint yet; starting from step 0", file=sys.stderr)
+        log(f"--resume: {run.root} has no checkpoint yet; starting from step 0")
     guard_proc = None
     if guard and cfg.guard.enabled:
-        guard_proc = start_guard(os.getpid(), run.root, budget, cfg.guard)
+        guard_proc = start_guard(os.getpid(), local.root, budget, cfg.guard)
         controller.attach_guard(guard_proc)
     what = f"LoRA r={cfg.lora.r}" if cfg.mode == "lora" else "full training"
-    run.append("event", level="info", source="trainer",
-               message=(f"{'resumed from ' + restored.name if restored else 'training started'}: "
-                        f"{store.config.num_parameters() / 1e9:.3f} B parameters, {what}, {cfg.steps} steps, "
-                        f"RAM budget {format_bytes(budget)}, plan {format_bytes(plan.total)}"))
-    if monitor:
+    on = f", {ranks.world} ranks" if ranks.active else ""
+    local.append("event", level="info", source="trainer", rank=ranks.rank,
+                 message=(f"{'resumed from ' + restored.name if restored else 'training started'}: "
+                          f"{store.config.num_parameters() / 1e9:.3f} B parameters, {what}, {cfg.steps} steps{on}, "
+                          f"RAM budget {format_bytes(budget)}, plan {format_bytes(plan.total)}"))
+    if monitor and main:
         _open_monitor(run)
     old = {s: signal.signal(s, lambda signum, frame: setattr(trainer, "_signal", signum))
            for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.perf_counter()
     code = 0
+    peer_lost = False
     try:
-        summary = trainer.fit(cfg.steps)
-        adapter = trainer.learner.finish(run, step=trainer.step)
-        trainer.checkpoint("end of run")
-        controller.write_status("finished", trainer.step, steps_total=cfg.steps)
-        run.append("event", level="info", source="trainer", action="finished", step=trainer.step,
-                   message=f"finished at step {trainer.step}; result in {adapter}")
-        _print_summary(summary, adapter, time.perf_counter() - t0, plan, budget)
+        try:
+            summary = trainer.fit(cfg.steps)
+        except PeerLost as e:
+            peer_lost = True
+            raise StopRequested(f"another rank was lost ({e})", source="peer") from None
+        if main:
+            adapter = trainer.learner.finish(run, step=trainer.step)
+            trainer.checkpoint("end of run")
+            controller.write_status("finished", trainer.step, steps_total=cfg.steps)
+            run.append("event", level="info", source="trainer", action="finished", step=trainer.step,
+                       message=f"finished at step {trainer.step}; result in {adapter}")
+            _print_summary(summary, adapter, time.perf_counter() - t0, plan, budget)
+        ranks.barrier()  # no rank leaves while rank 0 still writes the result
     except StopRequested as stop:
         if trainer._hog is not None:
             trainer._hog.release()
         where = trainer.checkpoint(f"stop: {stop}")
-        state = "stopped"
-        controller.write_status(state, trainer.step, steps_total=cfg.steps, reason=str(stop))
-        resume_cmd = f"odyssey train --out {run.root} --resume"
-        if stop.source == "guard":
+        controller.write_status("stopped", trainer.step, steps_total=cfg.steps, reason=str(stop))
+        if stop.source in ("guard", "peer"):
             code = EXIT_GUARD_STOP
         elif stop.source == "signal":
             code = 128 + (trainer._signal or signal.SIGTERM)
-        run.append("event", level="warning" if code else "info", source="trainer", action="stopped",
-                   step=trainer.step, message=f"stopped at step {trainer.step} ({stop}); "
-                                               f"{'checkpoint ' + where.name if where else 'no checkpoint yet'}")
-        print(f"\nstopped at step {trainer.step}: {stop}. "
-              f"{'Checkpoint ' + str(where) + '. ' if where else ''}Resume with: {resume_cmd}", file=sys.stderr)
+        local.append("event", level="warning" if code else "info", source="trainer", action="stopped",
+                     step=trainer.step, rank=ranks.rank,
+                     message=f"stopped at step {trainer.step} ({stop}); "
+                             f"{'checkpoint ' + where.name if where else 'no checkpoint written by this rank'}")
+        if main:
+            print(f"\nstopped at step {trainer.step}: {stop}. {'Checkpoint ' + str(where) + '. ' if where else ''}"
+                  f"Resume with: odyssey train --out {run.root} --resume", file=sys.stderr)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         stop_guard(guard_proc)
         trainer.learner.close()
+        ranks.close(clean=not peer_lost)
     return code
 
 

@@ -1,10 +1,20 @@
 """llama.cpp loads Odyssey's GGUF and computes what the engine computes (slow: needs
 llama-cpp-python, which `make test-slow` builds from its PyPI source package into .venv).
 
-A small random model (2 layers, hidden 256, head_dim 64, GQA 4/2, init std 0.2 so logits are not
-flat) with a tokenizer trained by prepare-data on the sample stories; next-token logits at every
-position of a 32-token prompt: f32 GGUF within 1e-2 of the engine's fp32 logits, q8_0 GGUF with
-the same argmax at >= 95% of positions; llama.cpp's tokenizer gives the HF tokenizer's ids."""
+Next-token logits at every position of a 32-token prompt, llama.cpp against
+`Engine(store, compute_dtype="fp32")`, on two small models (2 layers, hidden 256, head_dim 64,
+GQA 4/2, vocab 512 with a 480-token tokenizer trained on the sample stories):
+- "random": `init_store` with init std 0.2 and a tied head. Its attention logits are large, so a
+  small error anywhere (RoPE layout, norms, scaling) is amplified: the f32 check is strict here.
+- "peaked": untied, head = the embedding rolled by one row, layers at std 0.06. Every position has
+  a clear winner (top-1/top-2 gap above 3 logit standard deviations), while the layers still move
+  the logits by up to ~8 standard deviations. A random model's top two logits are often closer
+  than q8_0's noise (measured: ~2% of the logit spread per logit; 87-97% argmax agreement over
+  32 positions, seed-dependent), which would make the argmax check a coin toss; and since the
+  argmax alone barely sees the layers here, the q8_0 logits must also stay within 0.3 standard
+  deviations of the engine's (measured 0.07; 1.3-2.8 with the Q/K permutation left out).
+llama.cpp keeps its KV cache in f16 by default; the comparisons ask for an f32 cache so that they
+measure the file, not that rounding (measured on "random": 4e-2 with the f16 cache, 1e-4 without)."""
 
 from pathlib import Path
 
@@ -15,12 +25,13 @@ import torch
 from odyssey.data import load_tokenizer, prepare_data
 from odyssey.engine import Engine
 from odyssey.export.gguf import write_gguf
-from odyssey.store import Store, init_store
+from odyssey.store import Store, StoreWriter, copy_tokenizer, init_store
 from tests.conftest import ROOT, tiny_config
 
 pytestmark = pytest.mark.slow
 
 PROMPT_TOKENS = 32
+GGML_TYPE_F32 = 0  # llama.cpp's KV cache type for type_k / type_v
 TEXT = ("Once upon a time, a little girl named Lily found 3 shiny stones by the river. "
         "She said: \"Mom, look!\" and ran home. 옛날 옛적에 작은 고양이가 살았어요.")
 
@@ -34,20 +45,51 @@ def llama_cpp():
     return llama_cpp
 
 
+def small_config(**kw):
+    return tiny_config(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=256, **kw)
+
+
+def write_peaked(out: Path, seed: int = 0, layer_std: float = 0.06) -> None:
+    """Embedding rows N(0, 1), head row j = embedding row j-1 / sqrt(d) (so token t votes for
+    t+1 by ~16 logit standard deviations), layers N(0, layer_std), norms one."""
+    cfg = small_config()
+    g = torch.Generator().manual_seed(seed)
+    embed = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g)
+
+    def producer(name, shape):
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        if name == "model.embed_tokens.weight":
+            return embed
+        if name == "lm_head.weight":
+            return embed.roll(1, 0) / cfg.hidden_size ** 0.5
+        return torch.randn(shape, generator=g) * layer_std
+
+    w = StoreWriter(out, cfg, "f32", {"kind": "test-peaked", "seed": seed}, force=False)
+    for unit in w.units:
+        w.write_unit(unit, producer)
+    w.finish()
+
+
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """(store, {gguf_type: path}) for a small random model with a trained tokenizer."""
+def models(tmp_path_factory):
+    """{"random" | "peaked": (store, {gguf_type: path})}, each with the trained tokenizer."""
     tmp = tmp_path_factory.mktemp("llamacpp")
-    cfg = tiny_config(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                      num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=256)
-    init_store(cfg, tmp / "store", dtype="f32", seed=3, progress=False)
     prepare_data([ROOT / "data" / "sample" / "stories_en.txt"], tmp / "data", vocab_size=480,
-                 model_store=tmp / "store", progress=False)  # 32 padded rows
-    store = Store.open(tmp / "store")
-    paths = {t: tmp / f"model-{t}.gguf" for t in ("f32", "q8_0")}
-    for t, p in paths.items():
-        write_gguf(store, p, t, progress=False)
-    return store, paths
+                 progress=False)  # 32 model rows stay padding
+    init_store(small_config(initializer_range=0.2, tie_word_embeddings=True), tmp / "random", dtype="f32",
+               seed=3, progress=False)
+    write_peaked(tmp / "peaked")
+    out = {}
+    for name, gguf_types in (("random", ("f32",)), ("peaked", ("f32", "q8_0"))):
+        copy_tokenizer(tmp / "data", tmp / name)
+        store = Store.open(tmp / name)
+        paths = {t: tmp / f"{name}-{t}.gguf" for t in gguf_types}
+        for t, p in paths.items():
+            write_gguf(store, p, t, progress=False)
+        out[name] = store, paths
+    return out
 
 
 def prompt_ids(store) -> list[int]:
@@ -63,7 +105,7 @@ def engine_logits(store, ids) -> np.ndarray:
 
 def llama_logits(path: Path, ids) -> np.ndarray:
     llm = llama_cpp().Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64, n_threads=2,
-                            verbose=False)
+                            type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
     try:
         llm.eval(ids)
         return np.array(llm.scores[:len(ids)], dtype=np.float32)  # (T, V)
@@ -71,30 +113,34 @@ def llama_logits(path: Path, ids) -> np.ndarray:
         llm.close()
 
 
-def test_f32_logits_match_the_engine(model):
-    store, paths = model
+@pytest.mark.parametrize("name", ["random", "peaked"])
+def test_f32_logits_match_the_engine(models, name):
+    store, paths = models[name]
     ids = prompt_ids(store)
     want = engine_logits(store, ids)
     got = llama_logits(paths["f32"], ids)
     assert got.shape == want.shape == (PROMPT_TOKENS, store.config.vocab_size)
-    assert want.std() > 1.0  # logits that discriminate, so the comparison means something
-    diff = np.abs(got - want).max(axis=1)  # per position
-    print(f"f32: max abs diff {diff.max():.2e} (position {diff.argmax()}), logits std {want.std():.2f}")
+    assert want.std() > 0.5  # logits that discriminate, so the comparison means something
+    diff = np.abs(got - want).max(axis=1)  # (T,) worst logit per position
+    print(f"{name} f32: max abs diff {diff.max():.2e} (position {diff.argmax()}), logit std {want.std():.2f}")
     assert diff.max() < 1e-2, diff
 
 
-def test_q8_0_argmax_matches_the_engine(model):
-    store, paths = model
+def test_q8_0_argmax_and_logits_match_the_engine(models):
+    store, paths = models["peaked"]
     ids = prompt_ids(store)
-    want = engine_logits(store, ids).argmax(axis=1)
-    got = llama_logits(paths["q8_0"], ids).argmax(axis=1)
-    agree = float((got == want).mean())
-    print(f"q8_0: argmax agrees at {agree:.1%} of {PROMPT_TOKENS} positions")
-    assert agree >= 0.95, (got, want)
+    want = engine_logits(store, ids)
+    got = llama_logits(paths["q8_0"], ids)
+    agree = float((got.argmax(axis=1) == want.argmax(axis=1)).mean())
+    spread = float(np.abs(got - want).max() / want.std())
+    print(f"q8_0: argmax agrees at {agree:.1%} of {PROMPT_TOKENS} positions; max abs diff "
+          f"{np.abs(got - want).max():.3f} = {spread:.3f} logit std")
+    assert agree >= 0.95, (got.argmax(axis=1), want.argmax(axis=1))
+    assert spread < 0.3
 
 
-def test_llama_cpp_tokenizes_like_the_store_tokenizer(model):
-    store, paths = model
+def test_llama_cpp_tokenizes_like_the_store_tokenizer(models):
+    store, paths = models["peaked"]
     llm = llama_cpp().Llama(model_path=str(paths["q8_0"]), vocab_only=True, verbose=False)
     try:
         tok = load_tokenizer(store.tokenizer_path())

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,12 +26,13 @@ from odyssey.monitor.charts import nice_ticks, strip_bars, time_ticks
 from odyssey.monitor.feed import Feed, Series, downsample_minmax, fmt_duration
 from odyssey.runlog import RunDir
 
-from tests.conftest import load_tool
+from tests.conftest import load_tool, run_cli, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 record_run = load_tool("record_run")
+corpus_tool = load_tool("make_sample_corpus")
 
 
 def _step(step, loss=2.0, t=None, **kw):
@@ -169,13 +172,24 @@ def test_recorded_run_and_truncation(tmp_path):
     feed = Feed(run)
     feed.poll()
     assert not feed.more_waiting
-    assert len(feed.loss) == 120 and feed.resume_steps  # the recording resumes once
-    assert len(feed.layers) == 26 and feed.layers_step == 120
+    assert len(feed.loss) == 120 and feed.resume_steps == [67]  # killed at 96, resumed from 66
+    assert any("resumed from step-000066" in e.text for e in feed.log)
+    # the last step's pass as the engine writes it: 24 layers forward, the head, 24 backward
+    assert len(feed.layers) == 49 and feed.layers_step == 120
+    rows = feed.layer_rows()
+    assert [r["name"] for r in rows] == [str(i) for i in range(24)] + ["head"]
+    assert (rows[0]["reads"], rows[0]["reused"]) == (1, 1)  # forward from the slot, read for backward
+    assert (rows[23]["reads"], rows[23]["reused"]) == (1, 1)  # read forward, still there for backward
+    assert (rows[5]["reads"], rows[5]["reused"], rows[-1]["reads"]) == (2, 0, 1)
+    bars = strip_bars(feed.layers)
+    assert len([b for b in bars if b["slow"]]) == 1  # the disk hiccup on one layer, and only there
     assert feed.limits.max_temp_c == 90.0 and feed.limits.soft_pct == 90.0
     vals = feed.values()
     assert vals["budget"] == "1,536 MiB" and vals["temp"].endswith("°C")
     assert vals["headroom"].endswith("%)") and vals["eta"] not in ("–", "")
+    assert vals["guard"] == "watching / 감시 중"
     assert any(e.level == "warning" and "guard checkpoint" in e.text for e in feed.log)
+    assert not any(e.level == "error" for e in feed.log)  # the guard's exit at the kill is info
     # the file replaced by a shorter one (a new run in the same directory): start over
     (run / "metrics.jsonl").write_text(_step(1, 3.3), encoding="utf-8")
     feed.poll()
@@ -362,17 +376,293 @@ def test_window_screenshot_pause_and_ack(xvfb, tmp_path, monkeypatch):
         app.close()
 
 
+def _proc_running(pid: int) -> bool:
+    """Alive and not a zombie (a killed window re-parented to init may wait there to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
+def _monitor_pid(run: Path) -> int | None:
+    """The window's pid, from the line launch_detached writes to RUN/monitor.log."""
+    log = run / "monitor.log"
+    if not log.exists():
+        return None
+    m = re.search(r"odyssey monitor pid (\d+)", log.read_text(errors="replace"))
+    return int(m.group(1)) if m else None
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _wait(lambda: not _proc_running(pid), 10)
+
+
 def test_launch_detached_opens_its_own_process(xvfb, tmp_path, monkeypatch):
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc")
     monkeypatch.setenv("DISPLAY", xvfb)
     run = record_run.record_run(tmp_path / "run", steps=30, steps_total=100)
-    proc = launch_detached(run)
+    t0 = time.monotonic()
+    pid = launch_detached(run)
     try:
+        assert time.monotonic() - t0 < 10  # returns at once, the window starts on its own
+        assert _monitor_pid(run) == pid
         time.sleep(3.0)
-        log = (run / "monitor.log").read_text(errors="replace") if (run / "monitor.log").exists() else ""
-        assert proc.poll() is None, f"monitor exited with {proc.returncode}: {log}"
-        assert os.getsid(proc.pid) != os.getsid(0)  # its own session: Ctrl-C in training skips it
+        log = (run / "monitor.log").read_text(errors="replace")
+        assert _proc_running(pid), f"monitor exited: {log}"
+        assert os.getsid(pid) != os.getsid(0)  # its own session: Ctrl-C in training skips it
+        assert _ppid(pid) != os.getpid()  # not our child: we never wait for it, nor count its RAM
         assert "Traceback" not in log
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        _kill(pid)
     assert not (run / "control.json").exists()  # closing the window asks nothing of the trainer
+
+
+def _wait(cond, timeout: float = 60.0, what: str = "a condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# --------------------------------------------------------------------------------------------
+# real runs of `odyssey train` (2 layers, width 64: a step takes milliseconds)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A tiny f32 store (vocab 512) with a tokenizer and token data, as tests/test_train.py."""
+    from odyssey.data import prepare_data
+    from odyssey.store import init_store
+
+    d = tmp_path_factory.mktemp("monitor-train")
+    corpus_tool.write_corpus(d / "corpus", "stories", 80, seed=2)
+    init_store(tiny_config(vocab_size=512), d / "store", dtype="f32", seed=1, progress=False)
+    prepare_data([d / "corpus"], d / "tok", vocab_size=512, model_store=d / "store", progress=False)
+    return d
+
+
+def _train_args(data: Path, out: Path, *extra) -> list[str]:
+    return ["train", "--model", str(data / "store"), "--data", str(data / "tok"), "--out", str(out),
+            "--ram-budget", "1GiB", "--quiet", *extra]
+
+
+def _env(display: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    if display:
+        env["DISPLAY"] = display
+    return env
+
+
+def _poll_all(feed: Feed) -> None:
+    feed.poll()
+    while feed.more_waiting:
+        feed.poll()
+
+
+def _final_losses(run: Path) -> dict[int, float]:
+    """step -> loss of the last line written for it (a resumed run redoes steps)."""
+    return {r["step"]: r["loss"] for r in RunDir(run).read_metrics("step")}
+
+
+@pytest.fixture(scope="module")
+def real_run(tiny_data, tmp_path_factory):
+    """4 steps of a real `odyssey train`, guard on, asked for `--monitor` where no display is."""
+    out = tmp_path_factory.mktemp("real") / "run"
+    p = run_cli(*_train_args(tiny_data, out, "--steps", "4", "seq_len=32", "batch_size=2", "eval_every=2",
+                             "checkpoint_every=2", "--monitor"), env=_env(None), timeout=300)
+    assert p.returncode == 0, p.stderr
+    return out, p
+
+
+def test_train_monitor_without_display_warns_once(real_run):
+    run, p = real_run
+    assert "trained 4 steps" in p.stdout
+    said = [line for line in p.stderr.splitlines() if "monitor" in line]
+    assert len(said) == 1, p.stderr
+    assert said[0].startswith("--monitor: DISPLAY is not set") and "training continues" in said[0]
+    assert "Traceback" not in p.stderr
+    assert not (run / "monitor.log").exists()  # nothing was started
+
+
+def test_feed_on_a_real_run(real_run, tiny_data):
+    """Every value the window shows, from what the trainer, the guard and the controller wrote."""
+    from odyssey.store import Store
+
+    run, _ = real_run
+    records = RunDir(run).read_metrics()
+    steps = [r for r in records if r["kind"] == "step"]
+    last = steps[-1]
+    feed = Feed(run)
+    _poll_all(feed)
+    assert feed.records == len(records) and feed.tail.bad_lines == 0
+    assert list(feed.loss.xs) == [1.0, 2.0, 3.0, 4.0] and list(feed.loss.ys) == [r["loss"] for r in steps]
+    assert list(feed.val_loss.xs) == [0.0, 2.0, 4.0]  # before training, then every 2 steps
+    assert len(feed.pagein) == 4 and feed.pagein.last()[1] == last["pagein_mb_s"]
+    vals = feed.values()
+    assert vals["step"] == "4 / 4"
+    assert vals["loss"] == f"{last['loss']:.4f}"
+    val4 = [r for r in records if r["kind"] == "val"][-1]
+    assert vals["val_loss"] == f"{val4['val_loss']:.4f} (step 4)"
+    assert vals["tokens_per_s"] == f"{last['tokens_per_s']:,.1f}"
+    assert vals["step_s"] == f"{last['step_s']:.2f} s"
+    assert vals["stall"] == f"{100 * last['stall_s'] / last['step_s']:.1f} %"
+    assert vals["budget"] == "1,024 MiB" and vals["eta"] == "done / 완료"
+    assert feed.state() == "finished" and feed.enabled_actions() == set()
+    assert "not running" not in feed.header_text()
+    # the guard ran: its thresholds, memory lines, heartbeat and exit
+    assert feed.guard_started and feed.limits.soft_pct == 90.0 and feed.limits.hard_pct == 97.0
+    assert len(feed.anon) >= 1 and feed.rss_mib() > 0
+    assert vals["guard"] == "exited / 종료됨"
+    assert vals["temp"].endswith("°C") or vals["temp"] == "unavailable / 없음"
+    assert vals["headroom"] == f"{1024 - feed.rss_mib():,.0f} MiB ({100 * (1024 - feed.rss_mib()) / 1024:.0f} %)"
+    # the per-layer strip: the last step's reads folded per unit, bytes as the store has them
+    pagein = [r for r in records if r["kind"] == "pagein"][-1]
+    assert feed.layers_step == 4 and feed.layers == pagein["layers"]
+    rows = feed.layer_rows()
+    assert [r["name"] for r in rows] == ["0", "1", "head"]
+    store = Store.open(tiny_data / "store")
+    for row, unit in zip(rows, (0, 1, "head")):
+        uses = [L for L in pagein["layers"] if L["layer"] == unit]
+        assert row["reads"] + row["reused"] == len(uses) == (1 if unit == "head" else 2)
+        assert row["reused"] == sum(L["reused"] for L in uses)
+        assert row["bytes"] == row["reads"] * store.shards[unit].file_bytes
+        assert row["read_s"] == pytest.approx(sum(L["read_s"] for L in uses))
+        assert row["stall_s"] == pytest.approx(sum(L["stall_s"] for L in uses))
+    assert rows[1]["reused"] >= 1  # the last layer is still in its slot when backward starts
+    bars = strip_bars(feed.layers)
+    assert [b["name"] for b in bars] == ["0", "1", "head"] and all(b["color"] for b in bars)
+    # the log: trainer events and guard lines, each at its level
+    texts = [(e.level, e.text) for e in feed.log]
+    assert any(lv == "info" and t.startswith("training started") for lv, t in texts)
+    assert any(lv == "info" and t.startswith("checkpoint step-000002 written") for lv, t in texts)
+    assert any(lv == "info" and t.startswith("finished at step 4") for lv, t in texts)
+    assert any(lv == "guard" and t.startswith("guard start: watching pid") for lv, t in texts)
+    assert any(lv == "guard" and t.startswith("guard exit") for lv, t in texts)
+    assert not any(lv in ("warning", "error") for lv, t in texts), texts
+
+
+def test_feed_follows_a_real_run_killed_and_resumed(tiny_data, tmp_path):
+    """A run paused at an odd step (its last checkpoint is the step before), killed with SIGKILL,
+    then `odyssey train --resume`d: one Feed follows it all, and the redone step replaces the
+    killed run's."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "odyssey", *_train_args(
+        tiny_data, run, "--no-guard", "--steps", "8", "seq_len=32", "batch_size=2", "eval_every=0",
+        "checkpoint_every=2")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rd = RunDir(run)
+    feed = Feed(run)
+
+    def acked(req_id, state):
+        feed.poll()
+        st = rd.read_status() or {}
+        return st.get("ack_id") == req_id and st.get("state") == state
+
+    try:
+        _wait(lambda: len(_final_losses(run)) >= 3 if (run / "metrics.jsonl").exists() else False,
+              what="3 steps")
+        rid = feed.request("pause")
+        _wait(lambda: acked(rid, "paused"), what="the pause")
+        for _ in range(20):  # pause at an odd step: its checkpoint is one behind, the step is redone
+            paused_at = rd.read_status()["step"]
+            if paused_at % 2 == 1:
+                break
+            rid = feed.request("resume")
+            _wait(lambda: acked(rid, "running"), what="the resume")
+            _wait(lambda: max(_final_losses(run)) > paused_at, what="one more step")
+            rid = feed.request("pause")
+            _wait(lambda: acked(rid, "paused"), what="the pause")
+        assert paused_at % 2 == 1 and paused_at < 8
+        assert feed.ack_text().startswith(f"Pause: acknowledged at step {paused_at}")
+        assert feed.values()["eta"] == "paused / 일시정지" and feed.enabled_actions() == {"resume", "checkpoint", "stop"}
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _poll_all(feed)
+    assert feed.trainer_gone() and feed.state() == "paused"
+    assert feed.values()["eta"] == "not running / 멈춤" and feed.enabled_actions() == set()
+    assert f"trainer pid {proc.pid} not running" in feed.header_text()
+    killed_loss = feed.loss.ys[-1]
+
+    p = run_cli("train", "--no-guard", "--out", run, "--resume", "--quiet", timeout=300)
+    assert p.returncode == 0, p.stderr
+    _poll_all(feed)
+    final = _final_losses(run)
+    assert sorted(final) == list(range(1, 9))
+    assert list(feed.loss.xs) == [float(s) for s in range(1, 9)]
+    assert list(feed.loss.ys) == [final[s] for s in range(1, 9)]  # the redone step's loss, not the first
+    assert feed.loss.ys[paused_at - 1] == final[paused_at] and killed_loss == pytest.approx(final[paused_at])
+    assert feed.resume_steps == [paused_at]
+    texts = [e.text for e in feed.log]
+    assert any(t.startswith(f"resumed from step-{paused_at - 1:06d}") for t in texts), texts
+    assert any(t.startswith(f"run resumed at step {paused_at} (after step {paused_at}; 1 step(s)") for t in texts)
+    assert len(feed.pagein) == len(rd.read_metrics("step")) == 8 + 1  # time series keep both tries
+    vals = feed.values()
+    assert vals["step"] == "8 / 8" and vals["eta"] == "done / 완료" and not feed.trainer_gone()
+    assert vals["guard"] == "none (--no-guard) / 없음"
+
+
+def test_train_monitor_opens_a_detached_window(xvfb, tiny_data, tmp_path):
+    """`odyssey train --monitor` with a display: the window is its own process, in its own session,
+    outside the trainer's process tree (the guard does not count it) and off its pipes; killing it
+    leaves training running to the end."""
+    from PIL import ImageGrab
+
+    from odyssey.memory import tree_pids
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "odyssey", *_train_args(
+        tiny_data, run, "--no-guard", "--monitor", "--steps", "6", "seq_len=32", "eval_every=0",
+        "checkpoint_every=100")], cwd=ROOT, env=_env(xvfb), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    rd = RunDir(run)
+    pid = None
+    try:
+        _wait(lambda: (run / "metrics.jsonl").exists() and len(_final_losses(run)) >= 1, what="a step")
+        rid = rd.request("pause", source="test")
+        _wait(lambda: (rd.read_status() or {}).get("ack_id") == rid, what="the pause")
+        _wait(lambda: _monitor_pid(run) is not None, what="the monitor's pid in monitor.log")
+        pid = _monitor_pid(run)
+        assert _proc_running(pid)
+        assert _ppid(pid) != proc.pid and pid not in tree_pids(proc.pid)
+        assert os.getsid(pid) != os.getsid(proc.pid)
+        pipes = {f"pipe:[{os.fstat(f.fileno()).st_ino}]" for f in (proc.stdout, proc.stderr)}
+        fds = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert not pipes & fds  # the trainer's output never waits on the window
+
+        def drawn():
+            colors = ImageGrab.grab(xdisplay=xvfb).convert("RGB").getcolors(maxcolors=1 << 20)
+            return colors is not None and len(colors) > 300
+
+        _wait(drawn, 30, what="the window on the display")
+        _kill(pid)  # the window dies: training goes on
+        assert proc.poll() is None and rd.read_status()["state"] == "paused"
+        rd.request("resume", source="test")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if pid is not None:
+            _kill(pid)
+    assert proc.returncode == 0, err
+    assert "trained 6 steps" in out and "--monitor" not in err
+    assert rd.read_status()["state"] == "finished" and sorted(_final_losses(run)) == list(range(1, 7))
+    assert "Traceback" not in (run / "monitor.log").read_text(errors="replace")

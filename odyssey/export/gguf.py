@@ -302,9 +302,6 @@ def read_vocab(tokenizer_path: Path, cfg: ModelConfig) -> GGUFVocab:
             tokens.append(by_id[i])
             a = added.get(i)
             types.append(T.NORMAL if a is None else T.CONTROL if a.get("special") else T.USER_DEFINED)
-    if pre == "default":
-        print(f"warning: {tokenizer_path}: pre-tokenizer not known to llama.cpp; it will split text with "
-              f"its default rules, so its tokens may differ from this tokenizer's")
     names = _special_names(tokenizer_path)
     ids = {t: i for i, t in by_id.items()}
     bos = ids.get(names["bos"], cfg.bos_token_id)
@@ -398,7 +395,7 @@ def write_gguf(source, path, gguf_type: str = "f16", progress: bool = True) -> d
     `.tokenizer_path()`, `.root`) as a llama.cpp GGUF file at `path`, one unit at a time.
 
     Everything that can be refused (type, tokenizer, disk) is checked before a byte is written.
-    Returns {"path", "gguf_type", "bytes" (file size), "tensors", "seconds", "mb_s"}."""
+    Returns {"path", "gguf_type", "bytes" (file size), "tensors", "seconds", "mb_s" (file MB/s)}."""
     import gguf
     from tqdm import tqdm
 
@@ -410,6 +407,9 @@ def write_gguf(source, path, gguf_type: str = "f16", progress: bool = True) -> d
     units = list(source.units)
     plan = plan_tensors(cfg, units, gguf_type)
     _check_disk(path, _tensor_bytes(plan) + _vocab_bytes(vocab) + HEADER_SLACK_BYTES)
+    if vocab.pre == "default":
+        print(f"warning: the pre-tokenizer of {source.tokenizer_path()} is not one llama.cpp knows by name; "
+              f"it will split text by its default rules, so its tokens may differ from this tokenizer's")
 
     writer = gguf.GGUFWriter(None, ARCH)
     add_model_metadata(writer, cfg, gguf_type, Path(source.root).name)
@@ -442,9 +442,10 @@ def _write_unit(writer, source, cfg: ModelConfig, unit, plans: list[TensorPlan],
     """Load one unit (store dtype), convert and write its tensors in plan order."""
     tensors = source.load_tensors(unit)
     for p in plans:
-        t = tensors.pop(p.hf_name)  # dropped after its conversion: one unit + one output at a time
-        if tuple(t.shape) != p.shape:
-            raise OdysseyError(f"{p.hf_name} has shape {list(t.shape)}, the model config implies {list(p.shape)}; "
+        t = tensors.pop(p.hf_name, None)  # dropped after its conversion: one unit + one output at a time
+        if t is None or tuple(t.shape) != p.shape:
+            got = "is missing" if t is None else f"has shape {list(t.shape)}"
+            raise OdysseyError(f"{p.hf_name} {got}, the model config implies {list(p.shape)}; "
                                f"check the store with `odyssey verify {source.root}`")
         data = encode(_prepare(p.hf_name, t, cfg), p)
         del t

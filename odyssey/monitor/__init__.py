@@ -29,23 +29,51 @@ def display_problem() -> Optional[str]:
     return None
 
 
+# Run by a short-lived intermediate process: starts the window in a new session, says its pid and
+# exits at once, so the window is re-parented to init. It is then no child of the trainer: the
+# guard (which sums the trainer's process tree against the budget) does not count its memory, the
+# trainer never waits for it, and it leaves no zombie when it is closed first.
+_LAUNCHER = """\
+import subprocess, sys, time
+log_path, cmd = sys.argv[1], sys.argv[2:]
+with open(log_path, "ab") as log:
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                         close_fds=True)
+    log.write(("%s odyssey monitor pid %d: %s\\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), p.pid,
+               " ".join(cmd))).encode())
+print(p.pid, flush=True)
+"""
+
+
 def launch_detached(run_dir: str | os.PathLike, wait_s: float = 30.0,
-                    log_path: Optional[str | os.PathLike] = None) -> subprocess.Popen:
-    """Start `python -m odyssey.monitor RUN` in its own process and session (Ctrl-C in the trainer's
-    terminal does not reach it, and it outlives the trainer to show the end of the run). Its output
-    goes to RUN/monitor.log (or `log_path`), never to the trainer's pipes. Raises OdysseyError when
-    no display is available, before anything starts."""
+                    log_path: Optional[str | os.PathLike] = None) -> int:
+    """Start `python -m odyssey.monitor RUN` detached from the caller and return its pid.
+
+    The window runs in its own session (Ctrl-C in the trainer's terminal does not reach it) and is
+    not the caller's child (started through a process that exits at once): it outlives the trainer
+    to show the end of the run, and the guard does not count its memory as the trainer's. Its
+    output goes to RUN/monitor.log (or `log_path`), never to the trainer's pipes. Raises
+    OdysseyError when no display is available, before anything starts."""
     problem = display_problem()
     if problem:
         raise OdysseyError(problem)
     run_dir = Path(run_dir)
     log_path = Path(log_path) if log_path else run_dir / "monitor.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "odyssey.monitor", str(run_dir), "--wait-s", str(wait_s)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            close_fds=True)
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])  # importable even when not installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "odyssey.monitor", str(run_dir), "--wait-s", str(wait_s)]
+    try:
+        done = subprocess.run([sys.executable, "-c", _LAUNCHER, str(log_path), *cmd], env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise OdysseyError(f"could not start the monitor: {e}") from None
+    try:
+        return int(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise OdysseyError(f"could not start the monitor: {why}") from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -22,7 +22,7 @@ from typing import Optional
 from odyssey.errors import OdysseyError
 from odyssey.monitor import charts
 from odyssey.monitor.charts import Chart, ChartData, HLine, LayerStrip, Line
-from odyssey.monitor.feed import ACTION_LABELS, TERMINAL_STATES, Feed
+from odyssey.monitor.feed import ACTION_LABELS, Feed
 
 # Families with Hangul glyphs, best first; the first one installed is used for every widget.
 HANGUL_FAMILIES = (
@@ -196,7 +196,7 @@ class MonitorApp:
         for i in range(2):
             grid.rowconfigure(i, weight=1)
             grid.columnconfigure(i, weight=1)
-        self.strip = LayerStrip(right, "Per-layer page-in, last pass / 층별 페이지인 (마지막 패스)",
+        self.strip = LayerStrip(right, "Per-layer page-in, last step / 층별 페이지인 (마지막 단계)",
                                 self.bold, self.small, height=140)
         self.strip.canvas.pack(side="top", fill="x", padx=2, pady=(4, 0))
 
@@ -244,9 +244,9 @@ class MonitorApp:
         ack = feed.ack_text()
         if ack:
             _set(self.ack_var, ack)
-        terminal = feed.state() in TERMINAL_STATES
-        for b in self.buttons.values():
-            want = "disabled" if terminal else "normal"
+        enabled = feed.enabled_actions()
+        for action, b in self.buttons.items():
+            want = "normal" if action in enabled else "disabled"
             if str(b.cget("state")) != want:
                 b.configure(state=want)
 
@@ -269,7 +269,7 @@ class MonitorApp:
                              fill=charts.LIGHT_GREEN)]
         last = feed.pagein.last()
         if last:
-            pagein.note = f"{last[1]:,.0f} MB/s"
+            pagein.note = f"{last[1]:,.{1 if last[1] < 10 else 0}f} MB/s"
         self.pagein_chart.draw(pagein)
 
         n = self.ram_chart.points_budget()
@@ -281,7 +281,7 @@ class MonitorApp:
             ram.lines.append(Line(anon, color="", fill_to=budget, fill=charts.LIGHT_GREEN))
         ram.lines.append(Line(anon, color=charts.BLUE, width=2, fill_to=-math.inf, fill=charts.LIGHT_BLUE,
                               label="anonymous / 익명"))
-        if len(feed.cgroup):
+        if len(feed.cgroup):  # only a capped group (guard --enforce-cgroup, a container limit)
             ram.lines.append(Line(feed.cgroup.segments(n), color=charts.PURPLE, label="cgroup"))
         if budget:
             ram.hlines.append(HLine(budget, charts.RED, f"budget / 예산 {budget:,.0f} MiB", dash=(), width=2))
@@ -303,7 +303,10 @@ class MonitorApp:
             temp.note = f"{feed.temp.last()[1]:.0f} °C"
         self.temp_chart.draw(temp)
 
-        self.strip.draw(feed.layers, feed.layers_step)
+        if feed.mode == "full":
+            self.strip.draw([], None, "full mode: every weight stays in RAM, nothing is paged / 전체 학습: 페이지인 없음")
+        else:
+            self.strip.draw(feed.layers, feed.layers_step)
 
     def refresh_log(self) -> None:
         entries = self.feed.log_since(self._log_seq)

@@ -265,7 +265,7 @@ class LayerStrip:
             return
         tmax = max(b["total_s"] for b in bars) or 1e-3
         reused = sum(b["reused"] for b in bars)
-        c.create_text(W - PAD_R, 5, anchor="ne", font=self.small, fill=INK,
+        c.create_text(W - PAD_R, y0 - 12, anchor="e", font=self.small, fill=INK,  # the legend's row
                       text=f"median {fmt_ms(bars[0]['median_s'])} · max {fmt_ms(tmax)} · total "
                            f"{fmt_ms(sum(b['total_s'] for b in bars))}"
                            + (f" · {reused} reused from a slot / 재사용" if reused else ""))

@@ -371,7 +371,8 @@ class Feed:
             if t >= self._rss[0]:
                 self._rss = (t, anon)
         v = get("cgroup_mib")
-        if v is not None and _finite(v):
+        if v is not None and _finite(v) and _finite(get("cgroup_limit_mib")):
+            # a group without a limit may hold a whole desktop session: not this run's figure
             self.cgroup.append(t, v)
         v = get("temp_c")
         if v is not None and _finite(v):
