@@ -154,9 +154,9 @@ def main(argv=None) -> int:
          ["ratio out-of-core / resident", common.fmt(paged / resident, 3), "", "", ""]], "lrrrr")
     notes = [f"{result['model']} model, LoRA r={args.r}, batch 1 x seq {args.seq_len}; medians of {n} steps per side "
              f"after a warm-up step, {args.rounds} round(s) alternating sides",
-             f"compute limit: {compute} matmul {flops[compute]:.0f} GFLOP/s measured in this run / (6 x {result["model"]} "
+             f"compute limit: {compute} matmul {flops[compute]:.0f} GFLOP/s measured in this run / (6 x {result['model']} "
              f"FLOP per token) = {limit_tps:.1f} tokens/s (bf16 {flops['bf16']:.0f}, fp32 {flops['fp32']:.0f} GFLOP/s)",
-             f"paged peak: the cgroup's max usage (anonymous + page cache charged to it); resident: anonymous RSS",
+             "paged peak: the cgroup's max usage (anonymous + page cache charged to it); resident: anonymous RSS",
              common.describe_machine(result["machine"]) + f"; {result['date']}"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ PEER_LABELS = {
     "odyssey": "Odyssey (paged from disk)",
     "inram": "transformers + peft, in RAM",
     "offload": "transformers + peft + accelerate disk offload",
+    "offload-probe": "the same, most weights on disk, memory no limit",
 }
 
 
@@ -180,9 +181,11 @@ def peer_env(jemalloc: bool) -> dict:
 
 def peer_runner(task: str, peer: str, model: Path, data: Path, work: Path, steps: int, seq_len: int,
                 reserve_bytes: int, prompt_ids: Sequence[int], new_tokens: int, timeout_s: float,
-                jemalloc: bool) -> Callable[[int], Attempt]:
+                jemalloc: bool, cpu_weights: int = 0) -> Callable[[int], Attempt]:
+    """Attempts of one peer worker; accelerate gets max_memory cpu = `cpu_weights` when given,
+    else the budget less `reserve_bytes`."""
     def run(budget: int) -> Attempt:
-        tag = f"{task}-{peer}-{budget // MIB}MiB"
+        tag = f"{task}-{peer}-{budget // MIB}MiB" + (f"-cpu{cpu_weights // MIB}MiB" if cpu_weights else "")
         result_file = work / f"{tag}.json"
         offload = work / f"offload-{tag}"
         result_file.unlink(missing_ok=True)
@@ -191,8 +194,9 @@ def peer_runner(task: str, peer: str, model: Path, data: Path, work: Path, steps
                "--model", str(model), "--data", str(data), "--result", str(result_file), "--steps", str(steps),
                "--seq-len", str(seq_len), "--budget", str(budget), "--reserve", str(reserve_bytes),
                "--offload-folder", str(offload), "--prompt-ids", ",".join(map(str, prompt_ids)),
-               "--new-tokens", str(new_tokens)]
-        rc, peak, oom, error, seconds = in_cgroup(cmd, budget, work / f"{tag}.log", timeout_s, peer_env(jemalloc))
+               "--new-tokens", str(new_tokens), "--cpu-weights", str(cpu_weights)]
+        rc, peak, oom, error, seconds = in_cgroup(cmd, budget, work / f"{tag}.log", _seconds(timeout_s),
+                                                  peer_env(jemalloc))
         shutil.rmtree(offload, ignore_errors=True)
         result = _read_json(result_file)
         ok = rc == 0 and bool(result.get("done"))
@@ -210,11 +214,14 @@ def odyssey_train_runner(model: Path, data: Path, work: Path, steps: int, seq_le
         run_dir = work / tag
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = common.train_cmd(model, data, run_dir, budget, steps, seq_len, extra)
-        rc, peak, oom, error, seconds = in_cgroup(cmd, budget, work / f"{tag}.log", timeout_s)
+        rc, peak, oom, error, seconds = in_cgroup(cmd, budget, work / f"{tag}.log", _seconds(timeout_s))
         summary = common.summarize_steps(common.read_metrics(run_dir / "metrics.jsonl"))
         ok = rc == 0 and summary["measured_steps"] > 0
         if rc == 0 and not ok:
             error = f"exited 0 with {summary['steps']} step lines in metrics.jsonl (need at least 2)"
+        if rc is None and summary["measured_steps"] > 0:  # timed out, but steps after the warm-up were done
+            ok, error = True, ""
+            summary["note"] = f"stopped by the time limit after {summary['steps']} steps"
         summary["command"] = " ".join(map(str, cmd[1:]))
         summary["done"] = ok
         return Attempt(budget, ok, rc, oom, peak, error, round(seconds, 1), summary)
@@ -234,7 +241,8 @@ def odyssey_generate_runner(model: Path, work: Path, prompt_ids: Sequence[int], 
                                  "--temperature", 0)
         box = {}
         out_file.write_text("")
-        th = threading.Thread(target=lambda: box.update(r=in_cgroup(cmd, budget, work / f"{tag}.log", timeout_s,
+        limit = _seconds(timeout_s)
+        th = threading.Thread(target=lambda: box.update(r=in_cgroup(cmd, budget, work / f"{tag}.log", limit,
                                                                     stdout_path=out_file)))
         arrivals = []  # seconds from start to each new token id appearing in stdout
         t0 = time.perf_counter()
@@ -266,6 +274,11 @@ def _count_new(path: Path, seen: int, arrivals: list, now: float) -> int:
     n = sum(1 for t in text.split(" ")[:-1] if t.strip().lstrip("-").isdigit())
     arrivals.extend([now] * (n - seen))
     return max(n, seen)
+
+
+def _seconds(timeout_s) -> float:
+    """A per-attempt time limit: a number, or a callable giving what is left now."""
+    return float(timeout_s() if callable(timeout_s) else timeout_s)
 
 
 def generation_summary(arrivals: Sequence[float], n_tokens: int) -> dict:
@@ -327,7 +340,7 @@ def _load_peer(args, torch):
 
     if args.peer == "inram":
         return LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32), {"cpu": "all"}
-    cpu = max(args.budget - args.reserve, 64 * MIB)
+    cpu = args.cpu_weights or max(args.budget - args.reserve, 64 * MIB)
     model = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map="auto",
                                              max_memory={"cpu": cpu}, offload_folder=args.offload_folder)
     counts = offload_summary(model, getattr(model, "hf_device_map", {}))
@@ -403,6 +416,19 @@ def _generate(args, torch, model, sampler, save):
 # the benchmark
 
 
+def attempt_timeout(timeout_s: float, deadline: Optional[float], floor_s: float = 180.0):
+    """Per-attempt limit: `timeout_s`, shortened to the time left before `deadline` (but at least
+    `floor_s`, so an attempt can still show something)."""
+    if deadline is None:
+        return timeout_s
+    return lambda: min(timeout_s, max(floor_s, deadline - time.monotonic()))
+
+
+def _offloaded(climb_res: dict) -> bool:
+    """Did the attempt that ran keep some weights on disk?"""
+    return bool((climb_res.get("ok_result", {}).get("device_map") or {}).get("disk_share"))
+
+
 def prompt_from(data: Path, n: int) -> list[int]:
     from odyssey.data import TokenData
 
@@ -414,7 +440,8 @@ def _train_row(name: str, climb_res: dict, odyssey_step: Optional[float]) -> dic
     step = r.get("step_s")
     return {
         "tool": name, "label": PEER_LABELS[name], "status": climb_res["status"],
-        "ran_within_budget": climb_res["ran_within_budget"],
+        # the probe runs at one large cap only: "within the budget" does not apply
+        "ran_within_budget": None if name == "offload-probe" else climb_res["ran_within_budget"],
         "smallest_ok_gib": climb_res["smallest_ok_bytes"] / GIB if climb_res["smallest_ok_bytes"] else None,
         "step_s": step, "measured_steps": r.get("measured_steps"),
         "ratio_to_odyssey": round(step / odyssey_step, 2) if step and odyssey_step else None,
@@ -442,11 +469,11 @@ def _gen_row(name: str, climb_res: dict, odyssey_tok: Optional[float]) -> dict:
 
 def _note(row: dict) -> str:
     parts = []
-    if row["status"] != "runs" or not row["ran_within_budget"]:
+    if row["status"] != "runs" or row["ran_within_budget"] is False:
         if row["error"]:
             parts.append(("at smaller budgets: " if row["status"] == "runs" else "") + row["error"])
     dm = row.get("device_map") or {}
-    if row["tool"] == "offload" and row["status"] == "runs":
+    if row["tool"].startswith("offload") and row["status"] == "runs":
         share = dm.get("disk_share", 0)
         parts.append(f"{share:.0%} of the weights on disk" if share else "nothing offloaded at this budget: runs as in RAM")
     return "; ".join(parts)
@@ -517,6 +544,7 @@ def run(args) -> dict:
     budgets = ladder(budget, cap_bytes=common.parse_budget(args.max_budget))
     reserve = common.parse_budget(args.offload_reserve)
     deadline = time.monotonic() + args.time_limit_s if args.time_limit_s else None
+    timeout = attempt_timeout(args.timeout_s, deadline)
     prompt = prompt_from(data, args.prompt_len)
     settings = {"model": str(model), "model_label": common.model_label(model), "data": str(data), "seq_len": args.seq_len, "batch_size": 1, "lora_r": LORA_R,
                 "lora_alpha": LORA_ALPHA, "targets": TARGETS, "optimizer": f"AdamW lr {LR}", "steps": args.steps,
@@ -544,11 +572,22 @@ def run(args) -> dict:
                                     "smallest_ok_bytes": None, "status": "not measured", "error": why,
                                     "stopped": why, "ok_result": {}, "ok_peak_bytes": None}
                     continue
-                runner = odyssey_train_runner(model, data, work, args.steps, args.seq_len, args.timeout_s)
+                runner = odyssey_train_runner(model, data, work, args.steps, args.seq_len, timeout)
             else:
                 runner = peer_runner("train", peer, model, data, work, args.steps, args.seq_len, reserve, prompt,
-                                     args.new_tokens, args.timeout_s, args.peer_jemalloc)
+                                     args.new_tokens, timeout, args.peer_jemalloc)
             climbs[peer] = climb(runner, budgets, deadline=deadline)
+            if peer == "offload" and args.offload_probe and not _offloaded(climbs[peer]):
+                # It ran only once nothing was left on disk (or not at all): does disk-offloaded
+                # LoRA training run when memory is no limit? One attempt at the probe budget with
+                # the weights share of the first budget.
+                probe = common.parse_budget(args.offload_probe)
+                share = max(budget - reserve, 64 * MIB)
+                print(f"  train: {PEER_LABELS['offload-probe']} ({share / GIB:g} GiB of weights in RAM, "
+                      f"cap {probe / GIB:g} GiB)")
+                runner = peer_runner("train", "offload", model, data, work, args.steps, args.seq_len, reserve,
+                                     prompt, args.new_tokens, timeout, args.peer_jemalloc, cpu_weights=share)
+                climbs["offload-probe"] = climb(runner, [probe], deadline=None)
         ody = climbs.get("odyssey", {}).get("ok_result", {}).get("step_s")
         train_rows = [_train_row(p, c, ody) for p, c in climbs.items()]
         result["climbs"]["train"] = climbs
@@ -557,10 +596,10 @@ def run(args) -> dict:
         for peer in [p for p in peers if p in ("odyssey", "offload")]:
             print(f"  generate: {PEER_LABELS[peer]}")
             if peer == "odyssey":
-                runner = odyssey_generate_runner(model, work, prompt, args.new_tokens, args.timeout_s)
+                runner = odyssey_generate_runner(model, work, prompt, args.new_tokens, timeout)
             else:
                 runner = peer_runner("generate", peer, model, data, work, args.steps, args.seq_len, reserve,
-                                     prompt, args.new_tokens, args.timeout_s, args.peer_jemalloc)
+                                     prompt, args.new_tokens, timeout, args.peer_jemalloc)
             climbs[peer] = climb(runner, budgets, deadline=deadline)
         ody = climbs.get("odyssey", {}).get("ok_result", {}).get("s_per_token")
         gen_rows = [_gen_row(p, c, ody) for p, c in climbs.items()]
@@ -604,6 +643,7 @@ def main(argv=None) -> int:
             w.add_argument(a, required=True)
         for a in ("--steps", "--seq-len", "--budget", "--reserve", "--new-tokens"):
             w.add_argument(a, type=int, required=True)
+        w.add_argument("--cpu-weights", type=int, default=0, help="accelerate max_memory cpu, bytes (0: budget - reserve)")
         return worker(w.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="store directory (default: the 1.2B under .cache/bench, created if missing)")
@@ -618,6 +658,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--tasks", default="train,generate")
     p.add_argument("--peers", default="odyssey,inram,offload")
+    p.add_argument("--offload-probe", default="16GiB",
+                   help="when disk-offloaded training never ran, try once at this cap with the weights share "
+                        "of the first budget ('' to skip)")
     p.add_argument("--peer-jemalloc", action="store_true", help="preload jemalloc into the peers too")
     p.add_argument("--timeout-s", type=float, default=900, help="per attempt")
     p.add_argument("--time-limit-s", type=float, default=0, help="stop climbing after this long (0: no limit)")

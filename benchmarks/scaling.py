@@ -63,7 +63,7 @@ def row(config: str, model: Path, seq_len: int, climb: dict) -> dict:
         "tokens_per_s": r.get("tokens_per_s"), "peak_anon_mib": r.get("peak_rss_anon_mib"),
         "peak_cgroup_mib": round(climb["ok_peak_bytes"] / MIB) if climb.get("ok_peak_bytes") else None,
         "stall_s": r.get("stall_s"), "pagein_mb_s": r.get("pagein_mb_s"), "error": climb.get("error", ""),
-        "reused_from": climb.get("reused_from"),
+        "reused_from": climb.get("reused_from"), "note": r.get("note", ""),
     }
 
 
@@ -75,6 +75,8 @@ def table(rows: list[dict]) -> str:
             note.append(r["error"] or r["status"])
         elif r["error"]:
             note.append(f"at smaller budgets: {r['error']}")
+        if r.get("note"):
+            note.append(r["note"])
         if r["reused_from"]:
             note.append("same run as peers.py")
         out.append((f"{r['config']} ({r['label']})", r["seq_len"], common.fmt(r["budget_gib"], 2),
@@ -149,7 +151,8 @@ def main(argv=None) -> int:
         if reuse:
             climb = reuse
         else:
-            runner = peers.odyssey_train_runner(model, data, work, args.steps, seq_len, args.timeout_s)
+            runner = peers.odyssey_train_runner(model, data, work, args.steps, seq_len,
+                                                peers.attempt_timeout(args.timeout_s, deadline))
             climb = peers.climb(runner, peers.ladder(budget, cap_bytes=cap), deadline=deadline,
                                 suggest=lambda a: common.suggested_budget(a.error), cap_bytes=cap)
         rows.append(row(config, model, seq_len, climb))

@@ -4,7 +4,6 @@ guard. Tiny models: each scenario takes seconds."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -4,7 +4,6 @@ loop, crash-safe resume, control requests, signals, full training of a small mod
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess

@@ -2,11 +2,13 @@
 """Write a synthetic but realistic run directory, as `odyssey train` would leave it, for the
 monitor's tests, screenshots and demos. No torch.
 
-The figures follow the 1.2B model (configs/odyssey-1.2b.yaml: 24 layers of 90 MB in bf16, a 131 MB
-embedding and head) on a 2-core machine: steps of about 6 s at 512 tokens, page-in around
-1.4 GB/s, anonymous RSS about 0.9 GiB under a 1.5 GiB budget, guard samples every second. The story:
-a RAM spike makes the guard ask for a checkpoint; the run is stopped and resumed from its last
-checkpoint (step numbers go back); the last page-in pass has a disk hiccup on one layer.
+The records have the fields odyssey/train.py, odyssey/guard.py and odyssey/control.py write (checked
+against a real run by tests/test_monitor.py). The figures follow the 1.2B model
+(configs/odyssey-1.2b.yaml: 24 layers of 90 MB in bf16, a 131 MB head) on a 2-core machine: steps of
+about 6 s at 512 tokens, page-in around 1.4 GB/s, anonymous RSS about 0.9 GiB under a 1.5 GiB
+budget, guard samples every second. The story: a RAM spike makes the guard ask for a checkpoint; the
+trainer is killed and resumed from its last checkpoint (step numbers go back); the last step's
+page-in has a disk hiccup on one layer.
 
     python tools/record_run.py runs/demo                 # 240 steps, ~3,000 lines
     python tools/record_run.py runs/big --lines 100000   # a long file for load tests
@@ -25,8 +27,7 @@ import time
 from pathlib import Path
 
 LAYER_BYTES = 90_185_728  # one decoder layer of odyssey-1.2b in bf16
-EMBED_BYTES = 131_072_000  # 32000 x 2048 bf16
-HEAD_BYTES = 131_076_096  # lm_head + final norm
+HEAD_BYTES = 131_076_096  # lm_head + final norm (the embedding is read by rows, not paged)
 LAYERS = 24
 SEQ_LEN = 512
 BUDGET_MIB = 1536.0
@@ -34,28 +35,49 @@ BUDGET_MIB = 1536.0
 CONFIG_YAML = """\
 # effective config written by odyssey train (synthetic: tools/record_run.py)
 model: models/base
+model_fingerprint: 0000000000000000
 data: data/tok
-ram_budget: 1.5GiB
+data_tokens: 5000000
+ram_budget: 1.50 GiB
+ram_budget_bytes: 1610612736
 train:
   seq_len: 512
   batch_size: 1
   grad_accum: 1
   steps: {steps_total}
   lr: 0.0002
+  min_lr_ratio: 0.1
   warmup_steps: 10
+  weight_decay: 0.0
+  max_grad_norm: 1.0
+  seed: 0
   checkpoint_every: 50
+  keep_checkpoints: 2
   eval_every: 50
+  eval_batches: 4
+  mode: lora
+  compute_dtype: auto
+  slots: 2
   lora:
     r: 16
     alpha: 32.0
+    dropout: 0.0
     targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
   guard:
-    interval_s: 1.0
+    enabled: true
+    interval_s: 0.5
     soft_pct: 90.0
     hard_pct: 97.0
+    min_available_mib: 150.0
     max_temp_c: 90.0
     resume_temp_c: 80.0
+    heartbeat_s: 2.0
+    on_guard_lost: continue
+    thermal_file: null
+    enforce_cgroup: false
 """
+GUARD_START = dict(budget_mib=BUDGET_MIB, interval_s=0.5, soft_pct=90.0, hard_pct=97.0, min_available_mib=150.0,
+                   max_temp_c=90.0, resume_temp_c=80.0)
 
 
 def _line(record: dict) -> str:
@@ -78,6 +100,10 @@ class Recorder:
         self.anon_base = 880.0
         self.spike_at: set[int] = set()
         self.hiccup_at: set[int] = set()
+        self.want_checkpoint = False
+        self.last_ckpt = 0
+        self.request_id = 1_700_000_000_000_000_000
+        self.pid = 4242
 
     def emit(self, kind: str, **fields) -> None:
         self.records.append({"t": self.t, "kind": kind, **fields})
@@ -95,18 +121,36 @@ class Recorder:
         frac = (step - 10) / max(1, self.steps_total - 10)
         return 2e-5 + 0.5 * (2e-4 - 2e-5) * (1 + math.cos(math.pi * min(1.0, frac)))
 
-    def layers_pass(self, hiccup: bool) -> list[dict]:
+    def layers_pass(self, hiccup: bool, first: bool = False) -> list[dict]:
+        """One step's pager.UnitStat.to_json() list as the engine makes it with 2 slots: layers
+        0..L-1 forward (layer 0 still in a slot from the last backward), the head, L-1..0
+        backward (layer L-1 still in a slot)."""
         out = []
-        slow = self.rng.randrange(LAYERS) if hiccup else -1
-        for name, nbytes in [("embed", EMBED_BYTES)] + [(i, LAYER_BYTES) for i in range(LAYERS)] + [("head", HEAD_BYTES)]:
+        slow = self.rng.randrange(1, LAYERS - 1) if hiccup else -1
+        schedule = [(i, False) for i in range(LAYERS)] + [("head", False)] + [(i, True) for i in range(LAYERS - 1, -1, -1)]
+        for k, (name, backward) in enumerate(schedule):
+            nbytes = HEAD_BYTES if name == "head" else LAYER_BYTES
+            reused = (k == 0 and not first) or (backward and name == LAYERS - 1)
+            if reused:
+                out.append({"layer": name, "bytes": nbytes, "read_s": 0.0, "stall_s": 0.0, "mb_s": 0.0,
+                            "reused": True})
+                continue
             mb_s = self.rng.gauss(1420, 90)
-            if name == slow:
+            if name == slow and backward:
                 mb_s = self.rng.uniform(160, 240)
             read_s = nbytes / 1e6 / mb_s
-            stall = max(0.0, self.rng.gauss(0.004, 0.004)) + (read_s * 0.7 if name == slow else 0.0)
-            out.append({"layer": name, "bytes": nbytes, "read_s": round(read_s, 4),
-                        "stall_s": round(stall, 4), "mb_s": round(mb_s, 1)})
+            stall = max(0.0, self.rng.gauss(0.004, 0.004)) + (read_s * 0.7 if name == slow and backward else 0.0)
+            out.append({"layer": name, "bytes": nbytes, "read_s": round(read_s, 5), "stall_s": round(stall, 5),
+                        "mb_s": round(mb_s, 1), "reused": False})
         return out
+
+    def memory(self, anon: float) -> None:
+        """A guard memory line (odyssey/guard.py `_memory_line`)."""
+        self.emit("memory", source="guard", pid=self.pid, anon_mib=round(anon, 1),
+                  file_mib=round(180 + self.rng.gauss(0, 15), 1), anon_pct=round(100 * anon / BUDGET_MIB, 1),
+                  budget_mib=BUDGET_MIB, avail_mib=round(5400 - anon + self.rng.gauss(0, 30), 1), swap_mib=0.0,
+                  cgroup_mib=None, cgroup_limit_mib=None,
+                  temp_c=round(self.temp_c, 1) if self.with_temp else None)
 
     def step(self, step: int) -> None:
         step_s = self.rng.gauss(6.1, 0.25)
@@ -124,28 +168,45 @@ class Recorder:
             peak = max(peak, anon)
             self.temp_c += self.rng.gauss(0.02, 0.25)
             self.temp_c = min(78.0, max(50.0, self.temp_c + (66.0 - self.temp_c) * 0.01))
-            self.emit("memory", anon_mib=round(anon, 1), file_mib=round(180 + self.rng.gauss(0, 15), 1),
-                      cgroup_mib=None, available_mib=round(5400 - anon + self.rng.gauss(0, 30), 1),
-                      swap_mib=0.0, temp_c=round(self.temp_c, 1) if self.with_temp else None,
-                      budget_mib=BUDGET_MIB)
             if spike and k == self.memory_per_step // 2:
-                reason = f"anonymous RAM {anon:.0f} MiB is {100 * anon / BUDGET_MIB:.1f}% of the {BUDGET_MIB:.0f} MiB budget (soft limit 90%)"
-                self.emit("guard", action="warn", reason=reason, anon_mib=round(anon, 1))
-                self.emit("guard", action="checkpoint", reason=reason, anon_mib=round(anon, 1))
+                self.request_id += 1
+                self.emit("guard", action="checkpoint", level="warning",
+                          reason=f"anonymous RAM {anon / 1024:.2f} GiB reached {100 * anon / BUDGET_MIB:.0f}% of "
+                                 f"the 1.50 GiB budget (soft limit 90%)",
+                          value=round(anon, 1), limit=round(0.9 * BUDGET_MIB, 1), unit="MiB",
+                          request_id=self.request_id)
+                self.want_checkpoint = True
+            self.memory(anon)
         if step % self.pagein_every == 0 or hiccup:
-            self.emit("pagein", step=step, layers=self.layers_pass(hiccup))
+            self.emit("pagein", step=step, layers=self.layers_pass(hiccup, first=step == 1))
         pagein_mb_s = self.rng.gauss(1390, 70) if not hiccup else self.rng.uniform(600, 800)
         stall_s = max(0.0, self.rng.gauss(0.18, 0.05)) + (0.7 if hiccup else 0.0)
-        self.emit("step", step=step, loss=round(self.loss_at(step), 4), lr=self.lr_at(step),
-                  tokens_per_s=round(SEQ_LEN / step_s, 1), step_s=round(step_s, 3),
-                  pagein_mb_s=round(pagein_mb_s, 1), stall_s=round(stall_s, 3),
-                  rss_anon_mib=round(peak, 1), budget_mib=BUDGET_MIB, steps_total=self.steps_total)
+        self.emit("step", step=step, loss=round(self.loss_at(step), 6), lr=self.lr_at(step),
+                  grad_norm=round(abs(self.rng.gauss(0.8, 0.2)), 6), tokens_per_s=round(SEQ_LEN / step_s, 2),
+                  step_s=round(step_s, 4), pagein_mb_s=round(pagein_mb_s, 1), stall_s=round(stall_s, 4),
+                  rss_anon_mib=round(peak, 1), budget_mib=BUDGET_MIB, steps_total=self.steps_total,
+                  tokens=step * SEQ_LEN)
         if step % 50 == 0:
             self.t += 9.0
-            self.emit("val", step=step, val_loss=round(self.loss_at(step) + 0.07, 4))
-        if step % 50 == 0 or spike:
+            self.emit("val", step=step, val_loss=round(self.loss_at(step) + 0.07, 6), batches=4)
+        if step % 50 == 0 or self.want_checkpoint:
             self.t += 1.5
-            self.emit("event", level="info", message=f"checkpoint step-{step} written (adapter + optimizer, 52 MB)")
+            why = "requested" if self.want_checkpoint else "every 50 steps"
+            self.emit("event", level="info", source="trainer", action="checkpoint", step=step,
+                      message=f"checkpoint step-{step:06d} written ({why}; 52.4 MB in 1.4 s)")
+            self.want_checkpoint = False
+            self.last_ckpt = step
+
+    def start(self, resumed_from: int | None = None) -> None:
+        """What the trainer and a fresh guard write when a process starts."""
+        what = f"resumed from step-{resumed_from:06d}" if resumed_from else "training started"
+        self.emit("event", level="info", source="trainer",
+                  message=f"{what}: 1.236 B parameters, LoRA r=16, {self.steps_total} steps, RAM budget 1.50 GiB, "
+                          f"plan 1.21 GiB")
+        self.t += 0.4
+        self.emit("guard", action="start", level="info",
+                  reason=f"watching pid {self.pid} with a budget of 1.50 GiB", **GUARD_START,
+                  thermal_source="/sys/class/thermal/thermal_zone0/temp" if self.with_temp else "none")
 
 
 def record_run(out: str | os.PathLike, steps: int = 240, steps_total: int = 1000, seed: int = 0,
@@ -158,36 +219,34 @@ def record_run(out: str | os.PathLike, steps: int = 240, steps_total: int = 1000
     out.mkdir(parents=True, exist_ok=True)
     end_t = time.time() if end_t is None else end_t
     stop_at = int(steps * 0.8) if resume else None
-    ckpt = (stop_at // 50) * 50 if stop_at else None
     rec = Recorder(0.0, steps_total, seed=seed, with_temp=with_temp)
     rec.spike_at = {max(2, int(steps * 0.55))}
     rec.hiccup_at = {max(3, int(steps * 0.3)), steps}
-    rec.emit("event", level="info", message=f"training started: odyssey-1.2b, LoRA r=16, "
-                                             f"{steps_total} steps, RAM budget {BUDGET_MIB:.0f} MiB")
-    rec.emit("event", level="info", message="memory plan: base layers paged (2 x 86 MiB slots), "
-                                             "LoRA + AdamW 41 MiB, activations 212 MiB; fits")
+    rec.start()
     step = 1
     while step <= steps:
         rec.step(step)
-        if resume and step == stop_at:
+        if resume and step == stop_at:  # SIGKILL: no stop event, the guard sees the trainer go
             rec.t += 0.5
-            rec.emit("guard", action="exit", reason=f"trainer ended by signal 9 (SIGKILL) at step {step}")
-            rec.emit("event", level="error", message=f"trainer killed at step {step}; last checkpoint is step-{ckpt}")
+            rec.emit("guard", action="exit", level="info",
+                     reason=f"watched process {rec.pid} is gone (exited, crashed or killed)")
             rec.t += 300
-            rec.emit("event", level="info", message=f"resumed from checkpoint step-{ckpt} "
-                                                     f"(data position and RNG restored)")
+            rec.pid += 1
+            ckpt = rec.last_ckpt
+            rec.start(resumed_from=ckpt)
             resume = False
             step = ckpt + 1
             continue
         step += 1
-    rec.emit("event", level="warning", message="page-in slowed to 190 MB/s on one layer "
-                                                "(disk busy?) / 페이지인 속도 저하")
     (out / "config.yaml").write_text(CONFIG_YAML.format(steps_total=steps_total), encoding="utf-8")
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
         f.writelines(rec.lines(shift_s=end_t - rec.t))
-    _write_json(out / "status.json", {"state": state, "step": steps, "pid": pid or os.getpid(),
-                                      "ack_id": 0, "t": end_t})
-    _write_json(out / "guard.json", {"t": end_t, "pid": pid or os.getpid(), "state": "watching"})
+    _write_json(out / "status.json", {"t": end_t, "state": state, "step": steps, "pid": pid or os.getpid(),
+                                      "ack_id": None, "steps_total": steps_total})
+    _write_json(out / "guard.json", {"t": end_t, "pid": (pid or os.getpid()) + 1,
+                                     "state": "watching" if state in ("running", "paused") else "exited",
+                                     "watched": pid or os.getpid(), "anon_mib": rec.anon_base,
+                                     "temp_c": round(rec.temp_c, 1) if with_temp else None})
     return out
 
 
@@ -215,34 +274,62 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def live(out: Path, seed: int = 0, step_s: float = 1.0) -> None:
-    """Keep appending a step a `step_s` seconds and acknowledge control requests like the trainer."""
+    """Keep appending a step every `step_s` seconds and handle control requests as odyssey/train.py
+    does (status.json states and ack_id, the trainer's pause / resume / checkpoint / stop events)."""
     status = json.loads((out / "status.json").read_text())
-    step = status["step"]
-    rec = Recorder(time.time(), 1000, seed=seed + 1)
-    state, ack = "running", 0
+    step, total = status["step"], status.get("steps_total") or 1000
+    rec = Recorder(time.time(), total, seed=seed + 1)
+    rec.pid = os.getpid()
+    state, ack, seen = "running", None, None
+    try:
+        seen = json.loads((out / "control.json").read_text()).get("id")  # old requests are not ours
+    except (FileNotFoundError, json.JSONDecodeError):
+        pass
     while True:
         ctl = None
         try:
             ctl = json.loads((out / "control.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             pass
-        if ctl and ctl.get("id", 0) > ack:
-            ack = ctl["id"]
-            action = ctl.get("action")
-            state = {"pause": "paused", "resume": "running", "stop": "stopped"}.get(action, state)
-            rec.t = time.time()
-            rec.emit("event", level="info", message=f"{action} requested by {ctl.get('source')} at step {step}")
-        if state == "running":
+        rec.t = time.time()
+        if ctl and ctl.get("id") != seen:
+            seen = ack = ctl.get("id")
+            action, source = ctl.get("action"), ctl.get("source", "user")
+            if action == "stop":
+                _write_json(out / "status.json", {"t": time.time(), "state": "stopping", "step": step, "pid": os.getpid(),
+                                                  "ack_id": ack, "ack_action": action, "steps_total": total})
+                rec.emit("event", level="info", source="trainer", action="checkpoint", step=step,
+                         message=f"checkpoint step-{step:06d} written (stop: {ctl.get('reason') or 'stop requested by ' + source}; 52.4 MB in 1.4 s)")
+                rec.emit("event", level="info", source="trainer", action="stopped", step=step,
+                         message=f"stopped at step {step} ({ctl.get('reason') or 'stop requested by ' + source}); checkpoint step-{step:06d}")
+                state = "stopped"
+            elif action == "pause" and state != "paused":
+                state = "paused"
+                rec.emit("event", level="warning", source="trainer", action="paused", step=step,
+                         message=f"paused by {source}{': ' + ctl['reason'] if ctl.get('reason') else ''} / 일시정지")
+            elif action == "resume" and state == "paused":
+                state = "running"
+                rec.emit("event", level="info", source="trainer", action="resumed", step=step,
+                         message=f"resumed by {source} / 재개")
+            elif action == "checkpoint":
+                rec.want_checkpoint = True
+        if state == "running" and step < total:
             step += 1
             rec.t = time.time() - step_s
             rec.step(step)
+        if state == "running" and step >= total:
+            state = "finished"
+            rec.emit("event", level="info", source="trainer", action="finished", step=step,
+                     message=f"finished at step {step}; result in {out / 'adapter'}")
         with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.writelines(rec.lines())
         rec.records.clear()
-        _write_json(out / "status.json", {"state": state, "step": step, "pid": os.getpid(), "ack_id": ack,
-                                          "t": time.time()})
-        _write_json(out / "guard.json", {"t": time.time(), "pid": os.getpid(), "state": "watching"})
-        if state == "stopped":
+        _write_json(out / "status.json", {"t": time.time(), "state": state, "step": step, "pid": os.getpid(),
+                                          "ack_id": ack, "steps_total": total})
+        _write_json(out / "guard.json", {"t": time.time(), "pid": os.getpid(),
+                                         "state": "exited" if state in ("stopped", "finished") else "watching",
+                                         "watched": os.getpid(), "anon_mib": rec.anon_base, "temp_c": round(rec.temp_c, 1)})
+        if state in ("stopped", "finished"):
             return
         time.sleep(step_s)
 

@@ -24,8 +24,6 @@ from odyssey.errors import OdysseyError
 
 FORMATS = ("safetensors", "pth", "gguf")  # also the order they are written in
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the estimate (metadata, filesystem slack)
-GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 + f16 scale
-Q8_BLOCK = 32
 
 
 def parse_formats(spec: Union[str, Iterable[str]]) -> list[str]:
@@ -41,19 +39,6 @@ def parse_formats(spec: Union[str, Iterable[str]]) -> list[str]:
     return [f for f in FORMATS if f in names]
 
 
-def gguf_types() -> tuple[str, ...]:
-    from odyssey.export.gguf import GGUF_TYPES
-
-    return tuple(GGUF_TYPES)
-
-
-def check_gguf_type(gguf_type: str) -> str:
-    types = gguf_types()
-    if gguf_type not in types:
-        raise OdysseyError(f"--gguf-type {gguf_type!r} is not supported; choose from {', '.join(types)}")
-    return gguf_type
-
-
 def output_path(out: Path, fmt: str, gguf_type: str) -> Path:
     return {"safetensors": out / "safetensors", "pth": out / "model.pth",
             "gguf": out / f"model-{gguf_type}.gguf"}[fmt]
@@ -67,23 +52,9 @@ def estimate_bytes(source, fmt: str, gguf_type: str) -> int:
         return safetensors.estimate_bytes(source)
     if fmt == "pth":
         return pth.estimate_bytes(source)
-    return gguf_estimate_bytes(source, gguf_type)
+    from odyssey.export.gguf import gguf_bytes
 
-
-def gguf_estimate_bytes(source, gguf_type: str) -> int:
-    """Norms stay f32; a matrix whose rows do not split into q8_0 blocks is counted as f32."""
-    total = 0.0
-    for shape in source.config.all_shapes().values():
-        n = 1
-        for s in shape:
-            n *= s
-        per = GGUF_BYTES_PER_WEIGHT[gguf_type]
-        if len(shape) == 1 or (gguf_type == "q8_0" and shape[-1] % Q8_BLOCK):
-            per = 4.0
-        total += n * per + 4096  # + per-tensor info and alignment padding
-    tok = source.tokenizer_path()
-    tok_bytes = 2 * tok.stat().st_size if tok else 0  # vocabulary and merges as GGUF arrays
-    return int(total) + tok_bytes + (1 << 20)
+    return gguf_bytes(source, gguf_type)  # also refuses what write_gguf would (type, tokenizer)
 
 
 def _existing_parent(p: Path) -> Path:
@@ -159,13 +130,12 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike, formats: 
     out = Path(out)
     fmts = parse_formats(formats)
     if "gguf" in fmts or gguf_type != "f16":
+        from odyssey.export.gguf import check_gguf_type
+
         check_gguf_type(gguf_type)
     source = open_source(model_dir, adapter)
     paths = {f: output_path(out, f, gguf_type) for f in fmts}
     check_outputs(out, paths, force)
-    if "gguf" in fmts and source.tokenizer_path() is None:
-        raise OdysseyError(f"{source.root} has no tokenizer.json, which GGUF needs; place one in the store with "
-                           f"`odyssey prepare-data CORPUS --out DATA --model {source.root}`, or export without gguf")
     check_free_disk(out, {f: estimate_bytes(source, f, gguf_type) for f in fmts})
 
     import torch  # noqa: F401  (seconds of import, not of writing, so the MB/s figures are fair)

@@ -264,11 +264,9 @@ class LayerStrip:
             c.create_text((x0 + x1) / 2, (y0 + y1) / 2, text=self.empty_text, font=self.small, fill=AXIS)
             return
         tmax = max(b["total_s"] for b in bars) or 1e-3
-        reused = sum(b["reused"] for b in bars)
-        c.create_text(W - PAD_R, y0 - 12, anchor="e", font=self.small, fill=INK,  # the legend's row
-                      text=f"median {fmt_ms(bars[0]['median_s'])} · max {fmt_ms(tmax)} · total "
-                           f"{fmt_ms(sum(b['total_s'] for b in bars))}"
-                           + (f" · {reused} reused from a slot / 재사용" if reused else ""))
+        c.create_text(W - PAD_R, 5, anchor="ne", font=self.small, fill=INK,
+                      text=f"median {fmt_ms(bars[0]['median_s'])} · max {fmt_ms(tmax)} · "
+                           f"total {fmt_ms(sum(b['total_s'] for b in bars))}")
         for v in nice_ticks(0, tmax * 1000, 3):
             y = y1 - v / 1000 / tmax * (y1 - y0)
             if y < y0 - 1:
@@ -301,6 +299,8 @@ class LayerStrip:
 
 def fmt_ms(seconds: float) -> str:
     ms = seconds * 1000
+    if ms >= 1000:
+        return f"{seconds:.2f} s"
     return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms" if ms >= 1 else f"{ms:.2f} ms"
 
 

@@ -652,6 +652,9 @@ class Feed:
         if st.get("pid") and self.trainer_gone():
             parts.append(f"trainer pid {st['pid']} not running (resume with odyssey train --out "
                          f"{self.run.root} --resume)")
+        world = (self.last_step or {}).get("world_size")
+        if isinstance(world, int) and world > 1:  # data-parallel: RAM and page-in are rank 0's
+            parts.append(f"{world} ranks (RAM, page-in: rank 0)")
         if self.t_last is not None:
             parts.append(f"last metrics {fmt_ago(time.time() - self.t_last)} ago")
         if self.tail.bad_lines:
