@@ -153,6 +153,10 @@ def cmd_generate(args) -> int:
         print(p.table(), file=sys.stderr)
     check(p, replan)
     model = None
+    if args.adapter:  # base paged from disk, LoRA adapter resident (refused if made for another base)
+        from odyssey.adapters import adapter_skeleton, read_adapter
+
+        model = adapter_skeleton(store, read_adapter(args.adapter))
     t0 = time.perf_counter()
     with Engine(store, compute_dtype=args.compute_dtype, slots=args.slots, model=model) as eng:
         if args.prompt and not args.quiet:
@@ -372,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="store directory")
     s.add_argument("--prompt", help="prompt text (needs a tokenizer in the store)")
     s.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
+    s.add_argument("--adapter", help="a LoRA adapter directory (e.g. RUN/adapter) applied on the fly")
     s.add_argument("--max-new-tokens", type=int, default=32)
     s.add_argument("--ram-budget", help="e.g. 1GiB")
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

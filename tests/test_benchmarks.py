@@ -295,3 +295,11 @@ def test_run_all_commands_and_readme(tmp_path):
     text = run_all.readme(tmp_path, common.machine(), runs, "2026-11-21 10:00")
     assert "Measured 2026-11-21 10:00 on" in text and "### Peers" in text and "![peers.png](peers.png)" in text
     assert "| peers | ok | 10.0 |" in text and "No result (failed (exit 1))." in text
+
+
+def test_attempt_timeout_shrinks_to_the_time_left_but_keeps_a_floor():
+    assert peers.attempt_timeout(900, None) == 900
+    t = peers.attempt_timeout(900, time.monotonic() + 400, floor_s=180)
+    assert 390 < peers._seconds(t) <= 400
+    t = peers.attempt_timeout(900, time.monotonic() - 50, floor_s=180)
+    assert peers._seconds(t) == 180

@@ -1,5 +1,7 @@
-"""The monitor: feed logic, parsing and downsampling without a display, then a real window under
-Xvfb on a recorded run (screenshot, Pause button, acknowledgement, a detached process).
+"""The monitor: feed logic, parsing and downsampling without a display; a real window under Xvfb on a
+recorded run (screenshot, Pause button, acknowledgement, a detached process); and the feed and
+`--monitor` on real runs of `odyssey train` with a tiny model (values, the per-layer strip, a run
+killed and resumed, a window that is no child of the trainer, no display).
 
 The window tests start `Xvfb` themselves on a free display number. When Xvfb is missing they run
 tools/ensure_xvfb.sh once; if it still cannot be had they skip with the reason (the only skip).
@@ -216,6 +218,56 @@ def test_control_request_and_acknowledgement(tmp_path):
     assert "replaced by a later request (guard: stop)" in feed.ack_text()
     with pytest.raises(ValueError):
         feed.request("explode")
+
+
+def test_states_buttons_eta_and_guard_field(tmp_path):
+    """What the trainer's states (control.Controller) and the guard's heartbeat turn into."""
+    run = RunDir(tmp_path)
+    path = tmp_path / "metrics.jsonl"
+    now = time.time()
+    _append(path, _step(1, t=now - 2) + _step(2, t=now - 1))
+    feed = Feed(tmp_path)
+
+    def show(state, **status):
+        run.write_status(state=state, step=2, pid=status.pop("pid", os.getpid()), ack_id=None, steps_total=100,
+                         **status)
+        feed.poll()
+        return feed.values()["eta"], feed.enabled_actions()
+
+    assert show("running") == ("1 min 38 s", {"pause", "checkpoint", "stop"})  # 98 steps of 1 s
+    assert show("paused") == ("paused / 일시정지", {"resume", "checkpoint", "stop"})
+    assert show("stopping") == ("stopping / 중지 중", set())
+    assert show("stopped") == ("stopped / 중지됨", set())
+    assert show("finished") == ("done / 완료", set())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert show("running", pid=dead.pid) == ("not running / 멈춤", set())  # killed: resume it first
+    assert "not running" in feed.header_text()
+
+    show("running")
+    assert feed.values()["guard"] == "none (--no-guard) / 없음"
+    _append(path, json.dumps({"t": now, "kind": "guard", "action": "start", "level": "info", "reason": "watching",
+                              "soft_pct": 80.0, "hard_pct": 95.0, "max_temp_c": 85.0, "resume_temp_c": 70.0}) + "\n")
+    run.write_heartbeat(state="watching", watched=os.getpid(), anon_mib=900.0, temp_c=None)
+    feed.poll()
+    assert feed.values()["guard"] == "watching / 감시 중"
+    assert (feed.limits.soft_pct, feed.limits.max_temp_c) == (80.0, 85.0)  # the guard's own, not defaults
+    _append(path, json.dumps({"t": time.time(), "kind": "guard", "action": "checkpoint", "level": "warning",
+                              "reason": "anonymous RAM 1.4 GiB reached 91%"}) + "\n")
+    feed.poll()
+    assert re.fullmatch(r"checkpoint \d+ s ago / 요청", feed.values()["guard"])
+    assert feed.log[-1].level == "warning" and feed.log[-1].text.startswith("guard checkpoint: anonymous RAM")
+    run.write_heartbeat(state="paused", watched=os.getpid())
+    feed.poll()
+    assert feed.values()["guard"] == "paused for heat / 과열로 일시정지"
+    atomic_json = json.loads(run.guard_path.read_text())
+    atomic_json["t"] = time.time() - 60
+    run.guard_path.write_text(json.dumps(atomic_json))
+    feed.poll()
+    assert feed.values()["guard"] == "lost, 1 min ago / 끊김"
+    run.write_heartbeat(state="exited", watched=os.getpid())
+    feed.poll()
+    assert feed.values()["guard"] == "exited / 종료됨"
 
 
 def test_missing_run_dir_is_one_line_and_exit_2(tmp_path):
@@ -565,25 +617,28 @@ def test_feed_follows_a_real_run_killed_and_resumed(tiny_data, tmp_path):
     rd = RunDir(run)
     feed = Feed(run)
 
-    def acked(req_id, state):
-        feed.poll()
-        st = rd.read_status() or {}
-        return st.get("ack_id") == req_id and st.get("state") == state
+    def ask(action, state):
+        """A request from the monitor's feed, as its button writes it; wait for the trainer's ack."""
+        rid = feed.request(action)
+
+        def acked():
+            feed.poll()
+            st = rd.read_status() or {}
+            return st.get("ack_id") == rid and st.get("state") == state
+
+        _wait(acked, what=f"the {action}")
+        return rd.read_status()["step"]
 
     try:
         _wait(lambda: len(_final_losses(run)) >= 3 if (run / "metrics.jsonl").exists() else False,
               what="3 steps")
-        rid = feed.request("pause")
-        _wait(lambda: acked(rid, "paused"), what="the pause")
+        paused_at = ask("pause", "paused")
         for _ in range(20):  # pause at an odd step: its checkpoint is one behind, the step is redone
-            paused_at = rd.read_status()["step"]
             if paused_at % 2 == 1:
                 break
-            rid = feed.request("resume")
-            _wait(lambda: acked(rid, "running"), what="the resume")
-            _wait(lambda: max(_final_losses(run)) > paused_at, what="one more step")
-            rid = feed.request("pause")
-            _wait(lambda: acked(rid, "paused"), what="the pause")
+            ask("resume", "running")
+            _wait(lambda n=paused_at: max(_final_losses(run)) > n, what="one more step")
+            paused_at = ask("pause", "paused")
         assert paused_at % 2 == 1 and paused_at < 8
         assert feed.ack_text().startswith(f"Pause: acknowledged at step {paused_at}")
         assert feed.values()["eta"] == "paused / 일시정지" and feed.enabled_actions() == {"resume", "checkpoint", "stop"}

@@ -356,3 +356,16 @@ def test_full_training_beats_unigram_then_lora_adapts(tmp_path):
     val2 = RunDir(tmp_path / "lora").read_metrics("val")
     assert val2[0]["step"] == 0 and val2[-1]["step"] == 40
     assert val2[-1]["val_loss"] < val2[0]["val_loss"] - 0.05, val2
+
+
+def test_generate_with_adapter_and_wrong_base(setup, tmp_path):
+    run = tmp_path / "run"
+    assert train_cli(setup, run, "--steps", "2", "seq_len=32", "eval_every=0", "lr=1e-2").returncode == 0
+    p = run_cli("generate", "--model", setup / "store", "--adapter", run / "adapter", "--prompt-ids", "1,5,9",
+                "--max-new-tokens", "3", "--temperature", "0", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert len(p.stdout.split()) >= 1
+    init_store(tiny_config(vocab_size=512), tmp_path / "other", dtype="f32", seed=7, progress=False)
+    p = run_cli("generate", "--model", tmp_path / "other", "--adapter", run / "adapter", "--prompt-ids", "1,5",
+                "--max-new-tokens", "2")
+    assert_user_error(p, "adapter", "trained on")
