@@ -114,7 +114,10 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", choices=["paged", "resident"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return worker(args)
+        from odyssey import allocator
+
+        allocator.ensure([str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])])
+        return worker(args)  # with the allocator and thread settings of the odyssey commands
 
     from odyssey.engine import resolve_compute_dtype
     from odyssey.store import Store

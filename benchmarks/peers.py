@@ -214,8 +214,14 @@ def odyssey_train_runner(model: Path, data: Path, work: Path, steps: int, seq_le
         run_dir = work / tag
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = common.train_cmd(model, data, run_dir, budget, steps, seq_len, extra)
-        rc, peak, oom, error, seconds = in_cgroup(cmd, budget, work / f"{tag}.log", _seconds(timeout_s))
-        summary = common.summarize_steps(common.read_metrics(run_dir / "metrics.jsonl"))
+        load0 = os.getloadavg()[0]
+        with ChildCpu() as cpu:
+            rc, peak, oom, error, seconds = in_cgroup(cmd, budget, work / f"{tag}.log", _seconds(timeout_s))
+        records = common.read_metrics(run_dir / "metrics.jsonl")
+        summary = common.summarize_steps(records)
+        summary["cpu_s_all"] = [None if c is None else round(c, 2) for c in step_cpu(records, cpu.samples)]
+        summary["cpu_s"] = common.median(summary["cpu_s_all"][1:])
+        summary["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         ok = rc == 0 and summary["measured_steps"] > 0
         if rc == 0 and not ok:
             error = f"exited 0 with {summary['steps']} step lines in metrics.jsonl (need at least 2)"
@@ -244,18 +250,23 @@ def odyssey_generate_runner(model: Path, work: Path, prompt_ids: Sequence[int], 
         limit = _seconds(timeout_s)
         th = threading.Thread(target=lambda: box.update(r=in_cgroup(cmd, budget, work / f"{tag}.log", limit,
                                                                     stdout_path=out_file)))
-        arrivals = []  # seconds from start to each new token id appearing in stdout
-        t0 = time.perf_counter()
-        th.start()
-        seen = 0
-        while th.is_alive():
-            seen = _count_new(out_file, seen, arrivals, time.perf_counter() - t0)
-            time.sleep(0.01)
-        th.join()
+        arrivals = []  # time.time() of each new token id appearing in stdout
+        load0 = os.getloadavg()[0]
+        with ChildCpu() as cpu:
+            th.start()
+            seen = 0
+            while th.is_alive():
+                seen = _count_new(out_file, seen, arrivals, time.time())
+                time.sleep(0.01)
+            th.join()
         rc, peak, oom, error, seconds = box["r"]
         text = out_file.read_text(errors="replace")
         tokens = [int(t) for t in text.split() if t.lstrip("-").isdigit()]
         result = generation_summary(arrivals, len(tokens))
+        gaps_cpu = [cpu_between(cpu.samples, a, b) for a, b in zip(arrivals, arrivals[1:])]
+        result["cpu_s_per_token"] = common.median(gaps_cpu)
+        result["first_token_s"] = None  # from process start here: not comparable with the peer's
+        result["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         result["tokens"] = tokens
         result["reported"] = _parse_generate_stderr((work / f"{tag}.log").read_text(errors="replace"))
         result["done"] = rc == 0
@@ -303,6 +314,71 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+class ChildCpu:
+    """Samples the CPU seconds (user + system, all threads) of this process's descendants every
+    `interval_s` on a thread: wall time on a shared machine says how long a step took, CPU time
+    how much work it was. `samples` are (time.time(), cpu_s)."""
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-cpu", daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def read(self) -> float:
+        from odyssey.memory import tree_pids
+
+        me, total = os.getpid(), 0
+        for pid in tree_pids(me):
+            if pid == me:
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+            except (OSError, IndexError, ValueError):
+                continue
+        return total / self._tick
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self.read()))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "ChildCpu":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_between(samples: Sequence[tuple[float, float]], t0: float, t1: float) -> Optional[float]:
+    """CPU seconds spent between wall times t0 and t1, interpolated linearly between samples
+    (a process's CPU counter only grows); None when the samples do not cover [t0, t1]."""
+    if len(samples) < 2 or t0 < samples[0][0] or t1 > samples[-1][0] or t1 < t0:
+        return None
+
+    def at(t):
+        for (ta, ca), (tb, cb) in zip(samples, samples[1:]):
+            if ta <= t <= tb:
+                return ca if tb == ta else ca + (cb - ca) * (t - ta) / (tb - ta)
+        return samples[-1][1]
+
+    return max(0.0, at(t1) - at(t0))
+
+
+def step_cpu(records: list[dict], samples) -> list[Optional[float]]:
+    """CPU seconds of each `odyssey train` step line (it ends at `t`, lasted `step_s`)."""
+    out = []
+    for r in sorted((r for r in records if r.get("kind") == "step"), key=lambda r: r.get("step", 0)):
+        t1, dt = r.get("t"), r.get("step_s")
+        out.append(None if t1 is None or dt is None else cpu_between(samples, t1 - dt, t1))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # the worker: one peer, one task, inside the cgroup
 
@@ -310,7 +386,7 @@ def _read_json(path: Path) -> dict:
 def worker(args) -> int:
     from odyssey.memory import PeakSampler
 
-    res: dict = {"task": args.task, "peer": args.peer, "done": False}
+    res: dict = {"task": args.task, "peer": args.peer, "done": False, "loadavg": [round(os.getloadavg()[0], 2)]}
 
     def save(**kw):
         res.update(kw)
@@ -331,7 +407,8 @@ def worker(args) -> int:
             _train(args, torch, model, sampler, save)
         else:
             _generate(args, torch, model, sampler, save)
-    save(done=True, peak_anon_mib=round(sampler.peak_bytes / MIB, 1))
+    save(done=True, peak_anon_mib=round(sampler.peak_bytes / MIB, 1),
+         loadavg=res["loadavg"] + [round(os.getloadavg()[0], 2)])
     return 0
 
 
@@ -371,20 +448,21 @@ def _train(args, torch, model, sampler, save):
     save(trainable=sum(p.numel() for p in params), lora_devices=sorted({str(p.device) for p in params}))
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     batches = BatchSampler(TokenData(args.data), "train", args.seq_len, 1, seed=0)
-    steps, losses = [], []
+    steps, losses, cpus = [], [], []
     for _ in range(args.steps):
         x, y = batches.next_batch()  # (1, T) int64 each
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logits = model(input_ids=x).logits  # (1, T, V) fp32
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         steps.append(round(time.perf_counter() - t0, 3))
+        cpus.append(round(time.process_time() - c0, 2))  # all threads of this process
         losses.append(round(float(loss), 5))
         del logits, loss
-        save(step_s_all=steps, losses=losses, peak_anon_mib=round(sampler.peak_bytes / MIB, 1))
-    save(step_s=common.median(steps[1:]), measured_steps=len(steps[1:]))
+        save(step_s_all=steps, cpu_s_all=cpus, losses=losses, peak_anon_mib=round(sampler.peak_bytes / MIB, 1))
+    save(step_s=common.median(steps[1:]), cpu_s=common.median(cpus[1:]), measured_steps=len(steps[1:]))
 
 
 def _generate(args, torch, model, sampler, save):
@@ -392,10 +470,11 @@ def _generate(args, torch, model, sampler, save):
 
     class Clock(BaseStreamer):
         def __init__(self):
-            self.t = []
+            self.t, self.cpu = [], []
 
         def put(self, value):
             self.t.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
         def end(self):
             pass
@@ -409,6 +488,7 @@ def _generate(args, torch, model, sampler, save):
     new = [int(t) for t in out[0, ids.shape[1]:]]
     arrivals = [t - t0 for t in clock.t[1:]]  # the first put() is the prompt
     summary = generation_summary(arrivals, len(new))
+    summary["cpu_s_per_token"] = common.median([b - a for a, b in zip(clock.cpu[1:], clock.cpu[2:])])
     save(tokens=new, generate_s=round(time.perf_counter() - t0, 2), **summary)
 
 
@@ -435,7 +515,11 @@ def prompt_from(data: Path, n: int) -> list[int]:
     return [int(t) for t in TokenData(data).tokens("val")[:n]]
 
 
-def _train_row(name: str, climb_res: dict, odyssey_step: Optional[float]) -> dict:
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return round(a / b, 2) if a and b else None
+
+
+def _train_row(name: str, climb_res: dict, odyssey_step: Optional[float], odyssey_cpu: Optional[float] = None) -> dict:
     r = climb_res["ok_result"]
     step = r.get("step_s")
     return {
@@ -443,8 +527,9 @@ def _train_row(name: str, climb_res: dict, odyssey_step: Optional[float]) -> dic
         # the probe runs at one large cap only: "within the budget" does not apply
         "ran_within_budget": None if name == "offload-probe" else climb_res["ran_within_budget"],
         "smallest_ok_gib": climb_res["smallest_ok_bytes"] / GIB if climb_res["smallest_ok_bytes"] else None,
-        "step_s": step, "measured_steps": r.get("measured_steps"),
+        "step_s": step, "measured_steps": r.get("measured_steps"), "cpu_s": r.get("cpu_s"),
         "ratio_to_odyssey": round(step / odyssey_step, 2) if step and odyssey_step else None,
+        "cpu_ratio_to_odyssey": _ratio(r.get("cpu_s"), odyssey_cpu), "loadavg": r.get("loadavg"),
         "peak_cgroup_mib": round(climb_res["ok_peak_bytes"] / MIB) if climb_res["ok_peak_bytes"] else None,
         "peak_anon_mib": r.get("peak_anon_mib") or r.get("peak_rss_anon_mib"),
         "first_loss": (r.get("losses") or [None])[0],
@@ -452,15 +537,16 @@ def _train_row(name: str, climb_res: dict, odyssey_step: Optional[float]) -> dic
     }
 
 
-def _gen_row(name: str, climb_res: dict, odyssey_tok: Optional[float]) -> dict:
+def _gen_row(name: str, climb_res: dict, odyssey_tok: Optional[float], odyssey_cpu: Optional[float] = None) -> dict:
     r = climb_res["ok_result"]
     spt = r.get("s_per_token")
     return {
         "tool": name, "label": PEER_LABELS[name], "status": climb_res["status"],
         "ran_within_budget": climb_res["ran_within_budget"],
         "smallest_ok_gib": climb_res["smallest_ok_bytes"] / GIB if climb_res["smallest_ok_bytes"] else None,
-        "s_per_token": spt, "decode_steps": r.get("decode_steps"),
+        "s_per_token": spt, "decode_steps": r.get("decode_steps"), "cpu_s_per_token": r.get("cpu_s_per_token"),
         "ratio_to_odyssey": round(spt / odyssey_tok, 2) if spt and odyssey_tok else None,
+        "cpu_ratio_to_odyssey": _ratio(r.get("cpu_s_per_token"), odyssey_cpu), "loadavg": r.get("loadavg"),
         "peak_cgroup_mib": round(climb_res["ok_peak_bytes"] / MIB) if climb_res["ok_peak_bytes"] else None,
         "peak_anon_mib": r.get("peak_anon_mib"), "tokens": r.get("tokens"),
         "error": climb_res["error"], "device_map": r.get("device_map"),
@@ -484,12 +570,14 @@ def train_table(rows: list[dict], budget_gib: float) -> str:
     for r in rows:
         out.append((r["label"], common.fmt(r["ran_within_budget"]),
                     "does not run" if r["status"] != "runs" else f"{r['smallest_ok_gib']:g} GiB",
-                    common.fmt(r["step_s"], 1), r["measured_steps"] or "-", common.fmt(r["ratio_to_odyssey"]),
+                    common.fmt(r["step_s"], 1), common.fmt(r.get("cpu_s"), 1), r["measured_steps"] or "-",
+                    common.fmt(r["ratio_to_odyssey"]), common.fmt(r.get("cpu_ratio_to_odyssey")),
                     common.fmt(r["peak_cgroup_mib"]), common.fmt(r["peak_anon_mib"], 0),
                     common.fmt(r["first_loss"], 4), _note(r)))
     return common.markdown_table(
-        ["tool", f"runs in {budget_gib:g} GiB", "smallest budget that ran", "step s", "median of",
-         "x Odyssey", "peak cgroup MiB", "peak anon MiB", "loss step 1", "notes"], out, "lccrrrrrrl")
+        ["tool", f"runs in {budget_gib:g} GiB", "smallest budget that ran", "step s", "CPU s", "median of",
+         "x Odyssey", "x Odyssey (CPU)", "peak cgroup MiB", "peak anon MiB", "loss step 1", "notes"], out,
+        "lccrrrrrrrrl")
 
 
 def gen_table(rows: list[dict], budget_gib: float) -> str:
@@ -497,11 +585,12 @@ def gen_table(rows: list[dict], budget_gib: float) -> str:
     for r in rows:
         out.append((r["label"], common.fmt(r["ran_within_budget"]),
                     "does not run" if r["status"] != "runs" else f"{r['smallest_ok_gib']:g} GiB",
-                    common.fmt(r["s_per_token"], 2), r["decode_steps"] or "-", common.fmt(r["ratio_to_odyssey"]),
+                    common.fmt(r["s_per_token"], 2), common.fmt(r.get("cpu_s_per_token"), 2), r["decode_steps"] or "-",
+                    common.fmt(r["ratio_to_odyssey"]), common.fmt(r.get("cpu_ratio_to_odyssey")),
                     common.fmt(r["peak_cgroup_mib"]), common.fmt(r["peak_anon_mib"], 0), _note(r)))
     return common.markdown_table(
-        ["tool", f"runs in {budget_gib:g} GiB", "smallest budget that ran", "s / token", "median of",
-         "x Odyssey", "peak cgroup MiB", "peak anon MiB", "notes"], out, "lccrrrrrl")
+        ["tool", f"runs in {budget_gib:g} GiB", "smallest budget that ran", "s / token", "CPU s / token", "median of",
+         "x Odyssey", "x Odyssey (CPU)", "peak cgroup MiB", "peak anon MiB", "notes"], out, "lccrrrrrrrl")
 
 
 def png(result: dict, path: Path):
@@ -588,8 +677,8 @@ def run(args) -> dict:
                 runner = peer_runner("train", "offload", model, data, work, args.steps, args.seq_len, reserve,
                                      prompt, args.new_tokens, timeout, args.peer_jemalloc, cpu_weights=share)
                 climbs["offload-probe"] = climb(runner, [probe], deadline=None)
-        ody = climbs.get("odyssey", {}).get("ok_result", {}).get("step_s")
-        train_rows = [_train_row(p, c, ody) for p, c in climbs.items()]
+        ody = climbs.get("odyssey", {}).get("ok_result", {})
+        train_rows = [_train_row(p, c, ody.get("step_s"), ody.get("cpu_s")) for p, c in climbs.items()]
         result["climbs"]["train"] = climbs
     if "generate" in tasks:
         climbs = {}
@@ -601,8 +690,8 @@ def run(args) -> dict:
                 runner = peer_runner("generate", peer, model, data, work, args.steps, args.seq_len, reserve,
                                      prompt, args.new_tokens, timeout, args.peer_jemalloc)
             climbs[peer] = climb(runner, budgets, deadline=deadline)
-        ody = climbs.get("odyssey", {}).get("ok_result", {}).get("s_per_token")
-        gen_rows = [_gen_row(p, c, ody) for p, c in climbs.items()]
+        ody = climbs.get("odyssey", {}).get("ok_result", {})
+        gen_rows = [_gen_row(p, c, ody.get("s_per_token"), ody.get("cpu_s_per_token")) for p, c in climbs.items()]
         result["climbs"]["generate"] = climbs
     result["train"], result["generate"] = train_rows, gen_rows
     return result
@@ -626,7 +715,10 @@ def markdown_sections(result: dict) -> list[tuple[str, str]]:
 
 def notes(result: dict) -> list[str]:
     s = result["settings"]
-    return [f"Peers use the {s['peer_allocator']} allocator (as a user gets them); Odyssey preloads jemalloc "
+    return ["CPU s: CPU time (user + system, all threads) of the tool's process for the same step or token; "
+            "other work on the machine stretches wall time far more than CPU time, so the CPU ratio is the "
+            "steadier comparison of work done, the wall ratio the one a user waits for.",
+            f"Peers use the {s['peer_allocator']} allocator (as a user gets them); Odyssey preloads jemalloc "
             "itself when it is installed.",
             "Peak cgroup memory counts anonymous memory plus page cache charged to the group (file pages of "
             "the weights read); peak anon is the process's anonymous RSS.",

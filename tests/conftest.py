@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from odyssey.allocator import quiet_threads
 from odyssey.config import ModelConfig
+
+quiet_threads()  # as the odyssey commands do, before any test imports torch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -215,13 +215,15 @@ def _climb(status="runs", ok_bytes=2 * GIB, first_ok=True, result=None, error=""
 
 
 def fake_peers_result():
-    ody = _climb(result={"step_s": 20.0, "measured_steps": 3, "peak_rss_anon_mib": 600.0, "losses": [10.4]})
+    ody = _climb(result={"step_s": 20.0, "cpu_s": 30.0, "measured_steps": 3, "peak_rss_anon_mib": 600.0,
+                         "losses": [10.4]})
     inram = _climb(ok_bytes=12 * GIB, first_ok=False, error="OOM-killed", peak=9000 * MIB,
-                   result={"step_s": 10.0, "measured_steps": 3, "peak_anon_mib": 8000.0, "losses": [10.4]})
+                   result={"step_s": 10.0, "cpu_s": 15.0, "measured_steps": 3, "peak_anon_mib": 8000.0,
+                           "losses": [10.4]})
     off = _climb(status="does not run", ok_bytes=None, first_ok=False, peak=None,
                  error="RuntimeError: expected device meta but got cpu")
-    train = [peers._train_row("odyssey", ody, 20.0), peers._train_row("inram", inram, 20.0),
-             peers._train_row("offload", off, 20.0)]
+    train = [peers._train_row("odyssey", ody, 20.0, 30.0), peers._train_row("inram", inram, 20.0, 30.0),
+             peers._train_row("offload", off, 20.0, 30.0)]
     gody = _climb(result={"s_per_token": 2.0, "decode_steps": 7})
     goff = _climb(result={"s_per_token": 5.0, "decode_steps": 7, "device_map": {"disk_share": 0.9}})
     gen = [peers._gen_row("odyssey", gody, 2.0), peers._gen_row("offload", goff, 2.0)]
@@ -237,8 +239,8 @@ def test_peer_tables_show_ratios_budgets_and_errors():
     assert [r["ratio_to_odyssey"] for r in train] == [1.0, 0.5, None]
     t = peers.train_table(train, 2.0)
     rows = t.splitlines()[2:]
-    assert "| yes | 2 GiB | 20.0 | 3 | 1.00 |" in rows[0]
-    assert "| no | 12 GiB | 10.0 | 3 | 0.50 |" in rows[1] and "at smaller budgets: OOM-killed" in rows[1]
+    assert "| yes | 2 GiB | 20.0 | 30.0 | 3 | 1.00 | 1.00 |" in rows[0]
+    assert "| no | 12 GiB | 10.0 | 15.0 | 3 | 0.50 | 0.50 |" in rows[1] and "at smaller budgets: OOM-killed" in rows[1]
     assert "does not run" in rows[2] and "expected device meta but got cpu" in rows[2]
     g = peers.gen_table(gen, 2.0)
     assert "| 2.50 |" in g and "90% of the weights on disk" in g
@@ -303,3 +305,28 @@ def test_attempt_timeout_shrinks_to_the_time_left_but_keeps_a_floor():
     assert 390 < peers._seconds(t) <= 400
     t = peers.attempt_timeout(900, time.monotonic() - 50, floor_s=180)
     assert peers._seconds(t) == 180
+
+
+def test_cpu_between_interpolates_and_refuses_to_extrapolate():
+    samples = [(0.0, 0.0), (1.0, 2.0), (2.0, 2.0), (4.0, 6.0)]
+    assert peers.cpu_between(samples, 0.5, 1.0) == 1.0
+    assert peers.cpu_between(samples, 1.0, 3.0) == 2.0
+    assert peers.cpu_between(samples, -1.0, 1.0) is None and peers.cpu_between(samples, 1.0, 5.0) is None
+    assert peers.cpu_between(samples[:1], 0.0, 0.0) is None
+
+
+def test_step_cpu_from_metrics_lines():
+    samples = [(100.0, 0.0), (110.0, 20.0), (120.0, 30.0)]
+    recs = [{"kind": "step", "step": 2, "t": 120.0, "step_s": 10.0}, {"kind": "event", "t": 101.0},
+            {"kind": "step", "step": 1, "t": 110.0, "step_s": 10.0}, {"kind": "step", "step": 3, "t": 130.0,
+                                                                       "step_s": 5.0}]
+    assert peers.step_cpu(recs, samples) == [20.0, 10.0, None]
+
+
+def test_child_cpu_counts_a_busy_child():
+    import subprocess
+
+    with peers.ChildCpu(interval_s=0.05) as cpu:
+        subprocess.run([sys.executable, "-c", "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass"])
+    # the child is gone at the end (its counter vanishes), but samples taken while it ran saw it
+    assert max(c for _, c in cpu.samples) >= 0.1

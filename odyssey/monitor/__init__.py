@@ -2,8 +2,9 @@
 app.py lays out and writes control requests).
 
 This module stays light (no tkinter import) because the trainer imports it for `--monitor`:
-`launch_detached` starts the window in its own process, so a slow window never slows training and
-closing it never stops training.
+`launch_detached` starts the window in its own process, in its own session and outside the
+trainer's process tree, so a slow window never slows training, closing it never stops training,
+and the guard never counts its memory against the training budget.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ FIELDS = (
 
 INTERVAL_MS = 500
 CATCH_UP_MS = 20  # next poll while metrics.jsonl still has unread bytes
+CATCH_UP_DRAW_S = 1.0  # while catching up, charts are redrawn at most this often
 LOG_COLORS = {"info": "#333333", "warning": "#b35900", "error": "#c62828", "guard": "#6a3d9a"}
 
 
@@ -75,6 +76,7 @@ class MonitorApp:
         self.feed = Feed(run_dir)
         self.interval_ms = interval_ms
         self._drawn_version = -1
+        self._drawn_t = float("-inf")
         self._log_seq = 0
         self._after_id: Optional[str] = None
         self._closed = False
@@ -227,7 +229,10 @@ class MonitorApp:
     def refresh(self) -> None:
         self.refresh_values()
         if self.feed.version != self._drawn_version:
-            self._drawn_version = self.feed.version
+            now = time.monotonic()
+            if self.feed.more_waiting and now - self._drawn_t < CATCH_UP_DRAW_S:
+                return  # still reading a long file: draw the charts once a second meanwhile
+            self._drawn_version, self._drawn_t = self.feed.version, now
             self.refresh_charts()
             self.refresh_log()
 

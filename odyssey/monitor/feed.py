@@ -27,8 +27,9 @@ from odyssey.runlog import ACTIONS, MetricsTail, RunDir
 
 GAP_S = 120.0
 """A silence longer than this (seconds) between two samples of a time series breaks its line."""
-POLL_BYTES = 4 << 20
-"""Bytes read from metrics.jsonl per poll (about 20,000 lines): bounds the work of one UI tick."""
+POLL_BYTES = 2 << 20
+"""Bytes read from metrics.jsonl per poll (about 7,000 lines of a real run, ~0.1 s of parsing):
+bounds the work of one UI tick."""
 LOG_LINES = 1000
 """Log entries kept (the oldest are dropped)."""
 ETA_WINDOW = 50
@@ -362,8 +363,9 @@ class Feed:
         rss = r.get("rss_anon_mib")
         if _finite(rss) and t >= self._rss[0]:
             self._rss = (t, rss)
-            if not self.last_memory:  # no guard samples: plot the trainer's own reading
-                self.anon.append(t, rss)
+            mem_t = _num((self.last_memory or {}).get("t"))
+            if mem_t is None or t - mem_t > 15.0:  # no guard samples (they come every <= 10 s):
+                self.anon.append(t, rss)           # plot the trainer's own reading
         if _finite(r.get("budget_mib")):
             self.budget_mib = r["budget_mib"]
         self.last_step = r
@@ -408,8 +410,8 @@ class Feed:
         level = r.get("level")
         if level not in ("info", "warning", "error"):  # older lines without a level
             level = "warning" if action in ("warn", "checkpoint", "pause") else "error" if action == "stop" else "info"
-        if level != "info" or action in ("pause", "resume", "checkpoint", "stop"):
-            self.last_guard = r  # a decision worth showing in the Guard field for a while
+        if action in ACTIONS and r.get("request_id", 0) is not None:
+            self.last_guard = r  # a request the guard wrote: shown in the Guard field for a while
         if action == "start":  # the running guard's own thresholds win over config.yaml
             self.guard_started = True
             self._guard_limits = {k: float(r[k]) for k in _LIMIT_KEYS if _finite(r.get(k))}
@@ -610,7 +612,7 @@ class Feed:
         if g is not None:
             g_age = now - (_num(g.get("t")) or 0.0)
             if g_age < GUARD_NOTABLE_S:
-                return f"{g.get('action')} {fmt_ago(g_age)} ago / 요청"
+                return f"asked {g.get('action')} {fmt_ago(g_age)} ago / 요청"
         return "watching / 감시 중"
 
     def eta_text(self) -> str:
