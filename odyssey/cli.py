@@ -473,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait-s", type=float, default=argparse.SUPPRESS,
                    help="wait this long for the run directory to appear (used by train --monitor)")
     s.add_argument("--geometry", default=argparse.SUPPRESS, help="window size, Tk syntax (default 1280x800)")
+    s.add_argument("--screenshot", default=argparse.SUPPRESS, metavar="PNG",
+                   help="save a picture of the window once the run is read, then exit")
+    s.add_argument("--screenshot-after-s", type=float, default=argparse.SUPPRESS,
+                   help="seconds to wait before the screenshot (default 3)")
     s.set_defaults(func=cmd_monitor)
     return p
 

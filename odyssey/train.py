@@ -646,7 +646,8 @@ def train(out: str, *, model: Optional[str] = None, data: Optional[str] = None, 
         controller.attach_guard(guard_proc)
     what = f"LoRA r={cfg.lora.r}" if cfg.mode == "lora" else "full training"
     on = f", {ranks.world} ranks" if ranks.active else ""
-    local.append("event", level="info", source="trainer", rank=ranks.rank,
+    local.append("event", level="info", source="trainer", rank=ranks.rank, action="start",
+                 resumed_from=trainer.step if restored else None,
                  message=(f"{'resumed from ' + restored.name if restored else 'training started'}: "
                           f"{store.config.num_parameters() / 1e9:.3f} B parameters, {what}, {cfg.steps} steps{on}, "
                           f"RAM budget {format_bytes(budget)}, plan {format_bytes(plan.total)}"))
@@ -687,6 +688,9 @@ def train(out: str, *, model: Optional[str] = None, data: Optional[str] = None, 
         if main:
             print(f"\nstopped at step {trainer.step}: {stop}. {'Checkpoint ' + str(where) + '. ' if where else ''}"
                   f"Resume with: odyssey train --out {run.root} --resume", file=sys.stderr)
+    except BaseException as e:  # a crash: say so in status.json before the traceback
+        controller.write_status("failed", trainer.step, steps_total=cfg.steps, reason=f"{type(e).__name__}: {e}")
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -712,7 +716,11 @@ def _open_monitor(run: RunDir) -> None:
         print(f"--monitor: {problem}; training continues without the window "
               f"(attach later with `odyssey monitor {run.root}`)", file=sys.stderr)
         return
-    launch_detached(run.root)
+    try:
+        launch_detached(run.root)
+    except OdysseyError as e:  # a window that cannot start never stops training
+        print(f"--monitor: {e}; training continues without the window "
+              f"(attach later with `odyssey monitor {run.root}`)", file=sys.stderr)
 
 
 def _print_summary(s: dict, result: Path, seconds: float, plan, budget: int) -> None:

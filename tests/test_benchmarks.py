@@ -268,13 +268,14 @@ def test_scaling_cases_reuse_and_table(tmp_path):
     assert scaling.reusable(pj, tmp_path / "other", 4) is None
     assert scaling.reusable(tmp_path / "missing.json", model, 4) is None
     rows = [{"config": "nano", "label": "2.8M", "seq_len": 512, "status": "runs", "budget_gib": 2.0, "step_s": 0.5,
+             "cpu_s": 0.9,
              "measured_steps": 3, "tokens_per_s": 1024.0, "peak_anon_mib": 300.0, "peak_cgroup_mib": 400,
              "stall_s": 0.01, "error": "", "reused_from": None},
             {"config": "odyssey-1.2b", "label": "1.21B", "seq_len": 2048, "status": "does not run", "budget_gib": None,
              "step_s": None, "measured_steps": None, "tokens_per_s": None, "peak_anon_mib": None,
              "peak_cgroup_mib": None, "stall_s": None, "error": "timed out after 1200 s", "reused_from": None}]
     t = scaling.table(rows)
-    assert "| nano (2.8M) | 512 | 2.00 | 0.50 | 3 | 1,024.0 | 300 | 400 | 0.01 |" in t
+    assert "| nano (2.8M) | 512 | 2.00 | 0.50 | 0.90 | 3 | 1,024.0 | 300 | 400 | 0.01 |" in t
     assert "timed out after 1200 s" in t
 
 
@@ -330,3 +331,20 @@ def test_child_cpu_counts_a_busy_child():
         subprocess.run([sys.executable, "-c", "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass"])
     # the child is gone at the end (its counter vanishes), but samples taken while it ran saw it
     assert max(c for _, c in cpu.samples) >= 0.1
+
+
+def test_climb_screen_skips_and_stops_but_always_runs_the_first_budget():
+    run = FakeRunner({2: "oom", 6: "oom", 8: "ok"})
+    screens = peers.peer_screens(int(4.5 * GIB), 1 * GIB)
+    res = peers.climb(run, peers.ladder(2 * GIB), progress=quiet, screen=screens["inram"])
+    assert run.calls == [2 * GIB, 6 * GIB, 8 * GIB]  # 3 and 4 GiB cannot hold 4.5 GiB of weights
+    assert [s["budget_bytes"] for s in res["skipped"]] == [3 * GIB, 4 * GIB]
+    run = FakeRunner({})
+    res = peers.climb(run, peers.ladder(2 * GIB), progress=quiet, screen=screens["offload"])
+    assert run.calls == [2 * GIB, 3 * GIB, 4 * GIB]  # at 6 GiB, 5 GiB of weights share holds every weight
+    assert res["status"] == "does not run" and "nothing is offloaded" in res["stopped"]
+    row = peers._train_row("offload", res, 20.0)
+    assert "stopped: from here nothing is offloaded" in peers._note(row)
+    run = FakeRunner({2: "ok"})
+    peers.climb(run, [2 * GIB], progress=quiet, screen=lambda b: ("skip", "never"))
+    assert run.calls == [2 * GIB]

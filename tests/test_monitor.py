@@ -5,7 +5,9 @@ killed and resumed, a window that is no child of the trainer, no display).
 
 The window tests start `Xvfb` themselves on a free display number. When Xvfb is missing they run
 tools/ensure_xvfb.sh once; if it still cannot be had they skip with the reason (the only skip).
-Set ODYSSEY_MONITOR_SCREENSHOT=docs/monitor.png to keep the screenshot.
+Set ODYSSEY_MONITOR_SCREENSHOT=/tmp/recorded.png to keep the recorded run's screenshot. The README's
+docs/monitor.png shows a real run instead: `xvfb-run -a -s "-screen 0 1280x800x24" python -m
+odyssey.monitor RUN --screenshot docs/monitor.png` on the --out of an `odyssey train`.
 """
 
 from __future__ import annotations
@@ -488,6 +490,22 @@ def test_launch_detached_opens_its_own_process(xvfb, tmp_path, monkeypatch):
     assert not (run / "control.json").exists()  # closing the window asks nothing of the trainer
 
 
+def test_screenshot_option_saves_the_window(xvfb, tmp_path):
+    """`python -m odyssey.monitor RUN --screenshot PNG`: how docs/monitor.png is made."""
+    from PIL import Image
+
+    run = record_run.record_run(tmp_path / "run", steps=60, steps_total=100, state="finished")
+    shot = tmp_path / "shot.png"
+    p = subprocess.run([sys.executable, "-m", "odyssey.monitor", str(run), "--geometry", "1100x700",
+                        "--screenshot", str(shot), "--screenshot-after-s", "0.5"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env=_env(xvfb))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"saved {shot} (1100x700)"
+    img = Image.open(shot).convert("RGB")
+    colors = img.getcolors(maxcolors=1 << 20)
+    assert img.size == (1100, 700) and colors is not None and len(colors) > 300
+
+
 def _wait(cond, timeout: float = 60.0, what: str = "a condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -594,7 +612,7 @@ def test_feed_on_a_real_run(real_run, tiny_data):
     rows = feed.layer_rows()
     assert [r["name"] for r in rows] == ["0", "1", "head"]
     store = Store.open(tiny_data / "store")
-    for row, unit in zip(rows, (0, 1, "head")):
+    for row, unit in zip(rows, (0, 1, "head"), strict=True):
         uses = [L for L in pagein["layers"] if L["layer"] == unit]
         assert row["reads"] + row["reused"] == len(uses) == (1 if unit == "head" else 2)
         assert row["reused"] == sum(L["reused"] for L in uses)
@@ -614,40 +632,72 @@ def test_feed_on_a_real_run(real_run, tiny_data):
     assert not any(lv in ("warning", "error") for lv, t in texts), texts
 
 
+def _ask(feed: Feed, action: str, state: str) -> int:
+    """A request from the monitor's feed, as its button writes it; waits until the feed sees the
+    trainer's acknowledgement with `state`. Returns the step it was acknowledged at."""
+    feed.request(action)
+
+    def acked():
+        feed.poll()
+        return feed.pending.acked_step is not None and feed.state() == state
+
+    _wait(acked, what=f"the {action}")
+    return feed.pending.acked_step
+
+
+def _start_training(data: Path, run: Path, *extra, env=None, pipes=False) -> subprocess.Popen:
+    out = subprocess.PIPE if pipes else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "odyssey", *_train_args(data, run, *extra)], cwd=ROOT,
+                            env=env, stdout=out, stderr=out, text=True)
+
+
+def _steps_done(run: Path) -> int:
+    return max(_final_losses(run), default=0) if (run / "metrics.jsonl").exists() else 0
+
+
+def test_recorded_run_has_the_fields_of_a_real_run(real_run, tmp_path):
+    """tools/record_run.py (the window tests' and demos' data) writes what the trainer, the guard
+    and the controller write: the same keys for each kind of line, status.json and guard.json."""
+    run, _ = real_run
+    fake = record_run.record_run(tmp_path / "fake", steps=60, steps_total=100, resume=False, state="finished")
+
+    def shapes(d: Path) -> dict:
+        out = {}
+        for r in RunDir(d).read_metrics():
+            kind = r["kind"]
+            if kind == "pagein":
+                out["pagein layer"] = set(r["layers"][0])
+            elif kind == "guard" and r["action"] in ("start", "exit"):
+                out[f"guard {r['action']}"] = set(r)
+            elif kind == "event":
+                out[f"event {r.get('action', 'start')}"] = set(r)
+            if kind in ("step", "val", "memory", "pagein"):
+                out[kind] = set(r)
+        out["status.json"] = set(RunDir(d).read_status())
+        out["guard.json"] = set(RunDir(d).read_heartbeat())
+        return out
+
+    real, synthetic = shapes(run), shapes(fake)
+    for key in ("step", "val", "memory", "pagein", "pagein layer", "guard start", "event start",
+                "event checkpoint", "event finished", "status.json", "guard.json"):
+        assert synthetic.get(key) == real[key], key
+
+
 def test_feed_follows_a_real_run_killed_and_resumed(tiny_data, tmp_path):
     """A run paused at an odd step (its last checkpoint is the step before), killed with SIGKILL,
-    then `odyssey train --resume`d: one Feed follows it all, and the redone step replaces the
-    killed run's."""
+    `odyssey train --resume`d and stopped with the Stop request: one Feed follows it all, and the
+    redone step replaces the killed run's. (Steps are unbounded so no request races the end.)"""
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "odyssey", *_train_args(
-        tiny_data, run, "--no-guard", "--steps", "8", "seq_len=32", "batch_size=2", "eval_every=0",
-        "checkpoint_every=2")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rd = RunDir(run)
+    proc = _start_training(tiny_data, run, "--no-guard", "--steps", "100000", "seq_len=32", "batch_size=2",
+                           "eval_every=0", "checkpoint_every=2")
     feed = Feed(run)
-
-    def ask(action, state):
-        """A request from the monitor's feed, as its button writes it; wait for the trainer's ack."""
-        rid = feed.request(action)
-
-        def acked():
-            feed.poll()
-            st = rd.read_status() or {}
-            return st.get("ack_id") == rid and st.get("state") == state
-
-        _wait(acked, what=f"the {action}")
-        return rd.read_status()["step"]
-
     try:
-        _wait(lambda: len(_final_losses(run)) >= 3 if (run / "metrics.jsonl").exists() else False,
-              what="3 steps")
-        paused_at = ask("pause", "paused")
-        for _ in range(20):  # pause at an odd step: its checkpoint is one behind, the step is redone
-            if paused_at % 2 == 1:
-                break
-            ask("resume", "running")
-            _wait(lambda n=paused_at: max(_final_losses(run)) > n, what="one more step")
-            paused_at = ask("pause", "paused")
-        assert paused_at % 2 == 1 and paused_at < 8
+        _wait(lambda: _steps_done(run) >= 3, what="3 steps")
+        paused_at = _ask(feed, "pause", "paused")
+        while paused_at % 2 == 0:  # pause at an odd step: its checkpoint is one behind, the step is redone
+            _ask(feed, "resume", "running")
+            _wait(lambda n=paused_at: _steps_done(run) > n, what="one more step")
+            paused_at = _ask(feed, "pause", "paused")
         assert feed.ack_text().startswith(f"Pause: acknowledged at step {paused_at}")
         assert feed.values()["eta"] == "paused / 일시정지" and feed.enabled_actions() == {"resume", "checkpoint", "stop"}
         proc.send_signal(signal.SIGKILL)
@@ -660,30 +710,43 @@ def test_feed_follows_a_real_run_killed_and_resumed(tiny_data, tmp_path):
     assert feed.trainer_gone() and feed.state() == "paused"
     assert feed.values()["eta"] == "not running / 멈춤" and feed.enabled_actions() == set()
     assert f"trainer pid {proc.pid} not running" in feed.header_text()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"step-{paused_at - 1:06d}"
     killed_loss = feed.loss.ys[-1]
 
-    p = run_cli("train", "--no-guard", "--out", run, "--resume", "--quiet", timeout=300)
-    assert p.returncode == 0, p.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "odyssey", "train", "--no-guard", "--out", str(run), "--resume",
+                             "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: _poll_all(feed) or len(feed.loss) >= paused_at + 2, what="the resumed steps")
+        stopped_at = _ask(feed, "stop", "stopped")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
     _poll_all(feed)
     final = _final_losses(run)
-    assert sorted(final) == list(range(1, 9))
-    assert list(feed.loss.xs) == [float(s) for s in range(1, 9)]
-    assert list(feed.loss.ys) == [final[s] for s in range(1, 9)]  # the redone step's loss, not the first
-    assert feed.loss.ys[paused_at - 1] == final[paused_at] and killed_loss == pytest.approx(final[paused_at])
+    last = max(final)
+    assert sorted(final) == list(range(1, last + 1)) and last >= paused_at + 1
+    assert list(feed.loss.xs) == [float(s) for s in range(1, last + 1)]
+    assert list(feed.loss.ys) == [final[s] for s in range(1, last + 1)]  # the redone step's loss, not the first
+    assert killed_loss == pytest.approx(final[paused_at], rel=1e-4)  # redone from the checkpoint: the same
     assert feed.resume_steps == [paused_at]
     texts = [e.text for e in feed.log]
     assert any(t.startswith(f"resumed from step-{paused_at - 1:06d}") for t in texts), texts
     assert any(t.startswith(f"run resumed at step {paused_at} (after step {paused_at}; 1 step(s)") for t in texts)
-    assert len(feed.pagein) == len(rd.read_metrics("step")) == 8 + 1  # time series keep both tries
+    assert len(feed.pagein) == len(RunDir(run).read_metrics("step")) == last + 1  # time series keep both tries
     vals = feed.values()
-    assert vals["step"] == "8 / 8" and vals["eta"] == "done / 완료" and not feed.trainer_gone()
+    assert vals["step"] == f"{last:,} / 100,000" and vals["eta"] == "stopped / 중지됨"
+    assert feed.state() == "stopped" and not feed.trainer_gone() and feed.enabled_actions() == set()
+    assert stopped_at in (last - 1, last) and feed.ack_text().startswith("Stop: acknowledged at step")
     assert vals["guard"] == "none (--no-guard) / 없음"
 
 
 def test_train_monitor_opens_a_detached_window(xvfb, tiny_data, tmp_path):
     """`odyssey train --monitor` with a display: the window is its own process, in its own session,
     outside the trainer's process tree (the guard does not count it) and off its pipes; killing it
-    leaves training running to the end."""
+    leaves training running (it then resumes, steps on and stops on request)."""
     from PIL import ImageGrab
 
     from odyssey.memory import tree_pids
@@ -691,16 +754,13 @@ def test_train_monitor_opens_a_detached_window(xvfb, tiny_data, tmp_path):
     if not Path("/proc/self/stat").exists():
         pytest.skip("needs /proc")
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "odyssey", *_train_args(
-        tiny_data, run, "--no-guard", "--monitor", "--steps", "6", "seq_len=32", "eval_every=0",
-        "checkpoint_every=100")], cwd=ROOT, env=_env(xvfb), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    rd = RunDir(run)
+    proc = _start_training(tiny_data, run, "--no-guard", "--monitor", "--steps", "100000", "seq_len=32",
+                           "eval_every=0", "checkpoint_every=100000", env=_env(xvfb), pipes=True)
+    feed = Feed(run)
     pid = None
     try:
-        _wait(lambda: (run / "metrics.jsonl").exists() and len(_final_losses(run)) >= 1, what="a step")
-        rid = rd.request("pause", source="test")
-        _wait(lambda: (rd.read_status() or {}).get("ack_id") == rid, what="the pause")
+        _wait(lambda: _steps_done(run) >= 1, what="a step")
+        _ask(feed, "pause", "paused")
         _wait(lambda: _monitor_pid(run) is not None, what="the monitor's pid in monitor.log")
         pid = _monitor_pid(run)
         assert _proc_running(pid)
@@ -716,9 +776,11 @@ def test_train_monitor_opens_a_detached_window(xvfb, tiny_data, tmp_path):
 
         _wait(drawn, 30, what="the window on the display")
         _kill(pid)  # the window dies: training goes on
-        assert proc.poll() is None and rd.read_status()["state"] == "paused"
-        rd.request("resume", source="test")
-        out, err = proc.communicate(timeout=120)
+        assert proc.poll() is None and feed.state() == "paused"
+        paused_at = _ask(feed, "resume", "running")
+        _wait(lambda: _steps_done(run) >= paused_at + 2, what="two more steps")
+        _ask(feed, "stop", "stopped")
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -726,6 +788,6 @@ def test_train_monitor_opens_a_detached_window(xvfb, tiny_data, tmp_path):
         if pid is not None:
             _kill(pid)
     assert proc.returncode == 0, err
-    assert "trained 6 steps" in out and "--monitor" not in err
-    assert rd.read_status()["state"] == "finished" and sorted(_final_losses(run)) == list(range(1, 7))
+    assert "--monitor" not in err and "Traceback" not in err
+    assert sorted(_final_losses(run)) == list(range(1, _steps_done(run) + 1))
     assert "Traceback" not in (run / "monitor.log").read_text(errors="replace")

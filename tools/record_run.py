@@ -76,8 +76,8 @@ train:
     thermal_file: null
     enforce_cgroup: false
 """
-GUARD_START = dict(budget_mib=BUDGET_MIB, interval_s=0.5, soft_pct=90.0, hard_pct=97.0, min_available_mib=150.0,
-                   max_temp_c=90.0, resume_temp_c=80.0)
+GUARD_START = {"budget_mib": BUDGET_MIB, "interval_s": 0.5, "soft_pct": 90.0, "hard_pct": 97.0,
+               "min_available_mib": 150.0, "max_temp_c": 90.0, "resume_temp_c": 80.0}
 
 
 def _line(record: dict) -> str:
@@ -185,7 +185,7 @@ class Recorder:
                   grad_norm=round(abs(self.rng.gauss(0.8, 0.2)), 6), tokens_per_s=round(SEQ_LEN / step_s, 2),
                   step_s=round(step_s, 4), pagein_mb_s=round(pagein_mb_s, 1), stall_s=round(stall_s, 4),
                   rss_anon_mib=round(peak, 1), budget_mib=BUDGET_MIB, steps_total=self.steps_total,
-                  tokens=step * SEQ_LEN)
+                  tokens=step * SEQ_LEN, world_size=1)
         if step % 50 == 0:
             self.t += 9.0
             self.emit("val", step=step, val_loss=round(self.loss_at(step) + 0.07, 6), batches=4)
@@ -200,7 +200,7 @@ class Recorder:
     def start(self, resumed_from: int | None = None) -> None:
         """What the trainer and a fresh guard write when a process starts."""
         what = f"resumed from step-{resumed_from:06d}" if resumed_from else "training started"
-        self.emit("event", level="info", source="trainer",
+        self.emit("event", level="info", source="trainer", rank=0,
                   message=f"{what}: 1.236 B parameters, LoRA r=16, {self.steps_total} steps, RAM budget 1.50 GiB, "
                           f"plan 1.21 GiB")
         self.t += 0.4
@@ -238,15 +238,25 @@ def record_run(out: str | os.PathLike, steps: int = 240, steps_total: int = 1000
             step = ckpt + 1
             continue
         step += 1
+    if state in ("finished", "stopped"):  # how the trainer and its guard end a run
+        rec.t += 1.0
+        if state == "finished":
+            rec.emit("event", level="info", source="trainer", action="finished", step=steps,
+                     message=f"finished at step {steps}; result in {out / 'adapter'}")
+        else:
+            rec.emit("event", level="info", source="trainer", action="stopped", step=steps,
+                     message=f"stopped at step {steps} (stop requested by user); checkpoint step-{steps:06d}")
+        rec.t += 0.1
+        rec.emit("guard", action="exit", level="info", reason="guard terminated (SIGTERM or SIGINT)")
     (out / "config.yaml").write_text(CONFIG_YAML.format(steps_total=steps_total), encoding="utf-8")
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
         f.writelines(rec.lines(shift_s=end_t - rec.t))
     _write_json(out / "status.json", {"t": end_t, "state": state, "step": steps, "pid": pid or os.getpid(),
                                       "ack_id": None, "steps_total": steps_total})
-    _write_json(out / "guard.json", {"t": end_t, "pid": (pid or os.getpid()) + 1,
-                                     "state": "watching" if state in ("running", "paused") else "exited",
-                                     "watched": pid or os.getpid(), "anon_mib": rec.anon_base,
-                                     "temp_c": round(rec.temp_c, 1) if with_temp else None})
+    heartbeat = {"t": end_t, "pid": (pid or os.getpid()) + 1, "state": "exited", "watched": pid or os.getpid()}
+    if state in ("running", "paused"):
+        heartbeat.update(state="watching", anon_mib=rec.anon_base, temp_c=round(rec.temp_c, 1) if with_temp else None)
+    _write_json(out / "guard.json", heartbeat)
     return out
 
 
@@ -315,7 +325,7 @@ def live(out: Path, seed: int = 0, step_s: float = 1.0) -> None:
                 rec.want_checkpoint = True
         if state == "running" and step < total:
             step += 1
-            rec.t = time.time() - step_s
+            rec.t = time.time() - 6.1  # the recorder simulates ~6.1 s steps: end them now
             rec.step(step)
         if state == "running" and step >= total:
             state = "finished"
@@ -326,9 +336,10 @@ def live(out: Path, seed: int = 0, step_s: float = 1.0) -> None:
         rec.records.clear()
         _write_json(out / "status.json", {"t": time.time(), "state": state, "step": step, "pid": os.getpid(),
                                           "ack_id": ack, "steps_total": total})
-        _write_json(out / "guard.json", {"t": time.time(), "pid": os.getpid(),
-                                         "state": "exited" if state in ("stopped", "finished") else "watching",
-                                         "watched": os.getpid(), "anon_mib": rec.anon_base, "temp_c": round(rec.temp_c, 1)})
+        heartbeat = {"t": time.time(), "pid": os.getpid(), "state": "exited", "watched": os.getpid()}
+        if state not in ("stopped", "finished"):
+            heartbeat.update(state="watching", anon_mib=rec.anon_base, temp_c=round(rec.temp_c, 1))
+        _write_json(out / "guard.json", heartbeat)
         if state in ("stopped", "finished"):
             return
         time.sleep(step_s)

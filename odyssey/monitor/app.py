@@ -381,11 +381,38 @@ def open_window(run_dir: str | os.PathLike, geometry: str = "1280x800",
 
 
 def run_monitor(run_dir: str | os.PathLike, wait_s: float = 0.0, geometry: str = "1280x800",
-                interval_ms: int = INTERVAL_MS) -> int:
-    """Open the window on a run directory and return when it is closed (exit status 0)."""
+                interval_ms: int = INTERVAL_MS, screenshot: Optional[str] = None,
+                screenshot_after_s: float = 3.0) -> int:
+    """Open the window on a run directory and return when it is closed (exit status 0). With
+    `screenshot`, save a PNG of the window once the run is read and `screenshot_after_s` passed,
+    then close it (how docs/monitor.png is made)."""
     _wait_for_dir(Path(run_dir), wait_s)
+    if screenshot:
+        try:
+            from PIL import ImageGrab
+        except ImportError:
+            raise OdysseyError("--screenshot needs Pillow: pip install pillow") from None
     root, app = open_window(run_dir, geometry=geometry, interval_ms=interval_ms)
     app.start()
+    if screenshot:
+        t0 = time.monotonic()
+
+        def shoot() -> None:
+            feed = app.feed
+            if (feed.more_waiting or app._drawn_version != feed.version
+                    or time.monotonic() - t0 < screenshot_after_s):
+                root.after(100, shoot)
+                return
+            root.update()
+            x, y = root.winfo_rootx(), root.winfo_rooty()
+            image = ImageGrab.grab(bbox=(x, y, x + root.winfo_width(), y + root.winfo_height()),
+                                   xdisplay=os.environ.get("DISPLAY") or None)
+            Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
+            image.save(screenshot)
+            print(f"saved {screenshot} ({image.width}x{image.height})")
+            app.close()
+
+        root.after(100, shoot)
     try:
         root.mainloop()
     except KeyboardInterrupt:
@@ -404,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-s", type=float, default=0.0,
                    help="wait this long for the run directory to appear (used by train --monitor)")
     p.add_argument("--geometry", default="1280x800", help="window size, Tk syntax (default 1280x800)")
+    p.add_argument("--screenshot", metavar="PNG",
+                   help="save a PNG of the window once the run is read, then close it (needs Pillow)")
+    p.add_argument("--screenshot-after-s", type=float, default=3.0,
+                   help="with --screenshot: seconds to let the window settle first (default 3)")
     return p
 
 
@@ -411,4 +442,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.interval_ms <= 0:
         raise OdysseyError(f"--interval-ms must be > 0, got {args.interval_ms}")
-    return run_monitor(args.run, wait_s=args.wait_s, geometry=args.geometry, interval_ms=args.interval_ms)
+    return run_monitor(args.run, wait_s=args.wait_s, geometry=args.geometry, interval_ms=args.interval_ms,
+                       screenshot=args.screenshot, screenshot_after_s=args.screenshot_after_s)

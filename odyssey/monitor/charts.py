@@ -308,7 +308,8 @@ def strip_bars(layers: list[dict]) -> list[dict]:
     """Bars for LayerStrip from a pagein record's layers (pure logic, tested without a display):
     feed.layer_rows plus total_s, median_s (over the units that were read), slow and color.
     Slowness is judged by MB/s against the median rate (embed and head are bigger than a layer,
-    not slower), else by time when rates are missing."""
+    not slower), else by time when rates are missing; a unit much smaller than the median (a tied
+    model's head holds only the final norm) is never called slow: its rate is all latency."""
     bars = layer_rows(layers)
     if not bars:
         return []
@@ -320,9 +321,11 @@ def strip_bars(layers: list[dict]) -> list[dict]:
     rates = sorted(b["mb_s"] for b in read if b["mb_s"])
     use_rate = bool(read) and len(rates) == len(read)
     med_rate = rates[len(rates) // 2] if use_rate else 0.0
+    sizes = sorted(b["bytes"] / b["reads"] for b in read)
+    small = sizes[len(sizes) // 2] / 4 if sizes else 0.0  # bytes a read; below: latency, not rate
     for b in bars:
         b["median_s"] = med
-        if not b["reads"]:
+        if not b["reads"] or b["bytes"] / b["reads"] < small:  # e.g. a tied model's head (a norm)
             slowness = 0.0
         elif use_rate:
             slowness = med_rate / b["mb_s"]

@@ -500,9 +500,9 @@ class Feed:
             return ""
         en, ko = ACTION_LABELS[p.action]
         if p.acked_step is not None:
-            return f"{en}: acknowledged at step {p.acked_step} / 확인됨 (단계 {p.acked_step})"
+            return f"{en}: acknowledged at step {p.acked_step}\n{ko}: 확인됨 (단계 {p.acked_step})"
         if p.superseded_by:
-            return f"{en}: replaced by a later request ({p.superseded_by}) / 다른 요청으로 대체됨"
+            return f"{en}: replaced by a later request ({p.superseded_by})\n{ko}: 다른 요청으로 대체됨"
         text = f"{en} requested… / {ko} 요청됨…"
         state = self.state()
         if state in TERMINAL_STATES:
