@@ -162,7 +162,8 @@ def cmd_generate(args) -> int:
         if args.prompt and not args.quiet:
             sys.stdout.write(args.prompt)
         new = stream_text(tok, generate_ids(eng, prompt, args.max_new_tokens, args.temperature,
-                                                    args.top_k, args.seed, eos_id=store.config.eos_token_id),
+                                                    args.top_k, args.seed, eos_id=store.config.eos_token_id,
+                                                    vocab_limit=tok.get_vocab_size() if tok else None),
                           lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         dt = time.perf_counter() - t0
     sys.stdout.write("\n")

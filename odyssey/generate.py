@@ -38,8 +38,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch
 
 
 def generate_ids(engine, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None) -> Iterator[int]:
-    """Yields new token ids one at a time."""
+                 top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None,
+                 vocab_limit: Optional[int] = None) -> Iterator[int]:
+    """Yields new token ids one at a time. `vocab_limit`: only ids below it are sampled (a
+    tokenizer smaller than the model's vocabulary cannot decode the rows beyond it)."""
     if not prompt_ids:
         raise OdysseyError("the prompt is empty; pass --prompt TEXT or --prompt-ids 1,2,3")
     vocab = engine.cfg.vocab_size
@@ -51,6 +53,8 @@ def generate_ids(engine, prompt_ids: list[int], max_new_tokens: int, temperature
     ids = torch.tensor([prompt_ids])
     for _ in range(max_new_tokens):
         logits = engine.logits(ids, cache=cache, last_only=True)[0]  # (V,)
+        if vocab_limit is not None and vocab_limit < logits.numel():
+            logits = logits[:vocab_limit]
         nxt = sample_next(logits, temperature, top_k, gen)
         yield nxt
         if eos_id is not None and nxt == eos_id:

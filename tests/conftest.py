@@ -40,6 +40,20 @@ def tiny_store(tmp_path, tiny_cfg):
     return out
 
 
+@pytest.fixture(scope="session")
+def train_dir(tmp_path_factory) -> Path:
+    """For tests that run `odyssey train`: DIR/store, a tiny f32 store (2 layers, width 64, vocab
+    512) holding a tokenizer, and DIR/tok, token data of generated stories (a step: milliseconds)."""
+    from odyssey.data import prepare_data
+    from odyssey.store import init_store
+
+    d = tmp_path_factory.mktemp("train")
+    load_tool("make_sample_corpus").write_corpus(d / "corpus", "stories", 80, seed=2)
+    init_store(tiny_config(vocab_size=512), d / "store", dtype="f32", seed=1, progress=False)
+    prepare_data([d / "corpus"], d / "tok", vocab_size=512, model_store=d / "store", progress=False)
+    return d
+
+
 def load_tool(name: str):
     """Import tools/NAME.py (tools/ is not a package) as a module."""
     import importlib.util

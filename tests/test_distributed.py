@@ -15,22 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from odyssey.runlog import RunDir
-from odyssey.store import init_store
 
-from tests.conftest import ROOT, load_tool, tiny_config
+from tests.conftest import ROOT
 
-corpus_tool = load_tool("make_sample_corpus")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from odyssey.data import prepare_data
-
-    d = tmp_path_factory.mktemp("dist")
-    corpus_tool.write_corpus(d / "corpus", "stories", 40, seed=5)
-    init_store(tiny_config(vocab_size=512), d / "store", dtype="f32", seed=1, progress=False)
-    prepare_data([d / "corpus"], d / "tok", vocab_size=512, progress=False)
-    return d
+@pytest.fixture
+def setup(train_dir):
+    return train_dir  # tests/conftest.py
 
 
 def cmd(setup, run, *extra, nproc=None):

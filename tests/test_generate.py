@@ -76,3 +76,15 @@ def test_prompt_ids_without_tokenizer_and_clear_error(tiny_store):
 def test_generate_refuses_a_budget_too_small(tiny_store):
     p = run_cli("generate", "--model", tiny_store, "--prompt-ids", "1,2", "--ram-budget", "10MiB")
     assert_user_error(p, "too small", "--ram-budget")
+
+
+def test_sampling_stays_inside_the_tokenizer_vocabulary(tiny_store):
+    """A tokenizer smaller than the model's vocabulary: only ids it can decode are generated."""
+    from odyssey.engine import Engine
+    from odyssey.generate import generate_ids
+    from odyssey.store import Store
+
+    with Engine(Store.open(tiny_store), compute_dtype="fp32") as eng:
+        ids = list(generate_ids(eng, [1, 2, 3], 40, temperature=1.5, seed=3, vocab_limit=17))
+        free = list(generate_ids(eng, [1, 2, 3], 40, temperature=1.5, seed=3))
+    assert max(ids) < 17 and max(free) >= 17

@@ -14,22 +14,12 @@ from pathlib import Path
 import pytest
 
 from odyssey.runlog import RunDir
-from odyssey.store import init_store
 
-from tests.conftest import ROOT, load_tool, run_cli, tiny_config
+from tests.conftest import ROOT, run_cli
 
-corpus_tool = load_tool("make_sample_corpus")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from odyssey.data import prepare_data
-
-    d = tmp_path_factory.mktemp("guardtrain")
-    corpus_tool.write_corpus(d / "corpus", "stories", 40, seed=3)
-    init_store(tiny_config(vocab_size=512), d / "store", dtype="f32", seed=1, progress=False)
-    prepare_data([d / "corpus"], d / "tok", vocab_size=512, progress=False)
-    return d
+@pytest.fixture
+def setup(train_dir):
+    return train_dir  # tests/conftest.py
 
 
 def start_train(setup, run: Path, *overrides, steps=100000, env=None, budget="700MiB"):

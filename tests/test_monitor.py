@@ -30,13 +30,12 @@ from odyssey.monitor.charts import nice_ticks, strip_bars, time_ticks
 from odyssey.monitor.feed import Feed, Series, downsample_minmax, fmt_duration
 from odyssey.runlog import RunDir
 
-from tests.conftest import load_tool, run_cli, tiny_config
+from tests.conftest import load_tool, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 record_run = load_tool("record_run")
-corpus_tool = load_tool("make_sample_corpus")
 
 
 def _step(step, loss=2.0, t=None, **kw):
@@ -519,17 +518,9 @@ def _wait(cond, timeout: float = 60.0, what: str = "a condition") -> None:
 # real runs of `odyssey train` (2 layers, width 64: a step takes milliseconds)
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A tiny f32 store (vocab 512) with a tokenizer and token data, as tests/test_train.py."""
-    from odyssey.data import prepare_data
-    from odyssey.store import init_store
-
-    d = tmp_path_factory.mktemp("monitor-train")
-    corpus_tool.write_corpus(d / "corpus", "stories", 80, seed=2)
-    init_store(tiny_config(vocab_size=512), d / "store", dtype="f32", seed=1, progress=False)
-    prepare_data([d / "corpus"], d / "tok", vocab_size=512, model_store=d / "store", progress=False)
-    return d
+@pytest.fixture
+def tiny_data(train_dir):
+    return train_dir  # tests/conftest.py
 
 
 def _train_args(data: Path, out: Path, *extra) -> list[str]:

@@ -27,16 +27,9 @@ from tests.conftest import ROOT, assert_user_error, load_tool, run_cli, tiny_con
 corpus_tool = load_tool("make_sample_corpus")
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny f32 store (vocab 512) with a tokenizer, and token data from generated stories."""
-    from odyssey.data import prepare_data
-
-    d = tmp_path_factory.mktemp("train")
-    corpus_tool.write_corpus(d / "corpus", "stories", 80, seed=2)
-    init_store(tiny_config(vocab_size=512), d / "store", dtype="f32", seed=1, progress=False)
-    prepare_data([d / "corpus"], d / "tok", vocab_size=512, model_store=d / "store", progress=False)
-    return d
+@pytest.fixture
+def setup(train_dir):
+    return train_dir  # tests/conftest.py
 
 
 def train_cli(setup, out, *extra, timeout=300, guard=False):
