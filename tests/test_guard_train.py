@@ -17,7 +17,7 @@ from odyssey.runlog import RunDir
 
 from tests.conftest import ROOT, run_cli
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def setup(train_dir):
     return train_dir  # tests/conftest.py
 

@@ -518,7 +518,7 @@ def _wait(cond, timeout: float = 60.0, what: str = "a condition") -> None:
 # real runs of `odyssey train` (2 layers, width 64: a step takes milliseconds)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tiny_data(train_dir):
     return train_dir  # tests/conftest.py
 

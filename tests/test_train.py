@@ -27,7 +27,7 @@ from tests.conftest import ROOT, assert_user_error, load_tool, run_cli, tiny_con
 corpus_tool = load_tool("make_sample_corpus")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def setup(train_dir):
     return train_dir  # tests/conftest.py
 

@@ -200,7 +200,7 @@ class Recorder:
     def start(self, resumed_from: int | None = None) -> None:
         """What the trainer and a fresh guard write when a process starts."""
         what = f"resumed from step-{resumed_from:06d}" if resumed_from else "training started"
-        self.emit("event", level="info", source="trainer", rank=0,
+        self.emit("event", level="info", source="trainer", rank=0, action="start", resumed_from=resumed_from,
                   message=f"{what}: 1.236 B parameters, LoRA r=16, {self.steps_total} steps, RAM budget 1.50 GiB, "
                           f"plan 1.21 GiB")
         self.t += 0.4
