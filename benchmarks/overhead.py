@@ -62,7 +62,10 @@ def worker(args) -> int:
     return 0
 
 
-def matmul_gflops(dtype: str, n: int = 2048, seconds: float = 2.0) -> float:
+def matmul_gflops(dtype: str, n: int = 1024, seconds: float = 2.0) -> float:
+    from odyssey.allocator import quiet_threads
+
+    quiet_threads()  # as in the workers (spinning OpenMP threads distort a busy machine's figure)
     import torch
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
     notes = [f"{result['model']} model, LoRA r={args.r}, batch 1 x seq {args.seq_len}; medians of {n} steps per side "
              f"after a warm-up step, {args.rounds} round(s) alternating sides",
              f"compute limit: {compute} matmul {flops[compute]:.0f} GFLOP/s measured in this run / (6 x {result['model']} "
-             f"FLOP per token) = {limit_tps:.1f} tokens/s (bf16 {flops['bf16']:.0f}, fp32 {flops['fp32']:.0f} GFLOP/s)",
+             f"FLOP per token) = {limit_tps:.1f} tokens/s (bf16 {flops['bf16']:.1f}, fp32 {flops['fp32']:.0f} GFLOP/s)",
              "paged peak: the cgroup's max usage (anonymous + page cache charged to it); resident: anonymous RSS",
              common.describe_machine(result["machine"]) + f"; {result['date']}"]
     out = Path(args.out)
