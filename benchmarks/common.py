@@ -311,6 +311,18 @@ def summarize_steps(records: list[dict], skip: int = 1) -> dict:
     }
 
 
+_NEEDS_RE = re.compile(r"--ram-budget\s+([\d.]+\s*\w+)\s+is too small: the plan needs\s+([\d.]+\s*\w+)")
+
+
+def short_error(message: str) -> str:
+    """An error for a table cell: the planner's long refusal becomes 'planner: 2.00 GiB too small,
+    plan needs 2.44 GiB'; anything else is kept (cut at 200 characters)."""
+    m = _NEEDS_RE.search(message or "")
+    if m:
+        return f"planner: {m.group(1)} too small, plan needs {m.group(2)}"
+    return (message or "")[:200]
+
+
 _SUGGEST_RE = re.compile(r"--ram-budget\s+(\d+)\s*MiB\s+or\s+more", re.I)
 
 

@@ -106,7 +106,9 @@ def grid_png(result: dict, path: Path):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="store directory (default: the 1.2B under .cache/bench, created if missing)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per row/cell; the best is kept")
+    p.add_argument("--repeats", type=int, default=2, help="runs per row of the strategies table; the best is kept")
+    p.add_argument("--grid-repeats", type=int, default=1,
+                   help="runs per grid cell (each already paired with its own raw read); the best is kept")
     p.add_argument("--slots", default=",".join(map(str, SLOTS)))
     p.add_argument("--read-mib", default=",".join(map(str, READ_MIB)))
     p.add_argument("--out-dir", default=str(common.RESULTS))
@@ -128,15 +130,16 @@ def main(argv=None) -> int:
 
     slots = [int(x) for x in args.slots.split(",")]
     read_mib = [int(x) for x in args.read_mib.split(",")]
-    print(f"\npager grid on {model}: slots x read size, cold, each cell paired with a raw read (best of {args.repeats})")
-    g = grid(model, slots, read_mib, repeats=args.repeats)
+    print(f"\npager grid on {model}: slots x read size, cold, each cell paired with a raw read "
+          f"(best of {args.grid_repeats})")
+    g = grid(model, slots, read_mib, repeats=args.grid_repeats)
     g.update(machine=mach, date=common.today(), seconds=round(time.perf_counter() - t0, 1))
     table = grid_table(g)
     print(table)
     common.write_json(out / "pagein-grid.json", g)
     caption = (f"Pager throughput against slot count and read size, cold, {g['bytes'] / 1e6:,.0f} MB in "
                f"{g['units']} shards; raw = plain 16 MiB sequential reads of the same files timed just "
-               f"before each cell (best of {args.repeats}).")
+               f"before each cell (best of {args.grid_repeats}).")
     common.write_markdown(out / "pagein-grid.md", "Page-in: slots and read size", [(caption, table)])
     written = [out / "pagein-grid.json", out / "pagein-grid.md"]
     png = grid_png(g, out / "pagein-grid.png")

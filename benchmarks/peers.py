@@ -17,10 +17,16 @@ slower than fp32), so every tool gets `dtype=torch.float32` (Odyssey picks fp32 
 Budgets: each tool starts at the budget (default 2 GiB). When it is OOM-killed or crashes, it is
 retried at the next rung of 3, 4, 6, 8, 12, 16 GiB; the smallest budget at which it runs is the
 result, or "does not run" with the last line of its error (a crash that repeats with the same
-message at two budgets is not a memory problem and stops the climb).
+message at two budgets is not a memory problem and stops the climb). Rungs that cannot work are
+listed, not run: in RAM, budgets below the fp32 weights alone; with disk offload, the climb stops
+at the budget whose weights share holds every weight (nothing would be offloaded: that is the
+in-RAM peer). When disk-offloaded training never ran, one probe attempt at 16 GiB with the first
+budget's weights share tells whether it runs at all when memory is no limit.
 
-Step time is the median of the steps after the first (warm-up); peak memory is the cgroup's peak
-(anonymous memory + page cache charged to the group) and the process's peak anonymous RSS.
+Step time is the median of the steps after the first (warm-up); "CPU s" is the CPU time of the
+tool's process in the same steps (wall time on a shared machine stretches with other work, CPU
+time much less). Peak memory is the cgroup's peak (anonymous memory + page cache charged to the
+group) and the process's peak anonymous RSS sampled every 0.05-0.1 s.
 
     .venv/bin/python benchmarks/peers.py [--model STORE] [--budget 2GiB] [--steps 4] [--new-tokens 8]
 
@@ -88,22 +94,35 @@ def ladder(start_bytes: int, rungs_gib: Sequence[float] = RUNGS_GIB, cap_bytes: 
 
 def climb(runner: Callable[[int], Attempt], budgets: Sequence[int], same_error_stop: int = 2,
           deadline: Optional[float] = None, progress=print,
-          suggest: Optional[Callable[[Attempt], Optional[int]]] = None, cap_bytes: Optional[int] = None) -> dict:
+          suggest: Optional[Callable[[Attempt], Optional[int]]] = None, cap_bytes: Optional[int] = None,
+          screen: Optional[Callable[[int], Optional[tuple[str, str]]]] = None) -> dict:
     """Run `runner(budget)` up the ladder until one attempt succeeds. Stops early when the last
     `same_error_stop` attempts failed without an OOM kill and with the same error (a bug, not a
     memory limit), or when `deadline` (time.monotonic) has passed. `suggest(attempt)` may name a
     budget to try next after a failure (the planner's "use --ram-budget N MiB or more"): the
-    ladder then continues from there.
+    ladder then continues from there. `screen(budget)` may answer ("skip", why) for a rung that
+    cannot work (it is listed, not run) or ("stop", why) to end the climb there; the first budget
+    is always run.
 
     Returns {"attempts": [...], "budget_bytes": first budget, "ran_within_budget": bool,
     "smallest_ok_bytes": int | None, "status": "runs" | "does not run", "error": str, "stopped": why}."""
     attempts: list[Attempt] = []
+    skipped: list[dict] = []
     stopped = ""
     todo = list(budgets)
     while todo:
         b = todo.pop(0)
         if deadline is not None and time.monotonic() > deadline and attempts:
             stopped = "time limit of the benchmark reached"
+            break
+        verdict = screen(b) if (screen and attempts) else None
+        if verdict and verdict[0] == "skip":
+            skipped.append({"budget_bytes": b, "why": verdict[1]})
+            progress(f"    {b / GIB:5.2f} GiB: skipped ({verdict[1]})")
+            continue
+        if verdict and verdict[0] == "stop":
+            stopped = verdict[1]
+            progress(f"    {b / GIB:5.2f} GiB: stop climbing ({verdict[1]})")
             break
         a = runner(b)
         attempts.append(a)
@@ -129,6 +148,7 @@ def climb(runner: Callable[[int], Attempt], budgets: Sequence[int], same_error_s
         "status": "runs" if ok else "does not run",
         "error": (last_fail.error or ("OOM-killed" if last_fail.oom_killed else "")) if last_fail else "",
         "stopped": stopped,
+        "skipped": skipped,
         "ok_result": ok.result if ok else {},
         "ok_peak_bytes": ok.peak_bytes if ok else None,
     }
@@ -221,6 +241,7 @@ def odyssey_train_runner(model: Path, data: Path, work: Path, steps: int, seq_le
         summary = common.summarize_steps(records)
         summary["cpu_s_all"] = [None if c is None else round(c, 2) for c in step_cpu(records, cpu.samples)]
         summary["cpu_s"] = common.median(summary["cpu_s_all"][1:])
+        summary["peak_anon_mib"] = round(cpu.peak_anon_bytes / MIB, 1) or None  # sampled every 0.1 s
         summary["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         ok = rc == 0 and summary["measured_steps"] > 0
         if rc == 0 and not ok:
@@ -265,6 +286,7 @@ def odyssey_generate_runner(model: Path, work: Path, prompt_ids: Sequence[int], 
         result = generation_summary(arrivals, len(tokens))
         gaps_cpu = [cpu_between(cpu.samples, a, b) for a, b in zip(arrivals, arrivals[1:])]
         result["cpu_s_per_token"] = common.median(gaps_cpu)
+        result["peak_anon_mib"] = round(cpu.peak_anon_bytes / MIB, 1) or None
         result["first_token_s"] = None  # from process start here: not comparable with the peer's
         result["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         result["tokens"] = tokens
@@ -317,19 +339,21 @@ def _read_json(path: Path) -> dict:
 class ChildCpu:
     """Samples the CPU seconds (user + system, all threads) of this process's descendants every
     `interval_s` on a thread: wall time on a shared machine says how long a step took, CPU time
-    how much work it was. `samples` are (time.time(), cpu_s)."""
+    how much work it was. `samples` are (time.time(), cpu_s). It also keeps the peak of their
+    summed anonymous RSS (`peak_anon_bytes`), sampled like the peers' workers sample their own."""
 
-    def __init__(self, interval_s: float = 0.25):
+    def __init__(self, interval_s: float = 0.1):
         self.interval_s = interval_s
         self.samples: list[tuple[float, float]] = []
+        self.peak_anon_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bench-cpu", daemon=True)
         self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
     def read(self) -> float:
-        from odyssey.memory import tree_pids
+        from odyssey.memory import process_memory, tree_pids
 
-        me, total = os.getpid(), 0
+        me, total, anon = os.getpid(), 0, 0
         for pid in tree_pids(me):
             if pid == me:
                 continue
@@ -337,8 +361,10 @@ class ChildCpu:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-            except (OSError, IndexError, ValueError):
+                anon += process_memory(pid).anon_bytes
+            except (OSError, IndexError, ValueError, ProcessLookupError):
                 continue
+        self.peak_anon_bytes = max(self.peak_anon_bytes, anon)
         return total / self._tick
 
     def _loop(self):
@@ -496,6 +522,29 @@ def _generate(args, torch, model, sampler, save):
 # the benchmark
 
 
+def weights_fp32_bytes(model: Path) -> int:
+    from odyssey.store import Store
+
+    return Store.open(model).config.num_parameters() * 4
+
+
+def peer_screens(weights_bytes: int, reserve: int) -> dict:
+    """Rungs not worth a run (minutes each): in RAM, a budget below the fp32 weights alone; with
+    disk offload, a budget whose weights share (budget - reserve) holds every weight: nothing
+    would be offloaded, so it is the in-RAM peer again (its row applies)."""
+    def inram(b: int):
+        if b < weights_bytes:
+            return "skip", f"below the {weights_bytes / GIB:.2f} GiB of fp32 weights alone"
+        return None
+
+    def offload(b: int):
+        if b - reserve >= weights_bytes:
+            return "stop", "from here nothing is offloaded: the in-RAM row applies"
+        return None
+
+    return {"inram": inram, "offload": offload}
+
+
 def attempt_timeout(timeout_s: float, deadline: Optional[float], floor_s: float = 180.0):
     """Per-attempt limit: `timeout_s`, shortened to the time left before `deadline` (but at least
     `floor_s`, so an attempt can still show something)."""
@@ -523,7 +572,7 @@ def _train_row(name: str, climb_res: dict, odyssey_step: Optional[float], odysse
     r = climb_res["ok_result"]
     step = r.get("step_s")
     return {
-        "tool": name, "label": PEER_LABELS[name], "status": climb_res["status"],
+        "tool": name, "label": climb_res.get("label") or PEER_LABELS[name], "status": climb_res["status"],
         # the probe runs at one large cap only: "within the budget" does not apply
         "ran_within_budget": None if name == "offload-probe" else climb_res["ran_within_budget"],
         "smallest_ok_gib": climb_res["smallest_ok_bytes"] / GIB if climb_res["smallest_ok_bytes"] else None,
@@ -533,7 +582,7 @@ def _train_row(name: str, climb_res: dict, odyssey_step: Optional[float], odysse
         "peak_cgroup_mib": round(climb_res["ok_peak_bytes"] / MIB) if climb_res["ok_peak_bytes"] else None,
         "peak_anon_mib": r.get("peak_anon_mib") or r.get("peak_rss_anon_mib"),
         "first_loss": (r.get("losses") or [None])[0],
-        "error": climb_res["error"], "device_map": r.get("device_map"),
+        "error": climb_res["error"], "device_map": r.get("device_map"), "stopped": climb_res.get("stopped", ""),
     }
 
 
@@ -549,7 +598,7 @@ def _gen_row(name: str, climb_res: dict, odyssey_tok: Optional[float], odyssey_c
         "cpu_ratio_to_odyssey": _ratio(r.get("cpu_s_per_token"), odyssey_cpu), "loadavg": r.get("loadavg"),
         "peak_cgroup_mib": round(climb_res["ok_peak_bytes"] / MIB) if climb_res["ok_peak_bytes"] else None,
         "peak_anon_mib": r.get("peak_anon_mib"), "tokens": r.get("tokens"),
-        "error": climb_res["error"], "device_map": r.get("device_map"),
+        "error": climb_res["error"], "device_map": r.get("device_map"), "stopped": climb_res.get("stopped", ""),
     }
 
 
@@ -557,7 +606,9 @@ def _note(row: dict) -> str:
     parts = []
     if row["status"] != "runs" or row["ran_within_budget"] is False:
         if row["error"]:
-            parts.append(("at smaller budgets: " if row["status"] == "runs" else "") + row["error"])
+            parts.append(("at smaller budgets: " if row["status"] == "runs" else "") + common.short_error(row["error"]))
+    if row.get("stopped") and row["status"] != "runs":
+        parts.append(f"stopped: {row['stopped']}")
     dm = row.get("device_map") or {}
     if row["tool"].startswith("offload") and row["status"] == "runs":
         share = dm.get("disk_share", 0)
@@ -593,34 +644,44 @@ def gen_table(rows: list[dict], budget_gib: float) -> str:
          "x Odyssey", "x Odyssey (CPU)", "peak cgroup MiB", "peak anon MiB", "notes"], out, "lccrrrrrrrl")
 
 
+SHORT = {"odyssey": "Odyssey", "inram": "peft\nin RAM", "offload": "accelerate\noffload",
+         "offload-probe": "offload,\nno mem limit"}
+
+
 def png(result: dict, path: Path):
+    """Three panels: step time (wall and CPU), peak memory against the budget, s/token."""
     plt = common.pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    rows = result["train"]
-    names = [r["label"].replace(" + ", "\n+ ") for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     budget_mib = result["settings"]["budget_gib"] * 1024
 
-    def bars(ax, values, title, ylabel, line=None):
-        ax.bar(range(len(values)), [v or 0 for v in values],
-               color=["#2ca02c" if r["tool"] == "odyssey" else "#1f77b4" for r in rows])
-        for i, v in enumerate(values):
-            ax.text(i, (v or 0), "n/a" if v is None else f"{v:,.1f}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(values)), names, fontsize=7)
+    def grouped(ax, rows, keys, labels, title, ylabel, line=None):
+        width = 0.8 / len(keys)
+        for k, (key, label) in enumerate(zip(keys, labels)):
+            xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(rows))]
+            vals = [r.get(key) for r in rows]
+            ax.bar(xs, [v or 0 for v in vals], width, label=label,
+                   color=[("#2ca02c" if r["tool"] == "odyssey" else "#1f77b4") for r in rows],
+                   alpha=1.0 if k == 0 else 0.5)
+            for x, v in zip(xs, vals):
+                ax.text(x, v or 0, "n/a" if v is None else f"{v:,.1f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(rows)), [SHORT.get(r["tool"], r["tool"]) for r in rows], fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.set_ylabel(ylabel)
         if line:
             ax.axhline(line, color="#d62728", lw=0.8, ls="--")
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
 
-    bars(axes[0], [r["step_s"] for r in rows], "LoRA step (s, lower is better)", "s")
-    bars(axes[1], [r["peak_cgroup_mib"] for r in rows], "peak memory of the run that ran (MiB)\nred: the budget",
-         "MiB", budget_mib)
-    g = result["generate"]
-    axes[2].bar(range(len(g)), [r["s_per_token"] or 0 for r in g],
-                color=["#2ca02c" if r["tool"] == "odyssey" else "#1f77b4" for r in g])
-    axes[2].set_xticks(range(len(g)), [r["label"].replace(" + ", "\n+ ") for r in g], fontsize=7)
-    axes[2].set_title("generation (s / token, lower is better)", fontsize=9)
+    t, g = result["train"], result["generate"]
+    if t:
+        grouped(axes[0], t, ["step_s", "cpu_s"], ["wall s", "CPU s"], "LoRA step (lower is better; n/a: did not run)", "s")
+        grouped(axes[1], t, ["peak_cgroup_mib"], ["peak"], "peak memory where it ran (MiB)\nred: the budget", "MiB",
+                budget_mib)
+    if g:
+        grouped(axes[2], g, ["s_per_token", "cpu_s_per_token"], ["wall s", "CPU s"],
+                "generation, s per token (lower is better)", "s")
     return common.save_figure(fig, path)
 
 
@@ -648,6 +709,8 @@ def run(args) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
 
+    screens = peer_screens(weights_fp32_bytes(model), reserve)
+    settings["weights_fp32_gib"] = round(weights_fp32_bytes(model) / GIB, 2)
     train_rows, gen_rows = [], []
     if "train" in tasks:
         climbs = {}
@@ -665,7 +728,7 @@ def run(args) -> dict:
             else:
                 runner = peer_runner("train", peer, model, data, work, args.steps, args.seq_len, reserve, prompt,
                                      args.new_tokens, timeout, args.peer_jemalloc)
-            climbs[peer] = climb(runner, budgets, deadline=deadline)
+            climbs[peer] = climb(runner, budgets, deadline=deadline, screen=screens.get(peer))
             if peer == "offload" and args.offload_probe and not _offloaded(climbs[peer]):
                 # It ran only once nothing was left on disk (or not at all): does disk-offloaded
                 # LoRA training run when memory is no limit? One attempt at the probe budget with
@@ -677,6 +740,8 @@ def run(args) -> dict:
                 runner = peer_runner("train", "offload", model, data, work, args.steps, args.seq_len, reserve,
                                      prompt, args.new_tokens, timeout, args.peer_jemalloc, cpu_weights=share)
                 climbs["offload-probe"] = climb(runner, [probe], deadline=None)
+                climbs["offload-probe"]["label"] = (f"the same, {share / GIB:g} GiB of weights in RAM, the rest "
+                                                    f"on disk, cap {probe / GIB:g} GiB (memory no limit)")
         ody = climbs.get("odyssey", {}).get("ok_result", {})
         train_rows = [_train_row(p, c, ody.get("step_s"), ody.get("cpu_s")) for p, c in climbs.items()]
         result["climbs"]["train"] = climbs
@@ -689,7 +754,7 @@ def run(args) -> dict:
             else:
                 runner = peer_runner("generate", peer, model, data, work, args.steps, args.seq_len, reserve,
                                      prompt, args.new_tokens, timeout, args.peer_jemalloc)
-            climbs[peer] = climb(runner, budgets, deadline=deadline)
+            climbs[peer] = climb(runner, budgets, deadline=deadline, screen=screens.get(peer))
         ody = climbs.get("odyssey", {}).get("ok_result", {})
         gen_rows = [_gen_row(p, c, ody.get("s_per_token"), ody.get("cpu_s_per_token")) for p, c in climbs.items()]
         result["climbs"]["generate"] = climbs
@@ -758,11 +823,15 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit-s", type=float, default=0, help="stop climbing after this long (0: no limit)")
     p.add_argument("--work", default=str(common.CACHE / "peers"), help="logs, run dirs, offload folders")
     p.add_argument("--out-dir", default=str(common.RESULTS))
+    p.add_argument("--replot", action="store_true", help="rewrite peers.md and peers.png from OUT_DIR/peers.json")
     args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    result = run(args)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out_dir)
+    if args.replot:
+        result = json.loads((out / "peers.json").read_text())
+    else:
+        t0 = time.perf_counter()
+        result = run(args)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     sections = markdown_sections(result)
     for caption, table in sections:

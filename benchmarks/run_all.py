@@ -10,6 +10,8 @@ machine: the parts that climb budgets stop climbing when the time left runs shor
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import subprocess
 import sys
 import time
@@ -21,7 +23,8 @@ import common  # noqa: E402
 HERE = Path(__file__).resolve().parent
 PARTS = ("pagein", "overhead", "peers", "scaling")
 # seconds kept for the parts after this one: a part that climbs budgets stops climbing when only these are left
-RESERVE_AFTER_S = {"pagein": 40 * 60, "overhead": 30 * 60, "peers": 14 * 60, "scaling": 0}
+RESERVE_AFTER_S = {"pagein": 40 * 60, "overhead": 30 * 60, "peers": 14 * 60, "scaling": 60}
+README_ORDER = ("peers", "scaling", "overhead", "pagein")  # the headline first
 TITLES = {
     "pagein": "Page-in",
     "overhead": "Out-of-core overhead",
@@ -64,24 +67,26 @@ def readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> str:
              "this machine, so absolute timings are noisy. Reproduce with `make bench`.", "",
              common.markdown_table(["part", "status", "minutes"],
                                    [(r["part"], r["status"], f"{r['seconds'] / 60:.1f}") for r in runs], "lll"), ""]
-    for r in runs:
+    for r in sorted(runs, key=lambda r: README_ORDER.index(r["part"])):
         part = r["part"]
         lines += [f"## {TITLES[part]}", ""]
         shown = False
         for name in MARKDOWN[part]:
             path = out_dir / name
             if path.is_file():
-                text = path.read_text().strip()
-                # the part files start with their own "## title": demote it under this section
-                text = "\n".join(("#" + ln) if ln.startswith("## ") else ln for ln in text.splitlines())
-                lines += [text, ""]
+                text = path.read_text().strip().splitlines()
+                if text and text[0] == f"## {TITLES[part]}":  # the same title as this section: once is enough
+                    text = text[1:]
+                # other part titles go one level down, under this section
+                text = [("#" + ln) if ln.startswith("## ") else ln for ln in text]
+                lines += [*text, ""]
                 shown = True
         if not shown:
             lines += [f"No result ({r['status']}).", ""]
         for name in PICTURES[part]:
             if (out_dir / name).is_file():
                 lines += [f"![{name}]({name})", ""]
-    return "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -90,7 +95,16 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=45, help="time the whole run should fit in")
     p.add_argument("--steps", type=int, default=4, help="training steps per run; the first is warm-up")
     p.add_argument("--out-dir", default=str(common.RESULTS))
+    p.add_argument("--readme-only", action="store_true",
+                   help="rebuild OUT_DIR/README.md from the results already there (OUT_DIR/run_all.json)")
     args = p.parse_args(argv)
+    if args.readme_only:
+        out_dir = Path(args.out_dir)
+        summary = json.loads((out_dir / "run_all.json").read_text())
+        common.atomic.write_text(out_dir / "README.md",
+                                 readme(out_dir, summary["machine"], summary["parts"], summary["date"]) + "\n")
+        print(f"wrote {out_dir / 'README.md'}")
+        return 0
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     bad = [x for x in parts if x not in PARTS]
     if bad:
@@ -101,7 +115,8 @@ def main(argv=None) -> int:
     machine = common.machine()
     date = common.today()
     print(f"Odyssey benchmarks, {date}\n{common.describe_machine(machine)}")
-    print(f"training figures: median of {args.steps - 1} steps after a warm-up step; budget 2 GiB unless noted\n")
+    print(f"training figures: median of {args.steps - 1} steps after a warm-up step (2 at seq_len 2048); "
+          f"budget 2 GiB unless noted\n")
     # the stores and data every part uses, made once up front (not timed with the parts)
     for config in ("odyssey-1.2b", "small", "nano"):
         common.ensure_store(config)

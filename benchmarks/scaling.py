@@ -59,8 +59,8 @@ def row(config: str, model: Path, seq_len: int, climb: dict) -> dict:
     return {
         "config": config, "model": str(model), "label": common.model_label(model), "seq_len": seq_len,
         "status": climb["status"], "budget_gib": ok_b / GIB if ok_b else None,
-        "step_s": r.get("step_s"), "measured_steps": r.get("measured_steps"),
-        "tokens_per_s": r.get("tokens_per_s"), "peak_anon_mib": r.get("peak_rss_anon_mib"),
+        "step_s": r.get("step_s"), "cpu_s": r.get("cpu_s"), "measured_steps": r.get("measured_steps"),
+        "tokens_per_s": r.get("tokens_per_s"), "peak_anon_mib": r.get("peak_anon_mib") or r.get("peak_rss_anon_mib"),
         "peak_cgroup_mib": round(climb["ok_peak_bytes"] / MIB) if climb.get("ok_peak_bytes") else None,
         "stall_s": r.get("stall_s"), "pagein_mb_s": r.get("pagein_mb_s"), "error": climb.get("error", ""),
         "reused_from": climb.get("reused_from"), "note": r.get("note", ""),
@@ -72,19 +72,19 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         note = []
         if r["status"] != "runs":
-            note.append(r["error"] or r["status"])
+            note.append(common.short_error(r["error"]) or r["status"])
         elif r["error"]:
-            note.append(f"at smaller budgets: {r['error']}")
+            note.append(f"at smaller budgets: {common.short_error(r['error'])}")
         if r.get("note"):
             note.append(r["note"])
         if r["reused_from"]:
             note.append("same run as peers.py")
         out.append((f"{r['config']} ({r['label']})", r["seq_len"], common.fmt(r["budget_gib"], 2),
-                    common.fmt(r["step_s"], 2), r["measured_steps"] or "-", common.fmt(r["tokens_per_s"], 1),
+                    common.fmt(r["step_s"], 2), common.fmt(r.get("cpu_s"), 2), r["measured_steps"] or "-", common.fmt(r["tokens_per_s"], 1),
                     common.fmt(r["peak_anon_mib"], 0), common.fmt(r["peak_cgroup_mib"]),
                     common.fmt(r["stall_s"], 2), "; ".join(note)))
-    return common.markdown_table(["model", "seq_len", "budget GiB", "step s", "median of", "tokens/s",
-                                  "peak anon MiB", "peak cgroup MiB", "stall s", "notes"], out, "lrrrrrrrrl")
+    return common.markdown_table(["model", "seq_len", "budget GiB", "step s", "CPU s", "median of", "tokens/s",
+                                  "peak anon MiB", "peak cgroup MiB", "stall s", "notes"], out, "lrrrrrrrrrl")
 
 
 def png(rows: list[dict], path: Path):
@@ -120,13 +120,19 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default="2GiB")
     p.add_argument("--max-budget", default="16GiB")
     p.add_argument("--steps", type=int, default=4, help="per run; the first is warm-up")
+    p.add_argument("--long-steps", type=int, default=3,
+                   help="per run at seq_len >= 2048 (about 4x the step time of 512; keeps `make bench` in time)")
     p.add_argument("--timeout-s", type=float, default=1200, help="per attempt")
     p.add_argument("--time-limit-s", type=float, default=0, help="stop climbing after this long (0: no limit)")
     p.add_argument("--reuse-peers", help="peers.json whose Odyssey row is the 1.2B seq_len 512 run")
     p.add_argument("--data", help="token data (default: the sample corpus under .cache/bench)")
     p.add_argument("--work", default=str(common.CACHE / "scaling"))
     p.add_argument("--out-dir", default=str(common.RESULTS))
+    p.add_argument("--replot", action="store_true", help="rewrite scaling.md and .png from OUT_DIR/scaling.json")
     args = p.parse_args(argv)
+    if args.replot:
+        result = json.loads((Path(args.out_dir) / "scaling.json").read_text())
+        return write(result, Path(args.out_dir))
 
     ok, why = common.train_available()
     if not ok:
@@ -141,33 +147,39 @@ def main(argv=None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     seqs = [int(x) for x in args.seq_lens.split(",")]
     todo = cases(models, seqs, BIG if BIG in models else models[-1])
-    print(f"scaling: odyssey train, batch 1, LoRA r=16 alpha 32, {args.steps} steps a run, step time = median "
-          f"of the last {args.steps - 1}; {len(todo)} runs")
+    print(f"scaling: odyssey train, batch 1, LoRA r=16 alpha 32, {args.steps} steps a run ({args.long_steps} at "
+          f"seq_len >= 2048), step time = median of the steps after the first; {len(todo)} runs")
     rows = []
     for config, seq_len in todo:
         model = common.ensure_store(config)
-        reuse = reusable(args.reuse_peers, model, args.steps, seq_len) if args.reuse_peers else None
+        steps = args.long_steps if seq_len >= 2048 else args.steps
+        reuse = reusable(args.reuse_peers, model, steps, seq_len) if args.reuse_peers else None
         print(f"  {config} seq_len {seq_len}" + (" (from peers.py)" if reuse else ""))
         if reuse:
             climb = reuse
         else:
-            runner = peers.odyssey_train_runner(model, data, work, args.steps, seq_len,
+            runner = peers.odyssey_train_runner(model, data, work, steps, seq_len,
                                                 peers.attempt_timeout(args.timeout_s, deadline))
             climb = peers.climb(runner, peers.ladder(budget, cap_bytes=cap), deadline=deadline,
                                 suggest=lambda a: common.suggested_budget(a.error), cap_bytes=cap)
         rows.append(row(config, model, seq_len, climb))
     result = {"machine": common.machine(), "date": common.today(), "steps": args.steps,
-              "measured_steps": args.steps - 1, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
-    tab = table(rows)
-    caption = (f"**Odyssey LoRA step by model and sequence length**: batch 1, r=16, alpha 32, AdamW, fp32 compute, "
-               f"each run in a memory cgroup capped at its budget (2 GiB unless the planner asked for more). "
-               f"Step time is the median of {args.steps - 1} steps after a warm-up step.")
+              "long_steps": args.long_steps, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+    return write(result, Path(args.out_dir))
+
+
+def write(result: dict, out: Path) -> int:
+    tab = table(result["rows"])
+    caption = ("**Odyssey LoRA step by model and sequence length**: batch 1, r=16, alpha 32, AdamW, fp32 compute, "
+               "each run in a memory cgroup capped at its budget (2 GiB unless the planner asked for more). "
+               "Step time is the median of the steps after a warm-up step (how many: the 'median of' column); "
+               "CPU s is the trainer's CPU time (all threads) in the same steps, steadier than wall time on a "
+               "shared machine; peak anon is its anonymous RSS sampled every 0.1 s.")
     print(f"\n{caption}\n{tab}")
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [common.write_json(out / "scaling.json", result),
                common.write_markdown(out / "scaling.md", "Scaling", [(caption, tab)])]
-    pic = png(rows, out / "scaling.png")
+    pic = png(result["rows"], out / "scaling.png")
     if pic:
         written.append(pic)
     for path in written:

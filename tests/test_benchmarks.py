@@ -348,3 +348,28 @@ def test_climb_screen_skips_and_stops_but_always_runs_the_first_budget():
     run = FakeRunner({2: "ok"})
     peers.climb(run, [2 * GIB], progress=quiet, screen=lambda b: ("skip", "never"))
     assert run.calls == [2 * GIB]
+
+
+def test_short_error_condenses_the_planner_refusal():
+    msg = ("odyssey: error: --ram-budget 2.00 GiB is too small: the plan needs 2.44 GiB (runtime 263.93 MiB, ...); "
+           "use --ram-budget 2498MiB or more, or --seq-len 1450 fits this budget")
+    assert common.short_error(msg) == "planner: 2.00 GiB too small, plan needs 2.44 GiB"
+    assert common.short_error("RuntimeError: boom") == "RuntimeError: boom"
+    assert len(common.short_error("x" * 500)) == 200
+
+
+def test_readme_puts_the_headline_first_and_states_each_title_once(tmp_path):
+    (tmp_path / "overhead.md").write_text("## Out-of-core overhead\n\n\n\n| a |\n|---|\n| 1 |\n")
+    (tmp_path / "peers.md").write_text("## Odyssey against transformers + peft (+ accelerate)\n\n| b |\n|---|\n| 2 |\n")
+    runs = [{"part": "overhead", "status": "ok", "seconds": 60.0}, {"part": "peers", "status": "ok", "seconds": 60.0}]
+    text = run_all.readme(tmp_path, common.machine(), runs, "2026-11-21")
+    assert text.index("## Odyssey against") < text.index("## Out-of-core overhead")
+    assert text.count("Out-of-core overhead") == 1 and "\n\n\n" not in text
+
+
+def test_run_all_readme_only(tmp_path):
+    (tmp_path / "peers.md").write_text("## Peers\n\n| b |\n|---|\n| 2 |\n")
+    common.write_json(tmp_path / "run_all.json", {"date": "2026-11-21", "machine": common.machine(),
+                                                  "parts": [{"part": "peers", "status": "ok", "seconds": 6.0}]})
+    assert run_all.main(["--readme-only", "--out-dir", str(tmp_path)]) == 0
+    assert "| b |" in (tmp_path / "README.md").read_text()
