@@ -162,6 +162,22 @@ def write_markdown(path: Path, title: str, sections: Sequence[tuple[str, str]], 
     return Path(path)
 
 
+def write_results(out: Path, name: str, result, title: str, sections: Sequence[tuple[str, str]],
+                  notes: Sequence[str] = (), chart=None) -> list[Path]:
+    """out/NAME.json, out/NAME.md and, when `chart(path)` draws one (matplotlib present),
+    out/NAME.png; prints and returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_json(out / f"{name}.json", result),
+               write_markdown(out / f"{name}.md", title, sections, notes)]
+    pic = chart(out / f"{name}.png") if chart else None
+    if pic:
+        written.append(pic)
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend, or None without matplotlib (the `bench` extra)."""
     try:

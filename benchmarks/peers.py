@@ -838,15 +838,8 @@ def main(argv=None) -> int:
         print(f"\n{caption}\n{table}")
     for n in notes(result):
         print(f"note: {n}")
-    written = [common.write_json(out / "peers.json", result),
-               common.write_markdown(out / "peers.md", "Odyssey against transformers + peft (+ accelerate)",
-                                     sections, notes(result))]
-    if result["train"] or result["generate"]:
-        pic = png(result, out / "peers.png")
-        if pic:
-            written.append(pic)
-    for path in written:
-        print(f"wrote {path}")
+    common.write_results(out, "peers", result, "Odyssey against transformers + peft (+ accelerate)", sections,
+                         notes(result), chart=(lambda p: png(result, p)) if result["train"] or result["generate"] else None)
     return 0
 
 

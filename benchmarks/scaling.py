@@ -176,14 +176,8 @@ def write(result: dict, out: Path) -> int:
                "CPU s is the trainer's CPU time (all threads) in the same steps, steadier than wall time on a "
                "shared machine; peak anon is its anonymous RSS sampled every 0.1 s.")
     print(f"\n{caption}\n{tab}")
-    out.mkdir(parents=True, exist_ok=True)
-    written = [common.write_json(out / "scaling.json", result),
-               common.write_markdown(out / "scaling.md", "Scaling", [(caption, tab)])]
-    pic = png(result["rows"], out / "scaling.png")
-    if pic:
-        written.append(pic)
-    for path in written:
-        print(f"wrote {path}")
+    common.write_results(out, "scaling", result, "Scaling", [(caption, tab)],
+                         chart=lambda p: png(result["rows"], p))
     return 0
 
 
