@@ -39,22 +39,6 @@ PYTHON = sys.executable  # the venv's python when run as `.venv/bin/python bench
 # the machine
 
 
-def _cpuinfo() -> tuple[str, set]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), set()
-    model, flags = "", set()
-    for line in text.splitlines():
-        if not model and line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        if not flags and line.startswith(("flags", "Features")):
-            flags = set(line.split(":", 1)[1].split())
-        if model and flags:
-            break
-    return model or platform.machine(), flags
-
-
 def _mem_total_bytes() -> Optional[int]:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -78,11 +62,11 @@ def machine() -> dict:
     """What the figures were measured on: CPU, cores, RAM, SIMD flags that decide the compute dtype,
     library versions, allocator and cgroup support. Reads /proc; imports no torch."""
     from odyssey import allocator, cgroup
+    from odyssey.cpu import cpu_flags, native_bf16 as bf16_native
 
-    model, flags = _cpuinfo()
+    model, flags = cpu_flags()
     simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "bf16") if f in flags]
-    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags) if platform.machine() in ("x86_64", "AMD64") \
-        else "bf16" in flags
+    native_bf16 = bf16_native(flags)
     ok, where = cgroup.available()
     mem = _mem_total_bytes()
     return {
@@ -214,6 +198,42 @@ def last_line(text: str) -> str:
         if line and not re.match(r"^[\w ]*:?\s*\d+%\|", line):
             return line[:300]
     return ""
+
+
+# --------------------------------------------------------------------------------------------
+# running a command in a memory cgroup
+
+
+def run_capped(cmd: Sequence, budget_bytes: Optional[int], log: Path, timeout_s: Optional[float] = None,
+               env: Optional[dict] = None, stdout_path: Optional[Path] = None
+               ) -> tuple[Optional[int], Optional[int], bool, str, float]:
+    """Run `cmd` from ROOT inside a fresh memory cgroup capped at `budget_bytes` (None: no cgroup, no
+    cap), stderr into `log`, stdout into `stdout_path` when given (else into the log with stderr).
+    Returns (returncode, peak_bytes, oom_killed, error_line, seconds): returncode None when it ran
+    past `timeout_s`; error_line '' when it exited 0, else 'OOM-killed' or the log's last line."""
+    from odyssey.cgroup import run_in_cgroup
+
+    t0 = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err:
+        out = open(stdout_path, "w") if stdout_path else err
+        try:
+            if budget_bytes is None:
+                rc, peak, oom = subprocess.run(list(cmd), timeout=timeout_s, stdout=out, stderr=err, cwd=ROOT,
+                                               env=env, check=False).returncode, None, False
+            else:
+                rc, peak, oom = run_in_cgroup(cmd, budget_bytes, timeout=timeout_s, stdout=out, stderr=err,
+                                              cwd=ROOT, env=env)
+        except subprocess.TimeoutExpired:
+            return None, None, False, f"timed out after {timeout_s:.0f} s", time.perf_counter() - t0
+        finally:
+            if stdout_path:
+                out.close()
+    seconds = time.perf_counter() - t0
+    error = ""
+    if rc != 0:
+        error = "OOM-killed" if oom else (last_line(log.read_text(errors="replace")) or f"exit {rc}")
+    return rc, peak, oom, error, seconds
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import MIB  # noqa: E402
 
-from benchmarks import common  # noqa: E402
-
-MIB = 1 << 20
+TITLE = "Out-of-core overhead"  # of overhead.md and its README section
 
 
 def worker(args) -> int:
@@ -79,27 +80,21 @@ def matmul_gflops(dtype: str, n: int = 1024, seconds: float = 2.0) -> float:
 
 
 def run_side(side: str, store: Path, data: Path, args) -> dict:
+    """One side's worker in a subprocess (the paged side in a memory cgroup of the budget when
+    cgroups are available); its JSON line, with the cgroup's peak (MiB, None without a cgroup)."""
     from odyssey import cgroup
 
     cmd = [common.PYTHON, str(Path(__file__).resolve()), "--worker", side, "--model", str(store), "--data", str(data),
            "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--r", str(args.r)]
-    import subprocess
-    import tempfile
-
-    budget = common.parse_budget(args.budget)
-    with tempfile.TemporaryFile("w+") as log:
-        if side == "paged" and cgroup.available()[0]:
-            r = cgroup.run_in_cgroup(cmd, budget, cwd=common.ROOT, stdout=log, stderr=subprocess.STDOUT)
-            rc, peak, oom = r.returncode, r.peak_bytes / MIB, r.oom_killed
-        else:
-            rc, peak, oom = subprocess.run(cmd, cwd=common.ROOT, stdout=log, stderr=subprocess.STDOUT).returncode, None, False
-        log.seek(0)
-        out = log.read()
+    budget = common.parse_budget(args.budget) if side == "paged" and cgroup.available()[0] else None
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / f"{side}.log"
+        rc, peak, oom, _, _ = common.run_capped(cmd, budget, log)  # stdout and stderr both into the log
+        out = log.read_text(errors="replace")
     if rc != 0:
         raise SystemExit(f"{side} worker failed (exit {rc}{', OOM-killed' if oom else ''}): {common.last_line(out)}")
-    out = [line for line in out.splitlines() if line.startswith("{")][-1]
-    res = json.loads(out)
-    res["cgroup_peak_mib"] = peak
+    res = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    res["cgroup_peak_mib"] = None if peak is None else peak / MIB
     return res
 
 
@@ -122,13 +117,13 @@ def main(argv=None) -> int:
         allocator.ensure([str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])])
         return worker(args)  # with the allocator and thread settings of the odyssey commands
 
-    from odyssey.engine import resolve_compute_dtype
+    from odyssey.engine import native_bf16
     from odyssey.store import Store
 
     store = Path(args.model) if args.model else common.ensure_store(args.config)
     data = Path(args.data) if args.data else common.ensure_data()
     params = Store.open(store).config.num_parameters()
-    compute = "bf16" if str(resolve_compute_dtype("auto")) == "torch.bfloat16" else "fp32"
+    compute = "bf16" if native_bf16() else "fp32"  # what the workers' engine computes in ("auto")
     sides = {"paged": [], "resident": []}
     for _ in range(args.rounds):
         for side in ("paged", "resident"):
@@ -164,13 +159,11 @@ def main(argv=None) -> int:
              f"FLOP per token) = {limit_tps:.1f} tokens/s (bf16 {flops['bf16']:.1f}, fp32 {flops['fp32']:.0f} GFLOP/s)",
              "paged peak: the cgroup's max usage (anonymous + page cache charged to it); resident: anonymous RSS",
              common.describe_machine(result["machine"]) + f"; {result['date']}"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    common.write_json(out, result)
-    common.write_markdown(out.with_suffix(".md"), "Out-of-core overhead", [("", table)], notes)
     print(table)
     for line in notes:
         print("- " + line)
+    out = Path(args.out)
+    common.write_results(out.parent, out.stem, result, TITLE, [("", table)], notes)
     return 0
 
 

@@ -40,14 +40,13 @@ def grid(store_dir: Path, slots=SLOTS, read_mib=READ_MIB, repeats: int = 1, prog
     rows = []
     for n in slots:
         for mib in read_mib:
-            raw_best = pager_best = None
+            raw_s, pager_s = [], []
             for _ in range(repeats):
                 bench._drop_all(store)
-                raw_s = bench.raw_read(store)
+                raw_s.append(bench.raw_read(store))
                 bench._drop_all(store)
-                pager_s = _pager_cold(store, n, mib << 20)
-                raw_best = raw_s if raw_best is None else min(raw_best, raw_s)
-                pager_best = pager_s if pager_best is None else min(pager_best, pager_s)
+                pager_s.append(_pager_cold(store, n, mib << 20))
+            raw_best, pager_best = min(raw_s), min(pager_s)
             row = {"slots": n, "read_mib": mib, "mb_s": round(total / 1e6 / pager_best, 1),
                    "raw_mb_s": round(total / 1e6 / raw_best, 1),
                    "ratio_to_raw": round(raw_best / pager_best, 3),
@@ -136,17 +135,11 @@ def main(argv=None) -> int:
     g.update(machine=mach, date=common.today(), seconds=round(time.perf_counter() - t0, 1))
     table = grid_table(g)
     print(table)
-    common.write_json(out / "pagein-grid.json", g)
     caption = (f"Pager throughput against slot count and read size, cold, {g['bytes'] / 1e6:,.0f} MB in "
                f"{g['units']} shards; raw = plain 16 MiB sequential reads of the same files timed just "
                f"before each cell (best of {args.grid_repeats}).")
-    common.write_markdown(out / "pagein-grid.md", "Page-in: slots and read size", [(caption, table)])
-    written = [out / "pagein-grid.json", out / "pagein-grid.md"]
-    png = grid_png(g, out / "pagein-grid.png")
-    if png:
-        written.append(png)
-    for path in written:
-        print(f"wrote {path}")
+    common.write_results(out, "pagein-grid", g, "Page-in: slots and read size", [(caption, table)],
+                         chart=lambda path: grid_png(g, path))
     return 0
 
 

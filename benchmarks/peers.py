@@ -38,8 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import GIB, MIB  # noqa: E402
 
+TITLE = "Odyssey against transformers + peft (+ accelerate)"  # of peers.md and its README section
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R, LORA_ALPHA, LR = 16, 32, 2e-4
 RUNGS_GIB = (2, 3, 4, 6, 8, 12, 16)
@@ -158,31 +159,6 @@ def climb(runner: Callable[[int], Attempt], budgets: Sequence[int], same_error_s
 # running one attempt inside a memory cgroup
 
 
-def in_cgroup(cmd: list[str], budget: int, log: Path, timeout_s: float, env: Optional[dict] = None,
-              stdout_path: Optional[Path] = None) -> tuple[Optional[int], Optional[int], bool, str, float]:
-    """(returncode, peak_bytes, oom_killed, error_line, seconds). stdout goes to `stdout_path`
-    when given (else into the log with stderr)."""
-    from odyssey.cgroup import run_in_cgroup
-
-    t0 = time.perf_counter()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as err:
-        out = open(stdout_path, "w") if stdout_path else err
-        try:
-            rc, peak, oom = run_in_cgroup(cmd, budget, timeout=timeout_s, stdout=out, stderr=err,
-                                          cwd=common.ROOT, env=env)
-        except subprocess.TimeoutExpired:
-            return None, None, False, f"timed out after {timeout_s:.0f} s", time.perf_counter() - t0
-        finally:
-            if stdout_path:
-                out.close()
-    seconds = time.perf_counter() - t0
-    error = ""
-    if rc != 0:
-        error = "OOM-killed" if oom else (common.last_line(log.read_text(errors="replace")) or f"exit {rc}")
-    return rc, peak, oom, error, seconds
-
-
 def peer_env(jemalloc: bool) -> dict:
     """The peers run as a user would run them: the system allocator unless asked."""
     env = dict(os.environ)
@@ -215,8 +191,8 @@ def peer_runner(task: str, peer: str, model: Path, data: Path, work: Path, steps
                "--seq-len", str(seq_len), "--budget", str(budget), "--reserve", str(reserve_bytes),
                "--offload-folder", str(offload), "--prompt-ids", ",".join(map(str, prompt_ids)),
                "--new-tokens", str(new_tokens), "--cpu-weights", str(cpu_weights)]
-        rc, peak, oom, error, seconds = in_cgroup(cmd, budget, work / f"{tag}.log", _seconds(timeout_s),
-                                                  peer_env(jemalloc))
+        rc, peak, oom, error, seconds = common.run_capped(cmd, budget, work / f"{tag}.log", _seconds(timeout_s),
+                                                          peer_env(jemalloc))
         shutil.rmtree(offload, ignore_errors=True)
         result = _read_json(result_file)
         ok = rc == 0 and bool(result.get("done"))
@@ -236,7 +212,7 @@ def odyssey_train_runner(model: Path, data: Path, work: Path, steps: int, seq_le
         cmd = common.train_cmd(model, data, run_dir, budget, steps, seq_len, extra)
         load0 = os.getloadavg()[0]
         with ChildCpu() as cpu:
-            rc, peak, oom, error, seconds = in_cgroup(cmd, budget, work / f"{tag}.log", _seconds(timeout_s))
+            rc, peak, oom, error, seconds = common.run_capped(cmd, budget, work / f"{tag}.log", _seconds(timeout_s))
         records = common.read_metrics(run_dir / "metrics.jsonl")
         summary = common.summarize_steps(records)
         summary["cpu_s_all"] = [None if c is None else round(c, 2) for c in step_cpu(records, cpu.samples)]
@@ -269,8 +245,8 @@ def odyssey_generate_runner(model: Path, work: Path, prompt_ids: Sequence[int], 
         box = {}
         out_file.write_text("")
         limit = _seconds(timeout_s)
-        th = threading.Thread(target=lambda: box.update(r=in_cgroup(cmd, budget, work / f"{tag}.log", limit,
-                                                                    stdout_path=out_file)))
+        th = threading.Thread(target=lambda: box.update(r=common.run_capped(cmd, budget, work / f"{tag}.log", limit,
+                                                                            stdout_path=out_file)))
         arrivals = []  # time.time() of each new token id appearing in stdout
         load0 = os.getloadavg()[0]
         with ChildCpu() as cpu:
@@ -323,8 +299,6 @@ def generation_summary(arrivals: Sequence[float], n_tokens: int) -> dict:
 
 
 def _parse_generate_stderr(text: str) -> dict:
-    import re
-
     m = re.search(r"(\d+) tokens in ([\d.]+) s \(([\d.]+) s/token\)", text)
     return {"tokens": int(m.group(1)), "seconds": float(m.group(2)), "s_per_token": float(m.group(3))} if m else {}
 
@@ -568,38 +542,34 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return round(a / b, 2) if a and b else None
 
 
-def _train_row(name: str, climb_res: dict, odyssey_step: Optional[float], odyssey_cpu: Optional[float] = None) -> dict:
+def _row(name: str, climb_res: dict, **measures) -> dict:
+    """A table row: the climb's outcome, the task's `measures` (times and their ratios to Odyssey),
+    and the peak memory where it ran."""
     r = climb_res["ok_result"]
-    step = r.get("step_s")
     return {
         "tool": name, "label": climb_res.get("label") or PEER_LABELS[name], "status": climb_res["status"],
         # the probe runs at one large cap only: "within the budget" does not apply
         "ran_within_budget": None if name == "offload-probe" else climb_res["ran_within_budget"],
         "smallest_ok_gib": climb_res["smallest_ok_bytes"] / GIB if climb_res["smallest_ok_bytes"] else None,
-        "step_s": step, "measured_steps": r.get("measured_steps"), "cpu_s": r.get("cpu_s"),
-        "ratio_to_odyssey": round(step / odyssey_step, 2) if step and odyssey_step else None,
-        "cpu_ratio_to_odyssey": _ratio(r.get("cpu_s"), odyssey_cpu), "loadavg": r.get("loadavg"),
+        **measures, "loadavg": r.get("loadavg"),
         "peak_cgroup_mib": round(climb_res["ok_peak_bytes"] / MIB) if climb_res["ok_peak_bytes"] else None,
         "peak_anon_mib": r.get("peak_anon_mib") or r.get("peak_rss_anon_mib"),
-        "first_loss": (r.get("losses") or [None])[0],
         "error": climb_res["error"], "device_map": r.get("device_map"), "stopped": climb_res.get("stopped", ""),
     }
+
+
+def _train_row(name: str, climb_res: dict, odyssey_step: Optional[float], odyssey_cpu: Optional[float] = None) -> dict:
+    r = climb_res["ok_result"]
+    return _row(name, climb_res, step_s=r.get("step_s"), measured_steps=r.get("measured_steps"), cpu_s=r.get("cpu_s"),
+                ratio_to_odyssey=_ratio(r.get("step_s"), odyssey_step),
+                cpu_ratio_to_odyssey=_ratio(r.get("cpu_s"), odyssey_cpu), first_loss=(r.get("losses") or [None])[0])
 
 
 def _gen_row(name: str, climb_res: dict, odyssey_tok: Optional[float], odyssey_cpu: Optional[float] = None) -> dict:
     r = climb_res["ok_result"]
-    spt = r.get("s_per_token")
-    return {
-        "tool": name, "label": PEER_LABELS[name], "status": climb_res["status"],
-        "ran_within_budget": climb_res["ran_within_budget"],
-        "smallest_ok_gib": climb_res["smallest_ok_bytes"] / GIB if climb_res["smallest_ok_bytes"] else None,
-        "s_per_token": spt, "decode_steps": r.get("decode_steps"), "cpu_s_per_token": r.get("cpu_s_per_token"),
-        "ratio_to_odyssey": round(spt / odyssey_tok, 2) if spt and odyssey_tok else None,
-        "cpu_ratio_to_odyssey": _ratio(r.get("cpu_s_per_token"), odyssey_cpu), "loadavg": r.get("loadavg"),
-        "peak_cgroup_mib": round(climb_res["ok_peak_bytes"] / MIB) if climb_res["ok_peak_bytes"] else None,
-        "peak_anon_mib": r.get("peak_anon_mib"), "tokens": r.get("tokens"),
-        "error": climb_res["error"], "device_map": r.get("device_map"), "stopped": climb_res.get("stopped", ""),
-    }
+    return _row(name, climb_res, s_per_token=r.get("s_per_token"), decode_steps=r.get("decode_steps"),
+                cpu_s_per_token=r.get("cpu_s_per_token"), ratio_to_odyssey=_ratio(r.get("s_per_token"), odyssey_tok),
+                cpu_ratio_to_odyssey=_ratio(r.get("cpu_s_per_token"), odyssey_cpu), tokens=r.get("tokens"))
 
 
 def _note(row: dict) -> str:
@@ -616,32 +586,33 @@ def _note(row: dict) -> str:
     return "; ".join(parts)
 
 
-def train_table(rows: list[dict], budget_gib: float) -> str:
+def _peer_table(rows: list[dict], budget_gib: float, measures: Sequence[tuple[str, str, int]], count: str,
+                extra: Sequence[tuple[str, str, int]] = ()) -> str:
+    """The columns both tasks share: where each tool ran, its `measures` ((header, key, digits): wall
+    and CPU time) with how many steps they are the median of (the `count` key), the ratios to
+    Odyssey, peak memory, the `extra` columns and the notes."""
+    headers = ["tool", f"runs in {budget_gib:g} GiB", "smallest budget that ran", *(h for h, _, _ in measures),
+               "median of", "x Odyssey", "x Odyssey (CPU)", "peak cgroup MiB", "peak anon MiB",
+               *(h for h, _, _ in extra), "notes"]
     out = []
     for r in rows:
         out.append((r["label"], common.fmt(r["ran_within_budget"]),
                     "does not run" if r["status"] != "runs" else f"{r['smallest_ok_gib']:g} GiB",
-                    common.fmt(r["step_s"], 1), common.fmt(r.get("cpu_s"), 1), r["measured_steps"] or "-",
+                    *(common.fmt(r.get(k), d) for _, k, d in measures), r[count] or "-",
                     common.fmt(r["ratio_to_odyssey"]), common.fmt(r.get("cpu_ratio_to_odyssey")),
                     common.fmt(r["peak_cgroup_mib"]), common.fmt(r["peak_anon_mib"], 0),
-                    common.fmt(r["first_loss"], 4), _note(r)))
-    return common.markdown_table(
-        ["tool", f"runs in {budget_gib:g} GiB", "smallest budget that ran", "step s", "CPU s", "median of",
-         "x Odyssey", "x Odyssey (CPU)", "peak cgroup MiB", "peak anon MiB", "loss step 1", "notes"], out,
-        "lccrrrrrrrrl")
+                    *(common.fmt(r.get(k), d) for _, k, d in extra), _note(r)))
+    return common.markdown_table(headers, out, "lcc" + "r" * (len(headers) - 4) + "l")
+
+
+def train_table(rows: list[dict], budget_gib: float) -> str:
+    return _peer_table(rows, budget_gib, [("step s", "step_s", 1), ("CPU s", "cpu_s", 1)], "measured_steps",
+                       extra=[("loss step 1", "first_loss", 4)])
 
 
 def gen_table(rows: list[dict], budget_gib: float) -> str:
-    out = []
-    for r in rows:
-        out.append((r["label"], common.fmt(r["ran_within_budget"]),
-                    "does not run" if r["status"] != "runs" else f"{r['smallest_ok_gib']:g} GiB",
-                    common.fmt(r["s_per_token"], 2), common.fmt(r.get("cpu_s_per_token"), 2), r["decode_steps"] or "-",
-                    common.fmt(r["ratio_to_odyssey"]), common.fmt(r.get("cpu_ratio_to_odyssey")),
-                    common.fmt(r["peak_cgroup_mib"]), common.fmt(r["peak_anon_mib"], 0), _note(r)))
-    return common.markdown_table(
-        ["tool", f"runs in {budget_gib:g} GiB", "smallest budget that ran", "s / token", "CPU s / token", "median of",
-         "x Odyssey", "x Odyssey (CPU)", "peak cgroup MiB", "peak anon MiB", "notes"], out, "lccrrrrrrrl")
+    return _peer_table(rows, budget_gib, [("s / token", "s_per_token", 2), ("CPU s / token", "cpu_s_per_token", 2)],
+                       "decode_steps")
 
 
 SHORT = {"odyssey": "Odyssey", "inram": "peft\nin RAM", "offload": "accelerate\noffload",
@@ -709,8 +680,9 @@ def run(args) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
 
-    screens = peer_screens(weights_fp32_bytes(model), reserve)
-    settings["weights_fp32_gib"] = round(weights_fp32_bytes(model) / GIB, 2)
+    weights = weights_fp32_bytes(model)
+    screens = peer_screens(weights, reserve)
+    settings["weights_fp32_gib"] = round(weights / GIB, 2)
     train_rows, gen_rows = [], []
     if "train" in tasks:
         climbs = {}
@@ -832,14 +804,13 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         result = run(args)
         result["seconds"] = round(time.perf_counter() - t0, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    sections = markdown_sections(result)
+    sections, lines = markdown_sections(result), notes(result)
     for caption, table in sections:
         print(f"\n{caption}\n{table}")
-    for n in notes(result):
+    for n in lines:
         print(f"note: {n}")
-    common.write_results(out, "peers", result, "Odyssey against transformers + peft (+ accelerate)", sections,
-                         notes(result), chart=(lambda p: png(result, p)) if result["train"] or result["generate"] else None)
+    common.write_results(out, "peers", result, TITLE, sections, lines,
+                         chart=(lambda p: png(result, p)) if result["train"] or result["generate"] else None)
     return 0
 
 

@@ -19,18 +19,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import overhead  # noqa: E402
+import peers  # noqa: E402
+import scaling  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("pagein", "overhead", "peers", "scaling")
 # seconds kept for the parts after this one: a part that climbs budgets stops climbing when only these are left
 RESERVE_AFTER_S = {"pagein": 40 * 60, "overhead": 30 * 60, "peers": 14 * 60, "scaling": 60}
 README_ORDER = ("peers", "scaling", "overhead", "pagein")  # the headline first
-TITLES = {
-    "pagein": "Page-in",
-    "overhead": "Out-of-core overhead",
-    "peers": "Odyssey against transformers + peft (+ accelerate)",
-    "scaling": "Scaling",
-}
+TITLES = {"pagein": "Page-in", "overhead": overhead.TITLE, "peers": peers.TITLE, "scaling": scaling.TITLE}
 MARKDOWN = {  # part -> result files shown in the README, in order
     "pagein": ("pagein-strategies.md", "pagein-grid.md"),
     "overhead": ("overhead.md",),
@@ -41,15 +39,14 @@ PICTURES = {"pagein": ("pagein-grid.png", "pagein-strategies.png"), "overhead": 
             "peers": ("peers.png",), "scaling": ("scaling.png",)}
 
 
-def command(part: str, out_dir: Path, seconds_left: float, steps: int) -> list[str] | None:
-    """The command line of one part, or None when its script is missing."""
+def command(part: str, out_dir: Path, seconds_left: float, steps: int) -> list[str]:
+    """The command line of one part."""
     py = common.PYTHON
     limit = max(60.0, seconds_left - RESERVE_AFTER_S[part])
     if part == "pagein":
         return [py, str(HERE / "pagein.py"), "--out-dir", str(out_dir)]
     if part == "overhead":
-        script = HERE / "overhead.py"
-        return [py, str(script), "--out", str(out_dir / "overhead.json")] if script.exists() else None
+        return [py, str(HERE / "overhead.py"), "--out", str(out_dir / "overhead.json")]
     if part == "peers":
         return [py, str(HERE / "peers.py"), "--out-dir", str(out_dir), "--steps", str(steps),
                 "--time-limit-s", f"{limit:.0f}"]
@@ -89,6 +86,11 @@ def readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
 
 
+def write_readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> None:
+    common.atomic.write_text(out_dir / "README.md", readme(out_dir, machine, runs, date) + "\n")
+    print(f"wrote {out_dir / 'README.md'}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS))
@@ -101,9 +103,7 @@ def main(argv=None) -> int:
     if args.readme_only:
         out_dir = Path(args.out_dir)
         summary = json.loads((out_dir / "run_all.json").read_text())
-        common.atomic.write_text(out_dir / "README.md",
-                                 readme(out_dir, summary["machine"], summary["parts"], summary["date"]) + "\n")
-        print(f"wrote {out_dir / 'README.md'}")
+        write_readme(out_dir, summary["machine"], summary["parts"], summary["date"])
         return 0
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     bad = [x for x in parts if x not in PARTS]
@@ -127,10 +127,6 @@ def main(argv=None) -> int:
         left = args.minutes * 60 - (time.monotonic() - t_start)
         cmd = command(part, out_dir, left, args.steps)
         print(f"\n===== {part} ({left / 60:.1f} min left) =====", flush=True)
-        if cmd is None:
-            print(f"{part}: script missing, skipped")
-            runs.append({"part": part, "status": "missing", "seconds": 0.0, "returncode": None})
-            continue
         t0 = time.monotonic()
         rc = subprocess.call(cmd, cwd=common.ROOT)
         seconds = time.monotonic() - t0
@@ -142,13 +138,11 @@ def main(argv=None) -> int:
     summary = {"date": date, "machine": machine, "parts": runs, "seconds": round(total, 1),
                "steps": args.steps, "measured_steps": args.steps - 1}
     common.write_json(out_dir / "run_all.json", summary)
-    text = readme(out_dir, machine, runs, date)
-    common.atomic.write_text(out_dir / "README.md", text + "\n")
     print(f"\nall parts in {total / 60:.1f} min (target {args.minutes:g} min)")
     for r in runs:
         print(f"  {r['part']:9s} {r['status']:18s} {r['seconds'] / 60:5.1f} min")
-    print(f"wrote {out_dir / 'README.md'}")
-    return 0 if all(r["returncode"] in (0, None) for r in runs) else 1
+    write_readme(out_dir, machine, runs, date)
+    return 0 if all(r["returncode"] == 0 for r in runs) else 1
 
 
 if __name__ == "__main__":

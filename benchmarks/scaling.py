@@ -26,6 +26,7 @@ import common  # noqa: E402
 import peers  # noqa: E402
 from common import GIB, MIB  # noqa: E402
 
+TITLE = "Scaling"  # of scaling.md and its README section
 MODELS = ("nano", "small", "odyssey-1.2b")
 SEQ_LENS = (128, 512, 2048)
 BIG = "odyssey-1.2b"
@@ -53,11 +54,11 @@ def reusable(peers_json: Path, model: Path, steps: int, seq_len: int = 512) -> d
     return None
 
 
-def row(config: str, model: Path, seq_len: int, climb: dict) -> dict:
+def row(config: str, model: Path, label: str, seq_len: int, climb: dict) -> dict:
     r = climb.get("ok_result", {})
     ok_b = climb.get("smallest_ok_bytes")
     return {
-        "config": config, "model": str(model), "label": common.model_label(model), "seq_len": seq_len,
+        "config": config, "model": str(model), "label": label, "seq_len": seq_len,
         "status": climb["status"], "budget_gib": ok_b / GIB if ok_b else None,
         "step_s": r.get("step_s"), "cpu_s": r.get("cpu_s"), "measured_steps": r.get("measured_steps"),
         "tokens_per_s": r.get("tokens_per_s"), "peak_anon_mib": r.get("peak_anon_mib") or r.get("peak_rss_anon_mib"),
@@ -149,9 +150,11 @@ def main(argv=None) -> int:
     todo = cases(models, seqs, BIG if BIG in models else models[-1])
     print(f"scaling: odyssey train, batch 1, LoRA r=16 alpha 32, {args.steps} steps a run ({args.long_steps} at "
           f"seq_len >= 2048), step time = median of the steps after the first; {len(todo)} runs")
+    stores = {config: common.ensure_store(config) for config in dict.fromkeys(c for c, _ in todo)}
+    labels = {config: common.model_label(model) for config, model in stores.items()}
     rows = []
     for config, seq_len in todo:
-        model = common.ensure_store(config)
+        model = stores[config]
         steps = args.long_steps if seq_len >= 2048 else args.steps
         reuse = reusable(args.reuse_peers, model, steps, seq_len) if args.reuse_peers else None
         print(f"  {config} seq_len {seq_len}" + (" (from peers.py)" if reuse else ""))
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
                                                 peers.attempt_timeout(args.timeout_s, deadline))
             climb = peers.climb(runner, peers.ladder(budget, cap_bytes=cap), deadline=deadline,
                                 suggest=lambda a: common.suggested_budget(a.error), cap_bytes=cap)
-        rows.append(row(config, model, seq_len, climb))
+        rows.append(row(config, model, labels[config], seq_len, climb))
     result = {"machine": common.machine(), "date": common.today(), "steps": args.steps,
               "long_steps": args.long_steps, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     return write(result, Path(args.out_dir))
@@ -176,7 +179,7 @@ def write(result: dict, out: Path) -> int:
                "CPU s is the trainer's CPU time (all threads) in the same steps, steadier than wall time on a "
                "shared machine; peak anon is its anonymous RSS sampled every 0.1 s.")
     print(f"\n{caption}\n{tab}")
-    common.write_results(out, "scaling", result, "Scaling", [(caption, tab)],
+    common.write_results(out, "scaling", result, TITLE, [(caption, tab)],
                          chart=lambda p: png(result["rows"], p))
     return 0
 

@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from odyssey import atomic
-from odyssey.config import LoraSettings
+from odyssey.config import LORA_TARGETS_DEFAULT, LoraSettings
 from odyssey.errors import OdysseyError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 ODYSSEY_NAME = "odyssey_adapter.json"
 PEFT_PREFIX = "base_model.model."
-ALLOWED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALLOWED_TARGETS = tuple(LORA_TARGETS_DEFAULT)  # every decoder Linear; never the paged head
 
 
 class AdapterError(OdysseyError):
@@ -141,23 +141,16 @@ class AdapterFile:
             what = "other weights of the same shape" if dims else "a model of another shape"
             raise AdapterError(f"adapter {self.path} was trained on {rec.get('base_path', 'another base')} "
                                f"({what}), not on {store.root}; use it with its own base (--model)")
-        d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-        kv = cfg.num_key_value_heads * cfg.head_dim
-        q = cfg.num_attention_heads * cfg.head_dim
-        shapes = {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
-                  "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+        shapes = cfg.all_shapes()  # HF tensor name -> (out, in) for every Linear of the base
         for name, (A, B) in self.pairs.items():
-            parts = name.split(".")
-            try:
-                layer, kind = int(parts[2]), parts[-1]
-            except (IndexError, ValueError):
+            want = shapes.get(f"{name}.weight")
+            if want is None or len(want) != 2:
                 raise AdapterError(f"adapter {self.path} has a LoRA module {name!r} that a Llama base does not "
-                                   f"have; use an adapter trained for this model") from None
-            out_f, in_f = shapes.get(kind, (None, None))
-            if layer >= L or out_f is None or A.shape[1] != in_f or B.shape[0] != out_f:
+                                   f"have; use an adapter trained for this model")
+            if A.shape[1] != want[1] or B.shape[0] != want[0]:
                 raise AdapterError(f"adapter {self.path} does not fit {store.root}: {name} is "
                                    f"{tuple(B.shape[:1]) + tuple(A.shape[1:])} (out, in) but the base has "
-                                   f"{(out_f, in_f) if out_f else 'no such module'}; use the adapter's own base")
+                                   f"{want}; use the adapter's own base")
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:

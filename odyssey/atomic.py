@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
-def _umask_mode() -> int:
-    # mkstemp creates files 0600; a finished file gets the usual mode (0666 minus the umask).
+def _umask_mode(base: int = 0o666) -> int:
+    # mkstemp/mkdtemp create 0600/0700; a finished file or directory gets the usual mode (base
+    # 0666 or 0777 minus the umask): exports and checkpoints are read by other programs and users.
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return base & ~mask
 
 
 def fsync_dir(directory: Path) -> None:
@@ -74,6 +75,33 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", durable: bool = True)
     with atomic_path(path, durable) as tmp:
         with open(tmp, mode) as f:
             yield f
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `final`; on clean exit it is synced and replaces
+    `final` (an old `final` is moved aside first and deleted after); on error it is removed and
+    `final` is untouched. Files inside are written by the caller (durably, e.g. with atomic_path)."""
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, _umask_mode(0o777))
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", suffix=".tmp", dir=final.parent))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:

@@ -177,11 +177,10 @@ def cmd_train(args) -> int:
 
     if args.nproc and args.nproc > 1:
         return _launch_ranks(args.nproc)
-    overrides = list(args.overrides)
-    if args.mode:
-        overrides.append(f"mode={args.mode}")
+    overrides = list(args.overrides)  # --mode and --steps are shorthands for config overrides
+    overrides += [f"mode={args.mode}"] * bool(args.mode) + [f"steps={args.steps}"] * (args.steps is not None)
     return train(args.out, model=args.model, data=args.data, budget=args.ram_budget, config_path=args.config,
-                 overrides=overrides, steps=args.steps, resume=args.resume, monitor=args.monitor,
+                 overrides=overrides, resume=args.resume, monitor=args.monitor,
                  guard=not args.no_guard, progress=not args.quiet)
 
 

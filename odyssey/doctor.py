@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from odyssey.config import format_bytes
+from odyssey.cpu import cpu_flags
 from odyssey.errors import OdysseyError
 
 DEMO_BUDGET_BYTES = 2 << 30
@@ -147,8 +149,6 @@ def filesystem(path: Path) -> tuple[str, str]:
 
 
 def disk_fact(asked: Path, probe: Path) -> Fact:
-    import shutil
-
     du = shutil.disk_usage(probe)
     where = str(probe) if asked.absolute() == probe else f"{probe} (where {asked} would be created)"
     fstype, mount = filesystem(probe.resolve())
@@ -213,8 +213,6 @@ def cold_read(directory: Path, size_bytes: int = READ_TEST_BYTES) -> dict:
 def cold_read_fact(probe: Path, size_bytes: int = READ_TEST_BYTES) -> Fact:
     if size_bytes <= 0:
         return Fact("cold_read", "cold read", True, "skipped (--read-test-mib 0)")
-    import shutil
-
     free = shutil.disk_usage(probe).free
     if free < 4 * size_bytes:  # never the test that fills a nearly full disk
         return Fact("cold_read", "cold read", False,
@@ -243,25 +241,6 @@ def cold_read_fact(probe: Path, size_bytes: int = READ_TEST_BYTES) -> Fact:
 
 # --------------------------------------------------------------------------------------------
 # cpu and compute
-
-
-def cpu_flags() -> tuple[str, set[str]]:
-    """(CPU model name, flags) from /proc/cpuinfo ("flags" on x86, "Features" on Arm)."""
-    name, flags = "", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model", "Hardware") and not name:
-                    name = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-                if name and flags:
-                    break
-    except OSError:
-        pass
-    return name or platform.processor() or platform.machine(), flags
 
 
 def cpu_fact() -> Fact:
@@ -347,9 +326,9 @@ def allocator_fact() -> Fact:
 def torch_fact() -> Fact:
     import torch
 
-    cuda = torch.version.cuda
-    summary = f"torch {torch.__version__}, {torch.get_num_threads()} threads, " + (f"CUDA {cuda} build" if cuda else "CPU build")
-    data = {"version": torch.__version__, "threads": torch.get_num_threads(), "cuda": cuda}
+    cuda, threads = torch.version.cuda, torch.get_num_threads()
+    summary = f"torch {torch.__version__}, {threads} threads, " + (f"CUDA {cuda} build" if cuda else "CPU build")
+    data = {"version": torch.__version__, "threads": threads, "cuda": cuda}
     if cuda:
         return Fact("torch", "torch", False, summary,
                     "Odyssey runs on the CPU: the CPU build (`make` installs it) is gigabytes smaller", data)

@@ -21,7 +21,6 @@ stays resident; layer 0 stays resident into the next step.
 from __future__ import annotations
 
 import contextlib
-import platform
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,29 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from odyssey.cpu import native_bf16
 from odyssey.model import KVCache, LlamaForCausalLM, rope_cos_sin
 from odyssey.pager import Pager, Resident, ResidentPager
 from odyssey.store import Store
 
 VOCAB_CHUNK = 8192  # head rows per chunk: (B*T, 8192) fp32 logits = 16 MiB at B*T = 512
-
-
-def native_bf16() -> bool:
-    """True where the CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX, Arm BF16). Elsewhere
-    bf16 matmuls are emulated and several times slower than fp32 (measured: 20 vs 158 GFLOP/s on
-    an AVX2 EPYC), so compute runs in fp32 and bf16 is only the storage format."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    if platform.machine() in ("x86_64", "AMD64"):
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    return "bf16" in flags
 
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
@@ -199,28 +181,22 @@ class Engine:
 
     # --- forward ---
     @torch.no_grad()
-    def forward_hidden(self, ids: torch.Tensor, save_inputs: bool = False, cache: Optional[KVCache] = None,
-                       prefetch: bool = True):
-        """ids (B, T) -> (x (B, T, d) before the final norm, [layer inputs] if save_inputs)."""
-        L = self.cfg.num_hidden_layers
-        if prefetch:
-            self.pager.prefetch(range(L))
+    def forward_hidden(self, ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """ids (B, T) -> x (B, T, d) before the final norm. The caller has prefetched the schedule
+        (layers, then the head units), so the reads run ahead of the computation."""
         past = cache.length() if cache is not None else 0
         x = self.embed(ids)
         cos, sin = self.rope(past, ids.shape[1])
-        saved = []
-        for i in range(L):
-            if save_inputs:
-                saved.append(x)  # (B, T, d) compute dtype, kept for the recompute in backward
+        for i in range(self.cfg.num_hidden_layers):
             with self.resident(i):
                 x = self.layer(i)(x, cos, sin, cache)
-        return x, saved
+        return x
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, cache: Optional[KVCache] = None, last_only: bool = False) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V) (or (B, V) with last_only), compute dtype."""
         self.pager.prefetch(self.layer_schedule())
-        x, _ = self.forward_hidden(ids, cache=cache, prefetch=False)
+        x = self.forward_hidden(ids, cache=cache)
         if last_only:
             x = x[:, -1:]
         with self.head() as (W, norm):
@@ -314,7 +290,7 @@ class Engine:
     def eval_loss(self, ids: torch.Tensor, targets: torch.Tensor) -> float:
         """Mean cross-entropy without gradients (validation), through the chunked head."""
         self.pager.prefetch(self.layer_schedule())
-        x, _ = self.forward_hidden(ids, prefetch=False)
+        x = self.forward_hidden(ids)
         with self.head() as (W, norm):
             h = norm(x)
             return self.chunked_ce(h.reshape(-1, h.shape[-1]), targets.reshape(-1), W, grad=False)[0]

@@ -22,7 +22,7 @@ from typing import Optional
 from odyssey import atomic
 from odyssey.adapters import WEIGHTS_NAME, AdapterFile, read_adapter
 from odyssey.errors import OdysseyError
-from odyssey.store import (HF_DTYPE_NAMES, SHORT_TO_ST, TOKENIZER_FILES, Store, StoreWriter, Unit,
+from odyssey.store import (HF_DTYPE_NAMES, SHORT_TO_ST, Store, StoreWriter, Unit, tokenizer_files,
                            copy_tokenizer, file_sha256, torch_dtype, unit_label)
 
 MERGE_RECORD = "odyssey_merge.json"  # in the merged store: which base and adapter made it
@@ -76,10 +76,6 @@ class MergedSource:
         return tensors
 
 
-def open_merged(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike) -> MergedSource:
-    return MergedSource(Store.open(model_dir), read_adapter(adapter_dir))
-
-
 def _refuse_in_place(out: Path, model_dir: Path) -> None:
     # --force on the base directory would delete the shards that are being read.
     if out.exists() and out.resolve() == model_dir.resolve():
@@ -98,8 +94,8 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     from odyssey.memory import PeakSampler
 
     model_dir, out = Path(model_dir), Path(out)
-    source = open_merged(model_dir, adapter_dir)
-    store, adapter = source.store, source.adapter
+    store, adapter = Store.open(model_dir), read_adapter(adapter_dir)
+    source = MergedSource(store, adapter)
     dtype = dtype or store.dtype
     if dtype not in SHORT_TO_ST:
         raise OdysseyError(f"--dtype must be one of {', '.join(SHORT_TO_ST)}, got {dtype!r}")
@@ -107,7 +103,7 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     key = {"kind": "merge", "config": store.config.to_hf_dict(HF_DTYPE_NAMES[dtype]), "dtype": dtype,
            "base": store.fingerprint(), "adapter": file_sha256(adapter.path / WEIGHTS_NAME),
            "scale": adapter.scale}
-    tok_bytes = sum((store.root / n).stat().st_size for n in TOKENIZER_FILES if (store.root / n).is_file())
+    tok_bytes = sum(p.stat().st_size for p in tokenizer_files(store.root))
     w = StoreWriter(out, store.config, dtype, key, force, extra_bytes=tok_bytes)
 
     t0 = time.perf_counter()

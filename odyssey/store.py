@@ -643,12 +643,16 @@ def _slice_dtype(path: Path, name: str) -> str:
     return header[name]["dtype"]
 
 
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The tokenizer files (TOKENIZER_FILES) present in `directory`."""
+    return [Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()]
+
+
 def copy_tokenizer(src_dir: Path, dst_dir: Path) -> list[str]:
     copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(src_dir) / name).is_file():
-            atomic.write_bytes(Path(dst_dir) / name, (Path(src_dir) / name).read_bytes())
-            copied.append(name)
+    for path in tokenizer_files(src_dir):
+        atomic.write_bytes(Path(dst_dir) / path.name, path.read_bytes())
+        copied.append(path.name)
     return copied
 
 

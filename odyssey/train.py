@@ -19,6 +19,7 @@ reached the weights yet) and checkpoints the last completed step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -38,9 +39,11 @@ from odyssey.runlog import RunDir
 
 CKPT_PREFIX = "step-"
 TRAINER_STATE = "trainer.pt"
-# Keys that may differ on --resume: they change neither the maths nor the data order.
-RESUME_FREE_KEYS = {"guard", "slots", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
-                    "dist_timeout_s", "world_size"}
+# Effective-config paths that may differ on --resume: they change neither the maths nor the data
+# order (a path covers everything below it). The rest must match the run's.
+RESUME_FREE = {"model", "data", "ram_budget", "ram_budget_bytes", "world_size", "train.guard", "train.slots",
+               "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every", "train.eval_batches",
+               "train.dist_timeout_s"}
 EXIT_GUARD_STOP = 3
 STOP_USER, STOP_SIGNAL, STOP_GUARD = 1, 2, 3  # stop causes, highest wins across ranks
 
@@ -62,8 +65,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 class LoraLearner:
     """Frozen paged base + LoRA adapters (PEFT) in fp32."""
-
-    kind = "lora"
 
     def __init__(self, store, cfg: TrainConfig, resident: bool = False):
         from odyssey.adapters import inject, lora_parameters
@@ -118,8 +119,6 @@ class LoraLearner:
 class FullLearner:
     """Every parameter in RAM in fp32 (small models trained from scratch or fully fine-tuned)."""
 
-    kind = "full"
-
     def __init__(self, store, cfg: TrainConfig):
         from odyssey.model import LlamaForCausalLM
 
@@ -129,7 +128,6 @@ class FullLearner:
         self._between = None
         for layer in self.model.model.layers:  # control requests between layers, as out-of-core
             layer.register_forward_hook(lambda *a: self._between and self._between())
-        self.t_stats = 0.0
 
     def _load_state(self, sd: dict) -> None:
         missing, unexpected = self.model.load_state_dict(sd, strict=False)
@@ -224,16 +222,16 @@ class StepState:
 
 
 class Trainer:
-    def __init__(self, *, store, data, run: RunDir, cfg: TrainConfig, budget: int, use_guard: bool = True,
-                 progress: bool = True, resident: bool = False, log=print, ranks=None):
+    def __init__(self, *, store, data, run: RunDir, cfg: TrainConfig, budget: int, progress: bool = True,
+                 log=print, ranks=None, local: Optional[RunDir] = None):
         from odyssey.data import BatchSampler, eval_batches
         from odyssey.distributed import Ranks
 
         self.dist = ranks or Ranks()
         self.store, self.data, self.run, self.cfg = store, data, run, cfg
-        self.budget, self.use_guard, self.progress, self.log = budget, use_guard, progress, log
+        self.budget, self.progress, self.log = budget, progress, log
         torch.manual_seed(cfg.seed)
-        self.learner = FullLearner(store, cfg) if cfg.mode == "full" else LoraLearner(store, cfg, resident)
+        self.learner = FullLearner(store, cfg) if cfg.mode == "full" else LoraLearner(store, cfg)
         self.params = [p for p in self.learner.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), eps=1e-8)
@@ -244,11 +242,10 @@ class Trainer:
         self.tokens = 0
         self.last_done: Optional[StepState] = None
         self.controller = None
-        self.local = run  # this rank's own run directory (status, control, guard); the run itself on rank 0
+        self.local = local or run  # this rank's own run directory (status, control, guard); the run on rank 0
         self.state = "running"
         self.want = {"stop": 0, "reason": "", "pause": 0, "checkpoint": 0}  # asked for, not yet done
         self._signal: Optional[int] = None
-        self._want_checkpoint = False
         self._hog = _TestHog.from_env()
 
     # --- resume ---
@@ -297,19 +294,12 @@ class Trainer:
         if (final / TRAINER_STATE).is_file():
             return final  # this step is already saved
         t0 = time.perf_counter()
-        self.run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run.checkpoints_dir / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        self.learner.save(tmp, step=s.step)
-        state = {"step": s.step, "tokens": s.tokens, "optimizer": self.optimizer.state_dict(), "world_size": self.dist.world,
-                 "sampler": s.sampler, "rng": s.rng, "config": to_dict(self.cfg)}
-        with atomic.atomic_path(tmp / TRAINER_STATE) as p:
-            torch.save(state, p)
-        atomic.fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step
-        os.rename(tmp, final)
-        atomic.fsync_dir(self.run.checkpoints_dir)
+        with atomic.atomic_dir(final) as tmp:  # replaces an incomplete leftover of the same step
+            self.learner.save(tmp, step=s.step)
+            state = {"step": s.step, "tokens": s.tokens, "optimizer": self.optimizer.state_dict(),
+                     "world_size": self.dist.world, "sampler": s.sampler, "rng": s.rng, "config": to_dict(self.cfg)}
+            with atomic.atomic_path(tmp / TRAINER_STATE) as p:
+                torch.save(state, p)
         for old in checkpoint_dirs(self.run)[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
@@ -360,9 +350,8 @@ class Trainer:
     def _act(self) -> None:
         """Apply what was asked: a stop raises StopRequested, a pause blocks until resume or stop.
         Across ranks the flags are combined (any rank's stop or pause holds for all)."""
-        stop, pause, ckpt = self.dist.flags([self.want["stop"], self.want["pause"], self.want["checkpoint"]])
-        self.want["checkpoint"] = 0
-        self._want_checkpoint |= bool(ckpt)
+        stop, pause, self.want["checkpoint"] = self.dist.flags([self.want["stop"], self.want["pause"],
+                                                                self.want["checkpoint"]])
         if stop:
             self._raise_stop(stop)
         if not pause:
@@ -472,9 +461,9 @@ class Trainer:
                                 f"RSS {anon:.0f} MiB", refresh=False)
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == steps_total):
                 last_val = self.evaluate()
-            if self._want_checkpoint or self.step % cfg.checkpoint_every == 0:
-                self.checkpoint("requested" if self._want_checkpoint else f"every {cfg.checkpoint_every} steps")
-                self._want_checkpoint = False
+            if self.want["checkpoint"] or self.step % cfg.checkpoint_every == 0:
+                self.checkpoint("requested" if self.want["checkpoint"] else f"every {cfg.checkpoint_every} steps")
+                self.want["checkpoint"] = 0
             self.controller.write_status(self.state, self.step, steps_total=steps_total)
         bar.close()
         return {"steps": len(losses), "first_loss": losses[0] if losses else None,
@@ -519,9 +508,10 @@ def _effective(model_dir: Path, data_dir: Path, budget: int, cfg: TrainConfig, s
 
 
 def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """'path (run A, now B)' for every value that differs, outside RESUME_FREE."""
     out = []
     for k in sorted(set(saved) | set(now)):
-        if not prefix and k in RESUME_FREE_KEYS:
+        if f"{prefix}{k}" in RESUME_FREE:
             continue
         a, b = saved.get(k), now.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -582,11 +572,12 @@ def prepare(out: str, model: Optional[str], data_dir: Optional[str], budget: Opt
                            f"{store.config.vocab_size}; prepare the data with the model's tokenizer "
                            f"(`odyssey prepare-data ... --tokenizer {model}`) or a smaller --vocab-size")
     eff = _effective(Path(model), Path(data_dir), budget, cfg, store, data)
+    if cfg.mode == "lora":
+        from odyssey.adapters import check_targets
+
+        check_targets(cfg.lora.targets)
     if saved is not None:
-        diffs = _diff({k: v for k, v in saved.items() if k not in ("ram_budget", "ram_budget_bytes", "model", "data")},
-                      {k: v for k, v in eff.items() if k not in ("ram_budget", "ram_budget_bytes", "model", "data")})
-        diffs = [d for d in diffs if not d.startswith("train.guard") and d.split(" ")[0].removeprefix("train.")
-                 not in RESUME_FREE_KEYS]
+        diffs = _diff(saved, eff)
         if diffs:
             raise OdysseyError(f"--resume with a different config: {', '.join(diffs[:4])}; resume with the "
                                f"run's settings (in {run.config_path}) or start a new --out")
@@ -607,20 +598,12 @@ def check_plan(store, cfg: TrainConfig, budget: int):
 
 
 def train(out: str, *, model: Optional[str] = None, data: Optional[str] = None, budget=None,
-          config_path: Optional[str] = None, overrides: list[str] = (), steps: Optional[int] = None,
-          resume: bool = False, monitor: bool = False, guard: bool = True, progress: bool = True) -> int:
+          config_path: Optional[str] = None, overrides: list[str] = (), resume: bool = False, monitor: bool = False, guard: bool = True, progress: bool = True) -> int:
     """`odyssey train`; returns the exit status (0 finished or stopped by request, 3 stopped by the
     guard, 128 + signal after SIGINT/SIGTERM)."""
     from odyssey.control import Controller, start_guard, stop_guard
 
-    overrides = list(overrides)
-    if steps is not None:
-        overrides.append(f"steps={steps}")
-    run, store, data_set, cfg, budget, eff = prepare(out, model, data, budget, config_path, overrides, resume)
-    if cfg.mode == "lora":
-        from odyssey.adapters import check_targets
-
-        check_targets(cfg.lora.targets)
+    run, store, data_set, cfg, budget, eff = prepare(out, model, data, budget, config_path, list(overrides), resume)
     plan = check_plan(store, cfg, budget)
     from odyssey.distributed import PeerLost, Ranks
 
@@ -633,10 +616,9 @@ def train(out: str, *, model: Optional[str] = None, data: Optional[str] = None, 
         atomic.write_text(run.config_path, "# effective config written by odyssey train\n" + dump_yaml(eff))
     log = (lambda msg: print(msg, file=sys.stderr)) if main else (lambda msg: None)
     trainer = Trainer(store=store, data=data_set, run=run, cfg=cfg, budget=budget, progress=progress and main,
-                      ranks=ranks, log=log)
-    trainer.local = local
+                      ranks=ranks, log=log, local=local)
     restored = trainer.restore() if resume else None
-    controller = Controller(local, cfg.guard if guard else _no_guard(cfg))
+    controller = Controller(local, cfg.guard if guard else dataclasses.replace(cfg.guard, enabled=False))
     trainer.controller = controller
     if resume and restored is None:
         log(f"--resume: {run.root} has no checkpoint yet; starting from step 0")
@@ -700,27 +682,18 @@ def train(out: str, *, model: Optional[str] = None, data: Optional[str] = None, 
     return code
 
 
-def _no_guard(cfg: TrainConfig):
-    from odyssey.config import GuardSettings
-
-    d = to_dict(cfg.guard)
-    d["enabled"] = False
-    return GuardSettings(**d)
-
-
 def _open_monitor(run: RunDir) -> None:
     from odyssey.monitor import display_problem, launch_detached
 
     problem = display_problem()
-    if problem:
-        print(f"--monitor: {problem}; training continues without the window "
-              f"(attach later with `odyssey monitor {run.root}`)", file=sys.stderr)
-        return
-    try:
-        launch_detached(run.root)
-    except OdysseyError as e:  # a window that cannot start never stops training
-        print(f"--monitor: {e}; training continues without the window "
-              f"(attach later with `odyssey monitor {run.root}`)", file=sys.stderr)
+    if not problem:
+        try:
+            launch_detached(run.root)
+            return
+        except OdysseyError as e:  # a window that cannot start never stops training
+            problem = str(e)
+    print(f"--monitor: {problem}; training continues without the window "
+          f"(attach later with `odyssey monitor {run.root}`)", file=sys.stderr)
 
 
 def _print_summary(s: dict, result: Path, seconds: float, plan, budget: int) -> None:

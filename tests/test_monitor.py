@@ -27,7 +27,8 @@ import pytest
 from odyssey.errors import OdysseyError
 from odyssey.monitor import launch_detached
 from odyssey.monitor.charts import nice_ticks, strip_bars, time_ticks
-from odyssey.monitor.feed import Feed, Series, downsample_minmax, fmt_duration
+from odyssey.monitor.feed import Feed, fmt_duration
+from odyssey.monitor.series import Series, downsample_minmax
 from odyssey.runlog import RunDir
 
 from tests.conftest import load_tool, run_cli

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from odyssey.runlog import RunDir
+
 LAYER_BYTES = 90_185_728  # one decoder layer of odyssey-1.2b in bf16
 HEAD_BYTES = 131_076_096  # lm_head + final norm (the embedding is read by rows, not paged)
 LAYERS = 24
@@ -197,6 +199,14 @@ class Recorder:
             self.want_checkpoint = False
             self.last_ckpt = step
 
+    def heartbeat(self, run: RunDir, t: float, watched: int, guard_pid: int, running: bool) -> None:
+        """guard.json as odyssey/guard.py leaves it: watching while the trainer runs, else exited."""
+        if not running:
+            run.write_heartbeat(t=t, pid=guard_pid, state="exited", watched=watched)
+            return
+        run.write_heartbeat(t=t, pid=guard_pid, state="watching", watched=watched, anon_mib=self.anon_base,
+                            temp_c=round(self.temp_c, 1) if self.with_temp else None)
+
     def start(self, resumed_from: int | None = None) -> None:
         """What the trainer and a fresh guard write when a process starts."""
         what = f"resumed from step-{resumed_from:06d}" if resumed_from else "training started"
@@ -248,15 +258,13 @@ def record_run(out: str | os.PathLike, steps: int = 240, steps_total: int = 1000
                      message=f"stopped at step {steps} (stop requested by user); checkpoint step-{steps:06d}")
         rec.t += 0.1
         rec.emit("guard", action="exit", level="info", reason="guard terminated (SIGTERM or SIGINT)")
-    (out / "config.yaml").write_text(CONFIG_YAML.format(steps_total=steps_total), encoding="utf-8")
-    with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
+    run = RunDir(out)
+    run.config_path.write_text(CONFIG_YAML.format(steps_total=steps_total), encoding="utf-8")
+    with open(run.metrics_path, "w", encoding="utf-8") as f:
         f.writelines(rec.lines(shift_s=end_t - rec.t))
-    _write_json(out / "status.json", {"t": end_t, "state": state, "step": steps, "pid": pid or os.getpid(),
-                                      "ack_id": None, "steps_total": steps_total})
-    heartbeat = {"t": end_t, "pid": (pid or os.getpid()) + 1, "state": "exited", "watched": pid or os.getpid()}
-    if state in ("running", "paused"):
-        heartbeat.update(state="watching", anon_mib=rec.anon_base, temp_c=round(rec.temp_c, 1) if with_temp else None)
-    _write_json(out / "guard.json", heartbeat)
+    trainer = pid or os.getpid()
+    run.write_status(t=end_t, state=state, step=steps, pid=trainer, ack_id=None, steps_total=steps_total)
+    rec.heartbeat(run, end_t, watched=trainer, guard_pid=trainer + 1, running=state in ("running", "paused"))
     return out
 
 
@@ -277,41 +285,30 @@ def write_lines(path: str | os.PathLike, n_lines: int, seed: int = 1, steps_tota
     return len(lines)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def live(out: Path, seed: int = 0, step_s: float = 1.0) -> None:
     """Keep appending a step every `step_s` seconds and handle control requests as odyssey/train.py
     does (status.json states and ack_id, the trainer's pause / resume / checkpoint / stop events)."""
-    status = json.loads((out / "status.json").read_text())
+    run = RunDir(out)
+    status = run.read_status()
     step, total = status["step"], status.get("steps_total") or 1000
     rec = Recorder(time.time(), total, seed=seed + 1)
     rec.pid = os.getpid()
-    state, ack, seen = "running", None, None
-    try:
-        seen = json.loads((out / "control.json").read_text()).get("id")  # old requests are not ours
-    except (FileNotFoundError, json.JSONDecodeError):
-        pass
+    state, ack = "running", None
+    seen = (run.read_control() or {}).get("id")  # old requests are not ours
     while True:
-        ctl = None
-        try:
-            ctl = json.loads((out / "control.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+        ctl = run.read_control()
         rec.t = time.time()
         if ctl and ctl.get("id") != seen:
             seen = ack = ctl.get("id")
             action, source = ctl.get("action"), ctl.get("source", "user")
             if action == "stop":
-                _write_json(out / "status.json", {"t": time.time(), "state": "stopping", "step": step, "pid": os.getpid(),
-                                                  "ack_id": ack, "ack_action": action, "steps_total": total})
+                run.write_status(state="stopping", step=step, pid=os.getpid(), ack_id=ack, ack_action=action,
+                                 steps_total=total)
+                why = ctl.get("reason") or f"stop requested by {source}"
                 rec.emit("event", level="info", source="trainer", action="checkpoint", step=step,
-                         message=f"checkpoint step-{step:06d} written (stop: {ctl.get('reason') or 'stop requested by ' + source}; 52.4 MB in 1.4 s)")
+                         message=f"checkpoint step-{step:06d} written (stop: {why}; 52.4 MB in 1.4 s)")
                 rec.emit("event", level="info", source="trainer", action="stopped", step=step,
-                         message=f"stopped at step {step} ({ctl.get('reason') or 'stop requested by ' + source}); checkpoint step-{step:06d}")
+                         message=f"stopped at step {step} ({why}); checkpoint step-{step:06d}")
                 state = "stopped"
             elif action == "pause" and state != "paused":
                 state = "paused"
@@ -331,16 +328,13 @@ def live(out: Path, seed: int = 0, step_s: float = 1.0) -> None:
             state = "finished"
             rec.emit("event", level="info", source="trainer", action="finished", step=step,
                      message=f"finished at step {step}; result in {out / 'adapter'}")
-        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(run.metrics_path, "a", encoding="utf-8") as f:
             f.writelines(rec.lines())
         rec.records.clear()
-        _write_json(out / "status.json", {"t": time.time(), "state": state, "step": step, "pid": os.getpid(),
-                                          "ack_id": ack, "steps_total": total})
-        heartbeat = {"t": time.time(), "pid": os.getpid(), "state": "exited", "watched": os.getpid()}
-        if state not in ("stopped", "finished"):
-            heartbeat.update(state="watching", anon_mib=rec.anon_base, temp_c=round(rec.temp_c, 1))
-        _write_json(out / "guard.json", heartbeat)
-        if state in ("stopped", "finished"):
+        run.write_status(state=state, step=step, pid=os.getpid(), ack_id=ack, steps_total=total)
+        ended = state in ("stopped", "finished")
+        rec.heartbeat(run, time.time(), watched=os.getpid(), guard_pid=os.getpid(), running=not ended)
+        if ended:
             return
         time.sleep(step_s)
 

@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Union
 
 from odyssey.config import format_bytes
 from odyssey.errors import OdysseyError
+from odyssey.store import _existing_parent, unit_shapes
 
 FORMATS = ("safetensors", "pth", "gguf")  # also the order they are written in
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the estimate (metadata, filesystem slack)
@@ -57,13 +58,6 @@ def estimate_bytes(source, fmt: str, gguf_type: str) -> int:
     return gguf_bytes(source, gguf_type)  # also refuses what write_gguf would (type, tokenizer)
 
 
-def _existing_parent(p: Path) -> Path:
-    p = p.absolute()
-    while not p.exists():
-        p = p.parent
-    return p
-
-
 def check_outputs(out: Path, paths: dict[str, Path], force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OdysseyError(f"--out {out} is a file; choose a directory path")
@@ -97,25 +91,33 @@ def open_source(model_dir: str | os.PathLike, adapter: Optional[str | os.PathLik
     return MergedSource(store, read_adapter(adapter))
 
 
-def _write_one(source, fmt: str, path: Path, gguf_type: str, progress: bool) -> None:
+def stream_tensors(source, units, dtype):
+    """Every tensor of `units` in config order (the order the writers declare), cast to `dtype`
+    and contiguous. One unit is loaded at a time and each tensor leaves the unit's dict as it is
+    handed out, so a caller that drops it after writing holds one unit plus one tensor."""
+    for unit in units:
+        tensors = source.load_tensors(unit)  # one unit resident
+        for name, shape in unit_shapes(source.config, unit).items():
+            t = tensors.pop(name).to(dtype).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"{name}: source gave shape {list(t.shape)}, config implies {list(shape)}")
+            yield t
+            del t
+
+
+def _write_one(source, fmt: str, path: Path, gguf_type: str, progress: bool) -> dict:
+    """The writer's summary; its "bytes" is the size on disk of the finished output."""
     if fmt == "safetensors":
         from odyssey.export.safetensors import write_safetensors
 
-        write_safetensors(source, path, progress=progress)
-    elif fmt == "pth":
+        return write_safetensors(source, path, progress=progress)
+    if fmt == "pth":
         from odyssey.export.pth import write_pth
 
-        write_pth(source, path, progress=progress)
-    else:
-        from odyssey.export.gguf import write_gguf
+        return write_pth(source, path, progress=progress)
+    from odyssey.export.gguf import write_gguf
 
-        write_gguf(source, path, gguf_type, progress=progress)  # to a temporary name, then renamed
-
-
-def disk_bytes(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    return write_gguf(source, path, gguf_type, progress=progress)  # to a temporary name, then renamed
 
 
 def export_model(model_dir: str | os.PathLike, out: str | os.PathLike, formats: Union[str, Iterable[str]],
@@ -145,9 +147,8 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike, formats: 
     for fmt in fmts:
         t0 = time.perf_counter()
         with PeakSampler(interval_s=0.02) as mem:
-            _write_one(source, fmt, paths[fmt], gguf_type, progress)
+            size = _write_one(source, fmt, paths[fmt], gguf_type, progress)["bytes"]
         seconds = time.perf_counter() - t0
-        size = disk_bytes(paths[fmt])
         results.append({"format": fmt if fmt != "gguf" else f"gguf {gguf_type}", "path": str(paths[fmt]),
                         "bytes": size, "seconds": seconds, "mb_s": size / 1e6 / max(seconds, 1e-9),
                         "peak_anon_bytes": mem.peak_bytes})

@@ -34,7 +34,8 @@ import numpy as np
 from odyssey import atomic
 from odyssey.config import ModelConfig, format_bytes
 from odyssey.errors import OdysseyError
-from odyssey.store import drop_cache, unit_shapes
+from odyssey.export import DISK_MARGIN
+from odyssey.store import _existing_parent, drop_cache, unit_shapes
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = "llama"
@@ -360,12 +361,19 @@ def _tensor_bytes(plan) -> int:
     return sum(-(-p.nbytes // 32) * 32 for _, plans in plan for p in plans)
 
 
+def _plan_file(source, gguf_type: str) -> tuple[GGUFVocab, list[tuple[object, list[TensorPlan]]], int]:
+    """Everything decided before a byte is written: (vocabulary, tensor plan, an upper bound of the
+    file size in bytes). Refuses a bad type or a tokenizer llama.cpp cannot load."""
+    check_gguf_type(gguf_type)
+    vocab = read_vocab(_tokenizer_of(source), source.config)
+    plan = plan_tensors(source.config, source.units, gguf_type)
+    return vocab, plan, _tensor_bytes(plan) + _vocab_bytes(vocab) + HEADER_SLACK_BYTES
+
+
 def gguf_bytes(source, gguf_type: str) -> int:
     """Checks what `write_gguf` would refuse (type, tokenizer) and returns an upper bound of the
     file size in bytes, for a free-disk check over several outputs before any is written."""
-    check_gguf_type(gguf_type)
-    vocab = read_vocab(_tokenizer_of(source), source.config)
-    return _tensor_bytes(plan_tensors(source.config, source.units, gguf_type)) + _vocab_bytes(vocab) + HEADER_SLACK_BYTES
+    return _plan_file(source, gguf_type)[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,11 +389,9 @@ def _tokenizer_of(source) -> Path:
 
 
 def _check_disk(path: Path, need: int) -> None:
-    probe = path.parent
-    while not probe.exists():
-        probe = probe.parent
+    probe = _existing_parent(path.parent)
     free = shutil.disk_usage(probe).free
-    if free < need + (64 << 20):
+    if free < need + DISK_MARGIN:
         raise OdysseyError(f"not enough free disk at {probe}: the GGUF file needs about {format_bytes(need)}, "
                            f"{format_bytes(free)} is free; free some space or choose another --out")
 
@@ -400,13 +406,10 @@ def write_gguf(source, path, gguf_type: str = "f16", progress: bool = True) -> d
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    check_gguf_type(gguf_type)
     cfg: ModelConfig = source.config
     path = Path(path)
-    vocab = read_vocab(_tokenizer_of(source), cfg)
-    units = list(source.units)
-    plan = plan_tensors(cfg, units, gguf_type)
-    _check_disk(path, _tensor_bytes(plan) + _vocab_bytes(vocab) + HEADER_SLACK_BYTES)
+    vocab, plan, need = _plan_file(source, gguf_type)
+    _check_disk(path, need)
     if vocab.pre == "default":
         print(f"warning: the pre-tokenizer of {source.tokenizer_path()} is not one llama.cpp knows by name; "
               f"it will split text by its default rules, so its tokens may differ from this tokenizer's")

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from odyssey import atomic
+from odyssey.export import stream_tensors
 from odyssey.store import SHORT_TO_ST, ST_DTYPES, numel, torch_dtype, unit_shapes
 
 PICKLE_PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
@@ -105,17 +106,16 @@ def write_pth(source, path: str | os.PathLike, progress: bool = True) -> dict:
     pkl = state_dict_pickle(entries)
     total = sum(numel(s) * dt.itemsize for _, _, s in entries)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="pth", disable=not progress)
-    with bar, atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with bar, atomic.atomic_open(path, "wb") as f:
         # A file object (not a name) makes the archive's inner folder "archive", as torch.save(obj, f).
         zw = torch._C.PyTorchFileWriter(f, get_crc32_options(), _storage_alignment())
         try:
             _write_records(zw, source, pkl, dt, bar)
         finally:
             # Also on error: the writer's destructor would otherwise finish the zip into a closed
-            # file and abort the process. The temporary file is deleted by atomic_path then.
+            # file and abort the process. The temporary file is deleted by atomic_open then.
             zw.write_end_of_file()
             del zw
-        f.flush()
     return {"path": str(path), "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0,
             "tensors": len(entries)}
 
@@ -133,22 +133,15 @@ def _write_records(zw, source, pkl: bytes, dt, bar) -> None:
     align = str(_storage_alignment())
     zw.write_record(".storage_alignment", align, len(align))
     zw.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-    key = 0
-    for unit in source.units:
-        tensors = source.load_tensors(unit)  # one unit resident
-        for name, shape in unit_shapes(source.config, unit).items():
-            t = _own_storage(tensors.pop(name).to(dt))
-            if tuple(t.shape) != tuple(shape):
-                raise RuntimeError(f"{name}: source gave shape {list(t.shape)}, config implies {list(shape)}")
-            zw.write_record(f"data/{key}", t.untyped_storage(), t.nbytes)
-            bar.update(t.nbytes)
-            key += 1
-            del t
+    for key, t in enumerate(stream_tensors(source, source.units, dt)):  # data/<key>: the pickle's order
+        t = _own_storage(t)
+        zw.write_record(f"data/{key}", t.untyped_storage(), t.nbytes)
+        bar.update(t.nbytes)
+        del t
 
 
 def _own_storage(t):
-    """A contiguous tensor whose storage holds exactly its bytes (torch.save writes whole storages)."""
-    t = t.contiguous()
+    """`t` (contiguous) with a storage holding exactly its bytes (torch.save writes whole storages)."""
     if t.storage_offset() or t.untyped_storage().nbytes() != t.nbytes:
         t = t.clone()
     return t

@@ -17,17 +17,15 @@ whole new one.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from odyssey import atomic
-from odyssey.store import (HF_DTYPE_NAMES, INDEX_NAME, SHORT_TO_ST, ST_DTYPES, TOKENIZER_FILES, build_header,
-                           copy_tokenizer, numel, torch_dtype, unit_shapes)
+from odyssey.export import stream_tensors
+from odyssey.store import (HF_DTYPE_NAMES, INDEX_NAME, SHORT_TO_ST, ST_DTYPES, tokenizer_files, build_header,
+                           copy_tokenizer, numel, shard_name, torch_dtype, unit_shapes)
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30  # bytes; HF's save_pretrained default is 5 GB, smaller eases copying
 HEADER_ALIGN = 8  # bytes: the safetensors default
@@ -54,16 +52,12 @@ def unit_tensor_bytes(source, unit) -> int:
 
 def estimate_bytes(source) -> int:
     """Bytes the export will take: tensors, headers (a few KiB per shard), config and tokenizer."""
-    tok = sum(p.stat().st_size for p in _tokenizer_files(source))
+    tok = sum(p.stat().st_size for p in tokenizer_files(source.root))
     return sum(unit_tensor_bytes(source, u) for u in source.units) + 64 * 1024 * len(source.units) + tok
 
 
-def _tokenizer_files(source) -> list[Path]:
-    return [Path(source.root) / n for n in TOKENIZER_FILES if (Path(source.root) / n).is_file()]
-
-
 def shard_file_name(k: int, n: int) -> str:
-    return "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+    return "model.safetensors" if n == 1 else shard_name(k, n)
 
 
 def _write_shard(path: Path, source, units: list, on_bytes: Callable[[int], None]) -> dict[str, str]:
@@ -75,44 +69,11 @@ def _write_shard(path: Path, source, units: list, on_bytes: Callable[[int], None
     header, _ = build_header(entries, metadata={"format": "pt"}, align=HEADER_ALIGN)
     with atomic.atomic_open(path, "wb") as f:
         f.write(header)
-        for unit in units:
-            tensors = source.load_tensors(unit)  # one unit resident
-            for name, shape in unit_shapes(source.config, unit).items():
-                t = tensors.pop(name).to(dt).contiguous()
-                if tuple(t.shape) != tuple(shape):
-                    raise RuntimeError(f"{name}: source gave shape {list(t.shape)}, config implies {list(shape)}")
-                f.write(memoryview(t.view(torch.uint8).numpy()).cast("B"))
-                on_bytes(t.nbytes)
-                del t
+        for t in stream_tensors(source, units, dt):  # header order
+            f.write(memoryview(t.view(torch.uint8).numpy()).cast("B"))
+            on_bytes(t.nbytes)
+            del t
     return {name: path.name for name, _, _ in entries}
-
-
-def _dir_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o777 & ~mask
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path):
-    """Yields a fresh temporary directory beside `final`; on clean exit it replaces `final` (an old
-    `final` is moved aside first and deleted after); on error it is removed and `final` untouched."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    os.chmod(tmp, _dir_mode())  # mkdtemp makes it 0700; the export is for other programs and users
-    try:
-        yield tmp
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", suffix=".tmp", dir=final.parent))
-            os.replace(final, old / final.name)
-        os.replace(tmp, final)
-        atomic.fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_safetensors(source, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -126,7 +87,7 @@ def write_safetensors(source, out_dir: str | os.PathLike, max_shard_bytes: int =
     groups = plan_shards(source, max_shard_bytes)
     total = sum(unit_tensor_bytes(source, u) for u in source.units)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="safetensors", disable=not progress)
-    with bar, atomic_dir(out_dir) as tmp:
+    with bar, atomic.atomic_dir(out_dir) as tmp:
         atomic.write_json(tmp / "config.json", source.config.to_hf_dict(HF_DTYPE_NAMES[source.dtype]))
         weight_map: dict[str, str] = {}
         for k, units in enumerate(groups):

@@ -22,7 +22,7 @@ from typing import Optional
 from odyssey.errors import OdysseyError
 from odyssey.monitor import charts
 from odyssey.monitor.charts import Chart, ChartData, HLine, LayerStrip, Line
-from odyssey.monitor.feed import ACTION_LABELS, Feed
+from odyssey.monitor.feed import ACTION_LABELS, Feed, fmt_mb_s
 
 # Families with Hangul glyphs, best first; the first one installed is used for every widget.
 HANGUL_FAMILIES = (
@@ -133,7 +133,7 @@ class MonitorApp:
 
         def on_scroll(*args):
             self.log_text.yview(*args)
-            self._follow_log = self.log_text.yview()[1] >= 0.999
+            self._update_follow()
 
         scroll.configure(command=on_scroll)
         for ev in ("<MouseWheel>", "<Button-4>", "<Button-5>"):
@@ -274,7 +274,7 @@ class MonitorApp:
                              fill=charts.LIGHT_GREEN)]
         last = feed.pagein.last()
         if last:
-            pagein.note = f"{last[1]:,.{1 if last[1] < 10 else 0}f} MB/s"
+            pagein.note = fmt_mb_s(last[1])
         self.pagein_chart.draw(pagein)
 
         n = self.ram_chart.points_budget()

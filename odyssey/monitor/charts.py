@@ -2,7 +2,7 @@
 and a bar strip for the per-layer page-in times of the last pass.
 
 Each chart redraws itself from plain data (lists of (x, y) segments, already downsampled to about
-the canvas width by feed.py), so a redraw costs a few canvas items whatever the length of the run.
+the canvas width by series.py), so a redraw costs a few canvas items whatever the length of the run.
 """
 
 from __future__ import annotations
@@ -244,12 +244,17 @@ class LayerStrip:
         self.layers: list[dict] = []
         self.step = None
         self.empty_text = "no page-in pass yet / 페이지인 기록 없음"
+        self.bars: list[dict] = []  # strip_bars(self.layers)
         self.canvas.bind("<Configure>", lambda e: self.redraw())
 
     def draw(self, layers: list[dict], step, empty_text: str = "") -> None:
-        self.layers, self.step = layers, step
-        if empty_text:
-            self.empty_text = empty_text
+        """Show a pagein record's layers. The window calls this on every chart refresh (a memory
+        sample a second) but a new record comes once a step: the same record is not drawn again."""
+        empty_text = empty_text or self.empty_text
+        if (layers, step, empty_text) == (self.layers, self.step, self.empty_text):
+            return
+        self.layers, self.step, self.empty_text = layers, step, empty_text
+        self.bars = strip_bars(layers)
         self.redraw()
 
     def redraw(self) -> None:
@@ -259,7 +264,7 @@ class LayerStrip:
         title = self.title + (f"  (step {self.step})" if self.step is not None else "")
         c.create_text(8, 4, text=title, anchor="nw", font=self.font, fill=INK)
         x0, x1, y0, y1 = PAD_L, W - PAD_R, PAD_T + 2, H - PAD_B
-        bars = strip_bars(self.layers)
+        bars = self.bars
         if not bars:
             c.create_text((x0 + x1) / 2, (y0 + y1) / 2, text=self.empty_text, font=self.small, fill=AXIS)
             return

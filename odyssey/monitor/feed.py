@@ -13,16 +13,15 @@ RAM, temperature) keep everything and break their line over a gap longer than `G
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import os
 import time
-from array import array
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from odyssey.monitor.series import Series
 from odyssey.runlog import ACTIONS, MetricsTail, RunDir
 
 GAP_S = 120.0
@@ -80,101 +79,6 @@ class BatchTail(MetricsTail):
 
 
 # --------------------------------------------------------------------------------------------
-# downsampling
-
-
-def downsample_minmax(xs, ys, max_points: int, lo: int = 0, hi: Optional[int] = None) -> list[tuple[float, float]]:
-    """Points of xs[lo:hi], ys[lo:hi] (x sorted) reduced to at most about `max_points`: the range is
-    cut into max_points/2 buckets of equal count and each keeps its minimum and its maximum, in x
-    order, so spikes (a disk hiccup, a loss blow-up) survive at any zoom. The first and last points
-    are always kept. Work is done by C builtins over slices: ~5 ms for 100,000 points."""
-    hi = len(xs) if hi is None else hi
-    n = hi - lo
-    if n <= 0:
-        return []
-    if n <= max(max_points, 4):
-        return list(zip(xs[lo:hi], ys[lo:hi]))
-    buckets = max(1, (max_points - 2) // 2)
-    out = [(xs[lo], ys[lo])]
-    size = (n - 2) / buckets
-    start = lo + 1
-    for b in range(buckets):
-        end = lo + 1 + int(round((b + 1) * size)) if b < buckets - 1 else hi - 1
-        if end <= start:
-            continue
-        chunk = ys[start:end]
-        mn, mx = min(chunk), max(chunk)
-        i_mn = start + chunk.index(mn)
-        i_mx = start + chunk.index(mx)
-        if i_mn == i_mx:
-            out.append((xs[i_mn], ys[i_mn]))
-        else:
-            a, b2 = (i_mn, i_mx) if i_mn < i_mx else (i_mx, i_mn)
-            out.append((xs[a], ys[a]))
-            out.append((xs[b2], ys[b2]))
-        start = end
-    out.append((xs[hi - 1], ys[hi - 1]))
-    return out
-
-
-class Series:
-    """x-sorted samples in compact arrays, split into segments where the data has a gap."""
-
-    def __init__(self, gap: Optional[float] = None):
-        self.xs = array("d")
-        self.ys = array("d")
-        self.starts = [0]  # index where each segment begins
-        self.gap = gap
-        self.version = 0
-        self._cache: tuple = (None, None)
-
-    def __len__(self) -> int:
-        return len(self.xs)
-
-    def append(self, x: float, y: float) -> None:
-        if self.xs:
-            if self.gap is not None and x - self.xs[-1] > self.gap:
-                self.starts.append(len(self.xs))
-            if x < self.xs[-1]:  # out of order (clock step): keep x sorted
-                x = self.xs[-1]
-        self.xs.append(x)
-        self.ys.append(y)
-        self.version += 1
-
-    def truncate_from(self, x: float) -> int:
-        """Drop the points with x >= `x`; returns how many were dropped."""
-        i = bisect.bisect_left(self.xs, x)
-        dropped = len(self.xs) - i
-        if dropped:
-            del self.xs[i:]
-            del self.ys[i:]
-            self.starts = [s for s in self.starts if s < i] or [0]
-            self.version += 1
-        return dropped
-
-    def last(self) -> Optional[tuple[float, float]]:
-        return (self.xs[-1], self.ys[-1]) if self.xs else None
-
-    def segments(self, max_points: int) -> list[list[tuple[float, float]]]:
-        """Downsampled segments, about `max_points` points in all (cached until the data changes)."""
-        key = (self.version, max_points)
-        if self._cache[0] == key:
-            return self._cache[1]
-        n = len(self.xs)
-        bounds = self.starts + [n]
-        segs = []
-        for lo, hi in zip(bounds, bounds[1:]):
-            if hi > lo:
-                share = max(4, int(max_points * (hi - lo) / n))
-                segs.append(downsample_minmax(self.xs, self.ys, share, lo, hi))
-        self._cache = (key, segs)
-        return segs
-
-    def y_range(self) -> Optional[tuple[float, float]]:
-        return (min(self.ys), max(self.ys)) if self.ys else None
-
-
-# --------------------------------------------------------------------------------------------
 # formatting
 
 
@@ -207,6 +111,11 @@ def fmt_num(v: Optional[float], digits: int = 0, unit: str = "") -> str:
         return str(v)  # nan / inf are worth seeing as such
     text = f"{v:,.{digits}f}"
     return f"{text} {unit}" if unit else text
+
+
+def fmt_mb_s(v: Optional[float]) -> str:
+    """A page-in rate, with one decimal below 10 MB/s."""
+    return fmt_num(v, 1 if (v or 0) < 10 else 0, "MB/s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +160,7 @@ class Feed:
         self.run = RunDir(run_dir)
         self.tail = BatchTail(self.run.metrics_path)
         self.poll_bytes = poll_bytes
-        self.version = 0  # bumps whenever anything visible changed
+        self.version = 0  # bumps when the charts or the log change (value fields are read every tick)
         self._reset_state()
         self.status: Optional[dict] = None
         self.heartbeat: Optional[dict] = None
@@ -287,11 +196,10 @@ class Feed:
         self._step_times: deque = deque(maxlen=ETA_WINDOW)  # (t, step) of the current segment
         self.log: deque[LogEntry] = deque(maxlen=LOG_LINES)
         self._log_seq = 0
-        self.t_first: Optional[float] = None
         self.t_last: Optional[float] = None
         self.guard_started = False
         self._guard_limits: dict[str, float] = {}
-        self._resets_seen = getattr(self, "tail", None) and self.tail.resets or 0
+        self._resets_seen = self.tail.resets
 
     # --- reading ---
     def poll(self, max_bytes: Optional[int] = None) -> bool:
@@ -321,8 +229,6 @@ class Feed:
             kind = r.get("kind")
             t = _num(r.get("t")) or 0.0
             self.records += 1
-            if self.t_first is None:
-                self.t_first = t
             if self.t_last is None or t > self.t_last:
                 self.t_last = t
             handler = _HANDLERS.get(kind)
@@ -443,8 +349,7 @@ class Feed:
         status = self.run.read_status()
         if status == self.status:
             return
-        self.status = status
-        self.version += 1
+        self.status = status  # shown in value fields only: no chart redraw
         p = self.pending
         if p is not None and status and p.acked_step is None and p.superseded_by is None:
             ack = status.get("ack_id")
@@ -491,7 +396,6 @@ class Feed:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         req_id = self.run.request(action, source="monitor", reason="button in odyssey monitor")
         self.pending = PendingRequest(req_id, action, time.time())
-        self.version += 1
         return req_id
 
     def ack_text(self) -> str:
@@ -617,14 +521,8 @@ class Feed:
 
     def eta_text(self) -> str:
         state = self.state()
-        if state == "finished":
-            return "done / 완료"
-        if state == "stopped":
-            return "stopped / 중지됨"
-        if state == "failed":
-            return "failed / 실패"
-        if state == "stopping":
-            return "stopping / 중지 중"
+        if state in _ENDING_TEXT:
+            return _ENDING_TEXT[state]
         if self.trainer_gone():
             return "not running / 멈춤"
         if state == "paused":
@@ -649,8 +547,7 @@ class Feed:
         if self.mode == "full":
             out["pagein"] = "none (full mode) / 없음"
         else:
-            out["pagein"] = fmt_num(_num(s.get("pagein_mb_s")), 1 if (_num(s.get("pagein_mb_s")) or 0) < 10 else 0,
-                                    "MB/s")
+            out["pagein"] = fmt_mb_s(_num(s.get("pagein_mb_s")))
         stall, step_s = _num(s.get("stall_s")), _num(s.get("step_s"))
         out["stall"] = fmt_num(100.0 * stall / step_s, 1, "%") if stall is not None and step_s else "–"
         out["rss"] = fmt_num(self.rss_mib(), 0, "MiB")
@@ -738,6 +635,9 @@ def _find_section(data: Any, name: str, depth: int = 0) -> Any:
 
 
 _LIMIT_KEYS = ("soft_pct", "hard_pct", "max_temp_c", "resume_temp_c")
+_ENDING_TEXT = {"finished": "done / 완료", "stopped": "stopped / 중지됨", "failed": "failed / 실패",
+                "stopping": "stopping / 중지 중"}
+"""The ETA field once the run has ended or is ending, whatever the trainer process is doing."""
 
 _HANDLERS = {
     "step": Feed._on_step,
