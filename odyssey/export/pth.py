@@ -133,10 +133,12 @@ def _write_records(zw, source, pkl: bytes, dt, bar) -> None:
     align = str(_storage_alignment())
     zw.write_record(".storage_alignment", align, len(align))
     zw.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-    for key, t in enumerate(stream_tensors(source, source.units, dt)):  # data/<key>: the pickle's order
+    key = 0  # data/<key>: the pickle's order. Not enumerate(): its cached result tuple would keep
+    for t in stream_tensors(source, source.units, dt):  # the last tensor alive into the next unit's load
         t = _own_storage(t)
         zw.write_record(f"data/{key}", t.untyped_storage(), t.nbytes)
         bar.update(t.nbytes)
+        key += 1
         del t
 
 
