@@ -435,7 +435,8 @@ class TrainConfig:
     mode: str = "lora"
     """lora: frozen paged base + adapters. full: all parameters in RAM (small models only)."""
     compute_dtype: str = "auto"
-    """auto (bf16 where the CPU has native bf16, else fp32), bf16 or fp32."""
+    """auto (bf16 where the CPU has native bf16, else fp32; the environment variable
+    ODYSSEY_COMPUTE_DTYPE overrides that choice), bf16 or fp32."""
     slots: int = 2
     """Pager buffer slots (layers resident at once)."""
     dist_timeout_s: float = 300.0

@@ -10,7 +10,7 @@ a VM) is a normal answer. The facts, in order:
   cold read    write a temporary file there (fsync), drop it from the page cache, read it back with
                16 MiB preads: MB/s, what a pass over the 1.2B model costs in page-in (~5 s, deleted)
   cpu          model, cores, AVX2 / AVX512 / AVX512-BF16 / AMX
-  compute      the dtype `--compute-dtype auto` picks here (engine.resolve_compute_dtype)
+  compute      the dtype `--compute-dtype auto` picks here (odyssey.dtypes.compute_dtype_name)
   temperature  the guard's own reader (guard.Thermometer); "unavailable" is normal on VMs
   cgroups      whether a memory cgroup can be made (the guard's --enforce-cgroup)
   allocator    whether jemalloc is found (heavy commands preload it)
@@ -263,14 +263,15 @@ def cpu_fact() -> Fact:
 
 
 def compute_fact() -> Fact:
-    import torch
+    from odyssey.cpu import native_bf16
+    from odyssey.dtypes import COMPUTE_ENV, compute_dtype_name, compute_dtype_source
 
-    from odyssey.engine import native_bf16, resolve_compute_dtype
-
-    dtype = resolve_compute_dtype("auto")
-    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
-    data = {"compute_dtype": name, "native_bf16": native_bf16()}
-    if dtype == torch.bfloat16:
+    name, source = compute_dtype_name("auto"), compute_dtype_source("auto")
+    data = {"compute_dtype": name, "native_bf16": native_bf16(), "source": source}
+    if source == "environment":
+        return Fact("compute", "compute", True, f"{name} (`--compute-dtype auto`, forced by {COMPUTE_ENV})",
+                    f"unset {COMPUTE_ENV} to let the CPU decide", data)
+    if name == "bf16":
         return Fact("compute", "compute", True, "bf16 (`--compute-dtype auto`)",
                     "this CPU multiplies bf16 natively: weights are used as stored", data)
     return Fact("compute", "compute", True, "fp32 (`--compute-dtype auto`); weights stay bf16 on disk",

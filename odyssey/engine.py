@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from odyssey.cpu import native_bf16
+from odyssey.dtypes import compute_dtype_name
 from odyssey.model import KVCache, LlamaForCausalLM, rope_cos_sin
 from odyssey.pager import Pager, Resident, ResidentPager
 from odyssey.store import Store
@@ -38,9 +38,8 @@ VOCAB_CHUNK = 8192  # head rows per chunk: (B*T, 8192) fp32 logits = 16 MiB at B
 
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if native_bf16() else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32, "f32": torch.float32}[name]
+    """The torch dtype `--compute-dtype NAME` computes in here (see odyssey.dtypes)."""
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[compute_dtype_name(name)]
 
 
 @dataclass

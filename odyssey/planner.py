@@ -145,15 +145,16 @@ def plan_for_store(store, *, mode: str, seq_len: int, batch_size: int = 1, slots
                    compute_dtype=None, lora: Optional[LoraSettings] = None,
                    budget: Optional[int] = None, runtime: Optional[int] = None) -> Plan:
     """A plan with the sizes read from an opened store."""
-    from odyssey.engine import resolve_compute_dtype
+    from odyssey.dtypes import compute_dtype_name
 
-    import torch
-
-    dt = compute_dtype if isinstance(compute_dtype, torch.dtype) else resolve_compute_dtype(compute_dtype or "auto")
+    if compute_dtype is not None and not isinstance(compute_dtype, str):  # a torch.dtype
+        compute_itemsize = compute_dtype.itemsize
+    else:
+        compute_itemsize = {"bf16": 2, "fp32": 4}[compute_dtype_name(compute_dtype or "auto")]
     store_itemsize = {"bf16": 2, "f16": 2, "f32": 4}[store.dtype]
     layer_params = sum(_numel(s.shape) for s in store.shards[0].tensors.values())
     return plan(store.config, mode=mode, seq_len=seq_len, batch_size=batch_size, slots=slots,
-                store_itemsize=store_itemsize, compute_itemsize=dt.itemsize,
+                store_itemsize=store_itemsize, compute_itemsize=compute_itemsize,
                 unit_bytes=store.max_unit_bytes(), layer_params=layer_params, lora=lora,
                 budget=budget, runtime=runtime)
 
