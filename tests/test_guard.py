@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers_procs import MIB, Hog, guard_env, wait_for  # noqa: E402
+from helpers_procs import HANG_S, MIB, Hog, guard_env, wait_for  # noqa: E402
 
 from odyssey import cgroup, guard  # noqa: E402
 from odyssey.config import GuardSettings  # noqa: E402
@@ -25,7 +25,7 @@ def start_guard_proc(pid: int, run: RunDir, budget: str, *extra: str, interval: 
     cmd = [sys.executable, "-m", "odyssey.guard", "--pid", str(pid), "--run", str(run.root),
            "--ram-budget", budget, "--interval", str(interval), "--min-available-mib", "1", *extra]
     p = subprocess.Popen(cmd, env=guard_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert wait_for(run.read_heartbeat, 10), f"guard wrote no heartbeat: {p.communicate(timeout=5)}"
+    assert wait_for(run.read_heartbeat), f"guard wrote no heartbeat: {p.communicate(timeout=5)}"
     return p
 
 
@@ -59,7 +59,7 @@ def test_guard_process_imports_no_torch(tmp_path):
         " '--interval', '0.05', '--min-available-mib', '1'])\n"
         "print(rc, 'torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=guard_env(), capture_output=True, text=True, timeout=30)
+    out = subprocess.run([sys.executable, "-c", code], env=guard_env(), capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "False"]
     exits = guard_events(RunDir(tmp_path / "run"), "exit")
@@ -110,7 +110,7 @@ def test_soft_then_hard_limit_then_watched_killed(run, hog):
         assert event["value"] in [m["anon_mib"] for m in mem]  # a memory line goes with each decision
 
         hog.kill()  # not reaped: the guard must see the zombie as gone
-        assert g.wait(timeout=5) == 0
+        assert g.wait(timeout=HANG_S) == 0
         (exit_event,) = guard_events(run, "exit")
         assert f"watched process {hog.pid} is gone" in exit_event["reason"]
         assert run.read_heartbeat()["state"] == "exited"
@@ -135,17 +135,18 @@ def test_thermal_file_pause_and_resume(run, hog, tmp_path):
         assert wait_for(lambda: (run.read_heartbeat() or {}).get("state") == "paused")
 
         thermal.write_text("85000\n")  # between resume (80) and max (90): stays paused
-        time.sleep(0.4)
+        seen = len(run.read_metrics("memory"))  # event-driven: two samples of 85 C, then look
+        assert wait_for(lambda: [m["temp_c"] for m in run.read_metrics("memory")[seen:]].count(85.0) >= 2)
         assert run.read_control()["action"] == "pause"
 
         thermal.write_text("70000\n")  # nobody acknowledges here: the resume waits <= 1.5 s
-        assert wait_for(lambda: (run.read_control() or {}).get("action") == "resume", 4)
+        assert wait_for(lambda: (run.read_control() or {}).get("action") == "resume")
         (pause,), (resume,) = guard_events(run, "pause"), guard_events(run, "resume")
         assert (pause["value"], pause["limit"], pause["unit"]) == (95.0, 90.0, "C")
         assert (resume["value"], resume["limit"]) == (70.0, 80.0)
     finally:
         g.terminate()
-        assert g.wait(timeout=5) == 0  # SIGTERM: clean exit
+        assert g.wait(timeout=HANG_S) == 0  # SIGTERM: clean exit
     assert guard_events(run, "exit")[0]["reason"].startswith("guard terminated")
 
 
@@ -161,7 +162,7 @@ def test_temperature_unavailable_is_fine(run, hog, tmp_path):
         assert run.read_control() is None
     finally:
         g.terminate()
-        g.wait(timeout=5)
+        g.wait(timeout=HANG_S)
     # the default source (psutil, then sysfs): {} on VMs, a number on real hardware; never an error
     t = guard.Thermometer().read()
     assert t is None or isinstance(t, float)
@@ -182,8 +183,8 @@ def test_bad_pid_and_bad_settings(run, capsys):
     assert "soft_pct <= hard_pct" in capsys.readouterr().err
 
 
-def test_guard_own_footprint(run, hog):
-    """The guard's RSS and CPU at the default 0.5 s interval (figures printed with -s)."""
+def guard_footprint(run, hog) -> tuple[float, float]:
+    """(RSS MiB, CPU % of a core) of a guard process at the default 0.5 s interval, over 3 s."""
     import psutil
 
     g = start_guard_proc(hog.pid, run, "1GiB", interval=0.5)
@@ -196,11 +197,23 @@ def test_guard_own_footprint(run, hog):
         cpu_pct = 100.0 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t1 - t0)
         rss = p.memory_info().rss / MIB
         print(f"\nguard footprint: RSS {rss:.1f} MiB, CPU {cpu_pct:.2f}% of a core at 0.5 s")
-        assert rss < 60
-        assert cpu_pct < 2.0
+        return rss, cpu_pct
     finally:
         g.terminate()
-        g.wait(timeout=5)
+        g.wait(timeout=HANG_S)
+
+
+def test_guard_own_footprint(run, hog):
+    """The guard's RSS (figures printed with -s); its CPU share is checked in the slow test below."""
+    rss, _ = guard_footprint(run, hog)
+    assert rss < 60
+
+
+@pytest.mark.slow
+def test_guard_own_cpu_share(run, hog):
+    """A speed claim, so `make test-slow`: the guard costs under 2% of a core at 0.5 s sampling."""
+    _, cpu_pct = guard_footprint(run, hog)
+    assert cpu_pct < 2.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +358,7 @@ def test_guard_enforces_cgroup(run, hog):
         assert path.name == f"odyssey-{hog.pid}" and hog.pid in cgroup.MemoryCgroup(path, cgroup.find_hierarchy().version).pids()
         hog.proc.stdin.write("alloc 300\n")  # the kernel kills it at the cap
         hog.proc.stdin.flush()
-        assert g.wait(timeout=10) == 0
+        assert g.wait(timeout=HANG_S) == 0
     finally:
         g.kill()
         g.wait()

@@ -104,7 +104,9 @@ def test_heat_pauses_and_cooling_resumes(setup, tmp_path):
     assert 95.0 in temps and 70.0 in temps
 
 
-def test_killed_guard_is_noticed_within_2s(setup, tmp_path):
+def kill_guard_during_training(setup, tmp_path) -> float:
+    """SIGKILL the guard of a training run; the trainer notices, writes guard_lost and goes on.
+    Returns the seconds from the kill to the guard_lost event."""
     run = tmp_path / "run"
     proc = start_train(setup, run, "checkpoint_every=1000")
     rd = RunDir(run)
@@ -113,16 +115,27 @@ def test_killed_guard_is_noticed_within_2s(setup, tmp_path):
         wait_for(lambda: len(steps_done(run)) >= 2, what="first steps")
         t_kill = time.time()
         os.kill(hb, signal.SIGKILL)
-        lost = wait_for(lambda: events(run, "event", action="guard_lost"), timeout=10, what="guard_lost event")
-        assert lost[0]["t"] - t_kill < 2.6, lost[0]["t"] - t_kill
+        lost = wait_for(lambda: events(run, "event", action="guard_lost"), what="guard_lost event")
         n = len(steps_done(run))
         wait_for(lambda: len(steps_done(run)) > n + 2, what="training to continue")  # default: continue
         rd.request("stop", source="test")
         code, err = finish(proc)
         assert code == 0, err
+        return lost[0]["t"] - t_kill
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_killed_guard_is_noticed(setup, tmp_path):
+    kill_guard_during_training(setup, tmp_path)
+
+
+@pytest.mark.slow
+def test_killed_guard_is_noticed_within_2s(setup, tmp_path):
+    """A speed claim, so `make test-slow`: heartbeat 2 s, noticed within 2.6 s of the kill."""
+    took = kill_guard_during_training(setup, tmp_path)
+    assert took < 2.6, took
 
 
 def test_killed_trainer_ends_the_guard(setup, tmp_path):
@@ -142,6 +155,6 @@ def test_killed_trainer_ends_the_guard(setup, tmp_path):
         with open(f"/proc/{guard_pid}/stat") as f:  # a zombie waiting for its reaper is gone too
             return f.read().split(") ")[1].startswith("Z")
 
-    wait_for(gone, timeout=10, what="the guard to exit")
+    wait_for(gone, what="the guard to exit")
     exits = events(run, "guard", action="exit")
     assert exits and f"{proc.pid} is gone" in exits[-1]["reason"], exits
