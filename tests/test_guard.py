@@ -141,6 +141,8 @@ def test_thermal_file_pause_and_resume(run, hog, tmp_path):
 
         thermal.write_text("70000\n")  # nobody acknowledges here: the resume waits <= 1.5 s
         assert wait_for(lambda: (run.read_control() or {}).get("action") == "resume")
+        # the request is written before its metrics line: wait for the line too
+        assert wait_for(lambda: guard_events(run, "resume"))
         (pause,), (resume,) = guard_events(run, "pause"), guard_events(run, "resume")
         assert (pause["value"], pause["limit"], pause["unit"]) == (95.0, 90.0, "C")
         assert (resume["value"], resume["limit"]) == (70.0, 80.0)
