@@ -61,8 +61,8 @@ def _version(module: str) -> Optional[str]:
 def machine() -> dict:
     """What the figures were measured on: CPU, cores, RAM, SIMD flags that decide the compute dtype,
     library versions, allocator and cgroup support. Reads /proc; imports no torch."""
-    from odyssey import allocator, cgroup
-    from odyssey.cpu import cpu_flags, native_bf16 as bf16_native
+    from odyssey.runtime import allocator, cgroup
+    from odyssey.runtime.cpu import cpu_flags, native_bf16 as bf16_native
 
     model, flags = cpu_flags()
     simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "bf16") if f in flags]
@@ -211,7 +211,7 @@ def run_capped(cmd: Sequence, budget_bytes: Optional[int], log: Path, timeout_s:
     cap), stderr into `log`, stdout into `stdout_path` when given (else into the log with stderr).
     Returns (returncode, peak_bytes, oom_killed, error_line, seconds): returncode None when it ran
     past `timeout_s`; error_line '' when it exited 0, else 'OOM-killed' or the log's last line."""
-    from odyssey.cgroup import run_in_cgroup
+    from odyssey.runtime.cgroup import run_in_cgroup
 
     t0 = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)

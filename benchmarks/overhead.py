@@ -35,7 +35,7 @@ def worker(args) -> int:
 
     from odyssey.config import LoraSettings, TrainConfig
     from odyssey.data import BatchSampler, TokenData
-    from odyssey.memory import process_memory
+    from odyssey.runtime.memory import process_memory
     from odyssey.store import Store
     from odyssey.train import LoraLearner
 
@@ -64,7 +64,7 @@ def worker(args) -> int:
 
 
 def matmul_gflops(dtype: str, n: int = 1024, seconds: float = 2.0) -> float:
-    from odyssey.allocator import quiet_threads
+    from odyssey.runtime.allocator import quiet_threads
 
     quiet_threads()  # as in the workers (spinning OpenMP threads distort a busy machine's figure)
     import torch
@@ -82,7 +82,7 @@ def matmul_gflops(dtype: str, n: int = 1024, seconds: float = 2.0) -> float:
 def run_side(side: str, store: Path, data: Path, args) -> dict:
     """One side's worker in a subprocess (the paged side in a memory cgroup of the budget when
     cgroups are available); its JSON line, with the cgroup's peak (MiB, None without a cgroup)."""
-    from odyssey import cgroup
+    from odyssey.runtime import cgroup
 
     cmd = [common.PYTHON, str(Path(__file__).resolve()), "--worker", side, "--model", str(store), "--data", str(data),
            "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--r", str(args.r)]
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", choices=["paged", "resident"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        from odyssey import allocator
+        from odyssey.runtime import allocator
 
         allocator.ensure([str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])])
         return worker(args)  # with the allocator and thread settings of the odyssey commands

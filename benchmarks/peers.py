@@ -164,7 +164,7 @@ def peer_env(jemalloc: bool) -> dict:
     env = dict(os.environ)
     env.pop("_ODYSSEY_REEXEC", None)
     if jemalloc:
-        from odyssey.allocator import find_jemalloc
+        from odyssey.runtime.allocator import find_jemalloc
 
         lib = find_jemalloc()
         if lib:
@@ -325,16 +325,17 @@ class ChildCpu:
         self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
     def read(self) -> float:
-        from odyssey.memory import process_memory, tree_pids
+        from odyssey.runtime.memory import proc_stat, process_memory, tree_pids
 
         me, total, anon = os.getpid(), 0, 0
         for pid in tree_pids(me):
             if pid == me:
                 continue
             try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+                stat = proc_stat(pid)
+                if stat is None:  # gone
+                    continue
+                total += stat.cpu_ticks  # utime + stime
                 anon += process_memory(pid).anon_bytes
             except (OSError, IndexError, ValueError, ProcessLookupError):
                 continue
@@ -384,7 +385,7 @@ def step_cpu(records: list[dict], samples) -> list[Optional[float]]:
 
 
 def worker(args) -> int:
-    from odyssey.memory import PeakSampler
+    from odyssey.runtime.memory import PeakSampler
 
     res: dict = {"task": args.task, "peer": args.peer, "done": False, "loadavg": [round(os.getloadavg()[0], 2)]}
 
@@ -395,7 +396,7 @@ def worker(args) -> int:
     with PeakSampler(interval_s=0.05) as sampler:
         t0 = time.perf_counter()
         import torch
-        from odyssey import allocator
+        from odyssey.runtime import allocator
 
         torch.manual_seed(0)
         save(allocator=allocator.active(), threads=torch.get_num_threads(),

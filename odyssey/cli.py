@@ -266,7 +266,7 @@ def cmd_export(args) -> int:
 def cmd_doctor(args) -> int:
     import json
 
-    from odyssey import doctor
+    from odyssey.runtime import doctor
 
     if args.read_test_mib < 0:
         raise OdysseyError(f"--read-test-mib must be >= 0 (0 skips the test), got {args.read_test_mib}")
@@ -297,7 +297,7 @@ def _argv_back(parser: argparse.ArgumentParser, args) -> list[str]:
 
 
 def cmd_guard(args) -> int:
-    from odyssey import guard
+    from odyssey.runtime import guard
 
     return guard.main(_argv_back(guard.build_parser(), args))
 
@@ -452,9 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     s.set_defaults(func=cmd_doctor)
 
-    # The guard's options come from its own parser (odyssey.guard is light: no torch), so they
+    # The guard's options come from its own parser (odyssey.runtime.guard is light: no torch), so they
     # cannot drift; cmd_guard hands them back to guard.main as a command line.
-    from odyssey import guard
+    from odyssey.runtime import guard
 
     s = sub.add_parser("guard", parents=[guard.build_parser()], conflict_handler="resolve",
                        help="watch a training process's RAM and temperature (what `train` starts)",
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if argv is None and getattr(args, "command", None) in HEAVY:
-        from odyssey import allocator
+        from odyssey.runtime import allocator
 
         allocator.ensure(["-m", "odyssey", *sys.argv[1:]])  # re-exec with jemalloc, once
     if not getattr(args, "func", None):

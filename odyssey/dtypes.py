@@ -30,7 +30,7 @@ def compute_dtype_name(name: str = "auto") -> str:
             raise OdysseyError(f"{COMPUTE_ENV} must be bf16 or fp32, got {forced!r}; unset it to let "
                                f"`auto` decide")
         return forced
-    from odyssey.cpu import native_bf16
+    from odyssey.runtime.cpu import native_bf16
 
     return "bf16" if native_bf16() else "fp32"
 

@@ -91,7 +91,7 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     import torch  # noqa: F401  (imported before the clock starts: MB/s measures the merge)
     from tqdm import tqdm
 
-    from odyssey.memory import PeakSampler
+    from odyssey.runtime.memory import PeakSampler
 
     model_dir, out = Path(model_dir), Path(out)
     store, adapter = Store.open(model_dir), read_adapter(adapter_dir)

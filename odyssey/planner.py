@@ -83,7 +83,7 @@ def measured_runtime(mode: str) -> int:
 
         if mode == "lora":
             import peft  # noqa: F401
-        from odyssey.memory import process_memory
+        from odyssey.runtime.memory import process_memory
 
         return process_memory().anon_bytes
     except Exception:  # not Linux, or imports failing: a measured constant of this machine

@@ -35,7 +35,7 @@ import torch
 from odyssey import atomic
 from odyssey.config import TrainConfig, dump_yaml, format_bytes, from_dict, to_dict
 from odyssey.errors import OdysseyError, StopRequested
-from odyssey.runlog import RunDir
+from odyssey.runtime.runlog import RunDir
 
 CKPT_PREFIX = "step-"
 TRAINER_STATE = "trainer.pt"
@@ -415,7 +415,7 @@ class Trainer:
     def fit(self, steps_total: int) -> dict:
         from tqdm import tqdm
 
-        from odyssey.memory import process_memory
+        from odyssey.runtime.memory import process_memory
 
         cfg = self.cfg
         budget_mib = self.budget / (1 << 20)
@@ -601,7 +601,7 @@ def train(out: str, *, model: Optional[str] = None, data: Optional[str] = None, 
           config_path: Optional[str] = None, overrides: list[str] = (), resume: bool = False, monitor: bool = False, guard: bool = True, progress: bool = True) -> int:
     """`odyssey train`; returns the exit status (0 finished or stopped by request, 3 stopped by the
     guard, 128 + signal after SIGINT/SIGTERM)."""
-    from odyssey.control import Controller, start_guard, stop_guard
+    from odyssey.runtime.control import Controller, start_guard, stop_guard
 
     run, store, data_set, cfg, budget, eff = prepare(out, model, data, budget, config_path, list(overrides), resume)
     plan = check_plan(store, cfg, budget)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from odyssey.allocator import quiet_threads
 from odyssey.config import ModelConfig
+from odyssey.runtime.allocator import quiet_threads
 
 quiet_threads()  # as the odyssey commands do, before any test imports torch
 

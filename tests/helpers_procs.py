@@ -7,7 +7,7 @@ As a script (the watched "trainer"):
     python tests/helpers_procs.py alloc MIB touch MIB of memory, print "ok", exit 0.
 
 As a module: `Hog` drives a `hold` process; `guard_env()` is an environment in which
-`python -m odyssey.guard` imports this checkout.
+`python -m odyssey.runtime.guard` imports this checkout.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from odyssey import cli, guard
+from odyssey import cli
+from odyssey.runtime import guard
 from tests.conftest import assert_user_error, run_cli
 
 

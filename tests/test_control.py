@@ -15,10 +15,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_procs import wait_for  # noqa: E402
 
-from odyssey import control  # noqa: E402
 from odyssey.config import GuardSettings  # noqa: E402
-from odyssey.control import Controller, start_guard, stop_guard  # noqa: E402
-from odyssey.runlog import RunDir  # noqa: E402
+from odyssey.runtime import control  # noqa: E402
+from odyssey.runtime.control import Controller, start_guard, stop_guard  # noqa: E402
+from odyssey.runtime.runlog import RunDir  # noqa: E402
 
 TIB = 1 << 40
 
@@ -101,7 +101,7 @@ def test_guard_command_passes_settings_on():
                       resume_temp_c=75, thermal_file="/tmp/t", enforce_cgroup=True)
     cmd = control.guard_command(42, "runs/r", 1 << 30, s)
     args = dict(zip(cmd[3::2], cmd[4::2]))
-    assert cmd[1:3] == ["-m", "odyssey.guard"] and cmd[-1] == "--enforce-cgroup"
+    assert cmd[1:3] == ["-m", "odyssey.runtime.guard"] and cmd[-1] == "--enforce-cgroup"
     assert args["--pid"] == "42" and args["--ram-budget"] == str(1 << 30) and args["--thermal-file"] == "/tmp/t"
     assert [float(args[k]) for k in ("--interval", "--soft-pct", "--hard-pct", "--min-available-mib",
                                      "--max-temp-c", "--resume-temp-c")] == [0.2, 70, 80, 64, 85, 75]
@@ -210,7 +210,7 @@ def test_guard_exits_when_its_trainer_dies(run):
     """The real arrangement: the trainer starts the guard on itself and is killed."""
     code = ("import os, sys, time\n"
             "from odyssey.config import GuardSettings\n"
-            "from odyssey.control import start_guard\n"
+            "from odyssey.runtime.control import start_guard\n"
             f"g = start_guard(os.getpid(), {str(run.root)!r}, 1 << 40, GuardSettings(interval_s=0.1, min_available_mib=1))\n"
             "print(g.pid, flush=True)\n"
             "time.sleep(60)\n")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from odyssey.runlog import RunDir
+from odyssey.runtime.runlog import RunDir
 
 from tests.conftest import ROOT
 

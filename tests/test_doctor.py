@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from odyssey import doctor
 from odyssey.errors import OdysseyError
+from odyssey.runtime import doctor
 from tests.conftest import assert_user_error, run_cli
 
 MIB = 1 << 20
@@ -100,9 +100,9 @@ def test_filesystem_of_root():
 
 
 def test_memory_inside_a_small_cgroup_is_a_note_with_a_budget_that_fits(monkeypatch):
-    import odyssey.memory
+    import odyssey.runtime.memory
 
-    monkeypatch.setattr(odyssey.memory, "cgroup_usage_bytes", lambda _pid: (1 << 30, 2 << 30))
+    monkeypatch.setattr(odyssey.runtime.memory, "cgroup_usage_bytes", lambda _pid: (1 << 30, 2 << 30))
     fact = doctor.memory_fact()
     assert fact.data["cgroup_limit_bytes"] == 2 << 30 and fact.data["usable_bytes"] == 1 << 30
     assert "limited to 2.00 GiB (1.00 GiB used)" in fact.summary
@@ -110,9 +110,9 @@ def test_memory_inside_a_small_cgroup_is_a_note_with_a_budget_that_fits(monkeypa
 
 
 def test_memory_without_a_cgroup_limit(monkeypatch):
-    import odyssey.memory
+    import odyssey.runtime.memory
 
-    monkeypatch.setattr(odyssey.memory, "cgroup_usage_bytes", lambda _pid: (5 << 30, None))
+    monkeypatch.setattr(odyssey.runtime.memory, "cgroup_usage_bytes", lambda _pid: (5 << 30, None))
     fact = doctor.memory_fact()
     assert fact.data["cgroup_limit_bytes"] is None and "no cgroup limit" in fact.summary
     assert fact.data["total_bytes"] >= fact.data["available_bytes"] > 0

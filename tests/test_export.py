@@ -120,7 +120,7 @@ def test_pth_records_equal_torch_save(tmp_path, tiny_store):
 
 def test_pth_write_keeps_anonymous_memory_flat(tmp_path):
     """Anonymous RSS grows by about one unit while writing, not by the model (8 layers, 82 MB)."""
-    from odyssey.memory import PeakSampler, process_memory
+    from odyssey.runtime.memory import PeakSampler, process_memory
 
     base = tmp_path / "base"
     cfg = tiny_config(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,

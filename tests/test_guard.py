@@ -15,14 +15,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_procs import HANG_S, MIB, Hog, guard_env, wait_for  # noqa: E402
 
-from odyssey import cgroup, guard  # noqa: E402
 from odyssey.config import GuardSettings  # noqa: E402
-from odyssey.control import Controller  # noqa: E402
-from odyssey.runlog import RunDir  # noqa: E402
+from odyssey.runtime import cgroup, guard  # noqa: E402
+from odyssey.runtime.control import Controller  # noqa: E402
+from odyssey.runtime.runlog import RunDir  # noqa: E402
 
 
 def start_guard_proc(pid: int, run: RunDir, budget: str, *extra: str, interval: float = 0.1) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "odyssey.guard", "--pid", str(pid), "--run", str(run.root),
+    cmd = [sys.executable, "-m", "odyssey.runtime.guard", "--pid", str(pid), "--run", str(run.root),
            "--ram-budget", budget, "--interval", str(interval), "--min-available-mib", "1", *extra]
     p = subprocess.Popen(cmd, env=guard_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(run.read_heartbeat), f"guard wrote no heartbeat: {p.communicate(timeout=5)}"
@@ -53,7 +53,8 @@ def test_guard_process_imports_no_torch(tmp_path):
     """The whole guard loop runs (watching a child that exits after 0.3 s) without torch."""
     code = (
         "import subprocess, sys\n"
-        "from odyssey import guard, control, cgroup, runlog, memory, config\n"
+        "from odyssey import config\n"
+        "from odyssey.runtime import guard, control, cgroup, runlog, memory\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.3)'])\n"
         f"rc = guard.main(['--pid', str(child.pid), '--run', {str(tmp_path / 'run')!r}, '--ram-budget', '1GiB',"
         " '--interval', '0.05', '--min-available-mib', '1'])\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from odyssey.runlog import RunDir
+from odyssey.runtime.runlog import RunDir
 
 from tests.conftest import ROOT, run_cli
 

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from odyssey import cgroup
 from odyssey.config import load_model_config
+from odyssey.runtime import cgroup
 from odyssey.store import Store, init_store
 from tests.conftest import ROOT
 

@@ -29,7 +29,7 @@ from odyssey.monitor import launch_detached
 from odyssey.monitor.charts import nice_ticks, strip_bars, time_ticks
 from odyssey.monitor.feed import Feed, fmt_duration
 from odyssey.monitor.series import Series, downsample_minmax
-from odyssey.runlog import RunDir
+from odyssey.runtime.runlog import RunDir
 
 from tests.conftest import load_tool, run_cli
 
@@ -767,7 +767,7 @@ def test_train_monitor_opens_a_detached_window(xvfb, tiny_data, tmp_path):
     leaves training running (it then resumes, steps on and stops on request)."""
     from PIL import ImageGrab
 
-    from odyssey.memory import tree_pids
+    from odyssey.runtime.memory import tree_pids
 
     if not Path("/proc/self/stat").exists():
         pytest.skip("needs /proc")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from odyssey.engine import Engine
-from odyssey.memory import process_memory
 from odyssey.pager import Pager
+from odyssey.runtime.memory import process_memory
 from odyssey.store import Store, init_store
 from tests.conftest import tiny_config
 from tests.test_store import model_from_store

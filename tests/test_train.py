@@ -18,7 +18,7 @@ from odyssey.adapters import adapter_skeleton, inject, lora_parameters, read_ada
 from odyssey.config import LoraSettings, TrainConfig, load_model_config
 from odyssey.engine import Engine
 from odyssey.model import LlamaForCausalLM
-from odyssey.runlog import RunDir
+from odyssey.runtime.runlog import RunDir
 from odyssey.store import Store, init_store
 from odyssey.train import lr_at
 

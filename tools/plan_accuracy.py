@@ -7,13 +7,13 @@ Prints one JSON line: measured bytes, plan bytes and their ratio (below 1: the p
 import json
 import sys
 
-from odyssey import allocator
+from odyssey.runtime import allocator
 
 allocator.ensure(sys.argv)  # the same allocator as the odyssey commands
 import torch  # noqa: E402
 
-from odyssey.memory import PeakSampler  # noqa: E402
 from odyssey.planner import plan_for_store  # noqa: E402
+from odyssey.runtime.memory import PeakSampler  # noqa: E402
 from odyssey.store import Store  # noqa: E402
 
 store = Store.open(sys.argv[1])

@@ -2,8 +2,8 @@
 """Write a synthetic but realistic run directory, as `odyssey train` would leave it, for the
 monitor's tests, screenshots and demos. No torch.
 
-The records have the fields odyssey/train.py, odyssey/guard.py and odyssey/control.py write (checked
-against a real run by tests/test_monitor.py). The figures follow the 1.2B model
+The records have the fields odyssey/train.py, odyssey/runtime/guard.py and odyssey/runtime/control.py
+write (checked against a real run by tests/test_monitor.py). The figures follow the 1.2B model
 (configs/odyssey-1.2b.yaml: 24 layers of 90 MB in bf16, a 131 MB head) on a 2-core machine: steps of
 about 6 s at 512 tokens, page-in around 1.4 GB/s, anonymous RSS about 0.9 GiB under a 1.5 GiB
 budget, guard samples every second. The story: a RAM spike makes the guard ask for a checkpoint; the
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from odyssey.runlog import RunDir
+from odyssey.runtime.runlog import RunDir
 
 LAYER_BYTES = 90_185_728  # one decoder layer of odyssey-1.2b in bf16
 HEAD_BYTES = 131_076_096  # lm_head + final norm (the embedding is read by rows, not paged)
@@ -147,7 +147,7 @@ class Recorder:
         return out
 
     def memory(self, anon: float) -> None:
-        """A guard memory line (odyssey/guard.py `_memory_line`)."""
+        """A guard memory line (odyssey/runtime/guard.py `_memory_line`)."""
         self.emit("memory", source="guard", pid=self.pid, anon_mib=round(anon, 1),
                   file_mib=round(180 + self.rng.gauss(0, 15), 1), anon_pct=round(100 * anon / BUDGET_MIB, 1),
                   budget_mib=BUDGET_MIB, avail_mib=round(5400 - anon + self.rng.gauss(0, 30), 1), swap_mib=0.0,
@@ -200,7 +200,7 @@ class Recorder:
             self.last_ckpt = step
 
     def heartbeat(self, run: RunDir, t: float, watched: int, guard_pid: int, running: bool) -> None:
-        """guard.json as odyssey/guard.py leaves it: watching while the trainer runs, else exited."""
+        """guard.json as odyssey/runtime/guard.py leaves it: watching while the trainer runs, else exited."""
         if not running:
             run.write_heartbeat(t=t, pid=guard_pid, state="exited", watched=watched)
             return

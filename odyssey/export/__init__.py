@@ -127,7 +127,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike, formats: 
     under `out`. Returns {"out", "adapter", "seconds", "formats": [{"format", "path", "bytes",
     "seconds", "mb_s", "peak_anon_bytes"}]}; peak_anon_bytes is this process's RssAnon peak while
     that output was written (sampled every 20 ms)."""
-    from odyssey.memory import PeakSampler
+    from odyssey.runtime.memory import PeakSampler
 
     out = Path(out)
     fmts = parse_formats(formats)

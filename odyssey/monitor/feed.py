@@ -21,8 +21,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from odyssey.config import GuardSettings
 from odyssey.monitor.series import Series
-from odyssey.runlog import ACTIONS, MetricsTail, RunDir
+from odyssey.runtime.memory import proc_stat
+from odyssey.runtime.runlog import ACTIONS, MetricsTail, RunDir
 
 GAP_S = 120.0
 """A silence longer than this (seconds) between two samples of a time series breaks its line."""
@@ -143,16 +145,6 @@ class LogEntry:
     seq: int = 0
 
 
-@dataclass
-class GuardLimits:
-    """The guard's thresholds, read from RUN/config.yaml when present (else GuardSettings defaults)."""
-    soft_pct: float = 90.0
-    hard_pct: float = 97.0
-    max_temp_c: float = 90.0
-    resume_temp_c: float = 80.0
-    heartbeat_s: float = 2.0
-
-
 class Feed:
     """Everything the window shows, updated by `poll()`."""
 
@@ -164,7 +156,9 @@ class Feed:
         self._reset_state()
         self.status: Optional[dict] = None
         self.heartbeat: Optional[dict] = None
-        self.limits = GuardLimits()
+        self.limits = GuardSettings()
+        """The guard's thresholds: GuardSettings' defaults, then RUN/config.yaml's guard section, then
+        the running guard's own (its start event)."""
         self.mode: Optional[str] = None  # "lora" (paged base) or "full" (nothing paged), from config.yaml
         self._config_mtime: Optional[float] = None
         self.pending: Optional[PendingRequest] = None
@@ -178,7 +172,7 @@ class Feed:
         self.val_loss = Series()
         self._ema: Optional[float] = None
         self.resume_steps: list[int] = []
-        self._resume_pending = False  # the trainer said "resumed from ..."; the next step marks it
+        self._resume_pending = False  # the trainer's start event has resumed_from; the next step marks it
         # time series (x = unix s)
         self.pagein = Series(gap=GAP_S)
         self.anon = Series(gap=GAP_S)
@@ -331,8 +325,7 @@ class Feed:
         if level not in ("info", "warning", "error"):
             level = "info"
         message = str(r.get("message", ""))
-        if r.get("source", "trainer") == "trainer" and (
-                r.get("resumed_from") is not None or message.startswith("resumed from")):
+        if r.get("source", "trainer") == "trainer" and r.get("resumed_from") is not None:
             self._resume_pending = True
         self._add_log(t, level, message)
 
@@ -376,7 +369,7 @@ class Feed:
         except Exception:  # a half-written or foreign config must not stop the monitor
             return
         guard = _find_section(data, "guard")
-        limits = GuardLimits()
+        limits = GuardSettings()
         if isinstance(guard, dict):
             for name in _LIMIT_KEYS + ("heartbeat_s",):
                 if _finite(guard.get(name)):
@@ -430,10 +423,10 @@ class Feed:
         except PermissionError:
             return True
         try:  # a zombie (killed, not yet reaped by its parent) is gone too
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-        except (OSError, IndexError):
+            stat = proc_stat(pid)
+        except (ValueError, IndexError):
             return True
+        return stat is None or stat.state not in ("Z", "X")  # None: no /proc, or gone since the kill
 
     def trainer_gone(self) -> bool:
         """status.json says a trainer owns the run, but its process is not running (killed, crashed,

@@ -21,10 +21,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from odyssey.config import GuardSettings
-from odyssey.runlog import ACTIONS, RunDir
+from odyssey.runtime.runlog import ACTIONS, RunDir
 
 GUARD_START_GRACE_S = 3.0
 """Extra time a freshly started guard gets to write its first heartbeat (interpreter start-up)."""
@@ -36,15 +35,15 @@ class Controller:
     Requests already in control.json when the Controller is made are old (a previous run, or the
     stop that ended it) and are not returned, unless `handle_existing=True`."""
 
-    def __init__(self, run: RunDir | str | os.PathLike, settings: Optional[GuardSettings] = None, *,
-                 guard: Optional[subprocess.Popen] = None, handle_existing: bool = False):
+    def __init__(self, run: RunDir | str | os.PathLike, settings: GuardSettings | None = None, *,
+                 guard: subprocess.Popen | None = None, handle_existing: bool = False):
         self.run = run if isinstance(run, RunDir) else RunDir(run)
         self.settings = settings or GuardSettings()
         self.guard = guard
-        self.last_id: Optional[int] = None
+        self.last_id: int | None = None
         """Id of the last request `poll` returned (or found already there)."""
-        self.ack_id: Optional[int] = (self.run.read_status() or {}).get("ack_id")
-        self._control_key: Optional[tuple] = None
+        self.ack_id: int | None = (self.run.read_status() or {}).get("ack_id")
+        self._control_key: tuple | None = None
         self._control_path = os.fspath(self.run.control_path)  # str: a stat without Path overhead
         if not handle_existing:
             key = self._stat_key()
@@ -58,7 +57,7 @@ class Controller:
         self._verdict = "continue"
 
     # --- requests ---
-    def _stat_key(self) -> Optional[tuple]:
+    def _stat_key(self) -> tuple | None:
         try:
             st = os.stat(self._control_path)
         except FileNotFoundError:
@@ -66,7 +65,7 @@ class Controller:
         # An atomic replace always brings a new inode; an in-place edit changes mtime or size.
         return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def poll(self) -> Optional[dict]:
+    def poll(self) -> dict | None:
         """The newest control request if it was not returned before, else None. Costs one stat
         unless control.json changed."""
         key = self._stat_key()
@@ -93,7 +92,7 @@ class Controller:
         return self.run.write_status(state=state, step=step, pid=os.getpid(), ack_id=self.ack_id, **fields)
 
     # --- the guard ---
-    def attach_guard(self, guard: Optional[subprocess.Popen]) -> None:
+    def attach_guard(self, guard: subprocess.Popen | None) -> None:
         self.guard = guard
         self._guard_since = time.monotonic()
 
@@ -150,7 +149,7 @@ class Controller:
 
 def guard_command(pid: int, run_dir: str | os.PathLike, budget_bytes: int, settings: GuardSettings,
                   python: str = sys.executable) -> list[str]:
-    cmd = [python, "-m", "odyssey.guard", "--pid", str(pid), "--run", str(run_dir),
+    cmd = [python, "-m", "odyssey.runtime.guard", "--pid", str(pid), "--run", str(run_dir),
            "--ram-budget", str(int(budget_bytes)), "--interval", repr(float(settings.interval_s)),
            "--soft-pct", repr(float(settings.soft_pct)), "--hard-pct", repr(float(settings.hard_pct)),
            "--min-available-mib", repr(float(settings.min_available_mib)),
@@ -165,17 +164,17 @@ def guard_command(pid: int, run_dir: str | os.PathLike, budget_bytes: int, setti
 
 def start_guard(pid: int, run_dir: str | os.PathLike, budget_bytes: int, settings: GuardSettings,
                 python: str = sys.executable) -> subprocess.Popen:
-    """Launch `python -m odyssey.guard` watching `pid`. The guard gets its own session, so a Ctrl+C
+    """Launch `python -m odyssey.runtime.guard` watching `pid`. The guard gets its own session, so a Ctrl+C
     meant for the trainer does not end it; it exits by itself when `pid` is gone."""
     env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)  # importable even when not installed
+    package_root = str(Path(__file__).resolve().parents[2])  # importable even when not installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(guard_command(pid, run_dir, budget_bytes, settings, python), env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
 
 
-def stop_guard(popen: Optional[subprocess.Popen], timeout_s: float = 3.0) -> Optional[int]:
+def stop_guard(popen: subprocess.Popen | None, timeout_s: float = 3.0) -> int | None:
     """SIGTERM the guard (it logs its exit and removes its cgroup), SIGKILL after `timeout_s`.
     Returns its exit status (None if there was no guard)."""
     if popen is None:

@@ -3,7 +3,7 @@
 `odyssey train` starts it (`control.start_guard`); it also runs on its own:
 
     odyssey guard --pid 1234 --run runs/r1 --ram-budget 2GiB
-    python -m odyssey.guard --pid 1234 --run runs/r1 --ram-budget 2GiB --thermal-file /tmp/temp
+    python -m odyssey.runtime.guard --pid 1234 --run runs/r1 --ram-budget 2GiB --thermal-file /tmp/temp
 
 Every `interval_s` (0.5 s) it samples the watched process tree (anonymous and file-backed RSS; the
 guard itself is left out although it is the trainer's child), the tree's memory cgroup when it is
@@ -15,7 +15,7 @@ a normal reading on VMs). Then it applies the policies and asks the trainer thro
 |-----------------------------------------------|--------------|-----------------------------------|
 | tree anon RAM >= hard_pct of the budget       | stop         | once (re-issued if overwritten)   |
 | MemAvailable < min_available_mib              | stop         | once                              |
-| tree anon RAM >= soft_pct of the budget       | checkpoint   | once per excursion (re-armed below 95% of the soft limit) |
+| tree anon RAM >= soft_pct of the budget       | checkpoint   | once per excursion (re-armed below 95% of it) |
 | temperature > max_temp_c                      | pause        | once, remembered as the guard's   |
 | temperature < resume_temp_c, guard had paused | resume       | once                              |
 | watched process gone (exit, crash, kill)      | (none)       | guard event, guard exits 0        |
@@ -45,14 +45,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
-from odyssey import memory
 from odyssey.config import GuardSettings, format_bytes, parse_bytes
 from odyssey.errors import OdysseyError
-from odyssey.runlog import RunDir
+from odyssey.runtime import memory
+from odyssey.runtime.runlog import RunDir
 
 MIB = 1 << 20
 REARM_FRACTION = 0.95
@@ -69,7 +69,7 @@ THERMAL_LOST_RESUME_S = 30.0
 # readings
 
 
-def read_millidegrees(path: str | os.PathLike) -> Optional[float]:
+def read_millidegrees(path: str | os.PathLike) -> float | None:
     """A sysfs-style temperature file ("51000\\n" = 51.0 C) -> degrees C, or None if unreadable."""
     try:
         with open(path, "rb") as f:
@@ -89,7 +89,7 @@ class Thermometer:
     CPU_SENSORS = ("coretemp", "k10temp", "zenpower", "cpu_thermal", "cpu-thermal", "soc_thermal",
                    "acpitz", "thinkpad")
 
-    def __init__(self, thermal_file: Optional[str] = None):
+    def __init__(self, thermal_file: str | None = None):
         self.thermal_file = thermal_file
         self.zones: list[str] = []
         if thermal_file:
@@ -100,7 +100,7 @@ class Thermometer:
             self.zones = sorted(glob.glob("/sys/class/thermal/thermal_zone*/temp"))
             self.source = "sysfs thermal zones" if self.zones else "none"
 
-    def _psutil(self) -> Optional[float]:
+    def _psutil(self) -> float | None:
         try:
             import psutil
 
@@ -113,7 +113,7 @@ class Thermometer:
         values = [e.current for n in names for e in sensors[n] if e.current is not None and e.current > -50]
         return max(values) if values else None
 
-    def read(self) -> Optional[float]:
+    def read(self) -> float | None:
         if self.thermal_file:
             return read_millidegrees(self.thermal_file)
         if self.source == "psutil":
@@ -122,18 +122,9 @@ class Thermometer:
         return max(values) if values else None
 
 
-def _proc_identity(pid: int) -> Optional[tuple[str, int]]:
-    """(state letter, start time in clock ticks) from /proc/PID/stat, or None if there is no such pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(b")") + 2:].split()  # the command name may contain spaces and ')'
-    return fields[0].decode(), int(fields[19])
-
-
 _HAS_PROC = os.path.exists("/proc/self/stat")
+
+
 def _system_memory() -> tuple[int, int]:
     """(MemAvailable, swap in use) in bytes, from one read of /proc/meminfo."""
     try:
@@ -158,17 +149,17 @@ class Sample:
     available_bytes: int
     """System MemAvailable."""
     swap_used_bytes: int
-    cgroup_bytes: Optional[int] = None
+    cgroup_bytes: int | None = None
     """Usage of the tree's memory cgroup (anon + page cache), None when in the root group."""
-    cgroup_limit_bytes: Optional[int] = None
-    temp_c: Optional[float] = None
+    cgroup_limit_bytes: int | None = None
+    temp_c: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
 # the guard
 
 
-def _mib(n: Optional[float]) -> Optional[float]:
+def _mib(n: float | None) -> float | None:
     return None if n is None else round(n / MIB, 1)
 
 
@@ -177,8 +168,8 @@ class Guard:
     is gone or `request_exit()` is called (SIGTERM)."""
 
     def __init__(self, pid: int, run: RunDir | str | os.PathLike, budget_bytes: int,
-                 settings: Optional[GuardSettings] = None, *, thermometer: Optional[Thermometer] = None,
-                 enforce_cgroup: Optional[bool] = None, log: Callable[[str], None] | None = None):
+                 settings: GuardSettings | None = None, *, thermometer: Thermometer | None = None,
+                 enforce_cgroup: bool | None = None, log: Callable[[str], None] | None = None):
         self.pid = int(pid)
         self.run = run if isinstance(run, RunDir) else RunDir(run)
         self.budget_bytes = int(budget_bytes)
@@ -194,8 +185,8 @@ class Guard:
         self.min_available_bytes = s.min_available_mib * MIB
         self.exclude = frozenset({os.getpid()})
 
-        self.identity = _proc_identity(self.pid) if _HAS_PROC else None
-        if _HAS_PROC and (self.identity is None or self.identity[0] in "ZX"):
+        self.identity = memory.proc_stat(self.pid) if _HAS_PROC else None
+        if _HAS_PROC and (self.identity is None or self.identity.state in "ZX"):
             raise OdysseyError(f"--pid {self.pid}: no such running process")
         self._psutil_proc = None
         if not _HAS_PROC:
@@ -208,14 +199,14 @@ class Guard:
 
         # policy state
         self.soft_armed = True
-        self.stop_id: Optional[int] = None
+        self.stop_id: int | None = None
         self.stop_reason = ""
         self.paused_by_guard = False
-        self.temp_lost_since: Optional[float] = None
+        self.temp_lost_since: float | None = None
         self.last_request_t = 0.0
         self.cgroup = None
         self._exit_requested = False
-        self._last_line: Optional[Sample] = None
+        self._last_line: Sample | None = None
         self._last_line_t = 0.0
         self._write_errors = 0
         self.samples = 0
@@ -230,10 +221,10 @@ class Guard:
         if self.enforce_cgroup:
             self.setup_cgroup()
 
-    def setup_cgroup(self) -> Optional[str]:
+    def setup_cgroup(self) -> str | None:
         """Put the watched tree in a memory cgroup capped at the budget. Returns None when enforced,
         else the reason it is not (said once, in an event and on stderr; the guard goes on)."""
-        from odyssey import cgroup
+        from odyssey.runtime import cgroup
 
         ok, why = cgroup.available()
         if ok:
@@ -314,10 +305,10 @@ class Guard:
                 return self._psutil_proc.is_running() and self._psutil_proc.status() != psutil.STATUS_ZOMBIE
             except psutil.Error:
                 return False
-        ident = _proc_identity(self.pid)
-        return ident is not None and ident[1] == self.identity[1] and ident[0] not in "ZX"
+        ident = memory.proc_stat(self.pid)  # the same start time: not a later process that reused the pid
+        return ident is not None and ident.start_ticks == self.identity.start_ticks and ident.state not in "ZX"
 
-    def sample(self) -> Optional[Sample]:
+    def sample(self) -> Sample | None:
         """One reading, or None when the watched process is gone."""
         if not self.watched_alive():
             return None
@@ -527,11 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thermal-file", default=d.thermal_file,
                    help="file with the temperature in millidegrees C (default: psutil, then /sys/class/thermal)")
     p.add_argument("--interval", type=float, default=d.interval_s, help=f"seconds between samples ({d.interval_s})")
-    p.add_argument("--soft-pct", type=float, default=d.soft_pct, help=f"checkpoint above this %% of the budget ({d.soft_pct:g})")
-    p.add_argument("--hard-pct", type=float, default=d.hard_pct, help=f"stop above this %% of the budget ({d.hard_pct:g})")
+    p.add_argument("--soft-pct", type=float, default=d.soft_pct,
+                   help=f"checkpoint above this %% of the budget ({d.soft_pct:g})")
+    p.add_argument("--hard-pct", type=float, default=d.hard_pct,
+                   help=f"stop above this %% of the budget ({d.hard_pct:g})")
     p.add_argument("--min-available-mib", type=float, default=d.min_available_mib,
                    help=f"stop when system MemAvailable falls below this ({d.min_available_mib:g} MiB)")
-    p.add_argument("--max-temp-c", type=float, default=d.max_temp_c, help=f"pause above this temperature ({d.max_temp_c:g} C)")
+    p.add_argument("--max-temp-c", type=float, default=d.max_temp_c,
+                   help=f"pause above this temperature ({d.max_temp_c:g} C)")
     p.add_argument("--resume-temp-c", type=float, default=d.resume_temp_c,
                    help=f"resume below this temperature ({d.resume_temp_c:g} C)")
     p.add_argument("--enforce-cgroup", action="store_true",
@@ -539,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = GuardSettings(interval_s=args.interval, soft_pct=args.soft_pct, hard_pct=args.hard_pct,

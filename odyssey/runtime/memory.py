@@ -1,4 +1,5 @@
-"""Memory readings of a process, its cgroup and the system. No torch import.
+"""Memory readings of a process, its cgroup and the system, and a process's state and start time
+(/proc/PID/stat, the one parser of it). No torch import.
 
 Anonymous memory (`RssAnon`) is what a RAM budget must bound: heap, tensors, buffers. File-backed
 RSS (`RssFile`) is page cache mapped into the process: reclaimable, but counted in a cgroup's usage.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple
 
 MIB = 1 << 20
 
@@ -29,7 +30,7 @@ class ProcessMemory:
         return self.anon_bytes + self.file_bytes
 
 
-def process_memory(pid: Optional[int] = None) -> ProcessMemory:
+def process_memory(pid: int | None = None) -> ProcessMemory:
     pid = os.getpid() if pid is None else pid
     fields = {}
     try:
@@ -49,7 +50,31 @@ def process_memory(pid: Optional[int] = None) -> ProcessMemory:
                          fields.get("VmHWM", 0))
 
 
-def rss_anon_mib(pid: Optional[int] = None) -> float:
+class ProcStat(NamedTuple):
+    state: str
+    """One letter: R running, S sleeping, D waiting on the disk, T stopped, Z zombie, X dead..."""
+    start_ticks: int
+    """Start time after boot in clock ticks: with the pid, it tells a process from a later one that
+    reused its pid."""
+    cpu_ticks: int
+    """CPU time used so far, user + system, in clock ticks (os.sysconf("SC_CLK_TCK") a second)."""
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """State, start time and CPU time of `pid` from /proc/PID/stat, or None when there is no such
+    process (or no /proc: not Linux). Fields are counted after the last ')', since the command name
+    in parentheses may itself contain spaces and ')'. Malformed contents raise ValueError or
+    IndexError."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(b")") + 2:].split()  # fields[0] is field 3 of proc(5), "state"
+    return ProcStat(fields[0].decode(), int(fields[19]), int(fields[11]) + int(fields[12]))
+
+
+def rss_anon_mib(pid: int | None = None) -> float:
     return process_memory(pid).anon_bytes / MIB
 
 
@@ -117,15 +142,15 @@ def swap_used_bytes() -> int:
     return psutil.swap_memory().used
 
 
-def cgroup_of(pid: int) -> Optional[Path]:
+def cgroup_of(pid: int) -> Path | None:
     """The memory cgroup directory of `pid` (v1 memory controller or v2 unified), or None."""
-    from odyssey.cgroup import find_hierarchy, own_group
+    from odyssey.runtime.cgroup import find_hierarchy, own_group
 
     h = find_hierarchy()
     return own_group(h, pid) if h is not None else None
 
 
-def cgroup_usage_bytes(pid: int) -> Optional[tuple[int, Optional[int]]]:
+def cgroup_usage_bytes(pid: int) -> tuple[int, int | None] | None:
     """(usage, limit) of the memory cgroup `pid` is in; limit None when unlimited; None if unknown."""
     d = cgroup_of(pid)
     if d is None or not ((d / "memory.usage_in_bytes").exists() or (d / "memory.current").exists()):
@@ -147,7 +172,7 @@ class PeakSampler:
         print(s.peak_bytes / MIB)
     """
 
-    def __init__(self, interval_s: float = 0.005, pid: Optional[int] = None):
+    def __init__(self, interval_s: float = 0.005, pid: int | None = None):
         self.interval_s = interval_s
         self.pid = pid
         self.peak_bytes = 0
@@ -159,7 +184,7 @@ class PeakSampler:
         self.peak_bytes = max(self.peak_bytes, anon)
         return anon
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         import threading
 
         self._stop = threading.Event()

@@ -14,14 +14,13 @@ import ctypes
 import glob
 import os
 import sys
-from typing import Optional
 
 CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
               "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 M_ARENA_MAX = -8
 
 
-def find_jemalloc() -> Optional[str]:
+def find_jemalloc() -> str | None:
     for path in CANDIDATES:
         if os.path.exists(path):
             return path

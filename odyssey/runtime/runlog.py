@@ -2,8 +2,10 @@
 
 ```
 RUN/config.yaml        effective config (model, data, budget, LoRA)
-RUN/metrics.jsonl      one JSON object a line: {"t": unix_s, "kind": "step"|"val"|"pagein"|"memory"|"guard"|"event", ...}
-RUN/control.json       latest request: {"id": int, "action": "pause"|"resume"|"checkpoint"|"stop", "source": str, "reason": str, "t": unix_s}
+RUN/metrics.jsonl      one JSON object a line:
+                       {"t": unix_s, "kind": "step"|"val"|"pagein"|"memory"|"guard"|"event", ...}
+RUN/control.json       latest request: {"id": int, "action": "pause"|"resume"|"checkpoint"|"stop", "source": str,
+                       "reason": str, "t": unix_s}
 RUN/status.json        trainer state: {"state": "starting"|"running"|"paused"|"stopped"|"finished"|"failed",
                        "step": int, "pid": int, "ack_id": int (last control id handled), "t": unix_s, ...}
 RUN/guard.json         guard heartbeat: {"pid": int, "t": unix_s, "state": str}
@@ -21,8 +23,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from odyssey import atomic
 
@@ -79,7 +81,7 @@ class RunDir:
             os.close(fd)
         return record
 
-    def read_metrics(self, kind: Optional[str] = None) -> list[dict]:
+    def read_metrics(self, kind: str | None = None) -> list[dict]:
         """All records (optionally of one kind). For live following use `MetricsTail`."""
         tail = MetricsTail(self.metrics_path)
         return [r for r in tail.read_new() if kind is None or r.get("kind") == kind]
@@ -94,7 +96,7 @@ class RunDir:
                                               "reason": reason, "t": time.time()})
         return req_id
 
-    def read_control(self) -> Optional[dict]:
+    def read_control(self) -> dict | None:
         return _read_json(self.control_path)
 
     # --- status ---
@@ -103,7 +105,7 @@ class RunDir:
         atomic.write_json(self.status_path, status)
         return status
 
-    def read_status(self) -> Optional[dict]:
+    def read_status(self) -> dict | None:
         return _read_json(self.status_path)
 
     # --- guard heartbeat ---
@@ -114,11 +116,11 @@ class RunDir:
         atomic.write_json(self.guard_path, {"t": time.time(), "pid": os.getpid(), **fields}, indent=None,
                           durable=False)
 
-    def read_heartbeat(self) -> Optional[dict]:
+    def read_heartbeat(self) -> dict | None:
         return _read_json(self.guard_path)
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -134,7 +136,7 @@ class MetricsTail:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.offset = 0
-        self.inode: Optional[int] = None
+        self.inode: int | None = None
         self.bad_lines = 0
         self.resets = 0
         """How many times the file was found replaced or truncated and reading started over."""

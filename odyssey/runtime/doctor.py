@@ -31,11 +31,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from odyssey.config import format_bytes
-from odyssey.cpu import cpu_flags
 from odyssey.errors import OdysseyError
+from odyssey.runtime.cpu import cpu_flags
 
 DEMO_BUDGET_BYTES = 2 << 30
 """The RAM budget `make demo` trains the 1.2B model under: the figure available RAM is judged by."""
@@ -91,7 +90,7 @@ class Fact:
 def memory_fact() -> Fact:
     import psutil
 
-    from odyssey.memory import cgroup_usage_bytes
+    from odyssey.runtime.memory import cgroup_usage_bytes
 
     vm = psutil.virtual_memory()
     usable = vm.available
@@ -117,7 +116,7 @@ def memory_fact() -> Fact:
                 f"{suggest_mib}MiB and a shorter --seq-len (`odyssey plan` says what fits)", data)
 
 
-def resolve_models_dir(models_dir: Optional[str]) -> tuple[Path, Path]:
+def resolve_models_dir(models_dir: str | None) -> tuple[Path, Path]:
     """(the directory asked for, the directory measured): the asked one if it exists, else its
     nearest existing parent (where it would be created). Default: ./models."""
     asked = Path(models_dir) if models_dir else Path("models")
@@ -263,8 +262,8 @@ def cpu_fact() -> Fact:
 
 
 def compute_fact() -> Fact:
-    from odyssey.cpu import native_bf16
     from odyssey.dtypes import COMPUTE_ENV, compute_dtype_name, compute_dtype_source
+    from odyssey.runtime.cpu import native_bf16
 
     name, source = compute_dtype_name("auto"), compute_dtype_source("auto")
     data = {"compute_dtype": name, "native_bf16": native_bf16(), "source": source}
@@ -282,8 +281,8 @@ def compute_fact() -> Fact:
 # guard, cgroups, allocator, torch, monitor
 
 
-def temperature_fact(thermal_file: Optional[str] = None) -> Fact:
-    from odyssey.guard import Thermometer
+def temperature_fact(thermal_file: str | None = None) -> Fact:
+    from odyssey.runtime.guard import Thermometer
 
     th = Thermometer(thermal_file)
     temp_c = th.read()
@@ -296,7 +295,7 @@ def temperature_fact(thermal_file: Optional[str] = None) -> Fact:
 
 
 def cgroup_fact() -> Fact:
-    from odyssey import cgroup
+    from odyssey.runtime import cgroup
 
     ok, why = cgroup.available()
     if ok:
@@ -308,7 +307,7 @@ def cgroup_fact() -> Fact:
 
 
 def allocator_fact() -> Fact:
-    from odyssey import allocator
+    from odyssey.runtime import allocator
 
     lib = allocator.find_jemalloc()
     off = os.environ.get("ODYSSEY_ALLOCATOR") == "system"
@@ -354,8 +353,8 @@ def monitor_fact() -> Fact:
 # --------------------------------------------------------------------------------------------
 
 
-def gather(models_dir: Optional[str] = None, read_test_bytes: int = READ_TEST_BYTES,
-           thermal_file: Optional[str] = None) -> Iterator[Fact]:
+def gather(models_dir: str | None = None, read_test_bytes: int = READ_TEST_BYTES,
+           thermal_file: str | None = None) -> Iterator[Fact]:
     """Every fact in order, each as soon as it is known (the cold read takes up to ~5 s, torch ~1 s)."""
     asked, probe = resolve_models_dir(models_dir)
     yield memory_fact()

@@ -27,8 +27,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 from odyssey.errors import OdysseyError
 
@@ -46,7 +47,7 @@ class Hierarchy(NamedTuple):
     """Mount point of the hierarchy, e.g. /sys/fs/cgroup/memory (v1) or /sys/fs/cgroup (v2)."""
 
 
-def find_hierarchy() -> Optional[Hierarchy]:
+def find_hierarchy() -> Hierarchy | None:
     """The mounted hierarchy that has the memory controller, or None (not Linux, not mounted)."""
     try:
         with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
@@ -70,7 +71,7 @@ def find_hierarchy() -> Optional[Hierarchy]:
     return v2
 
 
-def own_group(h: Hierarchy, pid: int | str = "self") -> Optional[Path]:
+def own_group(h: Hierarchy, pid: int | str = "self") -> Path | None:
     """The directory of `pid`'s group in hierarchy `h`."""
     try:
         lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
@@ -104,7 +105,7 @@ def _parent_ok(h: Hierarchy, parent: Path) -> bool:
         return False
 
 
-def _pick_parent() -> tuple[Optional[Hierarchy], Optional[Path], str]:
+def _pick_parent() -> tuple[Hierarchy | None, Path | None, str]:
     if not sys.platform.startswith("linux"):
         return None, None, f"memory cgroups need Linux (this is {sys.platform})"
     h = find_hierarchy()
@@ -126,7 +127,7 @@ def available() -> tuple[bool, str]:
     return True, f"cgroup v{h.version} under {parent}"
 
 
-def _read_int(path: Path) -> Optional[int]:
+def _read_int(path: Path) -> int | None:
     try:
         raw = path.read_text().strip()
     except OSError:
@@ -169,7 +170,7 @@ class MemoryCgroup:
 
     # --- life cycle ---
     @classmethod
-    def create(cls, name: str, limit_bytes: int) -> "MemoryCgroup":
+    def create(cls, name: str, limit_bytes: int) -> MemoryCgroup:
         """Make group `name` with a hard limit of `limit_bytes` (RAM + swap). Usable as a context
         manager that removes the group. Raises CgroupUnavailable without the rights."""
         if "/" in name or name in ("", ".", ".."):
@@ -185,7 +186,7 @@ class MemoryCgroup:
         except FileExistsError:
             cg = cls(path, h.version)
             if cg.pids():  # a live group of that name: do not steal it
-                raise CgroupUnavailable(f"memory cgroup {path} exists and has processes; choose another name")
+                raise CgroupUnavailable(f"memory cgroup {path} exists and has processes; choose another name") from None
         except OSError as e:
             raise CgroupUnavailable(f"memory cgroup unavailable: cannot create {path}: {e.strerror}") from None
         cg = cls(path, h.version)
@@ -193,7 +194,8 @@ class MemoryCgroup:
             cg.set_limit(limit_bytes)
         except OSError as e:
             cg.remove()
-            raise CgroupUnavailable(f"memory cgroup unavailable: cannot set the limit of {path}: {e.strerror}") from None
+            raise CgroupUnavailable(f"memory cgroup unavailable: cannot set the limit of {path}: "
+                                    f"{e.strerror}") from None
         return cg
 
     def set_limit(self, limit_bytes: int) -> None:
@@ -255,25 +257,25 @@ class MemoryCgroup:
                 time.sleep(0.02)
         self.removed = True
 
-    def __enter__(self) -> "MemoryCgroup":
+    def __enter__(self) -> MemoryCgroup:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
 
     # --- readings (bytes) ---
-    def limit(self) -> Optional[int]:
+    def limit(self) -> int | None:
         if self.version == 1:
             v = _read_int(self.path / "memory.limit_in_bytes")
             return None if v is None or v >= UNLIMITED_V1 else v
         return _read_int(self.path / "memory.max")
 
-    def usage(self) -> Optional[int]:
+    def usage(self) -> int | None:
         """Current charge: anonymous memory plus page cache of the group."""
         name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
         return _read_int(self.path / name)
 
-    def peak(self) -> Optional[int]:
+    def peak(self) -> int | None:
         """Highest charge since creation (None on v2 kernels older than 5.19, without memory.peak)."""
         name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
         return _read_int(self.path / name)
@@ -284,7 +286,7 @@ class MemoryCgroup:
             return _read_keyed(self.path / "memory.oom_control").get("oom_kill", 0)
         return _read_keyed(self.path / "memory.events").get("oom_kill", 0)
 
-    def anon_bytes(self) -> Optional[int]:
+    def anon_bytes(self) -> int | None:
         """Anonymous memory of the group (memory.stat), the part a RAM budget bounds."""
         stat = _read_keyed(self.path / "memory.stat")
         value = stat.get("rss" if self.version == 1 else "anon")
@@ -301,13 +303,13 @@ def _write_quiet(path: Path, value) -> bool:
 
 class CgroupRun(NamedTuple):
     returncode: int
-    peak_bytes: Optional[int]
+    peak_bytes: int | None
     """The group's peak charge (anonymous + page cache)."""
     oom_killed: bool
 
 
-def run_in_cgroup(cmd: Sequence[str], limit_bytes: int, *, name: Optional[str] = None,
-                  timeout: Optional[float] = None, **popen_kwargs) -> CgroupRun:
+def run_in_cgroup(cmd: Sequence[str], limit_bytes: int, *, name: str | None = None,
+                  timeout: float | None = None, **popen_kwargs) -> CgroupRun:
     """Run `cmd` from its first instruction inside a fresh memory cgroup capped at `limit_bytes`;
     returns (returncode, peak_bytes, oom_killed). Extra keyword arguments go to subprocess.Popen
     (cwd, env, stdout...). Raises CgroupUnavailable without the rights, subprocess.TimeoutExpired
