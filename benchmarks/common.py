@@ -27,10 +27,10 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py`: make `odyssey`
     sys.path.insert(0, str(ROOT))
 
 from odyssey import atomic  # noqa: E402  (after the path fix above)
+from odyssey.dtypes import MIB  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / ".cache" / "bench"
-MIB = 1 << 20
 GIB = 1 << 30
 PYTHON = sys.executable  # the venv's python when run as `.venv/bin/python benchmarks/...`
 

@@ -64,12 +64,13 @@ def worker(args) -> int:
 
 
 def matmul_gflops(dtype: str, n: int = 1024, seconds: float = 2.0) -> float:
+    from odyssey.dtypes import compute_dtype_info
     from odyssey.runtime.allocator import quiet_threads
 
     quiet_threads()  # as in the workers (spinning OpenMP threads distort a busy machine's figure)
     import torch
 
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    dt = compute_dtype_info(dtype).torch()
     a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
     a @ b
     k, t0 = 0, time.perf_counter()
@@ -117,13 +118,13 @@ def main(argv=None) -> int:
         allocator.ensure([str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])])
         return worker(args)  # with the allocator and thread settings of the odyssey commands
 
-    from odyssey.engine import native_bf16
+    from odyssey.dtypes import compute_dtype_name
     from odyssey.store import Store
 
     store = Path(args.model) if args.model else common.ensure_store(args.config)
     data = Path(args.data) if args.data else common.ensure_data()
     params = Store.open(store).config.num_parameters()
-    compute = "bf16" if native_bf16() else "fp32"  # what the workers' engine computes in ("auto")
+    compute = compute_dtype_name("auto")  # what the workers' engine computes in
     sides = {"paged": [], "resident": []}
     for _ in range(args.rounds):
         for side in ("paged", "resident"):

@@ -115,3 +115,12 @@ def write_text(path: str | os.PathLike, text: str, durable: bool = True) -> None
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 2, durable: bool = True) -> None:
     write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", durable)
+
+
+def existing_parent(path: str | os.PathLike) -> Path:
+    """`path` made absolute, or its nearest ancestor that exists: where a file about to be created
+    there will live (the filesystem whose free space a writer checks first)."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return p

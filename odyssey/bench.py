@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from odyssey.dtypes import PAGE_SIZE
 from odyssey.pager import READ_CHUNK, Pager
 from odyssey.store import Store, drop_cache
 
@@ -84,7 +85,7 @@ def mmap_read(store: Store, willneed: bool) -> float:
             if willneed and k + 1 < len(maps):
                 maps[k + 1].madvise(mmap.MADV_WILLNEED)
             a = np.frombuffer(m, dtype=np.uint8)
-            int(a[::4096].sum())  # one byte a page: every page faulted in
+            int(a[::PAGE_SIZE].sum())  # one byte a page: every page faulted in
             del a
         return time.perf_counter() - t0
     finally:

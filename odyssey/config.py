@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
+from odyssey.dtypes import numel
 from odyssey.errors import OdysseyError
 
 # --------------------------------------------------------------------------------------------
@@ -293,13 +294,7 @@ class ModelConfig:
         return shapes
 
     def num_parameters(self) -> int:
-        total = 0
-        for shape in self.all_shapes().values():
-            n = 1
-            for s in shape:
-                n *= s
-            total += n
-        return total
+        return sum(numel(shape) for shape in self.all_shapes().values())
 
     # --- HF config.json ---
     def to_hf_dict(self, dtype: str = "bfloat16") -> dict:

@@ -1,5 +1,16 @@
 """Dtypes and the constants every layer shares, in one torch-free place.
 
+The storage dtypes: one row per dtype a tensor can be stored in (`DTYPES` by Odyssey's short name,
+`ST_CODES` by safetensors header code, `GGUF_CODES` by GGML type name), with every name the formats
+give it: the safetensors code, the bytes per element, Hugging Face's `torch_dtype` name in
+config.json, the numpy dtype of the raw elements (bf16 as uint16: numpy has no bfloat16), the torch
+dtype (resolved by `DtypeInfo.torch()`, which imports torch only when called), the typed storage
+class torch.save's pickle names, and the GGML type where GGUF has one. A store holds one of
+`STORE_DTYPES`; the safetensors header codec accepts every row.
+
+Shared constants: `PAGE_SIZE` (the alignment of store data and pager buffers), `VOCAB_CHUNK` (head
+rows per chunk in the engine and the planner), `MIB`; and `numel(shape)`.
+
 The compute dtype: `--compute-dtype auto` (the default) picks bf16 where the CPU multiplies bf16
 natively and fp32 elsewhere. The environment variable `ODYSSEY_COMPUTE_DTYPE` (bf16 or fp32)
 overrides what `auto` picks, on every command and in every test: the suite can be run both ways on
@@ -8,12 +19,63 @@ one machine. An explicit `--compute-dtype bf16|fp32` always wins.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from odyssey.errors import OdysseyError
 
+PAGE_SIZE = 4096  # bytes: store data and pager buffers are aligned to it (O_DIRECT, zero-copy views)
+VOCAB_CHUNK = 8192  # head rows per chunk: (B*T, 8192) fp32 logits = 16 MiB at B*T = 512
+MIB = 1 << 20
+
+
+def numel(shape: Iterable[int]) -> int:
+    """Elements of a tensor of `shape` (1 for a scalar's empty shape)."""
+    return math.prod(shape)
+
+
+@dataclass(frozen=True)
+class DtypeInfo:
+    """One storage dtype under every name the formats Odyssey reads and writes give it."""
+
+    short: str  # Odyssey's name: the store index's "dtype", `--dtype`
+    st: str  # safetensors header code: "BF16", "F32", ...
+    itemsize: int  # bytes per element
+    hf_name: str  # config.json `torch_dtype` (also the torch attribute): "bfloat16", ...
+    numpy: str  # numpy dtype of the raw elements: bf16 is read as "uint16" (numpy has no bfloat16)
+    torch_storage: str  # the legacy typed storage class torch.save's pickle names: "BFloat16Storage"
+    gguf: str | None  # gguf.GGMLQuantizationType name, None where GGUF has no such type
+
+    def torch(self):
+        """The torch dtype (imports torch)."""
+        import torch
+
+        return getattr(torch, self.hf_name)
+
+
+DTYPES: dict[str, DtypeInfo] = {d.short: d for d in (
+    DtypeInfo("bf16", "BF16", 2, "bfloat16", "uint16", "BFloat16Storage", "BF16"),
+    DtypeInfo("f16", "F16", 2, "float16", "float16", "HalfStorage", "F16"),
+    DtypeInfo("f32", "F32", 4, "float32", "float32", "FloatStorage", "F32"),
+    DtypeInfo("f64", "F64", 8, "float64", "float64", "DoubleStorage", "F64"),
+    DtypeInfo("i64", "I64", 8, "int64", "int64", "LongStorage", "I64"),
+    DtypeInfo("i32", "I32", 4, "int32", "int32", "IntStorage", "I32"),
+    DtypeInfo("u8", "U8", 1, "uint8", "uint8", "ByteStorage", None),
+)}
+ST_CODES: dict[str, DtypeInfo] = {d.st: d for d in DTYPES.values()}  # by safetensors header code
+GGUF_CODES: dict[str, DtypeInfo] = {d.gguf: d for d in DTYPES.values() if d.gguf}  # by GGML type name
+STORE_DTYPES = ("bf16", "f16", "f32")  # what a store holds (`--dtype` of init, import, merge)
+
 COMPUTE_DTYPES = ("auto", "bf16", "fp32")
 COMPUTE_ENV = "ODYSSEY_COMPUTE_DTYPE"
+
+
+def check_store_dtype(name: str) -> None:
+    """Refuse a `--dtype` a store cannot hold."""
+    if name not in STORE_DTYPES:
+        raise OdysseyError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {name!r}")
 
 
 def compute_dtype_name(name: str = "auto") -> str:
@@ -33,6 +95,11 @@ def compute_dtype_name(name: str = "auto") -> str:
     from odyssey.runtime.cpu import native_bf16
 
     return "bf16" if native_bf16() else "fp32"
+
+
+def compute_dtype_info(name: str = "auto") -> DtypeInfo:
+    """The table row of what `--compute-dtype NAME` computes in (its itemsize, its torch dtype)."""
+    return DTYPES["bf16" if compute_dtype_name(name) == "bf16" else "f32"]
 
 
 def compute_dtype_source(name: str = "auto") -> str:

@@ -29,17 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from odyssey.dtypes import compute_dtype_name
+from odyssey.dtypes import ST_CODES, VOCAB_CHUNK, compute_dtype_info
 from odyssey.model import KVCache, LlamaForCausalLM, rope_cos_sin
 from odyssey.pager import Pager, Resident, ResidentPager
 from odyssey.store import Store
 
-VOCAB_CHUNK = 8192  # head rows per chunk: (B*T, 8192) fp32 logits = 16 MiB at B*T = 512
-
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
     """The torch dtype `--compute-dtype NAME` computes in here (see odyssey.dtypes)."""
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[compute_dtype_name(name)]
+    return compute_dtype_info(name).torch()
 
 
 @dataclass
@@ -118,17 +116,14 @@ class Engine:
     def _open_embedding(self):
         info = self.store.shards["embed"]
         span = info.tensors["model.embed_tokens.weight"]
-        np_dtype = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[span.dtype]
-        return np.memmap(info.path, dtype=np_dtype, mode="r", offset=info.data_offset + span.start,
+        return np.memmap(info.path, dtype=ST_CODES[span.dtype].numpy, mode="r", offset=info.data_offset + span.start,
                          shape=span.shape), span.dtype
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> (B, T, d) compute dtype; only the rows needed are read."""
         mm, st = self._embed
         rows = np.ascontiguousarray(mm[ids.reshape(-1).numpy()])
-        t = torch.from_numpy(rows)
-        if st == "BF16":
-            t = t.view(torch.bfloat16)
+        t = torch.from_numpy(rows).view(ST_CODES[st].torch())  # bf16 rows are read as uint16
         return t.to(self.dtype).view(*ids.shape, self.cfg.hidden_size)
 
     # --- layers ---

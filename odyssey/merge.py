@@ -21,9 +21,9 @@ from typing import Optional
 
 from odyssey import atomic
 from odyssey.adapters import WEIGHTS_NAME, AdapterFile, read_adapter
+from odyssey.dtypes import DTYPES, check_store_dtype
 from odyssey.errors import OdysseyError
-from odyssey.store import (HF_DTYPE_NAMES, SHORT_TO_ST, Store, StoreWriter, Unit, tokenizer_files,
-                           copy_tokenizer, file_sha256, torch_dtype, unit_label)
+from odyssey.store import Store, StoreWriter, Unit, copy_tokenizer, file_sha256, tokenizer_files, unit_label
 
 MERGE_RECORD = "odyssey_merge.json"  # in the merged store: which base and adapter made it
 
@@ -97,10 +97,9 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     store, adapter = Store.open(model_dir), read_adapter(adapter_dir)
     source = MergedSource(store, adapter)
     dtype = dtype or store.dtype
-    if dtype not in SHORT_TO_ST:
-        raise OdysseyError(f"--dtype must be one of {', '.join(SHORT_TO_ST)}, got {dtype!r}")
+    check_store_dtype(dtype)
     _refuse_in_place(out, model_dir)
-    key = {"kind": "merge", "config": store.config.to_hf_dict(HF_DTYPE_NAMES[dtype]), "dtype": dtype,
+    key = {"kind": "merge", "config": store.config.to_hf_dict(DTYPES[dtype].hf_name), "dtype": dtype,
            "base": store.fingerprint(), "adapter": file_sha256(adapter.path / WEIGHTS_NAME),
            "scale": adapter.scale}
     tok_bytes = sum(p.stat().st_size for p in tokenizer_files(store.root))
@@ -134,6 +133,6 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
 
 
 def _write_merged_unit(w: StoreWriter, source: MergedSource, unit: Unit) -> int:
-    tensors = source.load_tensors(unit, torch_dtype(w.dtype))  # one unit, merged: about one layer resident
+    tensors = source.load_tensors(unit, DTYPES[w.dtype].torch())  # one unit, merged: about one layer resident
     # StoreWriter asks for tensors in header order; pop each so it is freed once written.
     return w.write_unit(unit, lambda name, shape: tensors.pop(name))

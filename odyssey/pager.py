@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from odyssey.store import Store, Unit, _st_torch
+from odyssey.dtypes import PAGE_SIZE, ST_CODES
+from odyssey.store import Store, Unit
 
-PAGE = 4096
 READ_CHUNK = 16 << 20  # bytes per preadv call: large enough to reach the disk's sequential rate
 
 
@@ -77,7 +77,7 @@ class Pager:
         self.direct_fallback: Optional[str] = None  # why O_DIRECT was refused, if it was
         self.read_chunk = read_chunk
         self.drop_cache = drop_cache
-        size = -(-store.max_unit_bytes() // PAGE) * PAGE
+        size = -(-store.max_unit_bytes() // PAGE_SIZE) * PAGE_SIZE
         self.slot_bytes = size
         self._slots = [_Slot(i, mmap.mmap(-1, size)) for i in range(slots)]
         self._queue: collections.deque = collections.deque()  # units the reader has yet to place
@@ -160,7 +160,7 @@ class Pager:
         info = self.store.shards[unit]
         out = {}
         for name, span in info.tensors.items():
-            dt = _st_torch(span.dtype)
+            dt = ST_CODES[span.dtype].torch()
             count = span.nbytes // dt.itemsize
             t = torch.frombuffer(slot.buf, dtype=dt, count=count, offset=info.data_offset + span.start)
             out[name] = t.view(span.shape)
@@ -232,7 +232,7 @@ class Pager:
         try:
             view = memoryview(slot.buf)
             direct = self.direct and self.direct_fallback is None
-            want = -(-size // PAGE) * PAGE if direct else size  # O_DIRECT: whole pages
+            want = -(-size // PAGE_SIZE) * PAGE_SIZE if direct else size  # O_DIRECT: whole pages
             off = 0
             while off < want:
                 n = min(self.read_chunk, want - off)

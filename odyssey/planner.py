@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from odyssey.config import LoraSettings, ModelConfig, format_bytes
+from odyssey.dtypes import DTYPES, MIB, PAGE_SIZE, VOCAB_CHUNK, compute_dtype_info, numel
 from odyssey.errors import OdysseyError
 
-MIB = 1 << 20
-VOCAB_CHUNK = 8192
 RUNTIME_FALLBACK = {"forward": 230 * MIB, "lora": 350 * MIB, "full": 350 * MIB}
 
 
@@ -100,10 +99,10 @@ def plan(cfg: ModelConfig, *, mode: str, seq_len: int, batch_size: int = 1, slot
     BT = B * T
     ci = compute_itemsize
     if layer_params is None:
-        layer_params = sum(_numel(s) for s in cfg.layer_shapes(0).values())
+        layer_params = sum(numel(s) for s in cfg.layer_shapes(0).values())
     head_params = V * d
     if unit_bytes is None:
-        unit_bytes = max(layer_params, head_params) * store_itemsize + 4096
+        unit_bytes = max(layer_params, head_params) * store_itemsize + PAGE_SIZE
     terms: dict[str, int] = {}
     terms["runtime"] = runtime if runtime is not None else measured_runtime(mode)
     per_token = 6 * d + 2 * kv + 4 * f  # values live in one layer's forward
@@ -114,7 +113,7 @@ def plan(cfg: ModelConfig, *, mode: str, seq_len: int, batch_size: int = 1, slot
         terms["activations"] = L * BT * per_token * 4 * 2
         terms["logits"] = BT * V * 4 * 3
     else:
-        pool = slots * (-(-unit_bytes // 4096) * 4096)
+        pool = slots * (-(-unit_bytes // PAGE_SIZE) * PAGE_SIZE)
         terms["buffer pool"] = pool
         if ci != store_itemsize:  # a layer's converted weights, or one head chunk: never both
             terms["weights"] = max(layer_params, VOCAB_CHUNK * d) * ci
@@ -134,25 +133,16 @@ def plan(cfg: ModelConfig, *, mode: str, seq_len: int, batch_size: int = 1, slot
     return Plan(mode, terms, budget, seq_len, batch_size)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def plan_for_store(store, *, mode: str, seq_len: int, batch_size: int = 1, slots: int = 2,
                    compute_dtype=None, lora: Optional[LoraSettings] = None,
                    budget: Optional[int] = None, runtime: Optional[int] = None) -> Plan:
     """A plan with the sizes read from an opened store."""
-    from odyssey.dtypes import compute_dtype_name
-
     if compute_dtype is not None and not isinstance(compute_dtype, str):  # a torch.dtype
         compute_itemsize = compute_dtype.itemsize
     else:
-        compute_itemsize = {"bf16": 2, "fp32": 4}[compute_dtype_name(compute_dtype or "auto")]
-    store_itemsize = {"bf16": 2, "f16": 2, "f32": 4}[store.dtype]
-    layer_params = sum(_numel(s.shape) for s in store.shards[0].tensors.values())
+        compute_itemsize = compute_dtype_info(compute_dtype or "auto").itemsize
+    store_itemsize = DTYPES[store.dtype].itemsize
+    layer_params = sum(numel(s.shape) for s in store.shards[0].tensors.values())
     return plan(store.config, mode=mode, seq_len=seq_len, batch_size=batch_size, slots=slots,
                 store_itemsize=store_itemsize, compute_itemsize=compute_itemsize,
                 unit_bytes=store.max_unit_bytes(), layer_params=layer_params, lora=lora,

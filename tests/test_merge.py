@@ -183,9 +183,10 @@ def test_non_empty_out_and_in_place_refused(tmp_path, tiny_store, adapter):
 
 
 def test_not_enough_disk_refused(tmp_path, tiny_store, adapter, monkeypatch, capsys):
-    from odyssey import cli, store
+    from odyssey import cli
+    from odyssey.store import writer
 
-    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     out = tmp_path / "merged"
     rc = cli.main(["merge", "--model", str(tiny_store), "--adapter", str(adapter), "--out", str(out), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()

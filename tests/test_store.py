@@ -119,8 +119,8 @@ def test_resume_after_crash_keeps_complete_shards(tmp_path, tiny_cfg):
         (out / shard_name(k, 4)).unlink()
     (out / ".model-00003-of-00004.safetensors.abc.tmp").write_bytes(b"partial")
     # rebuild the journal as init would have left it
-    from odyssey.store import HF_DTYPE_NAMES
-    journal["key"] = {"config": tiny_cfg.to_hf_dict(HF_DTYPE_NAMES["bf16"]), "dtype": "bf16", "seed": 3, "kind": "init"}
+    from odyssey.dtypes import DTYPES
+    journal["key"] = {"config": tiny_cfg.to_hf_dict(DTYPES["bf16"].hf_name), "dtype": "bf16", "seed": 3, "kind": "init"}
     for k in (0, 1):
         f = shard_name(k, 4)
         journal["done"][f] = {"unit": index["metadata"]["odyssey"]["shards"][f]["unit"],
@@ -153,7 +153,7 @@ def test_non_empty_out_needs_force_and_nothing_is_damaged(tmp_path, tiny_store):
 
 
 def test_not_enough_disk_checked_before_writing(tmp_path, monkeypatch, tiny_cfg):
-    import odyssey.store as st
+    import odyssey.store.writer as st
 
     monkeypatch.setattr(st.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 1000))
     with pytest.raises(OdysseyError, match="not enough free disk"):

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from odyssey.atomic import existing_parent
 from odyssey.config import format_bytes
 from odyssey.errors import OdysseyError
-from odyssey.store import _existing_parent, unit_shapes
+from odyssey.store import unit_shapes
 
 FORMATS = ("safetensors", "pth", "gguf")  # also the order they are written in
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the estimate (metadata, filesystem slack)
@@ -69,7 +70,7 @@ def check_outputs(out: Path, paths: dict[str, Path], force: bool) -> None:
 
 def check_free_disk(out: Path, needs: dict[str, int]) -> None:
     """All requested outputs must fit, checked before any is written."""
-    probe = _existing_parent(out)
+    probe = existing_parent(out)
     free = shutil.disk_usage(probe).free
     need = sum(needs.values())
     if free < need + DISK_MARGIN:

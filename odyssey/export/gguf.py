@@ -22,7 +22,6 @@ What llama.cpp needs that a Hugging Face checkpoint does not say the same way:
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,9 +32,10 @@ import numpy as np
 
 from odyssey import atomic
 from odyssey.config import ModelConfig, format_bytes
+from odyssey.dtypes import DTYPES, GGUF_CODES, numel
 from odyssey.errors import OdysseyError
 from odyssey.export import DISK_MARGIN
-from odyssey.store import _existing_parent, drop_cache, unit_shapes
+from odyssey.store import drop_cache, unit_shapes
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = "llama"
@@ -69,7 +69,7 @@ def _types():
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+    return {t: Q.Q8_0 if t == "q8_0" else Q[DTYPES[t].gguf] for t in GGUF_TYPES}
 
 
 def _file_type(gguf_type: str) -> int:
@@ -126,7 +126,9 @@ class TensorPlan:
     @property
     def np_dtype(self) -> np.dtype:
         """The dtype of the array handed to the writer: raw bytes for bf16 and q8_0."""
-        return np.dtype({"F32": np.float32, "F16": np.float16}.get(self.qtype.name, np.uint8))
+        if self.qtype.name in ("F32", "F16"):  # the writer infers these from the array's dtype
+            return np.dtype(GGUF_CODES[self.qtype.name].numpy)
+        return np.dtype(np.uint8)
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -139,7 +141,7 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.stored_shape) * self.np_dtype.itemsize
+        return numel(self.stored_shape) * self.np_dtype.itemsize
 
 
 def tensor_type(gguf_type: str, shape: tuple[int, ...]):
@@ -170,12 +172,9 @@ def encode(t, plan: TensorPlan) -> np.ndarray:
     import torch
 
     Q = gguf.GGMLQuantizationType
-    if plan.qtype == Q.F32:
-        return t.to(torch.float32).contiguous().numpy()
-    if plan.qtype == Q.F16:
-        return t.to(torch.float16).contiguous().numpy()
-    if plan.qtype == Q.BF16:
-        return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()  # (rows, 2 * cols) bytes
+    if plan.qtype != Q.Q8_0:  # f32, f16, bf16: a cast
+        t = t.to(GGUF_CODES[plan.qtype.name].torch()).contiguous()
+        return t.numpy() if plan.np_dtype != np.uint8 else t.view(torch.uint8).numpy()  # bf16: (rows, 2 * cols) bytes
     out = np.empty(plan.stored_shape, dtype=np.uint8)  # (rows, cols / 32 * 34) bytes
     step = max(1, Q8_CHUNK_ELEMENTS // t.shape[1])  # rows per call: bounds gguf.quants' f32 temporaries
     for r0 in range(0, t.shape[0], step):
@@ -389,7 +388,7 @@ def _tokenizer_of(source) -> Path:
 
 
 def _check_disk(path: Path, need: int) -> None:
-    probe = _existing_parent(path.parent)
+    probe = atomic.existing_parent(path.parent)
     free = shutil.disk_usage(probe).free
     if free < need + DISK_MARGIN:
         raise OdysseyError(f"not enough free disk at {probe}: the GGUF file needs about {format_bytes(need)}, "

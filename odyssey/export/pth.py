@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 
 from odyssey import atomic
+from odyssey.dtypes import DTYPES, numel
 from odyssey.export import stream_tensors
-from odyssey.store import SHORT_TO_ST, ST_DTYPES, numel, torch_dtype, unit_shapes
+from odyssey.store import unit_shapes
 
 PICKLE_PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
 ZIP_OVERHEAD = 256  # bytes per record, upper bound: local header, name, 64-byte alignment padding
@@ -63,10 +64,10 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _storage_class(dtype):
+    """The typed storage class torch.save's pickle names for tensors of torch `dtype`."""
     import torch
 
-    return {torch.bfloat16: torch.BFloat16Storage, torch.float16: torch.HalfStorage,
-            torch.float32: torch.FloatStorage}[dtype]
+    return {d.torch(): getattr(torch, d.torch_storage) for d in DTYPES.values()}[dtype]
 
 
 class _Pickler(pickle.Pickler):
@@ -87,7 +88,7 @@ def state_dict_pickle(entries: list[tuple[str, object, tuple[int, ...]]]) -> byt
 
 
 def estimate_bytes(source) -> int:
-    per = ST_DTYPES[SHORT_TO_ST[source.dtype]]
+    per = DTYPES[source.dtype].itemsize
     shapes = source.config.all_shapes()
     return sum(numel(s) * per for s in shapes.values()) + ZIP_OVERHEAD * (len(shapes) + 8) + 64 * len(shapes) + (1 << 20)
 
@@ -101,7 +102,7 @@ def write_pth(source, path: str | os.PathLike, progress: bool = True) -> dict:
 
     path = Path(path)
     t0 = time.perf_counter()
-    dt = torch_dtype(source.dtype)
+    dt = DTYPES[source.dtype].torch()
     entries = [(name, dt, shape) for u in source.units for name, shape in unit_shapes(source.config, u).items()]
     pkl = state_dict_pickle(entries)
     total = sum(numel(s) * dt.itemsize for _, _, s in entries)

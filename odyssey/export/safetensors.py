@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable
 
 from odyssey import atomic
+from odyssey.dtypes import DTYPES, numel
 from odyssey.export import stream_tensors
-from odyssey.store import (HF_DTYPE_NAMES, INDEX_NAME, SHORT_TO_ST, ST_DTYPES, tokenizer_files, build_header,
-                           copy_tokenizer, numel, shard_name, torch_dtype, unit_shapes)
+from odyssey.store import INDEX_NAME, build_header, copy_tokenizer, shard_name, tokenizer_files, unit_shapes
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30  # bytes; HF's save_pretrained default is 5 GB, smaller eases copying
 HEADER_ALIGN = 8  # bytes: the safetensors default
@@ -46,7 +46,7 @@ def plan_shards(source, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[
 
 
 def unit_tensor_bytes(source, unit) -> int:
-    per = ST_DTYPES[SHORT_TO_ST[source.dtype]]
+    per = DTYPES[source.dtype].itemsize
     return sum(numel(s) * per for s in unit_shapes(source.config, unit).values())
 
 
@@ -64,7 +64,7 @@ def _write_shard(path: Path, source, units: list, on_bytes: Callable[[int], None
     """Writes one shard file (atomically) holding `units`; returns {tensor name: file name}."""
     import torch
 
-    st, dt = SHORT_TO_ST[source.dtype], torch_dtype(source.dtype)
+    st, dt = DTYPES[source.dtype].st, DTYPES[source.dtype].torch()
     entries = [(name, st, shape) for u in units for name, shape in unit_shapes(source.config, u).items()]
     header, _ = build_header(entries, metadata={"format": "pt"}, align=HEADER_ALIGN)
     with atomic.atomic_open(path, "wb") as f:
@@ -88,7 +88,7 @@ def write_safetensors(source, out_dir: str | os.PathLike, max_shard_bytes: int =
     total = sum(unit_tensor_bytes(source, u) for u in source.units)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="safetensors", disable=not progress)
     with bar, atomic.atomic_dir(out_dir) as tmp:
-        atomic.write_json(tmp / "config.json", source.config.to_hf_dict(HF_DTYPE_NAMES[source.dtype]))
+        atomic.write_json(tmp / "config.json", source.config.to_hf_dict(DTYPES[source.dtype].hf_name))
         weight_map: dict[str, str] = {}
         for k, units in enumerate(groups):
             weight_map.update(_write_shard(tmp / shard_file_name(k, len(groups)), source, units, bar.update))

@@ -1,0 +1,58 @@
+"""The on-disk weight store: a standard Hugging Face sharded safetensors checkpoint, one shard per
+decoder layer, so `transformers` loads it unchanged and the pager reads one layer with one read.
+
+Layout of a store directory (L decoder layers, n = L + 2 shards):
+```
+config.json                       HF LlamaConfig keys (written first)
+model-00001-of-0000n.safetensors  unit "embed": model.embed_tokens.weight
+model-0000k-of-0000n.safetensors  unit k-2 (decoder layer k-2): its nine tensors, HF names
+model-0000n-of-0000n.safetensors  unit "head": model.norm.weight [+ lm_head.weight unless tied]
+model.safetensors.index.json      HF index (weight_map, metadata.total_size) + metadata.odyssey:
+                                  {format_version, dtype, checksum: "sha256",
+                                   shards: {file: {unit, bytes, sha256}}}   (written last)
+tokenizer.json ...                optional, copied by import / prepare-data --model
+```
+Shard bytes (safetensors): u64 little-endian N, N bytes of JSON header, then the tensors packed
+with no gaps in header order. Odyssey pads the header with spaces so the data starts at a multiple
+of 4096 bytes (PAGE_SIZE; the safetensors format allows trailing spaces): a layer's data is one
+page-aligned contiguous range, read in one go (also with O_DIRECT). `data_offsets` are relative to
+8 + N.
+
+Writing is crash-safe: each shard goes to a temporary name and is renamed when complete; a journal
+(`.odyssey-init.json`) records the checksum of every finished shard so that re-running `init` after
+a crash keeps the complete shards and writes only the rest; the index is written last, so a
+directory with an index is a complete store.
+
+Modules: `format` (names, units, the safetensors header codec), `reader` (`Store`, verify,
+`describe`), `writer` (`StoreWriter` and its journal), `init` (random init), `importer` (HF import).
+"""
+
+from odyssey.store.format import (
+                                  FORMAT_VERSION,
+                                  INDEX_NAME,
+                                  JOURNAL_NAME,
+                                  ShardInfo,
+                                  StoreError,
+                                  TensorSpan,
+                                  Unit,
+                                  build_header,
+                                  drop_cache,
+                                  file_sha256,
+                                  read_header,
+                                  shard_info,
+                                  shard_name,
+                                  unit_label,
+                                  unit_shapes,
+                                  units_of,
+)
+from odyssey.store.importer import TOKENIZER_FILES, copy_tokenizer, import_hf, tokenizer_files
+from odyssey.store.init import init_store, init_tensor, tensor_seed
+from odyssey.store.reader import Store, describe
+from odyssey.store.writer import StoreWriter
+
+__all__ = [
+    "FORMAT_VERSION", "INDEX_NAME", "JOURNAL_NAME", "TOKENIZER_FILES", "ShardInfo", "Store", "StoreError",
+    "StoreWriter", "TensorSpan", "Unit", "build_header", "copy_tokenizer", "describe", "drop_cache", "file_sha256",
+    "import_hf", "init_store", "init_tensor", "read_header", "shard_info", "shard_name", "tensor_seed",
+    "tokenizer_files", "unit_label", "unit_shapes", "units_of",
+]

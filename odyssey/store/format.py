@@ -1,0 +1,180 @@
+"""The store's file format: names, units, and the safetensors header codec.
+
+A shard is a safetensors file: u64 little-endian N, N bytes of JSON header, then the tensors packed
+with no gaps in header order. `build_header` pads the header with spaces so the data starts at a
+multiple of `align` (PAGE_SIZE for store shards); `read_header` checks a shard against its header
+(length, entries, sizes) and raises `StoreError` naming the file and how to repair it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from odyssey.config import ModelConfig
+from odyssey.dtypes import PAGE_SIZE, ST_CODES, numel
+from odyssey.errors import OdysseyError
+
+FORMAT_VERSION = 1
+INDEX_NAME = "model.safetensors.index.json"
+JOURNAL_NAME = ".odyssey-init.json"
+MAX_HEADER = 100 << 20  # bytes: a larger header is corruption
+
+Unit = str | int  # "embed", a layer index, or "head"
+
+
+class StoreError(OdysseyError):
+    pass
+
+
+def unit_label(unit: Unit) -> str:
+    return f"layer {unit}" if isinstance(unit, int) else str(unit)
+
+
+def shard_name(k: int, n: int) -> str:
+    """k is 0-based; names are HF's 1-based model-0000k-of-0000n.safetensors."""
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def units_of(cfg: ModelConfig) -> list[Unit]:
+    return ["embed", *range(cfg.num_hidden_layers), "head"]
+
+
+def unit_shapes(cfg: ModelConfig, unit: Unit) -> dict[str, tuple[int, ...]]:
+    if unit == "embed":
+        return cfg.embed_shapes()
+    if unit == "head":
+        return cfg.head_shapes()
+    return cfg.layer_shapes(unit)
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors headers
+
+
+@dataclass
+class TensorSpan:
+    name: str
+    dtype: str  # safetensors name: "BF16", "F32", ...
+    shape: tuple[int, ...]
+    start: int  # bytes, relative to the shard's data start
+    nbytes: int
+
+
+@dataclass
+class ShardInfo:
+    unit: Unit
+    path: Path
+    data_offset: int  # bytes from the start of the file to the first tensor byte (8 + N)
+    data_bytes: int  # bytes of tensor data (the file is data_offset + data_bytes long)
+    tensors: dict[str, TensorSpan]
+
+    @property
+    def file_bytes(self) -> int:
+        return self.data_offset + self.data_bytes
+
+
+def build_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None,
+                 align: int = PAGE_SIZE) -> tuple[bytes, list[TensorSpan]]:
+    """[(name, st_dtype, shape)] -> (the 8-byte length + JSON header padded so that the data starts
+    at a multiple of `align`, the spans in order)."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    spans, pos = [], 0
+    for name, dt, shape in tensors:
+        nbytes = numel(shape) * ST_CODES[dt].itemsize
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        spans.append(TensorSpan(name, dt, tuple(shape), pos, nbytes))
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    total = 8 + len(raw)
+    padded = -(-total // align) * align
+    raw += b" " * (padded - total)
+    return struct.pack("<Q", len(raw)) + raw, spans
+
+
+def read_header(path: Path) -> tuple[int, dict, dict]:
+    """-> (data_offset, tensors {name: entry}, metadata). Raises StoreError naming the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise StoreError(f"{path}: truncated shard ({size} bytes); {repair_hint(path)}")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise StoreError(f"{path}: corrupt or truncated header (length {n}, file {size} bytes); "
+                                 f"{repair_hint(path)}")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: shard missing; {repair_hint(path)}") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise StoreError(f"{path}: corrupt header (not JSON); {repair_hint(path)}") from None
+    if not isinstance(header, dict):
+        raise StoreError(f"{path}: corrupt header; {repair_hint(path)}")
+    metadata = header.pop("__metadata__", {}) or {}
+    end = 0
+    for name, e in header.items():
+        try:
+            dt, shape, (s, t) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(f"{path}: corrupt header entry {name!r}; {repair_hint(path)}") from None
+        if dt not in ST_CODES or t - s != numel(shape) * ST_CODES[dt].itemsize or s < 0:
+            raise StoreError(f"{path}: corrupt header entry {name!r}; {repair_hint(path)}")
+        end = max(end, t)
+    if 8 + n + end != size:
+        what = "truncated" if 8 + n + end > size else "has trailing bytes"
+        raise StoreError(f"{path}: shard {what} ({size} bytes on disk, header says {8 + n + end}); "
+                         f"{repair_hint(path)}")
+    return 8 + n, header, metadata
+
+
+def repair_hint(path: Path) -> str:
+    """How to repair the store that holds the bad shard `path` (the end of every shard error)."""
+    return (f"re-run `odyssey init` with the same arguments (it rewrites bad shards) or re-import, "
+            f"then `odyssey verify {path.parent}`")
+
+
+def shard_info(path: Path, unit: Unit) -> ShardInfo:
+    data_offset, header, _ = read_header(path)
+    spans = {}
+    for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        s, t = e["data_offsets"]
+        spans[name] = TensorSpan(name, e["dtype"], tuple(e["shape"]), s, t - s)
+    data_bytes = max((s.start + s.nbytes for s in spans.values()), default=0)
+    return ShardInfo(unit, path, data_offset, data_bytes, spans)
+
+
+def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    drop_cache(path)
+    return h.hexdigest()
+
+
+def drop_cache(path: Path) -> None:
+    """Drop the file's pages from the page cache (they were read once; keep RAM for work)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,117 @@
+"""Import: an existing Hugging Face Llama-family checkpoint (single or sharded safetensors) into a
+store, one layer at a time through memory maps, never the whole model in RAM; the tokenizer files
+come along.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from odyssey import atomic
+from odyssey.config import ModelConfig
+from odyssey.dtypes import DTYPES, ST_CODES, STORE_DTYPES, check_store_dtype
+from odyssey.errors import OdysseyError
+from odyssey.store.format import INDEX_NAME, read_header
+from odyssey.store.writer import StoreWriter
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "generation_config.json")
+SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM"}
+
+
+def import_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
+              force: bool = False, progress: bool = True) -> dict:
+    """Convert an HF Llama-family checkpoint (single or sharded safetensors) into a store, one
+    layer at a time through memory maps (never the whole model in RAM)."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    src = Path(src)
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise OdysseyError(f"{src} has no config.json; point `odyssey import` at a Hugging Face model "
+                           f"directory")
+    hf = json.loads(cfg_path.read_text())
+    archs = hf.get("architectures") or []
+    if not (set(archs) & SUPPORTED_ARCHS) and hf.get("model_type") not in ("llama", "mistral"):
+        raise OdysseyError(f"{src}: architecture {archs or hf.get('model_type')} is not supported; "
+                           f"Odyssey imports Llama-family checkpoints (LlamaForCausalLM)")
+    if hf.get("sliding_window") not in (None, 0) and hf.get("model_type") == "mistral":
+        raise OdysseyError(f"{src}: sliding-window attention is not supported; use a Llama checkpoint")
+    cfg = ModelConfig.from_hf_dict(hf, source=str(cfg_path))
+
+    # Where each tensor lives in the source.
+    index_path = src / INDEX_NAME
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        files = {name: src / f for name, f in weight_map.items()}
+    elif (src / "model.safetensors").is_file():
+        with safe_open(src / "model.safetensors", "pt") as f:
+            files = {name: src / "model.safetensors" for name in f.keys()}
+    else:
+        raise OdysseyError(f"{src} has no model.safetensors or {INDEX_NAME}; save the model with "
+                           f"safe_serialization (safetensors) first")
+    if cfg.tie_word_embeddings:
+        files.pop("lm_head.weight", None)
+    expected = cfg.all_shapes()
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        raise OdysseyError(f"{src}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
+                           f"is it a complete Llama model?")
+    # Keep the source dtype unless asked otherwise (f64 sources become f32).
+    if not dtype:
+        src_dtype = ST_CODES.get(_slice_dtype(files["model.embed_tokens.weight"], "model.embed_tokens.weight"))
+        dtype = src_dtype.short if src_dtype is not None and src_dtype.short in STORE_DTYPES else "f32"
+    check_store_dtype(dtype)
+
+    key = {"config": cfg.to_hf_dict(DTYPES[dtype].hf_name), "dtype": dtype, "kind": "import",
+           "source": str(src.absolute())}
+    w = StoreWriter(Path(out), cfg, dtype, key, force)
+    handles: dict[Path, object] = {}
+
+    def producer(name, shape):
+        path = files[name]
+        if path not in handles:
+            handles[path] = safe_open(path, "pt")
+        t = handles[path].get_tensor(name)  # zero-copy view of a private mmap
+        if tuple(t.shape) != tuple(shape):
+            raise OdysseyError(f"{src}: {name} has shape {list(t.shape)}, its config.json implies "
+                               f"{list(shape)}")
+        return t
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=w.total_file_bytes(), unit="B", unit_scale=True, desc="import", disable=not progress)
+    written = 0
+    for unit in w.units:
+        if not w.is_done(unit):
+            written += w.write_unit(unit, producer)
+        bar.update(w.unit_file_bytes(unit))
+        handles.clear()  # unmap source files we are done with
+    bar.close()
+    w.finish()
+    copied = copy_tokenizer(src, Path(out))
+    seconds = time.perf_counter() - t0
+    return {"parameters": cfg.num_parameters(), "bytes": w.total_file_bytes(), "written_bytes": written,
+            "seconds": seconds, "mb_s": written / 1e6 / max(seconds, 1e-9), "out": str(out),
+            "dtype": dtype, "tokenizer_files": copied}
+
+
+def _slice_dtype(path: Path, name: str) -> str:
+    _, header, _ = read_header(path)
+    return header[name]["dtype"]
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The tokenizer files (TOKENIZER_FILES) present in `directory`."""
+    return [Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()]
+
+
+def copy_tokenizer(src_dir: Path, dst_dir: Path) -> list[str]:
+    copied = []
+    for path in tokenizer_files(src_dir):
+        atomic.write_bytes(Path(dst_dir) / path.name, path.read_bytes())
+        copied.append(path.name)
+    return copied
