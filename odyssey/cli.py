@@ -123,9 +123,10 @@ def cmd_plan(args) -> int:
 
 def cmd_generate(args) -> int:
     from odyssey.engine import Engine
-    from odyssey.generate import generate_ids, load_tokenizer, stream_text
+    from odyssey.generate import generate_ids, stream_text
     from odyssey.planner import check, plan_for_store
     from odyssey.store import Store
+    from odyssey.tokenizer import load_tokenizer
 
     store = Store.open(args.model)
     if args.prompt_ids:
@@ -137,7 +138,8 @@ def cmd_generate(args) -> int:
     else:
         if args.prompt is None:
             raise OdysseyError("pass --prompt TEXT (or --prompt-ids 1,2,3)")
-        tok = load_tokenizer(store.root)
+        tok = load_tokenizer(store.root, fix=f"add one with `odyssey prepare-data DATA --out DIR --model {store.root}` "
+                                             f"(or `odyssey import` a model that has one), or pass --prompt-ids 1,2,3")
         prompt = tok.encode(args.prompt).ids
         bos = store.config.bos_token_id
         if bos is not None and (not prompt or prompt[0] != bos):

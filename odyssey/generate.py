@@ -6,23 +6,12 @@ keys and values are appended to the cache (L x 2 x (B, Hkv, S, hd)).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from odyssey.errors import OdysseyError
 from odyssey.model import KVCache
-
-
-def load_tokenizer(store_dir: Path):
-    from tokenizers import Tokenizer
-
-    path = Path(store_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise OdysseyError(f"{store_dir} has no tokenizer; add one with `odyssey prepare-data DATA --out DIR "
-                           f"--model {store_dir}` (or `odyssey import` a model that has one), or pass --prompt-ids 1,2,3")
-    return Tokenizer.from_file(str(path))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> int:

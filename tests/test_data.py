@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from odyssey.data import (BatchSampler, TokenData, eval_batches, load_tokenizer, prepare_data,
-                          read_documents, token_dtype, train_tokenizer, unigram_loss)
+from odyssey.data import BatchSampler, TokenData, eval_batches, prepare_data, read_documents, token_dtype, unigram_loss
 from odyssey.errors import OdysseyError
+from odyssey.tokenizer import load_tokenizer, train_tokenizer
 
 from tests.conftest import load_tool
 

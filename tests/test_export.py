@@ -239,8 +239,8 @@ def test_all_formats_with_adapter(tmp_path):
     from gguf import GGUFReader
 
     from odyssey.adapters import read_adapter
-    from odyssey.data import train_tokenizer
     from odyssey.merge import MergedSource
+    from odyssey.tokenizer import train_tokenizer
 
     base = tmp_path / "base"
     init_store(tiny_config(vocab_size=320), base, dtype="f32", seed=1, progress=False)

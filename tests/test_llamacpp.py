@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from odyssey.data import load_tokenizer, prepare_data
+from odyssey.data import prepare_data
 from odyssey.engine import Engine
 from odyssey.export.gguf import write_gguf
 from odyssey.store import Store, StoreWriter, copy_tokenizer, init_store
+from odyssey.tokenizer import load_tokenizer
 from tests.conftest import ROOT, tiny_config
 
 pytestmark = pytest.mark.slow

@@ -252,7 +252,7 @@ def _adds_bos(tok: dict, bos: Optional[str]) -> bool:
 
 def _special_names(tokenizer_path: Path) -> dict[str, str]:
     """bos/eos/unk token strings: tokenizer_config.json's if present, else Odyssey's."""
-    from odyssey.data import BOS, EOS, UNK
+    from odyssey.tokenizer import BOS, EOS, UNK
 
     names = {"bos": BOS, "eos": EOS, "unk": UNK}
     cfg_path = tokenizer_path.parent / "tokenizer_config.json"

@@ -1,0 +1,32 @@
+"""Text corpus -> byte-level BPE tokenizer -> token files on disk -> memory-mapped training batches.
+
+A prepared data directory (`odyssey prepare-data CORPUS --out DIR`) holds:
+
+    tokenizer.json            HF `tokenizers` byte-level BPE (GPT-2 byte-to-unicode tokens + merges)
+    tokenizer_config.json     so `transformers.AutoTokenizer.from_pretrained(DIR)` loads it,
+    special_tokens_map.json   with <unk> = 0, <s> = 1 (bos), </s> = 2 (eos) for a trained tokenizer
+    train.bin, val.bin        raw token ids, little-endian uint16 (vocab <= 65535) or uint32, no header:
+                              every document is stored as  <s> tokens... </s>  and documents follow
+                              each other, so a window that crosses documents sees the boundary
+    manifest.json             written last: format, dtype, vocab, special ids, tokens and documents
+                              per split, sources, sha256 of tokenizer.json
+
+Documents go to train or val whole (a seeded random choice of documents, at least one in val).
+Nothing holds all token ids in RAM: documents are encoded in batches and appended to the files,
+and training reads them back through `np.memmap`. Every file is written under a temporary name
+and renamed; the manifest comes last, so a directory without one is unfinished.
+
+    corpus.py    reading documents from .txt / .jsonl files
+    tokens.py    the token files and manifest: format, writer, reader (`TokenData`), unigram baseline
+    sampler.py   (x, y) batches of windows: `BatchSampler` (training), `eval_batches`
+    prepare.py   `prepare_data`, the whole job of `odyssey prepare-data`
+The tokenizer itself (training, loading, special tokens) is `odyssey.tokenizer`.
+"""
+
+from odyssey.data.corpus import read_documents
+from odyssey.data.prepare import prepare_data
+from odyssey.data.sampler import BatchSampler, eval_batches
+from odyssey.data.tokens import TokenData, token_dtype, unigram_loss
+
+__all__ = ["BatchSampler", "TokenData", "eval_batches", "prepare_data", "read_documents", "token_dtype",
+           "unigram_loss"]
