@@ -23,7 +23,8 @@ from odyssey import atomic
 from odyssey.adapters import WEIGHTS_NAME, AdapterFile, read_adapter
 from odyssey.dtypes import DTYPES, check_store_dtype
 from odyssey.errors import OdysseyError
-from odyssey.store import Store, StoreWriter, Unit, copy_tokenizer, file_sha256, tokenizer_files, unit_label
+from odyssey.store import Store, StoreWriter, Unit, file_sha256, unit_label
+from odyssey.tokenizer import copy_tokenizer, tokenizer_files
 
 MERGE_RECORD = "odyssey_merge.json"  # in the merged store: which base and adapter made it
 

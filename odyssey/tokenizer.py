@@ -109,6 +109,20 @@ def hf_side_files() -> dict[str, bytes]:
     return {"tokenizer_config.json": dump(config), "special_tokens_map.json": dump(specials)}
 
 
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The tokenizer files (TOKENIZER_FILES) present in `directory`."""
+    return [Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()]
+
+
+def copy_tokenizer(src_dir: Path, dst_dir: Path) -> list[str]:
+    """Copy the tokenizer files of `src_dir` into `dst_dir` (each atomically); returns their names."""
+    copied = []
+    for path in tokenizer_files(src_dir):
+        write_bytes(Path(dst_dir) / path.name, path.read_bytes())
+        copied.append(path.name)
+    return copied
+
+
 def write_tokenizer_files(files: dict[str, bytes], directory: Path, written: list[Path]) -> None:
     """Write `files` (name -> bytes, one per WRITTEN_FILES name) into `directory`, each atomically;
     append each path to `written` as soon as it exists (for the caller's cleanup if a later step fails)."""

@@ -177,7 +177,8 @@ class FullLearner:
 
     def finish(self, run: RunDir, **extra) -> Path:
         """The trained model as a new store in RUN/model (same format and dtype as the base)."""
-        from odyssey.store import StoreWriter, copy_tokenizer
+        from odyssey.store import StoreWriter
+        from odyssey.tokenizer import copy_tokenizer
 
         out = run.root / "model"
         sd = self.model.tied_state_dict()

@@ -25,8 +25,8 @@ import torch
 from odyssey.data import prepare_data
 from odyssey.engine import Engine
 from odyssey.export.gguf import write_gguf
-from odyssey.store import Store, StoreWriter, copy_tokenizer, init_store
-from odyssey.tokenizer import load_tokenizer
+from odyssey.store import Store, StoreWriter, init_store
+from odyssey.tokenizer import copy_tokenizer, load_tokenizer
 from tests.conftest import ROOT, tiny_config
 
 pytestmark = pytest.mark.slow

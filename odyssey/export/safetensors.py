@@ -25,7 +25,8 @@ from typing import Callable
 from odyssey import atomic
 from odyssey.dtypes import DTYPES, numel
 from odyssey.export import stream_tensors
-from odyssey.store import INDEX_NAME, build_header, copy_tokenizer, shard_name, tokenizer_files, unit_shapes
+from odyssey.store import INDEX_NAME, build_header, shard_name, unit_shapes
+from odyssey.tokenizer import copy_tokenizer, tokenizer_files
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30  # bytes; HF's save_pretrained default is 5 GB, smaller eases copying
 HEADER_ALIGN = 8  # bytes: the safetensors default

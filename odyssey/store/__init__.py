@@ -45,14 +45,14 @@ from odyssey.store.format import (
                                   unit_shapes,
                                   units_of,
 )
-from odyssey.store.importer import TOKENIZER_FILES, copy_tokenizer, import_hf, tokenizer_files
+from odyssey.store.importer import import_hf
 from odyssey.store.init import init_store, init_tensor, tensor_seed
 from odyssey.store.reader import Store, describe
 from odyssey.store.writer import StoreWriter
 
 __all__ = [
-    "FORMAT_VERSION", "INDEX_NAME", "JOURNAL_NAME", "TOKENIZER_FILES", "ShardInfo", "Store", "StoreError",
-    "StoreWriter", "TensorSpan", "Unit", "build_header", "copy_tokenizer", "describe", "drop_cache", "file_sha256",
+    "FORMAT_VERSION", "INDEX_NAME", "JOURNAL_NAME", "ShardInfo", "Store", "StoreError",
+    "StoreWriter", "TensorSpan", "Unit", "build_header", "describe", "drop_cache", "file_sha256",
     "import_hf", "init_store", "init_tensor", "read_header", "shard_info", "shard_name", "tensor_seed",
-    "tokenizer_files", "unit_label", "unit_shapes", "units_of",
+    "unit_label", "unit_shapes", "units_of",
 ]

@@ -10,15 +10,13 @@ import os
 import time
 from pathlib import Path
 
-from odyssey import atomic
 from odyssey.config import ModelConfig
 from odyssey.dtypes import DTYPES, ST_CODES, STORE_DTYPES, check_store_dtype
 from odyssey.errors import OdysseyError
 from odyssey.store.format import INDEX_NAME, read_header
 from odyssey.store.writer import StoreWriter
+from odyssey.tokenizer import copy_tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "generation_config.json")
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM"}
 
 
@@ -102,16 +100,3 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None 
 def _slice_dtype(path: Path, name: str) -> str:
     _, header, _ = read_header(path)
     return header[name]["dtype"]
-
-
-def tokenizer_files(directory: Path) -> list[Path]:
-    """The tokenizer files (TOKENIZER_FILES) present in `directory`."""
-    return [Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()]
-
-
-def copy_tokenizer(src_dir: Path, dst_dir: Path) -> list[str]:
-    copied = []
-    for path in tokenizer_files(src_dir):
-        atomic.write_bytes(Path(dst_dir) / path.name, path.read_bytes())
-        copied.append(path.name)
-    return copied
