@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= 1.2b
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow bench clean-demo
+.PHONY: venv demo test lint package test-slow bench clean-demo
 
 # torch is installed first with its pinned version: a CPU build is at hand, while an unpinned
 # torch would pull gigabytes of CUDA packages.
@@ -22,9 +22,20 @@ venv: $(STAMP)
 demo: $(STAMP)
 	DEMO=$(DEMO) $(PY) tools/demo.py
 
+# `make test`: lint, the release artifacts, then the fast suite (its summary is the last line).
 test: $(STAMP)
 	@bash tools/ensure_xvfb.sh || true
+	@$(MAKE) --no-print-directory lint package
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# ruff: rules E, F, I, UP, B at 120 columns (pyproject.toml), and the formatter's check.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check odyssey tests tools benchmarks
+	$(VENV)/bin/ruff format --check odyssey tests tools benchmarks
+
+# wheel + sdist (python -m build), the wheel installed into a clean venv: `odyssey --help`, `odyssey doctor`.
+package: $(STAMP)
+	BASE_PYTHON=$(PYTHON) bash tools/check_package.sh $(PY)
 
 # llama-cpp-python (the GGUF interop test) builds from its source package: 5-7 minutes on 2
 # cores, once, pinned to the version tested. GGML_NATIVE=OFF: a portable build (CMAKE_ARGS overrides).
