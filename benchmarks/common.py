@@ -19,8 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py`: make `odyssey` and `benchmarks` importable
@@ -39,7 +39,7 @@ PYTHON = sys.executable  # the venv's python when run as `.venv/bin/python bench
 # the machine
 
 
-def _mem_total_bytes() -> Optional[int]:
+def _mem_total_bytes() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
@@ -49,7 +49,7 @@ def _mem_total_bytes() -> Optional[int]:
     return None
 
 
-def _version(module: str) -> Optional[str]:
+def _version(module: str) -> str | None:
     try:
         from importlib.metadata import version
 
@@ -62,7 +62,8 @@ def machine() -> dict:
     """What the figures were measured on: CPU, cores, RAM, SIMD flags that decide the compute dtype,
     library versions, allocator and cgroup support. Reads /proc; imports no torch."""
     from odyssey.runtime import allocator, cgroup
-    from odyssey.runtime.cpu import cpu_flags, native_bf16 as bf16_native
+    from odyssey.runtime.cpu import cpu_flags
+    from odyssey.runtime.cpu import native_bf16 as bf16_native
 
     model, flags = cpu_flags()
     simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "bf16") if f in flags]
@@ -89,9 +90,11 @@ def describe_machine(m: dict) -> str:
     """One line for titles and the README."""
     v = m.get("versions", {})
     libs = ", ".join(f"{k} {val}" for k, val in v.items() if val and k != "safetensors")
-    return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, "
-            f"SIMD {'/'.join(m.get('simd') or ['-'])} (native bf16: {'yes' if m.get('native_bf16') else 'no'}, "
-            f"so everyone computes in {m.get('compute_dtype')}), Linux {m.get('kernel')}, {libs}")
+    return (
+        f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, "
+        f"SIMD {'/'.join(m.get('simd') or ['-'])} (native bf16: {'yes' if m.get('native_bf16') else 'no'}, "
+        f"so everyone computes in {m.get('compute_dtype')}), Linux {m.get('kernel')}, {libs}"
+    )
 
 
 def today() -> str:
@@ -115,7 +118,7 @@ def fmt(value, digits: int = 2, unit: str = "") -> str:
     return str(value)
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence], align: Optional[str] = None) -> str:
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence], align: str | None = None) -> str:
     """GitHub markdown table. `align` has one character per column: l, r or c (default: l).
     Pipes inside cells are escaped so an error message cannot break the table."""
     headers = list(headers)
@@ -146,14 +149,14 @@ def write_markdown(path: Path, title: str, sections: Sequence[tuple[str, str]], 
     return Path(path)
 
 
-def write_results(out: Path, name: str, result, title: str, sections: Sequence[tuple[str, str]],
-                  notes: Sequence[str] = (), chart=None) -> list[Path]:
+def write_results(
+    out: Path, name: str, result, title: str, sections: Sequence[tuple[str, str]], notes: Sequence[str] = (), chart=None
+) -> list[Path]:
     """out/NAME.json, out/NAME.md and, when `chart(path)` draws one (matplotlib present),
     out/NAME.png; prints and returns the paths written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_json(out / f"{name}.json", result),
-               write_markdown(out / f"{name}.md", title, sections, notes)]
+    written = [write_json(out / f"{name}.json", result), write_markdown(out / f"{name}.md", title, sections, notes)]
     pic = chart(out / f"{name}.png") if chart else None
     if pic:
         written.append(pic)
@@ -186,7 +189,7 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def median(values: Sequence[float]) -> Optional[float]:
+def median(values: Sequence[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
@@ -204,9 +207,14 @@ def last_line(text: str) -> str:
 # running a command in a memory cgroup
 
 
-def run_capped(cmd: Sequence, budget_bytes: Optional[int], log: Path, timeout_s: Optional[float] = None,
-               env: Optional[dict] = None, stdout_path: Optional[Path] = None
-               ) -> tuple[Optional[int], Optional[int], bool, str, float]:
+def run_capped(
+    cmd: Sequence,
+    budget_bytes: int | None,
+    log: Path,
+    timeout_s: float | None = None,
+    env: dict | None = None,
+    stdout_path: Path | None = None,
+) -> tuple[int | None, int | None, bool, str, float]:
     """Run `cmd` from ROOT inside a fresh memory cgroup capped at `budget_bytes` (None: no cgroup, no
     cap), stderr into `log`, stdout into `stdout_path` when given (else into the log with stderr).
     Returns (returncode, peak_bytes, oom_killed, error_line, seconds): returncode None when it ran
@@ -219,11 +227,17 @@ def run_capped(cmd: Sequence, budget_bytes: Optional[int], log: Path, timeout_s:
         out = open(stdout_path, "w") if stdout_path else err
         try:
             if budget_bytes is None:
-                rc, peak, oom = subprocess.run(list(cmd), timeout=timeout_s, stdout=out, stderr=err, cwd=ROOT,
-                                               env=env, check=False).returncode, None, False
+                rc, peak, oom = (
+                    subprocess.run(
+                        list(cmd), timeout=timeout_s, stdout=out, stderr=err, cwd=ROOT, env=env, check=False
+                    ).returncode,
+                    None,
+                    False,
+                )
             else:
-                rc, peak, oom = run_in_cgroup(cmd, budget_bytes, timeout=timeout_s, stdout=out, stderr=err,
-                                              cwd=ROOT, env=env)
+                rc, peak, oom = run_in_cgroup(
+                    cmd, budget_bytes, timeout=timeout_s, stdout=out, stderr=err, cwd=ROOT, env=env
+                )
         except subprocess.TimeoutExpired:
             return None, None, False, f"timed out after {timeout_s:.0f} s", time.perf_counter() - t0
         finally:
@@ -244,7 +258,7 @@ def odyssey_cmd(*args) -> list[str]:
     return [PYTHON, "-m", "odyssey", *map(str, args)]
 
 
-def store_ok(path: Path, config_yaml: Optional[Path] = None) -> bool:
+def store_ok(path: Path, config_yaml: Path | None = None) -> bool:
     """A complete store (index present, shards of the right sizes) whose architecture matches the
     config YAML when one is given."""
     try:
@@ -280,8 +294,9 @@ def ensure_data(cache: Path = CACHE, progress=print) -> Path:
     if (out / "manifest.json").is_file():
         return out
     progress(f"creating {out} (odyssey prepare-data data/sample)")
-    subprocess.run(odyssey_cmd("prepare-data", ROOT / "data" / "sample", "--out", out, "--force", "--quiet"),
-                   check=True, cwd=ROOT)
+    subprocess.run(
+        odyssey_cmd("prepare-data", ROOT / "data" / "sample", "--out", out, "--force", "--quiet"), check=True, cwd=ROOT
+    )
     return out
 
 
@@ -294,19 +309,40 @@ def train_available() -> tuple[bool, str]:
     proc = subprocess.run(odyssey_cmd("train", "--help"), capture_output=True, text=True, cwd=ROOT)
     if proc.returncode == 0:
         return True, ""
-    return False, ("`odyssey train` is not available in this checkout (" +
-                   (last_line(proc.stderr) or f"exit {proc.returncode}") + ")")
+    return False, (
+        "`odyssey train` is not available in this checkout ("
+        + (last_line(proc.stderr) or f"exit {proc.returncode}")
+        + ")"
+    )
 
 
-def train_cmd(store: Path, data: Path, run_dir: Path, budget_bytes: int, steps: int, seq_len: int = 512,
-              extra: Sequence[str] = ()) -> list[str]:
+def train_cmd(
+    store: Path, data: Path, run_dir: Path, budget_bytes: int, steps: int, seq_len: int = 512, extra: Sequence[str] = ()
+) -> list[str]:
     """The `odyssey train` command of every benchmark: batch 1, r=16, alpha 32, no eval, no guard
     (the cgroup is the cap), and no periodic checkpoint (checkpoint_every must be > 0, so it is set
     past the last step)."""
-    return odyssey_cmd("train", "--model", store, "--data", data, "--out", run_dir,
-                       "--ram-budget", f"{budget_bytes // MIB}MiB", "--no-guard", "--steps", steps,
-                       f"seq_len={seq_len}", "batch_size=1", "lora.r=16", "lora.alpha=32",
-                       "eval_every=0", f"checkpoint_every={max(steps, 1) * 1000}", *extra)
+    return odyssey_cmd(
+        "train",
+        "--model",
+        store,
+        "--data",
+        data,
+        "--out",
+        run_dir,
+        "--ram-budget",
+        f"{budget_bytes // MIB}MiB",
+        "--no-guard",
+        "--steps",
+        steps,
+        f"seq_len={seq_len}",
+        "batch_size=1",
+        "lora.r=16",
+        "lora.alpha=32",
+        "eval_every=0",
+        f"checkpoint_every={max(steps, 1) * 1000}",
+        *extra,
+    )
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -339,8 +375,7 @@ def summarize_steps(records: list[dict], skip: int = 1) -> dict:
         "step_s": median([r.get("step_s") for r in measured]),
         "step_s_all": [r.get("step_s") for r in steps],
         "tokens_per_s": median([r.get("tokens_per_s") for r in measured]),
-        "peak_rss_anon_mib": max((r["rss_anon_mib"] for r in steps if r.get("rss_anon_mib") is not None),
-                                 default=None),
+        "peak_rss_anon_mib": max((r["rss_anon_mib"] for r in steps if r.get("rss_anon_mib") is not None), default=None),
         "losses": [r.get("loss") for r in steps],
         "stall_s": median([r.get("stall_s") for r in measured]),
         "pagein_mb_s": median([r.get("pagein_mb_s") for r in measured]),
@@ -362,7 +397,7 @@ def short_error(message: str) -> str:
 _SUGGEST_RE = re.compile(r"--ram-budget\s+(\d+)\s*MiB\s+or\s+more", re.I)
 
 
-def suggested_budget(message: str) -> Optional[int]:
+def suggested_budget(message: str) -> int | None:
     """The smallest budget the planner names in its refusal ('use --ram-budget 1490MiB or more'), bytes."""
     m = _SUGGEST_RE.search(message or "")
     return int(m.group(1)) * MIB if m else None

@@ -77,7 +77,7 @@ def matmul_gflops(dtype: str, n: int = 1024, seconds: float = 2.0) -> float:
     while time.perf_counter() - t0 < seconds:
         a @ b
         k += 1
-    return 2 * n ** 3 * k / (time.perf_counter() - t0) / 1e9
+    return 2 * n**3 * k / (time.perf_counter() - t0) / 1e9
 
 
 def run_side(side: str, store: Path, data: Path, args) -> dict:
@@ -85,8 +85,22 @@ def run_side(side: str, store: Path, data: Path, args) -> dict:
     cgroups are available); its JSON line, with the cgroup's peak (MiB, None without a cgroup)."""
     from odyssey.runtime import cgroup
 
-    cmd = [common.PYTHON, str(Path(__file__).resolve()), "--worker", side, "--model", str(store), "--data", str(data),
-           "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--r", str(args.r)]
+    cmd = [
+        common.PYTHON,
+        str(Path(__file__).resolve()),
+        "--worker",
+        side,
+        "--model",
+        str(store),
+        "--data",
+        str(data),
+        "--steps",
+        str(args.steps),
+        "--seq-len",
+        str(args.seq_len),
+        "--r",
+        str(args.r),
+    ]
     budget = common.parse_budget(args.budget) if side == "paged" and cgroup.available()[0] else None
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / f"{side}.log"
@@ -136,12 +150,24 @@ def main(argv=None) -> int:
     tokens = args.seq_len
     limit_tps = flops[compute] * 1e9 / (6 * params)
     result = {
-        "machine": common.machine(), "date": common.today(), "model": common.model_label(store),
-        "parameters": params, "seq_len": args.seq_len, "r": args.r, "budget": args.budget, "steps": args.steps,
-        "rounds": args.rounds, "compute_dtype": compute, "matmul_gflops": flops,
-        "paged": sides["paged"], "resident": sides["resident"],
-        "paged_step_s": paged, "resident_step_s": resident, "ratio": paged / resident,
-        "paged_tokens_per_s": tokens / paged, "resident_tokens_per_s": tokens / resident,
+        "machine": common.machine(),
+        "date": common.today(),
+        "model": common.model_label(store),
+        "parameters": params,
+        "seq_len": args.seq_len,
+        "r": args.r,
+        "budget": args.budget,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "compute_dtype": compute,
+        "matmul_gflops": flops,
+        "paged": sides["paged"],
+        "resident": sides["resident"],
+        "paged_step_s": paged,
+        "resident_step_s": resident,
+        "ratio": paged / resident,
+        "paged_tokens_per_s": tokens / paged,
+        "resident_tokens_per_s": tokens / resident,
         "compute_limit_tokens_per_s": limit_tps,
         "paged_peak_mib": max((r["cgroup_peak_mib"] or r["peak_anon_mib"]) for r in sides["paged"]),
         "resident_peak_anon_mib": max(r["peak_anon_mib"] for r in sides["resident"]),
@@ -149,17 +175,33 @@ def main(argv=None) -> int:
     n = args.steps * args.rounds
     table = common.markdown_table(
         ["side", "median step (s)", "tokens/s", "of compute limit", "peak memory (MiB)"],
-        [["out-of-core (paged, in a %s cgroup)" % args.budget, common.fmt(paged), common.fmt(tokens / paged, 1),
-          f"{100 * tokens / paged / limit_tps:.0f}%", common.fmt(result["paged_peak_mib"], 0)],
-         ["all base weights resident", common.fmt(resident), common.fmt(tokens / resident, 1),
-          f"{100 * tokens / resident / limit_tps:.0f}%", common.fmt(result["resident_peak_anon_mib"], 0)],
-         ["ratio out-of-core / resident", common.fmt(paged / resident, 3), "", "", ""]], "lrrrr")
-    notes = [f"{result['model']} model, LoRA r={args.r}, batch 1 x seq {args.seq_len}; medians of {n} steps per side "
-             f"after a warm-up step, {args.rounds} round(s) alternating sides",
-             f"compute limit: {compute} matmul {flops[compute]:.0f} GFLOP/s measured in this run / (6 x {result['model']} "
-             f"FLOP per token) = {limit_tps:.1f} tokens/s (bf16 {flops['bf16']:.1f}, fp32 {flops['fp32']:.0f} GFLOP/s)",
-             "paged peak: the cgroup's max usage (anonymous + page cache charged to it); resident: anonymous RSS",
-             common.describe_machine(result["machine"]) + f"; {result['date']}"]
+        [
+            [
+                f"out-of-core (paged, in a {args.budget} cgroup)",
+                common.fmt(paged),
+                common.fmt(tokens / paged, 1),
+                f"{100 * tokens / paged / limit_tps:.0f}%",
+                common.fmt(result["paged_peak_mib"], 0),
+            ],
+            [
+                "all base weights resident",
+                common.fmt(resident),
+                common.fmt(tokens / resident, 1),
+                f"{100 * tokens / resident / limit_tps:.0f}%",
+                common.fmt(result["resident_peak_anon_mib"], 0),
+            ],
+            ["ratio out-of-core / resident", common.fmt(paged / resident, 3), "", "", ""],
+        ],
+        "lrrrr",
+    )
+    notes = [
+        f"{result['model']} model, LoRA r={args.r}, batch 1 x seq {args.seq_len}; medians of {n} steps per side "
+        f"after a warm-up step, {args.rounds} round(s) alternating sides",
+        f"compute limit: {compute} matmul {flops[compute]:.0f} GFLOP/s measured in this run / (6 x {result['model']} "
+        f"FLOP per token) = {limit_tps:.1f} tokens/s (bf16 {flops['bf16']:.1f}, fp32 {flops['fp32']:.0f} GFLOP/s)",
+        "paged peak: the cgroup's max usage (anonymous + page cache charged to it); resident: anonymous RSS",
+        common.describe_machine(result["machine"]) + f"; {result['date']}",
+    ]
     print(table)
     for line in notes:
         print("- " + line)

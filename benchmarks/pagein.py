@@ -47,16 +47,21 @@ def grid(store_dir: Path, slots=SLOTS, read_mib=READ_MIB, repeats: int = 1, prog
                 bench._drop_all(store)
                 pager_s.append(_pager_cold(store, n, mib << 20))
             raw_best, pager_best = min(raw_s), min(pager_s)
-            row = {"slots": n, "read_mib": mib, "mb_s": round(total / 1e6 / pager_best, 1),
-                   "raw_mb_s": round(total / 1e6 / raw_best, 1),
-                   "ratio_to_raw": round(raw_best / pager_best, 3),
-                   "default": n == bench.DEFAULT[1] and (mib << 20) == READ_CHUNK}
+            row = {
+                "slots": n,
+                "read_mib": mib,
+                "mb_s": round(total / 1e6 / pager_best, 1),
+                "raw_mb_s": round(total / 1e6 / raw_best, 1),
+                "ratio_to_raw": round(raw_best / pager_best, 3),
+                "default": n == bench.DEFAULT[1] and (mib << 20) == READ_CHUNK,
+            }
             rows.append(row)
-            progress(f"  slots {n}  read {mib:3d} MiB  {row['mb_s']:7.0f} MB/s  raw {row['raw_mb_s']:7.0f} MB/s  "
-                     f"x{row['ratio_to_raw']:.2f}" + ("   <- default" if row["default"] else ""))
+            progress(
+                f"  slots {n}  read {mib:3d} MiB  {row['mb_s']:7.0f} MB/s  raw {row['raw_mb_s']:7.0f} MB/s  "
+                f"x{row['ratio_to_raw']:.2f}" + ("   <- default" if row["default"] else "")
+            )
     bench._drop_all(store)
-    return {"model": str(store_dir), "bytes": total, "units": len(store.units), "repeats": repeats,
-            "rows": rows}
+    return {"model": str(store_dir), "bytes": total, "units": len(store.units), "repeats": repeats, "rows": rows}
 
 
 def _pager_cold(store, slots: int, read_bytes: int) -> float:
@@ -75,10 +80,20 @@ def _pager_cold(store, slots: int, read_bytes: int) -> float:
 
 
 def grid_table(result: dict) -> str:
-    rows = [(r["slots"], r["read_mib"], f"{r['mb_s']:.0f}", f"{r['raw_mb_s']:.0f}", f"{r['ratio_to_raw']:.2f}",
-             "yes" if r["default"] else "") for r in result["rows"]]
-    return common.markdown_table(["slots", "read MiB", "pager MB/s", "raw MB/s (same moment)", "x raw", "default"],
-                                 rows, "rrrrrc")
+    rows = [
+        (
+            r["slots"],
+            r["read_mib"],
+            f"{r['mb_s']:.0f}",
+            f"{r['raw_mb_s']:.0f}",
+            f"{r['ratio_to_raw']:.2f}",
+            "yes" if r["default"] else "",
+        )
+        for r in result["rows"]
+    ]
+    return common.markdown_table(
+        ["slots", "read MiB", "pager MB/s", "raw MB/s (same moment)", "x raw", "default"], rows, "rrrrrc"
+    )
 
 
 def grid_png(result: dict, path: Path):
@@ -106,8 +121,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="store directory (default: the 1.2B under .cache/bench, created if missing)")
     p.add_argument("--repeats", type=int, default=2, help="runs per row of the strategies table; the best is kept")
-    p.add_argument("--grid-repeats", type=int, default=1,
-                   help="runs per grid cell (each already paired with its own raw read); the best is kept")
+    p.add_argument(
+        "--grid-repeats",
+        type=int,
+        default=1,
+        help="runs per grid cell (each already paired with its own raw read); the best is kept",
+    )
     p.add_argument("--slots", default=",".join(map(str, SLOTS)))
     p.add_argument("--read-mib", default=",".join(map(str, READ_MIB)))
     p.add_argument("--out-dir", default=str(common.RESULTS))
@@ -129,17 +148,22 @@ def main(argv=None) -> int:
 
     slots = [int(x) for x in args.slots.split(",")]
     read_mib = [int(x) for x in args.read_mib.split(",")]
-    print(f"\npager grid on {model}: slots x read size, cold, each cell paired with a raw read "
-          f"(best of {args.grid_repeats})")
+    print(
+        f"\npager grid on {model}: slots x read size, cold, each cell paired with a raw read "
+        f"(best of {args.grid_repeats})"
+    )
     g = grid(model, slots, read_mib, repeats=args.grid_repeats)
     g.update(machine=mach, date=common.today(), seconds=round(time.perf_counter() - t0, 1))
     table = grid_table(g)
     print(table)
-    caption = (f"Pager throughput against slot count and read size, cold, {g['bytes'] / 1e6:,.0f} MB in "
-               f"{g['units']} shards; raw = plain 16 MiB sequential reads of the same files timed just "
-               f"before each cell (best of {args.grid_repeats}).")
-    common.write_results(out, "pagein-grid", g, "Page-in: slots and read size", [(caption, table)],
-                         chart=lambda path: grid_png(g, path))
+    caption = (
+        f"Pager throughput against slot count and read size, cold, {g['bytes'] / 1e6:,.0f} MB in "
+        f"{g['units']} shards; raw = plain 16 MiB sequential reads of the same files timed just "
+        f"before each cell (best of {args.grid_repeats})."
+    )
+    common.write_results(
+        out, "pagein-grid", g, "Page-in: slots and read size", [(caption, table)], chart=lambda path: grid_png(g, path)
+    )
     return 0
 
 

@@ -43,9 +43,10 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -71,9 +72,9 @@ PEER_LABELS = {
 class Attempt:
     budget_bytes: int
     ok: bool
-    returncode: Optional[int] = None
+    returncode: int | None = None
     oom_killed: bool = False
-    peak_bytes: Optional[int] = None  # the cgroup's peak charge
+    peak_bytes: int | None = None  # the cgroup's peak charge
     error: str = ""  # last line of the log when it failed
     seconds: float = 0.0
     result: dict = field(default_factory=dict)  # what the worker (or metrics.jsonl) reported
@@ -83,7 +84,7 @@ class Attempt:
         return self.budget_bytes / GIB
 
 
-def ladder(start_bytes: int, rungs_gib: Sequence[float] = RUNGS_GIB, cap_bytes: Optional[int] = None) -> list[int]:
+def ladder(start_bytes: int, rungs_gib: Sequence[float] = RUNGS_GIB, cap_bytes: int | None = None) -> list[int]:
     """The budgets to try: the start, then every rung above it, up to `cap_bytes`."""
     out = [int(start_bytes)]
     for g in rungs_gib:
@@ -93,10 +94,16 @@ def ladder(start_bytes: int, rungs_gib: Sequence[float] = RUNGS_GIB, cap_bytes: 
     return out
 
 
-def climb(runner: Callable[[int], Attempt], budgets: Sequence[int], same_error_stop: int = 2,
-          deadline: Optional[float] = None, progress=print,
-          suggest: Optional[Callable[[Attempt], Optional[int]]] = None, cap_bytes: Optional[int] = None,
-          screen: Optional[Callable[[int], Optional[tuple[str, str]]]] = None) -> dict:
+def climb(
+    runner: Callable[[int], Attempt],
+    budgets: Sequence[int],
+    same_error_stop: int = 2,
+    deadline: float | None = None,
+    progress=print,
+    suggest: Callable[[Attempt], int | None] | None = None,
+    cap_bytes: int | None = None,
+    screen: Callable[[int], tuple[str, str] | None] | None = None,
+) -> dict:
     """Run `runner(budget)` up the ladder until one attempt succeeds. Stops early when the last
     `same_error_stop` attempts failed without an OOM kill and with the same error (a bug, not a
     memory limit), or when `deadline` (time.monotonic) has passed. `suggest(attempt)` may name a
@@ -132,8 +139,11 @@ def climb(runner: Callable[[int], Attempt], budgets: Sequence[int], same_error_s
         if a.ok:
             break
         tail = attempts[-same_error_stop:]
-        if (same_error_stop and len(tail) == same_error_stop
-                and all(not t.oom_killed and t.error and t.error == tail[0].error for t in tail)):
+        if (
+            same_error_stop
+            and len(tail) == same_error_stop
+            and all(not t.oom_killed and t.error and t.error == tail[0].error for t in tail)
+        ):
             stopped = f"same error at {same_error_stop} budgets: not a memory limit"
             break
         wanted = suggest(a) if suggest else None
@@ -175,24 +185,64 @@ def peer_env(jemalloc: bool) -> dict:
     return env
 
 
-def peer_runner(task: str, peer: str, model: Path, data: Path, work: Path, steps: int, seq_len: int,
-                reserve_bytes: int, prompt_ids: Sequence[int], new_tokens: int, timeout_s: float,
-                jemalloc: bool, cpu_weights: int = 0) -> Callable[[int], Attempt]:
+def peer_runner(
+    task: str,
+    peer: str,
+    model: Path,
+    data: Path,
+    work: Path,
+    steps: int,
+    seq_len: int,
+    reserve_bytes: int,
+    prompt_ids: Sequence[int],
+    new_tokens: int,
+    timeout_s: float,
+    jemalloc: bool,
+    cpu_weights: int = 0,
+) -> Callable[[int], Attempt]:
     """Attempts of one peer worker; accelerate gets max_memory cpu = `cpu_weights` when given,
     else the budget less `reserve_bytes`."""
+
     def run(budget: int) -> Attempt:
         tag = f"{task}-{peer}-{budget // MIB}MiB" + (f"-cpu{cpu_weights // MIB}MiB" if cpu_weights else "")
         result_file = work / f"{tag}.json"
         offload = work / f"offload-{tag}"
         result_file.unlink(missing_ok=True)
         shutil.rmtree(offload, ignore_errors=True)
-        cmd = [common.PYTHON, str(Path(__file__).resolve()), "worker", "--task", task, "--peer", peer,
-               "--model", str(model), "--data", str(data), "--result", str(result_file), "--steps", str(steps),
-               "--seq-len", str(seq_len), "--budget", str(budget), "--reserve", str(reserve_bytes),
-               "--offload-folder", str(offload), "--prompt-ids", ",".join(map(str, prompt_ids)),
-               "--new-tokens", str(new_tokens), "--cpu-weights", str(cpu_weights)]
-        rc, peak, oom, error, seconds = common.run_capped(cmd, budget, work / f"{tag}.log", _seconds(timeout_s),
-                                                          peer_env(jemalloc))
+        cmd = [
+            common.PYTHON,
+            str(Path(__file__).resolve()),
+            "worker",
+            "--task",
+            task,
+            "--peer",
+            peer,
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--result",
+            str(result_file),
+            "--steps",
+            str(steps),
+            "--seq-len",
+            str(seq_len),
+            "--budget",
+            str(budget),
+            "--reserve",
+            str(reserve_bytes),
+            "--offload-folder",
+            str(offload),
+            "--prompt-ids",
+            ",".join(map(str, prompt_ids)),
+            "--new-tokens",
+            str(new_tokens),
+            "--cpu-weights",
+            str(cpu_weights),
+        ]
+        rc, peak, oom, error, seconds = common.run_capped(
+            cmd, budget, work / f"{tag}.log", _seconds(timeout_s), peer_env(jemalloc)
+        )
         shutil.rmtree(offload, ignore_errors=True)
         result = _read_json(result_file)
         ok = rc == 0 and bool(result.get("done"))
@@ -203,8 +253,9 @@ def peer_runner(task: str, peer: str, model: Path, data: Path, work: Path, steps
     return run
 
 
-def odyssey_train_runner(model: Path, data: Path, work: Path, steps: int, seq_len: int,
-                         timeout_s: float, extra: Sequence[str] = ()) -> Callable[[int], Attempt]:
+def odyssey_train_runner(
+    model: Path, data: Path, work: Path, steps: int, seq_len: int, timeout_s: float, extra: Sequence[str] = ()
+) -> Callable[[int], Attempt]:
     def run(budget: int) -> Attempt:
         tag = f"train-odyssey-seq{seq_len}-{budget // MIB}MiB"
         run_dir = work / tag
@@ -232,21 +283,36 @@ def odyssey_train_runner(model: Path, data: Path, work: Path, steps: int, seq_le
     return run
 
 
-def odyssey_generate_runner(model: Path, work: Path, prompt_ids: Sequence[int], new_tokens: int,
-                            timeout_s: float) -> Callable[[int], Attempt]:
+def odyssey_generate_runner(
+    model: Path, work: Path, prompt_ids: Sequence[int], new_tokens: int, timeout_s: float
+) -> Callable[[int], Attempt]:
     """`odyssey generate` in a cgroup; its stdout (one flushed write per token) is tailed from a
     file to time each token's arrival."""
+
     def run(budget: int) -> Attempt:
         tag = f"generate-odyssey-{budget // MIB}MiB"
         out_file = work / f"{tag}.out"
-        cmd = common.odyssey_cmd("generate", "--model", model, "--prompt-ids", ",".join(map(str, prompt_ids)),
-                                 "--max-new-tokens", new_tokens, "--ram-budget", f"{budget // MIB}MiB",
-                                 "--temperature", 0)
+        cmd = common.odyssey_cmd(
+            "generate",
+            "--model",
+            model,
+            "--prompt-ids",
+            ",".join(map(str, prompt_ids)),
+            "--max-new-tokens",
+            new_tokens,
+            "--ram-budget",
+            f"{budget // MIB}MiB",
+            "--temperature",
+            0,
+        )
         box = {}
         out_file.write_text("")
         limit = _seconds(timeout_s)
-        th = threading.Thread(target=lambda: box.update(r=common.run_capped(cmd, budget, work / f"{tag}.log", limit,
-                                                                            stdout_path=out_file)))
+        th = threading.Thread(
+            target=lambda: box.update(
+                r=common.run_capped(cmd, budget, work / f"{tag}.log", limit, stdout_path=out_file)
+            )
+        )
         arrivals = []  # time.time() of each new token id appearing in stdout
         load0 = os.getloadavg()[0]
         with ChildCpu() as cpu:
@@ -260,7 +326,7 @@ def odyssey_generate_runner(model: Path, work: Path, prompt_ids: Sequence[int], 
         text = out_file.read_text(errors="replace")
         tokens = [int(t) for t in text.split() if t.lstrip("-").isdigit()]
         result = generation_summary(arrivals, len(tokens))
-        gaps_cpu = [cpu_between(cpu.samples, a, b) for a, b in zip(arrivals, arrivals[1:])]
+        gaps_cpu = [cpu_between(cpu.samples, a, b) for a, b in pairwise(arrivals)]
         result["cpu_s_per_token"] = common.median(gaps_cpu)
         result["peak_anon_mib"] = round(cpu.peak_anon_bytes / MIB, 1) or None
         result["first_token_s"] = None  # from process start here: not comparable with the peer's
@@ -293,9 +359,13 @@ def _seconds(timeout_s) -> float:
 def generation_summary(arrivals: Sequence[float], n_tokens: int) -> dict:
     """Seconds per generated token = median gap between consecutive token arrivals after the
     first (the first includes start-up and the prompt pass)."""
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return {"new_tokens": n_tokens, "s_per_token": common.median(gaps), "decode_steps": len(gaps),
-            "first_token_s": arrivals[0] if arrivals else None}
+    gaps = [b - a for a, b in pairwise(arrivals)]
+    return {
+        "new_tokens": n_tokens,
+        "s_per_token": common.median(gaps),
+        "decode_steps": len(gaps),
+        "first_token_s": arrivals[0] if arrivals else None,
+    }
 
 
 def _parse_generate_stderr(text: str) -> dict:
@@ -347,7 +417,7 @@ class ChildCpu:
             self.samples.append((time.time(), self.read()))
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "ChildCpu":
+    def __enter__(self) -> ChildCpu:
         self._thread.start()
         return self
 
@@ -356,14 +426,14 @@ class ChildCpu:
         self._thread.join()
 
 
-def cpu_between(samples: Sequence[tuple[float, float]], t0: float, t1: float) -> Optional[float]:
+def cpu_between(samples: Sequence[tuple[float, float]], t0: float, t1: float) -> float | None:
     """CPU seconds spent between wall times t0 and t1, interpolated linearly between samples
     (a process's CPU counter only grows); None when the samples do not cover [t0, t1]."""
     if len(samples) < 2 or t0 < samples[0][0] or t1 > samples[-1][0] or t1 < t0:
         return None
 
     def at(t):
-        for (ta, ca), (tb, cb) in zip(samples, samples[1:]):
+        for (ta, ca), (tb, cb) in pairwise(samples):
             if ta <= t <= tb:
                 return ca if tb == ta else ca + (cb - ca) * (t - ta) / (tb - ta)
         return samples[-1][1]
@@ -371,7 +441,7 @@ def cpu_between(samples: Sequence[tuple[float, float]], t0: float, t1: float) ->
     return max(0.0, at(t1) - at(t0))
 
 
-def step_cpu(records: list[dict], samples) -> list[Optional[float]]:
+def step_cpu(records: list[dict], samples) -> list[float | None]:
     """CPU seconds of each `odyssey train` step line (it ends at `t`, lasted `step_s`)."""
     out = []
     for r in sorted((r for r in records if r.get("kind") == "step"), key=lambda r: r.get("step", 0)):
@@ -396,20 +466,26 @@ def worker(args) -> int:
     with PeakSampler(interval_s=0.05) as sampler:
         t0 = time.perf_counter()
         import torch
+
         from odyssey.runtime import allocator
 
         torch.manual_seed(0)
-        save(allocator=allocator.active(), threads=torch.get_num_threads(),
-             import_s=round(time.perf_counter() - t0, 2))
+        save(allocator=allocator.active(), threads=torch.get_num_threads(), import_s=round(time.perf_counter() - t0, 2))
         model, device_map = _load_peer(args, torch)
-        save(load_s=round(time.perf_counter() - t0, 2), device_map=device_map,
-             peak_anon_mib=round(sampler.peak_bytes / MIB, 1))
+        save(
+            load_s=round(time.perf_counter() - t0, 2),
+            device_map=device_map,
+            peak_anon_mib=round(sampler.peak_bytes / MIB, 1),
+        )
         if args.task == "train":
             _train(args, torch, model, sampler, save)
         else:
             _generate(args, torch, model, sampler, save)
-    save(done=True, peak_anon_mib=round(sampler.peak_bytes / MIB, 1),
-         loadavg=res["loadavg"] + [round(os.getloadavg()[0], 2)])
+    save(
+        done=True,
+        peak_anon_mib=round(sampler.peak_bytes / MIB, 1),
+        loadavg=res["loadavg"] + [round(os.getloadavg()[0], 2)],
+    )
     return 0
 
 
@@ -419,8 +495,9 @@ def _load_peer(args, torch):
     if args.peer == "inram":
         return LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32), {"cpu": "all"}
     cpu = args.cpu_weights or max(args.budget - args.reserve, 64 * MIB)
-    model = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map="auto",
-                                             max_memory={"cpu": cpu}, offload_folder=args.offload_folder)
+    model = LlamaForCausalLM.from_pretrained(
+        args.model, dtype=torch.float32, device_map="auto", max_memory={"cpu": cpu}, offload_folder=args.offload_folder
+    )
     counts = offload_summary(model, getattr(model, "hf_device_map", {}))
     counts["cpu_max_memory_mib"] = cpu // MIB
     return model, counts
@@ -442,8 +519,9 @@ def _train(args, torch, model, sampler, save):
 
     from odyssey.data import BatchSampler, TokenData
 
-    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                             target_modules=TARGETS, bias="none"))
+    model = get_peft_model(
+        model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=TARGETS, bias="none")
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     save(trainable=sum(p.numel() for p in params), lora_devices=sorted({str(p.device) for p in params}))
@@ -484,12 +562,18 @@ def _generate(args, torch, model, sampler, save):
     clock = Clock()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                             do_sample=False, streamer=clock, pad_token_id=0)
-    new = [int(t) for t in out[0, ids.shape[1]:]]
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=args.new_tokens,
+            do_sample=False,
+            streamer=clock,
+            pad_token_id=0,
+        )
+    new = [int(t) for t in out[0, ids.shape[1] :]]
     arrivals = [t - t0 for t in clock.t[1:]]  # the first put() is the prompt
     summary = generation_summary(arrivals, len(new))
-    summary["cpu_s_per_token"] = common.median([b - a for a, b in zip(clock.cpu[1:], clock.cpu[2:])])
+    summary["cpu_s_per_token"] = common.median([b - a for a, b in pairwise(clock.cpu[1:])])
     save(tokens=new, generate_s=round(time.perf_counter() - t0, 2), **summary)
 
 
@@ -507,6 +591,7 @@ def peer_screens(weights_bytes: int, reserve: int) -> dict:
     """Rungs not worth a run (minutes each): in RAM, a budget below the fp32 weights alone; with
     disk offload, a budget whose weights share (budget - reserve) holds every weight: nothing
     would be offloaded, so it is the in-RAM peer again (its row applies)."""
+
     def inram(b: int):
         if b < weights_bytes:
             return "skip", f"below the {weights_bytes / GIB:.2f} GiB of fp32 weights alone"
@@ -520,7 +605,7 @@ def peer_screens(weights_bytes: int, reserve: int) -> dict:
     return {"inram": inram, "offload": offload}
 
 
-def attempt_timeout(timeout_s: float, deadline: Optional[float], floor_s: float = 180.0):
+def attempt_timeout(timeout_s: float, deadline: float | None, floor_s: float = 180.0):
     """Per-attempt limit: `timeout_s`, shortened to the time left before `deadline` (but at least
     `floor_s`, so an attempt can still show something)."""
     if deadline is None:
@@ -539,7 +624,7 @@ def prompt_from(data: Path, n: int) -> list[int]:
     return [int(t) for t in TokenData(data).tokens("val")[:n]]
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
@@ -548,29 +633,48 @@ def _row(name: str, climb_res: dict, **measures) -> dict:
     and the peak memory where it ran."""
     r = climb_res["ok_result"]
     return {
-        "tool": name, "label": climb_res.get("label") or PEER_LABELS[name], "status": climb_res["status"],
+        "tool": name,
+        "label": climb_res.get("label") or PEER_LABELS[name],
+        "status": climb_res["status"],
         # the probe runs at one large cap only: "within the budget" does not apply
         "ran_within_budget": None if name == "offload-probe" else climb_res["ran_within_budget"],
         "smallest_ok_gib": climb_res["smallest_ok_bytes"] / GIB if climb_res["smallest_ok_bytes"] else None,
-        **measures, "loadavg": r.get("loadavg"),
+        **measures,
+        "loadavg": r.get("loadavg"),
         "peak_cgroup_mib": round(climb_res["ok_peak_bytes"] / MIB) if climb_res["ok_peak_bytes"] else None,
         "peak_anon_mib": r.get("peak_anon_mib") or r.get("peak_rss_anon_mib"),
-        "error": climb_res["error"], "device_map": r.get("device_map"), "stopped": climb_res.get("stopped", ""),
+        "error": climb_res["error"],
+        "device_map": r.get("device_map"),
+        "stopped": climb_res.get("stopped", ""),
     }
 
 
-def _train_row(name: str, climb_res: dict, odyssey_step: Optional[float], odyssey_cpu: Optional[float] = None) -> dict:
+def _train_row(name: str, climb_res: dict, odyssey_step: float | None, odyssey_cpu: float | None = None) -> dict:
     r = climb_res["ok_result"]
-    return _row(name, climb_res, step_s=r.get("step_s"), measured_steps=r.get("measured_steps"), cpu_s=r.get("cpu_s"),
-                ratio_to_odyssey=_ratio(r.get("step_s"), odyssey_step),
-                cpu_ratio_to_odyssey=_ratio(r.get("cpu_s"), odyssey_cpu), first_loss=(r.get("losses") or [None])[0])
+    return _row(
+        name,
+        climb_res,
+        step_s=r.get("step_s"),
+        measured_steps=r.get("measured_steps"),
+        cpu_s=r.get("cpu_s"),
+        ratio_to_odyssey=_ratio(r.get("step_s"), odyssey_step),
+        cpu_ratio_to_odyssey=_ratio(r.get("cpu_s"), odyssey_cpu),
+        first_loss=(r.get("losses") or [None])[0],
+    )
 
 
-def _gen_row(name: str, climb_res: dict, odyssey_tok: Optional[float], odyssey_cpu: Optional[float] = None) -> dict:
+def _gen_row(name: str, climb_res: dict, odyssey_tok: float | None, odyssey_cpu: float | None = None) -> dict:
     r = climb_res["ok_result"]
-    return _row(name, climb_res, s_per_token=r.get("s_per_token"), decode_steps=r.get("decode_steps"),
-                cpu_s_per_token=r.get("cpu_s_per_token"), ratio_to_odyssey=_ratio(r.get("s_per_token"), odyssey_tok),
-                cpu_ratio_to_odyssey=_ratio(r.get("cpu_s_per_token"), odyssey_cpu), tokens=r.get("tokens"))
+    return _row(
+        name,
+        climb_res,
+        s_per_token=r.get("s_per_token"),
+        decode_steps=r.get("decode_steps"),
+        cpu_s_per_token=r.get("cpu_s_per_token"),
+        ratio_to_odyssey=_ratio(r.get("s_per_token"), odyssey_tok),
+        cpu_ratio_to_odyssey=_ratio(r.get("cpu_s_per_token"), odyssey_cpu),
+        tokens=r.get("tokens"),
+    )
 
 
 def _note(row: dict) -> str:
@@ -583,41 +687,77 @@ def _note(row: dict) -> str:
     dm = row.get("device_map") or {}
     if row["tool"].startswith("offload") and row["status"] == "runs":
         share = dm.get("disk_share", 0)
-        parts.append(f"{share:.0%} of the weights on disk" if share else "nothing offloaded at this budget: runs as in RAM")
+        parts.append(
+            f"{share:.0%} of the weights on disk" if share else "nothing offloaded at this budget: runs as in RAM"
+        )
     return "; ".join(parts)
 
 
-def _peer_table(rows: list[dict], budget_gib: float, measures: Sequence[tuple[str, str, int]], count: str,
-                extra: Sequence[tuple[str, str, int]] = ()) -> str:
+def _peer_table(
+    rows: list[dict],
+    budget_gib: float,
+    measures: Sequence[tuple[str, str, int]],
+    count: str,
+    extra: Sequence[tuple[str, str, int]] = (),
+) -> str:
     """The columns both tasks share: where each tool ran, its `measures` ((header, key, digits): wall
     and CPU time) with how many steps they are the median of (the `count` key), the ratios to
     Odyssey, peak memory, the `extra` columns and the notes."""
-    headers = ["tool", f"runs in {budget_gib:g} GiB", "smallest budget that ran", *(h for h, _, _ in measures),
-               "median of", "x Odyssey", "x Odyssey (CPU)", "peak cgroup MiB", "peak anon MiB",
-               *(h for h, _, _ in extra), "notes"]
+    headers = [
+        "tool",
+        f"runs in {budget_gib:g} GiB",
+        "smallest budget that ran",
+        *(h for h, _, _ in measures),
+        "median of",
+        "x Odyssey",
+        "x Odyssey (CPU)",
+        "peak cgroup MiB",
+        "peak anon MiB",
+        *(h for h, _, _ in extra),
+        "notes",
+    ]
     out = []
     for r in rows:
-        out.append((r["label"], common.fmt(r["ran_within_budget"]),
-                    "does not run" if r["status"] != "runs" else f"{r['smallest_ok_gib']:g} GiB",
-                    *(common.fmt(r.get(k), d) for _, k, d in measures), r[count] or "-",
-                    common.fmt(r["ratio_to_odyssey"]), common.fmt(r.get("cpu_ratio_to_odyssey")),
-                    common.fmt(r["peak_cgroup_mib"]), common.fmt(r["peak_anon_mib"], 0),
-                    *(common.fmt(r.get(k), d) for _, k, d in extra), _note(r)))
+        out.append(
+            (
+                r["label"],
+                common.fmt(r["ran_within_budget"]),
+                "does not run" if r["status"] != "runs" else f"{r['smallest_ok_gib']:g} GiB",
+                *(common.fmt(r.get(k), d) for _, k, d in measures),
+                r[count] or "-",
+                common.fmt(r["ratio_to_odyssey"]),
+                common.fmt(r.get("cpu_ratio_to_odyssey")),
+                common.fmt(r["peak_cgroup_mib"]),
+                common.fmt(r["peak_anon_mib"], 0),
+                *(common.fmt(r.get(k), d) for _, k, d in extra),
+                _note(r),
+            )
+        )
     return common.markdown_table(headers, out, "lcc" + "r" * (len(headers) - 4) + "l")
 
 
 def train_table(rows: list[dict], budget_gib: float) -> str:
-    return _peer_table(rows, budget_gib, [("step s", "step_s", 1), ("CPU s", "cpu_s", 1)], "measured_steps",
-                       extra=[("loss step 1", "first_loss", 4)])
+    return _peer_table(
+        rows,
+        budget_gib,
+        [("step s", "step_s", 1), ("CPU s", "cpu_s", 1)],
+        "measured_steps",
+        extra=[("loss step 1", "first_loss", 4)],
+    )
 
 
 def gen_table(rows: list[dict], budget_gib: float) -> str:
-    return _peer_table(rows, budget_gib, [("s / token", "s_per_token", 2), ("CPU s / token", "cpu_s_per_token", 2)],
-                       "decode_steps")
+    return _peer_table(
+        rows, budget_gib, [("s / token", "s_per_token", 2), ("CPU s / token", "cpu_s_per_token", 2)], "decode_steps"
+    )
 
 
-SHORT = {"odyssey": "Odyssey", "inram": "peft\nin RAM", "offload": "accelerate\noffload",
-         "offload-probe": "offload,\nno mem limit"}
+SHORT = {
+    "odyssey": "Odyssey",
+    "inram": "peft\nin RAM",
+    "offload": "accelerate\noffload",
+    "offload-probe": "offload,\nno mem limit",
+}
 
 
 def png(result: dict, path: Path):
@@ -630,13 +770,18 @@ def png(result: dict, path: Path):
 
     def grouped(ax, rows, keys, labels, title, ylabel, line=None):
         width = 0.8 / len(keys)
-        for k, (key, label) in enumerate(zip(keys, labels)):
+        for k, (key, label) in enumerate(zip(keys, labels, strict=True)):
             xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(rows))]
             vals = [r.get(key) for r in rows]
-            ax.bar(xs, [v or 0 for v in vals], width, label=label,
-                   color=[("#2ca02c" if r["tool"] == "odyssey" else "#1f77b4") for r in rows],
-                   alpha=1.0 if k == 0 else 0.5)
-            for x, v in zip(xs, vals):
+            ax.bar(
+                xs,
+                [v or 0 for v in vals],
+                width,
+                label=label,
+                color=[("#2ca02c" if r["tool"] == "odyssey" else "#1f77b4") for r in rows],
+                alpha=1.0 if k == 0 else 0.5,
+            )
+            for x, v in zip(xs, vals, strict=True):
                 ax.text(x, v or 0, "n/a" if v is None else f"{v:,.1f}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(rows)), [SHORT.get(r["tool"], r["tool"]) for r in rows], fontsize=8)
         ax.set_title(title, fontsize=9)
@@ -648,12 +793,27 @@ def png(result: dict, path: Path):
 
     t, g = result["train"], result["generate"]
     if t:
-        grouped(axes[0], t, ["step_s", "cpu_s"], ["wall s", "CPU s"], "LoRA step (lower is better; n/a: did not run)", "s")
-        grouped(axes[1], t, ["peak_cgroup_mib"], ["peak"], "peak memory where it ran (MiB)\nred: the budget", "MiB",
-                budget_mib)
+        grouped(
+            axes[0], t, ["step_s", "cpu_s"], ["wall s", "CPU s"], "LoRA step (lower is better; n/a: did not run)", "s"
+        )
+        grouped(
+            axes[1],
+            t,
+            ["peak_cgroup_mib"],
+            ["peak"],
+            "peak memory where it ran (MiB)\nred: the budget",
+            "MiB",
+            budget_mib,
+        )
     if g:
-        grouped(axes[2], g, ["s_per_token", "cpu_s_per_token"], ["wall s", "CPU s"],
-                "generation, s per token (lower is better)", "s")
+        grouped(
+            axes[2],
+            g,
+            ["s_per_token", "cpu_s_per_token"],
+            ["wall s", "CPU s"],
+            "generation, s per token (lower is better)",
+            "s",
+        )
     return common.save_figure(fig, path)
 
 
@@ -668,15 +828,31 @@ def run(args) -> dict:
     deadline = time.monotonic() + args.time_limit_s if args.time_limit_s else None
     timeout = attempt_timeout(args.timeout_s, deadline)
     prompt = prompt_from(data, args.prompt_len)
-    settings = {"model": str(model), "model_label": common.model_label(model), "data": str(data), "seq_len": args.seq_len, "batch_size": 1, "lora_r": LORA_R,
-                "lora_alpha": LORA_ALPHA, "targets": TARGETS, "optimizer": f"AdamW lr {LR}", "steps": args.steps,
-                "measured_steps": args.steps - 1, "budget_gib": budget / GIB,
-                "ladder_gib": [b / GIB for b in budgets], "offload_reserve_gib": reserve / GIB,
-                "compute_dtype": "fp32", "prompt_len": len(prompt), "new_tokens": args.new_tokens,
-                "peer_allocator": "jemalloc" if args.peer_jemalloc else "system (glibc)"}
-    print(f"peers on {model}: seq_len {args.seq_len}, batch 1, LoRA r={LORA_R} alpha {LORA_ALPHA}, AdamW; "
-          f"{args.steps} steps each, step time = median of the last {args.steps - 1}; budget ladder "
-          f"{', '.join(f'{b / GIB:g}' for b in budgets)} GiB")
+    settings = {
+        "model": str(model),
+        "model_label": common.model_label(model),
+        "data": str(data),
+        "seq_len": args.seq_len,
+        "batch_size": 1,
+        "lora_r": LORA_R,
+        "lora_alpha": LORA_ALPHA,
+        "targets": TARGETS,
+        "optimizer": f"AdamW lr {LR}",
+        "steps": args.steps,
+        "measured_steps": args.steps - 1,
+        "budget_gib": budget / GIB,
+        "ladder_gib": [b / GIB for b in budgets],
+        "offload_reserve_gib": reserve / GIB,
+        "compute_dtype": "fp32",
+        "prompt_len": len(prompt),
+        "new_tokens": args.new_tokens,
+        "peer_allocator": "jemalloc" if args.peer_jemalloc else "system (glibc)",
+    }
+    print(
+        f"peers on {model}: seq_len {args.seq_len}, batch 1, LoRA r={LORA_R} alpha {LORA_ALPHA}, AdamW; "
+        f"{args.steps} steps each, step time = median of the last {args.steps - 1}; budget ladder "
+        f"{', '.join(f'{b / GIB:g}' for b in budgets)} GiB"
+    )
     result = {"machine": common.machine(), "date": common.today(), "settings": settings, "climbs": {}}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -693,14 +869,34 @@ def run(args) -> dict:
                 ok, why = common.train_available()
                 if not ok:
                     print(f"    skipped: {why}")
-                    climbs[peer] = {"attempts": [], "budget_bytes": budget, "ran_within_budget": False,
-                                    "smallest_ok_bytes": None, "status": "not measured", "error": why,
-                                    "stopped": why, "ok_result": {}, "ok_peak_bytes": None}
+                    climbs[peer] = {
+                        "attempts": [],
+                        "budget_bytes": budget,
+                        "ran_within_budget": False,
+                        "smallest_ok_bytes": None,
+                        "status": "not measured",
+                        "error": why,
+                        "stopped": why,
+                        "ok_result": {},
+                        "ok_peak_bytes": None,
+                    }
                     continue
                 runner = odyssey_train_runner(model, data, work, args.steps, args.seq_len, timeout)
             else:
-                runner = peer_runner("train", peer, model, data, work, args.steps, args.seq_len, reserve, prompt,
-                                     args.new_tokens, timeout, args.peer_jemalloc)
+                runner = peer_runner(
+                    "train",
+                    peer,
+                    model,
+                    data,
+                    work,
+                    args.steps,
+                    args.seq_len,
+                    reserve,
+                    prompt,
+                    args.new_tokens,
+                    timeout,
+                    args.peer_jemalloc,
+                )
             climbs[peer] = climb(runner, budgets, deadline=deadline, screen=screens.get(peer))
             if peer == "offload" and args.offload_probe and not _offloaded(climbs[peer]):
                 # It ran only once nothing was left on disk (or not at all): does disk-offloaded
@@ -708,13 +904,30 @@ def run(args) -> dict:
                 # the weights share of the first budget.
                 probe = common.parse_budget(args.offload_probe)
                 share = max(budget - reserve, 64 * MIB)
-                print(f"  train: {PEER_LABELS['offload-probe']} ({share / GIB:g} GiB of weights in RAM, "
-                      f"cap {probe / GIB:g} GiB)")
-                runner = peer_runner("train", "offload", model, data, work, args.steps, args.seq_len, reserve,
-                                     prompt, args.new_tokens, timeout, args.peer_jemalloc, cpu_weights=share)
+                print(
+                    f"  train: {PEER_LABELS['offload-probe']} ({share / GIB:g} GiB of weights in RAM, "
+                    f"cap {probe / GIB:g} GiB)"
+                )
+                runner = peer_runner(
+                    "train",
+                    "offload",
+                    model,
+                    data,
+                    work,
+                    args.steps,
+                    args.seq_len,
+                    reserve,
+                    prompt,
+                    args.new_tokens,
+                    timeout,
+                    args.peer_jemalloc,
+                    cpu_weights=share,
+                )
                 climbs["offload-probe"] = climb(runner, [probe], deadline=None)
-                climbs["offload-probe"]["label"] = (f"the same, {share / GIB:g} GiB of weights in RAM, the rest "
-                                                    f"on disk, cap {probe / GIB:g} GiB (memory no limit)")
+                climbs["offload-probe"]["label"] = (
+                    f"the same, {share / GIB:g} GiB of weights in RAM, the rest "
+                    f"on disk, cap {probe / GIB:g} GiB (memory no limit)"
+                )
         ody = climbs.get("odyssey", {}).get("ok_result", {})
         train_rows = [_train_row(p, c, ody.get("step_s"), ody.get("cpu_s")) for p, c in climbs.items()]
         result["climbs"]["train"] = climbs
@@ -725,8 +938,20 @@ def run(args) -> dict:
             if peer == "odyssey":
                 runner = odyssey_generate_runner(model, work, prompt, args.new_tokens, timeout)
             else:
-                runner = peer_runner("generate", peer, model, data, work, args.steps, args.seq_len, reserve,
-                                     prompt, args.new_tokens, timeout, args.peer_jemalloc)
+                runner = peer_runner(
+                    "generate",
+                    peer,
+                    model,
+                    data,
+                    work,
+                    args.steps,
+                    args.seq_len,
+                    reserve,
+                    prompt,
+                    args.new_tokens,
+                    timeout,
+                    args.peer_jemalloc,
+                )
             climbs[peer] = climb(runner, budgets, deadline=deadline, screen=screens.get(peer))
         ody = climbs.get("odyssey", {}).get("ok_result", {})
         gen_rows = [_gen_row(p, c, ody.get("s_per_token"), ody.get("cpu_s_per_token")) for p, c in climbs.items()]
@@ -739,29 +964,41 @@ def markdown_sections(result: dict) -> list[tuple[str, str]]:
     s = result["settings"]
     out = []
     if result["train"]:
-        out.append((f"**LoRA training step**, {s.get('model_label', '')} model, batch 1, seq_len {s['seq_len']}, r={s['lora_r']}, "
-                    f"alpha {s['lora_alpha']}, {', '.join(t.split('_')[0] for t in s['targets'])}, AdamW, fp32 "
-                    f"compute; each tool in a memory cgroup starting at {s['budget_gib']:g} GiB. Step time is "
-                    f"the median of {s['measured_steps']} steps after a warm-up step, at the smallest budget "
-                    f"that ran.", train_table(result["train"], s["budget_gib"])))
+        out.append(
+            (
+                f"**LoRA training step**, {s.get('model_label', '')} model, batch 1, seq_len {s['seq_len']}, "
+                f"r={s['lora_r']}, "
+                f"alpha {s['lora_alpha']}, {', '.join(t.split('_')[0] for t in s['targets'])}, AdamW, fp32 "
+                f"compute; each tool in a memory cgroup starting at {s['budget_gib']:g} GiB. Step time is "
+                f"the median of {s['measured_steps']} steps after a warm-up step, at the smallest budget "
+                f"that ran.",
+                train_table(result["train"], s["budget_gib"]),
+            )
+        )
     if result["generate"]:
-        out.append((f"**Generation**, greedy, {s['prompt_len']}-token prompt, {s['new_tokens']} new tokens; "
-                    f"seconds per token = median gap between tokens after the first.",
-                    gen_table(result["generate"], s["budget_gib"])))
+        out.append(
+            (
+                f"**Generation**, greedy, {s['prompt_len']}-token prompt, {s['new_tokens']} new tokens; "
+                f"seconds per token = median gap between tokens after the first.",
+                gen_table(result["generate"], s["budget_gib"]),
+            )
+        )
     return out
 
 
 def notes(result: dict) -> list[str]:
     s = result["settings"]
-    return ["CPU s: CPU time (user + system, all threads) of the tool's process for the same step or token; "
-            "other work on the machine stretches wall time far more than CPU time, so the CPU ratio is the "
-            "steadier comparison of work done, the wall ratio the one a user waits for.",
-            f"Peers use the {s['peer_allocator']} allocator (as a user gets them); Odyssey preloads jemalloc "
-            "itself when it is installed.",
-            "Peak cgroup memory counts anonymous memory plus page cache charged to the group (file pages of "
-            "the weights read); peak anon is the process's anonymous RSS.",
-            f"accelerate disk offload gets max_memory cpu = budget - {s['offload_reserve_gib']:g} GiB for "
-            "weights; the rest goes to disk."]
+    return [
+        "CPU s: CPU time (user + system, all threads) of the tool's process for the same step or token; "
+        "other work on the machine stretches wall time far more than CPU time, so the CPU ratio is the "
+        "steadier comparison of work done, the wall ratio the one a user waits for.",
+        f"Peers use the {s['peer_allocator']} allocator (as a user gets them); Odyssey preloads jemalloc "
+        "itself when it is installed.",
+        "Peak cgroup memory counts anonymous memory plus page cache charged to the group (file pages of "
+        "the weights read); peak anon is the process's anonymous RSS.",
+        f"accelerate disk offload gets max_memory cpu = budget - {s['offload_reserve_gib']:g} GiB for "
+        "weights; the rest goes to disk.",
+    ]
 
 
 def main(argv=None) -> int:
@@ -773,24 +1010,32 @@ def main(argv=None) -> int:
             w.add_argument(a, required=True)
         for a in ("--steps", "--seq-len", "--budget", "--reserve", "--new-tokens"):
             w.add_argument(a, type=int, required=True)
-        w.add_argument("--cpu-weights", type=int, default=0, help="accelerate max_memory cpu, bytes (0: budget - reserve)")
+        w.add_argument(
+            "--cpu-weights", type=int, default=0, help="accelerate max_memory cpu, bytes (0: budget - reserve)"
+        )
         return worker(w.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="store directory (default: the 1.2B under .cache/bench, created if missing)")
     p.add_argument("--data", help="token data directory (default: the sample corpus under .cache/bench)")
     p.add_argument("--budget", default="2GiB", help="RAM budget every tool starts at")
     p.add_argument("--max-budget", default="16GiB", help="highest rung of the retry ladder")
-    p.add_argument("--offload-reserve", default="1GiB",
-                   help="budget left for runtime and activations; accelerate gets the rest for weights")
+    p.add_argument(
+        "--offload-reserve",
+        default="1GiB",
+        help="budget left for runtime and activations; accelerate gets the rest for weights",
+    )
     p.add_argument("--steps", type=int, default=4, help="training steps per tool (the first is warm-up)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--tasks", default="train,generate")
     p.add_argument("--peers", default="odyssey,inram,offload")
-    p.add_argument("--offload-probe", default="16GiB",
-                   help="when disk-offloaded training never ran, try once at this cap with the weights share "
-                        "of the first budget ('' to skip)")
+    p.add_argument(
+        "--offload-probe",
+        default="16GiB",
+        help="when disk-offloaded training never ran, try once at this cap with the weights share "
+        "of the first budget ('' to skip)",
+    )
     p.add_argument("--peer-jemalloc", action="store_true", help="preload jemalloc into the peers too")
     p.add_argument("--timeout-s", type=float, default=900, help="per attempt")
     p.add_argument("--time-limit-s", type=float, default=0, help="stop climbing after this long (0: no limit)")
@@ -810,8 +1055,15 @@ def main(argv=None) -> int:
         print(f"\n{caption}\n{table}")
     for n in lines:
         print(f"note: {n}")
-    common.write_results(out, "peers", result, TITLE, sections, lines,
-                         chart=(lambda p: png(result, p)) if result["train"] or result["generate"] else None)
+    common.write_results(
+        out,
+        "peers",
+        result,
+        TITLE,
+        sections,
+        lines,
+        chart=(lambda p: png(result, p)) if result["train"] or result["generate"] else None,
+    )
     return 0
 
 

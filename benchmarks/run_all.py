@@ -35,8 +35,12 @@ MARKDOWN = {  # part -> result files shown in the README, in order
     "peers": ("peers.md",),
     "scaling": ("scaling.md",),
 }
-PICTURES = {"pagein": ("pagein-grid.png", "pagein-strategies.png"), "overhead": ("overhead.png",),
-            "peers": ("peers.png",), "scaling": ("scaling.png",)}
+PICTURES = {
+    "pagein": ("pagein-grid.png", "pagein-strategies.png"),
+    "overhead": ("overhead.png",),
+    "peers": ("peers.png",),
+    "scaling": ("scaling.png",),
+}
 
 
 def command(part: str, out_dir: Path, seconds_left: float, steps: int) -> list[str]:
@@ -48,22 +52,47 @@ def command(part: str, out_dir: Path, seconds_left: float, steps: int) -> list[s
     if part == "overhead":
         return [py, str(HERE / "overhead.py"), "--out", str(out_dir / "overhead.json")]
     if part == "peers":
-        return [py, str(HERE / "peers.py"), "--out-dir", str(out_dir), "--steps", str(steps),
-                "--time-limit-s", f"{limit:.0f}"]
+        return [
+            py,
+            str(HERE / "peers.py"),
+            "--out-dir",
+            str(out_dir),
+            "--steps",
+            str(steps),
+            "--time-limit-s",
+            f"{limit:.0f}",
+        ]
     if part == "scaling":
-        return [py, str(HERE / "scaling.py"), "--out-dir", str(out_dir), "--steps", str(steps),
-                "--reuse-peers", str(out_dir / "peers.json"), "--time-limit-s", f"{limit:.0f}"]
+        return [
+            py,
+            str(HERE / "scaling.py"),
+            "--out-dir",
+            str(out_dir),
+            "--steps",
+            str(steps),
+            "--reuse-peers",
+            str(out_dir / "peers.json"),
+            "--time-limit-s",
+            f"{limit:.0f}",
+        ]
     raise ValueError(part)
 
 
 def readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> str:
     """The combined README of the results directory: date, machine, every table, the charts."""
-    lines = ["# Odyssey benchmarks", "",
-             f"Measured {date} on {common.describe_machine(machine)}.", "",
-             "Every comparison is a ratio of figures measured side by side in one run; other work shared "
-             "this machine, so absolute timings are noisy. Reproduce with `make bench`.", "",
-             common.markdown_table(["part", "status", "minutes"],
-                                   [(r["part"], r["status"], f"{r['seconds'] / 60:.1f}") for r in runs], "lll"), ""]
+    lines = [
+        "# Odyssey benchmarks",
+        "",
+        f"Measured {date} on {common.describe_machine(machine)}.",
+        "",
+        "Every comparison is a ratio of figures measured side by side in one run; other work shared "
+        "this machine, so absolute timings are noisy. Reproduce with `make bench`.",
+        "",
+        common.markdown_table(
+            ["part", "status", "minutes"], [(r["part"], r["status"], f"{r['seconds'] / 60:.1f}") for r in runs], "lll"
+        ),
+        "",
+    ]
     for r in sorted(runs, key=lambda r: README_ORDER.index(r["part"])):
         part = r["part"]
         lines += [f"## {TITLES[part]}", ""]
@@ -97,8 +126,11 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=45, help="time the whole run should fit in")
     p.add_argument("--steps", type=int, default=4, help="training steps per run; the first is warm-up")
     p.add_argument("--out-dir", default=str(common.RESULTS))
-    p.add_argument("--readme-only", action="store_true",
-                   help="rebuild OUT_DIR/README.md from the results already there (OUT_DIR/run_all.json)")
+    p.add_argument(
+        "--readme-only",
+        action="store_true",
+        help="rebuild OUT_DIR/README.md from the results already there (OUT_DIR/run_all.json)",
+    )
     args = p.parse_args(argv)
     if args.readme_only:
         out_dir = Path(args.out_dir)
@@ -115,8 +147,10 @@ def main(argv=None) -> int:
     machine = common.machine()
     date = common.today()
     print(f"Odyssey benchmarks, {date}\n{common.describe_machine(machine)}")
-    print(f"training figures: median of {args.steps - 1} steps after a warm-up step (2 at seq_len 2048); "
-          f"budget 2 GiB unless noted\n")
+    print(
+        f"training figures: median of {args.steps - 1} steps after a warm-up step (2 at seq_len 2048); "
+        f"budget 2 GiB unless noted\n"
+    )
     # the stores and data every part uses, made once up front (not timed with the parts)
     for config in ("odyssey-1.2b", "small", "nano"):
         common.ensure_store(config)
@@ -132,11 +166,24 @@ def main(argv=None) -> int:
         seconds = time.monotonic() - t0
         status = "ok" if rc == 0 else f"failed (exit {rc})"
         print(f"===== {part}: {status} in {seconds / 60:.1f} min =====", flush=True)
-        runs.append({"part": part, "status": status, "seconds": round(seconds, 1), "returncode": rc,
-                     "command": " ".join(cmd[1:])})
+        runs.append(
+            {
+                "part": part,
+                "status": status,
+                "seconds": round(seconds, 1),
+                "returncode": rc,
+                "command": " ".join(cmd[1:]),
+            }
+        )
     total = time.monotonic() - t_start
-    summary = {"date": date, "machine": machine, "parts": runs, "seconds": round(total, 1),
-               "steps": args.steps, "measured_steps": args.steps - 1}
+    summary = {
+        "date": date,
+        "machine": machine,
+        "parts": runs,
+        "seconds": round(total, 1),
+        "steps": args.steps,
+        "measured_steps": args.steps - 1,
+    }
     common.write_json(out_dir / "run_all.json", summary)
     print(f"\nall parts in {total / 60:.1f} min (target {args.minutes:g} min)")
     for r in runs:

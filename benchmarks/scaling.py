@@ -48,8 +48,13 @@ def reusable(peers_json: Path, model: Path, steps: int, seq_len: int = 512) -> d
         return None
     s = res.get("settings", {})
     climb = res.get("climbs", {}).get("train", {}).get("odyssey")
-    if (climb and climb.get("status") == "runs" and Path(s.get("model", "")).resolve() == Path(model).resolve()
-            and s.get("steps") == steps and s.get("seq_len") == seq_len):
+    if (
+        climb
+        and climb.get("status") == "runs"
+        and Path(s.get("model", "")).resolve() == Path(model).resolve()
+        and s.get("steps") == steps
+        and s.get("seq_len") == seq_len
+    ):
         return dict(climb, reused_from=str(peers_json))
     return None
 
@@ -58,13 +63,23 @@ def row(config: str, model: Path, label: str, seq_len: int, climb: dict) -> dict
     r = climb.get("ok_result", {})
     ok_b = climb.get("smallest_ok_bytes")
     return {
-        "config": config, "model": str(model), "label": label, "seq_len": seq_len,
-        "status": climb["status"], "budget_gib": ok_b / GIB if ok_b else None,
-        "step_s": r.get("step_s"), "cpu_s": r.get("cpu_s"), "measured_steps": r.get("measured_steps"),
-        "tokens_per_s": r.get("tokens_per_s"), "peak_anon_mib": r.get("peak_anon_mib") or r.get("peak_rss_anon_mib"),
+        "config": config,
+        "model": str(model),
+        "label": label,
+        "seq_len": seq_len,
+        "status": climb["status"],
+        "budget_gib": ok_b / GIB if ok_b else None,
+        "step_s": r.get("step_s"),
+        "cpu_s": r.get("cpu_s"),
+        "measured_steps": r.get("measured_steps"),
+        "tokens_per_s": r.get("tokens_per_s"),
+        "peak_anon_mib": r.get("peak_anon_mib") or r.get("peak_rss_anon_mib"),
         "peak_cgroup_mib": round(climb["ok_peak_bytes"] / MIB) if climb.get("ok_peak_bytes") else None,
-        "stall_s": r.get("stall_s"), "pagein_mb_s": r.get("pagein_mb_s"), "error": climb.get("error", ""),
-        "reused_from": climb.get("reused_from"), "note": r.get("note", ""),
+        "stall_s": r.get("stall_s"),
+        "pagein_mb_s": r.get("pagein_mb_s"),
+        "error": climb.get("error", ""),
+        "reused_from": climb.get("reused_from"),
+        "note": r.get("note", ""),
     }
 
 
@@ -80,12 +95,38 @@ def table(rows: list[dict]) -> str:
             note.append(r["note"])
         if r["reused_from"]:
             note.append("same run as peers.py")
-        out.append((f"{r['config']} ({r['label']})", r["seq_len"], common.fmt(r["budget_gib"], 2),
-                    common.fmt(r["step_s"], 2), common.fmt(r.get("cpu_s"), 2), r["measured_steps"] or "-", common.fmt(r["tokens_per_s"], 1),
-                    common.fmt(r["peak_anon_mib"], 0), common.fmt(r["peak_cgroup_mib"]),
-                    common.fmt(r["stall_s"], 2), "; ".join(note)))
-    return common.markdown_table(["model", "seq_len", "budget GiB", "step s", "CPU s", "median of", "tokens/s",
-                                  "peak anon MiB", "peak cgroup MiB", "stall s", "notes"], out, "lrrrrrrrrrl")
+        out.append(
+            (
+                f"{r['config']} ({r['label']})",
+                r["seq_len"],
+                common.fmt(r["budget_gib"], 2),
+                common.fmt(r["step_s"], 2),
+                common.fmt(r.get("cpu_s"), 2),
+                r["measured_steps"] or "-",
+                common.fmt(r["tokens_per_s"], 1),
+                common.fmt(r["peak_anon_mib"], 0),
+                common.fmt(r["peak_cgroup_mib"]),
+                common.fmt(r["stall_s"], 2),
+                "; ".join(note),
+            )
+        )
+    return common.markdown_table(
+        [
+            "model",
+            "seq_len",
+            "budget GiB",
+            "step s",
+            "CPU s",
+            "median of",
+            "tokens/s",
+            "peak anon MiB",
+            "peak cgroup MiB",
+            "stall s",
+            "notes",
+        ],
+        out,
+        "lrrrrrrrrrl",
+    )
 
 
 def png(rows: list[dict], path: Path):
@@ -121,8 +162,12 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default="2GiB")
     p.add_argument("--max-budget", default="16GiB")
     p.add_argument("--steps", type=int, default=4, help="per run; the first is warm-up")
-    p.add_argument("--long-steps", type=int, default=3,
-                   help="per run at seq_len >= 2048 (about 4x the step time of 512; keeps `make bench` in time)")
+    p.add_argument(
+        "--long-steps",
+        type=int,
+        default=3,
+        help="per run at seq_len >= 2048 (about 4x the step time of 512; keeps `make bench` in time)",
+    )
     p.add_argument("--timeout-s", type=float, default=1200, help="per attempt")
     p.add_argument("--time-limit-s", type=float, default=0, help="stop climbing after this long (0: no limit)")
     p.add_argument("--reuse-peers", help="peers.json whose Odyssey row is the 1.2B seq_len 512 run")
@@ -148,8 +193,10 @@ def main(argv=None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     seqs = [int(x) for x in args.seq_lens.split(",")]
     todo = cases(models, seqs, BIG if BIG in models else models[-1])
-    print(f"scaling: odyssey train, batch 1, LoRA r=16 alpha 32, {args.steps} steps a run ({args.long_steps} at "
-          f"seq_len >= 2048), step time = median of the steps after the first; {len(todo)} runs")
+    print(
+        f"scaling: odyssey train, batch 1, LoRA r=16 alpha 32, {args.steps} steps a run ({args.long_steps} at "
+        f"seq_len >= 2048), step time = median of the steps after the first; {len(todo)} runs"
+    )
     stores = {config: common.ensure_store(config) for config in dict.fromkeys(c for c, _ in todo)}
     labels = {config: common.model_label(model) for config, model in stores.items()}
     rows = []
@@ -161,26 +208,39 @@ def main(argv=None) -> int:
         if reuse:
             climb = reuse
         else:
-            runner = peers.odyssey_train_runner(model, data, work, steps, seq_len,
-                                                peers.attempt_timeout(args.timeout_s, deadline))
-            climb = peers.climb(runner, peers.ladder(budget, cap_bytes=cap), deadline=deadline,
-                                suggest=lambda a: common.suggested_budget(a.error), cap_bytes=cap)
+            runner = peers.odyssey_train_runner(
+                model, data, work, steps, seq_len, peers.attempt_timeout(args.timeout_s, deadline)
+            )
+            climb = peers.climb(
+                runner,
+                peers.ladder(budget, cap_bytes=cap),
+                deadline=deadline,
+                suggest=lambda a: common.suggested_budget(a.error),
+                cap_bytes=cap,
+            )
         rows.append(row(config, model, labels[config], seq_len, climb))
-    result = {"machine": common.machine(), "date": common.today(), "steps": args.steps,
-              "long_steps": args.long_steps, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+    result = {
+        "machine": common.machine(),
+        "date": common.today(),
+        "steps": args.steps,
+        "long_steps": args.long_steps,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     return write(result, Path(args.out_dir))
 
 
 def write(result: dict, out: Path) -> int:
     tab = table(result["rows"])
-    caption = ("**Odyssey LoRA step by model and sequence length**: batch 1, r=16, alpha 32, AdamW, fp32 compute, "
-               "each run in a memory cgroup capped at its budget (2 GiB unless the planner asked for more). "
-               "Step time is the median of the steps after a warm-up step (how many: the 'median of' column); "
-               "CPU s is the trainer's CPU time (all threads) in the same steps, steadier than wall time on a "
-               "shared machine; peak anon is its anonymous RSS sampled every 0.1 s.")
+    caption = (
+        "**Odyssey LoRA step by model and sequence length**: batch 1, r=16, alpha 32, AdamW, fp32 compute, "
+        "each run in a memory cgroup capped at its budget (2 GiB unless the planner asked for more). "
+        "Step time is the median of the steps after a warm-up step (how many: the 'median of' column); "
+        "CPU s is the trainer's CPU time (all threads) in the same steps, steadier than wall time on a "
+        "shared machine; peak anon is its anonymous RSS sampled every 0.1 s."
+    )
     print(f"\n{caption}\n{tab}")
-    common.write_results(out, "scaling", result, TITLE, [(caption, tab)],
-                         chart=lambda p: png(result["rows"], p))
+    common.write_results(out, "scaling", result, TITLE, [(caption, tab)], chart=lambda p: png(result["rows"], p))
     return 0
 
 

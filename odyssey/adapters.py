@@ -20,7 +20,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -44,17 +43,24 @@ def check_targets(targets: list[str]) -> list[str]:
     targets = list(targets)
     bad = [t for t in targets if t not in ALLOWED_TARGETS]
     if bad or not targets:
-        raise AdapterError(f"lora.targets {bad or targets} not supported: choose among {', '.join(ALLOWED_TARGETS)} "
-                           f"(the head and embeddings are paged and stay frozen)")
+        raise AdapterError(
+            f"lora.targets {bad or targets} not supported: choose among {', '.join(ALLOWED_TARGETS)} "
+            f"(the head and embeddings are paged and stay frozen)"
+        )
     return targets
 
 
-def peft_config(settings: LoraSettings, base_path: Optional[str] = None):
+def peft_config(settings: LoraSettings, base_path: str | None = None):
     from peft import LoraConfig
 
-    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=check_targets(settings.targets), bias="none",
-                      base_model_name_or_path=base_path)
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=check_targets(settings.targets),
+        bias="none",
+        base_model_name_or_path=base_path,
+    )
 
 
 def inject(model: nn.Module, settings: LoraSettings, seed: int = 0) -> nn.Module:
@@ -66,7 +72,7 @@ def inject(model: nn.Module, settings: LoraSettings, seed: int = 0) -> nn.Module
     inject_adapter_in_model(peft_config(settings), model)
     with torch.random.fork_rng():  # the caller's RNG stream is left as it was
         torch.manual_seed(seed)
-        for name, mod in model.named_modules():
+        for mod in model.modules():
             if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
                 for part in (mod.lora_A["default"], mod.lora_B["default"]):
                     if part.weight.device.type == "meta":
@@ -89,10 +95,16 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def base_record(store) -> dict:
     cfg = store.config
-    return {"base_fingerprint": store.fingerprint(), "base_path": str(Path(store.root).resolve()),
-            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-            "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-            "num_key_value_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size}
+    return {
+        "base_fingerprint": store.fingerprint(),
+        "base_path": str(Path(store.root).resolve()),
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "vocab_size": cfg.vocab_size,
+    }
 
 
 def save_adapter(model: nn.Module, settings: LoraSettings, out: str | os.PathLike, store, **extra) -> Path:
@@ -123,7 +135,7 @@ class AdapterFile:
     targets: list
     scale: float
     pairs: dict
-    record: Optional[dict]  # odyssey_adapter.json, None for adapters made elsewhere
+    record: dict | None  # odyssey_adapter.json, None for adapters made elsewhere
 
     def settings(self) -> LoraSettings:
         return LoraSettings(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=list(self.targets))
@@ -139,18 +151,24 @@ class AdapterFile:
         if rec and rec.get("base_fingerprint") not in (None, store.fingerprint()):
             dims = all(rec.get(k) == getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size"))
             what = "other weights of the same shape" if dims else "a model of another shape"
-            raise AdapterError(f"adapter {self.path} was trained on {rec.get('base_path', 'another base')} "
-                               f"({what}), not on {store.root}; use it with its own base (--model)")
+            raise AdapterError(
+                f"adapter {self.path} was trained on {rec.get('base_path', 'another base')} "
+                f"({what}), not on {store.root}; use it with its own base (--model)"
+            )
         shapes = cfg.all_shapes()  # HF tensor name -> (out, in) for every Linear of the base
         for name, (A, B) in self.pairs.items():
             want = shapes.get(f"{name}.weight")
             if want is None or len(want) != 2:
-                raise AdapterError(f"adapter {self.path} has a LoRA module {name!r} that a Llama base does not "
-                                   f"have; use an adapter trained for this model")
+                raise AdapterError(
+                    f"adapter {self.path} has a LoRA module {name!r} that a Llama base does not "
+                    f"have; use an adapter trained for this model"
+                )
             if A.shape[1] != want[1] or B.shape[0] != want[0]:
-                raise AdapterError(f"adapter {self.path} does not fit {store.root}: {name} is "
-                                   f"{tuple(B.shape[:1]) + tuple(A.shape[1:])} (out, in) but the base has "
-                                   f"{want}; use the adapter's own base")
+                raise AdapterError(
+                    f"adapter {self.path} does not fit {store.root}: {name} is "
+                    f"{tuple(B.shape[:1]) + tuple(A.shape[1:])} (out, in) but the base has "
+                    f"{want}; use the adapter's own base"
+                )
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
@@ -161,8 +179,10 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     path = Path(path)
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not cfg_path.is_file() or not w_path.is_file():
-        raise AdapterError(f"{path} is not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
-                           f"pass RUN/adapter or a checkpoint's adapter directory")
+        raise AdapterError(
+            f"{path} is not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+            f"pass RUN/adapter or a checkpoint's adapter directory"
+        )
     try:
         cfg = json.loads(cfg_path.read_text())
         record = json.loads((path / ODYSSEY_NAME).read_text()) if (path / ODYSSEY_NAME).is_file() else None
@@ -176,7 +196,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         raise AdapterError(f"{w_path} is unreadable ({e}); the adapter is damaged, use a checkpoint's copy") from None
     r = int(cfg.get("r", 8))
     alpha = float(cfg.get("lora_alpha", r))
-    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
     pairs: dict = {}
     for key, t in tensors.items():
         if ".lora_A." not in key and ".lora_B." not in key:
@@ -186,14 +206,23 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         pairs.setdefault(module, [None, None])[slot] = t.float()
     broken = [m for m, (a, b) in pairs.items() if a is None or b is None or a.shape[0] != b.shape[1]]
     if broken or not pairs:
-        raise AdapterError(f"{w_path}: {'LoRA pairs incomplete for ' + broken[0] if broken else 'no LoRA weights'}; "
-                           f"the adapter is damaged")
+        raise AdapterError(
+            f"{w_path}: {'LoRA pairs incomplete for ' + broken[0] if broken else 'no LoRA weights'}; "
+            f"the adapter is damaged"
+        )
     targets = cfg.get("target_modules") or sorted({m.split(".")[-1] for m in pairs})
     if isinstance(targets, str):
         targets = sorted({m.split(".")[-1] for m in pairs})
-    return AdapterFile(path=path, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
-                       targets=sorted(targets), scale=scale, pairs={k: tuple(v) for k, v in pairs.items()},
-                       record=record)
+    return AdapterFile(
+        path=path,
+        r=r,
+        alpha=alpha,
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        targets=sorted(targets),
+        scale=scale,
+        pairs={k: tuple(v) for k, v in pairs.items()},
+        record=record,
+    )
 
 
 def load_into(model: nn.Module, adapter: AdapterFile) -> None:
@@ -203,8 +232,10 @@ def load_into(model: nn.Module, adapter: AdapterFile) -> None:
         for part, t in (("lora_A", A), ("lora_B", B)):
             key = f"{PEFT_PREFIX}{module}.{part}.weight"
             if key not in params or params[key].shape != t.shape:
-                raise AdapterError(f"adapter {adapter.path}: {key} does not match this model's LoRA layout "
-                                   f"(r={adapter.r}, targets {adapter.targets}); use matching lora settings")
+                raise AdapterError(
+                    f"adapter {adapter.path}: {key} does not match this model's LoRA layout "
+                    f"(r={adapter.r}, targets {adapter.targets}); use matching lora settings"
+                )
             with torch.no_grad():
                 params[key].copy_(t)
 

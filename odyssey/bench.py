@@ -19,7 +19,6 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -59,7 +58,7 @@ def raw_read(store: Store) -> float:
     return time.perf_counter() - t0
 
 
-def pager_read(store: Store, slots: int, direct: bool, drop: bool) -> tuple[float, Optional[str]]:
+def pager_read(store: Store, slots: int, direct: bool, drop: bool) -> tuple[float, str | None]:
     with Pager(store, slots=slots, direct=direct, drop_cache=drop) as pager:
         t0 = time.perf_counter()
         pager.prefetch(store.units)
@@ -98,8 +97,9 @@ def mmap_read(store: Store, willneed: bool) -> float:
             f.close()
 
 
-def run(store_dir: str, strategies=STRATEGIES, slots=(1, 2, 3), caches=("cold", "warm"),
-        repeats: int = 1, progress=print) -> dict:
+def run(
+    store_dir: str, strategies=STRATEGIES, slots=(1, 2, 3), caches=("cold", "warm"), repeats: int = 1, progress=print
+) -> dict:
     store = Store.open(store_dir)
     total = store.total_bytes()
     rows = []
@@ -108,7 +108,7 @@ def run(store_dir: str, strategies=STRATEGIES, slots=(1, 2, 3), caches=("cold", 
     for cache in caches:
         prepare = _drop_all if cache == "cold" else _warm_all
 
-        def timed(fn):
+        def timed(fn, prepare=prepare):
             best = None
             for _ in range(repeats):
                 prepare(store)
@@ -118,46 +118,72 @@ def run(store_dir: str, strategies=STRATEGIES, slots=(1, 2, 3), caches=("cold", 
 
         raw_s = timed(lambda: raw_read(store))
         raw_mb_s[cache] = total / 1e6 / raw_s
-        rows.append(dict(strategy="raw", slots=0, cache=cache, mb_s=round(raw_mb_s[cache], 1),
-                         ratio_to_raw=1.0, default=False, seconds=round(raw_s, 3)))
+        rows.append(
+            dict(
+                strategy="raw",
+                slots=0,
+                cache=cache,
+                mb_s=round(raw_mb_s[cache], 1),
+                ratio_to_raw=1.0,
+                default=False,
+                seconds=round(raw_s, 3),
+            )
+        )
         progress(f"  {cache:4s} raw            {raw_mb_s[cache]:8.0f} MB/s")
         for strategy in strategies:
-            for n in (slots if strategy.startswith("pread") else (1,)):
+            for n in slots if strategy.startswith("pread") else (1,):
                 if strategy.startswith("pread"):
                     fallback = []
 
-                    def fn():
+                    def fn(n=n, strategy=strategy, cache=cache, fallback=fallback):
                         s, fb = pager_read(store, n, strategy == "pread-direct", drop=(cache == "cold"))
                         fallback.append(fb)
                         return s
+
                     s = timed(fn)
                     if fallback and fallback[-1]:
                         notes.append(f"{strategy}: {fallback[-1]}")
                 else:
-                    s = timed(lambda: mmap_read(store, strategy == "mmap-willneed"))
+                    s = timed(lambda strategy=strategy: mmap_read(store, strategy == "mmap-willneed"))
                 mb_s = total / 1e6 / s
-                row = dict(strategy=strategy, slots=n, cache=cache, mb_s=round(mb_s, 1),
-                           ratio_to_raw=round(mb_s / raw_mb_s[cache], 3),
-                           default=(strategy, n) == DEFAULT, seconds=round(s, 3))
+                row = dict(
+                    strategy=strategy,
+                    slots=n,
+                    cache=cache,
+                    mb_s=round(mb_s, 1),
+                    ratio_to_raw=round(mb_s / raw_mb_s[cache], 3),
+                    default=(strategy, n) == DEFAULT,
+                    seconds=round(s, 3),
+                )
                 rows.append(row)
-                progress(f"  {cache:4s} {strategy:14s} slots {n}  {mb_s:8.0f} MB/s  x{row['ratio_to_raw']:.2f} of raw"
-                         + ("   <- default" if row["default"] else ""))
+                progress(
+                    f"  {cache:4s} {strategy:14s} slots {n}  {mb_s:8.0f} MB/s  x{row['ratio_to_raw']:.2f} of raw"
+                    + ("   <- default" if row["default"] else "")
+                )
         if cache == "warm":
             _drop_all(store)
-    return {"model": str(store_dir), "bytes": total, "units": len(store.units),
-            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
-            "date": time.strftime("%Y-%m-%d"), "rows": rows, "notes": sorted(set(notes))}
+    return {
+        "model": str(store_dir),
+        "bytes": total,
+        "units": len(store.units),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+        "notes": sorted(set(notes)),
+    }
 
 
 def table(result: dict) -> str:
     lines = ["| cache | strategy | slots | MB/s | x raw | default |", "|---|---|---:|---:|---:|:---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['cache']} | {r['strategy']} | {r['slots'] or '-'} | {r['mb_s']:.0f} | "
-                     f"{r['ratio_to_raw']:.2f} | {'yes' if r['default'] else ''} |")
+        lines.append(
+            f"| {r['cache']} | {r['strategy']} | {r['slots'] or '-'} | {r['mb_s']:.0f} | "
+            f"{r['ratio_to_raw']:.2f} | {'yes' if r['default'] else ''} |"
+        )
     return "\n".join(lines)
 
 
-def write_outputs(result: dict, out_json: Optional[Path]) -> list[Path]:
+def write_outputs(result: dict, out_json: Path | None) -> list[Path]:
     from odyssey import atomic
 
     written = []
@@ -167,8 +193,11 @@ def write_outputs(result: dict, out_json: Optional[Path]) -> list[Path]:
     atomic.write_json(out_json, result)
     written.append(out_json)
     md = out_json.with_suffix(".md")
-    atomic.write_text(md, f"Page-in throughput, {result['bytes'] / 1e6:,.0f} MB in {result['units']} shards, "
-                          f"{result['machine']}, {result['date']}\n\n{table(result)}\n")
+    atomic.write_text(
+        md,
+        f"Page-in throughput, {result['bytes'] / 1e6:,.0f} MB in {result['units']} shards, "
+        f"{result['machine']}, {result['date']}\n\n{table(result)}\n",
+    )
     written.append(md)
     try:
         import matplotlib

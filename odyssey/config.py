@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -112,9 +112,7 @@ def from_dict(cls, data: dict, prefix: str = "", ignore: tuple[str, ...] = ()):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(k for k in data if k not in names and k not in ignore)
     if unknown:
-        raise OdysseyError(
-            f"unknown config key {prefix}{unknown[0]!s}; known keys: {', '.join(sorted(names))}"
-        )
+        raise OdysseyError(f"unknown config key {prefix}{unknown[0]!s}; known keys: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in data.items() if k in names}
     try:
         return cls(**kwargs)
@@ -203,9 +201,9 @@ class ModelConfig:
     """Number of decoder layers L; the store has one shard per layer."""
     num_attention_heads: int
     """Query heads; must divide hidden_size unless head_dim is given."""
-    num_key_value_heads: Optional[int] = None
+    num_key_value_heads: int | None = None
     """Key/value heads for grouped-query attention; must divide num_attention_heads. None = MHA."""
-    head_dim: Optional[int] = None
+    head_dim: int | None = None
     """Width of one head; None = hidden_size / num_attention_heads."""
     max_position_embeddings: int = 2048
     """Longest sequence the model is meant for (RoPE works beyond it, quality may not)."""
@@ -217,9 +215,9 @@ class ModelConfig:
     """True: the head reuses model.embed_tokens.weight and the store has no lm_head.weight."""
     initializer_range: float = 0.02
     """Standard deviation of the normal init; output projections are scaled by 1/sqrt(2L)."""
-    bos_token_id: Optional[int] = 1
-    eos_token_id: Optional[int] = 2
-    pad_token_id: Optional[int] = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
     hidden_act: str = "silu"
     """Only silu (SwiGLU) is supported."""
     attention_bias: bool = False
@@ -230,22 +228,31 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise OdysseyError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise OdysseyError(
                     f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
-                    f"({self.hidden_size}); change one of them or set head_dim")
+                    f"({self.hidden_size}); change one of them or set head_dim"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.head_dim % 2:
             raise OdysseyError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise OdysseyError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
-                f"({self.num_attention_heads})")
+                f"({self.num_attention_heads})"
+            )
         if self.hidden_act != "silu":
             raise OdysseyError(f"hidden_act must be silu (SwiGLU), got {self.hidden_act!r}")
         if self.attention_bias or self.mlp_bias:
@@ -299,20 +306,22 @@ class ModelConfig:
     # --- HF config.json ---
     def to_hf_dict(self, dtype: str = "bfloat16") -> dict:
         d = to_dict(self)
-        d.update({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "attention_dropout": 0.0,
-            "pretraining_tp": 1,
-            "use_cache": True,
-            "rope_scaling": None,
-            "torch_dtype": dtype,
-            "dtype": dtype,
-        })
+        d.update(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "attention_dropout": 0.0,
+                "pretraining_tp": 1,
+                "use_cache": True,
+                "rope_scaling": None,
+                "torch_dtype": dtype,
+                "dtype": dtype,
+            }
+        )
         return d
 
     @classmethod
-    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> ModelConfig:
         """Read an HF Llama config.json (transformers v4 or v5)."""
         data = dict(hf)
         rope = data.get("rope_parameters") or {}
@@ -320,9 +329,13 @@ class ModelConfig:
             data["rope_theta"] = rope["rope_theta"]
         rope_type = (rope.get("rope_type") if isinstance(rope, dict) else None) or "default"
         scaling = data.get("rope_scaling")
-        if rope_type not in ("default", None) or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
-            raise OdysseyError(f"{source}: RoPE scaling {rope_type or scaling} is not supported; "
-                               "use a Llama checkpoint with default RoPE")
+        if rope_type not in ("default", None) or (
+            scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")
+        ):
+            raise OdysseyError(
+                f"{source}: RoPE scaling {rope_type or scaling} is not supported; "
+                "use a Llama checkpoint with default RoPE"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         kept = {k: v for k, v in data.items() if k in known}
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -362,8 +375,10 @@ class LoraSettings:
             raise OdysseyError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         bad = [t for t in self.targets if t not in LORA_TARGETS_ALLOWED]
         if bad or not self.targets:
-            raise OdysseyError(f"lora.targets: unknown module {bad[0] if bad else '(empty list)'}; "
-                               f"choose from {', '.join(sorted(LORA_TARGETS_ALLOWED))}")
+            raise OdysseyError(
+                f"lora.targets: unknown module {bad[0] if bad else '(empty list)'}; "
+                f"choose from {', '.join(sorted(LORA_TARGETS_ALLOWED))}"
+            )
 
 
 @dataclass
@@ -386,7 +401,7 @@ class GuardSettings:
     """The trainer reports the guard lost when its heartbeat is older than this."""
     on_guard_lost: str = "continue"
     """continue (with a warning) or stop, when the guard process disappears."""
-    thermal_file: Optional[str] = None
+    thermal_file: str | None = None
     """A file holding the temperature in millidegrees C (like /sys/class/thermal/*/temp)."""
     enforce_cgroup: bool = False
     """Also run the trainer inside a memory cgroup set to the budget (Linux, root)."""
@@ -397,7 +412,9 @@ class GuardSettings:
         if not 0 < self.soft_pct <= self.hard_pct:
             raise OdysseyError(f"guard: need 0 < soft_pct <= hard_pct, got {self.soft_pct} and {self.hard_pct}")
         if self.resume_temp_c >= self.max_temp_c:
-            raise OdysseyError(f"guard.resume_temp_c ({self.resume_temp_c}) must be below max_temp_c ({self.max_temp_c})")
+            raise OdysseyError(
+                f"guard.resume_temp_c ({self.resume_temp_c}) must be below max_temp_c ({self.max_temp_c})"
+            )
         if self.on_guard_lost not in ("continue", "stop"):
             raise OdysseyError(f"guard.on_guard_lost must be continue or stop, got {self.on_guard_lost!r}")
 
@@ -441,8 +458,7 @@ class TrainConfig:
     guard: GuardSettings = field(default_factory=GuardSettings)
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "checkpoint_every", "slots",
-                     "keep_checkpoints"):
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "checkpoint_every", "slots", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise OdysseyError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "eval_batches"):
@@ -473,5 +489,4 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
 
 
 def dump_yaml(obj) -> str:
-    return yaml.safe_dump(to_dict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=False,
-                          allow_unicode=True)
+    return yaml.safe_dump(to_dict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=False, allow_unicode=True)

@@ -58,9 +58,9 @@ class Ranks:
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss])])
         self._all_reduce(flat, self._dist.ReduceOp.SUM).div_(self.world)
         k = 0
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             n = g.numel()
-            p.grad = flat[k:k + n].view_as(g).to(g.dtype)
+            p.grad = flat[k : k + n].view_as(g).to(g.dtype)
             k += n
         return float(flat[-1])
 

@@ -55,15 +55,18 @@ class DtypeInfo:
         return getattr(torch, self.hf_name)
 
 
-DTYPES: dict[str, DtypeInfo] = {d.short: d for d in (
-    DtypeInfo("bf16", "BF16", 2, "bfloat16", "uint16", "BFloat16Storage", "BF16"),
-    DtypeInfo("f16", "F16", 2, "float16", "float16", "HalfStorage", "F16"),
-    DtypeInfo("f32", "F32", 4, "float32", "float32", "FloatStorage", "F32"),
-    DtypeInfo("f64", "F64", 8, "float64", "float64", "DoubleStorage", "F64"),
-    DtypeInfo("i64", "I64", 8, "int64", "int64", "LongStorage", "I64"),
-    DtypeInfo("i32", "I32", 4, "int32", "int32", "IntStorage", "I32"),
-    DtypeInfo("u8", "U8", 1, "uint8", "uint8", "ByteStorage", None),
-)}
+DTYPES: dict[str, DtypeInfo] = {
+    d.short: d
+    for d in (
+        DtypeInfo("bf16", "BF16", 2, "bfloat16", "uint16", "BFloat16Storage", "BF16"),
+        DtypeInfo("f16", "F16", 2, "float16", "float16", "HalfStorage", "F16"),
+        DtypeInfo("f32", "F32", 4, "float32", "float32", "FloatStorage", "F32"),
+        DtypeInfo("f64", "F64", 8, "float64", "float64", "DoubleStorage", "F64"),
+        DtypeInfo("i64", "I64", 8, "int64", "int64", "LongStorage", "I64"),
+        DtypeInfo("i32", "I32", 4, "int32", "int32", "IntStorage", "I32"),
+        DtypeInfo("u8", "U8", 1, "uint8", "uint8", "ByteStorage", None),
+    )
+}
 ST_CODES: dict[str, DtypeInfo] = {d.st: d for d in DTYPES.values()}  # by safetensors header code
 GGUF_CODES: dict[str, DtypeInfo] = {d.gguf: d for d in DTYPES.values() if d.gguf}  # by GGML type name
 STORE_DTYPES = ("bf16", "f16", "f32")  # what a store holds (`--dtype` of init, import, merge)
@@ -79,7 +82,7 @@ def check_store_dtype(name: str) -> None:
 
 
 def compute_dtype_name(name: str = "auto") -> str:
-    """"bf16" or "fp32": what `--compute-dtype NAME` computes in on this machine."""
+    """ "bf16" or "fp32": what `--compute-dtype NAME` computes in on this machine."""
     if name in ("fp32", "f32"):
         return "fp32"
     if name == "bf16":
@@ -89,8 +92,7 @@ def compute_dtype_name(name: str = "auto") -> str:
     forced = os.environ.get(COMPUTE_ENV, "").strip().lower()
     if forced:
         if forced not in ("bf16", "fp32"):
-            raise OdysseyError(f"{COMPUTE_ENV} must be bf16 or fp32, got {forced!r}; unset it to let "
-                               f"`auto` decide")
+            raise OdysseyError(f"{COMPUTE_ENV} must be bf16 or fp32, got {forced!r}; unset it to let `auto` decide")
         return forced
     from odyssey.runtime.cpu import native_bf16
 

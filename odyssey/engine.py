@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -56,8 +55,15 @@ class PassStats:
 
 
 class Engine:
-    def __init__(self, store: Store, compute_dtype: str = "auto", slots: int = 2, direct: bool = False,
-                 resident: bool = False, model: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        store: Store,
+        compute_dtype: str = "auto",
+        slots: int = 2,
+        direct: bool = False,
+        resident: bool = False,
+        model: nn.Module | None = None,
+    ):
         self.store = store
         self.cfg = store.config
         self.dtype = resolve_compute_dtype(compute_dtype)
@@ -116,8 +122,13 @@ class Engine:
     def _open_embedding(self):
         info = self.store.shards["embed"]
         span = info.tensors["model.embed_tokens.weight"]
-        return np.memmap(info.path, dtype=ST_CODES[span.dtype].numpy, mode="r", offset=info.data_offset + span.start,
-                         shape=span.shape), span.dtype
+        return np.memmap(
+            info.path,
+            dtype=ST_CODES[span.dtype].numpy,
+            mode="r",
+            offset=info.data_offset + span.start,
+            shape=span.shape,
+        ), span.dtype
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> (B, T, d) compute dtype; only the rows needed are read."""
@@ -170,12 +181,12 @@ class Engine:
         """h (N, d) -> logits (N, V) in compute dtype, converting W a chunk of rows at a time."""
         out = torch.empty(h.shape[0], W.shape[0], dtype=self.dtype)
         for v0 in range(0, W.shape[0], VOCAB_CHUNK):
-            out[:, v0:v0 + VOCAB_CHUNK] = F.linear(h, W[v0:v0 + VOCAB_CHUNK].to(self.dtype))
+            out[:, v0 : v0 + VOCAB_CHUNK] = F.linear(h, W[v0 : v0 + VOCAB_CHUNK].to(self.dtype))
         return out
 
     # --- forward ---
     @torch.no_grad()
-    def forward_hidden(self, ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward_hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """ids (B, T) -> x (B, T, d) before the final norm. The caller has prefetched the schedule
         (layers, then the head units), so the reads run ahead of the computation."""
         past = cache.length() if cache is not None else 0
@@ -187,7 +198,7 @@ class Engine:
         return x
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor, cache: Optional[KVCache] = None, last_only: bool = False) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V) (or (B, V) with last_only), compute dtype."""
         self.pager.prefetch(self.layer_schedule())
         x = self.forward_hidden(ids, cache=cache)
@@ -200,8 +211,9 @@ class Engine:
         return out[:, -1] if last_only else out
 
     # --- training: loss and backward ---
-    def chunked_ce(self, hf: torch.Tensor, tgt: torch.Tensor, W: torch.Tensor, grad: bool
-                   ) -> tuple[float, Optional[torch.Tensor]]:
+    def chunked_ce(
+        self, hf: torch.Tensor, tgt: torch.Tensor, W: torch.Tensor, grad: bool
+    ) -> tuple[float, torch.Tensor | None]:
         """Mean cross-entropy of hf @ W.T against tgt, and (if grad) its gradient w.r.t. hf, in one
         pass over vocab chunks (never the (N, V) logits at once).
 
@@ -215,7 +227,7 @@ class Engine:
         s = torch.zeros(N)
         G = torch.zeros(N, d) if grad else None
         for v0 in range(0, W.shape[0], VOCAB_CHUNK):
-            Wc = W[v0:v0 + VOCAB_CHUNK].to(self.dtype)  # (C, d)
+            Wc = W[v0 : v0 + VOCAB_CHUNK].to(self.dtype)  # (C, d)
             lc = F.linear(hf, Wc).float()  # (N, C)
             m_new = torch.maximum(m, lc.max(dim=1).values)
             alpha = torch.exp(m - m_new)  # (N,) rescales what was summed under the old max
@@ -229,8 +241,9 @@ class Engine:
         loss = float((m + torch.log(s) - (hf.float() * w_t).sum(dim=1)).mean())
         return loss, ((G / s[:, None] - w_t) / N if grad else None)
 
-    def loss_and_grad_x(self, x: torch.Tensor, targets: torch.Tensor, W: torch.Tensor, norm: nn.Module,
-                        grad_scale: float = 1.0) -> tuple[float, torch.Tensor]:
+    def loss_and_grad_x(
+        self, x: torch.Tensor, targets: torch.Tensor, W: torch.Tensor, norm: nn.Module, grad_scale: float = 1.0
+    ) -> tuple[float, torch.Tensor]:
         """x (B, T, d) before the final norm -> (loss, dloss/dx (B, T, d) scaled by grad_scale); the
         gradient goes back through the frozen final norm by autograd."""
         B, T, d = x.shape
@@ -242,8 +255,7 @@ class Engine:
             torch.autograd.backward(h, (grad_h * grad_scale).view(B, T, d).to(h.dtype))
         return loss, xl.grad
 
-    def train_step(self, ids: torch.Tensor, targets: torch.Tensor, grad_scale: float = 1.0,
-                   between=None) -> float:
+    def train_step(self, ids: torch.Tensor, targets: torch.Tensor, grad_scale: float = 1.0, between=None) -> float:
         """One forward and backward on a batch; LoRA parameters accumulate `.grad` (scaled by
         grad_scale, e.g. 1/grad_accum). Returns the mean loss. `between()` is called between
         layers (control requests); it may block (pause) or raise (stop)."""
@@ -294,10 +306,13 @@ class Engine:
 
     def pass_stats(self, seconds: float) -> PassStats:
         st = self.pager.take_stats()
-        return PassStats(seconds=seconds,
-                         pagein_bytes=sum(s.bytes for s in st if not s.reused),
-                         read_s=sum(s.read_s for s in st), stall_s=sum(s.stall_s for s in st),
-                         layers=[s.to_json() for s in st])
+        return PassStats(
+            seconds=seconds,
+            pagein_bytes=sum(s.bytes for s in st if not s.reused),
+            read_s=sum(s.read_s for s in st),
+            stall_s=sum(s.stall_s for s in st),
+            layers=[s.to_json() for s in st],
+        )
 
     def close(self) -> None:
         self.pager.close()

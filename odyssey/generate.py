@@ -6,7 +6,7 @@ keys and values are appended to the cache (L x 2 x (B, Hkv, S, hd)).
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -26,9 +26,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def generate_ids(engine, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None,
-                 vocab_limit: Optional[int] = None) -> Iterator[int]:
+def generate_ids(
+    engine,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    eos_id: int | None = None,
+    vocab_limit: int | None = None,
+) -> Iterator[int]:
     """Yields new token ids one at a time. `vocab_limit`: only ids below it are sampled (a
     tokenizer smaller than the model's vocabulary cannot decode the rows beyond it)."""
     if not prompt_ids:
@@ -63,6 +70,6 @@ def stream_text(tokenizer, new_ids: Iterator[int], write: Callable[[str], None])
         text = tokenizer.decode(out)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence (Hangul is 3 bytes): wait
             continue
-        write(text[len(shown):])
+        write(text[len(shown) :])
         shown = text
     return out

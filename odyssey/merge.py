@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 from odyssey import atomic
 from odyssey.adapters import WEIGHTS_NAME, AdapterFile, read_adapter
@@ -58,7 +57,7 @@ class MergedSource:
     def units(self) -> list[Unit]:
         return self.store.units
 
-    def tokenizer_path(self) -> Optional[Path]:
+    def tokenizer_path(self) -> Path | None:
         return self.store.tokenizer_path()
 
     # No `shards`: a pager reading the base's bytes would silently skip the adapter.
@@ -80,12 +79,19 @@ class MergedSource:
 def _refuse_in_place(out: Path, model_dir: Path) -> None:
     # --force on the base directory would delete the shards that are being read.
     if out.exists() and out.resolve() == model_dir.resolve():
-        raise OdysseyError(f"--out {out} is the base model directory; the merge reads it while writing, "
-                           f"choose another --out")
+        raise OdysseyError(
+            f"--out {out} is the base model directory; the merge reads it while writing, choose another --out"
+        )
 
 
-def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike,
-          dtype: Optional[str] = None, force: bool = False, progress: bool = True) -> dict:
+def merge(
+    model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Write a new store at `out`: the base at `model_dir` with the adapter at `adapter_dir` folded
     in. Everything a user can get wrong (adapter for another base, bad dtype, --out not empty, not
     enough disk) is refused before the first shard is written. Returns a summary of figures."""
@@ -100,9 +106,14 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     dtype = dtype or store.dtype
     check_store_dtype(dtype)
     _refuse_in_place(out, model_dir)
-    key = {"kind": "merge", "config": store.config.to_hf_dict(DTYPES[dtype].hf_name), "dtype": dtype,
-           "base": store.fingerprint(), "adapter": file_sha256(adapter.path / WEIGHTS_NAME),
-           "scale": adapter.scale}
+    key = {
+        "kind": "merge",
+        "config": store.config.to_hf_dict(DTYPES[dtype].hf_name),
+        "dtype": dtype,
+        "base": store.fingerprint(),
+        "adapter": file_sha256(adapter.path / WEIGHTS_NAME),
+        "scale": adapter.scale,
+    }
     tok_bytes = sum(p.stat().st_size for p in tokenizer_files(store.root))
     w = StoreWriter(out, store.config, dtype, key, force, extra_bytes=tok_bytes)
 
@@ -120,17 +131,36 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
         bar.close()
         # Tokenizer and provenance before the index: a directory with an index is complete.
         copied = copy_tokenizer(store.root, out)
-        atomic.write_json(out / MERGE_RECORD, {
-            "base": str(store.root.resolve()), "base_fingerprint": store.fingerprint(),
-            "adapter": str(adapter.path.resolve()), "r": adapter.r, "alpha": adapter.alpha,
-            "scale": adapter.scale, "targets": adapter.targets, "modules": len(adapter.pairs)})
+        atomic.write_json(
+            out / MERGE_RECORD,
+            {
+                "base": str(store.root.resolve()),
+                "base_fingerprint": store.fingerprint(),
+                "adapter": str(adapter.path.resolve()),
+                "r": adapter.r,
+                "alpha": adapter.alpha,
+                "scale": adapter.scale,
+                "targets": adapter.targets,
+                "modules": len(adapter.pairs),
+            },
+        )
         w.finish()
     seconds = time.perf_counter() - t0
-    return {"out": str(out), "base": str(model_dir), "adapter": str(adapter.path), "dtype": dtype,
-            "modules": len(adapter.pairs), "layers": store.num_layers, "bytes": w.total_file_bytes(),
-            "written_bytes": written, "kept_shards": kept, "seconds": seconds,
-            "mb_s": written / 1e6 / max(seconds, 1e-9), "peak_anon_bytes": mem.peak_bytes,
-            "tokenizer_files": copied}
+    return {
+        "out": str(out),
+        "base": str(model_dir),
+        "adapter": str(adapter.path),
+        "dtype": dtype,
+        "modules": len(adapter.pairs),
+        "layers": store.num_layers,
+        "bytes": w.total_file_bytes(),
+        "written_bytes": written,
+        "kept_shards": kept,
+        "seconds": seconds,
+        "mb_s": written / 1e6 / max(seconds, 1e-9),
+        "peak_anon_bytes": mem.peak_bytes,
+        "tokenizer_files": copied,
+    }
 
 
 def _write_merged_unit(w: StoreWriter, source: MergedSource, unit: Unit) -> int:

@@ -11,8 +11,6 @@ Hkv key/value heads, hd head width, V vocabulary.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,8 +32,9 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """positions (T,) or (B, T) int -> cos, sin of shape (B or 1, 1, T, hd), HF's convention
     (frequencies computed in fp32, halves duplicated: emb = cat(freqs, freqs))."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -55,8 +54,8 @@ class KVCache:
     """Per-layer key/value tensors for generation: k, v of shape (B, Hkv, S, hd)."""
 
     def __init__(self, num_layers: int):
-        self.k: list[Optional[torch.Tensor]] = [None] * num_layers
-        self.v: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
 
     def length(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[2]
@@ -80,8 +79,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.Hkv * hd, bias=False)
         self.o_proj = nn.Linear(self.H * hd, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -126,8 +126,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)  # (B, T, d)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -151,8 +152,9 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None,
-                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """input_ids (B, T) -> final-normed hidden states (B, T, d)."""
         cfg = self.config
         x = self.model.embed_tokens(input_ids)
@@ -165,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, cache)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) in the weights' dtype."""
         return self.lm_head(self.hidden_states(input_ids, cache))
 

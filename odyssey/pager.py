@@ -22,7 +22,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 from odyssey.dtypes import PAGE_SIZE, ST_CODES
 from odyssey.store import Store, Unit
@@ -43,15 +42,21 @@ class UnitStat:
         return self.bytes / 1e6 / self.read_s if self.read_s > 0 else 0.0
 
     def to_json(self) -> dict:
-        return {"layer": self.unit, "bytes": self.bytes, "read_s": round(self.read_s, 5),
-                "stall_s": round(self.stall_s, 5), "mb_s": round(self.mb_s, 1), "reused": self.reused}
+        return {
+            "layer": self.unit,
+            "bytes": self.bytes,
+            "read_s": round(self.read_s, 5),
+            "stall_s": round(self.stall_s, 5),
+            "mb_s": round(self.mb_s, 1),
+            "reused": self.reused,
+        }
 
 
 @dataclass
 class _Slot:
     index: int
     buf: mmap.mmap  # anonymous, page-aligned, size = largest shard rounded up to a page
-    unit: Optional[Unit] = None  # what the buffer holds (also after release, until overwritten)
+    unit: Unit | None = None  # what the buffer holds (also after release, until overwritten)
     ready: bool = False
     refs: int = 0  # gets served and not yet released
     pending: int = 0  # scheduled gets that will be served from this slot
@@ -68,13 +73,14 @@ class Resident:
 
 
 class Pager:
-    def __init__(self, store: Store, slots: int = 2, direct: bool = False, read_chunk: int = READ_CHUNK,
-                 drop_cache: bool = True):
+    def __init__(
+        self, store: Store, slots: int = 2, direct: bool = False, read_chunk: int = READ_CHUNK, drop_cache: bool = True
+    ):
         if slots < 1:
             raise ValueError("slots must be >= 1")
         self.store = store
         self.direct = direct
-        self.direct_fallback: Optional[str] = None  # why O_DIRECT was refused, if it was
+        self.direct_fallback: str | None = None  # why O_DIRECT was refused, if it was
         self.read_chunk = read_chunk
         self.drop_cache = drop_cache
         size = -(-store.max_unit_bytes() // PAGE_SIZE) * PAGE_SIZE
@@ -83,7 +89,7 @@ class Pager:
         self._queue: collections.deque = collections.deque()  # units the reader has yet to place
         self._order: collections.deque = collections.deque()  # (unit, slot) in get() order
         self._cv = threading.Condition()
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self._closed = False
         self.stats: list[UnitStat] = []
         self._thread = threading.Thread(target=self._reader, name="odyssey-pager", daemon=True)
@@ -194,7 +200,7 @@ class Pager:
                     while not self._closed:
                         free = [s for s in self._slots if s.refs == 0 and s.pending == 0]
                         if free:
-                            soon = set(list(self._queue)[1:len(self._slots) + 1])
+                            soon = set(list(self._queue)[1 : len(self._slots) + 1])
                             free.sort(key=lambda s: (s.unit in soon, s.released_at))
                             slot = free[0]
                             break
@@ -237,7 +243,7 @@ class Pager:
             while off < want:
                 n = min(self.read_chunk, want - off)
                 try:
-                    got = os.preadv(fd, [view[off:off + n]], off)
+                    got = os.preadv(fd, [view[off : off + n]], off)
                 except OSError as e:
                     if direct and off == 0:  # filesystem accepted the flag but not the read
                         self.direct_fallback = f"O_DIRECT read failed ({e}); using buffered reads"
@@ -250,7 +256,7 @@ class Pager:
                     break
                 off += got
             if off < size:
-                raise IOError(f"{info.path}: short read ({off} of {size} bytes); run `odyssey verify`")
+                raise OSError(f"{info.path}: short read ({off} of {size} bytes); run `odyssey verify`")
             if self.drop_cache and not direct:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             view.release()

@@ -21,7 +21,6 @@ Terms (bytes of anonymous memory, which is what a budget must bound):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from odyssey.config import LoraSettings, ModelConfig, format_bytes
 from odyssey.dtypes import DTYPES, MIB, PAGE_SIZE, VOCAB_CHUNK, compute_dtype_info, numel
@@ -34,7 +33,7 @@ RUNTIME_FALLBACK = {"forward": 230 * MIB, "lora": 350 * MIB, "full": 350 * MIB}
 class Plan:
     mode: str  # "forward" (generate) | "lora" (train with adapters) | "full" (train everything)
     terms: dict[str, int] = field(default_factory=dict)
-    budget: Optional[int] = None
+    budget: int | None = None
     seq_len: int = 0
     batch_size: int = 1
 
@@ -54,20 +53,36 @@ class Plan:
         lines.append(f"  {'total':<{width}}  {format_bytes(self.total):>12}")
         if self.budget is not None:
             verdict = "fits" if self.fits else "DOES NOT FIT"
-            lines.append(f"  {'budget':<{width}}  {format_bytes(self.budget):>12}   -> {verdict} "
-                         f"(headroom {format_bytes(self.budget - self.total)})")
+            lines.append(
+                f"  {'budget':<{width}}  {format_bytes(self.budget):>12}   -> {verdict} "
+                f"(headroom {format_bytes(self.budget - self.total)})"
+            )
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"mode": self.mode, "terms": self.terms, "total": self.total, "budget": self.budget,
-                "fits": self.fits, "seq_len": self.seq_len, "batch_size": self.batch_size}
+        return {
+            "mode": self.mode,
+            "terms": self.terms,
+            "total": self.total,
+            "budget": self.budget,
+            "fits": self.fits,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+        }
 
 
 def lora_parameter_count(cfg: ModelConfig, lora: LoraSettings) -> int:
     """Adapter parameters: r x (in + out) for every targeted Linear."""
     d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
-    dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    dims = {
+        "q_proj": (d, q),
+        "k_proj": (d, kv),
+        "v_proj": (d, kv),
+        "o_proj": (q, d),
+        "gate_proj": (d, f),
+        "up_proj": (d, f),
+        "down_proj": (f, d),
+    }
     per_layer = sum(lora.r * (i + o) for t, (i, o) in dims.items() if t in lora.targets)
     total = per_layer * cfg.num_hidden_layers
     if "lm_head" in lora.targets:
@@ -89,12 +104,22 @@ def measured_runtime(mode: str) -> int:
         return RUNTIME_FALLBACK[mode]
 
 
-def plan(cfg: ModelConfig, *, mode: str, seq_len: int, batch_size: int = 1, slots: int = 2,
-         store_itemsize: int = 2, compute_itemsize: int = 4, unit_bytes: Optional[int] = None,
-         layer_params: Optional[int] = None, lora: Optional[LoraSettings] = None,
-         budget: Optional[int] = None, runtime: Optional[int] = None) -> Plan:
-    d, f, kv, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_size, cfg.num_hidden_layers,
-                      cfg.vocab_size)
+def plan(
+    cfg: ModelConfig,
+    *,
+    mode: str,
+    seq_len: int,
+    batch_size: int = 1,
+    slots: int = 2,
+    store_itemsize: int = 2,
+    compute_itemsize: int = 4,
+    unit_bytes: int | None = None,
+    layer_params: int | None = None,
+    lora: LoraSettings | None = None,
+    budget: int | None = None,
+    runtime: int | None = None,
+) -> Plan:
+    d, f, kv, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_size, cfg.num_hidden_layers, cfg.vocab_size)
     B, T = batch_size, seq_len
     BT = B * T
     ci = compute_itemsize
@@ -133,9 +158,18 @@ def plan(cfg: ModelConfig, *, mode: str, seq_len: int, batch_size: int = 1, slot
     return Plan(mode, terms, budget, seq_len, batch_size)
 
 
-def plan_for_store(store, *, mode: str, seq_len: int, batch_size: int = 1, slots: int = 2,
-                   compute_dtype=None, lora: Optional[LoraSettings] = None,
-                   budget: Optional[int] = None, runtime: Optional[int] = None) -> Plan:
+def plan_for_store(
+    store,
+    *,
+    mode: str,
+    seq_len: int,
+    batch_size: int = 1,
+    slots: int = 2,
+    compute_dtype=None,
+    lora: LoraSettings | None = None,
+    budget: int | None = None,
+    runtime: int | None = None,
+) -> Plan:
     """A plan with the sizes read from an opened store."""
     if compute_dtype is not None and not isinstance(compute_dtype, str):  # a torch.dtype
         compute_itemsize = compute_dtype.itemsize
@@ -143,10 +177,20 @@ def plan_for_store(store, *, mode: str, seq_len: int, batch_size: int = 1, slots
         compute_itemsize = compute_dtype_info(compute_dtype or "auto").itemsize
     store_itemsize = DTYPES[store.dtype].itemsize
     layer_params = sum(numel(s.shape) for s in store.shards[0].tensors.values())
-    return plan(store.config, mode=mode, seq_len=seq_len, batch_size=batch_size, slots=slots,
-                store_itemsize=store_itemsize, compute_itemsize=compute_itemsize,
-                unit_bytes=store.max_unit_bytes(), layer_params=layer_params, lora=lora,
-                budget=budget, runtime=runtime)
+    return plan(
+        store.config,
+        mode=mode,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        slots=slots,
+        store_itemsize=store_itemsize,
+        compute_itemsize=compute_itemsize,
+        unit_bytes=store.max_unit_bytes(),
+        layer_params=layer_params,
+        lora=lora,
+        budget=budget,
+        runtime=runtime,
+    )
 
 
 def check(p: Plan, replan) -> None:
@@ -163,11 +207,11 @@ def check(p: Plan, replan) -> None:
             longest, lo = mid, mid + 1
         else:
             hi = mid - 1
-    seq_hint = (f"or --seq-len {longest} fits this budget" if longest >= 16 else
-                "no sequence length fits this budget")
+    seq_hint = f"or --seq-len {longest} fits this budget" if longest >= 16 else "no sequence length fits this budget"
     raise OdysseyError(
         f"--ram-budget {format_bytes(p.budget)} is too small: the plan needs {format_bytes(p.total)} "
-        f"({terms}); use --ram-budget {_round_up_mib(p.total)}MiB or more, {seq_hint}")
+        f"({terms}); use --ram-budget {_round_up_mib(p.total)}MiB or more, {seq_hint}"
+    )
 
 
 def _round_up_mib(n: int) -> int:

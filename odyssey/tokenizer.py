@@ -26,14 +26,20 @@ SPECIAL_TOKENS = [UNK, BOS, EOS]
 DEFAULT_VOCAB_SIZE = 8192
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte is a token, plus the special tokens
 # the tokenizer files a model store or data directory may hold (copied along with the weights)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
 # the ones prepare-data writes (tokenizer.json + the side files of `hf_side_files`)
 WRITTEN_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
-                    progress: bool = False) -> Tokenizer:
+def train_tokenizer(
+    documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, progress: bool = False
+) -> Tokenizer:
     """Train a byte-level BPE (GPT-2 style: ByteLevel pre-tokenizer and decoder, no normalizer).
 
     Ids 0, 1, 2 are <unk>, <s>, </s>; then the 256 byte tokens, then merges, up to `vocab_size`
@@ -42,18 +48,24 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SI
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < MIN_VOCAB_SIZE:
-        raise OdysseyError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
-                           f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+        raise OdysseyError(
+            f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
+            f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE())  # byte-level: every byte has a token, so no <unk> is ever produced
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=progress,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # all 256 bytes, seen or not
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # all 256 bytes, seen or not
     tok.train_from_iterator(documents, trainer)
     # Like Llama's tokenizer, plain `encode(text)` (and HF `tokenizer(text)`) starts with <s>.
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
     return tok
 
 
@@ -63,8 +75,10 @@ def special_ids(tok: Tokenizer, source: str) -> dict:
     ids = {"bos_id": tok.token_to_id(BOS), "eos_id": tok.token_to_id(EOS), "unk_id": tok.token_to_id(UNK)}
     for key, name in (("bos_id", BOS), ("eos_id", EOS)):
         if ids[key] is None:
-            raise OdysseyError(f"tokenizer {source} has no {name} token; Odyssey needs {BOS} and {EOS}: "
-                               f"let prepare-data train one (drop --tokenizer)")
+            raise OdysseyError(
+                f"tokenizer {source} has no {name} token; Odyssey needs {BOS} and {EOS}: "
+                f"let prepare-data train one (drop --tokenizer)"
+            )
     return ids
 
 
@@ -86,8 +100,9 @@ def load_tokenizer(path: str | os.PathLike, fix: str | None = None) -> Tokenizer
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # the Rust side raises a bare Exception with serde's message
-        raise OdysseyError(f"{file} is not a valid tokenizers file ({str(e).splitlines()[0]}); "
-                           f"write it again with prepare-data") from None
+        raise OdysseyError(
+            f"{file} is not a valid tokenizers file ({str(e).splitlines()[0]}); write it again with prepare-data"
+        ) from None
 
 
 def hf_side_files() -> dict[str, bytes]:

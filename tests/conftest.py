@@ -18,9 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_config(**kw) -> ModelConfig:
     """2 layers, width 64, GQA 4/2 heads: a whole forward takes milliseconds."""
-    base = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                rope_theta=10000.0, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -66,8 +74,14 @@ def load_tool(name: str):
 
 def run_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """Run `python -m odyssey ARGS` as a user would; returns the completed process."""
-    return subprocess.run([sys.executable, "-m", "odyssey", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd or ROOT, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "odyssey", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -16,8 +16,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -33,8 +33,9 @@ class Hog:
     """A child Python process that holds as much anonymous memory as it is told to."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, __file__, "hold"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "hold"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
         self.pid = self.proc.pid
 
     def hold(self, mib: int) -> None:
@@ -75,7 +76,7 @@ def wait_for(cond: Callable[[], object], timeout_s: float = HANG_S, every_s: flo
         time.sleep(every_s)
 
 
-def _touched(mib: int) -> Optional[bytes]:
+def _touched(mib: int) -> bytes | None:
     return b"\x01" * (mib * MIB) if mib > 0 else None  # every page written, so it is resident
 
 

@@ -36,8 +36,10 @@ def test_markdown_table_rejects_a_short_row():
         common.markdown_table(["a", "b", "c"], [(1, 2)])
 
 
-@pytest.mark.parametrize("value, digits, want", [(None, 2, "-"), (True, 2, "yes"), (False, 2, "no"),
-                                                 (1234.567, 1, "1,234.6"), (12345, 2, "12,345"), ("x", 2, "x")])
+@pytest.mark.parametrize(
+    "value, digits, want",
+    [(None, 2, "-"), (True, 2, "yes"), (False, 2, "no"), (1234.567, 1, "1,234.6"), (12345, 2, "12,345"), ("x", 2, "x")],
+)
 def test_fmt(value, digits, want):
     assert common.fmt(value, digits) == want
 
@@ -133,8 +135,13 @@ def test_climb_jumps_to_the_budget_the_planner_suggests():
     msg = "odyssey: error: the plan needs 4.20 GiB (...); use --ram-budget 4400MiB or more, seq_len 900 fits"
     sugg = 4400 * MIB
     run = FakeRunner({2: msg, sugg / GIB: "ok"})
-    res = peers.climb(run, peers.ladder(2 * GIB), progress=quiet,
-                      suggest=lambda a: common.suggested_budget(a.error), cap_bytes=16 * GIB)
+    res = peers.climb(
+        run,
+        peers.ladder(2 * GIB),
+        progress=quiet,
+        suggest=lambda a: common.suggested_budget(a.error),
+        cap_bytes=16 * GIB,
+    )
     assert run.calls == [2 * GIB, sugg]
     assert res["smallest_ok_bytes"] == sugg
 
@@ -158,8 +165,19 @@ def test_read_metrics_and_summarize_steps(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [{"t": 0, "kind": "event", "event": "start"}]
     for i, s in enumerate([9.0, 5.0, 7.0, 6.0], start=1):
-        lines.append({"t": i, "kind": "step", "step": i, "loss": 10.0 - i, "step_s": s, "tokens_per_s": 512 / s,
-                      "rss_anon_mib": 500.0 + i, "stall_s": 0.1, "pagein_mb_s": 900.0})
+        lines.append(
+            {
+                "t": i,
+                "kind": "step",
+                "step": i,
+                "loss": 10.0 - i,
+                "step_s": s,
+                "tokens_per_s": 512 / s,
+                "rss_anon_mib": 500.0 + i,
+                "stall_s": 0.1,
+                "pagein_mb_s": 900.0,
+            }
+        )
     path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"kind": "step", "ste')  # torn last line
     recs = common.read_metrics(path)
     assert len(recs) == 5
@@ -210,26 +228,58 @@ def test_parse_generate_stderr():
 
 
 def _climb(status="runs", ok_bytes=2 * GIB, first_ok=True, result=None, error="", peak=1500 * MIB):
-    return {"attempts": [], "budget_bytes": 2 * GIB, "ran_within_budget": first_ok, "smallest_ok_bytes": ok_bytes,
-            "status": status, "error": error, "stopped": "", "ok_result": result or {}, "ok_peak_bytes": peak}
+    return {
+        "attempts": [],
+        "budget_bytes": 2 * GIB,
+        "ran_within_budget": first_ok,
+        "smallest_ok_bytes": ok_bytes,
+        "status": status,
+        "error": error,
+        "stopped": "",
+        "ok_result": result or {},
+        "ok_peak_bytes": peak,
+    }
 
 
 def fake_peers_result():
-    ody = _climb(result={"step_s": 20.0, "cpu_s": 30.0, "measured_steps": 3, "peak_rss_anon_mib": 600.0,
-                         "losses": [10.4]})
-    inram = _climb(ok_bytes=12 * GIB, first_ok=False, error="OOM-killed", peak=9000 * MIB,
-                   result={"step_s": 10.0, "cpu_s": 15.0, "measured_steps": 3, "peak_anon_mib": 8000.0,
-                           "losses": [10.4]})
-    off = _climb(status="does not run", ok_bytes=None, first_ok=False, peak=None,
-                 error="RuntimeError: expected device meta but got cpu")
-    train = [peers._train_row("odyssey", ody, 20.0, 30.0), peers._train_row("inram", inram, 20.0, 30.0),
-             peers._train_row("offload", off, 20.0, 30.0)]
+    ody = _climb(
+        result={"step_s": 20.0, "cpu_s": 30.0, "measured_steps": 3, "peak_rss_anon_mib": 600.0, "losses": [10.4]}
+    )
+    inram = _climb(
+        ok_bytes=12 * GIB,
+        first_ok=False,
+        error="OOM-killed",
+        peak=9000 * MIB,
+        result={"step_s": 10.0, "cpu_s": 15.0, "measured_steps": 3, "peak_anon_mib": 8000.0, "losses": [10.4]},
+    )
+    off = _climb(
+        status="does not run",
+        ok_bytes=None,
+        first_ok=False,
+        peak=None,
+        error="RuntimeError: expected device meta but got cpu",
+    )
+    train = [
+        peers._train_row("odyssey", ody, 20.0, 30.0),
+        peers._train_row("inram", inram, 20.0, 30.0),
+        peers._train_row("offload", off, 20.0, 30.0),
+    ]
     gody = _climb(result={"s_per_token": 2.0, "decode_steps": 7})
     goff = _climb(result={"s_per_token": 5.0, "decode_steps": 7, "device_map": {"disk_share": 0.9}})
     gen = [peers._gen_row("odyssey", gody, 2.0), peers._gen_row("offload", goff, 2.0)]
-    settings = {"model_label": "1.21B", "seq_len": 512, "lora_r": 16, "lora_alpha": 32, "targets": peers.TARGETS,
-                "budget_gib": 2.0, "measured_steps": 3, "prompt_len": 32, "new_tokens": 8,
-                "peer_allocator": "system (glibc)", "offload_reserve_gib": 1.0}
+    settings = {
+        "model_label": "1.21B",
+        "seq_len": 512,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "targets": peers.TARGETS,
+        "budget_gib": 2.0,
+        "measured_steps": 3,
+        "prompt_len": 32,
+        "new_tokens": 8,
+        "peer_allocator": "system (glibc)",
+        "offload_reserve_gib": 1.0,
+    }
     return {"settings": settings, "train": train, "generate": gen}
 
 
@@ -255,33 +305,70 @@ def test_peers_png(tmp_path):
 
 
 def test_scaling_cases_reuse_and_table(tmp_path):
-    assert scaling.cases() == [("nano", 512), ("small", 512), ("odyssey-1.2b", 128), ("odyssey-1.2b", 512),
-                               ("odyssey-1.2b", 2048)]
+    assert scaling.cases() == [
+        ("nano", 512),
+        ("small", 512),
+        ("odyssey-1.2b", 128),
+        ("odyssey-1.2b", 512),
+        ("odyssey-1.2b", 2048),
+    ]
     model = tmp_path / "m"
     model.mkdir()
     pj = tmp_path / "peers.json"
     climb = _climb(result={"step_s": 20.0})
-    pj.write_text(json.dumps({"settings": {"model": str(model), "steps": 4, "seq_len": 512},
-                              "climbs": {"train": {"odyssey": climb}}}))
+    pj.write_text(
+        json.dumps(
+            {"settings": {"model": str(model), "steps": 4, "seq_len": 512}, "climbs": {"train": {"odyssey": climb}}}
+        )
+    )
     assert scaling.reusable(pj, model, 4)["reused_from"] == str(pj)
     assert scaling.reusable(pj, model, 5) is None  # other step count
     assert scaling.reusable(pj, tmp_path / "other", 4) is None
     assert scaling.reusable(tmp_path / "missing.json", model, 4) is None
-    rows = [{"config": "nano", "label": "2.8M", "seq_len": 512, "status": "runs", "budget_gib": 2.0, "step_s": 0.5,
-             "cpu_s": 0.9,
-             "measured_steps": 3, "tokens_per_s": 1024.0, "peak_anon_mib": 300.0, "peak_cgroup_mib": 400,
-             "stall_s": 0.01, "error": "", "reused_from": None},
-            {"config": "odyssey-1.2b", "label": "1.21B", "seq_len": 2048, "status": "does not run", "budget_gib": None,
-             "step_s": None, "measured_steps": None, "tokens_per_s": None, "peak_anon_mib": None,
-             "peak_cgroup_mib": None, "stall_s": None, "error": "timed out after 1200 s", "reused_from": None}]
+    rows = [
+        {
+            "config": "nano",
+            "label": "2.8M",
+            "seq_len": 512,
+            "status": "runs",
+            "budget_gib": 2.0,
+            "step_s": 0.5,
+            "cpu_s": 0.9,
+            "measured_steps": 3,
+            "tokens_per_s": 1024.0,
+            "peak_anon_mib": 300.0,
+            "peak_cgroup_mib": 400,
+            "stall_s": 0.01,
+            "error": "",
+            "reused_from": None,
+        },
+        {
+            "config": "odyssey-1.2b",
+            "label": "1.21B",
+            "seq_len": 2048,
+            "status": "does not run",
+            "budget_gib": None,
+            "step_s": None,
+            "measured_steps": None,
+            "tokens_per_s": None,
+            "peak_anon_mib": None,
+            "peak_cgroup_mib": None,
+            "stall_s": None,
+            "error": "timed out after 1200 s",
+            "reused_from": None,
+        },
+    ]
     t = scaling.table(rows)
     assert "| nano (2.8M) | 512 | 2.00 | 0.50 | 0.90 | 3 | 1,024.0 | 300 | 400 | 0.01 |" in t
     assert "timed out after 1200 s" in t
 
 
 def test_pagein_grid_table():
-    res = {"rows": [{"slots": 2, "read_mib": 16, "mb_s": 1400.4, "raw_mb_s": 1500.0, "ratio_to_raw": 0.934,
-                     "default": True}]}
+    res = {
+        "rows": [
+            {"slots": 2, "read_mib": 16, "mb_s": 1400.4, "raw_mb_s": 1500.0, "ratio_to_raw": 0.934, "default": True}
+        ]
+    }
     assert pagein.grid_table(res).splitlines()[2] == "| 2 | 16 | 1400 | 1500 | 0.93 | yes |"
 
 
@@ -293,8 +380,10 @@ def test_run_all_commands_and_readme(tmp_path):
     assert cmd[cmd.index("--reuse-peers") + 1] == str(tmp_path / "peers.json")
     (tmp_path / "peers.md").write_text("## Peers\n\n| a |\n|---|\n| 1 |\n")
     (tmp_path / "peers.png").write_bytes(b"png")
-    runs = [{"part": "peers", "status": "ok", "seconds": 600.0}, {"part": "scaling", "status": "failed (exit 1)",
-                                                                  "seconds": 5.0}]
+    runs = [
+        {"part": "peers", "status": "ok", "seconds": 600.0},
+        {"part": "scaling", "status": "failed (exit 1)", "seconds": 5.0},
+    ]
     text = run_all.readme(tmp_path, common.machine(), runs, "2026-11-21 10:00")
     assert "Measured 2026-11-21 10:00 on" in text and "### Peers" in text and "![peers.png](peers.png)" in text
     assert "| peers | ok | 10.0 |" in text and "No result (failed (exit 1))." in text
@@ -318,9 +407,12 @@ def test_cpu_between_interpolates_and_refuses_to_extrapolate():
 
 def test_step_cpu_from_metrics_lines():
     samples = [(100.0, 0.0), (110.0, 20.0), (120.0, 30.0)]
-    recs = [{"kind": "step", "step": 2, "t": 120.0, "step_s": 10.0}, {"kind": "event", "t": 101.0},
-            {"kind": "step", "step": 1, "t": 110.0, "step_s": 10.0}, {"kind": "step", "step": 3, "t": 130.0,
-                                                                       "step_s": 5.0}]
+    recs = [
+        {"kind": "step", "step": 2, "t": 120.0, "step_s": 10.0},
+        {"kind": "event", "t": 101.0},
+        {"kind": "step", "step": 1, "t": 110.0, "step_s": 10.0},
+        {"kind": "step", "step": 3, "t": 130.0, "step_s": 5.0},
+    ]
     assert peers.step_cpu(recs, samples) == [20.0, 10.0, None]
 
 
@@ -328,7 +420,9 @@ def test_child_cpu_counts_a_busy_child():
     import subprocess
 
     with peers.ChildCpu(interval_s=0.05) as cpu:
-        subprocess.run([sys.executable, "-c", "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass"])
+        subprocess.run(
+            [sys.executable, "-c", "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass"]
+        )
     # the child is gone at the end (its counter vanishes), but samples taken while it ran saw it
     assert max(c for _, c in cpu.samples) >= 0.1
 
@@ -351,8 +445,10 @@ def test_climb_screen_skips_and_stops_but_always_runs_the_first_budget():
 
 
 def test_short_error_condenses_the_planner_refusal():
-    msg = ("odyssey: error: --ram-budget 2.00 GiB is too small: the plan needs 2.44 GiB (runtime 263.93 MiB, ...); "
-           "use --ram-budget 2498MiB or more, or --seq-len 1450 fits this budget")
+    msg = (
+        "odyssey: error: --ram-budget 2.00 GiB is too small: the plan needs 2.44 GiB (runtime 263.93 MiB, ...); "
+        "use --ram-budget 2498MiB or more, or --seq-len 1450 fits this budget"
+    )
     assert common.short_error(msg) == "planner: 2.00 GiB too small, plan needs 2.44 GiB"
     assert common.short_error("RuntimeError: boom") == "RuntimeError: boom"
     assert len(common.short_error("x" * 500)) == 200
@@ -369,7 +465,13 @@ def test_readme_puts_the_headline_first_and_states_each_title_once(tmp_path):
 
 def test_run_all_readme_only(tmp_path):
     (tmp_path / "peers.md").write_text("## Peers\n\n| b |\n|---|\n| 2 |\n")
-    common.write_json(tmp_path / "run_all.json", {"date": "2026-11-21", "machine": common.machine(),
-                                                  "parts": [{"part": "peers", "status": "ok", "seconds": 6.0}]})
+    common.write_json(
+        tmp_path / "run_all.json",
+        {
+            "date": "2026-11-21",
+            "machine": common.machine(),
+            "parts": [{"part": "peers", "status": "ok", "seconds": 6.0}],
+        },
+    )
     assert run_all.main(["--readme-only", "--out-dir", str(tmp_path)]) == 0
     assert "| b |" in (tmp_path / "README.md").read_text()

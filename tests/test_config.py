@@ -2,8 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from odyssey.config import (ModelConfig, TrainConfig, apply_overrides, from_dict, load_model_config,
-                            load_train_config, parse_bytes)
+from odyssey.config import (
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_model_config,
+    load_train_config,
+    parse_bytes,
+)
 from odyssey.errors import OdysseyError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,19 +51,33 @@ def test_parameter_counts():
 
 def test_model_config_errors():
     with pytest.raises(OdysseyError, match="must divide hidden_size"):
-        ModelConfig(vocab_size=10, hidden_size=100, intermediate_size=8, num_hidden_layers=1,
-                    num_attention_heads=3)
+        ModelConfig(vocab_size=10, hidden_size=100, intermediate_size=8, num_hidden_layers=1, num_attention_heads=3)
     with pytest.raises(OdysseyError, match="num_key_value_heads"):
-        ModelConfig(vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
-                    num_attention_heads=4, num_key_value_heads=3)
+        ModelConfig(
+            vocab_size=10,
+            hidden_size=64,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=3,
+        )
     with pytest.raises(OdysseyError, match="hidden_size must be of type int"):
-        from_dict(ModelConfig, dict(vocab_size=10, hidden_size="big", intermediate_size=8,
-                                    num_hidden_layers=1, num_attention_heads=4))
+        from_dict(
+            ModelConfig,
+            dict(vocab_size=10, hidden_size="big", intermediate_size=8, num_hidden_layers=1, num_attention_heads=4),
+        )
 
 
 def test_hf_v4_and_v5_rope_keys():
-    base = dict(vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
-                num_attention_heads=4, model_type="llama", torch_dtype="float32")
+    base = dict(
+        vocab_size=10,
+        hidden_size=64,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        model_type="llama",
+        torch_dtype="float32",
+    )
     v4 = ModelConfig.from_hf_dict(dict(base, rope_theta=500000.0))
     v5 = ModelConfig.from_hf_dict(dict(base, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"}))
     assert v4.rope_theta == v5.rope_theta == 500000.0
@@ -65,8 +86,9 @@ def test_hf_v4_and_v5_rope_keys():
 
 
 def test_train_config_overrides():
-    cfg = load_train_config(ROOT / "configs/lora.yaml", ["lora.r=32", "lr=1e-4", "guard.max_temp_c=85",
-                                                         "lora.targets=q_proj,v_proj"])
+    cfg = load_train_config(
+        ROOT / "configs/lora.yaml", ["lora.r=32", "lr=1e-4", "guard.max_temp_c=85", "lora.targets=q_proj,v_proj"]
+    )
     assert cfg.lora.r == 32 and cfg.lr == 1e-4 and cfg.guard.max_temp_c == 85.0
     assert cfg.lora.targets == ["q_proj", "v_proj"]
     with pytest.raises(OdysseyError, match="unknown config key lora.rank"):
@@ -77,9 +99,17 @@ def test_train_config_overrides():
         apply_overrides({}, ["oops"])
 
 
-@pytest.mark.parametrize("text,expected", [("1.5GiB", int(1.5 * 2**30)), ("1500MiB", 1500 * 2**20),
-                                           ("2G", 2 * 2**30), ("2GB", 2 * 2**30), ("512m", 512 * 2**20),
-                                           ("1048576", 2**20)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("1.5GiB", int(1.5 * 2**30)),
+        ("1500MiB", 1500 * 2**20),
+        ("2G", 2 * 2**30),
+        ("2GB", 2 * 2**30),
+        ("512m", 512 * 2**20),
+        ("1048576", 2**20),
+    ],
+)
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 

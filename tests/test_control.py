@@ -97,14 +97,24 @@ def test_ack_writes_status(run):
 
 
 def test_guard_command_passes_settings_on():
-    s = GuardSettings(interval_s=0.2, soft_pct=70, hard_pct=80, min_available_mib=64, max_temp_c=85,
-                      resume_temp_c=75, thermal_file="/tmp/t", enforce_cgroup=True)
+    s = GuardSettings(
+        interval_s=0.2,
+        soft_pct=70,
+        hard_pct=80,
+        min_available_mib=64,
+        max_temp_c=85,
+        resume_temp_c=75,
+        thermal_file="/tmp/t",
+        enforce_cgroup=True,
+    )
     cmd = control.guard_command(42, "runs/r", 1 << 30, s)
-    args = dict(zip(cmd[3::2], cmd[4::2]))
+    args = dict(zip(cmd[3::2], cmd[4::2], strict=False))  # a trailing flag has no value
     assert cmd[1:3] == ["-m", "odyssey.runtime.guard"] and cmd[-1] == "--enforce-cgroup"
     assert args["--pid"] == "42" and args["--ram-budget"] == str(1 << 30) and args["--thermal-file"] == "/tmp/t"
-    assert [float(args[k]) for k in ("--interval", "--soft-pct", "--hard-pct", "--min-available-mib",
-                                     "--max-temp-c", "--resume-temp-c")] == [0.2, 70, 80, 64, 85, 75]
+    assert [
+        float(args[k])
+        for k in ("--interval", "--soft-pct", "--hard-pct", "--min-available-mib", "--max-temp-c", "--resume-temp-c")
+    ] == [0.2, 70, 80, 64, 85, 75]
     assert "--thermal-file" not in control.guard_command(42, "r", 1, GuardSettings())
 
 
@@ -208,12 +218,15 @@ def test_guard_disabled_never_lost(run):
 
 def test_guard_exits_when_its_trainer_dies(run):
     """The real arrangement: the trainer starts the guard on itself and is killed."""
-    code = ("import os, sys, time\n"
-            "from odyssey.config import GuardSettings\n"
-            "from odyssey.runtime.control import start_guard\n"
-            f"g = start_guard(os.getpid(), {str(run.root)!r}, 1 << 40, GuardSettings(interval_s=0.1, min_available_mib=1))\n"
-            "print(g.pid, flush=True)\n"
-            "time.sleep(60)\n")
+    code = (
+        "import os, sys, time\n"
+        "from odyssey.config import GuardSettings\n"
+        "from odyssey.runtime.control import start_guard\n"
+        f"g = start_guard(os.getpid(), {str(run.root)!r}, 1 << 40,"
+        " GuardSettings(interval_s=0.1, min_available_mib=1))\n"
+        "print(g.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     trainer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     try:
@@ -224,8 +237,13 @@ def test_guard_exits_when_its_trainer_dies(run):
         assert wait_for(lambda: (run.read_heartbeat() or {}).get("state") == "exited")
         (exit_event,) = [e for e in run.read_metrics("guard") if e["action"] == "exit"]
         assert "gone" in exit_event["reason"]
-        assert wait_for(lambda: not os.path.exists(f"/proc/{guard_pid}") or
-                        open(f"/proc/{guard_pid}/stat").read().split(") ")[1][0] == "Z", 3)
+        assert wait_for(
+            lambda: (
+                not os.path.exists(f"/proc/{guard_pid}")
+                or open(f"/proc/{guard_pid}/stat").read().split(") ")[1][0] == "Z"
+            ),
+            3,
+        )
     finally:
         trainer.kill()
         trainer.wait()

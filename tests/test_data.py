@@ -13,7 +13,6 @@ import pytest
 from odyssey.data import BatchSampler, TokenData, eval_batches, prepare_data, read_documents, token_dtype, unigram_loss
 from odyssey.errors import OdysseyError
 from odyssey.tokenizer import load_tokenizer, train_tokenizer
-
 from tests.conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,28 +55,40 @@ def test_read_documents_txt_jsonl_and_directories(tmp_path):
     # no marker: blank lines separate documents (TinyStories style)
     (tmp_path / "sub" / "b.txt").write_text("four\nstill four\n\n\nfive\n", encoding="utf-8")
     (tmp_path / "sub" / "c.jsonl").write_text(
-        '{"text": "여섯 번째 문서"}\n\n{"text": "  ", "id": 2}\n{"text": "seven", "lang": "en"}\n', encoding="utf-8")
+        '{"text": "여섯 번째 문서"}\n\n{"text": "  ", "id": 2}\n{"text": "seven", "lang": "en"}\n', encoding="utf-8"
+    )
     (tmp_path / "notes.md").write_text("not a corpus file\n")
     (tmp_path / "sub" / ".hidden" / "x.txt").write_text("hidden, skipped\n")
     docs = list(read_documents([tmp_path]))
     assert docs == ["one\n\npara two", "three", "four\nstill four", "five", "여섯 번째 문서", "seven"]
     # a file named directly, and twice, counts once
-    assert list(read_documents([tmp_path / "sub" / "c.jsonl", tmp_path / "sub" / "c.jsonl"])) == ["여섯 번째 문서", "seven"]
+    assert list(read_documents([tmp_path / "sub" / "c.jsonl", tmp_path / "sub" / "c.jsonl"])) == [
+        "여섯 번째 문서",
+        "seven",
+    ]
 
 
-@pytest.mark.parametrize("case, expect", [
-    ("missing", "does not exist"),
-    ("empty_dir", "holds no .txt or .jsonl files"),
-    ("only_separators", "no documents found"),
-    ("jsonl_no_text", 'c.jsonl:2 has no "text" field'),
-    ("jsonl_bad_json", "c.jsonl:1 is not valid JSON"),
-    ("jsonl_text_not_str", '"text" is int, not a string'),
-    ("not_utf8", "is not UTF-8 text"),
-    ("wrong_suffix", "neither .txt nor .jsonl"),
-])
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing", "does not exist"),
+        ("empty_dir", "holds no .txt or .jsonl files"),
+        ("only_separators", "no documents found"),
+        ("jsonl_no_text", 'c.jsonl:2 has no "text" field'),
+        ("jsonl_bad_json", "c.jsonl:1 is not valid JSON"),
+        ("jsonl_text_not_str", '"text" is int, not a string'),
+        ("not_utf8", "is not UTF-8 text"),
+        ("wrong_suffix", "neither .txt nor .jsonl"),
+    ],
+)
 def test_read_documents_errors(tmp_path, case, expect):
-    target = {"missing": tmp_path / "nope", "empty_dir": tmp_path / "empty", "only_separators": tmp_path / "e.txt",
-              "not_utf8": tmp_path / "l.txt", "wrong_suffix": tmp_path / "x.csv"}.get(case, tmp_path / "c.jsonl")
+    target = {
+        "missing": tmp_path / "nope",
+        "empty_dir": tmp_path / "empty",
+        "only_separators": tmp_path / "e.txt",
+        "not_utf8": tmp_path / "l.txt",
+        "wrong_suffix": tmp_path / "x.csv",
+    }.get(case, tmp_path / "c.jsonl")
     if case == "empty_dir":
         target.mkdir()
         (target / "README.md").write_text("hi")
@@ -103,10 +114,12 @@ def test_read_documents_errors(tmp_path, case, expect):
 # tokenizer
 
 
-TEXTS = ["Once upon a time, there was a little girl named Lily.",
-         "옛날 옛적에 지우라는 착한 여자아이가 있었어요. \"고마워, 민준아!\"",
-         "  two  spaces,\ttab,\n\nnew lines and , odd . spacing  ",
-         "emoji 🙂 café naïve 日本語 ㄱㄴㄷ 똠얌꿍 123456"]
+TEXTS = [
+    "Once upon a time, there was a little girl named Lily.",
+    '옛날 옛적에 지우라는 착한 여자아이가 있었어요. "고마워, 민준아!"',
+    "  two  spaces,\ttab,\n\nnew lines and , odd . spacing  ",
+    "emoji 🙂 café naïve 日本語 ㄱㄴㄷ 똠얌꿍 123456",
+]
 
 
 def test_tokenizer_round_trips_english_and_korean(corpus):
@@ -149,7 +162,8 @@ def test_autotokenizer_loads_the_output(prepared):
 def test_prepare_data_outputs_and_manifest(corpus, prepared):
     out, summary = prepared
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"])
+        ["manifest.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
+    )
     m = json.loads((out / "manifest.json").read_text())
     assert m["format"] == "odyssey-tokens" and m["format_version"] == 1
     assert m["dtype"] == "uint16" and m["vocab_size"] == summary["vocab_size"] <= 400
@@ -170,9 +184,9 @@ def test_prepare_data_outputs_and_manifest(corpus, prepared):
         ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
         ends = np.flatnonzero(ids == 2)
         assert ends[-1] == len(ids) - 1 and len(ends) == m["splits"][split]["documents"]
-        for start, end in zip(np.r_[0, ends[:-1] + 1], ends):
+        for start, end in zip(np.r_[0, ends[:-1] + 1], ends, strict=True):
             assert ids[start] == 1
-            seen.append(tok.decode(ids[start + 1:end].tolist()))
+            seen.append(tok.decode(ids[start + 1 : end].tolist()))
     assert sorted(seen) == sorted(docs)
     assert any("어요" in d for d in seen) and any("Once upon a time" in d for d in seen)
 
@@ -216,7 +230,9 @@ def test_refuses_an_out_with_other_files_unless_forced(corpus, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(OdysseyError, match=r"already holds other files \(mine.txt\); choose a new --out or pass --force"):
+    with pytest.raises(
+        OdysseyError, match=r"already holds other files \(mine.txt\); choose a new --out or pass --force"
+    ):
         prepare_data([corpus], out, vocab_size=300, progress=False)
     assert snapshot(out) == {"mine.txt": b"keep me"}
     prepare_data([corpus], out, vocab_size=300, force=True, progress=False)
@@ -267,7 +283,9 @@ def test_model_store_vocab_limit_and_store_untouched(corpus, tmp_path):
     store = _store(tmp_path, 300)
     before = snapshot(store)
     out = tmp_path / "out"
-    with pytest.raises(OdysseyError, match=r"tokenizer vocabulary 400 is larger than the model's 300; use --vocab-size <= 300"):
+    with pytest.raises(
+        OdysseyError, match=r"tokenizer vocabulary 400 is larger than the model's 300; use --vocab-size <= 300"
+    ):
         prepare_data([corpus], out, vocab_size=400, model_store=store, progress=False)
     assert snapshot(store) == before and not out.exists()
     # a tokenizer given with --tokenizer is measured after loading
@@ -292,7 +310,10 @@ def test_model_store_gets_the_tokenizer_and_keeps_it(corpus, tmp_path):
     letters = tmp_path / "letters"
     corpus_tool.write_corpus(letters, "letters", 20, seed=0)
     prepare_data([letters], tmp_path / "d2", model_store=store, progress=False)
-    sha = lambda d: json.loads((d / "manifest.json").read_text())["tokenizer_sha256"]
+
+    def sha(d):
+        return json.loads((d / "manifest.json").read_text())["tokenizer_sha256"]
+
     assert sha(tmp_path / "d2") == sha(tmp_path / "d1")
     # asking for a new tokenizer would change the store's: refused unless forced
     before = snapshot(store)
@@ -300,7 +321,11 @@ def test_model_store_gets_the_tokenizer_and_keeps_it(corpus, tmp_path):
         prepare_data([letters], tmp_path / "d3", vocab_size=300, model_store=store, progress=False)
     assert snapshot(store) == before and not (tmp_path / "d3").exists()
     prepare_data([letters], tmp_path / "d3", vocab_size=300, model_store=store, force=True, progress=False)
-    assert sha(tmp_path / "d3") == hashlib.sha256((store / "tokenizer.json").read_bytes()).hexdigest() != sha(tmp_path / "d1")
+    assert (
+        sha(tmp_path / "d3")
+        == hashlib.sha256((store / "tokenizer.json").read_bytes()).hexdigest()
+        != sha(tmp_path / "d1")
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,8 +340,11 @@ def test_token_data_opens_and_validates(prepared, tmp_path):
     train = data.tokens("train")
     assert isinstance(train, np.memmap) and train.dtype == np.uint16 and len(train) == summary["train_tokens"]
     assert not train.flags.writeable
-    with pytest.raises(OdysseyError, match=rf"data directory {tmp_path / 'nope'} has no manifest.json; "
-                                           rf"run `odyssey prepare-data .* --out {tmp_path / 'nope'}`"):
+    with pytest.raises(
+        OdysseyError,
+        match=rf"data directory {tmp_path / 'nope'} has no manifest.json; "
+        rf"run `odyssey prepare-data .* --out {tmp_path / 'nope'}`",
+    ):
         TokenData(tmp_path / "nope")
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -350,9 +378,9 @@ def test_sampler_shapes_and_shift(prepared):
         x, y = next(s)
         assert x.shape == y.shape == (4, 32) and x.dtype == y.dtype == torch.int64
         assert torch.equal(x[:, 1:], y[:, :-1])
-        for row_x, row_y in zip(x.numpy(), y.numpy()):
-            hits = [st for st in starts if np.array_equal(tokens[st:st + 32], row_x)]
-            assert hits and np.array_equal(tokens[hits[0] + 1:hits[0] + 33], row_y)
+        for row_x, row_y in zip(x.numpy(), y.numpy(), strict=True):
+            hits = [st for st in starts if np.array_equal(tokens[st : st + 32], row_x)]
+            assert hits and np.array_equal(tokens[hits[0] + 1 : hits[0] + 33], row_y)
 
 
 def test_sampler_determinism_and_epoch_coverage(prepared):
@@ -366,7 +394,7 @@ def test_sampler_determinism_and_epoch_coverage(prepared):
     rc = [_rows(next(c)[0])[0] for _ in range(W)]
     assert rc != ra and sorted(rc) == sorted(ra)  # another order of the same windows
     tokens = np.asarray(data.tokens("train"))
-    assert sorted(ra) == sorted(tuple(tokens[w * 64:w * 64 + 64].tolist()) for w in range(W))
+    assert sorted(ra) == sorted(tuple(tokens[w * 64 : w * 64 + 64].tolist()) for w in range(W))
     assert a.epoch == 1 and a.cursor == 0
     second = [_rows(next(a)[0])[0] for _ in range(W)]
     assert second != ra and sorted(second) == sorted(ra)  # a new permutation each epoch
@@ -409,8 +437,11 @@ def test_sampler_resumes_exactly(prepared, taken):
 def test_sampler_refuses_data_smaller_than_a_window(prepared):
     data = TokenData(prepared[0])
     n = data.num_tokens("val")
-    with pytest.raises(OdysseyError, match=rf"has {n} tokens, too few for one window of seq_len \+ 1 = {n + 1}; "
-                                           r"use a smaller --seq-len"):
+    with pytest.raises(
+        OdysseyError,
+        match=rf"has {n} tokens, too few for one window of seq_len \+ 1 = {n + 1}; "
+        r"use a smaller --seq-len",
+    ):
         BatchSampler(data, "val", seq_len=n, batch_size=1)
     BatchSampler(data, "val", seq_len=n - 1, batch_size=1)  # exactly one window fits
 
@@ -423,7 +454,7 @@ def test_eval_batches_are_fixed_and_wrap(prepared):
     batches = eval_batches(data, 64, 4, n=windows)  # 4x more windows than there are: wraps
     assert len(batches) == windows and all(x.shape == (4, 64) for x, _ in batches)
     again = eval_batches(data, 64, 4, n=windows)
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(batches, again))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(batches, again, strict=True))
     val = np.asarray(data.tokens("val"), dtype=np.int64)
     assert np.array_equal(batches[0][0][0].numpy(), val[:64]) and np.array_equal(batches[0][1][0].numpy(), val[1:65])
     flat = torch.cat([x for x, _ in batches])
@@ -474,18 +505,32 @@ def test_corpus_generator_styles_and_seeds():
     assert {r["lang"] for r in mix0} <= {"en", "ko", "en+ko"} and len(mix0) == 7
     # the letters corpus is clearly another distribution: few of its words occur in the stories
     l_en, l_ko, _ = corpus_tool.generate("letters", 30, seed=0)
-    words = lambda docs: {w for d in docs for w in d.split()}
+
+    def words(docs):
+        return {w for d in docs for w in d.split()}
+
     story_words = words(corpus_tool.generate("stories", 300, seed=0)[0])
     letter_words = words(l_en)
     assert len(letter_words - story_words) > 0.4 * len(letter_words)
     assert any(d.startswith("Dear ") for d in l_en) and any("날씨:" in d for d in l_ko)
 
 
-@pytest.mark.parametrize("word, person, attr, expect", [
-    ("민준", True, "eun", "민준이는"), ("민준", True, "a", "민준아"), ("지우", True, "a", "지우야"),
-    ("지우", True, "i", "지우가"), ("민준", True, "ra", "민준이라는"), ("공", False, "eul", "공을"),
-    ("사과", False, "eul", "사과를"), ("연필", False, "euro", "연필로"), ("집", False, "euro", "집으로"),
-    ("바다", False, "euro", "바다로"), ("곰", False, "ieosseoyo", "곰이었어요"), ("토끼", False, "gwa", "토끼와"),
-])
+@pytest.mark.parametrize(
+    "word, person, attr, expect",
+    [
+        ("민준", True, "eun", "민준이는"),
+        ("민준", True, "a", "민준아"),
+        ("지우", True, "a", "지우야"),
+        ("지우", True, "i", "지우가"),
+        ("민준", True, "ra", "민준이라는"),
+        ("공", False, "eul", "공을"),
+        ("사과", False, "eul", "사과를"),
+        ("연필", False, "euro", "연필로"),
+        ("집", False, "euro", "집으로"),
+        ("바다", False, "euro", "바다로"),
+        ("곰", False, "ieosseoyo", "곰이었어요"),
+        ("토끼", False, "gwa", "토끼와"),
+    ],
+)
 def test_korean_particles(word, person, attr, expect):
     assert getattr(corpus_tool.Ko(word, person=person), attr) == expect

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from odyssey.runtime.runlog import RunDir
-
 from tests.conftest import ROOT
+
 
 @pytest.fixture(scope="module")
 def setup(train_dir):
@@ -24,8 +24,23 @@ def setup(train_dir):
 
 
 def cmd(setup, run, *extra, nproc=None):
-    c = [sys.executable, "-m", "odyssey", "train", "--no-guard", "--quiet", "--model", str(setup / "store"),
-         "--data", str(setup / "tok"), "--out", str(run), "--ram-budget", "1GiB", *map(str, extra)]
+    c = [
+        sys.executable,
+        "-m",
+        "odyssey",
+        "train",
+        "--no-guard",
+        "--quiet",
+        "--model",
+        str(setup / "store"),
+        "--data",
+        str(setup / "tok"),
+        "--out",
+        str(run),
+        "--ram-budget",
+        "1GiB",
+        *map(str, extra),
+    ]
     if nproc:
         c.insert(4, f"--nproc={nproc}")
     return c
@@ -44,8 +59,16 @@ def losses(run) -> dict:
 def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(setup, tmp_path):
     # fp32 compute whatever this CPU would pick: the tolerances below are fp32's (in bf16 a sum over
     # ranks in another order moves the losses by bf16 rounding, about 1e-2 relative)
-    common = ["--steps", 4, "seq_len=32", "lr=1e-2", "warmup_steps=0", "eval_every=0", "checkpoint_every=4",
-              "compute_dtype=fp32"]
+    common = [
+        "--steps",
+        4,
+        "seq_len=32",
+        "lr=1e-2",
+        "warmup_steps=0",
+        "eval_every=0",
+        "checkpoint_every=4",
+        "compute_dtype=fp32",
+    ]
     run_ok(cmd(setup, tmp_path / "one", *common, "batch_size=4"))
     run_ok(cmd(setup, tmp_path / "two", *common, "batch_size=2", nproc=2))
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
@@ -68,18 +91,36 @@ def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(setup, tmp_path):
 
 
 def test_killed_rank_stops_the_other_with_a_checkpoint_then_resumes(setup, tmp_path):
-    common = ["--steps", 40, "seq_len=32", "batch_size=2", "lr=3e-3", "eval_every=0", "checkpoint_every=1000",
-              "dist_timeout_s=20"]
+    common = [
+        "--steps",
+        40,
+        "seq_len=32",
+        "batch_size=2",
+        "lr=3e-3",
+        "eval_every=0",
+        "checkpoint_every=1000",
+        "dist_timeout_s=20",
+    ]
     ref = tmp_path / "ref"
     run_ok(cmd(setup, ref, *common, nproc=2))
     run = tmp_path / "run"
-    proc = subprocess.Popen(cmd(setup, run, *common, nproc=2), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd(setup, run, *common, nproc=2),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         victim = None
         while time.time() < deadline and victim is None:
-            rows = [r for r in RunDir(run).read_metrics("rank") if r["rank"] == 1] if (run / "metrics.jsonl").exists() else []
+            rows = (
+                [r for r in RunDir(run).read_metrics("rank") if r["rank"] == 1]
+                if (run / "metrics.jsonl").exists()
+                else []
+            )
             if len(rows) >= 5:
                 victim = rows[-1]["pid"]
             time.sleep(0.02)
@@ -102,7 +143,9 @@ def test_killed_rank_stops_the_other_with_a_checkpoint_then_resumes(setup, tmp_p
     run_ok(cmd(setup, run, "--resume", nproc=2))
     got, want = losses(run), losses(ref)
     assert sorted(got) == list(range(1, 41))
-    assert all(abs(got[s] - want[s]) < 1e-5 for s in got), {s: (got[s], want[s]) for s in got if abs(got[s] - want[s]) >= 1e-5}
+    assert all(abs(got[s] - want[s]) < 1e-5 for s in got), {
+        s: (got[s], want[s]) for s in got if abs(got[s] - want[s]) >= 1e-5
+    }
 
 
 def test_resume_on_another_number_of_ranks_says_what_changes(setup, tmp_path):

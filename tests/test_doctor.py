@@ -154,10 +154,18 @@ def test_doctor_json_is_one_object_with_every_fact(tmp_path):
         assert fact["verdict"] in ("ok", "note") and fact["summary"], key
     assert d["memory"]["total_bytes"] > 0 and d["disk"]["path"] == str(tmp_path)
     assert d["cold_read"]["bytes_read"] == 8 * MIB and d["cold_read"]["read_mb_s"] > 0
-    assert d["cpu"]["cores"] >= 1 and set(d["cpu"]["flags"]) in ({"avx2", "avx512", "avx512_bf16", "amx"}, {"bf16", "sve"})
+    assert d["cpu"]["cores"] >= 1 and set(d["cpu"]["flags"]) in (
+        {"avx2", "avx512", "avx512_bf16", "amx"},
+        {"bf16", "sve"},
+    )
     assert d["compute"]["compute_dtype"] in ("bf16", "fp32")
-    assert d["temperature"] == {"verdict": "note", "summary": f"unavailable (source: file {tmp_path / 't'})",
-                                "hint": d["temperature"]["hint"], "temp_c": None, "source": f"file {tmp_path / 't'}"}
+    assert d["temperature"] == {
+        "verdict": "note",
+        "summary": f"unavailable (source: file {tmp_path / 't'})",
+        "hint": d["temperature"]["hint"],
+        "temp_c": None,
+        "source": f"file {tmp_path / 't'}",
+    }
     assert isinstance(d["cgroups"]["available"], bool) and d["torch"]["version"][0].isdigit()
     assert list(tmp_path.iterdir()) == []
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_user_error, run_cli, tiny_config
+from test_merge import IDS, engine_logits, make_adapter
+
 from odyssey.export import export_model
 from odyssey.export.pth import write_pth
 from odyssey.export.safetensors import write_safetensors
 from odyssey.store import Store, init_store
-from test_merge import IDS, engine_logits, make_adapter
 
 
 def hf_logits(directory: Path) -> torch.Tensor:
@@ -81,8 +81,10 @@ def test_export_with_adapter_merges_on_the_fly(tmp_path, tiny_store, adapter):
 
     st = load_file(tmp_path / "out" / "safetensors" / "model.safetensors")
     assert pth.keys() == st.keys() and all(torch.equal(pth[k], st[k]) for k in st)
-    assert not torch.equal(pth["model.layers.0.self_attn.q_proj.weight"],
-                           Store.open(tiny_store).load_tensors(0)["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        pth["model.layers.0.self_attn.q_proj.weight"],
+        Store.open(tiny_store).load_tensors(0)["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,8 +125,14 @@ def test_pth_write_keeps_anonymous_memory_flat(tmp_path):
     from odyssey.runtime.memory import PeakSampler, process_memory
 
     base = tmp_path / "base"
-    cfg = tiny_config(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                      num_key_value_heads=8, vocab_size=512)
+    cfg = tiny_config(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=512,
+    )
     init_store(cfg, base, dtype="f32", seed=1, progress=False)
     store = Store.open(base)
     total = store.total_bytes()
@@ -142,22 +150,31 @@ def test_pth_write_keeps_anonymous_memory_flat(tmp_path):
 
 def test_unknown_format_refused(tmp_path, tiny_store):
     out = tmp_path / "out"
-    assert_user_error(run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,onnx"),
-                      "unknown format 'onnx'", "safetensors, pth, gguf")
+    assert_user_error(
+        run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,onnx"),
+        "unknown format 'onnx'",
+        "safetensors, pth, gguf",
+    )
     assert final_names(out) == []
 
 
 def test_unsupported_gguf_type_refused(tmp_path, tiny_store):
     out = tmp_path / "out"
-    assert_user_error(run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,gguf", "--gguf-type", "q4_0"),
-                      "q4_0", "q8_0")
+    assert_user_error(
+        run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,gguf", "--gguf-type", "q4_0"),
+        "q4_0",
+        "q8_0",
+    )
     assert final_names(out) == []
 
 
 def test_gguf_without_tokenizer_refused_before_writing(tmp_path, tiny_store):
     out = tmp_path / "out"
-    assert_user_error(run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,pth,gguf"),
-                      "no tokenizer.json", "prepare-data")
+    assert_user_error(
+        run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,pth,gguf"),
+        "no tokenizer.json",
+        "prepare-data",
+    )
     assert final_names(out) == []
 
 
@@ -168,8 +185,11 @@ def test_adapter_for_another_base_refused(tmp_path, tiny_store, shape):
     init_store(cfg, other, dtype="f32", seed=2, progress=False)
     adapter = make_adapter(other, tmp_path / "adapter-other")
     out = tmp_path / "out"
-    assert_user_error(run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,pth", "--adapter", adapter),
-                      "same shape" if shape == "same" else "another shape", "--model")
+    assert_user_error(
+        run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,pth", "--adapter", adapter),
+        "same shape" if shape == "same" else "another shape",
+        "--model",
+    )
     assert final_names(out) == []
 
 
@@ -177,14 +197,17 @@ def test_existing_output_needs_force(tmp_path, tiny_store):
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.pth").write_bytes(b"old")
-    assert_user_error(run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,pth"),
-                      "already exists", "--force")
+    assert_user_error(
+        run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,pth"), "already exists", "--force"
+    )
     assert final_names(out) == ["model.pth"] and (out / "model.pth").read_bytes() == b"old"
     p = run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,pth", "--force", "--quiet")
     assert p.returncode == 0, p.stderr
     assert "MB/s" in p.stdout and "pth" in p.stdout and "safetensors" in p.stdout
     assert final_names(out) == ["model.pth", "safetensors"]
-    assert torch.load(out / "model.pth", mmap=True, weights_only=True).keys() == Store.open(tiny_store).state_dict().keys()
+    assert (
+        torch.load(out / "model.pth", mmap=True, weights_only=True).keys() == Store.open(tiny_store).state_dict().keys()
+    )
 
 
 def test_not_enough_disk_refused_first(tmp_path, tiny_store, monkeypatch, capsys):

@@ -17,12 +17,23 @@ def make_tokenizer(d, vocab=256):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["once upon a time there was a little cat", "옛날 옛적에 작은 고양이가 살았어요"] * 20, trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(
+        ["once upon a time there was a little cat", "옛날 옛적에 작은 고양이가 살았어요"] * 20, trainer
+    )
     tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
     return tok
 
 
@@ -33,8 +44,11 @@ def imported(tmp_path):
 
     torch.manual_seed(0)
     cfg = tiny_config(vocab_size=300)
-    hf = HFLlama(LlamaConfig(**{k: v for k, v in cfg.to_hf_dict("float32").items()
-                                if k not in ("architectures", "dtype", "torch_dtype")}))
+    hf = HFLlama(
+        LlamaConfig(
+            **{k: v for k, v in cfg.to_hf_dict("float32").items() if k not in ("architectures", "dtype", "torch_dtype")}
+        )
+    )
     for p in hf.parameters():
         torch.nn.init.normal_(p, std=0.3)  # peaky logits: greedy choices are not ties
     src = tmp_path / "hf"
@@ -50,15 +64,27 @@ def test_greedy_equals_transformers(imported):
     prompt = [1, 17, 42, 99, 5]
     with Engine(Store.open(store_dir), compute_dtype="fp32") as eng:
         ours = list(generate_ids(eng, prompt, 12, temperature=0.0))
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                      pad_token_id=0)[0, len(prompt):].tolist()
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[
+        0, len(prompt) :
+    ].tolist()
     assert ours == ref
 
 
 def test_generate_cli_streams_text(imported):
     store_dir, _ = imported
-    p = run_cli("generate", "--model", store_dir, "--prompt", "옛날 옛적에", "--max-new-tokens", "5",
-                "--temperature", "0", "--ram-budget", "1GiB")
+    p = run_cli(
+        "generate",
+        "--model",
+        store_dir,
+        "--prompt",
+        "옛날 옛적에",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--ram-budget",
+        "1GiB",
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("옛날 옛적에")
     assert "tokens in" in p.stderr and "memory plan" in p.stderr
@@ -67,8 +93,18 @@ def test_generate_cli_streams_text(imported):
 def test_prompt_ids_without_tokenizer_and_clear_error(tiny_store):
     p = run_cli("generate", "--model", tiny_store, "--prompt", "hello")
     assert_user_error(p, "no tokenizer", "prepare-data")
-    p = run_cli("generate", "--model", tiny_store, "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
-                "--temperature", "0", "--quiet")
+    p = run_cli(
+        "generate",
+        "--model",
+        tiny_store,
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--quiet",
+    )
     assert p.returncode == 0, p.stderr
     assert len(p.stdout.split()) == 4
 

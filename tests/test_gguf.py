@@ -13,8 +13,16 @@ import torch
 
 from odyssey.data import prepare_data
 from odyssey.errors import OdysseyError
-from odyssey.export.gguf import (GGUF_TYPES, gguf_bytes, gguf_name, permute_qk, pre_tokenizer_name,
-                                 tensor_type, unpermute_qk, write_gguf)
+from odyssey.export.gguf import (
+    GGUF_TYPES,
+    gguf_bytes,
+    gguf_name,
+    permute_qk,
+    pre_tokenizer_name,
+    tensor_type,
+    unpermute_qk,
+    write_gguf,
+)
 from odyssey.model import rope_cos_sin, rotate_half
 from odyssey.store import Store, init_store
 from tests.conftest import tiny_config
@@ -29,8 +37,10 @@ def make_store(tmp_path, name="store", **kw):
     out = tmp_path / name
     init_store(cfg, out, dtype="f32", seed=1, progress=False)
     corpus = tmp_path / f"{name}-corpus.txt"
-    corpus.write_text("\n\n".join(f"once upon a time a cat named Tom {i} sat on mat number {i * 7}."
-                                  for i in range(60)), encoding="utf-8")
+    corpus.write_text(
+        "\n\n".join(f"once upon a time a cat named Tom {i} sat on mat number {i * 7}." for i in range(60)),
+        encoding="utf-8",
+    )
     prepare_data([corpus], tmp_path / f"{name}-data", vocab_size=TOKENIZER_VOCAB, model_store=out, progress=False)
     return Store.open(out)
 
@@ -60,8 +70,13 @@ def values(t) -> np.ndarray:
 
 def hf_values(store, hf_name: str) -> np.ndarray:
     """The store's tensor as llama.cpp should hold it once un-permuted: here, the HF tensor."""
-    unit = "embed" if "embed" in hf_name else "head" if hf_name in ("model.norm.weight", "lm_head.weight") \
+    unit = (
+        "embed"
+        if "embed" in hf_name
+        else "head"
+        if hf_name in ("model.norm.weight", "lm_head.weight")
         else int(hf_name.split(".")[2])
+    )
     return store.load_tensors(unit, torch.float32)[hf_name].numpy()
 
 
@@ -107,7 +122,7 @@ def test_f32_round_trip_metadata_tensors_and_tokenizer(store, tmp_path):
     assert [t.name for t in r.tensors] == [gguf_name(n) for n in names]
     for n in names:
         assert gguf_name(n) == name_map.get_name(n, try_suffixes=(".weight",)), n
-    for hf_name, t in zip(names, r.tensors):
+    for hf_name, t in zip(names, r.tensors, strict=True):
         assert t.tensor_type == Q.F32
         assert tuple(int(s) for s in t.shape) == tuple(reversed(cfg.all_shapes()[hf_name]))  # GGUF: ne0 first
         got = undo_permutation(t.name, values(t), cfg)
@@ -137,12 +152,16 @@ def test_every_type_is_readable_and_close(store, tmp_path, gguf_type):
     path = tmp_path / f"m-{gguf_type}.gguf"
     write_gguf(store, path, gguf_type, progress=False)
     r = gguf.GGUFReader(path)
-    assert fields(r)["general.file_type"] == int({"f16": gguf.LlamaFileType.MOSTLY_F16,
-                                                  "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                                                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+    assert fields(r)["general.file_type"] == int(
+        {
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[gguf_type]
+    )
     matrix_type = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[gguf_type]
     rtol = {"f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2}[gguf_type]  # relative to each tensor's max |w|
-    for hf_name, t in zip(cfg.all_shapes(), r.tensors):
+    for hf_name, t in zip(cfg.all_shapes(), r.tensors, strict=True):
         assert t.tensor_type == (Q.F32 if t.name.endswith("norm.weight") else matrix_type), t.name
         got = undo_permutation(t.name, values(t), cfg)
         want = hf_values(store, hf_name)
@@ -217,9 +236,14 @@ def test_pre_tokenizer_names():
     assert pre_tokenizer_name({"type": "Metaspace"}) is None
     assert pre_tokenizer_name(None) is None
     from odyssey.export.gguf import LLAMA3_REGEX
-    llama3 = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+
+    llama3 = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+        ],
+    }
     assert pre_tokenizer_name(llama3) == "llama-bpe"
 
 

@@ -22,8 +22,22 @@ from odyssey.runtime.runlog import RunDir  # noqa: E402
 
 
 def start_guard_proc(pid: int, run: RunDir, budget: str, *extra: str, interval: float = 0.1) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "odyssey.runtime.guard", "--pid", str(pid), "--run", str(run.root),
-           "--ram-budget", budget, "--interval", str(interval), "--min-available-mib", "1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "odyssey.runtime.guard",
+        "--pid",
+        str(pid),
+        "--run",
+        str(run.root),
+        "--ram-budget",
+        budget,
+        "--interval",
+        str(interval),
+        "--min-available-mib",
+        "1",
+        *extra,
+    ]
     p = subprocess.Popen(cmd, env=guard_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(run.read_heartbeat), f"guard wrote no heartbeat: {p.communicate(timeout=5)}"
     return p
@@ -83,6 +97,7 @@ def test_soft_then_hard_limit_then_watched_killed(run, hog):
                 seen.append(req)
                 trainer.ack(req, state="running", step=len(seen))
             return len(seen) > before and seen[-1]["action"] == action
+
         return check
 
     try:
@@ -181,8 +196,23 @@ def test_bad_pid_and_bad_settings(run, capsys):
     assert "no such running process" in capsys.readouterr().err
     assert guard.main(["--pid", str(os.getpid()), "--run", str(run.root), "--ram-budget", "lots"]) == 2
     assert "--ram-budget must be a size" in capsys.readouterr().err
-    assert guard.main(["--pid", str(os.getpid()), "--run", str(run.root), "--ram-budget", "1GiB",
-                       "--soft-pct", "95", "--hard-pct", "90"]) == 2
+    assert (
+        guard.main(
+            [
+                "--pid",
+                str(os.getpid()),
+                "--run",
+                str(run.root),
+                "--ram-budget",
+                "1GiB",
+                "--soft-pct",
+                "95",
+                "--hard-pct",
+                "90",
+            ]
+        )
+        == 2
+    )
     assert "soft_pct <= hard_pct" in capsys.readouterr().err
 
 
@@ -230,8 +260,7 @@ def make_guard(run, budget_mib=100, **settings) -> guard.Guard:
 
 
 def sample(anon_mib=10.0, avail_mib=10_000.0, temp=None, t=None) -> guard.Sample:
-    return guard.Sample(time.time() if t is None else t, int(anon_mib * MIB), 0, int(avail_mib * MIB), 0,
-                        temp_c=temp)
+    return guard.Sample(time.time() if t is None else t, int(anon_mib * MIB), 0, int(avail_mib * MIB), 0, temp_c=temp)
 
 
 def ack_all(run):
@@ -330,8 +359,7 @@ needs_cgroup = pytest.mark.skipif(not cgroup.available()[0], reason=f"no memory 
 
 @needs_cgroup
 def test_run_in_cgroup_oom_and_pass():
-    big = cgroup.run_in_cgroup([sys.executable, "-c", "b = b'1' * (300 << 20)"], 128 * MIB,
-                               stderr=subprocess.DEVNULL)
+    big = cgroup.run_in_cgroup([sys.executable, "-c", "b = b'1' * (300 << 20)"], 128 * MIB, stderr=subprocess.DEVNULL)
     assert big.oom_killed and big.returncode != 0
     assert big.peak_bytes is not None and big.peak_bytes <= 128 * MIB
     small = cgroup.run_in_cgroup([sys.executable, "-c", "b = b'1' * (20 << 20)"], 128 * MIB)
@@ -358,7 +386,10 @@ def test_guard_enforces_cgroup(run, hog):
         (event,) = wait_for(lambda: guard_events(run, "cgroup"))
         assert event["level"] == "info" and event["limit"] == 128.0
         path = Path(event["path"])
-        assert path.name == f"odyssey-{hog.pid}" and hog.pid in cgroup.MemoryCgroup(path, cgroup.find_hierarchy().version).pids()
+        assert (
+            path.name == f"odyssey-{hog.pid}"
+            and hog.pid in cgroup.MemoryCgroup(path, cgroup.find_hierarchy().version).pids()
+        )
         hog.proc.stdin.write("alloc 300\n")  # the kernel kills it at the cap
         hog.proc.stdin.flush()
         assert g.wait(timeout=HANG_S) == 0

@@ -33,22 +33,33 @@ pytestmark = pytest.mark.slow
 
 PROMPT_TOKENS = 32
 GGML_TYPE_F32 = 0  # llama.cpp's KV cache type for type_k / type_v
-TEXT = ("Once upon a time, a little girl named Lily found 3 shiny stones by the river. "
-        "She said: \"Mom, look!\" and ran home. 옛날 옛적에 작은 고양이가 살았어요.")
+TEXT = (
+    "Once upon a time, a little girl named Lily found 3 shiny stones by the river. "
+    'She said: "Mom, look!" and ran home. 옛날 옛적에 작은 고양이가 살았어요.'
+)
 
 
 def llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        pytest.fail("llama-cpp-python is not installed in this environment; run `make test-slow`, which "
-                    "builds it into .venv (5-7 minutes) before running the slow tests")
+        pytest.fail(
+            "llama-cpp-python is not installed in this environment; run `make test-slow`, which "
+            "builds it into .venv (5-7 minutes) before running the slow tests"
+        )
     return llama_cpp
 
 
 def small_config(**kw):
-    return tiny_config(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=256, **kw)
+    return tiny_config(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **kw,
+    )
 
 
 def write_peaked(out: Path, seed: int = 0, layer_std: float = 0.06) -> None:
@@ -64,7 +75,7 @@ def write_peaked(out: Path, seed: int = 0, layer_std: float = 0.06) -> None:
         if name == "model.embed_tokens.weight":
             return embed
         if name == "lm_head.weight":
-            return embed.roll(1, 0) / cfg.hidden_size ** 0.5
+            return embed.roll(1, 0) / cfg.hidden_size**0.5
         return torch.randn(shape, generator=g) * layer_std
 
     w = StoreWriter(out, cfg, "f32", {"kind": "test-peaked", "seed": seed}, force=False)
@@ -77,10 +88,16 @@ def write_peaked(out: Path, seed: int = 0, layer_std: float = 0.06) -> None:
 def models(tmp_path_factory):
     """{"random" | "peaked": (store, {gguf_type: path})}, each with the trained tokenizer."""
     tmp = tmp_path_factory.mktemp("llamacpp")
-    prepare_data([ROOT / "data" / "sample" / "stories_en.txt"], tmp / "data", vocab_size=480,
-                 progress=False)  # 32 model rows stay padding
-    init_store(small_config(initializer_range=0.2, tie_word_embeddings=True), tmp / "random", dtype="f32",
-               seed=3, progress=False)
+    prepare_data(
+        [ROOT / "data" / "sample" / "stories_en.txt"], tmp / "data", vocab_size=480, progress=False
+    )  # 32 model rows stay padding
+    init_store(
+        small_config(initializer_range=0.2, tie_word_embeddings=True),
+        tmp / "random",
+        dtype="f32",
+        seed=3,
+        progress=False,
+    )
     write_peaked(tmp / "peaked")
     out = {}
     for name, gguf_types in (("random", ("f32",)), ("peaked", ("f32", "q8_0"))):
@@ -105,11 +122,19 @@ def engine_logits(store, ids) -> np.ndarray:
 
 
 def llama_logits(path: Path, ids) -> np.ndarray:
-    llm = llama_cpp().Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64, n_threads=2,
-                            type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
+    llm = llama_cpp().Llama(
+        model_path=str(path),
+        logits_all=True,
+        n_ctx=64,
+        n_batch=64,
+        n_threads=2,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        verbose=False,
+    )
     try:
         llm.eval(ids)
-        return np.array(llm.scores[:len(ids)], dtype=np.float32)  # (T, V)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)  # (T, V)
     finally:
         llm.close()
 
@@ -134,8 +159,10 @@ def test_q8_0_argmax_and_logits_match_the_engine(models):
     got = llama_logits(paths["q8_0"], ids)
     agree = float((got.argmax(axis=1) == want.argmax(axis=1)).mean())
     spread = float(np.abs(got - want).max() / want.std())
-    print(f"q8_0: argmax agrees at {agree:.1%} of {PROMPT_TOKENS} positions; max abs diff "
-          f"{np.abs(got - want).max():.3f} = {spread:.3f} logit std")
+    print(
+        f"q8_0: argmax agrees at {agree:.1%} of {PROMPT_TOKENS} positions; max abs diff "
+        f"{np.abs(got - want).max():.3f} = {spread:.3f} logit std"
+    )
     assert agree >= 0.95, (got.argmax(axis=1), want.argmax(axis=1))
     assert spread < 0.3
 

@@ -17,8 +17,23 @@ MIB = 1 << 20
 
 def forward_cmd(store_dir, seq_len: int, budget: str):
     ids = ",".join(str(3 + (i * 7919) % 200) for i in range(seq_len))
-    return [sys.executable, "-m", "odyssey", "generate", "--model", str(store_dir), "--prompt-ids", ids,
-            "--max-new-tokens", "1", "--temperature", "0", "--ram-budget", budget, "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "odyssey",
+        "generate",
+        "--model",
+        str(store_dir),
+        "--prompt-ids",
+        ids,
+        "--max-new-tokens",
+        "1",
+        "--temperature",
+        "0",
+        "--ram-budget",
+        budget,
+        "--quiet",
+    ]
 
 
 @needs_cgroup
@@ -29,8 +44,9 @@ def test_nano_forward_fits_a_small_cap_that_a_hog_does_not(tmp_path):
     r = cgroup.run_in_cgroup(forward_cmd(tmp_path / "nano", 256, "400MiB"), limit, cwd=ROOT)
     assert r.returncode == 0 and not r.oom_killed, r
     # the cap is real: the same interpreter holding 600 MB more is killed in it
-    hog = cgroup.run_in_cgroup([sys.executable, "-c", "import torch; x = torch.ones(150_000_000); print(x.sum())"],
-                               limit, cwd=ROOT)
+    hog = cgroup.run_in_cgroup(
+        [sys.executable, "-c", "import torch; x = torch.ones(150_000_000); print(x.sum())"], limit, cwd=ROOT
+    )
     assert hog.returncode != 0 and hog.oom_killed, hog
 
 
@@ -78,13 +94,34 @@ def test_1p2b_lora_training_inside_2gib(store_1p2b, sample_tokens, tmp_path):
     import json
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "odyssey", "train", "--model", str(store_1p2b), "--data", str(sample_tokens),
-           "--out", str(run), "--ram-budget", "2GiB", "--steps", "3", "--quiet", "seq_len=512", "batch_size=1",
-           "lora.r=16", "eval_every=0", "checkpoint_every=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "odyssey",
+        "train",
+        "--model",
+        str(store_1p2b),
+        "--data",
+        str(sample_tokens),
+        "--out",
+        str(run),
+        "--ram-budget",
+        "2GiB",
+        "--steps",
+        "3",
+        "--quiet",
+        "seq_len=512",
+        "batch_size=1",
+        "lora.r=16",
+        "eval_every=0",
+        "checkpoint_every=3",
+    ]
     r = cgroup.run_in_cgroup(cmd, 2 << 30, cwd=ROOT)
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"kind":"step"' in x]
-    print(f"1.2B LoRA seq 512 r=16 in a 2 GiB cgroup: rc {r.returncode}, peak {r.peak_bytes / MIB:.0f} MiB, "
-          f"step_s {[s['step_s'] for s in steps]}, rss_anon_mib {[s['rss_anon_mib'] for s in steps]}")
+    print(
+        f"1.2B LoRA seq 512 r=16 in a 2 GiB cgroup: rc {r.returncode}, peak {r.peak_bytes / MIB:.0f} MiB, "
+        f"step_s {[s['step_s'] for s in steps]}, rss_anon_mib {[s['rss_anon_mib'] for s in steps]}"
+    )
     assert r.returncode == 0 and not r.oom_killed, r
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()

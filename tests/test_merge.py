@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_user_error, run_cli, tiny_config
+
 from odyssey.adapters import adapter_skeleton, inject, read_adapter, save_adapter
 from odyssey.config import LoraSettings
 from odyssey.engine import Engine
@@ -87,8 +87,12 @@ def test_merge_is_fp32_sum_cast_once(tmp_path):
     assert got["model.layers.1.mlp.down_proj.weight"].dtype == torch.bfloat16
     torch.testing.assert_close(got["model.layers.1.mlp.down_proj.weight"].float(), want.float(), atol=0, rtol=0)
     assert torch.equal(got["model.layers.1.input_layernorm.weight"], orig["model.layers.1.input_layernorm.weight"])
-    assert not torch.equal(got["model.layers.1.self_attn.q_proj.weight"], orig["model.layers.1.self_attn.q_proj.weight"])
-    assert torch.equal(src.load_tensors("embed")["model.embed_tokens.weight"], store.load_tensors("embed")["model.embed_tokens.weight"])
+    assert not torch.equal(
+        got["model.layers.1.self_attn.q_proj.weight"], orig["model.layers.1.self_attn.q_proj.weight"]
+    )
+    assert torch.equal(
+        src.load_tensors("embed")["model.embed_tokens.weight"], store.load_tensors("embed")["model.embed_tokens.weight"]
+    )
 
 
 def test_merge_to_f32_rounds_once(tmp_path):
@@ -129,7 +133,9 @@ def test_peft_on_transformers_equals_merged(tmp_path, tiny_store, adapter):
 
 
 def test_merge_cli_prints_figures(tmp_path, tiny_store, adapter):
-    p = run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", tmp_path / "m", "--dtype", "bf16", "--quiet")
+    p = run_cli(
+        "merge", "--model", tiny_store, "--adapter", adapter, "--out", tmp_path / "m", "--dtype", "bf16", "--quiet"
+    )
     assert p.returncode == 0, p.stderr
     assert "MB/s" in p.stdout and "14 modules in 2 layers" in p.stdout and "bf16" in p.stdout
     assert Store.open(tmp_path / "m").dtype == "bf16"
@@ -144,8 +150,9 @@ def test_adapter_from_same_shape_other_weights_refused(tmp_path, tiny_store, tin
     init_store(tiny_cfg, other, dtype="f32", seed=2, progress=False)
     adapter = make_adapter(other, tmp_path / "adapter-other")
     out = tmp_path / "merged"
-    assert_user_error(run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", out),
-                      "same shape", str(other), "--model")
+    assert_user_error(
+        run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", out), "same shape", str(other), "--model"
+    )
     assert not out.exists()
 
 
@@ -154,8 +161,9 @@ def test_adapter_from_other_shape_refused(tmp_path, tiny_store):
     init_store(tiny_config(hidden_size=32, intermediate_size=96), other, dtype="f32", seed=1, progress=False)
     adapter = make_adapter(other, tmp_path / "adapter-other")
     out = tmp_path / "merged"
-    assert_user_error(run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", out),
-                      "another shape", "--model")
+    assert_user_error(
+        run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", out), "another shape", "--model"
+    )
     assert not out.exists()
 
 
@@ -174,11 +182,15 @@ def test_non_empty_out_and_in_place_refused(tmp_path, tiny_store, adapter):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert_user_error(run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", out), "not empty", "--force")
+    assert_user_error(
+        run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", out), "not empty", "--force"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     before = {p.name: p.stat().st_mtime_ns for p in tiny_store.iterdir()}
-    assert_user_error(run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", tiny_store, "--force"),
-                      "base model directory")
+    assert_user_error(
+        run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", tiny_store, "--force"),
+        "base model directory",
+    )
     assert {p.name: p.stat().st_mtime_ns for p in tiny_store.iterdir()} == before
 
 
@@ -196,6 +208,7 @@ def test_not_enough_disk_refused(tmp_path, tiny_store, adapter, monkeypatch, cap
 
 def test_not_an_adapter_refused(tmp_path, tiny_store):
     out = tmp_path / "merged"
-    assert_user_error(run_cli("merge", "--model", tiny_store, "--adapter", tmp_path, "--out", out),
-                      "not an adapter directory")
+    assert_user_error(
+        run_cli("merge", "--model", tiny_store, "--adapter", tmp_path, "--out", out), "not an adapter directory"
+    )
     assert nothing_under(out)

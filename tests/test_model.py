@@ -11,8 +11,11 @@ def hf_twin(cfg, ours):
     from transformers import LlamaConfig
     from transformers import LlamaForCausalLM as HFLlama
 
-    hf = HFLlama(LlamaConfig(**{k: v for k, v in cfg.to_hf_dict("float32").items()
-                                if k not in ("architectures", "dtype", "torch_dtype")}))
+    hf = HFLlama(
+        LlamaConfig(
+            **{k: v for k, v in cfg.to_hf_dict("float32").items() if k not in ("architectures", "dtype", "torch_dtype")}
+        )
+    )
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     return hf.eval()
@@ -49,6 +52,6 @@ def test_kv_cache_matches_full_forward():
         full = m(ids)
         cache = KVCache(cfg.num_hidden_layers)
         parts = [m(ids[:, :12], cache)]
-        parts += [m(ids[:, i:i + 1], cache) for i in range(12, 16)]
+        parts += [m(ids[:, i : i + 1], cache) for i in range(12, 16)]
         parts.append(m(ids[:, 16:], cache))  # several new tokens after a cache
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,6 @@ from odyssey.monitor.charts import nice_ticks, strip_bars, time_ticks
 from odyssey.monitor.feed import Feed, fmt_duration
 from odyssey.monitor.series import Series, downsample_minmax
 from odyssey.runtime.runlog import RunDir
-
 from tests.conftest import load_tool, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +40,20 @@ record_run = load_tool("record_run")
 
 
 def _step(step, loss=2.0, t=None, **kw):
-    rec = {"t": t if t is not None else time.time(), "kind": "step", "step": step, "loss": loss,
-           "lr": 1e-4, "tokens_per_s": 80.0, "step_s": 6.0, "pagein_mb_s": 1400.0, "stall_s": 0.3,
-           "rss_anon_mib": 900.0, "budget_mib": 1536.0, "steps_total": 100}
+    rec = {
+        "t": t if t is not None else time.time(),
+        "kind": "step",
+        "step": step,
+        "loss": loss,
+        "lr": 1e-4,
+        "tokens_per_s": 80.0,
+        "step_s": 6.0,
+        "pagein_mb_s": 1400.0,
+        "stall_s": 0.3,
+        "rss_anon_mib": 900.0,
+        "budget_mib": 1536.0,
+        "steps_total": 100,
+    }
     rec.update(kw)
     return json.dumps(rec) + "\n"
 
@@ -68,7 +79,7 @@ def test_downsample_keeps_extremes_order_and_ends():
     assert [p[0] for p in pts] == sorted(p[0] for p in pts)
     got = dict(pts)
     assert got[54_321] == 1e6 and got[77_777] == -5.0
-    assert downsample_minmax(xs[:10], ys[:10], 800) == list(zip(xs[:10], ys[:10]))
+    assert downsample_minmax(xs[:10], ys[:10], 800) == list(zip(xs[:10], ys[:10], strict=True))
     assert downsample_minmax([], [], 10) == []
 
 
@@ -88,7 +99,7 @@ def test_ticks_and_formatting():
     assert nice_ticks(0, 10, 5) == [0, 2, 4, 6, 8, 10]
     assert nice_ticks(1.93, 3.21, 4) == [2.0, 2.5, 3.0]
     ticks = time_ticks(1_700_000_000, 1_700_003_600, 6)
-    assert len(ticks) >= 3 and all(b - a == ticks[1] - ticks[0] for a, b in zip(ticks, ticks[1:]))
+    assert len(ticks) >= 3 and all(b - a == ticks[1] - ticks[0] for a, b in pairwise(ticks))
     assert ticks[1] - ticks[0] in (600, 900)
     assert fmt_duration(59) == "59 s" and fmt_duration(3720) == "1 h 02 min" and fmt_duration(None) == "–"
 
@@ -132,8 +143,10 @@ def parse_100k_lines(tmp_path) -> tuple[float, float, float]:
     draw_s = time.perf_counter() - t0
     assert all(sum(len(seg) for seg in sg) <= 1400 for sg in segs)
     assert len(feed.anon) > 80_000
-    print(f"\n100,000 lines: parsed in {parse_s:.2f} s over {polls} polls (json.loads alone {json_s:.2f} s), "
-          f"downsampled in {draw_s * 1000:.0f} ms")
+    print(
+        f"\n100,000 lines: parsed in {parse_s:.2f} s over {polls} polls (json.loads alone {json_s:.2f} s), "
+        f"downsampled in {draw_s * 1000:.0f} ms"
+    )
     return parse_s, json_s, draw_s
 
 
@@ -251,8 +264,9 @@ def test_states_buttons_eta_and_guard_field(tmp_path):
     feed = Feed(tmp_path)
 
     def show(state, **status):
-        run.write_status(state=state, step=2, pid=status.pop("pid", os.getpid()), ack_id=None, steps_total=100,
-                         **status)
+        run.write_status(
+            state=state, step=2, pid=status.pop("pid", os.getpid()), ack_id=None, steps_total=100, **status
+        )
         feed.poll()
         return feed.values()["eta"], feed.enabled_actions()
 
@@ -268,14 +282,40 @@ def test_states_buttons_eta_and_guard_field(tmp_path):
 
     show("running")
     assert feed.values()["guard"] == "none (--no-guard) / 없음"
-    _append(path, json.dumps({"t": now, "kind": "guard", "action": "start", "level": "info", "reason": "watching",
-                              "soft_pct": 80.0, "hard_pct": 95.0, "max_temp_c": 85.0, "resume_temp_c": 70.0}) + "\n")
+    _append(
+        path,
+        json.dumps(
+            {
+                "t": now,
+                "kind": "guard",
+                "action": "start",
+                "level": "info",
+                "reason": "watching",
+                "soft_pct": 80.0,
+                "hard_pct": 95.0,
+                "max_temp_c": 85.0,
+                "resume_temp_c": 70.0,
+            }
+        )
+        + "\n",
+    )
     run.write_heartbeat(state="watching", watched=os.getpid(), anon_mib=900.0, temp_c=None)
     feed.poll()
     assert feed.values()["guard"] == "watching / 감시 중"
     assert (feed.limits.soft_pct, feed.limits.max_temp_c) == (80.0, 85.0)  # the guard's own, not defaults
-    _append(path, json.dumps({"t": time.time(), "kind": "guard", "action": "checkpoint", "level": "warning",
-                              "reason": "anonymous RAM 1.4 GiB reached 91%"}) + "\n")
+    _append(
+        path,
+        json.dumps(
+            {
+                "t": time.time(),
+                "kind": "guard",
+                "action": "checkpoint",
+                "level": "warning",
+                "reason": "anonymous RAM 1.4 GiB reached 91%",
+            }
+        )
+        + "\n",
+    )
     feed.poll()
     assert re.fullmatch(r"asked checkpoint \d+ s ago / 요청", feed.values()["guard"])
     assert feed.log[-1].level == "warning" and feed.log[-1].text.startswith("guard checkpoint: anonymous RAM")
@@ -294,8 +334,9 @@ def test_states_buttons_eta_and_guard_field(tmp_path):
 
 def test_missing_run_dir_is_one_line_and_exit_2(tmp_path):
     missing = tmp_path / "nope"
-    p = subprocess.run([sys.executable, "-m", "odyssey.monitor", str(missing)], capture_output=True,
-                       text=True, timeout=60, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "odyssey.monitor", str(missing)], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "run directory" in err[0] and str(missing) in err[0]
@@ -338,8 +379,9 @@ def xvfb():
     exe = shutil.which("Xvfb")
     reason = ""
     if exe is None:
-        p = subprocess.run(["bash", str(ROOT / "tools" / "ensure_xvfb.sh")], capture_output=True, text=True,
-                           timeout=600)
+        p = subprocess.run(
+            ["bash", str(ROOT / "tools" / "ensure_xvfb.sh")], capture_output=True, text=True, timeout=600
+        )
         reason = (p.stdout + p.stderr).strip()
         exe = shutil.which("Xvfb")
     if exe is None:
@@ -347,8 +389,12 @@ def xvfb():
         pytest.skip(f"Xvfb is missing and could not be installed: {reason or 'no reason given'}")
     r, w = os.pipe()
     # -displayfd: Xvfb picks a free display number itself and writes it to the pipe when ready.
-    proc = subprocess.Popen([exe, "-displayfd", str(w), "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
-                            pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-displayfd", str(w), "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
+        pass_fds=(w,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     os.close(w)
     number = b""
     deadline = time.monotonic() + 20
@@ -401,8 +447,11 @@ def test_window_screenshot_pause_and_ack(xvfb, tmp_path, monkeypatch):
     root, app = open_window(run, geometry="1280x800+0+0", interval_ms=100)
     try:
         app.start()
-        _pump(root, app, lambda: app.feed.records > 2000 and not app.feed.more_waiting
-              and app._drawn_version == app.feed.version)
+        _pump(
+            root,
+            app,
+            lambda: app.feed.records > 2000 and not app.feed.more_waiting and app._drawn_version == app.feed.version,
+        )
         for _ in range(20):  # let geometry settle and charts redraw at their final size
             root.update()
             time.sleep(0.01)
@@ -451,13 +500,23 @@ def test_window_screenshot_pause_and_ack(xvfb, tmp_path, monkeypatch):
                 read_sizes.append(app.feed.tail.offset - offset)
 
         app.feed.poll = measured_poll
-        longest = _pump(root, app, lambda: app.feed.records >= before + 100_000 and not app.feed.more_waiting
-                        and app._drawn_version == app.feed.version, timeout_s=120)
+        longest = _pump(
+            root,
+            app,
+            lambda: (
+                app.feed.records >= before + 100_000
+                and not app.feed.more_waiting
+                and app._drawn_version == app.feed.version
+            ),
+            timeout_s=120,
+        )
         app.feed.poll = poll
         assert app.feed.records >= before + 100_000, "the live window did not read the appended lines"
         assert len(read_sizes) > 1 and max(read_sizes) <= app.feed.poll_bytes, (len(read_sizes), max(read_sizes))
-        print(f"longest UI update while loading 100,000 lines: {longest * 1000:.0f} ms "
-              f"({len(read_sizes)} polls of at most {max(read_sizes)} bytes)")
+        print(
+            f"longest UI update while loading 100,000 lines: {longest * 1000:.0f} ms "
+            f"({len(read_sizes)} polls of at most {max(read_sizes)} bytes)"
+        )
         RunDir(run).write_status(state="finished", step=241, pid=os.getpid(), ack_id=ctl["id"])
         _pump(root, app, lambda: str(app.buttons["stop"].cget("state")) == "disabled")
     finally:
@@ -522,9 +581,25 @@ def test_screenshot_option_saves_the_window(xvfb, tmp_path):
 
     run = record_run.record_run(tmp_path / "run", steps=60, steps_total=100, state="finished")
     shot = tmp_path / "shot.png"
-    p = subprocess.run([sys.executable, "-m", "odyssey.monitor", str(run), "--geometry", "1100x700",
-                        "--screenshot", str(shot), "--screenshot-after-s", "0.5"], capture_output=True, text=True,
-                       timeout=120, cwd=ROOT, env=_env(xvfb))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "odyssey.monitor",
+            str(run),
+            "--geometry",
+            "1100x700",
+            "--screenshot",
+            str(shot),
+            "--screenshot-after-s",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=_env(xvfb),
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == f"saved {shot} (1100x700)"
     img = Image.open(shot).convert("RGB")
@@ -551,8 +626,19 @@ def tiny_data(train_dir):
 
 
 def _train_args(data: Path, out: Path, *extra) -> list[str]:
-    return ["train", "--model", str(data / "store"), "--data", str(data / "tok"), "--out", str(out),
-            "--ram-budget", "1GiB", "--quiet", *extra]
+    return [
+        "train",
+        "--model",
+        str(data / "store"),
+        "--data",
+        str(data / "tok"),
+        "--out",
+        str(out),
+        "--ram-budget",
+        "1GiB",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _env(display: str | None) -> dict:
@@ -577,8 +663,21 @@ def _final_losses(run: Path) -> dict[int, float]:
 def real_run(tiny_data, tmp_path_factory):
     """4 steps of a real `odyssey train`, guard on, asked for `--monitor` where no display is."""
     out = tmp_path_factory.mktemp("real") / "run"
-    p = run_cli(*_train_args(tiny_data, out, "--steps", "4", "seq_len=32", "batch_size=2", "eval_every=2",
-                             "checkpoint_every=2", "--monitor"), env=_env(None), timeout=300)
+    p = run_cli(
+        *_train_args(
+            tiny_data,
+            out,
+            "--steps",
+            "4",
+            "seq_len=32",
+            "batch_size=2",
+            "eval_every=2",
+            "checkpoint_every=2",
+            "--monitor",
+        ),
+        env=_env(None),
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     return out, p
 
@@ -665,8 +764,14 @@ def _ask(feed: Feed, action: str, state: str) -> int:
 
 def _start_training(data: Path, run: Path, *extra, env=None, pipes=False) -> subprocess.Popen:
     out = subprocess.PIPE if pipes else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "odyssey", *_train_args(data, run, *extra)], cwd=ROOT,
-                            env=env, stdout=out, stderr=out, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "odyssey", *_train_args(data, run, *extra)],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=out,
+        text=True,
+    )
 
 
 def _steps_done(run: Path) -> int:
@@ -696,8 +801,19 @@ def test_recorded_run_has_the_fields_of_a_real_run(real_run, tmp_path):
         return out
 
     real, synthetic = shapes(run), shapes(fake)
-    for key in ("step", "val", "memory", "pagein", "pagein layer", "guard start", "event start",
-                "event checkpoint", "event finished", "status.json", "guard.json"):
+    for key in (
+        "step",
+        "val",
+        "memory",
+        "pagein",
+        "pagein layer",
+        "guard start",
+        "event start",
+        "event checkpoint",
+        "event finished",
+        "status.json",
+        "guard.json",
+    ):
         assert synthetic.get(key) == real[key], key
 
 
@@ -706,8 +822,17 @@ def test_feed_follows_a_real_run_killed_and_resumed(tiny_data, tmp_path):
     `odyssey train --resume`d and stopped with the Stop request: one Feed follows it all, and the
     redone step replaces the killed run's. (Steps are unbounded so no request races the end.)"""
     run = tmp_path / "run"
-    proc = _start_training(tiny_data, run, "--no-guard", "--steps", "100000", "seq_len=32", "batch_size=2",
-                           "eval_every=0", "checkpoint_every=2")
+    proc = _start_training(
+        tiny_data,
+        run,
+        "--no-guard",
+        "--steps",
+        "100000",
+        "seq_len=32",
+        "batch_size=2",
+        "eval_every=0",
+        "checkpoint_every=2",
+    )
     feed = Feed(run)
     try:
         _wait(lambda: _steps_done(run) >= 3, what="3 steps")
@@ -717,7 +842,11 @@ def test_feed_follows_a_real_run_killed_and_resumed(tiny_data, tmp_path):
             _wait(lambda n=paused_at: _steps_done(run) > n, what="one more step")
             paused_at = _ask(feed, "pause", "paused")
         assert feed.ack_text().startswith(f"Pause: acknowledged at step {paused_at}")
-        assert feed.values()["eta"] == "paused / 일시정지" and feed.enabled_actions() == {"resume", "checkpoint", "stop"}
+        assert feed.values()["eta"] == "paused / 일시정지" and feed.enabled_actions() == {
+            "resume",
+            "checkpoint",
+            "stop",
+        }
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -731,8 +860,13 @@ def test_feed_follows_a_real_run_killed_and_resumed(tiny_data, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"step-{paused_at - 1:06d}"
     killed_loss = feed.loss.ys[-1]
 
-    proc = subprocess.Popen([sys.executable, "-m", "odyssey", "train", "--no-guard", "--out", str(run), "--resume",
-                             "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "odyssey", "train", "--no-guard", "--out", str(run), "--resume", "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait(lambda: _poll_all(feed) or len(feed.loss) >= paused_at + 2, what="the resumed steps")
         stopped_at = _ask(feed, "stop", "stopped")
@@ -772,8 +906,19 @@ def test_train_monitor_opens_a_detached_window(xvfb, tiny_data, tmp_path):
     if not Path("/proc/self/stat").exists():
         pytest.skip("needs /proc")
     run = tmp_path / "run"
-    proc = _start_training(tiny_data, run, "--no-guard", "--monitor", "--steps", "100000", "seq_len=32",
-                           "eval_every=0", "checkpoint_every=100000", env=_env(xvfb), pipes=True)
+    proc = _start_training(
+        tiny_data,
+        run,
+        "--no-guard",
+        "--monitor",
+        "--steps",
+        "100000",
+        "seq_len=32",
+        "eval_every=0",
+        "checkpoint_every=100000",
+        env=_env(xvfb),
+        pipes=True,
+    )
     feed = Feed(run)
     pid = None
     try:

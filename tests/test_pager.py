@@ -1,6 +1,5 @@
 """The pager and the out-of-core forward."""
 
-
 import pytest
 import torch
 
@@ -62,10 +61,12 @@ def test_pool_never_grows(tmp_path):
     init_store(cfg, tmp_path / "s", dtype="f32", progress=False)
     store = Store.open(tmp_path / "s")
     with Pager(store, slots=2) as pager:
+
         def one_pass():
             pager.prefetch(store.units)
             for u in store.units:
                 pager.release(pager.get(u))
+
         one_pass()
         after_one = process_memory().anon_bytes
         for _ in range(99):

@@ -31,17 +31,25 @@ def test_estimate_matches_measured_peak_on_small_config(small_store, compute):
     short generation fills one slot with it. So the measured peak must stay under the plan, and
     within 15% of the plan less that reserve: (slots - 1) x (largest unit - largest layer)."""
     env = {**os.environ, "ODYSSEY_COMPUTE_DTYPE": compute}
-    p = subprocess.run([sys.executable, str(ROOT / "tools/plan_accuracy.py"), str(small_store), "512"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tools/plan_accuracy.py"), str(small_store), "512"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout.strip().splitlines()[-1])
     store = Store.open(small_store)
     layer = max(info.file_bytes for unit, info in store.shards.items() if isinstance(unit, int))
     reserve = (2 - 1) * (store.max_unit_bytes() - layer)  # the default two slots
     tight = r["measured_bytes"] / (r["plan_bytes"] - reserve)
-    print(f"small, seq 512, {compute}: measured {r['measured_bytes'] / MIB:.0f} MiB, plan {r['plan_bytes'] / MIB:.0f} "
-          f"MiB (ratio {r['ratio']}), plan less the slot reserve {(r['plan_bytes'] - reserve) / MIB:.0f} MiB "
-          f"(ratio {tight:.3f})")
+    print(
+        f"small, seq 512, {compute}: measured {r['measured_bytes'] / MIB:.0f} MiB, plan {r['plan_bytes'] / MIB:.0f} "
+        f"MiB (ratio {r['ratio']}), plan less the slot reserve {(r['plan_bytes'] - reserve) / MIB:.0f} MiB "
+        f"(ratio {tight:.3f})"
+    )
     assert r["measured_bytes"] <= r["plan_bytes"], r
     assert 0.85 <= tight <= 1.15, (tight, r)
 

@@ -60,8 +60,14 @@ def test_runtime_modules_are_discovered():
 @pytest.mark.parametrize("module", RUNTIME_MODULES)
 def test_runtime_module_imports_without_torch(module):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    out = subprocess.run([sys.executable, "-c", IMPORT_BLOCKED, module, ",".join(HEAVY)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_BLOCKED, module, ",".join(HEAVY)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, f"{module} does not import without {', '.join(HEAVY)}:\n{out.stderr}"
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["blocked"], "the finder did not refuse torch"

@@ -9,7 +9,7 @@ import torch
 
 from odyssey.errors import OdysseyError
 from odyssey.model import LlamaForCausalLM
-from odyssey.store import (FORMAT_VERSION, INDEX_NAME, JOURNAL_NAME, Store, StoreError, init_store, shard_name)
+from odyssey.store import FORMAT_VERSION, INDEX_NAME, JOURNAL_NAME, Store, StoreError, init_store, shard_name
 from tests.conftest import ROOT, assert_user_error, run_cli, tiny_config
 
 
@@ -120,12 +120,15 @@ def test_resume_after_crash_keeps_complete_shards(tmp_path, tiny_cfg):
     (out / ".model-00003-of-00004.safetensors.abc.tmp").write_bytes(b"partial")
     # rebuild the journal as init would have left it
     from odyssey.dtypes import DTYPES
+
     journal["key"] = {"config": tiny_cfg.to_hf_dict(DTYPES["bf16"].hf_name), "dtype": "bf16", "seed": 3, "kind": "init"}
     for k in (0, 1):
         f = shard_name(k, 4)
-        journal["done"][f] = {"unit": index["metadata"]["odyssey"]["shards"][f]["unit"],
-                              "bytes": index["metadata"]["odyssey"]["shards"][f]["bytes"],
-                              "sha256": index["metadata"]["odyssey"]["shards"][f]["sha256"]}
+        journal["done"][f] = {
+            "unit": index["metadata"]["odyssey"]["shards"][f]["unit"],
+            "bytes": index["metadata"]["odyssey"]["shards"][f]["bytes"],
+            "sha256": index["metadata"]["odyssey"]["shards"][f]["sha256"],
+        }
     (out / JOURNAL_NAME).write_text(json.dumps(journal))
     with pytest.raises(StoreError, match="interrupted"):
         Store.open(out)
@@ -161,12 +164,25 @@ def test_not_enough_disk_checked_before_writing(tmp_path, monkeypatch, tiny_cfg)
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("yaml_text,needle", [
-    ("vocab_size: 10\nhidden_size: 64\nintermediate_size: 8\nnum_hidden_layers: 1\nnum_attention_heads: 4\nwidth: 3\n", "unknown config key width"),
-    ("vocab_size: ten\nhidden_size: 64\nintermediate_size: 8\nnum_hidden_layers: 1\nnum_attention_heads: 4\n", "vocab_size must be of type int"),
-    ("vocab_size: 10\nhidden_size: 100\nintermediate_size: 8\nnum_hidden_layers: 1\nnum_attention_heads: 3\n", "must divide hidden_size"),
-    ("vocab_size: [1\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "yaml_text,needle",
+    [
+        (
+            "vocab_size: 10\nhidden_size: 64\nintermediate_size: 8\nnum_hidden_layers: 1\nnum_attention_heads: 4\n"
+            "width: 3\n",
+            "unknown config key width",
+        ),
+        (
+            "vocab_size: ten\nhidden_size: 64\nintermediate_size: 8\nnum_hidden_layers: 1\nnum_attention_heads: 4\n",
+            "vocab_size must be of type int",
+        ),
+        (
+            "vocab_size: 10\nhidden_size: 100\nintermediate_size: 8\nnum_hidden_layers: 1\nnum_attention_heads: 3\n",
+            "must divide hidden_size",
+        ),
+        ("vocab_size: [1\n", "not valid YAML"),
+    ],
+)
 def test_bad_config_is_one_line_exit_2(tmp_path, yaml_text, needle):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml_text)
@@ -181,8 +197,11 @@ def save_hf(tmp_path, tied=False, shard=False, v5=True):
 
     torch.manual_seed(0)
     cfg = tiny_config(tie_word_embeddings=tied)
-    hf = HFLlama(LlamaConfig(**{k: v for k, v in cfg.to_hf_dict("float32").items()
-                                if k not in ("architectures", "dtype", "torch_dtype")}))
+    hf = HFLlama(
+        LlamaConfig(
+            **{k: v for k, v in cfg.to_hf_dict("float32").items() if k not in ("architectures", "dtype", "torch_dtype")}
+        )
+    )
     d = tmp_path / "hf"
     hf.save_pretrained(d, max_shard_size="100KB" if shard else "5GB")
     if not v5:  # rewrite the config as transformers v4 did

@@ -21,7 +21,6 @@ from odyssey.model import LlamaForCausalLM
 from odyssey.runtime.runlog import RunDir
 from odyssey.store import Store, init_store
 from odyssey.train import lr_at
-
 from tests.conftest import ROOT, assert_user_error, load_tool, run_cli, tiny_config
 
 corpus_tool = load_tool("make_sample_corpus")
@@ -33,8 +32,19 @@ def setup(train_dir):
 
 
 def train_cli(setup, out, *extra, timeout=300, guard=False):
-    args = ["train", "--model", setup / "store", "--data", setup / "tok", "--out", out, "--ram-budget", "1GiB",
-            "--quiet", *extra]
+    args = [
+        "train",
+        "--model",
+        setup / "store",
+        "--data",
+        setup / "tok",
+        "--out",
+        out,
+        "--ram-budget",
+        "1GiB",
+        "--quiet",
+        *extra,
+    ]
     if not guard:
         args.insert(1, "--no-guard")
     return run_cli(*args, timeout=timeout)
@@ -93,7 +103,10 @@ def test_gradients_equal_peft_in_ram(tmp_path, dropout):
     theirs = {n.replace(".default", ""): p.grad for n, p in ref.named_parameters() if "lora_" in n}
     assert set(theirs) == set(ours) and len(ours) == 2 * 7 * store.config.num_hidden_layers
     worst = max(float((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max()) for k in ours)
-    print(f"\nnano, dropout {dropout}: loss {loss:.6f} vs peft {float(ref_loss):.6f}, max relative gradient error {worst:.2e}")
+    print(
+        f"\nnano, dropout {dropout}: loss {loss:.6f} vs peft {float(ref_loss):.6f}, "
+        f"max relative gradient error {worst:.2e}"
+    )
     assert worst < 1e-4, worst
 
 
@@ -125,8 +138,7 @@ def test_adapter_loads_with_peft_and_matches_engine(setup, tmp_path):
     import transformers
 
     run = tmp_path / "run"
-    p = train_cli(setup, run, "--steps", "4", "seq_len=32", "batch_size=2", "lr=5e-3", "eval_every=0",
-                  "warmup_steps=0")
+    p = train_cli(setup, run, "--steps", "4", "seq_len=32", "batch_size=2", "lr=5e-3", "eval_every=0", "warmup_steps=0")
     assert p.returncode == 0, p.stderr
     files = sorted(x.name for x in (run / "adapter").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors", "odyssey_adapter.json"]
@@ -161,8 +173,19 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_train_writes_run_directory(setup, tmp_path):
     run = tmp_path / "run"
-    p = train_cli(setup, run, "--steps", "6", "seq_len=32", "batch_size=2", "grad_accum=2", "eval_every=3",
-                  "checkpoint_every=2", "keep_checkpoints=2", "eval_batches=2")
+    p = train_cli(
+        setup,
+        run,
+        "--steps",
+        "6",
+        "seq_len=32",
+        "batch_size=2",
+        "grad_accum=2",
+        "eval_every=3",
+        "checkpoint_every=2",
+        "keep_checkpoints=2",
+        "eval_batches=2",
+    )
     assert p.returncode == 0, p.stderr
     assert "trained 6 steps" in p.stdout
     records = RunDir(run).read_metrics()
@@ -184,15 +207,38 @@ def test_train_writes_run_directory(setup, tmp_path):
 def test_sigkill_then_resume_gives_the_same_losses(setup, tmp_path):
     """A run killed with SIGKILL at a random moment and resumed shows, at every later step, the
     loss of an uninterrupted run with the same seed."""
-    common = ["--steps", "14", "seq_len=32", "batch_size=2", "checkpoint_every=3", "eval_every=0", "lr=3e-3",
-              "warmup_steps=2"]
+    common = [
+        "--steps",
+        "14",
+        "seq_len=32",
+        "batch_size=2",
+        "checkpoint_every=3",
+        "eval_every=0",
+        "lr=3e-3",
+        "warmup_steps=2",
+    ]
     ref = tmp_path / "ref"
     assert train_cli(setup, ref, *common).returncode == 0
     want = step_losses(ref)
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "odyssey", "train", "--no-guard", "--model", str(setup / "store"), "--data",
-           str(setup / "tok"), "--out", str(run), "--ram-budget", "1GiB", "--quiet", *common]
+    cmd = [
+        sys.executable,
+        "-m",
+        "odyssey",
+        "train",
+        "--no-guard",
+        "--model",
+        str(setup / "store"),
+        "--data",
+        str(setup / "tok"),
+        "--out",
+        str(run),
+        "--ram-budget",
+        "1GiB",
+        "--quiet",
+        *common,
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after = random.Random().randint(4, 10)
     deadline = time.time() + 120
@@ -215,9 +261,27 @@ def test_sigkill_then_resume_gives_the_same_losses(setup, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_checkpoints_and_exits_cleanly(setup, tmp_path, sig):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "odyssey", "train", "--no-guard", "--model", str(setup / "store"), "--data",
-           str(setup / "tok"), "--out", str(run), "--ram-budget", "1GiB", "--quiet", "--steps", "100000",
-           "seq_len=32", "eval_every=0", "checkpoint_every=100000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "odyssey",
+        "train",
+        "--no-guard",
+        "--model",
+        str(setup / "store"),
+        "--data",
+        str(setup / "tok"),
+        "--out",
+        str(run),
+        "--ram-budget",
+        "1GiB",
+        "--quiet",
+        "--steps",
+        "100000",
+        "seq_len=32",
+        "eval_every=0",
+        "checkpoint_every=100000",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait(lambda: (run / "metrics.jsonl").exists() and len(step_losses(run)) >= 3)
     proc.send_signal(sig)
@@ -242,9 +306,27 @@ def _wait(cond, timeout=120.0):
 def test_control_pause_resume_checkpoint_stop(setup, tmp_path):
     """Requests in control.json are honoured between layers and acknowledged in status.json."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "odyssey", "train", "--no-guard", "--model", str(setup / "store"), "--data",
-           str(setup / "tok"), "--out", str(run), "--ram-budget", "1GiB", "--quiet", "--steps", "100000",
-           "seq_len=32", "eval_every=0", "checkpoint_every=100000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "odyssey",
+        "train",
+        "--no-guard",
+        "--model",
+        str(setup / "store"),
+        "--data",
+        str(setup / "tok"),
+        "--out",
+        str(run),
+        "--ram-budget",
+        "1GiB",
+        "--quiet",
+        "--steps",
+        "100000",
+        "seq_len=32",
+        "eval_every=0",
+        "checkpoint_every=100000",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rd = RunDir(run)
     try:
@@ -280,24 +362,52 @@ def test_control_pause_resume_checkpoint_stop(setup, tmp_path):
 
 
 def test_bad_inputs(setup, tmp_path):
-    p = run_cli("train", "--model", setup / "store", "--data", tmp_path / "nope", "--out", tmp_path / "r0",
-                "--ram-budget", "1GiB")
+    p = run_cli(
+        "train",
+        "--model",
+        setup / "store",
+        "--data",
+        tmp_path / "nope",
+        "--out",
+        tmp_path / "r0",
+        "--ram-budget",
+        "1GiB",
+    )
     assert_user_error(p, "nope")
     (tmp_path / "empty").mkdir()
-    p = run_cli("train", "--model", setup / "store", "--data", tmp_path / "empty", "--out", tmp_path / "r0",
-                "--ram-budget", "1GiB")
+    p = run_cli(
+        "train",
+        "--model",
+        setup / "store",
+        "--data",
+        tmp_path / "empty",
+        "--out",
+        tmp_path / "r0",
+        "--ram-budget",
+        "1GiB",
+    )
     assert_user_error(p, "empty")
     assert not (tmp_path / "r0").exists()
 
     # a tokenizer larger than the model's vocabulary
     init_store(tiny_config(vocab_size=300), tmp_path / "small_vocab", dtype="f32", progress=False)
-    p = run_cli("train", "--model", tmp_path / "small_vocab", "--data", setup / "tok", "--out", tmp_path / "r1",
-                "--ram-budget", "1GiB")
+    p = run_cli(
+        "train",
+        "--model",
+        tmp_path / "small_vocab",
+        "--data",
+        setup / "tok",
+        "--out",
+        tmp_path / "r1",
+        "--ram-budget",
+        "1GiB",
+    )
     assert_user_error(p, "512", "300")
 
     # budget too small
-    p = run_cli("train", "--model", setup / "store", "--data", setup / "tok", "--out", tmp_path / "r2",
-                "--ram-budget", "64MiB")
+    p = run_cli(
+        "train", "--model", setup / "store", "--data", setup / "tok", "--out", tmp_path / "r2", "--ram-budget", "64MiB"
+    )
     assert_user_error(p, "too small")
     assert not (tmp_path / "r2").exists()
 
@@ -310,8 +420,19 @@ def test_bad_inputs(setup, tmp_path):
     p = train_cli(setup, run, "--resume", "--steps", "6", "seq_len=64", "eval_every=0", "checkpoint_every=3")
     assert_user_error(p, "seq_len")
     init_store(tiny_config(vocab_size=512), tmp_path / "other", dtype="f32", seed=9, progress=False)
-    p = run_cli("train", "--no-guard", "--model", tmp_path / "other", "--data", setup / "tok", "--out", run,
-                "--ram-budget", "1GiB", "--resume")
+    p = run_cli(
+        "train",
+        "--no-guard",
+        "--model",
+        tmp_path / "other",
+        "--data",
+        setup / "tok",
+        "--out",
+        run,
+        "--ram-budget",
+        "1GiB",
+        "--resume",
+    )
     assert_user_error(p, "model_fingerprint")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
@@ -330,24 +451,68 @@ def test_full_training_beats_unigram_then_lora_adapts(tmp_path):
     from odyssey.data import TokenData, prepare_data, unigram_loss
 
     init_store(load_model_config(ROOT / "configs" / "nano.yaml"), tmp_path / "nano", progress=False)
-    prepare_data([ROOT / "data" / "sample"], tmp_path / "tok", vocab_size=2048, model_store=tmp_path / "nano",
-                 progress=False)
+    prepare_data(
+        [ROOT / "data" / "sample"], tmp_path / "tok", vocab_size=2048, model_store=tmp_path / "nano", progress=False
+    )
     uni = unigram_loss(TokenData(tmp_path / "tok"))
-    p = run_cli("train", "--no-guard", "--quiet", "--mode", "full", "--model", tmp_path / "nano", "--data",
-                tmp_path / "tok", "--out", tmp_path / "full", "--ram-budget", "2GiB", "--steps", "150",
-                "seq_len=128", "batch_size=8", "lr=3e-3", "warmup_steps=10", "eval_every=150", "eval_batches=4",
-                "checkpoint_every=150", timeout=900)
+    p = run_cli(
+        "train",
+        "--no-guard",
+        "--quiet",
+        "--mode",
+        "full",
+        "--model",
+        tmp_path / "nano",
+        "--data",
+        tmp_path / "tok",
+        "--out",
+        tmp_path / "full",
+        "--ram-budget",
+        "2GiB",
+        "--steps",
+        "150",
+        "seq_len=128",
+        "batch_size=8",
+        "lr=3e-3",
+        "warmup_steps=10",
+        "eval_every=150",
+        "eval_batches=4",
+        "checkpoint_every=150",
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr
     val = RunDir(tmp_path / "full").read_metrics("val")
-    print(f"\nnano from scratch: val loss {val[0]['val_loss']:.3f} -> {val[-1]['val_loss']:.3f} "
-          f"after 150 steps; unigram {uni:.3f}")
+    print(
+        f"\nnano from scratch: val loss {val[0]['val_loss']:.3f} -> {val[-1]['val_loss']:.3f} "
+        f"after 150 steps; unigram {uni:.3f}"
+    )
     assert val[-1]["step"] == 150 and val[-1]["val_loss"] < uni, (val, uni)
 
     corpus_tool.write_corpus(tmp_path / "letters", "letters", 150, seed=4)
     prepare_data([tmp_path / "letters"], tmp_path / "tok2", tokenizer_dir=tmp_path / "full" / "model", progress=False)
-    p = run_cli("train", "--no-guard", "--quiet", "--model", tmp_path / "full" / "model", "--data", tmp_path / "tok2",
-                "--out", tmp_path / "lora", "--ram-budget", "1GiB", "--steps", "40", "seq_len=128", "batch_size=4",
-                "lr=3e-3", "warmup_steps=4", "eval_every=40", "eval_batches=4", "checkpoint_every=40", timeout=900)
+    p = run_cli(
+        "train",
+        "--no-guard",
+        "--quiet",
+        "--model",
+        tmp_path / "full" / "model",
+        "--data",
+        tmp_path / "tok2",
+        "--out",
+        tmp_path / "lora",
+        "--ram-budget",
+        "1GiB",
+        "--steps",
+        "40",
+        "seq_len=128",
+        "batch_size=4",
+        "lr=3e-3",
+        "warmup_steps=4",
+        "eval_every=40",
+        "eval_batches=4",
+        "checkpoint_every=40",
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr
     val2 = RunDir(tmp_path / "lora").read_metrics("val")
     assert val2[0]["step"] == 0 and val2[-1]["step"] == 40
@@ -358,11 +523,32 @@ def test_full_training_beats_unigram_then_lora_adapts(tmp_path):
 def test_generate_with_adapter_and_wrong_base(setup, tmp_path):
     run = tmp_path / "run"
     assert train_cli(setup, run, "--steps", "2", "seq_len=32", "eval_every=0", "lr=1e-2").returncode == 0
-    p = run_cli("generate", "--model", setup / "store", "--adapter", run / "adapter", "--prompt-ids", "1,5,9",
-                "--max-new-tokens", "3", "--temperature", "0", "--quiet")
+    p = run_cli(
+        "generate",
+        "--model",
+        setup / "store",
+        "--adapter",
+        run / "adapter",
+        "--prompt-ids",
+        "1,5,9",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0",
+        "--quiet",
+    )
     assert p.returncode == 0, p.stderr
     assert len(p.stdout.split()) >= 1
     init_store(tiny_config(vocab_size=512), tmp_path / "other", dtype="f32", seed=7, progress=False)
-    p = run_cli("generate", "--model", tmp_path / "other", "--adapter", run / "adapter", "--prompt-ids", "1,5",
-                "--max-new-tokens", "2")
+    p = run_cli(
+        "generate",
+        "--model",
+        tmp_path / "other",
+        "--adapter",
+        run / "adapter",
+        "--prompt-ids",
+        "1,5",
+        "--max-new-tokens",
+        "2",
+    )
     assert_user_error(p, "adapter", "trained on")

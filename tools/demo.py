@@ -58,7 +58,9 @@ def size_of(path: Path) -> int:
 
 def main() -> int:
     which = os.environ.get("DEMO", "1.2b").lower()
-    config = {"nano": "configs/nano.yaml", "small": "configs/small.yaml", "1.2b": "configs/odyssey-1.2b.yaml"}.get(which)
+    config = {"nano": "configs/nano.yaml", "small": "configs/small.yaml", "1.2b": "configs/odyssey-1.2b.yaml"}.get(
+        which
+    )
     if config is None:
         sys.exit(f"demo: DEMO must be nano, small or 1.2b, got {which!r}")
     steps, seq_len, lr = TRAIN[which]
@@ -71,7 +73,9 @@ def main() -> int:
     t_all = time.perf_counter()
 
     st.run("corpus", ["tools/make_sample_corpus.py", "--out", corpus], tool=True)
-    reuse = (model / "model.safetensors.index.json").exists() and st.run("", ["verify", model, "--quiet"], check=False) == 0
+    reuse = (model / "model.safetensors.index.json").exists() and st.run(
+        "", ["verify", model, "--quiet"], check=False
+    ) == 0
     if reuse:
         print(f"demo: reusing the verified model at {model}")
     else:
@@ -79,9 +83,25 @@ def main() -> int:
     st.run("", ["info", model])
     st.run("data", ["prepare-data", corpus, "--out", tok, "--model", model, "--force"])
     st.run("", ["plan", "--model", model, "--ram-budget", BUDGET, "--seq-len", str(seq_len)])
-    train = ["train", "--model", model, "--data", tok, "--out", run, "--ram-budget", BUDGET, "--steps", str(steps),
-             f"seq_len={seq_len}", f"lr={lr}", "warmup_steps=1", f"eval_every={steps}", "eval_batches=2",
-             f"checkpoint_every={max(1, steps // 2)}"]
+    train = [
+        "train",
+        "--model",
+        model,
+        "--data",
+        tok,
+        "--out",
+        run,
+        "--ram-budget",
+        BUDGET,
+        "--steps",
+        str(steps),
+        f"seq_len={seq_len}",
+        f"lr={lr}",
+        "warmup_steps=1",
+        f"eval_every={steps}",
+        "eval_batches=2",
+        f"checkpoint_every={max(1, steps // 2)}",
+    ]
     if os.environ.get("DISPLAY"):
         train.append("--monitor")
     if run.exists():  # a previous demo's run: start afresh
@@ -91,8 +111,22 @@ def main() -> int:
     st.run("train", train)
     st.run("merge", ["merge", "--model", model, "--adapter", run / "adapter", "--out", merged, "--force"])
     st.run("export", ["export", merged, "--out", exports, "--formats", "safetensors,pth,gguf", "--force"])
-    st.run("generate", ["generate", "--model", merged, "--prompt", "Once upon a time", "--max-new-tokens", "12",
-                        "--ram-budget", "1GiB", "--temperature", "0.8"])
+    st.run(
+        "generate",
+        [
+            "generate",
+            "--model",
+            merged,
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "12",
+            "--ram-budget",
+            "1GiB",
+            "--temperature",
+            "0.8",
+        ],
+    )
     summary(st, which, model, merged, exports, run, time.perf_counter() - t_all)
     return 0
 
@@ -107,15 +141,21 @@ def summary(st: Stage, which: str, model: Path, merged: Path, exports: Path, run
     for name, seconds, rss in st.rows:
         print(f"  {name:10s} {seconds:8.1f} {rss:8.0f} MiB")
     print(f"  {'total':10s} {total_s:8.1f}")
-    print(f"  model      {size_of(model) / 1e9:.2f} GB at {model.relative_to(ROOT)}; merged {size_of(merged) / 1e9:.2f} GB")
+    print(
+        f"  model      {size_of(model) / 1e9:.2f} GB at {model.relative_to(ROOT)}; "
+        f"merged {size_of(merged) / 1e9:.2f} GB"
+    )
     for p in sorted(exports.iterdir()):
         print(f"  export     {p.name:22s} {size_of(p) / 1e9:.2f} GB")
     if steps:
-        print(f"  training   {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}"
-              + (f", validation {vals[0]['val_loss']:.3f} -> {vals[-1]['val_loss']:.3f}" if len(vals) >= 2 else "")
-              + f"; median step {sorted(s['step_s'] for s in steps)[len(steps) // 2]:.1f} s; page-in "
-              f"{sorted(pagein)[len(pagein) // 2]:.0f} MB/s; anonymous RSS {max(s['rss_anon_mib'] for s in steps):.0f} MiB "
-              f"of the {BUDGET} budget")
+        print(
+            f"  training   {len(steps)} steps, loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}"
+            + (f", validation {vals[0]['val_loss']:.3f} -> {vals[-1]['val_loss']:.3f}" if len(vals) >= 2 else "")
+            + f"; median step {sorted(s['step_s'] for s in steps)[len(steps) // 2]:.1f} s; page-in "
+            f"{sorted(pagein)[len(pagein) // 2]:.0f} MB/s; "
+            f"anonymous RSS {max(s['rss_anon_mib'] for s in steps):.0f} MiB "
+            f"of the {BUDGET} budget"
+        )
     print(f"  everything is under {DEMO.relative_to(ROOT)}/ (`make clean-demo` removes it)")
 
 

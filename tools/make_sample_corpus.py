@@ -98,6 +98,8 @@ def _en_list(items: list[str]) -> str:
 
 # --------------------------------------------------------------------------------------------
 # story vocabulary: (English, Korean) pairs
+# (vocabulary tables and templates, laid out by hand: one table row a line)
+# fmt: off
 
 GIRLS = [("Lily", "지우"), ("Mia", "서연"), ("Sara", "하은"), ("Anna", "수아"), ("Emma", "지민"),
          ("Lucy", "예린"), ("Zoe", "유나"), ("Ella", "소윤"), ("Ruby", "채원"), ("Chloe", "다은"),
@@ -725,6 +727,7 @@ def make_letter(rng: random.Random) -> tuple[str, str]:
     return (_letter if rng.random() < 0.5 else _diary)(rng)
 
 
+# fmt: on
 # --------------------------------------------------------------------------------------------
 # the corpus
 
@@ -769,13 +772,24 @@ def write_corpus(out: Path, style: str = "stories", n: int = 900, seed: int = 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="example: python tools/make_sample_corpus.py --out data/sample --seed 0")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="output directory (default data/sample for stories, data/sample-letters for letters)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example: python tools/make_sample_corpus.py --out data/sample --seed 0",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default data/sample for stories, data/sample-letters for letters)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
-    ap.add_argument("--stories", type=int, default=900, metavar="N",
-                    help="documents per language file (the mixed .jsonl gets N/4 more); default 900")
+    ap.add_argument(
+        "--stories",
+        type=int,
+        default=900,
+        metavar="N",
+        help="documents per language file (the mixed .jsonl gets N/4 more); default 900",
+    )
     ap.add_argument("--style", choices=["stories", "letters"], default="stories")
     args = ap.parse_args(argv)
     if args.stories < 1:

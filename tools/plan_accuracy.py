@@ -4,6 +4,7 @@
     python tools/plan_accuracy.py STORE SEQ lora [R]   # LoRA training: 2 steps at batch 1 x SEQ, rank R
 
 Prints one JSON line: measured bytes, plan bytes and their ratio (below 1: the plan is safe)."""
+
 import json
 import sys
 
@@ -46,5 +47,15 @@ else:
     with PeakSampler() as s:
         with Engine(store) as eng:
             list(generate_ids(eng, prompt, new))
-print(json.dumps({"mode": mode, "seq_len": T, "measured_bytes": s.peak_bytes, "plan_bytes": p.total,
-                  "ratio": round(s.peak_bytes / p.total, 3), "terms": p.terms}))
+print(
+    json.dumps(
+        {
+            "mode": mode,
+            "seq_len": T,
+            "measured_bytes": s.peak_bytes,
+            "plan_bytes": p.total,
+            "ratio": round(s.peak_bytes / p.total, 3),
+            "terms": p.terms,
+        }
+    )
+)

@@ -78,8 +78,15 @@ train:
     thermal_file: null
     enforce_cgroup: false
 """
-GUARD_START = {"budget_mib": BUDGET_MIB, "interval_s": 0.5, "soft_pct": 90.0, "hard_pct": 97.0,
-               "min_available_mib": 150.0, "max_temp_c": 90.0, "resume_temp_c": 80.0}
+GUARD_START = {
+    "budget_mib": BUDGET_MIB,
+    "interval_s": 0.5,
+    "soft_pct": 90.0,
+    "hard_pct": 97.0,
+    "min_available_mib": 150.0,
+    "max_temp_c": 90.0,
+    "resume_temp_c": 80.0,
+}
 
 
 def _line(record: dict) -> str:
@@ -89,8 +96,15 @@ def _line(record: dict) -> str:
 class Recorder:
     """Generates the records of a run in time order; `emit` collects them as JSON lines."""
 
-    def __init__(self, t0: float, steps_total: int, seed: int = 0, with_temp: bool = True,
-                 pagein_every: int = 1, memory_per_step: int = 6):
+    def __init__(
+        self,
+        t0: float,
+        steps_total: int,
+        seed: int = 0,
+        with_temp: bool = True,
+        pagein_every: int = 1,
+        memory_per_step: int = 6,
+    ):
         self.t = t0
         self.rng = random.Random(seed)
         self.steps_total = steps_total
@@ -129,30 +143,48 @@ class Recorder:
         backward (layer L-1 still in a slot)."""
         out = []
         slow = self.rng.randrange(1, LAYERS - 1) if hiccup else -1
-        schedule = [(i, False) for i in range(LAYERS)] + [("head", False)] + [(i, True) for i in range(LAYERS - 1, -1, -1)]
+        schedule = (
+            [(i, False) for i in range(LAYERS)] + [("head", False)] + [(i, True) for i in range(LAYERS - 1, -1, -1)]
+        )
         for k, (name, backward) in enumerate(schedule):
             nbytes = HEAD_BYTES if name == "head" else LAYER_BYTES
             reused = (k == 0 and not first) or (backward and name == LAYERS - 1)
             if reused:
-                out.append({"layer": name, "bytes": nbytes, "read_s": 0.0, "stall_s": 0.0, "mb_s": 0.0,
-                            "reused": True})
+                out.append({"layer": name, "bytes": nbytes, "read_s": 0.0, "stall_s": 0.0, "mb_s": 0.0, "reused": True})
                 continue
             mb_s = self.rng.gauss(1420, 90)
             if name == slow and backward:
                 mb_s = self.rng.uniform(160, 240)
             read_s = nbytes / 1e6 / mb_s
             stall = max(0.0, self.rng.gauss(0.004, 0.004)) + (read_s * 0.7 if name == slow and backward else 0.0)
-            out.append({"layer": name, "bytes": nbytes, "read_s": round(read_s, 5), "stall_s": round(stall, 5),
-                        "mb_s": round(mb_s, 1), "reused": False})
+            out.append(
+                {
+                    "layer": name,
+                    "bytes": nbytes,
+                    "read_s": round(read_s, 5),
+                    "stall_s": round(stall, 5),
+                    "mb_s": round(mb_s, 1),
+                    "reused": False,
+                }
+            )
         return out
 
     def memory(self, anon: float) -> None:
         """A guard memory line (odyssey/runtime/guard.py `_memory_line`)."""
-        self.emit("memory", source="guard", pid=self.pid, anon_mib=round(anon, 1),
-                  file_mib=round(180 + self.rng.gauss(0, 15), 1), anon_pct=round(100 * anon / BUDGET_MIB, 1),
-                  budget_mib=BUDGET_MIB, avail_mib=round(5400 - anon + self.rng.gauss(0, 30), 1), swap_mib=0.0,
-                  cgroup_mib=None, cgroup_limit_mib=None,
-                  temp_c=round(self.temp_c, 1) if self.with_temp else None)
+        self.emit(
+            "memory",
+            source="guard",
+            pid=self.pid,
+            anon_mib=round(anon, 1),
+            file_mib=round(180 + self.rng.gauss(0, 15), 1),
+            anon_pct=round(100 * anon / BUDGET_MIB, 1),
+            budget_mib=BUDGET_MIB,
+            avail_mib=round(5400 - anon + self.rng.gauss(0, 30), 1),
+            swap_mib=0.0,
+            cgroup_mib=None,
+            cgroup_limit_mib=None,
+            temp_c=round(self.temp_c, 1) if self.with_temp else None,
+        )
 
     def step(self, step: int) -> None:
         step_s = self.rng.gauss(6.1, 0.25)
@@ -172,30 +204,53 @@ class Recorder:
             self.temp_c = min(78.0, max(50.0, self.temp_c + (66.0 - self.temp_c) * 0.01))
             if spike and k == self.memory_per_step // 2:
                 self.request_id += 1
-                self.emit("guard", action="checkpoint", level="warning",
-                          reason=f"anonymous RAM {anon / 1024:.2f} GiB reached {100 * anon / BUDGET_MIB:.0f}% of "
-                                 f"the 1.50 GiB budget (soft limit 90%)",
-                          value=round(anon, 1), limit=round(0.9 * BUDGET_MIB, 1), unit="MiB",
-                          request_id=self.request_id)
+                self.emit(
+                    "guard",
+                    action="checkpoint",
+                    level="warning",
+                    reason=f"anonymous RAM {anon / 1024:.2f} GiB reached {100 * anon / BUDGET_MIB:.0f}% of "
+                    f"the 1.50 GiB budget (soft limit 90%)",
+                    value=round(anon, 1),
+                    limit=round(0.9 * BUDGET_MIB, 1),
+                    unit="MiB",
+                    request_id=self.request_id,
+                )
                 self.want_checkpoint = True
             self.memory(anon)
         if step % self.pagein_every == 0 or hiccup:
             self.emit("pagein", step=step, layers=self.layers_pass(hiccup, first=step == 1))
         pagein_mb_s = self.rng.gauss(1390, 70) if not hiccup else self.rng.uniform(600, 800)
         stall_s = max(0.0, self.rng.gauss(0.18, 0.05)) + (0.7 if hiccup else 0.0)
-        self.emit("step", step=step, loss=round(self.loss_at(step), 6), lr=self.lr_at(step),
-                  grad_norm=round(abs(self.rng.gauss(0.8, 0.2)), 6), tokens_per_s=round(SEQ_LEN / step_s, 2),
-                  step_s=round(step_s, 4), pagein_mb_s=round(pagein_mb_s, 1), stall_s=round(stall_s, 4),
-                  rss_anon_mib=round(peak, 1), budget_mib=BUDGET_MIB, steps_total=self.steps_total,
-                  tokens=step * SEQ_LEN, world_size=1)
+        self.emit(
+            "step",
+            step=step,
+            loss=round(self.loss_at(step), 6),
+            lr=self.lr_at(step),
+            grad_norm=round(abs(self.rng.gauss(0.8, 0.2)), 6),
+            tokens_per_s=round(SEQ_LEN / step_s, 2),
+            step_s=round(step_s, 4),
+            pagein_mb_s=round(pagein_mb_s, 1),
+            stall_s=round(stall_s, 4),
+            rss_anon_mib=round(peak, 1),
+            budget_mib=BUDGET_MIB,
+            steps_total=self.steps_total,
+            tokens=step * SEQ_LEN,
+            world_size=1,
+        )
         if step % 50 == 0:
             self.t += 9.0
             self.emit("val", step=step, val_loss=round(self.loss_at(step) + 0.07, 6), batches=4)
         if step % 50 == 0 or self.want_checkpoint:
             self.t += 1.5
             why = "requested" if self.want_checkpoint else "every 50 steps"
-            self.emit("event", level="info", source="trainer", action="checkpoint", step=step,
-                      message=f"checkpoint step-{step:06d} written ({why}; 52.4 MB in 1.4 s)")
+            self.emit(
+                "event",
+                level="info",
+                source="trainer",
+                action="checkpoint",
+                step=step,
+                message=f"checkpoint step-{step:06d} written ({why}; 52.4 MB in 1.4 s)",
+            )
             self.want_checkpoint = False
             self.last_ckpt = step
 
@@ -204,24 +259,50 @@ class Recorder:
         if not running:
             run.write_heartbeat(t=t, pid=guard_pid, state="exited", watched=watched)
             return
-        run.write_heartbeat(t=t, pid=guard_pid, state="watching", watched=watched, anon_mib=self.anon_base,
-                            temp_c=round(self.temp_c, 1) if self.with_temp else None)
+        run.write_heartbeat(
+            t=t,
+            pid=guard_pid,
+            state="watching",
+            watched=watched,
+            anon_mib=self.anon_base,
+            temp_c=round(self.temp_c, 1) if self.with_temp else None,
+        )
 
     def start(self, resumed_from: int | None = None) -> None:
         """What the trainer and a fresh guard write when a process starts."""
         what = f"resumed from step-{resumed_from:06d}" if resumed_from else "training started"
-        self.emit("event", level="info", source="trainer", rank=0, action="start", resumed_from=resumed_from,
-                  message=f"{what}: 1.236 B parameters, LoRA r=16, {self.steps_total} steps, RAM budget 1.50 GiB, "
-                          f"plan 1.21 GiB")
+        self.emit(
+            "event",
+            level="info",
+            source="trainer",
+            rank=0,
+            action="start",
+            resumed_from=resumed_from,
+            message=f"{what}: 1.236 B parameters, LoRA r=16, {self.steps_total} steps, RAM budget 1.50 GiB, "
+            f"plan 1.21 GiB",
+        )
         self.t += 0.4
-        self.emit("guard", action="start", level="info",
-                  reason=f"watching pid {self.pid} with a budget of 1.50 GiB", **GUARD_START,
-                  thermal_source="/sys/class/thermal/thermal_zone0/temp" if self.with_temp else "none")
+        self.emit(
+            "guard",
+            action="start",
+            level="info",
+            reason=f"watching pid {self.pid} with a budget of 1.50 GiB",
+            **GUARD_START,
+            thermal_source="/sys/class/thermal/thermal_zone0/temp" if self.with_temp else "none",
+        )
 
 
-def record_run(out: str | os.PathLike, steps: int = 240, steps_total: int = 1000, seed: int = 0,
-               resume: bool = True, with_temp: bool = True, state: str = "running",
-               pid: int | None = None, end_t: float | None = None) -> Path:
+def record_run(
+    out: str | os.PathLike,
+    steps: int = 240,
+    steps_total: int = 1000,
+    seed: int = 0,
+    resume: bool = True,
+    with_temp: bool = True,
+    state: str = "running",
+    pid: int | None = None,
+    end_t: float | None = None,
+) -> Path:
     """Write RUN/config.yaml, metrics.jsonl, status.json and guard.json under `out`; returns it.
     The run reaches step `steps` of `steps_total`; with `resume` it was stopped at 80% of the way
     and resumed from the checkpoint before (so steps go back). Timestamps end at `end_t` (now)."""
@@ -238,8 +319,12 @@ def record_run(out: str | os.PathLike, steps: int = 240, steps_total: int = 1000
         rec.step(step)
         if resume and step == stop_at:  # SIGKILL: no stop event, the guard sees the trainer go
             rec.t += 0.5
-            rec.emit("guard", action="exit", level="info",
-                     reason=f"watched process {rec.pid} is gone (exited, crashed or killed)")
+            rec.emit(
+                "guard",
+                action="exit",
+                level="info",
+                reason=f"watched process {rec.pid} is gone (exited, crashed or killed)",
+            )
             rec.t += 300
             rec.pid += 1
             ckpt = rec.last_ckpt
@@ -251,11 +336,23 @@ def record_run(out: str | os.PathLike, steps: int = 240, steps_total: int = 1000
     if state in ("finished", "stopped"):  # how the trainer and its guard end a run
         rec.t += 1.0
         if state == "finished":
-            rec.emit("event", level="info", source="trainer", action="finished", step=steps,
-                     message=f"finished at step {steps}; result in {out / 'adapter'}")
+            rec.emit(
+                "event",
+                level="info",
+                source="trainer",
+                action="finished",
+                step=steps,
+                message=f"finished at step {steps}; result in {out / 'adapter'}",
+            )
         else:
-            rec.emit("event", level="info", source="trainer", action="stopped", step=steps,
-                     message=f"stopped at step {steps} (stop requested by user); checkpoint step-{steps:06d}")
+            rec.emit(
+                "event",
+                level="info",
+                source="trainer",
+                action="stopped",
+                step=steps,
+                message=f"stopped at step {steps} (stop requested by user); checkpoint step-{steps:06d}",
+            )
         rec.t += 0.1
         rec.emit("guard", action="exit", level="info", reason="guard terminated (SIGTERM or SIGINT)")
     run = RunDir(out)
@@ -268,8 +365,9 @@ def record_run(out: str | os.PathLike, steps: int = 240, steps_total: int = 1000
     return out
 
 
-def write_lines(path: str | os.PathLike, n_lines: int, seed: int = 1, steps_total: int = 100_000,
-                append: bool = False) -> int:
+def write_lines(
+    path: str | os.PathLike, n_lines: int, seed: int = 1, steps_total: int = 100_000, append: bool = False
+) -> int:
     """Append about `n_lines` realistic lines (memory samples, steps, a page-in pass every 10
     steps) to a metrics file; returns the number of lines written."""
     end_t = time.time()
@@ -302,22 +400,47 @@ def live(out: Path, seed: int = 0, step_s: float = 1.0) -> None:
             seen = ack = ctl.get("id")
             action, source = ctl.get("action"), ctl.get("source", "user")
             if action == "stop":
-                run.write_status(state="stopping", step=step, pid=os.getpid(), ack_id=ack, ack_action=action,
-                                 steps_total=total)
+                run.write_status(
+                    state="stopping", step=step, pid=os.getpid(), ack_id=ack, ack_action=action, steps_total=total
+                )
                 why = ctl.get("reason") or f"stop requested by {source}"
-                rec.emit("event", level="info", source="trainer", action="checkpoint", step=step,
-                         message=f"checkpoint step-{step:06d} written (stop: {why}; 52.4 MB in 1.4 s)")
-                rec.emit("event", level="info", source="trainer", action="stopped", step=step,
-                         message=f"stopped at step {step} ({why}); checkpoint step-{step:06d}")
+                rec.emit(
+                    "event",
+                    level="info",
+                    source="trainer",
+                    action="checkpoint",
+                    step=step,
+                    message=f"checkpoint step-{step:06d} written (stop: {why}; 52.4 MB in 1.4 s)",
+                )
+                rec.emit(
+                    "event",
+                    level="info",
+                    source="trainer",
+                    action="stopped",
+                    step=step,
+                    message=f"stopped at step {step} ({why}); checkpoint step-{step:06d}",
+                )
                 state = "stopped"
             elif action == "pause" and state != "paused":
                 state = "paused"
-                rec.emit("event", level="warning", source="trainer", action="paused", step=step,
-                         message=f"paused by {source}{': ' + ctl['reason'] if ctl.get('reason') else ''} / 일시정지")
+                rec.emit(
+                    "event",
+                    level="warning",
+                    source="trainer",
+                    action="paused",
+                    step=step,
+                    message=f"paused by {source}{': ' + ctl['reason'] if ctl.get('reason') else ''} / 일시정지",
+                )
             elif action == "resume" and state == "paused":
                 state = "running"
-                rec.emit("event", level="info", source="trainer", action="resumed", step=step,
-                         message=f"resumed by {source} / 재개")
+                rec.emit(
+                    "event",
+                    level="info",
+                    source="trainer",
+                    action="resumed",
+                    step=step,
+                    message=f"resumed by {source} / 재개",
+                )
             elif action == "checkpoint":
                 rec.want_checkpoint = True
         if state == "running" and step < total:
@@ -326,8 +449,14 @@ def live(out: Path, seed: int = 0, step_s: float = 1.0) -> None:
             rec.step(step)
         if state == "running" and step >= total:
             state = "finished"
-            rec.emit("event", level="info", source="trainer", action="finished", step=step,
-                     message=f"finished at step {step}; result in {out / 'adapter'}")
+            rec.emit(
+                "event",
+                level="info",
+                source="trainer",
+                action="finished",
+                step=step,
+                message=f"finished at step {step}; result in {out / 'adapter'}",
+            )
         with open(run.metrics_path, "a", encoding="utf-8") as f:
             f.writelines(rec.lines())
         rec.records.clear()
@@ -340,8 +469,10 @@ def live(out: Path, seed: int = 0, step_s: float = 1.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="example: python tools/record_run.py runs/demo && odyssey monitor runs/demo")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example: python tools/record_run.py runs/demo && odyssey monitor runs/demo",
+    )
     p.add_argument("out", help="run directory to write")
     p.add_argument("--steps", type=int, default=240, help="steps reached (default 240)")
     p.add_argument("--steps-total", type=int, default=1000, help="steps planned (default 1000)")
@@ -350,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", default="running", help="status.json state (default running)")
     p.add_argument("--lines", type=int, default=0, help="instead: write this many metrics lines")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--live", action="store_true",
-                   help="then keep appending a step a second and acknowledge control requests")
+    p.add_argument(
+        "--live", action="store_true", help="then keep appending a step a second and acknowledge control requests"
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.lines:
@@ -359,8 +491,15 @@ def main(argv: list[str] | None = None) -> int:
         n = write_lines(out / "metrics.jsonl", args.lines, seed=args.seed)
         print(f"wrote {n} lines to {out / 'metrics.jsonl'}")
         return 0
-    record_run(out, steps=args.steps, steps_total=args.steps_total, seed=args.seed,
-               resume=not args.no_resume, with_temp=not args.no_temp, state=args.state)
+    record_run(
+        out,
+        steps=args.steps,
+        steps_total=args.steps_total,
+        seed=args.seed,
+        resume=not args.no_resume,
+        with_temp=not args.no_temp,
+        state=args.state,
+    )
     print(f"wrote a recorded run to {out}")
     if args.live:
         try:

@@ -28,5 +28,4 @@ from odyssey.data.prepare import prepare_data
 from odyssey.data.sampler import BatchSampler, eval_batches
 from odyssey.data.tokens import TokenData, token_dtype, unigram_loss
 
-__all__ = ["BatchSampler", "TokenData", "eval_batches", "prepare_data", "read_documents", "token_dtype",
-           "unigram_loss"]
+__all__ = ["BatchSampler", "TokenData", "eval_batches", "prepare_data", "read_documents", "token_dtype", "unigram_loss"]

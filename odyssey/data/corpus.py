@@ -29,20 +29,25 @@ def corpus_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             raise OdysseyError(f"corpus path {path} does not exist; check the path given to prepare-data")
         if path.is_dir():
             found = sorted(
-                f for f in path.rglob("*")
-                if f.suffix in (".txt", ".jsonl") and f.is_file()
-                and not any(part.startswith(".") for part in f.relative_to(path).parts))
+                f
+                for f in path.rglob("*")
+                if f.suffix in (".txt", ".jsonl")
+                and f.is_file()
+                and not any(part.startswith(".") for part in f.relative_to(path).parts)
+            )
             if not found:
                 raise OdysseyError(
                     f"directory {path} holds no .txt or .jsonl files; add text files (documents "
-                    f"separated by {EOT_LINE} lines or blank lines) or .jsonl files with a \"text\" field")
+                    f'separated by {EOT_LINE} lines or blank lines) or .jsonl files with a "text" field'
+                )
             files.extend(found)
         elif path.suffix in (".txt", ".jsonl"):
             files.append(path)
         else:
             raise OdysseyError(
                 f"corpus file {path} is neither .txt nor .jsonl; rename it (.txt: plain text, "
-                f".jsonl: one JSON object with a \"text\" field per line)")
+                f'.jsonl: one JSON object with a "text" field per line)'
+            )
     unique, seen = [], set()
     for f in files:  # the same file named twice (or a file inside a named directory) counts once
         key = f.resolve()
@@ -82,9 +87,9 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise OdysseyError(f"{path}:{lineno} is not valid JSON ({e.msg}); {fix}") from None
             if not isinstance(obj, dict) or "text" not in obj:
-                raise OdysseyError(f"{path}:{lineno} has no \"text\" field; {fix}")
+                raise OdysseyError(f'{path}:{lineno} has no "text" field; {fix}')
             if not isinstance(obj["text"], str):
-                raise OdysseyError(f"{path}:{lineno}: \"text\" is {type(obj['text']).__name__}, not a string; {fix}")
+                raise OdysseyError(f'{path}:{lineno}: "text" is {type(obj["text"]).__name__}, not a string; {fix}')
             text = obj["text"].strip()
             if text:
                 yield text
@@ -101,11 +106,13 @@ def iter_documents(files: list[Path], inputs_label: str) -> Iterator[str]:
                 n += 1
                 yield doc
         except UnicodeDecodeError as e:
-            raise OdysseyError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                               f"convert it to UTF-8") from None
+            raise OdysseyError(
+                f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8"
+            ) from None
     if n == 0:
-        raise OdysseyError(f"no documents found in {inputs_label}; the corpus files are empty or hold "
-                           f"only separators and blank lines")
+        raise OdysseyError(
+            f"no documents found in {inputs_label}; the corpus files are empty or hold only separators and blank lines"
+        )
 
 
 def read_documents(inputs: Iterable[str | os.PathLike]) -> Iterator[str]:

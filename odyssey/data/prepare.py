@@ -44,10 +44,17 @@ _ENCODE_BATCH_DOCS = 1024  # documents per encode_batch call (the Rust side enco
 _ENCODE_BATCH_CHARS = 4_000_000  # ... or fewer, so a batch of long documents stays a few MB
 
 
-def prepare_data(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, vocab_size: int | None = None,
-                 tokenizer_dir: str | os.PathLike | None = None, model_store: str | os.PathLike | None = None,
-                 val_fraction: float = 0.05, seed: int = 0, force: bool = False,
-                 progress: bool = True) -> dict:
+def prepare_data(
+    inputs: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    vocab_size: int | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    model_store: str | os.PathLike | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Tokenize a corpus into `out` (see the package docstring for the layout); return a summary.
 
     Tokenizer: `tokenizer_dir`'s tokenizer.json if given; else the model store's tokenizer.json if
@@ -74,17 +81,18 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, vo
     if model is not None:
         model.check_tokenizer(vocab, chosen.tok_json, force)
     if n_docs < 2:
-        raise OdysseyError(f"the corpus {label} has only {n_docs} document; prepare-data needs at least 2 "
-                           f"(one is held out for validation); add documents or separate them with "
-                           f"{EOT_LINE} lines")
+        raise OdysseyError(
+            f"the corpus {label} has only {n_docs} document; prepare-data needs at least 2 "
+            f"(one is held out for validation); add documents or separate them with "
+            f"{EOT_LINE} lines"
+        )
     is_val = _split(n_docs, val_fraction, seed)
     dtype = token_dtype(vocab)
 
     # --- pass 2: encode in batches, append to train.bin / val.bin; then tokenizer files, manifest ---
     tok_files = {"tokenizer.json": chosen.tok_json, **hf_side_files()}
     with _output_dir(out) as written:
-        counts = _write_tokens(out, chosen.tok, iter_documents(files, label), label, is_val, dtype,
-                               specials, progress)
+        counts = _write_tokens(out, chosen.tok, iter_documents(files, label), label, is_val, dtype, specials, progress)
         written += [out / "train.bin", out / "val.bin"]
         write_tokenizer_files(tok_files, out, written)
         seconds = time.perf_counter() - t0
@@ -121,8 +129,10 @@ def _check_options(vocab_size: int | None, tokenizer_dir: str | os.PathLike | No
     if not 0.0 < val_fraction < 1.0:
         raise OdysseyError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
-        raise OdysseyError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
-                           f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+        raise OdysseyError(
+            f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
+            f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}"
+        )
     if vocab_size is not None and tokenizer_dir is not None:
         raise OdysseyError("--vocab-size trains a new tokenizer and --tokenizer reuses one; give only one")
 
@@ -134,13 +144,15 @@ def _check_out(out: Path, force: bool) -> None:
         others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
         if others:
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-            raise OdysseyError(f"output directory {out} already holds other files ({shown}); "
-                               f"choose a new --out or pass --force")
+            raise OdysseyError(
+                f"output directory {out} already holds other files ({shown}); choose a new --out or pass --force"
+            )
 
 
 def _too_big(tok_vocab: int, model_vocab: int) -> OdysseyError:
-    return OdysseyError(f"tokenizer vocabulary {tok_vocab} is larger than the model's {model_vocab}; "
-                        f"use --vocab-size <= {model_vocab}")
+    return OdysseyError(
+        f"tokenizer vocabulary {tok_vocab} is larger than the model's {model_vocab}; use --vocab-size <= {model_vocab}"
+    )
 
 
 @dataclass
@@ -172,8 +184,10 @@ class _ModelStore:
             raise _too_big(vocab, self.vocab_size)
         if self.tokenizer_json is not None and not force:
             if json.loads(self.tokenizer_json.read_bytes()) != json.loads(tok_json):
-                raise OdysseyError(f"model store {self.root} already has a different tokenizer.json; "
-                                   f"drop --vocab-size/--tokenizer to reuse it, or pass --force to replace it")
+                raise OdysseyError(
+                    f"model store {self.root} already has a different tokenizer.json; "
+                    f"drop --vocab-size/--tokenizer to reuse it, or pass --force to replace it"
+                )
 
     def add_tokenizer(self, tok_files: dict[str, bytes], specials: dict) -> None:
         """Copy the tokenizer files into the store, so it can tokenize (generate, export to GGUF)
@@ -181,15 +195,17 @@ class _ModelStore:
         write_tokenizer_files(tok_files, self.root, [])
         for key, name in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id")):
             if self.config.get(key) is not None and self.config[key] != specials[name]:
-                print(f"warning: {self.root}/config.json has {key}={self.config[key]}, "
-                      f"the tokenizer has {specials[name]}")
+                print(
+                    f"warning: {self.root}/config.json has {key}={self.config[key]}, the tokenizer has {specials[name]}"
+                )
 
 
 def _read_model_config(store: Path) -> dict:
     cfg = store / "config.json"
     if not cfg.is_file():
-        raise OdysseyError(f"model store {store} has no config.json; create it with `odyssey init` "
-                           f"or pass the right --model")
+        raise OdysseyError(
+            f"model store {store} has no config.json; create it with `odyssey init` or pass the right --model"
+        )
     try:
         config = json.loads(cfg.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -222,9 +238,14 @@ class _Counted:
             yield d
 
 
-def _choose_tokenizer(files: list[Path], label: str, tokenizer_dir: str | os.PathLike | None,
-                      vocab_size: int | None, model: _ModelStore | None,
-                      progress: bool) -> tuple[_ChosenTokenizer, int]:
+def _choose_tokenizer(
+    files: list[Path],
+    label: str,
+    tokenizer_dir: str | os.PathLike | None,
+    vocab_size: int | None,
+    model: _ModelStore | None,
+    progress: bool,
+) -> tuple[_ChosenTokenizer, int]:
     """The tokenizer (see `prepare_data`) and the number of documents in the corpus: one pass over it."""
     store_tok = model.tokenizer_json if model is not None else None
     source = tokenizer_dir if tokenizer_dir is not None else (store_tok if vocab_size is None else None)
@@ -241,6 +262,7 @@ def _choose_tokenizer(files: list[Path], label: str, tokenizer_dir: str | os.Pat
     shown: Iterable[str] = docs
     if progress:
         from tqdm import tqdm
+
         shown = tqdm(docs, desc="training tokenizer", unit=" docs", leave=False)
     tok = train_tokenizer(shown, target, progress=False)
     tok_json = (tok.to_str(pretty=True) + "\n").encode()
@@ -295,8 +317,16 @@ def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _write_tokens(out: Path, tok: Tokenizer, docs: Iterator[str], label: str, is_val: np.ndarray,
-                  dtype: np.dtype, specials: dict, progress: bool) -> dict:
+def _write_tokens(
+    out: Path,
+    tok: Tokenizer,
+    docs: Iterator[str],
+    label: str,
+    is_val: np.ndarray,
+    dtype: np.dtype,
+    specials: dict,
+    progress: bool,
+) -> dict:
     """Encode `docs` (the corpus again, len(is_val) documents) into out/train.bin and out/val.bin,
     each written under a temporary name and renamed; return the tokens and documents per split."""
     n_docs = len(is_val)
@@ -304,10 +334,12 @@ def _write_tokens(out: Path, tok: Tokenizer, docs: Iterator[str], label: str, is
     try:
         if progress:
             from tqdm import tqdm
+
             bar = tqdm(total=n_docs, desc="encoding", unit=" docs")
         with atomic_open(out / "train.bin") as f_train, atomic_open(out / "val.bin") as f_val:
-            writer = TokenWriter({"train": f_train, "val": f_val}, is_val, dtype,
-                                 specials["bos_id"], specials["eos_id"])
+            writer = TokenWriter(
+                {"train": f_train, "val": f_val}, is_val, dtype, specials["bos_id"], specials["eos_id"]
+            )
             for batch in _batches(docs):
                 encs = tok.encode_batch(batch, add_special_tokens=False)
                 if writer.documents + len(encs) > n_docs:
@@ -323,8 +355,7 @@ def _write_tokens(out: Path, tok: Tokenizer, docs: Iterator[str], label: str, is
     return writer.counts
 
 
-def _report(out: Path, n_docs: int, counts: dict, vocab: int, dtype: np.dtype, origin: str,
-            seconds: float) -> dict:
+def _report(out: Path, n_docs: int, counts: dict, vocab: int, dtype: np.dtype, origin: str, seconds: float) -> dict:
     """Print the one-line summary of a finished run and return it as a dict."""
     total = counts["train"]["tokens"] + counts["val"]["tokens"]
     summary = {
@@ -340,7 +371,9 @@ def _report(out: Path, n_docs: int, counts: dict, vocab: int, dtype: np.dtype, o
         "tokenizer": origin,
         "seconds": round(seconds, 2),
     }
-    print(f"prepared {out}: {n_docs:,} documents ({summary['train_documents']:,} train, "
-          f"{summary['val_documents']:,} val), {total:,} tokens ({summary['train_tokens']:,} train, "
-          f"{summary['val_tokens']:,} val), vocab {vocab:,} [{origin}], {dtype.name}, {seconds:.1f} s")
+    print(
+        f"prepared {out}: {n_docs:,} documents ({summary['train_documents']:,} train, "
+        f"{summary['val_documents']:,} val), {total:,} tokens ({summary['train_tokens']:,} train, "
+        f"{summary['val_tokens']:,} val), vocab {vocab:,} [{origin}], {dtype.name}, {seconds:.1f} s"
+    )
     return summary

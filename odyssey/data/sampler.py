@@ -20,8 +20,10 @@ def _num_windows(data: TokenData, split: str, seq_len: int) -> int:
     n = data.num_tokens(split)
     windows = (n - 1) // seq_len
     if windows == 0:
-        raise OdysseyError(f"the {split} split of {data.directory} has {n} tokens, too few for one window "
-                           f"of seq_len + 1 = {seq_len + 1}; use a smaller --seq-len or more data")
+        raise OdysseyError(
+            f"the {split} split of {data.directory} has {n} tokens, too few for one window "
+            f"of seq_len + 1 = {seq_len + 1}; use a smaller --seq-len or more data"
+        )
     return windows
 
 
@@ -32,7 +34,7 @@ def _gather(tokens: np.ndarray, windows: np.ndarray, seq_len: int):
     buf = np.empty((len(windows), seq_len + 1), dtype=np.int64)  # (B, T+1)
     for row, w in enumerate(windows):
         start = int(w) * seq_len
-        buf[row] = tokens[start:start + seq_len + 1]  # one contiguous read from the memory map
+        buf[row] = tokens[start : start + seq_len + 1]  # one contiguous read from the memory map
     x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))
     y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
     return x, y
@@ -48,8 +50,16 @@ class BatchSampler:
     `state_dict()` is (epoch, cursor) plus the settings it is valid for.
     """
 
-    def __init__(self, data: TokenData, split: str, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        data: TokenData,
+        split: str,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if batch_size < 1:
             raise OdysseyError(f"--batch-size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -60,8 +70,10 @@ class BatchSampler:
         self.num_windows = _num_windows(data, split, seq_len)
         self.windows_per_epoch = self.num_windows // world_size  # per rank
         if self.windows_per_epoch == 0:
-            raise OdysseyError(f"the {split} split has {self.num_windows} windows of seq_len {seq_len}, fewer "
-                               f"than the {world_size} ranks; use a smaller --seq-len or more data")
+            raise OdysseyError(
+                f"the {split} split has {self.num_windows} windows of seq_len {seq_len}, fewer "
+                f"than the {world_size} ranks; use a smaller --seq-len or more data"
+            )
         self.epoch = 0
         self.cursor = 0  # windows of this epoch's shard already given out
         self._order_epoch, self._order = -1, None
@@ -69,7 +81,7 @@ class BatchSampler:
     def _shard(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._order = perm[self.rank::self.world_size][:self.windows_per_epoch]
+            self._order = perm[self.rank :: self.world_size][: self.windows_per_epoch]
             self._order_epoch = epoch
         return self._order
 
@@ -83,7 +95,7 @@ class BatchSampler:
         need = self.batch_size
         while need:
             shard = self._shard(self.epoch)
-            take = shard[self.cursor:self.cursor + need]
+            take = shard[self.cursor : self.cursor + need]
             picked.append(take)
             need -= len(take)
             self.cursor += len(take)
@@ -98,9 +110,17 @@ class BatchSampler:
         return self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "split": self.split, "seed": self.seed,
-                "seq_len": self.seq_len, "batch_size": self.batch_size, "rank": self.rank,
-                "world_size": self.world_size, "num_windows": self.num_windows}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "split": self.split,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_windows": self.num_windows,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken (same data, seq_len, seed, rank and world_size)."""
@@ -108,11 +128,14 @@ class BatchSampler:
             if key in state and state[key] != getattr(self, key):
                 raise OdysseyError(
                     f"the saved data position has {key}={state[key]!r} but this run has {getattr(self, key)!r}; "
-                    f"resume with the same data and settings, or start a new run")
+                    f"resume with the same data and settings, or start a new run"
+                )
         epoch, cursor = int(state["epoch"]), int(state["cursor"])
         if epoch < 0 or not 0 <= cursor < self.windows_per_epoch:
-            raise OdysseyError(f"the saved data position (epoch {epoch}, cursor {cursor}) is out of range "
-                               f"for {self.windows_per_epoch} windows per epoch; start a new run")
+            raise OdysseyError(
+                f"the saved data position (epoch {epoch}, cursor {cursor}) is out of range "
+                f"for {self.windows_per_epoch} windows per epoch; start a new run"
+            )
         self.epoch, self.cursor = epoch, cursor
 
 

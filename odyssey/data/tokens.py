@@ -80,8 +80,10 @@ class TokenData:
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise OdysseyError(f"{mpath} is not an Odyssey token manifest; {redo}")
         if m.get("format_version", 0) > FORMAT_VERSION:
-            raise OdysseyError(f"{mpath} has format version {m.get('format_version')}, newer than this "
-                               f"Odyssey reads ({FORMAT_VERSION}); upgrade Odyssey or {redo}")
+            raise OdysseyError(
+                f"{mpath} has format version {m.get('format_version')}, newer than this "
+                f"Odyssey reads ({FORMAT_VERSION}); upgrade Odyssey or {redo}"
+            )
         try:
             self.dtype = np.dtype(m["dtype"])
             if self.dtype not in (np.uint16, np.uint32):
@@ -102,8 +104,10 @@ class TokenData:
             n = int(info["tokens"])
             size = path.stat().st_size
             if size != n * self.dtype.itemsize or n == 0:
-                raise OdysseyError(f"{path} holds {size} bytes but manifest.json says {n} {self.dtype.name} "
-                                   f"tokens; the directory is damaged or from another run; {redo} again")
+                raise OdysseyError(
+                    f"{path} holds {size} bytes but manifest.json says {n} {self.dtype.name} "
+                    f"tokens; the directory is damaged or from another run; {redo} again"
+                )
             self._files[split], self._lengths[split] = path, n
         self._maps: dict[str, np.memmap] = {}
 
@@ -131,9 +135,10 @@ class TokenData:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
     def __repr__(self):
-        return (f"TokenData({str(self.directory)!r}, vocab={self.vocab_size}, "
-                f"train={self._lengths['train']}, val={self._lengths['val']})")
-
+        return (
+            f"TokenData({str(self.directory)!r}, vocab={self.vocab_size}, "
+            f"train={self._lengths['train']}, val={self._lengths['val']})"
+        )
 
 
 def unigram_loss(data: TokenData) -> float:
@@ -145,10 +150,12 @@ def unigram_loss(data: TokenData) -> float:
     counts = np.zeros(V, dtype=np.int64)
     train = data.tokens("train")
     for i in range(0, len(train), _COUNT_CHUNK):
-        c = np.bincount(train[i:i + _COUNT_CHUNK], minlength=V)
+        c = np.bincount(train[i : i + _COUNT_CHUNK], minlength=V)
         if len(c) > V:
-            raise OdysseyError(f"{data.directory}/train.bin holds id {len(c) - 1} >= vocab_size {V}; "
-                               f"the directory is damaged; run prepare-data again")
+            raise OdysseyError(
+                f"{data.directory}/train.bin holds id {len(c) - 1} >= vocab_size {V}; "
+                f"the directory is damaged; run prepare-data again"
+            )
         counts += c
     logp = np.log(counts + 1.0) - np.log(counts.sum() + V)  # (V,) log-probabilities
     val = data.tokens("val")[1:]  # targets: every val token that has a predecessor
@@ -156,7 +163,7 @@ def unigram_loss(data: TokenData) -> float:
         raise OdysseyError(f"the val split of {data.directory} has one token; run prepare-data with more data")
     total = 0.0
     for i in range(0, len(val), _COUNT_CHUNK):
-        chunk = np.asarray(val[i:i + _COUNT_CHUNK])
+        chunk = np.asarray(val[i : i + _COUNT_CHUNK])
         if chunk.max() >= V:
             raise OdysseyError(f"{data.directory}/val.bin holds ids >= vocab_size {V}; run prepare-data again")
         total += float(logp[chunk].sum())

@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional, Union
 
 from odyssey.atomic import existing_parent
 from odyssey.config import format_bytes
@@ -28,22 +28,20 @@ FORMATS = ("safetensors", "pth", "gguf")  # also the order they are written in
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the estimate (metadata, filesystem slack)
 
 
-def parse_formats(spec: Union[str, Iterable[str]]) -> list[str]:
-    """"safetensors,pth" or a list -> the known names, deduplicated, in FORMATS order."""
+def parse_formats(spec: str | Iterable[str]) -> list[str]:
+    """ "safetensors,pth" or a list -> the known names, deduplicated, in FORMATS order."""
     names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec)]
     names = [n for n in names if n]
     bad = [n for n in names if n not in FORMATS]
     if bad:
-        raise OdysseyError(f"--formats: unknown format {bad[0]!r}; choose from {', '.join(FORMATS)} "
-                           f"(comma-separated)")
+        raise OdysseyError(f"--formats: unknown format {bad[0]!r}; choose from {', '.join(FORMATS)} (comma-separated)")
     if not names:
         raise OdysseyError(f"--formats is empty; choose one or more of {', '.join(FORMATS)}")
     return [f for f in FORMATS if f in names]
 
 
 def output_path(out: Path, fmt: str, gguf_type: str) -> Path:
-    return {"safetensors": out / "safetensors", "pth": out / "model.pth",
-            "gguf": out / f"model-{gguf_type}.gguf"}[fmt]
+    return {"safetensors": out / "safetensors", "pth": out / "model.pth", "gguf": out / f"model-{gguf_type}.gguf"}[fmt]
 
 
 def estimate_bytes(source, fmt: str, gguf_type: str) -> int:
@@ -75,11 +73,13 @@ def check_free_disk(out: Path, needs: dict[str, int]) -> None:
     need = sum(needs.values())
     if free < need + DISK_MARGIN:
         parts = ", ".join(f"{fmt} {format_bytes(b)}" for fmt, b in needs.items())
-        raise OdysseyError(f"not enough free disk at {probe}: the export needs {format_bytes(need)} ({parts}), "
-                           f"{format_bytes(free)} is free; free some space or choose another --out")
+        raise OdysseyError(
+            f"not enough free disk at {probe}: the export needs {format_bytes(need)} ({parts}), "
+            f"{format_bytes(free)} is free; free some space or choose another --out"
+        )
 
 
-def open_source(model_dir: str | os.PathLike, adapter: Optional[str | os.PathLike]):
+def open_source(model_dir: str | os.PathLike, adapter: str | os.PathLike | None):
     """The store, or the store with the adapter merged on the fly (refused if made for another base)."""
     from odyssey.store import Store
 
@@ -121,9 +121,15 @@ def _write_one(source, fmt: str, path: Path, gguf_type: str, progress: bool) -> 
     return write_gguf(source, path, gguf_type, progress=progress)  # to a temporary name, then renamed
 
 
-def export_model(model_dir: str | os.PathLike, out: str | os.PathLike, formats: Union[str, Iterable[str]],
-                 gguf_type: str = "f16", adapter: Optional[str | os.PathLike] = None, force: bool = False,
-                 progress: bool = True) -> dict:
+def export_model(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    formats: str | Iterable[str],
+    gguf_type: str = "f16",
+    adapter: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Writes the requested formats of the store at `model_dir` (merged with `adapter` if given)
     under `out`. Returns {"out", "adapter", "seconds", "formats": [{"format", "path", "bytes",
     "seconds", "mb_s", "peak_anon_bytes"}]}; peak_anon_bytes is this process's RssAnon peak while
@@ -150,8 +156,19 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike, formats: 
         with PeakSampler(interval_s=0.02) as mem:
             size = _write_one(source, fmt, paths[fmt], gguf_type, progress)["bytes"]
         seconds = time.perf_counter() - t0
-        results.append({"format": fmt if fmt != "gguf" else f"gguf {gguf_type}", "path": str(paths[fmt]),
-                        "bytes": size, "seconds": seconds, "mb_s": size / 1e6 / max(seconds, 1e-9),
-                        "peak_anon_bytes": mem.peak_bytes})
-    return {"out": str(out), "adapter": str(adapter) if adapter else None, "formats": results,
-            "seconds": time.perf_counter() - t_all}
+        results.append(
+            {
+                "format": fmt if fmt != "gguf" else f"gguf {gguf_type}",
+                "path": str(paths[fmt]),
+                "bytes": size,
+                "seconds": seconds,
+                "mb_s": size / 1e6 / max(seconds, 1e-9),
+                "peak_anon_bytes": mem.peak_bytes,
+            }
+        )
+    return {
+        "out": str(out),
+        "adapter": str(adapter) if adapter else None,
+        "formats": results,
+        "seconds": time.perf_counter() - t_all,
+    }

@@ -26,7 +26,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -61,8 +60,10 @@ OTHER_NAMES = {
 }
 
 # Pre-tokenizer regexes (as HF tokenizer.json writes them) whose llama.cpp name we know.
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _types():
@@ -160,9 +161,16 @@ def tensor_type(gguf_type: str, shape: tuple[int, ...]):
 
 def plan_tensors(cfg: ModelConfig, units, gguf_type: str) -> list[tuple[object, list[TensorPlan]]]:
     """[(unit, [TensorPlan in write order])] for the units a source lists, in that order."""
-    return [(unit, [TensorPlan(n, gguf_name(n), tuple(s), tensor_type(gguf_type, tuple(s)))
-                    for n, s in unit_shapes(cfg, unit).items()])
-            for unit in units]
+    return [
+        (
+            unit,
+            [
+                TensorPlan(n, gguf_name(n), tuple(s), tensor_type(gguf_type, tuple(s)))
+                for n, s in unit_shapes(cfg, unit).items()
+            ],
+        )
+        for unit in units
+    ]
 
 
 def encode(t, plan: TensorPlan) -> np.ndarray:
@@ -178,7 +186,7 @@ def encode(t, plan: TensorPlan) -> np.ndarray:
     out = np.empty(plan.stored_shape, dtype=np.uint8)  # (rows, cols / 32 * 34) bytes
     step = max(1, Q8_CHUNK_ELEMENTS // t.shape[1])  # rows per call: bounds gguf.quants' f32 temporaries
     for r0 in range(0, t.shape[0], step):
-        out[r0:r0 + step] = gguf.quants.quantize(t[r0:r0 + step].to(torch.float32).numpy(), Q.Q8_0)
+        out[r0 : r0 + step] = gguf.quants.quantize(t[r0 : r0 + step].to(torch.float32).numpy(), Q.Q8_0)
     return out
 
 
@@ -203,9 +211,9 @@ class GGUFVocab:
     types: list[int]  # gguf.TokenType: NORMAL, CONTROL (special), USER_DEFINED, UNUSED (padding)
     merges: list[str]  # "a b", in rank order
     pre: str  # llama.cpp pre-tokenizer name
-    bos_id: Optional[int]
-    eos_id: Optional[int]
-    unk_id: Optional[int]
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
     add_bos: bool
 
 
@@ -213,15 +221,19 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OdysseyError(f"{path} cannot be read as JSON ({e}); write the tokenizer again with "
-                           f"`odyssey prepare-data ... --model STORE --force`") from None
+        raise OdysseyError(
+            f"{path} cannot be read as JSON ({e}); write the tokenizer again with "
+            f"`odyssey prepare-data ... --model STORE --force`"
+        ) from None
     if not isinstance(data, dict):
-        raise OdysseyError(f"{path} is not a tokenizer.json object; write the tokenizer again with "
-                           f"`odyssey prepare-data ... --model STORE --force`")
+        raise OdysseyError(
+            f"{path} is not a tokenizer.json object; write the tokenizer again with "
+            f"`odyssey prepare-data ... --model STORE --force`"
+        )
     return data
 
 
-def pre_tokenizer_name(pre: Optional[dict]) -> Optional[str]:
+def pre_tokenizer_name(pre: dict | None) -> str | None:
     """llama.cpp's name for a byte-level pre-tokenizer: "gpt-2" for a plain ByteLevel with its
     regex (what Odyssey trains), "llama-bpe" for Llama 3's split; "default" for another
     byte-level split; None when the tokenizer is not byte-level."""
@@ -239,7 +251,7 @@ def pre_tokenizer_name(pre: Optional[dict]) -> Optional[str]:
     return "default"
 
 
-def _adds_bos(tok: dict, bos: Optional[str]) -> bool:
+def _adds_bos(tok: dict, bos: str | None) -> bool:
     """True when the tokenizer's post-processor puts `bos` before a single sequence."""
     post = tok.get("post_processor") or {}
     procs = post.get("processors", []) if post.get("type") == "Sequence" else [post]
@@ -279,19 +291,25 @@ def read_vocab(tokenizer_path: Path, cfg: ModelConfig) -> GGUFVocab:
     model = tok.get("model") or {}
     pre = pre_tokenizer_name(tok.get("pre_tokenizer"))
     if model.get("type") != "BPE" or pre is None:
-        raise OdysseyError(f"{tokenizer_path} is not a byte-level BPE tokenizer (model {model.get('type')!r}); "
-                           f"GGUF export writes those only: {redo}")
+        raise OdysseyError(
+            f"{tokenizer_path} is not a byte-level BPE tokenizer (model {model.get('type')!r}); "
+            f"GGUF export writes those only: {redo}"
+        )
     by_id: dict[int, str] = {int(i): t for t, i in (model.get("vocab") or {}).items()}
     added = {int(a["id"]): a for a in tok.get("added_tokens") or []}
     by_id.update({i: a["content"] for i, a in added.items()})
     n_tok = max(by_id, default=-1) + 1
     if n_tok > cfg.vocab_size:
-        raise OdysseyError(f"{tokenizer_path} has {n_tok} tokens, the model only {cfg.vocab_size} embedding rows; "
-                           f"use the tokenizer the model was made for: {redo}")
+        raise OdysseyError(
+            f"{tokenizer_path} has {n_tok} tokens, the model only {cfg.vocab_size} embedding rows; "
+            f"use the tokenizer the model was made for: {redo}"
+        )
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if not merges:
-        raise OdysseyError(f"{tokenizer_path} has no BPE merges (llama.cpp refuses a byte-level vocabulary "
-                           f"without them); train one with a --vocab-size above 259: {redo}")
+        raise OdysseyError(
+            f"{tokenizer_path} has no BPE merges (llama.cpp refuses a byte-level vocabulary "
+            f"without them); train one with a --vocab-size above 259: {redo}"
+        )
     T = gguf.TokenType
     tokens, types = [], []
     for i in range(cfg.vocab_size):
@@ -306,8 +324,16 @@ def read_vocab(tokenizer_path: Path, cfg: ModelConfig) -> GGUFVocab:
     ids = {t: i for i, t in by_id.items()}
     bos = ids.get(names["bos"], cfg.bos_token_id)
     eos = ids.get(names["eos"], cfg.eos_token_id)
-    return GGUFVocab(tokens=tokens, types=[int(t) for t in types], merges=merges, pre=pre, bos_id=bos,
-                     eos_id=eos, unk_id=ids.get(names["unk"]), add_bos=_adds_bos(tok, names["bos"]))
+    return GGUFVocab(
+        tokens=tokens,
+        types=[int(t) for t in types],
+        merges=merges,
+        pre=pre,
+        bos_id=bos,
+        eos_id=eos,
+        unk_id=ids.get(names["unk"]),
+        add_bos=_adds_bos(tok, names["bos"]),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,8 +367,11 @@ def add_vocab(writer, vocab: GGUFVocab) -> None:
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
-    for add, value in ((writer.add_bos_token_id, vocab.bos_id), (writer.add_eos_token_id, vocab.eos_id),
-                       (writer.add_unk_token_id, vocab.unk_id)):
+    for add, value in (
+        (writer.add_bos_token_id, vocab.bos_id),
+        (writer.add_eos_token_id, vocab.eos_id),
+        (writer.add_unk_token_id, vocab.unk_id),
+    ):
         if value is not None:
             add(value)
     writer.add_add_bos_token(vocab.add_bos)
@@ -382,8 +411,10 @@ def gguf_bytes(source, gguf_type: str) -> int:
 def _tokenizer_of(source) -> Path:
     path = source.tokenizer_path()
     if path is None:
-        raise OdysseyError(f"{source.root} has no tokenizer.json, which GGUF needs; place one in the store with "
-                           f"`odyssey prepare-data CORPUS --out DATA --model {source.root}`")
+        raise OdysseyError(
+            f"{source.root} has no tokenizer.json, which GGUF needs; place one in the store with "
+            f"`odyssey prepare-data CORPUS --out DATA --model {source.root}`"
+        )
     return Path(path)
 
 
@@ -391,8 +422,10 @@ def _check_disk(path: Path, need: int) -> None:
     probe = atomic.existing_parent(path.parent)
     free = shutil.disk_usage(probe).free
     if free < need + DISK_MARGIN:
-        raise OdysseyError(f"not enough free disk at {probe}: the GGUF file needs about {format_bytes(need)}, "
-                           f"{format_bytes(free)} is free; free some space or choose another --out")
+        raise OdysseyError(
+            f"not enough free disk at {probe}: the GGUF file needs about {format_bytes(need)}, "
+            f"{format_bytes(free)} is free; free some space or choose another --out"
+        )
 
 
 def write_gguf(source, path, gguf_type: str = "f16", progress: bool = True) -> dict:
@@ -410,16 +443,19 @@ def write_gguf(source, path, gguf_type: str = "f16", progress: bool = True) -> d
     vocab, plan, need = _plan_file(source, gguf_type)
     _check_disk(path, need)
     if vocab.pre == "default":
-        print(f"warning: the pre-tokenizer of {source.tokenizer_path()} is not one llama.cpp knows by name; "
-              f"it will split text by its default rules, so its tokens may differ from this tokenizer's")
+        print(
+            f"warning: the pre-tokenizer of {source.tokenizer_path()} is not one llama.cpp knows by name; "
+            f"it will split text by its default rules, so its tokens may differ from this tokenizer's"
+        )
 
     writer = gguf.GGUFWriter(None, ARCH)
     add_model_metadata(writer, cfg, gguf_type, Path(source.root).name)
     add_vocab(writer, vocab)
     for _, plans in plan:
         for p in plans:  # raw bytes (bf16, q8_0) need their type; f32/f16 follow the numpy dtype
-            writer.add_tensor_info(p.name, p.stored_shape, p.np_dtype, p.nbytes,
-                                   raw_dtype=p.qtype if p.np_dtype == np.uint8 else None)
+            writer.add_tensor_info(
+                p.name, p.stored_shape, p.np_dtype, p.nbytes, raw_dtype=p.qtype if p.np_dtype == np.uint8 else None
+            )
     total = sum(p.nbytes for _, plans in plan for p in plans)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"gguf {gguf_type}", disable=not progress)
     try:
@@ -436,8 +472,14 @@ def write_gguf(source, path, gguf_type: str = "f16", progress: bool = True) -> d
     drop_cache(path)  # written once, read later by another program: keep RAM for work
     seconds = time.perf_counter() - t0
     size = path.stat().st_size
-    return {"path": str(path), "gguf_type": gguf_type, "bytes": size,
-            "tensors": sum(len(p) for _, p in plan), "seconds": seconds, "mb_s": size / 1e6 / max(seconds, 1e-9)}
+    return {
+        "path": str(path),
+        "gguf_type": gguf_type,
+        "bytes": size,
+        "tensors": sum(len(p) for _, p in plan),
+        "seconds": seconds,
+        "mb_s": size / 1e6 / max(seconds, 1e-9),
+    }
 
 
 def _write_unit(writer, source, cfg: ModelConfig, unit, plans: list[TensorPlan], bar) -> None:
@@ -447,8 +489,10 @@ def _write_unit(writer, source, cfg: ModelConfig, unit, plans: list[TensorPlan],
         t = tensors.pop(p.hf_name, None)  # dropped after its conversion: one unit + one output at a time
         if t is None or tuple(t.shape) != p.shape:
             got = "is missing" if t is None else f"has shape {list(t.shape)}"
-            raise OdysseyError(f"{p.hf_name} {got}, the model config implies {list(p.shape)}; "
-                               f"check the store with `odyssey verify {source.root}`")
+            raise OdysseyError(
+                f"{p.hf_name} {got}, the model config implies {list(p.shape)}; "
+                f"check the store with `odyssey verify {source.root}`"
+            )
         data = encode(_prepare(p.hf_name, t, cfg), p)
         del t
         writer.write_tensor_data(data)

@@ -51,8 +51,10 @@ class _TensorRef:
     def __reduce_ex__(self, protocol):
         import torch
 
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, self.shape, contiguous_stride(self.shape), False, collections.OrderedDict()))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (self.storage, 0, self.shape, contiguous_stride(self.shape), False, collections.OrderedDict()),
+        )
 
 
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -80,8 +82,9 @@ class _Pickler(pickle.Pickler):
 def state_dict_pickle(entries: list[tuple[str, object, tuple[int, ...]]]) -> bytes:
     """[(name, torch dtype, shape)] -> the `data.pkl` torch.save writes for {name: tensor}, the
     i-th tensor in storage `data/i`."""
-    refs = {name: _TensorRef(_StorageRef(str(i), dt, numel(shape)), shape)
-            for i, (name, dt, shape) in enumerate(entries)}
+    refs = {
+        name: _TensorRef(_StorageRef(str(i), dt, numel(shape)), shape) for i, (name, dt, shape) in enumerate(entries)
+    }
     buf = io.BytesIO()
     _Pickler(buf, protocol=PICKLE_PROTOCOL).dump(refs)
     return buf.getvalue()
@@ -90,7 +93,9 @@ def state_dict_pickle(entries: list[tuple[str, object, tuple[int, ...]]]) -> byt
 def estimate_bytes(source) -> int:
     per = DTYPES[source.dtype].itemsize
     shapes = source.config.all_shapes()
-    return sum(numel(s) * per for s in shapes.values()) + ZIP_OVERHEAD * (len(shapes) + 8) + 64 * len(shapes) + (1 << 20)
+    return (
+        sum(numel(s) * per for s in shapes.values()) + ZIP_OVERHEAD * (len(shapes) + 8) + 64 * len(shapes) + (1 << 20)
+    )
 
 
 def write_pth(source, path: str | os.PathLike, progress: bool = True) -> dict:
@@ -117,8 +122,12 @@ def write_pth(source, path: str | os.PathLike, progress: bool = True) -> dict:
             # file and abort the process. The temporary file is deleted by atomic_open then.
             zw.write_end_of_file()
             del zw
-    return {"path": str(path), "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0,
-            "tensors": len(entries)}
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "seconds": time.perf_counter() - t0,
+        "tensors": len(entries),
+    }
 
 
 def _storage_alignment() -> int:

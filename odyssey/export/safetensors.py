@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from odyssey import atomic
 from odyssey.dtypes import DTYPES, numel
@@ -77,8 +77,9 @@ def _write_shard(path: Path, source, units: list, on_bytes: Callable[[int], None
     return {name: path.name for name, _, _ in entries}
 
 
-def write_safetensors(source, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      progress: bool = True) -> dict:
+def write_safetensors(
+    source, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True
+) -> dict:
     """Writes the HF checkpoint directory `out_dir` from `source` (a Store or MergedSource).
     Returns {"path", "bytes", "seconds", "files"}."""
     from tqdm import tqdm
@@ -94,8 +95,7 @@ def write_safetensors(source, out_dir: str | os.PathLike, max_shard_bytes: int =
         for k, units in enumerate(groups):
             weight_map.update(_write_shard(tmp / shard_file_name(k, len(groups)), source, units, bar.update))
         if len(groups) > 1:
-            atomic.write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total},
-                                                 "weight_map": weight_map})
+            atomic.write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
         copy_tokenizer(Path(source.root), tmp)
         files = sorted(p.name for p in tmp.iterdir())
     size = sum((out_dir / f).stat().st_size for f in files)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import time
 import tkinter as tk
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 from odyssey.monitor.feed import layer_rows
 
@@ -30,8 +30,28 @@ GREY = "#9aa4ad"
 STALL = "#7a1f5c"  # consumer stall on top of a layer's read time
 
 PAD_L, PAD_R, PAD_T, PAD_B = 56, 12, 40, 22  # px around the plot area (title and legend above)
-TIME_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
-                43200, 86400, 172800, 604800)
+TIME_STEPS_S = (
+    1,
+    2,
+    5,
+    10,
+    15,
+    30,
+    60,
+    120,
+    300,
+    600,
+    900,
+    1800,
+    3600,
+    7200,
+    10800,
+    21600,
+    43200,
+    86400,
+    172800,
+    604800,
+)
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -84,7 +104,7 @@ class Line:
     color: str = BLUE
     width: int = 1
     label: str = ""
-    fill_to: Optional[float] = None
+    fill_to: float | None = None
     """Fill the area between the line and this y value (a budget, or the bottom)."""
     fill: str = ""
     dash: tuple = ()
@@ -108,17 +128,17 @@ class ChartData:
     empty_text: str = ""
     note: str = ""
     """Text at the top right (e.g. the current headroom)."""
-    y_floor: Optional[float] = None
+    y_floor: float | None = None
     """Include this y in the range (0 for MB/s)."""
 
 
 class Chart:
     """A titled line chart on its own Canvas. x_kind 'step' labels x as numbers, 'time' as clock."""
 
-    def __init__(self, parent, title: str, font, small_font, x_kind: str = "step", y_unit: str = "",
-                 height: int = 200):
-        self.canvas = tk.Canvas(parent, bg="white", highlightthickness=1, highlightbackground="#cfcfcf",
-                                height=height, width=300)
+    def __init__(self, parent, title: str, font, small_font, x_kind: str = "step", y_unit: str = "", height: int = 200):
+        self.canvas = tk.Canvas(
+            parent, bg="white", highlightthickness=1, highlightbackground="#cfcfcf", height=height, width=300
+        )
         self.title, self.font, self.small = title, font, small_font
         self.x_kind, self.y_unit = x_kind, y_unit
         self.data = ChartData()
@@ -146,8 +166,13 @@ class Chart:
         pts = [p for L in d.lines for seg in L.segments for p in seg]
         if not pts:
             c.create_rectangle(x0, y0, x1, y1, outline=GRID)
-            c.create_text((x0 + x1) / 2, (y0 + y1) / 2, text=d.empty_text or "no data yet / 데이터 없음",
-                          font=self.small, fill=AXIS)
+            c.create_text(
+                (x0 + x1) / 2,
+                (y0 + y1) / 2,
+                text=d.empty_text or "no data yet / 데이터 없음",
+                font=self.small,
+                fill=AXIS,
+            )
             return
         xs = [p[0] for p in pts]
         ys = [p[1] for p in pts] + [h.y for h in d.hlines]
@@ -173,7 +198,7 @@ class Chart:
             c.create_line(x0, y, x1, y, fill=GRID)
             c.create_text(x0 - 4, y, text=fmt_tick(v, ymax - ymin), anchor="e", font=self.small, fill=AXIS)
         n_x = max(2, int((x1 - x0) / 90))
-        for v in (time_ticks(xmin, xmax, n_x) if self.x_kind == "time" else nice_ticks(xmin, xmax, n_x)):
+        for v in time_ticks(xmin, xmax, n_x) if self.x_kind == "time" else nice_ticks(xmin, xmax, n_x):
             x = sx(v)
             c.create_line(x, y0, x, y1, fill=GRID)
             label = fmt_clock(v, xmax - xmin) if self.x_kind == "time" else fmt_tick(v, xmax - xmin)
@@ -213,8 +238,7 @@ class Chart:
                     coords = [v for x, y in seg for v in (sx(x), sy(y))]
                     c.create_line(coords, fill=L.color, width=L.width, dash=L.dash)
         # legend, in the row between the title and the plot
-        legend(c, x0, y0 - 10, [(L.color, L.label, L.width) for L in d.lines if L.label and L.color],
-               self.small)
+        legend(c, x0, y0 - 10, [(L.color, L.label, L.width) for L in d.lines if L.label and L.color], self.small)
 
 
 def legend(c: tk.Canvas, x: float, y: float, entries, font, box: bool = False) -> None:
@@ -238,8 +262,9 @@ class LayerStrip:
     served from a slot every time (the last layer in backward) is a grey stub."""
 
     def __init__(self, parent, title: str, font, small_font, height: int = 120):
-        self.canvas = tk.Canvas(parent, bg="white", highlightthickness=1, highlightbackground="#cfcfcf",
-                                height=height, width=300)
+        self.canvas = tk.Canvas(
+            parent, bg="white", highlightthickness=1, highlightbackground="#cfcfcf", height=height, width=300
+        )
         self.title, self.font, self.small = title, font, small_font
         self.layers: list[dict] = []
         self.step = None
@@ -269,9 +294,15 @@ class LayerStrip:
             c.create_text((x0 + x1) / 2, (y0 + y1) / 2, text=self.empty_text, font=self.small, fill=AXIS)
             return
         tmax = max(b["total_s"] for b in bars) or 1e-3
-        c.create_text(W - PAD_R, 5, anchor="ne", font=self.small, fill=INK,
-                      text=f"median {fmt_ms(bars[0]['median_s'])} · max {fmt_ms(tmax)} · "
-                           f"total {fmt_ms(sum(b['total_s'] for b in bars))}")
+        c.create_text(
+            W - PAD_R,
+            5,
+            anchor="ne",
+            font=self.small,
+            fill=INK,
+            text=f"median {fmt_ms(bars[0]['median_s'])} · max {fmt_ms(tmax)} · "
+            f"total {fmt_ms(sum(b['total_s'] for b in bars))}",
+        )
         for v in nice_ticks(0, tmax * 1000, 3):
             y = y1 - v / 1000 / tmax * (y1 - y0)
             if y < y0 - 1:
@@ -279,9 +310,20 @@ class LayerStrip:
             c.create_line(x0, y, x1, y, fill=GRID)
             c.create_text(x0 - 4, y, text=fmt_tick(v, tmax * 1000), anchor="e", font=self.small, fill=AXIS)
         c.create_text(x0 - 4, y0 - 2, text="ms", anchor="se", font=self.small, fill=AXIS)
-        legend(c, x0, y0 - 12, [(BLUE, "read / 읽기", 1), (STALL, "stall / 대기", 1),
-                                (ORANGE, "slow ≥2× / 느림", 1), (RED, "≥3×", 1),
-                                (GREY, "reused / 재사용", 1)], self.small, box=True)
+        legend(
+            c,
+            x0,
+            y0 - 12,
+            [
+                (BLUE, "read / 읽기", 1),
+                (STALL, "stall / 대기", 1),
+                (ORANGE, "slow ≥2× / 느림", 1),
+                (RED, "≥3×", 1),
+                (GREY, "reused / 재사용", 1),
+            ],
+            self.small,
+            box=True,
+        )
         n = len(bars)
         slot = (x1 - x0) / n
         gap = 1 if slot < 6 else 2
@@ -297,8 +339,14 @@ class LayerStrip:
             if b["stall_s"] > 0:
                 c.create_rectangle(bx0, ys, bx1, yr, fill=STALL, outline="")
             if i % label_every == 0 or b["slow"] or i == n - 1:
-                c.create_text((bx0 + bx1) / 2, y1 + 3, text=b["name"], anchor="n", font=self.small,
-                              fill=RED if b["slow"] else AXIS)
+                c.create_text(
+                    (bx0 + bx1) / 2,
+                    y1 + 3,
+                    text=b["name"],
+                    anchor="n",
+                    font=self.small,
+                    fill=RED if b["slow"] else AXIS,
+                )
         c.create_line(x0, y1, x1, y1, fill=AXIS)
 
 

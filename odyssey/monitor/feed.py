@@ -19,7 +19,8 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Optional
+from itertools import pairwise
+from typing import Any
 
 from odyssey.config import GuardSettings
 from odyssey.monitor.series import Series
@@ -56,7 +57,7 @@ def _finite(v: Any) -> bool:
     return (t is float and v - v == 0.0) or t is int
 
 
-def _num(v: Any) -> Optional[float]:
+def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
@@ -84,7 +85,7 @@ class BatchTail(MetricsTail):
 # formatting
 
 
-def fmt_duration(seconds: Optional[float]) -> str:
+def fmt_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "–"
     seconds = int(round(seconds))
@@ -106,7 +107,7 @@ def fmt_ago(seconds: float) -> str:
     return f"{int(seconds)} s"
 
 
-def fmt_num(v: Optional[float], digits: int = 0, unit: str = "") -> str:
+def fmt_num(v: float | None, digits: int = 0, unit: str = "") -> str:
     if v is None:
         return "–"
     if not math.isfinite(v):
@@ -115,7 +116,7 @@ def fmt_num(v: Optional[float], digits: int = 0, unit: str = "") -> str:
     return f"{text} {unit}" if unit else text
 
 
-def fmt_mb_s(v: Optional[float]) -> str:
+def fmt_mb_s(v: float | None) -> str:
     """A page-in rate, with one decimal below 10 MB/s."""
     return fmt_num(v, 1 if (v or 0) < 10 else 0, "MB/s")
 
@@ -129,8 +130,8 @@ class PendingRequest:
     id: int
     action: str
     t: float
-    acked_step: Optional[int] = None
-    superseded_by: Optional[str] = None
+    acked_step: int | None = None
+    superseded_by: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,14 +155,14 @@ class Feed:
         self.poll_bytes = poll_bytes
         self.version = 0  # bumps when the charts or the log change (value fields are read every tick)
         self._reset_state()
-        self.status: Optional[dict] = None
-        self.heartbeat: Optional[dict] = None
+        self.status: dict | None = None
+        self.heartbeat: dict | None = None
         self.limits = GuardSettings()
         """The guard's thresholds: GuardSettings' defaults, then RUN/config.yaml's guard section, then
         the running guard's own (its start event)."""
-        self.mode: Optional[str] = None  # "lora" (paged base) or "full" (nothing paged), from config.yaml
-        self._config_mtime: Optional[float] = None
-        self.pending: Optional[PendingRequest] = None
+        self.mode: str | None = None  # "lora" (paged base) or "full" (nothing paged), from config.yaml
+        self._config_mtime: float | None = None
+        self.pending: PendingRequest | None = None
         self.more_waiting = False
 
     def _reset_state(self) -> None:
@@ -170,7 +171,7 @@ class Feed:
         self.loss = Series()
         self.loss_ema = Series()
         self.val_loss = Series()
-        self._ema: Optional[float] = None
+        self._ema: float | None = None
         self.resume_steps: list[int] = []
         self._resume_pending = False  # the trainer's start event has resumed_from; the next step marks it
         # time series (x = unix s)
@@ -178,25 +179,25 @@ class Feed:
         self.anon = Series(gap=GAP_S)
         self.cgroup = Series(gap=GAP_S)
         self.temp = Series(gap=GAP_S)
-        self.budget_mib: Optional[float] = None
+        self.budget_mib: float | None = None
         # latest values
-        self.last_step: Optional[dict] = None
-        self.last_val: Optional[dict] = None
-        self.last_memory: Optional[dict] = None
-        self.last_guard: Optional[dict] = None
+        self.last_step: dict | None = None
+        self.last_val: dict | None = None
+        self.last_memory: dict | None = None
+        self.last_guard: dict | None = None
         self.layers: list[dict] = []
-        self.layers_step: Optional[int] = None
+        self.layers_step: int | None = None
         self._rss = (0.0, None)  # (t, anon MiB) latest from step or memory records
         self._step_times: deque = deque(maxlen=ETA_WINDOW)  # (t, step) of the current segment
         self.log: deque[LogEntry] = deque(maxlen=LOG_LINES)
         self._log_seq = 0
-        self.t_last: Optional[float] = None
+        self.t_last: float | None = None
         self.guard_started = False
         self._guard_limits: dict[str, float] = {}
         self._resets_seen = self.tail.resets
 
     # --- reading ---
-    def poll(self, max_bytes: Optional[int] = None) -> bool:
+    def poll(self, max_bytes: int | None = None) -> bool:
         """Read what was appended since the last call (up to `max_bytes`), status.json, guard.json
         and config.yaml. Returns True when the charts or the log changed (`version` moved; the value
         fields are cheap and refreshed every tick); `more_waiting` tells whether the metrics file
@@ -243,8 +244,11 @@ class Feed:
             self._ema = self.loss_ema.ys[-1] if len(self.loss_ema) else None
             self._step_times.clear()
             self.resume_steps = [s for s in self.resume_steps if s < step] + [step]
-            self._add_log(t, "info", f"run resumed at step {step} (after step {int(last[0])}; "
-                                     f"{dropped} step(s) will be redone) / 재개됨")
+            self._add_log(
+                t,
+                "info",
+                f"run resumed at step {step} (after step {int(last[0])}; {dropped} step(s) will be redone) / 재개됨",
+            )
         elif self._resume_pending and last is not None:  # resumed from the last step done
             self._step_times.clear()
             self.resume_steps.append(step)
@@ -265,7 +269,7 @@ class Feed:
             self._rss = (t, rss)
             mem_t = _num((self.last_memory or {}).get("t"))
             if mem_t is None or t - mem_t > 15.0:  # no guard samples (they come every <= 10 s):
-                self.anon.append(t, rss)           # plot the trainer's own reading
+                self.anon.append(t, rss)  # plot the trainer's own reading
         if _finite(r.get("budget_mib")):
             self.budget_mib = r["budget_mib"]
         self.last_step = r
@@ -317,8 +321,9 @@ class Feed:
             self._guard_limits = {k: float(r[k]) for k in _LIMIT_KEYS if _finite(r.get(k))}
             for k, v in self._guard_limits.items():
                 setattr(self.limits, k, v)
-        self._add_log(t, "guard" if level == "info" else level,
-                      f"guard {action}: {reason}" if reason else f"guard {action}")
+        self._add_log(
+            t, "guard" if level == "info" else level, f"guard {action}: {reason}" if reason else f"guard {action}"
+        )
 
     def _on_event(self, r: dict, t: float) -> None:
         level = r.get("level", "info")
@@ -445,14 +450,14 @@ class Feed:
             return {"pause", "checkpoint", "stop"}
         return set(ACTIONS)
 
-    def steps_total(self) -> Optional[int]:
+    def steps_total(self) -> int | None:
         for src in (self.last_step, self.status):
             v = (src or {}).get("steps_total")
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                 return v
         return None
 
-    def eta_s(self) -> Optional[float]:
+    def eta_s(self) -> float | None:
         """Remaining steps times the wall-clock time a step has taken over the last ETA_WINDOW
         steps of this process (evaluations and checkpoints included); a gap more than 5x the
         median (a pause, a laptop lid) counts as 5x the median."""
@@ -463,7 +468,7 @@ class Feed:
         if remaining <= 0:
             return 0.0
         times = list(self._step_times)
-        gaps = [(t2 - t1) / (s2 - s1) for (t1, s1), (t2, s2) in zip(times, times[1:]) if s2 > s1]
+        gaps = [(t2 - t1) / (s2 - s1) for (t1, s1), (t2, s2) in pairwise(times) if s2 > s1]
         if gaps:
             cap = 5 * sorted(gaps)[len(gaps) // 2]
             per_step = sum(min(g, cap) for g in gaps) / len(gaps)
@@ -473,10 +478,10 @@ class Feed:
             return None
         return remaining * per_step
 
-    def rss_mib(self) -> Optional[float]:
+    def rss_mib(self) -> float | None:
         return self._rss[1]
 
-    def headroom_mib(self) -> Optional[float]:
+    def headroom_mib(self) -> float | None:
         rss = self.rss_mib()
         if rss is None or self.budget_mib is None:
             return None
@@ -563,8 +568,9 @@ class Feed:
         parts = [f"{self.run.root}", f"state: {state}"]
         st = self.status or {}
         if st.get("pid") and self.trainer_gone():
-            parts.append(f"trainer pid {st['pid']} not running (resume with odyssey train --out "
-                         f"{self.run.root} --resume)")
+            parts.append(
+                f"trainer pid {st['pid']} not running (resume with odyssey train --out {self.run.root} --resume)"
+            )
         world = (self.last_step or {}).get("world_size")
         if isinstance(world, int) and world > 1:  # data-parallel: RAM and page-in are rank 0's
             parts.append(f"{world} ranks (RAM, page-in: rank 0)")
@@ -593,8 +599,15 @@ def layer_rows(layers: list[dict]) -> list[dict]:
         key = unit if isinstance(unit, (int, str)) else str(unit)
         row = rows.get(key)
         if row is None:
-            row = rows[key] = {"name": str(unit), "reads": 0, "reused": 0, "bytes": 0, "read_s": 0.0,
-                               "stall_s": 0.0, "mb_s": None}
+            row = rows[key] = {
+                "name": str(unit),
+                "reads": 0,
+                "reused": 0,
+                "bytes": 0,
+                "read_s": 0.0,
+                "stall_s": 0.0,
+                "mb_s": None,
+            }
         reused = L.get("reused")
         if reused is True or (reused is None and read_s == 0):  # served from a slot: no read
             row["reused"] += 1
@@ -628,8 +641,12 @@ def _find_section(data: Any, name: str, depth: int = 0) -> Any:
 
 
 _LIMIT_KEYS = ("soft_pct", "hard_pct", "max_temp_c", "resume_temp_c")
-_ENDING_TEXT = {"finished": "done / 완료", "stopped": "stopped / 중지됨", "failed": "failed / 실패",
-                "stopping": "stopping / 중지 중"}
+_ENDING_TEXT = {
+    "finished": "done / 완료",
+    "stopped": "stopped / 중지됨",
+    "failed": "failed / 실패",
+    "stopping": "stopping / 중지 중",
+}
 """The ETA field once the run has ended or is ending, whatever the trainer process is doing."""
 
 _HANDLERS = {

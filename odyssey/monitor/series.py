@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from typing import Optional
+from itertools import pairwise
 
 
-def downsample_minmax(xs, ys, max_points: int, lo: int = 0, hi: Optional[int] = None) -> list[tuple[float, float]]:
+def downsample_minmax(xs, ys, max_points: int, lo: int = 0, hi: int | None = None) -> list[tuple[float, float]]:
     """Points of xs[lo:hi], ys[lo:hi] (x sorted) reduced to at most about `max_points`: the range is
     cut into max_points/2 buckets of equal count and each keeps its minimum and its maximum, in x
     order, so spikes (a disk hiccup, a loss blow-up) survive at any zoom. The first and last points
@@ -20,7 +20,7 @@ def downsample_minmax(xs, ys, max_points: int, lo: int = 0, hi: Optional[int] = 
     if n <= 0:
         return []
     if n <= max(max_points, 4):
-        return list(zip(xs[lo:hi], ys[lo:hi]))
+        return list(zip(xs[lo:hi], ys[lo:hi], strict=True))
     buckets = max(1, (max_points - 2) // 2)
     out = [(xs[lo], ys[lo])]
     size = (n - 2) / buckets
@@ -47,7 +47,7 @@ def downsample_minmax(xs, ys, max_points: int, lo: int = 0, hi: Optional[int] = 
 class Series:
     """x-sorted samples in compact arrays, split into segments where the data has a gap."""
 
-    def __init__(self, gap: Optional[float] = None):
+    def __init__(self, gap: float | None = None):
         self.xs = array("d")
         self.ys = array("d")
         self.starts = [0]  # index where each segment begins
@@ -79,7 +79,7 @@ class Series:
             self.version += 1
         return dropped
 
-    def last(self) -> Optional[tuple[float, float]]:
+    def last(self) -> tuple[float, float] | None:
         return (self.xs[-1], self.ys[-1]) if self.xs else None
 
     def segments(self, max_points: int) -> list[list[tuple[float, float]]]:
@@ -90,7 +90,7 @@ class Series:
         n = len(self.xs)
         bounds = self.starts + [n]
         segs = []
-        for lo, hi in zip(bounds, bounds[1:]):
+        for lo, hi in pairwise(bounds):
             if hi > lo:
                 share = max(4, int(max_points * (hi - lo) / n))
                 segs.append(downsample_minmax(self.xs, self.ys, share, lo, hi))

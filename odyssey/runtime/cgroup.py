@@ -115,8 +115,14 @@ def _pick_parent() -> tuple[Hierarchy | None, Path | None, str]:
     for parent in candidates:
         if parent is not None and _parent_ok(h, parent):
             return h, parent, ""
-    return h, None, (f"no write access to the memory cgroups under {h.root} (cgroup v{h.version}); "
-                     "run as root or in a delegated cgroup")
+    return (
+        h,
+        None,
+        (
+            f"no write access to the memory cgroups under {h.root} (cgroup v{h.version}); "
+            "run as root or in a delegated cgroup"
+        ),
+    )
 
 
 def available() -> tuple[bool, str]:
@@ -194,8 +200,9 @@ class MemoryCgroup:
             cg.set_limit(limit_bytes)
         except OSError as e:
             cg.remove()
-            raise CgroupUnavailable(f"memory cgroup unavailable: cannot set the limit of {path}: "
-                                    f"{e.strerror}") from None
+            raise CgroupUnavailable(
+                f"memory cgroup unavailable: cannot set the limit of {path}: {e.strerror}"
+            ) from None
         return cg
 
     def set_limit(self, limit_bytes: int) -> None:
@@ -308,8 +315,9 @@ class CgroupRun(NamedTuple):
     oom_killed: bool
 
 
-def run_in_cgroup(cmd: Sequence[str], limit_bytes: int, *, name: str | None = None,
-                  timeout: float | None = None, **popen_kwargs) -> CgroupRun:
+def run_in_cgroup(
+    cmd: Sequence[str], limit_bytes: int, *, name: str | None = None, timeout: float | None = None, **popen_kwargs
+) -> CgroupRun:
     """Run `cmd` from its first instruction inside a fresh memory cgroup capped at `limit_bytes`;
     returns (returncode, peak_bytes, oom_killed). Extra keyword arguments go to subprocess.Popen
     (cwd, env, stdout...). Raises CgroupUnavailable without the rights, subprocess.TimeoutExpired

@@ -35,8 +35,14 @@ class Controller:
     Requests already in control.json when the Controller is made are old (a previous run, or the
     stop that ended it) and are not returned, unless `handle_existing=True`."""
 
-    def __init__(self, run: RunDir | str | os.PathLike, settings: GuardSettings | None = None, *,
-                 guard: subprocess.Popen | None = None, handle_existing: bool = False):
+    def __init__(
+        self,
+        run: RunDir | str | os.PathLike,
+        settings: GuardSettings | None = None,
+        *,
+        guard: subprocess.Popen | None = None,
+        handle_existing: bool = False,
+    ):
         self.run = run if isinstance(run, RunDir) else RunDir(run)
         self.settings = settings or GuardSettings()
         self.guard = guard
@@ -77,8 +83,12 @@ class Controller:
             return None
         self.last_id = request["id"]
         if request.get("action") not in ACTIONS:
-            self.run.append("event", level="warning", source="controller",
-                            message=f"ignored control request with unknown action {request.get('action')!r}")
+            self.run.append(
+                "event",
+                level="warning",
+                source="controller",
+                message=f"ignored control request with unknown action {request.get('action')!r}",
+            )
             return None
         return request
 
@@ -114,7 +124,7 @@ class Controller:
         return booting and self.heartbeat_age_s() > time.monotonic() - self._guard_since
 
     def check_guard(self) -> str:
-        """"continue" or "stop". On first noticing a lost guard, logs a warning event and returns
+        """ "continue" or "stop". On first noticing a lost guard, logs a warning event and returns
         settings.on_guard_lost from then on; a guard that comes back is logged too. At most one
         real check every 0.2 s, so calling it between layers costs nothing."""
         if not self.settings.enabled:
@@ -131,15 +141,21 @@ class Controller:
             seen = "never wrote a heartbeat" if age == float("inf") else f"last heartbeat {age:.1f} s ago"
             code = self.guard.returncode if self.guard is not None else None
             then = "stopping" if self._verdict == "stop" else "continuing without RAM and temperature watch"
-            self.run.append("event", level="warning", source="controller", action="guard_lost",
-                            message=f"guard process lost ({seen}"
-                                    f"{'' if code is None else f', exit status {code}'}); {then} "
-                                    f"(guard.on_guard_lost={self.settings.on_guard_lost})")
+            self.run.append(
+                "event",
+                level="warning",
+                source="controller",
+                action="guard_lost",
+                message=f"guard process lost ({seen}"
+                f"{'' if code is None else f', exit status {code}'}); {then} "
+                f"(guard.on_guard_lost={self.settings.on_guard_lost})",
+            )
         elif alive and self._guard_lost:
             self._guard_lost = False
             self._verdict = "continue"
-            self.run.append("event", level="info", source="controller", action="guard_back",
-                            message="guard heartbeat is back")
+            self.run.append(
+                "event", level="info", source="controller", action="guard_back", message="guard heartbeat is back"
+            )
         return self._verdict
 
 
@@ -147,14 +163,32 @@ class Controller:
 # launching the guard
 
 
-def guard_command(pid: int, run_dir: str | os.PathLike, budget_bytes: int, settings: GuardSettings,
-                  python: str = sys.executable) -> list[str]:
-    cmd = [python, "-m", "odyssey.runtime.guard", "--pid", str(pid), "--run", str(run_dir),
-           "--ram-budget", str(int(budget_bytes)), "--interval", repr(float(settings.interval_s)),
-           "--soft-pct", repr(float(settings.soft_pct)), "--hard-pct", repr(float(settings.hard_pct)),
-           "--min-available-mib", repr(float(settings.min_available_mib)),
-           "--max-temp-c", repr(float(settings.max_temp_c)),
-           "--resume-temp-c", repr(float(settings.resume_temp_c))]
+def guard_command(
+    pid: int, run_dir: str | os.PathLike, budget_bytes: int, settings: GuardSettings, python: str = sys.executable
+) -> list[str]:
+    cmd = [
+        python,
+        "-m",
+        "odyssey.runtime.guard",
+        "--pid",
+        str(pid),
+        "--run",
+        str(run_dir),
+        "--ram-budget",
+        str(int(budget_bytes)),
+        "--interval",
+        repr(float(settings.interval_s)),
+        "--soft-pct",
+        repr(float(settings.soft_pct)),
+        "--hard-pct",
+        repr(float(settings.hard_pct)),
+        "--min-available-mib",
+        repr(float(settings.min_available_mib)),
+        "--max-temp-c",
+        repr(float(settings.max_temp_c)),
+        "--resume-temp-c",
+        repr(float(settings.resume_temp_c)),
+    ]
     if settings.thermal_file:
         cmd += ["--thermal-file", str(settings.thermal_file)]
     if settings.enforce_cgroup:
@@ -162,16 +196,22 @@ def guard_command(pid: int, run_dir: str | os.PathLike, budget_bytes: int, setti
     return cmd
 
 
-def start_guard(pid: int, run_dir: str | os.PathLike, budget_bytes: int, settings: GuardSettings,
-                python: str = sys.executable) -> subprocess.Popen:
+def start_guard(
+    pid: int, run_dir: str | os.PathLike, budget_bytes: int, settings: GuardSettings, python: str = sys.executable
+) -> subprocess.Popen:
     """Launch `python -m odyssey.runtime.guard` watching `pid`. The guard gets its own session, so a Ctrl+C
     meant for the trainer does not end it; it exits by itself when `pid` is gone."""
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[2])  # importable even when not installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(guard_command(pid, run_dir, budget_bytes, settings, python), env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        guard_command(pid, run_dir, budget_bytes, settings, python),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def stop_guard(popen: subprocess.Popen | None, timeout_s: float = 3.0) -> int | None:

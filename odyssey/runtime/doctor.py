@@ -94,8 +94,13 @@ def memory_fact() -> Fact:
 
     vm = psutil.virtual_memory()
     usable = vm.available
-    data = {"total_bytes": vm.total, "available_bytes": vm.available, "swap_total_bytes": psutil.swap_memory().total,
-            "cgroup_limit_bytes": None, "cgroup_usage_bytes": None}
+    data = {
+        "total_bytes": vm.total,
+        "available_bytes": vm.available,
+        "swap_total_bytes": psutil.swap_memory().total,
+        "cgroup_limit_bytes": None,
+        "cgroup_usage_bytes": None,
+    }
     summary = f"{format_bytes(vm.total)} total, {format_bytes(vm.available)} available"
     cg = cgroup_usage_bytes(os.getpid())
     if cg is not None and cg[1] is not None:
@@ -107,13 +112,24 @@ def memory_fact() -> Fact:
         summary += "; no cgroup limit on this process"
     data["usable_bytes"] = usable
     if usable >= DEMO_BUDGET_BYTES:
-        return Fact("memory", "memory", True, summary,
-                    f"room for the demo's {DEMO_BUDGET_GIB} budget; `odyssey plan` shows what a run needs",
-                    data)
+        return Fact(
+            "memory",
+            "memory",
+            True,
+            summary,
+            f"room for the demo's {DEMO_BUDGET_GIB} budget; `odyssey plan` shows what a run needs",
+            data,
+        )
     suggest_mib = int(usable * 0.8) >> 20  # leave a fifth for the OS, the guard and the page cache
-    return Fact("memory", "memory", False, summary,
-                f"less than the demo's {DEMO_BUDGET_GIB} budget is free: try --ram-budget "
-                f"{suggest_mib}MiB and a shorter --seq-len (`odyssey plan` says what fits)", data)
+    return Fact(
+        "memory",
+        "memory",
+        False,
+        summary,
+        f"less than the demo's {DEMO_BUDGET_GIB} budget is free: try --ram-budget "
+        f"{suggest_mib}MiB and a shorter --seq-len (`odyssey plan` says what fits)",
+        data,
+    )
 
 
 def resolve_models_dir(models_dir: str | None) -> tuple[Path, Path]:
@@ -153,18 +169,40 @@ def disk_fact(asked: Path, probe: Path) -> Fact:
     fstype, mount = filesystem(probe.resolve())
     summary = f"{du.free / 1e9:,.1f} GB free of {du.total / 1e9:,.1f} GB at {where}"
     summary += f", {fstype} on {mount}" if fstype else ""
-    data = {"path": str(probe), "free_bytes": du.free, "total_bytes": du.total, "filesystem": fstype,
-            "mount_point": mount}
+    data = {
+        "path": str(probe),
+        "free_bytes": du.free,
+        "total_bytes": du.total,
+        "filesystem": fstype,
+        "mount_point": mount,
+    }
     if fstype in RAM_FILESYSTEMS:
-        return Fact("disk", "disk", False, summary,
-                    f"{fstype} lives in RAM: models there take RAM from the budget; pass --models-dir on a disk", data)
+        return Fact(
+            "disk",
+            "disk",
+            False,
+            summary,
+            f"{fstype} lives in RAM: models there take RAM from the budget; pass --models-dir on a disk",
+            data,
+        )
     if du.free >= DISK_OK_BYTES:
-        return Fact("disk", "disk", True, summary,
-                    f"room for the 1.2B model ({MODEL_1P2B_BYTES / 1e9:.2f} GB bf16), a merged copy and its exports",
-                    data)
-    return Fact("disk", "disk", False, summary,
-                f"the demo keeps ~{DISK_OK_BYTES / 1e9:.0f} GB (1.2B base, merged, three exports); free some "
-                "space, pass --models-dir on a larger disk, or use `DEMO=nano make demo`", data)
+        return Fact(
+            "disk",
+            "disk",
+            True,
+            summary,
+            f"room for the 1.2B model ({MODEL_1P2B_BYTES / 1e9:.2f} GB bf16), a merged copy and its exports",
+            data,
+        )
+    return Fact(
+        "disk",
+        "disk",
+        False,
+        summary,
+        f"the demo keeps ~{DISK_OK_BYTES / 1e9:.0f} GB (1.2B base, merged, three exports); free some "
+        "space, pass --models-dir on a larger disk, or use `DEMO=nano make demo`",
+        data,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +219,7 @@ def cold_read(directory: Path, size_bytes: int = READ_TEST_BYTES) -> dict:
     try:
         written, t0 = 0, time.perf_counter()
         while written < size_bytes and (written == 0 or time.perf_counter() - t0 < WRITE_LIMIT_S):
-            view = memoryview(block)[:min(CHUNK_BYTES, size_bytes - written)]
+            view = memoryview(block)[: min(CHUNK_BYTES, size_bytes - written)]
             while view:
                 n = os.write(fd, view)
                 view, written = view[n:], written + n
@@ -203,10 +241,15 @@ def cold_read(directory: Path, size_bytes: int = READ_TEST_BYTES) -> dict:
     finally:
         os.close(fd)
         os.unlink(name)
-    return {"bytes_written": written, "write_s": round(write_s, 3),
-            "write_mb_s": round(written / 1e6 / max(write_s, 1e-9), 1), "bytes_read": done,
-            "read_s": round(read_s, 3), "read_mb_s": round(done / 1e6 / max(read_s, 1e-9), 1),
-            "cache_dropped": dropped}
+    return {
+        "bytes_written": written,
+        "write_s": round(write_s, 3),
+        "write_mb_s": round(written / 1e6 / max(write_s, 1e-9), 1),
+        "bytes_read": done,
+        "read_s": round(read_s, 3),
+        "read_mb_s": round(done / 1e6 / max(read_s, 1e-9), 1),
+        "cache_dropped": dropped,
+    }
 
 
 def cold_read_fact(probe: Path, size_bytes: int = READ_TEST_BYTES) -> Fact:
@@ -214,28 +257,53 @@ def cold_read_fact(probe: Path, size_bytes: int = READ_TEST_BYTES) -> Fact:
         return Fact("cold_read", "cold read", True, "skipped (--read-test-mib 0)")
     free = shutil.disk_usage(probe).free
     if free < 4 * size_bytes:  # never the test that fills a nearly full disk
-        return Fact("cold_read", "cold read", False,
-                    f"skipped: only {free / 1e6:,.0f} MB free at {probe}", "free some space and run doctor again",
-                    {"skipped": True})
+        return Fact(
+            "cold_read",
+            "cold read",
+            False,
+            f"skipped: only {free / 1e6:,.0f} MB free at {probe}",
+            "free some space and run doctor again",
+            {"skipped": True},
+        )
     try:
         r = cold_read(probe, size_bytes)
     except OSError as e:
-        return Fact("cold_read", "cold read", False, f"the test file in {probe} failed: {e.strerror or e}",
-                    "Odyssey writes its models there: check the permissions and free space", {"error": str(e)})
+        return Fact(
+            "cold_read",
+            "cold read",
+            False,
+            f"the test file in {probe} failed: {e.strerror or e}",
+            "Odyssey writes its models there: check the permissions and free space",
+            {"error": str(e)},
+        )
     mb_s = r["read_mb_s"]
     pass_s = MODEL_1P2B_BYTES / 1e6 / max(mb_s, 1e-9)
-    summary = (f"{mb_s:,.0f} MB/s reading {r['bytes_read'] / (1 << 20):,.0f} MiB cold "
-               f"(written at {r['write_mb_s']:,.0f} MB/s with fsync)")
+    summary = (
+        f"{mb_s:,.0f} MB/s reading {r['bytes_read'] / (1 << 20):,.0f} MiB cold "
+        f"(written at {r['write_mb_s']:,.0f} MB/s with fsync)"
+    )
     if not r["cache_dropped"]:
-        return Fact("cold_read", "cold read", False, summary + "; the page cache could not be dropped",
-                    "the figure may be the cache's, not the disk's", r)
+        return Fact(
+            "cold_read",
+            "cold read",
+            False,
+            summary + "; the page cache could not be dropped",
+            "the figure may be the cache's, not the disk's",
+            r,
+        )
     if filesystem(probe.resolve())[0] in RAM_FILESYSTEMS:
         return Fact("cold_read", "cold read", False, summary, "a copy from RAM (see disk), not a disk read", r)
     paging = f"paging in the 1.2B model ({MODEL_1P2B_BYTES / 1e9:.2f} GB, one pass) takes ~{pass_s:.1f} s at this speed"
     if mb_s >= COLD_OK_MB_S:
         return Fact("cold_read", "cold read", True, summary, paging, r)
-    return Fact("cold_read", "cold read", False, summary,
-                paging + "; training will wait on the disk (a faster disk or --models-dir on an SSD helps)", r)
+    return Fact(
+        "cold_read",
+        "cold read",
+        False,
+        summary,
+        paging + "; training will wait on the disk (a faster disk or --models-dir on an SSD helps)",
+        r,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,14 +316,23 @@ def cpu_fact() -> Fact:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     x86 = platform.machine() in ("x86_64", "AMD64")
     if x86:
-        has = {"AVX2": "avx2" in flags, "AVX512": "avx512f" in flags,
-               "AVX512-BF16": "avx512_bf16" in flags, "AMX": "amx_bf16" in flags}
+        has = {
+            "AVX2": "avx2" in flags,
+            "AVX512": "avx512f" in flags,
+            "AVX512-BF16": "avx512_bf16" in flags,
+            "AMX": "amx_bf16" in flags,
+        }
     else:
         has = {"BF16": "bf16" in flags, "SVE": "sve" in flags}
     listed = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in has.items())
     summary = f"{name}, {cores} cores ({usable} usable by this process); {listed}"
-    data = {"model": name, "cores": cores, "usable_cores": usable, "machine": platform.machine(),
-            "flags": {k.lower().replace("-", "_"): v for k, v in has.items()}}
+    data = {
+        "model": name,
+        "cores": cores,
+        "usable_cores": usable,
+        "machine": platform.machine(),
+        "flags": {k.lower().replace("-", "_"): v for k, v in has.items()},
+    }
     if x86 and not has["AVX2"]:
         return Fact("cpu", "cpu", False, summary, "no AVX2: torch's matmuls run several times slower here", data)
     return Fact("cpu", "cpu", True, summary, "", data)
@@ -268,13 +345,31 @@ def compute_fact() -> Fact:
     name, source = compute_dtype_name("auto"), compute_dtype_source("auto")
     data = {"compute_dtype": name, "native_bf16": native_bf16(), "source": source}
     if source == "environment":
-        return Fact("compute", "compute", True, f"{name} (`--compute-dtype auto`, forced by {COMPUTE_ENV})",
-                    f"unset {COMPUTE_ENV} to let the CPU decide", data)
+        return Fact(
+            "compute",
+            "compute",
+            True,
+            f"{name} (`--compute-dtype auto`, forced by {COMPUTE_ENV})",
+            f"unset {COMPUTE_ENV} to let the CPU decide",
+            data,
+        )
     if name == "bf16":
-        return Fact("compute", "compute", True, "bf16 (`--compute-dtype auto`)",
-                    "this CPU multiplies bf16 natively: weights are used as stored", data)
-    return Fact("compute", "compute", True, "fp32 (`--compute-dtype auto`); weights stay bf16 on disk",
-                "no native bf16 here: emulated bf16 matmuls are several times slower than fp32", data)
+        return Fact(
+            "compute",
+            "compute",
+            True,
+            "bf16 (`--compute-dtype auto`)",
+            "this CPU multiplies bf16 natively: weights are used as stored",
+            data,
+        )
+    return Fact(
+        "compute",
+        "compute",
+        True,
+        "fp32 (`--compute-dtype auto`); weights stay bf16 on disk",
+        "no native bf16 here: emulated bf16 matmuls are several times slower than fp32",
+        data,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,10 +383,22 @@ def temperature_fact(thermal_file: str | None = None) -> Fact:
     temp_c = th.read()
     data = {"temp_c": None if temp_c is None else round(temp_c, 1), "source": th.source}
     if temp_c is not None:
-        return Fact("temperature", "temperature", True, f"{temp_c:.0f} C (from {th.source})",
-                    "the guard pauses training when the CPU runs hot", data)
-    return Fact("temperature", "temperature", False, f"unavailable (source: {th.source})",
-                "normal on VMs: the guard then cannot pause for heat (a sensor file: --thermal-file)", data)
+        return Fact(
+            "temperature",
+            "temperature",
+            True,
+            f"{temp_c:.0f} C (from {th.source})",
+            "the guard pauses training when the CPU runs hot",
+            data,
+        )
+    return Fact(
+        "temperature",
+        "temperature",
+        False,
+        f"unavailable (source: {th.source})",
+        "normal on VMs: the guard then cannot pause for heat (a sensor file: --thermal-file)",
+        data,
+    )
 
 
 def cgroup_fact() -> Fact:
@@ -299,11 +406,22 @@ def cgroup_fact() -> Fact:
 
     ok, why = cgroup.available()
     if ok:
-        return Fact("cgroups", "cgroups", True, f"memory cgroups can be made ({why})",
-                    "the guard can cap training at the budget (--enforce-cgroup)", {"available": True, "where": why})
-    return Fact("cgroups", "cgroups", False, f"memory cgroups cannot be made: {why}",
-                "the guard alone watches the budget (it asks the trainer to checkpoint and stop)",
-                {"available": False, "why": why})
+        return Fact(
+            "cgroups",
+            "cgroups",
+            True,
+            f"memory cgroups can be made ({why})",
+            "the guard can cap training at the budget (--enforce-cgroup)",
+            {"available": True, "where": why},
+        )
+    return Fact(
+        "cgroups",
+        "cgroups",
+        False,
+        f"memory cgroups cannot be made: {why}",
+        "the guard alone watches the budget (it asks the trainer to checkpoint and stop)",
+        {"available": False, "why": why},
+    )
 
 
 def allocator_fact() -> Fact:
@@ -313,14 +431,31 @@ def allocator_fact() -> Fact:
     off = os.environ.get("ODYSSEY_ALLOCATOR") == "system"
     data = {"jemalloc": lib, "disabled": off}
     if lib and not off:
-        return Fact("allocator", "allocator", True, f"jemalloc found at {lib}",
-                    "heavy commands preload it: freed tensor memory goes back to the OS", data)
+        return Fact(
+            "allocator",
+            "allocator",
+            True,
+            f"jemalloc found at {lib}",
+            "heavy commands preload it: freed tensor memory goes back to the OS",
+            data,
+        )
     if lib:
-        return Fact("allocator", "allocator", False, f"jemalloc found at {lib}, but ODYSSEY_ALLOCATOR=system",
-                    "glibc malloc keeps more (1.6 GB against 0.56 GB on a 1.2B step); unset ODYSSEY_ALLOCATOR", data)
-    return Fact("allocator", "allocator", False, "jemalloc not found; glibc malloc with 2 arenas",
-                "glibc keeps more freed memory (1.6 GB against 0.56 GB on a 1.2B step): "
-                "apt-get install libjemalloc2", data)
+        return Fact(
+            "allocator",
+            "allocator",
+            False,
+            f"jemalloc found at {lib}, but ODYSSEY_ALLOCATOR=system",
+            "glibc malloc keeps more (1.6 GB against 0.56 GB on a 1.2B step); unset ODYSSEY_ALLOCATOR",
+            data,
+        )
+    return Fact(
+        "allocator",
+        "allocator",
+        False,
+        "jemalloc not found; glibc malloc with 2 arenas",
+        "glibc keeps more freed memory (1.6 GB against 0.56 GB on a 1.2B step): apt-get install libjemalloc2",
+        data,
+    )
 
 
 def torch_fact() -> Fact:
@@ -330,8 +465,14 @@ def torch_fact() -> Fact:
     summary = f"torch {torch.__version__}, {threads} threads, " + (f"CUDA {cuda} build" if cuda else "CPU build")
     data = {"version": torch.__version__, "threads": threads, "cuda": cuda}
     if cuda:
-        return Fact("torch", "torch", False, summary,
-                    "Odyssey runs on the CPU: the CPU build (`make` installs it) is gigabytes smaller", data)
+        return Fact(
+            "torch",
+            "torch",
+            False,
+            summary,
+            "Odyssey runs on the CPU: the CPU build (`make` installs it) is gigabytes smaller",
+            data,
+        )
     return Fact("torch", "torch", True, summary, "", data)
 
 
@@ -342,19 +483,32 @@ def monitor_fact() -> Fact:
     has_tk = importlib.util.find_spec("tkinter") is not None  # found, not imported (no window here)
     data = {"display": os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"), "tkinter": has_tk}
     if not has_tk:
-        return Fact("monitor", "monitor", False, "tkinter is not installed",
-                    "`odyssey monitor` needs it: apt-get install python3-tk", data)
+        return Fact(
+            "monitor",
+            "monitor",
+            False,
+            "tkinter is not installed",
+            "`odyssey monitor` needs it: apt-get install python3-tk",
+            data,
+        )
     if problem:
-        return Fact("monitor", "monitor", False, "no display (DISPLAY is not set)",
-                    "run the monitor under Xvfb: `xvfb-run -a odyssey monitor RUN`, or use `ssh -X`", data)
+        return Fact(
+            "monitor",
+            "monitor",
+            False,
+            "no display (DISPLAY is not set)",
+            "run the monitor under Xvfb: `xvfb-run -a odyssey monitor RUN`, or use `ssh -X`",
+            data,
+        )
     return Fact("monitor", "monitor", True, f"a window can open on {data['display']}", "", data)
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def gather(models_dir: str | None = None, read_test_bytes: int = READ_TEST_BYTES,
-           thermal_file: str | None = None) -> Iterator[Fact]:
+def gather(
+    models_dir: str | None = None, read_test_bytes: int = READ_TEST_BYTES, thermal_file: str | None = None
+) -> Iterator[Fact]:
     """Every fact in order, each as soon as it is known (the cold read takes up to ~5 s, torch ~1 s)."""
     asked, probe = resolve_models_dir(models_dir)
     yield memory_fact()

@@ -46,8 +46,9 @@ def process_memory(pid: int | None = None) -> ProcessMemory:
 
         info = psutil.Process(pid).memory_info()
         return ProcessMemory(info.rss, 0, info.rss)
-    return ProcessMemory(fields["RssAnon"], fields.get("RssFile", 0) + fields.get("RssShmem", 0),
-                         fields.get("VmHWM", 0))
+    return ProcessMemory(
+        fields["RssAnon"], fields.get("RssFile", 0) + fields.get("RssShmem", 0), fields.get("VmHWM", 0)
+    )
 
 
 class ProcStat(NamedTuple):
@@ -70,7 +71,7 @@ def proc_stat(pid: int) -> ProcStat | None:
             raw = f.read()
     except OSError:
         return None
-    fields = raw[raw.rindex(b")") + 2:].split()  # fields[0] is field 3 of proc(5), "state"
+    fields = raw[raw.rindex(b")") + 2 :].split()  # fields[0] is field 3 of proc(5), "state"
     return ProcStat(fields[0].decode(), int(fields[19]), int(fields[11]) + int(fields[12]))
 
 
@@ -167,9 +168,9 @@ def cgroup_usage_bytes(pid: int) -> tuple[int, int | None] | None:
 class PeakSampler:
     """Samples this process's anonymous RSS on a thread every `interval_s`; `.peak_bytes` is the max.
 
-        with PeakSampler() as s:
-            work()
-        print(s.peak_bytes / MIB)
+    with PeakSampler() as s:
+        work()
+    print(s.peak_bytes / MIB)
     """
 
     def __init__(self, interval_s: float = 0.005, pid: int | None = None):

@@ -92,8 +92,9 @@ class RunDir:
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         req_id = time.time_ns()
-        atomic.write_json(self.control_path, {"id": req_id, "action": action, "source": source,
-                                              "reason": reason, "t": time.time()})
+        atomic.write_json(
+            self.control_path, {"id": req_id, "action": action, "source": source, "reason": reason, "t": time.time()}
+        )
         return req_id
 
     def read_control(self) -> dict | None:
@@ -113,8 +114,7 @@ class RunDir:
         # Atomic but not durable: a heartbeat written every 0.5 s for hours must not force two
         # fsyncs (journal commits) each time, competing with the pager's reads; after a crash a
         # lost heartbeat means "guard gone", which is the truth.
-        atomic.write_json(self.guard_path, {"t": time.time(), "pid": os.getpid(), **fields}, indent=None,
-                          durable=False)
+        atomic.write_json(self.guard_path, {"t": time.time(), "pid": os.getpid(), **fields}, indent=None, durable=False)
 
     def read_heartbeat(self) -> dict | None:
         return _read_json(self.guard_path)

@@ -78,8 +78,9 @@ class ShardInfo:
         return self.data_offset + self.data_bytes
 
 
-def build_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None,
-                 align: int = PAGE_SIZE) -> tuple[bytes, list[TensorSpan]]:
+def build_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None, align: int = PAGE_SIZE
+) -> tuple[bytes, list[TensorSpan]]:
     """[(name, st_dtype, shape)] -> (the 8-byte length + JSON header padded so that the data starts
     at a multiple of `align`, the spans in order)."""
     header: dict = {}
@@ -108,8 +109,9 @@ def read_header(path: Path) -> tuple[int, dict, dict]:
                 raise StoreError(f"{path}: truncated shard ({size} bytes); {repair_hint(path)}")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise StoreError(f"{path}: corrupt or truncated header (length {n}, file {size} bytes); "
-                                 f"{repair_hint(path)}")
+                raise StoreError(
+                    f"{path}: corrupt or truncated header (length {n}, file {size} bytes); {repair_hint(path)}"
+                )
             raw = f.read(n)
     except FileNotFoundError:
         raise StoreError(f"{path}: shard missing; {repair_hint(path)}") from None
@@ -131,15 +133,16 @@ def read_header(path: Path) -> tuple[int, dict, dict]:
         end = max(end, t)
     if 8 + n + end != size:
         what = "truncated" if 8 + n + end > size else "has trailing bytes"
-        raise StoreError(f"{path}: shard {what} ({size} bytes on disk, header says {8 + n + end}); "
-                         f"{repair_hint(path)}")
+        raise StoreError(f"{path}: shard {what} ({size} bytes on disk, header says {8 + n + end}); {repair_hint(path)}")
     return 8 + n, header, metadata
 
 
 def repair_hint(path: Path) -> str:
     """How to repair the store that holds the bad shard `path` (the end of every shard error)."""
-    return (f"re-run `odyssey init` with the same arguments (it rewrites bad shards) or re-import, "
-            f"then `odyssey verify {path.parent}`")
+    return (
+        f"re-run `odyssey init` with the same arguments (it rewrites bad shards) or re-import, "
+        f"then `odyssey verify {path.parent}`"
+    )
 
 
 def shard_info(path: Path, unit: Unit) -> ShardInfo:

@@ -20,8 +20,9 @@ from odyssey.tokenizer import copy_tokenizer
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM"}
 
 
-def import_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
-              force: bool = False, progress: bool = True) -> dict:
+def import_hf(
+    src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None, force: bool = False, progress: bool = True
+) -> dict:
     """Convert an HF Llama-family checkpoint (single or sharded safetensors) into a store, one
     layer at a time through memory maps (never the whole model in RAM)."""
     from safetensors import safe_open
@@ -30,13 +31,14 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None 
     src = Path(src)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
-        raise OdysseyError(f"{src} has no config.json; point `odyssey import` at a Hugging Face model "
-                           f"directory")
+        raise OdysseyError(f"{src} has no config.json; point `odyssey import` at a Hugging Face model directory")
     hf = json.loads(cfg_path.read_text())
     archs = hf.get("architectures") or []
     if not (set(archs) & SUPPORTED_ARCHS) and hf.get("model_type") not in ("llama", "mistral"):
-        raise OdysseyError(f"{src}: architecture {archs or hf.get('model_type')} is not supported; "
-                           f"Odyssey imports Llama-family checkpoints (LlamaForCausalLM)")
+        raise OdysseyError(
+            f"{src}: architecture {archs or hf.get('model_type')} is not supported; "
+            f"Odyssey imports Llama-family checkpoints (LlamaForCausalLM)"
+        )
     if hf.get("sliding_window") not in (None, 0) and hf.get("model_type") == "mistral":
         raise OdysseyError(f"{src}: sliding-window attention is not supported; use a Llama checkpoint")
     cfg = ModelConfig.from_hf_dict(hf, source=str(cfg_path))
@@ -50,23 +52,30 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None 
         with safe_open(src / "model.safetensors", "pt") as f:
             files = {name: src / "model.safetensors" for name in f.keys()}
     else:
-        raise OdysseyError(f"{src} has no model.safetensors or {INDEX_NAME}; save the model with "
-                           f"safe_serialization (safetensors) first")
+        raise OdysseyError(
+            f"{src} has no model.safetensors or {INDEX_NAME}; save the model with "
+            f"safe_serialization (safetensors) first"
+        )
     if cfg.tie_word_embeddings:
         files.pop("lm_head.weight", None)
     expected = cfg.all_shapes()
     missing = sorted(set(expected) - set(files))
     if missing:
-        raise OdysseyError(f"{src}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
-                           f"is it a complete Llama model?")
+        raise OdysseyError(
+            f"{src}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more); is it a complete Llama model?"
+        )
     # Keep the source dtype unless asked otherwise (f64 sources become f32).
     if not dtype:
         src_dtype = ST_CODES.get(_slice_dtype(files["model.embed_tokens.weight"], "model.embed_tokens.weight"))
         dtype = src_dtype.short if src_dtype is not None and src_dtype.short in STORE_DTYPES else "f32"
     check_store_dtype(dtype)
 
-    key = {"config": cfg.to_hf_dict(DTYPES[dtype].hf_name), "dtype": dtype, "kind": "import",
-           "source": str(src.absolute())}
+    key = {
+        "config": cfg.to_hf_dict(DTYPES[dtype].hf_name),
+        "dtype": dtype,
+        "kind": "import",
+        "source": str(src.absolute()),
+    }
     w = StoreWriter(Path(out), cfg, dtype, key, force)
     handles: dict[Path, object] = {}
 
@@ -76,8 +85,7 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None 
             handles[path] = safe_open(path, "pt")
         t = handles[path].get_tensor(name)  # zero-copy view of a private mmap
         if tuple(t.shape) != tuple(shape):
-            raise OdysseyError(f"{src}: {name} has shape {list(t.shape)}, its config.json implies "
-                               f"{list(shape)}")
+            raise OdysseyError(f"{src}: {name} has shape {list(t.shape)}, its config.json implies {list(shape)}")
         return t
 
     t0 = time.perf_counter()
@@ -92,9 +100,16 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None 
     w.finish()
     copied = copy_tokenizer(src, Path(out))
     seconds = time.perf_counter() - t0
-    return {"parameters": cfg.num_parameters(), "bytes": w.total_file_bytes(), "written_bytes": written,
-            "seconds": seconds, "mb_s": written / 1e6 / max(seconds, 1e-9), "out": str(out),
-            "dtype": dtype, "tokenizer_files": copied}
+    return {
+        "parameters": cfg.num_parameters(),
+        "bytes": w.total_file_bytes(),
+        "written_bytes": written,
+        "seconds": seconds,
+        "mb_s": written / 1e6 / max(seconds, 1e-9),
+        "out": str(out),
+        "dtype": dtype,
+        "tokenizer_files": copied,
+    }
 
 
 def _slice_dtype(path: Path, name: str) -> str:

@@ -38,8 +38,14 @@ def init_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int):
     return torch.randn(shape, generator=g).mul_(std)
 
 
-def init_store(cfg: ModelConfig, out: str | os.PathLike, dtype: str = "bf16", seed: int = 0,
-               force: bool = False, progress: bool = True) -> dict:
+def init_store(
+    cfg: ModelConfig,
+    out: str | os.PathLike,
+    dtype: str = "bf16",
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Create a store from scratch, streaming one tensor at a time. Returns a summary."""
     from tqdm import tqdm
 
@@ -60,6 +66,13 @@ def init_store(cfg: ModelConfig, out: str | os.PathLike, dtype: str = "bf16", se
     bar.close()
     w.finish()
     seconds = time.perf_counter() - t0
-    return {"parameters": cfg.num_parameters(), "bytes": w.total_file_bytes(), "written_bytes": written,
-            "kept_shards": kept, "seconds": seconds, "mb_s": written / 1e6 / max(seconds, 1e-9),
-            "out": str(out), "dtype": dtype}
+    return {
+        "parameters": cfg.num_parameters(),
+        "bytes": w.total_file_bytes(),
+        "written_bytes": written,
+        "kept_shards": kept,
+        "seconds": seconds,
+        "mb_s": written / 1e6 / max(seconds, 1e-9),
+        "out": str(out),
+        "dtype": dtype,
+    }

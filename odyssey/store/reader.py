@@ -46,31 +46,38 @@ class Store:
     def open(cls, root: str | os.PathLike) -> Store:
         root = Path(root)
         if not root.is_dir():
-            raise StoreError(f"model directory {root} not found; create one with `odyssey init` or "
-                             f"`odyssey import`")
+            raise StoreError(f"model directory {root} not found; create one with `odyssey init` or `odyssey import`")
         cfg_path, index_path = root / "config.json", root / INDEX_NAME
         if not cfg_path.is_file():
-            raise StoreError(f"{root} has no config.json: not a model store; create one with `odyssey init` "
-                             f"or `odyssey import`")
+            raise StoreError(
+                f"{root} has no config.json: not a model store; create one with `odyssey init` or `odyssey import`"
+            )
         if not index_path.is_file():
-            hint = ("an interrupted `odyssey init`: re-run it with the same arguments to finish"
-                    if (root / JOURNAL_NAME).exists() else
-                    "a Hugging Face checkpoint? convert it with `odyssey import`")
+            hint = (
+                "an interrupted `odyssey init`: re-run it with the same arguments to finish"
+                if (root / JOURNAL_NAME).exists()
+                else "a Hugging Face checkpoint? convert it with `odyssey import`"
+            )
             raise StoreError(f"{root} has no {INDEX_NAME}: {hint}")
         try:
             hf = json.loads(cfg_path.read_text())
             index = json.loads(index_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StoreError(f"{root}: config.json or the index is not valid JSON ({e.msg}); "
-                             f"re-create the store") from None
+            raise StoreError(
+                f"{root}: config.json or the index is not valid JSON ({e.msg}); re-create the store"
+            ) from None
         meta = (index.get("metadata") or {}).get("odyssey")
         if not isinstance(meta, dict):
-            raise StoreError(f"{root} is a Hugging Face checkpoint, not an Odyssey store; convert it with "
-                             f"`odyssey import {root} --out DIR`")
+            raise StoreError(
+                f"{root} is a Hugging Face checkpoint, not an Odyssey store; convert it with "
+                f"`odyssey import {root} --out DIR`"
+            )
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
-            raise StoreError(f"{root}: store format version {version!r} is not supported (this Odyssey reads "
-                             f"version {FORMAT_VERSION}); upgrade Odyssey or re-import the model")
+            raise StoreError(
+                f"{root}: store format version {version!r} is not supported (this Odyssey reads "
+                f"version {FORMAT_VERSION}); upgrade Odyssey or re-import the model"
+            )
         config = ModelConfig.from_hf_dict(hf, source=str(cfg_path))
         by_unit = {}
         for fname, info in meta["shards"].items():
@@ -140,8 +147,14 @@ class Store:
 
         problems = []
         files = self.meta["shards"]
-        bar = tqdm(total=sum(v["bytes"] for v in files.values()), unit="B", unit_scale=True,
-                   desc="verify", disable=not progress, leave=False)
+        bar = tqdm(
+            total=sum(v["bytes"] for v in files.values()),
+            unit="B",
+            unit_scale=True,
+            desc="verify",
+            disable=not progress,
+            leave=False,
+        )
         for fname, info in files.items():
             path = self.root / fname
             unit = info["unit"] if info["unit"] in ("embed", "head") else int(info["unit"])
@@ -151,8 +164,9 @@ class Store:
                     raise StoreError(f"{path}: {si.file_bytes} bytes, the index says {info['bytes']}")
                 digest = file_sha256(path)
                 if digest != info["sha256"]:
-                    raise StoreError(f"{path}: checksum mismatch ({unit_label(unit)}): the shard is corrupted; "
-                                     f"{repair_hint(path)}")
+                    raise StoreError(
+                        f"{path}: checksum mismatch ({unit_label(unit)}): the shard is corrupted; {repair_hint(path)}"
+                    )
             except StoreError as e:
                 problems.append(str(e))
             bar.update(info["bytes"])
@@ -165,12 +179,16 @@ def _check_shapes(cfg: ModelConfig, unit: Unit, info: ShardInfo) -> None:
     have = {n: s.shape for n, s in info.tensors.items()}
     if set(want) != set(have):
         missing = sorted(set(want) - set(have)) or sorted(set(have) - set(want))
-        raise StoreError(f"{info.path}: tensors do not match config.json ({unit_label(unit)}: "
-                         f"{missing[0]}); {repair_hint(info.path)}")
+        raise StoreError(
+            f"{info.path}: tensors do not match config.json ({unit_label(unit)}: "
+            f"{missing[0]}); {repair_hint(info.path)}"
+        )
     for name, shape in want.items():
         if tuple(shape) != tuple(have[name]):
-            raise StoreError(f"{info.path}: {name} has shape {list(have[name])}, config.json implies "
-                             f"{list(shape)}; {repair_hint(info.path)}")
+            raise StoreError(
+                f"{info.path}: {name} has shape {list(have[name])}, config.json implies "
+                f"{list(shape)}; {repair_hint(info.path)}"
+            )
 
 
 def describe(store: Store) -> str:

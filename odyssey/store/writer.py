@@ -44,22 +44,21 @@ class StoreWriter:
     store dtype (or any dtype, cast here), so peak memory is one tensor plus the write buffer.
     """
 
-    def __init__(self, root: Path, config: ModelConfig, dtype: str, journal_key: dict, force: bool,
-                 extra_bytes: int = 0):
+    def __init__(
+        self, root: Path, config: ModelConfig, dtype: str, journal_key: dict, force: bool, extra_bytes: int = 0
+    ):
         self.root, self.config, self.dtype = Path(root), config, dtype
         self.units = units_of(config)
         self.n = len(self.units)
         self.journal_key = journal_key
         self.journal: dict = {"key": journal_key, "done": {}}
         self._headers = {u: self._header(u) for u in self.units}  # (header bytes, spans) per unit
-        self.file_bytes = {u: len(h) + sum(s.nbytes for s in spans)
-                           for u, (h, spans) in self._headers.items()}
+        self.file_bytes = {u: len(h) + sum(s.nbytes for s in spans) for u, (h, spans) in self._headers.items()}
         self._prepare(force, extra_bytes)
 
     def _header(self, unit: Unit) -> tuple[bytes, list[TensorSpan]]:
         st = DTYPES[self.dtype].st
-        return build_header([(n, st, s) for n, s in unit_shapes(self.config, unit).items()],
-                            metadata=self._meta(unit))
+        return build_header([(n, st, s) for n, s in unit_shapes(self.config, unit).items()], metadata=self._meta(unit))
 
     # --- sizes ---
     def unit_file_bytes(self, unit: Unit) -> int:
@@ -89,22 +88,33 @@ class StoreWriter:
                 resumable = True
         if existing and not resumable:
             if not force:
-                raise OdysseyError(f"output directory {root} is not empty; choose an empty --out or pass "
-                                   f"--force to overwrite it")
+                raise OdysseyError(
+                    f"output directory {root} is not empty; choose an empty --out or pass --force to overwrite it"
+                )
             for p in existing:  # --force: remove what a store consists of, keep anything else
-                if p.name in ("config.json", INDEX_NAME, JOURNAL_NAME) or (
-                        p.name.startswith(("model-", ".model-")) and ".safetensors" in p.name
-                ) or p.name.endswith(".tmp"):
+                if (
+                    p.name in ("config.json", INDEX_NAME, JOURNAL_NAME)
+                    or (p.name.startswith(("model-", ".model-")) and ".safetensors" in p.name)
+                    or p.name.endswith(".tmp")
+                ):
                     p.unlink()
             self.journal = {"key": self.journal_key, "done": {}}
         # Free disk, checked before anything is written: what remains to write, plus a margin.
-        remaining = sum(self.unit_file_bytes(u) for u in self.units
-                        if shard_name(self.units.index(u), self.n) not in self.journal["done"]) + extra_bytes
+        remaining = (
+            sum(
+                self.unit_file_bytes(u)
+                for u in self.units
+                if shard_name(self.units.index(u), self.n) not in self.journal["done"]
+            )
+            + extra_bytes
+        )
         probe = root if root.is_dir() else atomic.existing_parent(root)
         free = shutil.disk_usage(probe).free
         if free < remaining + (64 << 20):
-            raise OdysseyError(f"not enough free disk at {probe}: the store needs {format_bytes(remaining)}, "
-                               f"{format_bytes(free)} is free; free some space or choose another --out")
+            raise OdysseyError(
+                f"not enough free disk at {probe}: the store needs {format_bytes(remaining)}, "
+                f"{format_bytes(free)} is free; free some space or choose another --out"
+            )
         root.mkdir(parents=True, exist_ok=True)
         atomic.write_json(root / "config.json", self.config.to_hf_dict(DTYPES[self.dtype].hf_name))
         atomic.write_json(journal_path, self.journal)
@@ -157,9 +167,17 @@ class StoreWriter:
             for name, shape in unit_shapes(self.config, unit).items():
                 weight_map[name] = fname
                 total += numel(shape) * DTYPES[self.dtype].itemsize
-        index = {"metadata": {"total_size": total,
-                              "odyssey": {"format_version": FORMAT_VERSION, "dtype": self.dtype,
-                                          "checksum": "sha256", "shards": shards}},
-                 "weight_map": weight_map}
+        index = {
+            "metadata": {
+                "total_size": total,
+                "odyssey": {
+                    "format_version": FORMAT_VERSION,
+                    "dtype": self.dtype,
+                    "checksum": "sha256",
+                    "shards": shards,
+                },
+            },
+            "weight_map": weight_map,
+        }
         atomic.write_json(self.root / INDEX_NAME, index)
         (self.root / JOURNAL_NAME).unlink(missing_ok=True)
