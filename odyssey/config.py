@@ -11,6 +11,7 @@ on the command line as `key=value` or `section.key=value` (the value is parsed a
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -97,6 +98,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .nan, .inf in YAML: never a meaningful setting
+                raise OdysseyError(f"{key} must be a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -239,6 +242,8 @@ class ModelConfig:
         ):
             if getattr(self, name) <= 0:
                 raise OdysseyError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise OdysseyError(f"head_dim must be > 0, got {self.head_dim}; or leave it out (hidden_size / heads)")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise OdysseyError(
@@ -257,8 +262,11 @@ class ModelConfig:
             raise OdysseyError(f"hidden_act must be silu (SwiGLU), got {self.hidden_act!r}")
         if self.attention_bias or self.mlp_bias:
             raise OdysseyError("attention_bias and mlp_bias must be false: Llama has no biases")
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-            raise OdysseyError("rms_norm_eps and rope_theta must be > 0")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise OdysseyError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.initializer_range < 0:
+            raise OdysseyError(f"initializer_range must be >= 0, got {self.initializer_range}")
 
     # --- derived sizes (parameters, not bytes) ---
     @property
@@ -466,6 +474,13 @@ class TrainConfig:
                 raise OdysseyError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise OdysseyError(f"lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise OdysseyError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise OdysseyError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dist_timeout_s <= 0:
+            raise OdysseyError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if self.mode not in ("lora", "full"):
             raise OdysseyError(f"mode must be lora or full, got {self.mode!r}")
         if self.compute_dtype not in ("auto", "bf16", "fp32"):

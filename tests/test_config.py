@@ -118,3 +118,46 @@ def test_parse_bytes(text, expected):
 def test_parse_bytes_rejects(text):
     with pytest.raises(OdysseyError, match="--ram-budget"):
         parse_bytes(text)
+
+
+MODEL_KEYS = dict(vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4)
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("head_dim", 0, "head_dim must be > 0"),
+        ("head_dim", -8, "head_dim must be > 0"),
+        ("rms_norm_eps", float("nan"), "rms_norm_eps must be a finite number"),
+        ("rms_norm_eps", 0.0, "rms_norm_eps must be > 0"),
+        ("rope_theta", float("inf"), "rope_theta must be a finite number"),
+        ("rope_theta", -1.0, "rope_theta must be > 0"),
+        ("initializer_range", -0.1, "initializer_range must be >= 0"),
+        ("vocab_size", 0, "vocab_size must be > 0"),
+    ],
+)
+def test_impossible_model_numbers_are_one_line(key, value, needle):
+    with pytest.raises(OdysseyError) as e:
+        from_dict(ModelConfig, {**MODEL_KEYS, key: value})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("weight_decay=-1", "weight_decay must be >= 0"),
+        ("max_grad_norm=-0.5", "max_grad_norm must be >= 0"),
+        ("min_lr_ratio=1.5", "min_lr_ratio must be in [0, 1]"),
+        ("lr=.nan", "lr must be a finite number"),
+        ("lr=-1e-4", "lr must be > 0"),
+        ("dist_timeout_s=0", "dist_timeout_s must be > 0"),
+        ("lora.dropout=.inf", "lora.dropout must be a finite number"),
+        ("guard.interval_s=.nan", "guard.interval_s must be a finite number"),
+        ("slots=0", "slots must be > 0"),
+        ("lora.r=0", "lora.r must be > 0"),
+    ],
+)
+def test_impossible_training_numbers_are_one_line(override, needle):
+    with pytest.raises(OdysseyError) as e:
+        load_train_config(None, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
