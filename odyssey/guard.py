@@ -539,22 +539,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = GuardSettings(interval_s=args.interval, soft_pct=args.soft_pct, hard_pct=args.hard_pct,
-                                 min_available_mib=args.min_available_mib, max_temp_c=args.max_temp_c,
-                                 resume_temp_c=args.resume_temp_c, thermal_file=args.thermal_file,
-                                 enforce_cgroup=args.enforce_cgroup)
-        guard = Guard(args.pid, args.run, parse_bytes(args.ram_budget), settings)
-    except OdysseyError as e:
-        print(f"odyssey guard: error: {e}", file=sys.stderr)
-        return e.exit_status
+def settings_from_args(args: argparse.Namespace) -> GuardSettings:
+    """The thresholds in `args`, parsed by build_parser() or by a parser built on it (`odyssey guard`)."""
+    return GuardSettings(interval_s=args.interval, soft_pct=args.soft_pct, hard_pct=args.hard_pct,
+                         min_available_mib=args.min_available_mib, max_temp_c=args.max_temp_c,
+                         resume_temp_c=args.resume_temp_c, thermal_file=args.thermal_file,
+                         enforce_cgroup=args.enforce_cgroup)
+
+
+def run(guard: Guard) -> int:
+    """Runs `guard` until its process is gone or a signal ends it; returns the exit status (0)."""
     # SIGTERM (stop_guard) and SIGINT (Ctrl+C reaches the whole process group; the trainer handles
     # its own) end the loop cleanly: final event, cgroup removed, heartbeat "exited".
     signal.signal(signal.SIGTERM, guard.request_exit)
     signal.signal(signal.SIGINT, guard.request_exit)
     return guard.run_forever()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        guard = Guard(args.pid, args.run, parse_bytes(args.ram_budget), settings_from_args(args))
+    except OdysseyError as e:
+        print(f"odyssey guard: error: {e}", file=sys.stderr)
+        return e.exit_status
+    return run(guard)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from odyssey.runlog import RunDir
-
+from tests import hooks
 from tests.conftest import ROOT, run_cli
+
 
 @pytest.fixture(scope="module")
 def setup(train_dir):
@@ -59,9 +60,8 @@ def finish(proc, timeout=60):
 
 def test_leak_makes_the_guard_stop_with_a_checkpoint_that_resumes(setup, tmp_path):
     run = tmp_path / "run"
-    # from step 3 the trainer leaks 2 MiB between layers, as a bug would (test hook in train.py)
-    # from step 3 the trainer leaks 8 MiB between layers, as a bug would (test hook in train.py)
-    proc = start_train(setup, run, "checkpoint_every=1000", steps=60, env={"ODYSSEY_TEST_HOG": "3:8"})
+    # from step 3 the trainer leaks 8 MiB between layers, as a bug would (tests/hooks.py)
+    proc = start_train(setup, run, "checkpoint_every=1000", steps=60, env=hooks.env("3:8"))
     code, err = finish(proc, timeout=120)
     assert code == 3, err
     assert "guard" in err and "--resume" in err and "Traceback" not in err

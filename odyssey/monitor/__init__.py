@@ -9,9 +9,11 @@ and the guard never counts its memory against the training budget.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -77,6 +79,42 @@ def launch_detached(run_dir: str | os.PathLike, wait_s: float = 30.0,
         raise OdysseyError(f"could not start the monitor: {why}") from None
 
 
+@dataclass(frozen=True)
+class MonitorSettings:
+    """How a window opens: the values of `odyssey monitor`'s command line (and of the monitor's own,
+    `python -m odyssey.monitor`, which has the same options)."""
+
+    run: str
+    """The run directory (the --out of odyssey train)."""
+    interval_ms: int = 500
+    """Refresh period."""
+    wait_s: float = 0.0
+    """Wait this long for the run directory to appear (used by train --monitor)."""
+    geometry: str = "1280x800"
+    """Window size, Tk syntax."""
+    screenshot: str | None = None
+    """Save a PNG of the window once the run is read, then close it."""
+    screenshot_after_s: float = 3.0
+    """With screenshot: seconds to let the window settle first."""
+
+    def __post_init__(self):
+        if self.interval_ms <= 0:
+            raise OdysseyError(f"--interval-ms must be > 0, got {self.interval_ms}")
+
+    @classmethod
+    def from_args(cls, args) -> MonitorSettings:
+        """From parsed arguments that have every field as an attribute (either parser's)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def show(settings: MonitorSettings) -> int:
+    """Open the window as `settings` say and return 0 when it is closed; raises OdysseyError."""
+    from odyssey.monitor.app import run_monitor as app_run
+
+    return app_run(settings.run, wait_s=settings.wait_s, geometry=settings.geometry, interval_ms=settings.interval_ms,
+                   screenshot=settings.screenshot, screenshot_after_s=settings.screenshot_after_s)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """`odyssey monitor RUN [--interval-ms N] [--wait-s S] [--geometry WxH]`; raises OdysseyError."""
     from odyssey.monitor.app import main as app_main
@@ -91,4 +129,4 @@ def run_monitor(run_dir: str | os.PathLike, wait_s: float = 0.0) -> int:
     return app_run(run_dir, wait_s=wait_s)
 
 
-__all__ = ["display_problem", "launch_detached", "main", "run_monitor"]
+__all__ = ["MonitorSettings", "display_problem", "launch_detached", "main", "run_monitor", "show"]

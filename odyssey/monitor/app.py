@@ -439,8 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from odyssey.monitor import MonitorSettings, show
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.interval_ms <= 0:
-        raise OdysseyError(f"--interval-ms must be > 0, got {args.interval_ms}")
-    return run_monitor(args.run, wait_s=args.wait_s, geometry=args.geometry, interval_ms=args.interval_ms,
-                       screenshot=args.screenshot, screenshot_after_s=args.screenshot_after_s)
+    return show(MonitorSettings.from_args(args))  # a bad --interval-ms raises OdysseyError
