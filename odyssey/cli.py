@@ -7,8 +7,8 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import time
 import sys
+import time
 from pathlib import Path
 
 from odyssey.errors import OdysseyError
@@ -24,7 +24,9 @@ EXAMPLES = {
     "merge": "odyssey merge --model models/base --adapter runs/r1/adapter --out models/merged",
     "export": "odyssey export models/merged --out exports --formats safetensors,pth,gguf --gguf-type q8_0",
     "train": "odyssey train --model models/base --data data/tok --out runs/r1 --ram-budget 2GiB --steps 200 lora.r=16",
-    "generate": 'odyssey generate --model models/base --prompt "Once upon a time" --max-new-tokens 32 --ram-budget 1GiB',
+    "generate": (
+        'odyssey generate --model models/base --prompt "Once upon a time" --max-new-tokens 32 --ram-budget 1GiB'
+    ),
     "doctor": "odyssey doctor --models-dir models",
     "guard": "odyssey guard --pid 1234 --run runs/r1 --ram-budget 2GiB --thermal-file /tmp/temp",
     "monitor": "odyssey monitor runs/r1   (headless: xvfb-run -a odyssey monitor runs/r1)",
@@ -32,13 +34,29 @@ EXAMPLES = {
 
 
 def _parser_for(sub, name: str, help_text: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_text, description=help_text,
-                          epilog=f"example:\n  {EXAMPLES[name]}",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=f"example:\n  {EXAMPLES[name]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # store commands
+
+
+def add_init_parser(sub) -> None:
+    s = _parser_for(sub, "init", "create a new model on disk from a config (streams; never all in RAM)")
+    s.add_argument("--config", required=True, help="model YAML, e.g. configs/nano.yaml")
+    s.add_argument("--out", required=True, help="store directory to create")
+    s.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="weights on disk")
+    s.add_argument("--seed", type=int, default=0, help="init seed (each tensor seeded by seed and name)")
+    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_hidden_layers=4")
+    s.set_defaults(func=cmd_init)
 
 
 def cmd_init(args) -> int:
@@ -46,13 +64,24 @@ def cmd_init(args) -> int:
     from odyssey.store import init_store
 
     cfg = load_model_config(args.config, args.overrides)
-    s = init_store(cfg, args.out, dtype=args.dtype, seed=args.seed, force=args.force,
-                   progress=not args.quiet)
+    s = init_store(cfg, args.out, dtype=args.dtype, seed=args.seed, force=args.force, progress=not args.quiet)
     kept = f", {s['kept_shards']} complete shards kept" if s["kept_shards"] else ""
-    print(f"initialised {s['out']}: {s['parameters']:,} parameters ({s['parameters'] / 1e9:.3f} B), "
-          f"{s['bytes'] / 1e6:,.1f} MB {s['dtype']} in {s['seconds']:.1f} s "
-          f"({s['mb_s']:.0f} MB/s){kept}")
+    print(
+        f"initialised {s['out']}: {s['parameters']:,} parameters ({s['parameters'] / 1e9:.3f} B), "
+        f"{s['bytes'] / 1e6:,.1f} MB {s['dtype']} in {s['seconds']:.1f} s "
+        f"({s['mb_s']:.0f} MB/s){kept}"
+    )
     return 0
+
+
+def add_import_parser(sub) -> None:
+    s = _parser_for(sub, "import", "convert a Hugging Face Llama-family checkpoint into a store")
+    s.add_argument("src", help="HF model directory (config.json + safetensors)")
+    s.add_argument("--out", required=True, help="store directory to create")
+    s.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32"], help="default: keep the source dtype")
+    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_import)
 
 
 def cmd_import(args) -> int:
@@ -60,9 +89,18 @@ def cmd_import(args) -> int:
 
     s = import_hf(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
     tok = ", ".join(s["tokenizer_files"]) or "no tokenizer files"
-    print(f"imported {args.src} -> {s['out']}: {s['parameters']:,} parameters, "
-          f"{s['bytes'] / 1e6:,.1f} MB {s['dtype']} in {s['seconds']:.1f} s ({s['mb_s']:.0f} MB/s); {tok}")
+    print(
+        f"imported {args.src} -> {s['out']}: {s['parameters']:,} parameters, "
+        f"{s['bytes'] / 1e6:,.1f} MB {s['dtype']} in {s['seconds']:.1f} s ({s['mb_s']:.0f} MB/s); {tok}"
+    )
     return 0
+
+
+def add_verify_parser(sub) -> None:
+    s = _parser_for(sub, "verify", "check every shard's size, header, shapes and checksum")
+    s.add_argument("model", help="store directory")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_verify)
 
 
 def cmd_verify(args) -> int:
@@ -80,9 +118,17 @@ def cmd_verify(args) -> int:
     if problems:
         print(f"{len(problems)} of {len(store.shards)} shards have problems", file=sys.stderr)
         return 2
-    print(f"OK {store.root}: {len(store.shards)} shards, {store.total_bytes() / 1e6:,.1f} MB, "
-          f"sizes, headers, shapes and checksums match")
+    print(
+        f"OK {store.root}: {len(store.shards)} shards, {store.total_bytes() / 1e6:,.1f} MB, "
+        f"sizes, headers, shapes and checksums match"
+    )
     return 0
+
+
+def add_info_parser(sub) -> None:
+    s = _parser_for(sub, "info", "print architecture, parameters, bytes per layer and dtype")
+    s.add_argument("model", help="store directory")
+    s.set_defaults(func=cmd_info)
 
 
 def cmd_info(args) -> int:
@@ -102,6 +148,24 @@ def _budget(args):
     return parse_bytes(args.ram_budget) if args.ram_budget else None
 
 
+def add_plan_parser(sub) -> None:
+    s = _parser_for(sub, "plan", "show the memory plan of a run against a RAM budget, term by term")
+    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--ram-budget", help="e.g. 2GiB, 1500MiB, 2G")
+    s.add_argument(
+        "--mode",
+        default="lora",
+        choices=["lora", "forward", "full"],
+        help="lora: training with adapters; forward: generation; full: all parameters",
+    )
+    s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--lora-r", type=int, default=16)
+    s.add_argument("--slots", type=int, default=2, help="pager buffer slots")
+    s.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    s.set_defaults(func=cmd_plan)
+
+
 def cmd_plan(args) -> int:
     from odyssey.config import LoraSettings
     from odyssey.planner import check, plan_for_store
@@ -112,13 +176,38 @@ def cmd_plan(args) -> int:
     lora = LoraSettings(r=args.lora_r) if args.mode == "lora" else None
 
     def replan(seq_len):
-        return plan_for_store(store, mode=args.mode, seq_len=seq_len, batch_size=args.batch_size,
-                              slots=args.slots, lora=lora, budget=budget, compute_dtype=args.compute_dtype)
+        return plan_for_store(
+            store,
+            mode=args.mode,
+            seq_len=seq_len,
+            batch_size=args.batch_size,
+            slots=args.slots,
+            lora=lora,
+            budget=budget,
+            compute_dtype=args.compute_dtype,
+        )
 
     p = replan(args.seq_len)
     print(p.table())
     check(p, replan)
     return 0
+
+
+def add_generate_parser(sub) -> None:
+    s = _parser_for(sub, "generate", "generate text with the model paged from disk under a RAM budget")
+    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--prompt", help="prompt text (needs a tokenizer in the store)")
+    s.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
+    s.add_argument("--adapter", help="a LoRA adapter directory (e.g. RUN/adapter) applied on the fly")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--ram-budget", help="e.g. 1GiB")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=40)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--slots", type=int, default=2)
+    s.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    s.add_argument("--quiet", action="store_true", help="only the generated text")
+    s.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
@@ -138,8 +227,11 @@ def cmd_generate(args) -> int:
     else:
         if args.prompt is None:
             raise OdysseyError("pass --prompt TEXT (or --prompt-ids 1,2,3)")
-        tok = load_tokenizer(store.root, fix=f"add one with `odyssey prepare-data DATA --out DIR --model {store.root}` "
-                                             f"(or `odyssey import` a model that has one), or pass --prompt-ids 1,2,3")
+        tok = load_tokenizer(
+            store.root,
+            fix=f"add one with `odyssey prepare-data DATA --out DIR --model {store.root}` "
+            f"(or `odyssey import` a model that has one), or pass --prompt-ids 1,2,3",
+        )
         prompt = tok.encode(args.prompt).ids
         bos = store.config.bos_token_id
         if bos is not None and (not prompt or prompt[0] != bos):
@@ -163,15 +255,43 @@ def cmd_generate(args) -> int:
     with Engine(store, compute_dtype=args.compute_dtype, slots=args.slots, model=model) as eng:
         if args.prompt and not args.quiet:
             sys.stdout.write(args.prompt)
-        new = stream_text(tok, generate_ids(eng, prompt, args.max_new_tokens, args.temperature,
-                                                    args.top_k, args.seed, eos_id=store.config.eos_token_id,
-                                                    vocab_limit=tok.get_vocab_size() if tok else None),
-                          lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        new = stream_text(
+            tok,
+            generate_ids(
+                eng,
+                prompt,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_k,
+                args.seed,
+                eos_id=store.config.eos_token_id,
+                vocab_limit=tok.get_vocab_size() if tok else None,
+            ),
+            lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+        )
         dt = time.perf_counter() - t0
     sys.stdout.write("\n")
     if not args.quiet:
         print(f"{len(new)} tokens in {dt:.1f} s ({dt / max(len(new), 1):.2f} s/token)", file=sys.stderr)
     return 0
+
+
+def add_train_parser(sub) -> None:
+    s = _parser_for(sub, "train", "train LoRA adapters (or a small model fully) under a RAM budget, resumable")
+    s.add_argument("--model", help="base store directory (default on --resume: the run's)")
+    s.add_argument("--data", help="data directory from `odyssey prepare-data` (default on --resume: the run's)")
+    s.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints, adapter)")
+    s.add_argument("--ram-budget", help="e.g. 2GiB; checked by the memory plan before the first step")
+    s.add_argument("--config", help="training YAML (default: built-in defaults; see configs/lora.yaml)")
+    s.add_argument("--steps", type=int, help="optimizer steps (overrides the config's steps)")
+    s.add_argument("--mode", choices=["lora", "full"], help="full: train every parameter in RAM (small models)")
+    s.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
+    s.add_argument("--monitor", action="store_true", help="open the monitor window in its own process")
+    s.add_argument("--no-guard", action="store_true", help="do not start the guard process")
+    s.add_argument("--nproc", type=int, help="data-parallel ranks on this machine (torchrun shortcut)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=32 seq_len=256")
+    s.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
@@ -181,9 +301,18 @@ def cmd_train(args) -> int:
         return _launch_ranks(args.nproc)
     overrides = list(args.overrides)  # --mode and --steps are shorthands for config overrides
     overrides += [f"mode={args.mode}"] * bool(args.mode) + [f"steps={args.steps}"] * (args.steps is not None)
-    return train(args.out, model=args.model, data=args.data, budget=args.ram_budget, config_path=args.config,
-                 overrides=overrides, resume=args.resume, monitor=args.monitor,
-                 guard=not args.no_guard, progress=not args.quiet)
+    return train(
+        args.out,
+        model=args.model,
+        data=args.data,
+        budget=args.ram_budget,
+        config_path=args.config,
+        overrides=overrides,
+        resume=args.resume,
+        monitor=args.monitor,
+        guard=not args.no_guard,
+        progress=not args.quiet,
+    )
 
 
 def _launch_ranks(nproc: int) -> int:
@@ -193,21 +322,61 @@ def _launch_ranks(nproc: int) -> int:
 
     argv = sys.argv[1:]
     i = next(k for k, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
-    argv = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "odyssey", *argv]
+    argv = argv[:i] + argv[i + (1 if "=" in argv[i] else 2) :]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "odyssey",
+        *argv,
+    ]
     return subprocess.call(cmd)
+
+
+def add_prepare_data_parser(sub) -> None:
+    s = _parser_for(sub, "prepare-data", "tokenize .txt/.jsonl text into token files (training a BPE if needed)")
+    s.add_argument("inputs", nargs="+", help=".txt or .jsonl files or directories")
+    s.add_argument("--out", required=True, help="data directory to write")
+    s.add_argument("--vocab-size", type=int, help="BPE vocabulary to train (default: the model's, else 8192)")
+    s.add_argument("--tokenizer", help="use this directory's tokenizer.json instead of training one")
+    s.add_argument("--model", help="store directory: check the vocabulary fits and place the tokenizer there")
+    s.add_argument("--val-fraction", type=float, default=0.05)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_prepare_data)
 
 
 def cmd_prepare_data(args) -> int:
     from odyssey.data import prepare_data
 
     # prepare_data shows a progress bar and prints its own summary line
-    prepare_data([Path(p) for p in args.inputs], Path(args.out), vocab_size=args.vocab_size,
-                 tokenizer_dir=Path(args.tokenizer) if args.tokenizer else None,
-                 model_store=Path(args.model) if args.model else None, val_fraction=args.val_fraction,
-                 seed=args.seed, force=args.force, progress=not args.quiet)
+    prepare_data(
+        [Path(p) for p in args.inputs],
+        Path(args.out),
+        vocab_size=args.vocab_size,
+        tokenizer_dir=Path(args.tokenizer) if args.tokenizer else None,
+        model_store=Path(args.model) if args.model else None,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.quiet,
+    )
     return 0
+
+
+def add_bench_parser(sub) -> None:
+    s = _parser_for(sub, "bench", "measure page-in throughput against the disk's raw sequential read")
+    s.add_argument("what", choices=["pagein"], help="which benchmark")
+    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--strategies", default=",".join(("mmap", "mmap-willneed", "pread", "pread-direct")))
+    s.add_argument("--slots", default="1,2,3", help="slot counts for the pager strategies")
+    s.add_argument("--repeats", type=int, default=3, help="runs per row (the best is kept: the disk is noisy)")
+    s.add_argument("--out", help="JSON file; a .md table and a .png chart are written beside it")
+    s.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
@@ -237,32 +406,84 @@ def cmd_bench(args) -> int:
 # merge and export
 
 
+def add_merge_parser(sub) -> None:
+    s = _parser_for(sub, "merge", "fold a LoRA adapter into its base, layer by layer, as a new store")
+    s.add_argument("--model", required=True, help="base store directory the adapter was trained on")
+    s.add_argument("--adapter", required=True, help="adapter directory in PEFT format, e.g. runs/r1/adapter")
+    s.add_argument("--out", required=True, help="store directory to create")
+    s.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32"], help="default: the base's dtype")
+    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_merge)
+
+
 def cmd_merge(args) -> int:
     from odyssey.merge import merge
 
     s = merge(args.model, args.adapter, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
     kept = f", {s['kept_shards']} complete shards kept" if s["kept_shards"] else ""
-    print(f"merged {s['adapter']} ({s['modules']} modules in {s['layers']} layers) into {s['base']} -> {s['out']}: "
-          f"{s['bytes'] / 1e6:,.1f} MB {s['dtype']} in {s['seconds']:.1f} s ({s['mb_s']:.0f} MB/s), "
-          f"peak anonymous RSS {s['peak_anon_bytes'] / 2**20:,.0f} MiB{kept}")
+    print(
+        f"merged {s['adapter']} ({s['modules']} modules in {s['layers']} layers) into {s['base']} -> {s['out']}: "
+        f"{s['bytes'] / 1e6:,.1f} MB {s['dtype']} in {s['seconds']:.1f} s ({s['mb_s']:.0f} MB/s), "
+        f"peak anonymous RSS {s['peak_anon_bytes'] / 2**20:,.0f} MiB{kept}"
+    )
     return 0
+
+
+def add_export_parser(sub) -> None:
+    s = _parser_for(sub, "export", "write a store as safetensors (HF), .pth and/or .gguf, streaming")
+    s.add_argument("model", help="store directory")
+    s.add_argument("--out", required=True, help="directory for OUT/safetensors/, OUT/model.pth, OUT/model-TYPE.gguf")
+    s.add_argument("--formats", default="safetensors,pth,gguf", help="comma-separated: safetensors, pth, gguf")
+    s.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16, bf16 or q8_0")
+    s.add_argument("--adapter", help="merge this adapter on the fly (the store is left unchanged)")
+    s.add_argument("--force", action="store_true", help="overwrite outputs that exist")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
     from odyssey.export import export_model
 
-    s = export_model(args.model, args.out, args.formats, gguf_type=args.gguf_type, adapter=args.adapter,
-                     force=args.force, progress=not args.quiet)
+    s = export_model(
+        args.model,
+        args.out,
+        args.formats,
+        gguf_type=args.gguf_type,
+        adapter=args.adapter,
+        force=args.force,
+        progress=not args.quiet,
+    )
     merged = f" (with {s['adapter']} merged)" if s["adapter"] else ""
     print(f"exported {args.model}{merged} -> {s['out']} in {s['seconds']:.1f} s")
     for r in s["formats"]:
-        print(f"  {r['format']:<12} {r['path']:<40} {r['bytes'] / 1e6:>10,.1f} MB {r['seconds']:>7.1f} s "
-              f"{r['mb_s']:>6.0f} MB/s  peak anonymous RSS {r['peak_anon_bytes'] / 2**20:,.0f} MiB")
+        print(
+            f"  {r['format']:<12} {r['path']:<40} {r['bytes'] / 1e6:>10,.1f} MB {r['seconds']:>7.1f} s "
+            f"{r['mb_s']:>6.0f} MB/s  peak anonymous RSS {r['peak_anon_bytes'] / 2**20:,.0f} MiB"
+        )
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # the machine, the guard and the monitor
+
+
+def add_doctor_parser(sub) -> None:
+    s = _parser_for(sub, "doctor", "print the facts about this machine that matter to Odyssey, each with a verdict")
+    s.add_argument(
+        "--models-dir",
+        help="where models go: free disk and the cold-read test are measured there "
+        "(default: ./models, else the current directory)",
+    )
+    s.add_argument(
+        "--read-test-mib",
+        type=int,
+        default=256,
+        help="size of the cold-read test file in MiB (default 256, ~5 s at most; 0 skips it)",
+    )
+    s.add_argument("--thermal-file", help="a temperature file to check (millidegrees C), as the guard would read it")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    s.set_defaults(func=cmd_doctor)
 
 
 def cmd_doctor(args) -> int:
@@ -282,26 +503,62 @@ def cmd_doctor(args) -> int:
     return 0
 
 
-def _argv_back(parser: argparse.ArgumentParser, args) -> list[str]:
-    """The command line that gives `parser` the values in `args`, options that kept their default
-    left out: how `guard` and `monitor` hand their arguments to their modules' own main(argv)."""
-    options, positionals = [], []
-    for a in parser._actions:
-        value = getattr(args, a.dest, argparse.SUPPRESS)
-        if isinstance(a, argparse._HelpAction) or value is argparse.SUPPRESS:
-            continue
-        if not a.option_strings:
-            positionals.append(str(value))
-        elif value != a.default:
-            # --opt=value, so that a value starting with '-' (a temperature below 0) stays a value
-            options.append(a.option_strings[0] if a.nargs == 0 else f"{a.option_strings[-1]}={value}")
-    return options + (["--", *positionals] if positionals else [])
+def add_guard_parser(sub) -> None:
+    # The guard's options come from its own parser (odyssey.runtime.guard is light: no torch), so they
+    # cannot drift; cmd_guard turns them into the guard's settings with the guard's own function.
+    from odyssey.runtime import guard
+
+    s = sub.add_parser(
+        "guard",
+        parents=[guard.build_parser()],
+        conflict_handler="resolve",
+        help="watch a training process's RAM and temperature (what `train` starts)",
+        description="Watch a training process's RAM and the CPU temperature; ask it (through "
+        "RUN/control.json)\nto checkpoint, pause, resume or stop. Exits when the "
+        "process is gone.",
+        epilog=f"example:\n  {EXAMPLES['guard']}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.set_defaults(func=cmd_guard)
 
 
 def cmd_guard(args) -> int:
+    from odyssey.config import parse_bytes
     from odyssey.runtime import guard
 
-    return guard.main(_argv_back(guard.build_parser(), args))
+    return guard.run(guard.Guard(args.pid, args.run, parse_bytes(args.ram_budget), guard.settings_from_args(args)))
+
+
+def add_monitor_parser(sub) -> None:
+    # The monitor's parser lives beside tkinter (odyssey.monitor.app), which every command would
+    # then import, so its options are repeated here; tests/test_cli_commands.py checks they match.
+    # The defaults are the monitor's (MonitorSettings, in the light odyssey.monitor).
+    from odyssey.monitor import MonitorSettings
+
+    d = MonitorSettings  # its class attributes are the defaults
+    s = _parser_for(sub, "monitor", "open the live window on a run: loss, page-in, RAM, temperature, controls")
+    s.add_argument("run", help="the run directory (the --out of odyssey train)")
+    s.add_argument("--interval-ms", type=int, default=d.interval_ms, help="refresh period (default 500)")
+    s.add_argument(
+        "--wait-s",
+        type=float,
+        default=d.wait_s,
+        help="wait this long for the run directory to appear (used by train --monitor)",
+    )
+    s.add_argument("--geometry", default=d.geometry, help="window size, Tk syntax (default 1280x800)")
+    s.add_argument(
+        "--screenshot",
+        default=d.screenshot,
+        metavar="PNG",
+        help="save a picture of the window once the run is read, then exit",
+    )
+    s.add_argument(
+        "--screenshot-after-s",
+        type=float,
+        default=d.screenshot_after_s,
+        help="seconds to wait before the screenshot (default 3)",
+    )
+    s.set_defaults(func=cmd_monitor)
 
 
 def cmd_monitor(args) -> int:
@@ -310,176 +567,52 @@ def cmd_monitor(args) -> int:
     from odyssey import monitor
 
     # Checked here, before tkinter is imported, so each ends in one line (exit 2).
-    if getattr(args, "wait_s", 0.0) <= 0 and not Path(args.run).is_dir():
-        raise OdysseyError(f"run directory {args.run} not found; pass the --out directory of an "
-                           "`odyssey train` run, e.g. odyssey monitor runs/r1")
+    if args.wait_s <= 0 and not Path(args.run).is_dir():
+        raise OdysseyError(
+            f"run directory {args.run} not found; pass the --out directory of an "
+            "`odyssey train` run, e.g. odyssey monitor runs/r1"
+        )
     problem = monitor.display_problem()
     if problem:
         raise OdysseyError(problem)
     if importlib.util.find_spec("tkinter") is None:
         raise OdysseyError("the monitor needs tkinter, which this Python lacks: apt-get install python3-tk")
-    from odyssey.monitor.app import build_parser as monitor_parser
-
-    return monitor.main(_argv_back(monitor_parser(), args))
+    return monitor.show(monitor.MonitorSettings.from_args(args))
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+COMMANDS = (
+    add_init_parser,
+    add_import_parser,
+    add_verify_parser,
+    add_info_parser,
+    add_plan_parser,
+    add_generate_parser,
+    add_train_parser,
+    add_prepare_data_parser,
+    add_bench_parser,
+    add_merge_parser,
+    add_export_parser,
+    add_doctor_parser,
+    add_guard_parser,
+    add_monitor_parser,
+)
+"""One `add_<command>_parser(sub)` per verb, in the order `odyssey --help` lists them."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="odyssey",
         description="Own a 1.2B-parameter Llama on a small CPU machine: create it on disk, fine-tune "
-                    "it with LoRA under a RAM budget, merge and export it.",
+        "it with LoRA under a RAM budget, merge and export it.",
         epilog="example:\n  odyssey init --config configs/nano.yaml --out models/nano && odyssey info models/nano",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    s = _parser_for(sub, "init", "create a new model on disk from a config (streams; never all in RAM)")
-    s.add_argument("--config", required=True, help="model YAML, e.g. configs/nano.yaml")
-    s.add_argument("--out", required=True, help="store directory to create")
-    s.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="weights on disk")
-    s.add_argument("--seed", type=int, default=0, help="init seed (each tensor seeded by seed and name)")
-    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_hidden_layers=4")
-    s.set_defaults(func=cmd_init)
-
-    s = _parser_for(sub, "import", "convert a Hugging Face Llama-family checkpoint into a store")
-    s.add_argument("src", help="HF model directory (config.json + safetensors)")
-    s.add_argument("--out", required=True, help="store directory to create")
-    s.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32"], help="default: keep the source dtype")
-    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_import)
-
-    s = _parser_for(sub, "verify", "check every shard's size, header, shapes and checksum")
-    s.add_argument("model", help="store directory")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_verify)
-
-    s = _parser_for(sub, "info", "print architecture, parameters, bytes per layer and dtype")
-    s.add_argument("model", help="store directory")
-    s.set_defaults(func=cmd_info)
-
-    s = _parser_for(sub, "plan", "show the memory plan of a run against a RAM budget, term by term")
-    s.add_argument("--model", required=True, help="store directory")
-    s.add_argument("--ram-budget", help="e.g. 2GiB, 1500MiB, 2G")
-    s.add_argument("--mode", default="lora", choices=["lora", "forward", "full"],
-                   help="lora: training with adapters; forward: generation; full: all parameters")
-    s.add_argument("--seq-len", type=int, default=512)
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--lora-r", type=int, default=16)
-    s.add_argument("--slots", type=int, default=2, help="pager buffer slots")
-    s.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    s.set_defaults(func=cmd_plan)
-
-    s = _parser_for(sub, "generate", "generate text with the model paged from disk under a RAM budget")
-    s.add_argument("--model", required=True, help="store directory")
-    s.add_argument("--prompt", help="prompt text (needs a tokenizer in the store)")
-    s.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
-    s.add_argument("--adapter", help="a LoRA adapter directory (e.g. RUN/adapter) applied on the fly")
-    s.add_argument("--max-new-tokens", type=int, default=32)
-    s.add_argument("--ram-budget", help="e.g. 1GiB")
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=40)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--slots", type=int, default=2)
-    s.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    s.add_argument("--quiet", action="store_true", help="only the generated text")
-    s.set_defaults(func=cmd_generate)
-
-    s = _parser_for(sub, "train", "train LoRA adapters (or a small model fully) under a RAM budget, resumable")
-    s.add_argument("--model", help="base store directory (default on --resume: the run's)")
-    s.add_argument("--data", help="data directory from `odyssey prepare-data` (default on --resume: the run's)")
-    s.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints, adapter)")
-    s.add_argument("--ram-budget", help="e.g. 2GiB; checked by the memory plan before the first step")
-    s.add_argument("--config", help="training YAML (default: built-in defaults; see configs/lora.yaml)")
-    s.add_argument("--steps", type=int, help="optimizer steps (overrides the config's steps)")
-    s.add_argument("--mode", choices=["lora", "full"], help="full: train every parameter in RAM (small models)")
-    s.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
-    s.add_argument("--monitor", action="store_true", help="open the monitor window in its own process")
-    s.add_argument("--no-guard", action="store_true", help="do not start the guard process")
-    s.add_argument("--nproc", type=int, help="data-parallel ranks on this machine (torchrun shortcut)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=32 seq_len=256")
-    s.set_defaults(func=cmd_train)
-
-    s = _parser_for(sub, "prepare-data", "tokenize .txt/.jsonl text into token files (training a BPE if needed)")
-    s.add_argument("inputs", nargs="+", help=".txt or .jsonl files or directories")
-    s.add_argument("--out", required=True, help="data directory to write")
-    s.add_argument("--vocab-size", type=int, help="BPE vocabulary to train (default: the model's, else 8192)")
-    s.add_argument("--tokenizer", help="use this directory's tokenizer.json instead of training one")
-    s.add_argument("--model", help="store directory: check the vocabulary fits and place the tokenizer there")
-    s.add_argument("--val-fraction", type=float, default=0.05)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_prepare_data)
-
-    s = _parser_for(sub, "bench", "measure page-in throughput against the disk's raw sequential read")
-    s.add_argument("what", choices=["pagein"], help="which benchmark")
-    s.add_argument("--model", required=True, help="store directory")
-    s.add_argument("--strategies", default=",".join(("mmap", "mmap-willneed", "pread", "pread-direct")))
-    s.add_argument("--slots", default="1,2,3", help="slot counts for the pager strategies")
-    s.add_argument("--repeats", type=int, default=3, help="runs per row (the best is kept: the disk is noisy)")
-    s.add_argument("--out", help="JSON file; a .md table and a .png chart are written beside it")
-    s.set_defaults(func=cmd_bench)
-
-    s = _parser_for(sub, "merge", "fold a LoRA adapter into its base, layer by layer, as a new store")
-    s.add_argument("--model", required=True, help="base store directory the adapter was trained on")
-    s.add_argument("--adapter", required=True, help="adapter directory in PEFT format, e.g. runs/r1/adapter")
-    s.add_argument("--out", required=True, help="store directory to create")
-    s.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32"], help="default: the base's dtype")
-    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_merge)
-
-    s = _parser_for(sub, "export", "write a store as safetensors (HF), .pth and/or .gguf, streaming")
-    s.add_argument("model", help="store directory")
-    s.add_argument("--out", required=True, help="directory for OUT/safetensors/, OUT/model.pth, OUT/model-TYPE.gguf")
-    s.add_argument("--formats", default="safetensors,pth,gguf", help="comma-separated: safetensors, pth, gguf")
-    s.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16, bf16 or q8_0")
-    s.add_argument("--adapter", help="merge this adapter on the fly (the store is left unchanged)")
-    s.add_argument("--force", action="store_true", help="overwrite outputs that exist")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.set_defaults(func=cmd_export)
-
-    s = _parser_for(sub, "doctor", "print the facts about this machine that matter to Odyssey, each with a verdict")
-    s.add_argument("--models-dir", help="where models go: free disk and the cold-read test are measured there "
-                                        "(default: ./models, else the current directory)")
-    s.add_argument("--read-test-mib", type=int, default=256,
-                   help="size of the cold-read test file in MiB (default 256, ~5 s at most; 0 skips it)")
-    s.add_argument("--thermal-file", help="a temperature file to check (millidegrees C), as the guard would read it")
-    s.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
-    s.set_defaults(func=cmd_doctor)
-
-    # The guard's options come from its own parser (odyssey.runtime.guard is light: no torch), so they
-    # cannot drift; cmd_guard hands them back to guard.main as a command line.
-    from odyssey.runtime import guard
-
-    s = sub.add_parser("guard", parents=[guard.build_parser()], conflict_handler="resolve",
-                       help="watch a training process's RAM and temperature (what `train` starts)",
-                       description="Watch a training process's RAM and the CPU temperature; ask it (through "
-                                   "RUN/control.json)\nto checkpoint, pause, resume or stop. Exits when the "
-                                   "process is gone.",
-                       epilog=f"example:\n  {EXAMPLES['guard']}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.set_defaults(func=cmd_guard)
-
-    # The monitor's parser lives beside tkinter (odyssey.monitor.app), which every command would
-    # then import, so its options are repeated here; tests/test_cli_commands.py checks they match.
-    # Defaults are left to the monitor (SUPPRESS: an option not given is not passed on).
-    s = _parser_for(sub, "monitor", "open the live window on a run: loss, page-in, RAM, temperature, controls")
-    s.add_argument("run", help="the run directory (the --out of odyssey train)")
-    s.add_argument("--interval-ms", type=int, default=argparse.SUPPRESS, help="refresh period (default 500)")
-    s.add_argument("--wait-s", type=float, default=argparse.SUPPRESS,
-                   help="wait this long for the run directory to appear (used by train --monitor)")
-    s.add_argument("--geometry", default=argparse.SUPPRESS, help="window size, Tk syntax (default 1280x800)")
-    s.add_argument("--screenshot", default=argparse.SUPPRESS, metavar="PNG",
-                   help="save a picture of the window once the run is read, then exit")
-    s.add_argument("--screenshot-after-s", type=float, default=argparse.SUPPRESS,
-                   help="seconds to wait before the screenshot (default 3)")
-    s.set_defaults(func=cmd_monitor)
+    for add_parser in COMMANDS:
+        add_parser(sub)
     return p
 
 

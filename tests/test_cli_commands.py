@@ -1,5 +1,5 @@
-"""Every `odyssey` verb's help ends with an example; `guard` and `monitor` hand their arguments to
-their modules' own main(argv); `monitor` without a run directory or a display ends in one line."""
+"""Every `odyssey` verb's help ends with an example; `guard` and `monitor` turn their arguments into
+their modules' own settings; `monitor` without a run directory or a display ends in one line."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import sys
 import pytest
 
 from odyssey import cli
-from odyssey.runtime import guard
+from odyssey.config import GuardSettings
+from odyssey.monitor import MonitorSettings
+from odyssey.runtime import control, guard
 from tests.conftest import assert_user_error, run_cli
 
 
@@ -60,24 +62,54 @@ def test_guard_help_shows_the_guards_options_and_an_example():
     assert_ends_with_example(p.stdout, "guard")
 
 
-def test_guard_arguments_round_trip_to_the_guards_parser():
-    args = cli.build_parser().parse_args(["guard", "--pid", "12", "--run", "runs/r1", "--ram-budget", "1GiB",
-                                          "--soft-pct", "70", "--max-temp-c", "-5", "--interval", "0.25",
-                                          "--enforce-cgroup"])
-    argv = cli._argv_back(guard.build_parser(), args)
-    # defaults are left to the guard; a negative value stays a value
-    assert argv == ["--pid=12", "--run=runs/r1", "--ram-budget=1GiB", "--interval=0.25", "--soft-pct=70.0",
-                    "--max-temp-c=-5.0", "--enforce-cgroup"]
-    back = vars(guard.build_parser().parse_args(argv))
-    assert back == {k: v for k, v in vars(args).items() if k in back}
+def test_guard_arguments_reach_the_guards_settings():
+    args = cli.build_parser().parse_args(
+        [
+            "guard",
+            "--pid",
+            "12",
+            "--run",
+            "runs/r1",
+            "--ram-budget",
+            "1GiB",
+            "--soft-pct",
+            "70",
+            "--max-temp-c",
+            "-5",
+            "--resume-temp-c",
+            "-10",
+            "--interval",
+            "0.25",
+            "--enforce-cgroup",
+        ]
+    )
+    s = guard.settings_from_args(args)
+    # the values given, and the guard's defaults for the rest; a negative value stays a value
+    assert (args.pid, args.run, args.ram_budget) == (12, "runs/r1", "1GiB")
+    assert s == GuardSettings(interval_s=0.25, soft_pct=70.0, max_temp_c=-5.0, resume_temp_c=-10.0, enforce_cgroup=True)
+    # the command line `odyssey train` starts its guard with gives the guard's parser the same settings
+    argv = control.guard_command(12, "runs/r1", 1 << 30, s)[3:]
+    assert guard.settings_from_args(guard.build_parser().parse_args(argv)) == s
 
 
 def test_guard_runs_with_the_arguments_given(tmp_path):
     # A short-lived process to watch: the guard starts, logs its settings, and exits 0 when it is gone.
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
     try:
-        p = run_cli("guard", "--pid", child.pid, "--run", tmp_path / "run", "--ram-budget", "1GiB",
-                    "--interval", "0.1", "--soft-pct", "70", timeout=60)
+        p = run_cli(
+            "guard",
+            "--pid",
+            child.pid,
+            "--run",
+            tmp_path / "run",
+            "--ram-budget",
+            "1GiB",
+            "--interval",
+            "0.1",
+            "--soft-pct",
+            "70",
+            timeout=60,
+        )
     finally:
         child.wait()
     assert p.returncode == 0, p.stderr
@@ -120,15 +152,15 @@ def test_monitor_options_match_the_monitors_own_parser():
     assert shape(subcommands()["monitor"]) == shape(build_parser())
 
 
-def test_monitor_arguments_round_trip_to_the_monitors_parser():
+def test_monitor_arguments_reach_the_monitors_settings():
     pytest.importorskip("tkinter")
     from odyssey.monitor.app import build_parser
 
     args = cli.build_parser().parse_args(["monitor", "--wait-s", "3", "--", "-odd-run-name"])
-    argv = cli._argv_back(build_parser(), args)
-    assert argv == ["--wait-s=3.0", "--", "-odd-run-name"]  # options left out keep the monitor's defaults
-    back = build_parser().parse_args(argv)
+    back = MonitorSettings.from_args(args)
     assert (back.run, back.wait_s, back.interval_ms, back.geometry) == ("-odd-run-name", 3.0, 500, "1280x800")
+    # options left out keep the monitor's defaults, the same from either parser
+    assert MonitorSettings.from_args(build_parser().parse_args(["--wait-s=3", "--", "-odd-run-name"])) == back
 
 
 def test_monitor_without_the_run_directory_is_one_line():

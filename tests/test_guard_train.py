@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from odyssey.runtime.runlog import RunDir
-
+from tests import hooks
 from tests.conftest import ROOT, run_cli
+
 
 @pytest.fixture(scope="module")
 def setup(train_dir):
@@ -23,11 +24,30 @@ def setup(train_dir):
 
 
 def start_train(setup, run: Path, *overrides, steps=100000, env=None, budget="700MiB"):
-    cmd = [sys.executable, "-m", "odyssey", "train", "--model", str(setup / "store"), "--data", str(setup / "tok"),
-           "--out", str(run), "--ram-budget", budget, "--quiet", "--steps", str(steps), "seq_len=32",
-           "eval_every=0", "guard.interval_s=0.1", *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    cmd = [
+        sys.executable,
+        "-m",
+        "odyssey",
+        "train",
+        "--model",
+        str(setup / "store"),
+        "--data",
+        str(setup / "tok"),
+        "--out",
+        str(run),
+        "--ram-budget",
+        budget,
+        "--quiet",
+        "--steps",
+        str(steps),
+        "seq_len=32",
+        "eval_every=0",
+        "guard.interval_s=0.1",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
 
 
 def wait_for(cond, timeout=60.0, what="condition"):
@@ -59,9 +79,8 @@ def finish(proc, timeout=60):
 
 def test_leak_makes_the_guard_stop_with_a_checkpoint_that_resumes(setup, tmp_path):
     run = tmp_path / "run"
-    # from step 3 the trainer leaks 2 MiB between layers, as a bug would (test hook in train.py)
-    # from step 3 the trainer leaks 8 MiB between layers, as a bug would (test hook in train.py)
-    proc = start_train(setup, run, "checkpoint_every=1000", steps=60, env={"ODYSSEY_TEST_HOG": "3:8"})
+    # from step 3 the trainer leaks 8 MiB between layers, as a bug would (tests/hooks.py)
+    proc = start_train(setup, run, "checkpoint_every=1000", steps=60, env=hooks.env("3:8"))
     code, err = finish(proc, timeout=120)
     assert code == 3, err
     assert "guard" in err and "--resume" in err and "Traceback" not in err

@@ -9,19 +9,22 @@ and the guard never counts its memory against the training budget.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from odyssey.errors import OdysseyError
 
-XVFB_HINT = ("on a headless machine run it under Xvfb: `xvfb-run -a odyssey monitor RUN`, or start "
-             "`Xvfb :99 &` and `export DISPLAY=:99` (apt-get install xvfb), or use `ssh -X`")
+XVFB_HINT = (
+    "on a headless machine run it under Xvfb: `xvfb-run -a odyssey monitor RUN`, or start "
+    "`Xvfb :99 &` and `export DISPLAY=:99` (apt-get install xvfb), or use `ssh -X`"
+)
 
 
-def display_problem() -> Optional[str]:
+def display_problem() -> str | None:
     """Why no window can open here (one line), or None. Only X11 platforms need DISPLAY."""
     if sys.platform in ("win32", "darwin"):
         return None
@@ -46,8 +49,7 @@ print(p.pid, flush=True)
 """
 
 
-def launch_detached(run_dir: str | os.PathLike, wait_s: float = 30.0,
-                    log_path: Optional[str | os.PathLike] = None) -> int:
+def launch_detached(run_dir: str | os.PathLike, wait_s: float = 30.0, log_path: str | os.PathLike | None = None) -> int:
     """Start `python -m odyssey.monitor RUN` detached from the caller and return its pid.
 
     The window runs in its own session (Ctrl-C in the trainer's terminal does not reach it) and is
@@ -66,8 +68,14 @@ def launch_detached(run_dir: str | os.PathLike, wait_s: float = 30.0,
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "odyssey.monitor", str(run_dir), "--wait-s", str(wait_s)]
     try:
-        done = subprocess.run([sys.executable, "-c", _LAUNCHER, str(log_path), *cmd], env=env,
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-c", _LAUNCHER, str(log_path), *cmd],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise OdysseyError(f"could not start the monitor: {e}") from None
     try:
@@ -77,7 +85,49 @@ def launch_detached(run_dir: str | os.PathLike, wait_s: float = 30.0,
         raise OdysseyError(f"could not start the monitor: {why}") from None
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+@dataclass(frozen=True)
+class MonitorSettings:
+    """How a window opens: the values of `odyssey monitor`'s command line (and of the monitor's own,
+    `python -m odyssey.monitor`, which has the same options)."""
+
+    run: str
+    """The run directory (the --out of odyssey train)."""
+    interval_ms: int = 500
+    """Refresh period."""
+    wait_s: float = 0.0
+    """Wait this long for the run directory to appear (used by train --monitor)."""
+    geometry: str = "1280x800"
+    """Window size, Tk syntax."""
+    screenshot: str | None = None
+    """Save a PNG of the window once the run is read, then close it."""
+    screenshot_after_s: float = 3.0
+    """With screenshot: seconds to let the window settle first."""
+
+    def __post_init__(self):
+        if self.interval_ms <= 0:
+            raise OdysseyError(f"--interval-ms must be > 0, got {self.interval_ms}")
+
+    @classmethod
+    def from_args(cls, args) -> MonitorSettings:
+        """From parsed arguments that have every field as an attribute (either parser's)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def show(settings: MonitorSettings) -> int:
+    """Open the window as `settings` say and return 0 when it is closed; raises OdysseyError."""
+    from odyssey.monitor.app import run_monitor as app_run
+
+    return app_run(
+        settings.run,
+        wait_s=settings.wait_s,
+        geometry=settings.geometry,
+        interval_ms=settings.interval_ms,
+        screenshot=settings.screenshot,
+        screenshot_after_s=settings.screenshot_after_s,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
     """`odyssey monitor RUN [--interval-ms N] [--wait-s S] [--geometry WxH]`; raises OdysseyError."""
     from odyssey.monitor.app import main as app_main
 
@@ -91,4 +141,4 @@ def run_monitor(run_dir: str | os.PathLike, wait_s: float = 0.0) -> int:
     return app_run(run_dir, wait_s=wait_s)
 
 
-__all__ = ["display_problem", "launch_detached", "main", "run_monitor"]
+__all__ = ["MonitorSettings", "display_problem", "launch_detached", "main", "run_monitor", "show"]

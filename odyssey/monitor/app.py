@@ -17,7 +17,6 @@ import time
 import tkinter as tk
 import tkinter.font as tkfont
 from pathlib import Path
-from typing import Optional
 
 from odyssey.errors import OdysseyError
 from odyssey.monitor import charts
@@ -26,9 +25,20 @@ from odyssey.monitor.feed import ACTION_LABELS, Feed, fmt_mb_s
 
 # Families with Hangul glyphs, best first; the first one installed is used for every widget.
 HANGUL_FAMILIES = (
-    "Noto Sans CJK KR", "Noto Sans KR", "Noto Sans CJK", "NanumGothic", "NanumBarunGothic",
-    "Nanum Gothic", "UnDotum", "Baekmuk Gulim", "Malgun Gothic", "Apple SD Gothic Neo",
-    "AppleGothic", "Source Han Sans KR", "WenQuanYi Zen Hei", "Droid Sans Fallback",
+    "Noto Sans CJK KR",
+    "Noto Sans KR",
+    "Noto Sans CJK",
+    "NanumGothic",
+    "NanumBarunGothic",
+    "Nanum Gothic",
+    "UnDotum",
+    "Baekmuk Gulim",
+    "Malgun Gothic",
+    "Apple SD Gothic Neo",
+    "AppleGothic",
+    "Source Han Sans KR",
+    "WenQuanYi Zen Hei",
+    "Droid Sans Fallback",
 )
 
 # (key in Feed.values(), English, Korean)
@@ -54,7 +64,7 @@ CATCH_UP_DRAW_S = 1.0  # while catching up, charts are redrawn at most this ofte
 LOG_COLORS = {"info": "#333333", "warning": "#b35900", "error": "#c62828", "guard": "#6a3d9a"}
 
 
-def pick_family(families) -> Optional[str]:
+def pick_family(families) -> str | None:
     """The first family of HANGUL_FAMILIES among `families` (case-insensitive), else one whose name
     suggests Korean glyphs, else None (Tk's default font; Xft may still fall back per glyph)."""
     by_lower = {f.lower(): f for f in families}
@@ -78,7 +88,7 @@ class MonitorApp:
         self._drawn_version = -1
         self._drawn_t = float("-inf")
         self._log_seq = 0
-        self._after_id: Optional[str] = None
+        self._after_id: str | None = None
         self._closed = False
 
         root.title(f"Odyssey monitor / 오디세이 모니터 — {Path(run_dir).name}")
@@ -114,15 +124,23 @@ class MonitorApp:
         header.pack(side="top", fill="x", padx=8, pady=(6, 2))
         tk.Label(header, text="Odyssey monitor / 오디세이 모니터", font=self.title_font, bg=bg).pack(side="left")
         self.header_var = tk.StringVar(value="")
-        tk.Label(header, textvariable=self.header_var, font=self.font, bg=bg, fg="#555555",
-                 anchor="w").pack(side="left", padx=12, fill="x", expand=True)
+        tk.Label(header, textvariable=self.header_var, font=self.font, bg=bg, fg="#555555", anchor="w").pack(
+            side="left", padx=12, fill="x", expand=True
+        )
 
         # bottom: log pane (packed before the body so it keeps its height when the window shrinks)
-        logf = tk.LabelFrame(root, text="Log: guard events and warnings / 기록: 가드 이벤트와 경고",
-                             font=self.bold, bg=bg, padx=4, pady=2)
+        logf = tk.LabelFrame(
+            root,
+            text="Log: guard events and warnings / 기록: 가드 이벤트와 경고",
+            font=self.bold,
+            bg=bg,
+            padx=4,
+            pady=2,
+        )
         logf.pack(side="bottom", fill="x", padx=8, pady=(2, 8))
-        self.log_text = tk.Text(logf, height=7, font=self.font, wrap="none", bg="white", relief="flat",
-                                state="disabled")
+        self.log_text = tk.Text(
+            logf, height=7, font=self.font, wrap="none", bg="white", relief="flat", state="disabled"
+        )
         scroll = tk.Scrollbar(logf, command=self.log_text.yview)
         self.log_text.configure(yscrollcommand=scroll.set)
         scroll.pack(side="right", fill="y")
@@ -154,10 +172,20 @@ class MonitorApp:
         self.value_entries: dict[str, tk.Entry] = {}
         for row, (key, en, ko) in enumerate(FIELDS):
             tk.Label(vals, text=f"{en} / {ko}", font=self.font, bg=bg, anchor="w").grid(
-                row=row, column=0, sticky="w", pady=1)
+                row=row, column=0, sticky="w", pady=1
+            )
             var = tk.StringVar(value="–")
-            entry = tk.Entry(vals, textvariable=var, state="readonly", width=22, font=self.value_font,
-                             relief="flat", readonlybackground="white", fg="#111111", justify="right")
+            entry = tk.Entry(
+                vals,
+                textvariable=var,
+                state="readonly",
+                width=22,
+                font=self.value_font,
+                relief="flat",
+                readonlybackground="white",
+                fg="#111111",
+                justify="right",
+            )
             entry.grid(row=row, column=1, sticky="ew", padx=(6, 0), pady=1)
             self.value_vars[key] = var
             self.value_entries[key] = entry
@@ -169,16 +197,32 @@ class MonitorApp:
         colors = {"pause": "#fff4e0", "resume": "#e6f4e6", "checkpoint": "#e8f0fb", "stop": "#fde8e8"}
         for i, action in enumerate(("pause", "resume", "checkpoint", "stop")):
             en, ko = ACTION_LABELS[action]
-            b = tk.Button(ctl, text=f"{en}\n{ko}", font=self.font, bg=colors[action], width=14,
-                          activebackground="#dddddd", command=lambda a=action: self.on_button(a))
+            b = tk.Button(
+                ctl,
+                text=f"{en}\n{ko}",
+                font=self.font,
+                bg=colors[action],
+                width=14,
+                activebackground="#dddddd",
+                command=lambda a=action: self.on_button(a),
+            )
             b.grid(row=i // 2, column=i % 2, padx=3, pady=3, sticky="ew")
             self.buttons[action] = b
         ctl.columnconfigure(0, weight=1)
         ctl.columnconfigure(1, weight=1)
-        self.ack_var = tk.StringVar(value="Requests go to the trainer through control.json.\n"
-                                          "요청은 control.json으로 전달됩니다.")
-        self.ack_label = tk.Label(ctl, textvariable=self.ack_var, font=self.font, bg=bg, fg="#333333",
-                                  justify="left", anchor="w", wraplength=300)
+        self.ack_var = tk.StringVar(
+            value="Requests go to the trainer through control.json.\n요청은 control.json으로 전달됩니다."
+        )
+        self.ack_label = tk.Label(
+            ctl,
+            textvariable=self.ack_var,
+            font=self.font,
+            bg=bg,
+            fg="#333333",
+            justify="left",
+            anchor="w",
+            wraplength=300,
+        )
         self.ack_label.grid(row=2, column=0, columnspan=2, sticky="ew", pady=(4, 0))
 
         # right: charts and the strip
@@ -187,19 +231,19 @@ class MonitorApp:
         grid = tk.Frame(right, bg=bg)
         grid.pack(side="top", fill="both", expand=True)
         self.loss_chart = Chart(grid, "Loss / 손실", self.bold, self.small, x_kind="step")
-        self.pagein_chart = Chart(grid, "Page-in / 페이지인", self.bold, self.small, x_kind="time",
-                                  y_unit="MB/s")
-        self.ram_chart = Chart(grid, "RAM vs budget / 메모리 대 예산", self.bold, self.small,
-                               x_kind="time", y_unit="MiB")
-        self.temp_chart = Chart(grid, "Temperature / 온도", self.bold, self.small, x_kind="time",
-                                y_unit="°C")
+        self.pagein_chart = Chart(grid, "Page-in / 페이지인", self.bold, self.small, x_kind="time", y_unit="MB/s")
+        self.ram_chart = Chart(
+            grid, "RAM vs budget / 메모리 대 예산", self.bold, self.small, x_kind="time", y_unit="MiB"
+        )
+        self.temp_chart = Chart(grid, "Temperature / 온도", self.bold, self.small, x_kind="time", y_unit="°C")
         for i, ch in enumerate((self.loss_chart, self.pagein_chart, self.ram_chart, self.temp_chart)):
             ch.canvas.grid(row=i // 2, column=i % 2, sticky="nsew", padx=2, pady=2)
         for i in range(2):
             grid.rowconfigure(i, weight=1)
             grid.columnconfigure(i, weight=1)
-        self.strip = LayerStrip(right, "Per-layer page-in, last step / 층별 페이지인 (마지막 단계)",
-                                self.bold, self.small, height=140)
+        self.strip = LayerStrip(
+            right, "Per-layer page-in, last step / 층별 페이지인 (마지막 단계)", self.bold, self.small, height=140
+        )
         self.strip.canvas.pack(side="top", fill="x", padx=2, pady=(4, 0))
 
     # --- controls ---
@@ -270,8 +314,9 @@ class MonitorApp:
 
         n = self.pagein_chart.points_budget()
         pagein = ChartData(empty_text="no page-in figures yet / 페이지인 기록 없음", y_floor=0.0)
-        pagein.lines = [Line(feed.pagein.segments(n), color=charts.GREEN, width=1, fill_to=-math.inf,
-                             fill=charts.LIGHT_GREEN)]
+        pagein.lines = [
+            Line(feed.pagein.segments(n), color=charts.GREEN, width=1, fill_to=-math.inf, fill=charts.LIGHT_GREEN)
+        ]
         last = feed.pagein.last()
         if last:
             pagein.note = fmt_mb_s(last[1])
@@ -284,15 +329,15 @@ class MonitorApp:
         if budget:
             # the headroom: the band between the usage curve and the budget line
             ram.lines.append(Line(anon, color="", fill_to=budget, fill=charts.LIGHT_GREEN))
-        ram.lines.append(Line(anon, color=charts.BLUE, width=2, fill_to=-math.inf, fill=charts.LIGHT_BLUE,
-                              label="anonymous / 익명"))
+        ram.lines.append(
+            Line(anon, color=charts.BLUE, width=2, fill_to=-math.inf, fill=charts.LIGHT_BLUE, label="anonymous / 익명")
+        )
         if len(feed.cgroup):  # only a capped group (guard --enforce-cgroup, a container limit)
             ram.lines.append(Line(feed.cgroup.segments(n), color=charts.PURPLE, label="cgroup"))
         if budget:
             ram.hlines.append(HLine(budget, charts.RED, f"budget / 예산 {budget:,.0f} MiB", dash=(), width=2))
             soft = budget * feed.limits.soft_pct / 100
-            ram.hlines.append(HLine(soft, charts.ORANGE, f"guard checkpoint {feed.limits.soft_pct:.0f} %",
-                                    dash=(3, 3)))
+            ram.hlines.append(HLine(soft, charts.ORANGE, f"guard checkpoint {feed.limits.soft_pct:.0f} %", dash=(3, 3)))
             head = feed.headroom_mib()
             if head is not None:
                 ram.note = f"headroom / 여유 {head:,.0f} MiB"
@@ -303,13 +348,17 @@ class MonitorApp:
         if len(feed.temp):
             temp.lines = [Line(feed.temp.segments(n), color=charts.RED, width=2, label="CPU")]
             lim = feed.limits
-            temp.hlines = [HLine(lim.max_temp_c, charts.RED, f"pause / 일시정지 {lim.max_temp_c:.0f} °C"),
-                           HLine(lim.resume_temp_c, charts.GREEN, f"resume / 재개 {lim.resume_temp_c:.0f} °C")]
+            temp.hlines = [
+                HLine(lim.max_temp_c, charts.RED, f"pause / 일시정지 {lim.max_temp_c:.0f} °C"),
+                HLine(lim.resume_temp_c, charts.GREEN, f"resume / 재개 {lim.resume_temp_c:.0f} °C"),
+            ]
             temp.note = f"{feed.temp.last()[1]:.0f} °C"
         self.temp_chart.draw(temp)
 
         if feed.mode == "full":
-            self.strip.draw([], None, "full mode: every weight stays in RAM, nothing is paged / 전체 학습: 페이지인 없음")
+            self.strip.draw(
+                [], None, "full mode: every weight stays in RAM, nothing is paged / 전체 학습: 페이지인 없음"
+            )
         else:
             self.strip.draw(feed.layers, feed.layers_step)
 
@@ -357,13 +406,16 @@ def _wait_for_dir(run_dir: Path, wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
     while not run_dir.is_dir():
         if time.monotonic() >= deadline:
-            raise OdysseyError(f"run directory {run_dir} not found; pass the --out directory of an "
-                               "`odyssey train` run, e.g. odyssey monitor runs/r1")
+            raise OdysseyError(
+                f"run directory {run_dir} not found; pass the --out directory of an "
+                "`odyssey train` run, e.g. odyssey monitor runs/r1"
+            )
         time.sleep(0.2)
 
 
-def open_window(run_dir: str | os.PathLike, geometry: str = "1280x800",
-                interval_ms: int = INTERVAL_MS) -> tuple[tk.Tk, MonitorApp]:
+def open_window(
+    run_dir: str | os.PathLike, geometry: str = "1280x800", interval_ms: int = INTERVAL_MS
+) -> tuple[tk.Tk, MonitorApp]:
     """Create the Tk root and the app (not yet polling: call app.start(), then root.mainloop())."""
     from odyssey.monitor import display_problem
 
@@ -373,16 +425,23 @@ def open_window(run_dir: str | os.PathLike, geometry: str = "1280x800",
     try:
         root = tk.Tk(className="OdysseyMonitor")
     except tk.TclError as e:
-        raise OdysseyError(f"cannot open a window on DISPLAY={os.environ.get('DISPLAY', '')!r} ({e}); "
-                           "on a headless machine run `xvfb-run -a odyssey monitor RUN`") from None
+        raise OdysseyError(
+            f"cannot open a window on DISPLAY={os.environ.get('DISPLAY', '')!r} ({e}); "
+            "on a headless machine run `xvfb-run -a odyssey monitor RUN`"
+        ) from None
     if geometry:
         root.geometry(geometry)
     return root, MonitorApp(root, run_dir, interval_ms=interval_ms)
 
 
-def run_monitor(run_dir: str | os.PathLike, wait_s: float = 0.0, geometry: str = "1280x800",
-                interval_ms: int = INTERVAL_MS, screenshot: Optional[str] = None,
-                screenshot_after_s: float = 3.0) -> int:
+def run_monitor(
+    run_dir: str | os.PathLike,
+    wait_s: float = 0.0,
+    geometry: str = "1280x800",
+    interval_ms: int = INTERVAL_MS,
+    screenshot: str | None = None,
+    screenshot_after_s: float = 3.0,
+) -> int:
     """Open the window on a run directory and return when it is closed (exit status 0). With
     `screenshot`, save a PNG of the window once the run is read and `screenshot_after_s` passed,
     then close it (how docs/monitor.png is made)."""
@@ -399,14 +458,14 @@ def run_monitor(run_dir: str | os.PathLike, wait_s: float = 0.0, geometry: str =
 
         def shoot() -> None:
             feed = app.feed
-            if (feed.more_waiting or app._drawn_version != feed.version
-                    or time.monotonic() - t0 < screenshot_after_s):
+            if feed.more_waiting or app._drawn_version != feed.version or time.monotonic() - t0 < screenshot_after_s:
                 root.after(100, shoot)
                 return
             root.update()
             x, y = root.winfo_rootx(), root.winfo_rooty()
-            image = ImageGrab.grab(bbox=(x, y, x + root.winfo_width(), y + root.winfo_height()),
-                                   xdisplay=os.environ.get("DISPLAY") or None)
+            image = ImageGrab.grab(
+                bbox=(x, y, x + root.winfo_width(), y + root.winfo_height()), xdisplay=os.environ.get("DISPLAY") or None
+            )
             Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
             image.save(screenshot)
             print(f"saved {screenshot} ({image.width}x{image.height})")
@@ -424,23 +483,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="odyssey monitor",
         description="Watch a training run live (or a finished one): loss, page-in, RAM against the "
-                    "budget, temperature, guard events; pause, resume, checkpoint or stop it.",
-        epilog="example: odyssey monitor runs/r1   (headless: xvfb-run -a odyssey monitor runs/r1)")
+        "budget, temperature, guard events; pause, resume, checkpoint or stop it.",
+        epilog="example: odyssey monitor runs/r1   (headless: xvfb-run -a odyssey monitor runs/r1)",
+    )
     p.add_argument("run", help="the run directory (the --out of odyssey train)")
     p.add_argument("--interval-ms", type=int, default=INTERVAL_MS, help="refresh period (default 500)")
-    p.add_argument("--wait-s", type=float, default=0.0,
-                   help="wait this long for the run directory to appear (used by train --monitor)")
+    p.add_argument(
+        "--wait-s",
+        type=float,
+        default=0.0,
+        help="wait this long for the run directory to appear (used by train --monitor)",
+    )
     p.add_argument("--geometry", default="1280x800", help="window size, Tk syntax (default 1280x800)")
-    p.add_argument("--screenshot", metavar="PNG",
-                   help="save a PNG of the window once the run is read, then close it (needs Pillow)")
-    p.add_argument("--screenshot-after-s", type=float, default=3.0,
-                   help="with --screenshot: seconds to let the window settle first (default 3)")
+    p.add_argument(
+        "--screenshot",
+        metavar="PNG",
+        help="save a PNG of the window once the run is read, then close it (needs Pillow)",
+    )
+    p.add_argument(
+        "--screenshot-after-s",
+        type=float,
+        default=3.0,
+        help="with --screenshot: seconds to let the window settle first (default 3)",
+    )
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    from odyssey.monitor import MonitorSettings, show
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.interval_ms <= 0:
-        raise OdysseyError(f"--interval-ms must be > 0, got {args.interval_ms}")
-    return run_monitor(args.run, wait_s=args.wait_s, geometry=args.geometry, interval_ms=args.interval_ms,
-                       screenshot=args.screenshot, screenshot_after_s=args.screenshot_after_s)
+    return show(MonitorSettings.from_args(args))  # a bad --interval-ms raises OdysseyError

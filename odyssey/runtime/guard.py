@@ -86,8 +86,7 @@ class Thermometer:
     Source, chosen once: the given file; else psutil.sensors_temperatures() (the hottest CPU-ish
     sensor); else the hottest /sys/class/thermal/thermal_zone*/temp; else none."""
 
-    CPU_SENSORS = ("coretemp", "k10temp", "zenpower", "cpu_thermal", "cpu-thermal", "soc_thermal",
-                   "acpitz", "thinkpad")
+    CPU_SENSORS = ("coretemp", "k10temp", "zenpower", "cpu_thermal", "cpu-thermal", "soc_thermal", "acpitz", "thinkpad")
 
     def __init__(self, thermal_file: str | None = None):
         self.thermal_file = thermal_file
@@ -167,9 +166,17 @@ class Guard:
     """Samples, decides, requests. `step()` is one sample; `run()` loops until the watched process
     is gone or `request_exit()` is called (SIGTERM)."""
 
-    def __init__(self, pid: int, run: RunDir | str | os.PathLike, budget_bytes: int,
-                 settings: GuardSettings | None = None, *, thermometer: Thermometer | None = None,
-                 enforce_cgroup: bool | None = None, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        pid: int,
+        run: RunDir | str | os.PathLike,
+        budget_bytes: int,
+        settings: GuardSettings | None = None,
+        *,
+        thermometer: Thermometer | None = None,
+        enforce_cgroup: bool | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         self.pid = int(pid)
         self.run = run if isinstance(run, RunDir) else RunDir(run)
         self.budget_bytes = int(budget_bytes)
@@ -214,10 +221,19 @@ class Guard:
     # --- life cycle ---
     def start(self) -> None:
         s = self.settings
-        self._event("start", "info", f"watching pid {self.pid} with a budget of {format_bytes(self.budget_bytes)}",
-                    budget_mib=_mib(self.budget_bytes), interval_s=s.interval_s, soft_pct=s.soft_pct,
-                    hard_pct=s.hard_pct, min_available_mib=s.min_available_mib, max_temp_c=s.max_temp_c,
-                    resume_temp_c=s.resume_temp_c, thermal_source=self.thermometer.source)
+        self._event(
+            "start",
+            "info",
+            f"watching pid {self.pid} with a budget of {format_bytes(self.budget_bytes)}",
+            budget_mib=_mib(self.budget_bytes),
+            interval_s=s.interval_s,
+            soft_pct=s.soft_pct,
+            hard_pct=s.hard_pct,
+            min_available_mib=s.min_available_mib,
+            max_temp_c=s.max_temp_c,
+            resume_temp_c=s.resume_temp_c,
+            thermal_source=self.thermometer.source,
+        )
         if self.enforce_cgroup:
             self.setup_cgroup()
 
@@ -251,10 +267,18 @@ class Guard:
         self.cgroup = cg
         note = ""
         if (cg.usage() or 0) < held / 2:  # v2, and v1 kernels without move_charge_at_immigrate
-            note = (f"; the {format_bytes(held)} the process already held stays charged to its old group, "
-                    "so start the guard early")
-        self._event("cgroup", "info", f"hard limit {format_bytes(self.budget_bytes)} on {cg.path}{note}",
-                    limit=_mib(self.budget_bytes), unit="MiB", path=str(cg.path))
+            note = (
+                f"; the {format_bytes(held)} the process already held stays charged to its old group, "
+                "so start the guard early"
+            )
+        self._event(
+            "cgroup",
+            "info",
+            f"hard limit {format_bytes(self.budget_bytes)} on {cg.path}{note}",
+            limit=_mib(self.budget_bytes),
+            unit="MiB",
+            path=str(cg.path),
+        )
         return None
 
     def request_exit(self, *_args) -> None:
@@ -324,8 +348,9 @@ class Guard:
                     cg_usage, cg_limit = memory.cgroup_usage_bytes(self.pid) or (None, None)
                 except (OSError, ValueError):
                     pass
-        sample = Sample(time.time(), tree.anon_bytes, tree.file_bytes, available, swap, cg_usage, cg_limit,
-                        self.thermometer.read())
+        sample = Sample(
+            time.time(), tree.anon_bytes, tree.file_bytes, available, swap, cg_usage, cg_limit, self.thermometer.read()
+        )
         if not self.watched_alive():  # died while we read: its numbers are meaningless
             return None
         return sample
@@ -358,28 +383,46 @@ class Guard:
         # 1. stop: hard limit or the system running out
         if self.stop_id is None:
             if s.anon_bytes >= self.hard_bytes:
-                return self._request("stop", "error",
-                                     f"anonymous RAM {anon} reached {pct:.0f}% of the {budget} budget "
-                                     f"(hard limit {st.hard_pct:g}%)", s.anon_bytes, self.hard_bytes)
+                return self._request(
+                    "stop",
+                    "error",
+                    f"anonymous RAM {anon} reached {pct:.0f}% of the {budget} budget (hard limit {st.hard_pct:g}%)",
+                    s.anon_bytes,
+                    self.hard_bytes,
+                )
             if s.available_bytes < self.min_available_bytes:
-                return self._request("stop", "error",
-                                     f"system MemAvailable {format_bytes(s.available_bytes)} is below "
-                                     f"the {st.min_available_mib:g} MiB minimum", s.available_bytes,
-                                     self.min_available_bytes)
+                return self._request(
+                    "stop",
+                    "error",
+                    f"system MemAvailable {format_bytes(s.available_bytes)} is below "
+                    f"the {st.min_available_mib:g} MiB minimum",
+                    s.available_bytes,
+                    self.min_available_bytes,
+                )
         else:
             return self._reassert_stop()
 
         # 2. checkpoint: soft limit, once per excursion
         if self.soft_armed and s.anon_bytes >= self.soft_bytes:
-            if self._request("checkpoint", "warning",
-                             f"anonymous RAM {anon} reached {pct:.0f}% of the {budget} budget "
-                             f"(soft limit {st.soft_pct:g}%)", s.anon_bytes, self.soft_bytes):
+            if self._request(
+                "checkpoint",
+                "warning",
+                f"anonymous RAM {anon} reached {pct:.0f}% of the {budget} budget (soft limit {st.soft_pct:g}%)",
+                s.anon_bytes,
+                self.soft_bytes,
+            ):
                 self.soft_armed = False
                 return True
         elif not self.soft_armed and s.anon_bytes < self.soft_bytes * REARM_FRACTION:
             self.soft_armed = True
-            self._event("rearm", "info", f"anonymous RAM {anon} is back under the soft limit",
-                        value=_mib(s.anon_bytes), limit=_mib(self.soft_bytes), unit="MiB")
+            self._event(
+                "rearm",
+                "info",
+                f"anonymous RAM {anon} is back under the soft limit",
+                value=_mib(s.anon_bytes),
+                limit=_mib(self.soft_bytes),
+                unit="MiB",
+            )
             return True
 
         # 3. heat
@@ -389,8 +432,9 @@ class Guard:
             if not self.paused_by_guard and t > st.max_temp_c:
                 if (self.run.read_status() or {}).get("state") == "paused":
                     return False  # paused already (by the user): not ours to resume later
-                if self._request("pause", "warning", f"CPU at {t:.0f} C, above {st.max_temp_c:g} C",
-                                 t, st.max_temp_c, unit="C"):
+                if self._request(
+                    "pause", "warning", f"CPU at {t:.0f} C, above {st.max_temp_c:g} C", t, st.max_temp_c, unit="C"
+                ):
                     self.paused_by_guard = True
                     return True
             elif self.paused_by_guard and t < st.resume_temp_c:
@@ -398,12 +442,25 @@ class Guard:
                 if ctl.get("source", "guard") != "guard":
                     # someone asked for something after our pause (a user's pause or resume): theirs now
                     self.paused_by_guard = False
-                    self._event("resume", "info", f"CPU cooled to {t:.0f} C; not resuming: the last request "
-                                f"({ctl.get('action')!r} from {ctl.get('source')!r}) came after the guard's pause",
-                                value=round(t, 1), limit=st.resume_temp_c, unit="C", request_id=None)
+                    self._event(
+                        "resume",
+                        "info",
+                        f"CPU cooled to {t:.0f} C; not resuming: the last request "
+                        f"({ctl.get('action')!r} from {ctl.get('source')!r}) came after the guard's pause",
+                        value=round(t, 1),
+                        limit=st.resume_temp_c,
+                        unit="C",
+                        request_id=None,
+                    )
                     return True
-                if self._request("resume", "info", f"CPU cooled to {t:.0f} C, below {st.resume_temp_c:g} C",
-                                 t, st.resume_temp_c, unit="C"):
+                if self._request(
+                    "resume",
+                    "info",
+                    f"CPU cooled to {t:.0f} C, below {st.resume_temp_c:g} C",
+                    t,
+                    st.resume_temp_c,
+                    unit="C",
+                ):
                     self.paused_by_guard = False
                     return True
         elif self.paused_by_guard:
@@ -412,9 +469,14 @@ class Guard:
                 self.temp_lost_since = now
                 self._event("warn", "warning", "temperature became unavailable while paused for heat")
             elif now - self.temp_lost_since >= THERMAL_LOST_RESUME_S:
-                if self._request("resume", "warning",
-                                 f"temperature unavailable for {THERMAL_LOST_RESUME_S:g} s while paused; resuming",
-                                 None, st.resume_temp_c, unit="C"):
+                if self._request(
+                    "resume",
+                    "warning",
+                    f"temperature unavailable for {THERMAL_LOST_RESUME_S:g} s while paused; resuming",
+                    None,
+                    st.resume_temp_c,
+                    unit="C",
+                ):
                     self.paused_by_guard = False
                     self.temp_lost_since = None
                     return True
@@ -453,8 +515,12 @@ class Guard:
         if status.get("ack_id") == self.stop_id or status.get("state") in ("stopped", "finished", "failed"):
             return False
         self.stop_id = self.run.request("stop", source="guard", reason=self.stop_reason)
-        self._event("stop", "error", f"re-issued (overwritten by {ctl.get('action')!r}): {self.stop_reason}",
-                    request_id=self.stop_id)
+        self._event(
+            "stop",
+            "error",
+            f"re-issued (overwritten by {ctl.get('action')!r}): {self.stop_reason}",
+            request_id=self.stop_id,
+        )
         return True
 
     # --- output ---
@@ -484,21 +550,31 @@ class Guard:
             if since < MEMORY_LINE_MIN_S:
                 return
             step = max(0.01 * self.budget_bytes, MIB)
-            moved = (abs(s.anon_bytes - last.anon_bytes) >= step
-                     or abs(s.file_bytes - last.file_bytes) >= step
-                     or abs((s.cgroup_bytes or 0) - (last.cgroup_bytes or 0)) >= step
-                     or abs(s.available_bytes - last.available_bytes) >= 32 * MIB
-                     or (s.temp_c is None) != (last.temp_c is None)
-                     or (s.temp_c is not None and abs(s.temp_c - last.temp_c) >= 1.0))
+            moved = (
+                abs(s.anon_bytes - last.anon_bytes) >= step
+                or abs(s.file_bytes - last.file_bytes) >= step
+                or abs((s.cgroup_bytes or 0) - (last.cgroup_bytes or 0)) >= step
+                or abs(s.available_bytes - last.available_bytes) >= 32 * MIB
+                or (s.temp_c is None) != (last.temp_c is None)
+                or (s.temp_c is not None and abs(s.temp_c - last.temp_c) >= 1.0)
+            )
             if not moved and since < MEMORY_LINE_MAX_S:
                 return
         self._last_line, self._last_line_t = s, s.t
-        self._append("memory", source="guard", pid=self.pid, anon_mib=_mib(s.anon_bytes),
-                     file_mib=_mib(s.file_bytes), anon_pct=round(100.0 * s.anon_bytes / self.budget_bytes, 1),
-                     budget_mib=_mib(self.budget_bytes), avail_mib=_mib(s.available_bytes),
-                     swap_mib=_mib(s.swap_used_bytes), cgroup_mib=_mib(s.cgroup_bytes),
-                     cgroup_limit_mib=_mib(s.cgroup_limit_bytes),
-                     temp_c=None if s.temp_c is None else round(s.temp_c, 1))
+        self._append(
+            "memory",
+            source="guard",
+            pid=self.pid,
+            anon_mib=_mib(s.anon_bytes),
+            file_mib=_mib(s.file_bytes),
+            anon_pct=round(100.0 * s.anon_bytes / self.budget_bytes, 1),
+            budget_mib=_mib(self.budget_bytes),
+            avail_mib=_mib(s.available_bytes),
+            swap_mib=_mib(s.swap_used_bytes),
+            cgroup_mib=_mib(s.cgroup_bytes),
+            cgroup_limit_mib=_mib(s.cgroup_limit_bytes),
+            temp_c=None if s.temp_c is None else round(s.temp_c, 1),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,45 +586,78 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="odyssey guard",
         description="Watch a training process's RAM and the CPU temperature; ask it (through RUN/control.json) "
-                    "to checkpoint, pause, resume or stop. Exits when the process is gone.",
-        epilog="example: odyssey guard --pid 1234 --run runs/r1 --ram-budget 2GiB --thermal-file /tmp/temp")
+        "to checkpoint, pause, resume or stop. Exits when the process is gone.",
+        epilog="example: odyssey guard --pid 1234 --run runs/r1 --ram-budget 2GiB --thermal-file /tmp/temp",
+    )
     p.add_argument("--pid", type=int, required=True, help="process to watch (with its children)")
     p.add_argument("--run", required=True, help="run directory (metrics.jsonl, control.json, guard.json)")
     p.add_argument("--ram-budget", required=True, help="RAM budget, e.g. 2GiB, 1500MiB or bytes")
-    p.add_argument("--thermal-file", default=d.thermal_file,
-                   help="file with the temperature in millidegrees C (default: psutil, then /sys/class/thermal)")
+    p.add_argument(
+        "--thermal-file",
+        default=d.thermal_file,
+        help="file with the temperature in millidegrees C (default: psutil, then /sys/class/thermal)",
+    )
     p.add_argument("--interval", type=float, default=d.interval_s, help=f"seconds between samples ({d.interval_s})")
-    p.add_argument("--soft-pct", type=float, default=d.soft_pct,
-                   help=f"checkpoint above this %% of the budget ({d.soft_pct:g})")
-    p.add_argument("--hard-pct", type=float, default=d.hard_pct,
-                   help=f"stop above this %% of the budget ({d.hard_pct:g})")
-    p.add_argument("--min-available-mib", type=float, default=d.min_available_mib,
-                   help=f"stop when system MemAvailable falls below this ({d.min_available_mib:g} MiB)")
-    p.add_argument("--max-temp-c", type=float, default=d.max_temp_c,
-                   help=f"pause above this temperature ({d.max_temp_c:g} C)")
-    p.add_argument("--resume-temp-c", type=float, default=d.resume_temp_c,
-                   help=f"resume below this temperature ({d.resume_temp_c:g} C)")
-    p.add_argument("--enforce-cgroup", action="store_true",
-                   help="also cap the process with a memory cgroup set to the budget (Linux, root)")
+    p.add_argument(
+        "--soft-pct", type=float, default=d.soft_pct, help=f"checkpoint above this %% of the budget ({d.soft_pct:g})"
+    )
+    p.add_argument(
+        "--hard-pct", type=float, default=d.hard_pct, help=f"stop above this %% of the budget ({d.hard_pct:g})"
+    )
+    p.add_argument(
+        "--min-available-mib",
+        type=float,
+        default=d.min_available_mib,
+        help=f"stop when system MemAvailable falls below this ({d.min_available_mib:g} MiB)",
+    )
+    p.add_argument(
+        "--max-temp-c", type=float, default=d.max_temp_c, help=f"pause above this temperature ({d.max_temp_c:g} C)"
+    )
+    p.add_argument(
+        "--resume-temp-c",
+        type=float,
+        default=d.resume_temp_c,
+        help=f"resume below this temperature ({d.resume_temp_c:g} C)",
+    )
+    p.add_argument(
+        "--enforce-cgroup",
+        action="store_true",
+        help="also cap the process with a memory cgroup set to the budget (Linux, root)",
+    )
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = GuardSettings(interval_s=args.interval, soft_pct=args.soft_pct, hard_pct=args.hard_pct,
-                                 min_available_mib=args.min_available_mib, max_temp_c=args.max_temp_c,
-                                 resume_temp_c=args.resume_temp_c, thermal_file=args.thermal_file,
-                                 enforce_cgroup=args.enforce_cgroup)
-        guard = Guard(args.pid, args.run, parse_bytes(args.ram_budget), settings)
-    except OdysseyError as e:
-        print(f"odyssey guard: error: {e}", file=sys.stderr)
-        return e.exit_status
+def settings_from_args(args: argparse.Namespace) -> GuardSettings:
+    """The thresholds in `args`, parsed by build_parser() or by a parser built on it (`odyssey guard`)."""
+    return GuardSettings(
+        interval_s=args.interval,
+        soft_pct=args.soft_pct,
+        hard_pct=args.hard_pct,
+        min_available_mib=args.min_available_mib,
+        max_temp_c=args.max_temp_c,
+        resume_temp_c=args.resume_temp_c,
+        thermal_file=args.thermal_file,
+        enforce_cgroup=args.enforce_cgroup,
+    )
+
+
+def run(guard: Guard) -> int:
+    """Runs `guard` until its process is gone or a signal ends it; returns the exit status (0)."""
     # SIGTERM (stop_guard) and SIGINT (Ctrl+C reaches the whole process group; the trainer handles
     # its own) end the loop cleanly: final event, cgroup removed, heartbeat "exited".
     signal.signal(signal.SIGTERM, guard.request_exit)
     signal.signal(signal.SIGINT, guard.request_exit)
     return guard.run_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        guard = Guard(args.pid, args.run, parse_bytes(args.ram_budget), settings_from_args(args))
+    except OdysseyError as e:
+        print(f"odyssey guard: error: {e}", file=sys.stderr)
+        return e.exit_status
+    return run(guard)
 
 
 if __name__ == "__main__":
