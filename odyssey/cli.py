@@ -7,6 +7,8 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,47 @@ EXAMPLES = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the cause and the fix (exit 2), like Odyssey's own."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def count(low: int):
+    """argparse type: a whole number >= `low` (sizes, lengths, counts, seeds)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float = math.inf):
+    """argparse type: a finite number in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            span = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {span}, got {text}")
+        return value
+
+    return parse
+
+
+KEY_VALUE = re.compile(r"^[A-Za-z_][\w.]*=")  # a config override, wherever it stands on the line
+
+
 def _parser_for(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     return sub.add_parser(
         name,
@@ -52,7 +95,7 @@ def add_init_parser(sub) -> None:
     s.add_argument("--config", required=True, help="model YAML, e.g. configs/nano.yaml")
     s.add_argument("--out", required=True, help="store directory to create")
     s.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="weights on disk")
-    s.add_argument("--seed", type=int, default=0, help="init seed (each tensor seeded by seed and name)")
+    s.add_argument("--seed", type=count(0), default=0, help="init seed (each tensor seeded by seed and name)")
     s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_hidden_layers=4")
@@ -158,10 +201,10 @@ def add_plan_parser(sub) -> None:
         choices=["lora", "forward", "full"],
         help="lora: training with adapters; forward: generation; full: all parameters",
     )
-    s.add_argument("--seq-len", type=int, default=512)
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--lora-r", type=int, default=16)
-    s.add_argument("--slots", type=int, default=2, help="pager buffer slots")
+    s.add_argument("--seq-len", type=count(1), default=512)
+    s.add_argument("--batch-size", type=count(1), default=1)
+    s.add_argument("--lora-r", type=count(1), default=16)
+    s.add_argument("--slots", type=count(1), default=2, help="pager buffer slots")
     s.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
     s.set_defaults(func=cmd_plan)
 
@@ -199,12 +242,12 @@ def add_generate_parser(sub) -> None:
     s.add_argument("--prompt", help="prompt text (needs a tokenizer in the store)")
     s.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
     s.add_argument("--adapter", help="a LoRA adapter directory (e.g. RUN/adapter) applied on the fly")
-    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--max-new-tokens", type=count(1), default=32)
     s.add_argument("--ram-budget", help="e.g. 1GiB")
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=40)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--slots", type=int, default=2)
+    s.add_argument("--temperature", type=number(0.0), default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=count(0), default=40)
+    s.add_argument("--seed", type=count(0), default=0)
+    s.add_argument("--slots", type=count(1), default=2)
     s.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
     s.add_argument("--quiet", action="store_true", help="only the generated text")
     s.set_defaults(func=cmd_generate)
@@ -283,12 +326,12 @@ def add_train_parser(sub) -> None:
     s.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints, adapter)")
     s.add_argument("--ram-budget", help="e.g. 2GiB; checked by the memory plan before the first step")
     s.add_argument("--config", help="training YAML (default: built-in defaults; see configs/lora.yaml)")
-    s.add_argument("--steps", type=int, help="optimizer steps (overrides the config's steps)")
+    s.add_argument("--steps", type=count(1), help="optimizer steps (overrides the config's steps)")
     s.add_argument("--mode", choices=["lora", "full"], help="full: train every parameter in RAM (small models)")
     s.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
     s.add_argument("--monitor", action="store_true", help="open the monitor window in its own process")
     s.add_argument("--no-guard", action="store_true", help="do not start the guard process")
-    s.add_argument("--nproc", type=int, help="data-parallel ranks on this machine (torchrun shortcut)")
+    s.add_argument("--nproc", type=count(1), help="data-parallel ranks on this machine (torchrun shortcut)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=32 seq_len=256")
     s.set_defaults(func=cmd_train)
@@ -340,11 +383,11 @@ def add_prepare_data_parser(sub) -> None:
     s = _parser_for(sub, "prepare-data", "tokenize .txt/.jsonl text into token files (training a BPE if needed)")
     s.add_argument("inputs", nargs="+", help=".txt or .jsonl files or directories")
     s.add_argument("--out", required=True, help="data directory to write")
-    s.add_argument("--vocab-size", type=int, help="BPE vocabulary to train (default: the model's, else 8192)")
+    s.add_argument("--vocab-size", type=count(1), help="BPE vocabulary to train (default: the model's, else 8192)")
     s.add_argument("--tokenizer", help="use this directory's tokenizer.json instead of training one")
     s.add_argument("--model", help="store directory: check the vocabulary fits and place the tokenizer there")
-    s.add_argument("--val-fraction", type=float, default=0.05)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-fraction", type=number(0.0, 1.0), default=0.05)
+    s.add_argument("--seed", type=count(0), default=0)
     s.add_argument("--force", action="store_true", help="write into a non-empty --out")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_prepare_data)
@@ -374,7 +417,7 @@ def add_bench_parser(sub) -> None:
     s.add_argument("--model", required=True, help="store directory")
     s.add_argument("--strategies", default=",".join(("mmap", "mmap-willneed", "pread", "pread-direct")))
     s.add_argument("--slots", default="1,2,3", help="slot counts for the pager strategies")
-    s.add_argument("--repeats", type=int, default=3, help="runs per row (the best is kept: the disk is noisy)")
+    s.add_argument("--repeats", type=count(1), default=3, help="runs per row (the best is kept: the disk is noisy)")
     s.add_argument("--out", help="JSON file; a .md table and a .png chart are written beside it")
     s.set_defaults(func=cmd_bench)
 
@@ -477,7 +520,7 @@ def add_doctor_parser(sub) -> None:
     )
     s.add_argument(
         "--read-test-mib",
-        type=int,
+        type=count(0),
         default=256,
         help="size of the cold-read test file in MiB (default 256, ~5 s at most; 0 skips it)",
     )
@@ -603,7 +646,7 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="odyssey",
         description="Own a 1.2B-parameter Llama on a small CPU machine: create it on disk, fine-tune "
         "it with LoRA under a RAM budget, merge and export it.",
@@ -621,7 +664,12 @@ HEAVY = {"generate", "plan", "train", "merge", "export", "bench", "init", "impor
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # `key=value` after an option is left over by argparse: an override all the same
+        if hasattr(args, "overrides") and all(KEY_VALUE.match(e) for e in extras):
+            args.overrides = [*args.overrides, *extras]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if argv is None and getattr(args, "command", None) in HEAVY:
         from odyssey.runtime import allocator
 

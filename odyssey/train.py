@@ -37,7 +37,7 @@ import torch
 
 from odyssey import atomic
 from odyssey.channel import ControlChannel
-from odyssey.config import TrainConfig, dump_yaml, format_bytes, from_dict, to_dict
+from odyssey.config import TrainConfig, apply_overrides, dump_yaml, format_bytes, from_dict, read_yaml, to_dict
 from odyssey.errors import OdysseyError, StopRequested
 from odyssey.report import (
     CheckpointWritten,
@@ -57,14 +57,16 @@ from odyssey.runtime.runlog import RunDir
 
 CKPT_PREFIX = "step-"
 TRAINER_STATE = "trainer.pt"
-# Effective-config paths that may differ on --resume: they change neither the maths nor the data
-# order (a path covers everything below it). The rest must match the run's.
+# Effective-config paths that may differ on --resume (a path covers everything below it): they
+# change neither the maths of a step nor the data order. `train.steps` lengthens or shortens the run
+# (and so the learning-rate schedule from the resumed step on). The rest must match the run's.
 RESUME_FREE = {
     "model",
     "data",
     "ram_budget",
     "ram_budget_bytes",
     "world_size",
+    "train.steps",
     "train.guard",
     "train.slots",
     "train.checkpoint_every",
@@ -630,6 +632,14 @@ def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _merged(base: dict, top: dict) -> dict:
+    """`base` with the keys of `top` laid over it, sections merged key by key."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _read_run_config(run: RunDir) -> dict:
     import yaml
 
@@ -668,10 +678,11 @@ def prepare(
         model = model or saved.get("model")
         data_dir = data_dir or saved.get("data")
         budget = budget or saved.get("ram_budget_bytes")
-        if config_path is None and not overrides:
-            cfg = from_dict(TrainConfig, saved["train"])
-        else:
-            cfg = load_train_config(config_path, overrides)
+        # the run's own settings, then --config and key=value on top (a resume changes only what it names)
+        base = saved["train"] if isinstance(saved["train"], dict) else {}
+        if config_path is not None:
+            base = _merged(base, read_yaml(config_path))
+        cfg = from_dict(TrainConfig, apply_overrides(base, overrides))
     else:
         if run.root.exists() and any(run.root.iterdir()):
             raise OdysseyError(
@@ -699,9 +710,10 @@ def prepare(
     if saved is not None:
         diffs = _diff(saved, eff)
         if diffs:
+            free = sorted(k.removeprefix("train.") for k in RESUME_FREE if k.startswith("train."))
             raise OdysseyError(
-                f"--resume with a different config: {', '.join(diffs[:4])}; resume with the "
-                f"run's settings (in {run.config_path}) or start a new --out"
+                f"--resume cannot change {', '.join(diffs[:4])}; a resume may change only "
+                f"{', '.join(free)} (the rest as in {run.config_path}), or start a new --out"
             )
     return run, store, data, cfg, budget, eff
 

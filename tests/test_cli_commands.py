@@ -180,3 +180,27 @@ def test_monitor_without_a_display_is_one_line(tmp_path):
 def test_monitor_without_tkinter_is_one_line(tmp_path):
     p = run_cli("monitor", tmp_path, env=dict(os.environ, DISPLAY=":99"))
     assert_user_error(p, "python3-tk")
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["plan", "--model", "m", "--seq-len", "-5"], "--seq-len: must be >= 1, got -5"),
+        (["plan", "--model", "m", "--slots", "0"], "--slots: must be >= 1, got 0"),
+        (["plan", "--model", "m", "--batch-size", "two"], "--batch-size: must be a whole number"),
+        (["generate", "--model", "m", "--max-new-tokens", "-1"], "--max-new-tokens: must be >= 1"),
+        (["generate", "--model", "m", "--temperature", "nan"], "--temperature: must be a finite number"),
+        (["generate", "--model", "m", "--top-k", "-3"], "--top-k: must be >= 0"),
+        (["train", "--out", "r", "--steps", "0"], "--steps: must be >= 1"),
+        (["train", "--out", "r", "--nproc", "0"], "--nproc: must be >= 1"),
+        (["prepare-data", "c", "--out", "d", "--val-fraction", "inf"], "--val-fraction: must be a finite number"),
+        (["init", "--config", "c", "--out", "o", "--seed", "-1"], "--seed: must be >= 0"),
+        (["train", "--out", "r", "--bogus"], "unrecognized arguments: --bogus"),
+        (["merge", "--model", "m", "--adapter", "a", "--out", "o", "lr=1"], "unrecognized arguments: lr=1"),
+    ],
+)
+def test_impossible_option_values_are_one_line(argv, needle):
+    """argparse's own errors are one line too (no usage block), exit 2, naming the option and the fix."""
+    p = run_cli(*argv)
+    assert_user_error(p, needle, "--help")
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -441,6 +441,30 @@ def test_bad_inputs(setup, tmp_path):
     assert_user_error(p, "lm_head")
 
 
+def test_resume_with_changes_keeps_the_run_settings(setup, tmp_path):
+    """--resume keeps the run's saved settings and lays key=value (anywhere on the line) over them:
+    the steps and the cadences may change, the maths may not (refused, naming the keys)."""
+    import yaml
+
+    run = tmp_path / "run"
+    first = ["--steps", "3", "seq_len=32", "lr=3e-3", "eval_every=0", "checkpoint_every=3"]
+    assert train_cli(setup, run, *first).returncode == 0
+    ref = step_losses(run)
+    # an override before the options, a cadence and a longer run: accepted, settings kept
+    p = run_cli("train", "checkpoint_every=1", "--out", run, "--resume", "--quiet", "--no-guard", "--steps", "5")
+    assert p.returncode == 0, p.stderr
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (saved["steps"], saved["checkpoint_every"], saved["seq_len"], saved["lr"]) == (5, 1, 32, 3e-3)
+    got = step_losses(run)
+    assert sorted(got) == [1, 2, 3, 4, 5] and all(got[s] == ref[s] for s in ref)
+    assert (run / "checkpoints" / "step-000004").is_dir()  # checkpoint_every=1 took effect
+    # a change of the maths: refused with the keys named, nothing written
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    p = run_cli("train", "--out", run, "--resume", "--quiet", "--no-guard", "--steps", "6", "lr=1e-2", "seq_len=16")
+    assert_user_error(p, "--resume cannot change", "lr", "seq_len", "checkpoint_every")
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
+
+
 # ---------------------------------------------------------------------------------------------
 # full training of a small model, then LoRA on top of it
 
