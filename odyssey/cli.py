@@ -659,6 +659,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars an error left open, so the error line is the last thing printed (a bar
+    left to the garbage collector redraws itself after it)."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError a user can cause, naming the path and what to do."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    fixes = {
+        errno.ENOSPC: "the disk is full: free space or choose an --out on another disk",
+        errno.EDQUOT: "the disk quota is used up: free space or choose an --out on another disk",
+        errno.EROFS: "the file system is read-only: choose a writable --out",
+        errno.EACCES: "permission denied: choose a path you may write (or read)",
+        errno.EPERM: "operation not permitted: choose a path you may write (or read)",
+        errno.ENOENT: "no such file or directory: check the path",
+        errno.ENOTDIR: "a path component is not a directory: check the path",
+        errno.EISDIR: "a directory where a file was expected: check the path",
+    }
+    fix = fixes.get(e.errno, f"{e.strerror or type(e).__name__}: check the path and the disk")
+    return f"{fix}{where}"
+
+
 HEAVY = {"generate", "plan", "train", "merge", "export", "bench", "init", "import"}
 
 
@@ -680,8 +709,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except OdysseyError as e:
+        close_progress_bars()
         print(f"odyssey: error: {e}", file=sys.stderr)
         return e.exit_status
+    except OSError as e:  # the machine said no: a full disk, a read-only or forbidden path, a file gone
+        close_progress_bars()
+        print(f"odyssey: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("odyssey: interrupted", file=sys.stderr)
         return 130
