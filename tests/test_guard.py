@@ -214,6 +214,10 @@ def test_bad_pid_and_bad_settings(run, capsys):
         == 2
     )
     assert "soft_pct <= hard_pct" in capsys.readouterr().err
+    a_file = run.root.parent / "a-file"
+    a_file.write_text("not a run directory")
+    assert guard.main(["--pid", str(os.getpid()), "--run", str(a_file), "--ram-budget", "1GiB"]) == 2  # at once
+    assert "is a file, not a run directory" in capsys.readouterr().err
 
 
 def guard_footprint(run, hog) -> tuple[float, float]:

@@ -179,6 +179,8 @@ class Guard:
     ):
         self.pid = int(pid)
         self.run = run if isinstance(run, RunDir) else RunDir(run)
+        if self.run.root.exists() and not self.run.root.is_dir():
+            raise OdysseyError(f"--run {self.run.root} is a file, not a run directory; pass the --out of the run")
         self.budget_bytes = int(budget_bytes)
         if self.budget_bytes <= 0:
             raise OdysseyError(f"--ram-budget must be > 0, got {budget_bytes}")
