@@ -66,6 +66,15 @@ def test_unknown_action_is_ignored_with_a_warning(run):
     assert e["level"] == "warning" and "explode" in e["message"]
 
 
+@pytest.mark.parametrize("text", ['{"id": ', "[1, 2]", "null", '"pause"', '{"id": 3, "action": 5}', "\xff\xfe"])
+def test_malformed_control_file_is_ignored(run, text):
+    """A hand-edited control.json that is not a request object is ignored, never a crash."""
+    ctl = Controller(run, GuardSettings())
+    run.control_path.write_bytes(text.encode("latin-1"))
+    assert ctl.poll() is None
+    assert run.read_control() is None or isinstance(run.read_control(), dict)
+
+
 @pytest.mark.slow
 def test_poll_is_cheap(run):
     """A speed claim, so `make test-slow`: a poll with nothing new costs microseconds."""

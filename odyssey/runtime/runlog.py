@@ -121,11 +121,14 @@ class RunDir:
 
 
 def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`; None when it is missing, unreadable, malformed or not an object
+    (a hand-edited control.json must never crash the trainer, the guard or the monitor)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 class MetricsTail:
