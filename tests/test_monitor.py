@@ -31,7 +31,7 @@ from odyssey.monitor.charts import nice_ticks, strip_bars, time_ticks
 from odyssey.monitor.feed import Feed, fmt_duration
 from odyssey.monitor.series import Series, downsample_minmax
 from odyssey.runtime.runlog import RunDir
-from tests.conftest import load_tool, run_cli
+from tests.conftest import assert_user_error, load_tool, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -690,6 +690,31 @@ def test_train_monitor_without_display_warns_once(real_run):
     assert said[0].startswith("--monitor: DISPLAY is not set") and "training continues" in said[0]
     assert "Traceback" not in p.stderr
     assert not (run / "monitor.log").exists()  # nothing was started
+
+
+def _unused_display() -> str:
+    """A DISPLAY where no X server listens (no socket for it under /tmp/.X11-unix)."""
+    n = next(n for n in range(150, 250) if not Path(f"/tmp/.X11-unix/X{n}").exists())
+    return f":{n}"
+
+
+def test_train_monitor_with_a_broken_display_warns_once(tiny_data, tmp_path):
+    """DISPLAY set but no X server behind it: one warning line on the terminal, training goes on."""
+    out = tmp_path / "run"
+    p = run_cli(
+        *_train_args(tiny_data, out, "--steps", "2", "seq_len=32", "eval_every=0", "--monitor"),
+        env=_env(_unused_display()),
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    said = [line for line in p.stderr.splitlines() if "monitor" in line]
+    assert len(said) == 1 and "no X server answers at DISPLAY=" in said[0], p.stderr
+    assert not (out / "monitor.log").exists()  # nothing was started
+
+
+def test_monitor_command_with_a_broken_display_is_one_line(tmp_path):
+    p = run_cli("monitor", tmp_path, env=_env(_unused_display()))
+    assert_user_error(p, "no X server answers", "xvfb-run")
 
 
 def test_feed_on_a_real_run(real_run, tiny_data):

@@ -28,9 +28,38 @@ def display_problem() -> str | None:
     """Why no window can open here (one line), or None. Only X11 platforms need DISPLAY."""
     if sys.platform in ("win32", "darwin"):
         return None
-    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+    display = os.environ.get("DISPLAY")
+    if not display and not os.environ.get("WAYLAND_DISPLAY"):
         return f"DISPLAY is not set, so the monitor cannot open a window; {XVFB_HINT}"
+    if display and not x_server_answers(display):
+        return f"no X server answers at DISPLAY={display}, so the monitor cannot open a window; {XVFB_HINT}"
     return None
+
+
+def x_server_answers(display: str, timeout_s: float = 2.0) -> bool:
+    """Whether something listens where an X client would connect for `display` ("[host]:N[.S]"):
+    the Unix socket /tmp/.X11-unix/XN (also its abstract twin) for a local display, TCP 6000+N
+    for a remote one (ssh -X forwards localhost:10 and up). Checked before a window is started in
+    another process, whose failure the user would never see."""
+    import socket
+
+    host, _, rest = display.rpartition(":")
+    number = rest.split(".")[0]
+    if not number.isdigit():
+        return False
+    if host in ("", "unix"):
+        targets = [(socket.AF_UNIX, f"/tmp/.X11-unix/X{number}"), (socket.AF_UNIX, f"\0/tmp/.X11-unix/X{number}")]
+    else:
+        targets = [(socket.AF_INET, (host, 6000 + int(number)))]
+    for family, address in targets:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout_s)
+                s.connect(address)
+                return True
+        except OSError:
+            continue
+    return False
 
 
 # Run by a short-lived intermediate process: starts the window in a new session, says its pid and
