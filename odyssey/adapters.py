@@ -17,6 +17,7 @@ engine binds a paged view, while `lora_A`/`lora_B` hold real fp32 tensors that s
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,14 +189,20 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         record = json.loads((path / ODYSSEY_NAME).read_text()) if (path / ODYSSEY_NAME).is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{path}: adapter config is not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(cfg, dict) or (record is not None and not isinstance(record, dict)):
+        raise AdapterError(f"{path}: {CONFIG_NAME} must hold a JSON object; re-save the adapter")
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"{path} holds a {cfg.get('peft_type')} adapter; Odyssey merges LoRA adapters only")
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"{w_path} is unreadable ({e}); the adapter is damaged, use a checkpoint's copy") from None
-    r = int(cfg.get("r", 8))
-    alpha = float(cfg.get("lora_alpha", r))
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", cfg.get("r", 8))
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{cfg_path}: r must be a whole number > 0, got {r!r}; the adapter is damaged")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"{cfg_path}: lora_alpha must be a finite number > 0, got {alpha!r}; the adapter is damaged")
+    alpha = float(alpha)
     scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
     pairs: dict = {}
     for key, t in tensors.items():
@@ -210,9 +217,17 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
             f"{w_path}: {'LoRA pairs incomplete for ' + broken[0] if broken else 'no LoRA weights'}; "
             f"the adapter is damaged"
         )
-    targets = cfg.get("target_modules") or sorted({m.split(".")[-1] for m in pairs})
+    found = sorted({m.split(".")[-1] for m in pairs})
+    targets = cfg.get("target_modules") or found
     if isinstance(targets, str):
-        targets = sorted({m.split(".")[-1] for m in pairs})
+        targets = found
+    if not isinstance(targets, list) or not set(found) <= set(targets):
+        raise AdapterError(
+            f"{cfg_path}: target_modules {targets!r} do not cover the weights' modules {found}; the adapter is damaged"
+        )
+    wrong_rank = [m for m, (a, _) in pairs.items() if a.shape[0] != r]
+    if wrong_rank:
+        raise AdapterError(f"{w_path}: {wrong_rank[0]} has rank {pairs[wrong_rank[0]][0].shape[0]}, not r={r}")
     return AdapterFile(
         path=path,
         r=r,

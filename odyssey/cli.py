@@ -239,8 +239,9 @@ def cmd_plan(args) -> int:
 def add_generate_parser(sub) -> None:
     s = _parser_for(sub, "generate", "generate text with the model paged from disk under a RAM budget")
     s.add_argument("--model", required=True, help="store directory")
-    s.add_argument("--prompt", help="prompt text (needs a tokenizer in the store)")
-    s.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
+    prompt = s.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the store)")
+    prompt.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
     s.add_argument("--adapter", help="a LoRA adapter directory (e.g. RUN/adapter) applied on the fly")
     s.add_argument("--max-new-tokens", type=count(1), default=32)
     s.add_argument("--ram-budget", help="e.g. 1GiB")
@@ -279,6 +280,15 @@ def cmd_generate(args) -> int:
         bos = store.config.bos_token_id
         if bos is not None and (not prompt or prompt[0] != bos):
             prompt = [bos] + prompt
+    vocab = store.config.vocab_size
+    outside = [i for i in prompt if not 0 <= i < vocab]
+    if outside:
+        raise OdysseyError(f"prompt id {outside[0]} is outside the model's vocabulary (0..{vocab - 1})")
+    adapter = None
+    if args.adapter:  # base paged from disk, LoRA adapter resident (refused if made for another base)
+        from odyssey.adapters import read_adapter
+
+        adapter = read_adapter(args.adapter)
     budget = _budget(args)
     seq = len(prompt) + args.max_new_tokens
 
@@ -286,14 +296,14 @@ def cmd_generate(args) -> int:
         return plan_for_store(store, mode="forward", seq_len=seq_len, slots=args.slots, budget=budget)
 
     p = replan(seq)
+    check(p, replan)  # a plan that does not fit is one line naming its terms
     if not args.quiet:
         print(p.table(), file=sys.stderr)
-    check(p, replan)
     model = None
-    if args.adapter:  # base paged from disk, LoRA adapter resident (refused if made for another base)
-        from odyssey.adapters import adapter_skeleton, read_adapter
+    if adapter is not None:
+        from odyssey.adapters import adapter_skeleton
 
-        model = adapter_skeleton(store, read_adapter(args.adapter))
+        model = adapter_skeleton(store, adapter)
     t0 = time.perf_counter()
     with Engine(store, compute_dtype=args.compute_dtype, slots=args.slots, model=model) as eng:
         if args.prompt and not args.quiet:

@@ -331,6 +331,8 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict, source: str = "config.json") -> ModelConfig:
         """Read an HF Llama config.json (transformers v4 or v5)."""
+        if not isinstance(hf, dict):
+            raise OdysseyError(f"{source} must hold a JSON object of config keys")
         data = dict(hf)
         rope = data.get("rope_parameters") or {}
         if "rope_theta" not in data and isinstance(rope, dict) and "rope_theta" in rope:

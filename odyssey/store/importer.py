@@ -32,7 +32,7 @@ def import_hf(
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise OdysseyError(f"{src} has no config.json; point `odyssey import` at a Hugging Face model directory")
-    hf = json.loads(cfg_path.read_text())
+    hf = _read_json(cfg_path)
     archs = hf.get("architectures") or []
     if not (set(archs) & SUPPORTED_ARCHS) and hf.get("model_type") not in ("llama", "mistral"):
         raise OdysseyError(
@@ -46,8 +46,10 @@ def import_hf(
     # Where each tensor lives in the source.
     index_path = src / INDEX_NAME
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        files = {name: src / f for name, f in weight_map.items()}
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise OdysseyError(f"{index_path} has no weight_map; save the model again with save_pretrained")
+        files = {name: src / str(f) for name, f in weight_map.items()}
     elif (src / "model.safetensors").is_file():
         with safe_open(src / "model.safetensors", "pt") as f:
             files = {name: src / "model.safetensors" for name in f.keys()}
@@ -110,6 +112,17 @@ def import_hf(
         "dtype": dtype,
         "tokenizer_files": copied,
     }
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a source checkpoint's file, or one line saying what is wrong with it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OdysseyError(f"{path} is not valid JSON ({e}); repair or re-download the checkpoint") from None
+    if not isinstance(data, dict):
+        raise OdysseyError(f"{path} must hold a JSON object; repair or re-download the checkpoint")
+    return data
 
 
 def _slice_dtype(path: Path, name: str) -> str:

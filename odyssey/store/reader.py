@@ -66,7 +66,10 @@ class Store:
             raise StoreError(
                 f"{root}: config.json or the index is not valid JSON ({e.msg}); re-create the store"
             ) from None
-        meta = (index.get("metadata") or {}).get("odyssey")
+        if not isinstance(hf, dict) or not isinstance(index, dict):
+            raise StoreError(f"{root}: config.json and the index must each hold a JSON object; re-create the store")
+        meta = index.get("metadata")
+        meta = meta.get("odyssey") if isinstance(meta, dict) else None
         if not isinstance(meta, dict):
             raise StoreError(
                 f"{root} is a Hugging Face checkpoint, not an Odyssey store; convert it with "
@@ -80,9 +83,12 @@ class Store:
             )
         config = ModelConfig.from_hf_dict(hf, source=str(cfg_path))
         by_unit = {}
-        for fname, info in meta["shards"].items():
-            unit = info["unit"]
-            by_unit[unit if unit in ("embed", "head") else int(unit)] = root / fname
+        try:
+            for fname, info in meta["shards"].items():
+                unit = info["unit"]
+                by_unit[unit if unit in ("embed", "head") else int(unit)] = root / fname
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise StoreError(f"{root}: the index's shard list is damaged; re-create the store") from None
         shards = {}
         for unit in units_of(config):
             if unit not in by_unit:
