@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from odyssey.dtypes import PAGE_SIZE, ST_CODES
-from odyssey.store import Store, Unit
+from odyssey.store import Store, StoreError, Unit
 
 READ_CHUNK = 16 << 20  # bytes per preadv call: large enough to reach the disk's sequential rate
 
@@ -225,7 +225,13 @@ class Pager:
                     slot.reused_flags.append(False)
                     self._order.append((unit, slot))
                 t0 = time.perf_counter()
-                self._read(unit, slot)  # outside the lock: the consumer keeps computing
+                try:
+                    self._read(unit, slot)  # outside the lock: the consumer keeps computing
+                except OSError as e:  # the shard went missing or unreadable since the store was opened
+                    name, root = self.store.shards[unit].path.name, self.store.root
+                    raise StoreError(
+                        f"store {root}: cannot read shard {name} ({e.strerror or e}); run `odyssey verify {root}`"
+                    ) from None
                 with self._cv:
                     slot.read_s = time.perf_counter() - t0
                     slot.ready = True
@@ -268,7 +274,10 @@ class Pager:
                     break
                 off += got
             if off < size:
-                raise OSError(f"{info.path}: short read ({off} of {size} bytes); run `odyssey verify`")
+                raise StoreError(
+                    f"store {self.store.root}: shard {info.path.name} is shorter than its header says ({off} of "
+                    f"{size} bytes: truncated on disk); run `odyssey verify {self.store.root}`"
+                )
             if self.drop_cache and not direct:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             if self.verify:

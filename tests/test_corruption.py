@@ -19,7 +19,7 @@ import torch
 
 from odyssey import cli
 from odyssey.errors import OdysseyError
-from odyssey.store import INDEX_NAME, ChecksumMismatch, Store, init_store, shard_name, verify_store
+from odyssey.store import INDEX_NAME, ChecksumMismatch, Store, StoreError, init_store, shard_name, verify_store
 from odyssey.store.checksum import FAST, SEAL, SHA256, file_digests, index_seal
 from tests.conftest import assert_user_error, run_cli, tiny_config
 
@@ -100,6 +100,24 @@ def test_pager_load_tensors_and_engine_refuse_a_flipped_byte(tiny_store, kind):
             eng.logits(torch.tensor([[1, 2, 3]]))
 
 
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_a_shard_damaged_after_open_is_one_line(tiny_store, damage):
+    """A shard truncated or removed while a command runs (after the store was opened)."""
+    from odyssey.pager import Pager
+
+    store = Store.open(tiny_store)
+    victim = tiny_store / shard_name(2, 4)
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:5000])
+    else:
+        victim.unlink()
+    needle = "shorter than its header" if damage == "truncate" else "cannot read shard"
+    with Pager(store) as pager, pytest.raises(StoreError, match=needle):
+        pager.get(1)
+    with pytest.raises(StoreError, match=needle):
+        store.load_tensors(1)
+
+
 def test_a_verified_unit_is_hashed_once_per_store(tiny_store):
     """Re-reads of a unit the store has checked are not hashed again (the pager re-reads every
     layer every step): the check costs one pass of the fast hash per shard per process."""
@@ -142,7 +160,9 @@ def test_merge_export_generate_refuse_a_flipped_byte(tmp_path, consumer_setup, c
     before = digests(tmp_path)
     needles = (f"store {store}", victim.name, "does not match its checksum", f"odyssey verify {store}")
 
-    code = cli.main(["merge", "--model", str(store), "--adapter", str(adapter), "--out", str(tmp_path / "m"), "--quiet"])
+    code = cli.main(
+        ["merge", "--model", str(store), "--adapter", str(adapter), "--out", str(tmp_path / "m"), "--quiet"]
+    )
     one_line_error(capsys, code, *needles)
     assert not (tmp_path / "m").exists()  # nothing made from the damaged base stays
 

@@ -163,18 +163,27 @@ class Store:
         info = self.shards[unit]
         hasher = None if unit in self._verified else new_hasher(self.expected_digest(unit)[0])
         raws = {}
-        with open(info.path, "rb") as f:
-            head = f.read(info.data_offset)
-            if hasher is not None:
-                hasher.update(head)
-            for name, span in info.tensors.items():  # file order, no gaps (shard_info checks)
-                f.seek(info.data_offset + span.start)
-                raw = bytearray(span.nbytes)
-                if f.readinto(raw) != span.nbytes:
-                    raise StoreError(f"{info.path}: shard truncated while reading; {repair_hint(info.path)}")
+        try:
+            with open(info.path, "rb") as f:
+                head = f.read(info.data_offset)
                 if hasher is not None:
-                    hasher.update(raw)
-                raws[name] = raw
+                    hasher.update(head)
+                for name, span in info.tensors.items():  # file order, no gaps (shard_info checks)
+                    f.seek(info.data_offset + span.start)
+                    raw = bytearray(span.nbytes)
+                    if f.readinto(raw) != span.nbytes:
+                        raise StoreError(
+                            f"store {self.root}: shard {info.path.name} is shorter than its header says "
+                            f"(truncated on disk); run `odyssey verify {self.root}`"
+                        )
+                    if hasher is not None:
+                        hasher.update(raw)
+                    raws[name] = raw
+        except OSError as e:  # gone or unreadable since the store was opened
+            raise StoreError(
+                f"store {self.root}: cannot read shard {info.path.name} ({e.strerror or e}); "
+                f"run `odyssey verify {self.root}`"
+            ) from None
         if hasher is not None:
             self._check_digest(unit, self.expected_digest(unit)[0], hasher.hexdigest())
         out = {}
