@@ -147,23 +147,21 @@ def add_verify_parser(sub) -> None:
 
 
 def cmd_verify(args) -> int:
-    from odyssey.store import Store, StoreError
+    from odyssey.store import verify_store
 
-    try:
-        store = Store.open(args.model)
-    except StoreError as e:
-        # A header or size problem found at open: still one line per problem, then exit 2.
-        print(f"FAIL {e}", file=sys.stderr)
-        return 2
-    problems = store.verify(progress=not args.quiet)
+    # Config, index fields against the headers, sizes, shapes, checksums: one line per problem.
+    store, problems, note = verify_store(args.model, progress=not args.quiet)
     for p in problems:
         print(f"FAIL {p}", file=sys.stderr)
     if problems:
-        print(f"{len(problems)} of {len(store.shards)} shards have problems", file=sys.stderr)
+        if store is not None:
+            print(f"{len(problems)} problem(s) in {store.root} ({len(store.shards)} shards)", file=sys.stderr)
         return 2
+    if note:
+        print(note)
     print(
         f"OK {store.root}: {len(store.shards)} shards, {store.total_bytes() / 1e6:,.1f} MB, "
-        f"sizes, headers, shapes and checksums match"
+        f"sizes, headers, shapes, index fields and checksums match"
     )
     return 0
 

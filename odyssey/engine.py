@@ -120,6 +120,10 @@ class Engine:
             self.pager.release(res)
 
     def _open_embedding(self):
+        """The embed shard memory-mapped (rows are gathered as needed). Its bytes are not read by
+        the pager here, so the file is checked against the store's checksum once, in one
+        streaming pass, before any row is used."""
+        self.store.check_file("embed")  # no-op once the store has verified it
         info = self.store.shards["embed"]
         span = info.tensors["model.embed_tokens.weight"]
         return np.memmap(

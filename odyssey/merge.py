@@ -22,7 +22,7 @@ from odyssey import atomic
 from odyssey.adapters import WEIGHTS_NAME, AdapterFile, read_adapter
 from odyssey.dtypes import DTYPES, check_store_dtype
 from odyssey.errors import OdysseyError
-from odyssey.store import Store, StoreWriter, Unit, file_sha256, unit_label
+from odyssey.store import ChecksumMismatch, Store, StoreWriter, Unit, file_sha256, unit_label
 from odyssey.tokenizer import copy_tokenizer, tokenizer_files
 
 MERGE_RECORD = "odyssey_merge.json"  # in the merged store: which base and adapter made it
@@ -121,13 +121,18 @@ def merge(
     written = kept = 0
     bar = tqdm(total=w.total_file_bytes(), unit="B", unit_scale=True, desc="merge", disable=not progress)
     with PeakSampler(interval_s=0.02) as mem:
-        for unit in w.units:
-            bar.set_postfix_str(unit_label(unit))
-            if w.is_done(unit):  # a complete shard from an interrupted merge with the same inputs
-                kept += 1
-            else:
-                written += _write_merged_unit(w, source, unit)
-            bar.update(w.unit_file_bytes(unit))
+        try:
+            for unit in w.units:
+                bar.set_postfix_str(unit_label(unit))
+                if w.is_done(unit):  # a complete shard from an interrupted merge with the same inputs
+                    kept += 1
+                else:  # each base shard is checked against its checksum as it is read
+                    written += _write_merged_unit(w, source, unit)
+                bar.update(w.unit_file_bytes(unit))
+        except ChecksumMismatch:  # a damaged base: nothing made from it stays under --out
+            bar.close()
+            w.abandon()
+            raise
         bar.close()
         # Tokenizer and provenance before the index: a directory with an index is complete.
         copied = copy_tokenizer(store.root, out)

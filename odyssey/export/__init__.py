@@ -8,11 +8,14 @@ OUT/model-<type>.gguf  llama.cpp file (gguf.py)                   -> llama.cpp, 
 ```
 Everything the user can get wrong is checked before the first byte is written: format names, the
 GGUF type, the adapter's base, outputs that exist already (unless --force), and free disk for all
-requested outputs together. Every output goes to a temporary name and is renamed when complete.
+requested outputs together. Every output goes to a temporary name and is renamed when complete;
+each shard of the store is checked against its checksum as it is read (a damaged shard stops the
+export before its output is renamed into place).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -149,12 +152,19 @@ def export_model(
 
     import torch  # noqa: F401  (seconds of import, not of writing, so the MB/s figures are fair)
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     results, t_all = [], time.perf_counter()
     for fmt in fmts:
         t0 = time.perf_counter()
-        with PeakSampler(interval_s=0.02) as mem:
-            size = _write_one(source, fmt, paths[fmt], gguf_type, progress)["bytes"]
+        try:  # every shard read is checked against the store's checksums before the output is renamed
+            with PeakSampler(interval_s=0.02) as mem:
+                size = _write_one(source, fmt, paths[fmt], gguf_type, progress)["bytes"]
+        except BaseException:
+            if created and not results:  # leave no empty --out behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
         seconds = time.perf_counter() - t0
         results.append(
             {

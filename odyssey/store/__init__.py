@@ -9,7 +9,8 @@ model-0000k-of-0000n.safetensors  unit k-2 (decoder layer k-2): its nine tensors
 model-0000n-of-0000n.safetensors  unit "head": model.norm.weight [+ lm_head.weight unless tied]
 model.safetensors.index.json      HF index (weight_map, metadata.total_size) + metadata.odyssey:
                                   {format_version, dtype, checksum: "sha256",
-                                   shards: {file: {unit, bytes, sha256}}}   (written last)
+                                   shards: {file: {unit, bytes, sha256, xxh3_128}},
+                                   index_xxh3_128}   (written last)
 tokenizer.json ...                optional, copied by import / prepare-data --model
 ```
 Shard bytes (safetensors): u64 little-endian N, N bytes of JSON header, then the tensors packed
@@ -23,8 +24,14 @@ Writing is crash-safe: each shard goes to a temporary name and is renamed when c
 a crash keeps the complete shards and writes only the rest; the index is written last, so a
 directory with an index is a complete store.
 
-Modules: `format` (names, units, the safetensors header codec), `reader` (`Store`, verify,
-`describe`), `writer` (`StoreWriter` and its journal), `init` (random init), `importer` (HF import).
+Corruption is caught where the bytes are used: every command that reads a shard (the pager, the
+engine's embedding rows, `load_tensors` for merge, export and full training) hashes the bytes it
+read with XXH3-128 and compares them with the index before trusting them (`checksum` explains the
+choice); `Store.open` checks the index fields against the headers and the index's own seal.
+
+Modules: `format` (names, units, the safetensors header codec), `checksum` (SHA-256, XXH3-128, the
+index seal), `reader` (`Store`, `verify_store`, `describe`), `writer` (`StoreWriter` and its
+journal), `init` (random init), `importer` (HF import).
 """
 
 from odyssey.store.format import (
@@ -47,10 +54,11 @@ from odyssey.store.format import (
 )
 from odyssey.store.importer import import_hf
 from odyssey.store.init import init_store, init_tensor, tensor_seed
-from odyssey.store.reader import Store, describe
+from odyssey.store.reader import ChecksumMismatch, Store, describe, verify_store
 from odyssey.store.writer import StoreWriter
 
 __all__ = [
+    "ChecksumMismatch",
     "FORMAT_VERSION",
     "INDEX_NAME",
     "JOURNAL_NAME",
@@ -74,4 +82,5 @@ __all__ = [
     "unit_label",
     "unit_shapes",
     "units_of",
+    "verify_store",
 ]

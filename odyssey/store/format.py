@@ -115,9 +115,11 @@ def read_header(path: Path) -> tuple[int, dict, dict]:
             raw = f.read(n)
     except FileNotFoundError:
         raise StoreError(f"{path}: shard missing; {repair_hint(path)}") from None
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the shard ({e.strerror or e}); check it is a readable file") from None
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise StoreError(f"{path}: corrupt header (not JSON); {repair_hint(path)}") from None
     if not isinstance(header, dict):
         raise StoreError(f"{path}: corrupt header; {repair_hint(path)}")
@@ -128,13 +130,22 @@ def read_header(path: Path) -> tuple[int, dict, dict]:
             dt, shape, (s, t) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise StoreError(f"{path}: corrupt header entry {name!r}; {repair_hint(path)}") from None
-        if dt not in ST_CODES or t - s != numel(shape) * ST_CODES[dt].itemsize or s < 0:
+        if (
+            not isinstance(dt, str)
+            or dt not in ST_CODES
+            or not all(_is_count(v) for v in (*shape, s, t))
+            or t - s != numel(shape) * ST_CODES[dt].itemsize
+        ):
             raise StoreError(f"{path}: corrupt header entry {name!r}; {repair_hint(path)}")
         end = max(end, t)
     if 8 + n + end != size:
         what = "truncated" if 8 + n + end > size else "has trailing bytes"
         raise StoreError(f"{path}: shard {what} ({size} bytes on disk, header says {8 + n + end}); {repair_hint(path)}")
     return 8 + n, header, metadata
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def repair_hint(path: Path) -> str:
@@ -151,8 +162,15 @@ def shard_info(path: Path, unit: Unit) -> ShardInfo:
     for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         s, t = e["data_offsets"]
         spans[name] = TensorSpan(name, e["dtype"], tuple(e["shape"]), s, t - s)
-    data_bytes = max((s.start + s.nbytes for s in spans.values()), default=0)
-    return ShardInfo(unit, path, data_offset, data_bytes, spans)
+    pos = 0
+    for span in spans.values():  # a store shard packs its tensors with no gaps in header order
+        if span.start != pos:
+            raise StoreError(
+                f"{path}: corrupt header ({span.name} {'overlaps' if span.start < pos else 'leaves a gap'}); "
+                f"{repair_hint(path)}"
+            )
+        pos += span.nbytes
+    return ShardInfo(unit, path, data_offset, pos, spans)
 
 
 def file_sha256(path: Path, chunk: int = 16 << 20) -> str:

@@ -9,7 +9,6 @@ removed: a directory with an index is a complete store.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from odyssey import atomic
 from odyssey.config import ModelConfig, format_bytes
 from odyssey.dtypes import DTYPES, numel
 from odyssey.errors import OdysseyError
+from odyssey.store.checksum import FAST, SEAL, SHA256, file_digests, index_seal, new_hasher
 from odyssey.store.format import (
     FORMAT_VERSION,
     INDEX_NAME,
@@ -29,7 +29,6 @@ from odyssey.store.format import (
     Unit,
     build_header,
     drop_cache,
-    file_sha256,
     shard_name,
     unit_label,
     unit_shapes,
@@ -53,6 +52,8 @@ class StoreWriter:
         self.journal_key = journal_key
         self.journal: dict = {"key": journal_key, "done": {}}
         self._headers = {u: self._header(u) for u in self.units}  # (header bytes, spans) per unit
+        self._written: list[str] = []  # shard files written by this run
+        self._fresh = False  # whether this run started the output (nothing to resume)
         self.file_bytes = {u: len(h) + sum(s.nbytes for s in spans) for u, (h, spans) in self._headers.items()}
         self._prepare(force, extra_bytes)
 
@@ -99,6 +100,7 @@ class StoreWriter:
                 ):
                     p.unlink()
             self.journal = {"key": self.journal_key, "done": {}}
+        self._fresh = not resumable
         # Free disk, checked before anything is written: what remains to write, plus a margin.
         remaining = (
             sum(
@@ -120,13 +122,16 @@ class StoreWriter:
         atomic.write_json(journal_path, self.journal)
 
     def is_done(self, unit: Unit) -> bool:
-        """A shard recorded in the journal whose file still has the recorded checksum."""
+        """A shard recorded in the journal whose file still has the recorded checksum (its fast
+        checksum is added to the record if a journal written before it lacks one)."""
         fname = shard_name(self.units.index(unit), self.n)
         rec = self.journal["done"].get(fname)
         path = self.root / fname
         if not rec or not path.is_file() or path.stat().st_size != rec["bytes"]:
             return False
-        if file_sha256(path) == rec["sha256"]:
+        digests = file_digests(path, (SHA256, FAST))
+        if digests[SHA256] == rec[SHA256] and rec.get(FAST, digests[FAST]) == digests[FAST]:
+            rec[FAST] = digests[FAST]
             return True
         del self.journal["done"][fname]
         return False
@@ -137,10 +142,11 @@ class StoreWriter:
 
         fname = shard_name(self.units.index(unit), self.n)
         header, spans = self._headers[unit]
-        h = hashlib.sha256()
+        hashers = [new_hasher(SHA256), new_hasher(FAST)]
         with atomic.atomic_open(self.root / fname, "wb") as f:
             f.write(header)
-            h.update(header)
+            for h in hashers:
+                h.update(header)
             for span in spans:
                 t = producer(span.name, span.shape)
                 if isinstance(t, np.ndarray):
@@ -150,20 +156,42 @@ class StoreWriter:
                     raise OdysseyError(f"{span.name}: got shape {list(t.shape)}, expected {list(span.shape)}")
                 raw = memoryview(t.view(torch.uint8).numpy()).cast("B")
                 f.write(raw)
-                h.update(raw)
+                for h in hashers:
+                    h.update(raw)
                 del t, raw
             size = f.tell()
         drop_cache(self.root / fname)  # written once, read later by the pager: keep RAM free
-        self.journal["done"][fname] = {"unit": str(unit), "bytes": size, "sha256": h.hexdigest()}
+        self._written.append(fname)
+        sha, fast = (h.hexdigest() for h in hashers)
+        self.journal["done"][fname] = {"unit": str(unit), "bytes": size, SHA256: sha, FAST: fast}
         atomic.write_json(self.root / JOURNAL_NAME, self.journal)
         return size
+
+    def abandon(self) -> None:
+        """Remove what this run wrote, when its input turned out damaged: the shards it wrote and,
+        if this run started the output, its config.json, journal and (then empty) directory. An
+        output resumed from an earlier run keeps that run's shards and journal."""
+        for fname in self._written:
+            (self.root / fname).unlink(missing_ok=True)
+            self.journal["done"].pop(fname, None)
+        if self._fresh:
+            for name in (JOURNAL_NAME, "config.json"):
+                (self.root / name).unlink(missing_ok=True)
+            try:
+                self.root.rmdir()
+            except OSError:  # not empty: files the user keeps there
+                pass
+        elif self.root.is_dir():
+            atomic.write_json(self.root / JOURNAL_NAME, self.journal)
 
     def finish(self) -> None:
         shards, weight_map, total = {}, {}, 0
         for k, unit in enumerate(self.units):
             fname = shard_name(k, self.n)
             rec = self.journal["done"][fname]
-            shards[fname] = {"unit": str(unit), "bytes": rec["bytes"], "sha256": rec["sha256"]}
+            if FAST not in rec:  # a journal written before the fast checksum
+                rec[FAST] = file_digests(self.root / fname, (FAST,))[FAST]
+            shards[fname] = {"unit": str(unit), "bytes": rec["bytes"], SHA256: rec[SHA256], FAST: rec[FAST]}
             for name, shape in unit_shapes(self.config, unit).items():
                 weight_map[name] = fname
                 total += numel(shape) * DTYPES[self.dtype].itemsize
@@ -179,5 +207,6 @@ class StoreWriter:
             },
             "weight_map": weight_map,
         }
+        index["metadata"]["odyssey"][SEAL] = index_seal(index)
         atomic.write_json(self.root / INDEX_NAME, index)
         (self.root / JOURNAL_NAME).unlink(missing_ok=True)
