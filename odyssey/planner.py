@@ -20,6 +20,7 @@ Terms (bytes of anonymous memory, which is what a budget must bound):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from odyssey.config import LoraSettings, ModelConfig, format_bytes
@@ -191,6 +192,20 @@ def plan_for_store(
         budget=budget,
         runtime=runtime,
     )
+
+
+def plan_checked(store, *, seq_len: int, show: Callable[[Plan], None] | None = None, **settings) -> Plan:
+    """`plan_for_store(store, seq_len=seq_len, **settings)`, given to `show` (to print its table) and
+    then checked: raises OdysseyError as `check` does when it does not fit its budget."""
+
+    def replan(n: int) -> Plan:
+        return plan_for_store(store, seq_len=n, **settings)
+
+    p = replan(seq_len)
+    if show is not None:
+        show(p)
+    check(p, replan)
+    return p
 
 
 def check(p: Plan, replan) -> None:
