@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from odyssey.dtypes import COMPUTE_DTYPES, STORE_DTYPES
 from odyssey.errors import OdysseyError
 
 EXAMPLES = {
@@ -90,14 +91,29 @@ def _parser_for(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 # store commands
 
 
+def _add_store_out_options(s, dtype_default: str | None, dtype_help: str) -> None:
+    """--out, --dtype, --force and --quiet: the options of a command that writes a new store."""
+    s.add_argument("--out", required=True, help="store directory to create")
+    s.add_argument("--dtype", default=dtype_default, choices=list(STORE_DTYPES), help=dtype_help)
+    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _written(s: dict) -> str:
+    """What a command that wrote a store (init, import, merge) says of the bytes it wrote."""
+    return f"{s['bytes'] / 1e6:,.1f} MB {s['dtype']} in {s['seconds']:.1f} s ({s['mb_s']:.0f} MB/s)"
+
+
+def _kept(s: dict) -> str:
+    """The complete shards a resumed init or merge kept (see store.writer), said after its summary."""
+    return f", {s['kept_shards']} complete shards kept" if s["kept_shards"] else ""
+
+
 def add_init_parser(sub) -> None:
     s = _parser_for(sub, "init", "create a new model on disk from a config (streams; never all in RAM)")
     s.add_argument("--config", required=True, help="model YAML, e.g. configs/nano.yaml")
-    s.add_argument("--out", required=True, help="store directory to create")
-    s.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="weights on disk")
+    _add_store_out_options(s, "bf16", "weights on disk")
     s.add_argument("--seed", type=count(0), default=0, help="init seed (each tensor seeded by seed and name)")
-    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_hidden_layers=4")
     s.set_defaults(func=cmd_init)
 
@@ -108,11 +124,9 @@ def cmd_init(args) -> int:
 
     cfg = load_model_config(args.config, args.overrides)
     s = init_store(cfg, args.out, dtype=args.dtype, seed=args.seed, force=args.force, progress=not args.quiet)
-    kept = f", {s['kept_shards']} complete shards kept" if s["kept_shards"] else ""
     print(
         f"initialised {s['out']}: {s['parameters']:,} parameters ({s['parameters'] / 1e9:.3f} B), "
-        f"{s['bytes'] / 1e6:,.1f} MB {s['dtype']} in {s['seconds']:.1f} s "
-        f"({s['mb_s']:.0f} MB/s){kept}"
+        f"{_written(s)}{_kept(s)}"
     )
     return 0
 
@@ -120,10 +134,7 @@ def cmd_init(args) -> int:
 def add_import_parser(sub) -> None:
     s = _parser_for(sub, "import", "convert a Hugging Face Llama-family checkpoint into a store")
     s.add_argument("src", help="HF model directory (config.json + safetensors)")
-    s.add_argument("--out", required=True, help="store directory to create")
-    s.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32"], help="default: keep the source dtype")
-    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    s.add_argument("--quiet", action="store_true")
+    _add_store_out_options(s, None, "default: keep the source dtype")
     s.set_defaults(func=cmd_import)
 
 
@@ -132,10 +143,7 @@ def cmd_import(args) -> int:
 
     s = import_hf(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
     tok = ", ".join(s["tokenizer_files"]) or "no tokenizer files"
-    print(
-        f"imported {args.src} -> {s['out']}: {s['parameters']:,} parameters, "
-        f"{s['bytes'] / 1e6:,.1f} MB {s['dtype']} in {s['seconds']:.1f} s ({s['mb_s']:.0f} MB/s); {tok}"
-    )
+    print(f"imported {args.src} -> {s['out']}: {s['parameters']:,} parameters, {_written(s)}; {tok}")
     return 0
 
 
@@ -203,34 +211,26 @@ def add_plan_parser(sub) -> None:
     s.add_argument("--batch-size", type=count(1), default=1)
     s.add_argument("--lora-r", type=count(1), default=16)
     s.add_argument("--slots", type=count(1), default=2, help="pager buffer slots")
-    s.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    s.add_argument("--compute-dtype", default="auto", choices=list(COMPUTE_DTYPES))
     s.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args) -> int:
     from odyssey.config import LoraSettings
-    from odyssey.planner import check, plan_for_store
+    from odyssey.planner import plan_checked
     from odyssey.store import Store
 
-    store = Store.open(args.model)
-    budget = _budget(args)
-    lora = LoraSettings(r=args.lora_r) if args.mode == "lora" else None
-
-    def replan(seq_len):
-        return plan_for_store(
-            store,
-            mode=args.mode,
-            seq_len=seq_len,
-            batch_size=args.batch_size,
-            slots=args.slots,
-            lora=lora,
-            budget=budget,
-            compute_dtype=args.compute_dtype,
-        )
-
-    p = replan(args.seq_len)
-    print(p.table())
-    check(p, replan)
+    plan_checked(
+        Store.open(args.model),
+        mode=args.mode,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        slots=args.slots,
+        budget=_budget(args),
+        lora=LoraSettings(r=args.lora_r) if args.mode == "lora" else None,
+        compute_dtype=args.compute_dtype,
+        show=lambda p: print(p.table()),
+    )
     return 0
 
 
@@ -247,7 +247,7 @@ def add_generate_parser(sub) -> None:
     s.add_argument("--top-k", type=count(0), default=40)
     s.add_argument("--seed", type=count(0), default=0)
     s.add_argument("--slots", type=count(1), default=2)
-    s.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    s.add_argument("--compute-dtype", default="auto", choices=list(COMPUTE_DTYPES))
     s.add_argument("--quiet", action="store_true", help="only the generated text")
     s.set_defaults(func=cmd_generate)
 
@@ -255,7 +255,7 @@ def add_generate_parser(sub) -> None:
 def cmd_generate(args) -> int:
     from odyssey.engine import Engine
     from odyssey.generate import generate_ids, stream_text
-    from odyssey.planner import check, plan_for_store
+    from odyssey.planner import plan_checked
     from odyssey.store import Store
     from odyssey.tokenizer import load_tokenizer
 
@@ -287,16 +287,16 @@ def cmd_generate(args) -> int:
         from odyssey.adapters import read_adapter
 
         adapter = read_adapter(args.adapter)
-    budget = _budget(args)
-    seq = len(prompt) + args.max_new_tokens
-
-    def replan(seq_len):
-        return plan_for_store(store, mode="forward", seq_len=seq_len, slots=args.slots, budget=budget)
-
-    p = replan(seq)
-    check(p, replan)  # a plan that does not fit is one line naming its terms
-    if not args.quiet:
-        print(p.table(), file=sys.stderr)
+    plan_checked(  # a plan that does not fit is one line naming its terms; one that fits is shown
+        store,
+        mode="forward",
+        seq_len=len(prompt) + args.max_new_tokens,
+        slots=args.slots,
+        budget=_budget(args),
+        compute_dtype=args.compute_dtype,
+        show=None if args.quiet else lambda p: print(p.table(), file=sys.stderr),
+        show_first=False,
+    )
     model = None
     if adapter is not None:
         from odyssey.adapters import adapter_skeleton
@@ -461,10 +461,7 @@ def add_merge_parser(sub) -> None:
     s = _parser_for(sub, "merge", "fold a LoRA adapter into its base, layer by layer, as a new store")
     s.add_argument("--model", required=True, help="base store directory the adapter was trained on")
     s.add_argument("--adapter", required=True, help="adapter directory in PEFT format, e.g. runs/r1/adapter")
-    s.add_argument("--out", required=True, help="store directory to create")
-    s.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32"], help="default: the base's dtype")
-    s.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_store_out_options(s, None, "default: the base's dtype")
     s.set_defaults(func=cmd_merge)
 
 
@@ -472,11 +469,9 @@ def cmd_merge(args) -> int:
     from odyssey.merge import merge
 
     s = merge(args.model, args.adapter, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
-    kept = f", {s['kept_shards']} complete shards kept" if s["kept_shards"] else ""
     print(
         f"merged {s['adapter']} ({s['modules']} modules in {s['layers']} layers) into {s['base']} -> {s['out']}: "
-        f"{s['bytes'] / 1e6:,.1f} MB {s['dtype']} in {s['seconds']:.1f} s ({s['mb_s']:.0f} MB/s), "
-        f"peak anonymous RSS {s['peak_anon_bytes'] / 2**20:,.0f} MiB{kept}"
+        f"{_written(s)}, peak anonymous RSS {s['peak_anon_bytes'] / 2**20:,.0f} MiB{_kept(s)}"
     )
     return 0
 
@@ -581,53 +576,19 @@ def cmd_guard(args) -> int:
 
 
 def add_monitor_parser(sub) -> None:
-    # The monitor's parser lives beside tkinter (odyssey.monitor.app), which every command would
-    # then import, so its options are repeated here; tests/test_cli_commands.py checks they match.
-    # The defaults are the monitor's (MonitorSettings, in the light odyssey.monitor).
-    from odyssey.monitor import MonitorSettings
+    # The monitor's arguments come from the light odyssey.monitor (no tkinter), as its own parser's do.
+    from odyssey import monitor
 
-    d = MonitorSettings  # its class attributes are the defaults
     s = _parser_for(sub, "monitor", "open the live window on a run: loss, page-in, RAM, temperature, controls")
-    s.add_argument("run", help="the run directory (the --out of odyssey train)")
-    s.add_argument("--interval-ms", type=int, default=d.interval_ms, help="refresh period (default 500)")
-    s.add_argument(
-        "--wait-s",
-        type=float,
-        default=d.wait_s,
-        help="wait this long for the run directory to appear (used by train --monitor)",
-    )
-    s.add_argument("--geometry", default=d.geometry, help="window size, Tk syntax (default 1280x800)")
-    s.add_argument(
-        "--screenshot",
-        default=d.screenshot,
-        metavar="PNG",
-        help="save a picture of the window once the run is read, then exit",
-    )
-    s.add_argument(
-        "--screenshot-after-s",
-        type=float,
-        default=d.screenshot_after_s,
-        help="seconds to wait before the screenshot (default 3)",
-    )
+    monitor.add_arguments(s)
     s.set_defaults(func=cmd_monitor)
 
 
 def cmd_monitor(args) -> int:
-    import importlib.util
-
     from odyssey import monitor
 
-    # Checked here, before tkinter is imported, so each ends in one line (exit 2).
-    if args.wait_s <= 0 and not Path(args.run).is_dir():
-        raise OdysseyError(
-            f"run directory {args.run} not found; pass the --out directory of an "
-            "`odyssey train` run, e.g. odyssey monitor runs/r1"
-        )
-    problem = monitor.display_problem()
-    if problem:
-        raise OdysseyError(problem)
-    if importlib.util.find_spec("tkinter") is None:
-        raise OdysseyError("the monitor needs tkinter, which this Python lacks: apt-get install python3-tk")
+    # odyssey.monitor.show checks the run directory, the display and tkinter before importing
+    # tkinter, so each ends in one line (exit 2).
     return monitor.show(monitor.MonitorSettings.from_args(args))
 
 

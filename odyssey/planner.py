@@ -20,6 +20,7 @@ Terms (bytes of anonymous memory, which is what a budget must bound):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from odyssey.config import LoraSettings, ModelConfig, format_bytes
@@ -191,6 +192,26 @@ def plan_for_store(
         budget=budget,
         runtime=runtime,
     )
+
+
+def plan_checked(
+    store, *, seq_len: int, show: Callable[[Plan], None] | None = None, show_first: bool = True, **settings
+) -> Plan:
+    """`plan_for_store(store, seq_len=seq_len, **settings)`, checked (raises OdysseyError as `check`
+    does when it does not fit its budget) and given to `show` to print its table: before the check
+    (`odyssey plan` shows a plan that does not fit), or only once it fits (`show_first=False`: a
+    command that then fails says so in one line that names the terms)."""
+
+    def replan(n: int) -> Plan:
+        return plan_for_store(store, seq_len=n, **settings)
+
+    p = replan(seq_len)
+    if show is not None and show_first:
+        show(p)
+    check(p, replan)
+    if show is not None and not show_first:
+        show(p)
+    return p
 
 
 def check(p: Plan, replan) -> None:

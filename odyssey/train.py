@@ -719,23 +719,18 @@ def prepare(
 
 
 def check_plan(store, cfg: TrainConfig, budget: int):
-    from odyssey.planner import check, plan_for_store
+    from odyssey.planner import plan_checked
 
-    def replan(seq_len):
-        return plan_for_store(
-            store,
-            mode=cfg.mode,
-            seq_len=seq_len,
-            batch_size=cfg.batch_size,
-            slots=cfg.slots,
-            compute_dtype=cfg.compute_dtype,
-            lora=cfg.lora if cfg.mode == "lora" else None,
-            budget=budget,
-        )
-
-    p = replan(cfg.seq_len)
-    check(p, replan)
-    return p
+    return plan_checked(
+        store,
+        mode=cfg.mode,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        slots=cfg.slots,
+        compute_dtype=cfg.compute_dtype,
+        lora=cfg.lora if cfg.mode == "lora" else None,
+        budget=budget,
+    )
 
 
 def train(

@@ -144,7 +144,7 @@ def test_monitor_help_ends_with_an_example():
 
 def test_monitor_options_match_the_monitors_own_parser():
     pytest.importorskip("tkinter")
-    from odyssey.monitor.app import build_parser
+    from odyssey.monitor import build_parser
 
     def shape(parser):
         return {(tuple(a.option_strings), a.dest, a.type, a.nargs) for a in parser._actions}
@@ -154,7 +154,7 @@ def test_monitor_options_match_the_monitors_own_parser():
 
 def test_monitor_arguments_reach_the_monitors_settings():
     pytest.importorskip("tkinter")
-    from odyssey.monitor.app import build_parser
+    from odyssey.monitor import build_parser
 
     args = cli.build_parser().parse_args(["monitor", "--wait-s", "3", "--", "-odd-run-name"])
     back = MonitorSettings.from_args(args)

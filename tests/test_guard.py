@@ -220,6 +220,35 @@ def test_bad_pid_and_bad_settings(run, capsys):
     assert "is a file, not a run directory" in capsys.readouterr().err
 
 
+def test_guard_options_table_round_trips_every_threshold():
+    """One table (guard.OPTIONS) builds the guard's parser, reads the settings back and writes the
+    child's command line: every threshold in it, set away from its default, comes back unchanged."""
+    d = GuardSettings()
+    s = GuardSettings(
+        interval_s=0.25,
+        soft_pct=61.5,
+        hard_pct=77.0,
+        min_available_mib=64.0,
+        max_temp_c=70.0,
+        resume_temp_c=-5.0,
+        thermal_file="/tmp/odyssey-temp",
+        enforce_cgroup=True,
+    )
+    fields = [o.field for o in guard.OPTIONS]
+    assert all(getattr(s, f) != getattr(d, f) for f in fields), "each threshold must differ from its default"
+    assert len(set(fields)) == len(fields) and len({o.flag for o in guard.OPTIONS}) == len(fields)
+    parser = guard.build_parser()
+    flags = {opt for a in parser._actions for opt in a.option_strings}
+    assert {o.flag for o in guard.OPTIONS} <= flags
+    required = ["--pid", "1", "--run", "r", "--ram-budget", "1GiB"]
+    assert guard.settings_from_args(parser.parse_args(required + guard.settings_argv(s))) == s
+    # defaults: nothing set means the settings' defaults, and the child gets no switch or file
+    assert guard.settings_from_args(parser.parse_args(required)) == d
+    argv = guard.settings_argv(d)
+    assert "--enforce-cgroup" not in argv and "--thermal-file" not in argv
+    assert guard.settings_from_args(parser.parse_args(required + argv)) == d
+
+
 def guard_footprint(run, hog) -> tuple[float, float]:
     """(RSS MiB, CPU % of a core) of a guard process at the default 0.5 s interval, over 3 s."""
     import psutil

@@ -359,6 +359,29 @@ def test_no_display_is_a_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "monitor.log").exists()  # nothing started, nothing written
 
 
+def test_monitor_checks_come_before_tkinter_on_either_command_line(tmp_path, monkeypatch):
+    """`python -m odyssey.monitor` checks what `odyssey monitor` checks, in the same order, before
+    tkinter is imported: a missing run directory, then the display, then tkinter itself."""
+    from odyssey.monitor import main
+
+    import odyssey.monitor
+
+    monkeypatch.setitem(sys.modules, "tkinter", None)  # as if this Python had no tkinter
+    monkeypatch.setenv("DISPLAY", ":99")
+    monkeypatch.setattr(odyssey.monitor, "x_server_answers", lambda display: True)  # a display that works
+    with pytest.raises(OdysseyError, match="run directory .* not found") as e:
+        main([str(tmp_path / "nope")])
+    assert "odyssey monitor runs/r1" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(OdysseyError, match="python3-tk") as e:
+        main([str(tmp_path)])
+    assert "\n" not in str(e.value)
+    if sys.platform not in ("win32", "darwin"):
+        monkeypatch.delenv("DISPLAY")
+        monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+        with pytest.raises(OdysseyError, match="DISPLAY is not set"):
+            main([str(tmp_path)])
+
+
 def test_pick_family_prefers_hangul_fonts():
     from odyssey.monitor.app import pick_family
 

@@ -9,10 +9,12 @@ and the guard never counts its memory against the training budget.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,32 +144,92 @@ class MonitorSettings:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
-def show(settings: MonitorSettings) -> int:
-    """Open the window as `settings` say and return 0 when it is closed; raises OdysseyError."""
-    from odyssey.monitor.app import run_monitor as app_run
-
-    return app_run(
-        settings.run,
-        wait_s=settings.wait_s,
-        geometry=settings.geometry,
-        interval_ms=settings.interval_ms,
-        screenshot=settings.screenshot,
-        screenshot_after_s=settings.screenshot_after_s,
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The monitor's arguments, with MonitorSettings' defaults: of `python -m odyssey.monitor` and of
+    `odyssey monitor` (whose parser adds them to its own)."""
+    d = MonitorSettings  # its class attributes are the defaults
+    p.add_argument("run", help="the run directory (the --out of odyssey train)")
+    p.add_argument("--interval-ms", type=int, default=d.interval_ms, help=f"refresh period (default {d.interval_ms})")
+    p.add_argument(
+        "--wait-s",
+        type=float,
+        default=d.wait_s,
+        help="wait this long for the run directory to appear (used by train --monitor)",
     )
+    p.add_argument("--geometry", default=d.geometry, help=f"window size, Tk syntax (default {d.geometry})")
+    p.add_argument(
+        "--screenshot",
+        default=d.screenshot,
+        metavar="PNG",
+        help="save a PNG of the window once the run is read, then close it (needs Pillow)",
+    )
+    p.add_argument(
+        "--screenshot-after-s",
+        type=float,
+        default=d.screenshot_after_s,
+        help=f"with --screenshot: seconds to let the window settle first (default {d.screenshot_after_s:g})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m odyssey.monitor`."""
+    p = argparse.ArgumentParser(
+        prog="odyssey monitor",
+        description="Watch a training run live (or a finished one): loss, page-in, RAM against the "
+        "budget, temperature, guard events; pause, resume, checkpoint or stop it.",
+        epilog="example: odyssey monitor runs/r1   (headless: xvfb-run -a odyssey monitor runs/r1)",
+    )
+    add_arguments(p)
+    return p
+
+
+def wait_for_run_dir(run_dir: str | os.PathLike, wait_s: float) -> None:
+    """Return once `run_dir` is a directory; raise OdysseyError when it is not one after `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while not Path(run_dir).is_dir():
+        if time.monotonic() >= deadline:
+            raise OdysseyError(
+                f"run directory {run_dir} not found; pass the --out directory of an "
+                "`odyssey train` run, e.g. odyssey monitor runs/r1"
+            )
+        time.sleep(0.2)
+
+
+def show(settings: MonitorSettings) -> int:
+    """Open the window as `settings` say and return 0 when it is closed; raises OdysseyError.
+    The run directory, the display and tkinter are checked before tkinter is imported, so each
+    problem ends in one line."""
+    import importlib.util
+
+    wait_for_run_dir(settings.run, settings.wait_s)
+    problem = display_problem()
+    if problem:
+        raise OdysseyError(problem)
+    if importlib.util.find_spec("tkinter") is None:
+        raise OdysseyError("the monitor needs tkinter, which this Python lacks: apt-get install python3-tk")
+    from odyssey.monitor.app import show as app_show
+
+    return app_show(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`odyssey monitor RUN [--interval-ms N] [--wait-s S] [--geometry WxH]`; raises OdysseyError."""
-    from odyssey.monitor.app import main as app_main
-
-    return app_main(argv)
+    return show(MonitorSettings.from_args(build_parser().parse_args(argv)))
 
 
 def run_monitor(run_dir: str | os.PathLike, wait_s: float = 0.0) -> int:
     """Open the window on `run_dir` and return 0 when it is closed; raises OdysseyError."""
-    from odyssey.monitor.app import run_monitor as app_run
-
-    return app_run(run_dir, wait_s=wait_s)
+    return show(MonitorSettings(os.fspath(run_dir), wait_s=wait_s))
 
 
-__all__ = ["MonitorSettings", "display_problem", "launch_detached", "main", "run_monitor", "show"]
+__all__ = [
+    "MonitorSettings",
+    "add_arguments",
+    "build_parser",
+    "display_problem",
+    "launch_detached",
+    "main",
+    "run_monitor",
+    "show",
+    "wait_for_run_dir",
+]

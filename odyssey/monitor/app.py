@@ -9,17 +9,15 @@ polls come back sooner while bytes are waiting, so a 100,000-line file loads wit
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 import time
 import tkinter as tk
 import tkinter.font as tkfont
 from pathlib import Path
 
 from odyssey.errors import OdysseyError
-from odyssey.monitor import charts
+from odyssey.monitor import MonitorSettings, charts
 from odyssey.monitor.charts import Chart, ChartData, HLine, LayerStrip, Line
 from odyssey.monitor.feed import ACTION_LABELS, Feed, fmt_mb_s
 
@@ -402,17 +400,6 @@ def _set(var: tk.StringVar, text: str) -> None:
 # entry points
 
 
-def _wait_for_dir(run_dir: Path, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while not run_dir.is_dir():
-        if time.monotonic() >= deadline:
-            raise OdysseyError(
-                f"run directory {run_dir} not found; pass the --out directory of an "
-                "`odyssey train` run, e.g. odyssey monitor runs/r1"
-            )
-        time.sleep(0.2)
-
-
 def open_window(
     run_dir: str | os.PathLike, geometry: str = "1280x800", interval_ms: int = INTERVAL_MS
 ) -> tuple[tk.Tk, MonitorApp]:
@@ -434,31 +421,28 @@ def open_window(
     return root, MonitorApp(root, run_dir, interval_ms=interval_ms)
 
 
-def run_monitor(
-    run_dir: str | os.PathLike,
-    wait_s: float = 0.0,
-    geometry: str = "1280x800",
-    interval_ms: int = INTERVAL_MS,
-    screenshot: str | None = None,
-    screenshot_after_s: float = 3.0,
-) -> int:
-    """Open the window on a run directory and return when it is closed (exit status 0). With
-    `screenshot`, save a PNG of the window once the run is read and `screenshot_after_s` passed,
-    then close it (how docs/monitor.png is made)."""
-    _wait_for_dir(Path(run_dir), wait_s)
-    if screenshot:
+def show(settings: MonitorSettings) -> int:
+    """Open the window on a run directory (`odyssey.monitor.show` has checked it, the display and
+    tkinter) and return when it is closed (exit status 0). With `settings.screenshot`, save a PNG of
+    the window once the run is read and `screenshot_after_s` passed, then close it (how
+    docs/monitor.png is made)."""
+    if settings.screenshot:
         try:
             from PIL import ImageGrab
         except ImportError:
             raise OdysseyError("--screenshot needs Pillow: pip install pillow") from None
-    root, app = open_window(run_dir, geometry=geometry, interval_ms=interval_ms)
+    root, app = open_window(settings.run, geometry=settings.geometry, interval_ms=settings.interval_ms)
     app.start()
-    if screenshot:
+    if settings.screenshot:
         t0 = time.monotonic()
 
         def shoot() -> None:
             feed = app.feed
-            if feed.more_waiting or app._drawn_version != feed.version or time.monotonic() - t0 < screenshot_after_s:
+            if (
+                feed.more_waiting
+                or app._drawn_version != feed.version
+                or time.monotonic() - t0 < settings.screenshot_after_s
+            ):
                 root.after(100, shoot)
                 return
             root.update()
@@ -466,9 +450,9 @@ def run_monitor(
             image = ImageGrab.grab(
                 bbox=(x, y, x + root.winfo_width(), y + root.winfo_height()), xdisplay=os.environ.get("DISPLAY") or None
             )
-            Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
-            image.save(screenshot)
-            print(f"saved {screenshot} ({image.width}x{image.height})")
+            Path(settings.screenshot).parent.mkdir(parents=True, exist_ok=True)
+            image.save(settings.screenshot)
+            print(f"saved {settings.screenshot} ({image.width}x{image.height})")
             app.close()
 
         root.after(100, shoot)
@@ -477,40 +461,3 @@ def run_monitor(
     except KeyboardInterrupt:
         pass
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="odyssey monitor",
-        description="Watch a training run live (or a finished one): loss, page-in, RAM against the "
-        "budget, temperature, guard events; pause, resume, checkpoint or stop it.",
-        epilog="example: odyssey monitor runs/r1   (headless: xvfb-run -a odyssey monitor runs/r1)",
-    )
-    p.add_argument("run", help="the run directory (the --out of odyssey train)")
-    p.add_argument("--interval-ms", type=int, default=INTERVAL_MS, help="refresh period (default 500)")
-    p.add_argument(
-        "--wait-s",
-        type=float,
-        default=0.0,
-        help="wait this long for the run directory to appear (used by train --monitor)",
-    )
-    p.add_argument("--geometry", default="1280x800", help="window size, Tk syntax (default 1280x800)")
-    p.add_argument(
-        "--screenshot",
-        metavar="PNG",
-        help="save a PNG of the window once the run is read, then close it (needs Pillow)",
-    )
-    p.add_argument(
-        "--screenshot-after-s",
-        type=float,
-        default=3.0,
-        help="with --screenshot: seconds to let the window settle first (default 3)",
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from odyssey.monitor import MonitorSettings, show
-
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return show(MonitorSettings.from_args(args))  # a bad --interval-ms raises OdysseyError

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from odyssey.config import GuardSettings
+from odyssey.runtime.guard import settings_argv
 from odyssey.runtime.runlog import ACTIONS, RunDir
 
 GUARD_START_GRACE_S = 3.0
@@ -166,7 +167,8 @@ class Controller:
 def guard_command(
     pid: int, run_dir: str | os.PathLike, budget_bytes: int, settings: GuardSettings, python: str = sys.executable
 ) -> list[str]:
-    cmd = [
+    """The command line that starts the guard on `pid` with `settings` (its options: guard.OPTIONS)."""
+    return [
         python,
         "-m",
         "odyssey.runtime.guard",
@@ -176,24 +178,8 @@ def guard_command(
         str(run_dir),
         "--ram-budget",
         str(int(budget_bytes)),
-        "--interval",
-        repr(float(settings.interval_s)),
-        "--soft-pct",
-        repr(float(settings.soft_pct)),
-        "--hard-pct",
-        repr(float(settings.hard_pct)),
-        "--min-available-mib",
-        repr(float(settings.min_available_mib)),
-        "--max-temp-c",
-        repr(float(settings.max_temp_c)),
-        "--resume-temp-c",
-        repr(float(settings.resume_temp_c)),
+        *settings_argv(settings),
     ]
-    if settings.thermal_file:
-        cmd += ["--thermal-file", str(settings.thermal_file)]
-    if settings.enforce_cgroup:
-        cmd.append("--enforce-cgroup")
-    return cmd
 
 
 def start_guard(

@@ -583,8 +583,47 @@ class Guard:
 # command line
 
 
+@dataclass(frozen=True)
+class Option:
+    """One guard threshold on the command line: its flag, the GuardSettings field it sets and its help
+    (formatted with the field's default as `default`). The field's default says the kind: a float
+    takes a number, None a string, False is a switch."""
+
+    flag: str
+    field: str
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+
+OPTIONS = (
+    Option(
+        "--thermal-file",
+        "thermal_file",
+        "file with the temperature in millidegrees C (default: psutil, then /sys/class/thermal)",
+    ),
+    Option("--interval", "interval_s", "seconds between samples ({default})"),
+    Option("--soft-pct", "soft_pct", "checkpoint above this %% of the budget ({default:g})"),
+    Option("--hard-pct", "hard_pct", "stop above this %% of the budget ({default:g})"),
+    Option(
+        "--min-available-mib", "min_available_mib", "stop when system MemAvailable falls below this ({default:g} MiB)"
+    ),
+    Option("--max-temp-c", "max_temp_c", "pause above this temperature ({default:g} C)"),
+    Option("--resume-temp-c", "resume_temp_c", "resume below this temperature ({default:g} C)"),
+    Option(
+        "--enforce-cgroup",
+        "enforce_cgroup",
+        "also cap the process with a memory cgroup set to the budget (Linux, root)",
+    ),
+)
+"""The guard's thresholds on its command line, in the order `--help` lists them: what builds the
+parser (`build_parser`), reads it back (`settings_from_args`) and writes it for a child
+(`settings_argv`, used by `control.guard_command`)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = GuardSettings()
     p = argparse.ArgumentParser(
         prog="odyssey guard",
         description="Watch a training process's RAM and the CPU temperature; ask it (through RUN/control.json) "
@@ -594,53 +633,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pid", type=int, required=True, help="process to watch (with its children)")
     p.add_argument("--run", required=True, help="run directory (metrics.jsonl, control.json, guard.json)")
     p.add_argument("--ram-budget", required=True, help="RAM budget, e.g. 2GiB, 1500MiB or bytes")
-    p.add_argument(
-        "--thermal-file",
-        default=d.thermal_file,
-        help="file with the temperature in millidegrees C (default: psutil, then /sys/class/thermal)",
-    )
-    p.add_argument("--interval", type=float, default=d.interval_s, help=f"seconds between samples ({d.interval_s})")
-    p.add_argument(
-        "--soft-pct", type=float, default=d.soft_pct, help=f"checkpoint above this %% of the budget ({d.soft_pct:g})"
-    )
-    p.add_argument(
-        "--hard-pct", type=float, default=d.hard_pct, help=f"stop above this %% of the budget ({d.hard_pct:g})"
-    )
-    p.add_argument(
-        "--min-available-mib",
-        type=float,
-        default=d.min_available_mib,
-        help=f"stop when system MemAvailable falls below this ({d.min_available_mib:g} MiB)",
-    )
-    p.add_argument(
-        "--max-temp-c", type=float, default=d.max_temp_c, help=f"pause above this temperature ({d.max_temp_c:g} C)"
-    )
-    p.add_argument(
-        "--resume-temp-c",
-        type=float,
-        default=d.resume_temp_c,
-        help=f"resume below this temperature ({d.resume_temp_c:g} C)",
-    )
-    p.add_argument(
-        "--enforce-cgroup",
-        action="store_true",
-        help="also cap the process with a memory cgroup set to the budget (Linux, root)",
-    )
+    d = GuardSettings()
+    for o in OPTIONS:
+        default = getattr(d, o.field)
+        if isinstance(default, bool):
+            p.add_argument(o.flag, action="store_true", help=o.help)
+        else:
+            kind = str if default is None else type(default)
+            p.add_argument(o.flag, type=kind, default=default, help=o.help.format(default=default))
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> GuardSettings:
     """The thresholds in `args`, parsed by build_parser() or by a parser built on it (`odyssey guard`)."""
-    return GuardSettings(
-        interval_s=args.interval,
-        soft_pct=args.soft_pct,
-        hard_pct=args.hard_pct,
-        min_available_mib=args.min_available_mib,
-        max_temp_c=args.max_temp_c,
-        resume_temp_c=args.resume_temp_c,
-        thermal_file=args.thermal_file,
-        enforce_cgroup=args.enforce_cgroup,
-    )
+    return GuardSettings(**{o.field: getattr(args, o.dest) for o in OPTIONS})
+
+
+def settings_argv(settings: GuardSettings) -> list[str]:
+    """The options that give the guard's parser `settings` back (a threshold left unset or off is left out)."""
+    argv: list[str] = []
+    for o in OPTIONS:
+        value = getattr(settings, o.field)
+        if isinstance(value, bool):
+            argv += [o.flag] * value
+        elif isinstance(value, int | float):
+            argv += [o.flag, repr(float(value))]
+        elif value:
+            argv += [o.flag, str(value)]
+    return argv
 
 
 def run(guard: Guard) -> int:
