@@ -362,9 +362,8 @@ def test_no_display_is_a_clear_error(tmp_path, monkeypatch):
 def test_monitor_checks_come_before_tkinter_on_either_command_line(tmp_path, monkeypatch):
     """`python -m odyssey.monitor` checks what `odyssey monitor` checks, in the same order, before
     tkinter is imported: a missing run directory, then the display, then tkinter itself."""
-    from odyssey.monitor import main
-
     import odyssey.monitor
+    from odyssey.monitor import main
 
     monkeypatch.setitem(sys.modules, "tkinter", None)  # as if this Python had no tkinter
     monkeypatch.setenv("DISPLAY", ":99")
