@@ -8,7 +8,6 @@ multiple of `align` (PAGE_SIZE for store shards); `read_header` checks a shard a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -173,18 +172,11 @@ def shard_info(path: Path, unit: Unit) -> ShardInfo:
     return ShardInfo(unit, path, data_offset, pos, spans)
 
 
-def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    drop_cache(path)
-    return h.hexdigest()
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, streamed (see checksum.file_digests)."""
+    from odyssey.store.checksum import SHA256, file_digests
+
+    return file_digests(path, (SHA256,))[SHA256]
 
 
 def drop_cache(path: Path) -> None:
