@@ -523,7 +523,7 @@ def add_doctor_parser(sub) -> None:
     )
     s.add_argument(
         "--read-test-mib",
-        type=count(0),
+        type=int,  # doctor checks >= 0 itself, naming the option
         default=256,
         help="size of the cold-read test file in MiB (default 256, ~5 s at most; 0 skips it)",
     )
