@@ -1,8 +1,10 @@
 """Crash-safe file writes: a temporary name in the same directory, flushed, fsynced, renamed.
 
 A crash at any moment leaves either the old file or the new one under the final name, never a
-half-written one. Temporary names end in `.tmp` (plus a random part) so `verify` and cleanups can
-recognise leftovers.
+half-written one. A temporary name says what it will become and who is writing it:
+`.NAME.odyssey-COMMAND-PID.RANDOM.tmp` (COMMAND as set by `set_command`, left out when unset), so
+a later run recognises a leftover of a killed one (its process is gone) and removes it
+(`remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -10,10 +12,89 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+_COMMAND = ""  # the command named in temporary names (set_command), "" for none
+_TEMP_RE = re.compile(
+    r"^\.(?P<target>.+)\.odyssey-(?:(?P<command>[a-z][a-z0-9-]*?)-)?(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp$"
+)
+
+
+def set_command(name: str) -> None:
+    """Name the running command (e.g. "export") in the temporary names this process makes."""
+    global _COMMAND
+    _COMMAND = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")
+
+
+def temp_prefix(name: str) -> str:
+    """The start of a temporary name for the final name `name`: `.NAME.odyssey-COMMAND-PID.`"""
+    who = f"{_COMMAND}-{os.getpid()}" if _COMMAND else str(os.getpid())
+    return f".{name}.odyssey-{who}."
+
+
+def parse_temp_name(name: str) -> tuple[str, str | None, int] | None:
+    """(final name, command or None, pid) of an Odyssey temporary name, else None. The aside
+    directory of `atomic_dir` (`FINAL.old`) is reported as FINAL."""
+    m = _TEMP_RE.match(name)
+    if m is None:
+        return None
+    target = m["target"]
+    return (target[: -len(".old")] if target.endswith(".old") else target), m["command"], int(m["pid"])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not: it is dead, only not yet reaped)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    except OverflowError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stale_temps(directory: str | os.PathLike, targets=None) -> list[Path]:
+    """Odyssey temporary files and directories in `directory` left by a process that is gone,
+    whose final name is in `targets` (a collection of names, or a predicate on a name; None: any)."""
+    directory = Path(directory)
+    try:
+        names = sorted(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        parsed = parse_temp_name(name)
+        if parsed is None or pid_alive(parsed[2]):
+            continue
+        if targets is None or (targets(parsed[0]) if callable(targets) else parsed[0] in targets):
+            found.append(directory / name)
+    return found
+
+
+def remove_stale_temps(directory: str | os.PathLike, targets=None) -> list[str]:
+    """Remove what `stale_temps` finds; returns the names removed."""
+    removed = []
+    for p in stale_temps(directory, targets):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        removed.append(p.name)
+    return removed
 
 
 def _umask_mode(base: int = 0o666) -> int:
@@ -48,7 +129,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.fchmod(fd, _umask_mode())
     os.close(fd)
     tmp_path = Path(tmp)
@@ -83,18 +164,16 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `final`; on clean exit it is synced and replaces
     `final` (an old `final` is moved aside first and deleted after); on error it is removed and
     `final` is untouched. Files inside are written by the caller (durably, e.g. with atomic_path)."""
-    import shutil
-
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), suffix=".tmp", dir=final.parent))
     os.chmod(tmp, _umask_mode(0o777))
     try:
         yield tmp
         fsync_dir(tmp)
         old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", suffix=".tmp", dir=final.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(f"{final.name}.old"), suffix=".tmp", dir=final.parent))
             os.replace(final, old / final.name)
         os.replace(tmp, final)
         fsync_dir(final.parent)

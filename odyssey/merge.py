@@ -21,9 +21,9 @@ from pathlib import Path
 from odyssey import atomic
 from odyssey.adapters import WEIGHTS_NAME, AdapterFile, read_adapter
 from odyssey.dtypes import DTYPES, check_store_dtype
-from odyssey.errors import OdysseyError
+from odyssey.outputs import check_apart
 from odyssey.store import ChecksumMismatch, Store, StoreWriter, Unit, file_sha256, unit_label
-from odyssey.tokenizer import copy_tokenizer, tokenizer_files
+from odyssey.tokenizer import TOKENIZER_FILES, copy_tokenizer, tokenizer_files
 
 MERGE_RECORD = "odyssey_merge.json"  # in the merged store: which base and adapter made it
 
@@ -76,14 +76,6 @@ class MergedSource:
         return tensors
 
 
-def _refuse_in_place(out: Path, model_dir: Path) -> None:
-    # --force on the base directory would delete the shards that are being read.
-    if out.exists() and out.resolve() == model_dir.resolve():
-        raise OdysseyError(
-            f"--out {out} is the base model directory; the merge reads it while writing, choose another --out"
-        )
-
-
 def merge(
     model_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike,
@@ -100,12 +92,14 @@ def merge(
 
     from odyssey.runtime.memory import PeakSampler
 
+    atomic.set_command("merge")
     model_dir, out = Path(model_dir), Path(out)
     store, adapter = Store.open(model_dir), read_adapter(adapter_dir)
     source = MergedSource(store, adapter)
+    # Before the writer touches --out: --force on the base would delete the shards being read.
+    check_apart(out, [("base model", "--model", model_dir), ("adapter", "--adapter", adapter_dir)])
     dtype = dtype or store.dtype
     check_store_dtype(dtype)
-    _refuse_in_place(out, model_dir)
     key = {
         "kind": "merge",
         "config": store.config.to_hf_dict(DTYPES[dtype].hf_name),
@@ -115,7 +109,9 @@ def merge(
         "scale": adapter.scale,
     }
     tok_bytes = sum(p.stat().st_size for p in tokenizer_files(store.root))
-    w = StoreWriter(out, store.config, dtype, key, force, extra_bytes=tok_bytes)
+    w = StoreWriter(
+        out, store.config, dtype, key, force, extra_bytes=tok_bytes, extra_names=(*TOKENIZER_FILES, MERGE_RECORD)
+    )
 
     t0 = time.perf_counter()
     written = kept = 0

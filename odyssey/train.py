@@ -691,6 +691,10 @@ def prepare(
         cfg = load_train_config(config_path, overrides)
     if model is None or data_dir is None:
         raise OdysseyError("pass --model STORE and --data DIR (made by `odyssey prepare-data`)")
+    from odyssey.outputs import check_apart  # the run directory (and RUN/model in full mode) apart from the inputs
+
+    check_apart(run.root, [("model", "--model", model), ("data", "--data", data_dir)])
+    atomic.set_command("train")  # named in its temporary files
     if budget is None:
         raise OdysseyError("pass --ram-budget, e.g. --ram-budget 2GiB (see `odyssey plan`)")
     budget = parse_bytes(budget) if isinstance(budget, str) else int(budget)

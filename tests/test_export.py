@@ -13,7 +13,7 @@ import torch
 from conftest import assert_user_error, run_cli, tiny_config
 from test_merge import IDS, engine_logits, make_adapter
 
-from odyssey.export import export_model
+from odyssey.export import RECORD_NAME, export_model
 from odyssey.export.pth import write_pth
 from odyssey.export.safetensors import write_safetensors
 from odyssey.store import Store, init_store
@@ -28,8 +28,9 @@ def hf_logits(directory: Path) -> torch.Tensor:
 
 
 def final_names(out: Path) -> list[str]:
-    """What is under `out` besides temporary files (there should be none of those either)."""
-    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+    """What is under `out` besides the export's record (tests/test_outputs.py checks it); temporary
+    files included (there should be none)."""
+    return sorted(p.name for p in out.iterdir() if p.name != RECORD_NAME) if out.exists() else []
 
 
 @pytest.fixture

@@ -189,7 +189,7 @@ def test_non_empty_out_and_in_place_refused(tmp_path, tiny_store, adapter):
     before = {p.name: p.stat().st_mtime_ns for p in tiny_store.iterdir()}
     assert_user_error(
         run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", tiny_store, "--force"),
-        "base model directory",
+        "is the input base model",
     )
     assert {p.name: p.stat().st_mtime_ns for p in tiny_store.iterdir()} == before
 

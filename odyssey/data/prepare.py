@@ -2,8 +2,10 @@
 
 Two passes over the corpus: the first trains the tokenizer (or loads one and counts the documents),
 the second encodes the documents in batches and appends them to train.bin / val.bin. Everything
-that can be refused is checked before the first byte is written; the manifest comes last, and a
-failure removes what this run wrote.
+that can be refused is checked before the first byte is written (an --out apart from the inputs
+among them); the manifest comes last, and a failure removes what this run wrote. A run killed at any
+moment leaves no manifest (so no data directory) or a complete one; its temporary files are
+recognised by name (the command and its pid) and removed by the next run, which needs no --force.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from odyssey import atomic
 from odyssey.atomic import atomic_open, write_json
 from odyssey.data.corpus import EOT_LINE, corpus_files, iter_documents
 from odyssey.data.tokens import FORMAT, FORMAT_VERSION, SPLITS, TokenWriter, token_dtype
 from odyssey.errors import OdysseyError
+from odyssey.outputs import check_apart
 from odyssey.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     MIN_VOCAB_SIZE,
@@ -66,10 +70,19 @@ def prepare_data(
     Everything that can be refused is checked before the first byte is written.
     """
     t0 = time.perf_counter()
+    atomic.set_command("prepare-data")
     inputs = [Path(p) for p in inputs]
     out = Path(out)
     _check_options(vocab_size, tokenizer_dir, val_fraction)
     model = _ModelStore.open(Path(model_store), vocab_size) if model_store is not None else None
+    tok_file = None  # the input is the tokenizer file (--tokenizer names it or its directory)
+    if tokenizer_dir is not None:
+        tok_file = Path(tokenizer_dir) / "tokenizer.json" if Path(tokenizer_dir).is_dir() else Path(tokenizer_dir)
+    check_apart(
+        out,
+        [("corpus", None, p) for p in inputs]
+        + [("tokenizer", "--tokenizer", tok_file), ("model", "--model", model_store)],
+    )
     _check_out(out, force)
     files = corpus_files(inputs)
     label = ", ".join(str(p) for p in inputs)
@@ -141,12 +154,18 @@ def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OdysseyError(f"--out {out} is a file; choose a directory path")
     if out.is_dir() and not force:
-        others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
+        others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES and not _own_temp(p.name))
         if others:
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise OdysseyError(
                 f"output directory {out} already holds other files ({shown}); choose a new --out or pass --force"
             )
+
+
+def _own_temp(name: str) -> bool:
+    """A temporary file of one of prepare-data's outputs (the next run removes it once its process is gone)."""
+    parsed = atomic.parse_temp_name(name)
+    return parsed is not None and parsed[0] in OUTPUT_FILES
 
 
 def _too_big(tok_vocab: int, model_vocab: int) -> OdysseyError:
@@ -192,6 +211,7 @@ class _ModelStore:
     def add_tokenizer(self, tok_files: dict[str, bytes], specials: dict) -> None:
         """Copy the tokenizer files into the store, so it can tokenize (generate, export to GGUF)
         with exactly the data's tokenizer; warn where config.json's bos/eos ids differ from it."""
+        atomic.remove_stale_temps(self.root, tok_files)  # left by a killed prepare-data
         write_tokenizer_files(tok_files, self.root, [])
         for key, name in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id")):
             if self.config.get(key) is not None and self.config[key] != specials[name]:
@@ -288,6 +308,7 @@ def _output_dir(out: Path) -> Iterator[list[Path]]:
     writes. If the block fails, those paths are removed (and `out`, if created here)."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(out, OUTPUT_FILES)  # left by a killed prepare-data
     with contextlib.suppress(FileNotFoundError):
         (out / "manifest.json").unlink()  # a stale manifest must not vouch for new token files
     written: list[Path] = []

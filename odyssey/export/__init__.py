@@ -7,28 +7,47 @@ OUT/model.pth          torch.save'd state dict, HF names (pth.py) -> torch.load(
 OUT/model-<type>.gguf  llama.cpp file (gguf.py)                   -> llama.cpp, llama-cpp-python
 ```
 Everything the user can get wrong is checked before the first byte is written: format names, the
-GGUF type, the adapter's base, outputs that exist already (unless --force), and free disk for all
-requested outputs together. Every output goes to a temporary name and is renamed when complete;
-each shard of the store is checked against its checksum as it is read (a damaged shard stops the
-export before its output is renamed into place).
+GGUF type, the adapter's base, an --out apart from the inputs, outputs that exist already (unless
+--force), and free disk for all requested outputs together. Every output goes to a temporary name
+and is renamed when complete; each shard of the store is checked against its checksum as it is
+read (a damaged shard stops the export before its output is renamed into place).
+
+`OUT/.odyssey-export.json` (RECORD_NAME) records, per output, the key of what it is made from
+(weights, adapter, tokenizer, format) and whether it is being written or done. Re-running the same
+export after a kill keeps the outputs it finished, rewrites the one it was writing and removes the
+temporary files of the killed process, without --force; --force is needed only to replace an
+output that this export did not make, and replaces only the requested outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from odyssey import atomic
 from odyssey.atomic import existing_parent
 from odyssey.config import format_bytes
 from odyssey.errors import OdysseyError
+from odyssey.outputs import check_apart
 from odyssey.store import unit_shapes
 
 FORMATS = ("safetensors", "pth", "gguf")  # also the order they are written in
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the estimate (metadata, filesystem slack)
+RECORD_NAME = ".odyssey-export.json"
+_OUTPUT_RE = re.compile(r"^(safetensors|model\.pth|model-[a-z0-9_]+\.gguf)$")
+
+
+def is_output_name(name: str) -> bool:
+    """A name an export writes in OUT (the outputs and the record): temporary files of a killed
+    export for these are its own, and removed by the next one."""
+    return name == RECORD_NAME or _OUTPUT_RE.match(name) is not None
 
 
 def parse_formats(spec: str | Iterable[str]) -> list[str]:
@@ -60,13 +79,80 @@ def estimate_bytes(source, fmt: str, gguf_type: str) -> int:
     return gguf_bytes(source, gguf_type)  # also refuses what write_gguf would (type, tokenizer)
 
 
-def check_outputs(out: Path, paths: dict[str, Path], force: bool) -> None:
+def _read_record(out: Path) -> dict:
+    try:
+        rec = json.loads((out / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    outputs = rec.get("outputs") if isinstance(rec, dict) else None
+    return {k: v for k, v in outputs.items() if isinstance(v, dict)} if isinstance(outputs, dict) else {}
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
+def source_key(source) -> dict:
+    """What an export's outputs are made from: the weights, the adapter, the tokenizer files."""
+    from odyssey.store import file_sha256
+    from odyssey.tokenizer import tokenizer_files
+
+    store = getattr(source, "store", source)
+    adapter = getattr(source, "adapter", None)
+    key = {"weights": store.fingerprint(), "dtype": source.dtype}
+    if adapter is not None:
+        from odyssey.adapters import WEIGHTS_NAME
+
+        key["adapter"] = file_sha256(adapter.path / WEIGHTS_NAME)
+        key["scale"] = adapter.scale
+    key["tokenizer"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tokenizer_files(store.root)}
+    return key
+
+
+def output_key(src_key: dict, fmt: str, gguf_type: str) -> str:
+    """sha256 naming one output: its source (`source_key`), format and GGUF type."""
+    key = {"kind": "export", "format": fmt, "gguf_type": gguf_type if fmt == "gguf" else None, "source": src_key}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def plan_outputs(out: Path, paths: dict[str, Path], keys: dict[str, str], force: bool) -> tuple[list[str], list[str]]:
+    """(formats to write, formats kept: finished earlier by this same export). An output that
+    exists and is not this export's own (finished, or being written when it was killed) is
+    refused unless `force`."""
     if out.exists() and not out.is_dir():
         raise OdysseyError(f"--out {out} is a file; choose a directory path")
-    there = [p for p in paths.values() if p.exists()]
-    if there and not force:
+    record = _read_record(out) if out.is_dir() else {}
+    todo, kept, there = [], [], []
+    for fmt, path in paths.items():
+        rec = record.get(path.name, {})
+        own = rec.get("key") == keys[fmt]
+        if not (path.exists() or path.is_symlink()):
+            todo.append(fmt)
+        elif own and not force and rec.get("state") == "done" and rec.get("bytes") == _size_on_disk(path):
+            kept.append(fmt)
+        elif (own and rec.get("state") == "writing") or force:
+            todo.append(fmt)  # this export's own unfinished output (or --force): written again
+        else:
+            there.append(path)
+    if there:
         more = f" (and {len(there) - 1} more)" if len(there) > 1 else ""
         raise OdysseyError(f"{there[0]} already exists{more}; pass --force to overwrite or choose another --out")
+    return todo, kept
+
+
+def _set_record(out: Path, name: str, entry: dict | None) -> None:
+    """Set (or with None, drop) the record of output `name`; no record file is left without entries."""
+    record = _read_record(out)
+    if entry is None:
+        record.pop(name, None)
+    else:
+        record[name] = entry
+    if record:
+        atomic.write_json(out / RECORD_NAME, {"outputs": record})
+    else:
+        (out / RECORD_NAME).unlink(missing_ok=True)
 
 
 def check_free_disk(out: Path, needs: dict[str, int]) -> None:
@@ -139,6 +225,7 @@ def export_model(
     that output was written (sampled every 20 ms)."""
     from odyssey.runtime.memory import PeakSampler
 
+    atomic.set_command("export")
     out = Path(out)
     fmts = parse_formats(formats)
     if "gguf" in fmts or gguf_type != "f16":
@@ -146,20 +233,36 @@ def export_model(
 
         check_gguf_type(gguf_type)
     source = open_source(model_dir, adapter)
+    check_apart(out, [("model", None, model_dir), ("adapter", "--adapter", adapter)])
     paths = {f: output_path(out, f, gguf_type) for f in fmts}
-    check_outputs(out, paths, force)
-    check_free_disk(out, {f: estimate_bytes(source, f, gguf_type) for f in fmts})
+    src_key = source_key(source)
+    keys = {f: output_key(src_key, f, gguf_type) for f in fmts}
+    todo, kept = plan_outputs(out, paths, keys, force)
+    check_free_disk(out, {f: estimate_bytes(source, f, gguf_type) for f in todo})
 
     import torch  # noqa: F401  (seconds of import, not of writing, so the MB/s figures are fair)
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(out, is_output_name)  # left by a killed export
     results, t_all = [], time.perf_counter()
     for fmt in fmts:
+        name = paths[fmt].name
         t0 = time.perf_counter()
         try:  # every shard read is checked against the store's checksums before the output is renamed
             with PeakSampler(interval_s=0.02) as mem:
-                size = _write_one(source, fmt, paths[fmt], gguf_type, progress)["bytes"]
+                if fmt in kept:
+                    size = _size_on_disk(paths[fmt])
+                else:
+                    # Recorded before the output is touched: after a kill, the same export rewrites it.
+                    before = _read_record(out).get(name)
+                    _set_record(out, name, {"key": keys[fmt], "state": "writing"})
+                    try:
+                        size = _write_one(source, fmt, paths[fmt], gguf_type, progress)["bytes"]
+                    except BaseException:
+                        _set_record(out, name, before)  # a clean failure leaves the output as it was
+                        raise
+                    _set_record(out, name, {"key": keys[fmt], "state": "done", "bytes": _size_on_disk(paths[fmt])})
         except BaseException:
             if created and not results:  # leave no empty --out behind
                 with contextlib.suppress(OSError):
@@ -174,6 +277,7 @@ def export_model(
                 "seconds": seconds,
                 "mb_s": size / 1e6 / max(seconds, 1e-9),
                 "peak_anon_bytes": mem.peak_bytes,
+                "kept": fmt in kept,  # finished by an earlier run of this same export
             }
         )
     return {

@@ -10,12 +10,14 @@ import os
 import time
 from pathlib import Path
 
+from odyssey import atomic
 from odyssey.config import ModelConfig
 from odyssey.dtypes import DTYPES, ST_CODES, STORE_DTYPES, check_store_dtype
 from odyssey.errors import OdysseyError
+from odyssey.outputs import check_apart
 from odyssey.store.format import INDEX_NAME, read_header
 from odyssey.store.writer import StoreWriter
-from odyssey.tokenizer import copy_tokenizer
+from odyssey.tokenizer import TOKENIZER_FILES, copy_tokenizer, tokenizer_files
 
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM"}
 
@@ -28,6 +30,7 @@ def import_hf(
     from safetensors import safe_open
     from tqdm import tqdm
 
+    atomic.set_command("import")
     src = Path(src)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
@@ -72,13 +75,27 @@ def import_hf(
         dtype = src_dtype.short if src_dtype is not None and src_dtype.short in STORE_DTYPES else "f32"
     check_store_dtype(dtype)
 
+    # Before the writer touches --out: --force on the source would delete the shards being read.
+    check_apart(out, [("source model", None, src)])
+    tok_files = tokenizer_files(src)
+    read = sorted({cfg_path, *([index_path] if index_path.is_file() else []), *files.values(), *tok_files})
     key = {
         "config": cfg.to_hf_dict(DTYPES[dtype].hf_name),
         "dtype": dtype,
         "kind": "import",
         "source": str(src.absolute()),
+        # the source as it is now: a re-run resumes (or finds complete) only an import of the same files
+        "source_files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in read],
     }
-    w = StoreWriter(Path(out), cfg, dtype, key, force)
+    w = StoreWriter(
+        Path(out),
+        cfg,
+        dtype,
+        key,
+        force,
+        extra_bytes=sum(p.stat().st_size for p in tok_files),
+        extra_names=TOKENIZER_FILES,
+    )
     handles: dict[Path, object] = {}
 
     def producer(name, shape):
@@ -99,8 +116,8 @@ def import_hf(
         bar.update(w.unit_file_bytes(unit))
         handles.clear()  # unmap source files we are done with
     bar.close()
+    copied = copy_tokenizer(src, Path(out))  # before the index: a directory with an index is complete
     w.finish()
-    copied = copy_tokenizer(src, Path(out))
     seconds = time.perf_counter() - t0
     return {
         "parameters": cfg.num_parameters(),

@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from odyssey import atomic
 from odyssey.config import ModelConfig
 from odyssey.dtypes import DTYPES, check_store_dtype
 from odyssey.store.format import unit_label
@@ -49,6 +50,7 @@ def init_store(
     """Create a store from scratch, streaming one tensor at a time. Returns a summary."""
     from tqdm import tqdm
 
+    atomic.set_command("init")
     check_store_dtype(dtype)
     key = {"config": cfg.to_hf_dict(DTYPES[dtype].hf_name), "dtype": dtype, "seed": seed, "kind": "init"}
     w = StoreWriter(Path(out), cfg, dtype, key, force)

@@ -46,6 +46,20 @@ class ChecksumMismatch(StoreError):
     """A shard's bytes differ from the checksum the index records for it."""
 
 
+def _journal_kind(root: Path) -> str:
+    """The command whose unfinished store `root` is, as its journal's key names it (init, import,
+    merge; `train --mode full` writes RUN/model)."""
+    try:
+        key = json.loads((root / JOURNAL_NAME).read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "init"
+    if not isinstance(key, dict):
+        return "init"
+    if key.get("kind") in ("init", "import", "merge"):
+        return key["kind"]
+    return "train" if "run" in key else "init"
+
+
 class Store:
     """An opened store: config, index, and the header of every shard (parsed at open, so a
     truncated or corrupt shard is reported before any work starts)."""
@@ -322,7 +336,7 @@ def _inspect(cls, root: Path) -> tuple[Store | None, list[str]]:
         )
     if not index_path.is_file():
         hint = (
-            "an interrupted `odyssey init`: re-run it with the same arguments to finish"
+            f"an interrupted `odyssey {_journal_kind(root)}`: re-run it with the same arguments to finish"
             if (root / JOURNAL_NAME).exists()
             else "a Hugging Face checkpoint? convert it with `odyssey import`"
         )

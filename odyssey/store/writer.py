@@ -3,13 +3,19 @@
 Each shard goes to a temporary name and is renamed when complete; the journal (`JOURNAL_NAME`,
 `.odyssey-init.json`) records the size and checksum of every finished shard under a key naming what
 is being written (config, dtype, seed or source), so re-running the same command after a crash
-keeps the complete shards and writes only the rest. The index is written last and the journal then
-removed: a directory with an index is a complete store.
+keeps the complete shards and writes only the rest. The journal is written before anything else
+and the index last (recording which key wrote it, `written_by`), then the journal is removed: a
+directory with an index is a complete store, and the same command run again finds it complete and
+writes nothing. Temporary files of a killed run are removed by the next one. `--force` replaces
+another store (or anything not this command's): it removes only the files a store consists of
+(and the caller's `extra_names`), never other files in the directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +41,26 @@ from odyssey.store.format import (
     units_of,
 )
 
+STORE_FILES = ("config.json", INDEX_NAME, JOURNAL_NAME)
+SHARD_RE = re.compile(r"^model-[0-9]{5}-of-[0-9]{5}\.safetensors$")
+# temporary names made before they named their process (`.NAME.RANDOM.tmp`)
+LEGACY_TMP_RE = re.compile(
+    r"^\.(config\.json|model\.safetensors\.index\.json|\.odyssey-init\.json|model-[0-9]{5}-of-[0-9]{5}"
+    r"\.safetensors)\.[a-z0-9_]+\.tmp$"
+)
+
+
+def key_digest(key) -> str:
+    """sha256 of a journal key as canonical JSON (what identifies "the same command")."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
 
 class StoreWriter:
     """Writes a store shard by shard: `write_unit(unit, producer)` for each unit, then `finish()`.
@@ -44,9 +70,18 @@ class StoreWriter:
     """
 
     def __init__(
-        self, root: Path, config: ModelConfig, dtype: str, journal_key: dict, force: bool, extra_bytes: int = 0
+        self,
+        root: Path,
+        config: ModelConfig,
+        dtype: str,
+        journal_key: dict,
+        force: bool,
+        extra_bytes: int = 0,
+        extra_names: tuple[str, ...] = (),
     ):
         self.root, self.config, self.dtype = Path(root), config, dtype
+        self.extra_names = tuple(extra_names)
+        self.complete = False  # a finished store of the same key: nothing to write
         self.units = units_of(config)
         self.n = len(self.units)
         self.journal_key = journal_key
@@ -72,58 +107,101 @@ class StoreWriter:
         return {"format": "pt", "odyssey_unit": unit_label(unit)}
 
     # --- directory state ---
+    def is_own_file(self, name: str) -> bool:
+        """A file this writer writes (and --force may remove): the store's config, index, journal
+        and shards (of any layer count), and the caller's `extra_names` (tokenizer files, a record)."""
+        return name in (STORE_FILES + self.extra_names) or SHARD_RE.match(name) is not None
+
     def _prepare(self, force: bool, extra_bytes: int) -> None:
+        """Decide what the directory holds before touching it: nothing (or only leftovers of a
+        killed run), this writer's unfinished store (journal with the same key: resume), this
+        writer's finished store (index written by the same key: complete, nothing to write) or
+        anything else (refused unless --force, which then removes only `is_own_file` files)."""
         root = self.root
-        journal_path = root / JOURNAL_NAME
         if root.exists() and not root.is_dir():
             raise OdysseyError(f"--out {root} is a file; choose a directory path")
-        existing = list(root.iterdir()) if root.is_dir() else []
+        stale = atomic.stale_temps(root, self.is_own_file) + [
+            p for p in (root.iterdir() if root.is_dir() else ()) if LEGACY_TMP_RE.match(p.name)
+        ]
+        stale_names = {p.name for p in stale}
+        present = sorted(p for p in (root.iterdir() if root.is_dir() else ()) if p.name not in stale_names)
+        digest = key_digest(self.journal_key)
         resumable = False
-        if journal_path.is_file():
-            try:
-                old = json.loads(journal_path.read_text())
-            except json.JSONDecodeError:
-                old = None
-            if old and old.get("key") == self.journal_key and not (root / INDEX_NAME).exists():
-                self.journal = old
+        if not force and self._complete_store(digest):
+            self.complete = True
+        elif not (root / INDEX_NAME).exists():
+            old = _read_json(root / JOURNAL_NAME)
+            if isinstance(old, dict) and isinstance(old.get("done"), dict) and key_digest(old.get("key")) == digest:
+                self.journal = {"key": self.journal_key, "done": old["done"]}
                 resumable = True
-        if existing and not resumable:
+        remove: list[Path] = []
+        if present and not (resumable or self.complete):
             if not force:
+                if (root / INDEX_NAME).exists() or (root / JOURNAL_NAME).exists():
+                    what = "a finished" if (root / INDEX_NAME).exists() else "an unfinished"
+                    held = f"{what} store made by another command or other arguments"
+                else:
+                    held = f"{present[0].name}" + (f" and {len(present) - 1} more" if len(present) > 1 else "")
                 raise OdysseyError(
-                    f"output directory {root} is not empty; choose an empty --out or pass --force to overwrite it"
+                    f"output directory {root} is not empty (it holds {held}); choose an empty --out "
+                    f"or pass --force to replace the store files in it (other files are left alone)"
                 )
-            for p in existing:  # --force: remove what a store consists of, keep anything else
-                if (
-                    p.name in ("config.json", INDEX_NAME, JOURNAL_NAME)
-                    or (p.name.startswith(("model-", ".model-")) and ".safetensors" in p.name)
-                    or p.name.endswith(".tmp")
-                ):
-                    p.unlink()
+            remove = [p for p in present if self.is_own_file(p.name) and (p.is_file() or p.is_symlink())]
             self.journal = {"key": self.journal_key, "done": {}}
-        self._fresh = not resumable
-        # Free disk, checked before anything is written: what remains to write, plus a margin.
-        remaining = (
-            sum(
+        self._fresh = not (resumable or self.complete)  # abandon() may remove config.json and the journal
+        # Free disk, checked before anything is written: what remains to write, plus a margin
+        # (files --force removes count as free).
+        remaining = 0
+        if not self.complete:
+            remaining = extra_bytes + sum(
                 self.unit_file_bytes(u)
-                for u in self.units
-                if shard_name(self.units.index(u), self.n) not in self.journal["done"]
+                for k, u in enumerate(self.units)
+                if shard_name(k, self.n) not in self.journal["done"]
             )
-            + extra_bytes
-        )
         probe = root if root.is_dir() else atomic.existing_parent(root)
-        free = shutil.disk_usage(probe).free
+        free = shutil.disk_usage(probe).free + sum(p.lstat().st_size for p in remove)
         if free < remaining + (64 << 20):
             raise OdysseyError(
                 f"not enough free disk at {probe}: the store needs {format_bytes(remaining)}, "
                 f"{format_bytes(free)} is free; free some space or choose another --out"
             )
+        # Everything checked: now the directory may be touched.
+        for p in remove + stale:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        if self.complete:
+            return
         root.mkdir(parents=True, exist_ok=True)
+        # The journal first: whatever of this store is on disk after a kill, the journal that
+        # lets the same command resume it is there too.
+        atomic.write_json(root / JOURNAL_NAME, self.journal)
         atomic.write_json(root / "config.json", self.config.to_hf_dict(DTYPES[self.dtype].hf_name))
-        atomic.write_json(journal_path, self.journal)
+
+    def _complete_store(self, digest: str) -> bool:
+        """Whether `root` holds a finished store written with this writer's key (the same command
+        run before), its config and every shard present with the recorded size."""
+        index = _read_json(self.root / INDEX_NAME)
+        try:
+            meta = index["metadata"]["odyssey"]
+            if meta["written_by"]["key_sha256"] != digest or meta["dtype"] != self.dtype:
+                return False
+            shards = meta["shards"]
+            for k in range(self.n):
+                fname = shard_name(k, self.n)
+                if (self.root / fname).stat().st_size != shards[fname]["bytes"]:
+                    return False
+        except (TypeError, KeyError, OSError):
+            return False
+        return (self.root / "config.json").is_file()
 
     def is_done(self, unit: Unit) -> bool:
         """A shard recorded in the journal whose file still has the recorded checksum (its fast
-        checksum is added to the record if a journal written before it lacks one)."""
+        checksum is added to the record if a journal written before it lacks one); every shard of a
+        complete store (see `_prepare`)."""
+        if self.complete:
+            return True
         fname = shard_name(self.units.index(unit), self.n)
         rec = self.journal["done"].get(fname)
         path = self.root / fname
@@ -185,6 +263,9 @@ class StoreWriter:
             atomic.write_json(self.root / JOURNAL_NAME, self.journal)
 
     def finish(self) -> None:
+        if self.complete:  # finished before; only a journal left by a kill just after the index may remain
+            (self.root / JOURNAL_NAME).unlink(missing_ok=True)
+            return
         shards, weight_map, total = {}, {}, 0
         for k, unit in enumerate(self.units):
             fname = shard_name(k, self.n)
@@ -203,6 +284,8 @@ class StoreWriter:
                     "dtype": self.dtype,
                     "checksum": "sha256",
                     "shards": shards,
+                    # which command wrote it: a re-run of the same command finds it complete
+                    "written_by": {"kind": self.journal_key.get("kind"), "key_sha256": key_digest(self.journal_key)},
                 },
             },
             "weight_map": weight_map,
