@@ -39,13 +39,9 @@ def relation(out: str | os.PathLike, inp: str | os.PathLike) -> str | None:
         return "contains"
     if not ri.exists():
         return None
-    for a in (ro, *ro.parents):  # the nearest existing ancestor of a new out decides
-        if a.exists():
-            if _same(a, ri):
-                return "is" if a == ro else "inside"
-            if a == ro:
-                continue
-            break
+    for a in (ro, *ro.parents):  # the same directory under another name (bind mount, case-insensitive)
+        if _same(a, ri):
+            return "is" if a == ro else "inside"
     if ro.exists():
         for b in ri.parents:
             if _same(b, ro):

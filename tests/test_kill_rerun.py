@@ -25,12 +25,12 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, load_tool, run_cli
-from test_merge import make_adapter
-from test_outputs import tree_sums
 
 from odyssey import atomic
 from odyssey.store import INDEX_NAME, JOURNAL_NAME, Store, StoreError, init_store
+from tests.conftest import ROOT, load_tool, run_cli
+from tests.test_merge import make_adapter
+from tests.test_outputs import tree_sums
 
 COMMANDS = ("init", "import", "prepare-data", "merge", "export")
 EXPORT_OUTPUTS = ("safetensors", "model.pth", "model-f16.gguf")

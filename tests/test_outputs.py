@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_user_error, run_cli, tiny_config
-from test_merge import make_adapter
 
 from odyssey import atomic
 from odyssey.data import prepare_data
@@ -22,6 +20,8 @@ from odyssey.export import RECORD_NAME, export_model
 from odyssey.merge import merge
 from odyssey.outputs import check_apart, relation
 from odyssey.store import INDEX_NAME, JOURNAL_NAME, Store, StoreError, import_hf, init_store, shard_name
+from tests.conftest import ROOT, assert_user_error, run_cli, tiny_config
+from tests.test_merge import make_adapter
 
 NANO = ROOT / "configs" / "nano.yaml"
 
@@ -125,9 +125,7 @@ def test_relation(tmp_path):
         check_apart(tmp_path / "link" / "new", [("model", "--model", model)])
 
 
-def test_bind_mount_like_identity(tmp_path):
-    """A directory reached through a hard-to-see alias (here a symlinked ancestor resolved by the
-    inode walk) is still the same directory."""
+def test_symlinked_ancestor(tmp_path):
     model = tmp_path / "a" / "model"
     model.mkdir(parents=True)
     alias = tmp_path / "b"
@@ -136,13 +134,36 @@ def test_bind_mount_like_identity(tmp_path):
     assert relation(alias, model) == "contains"
 
 
+def test_bind_mount_is_the_same_directory(tmp_path):
+    """A bind mount shows one directory under two real paths: the (device, inode) walk sees it."""
+    model, alias = tmp_path / "model", tmp_path / "alias"
+    model.mkdir()
+    (model / "sub").mkdir()
+    alias.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root (CI runs as root)")
+    p = subprocess.run(["mount", "--bind", str(model), str(alias)], capture_output=True)
+    if p.returncode != 0:
+        pytest.skip(f"this machine refuses bind mounts: {p.stderr.decode().strip()}")
+    try:
+        assert os.path.realpath(alias) != os.path.realpath(model)
+        assert relation(alias, model) == "is"
+        assert relation(alias / "new" / "deeper", model) == "inside"
+        assert relation(alias / "sub" / "new", model) == "inside"
+        assert relation(alias, model / "sub") == "contains"
+        with pytest.raises(OdysseyError, match="is the input model"):
+            check_apart(alias, [("model", "--model", model)])
+    finally:
+        subprocess.run(["umount", "-l", str(alias)], capture_output=True)
+
+
 # --------------------------------------------------------------------------------------------
 # every command refuses an output that is, lies inside or contains an input (--force included)
 
 
 def workspace(d: Path) -> Path:
     """A tiny store with a tokenizer, an HF checkpoint of it, an adapter for it, a corpus."""
-    from conftest import load_tool
+    from tests.conftest import load_tool
 
     load_tool("make_sample_corpus").write_corpus(d / "corpus", "stories", 40, seed=3)
     init_store(tiny_config(vocab_size=512), d / "store", dtype="f32", seed=1, progress=False)
