@@ -396,7 +396,11 @@ def test_failed_first_export_leaves_no_record(ws, tmp_path, monkeypatch):
     monkeypatch.setattr(Store, "load_tensors", lambda self, unit, dtype=None: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError):
         export_model(ws / "store", tmp_path / "x", "pth", progress=False)
-    assert list((tmp_path / "x").iterdir()) == []
+    assert not (tmp_path / "x").exists()  # the record gone, so the --out it created could go too
+    (tmp_path / "y").mkdir()
+    with pytest.raises(OSError):
+        export_model(ws / "store", tmp_path / "y", "pth", progress=False)
+    assert list((tmp_path / "y").iterdir()) == []
 
 
 def test_prepare_data_rerun_removes_stale_temps(ws, tmp_path):

@@ -237,7 +237,8 @@ class Store:
                 problems.append(f"{path}: cannot read ({e.strerror or e}); {repair_hint(path)}")
                 continue
             fast[fname] = digests[FAST]
-            if digests[SHA256] != rec[SHA256] or (FAST in rec and digests[FAST] != rec[FAST]):
+            # .get: a record without a sha256 (inspect reports it too) is a mismatch, not a KeyError
+            if digests[SHA256] != rec.get(SHA256) or (FAST in rec and digests[FAST] != rec[FAST]):
                 problems.append(
                     f"{path}: checksum mismatch ({unit_label(unit)}): the shard is corrupted or changed; "
                     f"{repair_hint(path)}"
