@@ -28,7 +28,6 @@ def import_hf(
     """Convert an HF Llama-family checkpoint (single or sharded safetensors) into a store, one
     layer at a time through memory maps (never the whole model in RAM)."""
     from safetensors import safe_open
-    from tqdm import tqdm
 
     atomic.set_command("import")
     src = Path(src)
@@ -108,27 +107,11 @@ def import_hf(
         return t
 
     t0 = time.perf_counter()
-    bar = tqdm(total=w.total_file_bytes(), unit="B", unit_scale=True, desc="import", disable=not progress)
-    written = 0
-    for unit in w.units:
-        if not w.is_done(unit):
-            written += w.write_unit(unit, producer)
-        bar.update(w.unit_file_bytes(unit))
-        handles.clear()  # unmap source files we are done with
-    bar.close()
+    # unmap the source files after each unit: one unit's source pages at a time
+    written, kept = w.write_all(producer, "import", progress, after_unit=handles.clear)
     copied = copy_tokenizer(src, Path(out))  # before the index: a directory with an index is complete
     w.finish()
-    seconds = time.perf_counter() - t0
-    return {
-        "parameters": cfg.num_parameters(),
-        "bytes": w.total_file_bytes(),
-        "written_bytes": written,
-        "seconds": seconds,
-        "mb_s": written / 1e6 / max(seconds, 1e-9),
-        "out": str(out),
-        "dtype": dtype,
-        "tokenizer_files": copied,
-    }
+    return w.summary(time.perf_counter() - t0, written, kept, tokenizer_files=copied)
 
 
 def _read_json(path: Path) -> dict:

@@ -16,7 +16,6 @@ from pathlib import Path
 from odyssey import atomic
 from odyssey.config import ModelConfig
 from odyssey.dtypes import DTYPES, check_store_dtype
-from odyssey.store.format import unit_label
 from odyssey.store.writer import StoreWriter
 
 
@@ -48,33 +47,12 @@ def init_store(
     progress: bool = True,
 ) -> dict:
     """Create a store from scratch, streaming one tensor at a time. Returns a summary."""
-    from tqdm import tqdm
 
     atomic.set_command("init")
     check_store_dtype(dtype)
     key = {"config": cfg.to_hf_dict(DTYPES[dtype].hf_name), "dtype": dtype, "seed": seed, "kind": "init"}
     w = StoreWriter(Path(out), cfg, dtype, key, force)
     t0 = time.perf_counter()
-    written = kept = 0
-    bar = tqdm(total=w.total_file_bytes(), unit="B", unit_scale=True, desc="init", disable=not progress)
-    for unit in w.units:
-        bar.set_postfix_str(unit_label(unit))
-        if w.is_done(unit):
-            kept += 1
-            bar.update(w.unit_file_bytes(unit))
-            continue
-        written += w.write_unit(unit, lambda name, shape: init_tensor(cfg, name, shape, seed))
-        bar.update(w.unit_file_bytes(unit))
-    bar.close()
+    written, kept = w.write_all(lambda name, shape: init_tensor(cfg, name, shape, seed), "init", progress)
     w.finish()
-    seconds = time.perf_counter() - t0
-    return {
-        "parameters": cfg.num_parameters(),
-        "bytes": w.total_file_bytes(),
-        "written_bytes": written,
-        "kept_shards": kept,
-        "seconds": seconds,
-        "mb_s": written / 1e6 / max(seconds, 1e-9),
-        "out": str(out),
-        "dtype": dtype,
-    }
+    return w.summary(time.perf_counter() - t0, written, kept)

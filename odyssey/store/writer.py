@@ -103,6 +103,39 @@ class StoreWriter:
     def total_file_bytes(self) -> int:
         return sum(self.file_bytes.values())
 
+    def write_all(self, producer, desc: str, progress: bool = True, after_unit=None) -> tuple[int, int]:
+        """Write every unit not finished by an earlier run (tensors from `producer(name, shape)`),
+        with a progress bar; `after_unit()` runs after each unit. Returns (bytes written, shards
+        kept from an earlier run). `finish()` is the caller's, once its other files are in place."""
+        from tqdm import tqdm
+
+        written = kept = 0
+        with tqdm(total=self.total_file_bytes(), unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+            for unit in self.units:
+                bar.set_postfix_str(unit_label(unit))
+                if self.is_done(unit):
+                    kept += 1
+                else:
+                    written += self.write_unit(unit, producer)
+                bar.update(self.unit_file_bytes(unit))
+                if after_unit is not None:
+                    after_unit()
+        return written, kept
+
+    def summary(self, seconds: float, written: int, kept: int, **extra) -> dict:
+        """The figures init, import and merge report: parameters, bytes, what this run wrote, speed."""
+        return {
+            "parameters": self.config.num_parameters(),
+            "bytes": self.total_file_bytes(),
+            "written_bytes": written,
+            "kept_shards": kept,
+            "seconds": seconds,
+            "mb_s": written / 1e6 / max(seconds, 1e-9),
+            "out": str(self.root),
+            "dtype": self.dtype,
+            **extra,
+        }
+
     def _meta(self, unit: Unit) -> dict:
         return {"format": "pt", "odyssey_unit": unit_label(unit)}
 
