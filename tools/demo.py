@@ -145,7 +145,7 @@ def summary(st: Stage, which: str, model: Path, merged: Path, exports: Path, run
         f"  model      {size_of(model) / 1e9:.2f} GB at {model.relative_to(ROOT)}; "
         f"merged {size_of(merged) / 1e9:.2f} GB"
     )
-    for p in sorted(exports.iterdir()):
+    for p in sorted(q for q in exports.iterdir() if not q.name.startswith(".")):  # not the export record
         print(f"  export     {p.name:22s} {size_of(p) / 1e9:.2f} GB")
     if steps:
         print(
