@@ -35,9 +35,9 @@ def worker(args) -> int:
 
     from odyssey.config import LoraSettings, TrainConfig
     from odyssey.data import BatchSampler, TokenData
+    from odyssey.learners import LoraLearner
     from odyssey.runtime.memory import process_memory
     from odyssey.store import Store
-    from odyssey.train import LoraLearner
 
     store = Store.open(args.model)
     cfg = TrainConfig(seq_len=args.seq_len, batch_size=1, lora=LoraSettings(r=args.r, alpha=2 * args.r))

@@ -1,13 +1,13 @@
 """The training recipe: data, optimizer, schedule, checkpoints, resume, metrics.
 
-One loop (`Trainer.fit`) serves both modes through a `Learner`:
+One loop (`Trainer.fit`) serves both modes through a `Learner` (learners.py):
 - `LoraLearner`: the frozen base paged layer by layer through the engine, PEFT LoRA adapters in RAM.
 - `FullLearner`: every parameter in RAM (nano, small), ordinary autograd; ends with a new store.
 
 The run directory (runlog.RunDir) is the hub: config.yaml, metrics.jsonl, status.json,
 control.json, checkpoints/step-NNNNNN/, adapter/ (or model/ in full mode).
 
-A checkpoint (`Checkpoints`) holds the weights being trained, the AdamW state, the step, the data
+A checkpoint (`checkpoints.Checkpoints`) holds the weights being trained, the AdamW state, the step, the data
 position and the RNG state as they were at the end of that step; it is written into a temporary
 directory, synced and renamed, so a crash leaves the previous checkpoint or the new one.
 `--resume` restores all of it, so the losses after a resume equal those of an uninterrupted run.
@@ -25,11 +25,9 @@ import dataclasses
 import importlib
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -37,8 +35,10 @@ import torch
 
 from odyssey import atomic
 from odyssey.channel import ControlChannel
-from odyssey.config import TrainConfig, apply_overrides, dump_yaml, format_bytes, from_dict, read_yaml, to_dict
+from odyssey.checkpoints import Checkpoints, StepState
+from odyssey.config import TrainConfig, dump_yaml, to_dict
 from odyssey.errors import OdysseyError, StopRequested
+from odyssey.learners import Learner, make_learner
 from odyssey.report import (
     CheckpointWritten,
     Finished,
@@ -53,28 +53,9 @@ from odyssey.report import (
     TrainReport,
     WorldSizeChanged,
 )
+from odyssey.runsetup import prepare
 from odyssey.runtime.runlog import RunDir
 
-CKPT_PREFIX = "step-"
-TRAINER_STATE = "trainer.pt"
-# Effective-config paths that may differ on --resume (a path covers everything below it): they
-# change neither the maths of a step nor the data order. `train.steps` lengthens or shortens the run
-# (and so the learning-rate schedule from the resumed step on). The rest must match the run's.
-RESUME_FREE = {
-    "model",
-    "data",
-    "ram_budget",
-    "ram_budget_bytes",
-    "world_size",
-    "train.steps",
-    "train.guard",
-    "train.slots",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.eval_every",
-    "train.eval_batches",
-    "train.dist_timeout_s",
-}
 EXIT_GUARD_STOP = 3
 MIB = 1 << 20
 HOOK_ENV = "ODYSSEY_TRAIN_HOOK"
@@ -90,260 +71,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     frac = min(1.0, (step - cfg.warmup_steps) / span)
     low = cfg.lr * cfg.min_lr_ratio
     return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * frac))
-
-
-# ---------------------------------------------------------------------------------------------
-# learners
-
-
-class Learner(Protocol):
-    """What the loop trains, whatever the mode: its weights, a step, an evaluation, and their state
-    on disk for checkpoints and the result."""
-
-    def parameters(self) -> list:
-        """The weights the optimizer sees (those with requires_grad are trained)."""
-
-    def train(self, flag: bool) -> None:
-        """Training mode (dropout on) or evaluation mode."""
-
-    def step(self, x, y, grad_scale: float, between: Callable[[], None] | None) -> float:
-        """Forward and backward of one micro-batch: adds grad_scale * the loss's gradient to the
-        parameters' .grad, calls `between()` between layers, returns the loss."""
-
-    def eval_loss(self, x, y) -> float:
-        """The loss of one batch, without gradients."""
-
-    def take_stats(self, seconds: float):
-        """The page-in figures (engine.PassStats) since the last call, which resets them."""
-
-    def save(self, directory: Path, **extra) -> None:
-        """The weights being trained into a checkpoint directory."""
-
-    def load(self, directory: Path) -> None:
-        """The weights being trained, back from a checkpoint directory."""
-
-    def finish(self, run: RunDir, **extra) -> Path:
-        """The run's result (RUN/adapter, RUN/model); returns its path."""
-
-    def close(self) -> None:
-        """Releases what the learner holds (the pager's buffers and thread)."""
-
-
-class LoraLearner:
-    """Frozen paged base + LoRA adapters (PEFT) in fp32. A `Learner`."""
-
-    def __init__(self, store, cfg: TrainConfig, resident: bool = False):
-        from odyssey.adapters import inject, lora_parameters
-        from odyssey.engine import Engine
-        from odyssey.model import LlamaForCausalLM
-
-        self.store, self.cfg = store, cfg
-        with torch.device("meta"):
-            model = LlamaForCausalLM(store.config)
-        inject(model, cfg.lora, seed=cfg.seed)
-        self.model = model
-        self.named = lora_parameters(model)
-        self.engine = Engine(store, compute_dtype=cfg.compute_dtype, slots=cfg.slots, model=model, resident=resident)
-
-    def parameters(self) -> list:
-        return list(self.named.values())
-
-    def train(self, flag: bool) -> None:
-        self.model.train(flag)
-
-    def step(self, x, y, grad_scale: float, between) -> float:
-        return self.engine.train_step(x, y, grad_scale, between)
-
-    def eval_loss(self, x, y) -> float:
-        return self.engine.eval_loss(x, y)
-
-    def take_stats(self, seconds: float):
-        return self.engine.pass_stats(seconds)
-
-    def save(self, directory: Path, **extra) -> None:
-        from odyssey.adapters import save_adapter
-
-        save_adapter(self.model, self.cfg.lora, directory / "adapter", self.store, **extra)
-
-    def load(self, directory: Path) -> None:
-        from odyssey.adapters import load_into, read_adapter
-
-        adapter = read_adapter(directory / "adapter")
-        adapter.check_base(self.store)
-        load_into(self.model, adapter)
-
-    def finish(self, run: RunDir, **extra) -> Path:
-        from odyssey.adapters import save_adapter
-
-        return save_adapter(self.model, self.cfg.lora, run.adapter_dir, self.store, **extra)
-
-    def close(self) -> None:
-        self.engine.close()
-
-
-class FullLearner:
-    """Every parameter in RAM in fp32 (small models trained from scratch or fully fine-tuned). A `Learner`."""
-
-    def __init__(self, store, cfg: TrainConfig):
-        from odyssey.model import LlamaForCausalLM
-
-        self.store, self.cfg = store, cfg
-        self.model = LlamaForCausalLM(store.config)
-        self._load_state(store.state_dict(torch.float32))
-        self._between = None
-        for layer in self.model.model.layers:  # control requests between layers, as out-of-core
-            layer.register_forward_hook(lambda *a: self._between and self._between())
-
-    def _load_state(self, sd: dict) -> None:
-        missing, unexpected = self.model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and self.store.config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise OdysseyError(
-                f"checkpoint does not match the model: missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}; resume with the run's own model"
-            )
-
-    def parameters(self) -> list:
-        return [p for p in self.model.parameters()]
-
-    def train(self, flag: bool) -> None:
-        self.model.train(flag)
-
-    def step(self, x, y, grad_scale: float, between) -> float:
-        from odyssey.model import causal_lm_loss
-
-        self._between = between
-        try:
-            loss = causal_lm_loss(self.model(x), y)
-            (loss * grad_scale).backward()
-        finally:
-            self._between = None
-        return float(loss)
-
-    @torch.no_grad()
-    def eval_loss(self, x, y) -> float:
-        from odyssey.model import causal_lm_loss
-
-        return float(causal_lm_loss(self.model(x), y))
-
-    def take_stats(self, seconds: float):
-        from odyssey.engine import PassStats
-
-        return PassStats(seconds=seconds)
-
-    def save(self, directory: Path, **extra) -> None:
-        from safetensors.torch import save_file
-
-        with atomic.atomic_path(directory / "model.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in self.model.tied_state_dict().items()}, str(tmp))
-
-    def load(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-
-        self._load_state(load_file(str(directory / "model.safetensors")))
-
-    def finish(self, run: RunDir, **extra) -> Path:
-        """The trained model as a new store in RUN/model (same format and dtype as the base)."""
-        from odyssey.store import StoreWriter
-        from odyssey.tokenizer import copy_tokenizer
-
-        out = run.root / "model"
-        sd = self.model.tied_state_dict()
-        writer = StoreWriter(
-            out,
-            self.store.config,
-            self.store.dtype,
-            journal_key={"source": "odyssey train --mode full", "run": str(run.root)},
-            force=True,
-        )
-        for unit in writer.units:
-            writer.write_unit(unit, lambda name, shape: sd[name].detach())
-        writer.finish()
-        if self.store.tokenizer_path():
-            copy_tokenizer(self.store.root, out)
-        return out
-
-    def close(self) -> None:
-        pass
-
-
-def make_learner(store, cfg: TrainConfig) -> Learner:
-    """The learner for cfg.mode: "full" trains every parameter in RAM, "lora" adapters on the paged base."""
-    return FullLearner(store, cfg) if cfg.mode == "full" else LoraLearner(store, cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def checkpoint_dirs(run: RunDir) -> list[Path]:
-    """Complete checkpoints, oldest first (a complete one has its trainer state)."""
-    d = run.checkpoints_dir
-    if not d.is_dir():
-        return []
-    found = [p for p in d.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX) :]))
-
-
-@dataclass
-class StepState:
-    """What a checkpoint needs besides weights and optimizer, taken at the end of a step."""
-
-    step: int
-    sampler: dict
-    rng: torch.Tensor
-    tokens: int
-
-
-class Checkpoints:
-    """RUN/checkpoints/step-NNNNNN/: the learner's weights and TRAINER_STATE (optimizer, step,
-    tokens, data position, RNG state, number of ranks, config). A checkpoint is complete once its
-    TRAINER_STATE is there; each is written whole into a temporary directory and renamed, and
-    only the newest `keep` are kept."""
-
-    def __init__(self, run: RunDir, keep: int):
-        self.run, self.keep = run, keep
-
-    def path(self, step: int) -> Path:
-        return self.run.checkpoints_dir / f"{CKPT_PREFIX}{step:06d}"
-
-    def is_complete(self, step: int) -> bool:
-        return (self.path(step) / TRAINER_STATE).is_file()
-
-    def write(self, done: StepState, learner: Learner, optimizer, *, world_size: int, config: dict) -> int:
-        """Writes the checkpoint of step `done.step` (replacing an incomplete leftover of the same
-        step), then drops the oldest beyond `keep`. Returns its size in bytes."""
-        final = self.path(done.step)
-        with atomic.atomic_dir(final) as tmp:
-            learner.save(tmp, step=done.step)
-            state = {
-                "step": done.step,
-                "tokens": done.tokens,
-                "optimizer": optimizer.state_dict(),
-                "world_size": world_size,
-                "sampler": done.sampler,
-                "rng": done.rng,
-                "config": config,
-            }
-            with atomic.atomic_path(tmp / TRAINER_STATE) as p:
-                torch.save(state, p)
-        for old in checkpoint_dirs(self.run)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
-
-    def latest(self) -> tuple[Path, dict] | None:
-        """The newest complete checkpoint and its trainer state, or None when there is none."""
-        ckpts = checkpoint_dirs(self.run)
-        if not ckpts:
-            return None
-        path = ckpts[-1]
-        try:
-            state = torch.load(path / TRAINER_STATE, weights_only=False)
-        except Exception as e:  # a damaged file: say which and what to do
-            raise OdysseyError(
-                f"checkpoint {path} is unreadable ({type(e).__name__}); remove it to resume from the one before"
-            ) from None
-        return path, state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,122 +331,6 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------------
 # entry point (odyssey train)
-
-
-def _effective(model_dir: Path, data_dir: Path, budget: int, cfg: TrainConfig, store, data) -> dict:
-    return {
-        "model": str(model_dir.resolve()),
-        "model_fingerprint": store.fingerprint(),
-        "data": str(data_dir.resolve()),
-        "data_tokens": data.num_tokens("train"),
-        "ram_budget": format_bytes(budget),
-        "ram_budget_bytes": budget,
-        "train": to_dict(cfg),
-    }
-
-
-def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """'path (run A, now B)' for every value that differs, outside RESUME_FREE."""
-    out = []
-    for k in sorted(set(saved) | set(now)):
-        if f"{prefix}{k}" in RESUME_FREE:
-            continue
-        a, b = saved.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k} (run {a!r}, now {b!r})")
-    return out
-
-
-def _merged(base: dict, top: dict) -> dict:
-    """`base` with the keys of `top` laid over it, sections merged key by key."""
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_run_config(run: RunDir) -> dict:
-    import yaml
-
-    try:
-        saved = yaml.safe_load(run.config_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise OdysseyError(
-            f"{run.config_path} is unreadable ({type(e).__name__}); the run cannot resume, start a new --out"
-        ) from None
-    if not isinstance(saved, dict) or "train" not in saved:
-        raise OdysseyError(f"{run.config_path} is not an odyssey run config; start a new --out")
-    return saved
-
-
-def prepare(
-    out: str,
-    model: str | None,
-    data_dir: str | None,
-    budget: int | None,
-    config_path: str | None,
-    overrides: list[str],
-    resume: bool,
-):
-    """Checks everything a user can get wrong before anything is written. Returns
-    (run, store, data, cfg, budget, effective config)."""
-    from odyssey.config import load_train_config, parse_bytes
-    from odyssey.data import TokenData
-    from odyssey.store import Store
-
-    run = RunDir(out)
-    saved = None
-    if resume:
-        if not run.config_path.is_file():
-            raise OdysseyError(f"--resume: {out} is not a run directory (no config.yaml); drop --resume to start it")
-        saved = _read_run_config(run)
-        model = model or saved.get("model")
-        data_dir = data_dir or saved.get("data")
-        budget = budget or saved.get("ram_budget_bytes")
-        # the run's own settings, then --config and key=value on top (a resume changes only what it names)
-        base = saved["train"] if isinstance(saved["train"], dict) else {}
-        if config_path is not None:
-            base = _merged(base, read_yaml(config_path))
-        cfg = from_dict(TrainConfig, apply_overrides(base, overrides))
-    else:
-        if run.root.exists() and any(run.root.iterdir()):
-            raise OdysseyError(
-                f"run directory {out} already holds a run; pass --resume to continue it or choose a new --out"
-            )
-        cfg = load_train_config(config_path, overrides)
-    if model is None or data_dir is None:
-        raise OdysseyError("pass --model STORE and --data DIR (made by `odyssey prepare-data`)")
-    from odyssey.outputs import check_apart  # the run directory (and RUN/model in full mode) apart from the inputs
-
-    check_apart(run.root, [("model", "--model", model), ("data", "--data", data_dir)])
-    atomic.set_command("train")  # named in its temporary files
-    if budget is None:
-        raise OdysseyError("pass --ram-budget, e.g. --ram-budget 2GiB (see `odyssey plan`)")
-    budget = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    store = Store.open(model)
-    data = TokenData(data_dir)
-    if data.vocab_size > store.config.vocab_size:
-        raise OdysseyError(
-            f"the tokenizer of {data_dir} has {data.vocab_size} tokens but the model has "
-            f"{store.config.vocab_size}; prepare the data with the model's tokenizer "
-            f"(`odyssey prepare-data ... --tokenizer {model}`) or a smaller --vocab-size"
-        )
-    eff = _effective(Path(model), Path(data_dir), budget, cfg, store, data)
-    if cfg.mode == "lora":
-        from odyssey.adapters import check_targets
-
-        check_targets(cfg.lora.targets)
-    if saved is not None:
-        diffs = _diff(saved, eff)
-        if diffs:
-            free = sorted(k.removeprefix("train.") for k in RESUME_FREE if k.startswith("train."))
-            raise OdysseyError(
-                f"--resume cannot change {', '.join(diffs[:4])}; a resume may change only "
-                f"{', '.join(free)} (the rest as in {run.config_path}), or start a new --out"
-            )
-    return run, store, data, cfg, budget, eff
 
 
 def check_plan(store, cfg: TrainConfig, budget: int):

@@ -23,7 +23,7 @@ mode = sys.argv[3] if len(sys.argv) > 3 else "forward"
 V = store.config.vocab_size
 if mode == "lora":
     from odyssey.config import LoraSettings, TrainConfig
-    from odyssey.train import LoraLearner
+    from odyssey.learners import LoraLearner
 
     r = int(sys.argv[4]) if len(sys.argv) > 4 else 16
     cfg = TrainConfig(seq_len=T, lora=LoraSettings(r=r, alpha=2 * r))

@@ -1,0 +1,194 @@
+"""What the training loop trains, whatever the mode: the `Learner` protocol and its two kinds.
+
+- `LoraLearner`: the frozen base paged layer by layer through the engine, PEFT LoRA adapters in RAM.
+- `FullLearner`: every parameter in RAM (nano, small), ordinary autograd; ends with a new store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from odyssey import atomic
+from odyssey.config import TrainConfig
+from odyssey.errors import OdysseyError
+from odyssey.runtime.runlog import RunDir
+
+
+class Learner(Protocol):
+    """What the loop trains, whatever the mode: its weights, a step, an evaluation, and their state
+    on disk for checkpoints and the result."""
+
+    def parameters(self) -> list:
+        """The weights the optimizer sees (those with requires_grad are trained)."""
+
+    def train(self, flag: bool) -> None:
+        """Training mode (dropout on) or evaluation mode."""
+
+    def step(self, x, y, grad_scale: float, between: Callable[[], None] | None) -> float:
+        """Forward and backward of one micro-batch: adds grad_scale * the loss's gradient to the
+        parameters' .grad, calls `between()` between layers, returns the loss."""
+
+    def eval_loss(self, x, y) -> float:
+        """The loss of one batch, without gradients."""
+
+    def take_stats(self, seconds: float):
+        """The page-in figures (engine.PassStats) since the last call, which resets them."""
+
+    def save(self, directory: Path, **extra) -> None:
+        """The weights being trained into a checkpoint directory."""
+
+    def load(self, directory: Path) -> None:
+        """The weights being trained, back from a checkpoint directory."""
+
+    def finish(self, run: RunDir, **extra) -> Path:
+        """The run's result (RUN/adapter, RUN/model); returns its path."""
+
+    def close(self) -> None:
+        """Releases what the learner holds (the pager's buffers and thread)."""
+
+
+class LoraLearner:
+    """Frozen paged base + LoRA adapters (PEFT) in fp32. A `Learner`."""
+
+    def __init__(self, store, cfg: TrainConfig, resident: bool = False):
+        from odyssey.adapters import inject, lora_parameters
+        from odyssey.engine import Engine
+        from odyssey.model import LlamaForCausalLM
+
+        self.store, self.cfg = store, cfg
+        with torch.device("meta"):
+            model = LlamaForCausalLM(store.config)
+        inject(model, cfg.lora, seed=cfg.seed)
+        self.model = model
+        self.named = lora_parameters(model)
+        self.engine = Engine(store, compute_dtype=cfg.compute_dtype, slots=cfg.slots, model=model, resident=resident)
+
+    def parameters(self) -> list:
+        return list(self.named.values())
+
+    def train(self, flag: bool) -> None:
+        self.model.train(flag)
+
+    def step(self, x, y, grad_scale: float, between) -> float:
+        return self.engine.train_step(x, y, grad_scale, between)
+
+    def eval_loss(self, x, y) -> float:
+        return self.engine.eval_loss(x, y)
+
+    def take_stats(self, seconds: float):
+        return self.engine.pass_stats(seconds)
+
+    def save(self, directory: Path, **extra) -> None:
+        from odyssey.adapters import save_adapter
+
+        save_adapter(self.model, self.cfg.lora, directory / "adapter", self.store, **extra)
+
+    def load(self, directory: Path) -> None:
+        from odyssey.adapters import load_into, read_adapter
+
+        adapter = read_adapter(directory / "adapter")
+        adapter.check_base(self.store)
+        load_into(self.model, adapter)
+
+    def finish(self, run: RunDir, **extra) -> Path:
+        from odyssey.adapters import save_adapter
+
+        return save_adapter(self.model, self.cfg.lora, run.adapter_dir, self.store, **extra)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class FullLearner:
+    """Every parameter in RAM in fp32 (small models trained from scratch or fully fine-tuned). A `Learner`."""
+
+    def __init__(self, store, cfg: TrainConfig):
+        from odyssey.model import LlamaForCausalLM
+
+        self.store, self.cfg = store, cfg
+        self.model = LlamaForCausalLM(store.config)
+        self._load_state(store.state_dict(torch.float32))
+        self._between = None
+        for layer in self.model.model.layers:  # control requests between layers, as out-of-core
+            layer.register_forward_hook(lambda *a: self._between and self._between())
+
+    def _load_state(self, sd: dict) -> None:
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and self.store.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise OdysseyError(
+                f"checkpoint does not match the model: missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}; resume with the run's own model"
+            )
+
+    def parameters(self) -> list:
+        return [p for p in self.model.parameters()]
+
+    def train(self, flag: bool) -> None:
+        self.model.train(flag)
+
+    def step(self, x, y, grad_scale: float, between) -> float:
+        from odyssey.model import causal_lm_loss
+
+        self._between = between
+        try:
+            loss = causal_lm_loss(self.model(x), y)
+            (loss * grad_scale).backward()
+        finally:
+            self._between = None
+        return float(loss)
+
+    @torch.no_grad()
+    def eval_loss(self, x, y) -> float:
+        from odyssey.model import causal_lm_loss
+
+        return float(causal_lm_loss(self.model(x), y))
+
+    def take_stats(self, seconds: float):
+        from odyssey.engine import PassStats
+
+        return PassStats(seconds=seconds)
+
+    def save(self, directory: Path, **extra) -> None:
+        from safetensors.torch import save_file
+
+        with atomic.atomic_path(directory / "model.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in self.model.tied_state_dict().items()}, str(tmp))
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        self._load_state(load_file(str(directory / "model.safetensors")))
+
+    def finish(self, run: RunDir, **extra) -> Path:
+        """The trained model as a new store in RUN/model (same format and dtype as the base)."""
+        from odyssey.store import StoreWriter
+        from odyssey.tokenizer import copy_tokenizer
+
+        out = run.root / "model"
+        sd = self.model.tied_state_dict()
+        writer = StoreWriter(
+            out,
+            self.store.config,
+            self.store.dtype,
+            journal_key={"source": "odyssey train --mode full", "run": str(run.root)},
+            force=True,
+        )
+        for unit in writer.units:
+            writer.write_unit(unit, lambda name, shape: sd[name].detach())
+        writer.finish()
+        if self.store.tokenizer_path():
+            copy_tokenizer(self.store.root, out)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def make_learner(store, cfg: TrainConfig) -> Learner:
+    """The learner for cfg.mode: "full" trains every parameter in RAM, "lora" adapters on the paged base."""
+    return FullLearner(store, cfg) if cfg.mode == "full" else LoraLearner(store, cfg)
