@@ -1,0 +1,273 @@
+"""`odyssey plan`, `generate`, `train`, `prepare-data` and `bench`: the verbs that run the model or
+prepare its data."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from odyssey.cli.common import (
+    count,
+    number,
+    parser_for,
+    ram_budget_arg,
+)
+from odyssey.dtypes import COMPUTE_DTYPES
+from odyssey.errors import OdysseyError
+
+
+def add_plan_parser(sub) -> None:
+    s = parser_for(sub, "plan", "show the memory plan of a run against a RAM budget, term by term")
+    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--ram-budget", help="e.g. 2GiB, 1500MiB, 2G")
+    s.add_argument(
+        "--mode",
+        default="lora",
+        choices=["lora", "forward", "full"],
+        help="lora: training with adapters; forward: generation; full: all parameters",
+    )
+    s.add_argument("--seq-len", type=count(1), default=512)
+    s.add_argument("--batch-size", type=count(1), default=1)
+    s.add_argument("--lora-r", type=count(1), default=16)
+    s.add_argument("--slots", type=count(1), default=2, help="pager buffer slots")
+    s.add_argument("--compute-dtype", default="auto", choices=list(COMPUTE_DTYPES))
+    s.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    from odyssey.config import LoraSettings
+    from odyssey.planner import plan_checked
+    from odyssey.store import Store
+
+    plan_checked(
+        Store.open(args.model),
+        mode=args.mode,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        slots=args.slots,
+        budget=ram_budget_arg(args),
+        lora=LoraSettings(r=args.lora_r) if args.mode == "lora" else None,
+        compute_dtype=args.compute_dtype,
+        show=lambda p: print(p.table()),
+    )
+    return 0
+
+
+def add_generate_parser(sub) -> None:
+    s = parser_for(sub, "generate", "generate text with the model paged from disk under a RAM budget")
+    s.add_argument("--model", required=True, help="store directory")
+    prompt = s.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the store)")
+    prompt.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
+    s.add_argument("--adapter", help="a LoRA adapter directory (e.g. RUN/adapter) applied on the fly")
+    s.add_argument("--max-new-tokens", type=count(1), default=32)
+    s.add_argument("--ram-budget", help="e.g. 1GiB")
+    s.add_argument("--temperature", type=number(0.0), default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=count(0), default=40)
+    s.add_argument("--seed", type=count(0), default=0)
+    s.add_argument("--slots", type=count(1), default=2)
+    s.add_argument("--compute-dtype", default="auto", choices=list(COMPUTE_DTYPES))
+    s.add_argument("--quiet", action="store_true", help="only the generated text")
+    s.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from odyssey.engine import Engine
+    from odyssey.generate import generate_ids, stream_text
+    from odyssey.planner import plan_checked
+    from odyssey.store import Store
+    from odyssey.tokenizer import load_tokenizer
+
+    store = Store.open(args.model)
+    if args.prompt_ids:
+        try:
+            prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise OdysseyError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        tok = load_tokenizer(store.root) if store.tokenizer_path() else None
+    else:
+        if args.prompt is None:
+            raise OdysseyError("pass --prompt TEXT (or --prompt-ids 1,2,3)")
+        tok = load_tokenizer(
+            store.root,
+            fix=f"add one with `odyssey prepare-data DATA --out DIR --model {store.root}` "
+            f"(or `odyssey import` a model that has one), or pass --prompt-ids 1,2,3",
+        )
+        prompt = tok.encode(args.prompt).ids
+        bos = store.config.bos_token_id
+        if bos is not None and (not prompt or prompt[0] != bos):
+            prompt = [bos] + prompt
+    vocab = store.config.vocab_size
+    outside = [i for i in prompt if not 0 <= i < vocab]
+    if outside:
+        raise OdysseyError(f"prompt id {outside[0]} is outside the model's vocabulary (0..{vocab - 1})")
+    adapter = None
+    if args.adapter:  # base paged from disk, LoRA adapter resident (refused if made for another base)
+        from odyssey.adapters import read_adapter
+
+        adapter = read_adapter(args.adapter)
+    plan_checked(  # a plan that does not fit is one line naming its terms; one that fits is shown
+        store,
+        mode="forward",
+        seq_len=len(prompt) + args.max_new_tokens,
+        slots=args.slots,
+        budget=ram_budget_arg(args),
+        compute_dtype=args.compute_dtype,
+        show=None if args.quiet else lambda p: print(p.table(), file=sys.stderr),
+        show_first=False,
+    )
+    model = None
+    if adapter is not None:
+        from odyssey.adapters import adapter_skeleton
+
+        model = adapter_skeleton(store, adapter)
+    t0 = time.perf_counter()
+    with Engine(store, compute_dtype=args.compute_dtype, slots=args.slots, model=model) as eng:
+        if args.prompt and not args.quiet:
+            sys.stdout.write(args.prompt)
+        new = stream_text(
+            tok,
+            generate_ids(
+                eng,
+                prompt,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_k,
+                args.seed,
+                eos_id=store.config.eos_token_id,
+                vocab_limit=tok.get_vocab_size() if tok else None,
+            ),
+            lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+        )
+        dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    if not args.quiet:
+        print(f"{len(new)} tokens in {dt:.1f} s ({dt / max(len(new), 1):.2f} s/token)", file=sys.stderr)
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    s = parser_for(sub, "train", "train LoRA adapters (or a small model fully) under a RAM budget, resumable")
+    s.add_argument("--model", help="base store directory (default on --resume: the run's)")
+    s.add_argument("--data", help="data directory from `odyssey prepare-data` (default on --resume: the run's)")
+    s.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints, adapter)")
+    s.add_argument("--ram-budget", help="e.g. 2GiB; checked by the memory plan before the first step")
+    s.add_argument("--config", help="training YAML (default: built-in defaults; see configs/lora.yaml)")
+    s.add_argument("--steps", type=count(1), help="optimizer steps (overrides the config's steps)")
+    s.add_argument("--mode", choices=["lora", "full"], help="full: train every parameter in RAM (small models)")
+    s.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
+    s.add_argument("--monitor", action="store_true", help="open the monitor window in its own process")
+    s.add_argument("--no-guard", action="store_true", help="do not start the guard process")
+    s.add_argument("--nproc", type=count(1), help="data-parallel ranks on this machine (torchrun shortcut)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=32 seq_len=256")
+    s.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from odyssey.train import train
+
+    if args.nproc and args.nproc > 1:
+        return launch_ranks(args.nproc)
+    overrides = list(args.overrides)  # --mode and --steps are shorthands for config overrides
+    overrides += [f"mode={args.mode}"] * bool(args.mode) + [f"steps={args.steps}"] * (args.steps is not None)
+    return train(
+        args.out,
+        model=args.model,
+        data=args.data,
+        budget=args.ram_budget,
+        config_path=args.config,
+        overrides=overrides,
+        resume=args.resume,
+        monitor=args.monitor,
+        guard=not args.no_guard,
+        progress=not args.quiet,
+    )
+
+
+def launch_ranks(nproc: int) -> int:
+    """`odyssey train --nproc N ...`: the same command on N local ranks through torchrun
+    (torch.distributed.run, standalone rendezvous on this machine)."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    i = next(k for k, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
+    argv = argv[:i] + argv[i + (1 if "=" in argv[i] else 2) :]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "odyssey",
+        *argv,
+    ]
+    return subprocess.call(cmd)
+
+
+def add_prepare_data_parser(sub) -> None:
+    s = parser_for(sub, "prepare-data", "tokenize .txt/.jsonl text into token files (training a BPE if needed)")
+    s.add_argument("inputs", nargs="+", help=".txt or .jsonl files or directories")
+    s.add_argument("--out", required=True, help="data directory to write")
+    s.add_argument("--vocab-size", type=count(1), help="BPE vocabulary to train (default: the model's, else 8192)")
+    s.add_argument("--tokenizer", help="use this directory's tokenizer.json instead of training one")
+    s.add_argument("--model", help="store directory: check the vocabulary fits and place the tokenizer there")
+    s.add_argument("--val-fraction", type=number(0.0, 1.0), default=0.05)
+    s.add_argument("--seed", type=count(0), default=0)
+    s.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_prepare_data)
+
+
+def cmd_prepare_data(args) -> int:
+    from odyssey.data import prepare_data
+
+    # prepare_data shows a progress bar and prints its own summary line
+    prepare_data(
+        [Path(p) for p in args.inputs],
+        Path(args.out),
+        vocab_size=args.vocab_size,
+        tokenizer_dir=Path(args.tokenizer) if args.tokenizer else None,
+        model_store=Path(args.model) if args.model else None,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    s = parser_for(sub, "bench", "measure page-in throughput against the disk's raw sequential read")
+    s.add_argument("what", choices=["pagein"], help="which benchmark")
+    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--strategies", default=",".join(("mmap", "mmap-willneed", "pread", "pread-direct")))
+    s.add_argument("--slots", default="1,2,3", help="slot counts for the pager strategies")
+    s.add_argument("--repeats", type=count(1), default=3, help="runs per row (the best is kept: the disk is noisy)")
+    s.add_argument("--out", help="JSON file; a .md table and a .png chart are written beside it")
+    s.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from odyssey import bench
+
+    if args.what != "pagein":
+        raise OdysseyError(f"unknown benchmark {args.what!r}; choose pagein")
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    bad = [s for s in strategies if s not in bench.STRATEGIES]
+    if bad:
+        raise OdysseyError(f"--strategies: unknown {bad[0]!r}; choose from {', '.join(bench.STRATEGIES)}")
+    try:
+        slots = [int(x) for x in args.slots.split(",")]
+    except ValueError:
+        raise OdysseyError(f"--slots must be comma-separated integers, got {args.slots!r}") from None
+    print(f"page-in benchmark on {args.model} (cold: page cache dropped before each run)")
+    result = bench.run(args.model, strategies, slots, repeats=args.repeats)
+    print(bench.table(result))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    for p in bench.write_outputs(result, args.out):
+        print(f"wrote {p}")
+    return 0

@@ -1,0 +1,145 @@
+"""`odyssey init`, `import`, `verify`, `info`, `merge` and `export`: the verbs that make, check and
+convert stores."""
+
+from __future__ import annotations
+
+import sys
+
+from odyssey.cli.common import (
+    add_store_out_options,
+    count,
+    kept_phrase,
+    parser_for,
+    written_phrase,
+)
+
+
+def add_init_parser(sub) -> None:
+    s = parser_for(sub, "init", "create a new model on disk from a config (streams; never all in RAM)")
+    s.add_argument("--config", required=True, help="model YAML, e.g. configs/nano.yaml")
+    add_store_out_options(s, "bf16", "weights on disk")
+    s.add_argument("--seed", type=count(0), default=0, help="init seed (each tensor seeded by seed and name)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_hidden_layers=4")
+    s.set_defaults(func=cmd_init)
+
+
+def cmd_init(args) -> int:
+    from odyssey.config import load_model_config
+    from odyssey.store import init_store
+
+    cfg = load_model_config(args.config, args.overrides)
+    s = init_store(cfg, args.out, dtype=args.dtype, seed=args.seed, force=args.force, progress=not args.quiet)
+    print(
+        f"initialised {s['out']}: {s['parameters']:,} parameters ({s['parameters'] / 1e9:.3f} B), "
+        f"{written_phrase(s)}{kept_phrase(s)}"
+    )
+    return 0
+
+
+def add_import_parser(sub) -> None:
+    s = parser_for(sub, "import", "convert a Hugging Face Llama-family checkpoint into a store")
+    s.add_argument("src", help="HF model directory (config.json + safetensors)")
+    add_store_out_options(s, None, "default: keep the source dtype")
+    s.set_defaults(func=cmd_import)
+
+
+def cmd_import(args) -> int:
+    from odyssey.store import import_hf
+
+    s = import_hf(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    tok = ", ".join(s["tokenizer_files"]) or "no tokenizer files"
+    print(f"imported {args.src} -> {s['out']}: {s['parameters']:,} parameters, {written_phrase(s)}; {tok}")
+    return 0
+
+
+def add_verify_parser(sub) -> None:
+    s = parser_for(sub, "verify", "check every shard's size, header, shapes and checksum")
+    s.add_argument("model", help="store directory")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args) -> int:
+    from odyssey.store import verify_store
+
+    # Config, index fields against the headers, sizes, shapes, checksums: one line per problem.
+    store, problems, note = verify_store(args.model, progress=not args.quiet)
+    for p in problems:
+        print(f"FAIL {p}", file=sys.stderr)
+    if problems:
+        if store is not None:
+            print(f"{len(problems)} problem(s) in {store.root} ({len(store.shards)} shards)", file=sys.stderr)
+        return 2
+    if note:
+        print(note)
+    print(
+        f"OK {store.root}: {len(store.shards)} shards, {store.total_bytes() / 1e6:,.1f} MB, "
+        f"sizes, headers, shapes, index fields and checksums match"
+    )
+    return 0
+
+
+def add_info_parser(sub) -> None:
+    s = parser_for(sub, "info", "print architecture, parameters, bytes per layer and dtype")
+    s.add_argument("model", help="store directory")
+    s.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from odyssey.store import Store, describe
+
+    print(describe(Store.open(args.model)))
+    return 0
+
+
+def add_merge_parser(sub) -> None:
+    s = parser_for(sub, "merge", "fold a LoRA adapter into its base, layer by layer, as a new store")
+    s.add_argument("--model", required=True, help="base store directory the adapter was trained on")
+    s.add_argument("--adapter", required=True, help="adapter directory in PEFT format, e.g. runs/r1/adapter")
+    add_store_out_options(s, None, "default: the base's dtype")
+    s.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args) -> int:
+    from odyssey.merge import merge
+
+    s = merge(args.model, args.adapter, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    print(
+        f"merged {s['adapter']} ({s['modules']} modules in {s['layers']} layers) into {s['base']} -> {s['out']}: "
+        f"{written_phrase(s)}, peak anonymous RSS {s['peak_anon_bytes'] / 2**20:,.0f} MiB{kept_phrase(s)}"
+    )
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    s = parser_for(sub, "export", "write a store as safetensors (HF), .pth and/or .gguf, streaming")
+    s.add_argument("model", help="store directory")
+    s.add_argument("--out", required=True, help="directory for OUT/safetensors/, OUT/model.pth, OUT/model-TYPE.gguf")
+    s.add_argument("--formats", default="safetensors,pth,gguf", help="comma-separated: safetensors, pth, gguf")
+    s.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16, bf16 or q8_0")
+    s.add_argument("--adapter", help="merge this adapter on the fly (the store is left unchanged)")
+    s.add_argument("--force", action="store_true", help="overwrite outputs that exist")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from odyssey.export import export_model
+
+    s = export_model(
+        args.model,
+        args.out,
+        args.formats,
+        gguf_type=args.gguf_type,
+        adapter=args.adapter,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    merged = f" (with {s['adapter']} merged)" if s["adapter"] else ""
+    print(f"exported {args.model}{merged} -> {s['out']} in {s['seconds']:.1f} s")
+    for r in s["formats"]:
+        print(
+            f"  {r['format']:<12} {r['path']:<40} {r['bytes'] / 1e6:>10,.1f} MB {r['seconds']:>7.1f} s "
+            f"{r['mb_s']:>6.0f} MB/s  peak anonymous RSS {r['peak_anon_bytes'] / 2**20:,.0f} MiB"
+        )
+    return 0
