@@ -16,7 +16,7 @@ wheel=$(ls "$work"/dist/odyssey-*.whl)
 sdist=$(ls "$work"/dist/odyssey-*.tar.gz)
 # the sdist carries the sources the wheel was built from
 listing=$(tar -tzf "$sdist")
-grep -q "odyssey/cli.py" <<< "$listing" || { echo "check_package: $sdist lacks odyssey/cli.py"; exit 1; }
+grep -q "odyssey/cli/__init__.py" <<< "$listing" || { echo "check_package: $sdist lacks odyssey/cli/__init__.py"; exit 1; }
 
 "${BASE_PYTHON:-python3}" -m venv "$work/venv"
 "$work/venv/bin/pip" install "${pipq[@]}" torch==2.13.0
