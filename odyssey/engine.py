@@ -7,10 +7,15 @@ converted to the compute dtype when that differs from the store dtype — used, 
 
 Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 
-- forward: embedding rows gathered from the memory-mapped embed shard (only the rows needed),
-  layers 0..L-1 without grad keeping only each layer's input, final norm, head in vocab chunks.
-- loss: cross-entropy through the paged head in vocab chunks with an online log-sum-exp; the
-  gradient w.r.t. the final hidden state is computed chunk by chunk too (never B x T x V in fp32).
+- forward: embedding rows gathered from the memory-mapped embed shard (only the rows needed; the
+  row blocks holding them are checked against the index first), layers 0..L-1 without grad keeping
+  only each layer's input, final norm, then the head.
+- the head: its weight (V, d) (the embedding when tied) is paged in row blocks no larger than a
+  decoder layer (store.Block), prefetched like layers, one block resident while the next is read;
+  each block is used in vocab chunks. A tied embedding is read once per step, for the head.
+- loss: cross-entropy over the head's blocks with an online log-sum-exp (`OnlineCrossEntropy`);
+  the gradient w.r.t. the final hidden state is accumulated block by block too, and the target
+  rows are picked from the block that holds them (never B x T x V in fp32, never all of W).
 - backward: layers L-1..0, each recomputed with grad from its saved input (a leaf with
   requires_grad, so LoRA weights get gradients), `torch.autograd.backward(out, grad)`, the input's
   gradient passed down.
@@ -31,7 +36,7 @@ from torch import nn
 from odyssey.dtypes import ST_CODES, VOCAB_CHUNK, compute_dtype_info
 from odyssey.model import KVCache, LlamaForCausalLM, rope_cos_sin
 from odyssey.pager import Pager, Resident, ResidentPager
-from odyssey.store import Store
+from odyssey.store import Block, Store
 
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
@@ -52,6 +57,50 @@ class PassStats:
     @property
     def pagein_mb_s(self) -> float:
         return self.pagein_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+class OnlineCrossEntropy:
+    """Mean cross-entropy of hf @ W.T against tgt, and (if grad) its gradient w.r.t. hf, in one pass
+    over the rows of W given block by block (`add(v0, W rows v0..)`, in any order, each row once),
+    each block in vocab chunks: never the (N, V) logits, never all of W at once.
+
+    hf (N, d) compute dtype; tgt (N,) int64. For each chunk c of logits l_c (N, C): running max m,
+    sum s = sum exp(l - m) and G = sum exp(l - m) @ W_c (N, d), rescaled when m grows; the target
+    rows w_t (N, d) are taken from the block that holds them. Then loss = mean(m + log s - hf.w_t)
+    and dloss/dhf = (G / s - w_t) / N, fp32.
+    """
+
+    def __init__(self, hf: torch.Tensor, tgt: torch.Tensor, grad: bool, dtype: torch.dtype):
+        N, d = hf.shape
+        self.hf, self.tgt, self.grad, self.dtype = hf, tgt, grad, dtype
+        self.m = torch.full((N,), float("-inf"))
+        self.s = torch.zeros(N)
+        self.G = torch.zeros(N, d) if grad else None
+        self.w_t = torch.zeros(N, d)  # target rows, fp32
+
+    def add(self, v0: int, W: torch.Tensor) -> None:
+        """Head rows v0..v0+R-1: W (R, d) in the store dtype."""
+        hf = self.hf
+        for c0 in range(0, W.shape[0], VOCAB_CHUNK):
+            Wc = W[c0 : c0 + VOCAB_CHUNK].to(self.dtype)  # (C, d)
+            lc = F.linear(hf, Wc).float()  # (N, C)
+            m_new = torch.maximum(self.m, lc.max(dim=1).values)
+            alpha = torch.exp(self.m - m_new)  # (N,) rescales what was summed under the old max
+            e = torch.exp(lc - m_new[:, None])  # (N, C)
+            self.s = self.s * alpha + e.sum(dim=1)
+            if self.grad:
+                self.G = self.G * alpha[:, None] + e @ Wc.float()
+            self.m = m_new
+            del lc, e, Wc
+        here = ((self.tgt >= v0) & (self.tgt < v0 + W.shape[0])).nonzero().squeeze(1)
+        if here.numel():
+            self.w_t[here] = W[self.tgt[here] - v0].float()
+
+    def result(self) -> tuple[float, torch.Tensor | None]:
+        """(mean loss, dloss/dhf (N, d) fp32 or None)."""
+        N = self.hf.shape[0]
+        loss = float((self.m + torch.log(self.s) - (self.hf.float() * self.w_t).sum(dim=1)).mean())
+        return loss, ((self.G / self.s[:, None] - self.w_t) / N if self.grad else None)
 
 
 class Engine:
@@ -121,9 +170,8 @@ class Engine:
 
     def _open_embedding(self):
         """The embed shard memory-mapped (rows are gathered as needed). Its bytes are not read by
-        the pager here, so the file is checked against the store's checksum once, in one
-        streaming pass, before any row is used."""
-        self.store.check_file("embed")  # no-op once the store has verified it
+        the pager here, so `embed` checks the row blocks holding the rows it gathers against the
+        index first (each block once per store; the whole file where blocks have no digests)."""
         info = self.store.shards["embed"]
         span = info.tensors["model.embed_tokens.weight"]
         return np.memmap(
@@ -137,7 +185,9 @@ class Engine:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> (B, T, d) compute dtype; only the rows needed are read."""
         mm, st = self._embed
-        rows = np.ascontiguousarray(mm[ids.reshape(-1).numpy()])
+        idx = ids.reshape(-1).numpy()
+        self.store.check_rows("embed", np.unique(idx))  # no-op for blocks already checked
+        rows = np.ascontiguousarray(mm[idx])
         t = torch.from_numpy(rows).view(ST_CODES[st].torch())  # bf16 rows are read as uint16
         return t.to(self.dtype).view(*ids.shape, self.cfg.hidden_size)
 
@@ -150,39 +200,53 @@ class Engine:
         return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
 
     def head_units(self) -> list:
-        return ["head", "embed"] if self.cfg.tie_word_embeddings else ["head"]
+        """The pager units of the head pass, in order; the first holds model.norm.weight. Untied:
+        the head shard's row blocks (block 0 holds the norm), or "head" when it is one block. Tied:
+        "head" (the norm alone), then the embedding's row blocks (or "embed")."""
+        if self.cfg.tie_word_embeddings:
+            return ["head", *self.store.blocks("embed")]
+        return self.store.blocks("head")
 
     def layer_schedule(self, backward: bool = False) -> list:
         L = self.cfg.num_hidden_layers
         fwd = list(range(L)) + self.head_units()
         return fwd + list(range(L - 1, -1, -1)) if backward else fwd
 
-    def _head_weight_and_norm(self, held: list) -> tuple[torch.Tensor, nn.Module]:
-        core = self._core
-        if self.cfg.tie_word_embeddings:
-            w = held[1].tensors["model.embed_tokens.weight"]
-        else:
-            w = held[0].tensors["lm_head.weight"]
-        return w, core.norm
-
     @contextlib.contextmanager
     def head(self):
-        """Holds the head units; yields (W (V, d) store-dtype view, norm module bound)."""
-        held = []
+        """The head pass over the pager. Yields (norm, rows): `norm` is the final RMSNorm with its
+        weight bound (a copy in the compute dtype: the slot it came from is released while
+        autograd may still need it); `rows()` iterates (v0, W) over the head's row blocks in
+        order, W a (R, d) store-dtype view of head rows v0..v0+R-1, valid until the next item (its
+        slot is then released; the pager reads the next block meanwhile). Consume `rows()` once,
+        to the end: the pager serves units in schedule order."""
+        units = self.head_units()
+        name = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+        norm = self._core.norm
+        held = [self.pager.get(units[0])]  # the unit in use (one at a time)
+        old = norm._parameters["weight"]
+        w = held[0].tensors["model.norm.weight"].to(self.dtype, copy=True)  # (d,)
+        norm._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+
+        def rows():
+            for k, unit in enumerate(units):
+                if k > 0:
+                    held.append(self.pager.get(unit))
+                W = held[-1].tensors.get(name)
+                if W is not None:
+                    yield (unit.row_start if isinstance(unit, Block) else 0), W
+                self.pager.release(held.pop())
+
         try:
-            for u in self.head_units():
-                res = self.pager.get(u)
-                held.append(res)
-            self.bind(held[0])
-            yield self._head_weight_and_norm(held)
+            yield norm, rows
         finally:
-            if held:
-                self.unbind(held[0])
-            for res in held:
-                self.pager.release(res)
+            norm._parameters["weight"] = old
+            while held:
+                self.pager.release(held.pop())
 
     def head_logits(self, h: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        """h (N, d) -> logits (N, V) in compute dtype, converting W a chunk of rows at a time."""
+        """h (N, d) -> logits (N, R) in compute dtype for head rows W (R, d), converting W a chunk
+        of rows at a time."""
         out = torch.empty(h.shape[0], W.shape[0], dtype=self.dtype)
         for v0 in range(0, W.shape[0], VOCAB_CHUNK):
             out[:, v0 : v0 + VOCAB_CHUNK] = F.linear(h, W[v0 : v0 + VOCAB_CHUNK].to(self.dtype))
@@ -208,53 +272,39 @@ class Engine:
         x = self.forward_hidden(ids, cache=cache)
         if last_only:
             x = x[:, -1:]
-        with self.head() as (W, norm):
-            h = norm(x)
-            B, T, d = h.shape
-            out = self.head_logits(h.reshape(B * T, d), W).view(B, T, -1)
+        B, T, d = x.shape
+        out = torch.empty(B * T, self.cfg.vocab_size, dtype=self.dtype)
+        with self.head() as (norm, rows):
+            h = norm(x).reshape(B * T, d)
+            for v0, W in rows():
+                out[:, v0 : v0 + W.shape[0]] = self.head_logits(h, W)
+        out = out.view(B, T, -1)
         return out[:, -1] if last_only else out
 
     # --- training: loss and backward ---
     def chunked_ce(
         self, hf: torch.Tensor, tgt: torch.Tensor, W: torch.Tensor, grad: bool
     ) -> tuple[float, torch.Tensor | None]:
-        """Mean cross-entropy of hf @ W.T against tgt, and (if grad) its gradient w.r.t. hf, in one
-        pass over vocab chunks (never the (N, V) logits at once).
-
-        hf (N, d) compute dtype; tgt (N,) int64; W (V, d) store dtype. For each chunk c of logits
-        l_c (N, C): running max m, sum s = sum exp(l - m) and G = sum exp(l - m) @ W_c (N, d),
-        rescaled when m grows; then loss = mean(m + log s - l[tgt]) and
-        dloss/dhf = (G / s - W[tgt]) / N, fp32.
-        """
-        N, d = hf.shape
-        m = torch.full((N,), float("-inf"))
-        s = torch.zeros(N)
-        G = torch.zeros(N, d) if grad else None
-        for v0 in range(0, W.shape[0], VOCAB_CHUNK):
-            Wc = W[v0 : v0 + VOCAB_CHUNK].to(self.dtype)  # (C, d)
-            lc = F.linear(hf, Wc).float()  # (N, C)
-            m_new = torch.maximum(m, lc.max(dim=1).values)
-            alpha = torch.exp(m - m_new)  # (N,) rescales what was summed under the old max
-            e = torch.exp(lc - m_new[:, None])  # (N, C)
-            s = s * alpha + e.sum(dim=1)
-            if grad:
-                G = G * alpha[:, None] + e @ Wc.float()
-            m = m_new
-            del lc, e, Wc
-        w_t = W[tgt].float()  # (N, d) target rows
-        loss = float((m + torch.log(s) - (hf.float() * w_t).sum(dim=1)).mean())
-        return loss, ((G / s[:, None] - w_t) / N if grad else None)
+        """Mean cross-entropy of hf @ W.T against tgt, and (if grad) its gradient w.r.t. hf, with
+        the whole head W (V, d) in hand: `OnlineCrossEntropy` over one block."""
+        ce = OnlineCrossEntropy(hf, tgt, grad, self.dtype)
+        ce.add(0, W)
+        return ce.result()
 
     def loss_and_grad_x(
-        self, x: torch.Tensor, targets: torch.Tensor, W: torch.Tensor, norm: nn.Module, grad_scale: float = 1.0
+        self, x: torch.Tensor, targets: torch.Tensor, norm: nn.Module, rows, grad_scale: float = 1.0
     ) -> tuple[float, torch.Tensor]:
-        """x (B, T, d) before the final norm -> (loss, dloss/dx (B, T, d) scaled by grad_scale); the
-        gradient goes back through the frozen final norm by autograd."""
+        """x (B, T, d) before the final norm -> (loss, dloss/dx (B, T, d) scaled by grad_scale),
+        over the head's row blocks `rows()` (see `head`); the gradient goes back through the frozen
+        final norm by autograd."""
         B, T, d = x.shape
         xl = x.detach().requires_grad_(True)
         with torch.enable_grad():
             h = norm(xl)
-        loss, grad_h = self.chunked_ce(h.detach().reshape(B * T, d), targets.reshape(-1), W, grad=True)
+        ce = OnlineCrossEntropy(h.detach().reshape(B * T, d), targets.reshape(-1), True, self.dtype)
+        for v0, W in rows():
+            ce.add(v0, W)
+        loss, grad_h = ce.result()
         with torch.enable_grad():
             torch.autograd.backward(h, (grad_h * grad_scale).view(B, T, d).to(h.dtype))
         return loss, xl.grad
@@ -276,8 +326,8 @@ class Engine:
                 with self.resident(i):
                     x = self.layer(i)(x, cos, sin)
                 between()
-        with self.head() as (W, norm):
-            loss, g = self.loss_and_grad_x(x, targets, W, norm, grad_scale)
+        with self.head() as (norm, rows):
+            loss, g = self.loss_and_grad_x(x, targets, norm, rows, grad_scale)
         del x
         between()
         for i in range(L - 1, -1, -1):
@@ -301,9 +351,12 @@ class Engine:
         """Mean cross-entropy without gradients (validation), through the chunked head."""
         self.pager.prefetch(self.layer_schedule())
         x = self.forward_hidden(ids)
-        with self.head() as (W, norm):
+        with self.head() as (norm, rows):
             h = norm(x)
-            return self.chunked_ce(h.reshape(-1, h.shape[-1]), targets.reshape(-1), W, grad=False)[0]
+            ce = OnlineCrossEntropy(h.reshape(-1, h.shape[-1]), targets.reshape(-1), False, self.dtype)
+            for v0, W in rows():
+                ce.add(v0, W)
+            return ce.result()[0]
 
     def _has_dropout(self) -> bool:
         return any(isinstance(mod, nn.Dropout) and mod.p > 0 and mod.training for mod in self._core.modules())

@@ -1,6 +1,9 @@
 """The pager: layer bytes from disk into a fixed pool of page-aligned buffers, one unit ahead.
 
-A *unit* is one shard of the store ("embed", a layer index, or "head"). The consumer (the engine)
+A *unit* is what one read fills: a decoder layer's shard (its index), a small shard read whole
+("head" of a tied model, or "embed"/"head" when the matrix fits one block), or a row block of the
+embedding or of an untied head (`store.Block`, shown `head[3/5]`), a byte range of its shard
+(`Store.page`). The consumer (the engine)
 announces a schedule of units with `prefetch(units)` and then calls `get(unit)` in exactly that
 order; a background thread reads ahead into free slots with large `preadv` calls (optionally
 O_DIRECT), and after each read drops the file's pages from the page cache (the bytes now live in
@@ -11,12 +14,13 @@ the backward pass, and layer 0 of one step's backward is layer 0 of the next ste
 
 `get` returns a `Resident` whose tensors are zero-copy views (`torch.frombuffer`) of the slot, in
 the store dtype. They are valid until `release`; after that the slot may be overwritten.
-The pool never grows: `slots` buffers of the largest shard, allocated once.
+The pool never grows: `slots` buffers of the largest unit (`Store.max_page_bytes`: the largest
+decoder layer, since the embedding and head are read in blocks no larger), allocated once.
 
-Each shard's bytes are checked against the store's checksum the first time they are read (the
-whole file is in the slot: one pass of XXH3-128, about 23 GB/s, on the reader thread, which releases
-the GIL); later reads of a unit the store has verified are not hashed again. A mismatch is raised in
-the consumer's `get` as `ChecksumMismatch`, naming the shard.
+Each unit's bytes are checked against the store's checksum the first time they are read (a whole
+shard against the shard's digest, a row block against its own: one pass of XXH3-128, about 23 GB/s,
+on the reader thread, which releases the GIL); later reads of a unit the store has verified are not
+hashed again. A mismatch is raised in the consumer's `get` as `ChecksumMismatch`, naming the shard.
 """
 
 from __future__ import annotations
@@ -29,14 +33,20 @@ import time
 from dataclasses import dataclass, field
 
 from odyssey.dtypes import PAGE_SIZE, ST_CODES
-from odyssey.store import Store, StoreError, Unit
+from odyssey.store import BLOCKED_TENSORS, Block, Page, PageUnit, Store, StoreError, unit_label
 
 READ_CHUNK = 16 << 20  # bytes per preadv call: large enough to reach the disk's sequential rate
 
 
+def _aligned(page: Page) -> tuple[int, int]:
+    """(file offset, length) of the page-aligned range holding `page` (what a read covers)."""
+    a0 = page.start // PAGE_SIZE * PAGE_SIZE
+    return a0, -(-(page.end - a0) // PAGE_SIZE) * PAGE_SIZE
+
+
 @dataclass
 class UnitStat:
-    unit: Unit
+    unit: PageUnit
     bytes: int
     read_s: float  # seconds the reader spent reading (0 when the unit was still resident)
     stall_s: float  # seconds the consumer waited in get()
@@ -48,7 +58,7 @@ class UnitStat:
 
     def to_json(self) -> dict:
         return {
-            "layer": self.unit,
+            "layer": str(self.unit) if isinstance(self.unit, Block) else self.unit,  # "head[3/5]"
             "bytes": self.bytes,
             "read_s": round(self.read_s, 5),
             "stall_s": round(self.stall_s, 5),
@@ -60,8 +70,9 @@ class UnitStat:
 @dataclass
 class _Slot:
     index: int
-    buf: mmap.mmap  # anonymous, page-aligned, size = largest shard rounded up to a page
-    unit: Unit | None = None  # what the buffer holds (also after release, until overwritten)
+    buf: mmap.mmap  # anonymous, page-aligned, size = largest unit's aligned range
+    unit: PageUnit | None = None  # what the buffer holds (also after release, until overwritten)
+    delta: int = 0  # bytes from the buffer's start to the unit's first byte (reads start page-aligned)
     ready: bool = False
     refs: int = 0  # gets served and not yet released
     pending: int = 0  # scheduled gets that will be served from this slot
@@ -72,7 +83,7 @@ class _Slot:
 
 @dataclass
 class Resident:
-    unit: Unit
+    unit: PageUnit
     tensors: dict  # HF name -> torch tensor view of the slot (store dtype)
     slot: int
 
@@ -95,7 +106,7 @@ class Pager:
         self.read_chunk = read_chunk
         self.drop_cache = drop_cache
         self.verify = verify  # check each unit's bytes against the store's checksum on first read
-        size = -(-store.max_unit_bytes() // PAGE_SIZE) * PAGE_SIZE
+        size = max(_aligned(store.page(u))[1] for u in store.page_units())
         self.slot_bytes = size
         self._slots = [_Slot(i, mmap.mmap(-1, size)) for i in range(slots)]
         self._queue: collections.deque = collections.deque()  # units the reader has yet to place
@@ -114,7 +125,7 @@ class Pager:
             self._queue.extend(units)
             self._cv.notify_all()
 
-    def get(self, unit: Unit) -> Resident:
+    def get(self, unit: PageUnit) -> Resident:
         t0 = time.perf_counter()
         with self._cv:
             if not self._queue and not self._order:
@@ -134,8 +145,8 @@ class Pager:
             slot.refs += 1
             reused = slot.reused_flags.popleft()
             stall = time.perf_counter() - t0
-            info = self.store.shards[unit]
-            self.stats.append(UnitStat(unit, info.file_bytes, 0.0 if reused else slot.read_s, stall, reused))
+            nbytes = self.store.page(unit).nbytes
+            self.stats.append(UnitStat(unit, nbytes, 0.0 if reused else slot.read_s, stall, reused))
         return Resident(unit, self._views(slot, unit), slot.index)
 
     def release(self, res: Resident) -> None:
@@ -172,16 +183,16 @@ class Pager:
         return self.slot_bytes * len(self._slots)
 
     # --- views ---
-    def _views(self, slot: _Slot, unit: Unit) -> dict:
+    def _views(self, slot: _Slot, unit: PageUnit) -> dict:
+        import math
+
         import torch
 
-        info = self.store.shards[unit]
         out = {}
-        for name, span in info.tensors.items():
-            dt = ST_CODES[span.dtype].torch()
-            count = span.nbytes // dt.itemsize
-            t = torch.frombuffer(slot.buf, dtype=dt, count=count, offset=info.data_offset + span.start)
-            out[name] = t.view(span.shape)
+        for name, (offset, st, shape) in self.store.page(unit).tensors.items():
+            dt = ST_CODES[st].torch()
+            t = torch.frombuffer(slot.buf, dtype=dt, count=math.prod(shape), offset=slot.delta + offset)
+            out[name] = t.view(shape)
         return out
 
     # --- reader side ---
@@ -228,7 +239,7 @@ class Pager:
                 try:
                     self._read(unit, slot)  # outside the lock: the consumer keeps computing
                 except OSError as e:  # the shard went missing or unreadable since the store was opened
-                    name, root = self.store.shards[unit].path.name, self.store.root
+                    name, root = self.store.page(unit).path.name, self.store.root
                     raise StoreError(
                         f"store {root}: cannot read shard {name} ({e.strerror or e}); run `odyssey verify {root}`"
                     ) from None
@@ -249,24 +260,31 @@ class Pager:
                 self.direct_fallback = f"O_DIRECT refused ({e}); using buffered reads"
         return os.open(path, os.O_RDONLY)
 
-    def _read(self, unit: Unit, slot: _Slot) -> None:
-        info = self.store.shards[unit]
-        size = info.file_bytes
-        fd = self._open(info.path)
+    def _read(self, unit: PageUnit, slot: _Slot) -> None:
+        page = self.store.page(unit)
+        a0, aligned = _aligned(page)  # the read starts on a page boundary (O_DIRECT needs it)
+        if aligned > len(slot.buf):
+            raise RuntimeError(
+                f"pager: {unit_label(unit)} ({page.nbytes} bytes) does not fit a slot ({len(slot.buf)} bytes); "
+                f"page it in row blocks (Store.blocks)"
+            )
+        slot.delta = page.start - a0
+        size = page.end - a0  # bytes needed from a0
+        fd = self._open(page.path)
         try:
             view = memoryview(slot.buf)
             direct = self.direct and self.direct_fallback is None
-            want = -(-size // PAGE_SIZE) * PAGE_SIZE if direct else size  # O_DIRECT: whole pages
+            want = aligned if direct else size  # O_DIRECT: whole pages
             off = 0
             while off < want:
                 n = min(self.read_chunk, want - off)
                 try:
-                    got = os.preadv(fd, [view[off : off + n]], off)
+                    got = os.preadv(fd, [view[off : off + n]], a0 + off)
                 except OSError as e:
                     if direct and off == 0:  # filesystem accepted the flag but not the read
                         self.direct_fallback = f"O_DIRECT read failed ({e}); using buffered reads"
                         os.close(fd)
-                        fd = os.open(info.path, os.O_RDONLY)
+                        fd = os.open(page.path, os.O_RDONLY)
                         direct, want = False, size
                         continue
                     raise
@@ -275,14 +293,14 @@ class Pager:
                 off += got
             if off < size:
                 raise StoreError(
-                    f"store {self.store.root}: shard {info.path.name} is shorter than its header says ({off} of "
-                    f"{size} bytes: truncated on disk); run `odyssey verify {self.store.root}`"
+                    f"store {self.store.root}: shard {page.path.name} is shorter than its header says ({a0 + off} "
+                    f"of {page.end} bytes: truncated on disk); run `odyssey verify {self.store.root}`"
                 )
             if self.drop_cache and not direct:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, a0, want, os.POSIX_FADV_DONTNEED)
             if self.verify:
-                with view[:size] as data:
-                    self.store.check_buffer(unit, data)  # no-op once the store has verified the unit
+                with view[slot.delta : slot.delta + page.nbytes] as data:
+                    self.store.check_page(unit, data)  # no-op once the store has verified the unit
             view.release()
         finally:
             os.close(fd)
@@ -300,7 +318,7 @@ class ResidentPager:
     def prefetch(self, units) -> None:
         pass
 
-    def get(self, unit: Unit) -> Resident:
+    def get(self, unit: PageUnit) -> Resident:
         self.stats.append(UnitStat(unit, self.store.shards[unit].file_bytes, 0.0, 0.0, True))
         return Resident(unit, self._tensors[unit], -1)
 

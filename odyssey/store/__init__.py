@@ -9,7 +9,8 @@ model-0000k-of-0000n.safetensors  unit k-2 (decoder layer k-2): its nine tensors
 model-0000n-of-0000n.safetensors  unit "head": model.norm.weight [+ lm_head.weight unless tied]
 model.safetensors.index.json      HF index (weight_map, metadata.total_size) + metadata.odyssey:
                                   {format_version, dtype, checksum: "sha256",
-                                   shards: {file: {unit, bytes, sha256, xxh3_128}},
+                                   shards: {file: {unit, bytes, sha256, xxh3_128,
+                                                   [blocks: {rows, xxh3_128: [per block]}]}},
                                    index_xxh3_128}   (written last)
 tokenizer.json ...                optional, copied by import / prepare-data --model
 ```
@@ -19,13 +20,17 @@ of 4096 bytes (PAGE_SIZE; the safetensors format allows trailing spaces): a laye
 page-aligned contiguous range, read in one go (also with O_DIRECT). `data_offsets` are relative to
 8 + N.
 
+The embedding and an untied head keep their HF names and one tensor each, but the pager reads them
+in row blocks (rows are contiguous: a block of rows is a byte range), no block larger than the
+largest decoder layer, so the buffer pool is sized by layers whatever the vocabulary (`format`).
+
 Writing is crash-safe: each shard goes to a temporary name and is renamed when complete; a journal
 (`.odyssey-init.json`) records the checksum of every finished shard so that re-running `init` after
 a crash keeps the complete shards and writes only the rest; the index is written last, so a
 directory with an index is a complete store.
 
-Corruption is caught where the bytes are used: every command that reads a shard (the pager, the
-engine's embedding rows, `load_tensors` for merge, export and full training) hashes the bytes it
+Corruption is caught where the bytes are used: every command that reads a shard (the pager, a row
+block at a time against its own digest; the engine's embedding rows, the blocks that hold them; `load_tensors` for merge, export and full training) hashes the bytes it
 read with XXH3-128 and compares them with the index before trusting them (`checksum` explains the
 choice); `Store.open` checks the index fields against the headers and the index's own seal.
 
@@ -35,9 +40,13 @@ journal), `init` (random init), `importer` (HF import).
 """
 
 from odyssey.store.format import (
+    BLOCKED_TENSORS,
     FORMAT_VERSION,
     INDEX_NAME,
     JOURNAL_NAME,
+    Block,
+    Page,
+    PageUnit,
     ShardInfo,
     StoreError,
     TensorSpan,
@@ -58,10 +67,14 @@ from odyssey.store.reader import ChecksumMismatch, Store, describe, verify_store
 from odyssey.store.writer import StoreWriter
 
 __all__ = [
+    "BLOCKED_TENSORS",
+    "Block",
     "ChecksumMismatch",
     "FORMAT_VERSION",
     "INDEX_NAME",
     "JOURNAL_NAME",
+    "Page",
+    "PageUnit",
     "ShardInfo",
     "Store",
     "StoreError",

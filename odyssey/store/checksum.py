@@ -9,6 +9,12 @@ where the bytes are used), and a seal over the index itself.
   (CRC32 lets one in 4 billion through). Commands hash the bytes they have just read (the pager's
   slot, `load_tensors`' copies, the embedding file once) and compare with the index before the
   bytes are trusted.
+- row blocks (`blocks`: {"rows": R, "xxh3_128": [one digest per block]}) of a shard paged in row
+  blocks (the embedding, an untied head; see format.py): XXH3-128 of each block's byte range (the
+  ranges partition the file), so the pager checks a block it has just read without reading the
+  rest of the shard. Recorded only where a shard has more than one block, trusted only in a sealed
+  index; a store written before them is checked a whole shard at a time until `odyssey verify` adds
+  them.
 - the seal (`index_xxh3_128`): XXH3-128 of the index's canonical JSON without the seal, so damage
   to the index itself (a changed SHA-256, size or unit) is caught when a store is opened. A fast
   hash is trusted only in a sealed index; an unsealed one (written before the fast hash existed)
@@ -27,6 +33,7 @@ import xxhash
 SHA256 = "sha256"
 FAST = "xxh3_128"  # key of the fast digest in metadata.odyssey.shards[file]
 SEAL = "index_xxh3_128"  # key of the index seal in metadata.odyssey
+BLOCKS = "blocks"  # key of the row-block digests in metadata.odyssey.shards[file]
 HEX_LEN = {SHA256: 64, FAST: 32}
 CHUNK = 4 << 20  # bytes per read when a file is hashed from disk
 
@@ -49,25 +56,73 @@ def buffer_digest(algo: str, data) -> str:
     return h.hexdigest()
 
 
-def file_digests(path: str | os.PathLike, algos=(SHA256, FAST), chunk: int = CHUNK, drop: bool = True) -> dict:
-    """{algo: hex digest} of a file, all algorithms in one streaming read (`chunk` bytes resident).
-    `drop`: drop the file's pages from the page cache afterwards (they were read once)."""
+class BlockHasher:
+    """XXH3-128 of consecutive byte ranges of one stream: `ends` are the ranges' end offsets
+    (increasing; the first range starts at 0). `update` splits what it is given at the ends. A
+    stream shorter or longer than the ranges gives a list that matches no recorded one (the
+    unfinished range's digest, or one more digest for the bytes past the end)."""
+
+    def __init__(self, ends: list[int]):
+        self.ends = list(ends)
+        self.pos = 0
+        self._h = xxhash.xxh3_128()
+        self.digests: list[str] = []
+
+    def update(self, data) -> None:
+        data = memoryview(data).cast("B")
+        while len(data):
+            k = len(self.digests)
+            n = min(len(data), self.ends[k] - self.pos) if k < len(self.ends) else len(data)
+            self._h.update(data[:n])
+            self.pos += n
+            data = data[n:]
+            if k < len(self.ends) and self.pos == self.ends[k]:
+                self.digests.append(self._h.hexdigest())
+                self._h = xxhash.xxh3_128()
+
+    def hexdigests(self) -> list[str]:
+        done = len(self.digests) == len(self.ends) and self.pos == (self.ends[-1] if self.ends else 0)
+        return list(self.digests) if done else [*self.digests, self._h.hexdigest()]
+
+
+def file_digests(
+    path: str | os.PathLike,
+    algos=(SHA256, FAST),
+    chunk: int = CHUNK,
+    drop: bool = True,
+    block_ends: list[int] | None = None,
+    start: int = 0,
+    stop: int | None = None,
+) -> dict:
+    """{algo: hex digest} of a file (or of its bytes [start, stop)), all algorithms in one streaming
+    read (`chunk` bytes resident); with `block_ends`, also {"blocks": [XXH3-128 of each range]} of
+    the same read. `drop`: drop the file's pages from the page cache afterwards (read once)."""
     from odyssey.store.format import drop_cache
 
     hashers = {a: new_hasher(a) for a in algos}
+    blocks = BlockHasher(block_ends) if block_ends is not None else None
     buf = bytearray(chunk)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
+        f.seek(start)
+        left = None if stop is None else stop - start
+        while left is None or left > 0:
+            n = f.readinto(view if left is None or left >= chunk else view[:left])
             if not n:
                 break
+            if left is not None:
+                left -= n
             for h in hashers.values():
                 h.update(view[:n])
+            if blocks is not None:
+                blocks.update(view[:n])
     view.release()
     if drop:
         drop_cache(Path(path))
-    return {a: h.hexdigest() for a, h in hashers.items()}
+    out = {a: h.hexdigest() for a, h in hashers.items()}
+    if blocks is not None:
+        out[BLOCKS] = blocks.hexdigests()
+    return out
 
 
 def index_seal(index: dict) -> str:

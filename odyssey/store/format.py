@@ -1,9 +1,18 @@
-"""The store's file format: names, units, and the safetensors header codec.
+"""The store's file format: names, units, row blocks, and the safetensors header codec.
 
 A shard is a safetensors file: u64 little-endian N, N bytes of JSON header, then the tensors packed
 with no gaps in header order. `build_header` pads the header with spaces so the data starts at a
 multiple of `align` (PAGE_SIZE for store shards); `read_header` checks a shard against its header
 (length, entries, sizes) and raises `StoreError` naming the file and how to repair it.
+
+Row blocks: the embedding (`model.embed_tokens.weight`, shard "embed") and an untied head
+(`lm_head.weight`, shard "head") are (V, d) matrices whose rows are contiguous, so rows r0..r1 are
+one byte range of the shard. The pager reads such a shard in `Block`s of `rows` rows, so that no
+read is larger than the largest decoder layer's shard (`block_rows_rule`) and the buffer pool is
+sized by decoder layers, not by a 128k-262k vocabulary. The blocks partition the file: block 0
+starts at byte 0 (header, and the final norm in the head shard), the last ends at the file's end,
+so a checksum per block (recorded in the index, see reader/writer) covers every byte once. A shard
+whose matrix fits one block is paged whole, as before.
 """
 
 from __future__ import annotations
@@ -23,14 +32,33 @@ INDEX_NAME = "model.safetensors.index.json"
 JOURNAL_NAME = ".odyssey-init.json"
 MAX_HEADER = 100 << 20  # bytes: a larger header is corruption
 
-Unit = str | int  # "embed", a layer index, or "head"
+Unit = str | int  # "embed", a layer index, or "head": one shard
+BLOCKED_TENSORS = {"embed": "model.embed_tokens.weight", "head": "lm_head.weight"}  # paged in row blocks
 
 
 class StoreError(OdysseyError):
     pass
 
 
-def unit_label(unit: Unit) -> str:
+@dataclass(frozen=True)
+class Block:
+    """Rows [row_start, row_end) of a shard's row-blocked matrix (BLOCKED_TENSORS): block `index`
+    (0-based) of `count`. A pager unit, like a layer index; shown as `head[3/5]` (1-based)."""
+
+    unit: str  # the shard: "embed" | "head"
+    index: int
+    count: int
+    row_start: int
+    row_end: int
+
+    def __str__(self) -> str:
+        return f"{self.unit}[{self.index + 1}/{self.count}]"
+
+
+PageUnit = Unit | Block  # what the pager reads: a whole shard, or a row block of one
+
+
+def unit_label(unit: PageUnit) -> str:
     return f"layer {unit}" if isinstance(unit, int) else str(unit)
 
 
@@ -75,6 +103,78 @@ class ShardInfo:
     @property
     def file_bytes(self) -> int:
         return self.data_offset + self.data_bytes
+
+
+def blocked_tensor(info: ShardInfo) -> TensorSpan | None:
+    """The shard's matrix paged in row blocks (the embedding, an untied head), or None."""
+    name = BLOCKED_TENSORS.get(info.unit) if isinstance(info.unit, str) else None
+    return info.tensors.get(name) if name else None
+
+
+def block_rows_rule(largest_layer_bytes: int, prefix_bytes: int, row_bytes: int) -> int:
+    """Rows per block: as many as fit, with the bytes before the first row (header; the final norm
+    in the head shard), in the largest decoder layer's shard; at least one. So no block is larger
+    than a layer (the last block also holds any tensor after the matrix: none in a store)."""
+    return max(1, (largest_layer_bytes - prefix_bytes) // max(1, row_bytes))
+
+
+def _rows_range(info: ShardInfo, r0: int, r1: int) -> tuple[int, int]:
+    """File bytes [start, end) of the block of rows r0..r1 of the shard's blocked matrix: the first
+    block starts at byte 0, the last ends at the file's end (the blocks partition the file)."""
+    span = blocked_tensor(info)
+    V = span.shape[0]
+    row_bytes = span.nbytes // V
+    base = info.data_offset + span.start
+    return (0 if r0 == 0 else base + r0 * row_bytes), (info.file_bytes if r1 == V else base + r1 * row_bytes)
+
+
+def block_bounds(info: ShardInfo, rows: int) -> list[tuple[int, int, int, int]]:
+    """[(row_start, row_end, file start, file end)] of the blocks of `rows` rows of the shard's
+    blocked matrix, in order; their byte ranges partition the file."""
+    V = blocked_tensor(info).shape[0]
+    return [(r0, min(V, r0 + rows), *_rows_range(info, r0, min(V, r0 + rows))) for r0 in range(0, V, rows)]
+
+
+def blocks_of(info: ShardInfo, rows: int) -> list[Block]:
+    """The Blocks of `rows` rows of the shard's blocked matrix."""
+    bounds = block_bounds(info, rows)
+    return [Block(info.unit, k, len(bounds), r0, r1) for k, (r0, r1, _, _) in enumerate(bounds)]
+
+
+@dataclass
+class Page:
+    """The bytes the pager reads for a unit: file range [start, end) of `path`, and the tensors
+    lying in it: name -> (byte offset from `start`, safetensors dtype, shape). A row block's matrix
+    is the block's rows (shape (row_end - row_start, d))."""
+
+    unit: PageUnit
+    path: Path
+    start: int
+    end: int
+    tensors: dict[str, tuple[int, str, tuple[int, ...]]]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def page_of(info: ShardInfo, unit: PageUnit) -> Page:
+    """The Page of a whole shard (`unit` is its Unit) or of a Block of it."""
+    if not isinstance(unit, Block):
+        tensors = {n: (info.data_offset + s.start, s.dtype, s.shape) for n, s in info.tensors.items()}
+        return Page(unit, info.path, 0, info.file_bytes, tensors)
+    span = blocked_tensor(info)
+    r0, r1 = unit.row_start, unit.row_end
+    start, end = _rows_range(info, r0, r1)
+    row_bytes = span.nbytes // span.shape[0]
+    tensors = {}
+    for name, s in info.tensors.items():
+        at = info.data_offset + s.start  # file offset of the tensor
+        if name == span.name:
+            tensors[name] = (at + r0 * row_bytes - start, s.dtype, (r1 - r0, *s.shape[1:]))
+        elif start <= at and at + s.nbytes <= end:  # a whole tensor inside the block (the final norm)
+            tensors[name] = (at - start, s.dtype, s.shape)
+    return Page(unit, info.path, start, end, tensors)
 
 
 def build_header(

@@ -45,13 +45,18 @@ def init_store(
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
+    block_rows: int | None = None,
 ) -> dict:
-    """Create a store from scratch, streaming one tensor at a time. Returns a summary."""
+    """Create a store from scratch, streaming one tensor at a time. Returns a summary.
+    `block_rows`: rows per row block of the embedding and head (None: no block larger than a
+    layer; tests force small blocks)."""
 
     atomic.set_command("init")
     check_store_dtype(dtype)
     key = {"config": cfg.to_hf_dict(DTYPES[dtype].hf_name), "dtype": dtype, "seed": seed, "kind": "init"}
-    w = StoreWriter(Path(out), cfg, dtype, key, force)
+    if block_rows is not None:
+        key["block_rows"] = block_rows
+    w = StoreWriter(Path(out), cfg, dtype, key, force, block_rows=block_rows)
     t0 = time.perf_counter()
     written, kept = w.write_all(lambda name, shape: init_tensor(cfg, name, shape, seed), "init", progress)
     w.finish()

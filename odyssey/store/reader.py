@@ -1,8 +1,15 @@
 """Reading a store: `Store.open` parses the config, the index and every shard's header and checks
 the index fields against the headers, so a missing, truncated or corrupt shard or a damaged index is
 reported before any work starts; the bytes themselves are checked against the index's checksums
-where they are used (`load_tensors`, `check_buffer`, `check_file`: once per shard per opened store);
-`verify` checks every checksum.
+where they are used (`load_tensors`, `check_page`, `check_rows`, `check_file`: once per shard or row
+block per opened store); `verify` checks every checksum.
+
+Row blocks (format.py): `blocks(unit)` are the pager units covering a shard (its row blocks, or the
+shard itself), `page_units()` every pager unit in store order, `page(unit)` the bytes and tensor
+views of one, `max_page_bytes()` the largest (what a pager slot holds). The rows a block comes from
+the index (`blocks.rows`, with a digest per block) or, in a store written before row blocks, from
+`block_rows_rule`; such a store's blocks are checked a whole shard at a time until `odyssey verify`
+records their digests.
 
 `Store` is the reading API the pager, engine, merge and exporters use (`config`, `units`, `shards`,
 `load_tensors`, `tokenizer_path`, `root`, `dtype`); `describe` is its summary for `odyssey info`;
@@ -23,14 +30,32 @@ from odyssey import atomic
 from odyssey.config import ModelConfig, format_bytes
 from odyssey.dtypes import DTYPES, ST_CODES, STORE_DTYPES
 from odyssey.errors import OdysseyError
-from odyssey.store.checksum import FAST, SEAL, SHA256, buffer_digest, file_digests, index_seal, is_hex, new_hasher
+from odyssey.store.checksum import (
+    BLOCKS,
+    FAST,
+    SEAL,
+    SHA256,
+    buffer_digest,
+    file_digests,
+    index_seal,
+    is_hex,
+    new_hasher,
+)
 from odyssey.store.format import (
     FORMAT_VERSION,
     INDEX_NAME,
     JOURNAL_NAME,
+    Block,
+    Page,
+    PageUnit,
     ShardInfo,
     StoreError,
     Unit,
+    block_bounds,
+    block_rows_rule,
+    blocked_tensor,
+    blocks_of,
+    page_of,
     repair_hint,
     shard_info,
     shard_name,
@@ -75,7 +100,8 @@ class Store:
         # The fast hash is trusted only in a sealed index; an unsealed one (older stores) is
         # checked with SHA-256 until `odyssey verify` adds fast hashes and the seal.
         self.sealed = SEAL in self.meta
-        self._verified: set = set()  # units whose bytes were checked in this process
+        self._verified: set = set()  # units and row blocks whose bytes were checked in this process
+        self._init_blocks()
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> Store:
@@ -111,7 +137,50 @@ class Store:
         return self.shards[unit].file_bytes
 
     def max_unit_bytes(self) -> int:
+        """The largest shard, in bytes (the embedding or head of a large vocabulary)."""
         return max(s.file_bytes for s in self.shards.values())
+
+    # --- row blocks: what the pager reads (format.py) ---
+    def _init_blocks(self) -> None:
+        largest = max(s.file_bytes for u, s in self.shards.items() if isinstance(u, int))
+        self.block_rows: dict[Unit, int] = {}  # rows a block, for each shard with a blocked matrix
+        self._block_digests: dict[Unit, list[str]] = {}  # trusted per-block XXH3-128 (sealed index)
+        self._blocks: dict[Unit, list[PageUnit]] = {}
+        for unit, info in self.shards.items():
+            span = blocked_tensor(info)
+            if span is None:
+                continue
+            rec = self.meta["shards"][self.files[unit]].get(BLOCKS)
+            if blocks_problem(rec, unit, self.config) is None:  # recorded and well-formed
+                self.block_rows[unit] = rec["rows"]
+                if self.sealed:
+                    self._block_digests[unit] = rec[FAST]
+            else:
+                row_bytes = span.nbytes // span.shape[0]
+                self.block_rows[unit] = block_rows_rule(largest, info.data_offset + span.start, row_bytes)
+            blocks = blocks_of(info, self.block_rows[unit])
+            if len(blocks) > 1:
+                self._blocks[unit] = blocks
+
+    def blocks(self, unit: Unit) -> list[PageUnit]:
+        """The pager units that cover shard `unit`: its row blocks, or [unit] when it is read whole."""
+        return list(self._blocks.get(unit, [unit]))
+
+    def page_units(self) -> list[PageUnit]:
+        """Every pager unit, in store order: the embedding's blocks, the layers, the head's blocks."""
+        return [p for u in self.units for p in self.blocks(u)]
+
+    def page(self, unit: PageUnit) -> Page:
+        """The file range and tensor views of a pager unit (a shard, or a row block of one)."""
+        return page_of(self.shards[unit.unit if isinstance(unit, Block) else unit], unit)
+
+    def max_page_bytes(self) -> int:
+        """The largest pager unit, in bytes: the largest decoder layer, or a row block."""
+        return max(self.page(u).nbytes for u in self.page_units())
+
+    def block_bytes(self, unit: Unit) -> list[int]:
+        """Bytes of each pager unit covering shard `unit`."""
+        return [self.page(b).nbytes for b in self.blocks(unit)]
 
     def total_bytes(self) -> int:
         return sum(s.file_bytes for s in self.shards.values())
@@ -140,12 +209,19 @@ class Store:
     def is_verified(self, unit: Unit) -> bool:
         return unit in self._verified
 
+    def _mismatch(self, unit: PageUnit) -> ChecksumMismatch:
+        shard = unit.unit if isinstance(unit, Block) else unit
+        what = unit_label(unit)
+        if isinstance(unit, Block):
+            what += f", rows {unit.row_start}-{unit.row_end - 1}"
+        return ChecksumMismatch(
+            f"store {self.root}: shard {self.files[shard]} ({what}) does not match its checksum "
+            f"(damaged or changed on disk); run `odyssey verify {self.root}` and re-create or re-import the store"
+        )
+
     def _check_digest(self, unit: Unit, algo: str, digest: str) -> None:
         if digest != self.expected_digest(unit)[1]:
-            raise ChecksumMismatch(
-                f"store {self.root}: shard {self.files[unit]} ({unit_label(unit)}) does not match its checksum "
-                f"(damaged or changed on disk); run `odyssey verify {self.root}` and re-create or re-import the store"
-            )
+            raise self._mismatch(unit)
         self._verified.add(unit)
 
     def check_buffer(self, unit: Unit, data) -> None:
@@ -156,9 +232,58 @@ class Store:
         algo, _ = self.expected_digest(unit)
         self._check_digest(unit, algo, buffer_digest(algo, data))
 
+    def check_page(self, unit: PageUnit, data) -> None:
+        """Check a pager unit's bytes, just read into `data` (bytes-like), against the index; once
+        per unit. A row block is checked against its own digest; in a store without block digests
+        (written before them, or an unsealed index) its whole shard is checked once, from disk."""
+        if not isinstance(unit, Block):
+            self.check_buffer(unit, data)
+            return
+        if unit.unit in self._verified or unit in self._verified:
+            return
+        digests = self._block_digests.get(unit.unit)
+        if digests is None:
+            self.check_file(unit.unit)
+            return
+        if buffer_digest(FAST, data) != digests[unit.index]:
+            raise self._mismatch(unit)
+        self._block_verified(unit)
+
+    def _block_verified(self, block: Block) -> None:
+        self._verified.add(block)
+        if all(b in self._verified for b in self._blocks[block.unit]):
+            self._verified.add(block.unit)
+
+    def check_rows(self, unit: Unit, rows) -> None:
+        """Check the row blocks of shard `unit` that hold `rows` (row indices), on disk: one
+        streaming read of each block not checked yet. For rows used through a memory map (the
+        engine's embedding lookup): a prompt of a few tokens reads a few blocks, not the shard. A
+        shard read whole, or without block digests, is checked whole (`check_file`)."""
+        if unit in self._verified:
+            return
+        digests = self._block_digests.get(unit)
+        if digests is None or unit not in self._blocks:
+            self.check_file(unit)
+            return
+        blocks = self._blocks[unit]
+        for k in sorted({int(r) // self.block_rows[unit] for r in rows}):
+            if not 0 <= k < len(blocks):  # not a row of this matrix: the lookup itself refuses it
+                continue
+            block = blocks[k]
+            if block in self._verified:
+                continue
+            page = self.page(block)
+            try:
+                got = file_digests(page.path, (FAST,), start=page.start, stop=page.end)[FAST]
+            except OSError as e:
+                raise StoreError(f"store {self.root}: cannot read {self.files[unit]} ({e.strerror or e})") from None
+            if got != digests[k]:
+                raise self._mismatch(block)
+            self._block_verified(block)
+
     def check_file(self, unit: Unit) -> None:
         """Check a unit's shard on disk (one streaming read) against the index; once per unit. For
-        bytes used through a memory map (the engine's embedding rows)."""
+        bytes used through a memory map, and row blocks of a store without block digests."""
         if unit in self._verified:
             return
         algo, _ = self.expected_digest(unit)
@@ -219,11 +344,13 @@ class Store:
         return self.verify_shards(progress)[0]
 
     def verify_shards(self, progress: bool = True) -> tuple[list[str], dict]:
-        """Every shard's checksums (SHA-256, and the fast hash where recorded), one read per shard.
-        -> (one problem line per bad file, {file: fast digest} of the shards read)."""
+        """Every shard's checksums (SHA-256, the fast hash where recorded, each row block's where
+        recorded), one read per shard. -> (one problem line per bad file, {file: {"xxh3_128":
+        digest, "blocks": {"rows", "xxh3_128": [...]} for a shard read in row blocks}} of the shards
+        read)."""
         from tqdm import tqdm
 
-        problems, fast = [], {}
+        problems, found = [], {}
         bar = tqdm(
             total=self.total_bytes(), unit="B", unit_scale=True, desc="verify", disable=not progress, leave=False
         )
@@ -231,23 +358,35 @@ class Store:
             fname, si = self.files[unit], self.shards[unit]
             rec = self.meta["shards"][fname]
             path = self.root / fname
+            blocks = self._blocks.get(unit)
+            ends = [end for *_, end in block_bounds(si, self.block_rows[unit])] if blocks else None
             try:
-                digests = file_digests(path, (SHA256, FAST))
+                digests = file_digests(path, (SHA256, FAST), block_ends=ends)
             except OSError as e:
                 problems.append(f"{path}: cannot read ({e.strerror or e}); {repair_hint(path)}")
                 continue
-            fast[fname] = digests[FAST]
+            bar.update(si.file_bytes)
+            found[fname] = {FAST: digests[FAST]}
+            if blocks:
+                found[fname][BLOCKS] = {"rows": self.block_rows[unit], FAST: digests[BLOCKS]}
             # .get: a record without a sha256 (inspect reports it too) is a mismatch, not a KeyError
             if digests[SHA256] != rec.get(SHA256) or (FAST in rec and digests[FAST] != rec[FAST]):
                 problems.append(
                     f"{path}: checksum mismatch ({unit_label(unit)}): the shard is corrupted or changed; "
                     f"{repair_hint(path)}"
                 )
-            else:
-                self._verified.add(unit)
-            bar.update(si.file_bytes)
+                continue
+            recorded = rec.get(BLOCKS)
+            if blocks and isinstance(recorded, dict) and recorded[FAST] != digests[BLOCKS]:
+                k = next(i for i, (a, b) in enumerate(zip(recorded[FAST], digests[BLOCKS], strict=False)) if a != b)
+                problems.append(
+                    f"{path}: checksum mismatch ({unit_label(blocks[k])}): the index's row-block checksum differs "
+                    f"from the shard's bytes; {repair_hint(path)}"
+                )
+                continue
+            self._verified.add(unit)
         bar.close()
-        return problems, fast
+        return problems, found
 
 
 def verify_store(root: str | os.PathLike, progress: bool = True) -> tuple[Store | None, list[str], str | None]:
@@ -258,22 +397,35 @@ def verify_store(root: str | os.PathLike, progress: bool = True) -> tuple[Store 
     store, problems = Store.inspect(root)
     if store is None:
         return None, problems, None
-    shard_problems, fast = store.verify_shards(progress=progress)
+    shard_problems, found = store.verify_shards(progress=progress)
     problems += shard_problems
     note = None
     recs = store.meta["shards"]
-    if not problems and (not store.sealed or any(FAST not in r for r in recs.values())):
+    add_fast = not store.sealed or any(FAST not in r for r in recs.values())
+    add_blocks = any(BLOCKS in found[f] and BLOCKS not in recs[f] for f in found)
+    if not problems and (add_fast or add_blocks):
         index = json.loads(json.dumps(store.index))  # a copy: the opened store keeps its own
         for fname, rec in index["metadata"]["odyssey"]["shards"].items():
-            rec.setdefault(FAST, fast[fname])
+            rec.setdefault(FAST, found[fname][FAST])
+            if BLOCKS in found[fname]:
+                rec.setdefault(BLOCKS, found[fname][BLOCKS])
         index["metadata"]["odyssey"][SEAL] = index_seal(index)
+        what = " and ".join(
+            w
+            for w, wanted in (
+                (f"fast checksums ({FAST}) and the index seal", add_fast),
+                ("row-block checksums (the embedding and head are checked a block at a time)", add_blocks),
+            )
+            if wanted
+        )
         try:
             atomic.write_json(store.root / INDEX_NAME, index)
-            note = f"added fast checksums ({FAST}) and the index seal to {INDEX_NAME}"
+            note = f"added {what} to {INDEX_NAME}"
         except OSError as e:
+            slower = "SHA-256" if add_fast else "a whole shard at a time"
             note = (
-                f"could not add fast checksums to {INDEX_NAME} ({e.strerror or e}); "
-                f"commands check this store with SHA-256 (slower)"
+                f"could not add {'fast' if add_fast else 'row-block'} checksums to {INDEX_NAME} "
+                f"({e.strerror or e}); commands check this store with {slower} (slower)"
             )
     return store, problems, note
 
@@ -315,6 +467,27 @@ def _parse_config(hf, cfg_path: Path) -> ModelConfig:
         if not math.isfinite(getattr(cfg, key)):
             raise StoreError(f"{cfg_path}: {key} must be a finite number, got {getattr(cfg, key)}; fix config.json")
     return cfg
+
+
+def blocks_problem(value, unit: Unit, cfg: ModelConfig) -> str | None:
+    """What is wrong with a shard record's `blocks` field ({"rows": R, "xxh3_128": [one digest per
+    block]}), or None when it is well-formed for this unit. Recorded only for a shard holding a
+    matrix read in row blocks (the embedding, an untied head) that has more than one block."""
+    if unit != "embed" and (unit != "head" or cfg.tie_word_embeddings):
+        return f"{BLOCKS} recorded for {unit_label(unit)}, which is not read in row blocks"
+    if not isinstance(value, dict) or set(value) != {"rows", FAST}:
+        return f"{BLOCKS} is not an object of rows and {FAST}"
+    rows, digests = value["rows"], value[FAST]
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
+        return f"{BLOCKS}.rows {rows!r} is not a row count"
+    count = -(-cfg.vocab_size // rows)
+    if count < 2:
+        return f"{BLOCKS}.rows {rows} makes one block of {cfg.vocab_size} rows (recorded only for several)"
+    if not isinstance(digests, list) or len(digests) != count:
+        return f"{BLOCKS}.{FAST} is not a list of {count} digests ({cfg.vocab_size} rows in blocks of {rows})"
+    if not all(is_hex(d, FAST) for d in digests):
+        return f"{BLOCKS}.{FAST} holds a value that is not an {FAST} digest"
+    return None
 
 
 def _parse_unit(value, num_layers: int) -> Unit | None:
@@ -411,6 +584,10 @@ def _inspect(cls, root: Path) -> tuple[Store | None, list[str]]:
             bad(f"shard {fname}: sha256 {rec.get(SHA256)!r} is not a SHA-256 digest")
         if FAST in rec and not is_hex(rec[FAST], FAST):
             bad(f"shard {fname}: {FAST} {rec[FAST]!r} is not an {FAST} digest")
+        if BLOCKS in rec:
+            why = blocks_problem(rec[BLOCKS], unit, config)
+            if why:
+                bad(f"shard {fname}: {why}")
         files[unit] = fname
     missing = [u for u in units if u not in files]
     if missing:
@@ -486,6 +663,21 @@ def _check_shapes(cfg: ModelConfig, unit: Unit, info: ShardInfo) -> None:
             )
 
 
+def paging_summary(store: Store) -> str:
+    """One line: how the embedding and head are paged, and the largest unit a pager slot holds."""
+    cfg = store.config
+    parts = []
+    for unit in ("embed", "head"):
+        blocks = store.blocks(unit)
+        if unit == "head" and cfg.tie_word_embeddings:
+            parts.append("head tied (reads the embedding's blocks)")
+        elif len(blocks) > 1:
+            parts.append(f"{unit} in {len(blocks)} row blocks of {store.block_rows[unit]:,} rows")
+        else:
+            parts.append(f"{unit} whole")
+    return f"{', '.join(parts)}; largest unit {format_bytes(store.max_page_bytes())} (a pager slot)"
+
+
 def describe(store: Store) -> str:
     """Human summary for `odyssey info`."""
     cfg = store.config
@@ -503,6 +695,7 @@ def describe(store: Store) -> str:
         f"bytes        {format_bytes(store.total_bytes())} on disk in {len(store.shards)} shards",
         f"per layer    {format_bytes(layer_bytes)} (embed {format_bytes(store.unit_bytes('embed'))}, "
         f"head {format_bytes(store.unit_bytes('head'))})",
+        f"paging       {paging_summary(store)}",
         f"tokenizer    {'yes' if store.tokenizer_path() else 'none (add one with `odyssey prepare-data --model`)'}",
     ]
     return "\n".join(lines)

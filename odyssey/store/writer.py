@@ -26,13 +26,17 @@ from odyssey import atomic
 from odyssey.config import ModelConfig, format_bytes
 from odyssey.dtypes import DTYPES, numel
 from odyssey.errors import OdysseyError
-from odyssey.store.checksum import FAST, SEAL, SHA256, file_digests, index_seal, new_hasher
+from odyssey.store.checksum import BLOCKS, FAST, SEAL, SHA256, BlockHasher, file_digests, index_seal, new_hasher
 from odyssey.store.format import (
     FORMAT_VERSION,
     INDEX_NAME,
     JOURNAL_NAME,
+    ShardInfo,
     TensorSpan,
     Unit,
+    block_bounds,
+    block_rows_rule,
+    blocked_tensor,
     build_header,
     drop_cache,
     shard_name,
@@ -67,6 +71,10 @@ class StoreWriter:
 
     `producer(name, shape) -> np.ndarray | torch.Tensor` returns one tensor at a time in the
     store dtype (or any dtype, cast here), so peak memory is one tensor plus the write buffer.
+
+    The embedding and an untied head are hashed per row block as they are written (`block_rows`
+    rows a block; None: `format.block_rows_rule`, blocks no larger than the largest layer) and the
+    digests recorded in the index where a shard has more than one block.
     """
 
     def __init__(
@@ -78,7 +86,10 @@ class StoreWriter:
         force: bool,
         extra_bytes: int = 0,
         extra_names: tuple[str, ...] = (),
+        block_rows: int | None = None,
     ):
+        if block_rows is not None and block_rows <= 0:
+            raise OdysseyError(f"block_rows must be > 0, got {block_rows}")
         self.root, self.config, self.dtype = Path(root), config, dtype
         self.extra_names = tuple(extra_names)
         self.complete = False  # a finished store of the same key: nothing to write
@@ -90,11 +101,35 @@ class StoreWriter:
         self._written: list[str] = []  # shard files written by this run
         self._fresh = False  # whether this run started the output (nothing to resume)
         self.file_bytes = {u: len(h) + sum(s.nbytes for s in spans) for u, (h, spans) in self._headers.items()}
+        self.block_rows = self._block_rows(block_rows)  # unit -> rows a block, for shards paged in blocks
         self._prepare(force, extra_bytes)
 
     def _header(self, unit: Unit) -> tuple[bytes, list[TensorSpan]]:
         st = DTYPES[self.dtype].st
         return build_header([(n, st, s) for n, s in unit_shapes(self.config, unit).items()], metadata=self._meta(unit))
+
+    def _info(self, unit: Unit) -> ShardInfo:
+        header, spans = self._headers[unit]
+        path = self.root / shard_name(self.units.index(unit), self.n)
+        return ShardInfo(unit, path, len(header), sum(s.nbytes for s in spans), {s.name: s for s in spans})
+
+    def _block_rows(self, forced: int | None) -> dict:
+        largest = max(self.file_bytes[u] for u in self.units if isinstance(u, int))
+        out = {}
+        for unit in self.units:
+            info = self._info(unit)
+            span = blocked_tensor(info)
+            if span is not None and span.shape[0] > 0:
+                row_bytes = span.nbytes // span.shape[0]
+                out[unit] = forced or block_rows_rule(largest, info.data_offset + span.start, row_bytes)
+        return out
+
+    def block_ends(self, unit: Unit) -> list[int] | None:
+        """End offsets of the unit's row blocks when it has more than one, else None."""
+        if unit not in self.block_rows:
+            return None
+        bounds = block_bounds(self._info(unit), self.block_rows[unit])
+        return [end for _, _, _, end in bounds] if len(bounds) > 1 else None
 
     # --- sizes ---
     def unit_file_bytes(self, unit: Unit) -> int:
@@ -253,7 +288,8 @@ class StoreWriter:
 
         fname = shard_name(self.units.index(unit), self.n)
         header, spans = self._headers[unit]
-        hashers = [new_hasher(SHA256), new_hasher(FAST)]
+        ends = self.block_ends(unit)
+        hashers = [new_hasher(SHA256), new_hasher(FAST)] + ([BlockHasher(ends)] if ends else [])
         with atomic.atomic_open(self.root / fname, "wb") as f:
             f.write(header)
             for h in hashers:
@@ -273,8 +309,10 @@ class StoreWriter:
             size = f.tell()
         drop_cache(self.root / fname)  # written once, read later by the pager: keep RAM free
         self._written.append(fname)
-        sha, fast = (h.hexdigest() for h in hashers)
+        sha, fast = (h.hexdigest() for h in hashers[:2])
         self.journal["done"][fname] = {"unit": str(unit), "bytes": size, SHA256: sha, FAST: fast}
+        if ends:
+            self.journal["done"][fname][BLOCKS] = {"rows": self.block_rows[unit], FAST: hashers[2].hexdigests()}
         atomic.write_json(self.root / JOURNAL_NAME, self.journal)
         return size
 
@@ -306,6 +344,14 @@ class StoreWriter:
             if FAST not in rec:  # a journal written before the fast checksum
                 rec[FAST] = file_digests(self.root / fname, (FAST,))[FAST]
             shards[fname] = {"unit": str(unit), "bytes": rec["bytes"], SHA256: rec[SHA256], FAST: rec[FAST]}
+            ends = self.block_ends(unit)
+            if ends:
+                blocks = rec.get(BLOCKS)
+                if not (isinstance(blocks, dict) and blocks.get("rows") == self.block_rows[unit]):
+                    # a journal written before row blocks (or with other rows): hash them from the file
+                    digests = file_digests(self.root / fname, (), block_ends=ends)[BLOCKS]
+                    blocks = {"rows": self.block_rows[unit], FAST: digests}
+                shards[fname][BLOCKS] = blocks
             for name, shape in unit_shapes(self.config, unit).items():
                 weight_map[name] = fname
                 total += numel(shape) * DTYPES[self.dtype].itemsize
