@@ -70,8 +70,8 @@ def _pager_cold(store, slots: int, read_bytes: int) -> float:
 
     with Pager(store, slots=slots, read_chunk=read_bytes, drop_cache=True) as pager:
         t0 = time.perf_counter()
-        pager.prefetch(store.units)
-        for unit in store.units:
+        pager.prefetch(store.page_units())  # layers, and the embedding and head in row blocks
+        for unit in store.page_units():
             res = pager.get(unit)
             for t in res.tensors.values():  # the consumer touches the bytes
                 t.view(-1)[-1].item()

@@ -61,8 +61,8 @@ def raw_read(store: Store) -> float:
 def pager_read(store: Store, slots: int, direct: bool, drop: bool) -> tuple[float, str | None]:
     with Pager(store, slots=slots, direct=direct, drop_cache=drop, verify=False) as pager:  # read speed alone
         t0 = time.perf_counter()
-        pager.prefetch(store.units)
-        for unit in store.units:
+        pager.prefetch(store.page_units())  # layers, and the embedding and head in row blocks
+        for unit in store.page_units():
             res = pager.get(unit)
             # touch one value per tensor: the consumer sees the bytes
             for t in res.tensors.values():

@@ -44,6 +44,11 @@ def _aligned(page: Page) -> tuple[int, int]:
     return a0, -(-(page.end - a0) // PAGE_SIZE) * PAGE_SIZE
 
 
+def slot_bytes(store: Store) -> int:
+    """Bytes of one pager slot for `store`: the largest unit's page-aligned range."""
+    return max(_aligned(store.page(u))[1] for u in store.page_units())
+
+
 @dataclass
 class UnitStat:
     unit: PageUnit
@@ -106,7 +111,7 @@ class Pager:
         self.read_chunk = read_chunk
         self.drop_cache = drop_cache
         self.verify = verify  # check each unit's bytes against the store's checksum on first read
-        size = max(_aligned(store.page(u))[1] for u in store.page_units())
+        size = slot_bytes(store)
         self.slot_bytes = size
         self._slots = [_Slot(i, mmap.mmap(-1, size)) for i in range(slots)]
         self._queue: collections.deque = collections.deque()  # units the reader has yet to place

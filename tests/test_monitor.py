@@ -211,13 +211,15 @@ def test_recorded_run_and_truncation(tmp_path):
     assert not feed.more_waiting
     assert len(feed.loss) == 120 and feed.resume_steps == [67]  # killed at 96, resumed from 66
     assert any("resumed from step-000066" in e.text for e in feed.log)
-    # the last step's pass as the engine writes it: 24 layers forward, the head, 24 backward
-    assert len(feed.layers) == 49 and feed.layers_step == 120
+    # the last step's pass as the engine writes it: 24 layers forward, the head's 2 row blocks,
+    # 24 backward
+    assert len(feed.layers) == 50 and feed.layers_step == 120
     rows = feed.layer_rows()
-    assert [r["name"] for r in rows] == [str(i) for i in range(24)] + ["head"]
+    assert [r["name"] for r in rows] == [str(i) for i in range(24)] + ["head[1/2]", "head[2/2]"]
     assert (rows[0]["reads"], rows[0]["reused"]) == (1, 1)  # forward from the slot, read for backward
-    assert (rows[23]["reads"], rows[23]["reused"]) == (1, 1)  # read forward, still there for backward
+    assert (rows[23]["reads"], rows[23]["reused"]) == (2, 0)  # the head's blocks took both slots
     assert (rows[5]["reads"], rows[5]["reused"], rows[-1]["reads"]) == (2, 0, 1)
+    assert rows[-2]["bytes"] == 90_189_824 and rows[-1]["bytes"] == 40_890_368
     bars = strip_bars(feed.layers)
     assert len([b for b in bars if b["slow"]]) == 1  # the disk hiccup on one layer, and only there
     assert feed.limits.max_temp_c == 90.0 and feed.limits.soft_pct == 90.0

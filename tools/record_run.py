@@ -29,7 +29,7 @@ from pathlib import Path
 from odyssey.runtime.runlog import RunDir
 
 LAYER_BYTES = 90_185_728  # one decoder layer of odyssey-1.2b in bf16
-HEAD_BYTES = 131_076_096  # lm_head + final norm (the embedding is read by rows, not paged)
+HEAD_BLOCKS = {"head[1/2]": 90_189_824, "head[2/2]": 40_890_368}  # final norm + lm_head in 2 row blocks
 LAYERS = 24
 SEQ_LEN = 512
 BUDGET_MIB = 1536.0
@@ -139,16 +139,18 @@ class Recorder:
 
     def layers_pass(self, hiccup: bool, first: bool = False) -> list[dict]:
         """One step's pager.UnitStat.to_json() list as the engine makes it with 2 slots: layers
-        0..L-1 forward (layer 0 still in a slot from the last backward), the head, L-1..0
-        backward (layer L-1 still in a slot)."""
+        0..L-1 forward (layer 0 still in a slot from the last backward), the head's two row
+        blocks (they take both slots), L-1..0 backward."""
         out = []
         slow = self.rng.randrange(1, LAYERS - 1) if hiccup else -1
         schedule = (
-            [(i, False) for i in range(LAYERS)] + [("head", False)] + [(i, True) for i in range(LAYERS - 1, -1, -1)]
+            [(i, False) for i in range(LAYERS)]
+            + [(name, False) for name in HEAD_BLOCKS]
+            + [(i, True) for i in range(LAYERS - 1, -1, -1)]
         )
         for k, (name, backward) in enumerate(schedule):
-            nbytes = HEAD_BYTES if name == "head" else LAYER_BYTES
-            reused = (k == 0 and not first) or (backward and name == LAYERS - 1)
+            nbytes = HEAD_BLOCKS.get(name, LAYER_BYTES)
+            reused = k == 0 and not first
             if reused:
                 out.append({"layer": name, "bytes": nbytes, "read_s": 0.0, "stall_s": 0.0, "mb_s": 0.0, "reused": True})
                 continue
