@@ -312,7 +312,8 @@ class Pager:
 
 
 class ResidentPager:
-    """Every unit loaded once and kept in RAM: the in-RAM baseline with the pager's interface."""
+    """Every shard loaded once and kept in RAM: the in-RAM baseline with the pager's interface (a
+    row block is a view of its rows)."""
 
     def __init__(self, store: Store):
         self.store = store
@@ -324,8 +325,14 @@ class ResidentPager:
         pass
 
     def get(self, unit: PageUnit) -> Resident:
-        self.stats.append(UnitStat(unit, self.store.shards[unit].file_bytes, 0.0, 0.0, True))
-        return Resident(unit, self._tensors[unit], -1)
+        page = self.store.page(unit)
+        self.stats.append(UnitStat(unit, page.nbytes, 0.0, 0.0, True))
+        if not isinstance(unit, Block):
+            return Resident(unit, self._tensors[unit], -1)
+        whole = self._tensors[unit.unit]
+        rows = BLOCKED_TENSORS[unit.unit]
+        views = {n: whole[n][unit.row_start : unit.row_end] if n == rows else whole[n] for n in page.tensors}
+        return Resident(unit, views, -1)
 
     def release(self, res: Resident) -> None:
         pass

@@ -88,9 +88,7 @@ class Paging:
             out.append(f"  head    {self._blocks_text(self.head_rows, self.head_blocks, self.head_bytes)}")
         layer_reads, head_units, nbytes = self.step_reads(mode, slots)
         what = "a step" if mode != "forward" else "a token"
-        out.append(
-            f"  reads   {format_bytes(nbytes)} {what}: {layer_reads} layer reads + {head_units} head unit(s)"
-        )
+        out.append(f"  reads   {format_bytes(nbytes)} {what}: {layer_reads} layer reads + {head_units} head unit(s)")
         return out
 
     def _blocks_text(self, rows: int, blocks: int, nbytes: int) -> str:

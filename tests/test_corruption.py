@@ -634,3 +634,157 @@ def test_fuzz_cli_sample_never_tracebacks_or_hangs(tmp_path):
         seen.append((what, v.returncode, g.returncode))
     print("cli fuzz:", seen)
     assert any(v == 2 for _, v, _ in seen), seen
+
+
+# --------------------------------------------------------------------------------------------
+# row blocks: each block checked against its own digest where it is used
+
+
+def blocked(tmp_path: Path, tied: bool = False, rows: int | None = 7, vocab: int = 250) -> Path:
+    """A store whose embedding (and untied head) is read in row blocks (vocab 250 in blocks of 7:
+    36 blocks; rows None: the default size, no block larger than a layer)."""
+    out = tmp_path / f"blocked-{int(tied)}-{rows}-{vocab}"
+    init_store(tiny_config(vocab_size=vocab, tie_word_embeddings=tied), out, dtype="f32", seed=3, progress=False,
+               block_rows=rows)  # fmt: skip
+    return out
+
+
+def flip_row(store_dir: Path, unit: str, row: int) -> Path:
+    """Flips one bit of row `row` of the shard's blocked matrix."""
+    store = Store.open(store_dir)
+    info = store.shards[unit]
+    span = info.tensors["model.embed_tokens.weight" if unit == "embed" else "lm_head.weight"]
+    path = info.path
+    data = bytearray(path.read_bytes())
+    data[info.data_offset + span.start + row * (span.nbytes // span.shape[0]) + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_index_records_a_digest_per_row_block(tmp_path):
+    from odyssey.store.checksum import BLOCKS
+
+    d = blocked(tmp_path)
+    store = Store.open(d)
+    for unit in ("embed", "head"):
+        rec = store.meta["shards"][store.files[unit]][BLOCKS]
+        assert rec["rows"] == 7 and len(rec[FAST]) == 36
+        for b, digest in zip(store.blocks(unit), rec[FAST], strict=True):
+            page = store.page(b)
+            assert file_digests(page.path, (FAST,), start=page.start, stop=page.end)[FAST] == digest
+    for unit in (0, 1):  # decoder layers are read whole: no block digests
+        assert BLOCKS not in store.meta["shards"][store.files[unit]]
+    # the default block size on a tiny model is one block: nothing recorded, the shard read whole
+    assert all(BLOCKS not in r for r in Store.open(blocked(tmp_path, rows=None)).meta["shards"].values())
+
+
+def test_a_flipped_byte_in_a_row_block_is_refused_where_that_block_is_used(tmp_path):
+    from odyssey.engine import Engine
+    from odyssey.pager import Pager
+
+    d = blocked(tmp_path)
+    victim = flip_row(d, "head", 72)  # block 10 (rows 70-76) of the head
+    store = Store.open(d)
+    blocks = store.blocks("head")
+    with Pager(store) as pager:
+        pager.release(pager.get(blocks[9]))  # the block before: intact, served
+        with pytest.raises(ChecksumMismatch, match=rf"{victim.name} \(head\[11/36\], rows 70-76\).*odyssey verify"):
+            pager.get(blocks[10])
+    flip_row(d, "embed", 22)  # block 3 (rows 21-27) of the embedding
+    store = Store.open(d)
+    with Engine(store, compute_dtype="fp32") as eng:
+        eng.embed(torch.tensor([[0, 20, 28]]))  # rows of other blocks: used, checked, fine
+        with pytest.raises(ChecksumMismatch, match=r"embed\[4/36\], rows 21-27"):
+            eng.embed(torch.tensor([[1, 22]]))
+    problems = verify_store(d, progress=False)[1]
+    assert len(problems) == 2 and all("checksum mismatch" in p for p in problems), problems
+
+
+def test_tied_head_refuses_a_flipped_embedding_block_in_generate(tmp_path, capsys):
+    d = blocked(tmp_path, tied=True)
+    victim = flip_row(d, "embed", 249)  # the last row, in the last (short) block
+    before = digests(d)
+    code = cli.main(["generate", "--model", str(d), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--quiet"])
+    one_line_error(capsys, code, victim.name, "embed[36/36]", "does not match its checksum", "odyssey verify")
+    assert digests(d) == before
+
+
+def strip_block_digests(store_dir: Path) -> dict:
+    """The index as written before row blocks: no `blocks` records (resealed, as such an index was)."""
+    from odyssey.store.checksum import BLOCKS
+
+    index = json.loads((store_dir / INDEX_NAME).read_text())
+    removed = {f: rec.pop(BLOCKS) for f, rec in index["metadata"]["odyssey"]["shards"].items() if BLOCKS in rec}
+    index["metadata"]["odyssey"][SEAL] = index_seal(index)
+    (store_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    return removed
+
+
+def test_a_store_without_block_digests_is_paged_in_blocks_checked_whole_and_verify_adds_them(tmp_path):
+    """A store written before row blocks (vocab 3000: the default size makes 5 blocks): the same
+    blocks, each shard checked once, whole, when its first block is read; a flipped byte is still
+    refused; `verify` records the block digests (the same as a new store's)."""
+    from odyssey.engine import Engine
+    from odyssey.pager import Pager
+    from odyssey.store.checksum import BLOCKS
+
+    d = blocked(tmp_path, rows=None, vocab=3000)
+    new = Store.open(d)
+    assert len(new.blocks("embed")) == 5 and len(new.blocks("head")) == 5
+    ids = torch.randint(0, 3000, (1, 12))
+    with Engine(new, compute_dtype="fp32") as eng:
+        want = eng.logits(ids)
+    removed = strip_block_digests(d)
+    assert set(removed) == {new.files["embed"], new.files["head"]}
+    old = Store.open(d)
+    assert old.blocks("head") == new.blocks("head")  # rows from the rule, as the writer chose them
+    whole = []
+    real = old.check_file
+    old.check_file = lambda unit: (whole.append(unit), real(unit))
+    with Engine(old, compute_dtype="fp32") as eng:
+        assert torch.equal(eng.logits(ids), want)
+        assert torch.equal(eng.logits(ids), want)
+    assert sorted(whole, key=str) == ["embed", "head"]  # once each, whole
+    flip_row(d, "head", 2999)
+    with Pager(Store.open(d)) as pager, pytest.raises(ChecksumMismatch, match="does not match its checksum"):
+        pager.get(old.blocks("head")[0])  # block 0 is intact, the shard is not: checked whole
+    flip_row(d, "head", 2999)  # undo
+    p = run_cli("verify", d, "--quiet")
+    assert p.returncode == 0 and "added row-block checksums" in p.stdout, p.stdout + p.stderr
+    index = json.loads((d / INDEX_NAME).read_text())
+    assert {f: r[BLOCKS] for f, r in index["metadata"]["odyssey"]["shards"].items() if BLOCKS in r} == removed
+
+
+def _blocks_rec(i):
+    from odyssey.store.checksum import BLOCKS
+
+    return _meta(i)["shards"][shard_name(0, 4)][BLOCKS]
+
+
+BLOCK_MUTATIONS = {
+    "rows changed": (lambda i: _blocks_rec(i).__setitem__("rows", 8), "blocks"),
+    "rows a string": (lambda i: _blocks_rec(i).__setitem__("rows", "7"), "row count"),
+    "rows one block": (lambda i: _blocks_rec(i).__setitem__("rows", 250), "one block"),
+    "a digest missing": (lambda i: _blocks_rec(i)[FAST].pop(), "36 digests"),
+    "a digest not hex": (lambda i: _blocks_rec(i)[FAST].__setitem__(3, "xyz"), "not an xxh3_128"),
+    "an extra key": (lambda i: _blocks_rec(i).__setitem__("sha256", []), "not an object"),
+    "on a layer": (lambda i: _shard(i, 1).__setitem__("blocks", _blocks_rec(i)), "not read in row blocks"),
+    "a digest changed": (lambda i: _blocks_rec(i)[FAST].__setitem__(3, "0" * 32), "embed[4/36]"),
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCK_MUTATIONS))
+def test_verify_and_commands_refuse_block_record_mutations(tmp_path, name):
+    """Each edit of a `blocks` record (resealed: the field checks must catch it) is refused by
+    verify with one line, and by what the commands do (open the store, page the blocks)."""
+    from odyssey.engine import Engine
+
+    d = blocked(tmp_path)
+    mutate, needle = BLOCK_MUTATIONS[name]
+    _edit_index(d, mutate)
+    store, problems, _ = verify_store(d, progress=False)
+    assert any(needle.lower() in p.lower() for p in problems), problems
+    assert all("\n" not in p for p in problems)
+    with pytest.raises(OdysseyError):
+        with Engine(Store.open(d), compute_dtype="fp32") as eng:
+            eng.logits(torch.tensor([[1, 2, 25]]))  # row 25 is in block 4

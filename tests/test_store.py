@@ -142,6 +142,48 @@ def test_resume_after_crash_keeps_complete_shards(tmp_path, tiny_cfg):
     assert Store.open(out).verify(progress=False) == []
 
 
+def test_a_store_in_row_blocks_stays_a_plain_hf_checkpoint(tmp_path):
+    """Row blocks are byte ranges of the HF tensors: one model.embed_tokens.weight and one
+    lm_head.weight, under their names; transformers loads the store as it is."""
+    from transformers import LlamaForCausalLM as HFLlama
+
+    cfg = tiny_config(vocab_size=250)
+    init_store(cfg, tmp_path / "s", dtype="f32", seed=2, progress=False, block_rows=7)
+    store = Store.open(tmp_path / "s")
+    assert len(store.blocks("embed")) == len(store.blocks("head")) == 36
+    index = json.loads((tmp_path / "s" / INDEX_NAME).read_text())
+    assert set(index["weight_map"]) == set(cfg.all_shapes())
+    assert store.shards["head"].tensors["lm_head.weight"].shape == (250, 64)
+    hf = HFLlama.from_pretrained(tmp_path / "s", dtype=torch.float32).eval()
+    ids = torch.randint(0, 250, (1, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(model_from_store(tmp_path / "s")(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_resume_from_a_journal_written_before_row_blocks_records_them(tmp_path):
+    """A journal whose finished shards carry no block digests (an init killed before row blocks
+    existed): the resumed init hashes the blocks from the kept shard, as a fresh init does."""
+    from odyssey.dtypes import DTYPES
+    from odyssey.store.checksum import BLOCKS
+
+    cfg = tiny_config(vocab_size=250)
+    out = tmp_path / "s"
+    init_store(cfg, out, dtype="f32", seed=3, progress=False, block_rows=7)
+    reference = json.loads((out / INDEX_NAME).read_text())["metadata"]["odyssey"]["shards"]
+    (out / INDEX_NAME).unlink()
+    for k in (2, 3):
+        (out / shard_name(k, 4)).unlink()
+    key = {"config": cfg.to_hf_dict(DTYPES["f32"].hf_name), "dtype": "f32", "seed": 3, "kind": "init"}
+    key["block_rows"] = 7
+    done = {shard_name(k, 4): {x: reference[shard_name(k, 4)][x] for x in ("unit", "bytes", "sha256")} for k in (0, 1)}
+    (out / JOURNAL_NAME).write_text(json.dumps({"key": key, "done": done}))
+    s = init_store(cfg, out, dtype="f32", seed=3, progress=False, block_rows=7)
+    assert s["kept_shards"] == 2
+    shards = json.loads((out / INDEX_NAME).read_text())["metadata"]["odyssey"]["shards"]
+    assert shards == reference and len(shards[shard_name(0, 4)][BLOCKS]["xxh3_128"]) == 36
+    assert Store.open(out).verify(progress=False) == []
+
+
 def test_non_empty_out_needs_force_and_nothing_is_damaged(tmp_path, tiny_store):
     before = snapshot(tiny_store)
     p = run_cli("init", "--config", ROOT / "configs/nano.yaml", "--out", tiny_store, "--quiet")

@@ -110,6 +110,60 @@ def test_gradients_equal_peft_in_ram(tmp_path, dropout):
     assert worst < 1e-4, worst
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_in_row_blocks_equals_peft_in_ram(tmp_path, monkeypatch, tied):
+    """The head paged in many row blocks (vocab 250 in blocks of 7 rows, the last of 5; vocab
+    chunks of 3 rows inside each block) against transformers + peft holding the model in RAM, fp32:
+    logits, validation loss, training loss and LoRA gradients. Each block is read once a step (a
+    tied embedding too: for the head; the lookup gathers rows without the pager)."""
+    import peft
+    import transformers
+
+    import odyssey.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "VOCAB_CHUNK", 3)
+    cfg = tiny_config(vocab_size=250, tie_word_embeddings=tied)
+    init_store(cfg, tmp_path / "s", dtype="f32", seed=5, progress=False, block_rows=7)
+    store = Store.open(tmp_path / "s")
+    blocks = store.blocks("embed" if tied else "head")
+    assert len(blocks) == 36 and blocks[-1].row_end - blocks[-1].row_start == 5
+    settings = LoraSettings(r=4, alpha=8)
+    with torch.device("meta"):
+        skel = LlamaForCausalLM(store.config)
+    inject(skel, settings, seed=5)
+    torch.manual_seed(0)
+    for k, p in lora_parameters(skel).items():
+        if "lora_B" in k:
+            torch.nn.init.normal_(p, std=0.02)  # B is zero at init: make every path carry gradient
+    save_adapter(skel, settings, tmp_path / "adapter", store)
+    ids = torch.randint(0, 250, (2, 24))
+    tgt = torch.randint(0, 250, (2, 24))
+    tgt[0, :4] = torch.tensor([0, 6, 7, 249])  # first and last rows of blocks, the last row of all
+    with Engine(store, compute_dtype="fp32", model=skel) as eng:
+        logits = eng.logits(ids)
+        val = eng.eval_loss(ids, tgt)
+        eng.pager.take_stats()
+        loss = eng.train_step(ids, tgt)
+        step_units = [s.unit for s in eng.pager.take_stats()]
+    ours = {k: p.grad for k, p in lora_parameters(skel).items()}
+    assert [u for u in step_units if not isinstance(u, int)] == eng.head_units()  # every block, once
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(store.root, dtype=torch.float32)
+    ref = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True)
+    ref_logits = ref(input_ids=ids).logits
+    ref_loss = torch.nn.functional.cross_entropy(ref_logits.reshape(-1, 250), tgt.reshape(-1))
+    ref_loss.backward()
+    theirs = {n.replace(".default", ""): p.grad for n, p in ref.named_parameters() if "lora_" in n}
+    torch.testing.assert_close(logits, ref_logits.detach(), atol=1e-5, rtol=0)
+    assert abs(val - float(ref_loss)) < 1e-5 and abs(loss - float(ref_loss)) < 1e-5, (val, loss, float(ref_loss))
+    assert set(theirs) == set(ours)
+    worst = max(float((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max()) for k in ours)
+    print(
+        f"\nrow blocks ({'tied' if tied else 'untied'}): loss {loss:.6f} vs {float(ref_loss):.6f}, gradient {worst:.2e}"
+    )
+    assert worst < 1e-5, worst
+
+
 def test_chunked_loss_equals_full_cross_entropy(tiny_store):
     """The vocab-chunked loss and its gradient equal F.cross_entropy on full logits (chunk < V)."""
     import odyssey.engine as engine_mod

@@ -30,9 +30,10 @@ a crash keeps the complete shards and writes only the rest; the index is written
 directory with an index is a complete store.
 
 Corruption is caught where the bytes are used: every command that reads a shard (the pager, a row
-block at a time against its own digest; the engine's embedding rows, the blocks that hold them; `load_tensors` for merge, export and full training) hashes the bytes it
-read with XXH3-128 and compares them with the index before trusting them (`checksum` explains the
-choice); `Store.open` checks the index fields against the headers and the index's own seal.
+block at a time against the block's own digest; the engine's embedding rows, the blocks holding
+them; `load_tensors` for merge, export and full training) hashes the bytes it read with XXH3-128
+and compares them with the index before trusting them (`checksum` explains the choice);
+`Store.open` checks the index fields against the headers and the index's own seal.
 
 Modules: `format` (names, units, the safetensors header codec), `checksum` (SHA-256, XXH3-128, the
 index seal), `reader` (`Store`, `verify_store`, `describe`), `writer` (`StoreWriter` and its
