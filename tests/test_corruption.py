@@ -768,6 +768,8 @@ BLOCK_MUTATIONS = {
     "a digest missing": (lambda i: _blocks_rec(i)[FAST].pop(), "36 digests"),
     "a digest not hex": (lambda i: _blocks_rec(i)[FAST].__setitem__(3, "xyz"), "not an xxh3_128"),
     "an extra key": (lambda i: _blocks_rec(i).__setitem__("sha256", []), "not an object"),
+    "digests missing": (lambda i: _blocks_rec(i).pop(FAST), "not an object"),
+    "not an object": (lambda i: _meta(i)["shards"][shard_name(0, 4)].__setitem__("blocks", [7]), "not an object"),
     "on a layer": (lambda i: _shard(i, 1).__setitem__("blocks", _blocks_rec(i)), "not read in row blocks"),
     "a digest changed": (lambda i: _blocks_rec(i)[FAST].__setitem__(3, "0" * 32), "embed[4/36]"),
 }

@@ -377,7 +377,8 @@ class Store:
                 )
                 continue
             recorded = rec.get(BLOCKS)
-            if blocks and isinstance(recorded, dict) and recorded[FAST] != digests[BLOCKS]:
+            well_formed = blocks_problem(recorded, unit, self.config) is None  # else inspect reports it
+            if blocks and well_formed and recorded[FAST] != digests[BLOCKS]:
                 k = next(i for i, (a, b) in enumerate(zip(recorded[FAST], digests[BLOCKS], strict=False)) if a != b)
                 problems.append(
                     f"{path}: checksum mismatch ({unit_label(blocks[k])}): the index's row-block checksum differs "
