@@ -300,6 +300,13 @@ class ModelConfig:
             check_rope_scaling(self.rope_scaling, "rope_scaling")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise OdysseyError(f"sliding_window must be > 0 or null, got {self.sliding_window}")
+        if fam.sliding == "layer_types" and self.layer_types is None and self.sliding_window is not None:
+            if not fam.local_rope:
+                raise OdysseyError(f"{fam.name} with a sliding_window needs layer_types (which layers slide); add it")
+            # Gemma 3's pattern, as Gemma3TextConfig derives it: every 6th layer global
+            self.layer_types = [
+                "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
+            ]
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_hidden_layers:
                 raise OdysseyError(

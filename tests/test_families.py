@@ -292,3 +292,62 @@ def test_config_keys_kept(imported, tmp_path):
     cfg = ModelConfig.from_hf_dict(src)
     assert cfg.layer_types == CASES["gemma3"][2]["layer_types"] and cfg.rope_local_base_freq == 100.0
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# the shapes of real checkpoints under configs/ (random init), with the real models' parameter counts
+REAL_SHAPES = {
+    "qwen2.5-1.5b": 1_543_714_304,
+    "qwen3-1.7b": 1_720_574_976,
+    "gemma-3-1b": 999_885_952,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SHAPES))
+def test_real_shapes_count_like_transformers(name):
+    """configs/NAME.yaml has the real model's parameter count, and the family's transformers class
+    built from the config Odyssey writes (on the meta device) has the same parameters, by name."""
+    import transformers
+
+    from odyssey.config import load_model_config
+    from tests.conftest import ROOT
+
+    cfg = load_model_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.num_parameters() == REAL_SHAPES[name]
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_dict("bfloat16"))
+    with torch.device("meta"):
+        model = getattr(transformers, cfg.family.architecture)(hf_cfg)
+    theirs = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert theirs == cfg.all_shapes()
+
+
+@pytest.mark.parametrize("case", ["llama3", "qwen2", "qwen3", "gemma3"])
+def test_init_makes_every_family(tmp_path, case):
+    """`odyssey init` of a family's config writes a store transformers loads with the family's class
+    (norms the identity: one, or zero for Gemma's 1 + w), and the engine agrees with it."""
+    import transformers
+
+    from odyssey.store import init_store
+
+    _, cfg_name, keys = CASES[case]
+    cfg = ModelConfig.from_hf_dict(getattr(transformers, cfg_name)(**{**BASE, **keys}).to_dict())
+    init_store(cfg, tmp_path / "s", dtype="f32", seed=2, progress=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype=torch.float32).eval()
+    assert type(hf).__name__ == CASES[case][0]
+    ids = ids_for(BASE["vocab_size"])
+    with torch.no_grad(), Engine(Store.open(tmp_path / "s"), compute_dtype="fp32") as eng:
+        torch.testing.assert_close(eng.logits(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_import_cli_refusal_is_one_line(tmp_path):
+    """As a user sees it: `odyssey import` of a relabelled Qwen2 checkpoint exits 2 with one line
+    naming a tensor it would drop; the source is untouched and nothing is written."""
+    from tests.conftest import assert_user_error, run_cli
+
+    src = _write(hf_model("qwen2"), tmp_path / "src")
+    _edit_config(src, model_type="llama", architectures=["LlamaForCausalLM"])
+    before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
+    proc = run_cli("import", src, "--out", tmp_path / "out")
+    assert_user_error(proc, "proj.bias", "is not part of a llama")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
