@@ -142,6 +142,12 @@ def _rope_from_hf(data: dict, fam) -> tuple[float | None, dict | None, float | N
             raise OdysseyError(f"rope_scaling must be a mapping, got {scaling!r}")
         rope.update(scaling)
     theta = rope.get("rope_theta", data.get("rope_theta"))
+    top = data.get("rope_theta")
+    if top is not None and theta is not None and top != theta:  # v4 readers take one, v5 the other
+        raise OdysseyError(
+            f"rope_theta {top!r} disagrees with rope_parameters' rope_theta {theta!r}; "
+            f"the checkpoint's config.json is inconsistent"
+        )
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind in (None, "default"):
         extra_params = sorted(set(rope) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
