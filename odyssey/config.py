@@ -300,6 +300,8 @@ class ModelConfig:
             check_rope_scaling(self.rope_scaling, "rope_scaling")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise OdysseyError(f"sliding_window must be > 0 or null, got {self.sliding_window}")
+        if fam.sliding == "layer_types" and self.layer_types is None and self.sliding_window is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers  # as the family's HF config lists them
         if fam.sliding == "layer_types" and self.layer_types is None and self.sliding_window is not None:
             if not fam.local_rope:
                 raise OdysseyError(f"{fam.name} with a sliding_window needs layer_types (which layers slide); add it")
