@@ -52,9 +52,13 @@ def check_targets(targets: list[str]) -> list[str]:
 
 
 def peft_config(settings: LoraSettings, base_path: str | None = None):
+    """PEFT's LoraConfig for `settings`: the same seven projection names in every family (HF
+    names), task CAUSAL_LM, and the base store's path, so `AutoPeftModelForCausalLM` loads the
+    store with the family's transformers class and the adapter on it."""
     from peft import LoraConfig
 
     return LoraConfig(
+        task_type="CAUSAL_LM",
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
@@ -161,8 +165,8 @@ class AdapterFile:
             want = shapes.get(f"{name}.weight")
             if want is None or len(want) != 2:
                 raise AdapterError(
-                    f"adapter {self.path} has a LoRA module {name!r} that a Llama base does not "
-                    f"have; use an adapter trained for this model"
+                    f"adapter {self.path} has a LoRA module {name!r} that this {cfg.family.architecture} "
+                    f"base does not have; use an adapter trained for this model"
                 )
             if A.shape[1] != want[1] or B.shape[0] != want[0]:
                 raise AdapterError(
