@@ -1,8 +1,12 @@
 """LoRA adapters with `peft`: injected into the meta skeleton, materialised, saved and loaded in
 PEFT's own format.
 
-On disk (what `PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(store), dir)` reads):
-  adapter_config.json        PEFT `LoraConfig` (r, lora_alpha, target_modules, ...)
+On disk (what `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(store), dir)` reads,
+the store loaded with its family's class; `AutoPeftModelForCausalLM.from_pretrained(dir)` finds the
+store by base_model_name_or_path):
+  adapter_config.json        PEFT `LoraConfig` (task_type CAUSAL_LM, r, lora_alpha, target_modules:
+                             the seven projections, named alike in every family, base_model_name_or_path:
+                             the store, ...)
   adapter_model.safetensors  base_model.model.<HF module>.lora_A.weight (r, in) and .lora_B.weight
                              (out, r), fp32
   odyssey_adapter.json       Odyssey's own record of the base it was trained on (fingerprint and
@@ -261,11 +265,11 @@ def load_into(model: nn.Module, adapter: AdapterFile) -> None:
 
 def adapter_skeleton(store, adapter: AdapterFile) -> nn.Module:
     """A meta skeleton of `store`'s model with `adapter` injected and loaded (for generate/eval)."""
-    from odyssey.model import LlamaForCausalLM
+    from odyssey.model import CausalLM
 
     adapter.check_base(store)
     with torch.device("meta"):
-        model = LlamaForCausalLM(store.config)
+        model = CausalLM(store.config)
     inject(model, adapter.settings())
     load_into(model, adapter)
     return model

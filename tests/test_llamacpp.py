@@ -85,12 +85,17 @@ def write_peaked(out: Path, seed: int = 0, layer_std: float = 0.06) -> None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """Token data whose tokenizer (480 tokens, byte-level BPE) the stores below take."""
+    out = tmp_path_factory.mktemp("llamacpp-data") / "data"
+    prepare_data([ROOT / "data" / "sample" / "stories_en.txt"], out, vocab_size=480, progress=False)
+    return out  # 32 rows of the models' 512 stay padding
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir):
     """{"random" | "peaked": (store, {gguf_type: path})}, each with the trained tokenizer."""
     tmp = tmp_path_factory.mktemp("llamacpp")
-    prepare_data(
-        [ROOT / "data" / "sample" / "stories_en.txt"], tmp / "data", vocab_size=480, progress=False
-    )  # 32 model rows stay padding
     init_store(
         small_config(initializer_range=0.2, tie_word_embeddings=True),
         tmp / "random",
@@ -101,7 +106,7 @@ def models(tmp_path_factory):
     write_peaked(tmp / "peaked")
     out = {}
     for name, gguf_types in (("random", ("f32",)), ("peaked", ("f32", "q8_0"))):
-        copy_tokenizer(tmp / "data", tmp / name)
+        copy_tokenizer(tokenizer_dir, tmp / name)
         store = Store.open(tmp / name)
         paths = {t: tmp / f"{name}-{t}.gguf" for t in gguf_types}
         for t, p in paths.items():
@@ -178,3 +183,97 @@ def test_llama_cpp_tokenizes_like_the_store_tokenizer(models):
         assert (llm.token_bos(), llm.token_eos(), llm.n_vocab()) == (1, 2, store.config.vocab_size)
     finally:
         llm.close()
+
+
+# --------------------------------------------------------------------------------------------
+# every family: a random model written by the family's transformers class, imported, exported
+# to an f32 GGUF of llama.cpp's architecture for it, run by llama.cpp
+
+
+FAMILY_BASE = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+)
+# Llama 3.2's RoPE: the three bands of llama3 frequencies are all present at head_dim 64
+LLAMA32_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=32.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
+FAMILY_CASES = {
+    # Llama 3.x: rope_freqs.weight; biases everywhere, so the permutation of q/k biases is run too
+    "llama3": ("LlamaForCausalLM", "LlamaConfig", dict(
+        rope_parameters=LLAMA32_ROPE, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True)),  # q/k/v biases, NEOX
+    # q/k norms, head_dim explicit: 8 x 64 = 512 != hidden 256
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(num_attention_heads=8, num_key_value_heads=4)),
+    # Gemma 3 1B's shape in small: 6 layers, llama.cpp's 5:1 local/global pattern, local base 10000,
+    # query_pre_attn_scalar = head_dim, one KV head; a window of 8 so that 24 of 32 positions slide
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
+        num_hidden_layers=6, num_key_value_heads=1, sliding_window=8, query_pre_attn_scalar=64,
+        rope_theta=1e6, rope_local_base_freq=10000.0, tie_word_embeddings=True)),
+    # another pattern (local, global, local): written as llama.cpp's per-layer sliding_window_pattern
+    "gemma3-pattern": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
+        num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=8, query_pre_attn_scalar=64, rope_local_base_freq=10000.0)),
+}  # fmt: skip
+
+
+def family_model(case: str):
+    """The case's random model, fp32: matrices N(0, 0.08), norms N(1, 0.2) (Gemma: N(0, 0.2), its
+    norms scale by 1 + w), biases N(0, 0.1), so that every tensor matters."""
+    import transformers
+
+    cls_name, cfg_name, keys = FAMILY_CASES[case]
+    cfg = getattr(transformers, cfg_name)(**{**FAMILY_BASE, **keys})
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif name.endswith("norm.weight"):
+                p.normal_(0.0 if case.startswith("gemma") else 1.0, 0.2)
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_every_family_f32_logits_match_the_engine(tmp_path, tokenizer_dir, case):
+    """llama.cpp's logits at every position of a 32-token prompt equal the engine's (f32 GGUF, f32
+    KV cache): max abs diff <= 1e-3, the same argmax everywhere."""
+    from odyssey.store import import_hf
+
+    model = family_model(case)
+    model.save_pretrained(tmp_path / "src")
+    import_hf(tmp_path / "src", tmp_path / "store", progress=False)
+    copy_tokenizer(tokenizer_dir, tmp_path / "store")
+    store = Store.open(tmp_path / "store")
+    write_gguf(store, tmp_path / "m.gguf", "f32", progress=False)
+
+    ids = torch.randint(3, 480, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(7)).tolist()
+    want = engine_logits(store, ids)
+    with torch.no_grad():  # the engine is transformers' model (tests/test_families.py), here too
+        np.testing.assert_allclose(model(input_ids=torch.tensor([ids])).logits[0].numpy(), want, atol=1e-4)
+    got = llama_logits(tmp_path / "m.gguf", ids)
+    assert got.shape == want.shape == (PROMPT_TOKENS, store.config.vocab_size)
+    assert want.std() > 0.5  # logits that discriminate, so the comparison means something
+    diff = np.abs(got - want).max(axis=1)  # (T,) worst logit per position
+    agree = float((got.argmax(axis=1) == want.argmax(axis=1)).mean())
+    print(
+        f"\n{case} ({store.config.family.gguf_arch}) f32: max abs diff {diff.max():.2e} (position {diff.argmax()}), "
+        f"argmax agrees at {agree:.0%} of {PROMPT_TOKENS} positions, logit std {want.std():.2f}"
+    )
+    assert diff.max() <= 1e-3, diff
+    assert agree == 1.0
