@@ -14,7 +14,16 @@ GQA 4/2, vocab 512 with a 480-token tokenizer trained on the sample stories):
   argmax alone barely sees the layers here, the q8_0 logits must also stay within 0.3 standard
   deviations of the engine's (measured 0.07; 1.3-2.8 with the Q/K permutation left out).
 llama.cpp keeps its KV cache in f16 by default; the comparisons ask for an f32 cache so that they
-measure the file, not that rounding (measured on "random": 4e-2 with the f16 cache, 1e-4 without)."""
+measure the file, not that rounding (measured on "random": 4e-2 with the f16 cache, 1e-4 without).
+
+Every family (test_every_family_f32_logits_match_the_engine): a random model written by the
+family's transformers class (llama with Llama 3.2's RoPE and biases, qwen2, qwen3, gemma3 with
+llama.cpp's 5:1 local/global pattern and with another pattern), imported, exported to an f32 GGUF
+of llama.cpp's architecture for it: max abs logit diff <= 1e-3 at every position, argmax 100%.
+Measured: llama 9e-6, qwen2 8e-6, qwen3 7e-6 (logit std 1.3). Gemma 3: llama.cpp's CPU GELU is an
+fp16 lookup table (ggml-cpu/vec.h, GGML_GELU_FP16), 2e-3 at this scale; with the MLP silenced
+(down_proj zero) the two agree to 4e-6, and against the engine computing that table's GELU
+(`ggml_cpu_gelu`) to 6e-4 (the rest: fp16 roundings that flip on f32 inputs differing by ~1e-6)."""
 
 from pathlib import Path
 
@@ -249,10 +258,25 @@ def family_model(case: str):
     return model
 
 
+def ggml_cpu_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU as llama.cpp's CPU backend computes it in an f32 graph (ggml-cpu/vec.h, GGML_GELU_FP16,
+    always defined): the tanh approximation looked up in an fp16 table at fp16(x), x <= -10 -> 0,
+    x >= 10 -> x. Its relative error (fp16 rounding of input and output, ~5e-4) is llama.cpp's own,
+    not the export's; this emulation shows it (`approximate` is ignored: Gemma uses tanh)."""
+    table = TORCH_GELU(x.to(torch.float16).float(), approximate="tanh").to(torch.float16).float()
+    return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table)).to(x.dtype)
+
+
+TORCH_GELU = torch.nn.functional.gelu
+
+
 @pytest.mark.parametrize("case", list(FAMILY_CASES))
-def test_every_family_f32_logits_match_the_engine(tmp_path, tokenizer_dir, case):
+def test_every_family_f32_logits_match_the_engine(tmp_path, tokenizer_dir, case, monkeypatch):
     """llama.cpp's logits at every position of a 32-token prompt equal the engine's (f32 GGUF, f32
-    KV cache): max abs diff <= 1e-3, the same argmax everywhere."""
+    KV cache): max abs diff <= 1e-3, the same argmax everywhere. Gemma 3's GeGLU: llama.cpp's CPU
+    GELU is an fp16 table (`ggml_cpu_gelu`), which alone moves these logits by ~2e-3; the 1e-3
+    bound holds against the engine computing that same GELU, the argmax against the exact one,
+    and the exact logits stay within 5e-3."""
     from odyssey.store import import_hf
 
     model = family_model(case)
@@ -263,17 +287,26 @@ def test_every_family_f32_logits_match_the_engine(tmp_path, tokenizer_dir, case)
     write_gguf(store, tmp_path / "m.gguf", "f32", progress=False)
 
     ids = torch.randint(3, 480, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(7)).tolist()
-    want = engine_logits(store, ids)
+    exact = engine_logits(store, ids)
     with torch.no_grad():  # the engine is transformers' model (tests/test_families.py), here too
-        np.testing.assert_allclose(model(input_ids=torch.tensor([ids])).logits[0].numpy(), want, atol=1e-4)
+        np.testing.assert_allclose(model(input_ids=torch.tensor([ids])).logits[0].numpy(), exact, atol=1e-4)
     got = llama_logits(tmp_path / "m.gguf", ids)
-    assert got.shape == want.shape == (PROMPT_TOKENS, store.config.vocab_size)
-    assert want.std() > 0.5  # logits that discriminate, so the comparison means something
+    assert got.shape == exact.shape == (PROMPT_TOKENS, store.config.vocab_size)
+    assert exact.std() > 0.5  # logits that discriminate, so the comparison means something
+    gemma = store.config.family.name == "gemma3"
+    if gemma:
+        monkeypatch.setattr(torch.nn.functional, "gelu", ggml_cpu_gelu)
+        want = engine_logits(store, ids)
+        monkeypatch.undo()
+    else:
+        want = exact
     diff = np.abs(got - want).max(axis=1)  # (T,) worst logit per position
-    agree = float((got.argmax(axis=1) == want.argmax(axis=1)).mean())
-    print(
-        f"\n{case} ({store.config.family.gguf_arch}) f32: max abs diff {diff.max():.2e} (position {diff.argmax()}), "
-        f"argmax agrees at {agree:.0%} of {PROMPT_TOKENS} positions, logit std {want.std():.2f}"
-    )
+    agree = float((got.argmax(axis=1) == exact.argmax(axis=1)).mean())
+    line = f"\n{case} ({store.config.family.gguf_arch}) f32: max abs diff {diff.max():.2e} (position {diff.argmax()})"
+    if gemma:
+        line += f" against the engine with llama.cpp's fp16-table GELU, {np.abs(got - exact).max():.2e} against exact"
+    print(f"{line}; argmax agrees at {agree:.0%} of {PROMPT_TOKENS} positions, logit std {exact.std():.2f}")
     assert diff.max() <= 1e-3, diff
     assert agree == 1.0
+    if gemma:
+        assert np.abs(got - exact).max() <= 5e-3  # what the table costs at this logit scale
