@@ -223,6 +223,9 @@ FAMILY_CASES = {
     # Llama 3.x: rope_freqs.weight; biases everywhere, so the permutation of q/k biases is run too
     "llama3": ("LlamaForCausalLM", "LlamaConfig", dict(
         rope_parameters=LLAMA32_ROPE, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    # linear RoPE scaling: rope.scaling.type / rope.scaling.factor
+    "llama-linear": ("LlamaForCausalLM", "LlamaConfig", dict(
+        rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0))),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True)),  # q/k/v biases, NEOX
     # q/k norms, head_dim explicit: 8 x 64 = 512 != hidden 256
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(num_attention_heads=8, num_key_value_heads=4)),
@@ -231,6 +234,11 @@ FAMILY_CASES = {
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
         num_hidden_layers=6, num_key_value_heads=1, sliding_window=8, query_pre_attn_scalar=64,
         rope_theta=1e6, rope_local_base_freq=10000.0, tie_word_embeddings=True)),
+    # linear scaling of the global layers only (as Gemma 3 4B+), the local ones at their own base
+    "gemma3-linear": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
+        num_hidden_layers=6, num_key_value_heads=1, sliding_window=8, query_pre_attn_scalar=64,
+        rope_parameters=dict(full_attention=dict(rope_type="linear", rope_theta=1e6, factor=8.0),
+                             sliding_attention=dict(rope_type="default", rope_theta=10000.0)))),
     # another pattern (local, global, local): written as llama.cpp's per-layer sliding_window_pattern
     "gemma3-pattern": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
         num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
