@@ -375,8 +375,9 @@ def encode(t, plan: TensorPlan) -> np.ndarray:
 def _prepare(hf_name: str, t, cfg: ModelConfig):
     """HF tensor -> the layout llama.cpp's architecture for the family expects: q/k rows (weights
     and biases) permuted where it rotates adjacent pairs; Gemma's norm weights w stored as 1 + w
-    (its RMSNorm scales by (1 + w), llama.cpp's by the stored weight), added in f32 as
-    convert_hf_to_gguf.py's Gemma3Model does; all else as is."""
+    (its RMSNorm scales by (1 + w), llama.cpp's by the stored weight, as convert_hf_to_gguf.py's
+    Gemma3Model writes it), the sum formed in f32 also from a bf16 store (norms are written in f32,
+    so 1 + w keeps w's low bits); all else as is."""
     fam = cfg.family
     if ARCHS[fam.gguf_arch].permute_qk:
         if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
