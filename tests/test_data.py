@@ -165,9 +165,10 @@ def test_prepare_data_outputs_and_manifest(corpus, prepared):
         ["manifest.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
     )
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format"] == "odyssey-tokens" and m["format_version"] == 1
+    assert m["format"] == "odyssey-tokens" and m["format_version"] == 2
     assert m["dtype"] == "uint16" and m["vocab_size"] == summary["vocab_size"] <= 400
-    assert (m["unk_id"], m["bos_id"], m["eos_id"]) == (0, 1, 2)
+    assert (m["unk_id"], m["bos_id"], m["eos_id"], m["adds_bos"]) == (0, 1, 2, True)
+    assert m["document_layout"].startswith("<s> tokens </s>")
     docs = list(read_documents([corpus]))
     assert m["documents"] == len(docs) == 60 + 60 + 15
     assert m["splits"]["val"]["documents"] == round(len(docs) * 0.05) >= 1
@@ -217,6 +218,7 @@ def test_token_dtype_choice_and_uint32_files(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>", "unk_token": "<unk>"}')
     (tmp_path / "c.txt").write_text("say hello\n\nhello hello\n\n안녕 hello\n")
     summary = prepare_data([tmp_path / "c.txt"], tmp_path / "out", tokenizer_dir=tmp_path, progress=False)
     assert summary["dtype"] == "uint32" and summary["vocab_size"] > 65535
@@ -315,17 +317,34 @@ def test_model_store_gets_the_tokenizer_and_keeps_it(corpus, tmp_path):
         return json.loads((d / "manifest.json").read_text())["tokenizer_sha256"]
 
     assert sha(tmp_path / "d2") == sha(tmp_path / "d1")
-    # asking for a new tokenizer would change the store's: refused unless forced
+    # asking for a new tokenizer would change the store's: refused, --force (about --out) or not
     before = snapshot(store)
-    with pytest.raises(OdysseyError, match="already has a different tokenizer.json; drop --vocab-size/--tokenizer"):
-        prepare_data([letters], tmp_path / "d3", vocab_size=300, model_store=store, progress=False)
+    for force in (False, True):
+        with pytest.raises(OdysseyError, match="already has a tokenizer, and its data must use it: drop --vocab-size"):
+            prepare_data([letters], tmp_path / "d3", vocab_size=300, model_store=store, force=force, progress=False)
+        assert snapshot(store) == before and not (tmp_path / "d3").exists()
+    # ... and a different existing one too (here: the data directory of another corpus)
+    prepare_data([letters], tmp_path / "other", vocab_size=300, progress=False)
+    with pytest.raises(OdysseyError, match="already has a different tokenizer.*pass --replace-tokenizer"):
+        prepare_data([letters], tmp_path / "d3", tokenizer_dir=tmp_path / "other", model_store=store, progress=False)
     assert snapshot(store) == before and not (tmp_path / "d3").exists()
-    prepare_data([letters], tmp_path / "d3", vocab_size=300, model_store=store, force=True, progress=False)
+    # replacing asks for the flag, and then still for a vocabulary that fits the model
+    with pytest.raises(OdysseyError, match="tokenizer vocabulary 400 is larger than the model's 350"):
+        prepare_data(
+            [letters], tmp_path / "d3", vocab_size=400, model_store=store, replace_tokenizer=True, progress=False
+        )
+    assert snapshot(store) == before and not (tmp_path / "d3").exists()
+    prepare_data([letters], tmp_path / "d3", vocab_size=300, model_store=store, replace_tokenizer=True, progress=False)
     assert (
         sha(tmp_path / "d3")
         == hashlib.sha256((store / "tokenizer.json").read_bytes()).hexdigest()
         != sha(tmp_path / "d1")
     )
+    # the flag alone means nothing
+    with pytest.raises(OdysseyError, match="--replace-tokenizer needs the new tokenizer"):
+        prepare_data([letters], tmp_path / "d4", model_store=store, replace_tokenizer=True, progress=False)
+    with pytest.raises(OdysseyError, match="name it with --model STORE"):
+        prepare_data([letters], tmp_path / "d4", vocab_size=300, replace_tokenizer=True, progress=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -208,12 +208,28 @@ def launch_ranks(nproc: int) -> int:
 
 
 def add_prepare_data_parser(sub) -> None:
-    s = parser_for(sub, "prepare-data", "tokenize .txt/.jsonl text into token files (training a BPE if needed)")
+    s = parser_for(
+        sub, "prepare-data", "tokenize .txt/.jsonl text into token files with the model's tokenizer (or a new BPE)"
+    )
     s.add_argument("inputs", nargs="+", help=".txt or .jsonl files or directories")
     s.add_argument("--out", required=True, help="data directory to write")
-    s.add_argument("--vocab-size", type=count(1), help="BPE vocabulary to train (default: the model's, else 8192)")
-    s.add_argument("--tokenizer", help="use this directory's tokenizer.json instead of training one")
-    s.add_argument("--model", help="store directory: check the vocabulary fits and place the tokenizer there")
+    s.add_argument(
+        "--vocab-size", type=count(1), help="train a byte-level BPE of this size (default: the model's, else 8192)"
+    )
+    s.add_argument(
+        "--tokenizer",
+        help="use the Hugging Face tokenizer in this directory (a checkpoint folder, a store, a data directory)",
+    )
+    s.add_argument(
+        "--model",
+        help="store directory: tokenize with its tokenizer (a store without one gets this run's), "
+        "check the vocabulary fits",
+    )
+    s.add_argument(
+        "--replace-tokenizer",
+        action="store_true",
+        help="put the --tokenizer given (or the one --vocab-size trains) in place of the --model store's own",
+    )
     s.add_argument("--val-fraction", type=number(0.0, 1.0), default=0.05)
     s.add_argument("--seed", type=count(0), default=0)
     s.add_argument("--force", action="store_true", help="write into a non-empty --out")
@@ -235,6 +251,7 @@ def cmd_prepare_data(args) -> int:
         seed=args.seed,
         force=args.force,
         progress=not args.quiet,
+        replace_tokenizer=args.replace_tokenizer,
     )
     return 0
 
