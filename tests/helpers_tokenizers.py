@@ -194,3 +194,54 @@ def make_tokenizer(directory: Path, style: str) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     STYLES[style](directory)
     return len(AutoTokenizer.from_pretrained(directory))
+
+
+# --------------------------------------------------------------------------------------------
+# a tiny checkpoint as downloaded: a random model of a family, saved by transformers, with a tokenizer
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaConfig, LlamaForCausalLM
+
+
+FAMILIES = {"llama": _llama}  # family -> (config class, model class) of transformers; a new family is one entry
+
+
+def make_checkpoint(directory: Path, style: str, family: str = "llama", seed: int = 0, std: float = 0.3):
+    """A tiny random `family` model (2 layers, width 64, GQA 4/2) saved with save_pretrained (f32
+    safetensors) in `directory`, with a tokenizer of `style` whose vocabulary is the model's and whose
+    special ids are in its config. Weights N(0, std): peaky logits, so greedy choices are no ties.
+    Returns the model (eval mode)."""
+    import torch
+
+    directory = Path(directory)
+    tok_dir = directory.parent / f".{directory.name}-tokenizer"
+    vocab = make_tokenizer(tok_dir, style)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    config_cls, model_cls = FAMILIES[family]()
+    cfg = config_cls(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=std)
+    model.save_pretrained(directory)
+    for f in tok_dir.iterdir():  # the tokenizer's own files win (generation_config.json included)
+        (directory / f.name).write_bytes(f.read_bytes())
+    return model.eval()

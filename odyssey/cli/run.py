@@ -13,7 +13,7 @@ from odyssey.cli.common import (
     parser_for,
     ram_budget_arg,
 )
-from odyssey.dtypes import COMPUTE_DTYPES
+from odyssey.dtypes import COMPUTE_DTYPES, compute_dtype_line
 from odyssey.errors import OdysseyError
 
 
@@ -40,8 +40,10 @@ def cmd_plan(args) -> int:
     from odyssey.planner import plan_checked
     from odyssey.store import Store
 
+    store = Store.open(args.model)
+    compute = compute_dtype_line(args.compute_dtype, store.dtype)
     plan_checked(
-        Store.open(args.model),
+        store,
         mode=args.mode,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
@@ -49,7 +51,7 @@ def cmd_plan(args) -> int:
         budget=ram_budget_arg(args),
         lora=LoraSettings(r=args.lora_r) if args.mode == "lora" else None,
         compute_dtype=args.compute_dtype,
-        show=lambda p: print(p.table()),
+        show=lambda p: print(f"{p.table()}\n{compute}"),
     )
     return 0
 
@@ -74,10 +76,10 @@ def add_generate_parser(sub) -> None:
 
 def cmd_generate(args) -> int:
     from odyssey.engine import Engine
-    from odyssey.generate import generate_ids, stream_text
+    from odyssey.generate import generate_ids, stop_ids, stream_text
     from odyssey.planner import plan_checked
     from odyssey.store import Store
-    from odyssey.tokenizer import load_tokenizer
+    from odyssey.tokenizer import load_model_tokenizer
 
     store = Store.open(args.model)
     if args.prompt_ids:
@@ -85,19 +87,17 @@ def cmd_generate(args) -> int:
             prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
         except ValueError:
             raise OdysseyError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-        tok = load_tokenizer(store.root) if store.tokenizer_path() else None
+        tok = load_model_tokenizer(store.root) if store.tokenizer_path() else None
     else:
         if args.prompt is None:
             raise OdysseyError("pass --prompt TEXT (or --prompt-ids 1,2,3)")
-        tok = load_tokenizer(
+        tok = load_model_tokenizer(
             store.root,
             fix=f"add one with `odyssey prepare-data DATA --out DIR --model {store.root}` "
             f"(or `odyssey import` a model that has one), or pass --prompt-ids 1,2,3",
         )
-        prompt = tok.encode(args.prompt).ids
-        bos = store.config.bos_token_id
-        if bos is not None and (not prompt or prompt[0] != bos):
-            prompt = [bos] + prompt
+        prompt = tok.encode(args.prompt)  # as transformers: a BOS only where the tokenizer adds one
+    compute = compute_dtype_line(args.compute_dtype, store.dtype)
     vocab = store.config.vocab_size
     outside = [i for i in prompt if not 0 <= i < vocab]
     if outside:
@@ -114,7 +114,7 @@ def cmd_generate(args) -> int:
         slots=args.slots,
         budget=ram_budget_arg(args),
         compute_dtype=args.compute_dtype,
-        show=None if args.quiet else lambda p: print(p.table(), file=sys.stderr),
+        show=None if args.quiet else lambda p: print(f"{p.table()}\n{compute}", file=sys.stderr),
         show_first=False,
     )
     model = None
@@ -135,10 +135,11 @@ def cmd_generate(args) -> int:
                 args.temperature,
                 args.top_k,
                 args.seed,
-                eos_id=store.config.eos_token_id,
-                vocab_limit=tok.get_vocab_size() if tok else None,
+                eos_ids=stop_ids(store, tok),
+                vocab_limit=tok.vocab_size if tok else None,
             ),
             lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+            prompt_ids=prompt,
         )
         dt = time.perf_counter() - t0
     sys.stdout.write("\n")
