@@ -130,7 +130,8 @@ class ModelTokenizer:
     def __init__(self, hf, directory: Path):
         self.hf = hf  # a transformers TokenizersBackend (PreTrainedTokenizerFast) subclass
         self.directory = Path(directory)
-        specials = hf("", return_attention_mask=False)["input_ids"]  # what it adds around any text
+        specials = hf("", return_attention_mask=False)["input_ids"]
+        self.added: list[int] = list(specials)  # the ids it puts around any text (BOS, EOS or none)
         self.bos_id: int | None = hf.bos_token_id
         self.eos_id: int | None = hf.eos_token_id
         self.unk_id: int | None = hf.unk_token_id

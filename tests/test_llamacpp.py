@@ -178,3 +178,30 @@ def test_llama_cpp_tokenizes_like_the_store_tokenizer(models):
         assert (llm.token_bos(), llm.token_eos(), llm.n_vocab()) == (1, 2, store.config.vocab_size)
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen", "sentencepiece"])
+def test_llama_cpp_tokenizes_model_tokenizers_like_transformers(model_tokenizers, tmp_path, style):
+    """The GGUF's tokenizer (gpt2 with the pre-tokenizer's name, or llama with merge-ordered scores
+    and byte tokens) makes llama.cpp tokenize as transformers does, BOS rule included."""
+    from transformers import AutoTokenizer
+
+    from odyssey.tokenizer import copy_tokenizer
+    from tests.helpers_tokenizers import TEXTS
+
+    src = model_tokenizers[style]
+    ref = AutoTokenizer.from_pretrained(src)
+    init_store(tiny_config(vocab_size=len(ref)), tmp_path / "store", dtype="f32", seed=1, progress=False)
+    copy_tokenizer(src, tmp_path / "store")
+    write_gguf(Store.open(tmp_path / "store"), tmp_path / "m.gguf", "f32", progress=False)
+    llm = llama_cpp().Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    try:
+        for text in TEXTS + [TEXT]:
+            want = ref(text)["input_ids"]
+            assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) == want, (style, text)
+        plain = "Once upon a time, 3 cats sat.\nThe end."
+        ids = ref(plain, add_special_tokens=False)["input_ids"]
+        assert llm.detokenize(ids).decode("utf-8") == ref.decode(ids)
+        assert llm.token_eos() == ref.eos_token_id
+    finally:
+        llm.close()
