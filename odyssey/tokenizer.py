@@ -50,8 +50,20 @@ TOKENIZER_FILES = (
 )
 # the ones prepare-data writes for a tokenizer it trains (tokenizer.json + `hf_side_files`)
 WRITTEN_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# model types whose registered tokenizer is a plain backend (mistral-common, or tokenizer.json as
-# is): for these AutoTokenizer ignores a declared class such as LlamaTokenizer
+# AutoTokenizer's own table for the model types Odyssey imports (transformers' TOKENIZER_MAPPING_NAMES,
+# which sits beside torch): the class it uses when tokenizer_config.json names none
+_FAMILY_TOKENIZERS = {
+    "qwen2": "Qwen2Tokenizer",
+    "qwen3": "Qwen2Tokenizer",
+    "gemma": "GemmaTokenizer",
+    "gemma2": "GemmaTokenizer",
+    "gemma3": "GemmaTokenizer",
+    "gemma3_text": "GemmaTokenizer",
+}
+# ... the model types whose table entry wins over the declared class (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+_FAMILY_OVERRIDES = frozenset({"qwen2"})
+# ... and those whose table entry is the plain backend (mistral-common, or tokenizer.json as is): for
+# these AutoTokenizer ignores a declared class such as LlamaTokenizer
 _BACKEND_MODEL_TYPES = frozenset({"mistral", "mixtral", "ministral", "ministral3", "mistral3", "pixtral"})
 
 
@@ -227,20 +239,23 @@ def _is_byte_level(tok_json: Path) -> bool:
 def hf_tokenizer_class(directory: str | os.PathLike):
     """The transformers tokenizer class `AutoTokenizer.from_pretrained(directory)` instantiates, found
     without importing AutoTokenizer (which imports torch): tokenizer_config.json's `tokenizer_class`
-    ("Fast" or not), except where AutoTokenizer overrides it (a class transformers lacks or that is
-    not a fast tokenizer, a LlamaTokenizer over a byte-level tokenizer.json, a model type whose
-    registered tokenizer is the plain backend): then PreTrainedTokenizerFast, tokenizer.json as is."""
+    ("Fast" or not), except where AutoTokenizer decides otherwise: the model type's own class
+    (config.json's model_type) when none is declared or for Qwen2; PreTrainedTokenizerFast
+    (tokenizer.json as is) for a class transformers lacks or that is not a fast tokenizer, a
+    LlamaTokenizer over a byte-level tokenizer.json, a model type whose tokenizer is the backend."""
     import transformers
     from transformers import PreTrainedTokenizerFast
 
     directory = Path(directory)
     name = _read_json_object(directory / "tokenizer_config.json").get("tokenizer_class")
     model_type = _read_json_object(directory / "config.json").get("model_type")
+    if model_type in _BACKEND_MODEL_TYPES:
+        return PreTrainedTokenizerFast
+    if model_type in _FAMILY_TOKENIZERS and (not isinstance(name, str) or model_type in _FAMILY_OVERRIDES):
+        name = _FAMILY_TOKENIZERS[model_type]
     if not isinstance(name, str) or not name.removesuffix("Fast").endswith("Tokenizer"):
         return PreTrainedTokenizerFast  # also keeps getattr below from importing a model class
     base = name.removesuffix("Fast")
-    if model_type in _BACKEND_MODEL_TYPES:
-        return PreTrainedTokenizerFast
     if base == "LlamaTokenizer" and _is_byte_level(directory / "tokenizer.json"):
         return PreTrainedTokenizerFast
     cls = getattr(transformers, base, None) or getattr(transformers, name, None)

@@ -110,6 +110,33 @@ def test_autotokenizer_corrections_are_followed(tokenizers, tmp_path):
         assert [tok.encode(t) for t in TEXTS] == [ref(t)["input_ids"] for t in TEXTS]
 
 
+@pytest.mark.parametrize(
+    "style, model_type, declared",
+    [
+        ("qwen", "qwen2", "PreTrainedTokenizerFast"),  # transformers' table wins for Qwen2
+        ("qwen", "qwen3", None),  # no class declared: the model type's
+        ("qwen", "qwen3", "PreTrainedTokenizerFast"),
+        ("sentencepiece", "gemma3_text", None),
+        ("sentencepiece", "llama", None),
+        ("llama3", "llama", "PreTrainedTokenizerFast"),
+    ],
+)
+def test_model_type_decides_as_in_autotokenizer(tokenizers, tmp_path, style, model_type, declared):
+    from transformers import AutoTokenizer
+
+    d = shutil.copytree(tokenizers[style], tmp_path / "t")
+    (d / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 600}))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("tokenizer_class")
+    if declared:
+        cfg["tokenizer_class"] = declared
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ref = AutoTokenizer.from_pretrained(d)
+    assert hf_tokenizer_class(d) is type(ref)
+    tok = load_model_tokenizer(d)
+    assert [tok.encode(t) for t in TEXTS] == [ref(t)["input_ids"] for t in TEXTS]
+
+
 def test_loading_is_torch_free():
     """prepare-data tokenizes without torch: the tokenizer classes come from transformers without
     AutoTokenizer (which imports torch)."""
