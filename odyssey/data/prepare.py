@@ -23,7 +23,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +83,7 @@ def prepare_data(
     _check_options(vocab_size, tokenizer_dir, val_fraction, model_store, replace_tokenizer)
     model = _ModelStore.open(Path(model_store), vocab_size) if model_store is not None else None
     if model is not None:
-        model.check_request(tokenizer_dir, vocab_size, replace_tokenizer)
+        model.check_request(vocab_size, replace_tokenizer)
     tok_file = None  # the input is the tokenizer file (--tokenizer names it or its directory)
     if tokenizer_dir is not None:
         tok_file = _tokenizer_source(Path(tokenizer_dir)) / "tokenizer.json"
@@ -96,17 +96,19 @@ def prepare_data(
     files = corpus_files(inputs)
     label = ", ".join(str(p) for p in inputs)
 
-    # --- pass 1: the tokenizer (trained, or loaded and the documents counted) ---
-    with _choose_tokenizer(files, label, tokenizer_dir, vocab_size, model, progress) as (chosen, n_docs):
-        tok = chosen.tok
-        if tok.eos_id is None:
+    def check(chosen: _ChosenTokenizer) -> None:  # as soon as the tokenizer exists, before reading on
+        if chosen.tok.eos_id is None:
             raise OdysseyError(
                 f"the tokenizer {chosen.origin} has no EOS token, which separates documents; set "
                 f"eos_token in its tokenizer_config.json, or let prepare-data train one (--vocab-size)"
             )
-        vocab = tok.vocab_size
         if model is not None:
-            model.check_tokenizer(vocab, chosen, replace_tokenizer)
+            model.check_tokenizer(chosen.tok.vocab_size, chosen, replace_tokenizer)
+
+    # --- pass 1: the tokenizer (trained, or loaded and the documents counted) ---
+    with _choose_tokenizer(files, label, tokenizer_dir, vocab_size, model, progress, check) as (chosen, n_docs):
+        tok = chosen.tok
+        vocab = tok.vocab_size
         if n_docs < 2:
             raise OdysseyError(
                 f"the corpus {label} has only {n_docs} document; prepare-data needs at least 2 "
@@ -247,7 +249,7 @@ class _ModelStore:
     def vocab_size(self) -> int:
         return self.config["vocab_size"]
 
-    def check_request(self, tokenizer_dir, vocab_size: int | None, replace: bool) -> None:
+    def check_request(self, vocab_size: int | None, replace: bool) -> None:
         """Before any work: training a new tokenizer (`vocab_size`) for a store that has one is
         refused unless `replace`."""
         if self.has_tokenizer and vocab_size is not None and not replace:
@@ -342,8 +344,10 @@ def _choose_tokenizer(
     vocab_size: int | None,
     model: _ModelStore | None,
     progress: bool,
+    check: Callable[[_ChosenTokenizer], None],
 ) -> Iterator[tuple[_ChosenTokenizer, int]]:
-    """The tokenizer (see `prepare_data`) and the number of documents in the corpus: one pass over it."""
+    """The tokenizer (see `prepare_data`), given to `check` as soon as it exists, and the number of
+    documents in the corpus: one pass over it."""
     source = None
     if tokenizer_dir is not None:
         source = _tokenizer_source(Path(tokenizer_dir))
@@ -352,6 +356,7 @@ def _choose_tokenizer(
     if source is not None:
         tok = load_model_tokenizer(source)
         chosen = _ChosenTokenizer(tok, read_tokenizer_files(source), str(tok.path))
+        check(chosen)
         docs = _Counted(iter_documents(files, label))
         for _ in docs:
             pass
@@ -370,9 +375,11 @@ def _choose_tokenizer(
     with tempfile.TemporaryDirectory(prefix="odyssey-tokenizer-") as tmp:
         for name, data in tok_files.items():
             (Path(tmp) / name).write_bytes(data)
-        tok = load_model_tokenizer(tmp)
-        origin = f"trained (byte-level BPE, asked {target})"
-        yield _ChosenTokenizer(tok, tok_files, origin, trained=True), docs.n
+        chosen = _ChosenTokenizer(
+            load_model_tokenizer(tmp), tok_files, f"trained (byte-level BPE, asked {target})", True
+        )
+        check(chosen)
+        yield chosen, docs.n
 
 
 # --------------------------------------------------------------------------------------------
