@@ -183,7 +183,10 @@ def test_llama_cpp_tokenizes_like_the_store_tokenizer(models):
 @pytest.mark.parametrize("style", ["llama3", "qwen", "sentencepiece"])
 def test_llama_cpp_tokenizes_model_tokenizers_like_transformers(model_tokenizers, tmp_path, style):
     """The GGUF's tokenizer (gpt2 with the pre-tokenizer's name, or llama with merge-ordered scores
-    and byte tokens) makes llama.cpp tokenize as transformers does, BOS rule included."""
+    and byte tokens) makes llama.cpp tokenize as transformers does, BOS rule included. One known
+    difference is left out: for a text that starts with a space, llama.cpp's SentencePiece
+    tokenizer adds its "▁" prefix anyway (as the sentencepiece library does), transformers'
+    Metaspace (prepend_scheme "first") does not; GGUF has no key for that rule."""
     from transformers import AutoTokenizer
 
     from odyssey.tokenizer import copy_tokenizer
@@ -197,11 +200,13 @@ def test_llama_cpp_tokenizes_model_tokenizers_like_transformers(model_tokenizers
     llm = llama_cpp().Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
     try:
         for text in TEXTS + [TEXT]:
+            if style == "sentencepiece" and text.startswith(" "):
+                continue
             want = ref(text)["input_ids"]
             assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) == want, (style, text)
         plain = "Once upon a time, 3 cats sat.\nThe end."
-        ids = ref(plain, add_special_tokens=False)["input_ids"]
-        assert llm.detokenize(ids).decode("utf-8") == ref.decode(ids)
+        ids = ref(plain)["input_ids"]  # with its BOS: after one, SentencePiece drops the "▁" prefix
+        assert llm.detokenize(ids).decode("utf-8") == ref.decode(ids, skip_special_tokens=True) == plain
         assert llm.token_eos() == ref.eos_token_id
     finally:
         llm.close()
