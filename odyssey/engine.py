@@ -34,9 +34,9 @@ from odyssey.pager import Pager, Resident, ResidentPager
 from odyssey.store import Store
 
 
-def resolve_compute_dtype(name: str) -> torch.dtype:
-    """The torch dtype `--compute-dtype NAME` computes in here (see odyssey.dtypes)."""
-    return compute_dtype_info(name).torch()
+def resolve_compute_dtype(name: str, store_dtype: str | None = None) -> torch.dtype:
+    """The torch dtype `--compute-dtype NAME` computes a `store_dtype` store in here (see odyssey.dtypes)."""
+    return compute_dtype_info(name, store_dtype).torch()
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Engine:
     ):
         self.store = store
         self.cfg = store.config
-        self.dtype = resolve_compute_dtype(compute_dtype)
+        self.dtype = resolve_compute_dtype(compute_dtype, store.dtype)
         if model is None:
             with torch.device("meta"):
                 model = CausalLM(self.cfg)

@@ -318,3 +318,35 @@ def test_every_family_f32_logits_match_the_engine(tmp_path, tokenizer_dir, case,
     assert agree == 1.0
     if gemma:
         assert np.abs(got - exact).max() <= 5e-3  # what the table costs at this logit scale
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen", "sentencepiece"])
+def test_llama_cpp_tokenizes_model_tokenizers_like_transformers(model_tokenizers, tmp_path, style):
+    """The GGUF's tokenizer (gpt2 with the pre-tokenizer's name, or llama with merge-ordered scores
+    and byte tokens) makes llama.cpp tokenize as transformers does, BOS rule included. One known
+    difference is left out: for a text that starts with a space, llama.cpp's SentencePiece
+    tokenizer adds its "▁" prefix anyway (as the sentencepiece library does), transformers'
+    Metaspace (prepend_scheme "first") does not; GGUF has no key for that rule."""
+    from transformers import AutoTokenizer
+
+    from odyssey.tokenizer import copy_tokenizer
+    from tests.helpers_tokenizers import TEXTS
+
+    src = model_tokenizers[style]
+    ref = AutoTokenizer.from_pretrained(src)
+    init_store(tiny_config(vocab_size=len(ref)), tmp_path / "store", dtype="f32", seed=1, progress=False)
+    copy_tokenizer(src, tmp_path / "store")
+    write_gguf(Store.open(tmp_path / "store"), tmp_path / "m.gguf", "f32", progress=False)
+    llm = llama_cpp().Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    try:
+        for text in TEXTS + [TEXT]:
+            if style == "sentencepiece" and text.startswith(" "):
+                continue
+            want = ref(text)["input_ids"]
+            assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) == want, (style, text)
+        plain = "Once upon a time, 3 cats sat.\nThe end."
+        ids = ref(plain)["input_ids"]  # with its BOS: after one, SentencePiece drops the "▁" prefix
+        assert llm.detokenize(ids).decode("utf-8") == ref.decode(ids, skip_special_tokens=True) == plain
+        assert llm.token_eos() == ref.eos_token_id
+    finally:
+        llm.close()
