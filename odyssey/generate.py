@@ -83,9 +83,12 @@ def stream_text(
     """Write the text of `new_ids` as they come; return them. The text is what the tokenizer
     decodes for prompt + new ids beyond what it decodes for the prompt alone (so a SentencePiece
     tokenizer keeps the space before the first new word), written only once whole: an incomplete
-    UTF-8 sequence at the end (Hangul is 3 bytes) waits for its next token. Without a tokenizer
-    the ids themselves are written."""
+    UTF-8 sequence at the end (Hangul is 3 bytes) waits for its next token, and so does a run of
+    byte-fallback tokens (`<0xNN>`, SentencePiece-style), which decodes as a whole: bytes that are
+    valid alone may turn into replacement characters once the run goes on. Without a tokenizer the
+    ids themselves are written."""
     prompt_ids = list(prompt_ids)
+    byte_ids = _byte_token_ids(tokenizer)
     prefix = tokenizer.decode(prompt_ids) if tokenizer is not None else ""
     out: list[int] = []
     shown = ""
@@ -99,6 +102,8 @@ def stream_text(
         if tokenizer is None:
             write(f"{tok} ")
             continue
+        if tok in byte_ids:  # the run of byte tokens may continue: its text is not final yet
+            continue
         text = text_so_far()
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
             continue
@@ -109,3 +114,11 @@ def stream_text(
         if len(text) > len(shown):
             write(text[len(shown) :])
     return out
+
+
+def _byte_token_ids(tokenizer) -> set[int]:
+    """Ids of the byte-fallback tokens (`<0x00>`..`<0xFF>`) of a SentencePiece-style tokenizer."""
+    hf = getattr(tokenizer, "hf", tokenizer)  # a ModelTokenizer wraps transformers' tokenizer
+    if hf is None or not hasattr(hf, "get_vocab"):
+        return set()
+    return {i for t, i in hf.get_vocab().items() if len(t) == 6 and t.startswith("<0x") and t.endswith(">")}

@@ -200,13 +200,24 @@ def make_tokenizer(directory: Path, style: str) -> int:
 # a tiny checkpoint as downloaded: a random model of a family, saved by transformers, with a tokenizer
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _family(config_name: str, model_name: str, **keys):
+    def classes():
+        import transformers
 
-    return LlamaConfig, LlamaForCausalLM
+        return getattr(transformers, config_name), getattr(transformers, model_name), keys
+
+    return classes
 
 
-FAMILIES = {"llama": _llama}  # family -> (config class, model class) of transformers; a new family is one entry
+# family -> (config class, model class, config keys) of transformers; a new family is one entry.
+# Windows of 4 tokens: generation runs past them.
+FAMILIES = {
+    "llama": _family("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": _family("MistralConfig", "MistralForCausalLM", sliding_window=4),
+    "qwen2": _family("Qwen2Config", "Qwen2ForCausalLM", use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "qwen3": _family("Qwen3Config", "Qwen3ForCausalLM", head_dim=16),
+    "gemma3": _family("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16, sliding_window=4, query_pre_attn_scalar=16),
+}
 
 
 def make_checkpoint(directory: Path, style: str, family: str = "llama", seed: int = 0, std: float = 0.3):
@@ -222,8 +233,9 @@ def make_checkpoint(directory: Path, style: str, family: str = "llama", seed: in
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    config_cls, model_cls = FAMILIES[family]()
+    config_cls, model_cls, keys = FAMILIES[family]()
     cfg = config_cls(
+        **keys,
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=160,

@@ -182,7 +182,7 @@ def test_lora_gradients_equal_peft_and_adapter_loads(imported, case, tmp_path):
     theirs = {n.replace(".default", ""): p.grad for n, p in ref.named_parameters() if "lora_" in n}
     assert set(theirs) == set(ours) and len(ours) == 2 * 7 * store.config.num_hidden_layers
     worst = max(float((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max()) for k in ours)
-    print(f"\n{case}: loss {loss:.6f} vs peft {float(ref_loss):.6f}, max relative gradient error {worst:.2e}")
+    print(f"\n{case}: loss {loss:.6f} vs peft {float(ref_loss.detach()):.6f}, max relative gradient error {worst:.2e}")
     assert abs(loss - float(ref_loss)) < 1e-5
     assert worst < 1e-4, worst
 

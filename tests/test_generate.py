@@ -136,7 +136,15 @@ def test_sampling_stays_inside_the_tokenizer_vocabulary(tiny_store):
 
 PROMPT = "once upon a time"
 # (family, tokenizer style): a family added in odyssey/families is one more entry here
-CASES = [("llama", "llama3"), ("llama", "qwen"), ("llama", "sentencepiece")]
+CASES = [
+    ("llama", "llama3"),
+    ("llama", "qwen"),
+    ("llama", "sentencepiece"),
+    ("mistral", "sentencepiece"),
+    ("qwen2", "qwen"),
+    ("qwen3", "qwen"),
+    ("gemma3", "sentencepiece"),
+]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}" for f, s in CASES])
