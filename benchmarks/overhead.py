@@ -137,8 +137,9 @@ def main(argv=None) -> int:
 
     store = Path(args.model) if args.model else common.ensure_store(args.config)
     data = Path(args.data) if args.data else common.ensure_data()
-    params = Store.open(store).config.num_parameters()
-    compute = compute_dtype_name("auto")  # what the workers' engine computes in
+    opened = Store.open(store)
+    params = opened.config.num_parameters()
+    compute = compute_dtype_name("auto", opened.dtype)  # what the workers' engine computes in
     sides = {"paged": [], "resident": []}
     for _ in range(args.rounds):
         for side in ("paged", "resident"):

@@ -1,8 +1,12 @@
 """LoRA adapters with `peft`: injected into the meta skeleton, materialised, saved and loaded in
 PEFT's own format.
 
-On disk (what `PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(store), dir)` reads):
-  adapter_config.json        PEFT `LoraConfig` (r, lora_alpha, target_modules, ...)
+On disk (what `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(store), dir)` reads,
+the store loaded with its family's class; `AutoPeftModelForCausalLM.from_pretrained(dir)` finds the
+store by base_model_name_or_path):
+  adapter_config.json        PEFT `LoraConfig` (task_type CAUSAL_LM, r, lora_alpha, target_modules:
+                             the seven projections, named alike in every family, base_model_name_or_path:
+                             the store, ...)
   adapter_model.safetensors  base_model.model.<HF module>.lora_A.weight (r, in) and .lora_B.weight
                              (out, r), fp32
   odyssey_adapter.json       Odyssey's own record of the base it was trained on (fingerprint and
@@ -52,9 +56,13 @@ def check_targets(targets: list[str]) -> list[str]:
 
 
 def peft_config(settings: LoraSettings, base_path: str | None = None):
+    """PEFT's LoraConfig for `settings`: the same seven projection names in every family (HF
+    names), task CAUSAL_LM, and the base store's path, so `AutoPeftModelForCausalLM` loads the
+    store with the family's transformers class and the adapter on it."""
     from peft import LoraConfig
 
     return LoraConfig(
+        task_type="CAUSAL_LM",
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
@@ -161,8 +169,8 @@ class AdapterFile:
             want = shapes.get(f"{name}.weight")
             if want is None or len(want) != 2:
                 raise AdapterError(
-                    f"adapter {self.path} has a LoRA module {name!r} that a Llama base does not "
-                    f"have; use an adapter trained for this model"
+                    f"adapter {self.path} has a LoRA module {name!r} that this {cfg.family.architecture} "
+                    f"base does not have; use an adapter trained for this model"
                 )
             if A.shape[1] != want[1] or B.shape[0] != want[0]:
                 raise AdapterError(
@@ -257,11 +265,11 @@ def load_into(model: nn.Module, adapter: AdapterFile) -> None:
 
 def adapter_skeleton(store, adapter: AdapterFile) -> nn.Module:
     """A meta skeleton of `store`'s model with `adapter` injected and loaded (for generate/eval)."""
-    from odyssey.model import LlamaForCausalLM
+    from odyssey.model import CausalLM
 
     adapter.check_base(store)
     with torch.device("meta"):
-        model = LlamaForCausalLM(store.config)
+        model = CausalLM(store.config)
     inject(model, adapter.settings())
     load_into(model, adapter)
     return model

@@ -192,14 +192,15 @@ def read_yaml(path: str | Path) -> dict:
 
 @dataclass
 class ModelConfig:
-    """A Llama-architecture decoder. Keys and meanings are those of HF `LlamaConfig`."""
+    """A decoder of one of the families in `odyssey.families` (Llama unless `model_type` says
+    otherwise). Keys and meanings are those of the family's HF config class (`LlamaConfig`, ...)."""
 
     vocab_size: int
     """Number of token ids; the embedding and head have this many rows."""
     hidden_size: int
     """Width d of the residual stream."""
     intermediate_size: int
-    """Width of the SwiGLU MLP (gate/up project d -> this, down projects back)."""
+    """Width of the gated MLP (gate/up project d -> this, down projects back)."""
     num_hidden_layers: int
     """Number of decoder layers L; the store has one shard per layer."""
     num_attention_heads: int
@@ -213,7 +214,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     """Epsilon inside RMSNorm's square root."""
     rope_theta: float = 10000.0
-    """RoPE base. HF v5 writes it under rope_parameters.rope_theta; both are read."""
+    """RoPE base (of the global layers). HF v5 writes it under rope_parameters.rope_theta; both are read."""
     tie_word_embeddings: bool = False
     """True: the head reuses model.embed_tokens.weight and the store has no lm_head.weight."""
     initializer_range: float = 0.02
@@ -222,11 +223,28 @@ class ModelConfig:
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
     hidden_act: str = "silu"
-    """Only silu (SwiGLU) is supported."""
+    """Activation of the gated MLP: silu (SwiGLU), or gelu_pytorch_tanh for gemma3 (GeGLU)."""
     attention_bias: bool = False
-    """Only False is supported (Llama has no projection biases)."""
+    """Biases on the attention projections (llama, qwen3, gemma3 read it; qwen2 always has q/k/v
+    biases, mistral never)."""
     mlp_bias: bool = False
-    """Only False is supported."""
+    """Biases on the MLP projections (llama only)."""
+    model_type: str = "llama"
+    """The family: llama, mistral, qwen2, qwen3 or gemma3_text (see odyssey.families)."""
+    rope_scaling: dict | None = None
+    """RoPE of the global layers other than default: {"rope_type": "linear"|"dynamic"|"llama3",
+    "factor": ..., ...} with HF's parameter names; None = default RoPE."""
+    sliding_window: int | None = None
+    """Keys a sliding-window layer attends to (the query's own position included); None = none."""
+    layer_types: list[str] | None = None
+    """Per layer: full_attention or sliding_attention (None: every layer full, or every layer
+    sliding for a mistral with a sliding_window)."""
+    rope_local_base_freq: float | None = None
+    """RoPE base of the sliding layers (gemma3)."""
+    query_pre_attn_scalar: int | None = None
+    """Attention scores scaled by this ** -0.5 instead of head_dim ** -0.5 (gemma3)."""
+    extra: dict = field(default_factory=dict)
+    """Keys of the source config.json that Odyssey does not model; written back unchanged."""
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -258,15 +276,94 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.hidden_act != "silu":
-            raise OdysseyError(f"hidden_act must be silu (SwiGLU), got {self.hidden_act!r}")
-        if self.attention_bias or self.mlp_bias:
-            raise OdysseyError("attention_bias and mlp_bias must be false: Llama has no biases")
+        fam = self.family
+        if self.hidden_act not in fam.activations:
+            raise OdysseyError(
+                f"{fam.act_key} must be {' or '.join(fam.activations)} for {fam.name}, got {self.hidden_act!r}"
+            )
+        if self.mlp_bias and not fam.mlp_bias:
+            raise OdysseyError(f"mlp_bias is not part of {fam.name} ({fam.architecture} has no MLP biases); drop it")
         for name in ("rms_norm_eps", "rope_theta"):
             if not getattr(self, name) > 0:
                 raise OdysseyError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.initializer_range < 0:
             raise OdysseyError(f"initializer_range must be >= 0, got {self.initializer_range}")
+        self._check_attention()
+        if not isinstance(self.extra, dict):
+            raise OdysseyError(f"extra must be a mapping of config keys, got {self.extra!r}")
+
+    def _check_attention(self) -> None:
+        fam = self.family
+        if self.rope_scaling is not None:
+            from odyssey.hfconfig import check_rope_scaling
+
+            check_rope_scaling(self.rope_scaling, "rope_scaling")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise OdysseyError(f"sliding_window must be > 0 or null, got {self.sliding_window}")
+        if fam.sliding == "layer_types" and self.layer_types is None and self.sliding_window is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers  # as the family's HF config lists them
+        if fam.sliding == "layer_types" and self.layer_types is None and self.sliding_window is not None:
+            if not fam.local_rope:
+                raise OdysseyError(f"{fam.name} with a sliding_window needs layer_types (which layers slide); add it")
+            # Gemma 3's pattern, as Gemma3TextConfig derives it: every 6th layer global
+            self.layer_types = [
+                "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
+            ]
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise OdysseyError(
+                    f"layer_types lists {len(self.layer_types)} layers, the model has {self.num_hidden_layers}"
+                )
+            bad = [t for t in self.layer_types if t not in ("full_attention", "sliding_attention")]
+            if bad:
+                raise OdysseyError(
+                    f"layer_types: unknown layer type {bad[0]!r}; use full_attention or sliding_attention"
+                )
+            if fam.sliding != "layer_types" and "sliding_attention" in self.layer_types:
+                raise OdysseyError(f"layer_types with sliding_attention is not part of {fam.name}; drop it")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise OdysseyError("layer_types has sliding_attention layers but sliding_window is null; set it")
+        if fam.sliding == "none" and self.sliding_window is not None:
+            raise OdysseyError(f"sliding_window is not part of {fam.name}; drop it or use model_type mistral")
+        if fam.local_rope and self.rope_local_base_freq is None:
+            self.rope_local_base_freq = 10000.0
+        if not fam.local_rope and self.rope_local_base_freq is not None:
+            raise OdysseyError(f"rope_local_base_freq is not part of {fam.name}; drop it")
+        if fam.attn_scale_key and self.query_pre_attn_scalar is None:
+            self.query_pre_attn_scalar = self.head_dim
+        if not fam.attn_scale_key and self.query_pre_attn_scalar is not None:
+            raise OdysseyError(f"query_pre_attn_scalar is not part of {fam.name}; drop it")
+        if self.query_pre_attn_scalar is not None and not self.query_pre_attn_scalar > 0:
+            raise OdysseyError(f"query_pre_attn_scalar must be > 0, got {self.query_pre_attn_scalar}")
+
+    # --- the family and its layers ---
+    @property
+    def family(self):
+        from odyssey.families import KNOWN_OTHERS, family_of, supported_line
+
+        fam = family_of(self.model_type)
+        if fam is None:
+            what = KNOWN_OTHERS.get(self.model_type, self.model_type)
+            raise OdysseyError(
+                f"model_type {self.model_type!r} ({what}) is not supported; Odyssey takes {supported_line()}"
+            )
+        return fam
+
+    def layer_type(self, i: int) -> str:
+        """full_attention or sliding_attention."""
+        if self.layer_types is not None:
+            return self.layer_types[i]
+        return "sliding_attention" if self.sliding_window is not None else "full_attention"
+
+    def window(self, i: int) -> int | None:
+        """The sliding window of layer i (None: full causal attention)."""
+        return self.sliding_window if self.layer_type(i) == "sliding_attention" else None
+
+    def rope_of(self, i: int) -> tuple[float, dict | None]:
+        """(RoPE base, non-default RoPE parameters or None) of layer i."""
+        if self.family.local_rope and self.layer_type(i) == "sliding_attention":
+            return self.rope_local_base_freq, None
+        return self.rope_theta, self.rope_scaling
 
     # --- derived sizes (parameters, not bytes) ---
     @property
@@ -278,19 +375,34 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     def layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
-        """HF names and shapes of decoder layer i's tensors, in store order."""
+        """HF names and shapes of decoder layer i's tensors, in store order (a Llama layer without
+        biases keeps the order of stores written before families existed)."""
+        fam = self.family
         d, f, p = self.hidden_size, self.intermediate_size, f"model.layers.{i}."
-        return {
-            p + "input_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (self.q_size, d),
-            p + "self_attn.k_proj.weight": (self.kv_size, d),
-            p + "self_attn.v_proj.weight": (self.kv_size, d),
-            p + "self_attn.o_proj.weight": (d, self.q_size),
-            p + "post_attention_layernorm.weight": (d,),
-            p + "mlp.gate_proj.weight": (f, d),
-            p + "mlp.up_proj.weight": (f, d),
-            p + "mlp.down_proj.weight": (d, f),
+        bias = fam.biases(self.attention_bias, self.mlp_bias)
+        proj = {
+            "self_attn.q_proj": (self.q_size, d),
+            "self_attn.k_proj": (self.kv_size, d),
+            "self_attn.v_proj": (self.kv_size, d),
+            "self_attn.o_proj": (d, self.q_size),
+            "mlp.gate_proj": (f, d),
+            "mlp.up_proj": (f, d),
+            "mlp.down_proj": (d, f),
         }
+        shapes = {p + "input_layernorm.weight": (d,)}
+        for name, shape in proj.items():
+            if name == "mlp.gate_proj":
+                shapes[p + "post_attention_layernorm.weight"] = (d,)
+                if fam.sandwich_norms:
+                    shapes[p + "pre_feedforward_layernorm.weight"] = (d,)
+                    shapes[p + "post_feedforward_layernorm.weight"] = (d,)
+            shapes[p + name + ".weight"] = shape
+            if bias[name.split(".")[1]]:
+                shapes[p + name + ".bias"] = (shape[0],)
+            if name == "self_attn.v_proj" and fam.qk_norm:
+                shapes[p + "self_attn.q_norm.weight"] = (self.head_dim,)
+                shapes[p + "self_attn.k_norm.weight"] = (self.head_dim,)
+        return shapes
 
     def embed_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"model.embed_tokens.weight": (self.vocab_size, self.hidden_size)}
@@ -313,46 +425,57 @@ class ModelConfig:
 
     # --- HF config.json ---
     def to_hf_dict(self, dtype: str = "bfloat16") -> dict:
-        d = to_dict(self)
+        """The family's HF config.json: the source's own keys (`extra`) and Odyssey's, in the form
+        transformers v5 writes (rope_parameters), which v5 loads with the family's class."""
+        fam = self.family
+        d = dict(self.extra)
+        core = to_dict(self)
+        for k in ("extra", "rope_scaling", "rope_local_base_freq", "hidden_act", "model_type"):
+            core.pop(k)
+        if fam.name != "llama":
+            core.pop("mlp_bias")
+        if fam.qkv_bias != "config":
+            core.pop("attention_bias")
+        if fam.sliding == "none":
+            core.pop("sliding_window")
+        if fam.sliding != "layer_types":
+            core.pop("layer_types")
+        elif core["layer_types"] is None:
+            core["layer_types"] = [self.layer_type(i) for i in range(self.num_hidden_layers)]
+        if not fam.attn_scale_key:
+            core.pop("query_pre_attn_scalar")
+        d.update(core)
+        d[fam.act_key] = self.hidden_act
+        glob = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        if fam.local_rope:
+            local = {"rope_type": "default", "rope_theta": self.rope_local_base_freq}
+            d["rope_parameters"] = {"full_attention": glob, "sliding_attention": local}
+        else:
+            d["rope_parameters"] = glob
         d.update(
             {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
+                "architectures": [fam.architecture],
+                "model_type": fam.model_type,
                 "attention_dropout": 0.0,
-                "pretraining_tp": 1,
                 "use_cache": True,
-                "rope_scaling": None,
                 "torch_dtype": dtype,
                 "dtype": dtype,
             }
         )
+        if fam.name == "qwen2" or fam.name == "qwen3":
+            d["use_sliding_window"] = self.sliding_window is not None
         return d
 
     @classmethod
     def from_hf_dict(cls, hf: dict, source: str = "config.json") -> ModelConfig:
-        """Read an HF Llama config.json (transformers v4 or v5)."""
+        """Read a family's HF config.json (transformers v4 or v5); refuse, naming the key, any value
+        that changes the math and is not implemented (see odyssey.hfconfig)."""
+        from odyssey.hfconfig import from_hf
+
         if not isinstance(hf, dict):
             raise OdysseyError(f"{source} must hold a JSON object of config keys")
-        data = dict(hf)
-        rope = data.get("rope_parameters") or {}
-        if "rope_theta" not in data and isinstance(rope, dict) and "rope_theta" in rope:
-            data["rope_theta"] = rope["rope_theta"]
-        rope_type = (rope.get("rope_type") if isinstance(rope, dict) else None) or "default"
-        scaling = data.get("rope_scaling")
-        if rope_type not in ("default", None) or (
-            scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")
-        ):
-            raise OdysseyError(
-                f"{source}: RoPE scaling {rope_type or scaling} is not supported; "
-                "use a Llama checkpoint with default RoPE"
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        kept = {k: v for k, v in data.items() if k in known}
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if isinstance(kept.get(k), list):  # Llama 3 lists several eos ids
-                kept[k] = kept[k][0] if kept[k] else None
         try:
-            return from_dict(cls, kept)
+            return from_dict(cls, from_hf(hf, {f.name for f in dataclasses.fields(cls)}))
         except OdysseyError as e:
             raise OdysseyError(f"{source}: {e}") from None
 

@@ -11,10 +11,12 @@ class torch.save's pickle names, and the GGML type where GGUF has one. A store h
 Shared constants: `PAGE_SIZE` (the alignment of store data and pager buffers), `VOCAB_CHUNK` (head
 rows per chunk in the engine and the planner), `MIB`; and `numel(shape)`.
 
-The compute dtype: `--compute-dtype auto` (the default) picks bf16 where the CPU multiplies bf16
-natively and fp32 elsewhere. The environment variable `ODYSSEY_COMPUTE_DTYPE` (bf16 or fp32)
+The compute dtype: `--compute-dtype auto` (the default) never computes below the store's precision:
+an f32 (or f16) store computes in fp32; a bf16 store computes in bf16 where the CPU multiplies bf16
+natively, in fp32 elsewhere. The environment variable `ODYSSEY_COMPUTE_DTYPE` (bf16 or fp32)
 overrides what `auto` picks, on every command and in every test: the suite can be run both ways on
-one machine. An explicit `--compute-dtype bf16|fp32` always wins.
+one machine. An explicit `--compute-dtype bf16|fp32` always wins. `compute_dtype_source` names the
+rule that decided, `compute_dtype_line` says it in words for doctor, plan, generate and train.
 """
 
 from __future__ import annotations
@@ -81,31 +83,64 @@ def check_store_dtype(name: str) -> None:
         raise OdysseyError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {name!r}")
 
 
-def compute_dtype_name(name: str = "auto") -> str:
-    """ "bf16" or "fp32": what `--compute-dtype NAME` computes in on this machine."""
+def _forced() -> str | None:
+    forced = os.environ.get(COMPUTE_ENV, "").strip().lower()
+    if forced and forced not in ("bf16", "fp32"):
+        raise OdysseyError(f"{COMPUTE_ENV} must be bf16 or fp32, got {forced!r}; unset it to let `auto` decide")
+    return forced or None
+
+
+def compute_dtype_name(name: str = "auto", store_dtype: str | None = None) -> str:
+    """ "bf16" or "fp32": what `--compute-dtype NAME` computes a store of `store_dtype` ("bf16",
+    "f16", "f32"; None: not known, as for `odyssey doctor`) in on this machine."""
     if name in ("fp32", "f32"):
         return "fp32"
     if name == "bf16":
         return "bf16"
     if name != "auto":
         raise OdysseyError(f"--compute-dtype must be auto, bf16 or fp32, got {name!r}")
-    forced = os.environ.get(COMPUTE_ENV, "").strip().lower()
+    forced = _forced()
     if forced:
-        if forced not in ("bf16", "fp32"):
-            raise OdysseyError(f"{COMPUTE_ENV} must be bf16 or fp32, got {forced!r}; unset it to let `auto` decide")
         return forced
+    if store_dtype in ("f32", "f16"):  # bf16 holds fewer bits than either: never below the store
+        return "fp32"
     from odyssey.runtime.cpu import native_bf16
 
     return "bf16" if native_bf16() else "fp32"
 
 
-def compute_dtype_info(name: str = "auto") -> DtypeInfo:
-    """The table row of what `--compute-dtype NAME` computes in (its itemsize, its torch dtype)."""
-    return DTYPES["bf16" if compute_dtype_name(name) == "bf16" else "f32"]
+def compute_dtype_info(name: str = "auto", store_dtype: str | None = None) -> DtypeInfo:
+    """The table row of what `--compute-dtype NAME` computes a `store_dtype` store in (its itemsize,
+    its torch dtype)."""
+    return DTYPES["bf16" if compute_dtype_name(name, store_dtype) == "bf16" else "f32"]
 
 
-def compute_dtype_source(name: str = "auto") -> str:
-    """Why `compute_dtype_name(name)` answers what it does: "option", "environment" or "cpu"."""
+def compute_dtype_source(name: str = "auto", store_dtype: str | None = None) -> str:
+    """Why `compute_dtype_name(name, store_dtype)` answers what it does: "option" (--compute-dtype
+    or the config's compute_dtype), "environment" (ODYSSEY_COMPUTE_DTYPE), "store" (an f32 or f16
+    store computes in fp32) or "cpu" (bf16 store: native bf16 or not)."""
     if name != "auto":
         return "option"
-    return "environment" if os.environ.get(COMPUTE_ENV, "").strip() else "cpu"
+    if _forced():
+        return "environment"
+    return "store" if store_dtype in ("f32", "f16") else "cpu"
+
+
+def compute_dtype_line(name: str = "auto", store_dtype: str | None = None) -> str:
+    """One line naming the compute dtype and the rule that picked it, e.g.
+    "compute dtype: fp32 (auto: the store is f32, never computed below its precision)"."""
+    picked = compute_dtype_name(name, store_dtype)
+    source = compute_dtype_source(name, store_dtype)
+    if source == "option":
+        why = f"--compute-dtype {name}"
+    elif source == "environment":
+        why = f"{COMPUTE_ENV}={picked} overrides auto"
+    elif source == "store":
+        why = f"auto: the store is {store_dtype}, never computed below its precision"
+    else:
+        from odyssey.runtime.cpu import native_bf16
+
+        cpu = "this CPU multiplies bf16 natively" if native_bf16() else "this CPU has no native bf16"
+        store = f"a {store_dtype} store" if store_dtype else "for bf16 stores (f32 and f16 stores: fp32)"
+        why = f"auto: {store}, {cpu}" if store_dtype else f"auto {store}: {cpu}"
+    return f"compute dtype: {picked} ({why})"

@@ -1,6 +1,6 @@
 """Out-of-core forward and backward over the pager (layer-major, recompute in backward).
 
-The model is a `LlamaForCausalLM` skeleton on the `meta` device (optionally with PEFT LoRA
+The model is a `CausalLM` skeleton (any family of `odyssey.families`) on the `meta` device (optionally with PEFT LoRA
 adapters, whose weights are real and stay resident). For each unit the pager hands over, the
 frozen base weights are bound to the skeleton as `nn.Parameter(view, requires_grad=False)` —
 converted to the compute dtype when that differs from the store dtype — used, and unbound.
@@ -34,14 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from odyssey.dtypes import ST_CODES, VOCAB_CHUNK, compute_dtype_info
-from odyssey.model import KVCache, LlamaForCausalLM, rope_cos_sin
+from odyssey.model import CausalLM, KVCache, embed_scale, rope_tables
 from odyssey.pager import Pager, Resident, ResidentPager
 from odyssey.store import Block, Store
 
 
-def resolve_compute_dtype(name: str) -> torch.dtype:
-    """The torch dtype `--compute-dtype NAME` computes in here (see odyssey.dtypes)."""
-    return compute_dtype_info(name).torch()
+def resolve_compute_dtype(name: str, store_dtype: str | None = None) -> torch.dtype:
+    """The torch dtype `--compute-dtype NAME` computes a `store_dtype` store in here (see odyssey.dtypes)."""
+    return compute_dtype_info(name, store_dtype).torch()
 
 
 @dataclass
@@ -115,15 +115,15 @@ class Engine:
     ):
         self.store = store
         self.cfg = store.config
-        self.dtype = resolve_compute_dtype(compute_dtype)
+        self.dtype = resolve_compute_dtype(compute_dtype, store.dtype)
         if model is None:
             with torch.device("meta"):
-                model = LlamaForCausalLM(self.cfg)
+                model = CausalLM(self.cfg)
         self.model = model  # a meta skeleton, possibly wrapped by PEFT (see adapters.py)
         self.pager = ResidentPager(store) if resident else Pager(store, slots=slots, direct=direct)
         self._bound: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
         core = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
-        self._core = core.model  # LlamaModel inside the (PEFT-wrapped) skeleton: layers, norm
+        self._core = core.model  # DecoderModel inside the (PEFT-wrapped) skeleton: layers, norm
         self._modules = dict(self._find_base_modules())
         self._embed = self._open_embedding()
 
@@ -189,15 +189,18 @@ class Engine:
         self.store.check_rows("embed", np.unique(idx))  # no-op for blocks already checked
         rows = np.ascontiguousarray(mm[idx])
         t = torch.from_numpy(rows).view(ST_CODES[st].torch())  # bf16 rows are read as uint16
+        scale = embed_scale(self.cfg, t.dtype)
+        if scale is not None:  # Gemma: scaled in the weights' dtype, as HF does
+            t = t * scale
         return t.to(self.dtype).view(*ids.shape, self.cfg.hidden_size)
 
     # --- layers ---
     def layer(self, i: int) -> nn.Module:
         return self._core.layers[i]
 
-    def rope(self, start: int, T: int):
-        pos = torch.arange(start, start + T)
-        return rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+    def rope(self, start: int, T: int) -> dict:
+        """cos/sin per layer type for positions start..start+T-1 (see model.rope_tables)."""
+        return rope_tables(self.cfg, torch.arange(start, start + T), self.dtype)
 
     def head_units(self) -> list:
         """The pager units of the head pass, in order; the first holds model.norm.weight. Untied:
@@ -259,10 +262,10 @@ class Engine:
         (layers, then the head units), so the reads run ahead of the computation."""
         past = cache.length() if cache is not None else 0
         x = self.embed(ids)
-        cos, sin = self.rope(past, ids.shape[1])
+        rope = self.rope(past, ids.shape[1])
         for i in range(self.cfg.num_hidden_layers):
             with self.resident(i):
-                x = self.layer(i)(x, cos, sin, cache)
+                x = self.layer(i)(x, rope, cache)
         return x
 
     @torch.no_grad()
@@ -318,13 +321,13 @@ class Engine:
         self.pager.prefetch(self.layer_schedule(backward=True))
         dropout = self._has_dropout()
         x = self.embed(ids)
-        cos, sin = self.rope(0, ids.shape[1])
+        rope = self.rope(0, ids.shape[1])
         saved = []  # (layer input (B, T, d) compute dtype, RNG state when dropout draws masks)
         with torch.no_grad():
             for i in range(L):
                 saved.append((x, torch.get_rng_state() if dropout else None))
                 with self.resident(i):
-                    x = self.layer(i)(x, cos, sin)
+                    x = self.layer(i)(x, rope)
                 between()
         with self.head() as (norm, rows):
             loss, g = self.loss_and_grad_x(x, targets, norm, rows, grad_scale)
@@ -337,9 +340,9 @@ class Engine:
                 if rng is not None:
                     with torch.random.fork_rng():
                         torch.set_rng_state(rng)  # the same dropout masks as in forward
-                        out = self.layer(i)(xi, cos, sin)
+                        out = self.layer(i)(xi, rope)
                 else:
-                    out = self.layer(i)(xi, cos, sin)
+                    out = self.layer(i)(xi, rope)
                 torch.autograd.backward(out, g)
             g = xi.grad
             del out, xi

@@ -2,11 +2,16 @@
 
 With a KV cache each new token costs one pass over the weights: (B, 1) through L layers, whose
 keys and values are appended to the cache (L x 2 x (B, Hkv, S, hd)).
+
+The prompt is tokenized as transformers tokenizes it with the model's own tokenizer (a BOS only
+where that tokenizer adds one), generation stops at the ids `stop_ids` names (the tokenizer's EOS,
+and those of generation_config.json), and the text is decoded as transformers decodes it: greedy
+text equals `transformers` greedy `generate` on the same model and prompt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -33,11 +38,13 @@ def generate_ids(
     temperature: float = 0.0,
     top_k: int = 0,
     seed: int = 0,
-    eos_id: int | None = None,
+    eos_ids: Iterable[int] = (),
     vocab_limit: int | None = None,
 ) -> Iterator[int]:
-    """Yields new token ids one at a time. `vocab_limit`: only ids below it are sampled (a
-    tokenizer smaller than the model's vocabulary cannot decode the rows beyond it)."""
+    """Yields new token ids one at a time; the last is one of `eos_ids` when generation stopped
+    there. `vocab_limit`: only ids below it are sampled (a tokenizer smaller than the model's
+    vocabulary cannot decode the rows beyond it)."""
+    stop = set(eos_ids)
     if not prompt_ids:
         raise OdysseyError("the prompt is empty; pass --prompt TEXT or --prompt-ids 1,2,3")
     vocab = engine.cfg.vocab_size
@@ -53,23 +60,65 @@ def generate_ids(
             logits = logits[:vocab_limit]
         nxt = sample_next(logits, temperature, top_k, gen)
         yield nxt
-        if eos_id is not None and nxt == eos_id:
+        if nxt in stop:
             return
         ids = torch.tensor([[nxt]])
 
 
-def stream_text(tokenizer, new_ids: Iterator[int], write: Callable[[str], None]) -> list[int]:
-    """Decode incrementally and write only the new text (multi-byte characters wait until whole)."""
+def stop_ids(store, tok) -> list[int]:
+    """The ids generation stops at, as transformers' `generate` would on this store: those of its
+    generation_config.json (or config.json's eos_token_id without one), with the tokenizer's EOS."""
+    from odyssey.tokenizer import generation_eos_ids
+
+    ids = list(tok.stop_ids()) if tok is not None else []
+    listed = generation_eos_ids(store.root)
+    if listed is None:
+        listed = [store.config.eos_token_id] if store.config.eos_token_id is not None else []
+    return ids + [i for i in listed if i not in ids]
+
+
+def stream_text(
+    tokenizer, new_ids: Iterator[int], write: Callable[[str], None], prompt_ids: list[int] = ()
+) -> list[int]:
+    """Write the text of `new_ids` as they come; return them. The text is what the tokenizer
+    decodes for prompt + new ids beyond what it decodes for the prompt alone (so a SentencePiece
+    tokenizer keeps the space before the first new word), written only once whole: an incomplete
+    UTF-8 sequence at the end (Hangul is 3 bytes) waits for its next token, and so does a run of
+    byte-fallback tokens (`<0xNN>`, SentencePiece-style), which decodes as a whole: bytes that are
+    valid alone may turn into replacement characters once the run goes on. Without a tokenizer the
+    ids themselves are written."""
+    prompt_ids = list(prompt_ids)
+    byte_ids = _byte_token_ids(tokenizer)
+    prefix = tokenizer.decode(prompt_ids) if tokenizer is not None else ""
     out: list[int] = []
     shown = ""
+
+    def text_so_far() -> str:
+        full = tokenizer.decode(prompt_ids + out)
+        return full[len(prefix) :] if full.startswith(prefix) else tokenizer.decode(out)
+
     for tok in new_ids:
         out.append(tok)
         if tokenizer is None:
             write(f"{tok} ")
             continue
-        text = tokenizer.decode(out)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence (Hangul is 3 bytes): wait
+        if tok in byte_ids:  # the run of byte tokens may continue: its text is not final yet
+            continue
+        text = text_so_far()
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
             continue
         write(text[len(shown) :])
         shown = text
+    if tokenizer is not None and out:
+        text = text_so_far()  # what is left, incomplete sequence included (as decode would show it)
+        if len(text) > len(shown):
+            write(text[len(shown) :])
     return out
+
+
+def _byte_token_ids(tokenizer) -> set[int]:
+    """Ids of the byte-fallback tokens (`<0x00>`..`<0xFF>`) of a SentencePiece-style tokenizer."""
+    hf = getattr(tokenizer, "hf", tokenizer)  # a ModelTokenizer wraps transformers' tokenizer
+    if hf is None or not hasattr(hf, "get_vocab"):
+        return set()
+    return {i for t, i in hf.get_vocab().items() if len(t) == 6 and t.startswith("<0x") and t.endswith(">")}

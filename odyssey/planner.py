@@ -321,7 +321,7 @@ def plan_for_store(
     if compute_dtype is not None and not isinstance(compute_dtype, str):  # a torch.dtype
         compute_itemsize = compute_dtype.itemsize
     else:
-        compute_itemsize = compute_dtype_info(compute_dtype or "auto").itemsize
+        compute_itemsize = compute_dtype_info(compute_dtype or "auto", store.dtype).itemsize
     store_itemsize = DTYPES[store.dtype].itemsize
     layer_params = sum(numel(s.shape) for s in store.shards[0].tensors.values())
     return plan(

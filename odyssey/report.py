@@ -42,6 +42,8 @@ class Started:
     world_size: int
     budget_bytes: int
     plan_bytes: int
+    compute: str = ""
+    """The compute dtype and the rule that picked it (`odyssey.dtypes.compute_dtype_line`)."""
 
 
 @dataclass(frozen=True)
@@ -197,8 +199,11 @@ class TrainReport:
             message=(
                 f"{begun}: {e.parameters / 1e9:.3f} B parameters, {what}, {e.steps} steps{on}, "
                 f"RAM budget {format_bytes(e.budget_bytes)}, plan {format_bytes(e.plan_bytes)}"
+                + (f"; {e.compute}" if e.compute else "")
             ),
         )
+        if e.compute:
+            self._note(e.compute)
 
     @__call__.register
     def _no_checkpoint_yet(self, e: NoCheckpointYet) -> None:

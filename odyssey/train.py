@@ -37,6 +37,7 @@ from odyssey import atomic
 from odyssey.channel import ControlChannel
 from odyssey.checkpoints import Checkpoints, StepState
 from odyssey.config import TrainConfig, dump_yaml, to_dict
+from odyssey.dtypes import compute_dtype_line
 from odyssey.errors import OdysseyError, StopRequested
 from odyssey.learners import Learner, make_learner
 from odyssey.report import (
@@ -409,6 +410,7 @@ def train(
             world_size=ranks.world,
             budget_bytes=budget,
             plan_bytes=plan.total,
+            compute=compute_dtype_line(cfg.compute_dtype, store.dtype),
         )
     )
     if monitor and main:

@@ -62,6 +62,18 @@ def train_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def model_tokenizers(tmp_path_factory) -> dict[str, Path]:
+    """{style: directory} of tiny tokenizers in the styles of real checkpoints (Llama 3, Qwen,
+    TinyLlama's SentencePiece): see tests/helpers_tokenizers.py. Read-only: copy before changing."""
+    from tests.helpers_tokenizers import STYLES, make_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    for style in STYLES:
+        make_tokenizer(root / style, style)
+    return {style: root / style for style in STYLES}
+
+
 def load_tool(name: str):
     """Import tools/NAME.py (tools/ is not a package) as a module."""
     import importlib.util

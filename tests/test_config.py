@@ -102,7 +102,15 @@ def test_hf_v4_and_v5_rope_keys():
     v4 = ModelConfig.from_hf_dict(dict(base, rope_theta=500000.0))
     v5 = ModelConfig.from_hf_dict(dict(base, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"}))
     assert v4.rope_theta == v5.rope_theta == 500000.0
-    with pytest.raises(OdysseyError, match="RoPE scaling"):
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    llama3["original_max_position_embeddings"] = 8192
+    v4s = ModelConfig.from_hf_dict(dict(base, rope_theta=500000.0, rope_scaling=llama3))
+    v5s = ModelConfig.from_hf_dict(dict(base, rope_parameters={"rope_theta": 500000.0, **llama3}))
+    assert v4s == v5s and v4s.rope_scaling == llama3 and v4s.rope_theta == 500000.0
+    # a RoPE that is not implemented, or one missing a parameter, is refused naming it
+    with pytest.raises(OdysseyError, match="RoPE type 'yarn' is not supported"):
+        ModelConfig.from_hf_dict(dict(base, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(OdysseyError, match="RoPE type llama3 needs high_freq_factor"):
         ModelConfig.from_hf_dict(dict(base, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
 
 

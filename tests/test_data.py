@@ -165,9 +165,10 @@ def test_prepare_data_outputs_and_manifest(corpus, prepared):
         ["manifest.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
     )
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format"] == "odyssey-tokens" and m["format_version"] == 1
+    assert m["format"] == "odyssey-tokens" and m["format_version"] == 2
     assert m["dtype"] == "uint16" and m["vocab_size"] == summary["vocab_size"] <= 400
-    assert (m["unk_id"], m["bos_id"], m["eos_id"]) == (0, 1, 2)
+    assert (m["unk_id"], m["bos_id"], m["eos_id"], m["adds_bos"]) == (0, 1, 2, True)
+    assert m["document_layout"].startswith("<s> tokens </s>")
     docs = list(read_documents([corpus]))
     assert m["documents"] == len(docs) == 60 + 60 + 15
     assert m["splits"]["val"]["documents"] == round(len(docs) * 0.05) >= 1
@@ -217,6 +218,7 @@ def test_token_dtype_choice_and_uint32_files(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>", "unk_token": "<unk>"}')
     (tmp_path / "c.txt").write_text("say hello\n\nhello hello\n\n안녕 hello\n")
     summary = prepare_data([tmp_path / "c.txt"], tmp_path / "out", tokenizer_dir=tmp_path, progress=False)
     assert summary["dtype"] == "uint32" and summary["vocab_size"] > 65535
@@ -315,17 +317,125 @@ def test_model_store_gets_the_tokenizer_and_keeps_it(corpus, tmp_path):
         return json.loads((d / "manifest.json").read_text())["tokenizer_sha256"]
 
     assert sha(tmp_path / "d2") == sha(tmp_path / "d1")
-    # asking for a new tokenizer would change the store's: refused unless forced
+    # asking for a new tokenizer would change the store's: refused, --force (about --out) or not
     before = snapshot(store)
-    with pytest.raises(OdysseyError, match="already has a different tokenizer.json; drop --vocab-size/--tokenizer"):
-        prepare_data([letters], tmp_path / "d3", vocab_size=300, model_store=store, progress=False)
+    for force in (False, True):
+        with pytest.raises(OdysseyError, match="already has a tokenizer, and its data must use it: drop --vocab-size"):
+            prepare_data([letters], tmp_path / "d3", vocab_size=300, model_store=store, force=force, progress=False)
+        assert snapshot(store) == before and not (tmp_path / "d3").exists()
+    # ... and a different existing one too (here: the data directory of another corpus)
+    prepare_data([letters], tmp_path / "other", vocab_size=300, progress=False)
+    with pytest.raises(OdysseyError, match="already has a different tokenizer.*pass --replace-tokenizer"):
+        prepare_data([letters], tmp_path / "d3", tokenizer_dir=tmp_path / "other", model_store=store, progress=False)
     assert snapshot(store) == before and not (tmp_path / "d3").exists()
-    prepare_data([letters], tmp_path / "d3", vocab_size=300, model_store=store, force=True, progress=False)
+    # replacing asks for the flag, and then still for a vocabulary that fits the model
+    with pytest.raises(OdysseyError, match="tokenizer vocabulary 400 is larger than the model's 350"):
+        prepare_data(
+            [letters], tmp_path / "d3", vocab_size=400, model_store=store, replace_tokenizer=True, progress=False
+        )
+    assert snapshot(store) == before and not (tmp_path / "d3").exists()
+    prepare_data([letters], tmp_path / "d3", vocab_size=300, model_store=store, replace_tokenizer=True, progress=False)
     assert (
         sha(tmp_path / "d3")
         == hashlib.sha256((store / "tokenizer.json").read_bytes()).hexdigest()
         != sha(tmp_path / "d1")
     )
+    # the flag alone means nothing
+    with pytest.raises(OdysseyError, match="--replace-tokenizer needs the new tokenizer"):
+        prepare_data([letters], tmp_path / "d4", model_store=store, replace_tokenizer=True, progress=False)
+    with pytest.raises(OdysseyError, match="name it with --model STORE"):
+        prepare_data([letters], tmp_path / "d4", vocab_size=300, replace_tokenizer=True, progress=False)
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen", "sentencepiece"])
+def test_prepare_data_tokenizes_as_transformers(model_tokenizers, corpus, tmp_path, style):
+    """Each document is AutoTokenizer(dir)(text)["input_ids"] (a BOS only where the tokenizer adds
+    one), then the tokenizer's EOS; every tokenizer file comes along byte for byte."""
+    from transformers import AutoTokenizer
+
+    from odyssey.data.prepare import _split
+
+    src = model_tokenizers[style]
+    out = tmp_path / "out"
+    summary = prepare_data([corpus], out, tokenizer_dir=src, progress=False)
+    ref = AutoTokenizer.from_pretrained(src)
+    docs = list(read_documents([corpus]))
+    is_val = _split(len(docs), 0.05, 0)
+    want = {"train": [], "val": []}
+    for doc, val in zip(docs, is_val, strict=True):
+        want["val" if val else "train"] += ref(doc)["input_ids"] + [ref.eos_token_id]
+    for split in ("train", "val"):
+        assert TokenData(out).tokens(split).tolist() == want[split], split
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["bos_id"], m["eos_id"], m["vocab_size"]) == (ref.bos_token_id, ref.eos_token_id, len(ref))
+    assert m["adds_bos"] == (style != "qwen") and summary["vocab_size"] == len(ref)
+    for p in src.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    # a second run with another tokenizer leaves none of the first one's files behind
+    prepare_data([corpus], out, vocab_size=300, progress=False)
+    assert not (out / "chat_template.jinja").exists() and not (out / "generation_config.json").exists()
+
+
+def _bare_store(tmp_path: Path, vocab: int, name: str = "store") -> Path:
+    store = tmp_path / name
+    store.mkdir()
+    (store / "config.json").write_text(json.dumps({"vocab_size": vocab}))
+    (store / "layer-000.bin").write_bytes(b"\0" * 64)  # stands in for weights
+    return store
+
+
+def test_model_store_takes_a_model_tokenizer_and_replaces_it_only_when_asked(model_tokenizers, corpus, tmp_path):
+    from tests.conftest import assert_user_error, run_cli
+
+    store = _bare_store(tmp_path, 500)
+    prep = ["prepare-data", corpus, "--quiet", "--model", store]
+    # a store without a tokenizer given as --tokenizer: one line, nothing written
+    p = run_cli(*prep, "--out", tmp_path / "d0", "--tokenizer", store)
+    assert_user_error(p, f"model store {store} has no tokenizer", "checkpoint folder")
+    assert not (tmp_path / "d0").exists() and sorted(x.name for x in store.iterdir()) == [
+        "config.json",
+        "layer-000.bin",
+    ]
+    # the store gets the SentencePiece-style tokenizer's files as they are, and later data uses them
+    p = run_cli(*prep, "--out", tmp_path / "d1", "--tokenizer", model_tokenizers["sentencepiece"])
+    assert p.returncode == 0, p.stderr
+    for f in model_tokenizers["sentencepiece"].iterdir():
+        assert (store / f.name).read_bytes() == f.read_bytes()
+    p = run_cli(*prep, "--out", tmp_path / "d2")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "d2" / "train.bin").read_bytes() == (tmp_path / "d1" / "train.bin").read_bytes()
+    # another tokenizer is refused (--force is about --out, not the store), then replaces it when asked
+    before = snapshot(store)
+    for extra in ([], ["--force"]):
+        p = run_cli(*prep, "--out", tmp_path / "d3", "--tokenizer", model_tokenizers["llama3"], *extra)
+        assert_user_error(p, "already has a different tokenizer", "--replace-tokenizer")
+        p = run_cli(*prep, "--out", tmp_path / "d3", "--vocab-size", "300", *extra)
+        assert_user_error(p, "already has a tokenizer", "--replace-tokenizer")
+        assert snapshot(store) == before and not (tmp_path / "d3").exists()
+    p = run_cli(*prep, "--out", tmp_path / "d3", "--tokenizer", model_tokenizers["llama3"], "--replace-tokenizer")
+    assert p.returncode == 0, p.stderr
+    assert "replaced the tokenizer" in p.stdout
+    assert snapshot(store) == {
+        **snapshot(model_tokenizers["llama3"]),
+        **{k: before[k] for k in ("config.json", "layer-000.bin")},
+    }
+    # a tokenizer larger than the model: one line, nothing written (the store keeps its own)
+    small = _bare_store(tmp_path, 450, "small")
+    p = run_cli(*prep[:-1], small, "--out", tmp_path / "d4", "--tokenizer", model_tokenizers["sentencepiece"])
+    assert_user_error(
+        p, "tokenizer vocabulary 487 is larger than the model's 450", "the tokenizer the model was made for"
+    )
+    assert not (tmp_path / "d4").exists() and not (small / "tokenizer.json").exists()
+
+
+def test_a_tokenizer_without_eos_is_refused(model_tokenizers, corpus, tmp_path):
+    src = tmp_path / "noeos"
+    src.mkdir()
+    (src / "tokenizer.json").write_bytes((model_tokenizers["qwen"] / "tokenizer.json").read_bytes())
+    (src / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    with pytest.raises(OdysseyError, match="has no EOS token, which separates documents; set eos_token"):
+        prepare_data([corpus], tmp_path / "out", tokenizer_dir=src, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -254,6 +254,42 @@ def test_failed_force_keeps_old_safetensors(tmp_path, tiny_store, monkeypatch):
     assert {p.name: p.read_bytes() for p in (out / "safetensors").iterdir()} == before
 
 
+@pytest.mark.parametrize("style", ["llama3", "qwen", "sentencepiece"])
+def test_tokenizer_files_travel_byte_for_byte(tmp_path, style):
+    """import, merge and the safetensors export carry every tokenizer file of the source as it is:
+    the chat template (chat_template.jinja for Llama 3, inside tokenizer_config.json for Qwen)
+    reaches the export, where AutoTokenizer finds the source's."""
+    from transformers import AutoTokenizer
+
+    from odyssey.merge import merge
+    from odyssey.store import import_hf
+    from odyssey.tokenizer import TOKENIZER_FILES
+    from tests.helpers_tokenizers import make_checkpoint
+
+    src = tmp_path / "hf"
+    make_checkpoint(src, style)
+    files = {p.name: p.read_bytes() for p in src.iterdir() if p.name in TOKENIZER_FILES}
+    assert "tokenizer_config.json" in files and ("chat_template.jinja" in files) == (style == "llama3")
+    import_hf(src, tmp_path / "store", progress=False)
+    adapter = make_adapter(tmp_path / "store", tmp_path / "adapter")
+    merge(tmp_path / "store", adapter, tmp_path / "merged", progress=False)
+    export_model(tmp_path / "merged", tmp_path / "out", "safetensors", progress=False)
+    export_model(tmp_path / "store", tmp_path / "out2", "safetensors", adapter=adapter, progress=False)
+    copies = [
+        tmp_path / "store",
+        tmp_path / "merged",
+        tmp_path / "out" / "safetensors",
+        tmp_path / "out2" / "safetensors",
+    ]
+    for d in copies:
+        assert {n: (d / n).read_bytes() for n in files} == files, d
+        assert not [n for n in TOKENIZER_FILES if n not in files and (d / n).exists()], d
+    want = AutoTokenizer.from_pretrained(src).chat_template
+    assert (want is not None) == (style != "sentencepiece")
+    for d in copies[2:]:
+        assert AutoTokenizer.from_pretrained(d).chat_template == want
+
+
 # --------------------------------------------------------------------------------------------
 # all three formats through the driver (the GGUF writer itself is tested in test_gguf.py)
 

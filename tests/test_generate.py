@@ -1,14 +1,18 @@
-"""Generation: greedy output equals transformers' greedy generation on the same imported model."""
+"""Generation: greedy output equals transformers' greedy generation on the same imported model, as
+text through `odyssey generate` for each tokenizer style (the prompt tokenized as transformers does,
+a BOS only where the tokenizer adds one, stopping at the EOS ids generation_config.json lists)."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from odyssey.engine import Engine
-from odyssey.generate import generate_ids
+from odyssey.generate import generate_ids, stream_text
 from odyssey.store import Store
 from tests.conftest import assert_user_error, run_cli, tiny_config
+from tests.helpers_tokenizers import make_checkpoint
 
 
 def make_tokenizer(d, vocab=256):
@@ -88,6 +92,7 @@ def test_generate_cli_streams_text(imported):
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("옛날 옛적에")
     assert "tokens in" in p.stderr and "memory plan" in p.stderr
+    assert "compute dtype: " in p.stderr
 
 
 def test_prompt_ids_without_tokenizer_and_clear_error(tiny_store):
@@ -124,3 +129,109 @@ def test_sampling_stays_inside_the_tokenizer_vocabulary(tiny_store):
         ids = list(generate_ids(eng, [1, 2, 3], 40, temperature=1.5, seed=3, vocab_limit=17))
         free = list(generate_ids(eng, [1, 2, 3], 40, temperature=1.5, seed=3))
     assert max(ids) < 17 and max(free) >= 17
+
+
+# --------------------------------------------------------------------------------------------
+# the model's own tokenizer: text equals transformers' greedy text
+
+PROMPT = "once upon a time"
+# (family, tokenizer style): a family added in odyssey/families is one more entry here
+CASES = [
+    ("llama", "llama3"),
+    ("llama", "qwen"),
+    ("llama", "sentencepiece"),
+    ("mistral", "sentencepiece"),
+    ("qwen2", "qwen"),
+    ("qwen3", "qwen"),
+    ("gemma3", "sentencepiece"),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}" for f, s in CASES])
+def checkpoint(request, tmp_path_factory):
+    """(source checkpoint dir, store dir, the transformers model loaded from the source, its tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    family, style = request.param
+    d = tmp_path_factory.mktemp(f"{family}-{style}")
+    make_checkpoint(d / "hf", style, family=family)
+    p = run_cli("import", d / "hf", "--out", d / "store", "--quiet")
+    assert p.returncode == 0, p.stderr
+    hf = AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32).eval()
+    return d / "hf", d / "store", hf, AutoTokenizer.from_pretrained(d / "hf")
+
+
+def hf_greedy(hf, tok, prompt: str, n: int, **kw) -> tuple[list[int], str]:
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = hf.generate(ids, max_new_tokens=n, do_sample=False, **kw)[0]
+    return out[ids.shape[1] :].tolist(), tok.decode(out, skip_special_tokens=True)
+
+
+def odyssey_generate(store, prompt: str, n: int, *extra) -> str:
+    p = run_cli(
+        "generate", "--model", store, "--prompt", prompt, "--max-new-tokens", n, "--temperature", "0",
+        "--compute-dtype", "fp32", "--quiet", *extra,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.endswith("\n")
+    return p.stdout[:-1]
+
+
+def test_generate_text_equals_transformers(checkpoint):
+    """`odyssey generate --temperature 0` prints the text transformers' greedy generate decodes."""
+    src, store, hf, tok = checkpoint
+    new, text = hf_greedy(hf, tok, PROMPT, 12)
+    assert len(new) == 12  # no EOS came early: twelve tokens compared
+    ours = odyssey_generate(store, PROMPT, 12)
+    assert PROMPT + ours == text, (PROMPT + ours, text)
+    # the prompt ids themselves: what AutoTokenizer gives (BOS only where the tokenizer adds one)
+    from odyssey.tokenizer import load_model_tokenizer
+
+    assert load_model_tokenizer(store).encode(PROMPT) == tok(PROMPT)["input_ids"]
+
+
+def test_generate_stops_at_every_eos_of_generation_config(checkpoint, tmp_path):
+    """generation_config.json may list several EOS ids (Llama 3 lists three): generation stops at
+    the first of any, as transformers' does. Here a token greedy decoding reaches at step k is made
+    an extra EOS."""
+    src, store, hf, tok = checkpoint
+    new, _ = hf_greedy(hf, tok, PROMPT, 12)
+    k = next((i for i in range(1, 12) if new[i] not in new[:i]), 0)  # its first occurrence
+    store_copy = shutil.copytree(store, tmp_path / "store")
+    gen_path = store_copy / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    listed = gen.get("eos_token_id", tok.eos_token_id)
+    eos = (listed if isinstance(listed, list) else [listed]) + [new[k]]
+    gen_path.write_text(json.dumps({**gen, "eos_token_id": eos}))
+    stopped, text = hf_greedy(hf, tok, PROMPT, 12, eos_token_id=eos)
+    assert stopped == new[: k + 1]
+    # what `odyssey generate` runs (tests/test_generate_text_equals_transformers runs the command)
+    from odyssey.generate import stop_ids
+    from odyssey.tokenizer import load_model_tokenizer
+
+    ours = load_model_tokenizer(store_copy)
+    opened = Store.open(store_copy)
+    assert set(stop_ids(opened, ours)) == set(eos)
+    parts: list[str] = []
+    prompt = ours.encode(PROMPT)
+    with Engine(opened, compute_dtype="fp32") as eng:
+        ids = stream_text(ours, generate_ids(eng, prompt, 12, eos_ids=stop_ids(opened, ours)), parts.append, prompt)
+    assert ids == stopped and PROMPT + "".join(parts) == text
+
+
+def test_stream_text_waits_for_whole_characters_and_keeps_spaces(model_tokenizers):
+    from odyssey.tokenizer import load_model_tokenizer
+
+    tok = load_model_tokenizer(model_tokenizers["sentencepiece"])
+    prompt = tok.encode("once upon")
+    new = tok.encode(
+        " a time 옛날",
+    )[1:]  # no BOS: the continuation, "▁a" first
+    parts: list[str] = []
+    assert stream_text(tok, iter(new), parts.append, prompt_ids=prompt) == new
+    assert "".join(parts) == " a time 옛날" and all("\ufffd" not in p for p in parts)
+    # byte-fallback tokens of one Hangul syllable arrive one by one: nothing is written until whole
+    hangul = tok.hf.convert_tokens_to_ids([f"<0x{b:02X}>" for b in "똠".encode()])
+    parts = []
+    stream_text(tok, iter(hangul), parts.append, prompt_ids=prompt)
+    assert parts == [" 똠"] or "".join(parts) == "똠"

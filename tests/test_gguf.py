@@ -285,12 +285,13 @@ def test_tokenizer_larger_than_the_model_is_refused(store, tmp_path):
     assert_nothing_written(tmp_path)
 
 
-def test_non_byte_level_tokenizer_is_refused(store, tmp_path):
+def test_a_tokenizer_llama_cpp_cannot_load_is_refused(store, tmp_path):
+    """A BPE split on whitespace is neither byte-level (gpt2) nor SentencePiece-style (llama)."""
     path = store.tokenizer_path()
     tok = json.loads(path.read_text())
-    tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    tok["pre_tokenizer"] = {"type": "Whitespace"}
     path.write_text(json.dumps(tok))
-    with pytest.raises(OdysseyError, match="not a byte-level BPE tokenizer"):
+    with pytest.raises(OdysseyError, match="neither a byte-level BPE .* nor a SentencePiece-style tokenizer"):
         write_gguf(store, tmp_path / "m.gguf", progress=False)
     assert_nothing_written(tmp_path)
 
@@ -317,3 +318,60 @@ def test_not_enough_disk_is_refused_before_writing(store, tmp_path, monkeypatch)
     with pytest.raises(OdysseyError, match="not enough free disk .* free some space or choose another --out"):
         write_gguf(store, tmp_path / "m.gguf", progress=False)
     assert_nothing_written(tmp_path)
+
+
+# --- the model's own tokenizer: gpt2 (Llama 3, Qwen) or llama (SentencePiece) -------------------
+
+
+def store_with_tokenizer(tmp_path, directory, vocab: int) -> Store:
+    """A tiny f32 store of `vocab` rows holding the tokenizer files of `directory`."""
+    from odyssey.tokenizer import copy_tokenizer
+
+    out = tmp_path / "store"
+    init_store(tiny_config(vocab_size=vocab), out, dtype="f32", seed=1, progress=False)
+    copy_tokenizer(directory, out)
+    return Store.open(out)
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen", "sentencepiece"])
+def test_model_tokenizers_keep_their_rules(model_tokenizers, tmp_path, style):
+    """What llama.cpp's converter writes for each kind: the tokenizer model, pre-tokenizer name,
+    special ids and whether a BOS is added (as transformers adds one), the chat template; tokens by
+    id; for SentencePiece, byte tokens, scores ordering the merges and the space prefix."""
+    from transformers import AutoTokenizer
+
+    src = model_tokenizers[style]
+    ref = AutoTokenizer.from_pretrained(src)
+    store = store_with_tokenizer(tmp_path, src, len(ref) + 3)  # 3 padding rows
+    write_gguf(store, tmp_path / "m.gguf", "f32", progress=False)
+    f = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    expected = {
+        "llama3": ("gpt2", "llama-bpe", True),
+        "qwen": ("gpt2", "qwen2", False),
+        "sentencepiece": ("llama", "default", True),
+    }[style]
+    assert (f["tokenizer.ggml.model"], f["tokenizer.ggml.pre"], f["tokenizer.ggml.add_bos_token"]) == expected
+    assert f["tokenizer.ggml.add_eos_token"] is False
+    assert f["tokenizer.ggml.eos_token_id"] == ref.eos_token_id
+    if ref.bos_token_id is not None:
+        assert f["tokenizer.ggml.bos_token_id"] == ref.bos_token_id
+    assert f.get("tokenizer.chat_template") == ref.chat_template
+    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    vocab = {i: t for t, i in ref.get_vocab().items()}
+    assert tokens[: len(ref)] == [vocab[i] for i in range(len(ref))]
+    assert tokens[len(ref) :] == [f"[PAD{i}]" for i in range(len(ref), len(ref) + 3)]
+    T = gguf.TokenType
+    assert all(types[i] == T.CONTROL for i in ref.all_special_ids if i != ref.unk_token_id)
+    if style == "sentencepiece":
+        assert f["tokenizer.ggml.add_space_prefix"] is True
+        assert types[0] == T.UNKNOWN and types[3:259] == [T.BYTE] * 256
+        assert tokens[3] == "<0x00>" and "▁t" in tokens  # SentencePiece's space, not GPT-2's "Ġ"
+        scores = f["tokenizer.ggml.scores"]
+        merges = json.loads((src / "tokenizer.json").read_text())["model"]["merges"]
+        made = [ref.convert_tokens_to_ids("".join(m.split(" ") if isinstance(m, str) else m)) for m in merges]
+        first = list(dict.fromkeys(made))  # each merged token at the rank of its first merge
+        assert [scores[i] for i in first] == sorted((scores[i] for i in first), reverse=True)
+        assert scores[first[0]] > scores[first[-1]] and "tokenizer.ggml.merges" not in f
+    else:
+        assert "tokenizer.ggml.scores" not in f and f["tokenizer.ggml.merges"]
+        assert types[: min(ref.all_special_ids)] == [T.NORMAL] * min(ref.all_special_ids)

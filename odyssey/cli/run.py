@@ -13,7 +13,7 @@ from odyssey.cli.common import (
     parser_for,
     ram_budget_arg,
 )
-from odyssey.dtypes import COMPUTE_DTYPES
+from odyssey.dtypes import COMPUTE_DTYPES, compute_dtype_line
 from odyssey.errors import OdysseyError
 
 
@@ -40,8 +40,10 @@ def cmd_plan(args) -> int:
     from odyssey.planner import plan_checked
     from odyssey.store import Store
 
+    store = Store.open(args.model)
+    compute = compute_dtype_line(args.compute_dtype, store.dtype)
     plan_checked(
-        Store.open(args.model),
+        store,
         mode=args.mode,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
@@ -49,7 +51,7 @@ def cmd_plan(args) -> int:
         budget=ram_budget_arg(args),
         lora=LoraSettings(r=args.lora_r) if args.mode == "lora" else None,
         compute_dtype=args.compute_dtype,
-        show=lambda p: print(p.table()),
+        show=lambda p: print(f"{p.table()}\n{compute}"),
     )
     return 0
 
@@ -74,10 +76,10 @@ def add_generate_parser(sub) -> None:
 
 def cmd_generate(args) -> int:
     from odyssey.engine import Engine
-    from odyssey.generate import generate_ids, stream_text
+    from odyssey.generate import generate_ids, stop_ids, stream_text
     from odyssey.planner import plan_checked
     from odyssey.store import Store
-    from odyssey.tokenizer import load_tokenizer
+    from odyssey.tokenizer import load_model_tokenizer
 
     store = Store.open(args.model)
     if args.prompt_ids:
@@ -85,19 +87,17 @@ def cmd_generate(args) -> int:
             prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
         except ValueError:
             raise OdysseyError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-        tok = load_tokenizer(store.root) if store.tokenizer_path() else None
+        tok = load_model_tokenizer(store.root) if store.tokenizer_path() else None
     else:
         if args.prompt is None:
             raise OdysseyError("pass --prompt TEXT (or --prompt-ids 1,2,3)")
-        tok = load_tokenizer(
+        tok = load_model_tokenizer(
             store.root,
             fix=f"add one with `odyssey prepare-data DATA --out DIR --model {store.root}` "
             f"(or `odyssey import` a model that has one), or pass --prompt-ids 1,2,3",
         )
-        prompt = tok.encode(args.prompt).ids
-        bos = store.config.bos_token_id
-        if bos is not None and (not prompt or prompt[0] != bos):
-            prompt = [bos] + prompt
+        prompt = tok.encode(args.prompt)  # as transformers: a BOS only where the tokenizer adds one
+    compute = compute_dtype_line(args.compute_dtype, store.dtype)
     vocab = store.config.vocab_size
     outside = [i for i in prompt if not 0 <= i < vocab]
     if outside:
@@ -114,7 +114,7 @@ def cmd_generate(args) -> int:
         slots=args.slots,
         budget=ram_budget_arg(args),
         compute_dtype=args.compute_dtype,
-        show=None if args.quiet else lambda p: print(p.table(), file=sys.stderr),
+        show=None if args.quiet else lambda p: print(f"{p.table()}\n{compute}", file=sys.stderr),
         show_first=False,
     )
     model = None
@@ -135,10 +135,11 @@ def cmd_generate(args) -> int:
                 args.temperature,
                 args.top_k,
                 args.seed,
-                eos_id=store.config.eos_token_id,
-                vocab_limit=tok.get_vocab_size() if tok else None,
+                eos_ids=stop_ids(store, tok),
+                vocab_limit=tok.vocab_size if tok else None,
             ),
             lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+            prompt_ids=prompt,
         )
         dt = time.perf_counter() - t0
     sys.stdout.write("\n")
@@ -208,12 +209,28 @@ def launch_ranks(nproc: int) -> int:
 
 
 def add_prepare_data_parser(sub) -> None:
-    s = parser_for(sub, "prepare-data", "tokenize .txt/.jsonl text into token files (training a BPE if needed)")
+    s = parser_for(
+        sub, "prepare-data", "tokenize .txt/.jsonl text into token files with the model's tokenizer (or a new BPE)"
+    )
     s.add_argument("inputs", nargs="+", help=".txt or .jsonl files or directories")
     s.add_argument("--out", required=True, help="data directory to write")
-    s.add_argument("--vocab-size", type=count(1), help="BPE vocabulary to train (default: the model's, else 8192)")
-    s.add_argument("--tokenizer", help="use this directory's tokenizer.json instead of training one")
-    s.add_argument("--model", help="store directory: check the vocabulary fits and place the tokenizer there")
+    s.add_argument(
+        "--vocab-size", type=count(1), help="train a byte-level BPE of this size (default: the model's, else 8192)"
+    )
+    s.add_argument(
+        "--tokenizer",
+        help="use the Hugging Face tokenizer in this directory (a checkpoint folder, a store, a data directory)",
+    )
+    s.add_argument(
+        "--model",
+        help="store directory: tokenize with its tokenizer (a store without one gets this run's), "
+        "check the vocabulary fits",
+    )
+    s.add_argument(
+        "--replace-tokenizer",
+        action="store_true",
+        help="put the --tokenizer given (or the one --vocab-size trains) in place of the --model store's own",
+    )
     s.add_argument("--val-fraction", type=number(0.0, 1.0), default=0.05)
     s.add_argument("--seed", type=count(0), default=0)
     s.add_argument("--force", action="store_true", help="write into a non-empty --out")
@@ -235,6 +252,7 @@ def cmd_prepare_data(args) -> int:
         seed=args.seed,
         force=args.force,
         progress=not args.quiet,
+        replace_tokenizer=args.replace_tokenizer,
     )
     return 0
 

@@ -1,15 +1,19 @@
-"""Text corpus -> byte-level BPE tokenizer -> token files on disk -> memory-mapped training batches.
+"""Text corpus -> the model's tokenizer -> token files on disk -> memory-mapped training batches.
 
 A prepared data directory (`odyssey prepare-data CORPUS --out DIR`) holds:
 
-    tokenizer.json            HF `tokenizers` byte-level BPE (GPT-2 byte-to-unicode tokens + merges)
-    tokenizer_config.json     so `transformers.AutoTokenizer.from_pretrained(DIR)` loads it,
-    special_tokens_map.json   with <unk> = 0, <s> = 1 (bos), </s> = 2 (eos) for a trained tokenizer
+    tokenizer.json ...        the tokenizer's files as they came (the model's own: a checkpoint
+                              folder's, a store's), or for a tokenizer trained here a byte-level BPE
+                              (GPT-2 byte-to-unicode tokens + merges) with tokenizer_config.json and
+                              special_tokens_map.json: <unk> = 0, <s> = 1 (bos), </s> = 2 (eos);
+                              `transformers.AutoTokenizer.from_pretrained(DIR)` loads either
     train.bin, val.bin        raw token ids, little-endian uint16 (vocab <= 65535) or uint32, no header:
-                              every document is stored as  <s> tokens... </s>  and documents follow
-                              each other, so a window that crosses documents sees the boundary
-    manifest.json             written last: format, dtype, vocab, special ids, tokens and documents
-                              per split, sources, sha256 of tokenizer.json
+                              every document is stored as tokenizer(text)["input_ids"] (a BOS first
+                              only where the tokenizer adds one) then the tokenizer's EOS, and
+                              documents follow each other, so a window that crosses documents sees
+                              the boundary
+    manifest.json             written last: format, dtype, vocab, special ids, layout, tokens and
+                              documents per split, sources, sha256 of tokenizer.json
 
 Documents go to train or val whole (a seeded random choice of documents, at least one in val).
 Nothing holds all token ids in RAM: documents are encoded in batches and appended to the files,

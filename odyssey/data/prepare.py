@@ -6,6 +6,13 @@ that can be refused is checked before the first byte is written (an --out apart 
 among them); the manifest comes last, and a failure removes what this run wrote. A run killed at any
 moment leaves no manifest (so no data directory) or a complete one; its temporary files are
 recognised by name (the command and its pid) and removed by the next run, which needs no --force.
+
+The tokenizer is the model's own where there is one (`--tokenizer DIR`, or the `--model` store's),
+used as `transformers` uses it: each document is `tokenizer(text)["input_ids"]` (a BOS only where
+that tokenizer adds one) followed by that tokenizer's EOS. A store that has a tokenizer is never
+given another one silently: a different tokenizer (given, or trained with --vocab-size) goes into
+it only with `replace_tokenizer` (--replace-tokenizer), and only when its vocabulary fits the model.
+No torch is imported (transformers' tokenizer classes do not need it).
 """
 
 from __future__ import annotations
@@ -14,11 +21,11 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,19 +39,18 @@ from odyssey.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     MIN_VOCAB_SIZE,
     SPECIAL_TOKENS,
-    WRITTEN_FILES,
+    TOKENIZER_FILES,
+    ModelTokenizer,
     hf_side_files,
-    load_tokenizer,
-    special_ids,
+    load_model_tokenizer,
+    read_tokenizer_files,
+    tokenizer_dir,
     train_tokenizer,
     write_tokenizer_files,
 )
 
-if TYPE_CHECKING:  # imported lazily: `prepare-data` needs no torch, TokenData no tokenizers
-    from tokenizers import Tokenizer
-
-OUTPUT_FILES = WRITTEN_FILES + ("train.bin", "val.bin", "manifest.json")  # what a data directory holds
-_ENCODE_BATCH_DOCS = 1024  # documents per encode_batch call (the Rust side encodes them in parallel)
+OUTPUT_FILES = TOKENIZER_FILES + ("train.bin", "val.bin", "manifest.json")  # what a data directory holds
+_ENCODE_BATCH_DOCS = 1024  # documents per encode call (the Rust side encodes them in parallel)
 _ENCODE_BATCH_CHARS = 4_000_000  # ... or fewer, so a batch of long documents stays a few MB
 
 
@@ -58,26 +64,29 @@ def prepare_data(
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
+    replace_tokenizer: bool = False,
 ) -> dict:
     """Tokenize a corpus into `out` (see the package docstring for the layout); return a summary.
 
-    Tokenizer: `tokenizer_dir`'s tokenizer.json if given; else the model store's tokenizer.json if
-    it has one and no `vocab_size` is asked for (data for a model must use its tokenizer); else a
-    byte-level BPE trained on the corpus with `vocab_size` (default: the store's vocab_size, or 8192).
-    With `model_store`, a tokenizer larger than the model's vocab is refused, and the tokenizer files
-    are copied into the store (which must not already hold a different one, unless `force`).
-    `force` also allows an `out` that holds other files (they are left alone).
-    Everything that can be refused is checked before the first byte is written.
+    Tokenizer: `tokenizer_dir`'s (any Hugging Face fast tokenizer: a checkpoint folder, a store, a
+    data directory) if given; else the model store's if it has one and no `vocab_size` is asked
+    for; else a byte-level BPE trained on the corpus with `vocab_size` (default: the store's
+    vocab_size, or 8192). With `model_store`, a tokenizer larger than the model's vocab is refused,
+    and a store without a tokenizer gets this one's files; a store whose tokenizer differs is
+    refused unless `replace_tokenizer`. `force` allows an `out` that holds other files (they are
+    left alone). Everything that can be refused is checked before the first byte is written.
     """
     t0 = time.perf_counter()
     atomic.set_command("prepare-data")
     inputs = [Path(p) for p in inputs]
     out = Path(out)
-    _check_options(vocab_size, tokenizer_dir, val_fraction)
+    _check_options(vocab_size, tokenizer_dir, val_fraction, model_store, replace_tokenizer)
     model = _ModelStore.open(Path(model_store), vocab_size) if model_store is not None else None
+    if model is not None:
+        model.check_request(vocab_size, replace_tokenizer)
     tok_file = None  # the input is the tokenizer file (--tokenizer names it or its directory)
     if tokenizer_dir is not None:
-        tok_file = Path(tokenizer_dir) / "tokenizer.json" if Path(tokenizer_dir).is_dir() else Path(tokenizer_dir)
+        tok_file = _tokenizer_source(Path(tokenizer_dir)) / "tokenizer.json"
     check_apart(
         out,
         [("corpus", None, p) for p in inputs]
@@ -87,50 +96,60 @@ def prepare_data(
     files = corpus_files(inputs)
     label = ", ".join(str(p) for p in inputs)
 
+    def check(chosen: _ChosenTokenizer) -> None:  # as soon as the tokenizer exists, before reading on
+        if chosen.tok.eos_id is None:
+            raise OdysseyError(
+                f"the tokenizer {chosen.origin} has no EOS token, which separates documents; set "
+                f"eos_token in its tokenizer_config.json, or let prepare-data train one (--vocab-size)"
+            )
+        if model is not None:
+            model.check_tokenizer(chosen.tok.vocab_size, chosen, replace_tokenizer)
+
     # --- pass 1: the tokenizer (trained, or loaded and the documents counted) ---
-    chosen, n_docs = _choose_tokenizer(files, label, tokenizer_dir, vocab_size, model, progress)
-    specials = special_ids(chosen.tok, chosen.origin)
-    vocab = chosen.tok.get_vocab_size(with_added_tokens=True)
-    if model is not None:
-        model.check_tokenizer(vocab, chosen.tok_json, force)
-    if n_docs < 2:
-        raise OdysseyError(
-            f"the corpus {label} has only {n_docs} document; prepare-data needs at least 2 "
-            f"(one is held out for validation); add documents or separate them with "
-            f"{EOT_LINE} lines"
-        )
-    is_val = _split(n_docs, val_fraction, seed)
-    dtype = token_dtype(vocab)
+    with _choose_tokenizer(files, label, tokenizer_dir, vocab_size, model, progress, check) as (chosen, n_docs):
+        tok = chosen.tok
+        vocab = tok.vocab_size
+        if n_docs < 2:
+            raise OdysseyError(
+                f"the corpus {label} has only {n_docs} document; prepare-data needs at least 2 "
+                f"(one is held out for validation); add documents or separate them with "
+                f"{EOT_LINE} lines"
+            )
+        is_val = _split(n_docs, val_fraction, seed)
+        dtype = token_dtype(vocab)
 
-    # --- pass 2: encode in batches, append to train.bin / val.bin; then tokenizer files, manifest ---
-    tok_files = {"tokenizer.json": chosen.tok_json, **hf_side_files()}
-    with _output_dir(out) as written:
-        counts = _write_tokens(out, chosen.tok, iter_documents(files, label), label, is_val, dtype, specials, progress)
-        written += [out / "train.bin", out / "val.bin"]
-        write_tokenizer_files(tok_files, out, written)
-        seconds = time.perf_counter() - t0
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dtype": dtype.name,
-            "vocab_size": vocab,
-            **specials,
-            "document_layout": "<s> tokens </s>, documents concatenated",
-            "splits": {s: {"file": f"{s}.bin", **counts[s]} for s in SPLITS},
-            "documents": n_docs,
-            "sources": [str(p) for p in inputs],
-            "source_files": len(files),
-            "tokenizer_sha256": hashlib.sha256(chosen.tok_json).hexdigest(),
-            "tokenizer_origin": chosen.origin,
-            "model_vocab_size": model.vocab_size if model is not None else None,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        write_json(out / "manifest.json", manifest)
+        # --- pass 2: encode in batches, append to train.bin / val.bin; then tokenizer files, manifest ---
+        with _output_dir(out, chosen.files) as written:
+            counts = _write_tokens(out, tok, iter_documents(files, label), label, is_val, dtype, progress)
+            written += [out / "train.bin", out / "val.bin"]
+            write_tokenizer_files(chosen.files, out, written)
+            seconds = time.perf_counter() - t0
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "dtype": dtype.name,
+                "vocab_size": vocab,
+                "bos_id": tok.bos_id,
+                "eos_id": tok.eos_id,
+                "unk_id": tok.unk_id,
+                "adds_bos": tok.adds_bos,
+                "document_layout": f"{tok.document_layout()}, documents concatenated",
+                "splits": {s: {"file": f"{s}.bin", **counts[s]} for s in SPLITS},
+                "documents": n_docs,
+                "sources": [str(p) for p in inputs],
+                "source_files": len(files),
+                "tokenizer_sha256": hashlib.sha256(chosen.files["tokenizer.json"]).hexdigest(),
+                "tokenizer_origin": chosen.origin,
+                "tokenizer_class": type(tok.hf).__name__,
+                "model_vocab_size": model.vocab_size if model is not None else None,
+                "val_fraction": val_fraction,
+                "seed": seed,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            write_json(out / "manifest.json", manifest)
 
-    if model is not None:
-        model.add_tokenizer(tok_files, specials)
+        if model is not None:
+            model.add_tokenizer(chosen, tok)
     return _report(out, n_docs, counts, vocab, dtype, chosen.origin, seconds)
 
 
@@ -138,7 +157,13 @@ def prepare_data(
 # checks before any work
 
 
-def _check_options(vocab_size: int | None, tokenizer_dir: str | os.PathLike | None, val_fraction: float) -> None:
+def _check_options(
+    vocab_size: int | None,
+    tokenizer_dir: str | os.PathLike | None,
+    val_fraction: float,
+    model_store: str | os.PathLike | None,
+    replace_tokenizer: bool,
+) -> None:
     if not 0.0 < val_fraction < 1.0:
         raise OdysseyError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
@@ -148,6 +173,13 @@ def _check_options(vocab_size: int | None, tokenizer_dir: str | os.PathLike | No
         )
     if vocab_size is not None and tokenizer_dir is not None:
         raise OdysseyError("--vocab-size trains a new tokenizer and --tokenizer reuses one; give only one")
+    if replace_tokenizer and model_store is None:
+        raise OdysseyError("--replace-tokenizer replaces the tokenizer of a model store; name it with --model STORE")
+    if replace_tokenizer and vocab_size is None and tokenizer_dir is None:
+        raise OdysseyError(
+            "--replace-tokenizer needs the new tokenizer: --tokenizer DIR (an existing one) "
+            "or --vocab-size N (train one)"
+        )
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -168,56 +200,101 @@ def _own_temp(name: str) -> bool:
     return parsed is not None and parsed[0] in OUTPUT_FILES
 
 
-def _too_big(tok_vocab: int, model_vocab: int) -> OdysseyError:
-    return OdysseyError(
-        f"tokenizer vocabulary {tok_vocab} is larger than the model's {model_vocab}; use --vocab-size <= {model_vocab}"
+def _tokenizer_source(path: Path) -> Path:
+    """The directory --tokenizer names, refused in one line when it holds no tokenizer: a model store
+    without one is named as such."""
+    directory = tokenizer_dir(path)
+    if not path.exists():
+        raise OdysseyError(f"--tokenizer {path} does not exist; name a directory that holds tokenizer.json")
+    if directory.is_dir() and not (directory / "tokenizer.json").is_file():
+        if (directory / "config.json").is_file():
+            raise OdysseyError(
+                f"model store {directory} has no tokenizer (no tokenizer.json); give --tokenizer the "
+                f"checkpoint folder the model came from, or import the model again with its tokenizer files"
+            )
+        raise OdysseyError(
+            f"--tokenizer {directory} holds no tokenizer.json; name a checkpoint folder, a model store "
+            f"or a data directory that has one"
+        )
+    return directory
+
+
+def _too_big(tok_vocab: int, model_vocab: int, trained: bool) -> OdysseyError:
+    fix = (
+        f"use --vocab-size <= {model_vocab}"
+        if trained
+        else "use the tokenizer the model was made for (e.g. --tokenizer of the checkpoint it came from)"
     )
+    return OdysseyError(f"tokenizer vocabulary {tok_vocab} is larger than the model's {model_vocab}; {fix}")
 
 
 @dataclass
 class _ModelStore:
-    """The model store the data is prepared for (`--model`): its config.json, and its tokenizer.json
-    if it has one already."""
+    """The model store the data is prepared for (`--model`): its config.json, and its tokenizer
+    (tokenizer.json and the side files) if it has one already."""
 
     root: Path
     config: dict
-    tokenizer_json: Path | None
+    has_tokenizer: bool
 
     @classmethod
     def open(cls, root: Path, vocab_size: int | None) -> _ModelStore:
         """Read `root`'s config.json; refuse an asked `vocab_size` larger than the model's."""
         config = _read_model_config(root)
         if vocab_size is not None and vocab_size > config["vocab_size"]:
-            raise _too_big(vocab_size, config["vocab_size"])
-        tok = root / "tokenizer.json"
-        return cls(root, config, tok if tok.is_file() else None)
+            raise _too_big(vocab_size, config["vocab_size"], trained=True)
+        return cls(root, config, (root / "tokenizer.json").is_file())
 
     @property
     def vocab_size(self) -> int:
         return self.config["vocab_size"]
 
-    def check_tokenizer(self, vocab: int, tok_json: bytes, force: bool) -> None:
-        """Refuse a tokenizer larger than the model's vocabulary, or (unless `force`) one that
-        differs from the tokenizer.json the store already has."""
-        if vocab > self.vocab_size:
-            raise _too_big(vocab, self.vocab_size)
-        if self.tokenizer_json is not None and not force:
-            if json.loads(self.tokenizer_json.read_bytes()) != json.loads(tok_json):
-                raise OdysseyError(
-                    f"model store {self.root} already has a different tokenizer.json; "
-                    f"drop --vocab-size/--tokenizer to reuse it, or pass --force to replace it"
-                )
+    def check_request(self, vocab_size: int | None, replace: bool) -> None:
+        """Before any work: training a new tokenizer (`vocab_size`) for a store that has one is
+        refused unless `replace`."""
+        if self.has_tokenizer and vocab_size is not None and not replace:
+            raise OdysseyError(
+                f"model store {self.root} already has a tokenizer, and its data must use it: drop "
+                f"--vocab-size to tokenize with it, or pass --replace-tokenizer to train a new one "
+                f"in its place (the model then has to learn the new tokens)"
+            )
 
-    def add_tokenizer(self, tok_files: dict[str, bytes], specials: dict) -> None:
-        """Copy the tokenizer files into the store, so it can tokenize (generate, export to GGUF)
-        with exactly the data's tokenizer; warn where config.json's bos/eos ids differ from it."""
-        atomic.remove_stale_temps(self.root, tok_files)  # left by a killed prepare-data
-        write_tokenizer_files(tok_files, self.root, [])
-        for key, name in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id")):
-            if self.config.get(key) is not None and self.config[key] != specials[name]:
-                print(
-                    f"warning: {self.root}/config.json has {key}={self.config[key]}, the tokenizer has {specials[name]}"
-                )
+    def check_tokenizer(self, vocab: int, chosen: _ChosenTokenizer, replace: bool) -> None:
+        """Refuse a tokenizer larger than the model's vocabulary, or one that differs from the
+        store's own unless asked to `replace` it."""
+        if vocab > self.vocab_size:
+            raise _too_big(vocab, self.vocab_size, trained=chosen.trained)
+        if self.has_tokenizer and not replace and not self.holds(chosen):
+            raise OdysseyError(
+                f"model store {self.root} already has a different tokenizer, and its data must use it: "
+                f"drop --tokenizer to tokenize with the store's, or pass --replace-tokenizer to put "
+                f"{chosen.origin} in its place"
+            )
+
+    def holds(self, chosen: _ChosenTokenizer) -> bool:
+        """The store's tokenizer.json is the chosen one (same JSON)."""
+        try:
+            mine = json.loads((self.root / "tokenizer.json").read_bytes())
+        except (OSError, ValueError):
+            return False
+        return mine == json.loads(chosen.files["tokenizer.json"])
+
+    def add_tokenizer(self, chosen: _ChosenTokenizer, tok: ModelTokenizer) -> None:
+        """Give the store the chosen tokenizer's files (when it has none, or replaces its own), so it
+        tokenizes (generate, export to GGUF) exactly as the data; warn where config.json's bos/eos
+        ids differ from the tokenizer's."""
+        if self.has_tokenizer and self.holds(chosen):
+            return  # the store's own: left as it is
+        atomic.remove_stale_temps(self.root, TOKENIZER_FILES)  # left by a killed prepare-data
+        gone = [n for n in TOKENIZER_FILES if n not in chosen.files and (self.root / n).is_file()]
+        for name in gone:  # a replaced tokenizer's files that the new one lacks (its chat template...)
+            (self.root / name).unlink()
+        write_tokenizer_files(chosen.files, self.root, [])
+        if self.has_tokenizer:
+            print(f"replaced the tokenizer of {self.root} with {chosen.origin}")
+        for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
+            if self.config.get(key) is not None and value is not None and self.config[key] != value:
+                print(f"warning: {self.root}/config.json has {key}={self.config[key]}, the tokenizer has {value}")
 
 
 def _read_model_config(store: Path) -> dict:
@@ -241,9 +318,10 @@ def _read_model_config(store: Path) -> dict:
 
 @dataclass(frozen=True)
 class _ChosenTokenizer:
-    tok: Tokenizer
-    tok_json: bytes  # tokenizer.json as it is written: a loaded file's bytes as is (so the sha256 matches)
+    tok: ModelTokenizer
+    files: dict[str, bytes]  # the tokenizer files as they are written: a loaded tokenizer's bytes as is
     origin: str  # the file it was loaded from, or how it was trained
+    trained: bool = False
 
 
 class _Counted:
@@ -258,6 +336,7 @@ class _Counted:
             yield d
 
 
+@contextlib.contextmanager
 def _choose_tokenizer(
     files: list[Path],
     label: str,
@@ -265,18 +344,24 @@ def _choose_tokenizer(
     vocab_size: int | None,
     model: _ModelStore | None,
     progress: bool,
-) -> tuple[_ChosenTokenizer, int]:
-    """The tokenizer (see `prepare_data`) and the number of documents in the corpus: one pass over it."""
-    store_tok = model.tokenizer_json if model is not None else None
-    source = tokenizer_dir if tokenizer_dir is not None else (store_tok if vocab_size is None else None)
+    check: Callable[[_ChosenTokenizer], None],
+) -> Iterator[tuple[_ChosenTokenizer, int]]:
+    """The tokenizer (see `prepare_data`), given to `check` as soon as it exists, and the number of
+    documents in the corpus: one pass over it."""
+    source = None
+    if tokenizer_dir is not None:
+        source = _tokenizer_source(Path(tokenizer_dir))
+    elif vocab_size is None and model is not None and model.has_tokenizer:
+        source = model.root
     if source is not None:
-        tok = load_tokenizer(source)
-        tok_file = Path(source) / "tokenizer.json" if Path(source).is_dir() else Path(source)
-        chosen = _ChosenTokenizer(tok, tok_file.read_bytes(), str(tok_file))
+        tok = load_model_tokenizer(source)
+        chosen = _ChosenTokenizer(tok, read_tokenizer_files(source), str(tok.path))
+        check(chosen)
         docs = _Counted(iter_documents(files, label))
         for _ in docs:
             pass
-        return chosen, docs.n
+        yield chosen, docs.n
+        return
     target = vocab_size or (model.vocab_size if model is not None else None) or DEFAULT_VOCAB_SIZE
     docs = _Counted(iter_documents(files, label))
     shown: Iterable[str] = docs
@@ -284,9 +369,17 @@ def _choose_tokenizer(
         from tqdm import tqdm
 
         shown = tqdm(docs, desc="training tokenizer", unit=" docs", leave=False)
-    tok = train_tokenizer(shown, target, progress=False)
-    tok_json = (tok.to_str(pretty=True) + "\n").encode()
-    return _ChosenTokenizer(tok, tok_json, f"trained (byte-level BPE, asked {target})"), docs.n
+    trained = train_tokenizer(shown, target, progress=False)
+    tok_files = {"tokenizer.json": (trained.to_str(pretty=True) + "\n").encode(), **hf_side_files()}
+    # loaded back from its files, exactly as every later reader (train, generate, export) loads it
+    with tempfile.TemporaryDirectory(prefix="odyssey-tokenizer-") as tmp:
+        for name, data in tok_files.items():
+            (Path(tmp) / name).write_bytes(data)
+        chosen = _ChosenTokenizer(
+            load_model_tokenizer(tmp), tok_files, f"trained (byte-level BPE, asked {target})", True
+        )
+        check(chosen)
+        yield chosen, docs.n
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,14 +396,19 @@ def _split(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _output_dir(out: Path) -> Iterator[list[Path]]:
-    """Create `out` if needed and remove its stale manifest; yield a list for the paths the caller
-    writes. If the block fails, those paths are removed (and `out`, if created here)."""
+def _output_dir(out: Path, tok_files: dict[str, bytes]) -> Iterator[list[Path]]:
+    """Create `out` if needed and remove its stale manifest (and tokenizer files of an earlier run
+    that this tokenizer lacks); yield a list for the paths the caller writes. If the block fails,
+    those paths are removed (and `out`, if created here)."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(out, OUTPUT_FILES)  # left by a killed prepare-data
     with contextlib.suppress(FileNotFoundError):
         (out / "manifest.json").unlink()  # a stale manifest must not vouch for new token files
+    for name in TOKENIZER_FILES:
+        if name not in tok_files:
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()  # e.g. the chat template of the tokenizer used last time
     written: list[Path] = []
     try:
         yield written
@@ -340,12 +438,11 @@ def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
 
 def _write_tokens(
     out: Path,
-    tok: Tokenizer,
+    tok: ModelTokenizer,
     docs: Iterator[str],
     label: str,
     is_val: np.ndarray,
     dtype: np.dtype,
-    specials: dict,
     progress: bool,
 ) -> dict:
     """Encode `docs` (the corpus again, len(is_val) documents) into out/train.bin and out/val.bin,
@@ -358,14 +455,12 @@ def _write_tokens(
 
             bar = tqdm(total=n_docs, desc="encoding", unit=" docs")
         with atomic_open(out / "train.bin") as f_train, atomic_open(out / "val.bin") as f_val:
-            writer = TokenWriter(
-                {"train": f_train, "val": f_val}, is_val, dtype, specials["bos_id"], specials["eos_id"]
-            )
+            writer = TokenWriter({"train": f_train, "val": f_val}, is_val, dtype, tok.eos_id)
             for batch in _batches(docs):
-                encs = tok.encode_batch(batch, add_special_tokens=False)
-                if writer.documents + len(encs) > n_docs:
+                encoded = tok.encode_batch(batch)  # as tokenizer(text)["input_ids"]: BOS where it adds one
+                if writer.documents + len(encoded) > n_docs:
                     raise OdysseyError(f"the corpus {label} changed while it was read; run again")
-                writer.append(enc.ids for enc in encs)
+                writer.append(encoded)
                 if bar is not None:
                     bar.update(len(batch))
             if writer.documents != n_docs:

@@ -1,10 +1,11 @@
 """Token files: the binary format of a prepared data directory, its writer and its reader.
 
 `train.bin` and `val.bin` hold raw token ids, little-endian uint16 (vocab <= 65535) or uint32, no
-header; every document is stored as  <s> tokens... </s>  and documents follow each other.
-`manifest.json` (format FORMAT, version FORMAT_VERSION) names the dtype, vocabulary, special ids
-and the tokens and documents per split. `TokenWriter` appends documents to open token files;
-`TokenData` reads a finished directory back through read-only `np.memmap`s.
+header; every document is stored as its tokenizer encodes it (a BOS first where the tokenizer adds
+one), then that tokenizer's EOS, and documents follow each other. `manifest.json` (format FORMAT,
+version FORMAT_VERSION) names the dtype, vocabulary, special ids (bos_id null for a tokenizer
+without one, as Qwen's), the layout and the tokens and documents per split. `TokenWriter` appends
+documents to open token files; `TokenData` reads a finished directory back through read-only `np.memmap`s.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # imported lazily: TokenData needs no tokenizers
     from tokenizers import Tokenizer
 
 FORMAT = "odyssey-tokens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bos_id may be null, documents end with the tokenizer's own EOS
 SPLITS = ("train", "val")
 _COUNT_CHUNK = 1 << 24  # tokens per np.bincount call in unigram_loss (16M -> 128 MB of int64)
 
@@ -35,27 +36,29 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class TokenWriter:
-    """Appends documents, each as  <s> ids... </s>, to the open train and val token files.
+    """Appends documents, each as its tokenizer's ids followed by `eos`, to the open train and val
+    token files (no second `eos` where the tokenizer already ended the document with one).
 
     Document k (counted over all `append` calls) goes to val if `is_val[k]`, else to train; the
     caller appends at most len(is_val) documents. `counts` holds the tokens and documents written
     per split. Only one call's ids are held in RAM, never the whole corpus.
     """
 
-    def __init__(self, sinks: dict[str, BinaryIO], is_val: np.ndarray, dtype: np.dtype, bos: int, eos: int):
+    def __init__(self, sinks: dict[str, BinaryIO], is_val: np.ndarray, dtype: np.dtype, eos: int):
         self.sinks, self.is_val, self.dtype = sinks, is_val, dtype
-        self.bos, self.eos = bos, eos
+        self.eos = eos
         self.documents = 0  # documents appended so far (the index of the next one)
         self.counts = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
 
     def append(self, docs: Iterable[list[int]]) -> None:
-        """Append a batch of documents, each given by its token ids (without <s> and </s>)."""
+        """Append a batch of documents, each given by the ids its tokenizer gives it (a BOS included
+        where the tokenizer adds one)."""
         flat: dict[str, list[int]] = {"train": [], "val": []}  # ids of this batch only
         for ids in docs:
             split = "val" if self.is_val[self.documents] else "train"
-            flat[split].append(self.bos)
             flat[split].extend(ids)
-            flat[split].append(self.eos)
+            if not ids or ids[-1] != self.eos:
+                flat[split].append(self.eos)
             self.counts[split]["documents"] += 1
             self.documents += 1
         for split, ids in flat.items():
@@ -89,7 +92,8 @@ class TokenData:
             if self.dtype not in (np.uint16, np.uint32):
                 raise ValueError(m["dtype"])
             self.vocab_size = int(m["vocab_size"])
-            self.bos_id, self.eos_id = int(m["bos_id"]), int(m["eos_id"])
+            self.bos_id = None if m.get("bos_id") is None else int(m["bos_id"])
+            self.eos_id = int(m["eos_id"])
             self.unk_id = m.get("unk_id")
             splits = {s: m["splits"][s] for s in SPLITS}
         except (KeyError, TypeError, ValueError) as e:

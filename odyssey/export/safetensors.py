@@ -1,9 +1,13 @@
-"""Export to a Hugging Face checkpoint directory: what `LlamaForCausalLM.from_pretrained` loads.
+"""Export to a Hugging Face checkpoint directory: what `AutoModelForCausalLM.from_pretrained` loads
+with the family's own class (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+Qwen3ForCausalLM, Gemma3ForCausalLM).
 
 ```
-DIR/config.json                       HF LlamaConfig (the store's)
+DIR/config.json                       the store's: the family's architecture, model_type and every
+                                      key of the source checkpoint (ModelConfig.to_hf_dict)
 DIR/model.safetensors                 all tensors, when they fit in one shard; else
-DIR/model-0000k-of-0000n.safetensors  consecutive units packed up to `max_shard_bytes` each
+DIR/model-0000k-of-0000n.safetensors  consecutive units packed up to `max_shard_bytes` each (every
+                                      tensor of the family: biases, q/k norms, Gemma's extra norms)
 DIR/model.safetensors.index.json      {"metadata": {"total_size"}, "weight_map": {name: file}}
 DIR/tokenizer.json ...                the store's tokenizer files, when it has them
 ```

@@ -343,7 +343,12 @@ def compute_fact() -> Fact:
     from odyssey.runtime.cpu import native_bf16
 
     name, source = compute_dtype_name("auto"), compute_dtype_source("auto")
-    data = {"compute_dtype": name, "native_bf16": native_bf16(), "source": source}
+    data = {
+        "compute_dtype": name,  # for a bf16 store
+        "f32_store_compute_dtype": compute_dtype_name("auto", "f32"),
+        "native_bf16": native_bf16(),
+        "source": source,
+    }
     if source == "environment":
         return Fact(
             "compute",
@@ -358,15 +363,16 @@ def compute_fact() -> Fact:
             "compute",
             "compute",
             True,
-            "bf16 (`--compute-dtype auto`)",
-            "this CPU multiplies bf16 natively: weights are used as stored",
+            "bf16 for bf16 stores (`--compute-dtype auto`); f32 and f16 stores in fp32",
+            "this CPU multiplies bf16 natively: bf16 weights are used as stored, and a store is never "
+            "computed below its precision",
             data,
         )
     return Fact(
         "compute",
         "compute",
         True,
-        "fp32 (`--compute-dtype auto`); weights stay bf16 on disk",
+        "fp32 (`--compute-dtype auto`); weights stay in the store's dtype on disk",
         "no native bf16 here: emulated bf16 matmuls are several times slower than fp32",
         data,
     )

@@ -1,6 +1,11 @@
-"""Import: an existing Hugging Face Llama-family checkpoint (single or sharded safetensors) into a
-store, one layer at a time through memory maps, never the whole model in RAM; the tokenizer files
-come along.
+"""Import: an existing Hugging Face checkpoint of a supported family (`odyssey.families`; single or
+sharded safetensors) into a store, one layer at a time through memory maps, never the whole model in
+RAM; the tokenizer files come along.
+
+Nothing is imported silently wrong: the config is read by the family's rules (a value that changes
+the math and is not implemented is refused, naming the key), and every tensor of the source must be
+one the family's model consumes (a Qwen checkpoint relabelled as Llama is refused, naming a bias it
+would drop), before anything is written.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from odyssey.store.format import INDEX_NAME, read_header
 from odyssey.store.writer import StoreWriter
 from odyssey.tokenizer import TOKENIZER_FILES, copy_tokenizer, tokenizer_files
 
-SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM"}
+# tensors transformers itself skips when loading (buffers some older checkpoints saved)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def import_hf(
@@ -35,14 +41,6 @@ def import_hf(
     if not cfg_path.is_file():
         raise OdysseyError(f"{src} has no config.json; point `odyssey import` at a Hugging Face model directory")
     hf = _read_json(cfg_path)
-    archs = hf.get("architectures") or []
-    if not (set(archs) & SUPPORTED_ARCHS) and hf.get("model_type") not in ("llama", "mistral"):
-        raise OdysseyError(
-            f"{src}: architecture {archs or hf.get('model_type')} is not supported; "
-            f"Odyssey imports Llama-family checkpoints (LlamaForCausalLM)"
-        )
-    if hf.get("sliding_window") not in (None, 0) and hf.get("model_type") == "mistral":
-        raise OdysseyError(f"{src}: sliding-window attention is not supported; use a Llama checkpoint")
     cfg = ModelConfig.from_hf_dict(hf, source=str(cfg_path))
 
     # Where each tensor lives in the source.
@@ -52,6 +50,12 @@ def import_hf(
         if not isinstance(weight_map, dict):
             raise OdysseyError(f"{index_path} has no weight_map; save the model again with save_pretrained")
         files = {name: src / str(f) for name, f in weight_map.items()}
+        gone = sorted({p.name for p in files.values() if not p.is_file()})
+        if gone:
+            raise OdysseyError(
+                f"{src}: shard {gone[0]} listed in {INDEX_NAME} is missing"
+                f"{f' (and {len(gone) - 1} more)' if len(gone) > 1 else ''}; download the complete checkpoint"
+            )
     elif (src / "model.safetensors").is_file():
         with safe_open(src / "model.safetensors", "pt") as f:
             files = {name: src / "model.safetensors" for name in f.keys()}
@@ -61,13 +65,9 @@ def import_hf(
             f"safe_serialization (safetensors) first"
         )
     if cfg.tie_word_embeddings:
-        files.pop("lm_head.weight", None)
+        files.pop("lm_head.weight", None)  # a tied head saved anyway: transformers ignores it too
     expected = cfg.all_shapes()
-    missing = sorted(set(expected) - set(files))
-    if missing:
-        raise OdysseyError(
-            f"{src}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more); is it a complete Llama model?"
-        )
+    _check_tensors(src, cfg, set(files), expected)
     # Keep the source dtype unless asked otherwise (f64 sources become f32).
     if not dtype:
         src_dtype = ST_CODES.get(_slice_dtype(files["model.embed_tokens.weight"], "model.embed_tokens.weight"))
@@ -112,6 +112,24 @@ def import_hf(
     copied = copy_tokenizer(src, Path(out))  # before the index: a directory with an index is complete
     w.finish()
     return w.summary(time.perf_counter() - t0, written, kept, tokenizer_files=copied)
+
+
+def _check_tensors(src: Path, cfg: ModelConfig, present: set[str], expected: dict) -> None:
+    """Every tensor the model needs is in the source, and every source tensor is one the model
+    consumes; else one line naming the first tensor that is not."""
+    fam = cfg.family
+    what = f"{fam.name} ({fam.architecture}{', attention_bias=true' if cfg.attention_bias else ''})"
+    unused = sorted(n for n in present - set(expected) if not n.endswith(IGNORED_SUFFIXES))
+    if unused:
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise OdysseyError(
+            f"{src}: tensor {unused[0]}{more} is not part of a {what} model; the checkpoint is another "
+            f"family or its config.json is wrong (importing it would drop the tensor), so nothing was imported"
+        )
+    missing = sorted(set(expected) - present)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise OdysseyError(f"{src}: checkpoint lacks {missing[0]}{more}; is it a complete {what} model?")
 
 
 def _read_json(path: Path) -> dict:

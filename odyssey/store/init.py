@@ -26,11 +26,14 @@ def tensor_seed(seed: int, name: str) -> int:
 
 def init_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int):
     """The usual scaled normal init: N(0, initializer_range), output projections (o_proj,
-    down_proj) scaled by 1/sqrt(2L) as in GPT-2, norm weights one. Returns fp32 (or bf16) torch."""
+    down_proj) scaled by 1/sqrt(2L) as in GPT-2, norms the identity (weights one, or zero where the
+    family scales by 1 + w), biases zero. Returns fp32 (or bf16) torch."""
     import torch
 
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
+        return torch.zeros(shape) if cfg.family.gemma_norm else torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
     std = cfg.initializer_range
     if name.endswith(("o_proj.weight", "down_proj.weight")):
         std /= math.sqrt(2 * cfg.num_hidden_layers)

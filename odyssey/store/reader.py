@@ -679,13 +679,29 @@ def paging_summary(store: Store) -> str:
     return f"{', '.join(parts)}; largest unit {format_bytes(store.max_page_bytes())} (a pager slot)"
 
 
+def _family_notes(cfg: ModelConfig) -> str:
+    """What the family and config add to a plain Llama layer, for `info` (e.g. ', RoPE llama3')."""
+    notes = []
+    if cfg.rope_scaling:
+        notes.append(f"RoPE {cfg.rope_scaling['rope_type']} x{cfg.rope_scaling['factor']:g}")
+    kinds = [cfg.layer_type(i) for i in range(cfg.num_hidden_layers)]
+    if "sliding_attention" in kinds:
+        notes.append(
+            f"sliding window {cfg.sliding_window} on {kinds.count('sliding_attention')} of {len(kinds)} layers"
+        )
+    if any(name.endswith(".bias") for name in cfg.layer_shapes(0)):
+        notes.append("projection biases")
+    return "".join(", " + n for n in notes)
+
+
 def describe(store: Store) -> str:
     """Human summary for `odyssey info`."""
     cfg = store.config
     layer_bytes = store.unit_bytes(0)
     lines = [
         f"model        {store.root}",
-        f"architecture Llama decoder: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"family       {cfg.family.name} ({cfg.family.architecture}){_family_notes(cfg)}",
+        f"architecture {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"FFN {cfg.intermediate_size}, heads {cfg.num_attention_heads} (KV {cfg.num_key_value_heads}, "
         f"head_dim {cfg.head_dim}), vocab {cfg.vocab_size}, "
         f"{'tied' if cfg.tie_word_embeddings else 'untied'} head",
