@@ -296,6 +296,9 @@ def test_config_keys_kept(imported, tmp_path):
 
 # the shapes of real checkpoints under configs/ (random init), with the real models' parameter counts
 REAL_SHAPES = {
+    "llama-3.2-1b": 1_235_814_400,
+    "tinyllama-1.1b": 1_100_048_384,
+    "smollm2-1.7b": 1_711_376_384,
     "qwen2.5-1.5b": 1_543_714_304,
     "qwen3-1.7b": 1_720_574_976,
     "gemma-3-1b": 999_885_952,
