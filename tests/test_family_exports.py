@@ -28,7 +28,8 @@ from odyssey.adapters import adapter_skeleton, read_adapter
 from odyssey.engine import Engine
 from odyssey.errors import OdysseyError
 from odyssey.export import export_model
-from odyssey.export.gguf import ROPE_FREQS, gguf_bytes, gguf_name, unpermute_qk, write_gguf
+from odyssey.export.gguf import gguf_bytes, write_gguf
+from odyssey.export.gguf_layout import ROPE_FREQS, gguf_name, unpermute_qk
 from odyssey.merge import MergedSource, merge
 from odyssey.store import Store
 from odyssey.store.importer import import_hf

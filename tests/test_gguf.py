@@ -13,16 +13,9 @@ import torch
 
 from odyssey.data import prepare_data
 from odyssey.errors import OdysseyError
-from odyssey.export.gguf import (
-    GGUF_TYPES,
-    gguf_bytes,
-    gguf_name,
-    permute_qk,
-    pre_tokenizer_name,
-    tensor_type,
-    unpermute_qk,
-    write_gguf,
-)
+from odyssey.export.gguf import gguf_bytes, write_gguf
+from odyssey.export.gguf_layout import GGUF_TYPES, gguf_name, permute_qk, tensor_type, unpermute_qk
+from odyssey.export.gguf_vocab import pre_tokenizer_name
 from odyssey.model import rope_cos_sin, rotate_half
 from odyssey.store import Store, init_store
 from tests.conftest import tiny_config
@@ -235,7 +228,7 @@ def test_pre_tokenizer_names():
     assert pre_tokenizer_name({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}) == "gpt-2"
     assert pre_tokenizer_name({"type": "Metaspace"}) is None
     assert pre_tokenizer_name(None) is None
-    from odyssey.export.gguf import LLAMA3_REGEX
+    from odyssey.export.gguf_vocab import LLAMA3_REGEX
 
     llama3 = {
         "type": "Sequence",

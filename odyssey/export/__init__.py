@@ -229,7 +229,7 @@ def export_model(
     out = Path(out)
     fmts = parse_formats(formats)
     if "gguf" in fmts or gguf_type != "f16":
-        from odyssey.export.gguf import check_gguf_type
+        from odyssey.export.gguf_layout import check_gguf_type
 
         check_gguf_type(gguf_type)
     source = open_source(model_dir, adapter)

@@ -36,8 +36,8 @@ and compares them with the index before trusting them (`checksum` explains the c
 `Store.open` checks the index fields against the headers and the index's own seal.
 
 Modules: `format` (names, units, the safetensors header codec), `checksum` (SHA-256, XXH3-128, the
-index seal), `reader` (`Store`, `verify_store`, `describe`), `writer` (`StoreWriter` and its
-journal), `init` (random init), `importer` (HF import).
+index seal), `reader` (`Store`), `inspect` (the checks when a store is opened), `summary`
+(`verify_store`, `describe`), `writer` (`StoreWriter` and its journal), `init` (random init), `importer` (HF import).
 """
 
 from odyssey.store.format import (
@@ -64,7 +64,8 @@ from odyssey.store.format import (
 )
 from odyssey.store.importer import import_hf
 from odyssey.store.init import init_store, init_tensor, tensor_seed
-from odyssey.store.reader import ChecksumMismatch, Store, describe, verify_store
+from odyssey.store.reader import ChecksumMismatch, Store
+from odyssey.store.summary import describe, verify_store
 from odyssey.store.writer import StoreWriter
 
 __all__ = [
