@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from odyssey.config import ModelConfig
+from odyssey.modelconfig import ModelConfig
 
 
 class RMSNorm(nn.Module):

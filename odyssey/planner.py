@@ -31,9 +31,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from odyssey.config import LoraSettings, ModelConfig, format_bytes
+from odyssey.config import LoraSettings, format_bytes
 from odyssey.dtypes import DTYPES, MIB, PAGE_SIZE, VOCAB_CHUNK, compute_dtype_info, numel
 from odyssey.errors import OdysseyError
+from odyssey.modelconfig import ModelConfig
 
 RUNTIME_FALLBACK = {"forward": 230 * MIB, "lora": 350 * MIB, "full": 350 * MIB}
 

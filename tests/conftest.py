@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from odyssey.config import ModelConfig
+from odyssey.modelconfig import ModelConfig
 from odyssey.runtime.allocator import quiet_threads
 
 quiet_threads()  # as the odyssey commands do, before any test imports torch

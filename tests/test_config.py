@@ -3,7 +3,6 @@ from pathlib import Path
 import pytest
 
 from odyssey.config import (
-    ModelConfig,
     TrainConfig,
     apply_overrides,
     from_dict,
@@ -12,6 +11,7 @@ from odyssey.config import (
     parse_bytes,
 )
 from odyssey.errors import OdysseyError
+from odyssey.modelconfig import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from odyssey.adapters import adapter_skeleton, inject, lora_parameters, read_adapter, save_adapter
-from odyssey.config import LoraSettings, ModelConfig
+from odyssey.config import LoraSettings
 from odyssey.engine import Engine
 from odyssey.errors import OdysseyError
 from odyssey.model import CausalLM, KVCache, rope_inv_freq
+from odyssey.modelconfig import ModelConfig
 from odyssey.store import Store
 from odyssey.store.importer import import_hf
 

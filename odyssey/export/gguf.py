@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from odyssey import atomic
-from odyssey.config import ModelConfig, format_bytes
+from odyssey.config import format_bytes
 from odyssey.dtypes import GGUF_CODES
 from odyssey.errors import OdysseyError
 from odyssey.export import DISK_MARGIN
@@ -64,6 +64,7 @@ from odyssey.export.gguf_layout import (
     rope_kind,
 )
 from odyssey.export.gguf_vocab import GGUFVocab, add_vocab, read_vocab, vocab_bytes
+from odyssey.modelconfig import ModelConfig
 from odyssey.store import drop_cache
 
 Q8_CHUNK_ELEMENTS = 1 << 22  # elements quantized per gguf.quants call: 16 MiB of f32 input

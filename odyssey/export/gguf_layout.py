@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from odyssey.config import ModelConfig
 from odyssey.dtypes import DTYPES, GGUF_CODES, numel
 from odyssey.errors import OdysseyError
+from odyssey.modelconfig import ModelConfig
 from odyssey.store import unit_shapes
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")

@@ -9,8 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from odyssey.config import ModelConfig
 from odyssey.errors import OdysseyError
+from odyssey.modelconfig import ModelConfig
 
 # Pre-tokenizer regexes (as HF tokenizer.json writes them) whose llama.cpp name we know.
 LLAMA3_REGEX = (

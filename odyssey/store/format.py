@@ -23,9 +23,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from odyssey.config import ModelConfig
 from odyssey.dtypes import PAGE_SIZE, ST_CODES, numel
 from odyssey.errors import OdysseyError
+from odyssey.modelconfig import ModelConfig
 
 FORMAT_VERSION = 1
 INDEX_NAME = "model.safetensors.index.json"

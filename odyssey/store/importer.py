@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from odyssey import atomic
-from odyssey.config import ModelConfig
 from odyssey.dtypes import DTYPES, ST_CODES, STORE_DTYPES, check_store_dtype
 from odyssey.errors import OdysseyError
+from odyssey.modelconfig import ModelConfig
 from odyssey.outputs import check_apart
 from odyssey.store.format import INDEX_NAME, read_header
 from odyssey.store.writer import StoreWriter

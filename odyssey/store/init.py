@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from odyssey import atomic
-from odyssey.config import ModelConfig
 from odyssey.dtypes import DTYPES, check_store_dtype
+from odyssey.modelconfig import ModelConfig
 from odyssey.store.writer import StoreWriter
 
 

@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from odyssey.config import ModelConfig
 from odyssey.dtypes import DTYPES, STORE_DTYPES
 from odyssey.errors import OdysseyError
+from odyssey.modelconfig import ModelConfig
 from odyssey.store.checksum import (
     BLOCKS,
     FAST,

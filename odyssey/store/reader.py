@@ -24,8 +24,8 @@ import os
 import re
 from pathlib import Path
 
-from odyssey.config import ModelConfig
 from odyssey.dtypes import ST_CODES
+from odyssey.modelconfig import ModelConfig
 from odyssey.store.checksum import (
     BLOCKS,
     FAST,

@@ -8,7 +8,8 @@ import os
 import re
 
 from odyssey import atomic
-from odyssey.config import ModelConfig, format_bytes
+from odyssey.config import format_bytes
+from odyssey.modelconfig import ModelConfig
 from odyssey.store.checksum import (
     BLOCKS,
     FAST,

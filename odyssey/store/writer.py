@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from odyssey import atomic
-from odyssey.config import ModelConfig, format_bytes
+from odyssey.config import format_bytes
 from odyssey.dtypes import DTYPES, numel
 from odyssey.errors import OdysseyError
+from odyssey.modelconfig import ModelConfig
 from odyssey.store.checksum import BLOCKS, FAST, SEAL, SHA256, BlockHasher, file_digests, index_seal, new_hasher
 from odyssey.store.format import (
     FORMAT_VERSION,
