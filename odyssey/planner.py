@@ -3,7 +3,8 @@
 Every command that takes `--ram-budget` plans first and refuses early, listing the terms, the
 smallest budget that fits and the longest sequence that fits in the given budget.
 
-Terms (bytes of anonymous memory, which is what a budget must bound):
+Terms (bytes of anonymous memory, which is what a budget must bound; the pager's pool is a shared
+mapping, `RssShmem`, counted here all the same):
 - runtime      the interpreter with torch (and peft when training) imported and torch's meta-device
                kernels loaded (the skeleton needs them), measured in-process
 - buffer pool  `slots` page-aligned buffers of the largest pager unit (pager.py): the largest
@@ -11,15 +12,23 @@ Terms (bytes of anonymous memory, which is what a budget must bound):
                (`Paging`; a 128k vocabulary no longer sizes the pool)
 - weights      one unit's base weights converted to the compute dtype (when it differs from the
                store dtype), bound for the layer being computed
-- workspace    one layer's activations: about 3d + 3f values a token without grad (the MLP's peak);
-               training recomputes with grad and keeps about three times (6d + 2kv + 4f), plus the
-               gradient flowing down
-- activations  training: every layer's saved input, L x B x T x d in the compute dtype
+- workspace    generation: one layer's activations, about 3d + 3f values a token (the MLP's peak).
+               Training: what the phase at the peak holds for a moment (`recompute_bytes`,
+               `head_bytes`): one layer recomputed with grad and its backward, or the head pass
+- activations  generation: none kept. Training: the saved layer inputs (B x T x d, compute dtype)
+               and the gradient flowing down, as many as the phase at the peak holds
 - kv cache     generation: L x 2 x B x T x kv
-- adapters     LoRA weights (fp32); training adds their gradient and two AdamW moments
-- logits       one vocabulary chunk of logits (and its softmax and gradient when training), and
-               the head pass's (B*T, d) fp32 accumulators (target rows; the gradient)
-- margin       allocator slack and fragmentation: 5 % of the rest + 16 MiB
+- adapters     LoRA weights (fp32); training adds two AdamW moments and the LoRA gradients the
+               phase at the peak holds
+- logits       generation: the last position's logits
+- margin       what the process holds beyond the terms: allocator slack and fragmentation, 5 % of
+               the rest + 16 MiB; training adds `TRAINING_SLACK` (memory outside torch's tensors)
+
+Training peaks in one of three phases of a step, and the plan is the largest (`Plan.peak` names it):
+the head pass (every saved input, no LoRA gradient yet), the backward of the last layer (every
+saved input, that layer's gradients) or that of layer 0 (one saved input, every gradient). Backward
+frees layer i's saved input as it makes layer i's gradients, so the two are never both whole; with
+grad_accum > 1 the gradients of the earlier micro-batches are whole in every phase.
 
 Below the terms, `Paging` says how the pager reads the model: slot size, the row blocks of the
 embedding and head, and the reads of one step (each head block counted; a head of more units than
@@ -36,7 +45,19 @@ from odyssey.dtypes import DTYPES, MIB, PAGE_SIZE, VOCAB_CHUNK, compute_dtype_in
 from odyssey.errors import OdysseyError
 from odyssey.modelconfig import ModelConfig
 
-RUNTIME_FALLBACK = {"forward": 230 * MIB, "lora": 350 * MIB, "full": 350 * MIB}
+# Measured (RssAnon, torch 2.13, peft 0.21.2, transformers 5.24, Linux x86-64, jemalloc or glibc): torch
+# and its meta kernels 212-215 MiB; with peft 260-266 MiB (`odyssey plan` and `odyssey train` both
+# measured 264-266 in-process). Used where no measurement can be made (not Linux).
+RUNTIME_FALLBACK = {"forward": 230 * MIB, "lora": 270 * MIB, "full": 270 * MIB}
+
+# Training's extra margin. A LoRA step holds more than its tensors: measured at the peak of steps
+# 2-8 (anonymous + pool - the terms without margin), 43-57 MiB on the six real-model shapes and
+# the 1.2B model (bf16 compute, `odyssey train`) and 30-64 MiB on the small config (fp32 and bf16).
+# jemalloc's counters split it: 24-31 MiB allocated outside torch's tensors after the first step
+# (MKL keeps 18-21 MiB of them: MKL_DISABLE_FAST_MM=1 frees those), and 10-48 MiB of freed pages
+# not yet returned (dirty_decay_ms 1000, odyssey.runtime.allocator). 5 % + 16 MiB alone fell short
+# by up to 25 MiB (small config, fp32).
+TRAINING_SLACK = 32 * MIB
 
 
 @dataclass
@@ -177,6 +198,7 @@ class Plan:
     batch_size: int = 1
     paging: Paging | None = None  # None in full mode (no pager)
     slots: int = 2
+    peak: str = ""  # training: the phase of a step the plan is sized by
 
     @property
     def total(self) -> int:
@@ -192,6 +214,8 @@ class Plan:
         for k, v in self.terms.items():
             lines.append(f"  {k:<{width}}  {format_bytes(v):>12}")
         lines.append(f"  {'total':<{width}}  {format_bytes(self.total):>12}")
+        if self.peak:
+            lines.append(f"  (the peak of a step: {self.peak})")
         if self.budget is not None:
             verdict = "fits" if self.fits else "DOES NOT FIT"
             lines.append(
@@ -212,6 +236,7 @@ class Plan:
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
             "slots": self.slots,
+            "peak": self.peak,
             "paging": self.paging.to_json() if self.paging is not None else None,
         }
 
@@ -233,6 +258,89 @@ def lora_parameter_count(cfg: ModelConfig, lora: LoraSettings) -> int:
     if "lm_head" in lora.targets:
         total += lora.r * (d + cfg.vocab_size)
     return total
+
+
+def recompute_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, lora: LoraSettings) -> int:
+    """Bytes live at the peak of one layer's recompute backward (engine.train_step): the layer run
+    again with grad from its saved input, then `autograd.backward`. `tokens` = B x T.
+
+    Measured with torch's profiler (live tensors of its CPU allocator) on one layer of each of the
+    six real-model shapes under configs/ (LoRA r=16 on every projection, seq 256/512/1024): the peak
+    is at the start of down_proj's backward, every tensor the recompute saved still alive. Per token
+    (d hidden, q = heads x head_dim, kv, f intermediate, ci the compute itemsize):
+      2 RMSNorm inputs in fp32 (x.float(), saved by pow and mul; Gemma 3: 4)      2d x 4
+      q/k norms' inputs in fp32 (Qwen3, Gemma 3)                                (q + kv) x 4
+      q, k after RoPE, v, SDPA's output, o_proj's input; gate, act(gate), up;
+      the layer's output (held until backward returns)                    (3q + 2kv + 3f + d) x ci
+      LoRA's input to lora_A in fp32: below fp32 compute PEFT casts a copy
+      for each target (5d + q + f); in fp32 the tensors themselves (2d + f)            x 4
+      down_proj's backward: two (T, f) fp32 gradients on the LoRA path                  2f x 4
+      rank-r activations and their gradients (7 targets), SDPA's log-sum-exp,
+      per-row statistics of the norms                                     56r + 4 heads + 256
+    bf16 compute, seq 512: measured 232,522 B a token for Llama-3.2-1B (formula 232,704),
+    224,826 Qwen2.5-1.5B (224,944), 210,090 Qwen3-1.7B (210,112), 181,457 Gemma-3-1B (185,744),
+    185,418 TinyLlama-1.1B (185,600), 238,666 SmolLM2-1.7B (238,848); within 0.3 % of that a token
+    at seq 256 and 1024 (and 64 for two of them). fp32 compute: the formula is 5-9 % above what was
+    measured. Fewer LoRA targets keep fewer copies, so all seven are counted; LoRA dropout adds its
+    output (fp32) and mask per target; a sliding window shorter than the sequence adds SDPA's (T, T)
+    boolean mask. The engine's step profiled on a SmolLM2-1.7B store peaks as one layer in RAM does
+    (116.5 MiB, seq 512); tests/test_planner.py measures a small layer of each family."""
+    d, q, kv, f = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    fam, ci = cfg.family, compute_itemsize
+    lora_inputs = 5 * d + q + f  # the inputs of q, k, v, gate, up (d each), o_proj (q), down_proj (f)
+    per_token = (4 if fam.sandwich_norms else 2) * d * 4
+    if fam.qk_norm:
+        per_token += (q + kv) * 4
+    per_token += (3 * q + 2 * kv + 3 * f + d) * ci
+    per_token += (lora_inputs if ci < 4 else 2 * d + f) * 4
+    per_token += 2 * f * 4
+    per_token += 2 * 7 * lora.r * 4 + cfg.num_attention_heads * 4 + 256
+    if lora.dropout > 0:
+        per_token += lora_inputs * (4 + 1)
+    mask = 0
+    windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
+    if any(w is not None and w < seq_len for w in windows):
+        mask = seq_len * seq_len
+    return tokens * per_token + mask
+
+
+def head_bytes(cfg: ModelConfig, tokens: int, compute_itemsize: int) -> int:
+    """Bytes live at the peak of the training head pass (engine.OnlineCrossEntropy over N = B x T
+    rows), beyond the saved inputs and the last layer's output: per vocabulary chunk of C rows,
+    the logits and their exponentials (N, C) fp32, three at once while `exp(l - m)` runs; the
+    gradient's `e @ Wc.float()` needs the chunk in fp32 (C, d) (below fp32 compute: a copy; in fp32
+    the chunk is the slot's view or the `weights` term's copy), with (N, d) fp32: G, G x alpha,
+    e @ Wc, the target rows and the final norm's fp32 input, and the norm's output. Measured with
+    torch's profiler, d 2048, seq 512, bf16: 118.0 MiB (formula 118.0); fp32: 60.0 beyond the
+    chunk (60.0)."""
+    d, ci = cfg.hidden_size, compute_itemsize
+    C = min(VOCAB_CHUNK, cfg.vocab_size)
+    rows = 8 * 4  # (N,) fp32: the running max and sum, their updates, the target mask
+    at_exp = tokens * (3 * C * 4 + 3 * d * 4 + rows)
+    at_grad = (C * d * 4 if ci < 4 else 0) + tokens * (2 * C * 4 + 5 * d * 4 + d * ci + rows)
+    return max(at_exp, at_grad)
+
+
+def training_peak(
+    cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, lora: LoraSettings, grad_accum: int = 1
+) -> tuple[str, int, int, int]:
+    """The phase of a LoRA step that holds the most: (its name, workspace, activations, LoRA
+    gradient bytes). Activations: saved layer inputs (B, T, d) in the compute dtype, plus the
+    last layer's output in the head pass or the gradient flowing down in backward. Backward
+    frees layer i's saved input as layer i's LoRA gradients appear (zero_grad(set_to_none) at
+    the end of each step); with grad_accum > 1 every gradient is already there from the first
+    micro-batch."""
+    L = cfg.num_hidden_layers
+    a = tokens * cfg.hidden_size * compute_itemsize
+    grads = lora_parameter_count(cfg, lora) * 4
+    earlier = grads if grad_accum > 1 else 0
+    recompute = recompute_bytes(cfg, tokens, seq_len, compute_itemsize, lora)
+    phases = [
+        ("the head pass", head_bytes(cfg, tokens, compute_itemsize), (L + 1) * a, earlier),
+        (f"the backward of layer {L - 1}", recompute, (L + 1) * a, earlier or grads // L),
+        ("the backward of layer 0", recompute, 2 * a, grads),
+    ]
+    return max(phases, key=lambda p: p[1] + p[2] + p[3])
 
 
 def measured_runtime(mode: str) -> int:
@@ -266,9 +374,10 @@ def plan(
     lora: LoraSettings | None = None,
     budget: int | None = None,
     runtime: int | None = None,
+    grad_accum: int = 1,
 ) -> Plan:
     """The plan of a run of `cfg`; `paging` from the store (`paging_for_store`), else as `odyssey
-    init` would write it."""
+    init` would write it. `grad_accum`: micro-batches a training step sums gradients over."""
     d, f, kv, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_size, cfg.num_hidden_layers, cfg.vocab_size)
     B, T = batch_size, seq_len
     BT = B * T
@@ -278,6 +387,7 @@ def plan(
     if paging is None:
         paging = paging_for_config(cfg, store_itemsize)
     terms: dict[str, int] = {}
+    peak = ""
     terms["runtime"] = runtime if runtime is not None else measured_runtime(mode)
     per_token = 6 * d + 2 * kv + 4 * f  # values live in one layer's forward
     if mode == "full":
@@ -294,16 +404,18 @@ def plan(
             terms["workspace"] = BT * (3 * d + 3 * f) * ci  # no grad: the MLP's peak is live
             terms["kv cache"] = L * 2 * BT * kv * ci
             terms["logits"] = B * V * ci * 2
+            if lora is not None:
+                terms["adapters"] = lora_parameter_count(cfg, lora) * 4
         else:
-            terms["workspace"] = BT * per_token * ci * 3 + BT * d * ci * 2
-            terms["activations"] = L * BT * d * ci
-            terms["logits"] = BT * VOCAB_CHUNK * 4 * 3 + BT * d * 4 * 2  # + target rows and gradient (N, d)
-        if lora is not None:
-            n = lora_parameter_count(cfg, lora)
-            terms["adapters + AdamW" if mode == "lora" else "adapters"] = n * 4 * (4 if mode == "lora" else 1)
+            settings = lora if lora is not None else LoraSettings()
+            peak, workspace, activations, grads = training_peak(cfg, BT, T, ci, settings, grad_accum)
+            terms["workspace"] = workspace
+            terms["activations"] = activations
+            if lora is not None:  # weights and two AdamW moments, fp32, and the gradients at the peak
+                terms["adapters + AdamW"] = lora_parameter_count(cfg, lora) * 4 * 3 + grads
     rest = sum(terms.values())
-    terms["margin"] = int(rest * 0.05) + 16 * MIB
-    return Plan(mode, terms, budget, seq_len, batch_size, None if mode == "full" else paging, slots)
+    terms["margin"] = int(rest * 0.05) + 16 * MIB + (TRAINING_SLACK if mode != "forward" else 0)
+    return Plan(mode, terms, budget, seq_len, batch_size, None if mode == "full" else paging, slots, peak)
 
 
 def plan_for_store(
@@ -317,6 +429,7 @@ def plan_for_store(
     lora: LoraSettings | None = None,
     budget: int | None = None,
     runtime: int | None = None,
+    grad_accum: int = 1,
 ) -> Plan:
     """A plan with the sizes read from an opened store."""
     if compute_dtype is not None and not isinstance(compute_dtype, str):  # a torch.dtype
@@ -338,6 +451,7 @@ def plan_for_store(
         lora=lora,
         budget=budget,
         runtime=runtime,
+        grad_accum=grad_accum,
     )
 
 

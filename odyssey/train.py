@@ -346,6 +346,7 @@ def check_plan(store, cfg: TrainConfig, budget: int):
         compute_dtype=cfg.compute_dtype,
         lora=cfg.lora if cfg.mode == "lora" else None,
         budget=budget,
+        grad_accum=cfg.grad_accum,
     )
 
 

@@ -263,7 +263,8 @@ def _option_cases():
         yield f"generate-{flag}={value}", [*g, "--prompt-ids", "1,2", flag, value], flag if value != "1MiB" else None
     p = ["plan", "--model", S]
     bad_plan = [("--seq-len", "-5"), ("--seq-len", "0"), ("--batch-size", "0"), ("--lora-r", "0"), ("--slots", "0"),
-                ("--ram-budget", "-1GiB"), ("--ram-budget", "2XB"), ("--mode", "half")]  # fmt: skip
+                ("--grad-accum", "0"), ("--ram-budget", "-1GiB"), ("--ram-budget", "2XB"),
+                ("--mode", "half")]  # fmt: skip
     for flag, value in bad_plan:
         yield f"plan-{flag}={value}", [*p, flag, value], flag
     yield "plan-too-small", [*p, "--ram-budget", "8MiB"], "too small"

@@ -24,8 +24,9 @@ def small_store(tmp_path_factory):
 
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 def test_estimate_matches_measured_peak_on_small_config(small_store, compute):
-    """The forward plan against the measured peak anonymous RSS of a real generation, on both compute
-    paths whatever this CPU would pick (ODYSSEY_COMPUTE_DTYPE forces the path planned and measured).
+    """The forward plan against the measured peak of a real generation (anonymous memory + the
+    pager's pool, a shared mapping), on both compute paths whatever this CPU would pick
+    (ODYSSEY_COMPUTE_DTYPE forces the path planned and measured).
 
     The plan is an upper bound: every pager slot is counted at the largest unit, because over a long
     run that unit can land in any slot. The tied embedding (47 MiB against 12 MiB layers) is read
@@ -50,12 +51,40 @@ def test_estimate_matches_measured_peak_on_small_config(small_store, compute):
     terms = r["plan_bytes"] - reserve - r["terms"]["margin"]
     tight = r["measured_bytes"] / terms
     print(
-        f"small, seq 512, {compute}: measured {r['measured_bytes'] / MIB:.0f} MiB, plan {r['plan_bytes'] / MIB:.0f} "
+        f"small, seq 512, {compute}: measured {r['measured_bytes'] / MIB:.0f} MiB (anonymous "
+        f"{r['anon_bytes'] / MIB:.0f}), plan {r['plan_bytes'] / MIB:.0f} "
         f"MiB (ratio {r['ratio']}), its terms without margin and slot reserve {terms / MIB:.0f} MiB "
         f"(ratio {tight:.3f})"
     )
     assert r["measured_bytes"] <= r["plan_bytes"], r
     assert 0.85 <= tight <= 1.15, (tight, r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_lora_plan_covers_measured_peak_on_small_config(small_store, compute):
+    """Two LoRA steps (r=16, seq 512, batch 1) on the small config, the second with AdamW's moments:
+    the measured peak (anonymous + pool) stays under the plan, and not far under it. Measured here
+    (seven runs): fp32 450-478 MiB against a plan of 483 (451 without TRAINING_SLACK, which is why
+    it is there); bf16 422-431 against 460."""
+    env = {**os.environ, "ODYSSEY_COMPUTE_DTYPE": compute}
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tools/plan_accuracy.py"), str(small_store), "512", "lora", "16"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+        env=env,
+    )
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    print(
+        f"small LoRA, seq 512, {compute}: measured {r['measured_bytes'] / MIB:.0f} MiB (anonymous "
+        f"{r['anon_bytes'] / MIB:.0f}), plan {r['plan_bytes'] / MIB:.0f} MiB (ratio {r['ratio']}), peak in "
+        f"{r['peak']}, steps {r['step_s']} s"
+    )
+    assert r["measured_bytes"] <= r["plan_bytes"], r
+    assert r["ratio"] >= 0.85, r
 
 
 def test_lora_parameter_count_matches_formula():
@@ -141,3 +170,152 @@ def test_plan_for_a_store_reads_its_blocks(tmp_path):
         assert p.terms["buffer pool"] == pager.pool_bytes
     assert (p.paging.embed_blocks, p.paging.head_blocks, p.paging.embed_rows) == (36, 36, 7)
     assert p.to_json()["paging"]["head_blocks"] == 36
+
+
+# --- the training terms against what torch holds, and the six real-model shapes at 1 GiB ---
+
+SMALL_FAMILIES = {  # a real config scaled down, keeping what its family adds to a layer
+    "smollm2-1.7b": dict(num_key_value_heads=4),  # llama, as many key/value heads as query heads
+    "qwen3-1.7b": dict(num_key_value_heads=2, layer_types=None),  # per-head q/k norms
+    "gemma-3-1b": dict(  # four norms, GeGLU, q/k norms, a window shorter than the sequence
+        num_key_value_heads=1,
+        query_pre_attn_scalar=64,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+}
+
+
+def live_peak_bytes(fn) -> int:
+    """Peak bytes of the tensors `fn` allocates and holds at once (torch's profiler, which records
+    every allocation and free of its CPU allocator; what existed before `fn` is not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action  # private, but torch is pinned (pyproject)
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        fn()
+    live, now, peak = {}, 0, 0
+    for t, action, (key, version), nbytes in p._memory_profile().timeline:
+        if t == -1 or key.device.type != "cpu":
+            continue
+        if action == Action.CREATE:
+            live[(key, version)] = nbytes
+            now += nbytes
+        elif action == Action.INCREMENT_VERSION and (key, version) in live:
+            live[(key, version + 1)] = live.pop((key, version))
+        elif action == Action.DESTROY and (key, version) in live:
+            now -= live.pop((key, version))
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.parametrize("compute", ["bf16", "fp32"])
+@pytest.mark.parametrize("name", list(SMALL_FAMILIES))
+def test_training_workspace_covers_what_torch_holds(name, compute):
+    """One decoder layer of each family (LoRA r=16 on the seven projections, as PEFT injects them)
+    recomputed with grad from a saved input and backpropagated as `Engine.train_step` does, and the
+    head pass of `Engine.loss_and_grad_x`: the live tensors at their peaks stay under the planner's
+    `recompute_bytes` and `head_bytes`, within 10 % in bf16 (the formula keeps fp32's extra copies
+    whatever the dtype, 5-9 % above in fp32 on the real shapes)."""
+    import dataclasses
+    import types
+
+    import torch
+    from torch import nn
+
+    from odyssey.adapters import inject
+    from odyssey.engine import Engine
+    from odyssey.model import DecoderLayer, RMSNorm, rope_tables
+    from odyssey.planner import head_bytes, recompute_bytes
+
+    cfg = load_model_config(ROOT / f"configs/{name}.yaml")
+    dims = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, head_dim=64, num_hidden_layers=2)
+    cfg = dataclasses.replace(cfg, vocab_size=16384, **dims, **SMALL_FAMILIES[name])
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[compute]
+    T, d, lora = 128, cfg.hidden_size, LoraSettings(r=16)
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.layer = DecoderLayer(cfg, 0).to(dt)
+    inject(holder, lora)
+    for mod in holder.modules():  # lora_B nonzero, as after a step
+        if hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_B", {}):
+            nn.init.normal_(mod.lora_B["default"].weight, std=0.01)
+    rope = rope_tables(cfg, torch.arange(T), dt)
+    x, g = torch.randn(1, T, d).to(dt), torch.randn(1, T, d).to(dt)
+
+    def layer_backward():
+        xi = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            torch.autograd.backward(holder.layer(xi, rope), g)
+        assert xi.grad is not None and holder.layer.mlp.down_proj.lora_A["default"].weight.grad is not None
+
+    W = (torch.randn(cfg.vocab_size, d) * 0.02).to(dt)  # the head rows, store dtype = compute dtype
+    norm = RMSNorm(d, cfg.rms_norm_eps, cfg.family.gemma_norm).to(dt).requires_grad_(False)
+    targets = torch.randint(0, cfg.vocab_size, (1, T))
+
+    def head_pass():
+        rows = lambda: ((v0, W[v0 : v0 + 8192]) for v0 in range(0, cfg.vocab_size, 8192))  # noqa: E731
+        loss, gx = Engine.loss_and_grad_x(types.SimpleNamespace(dtype=dt), x, targets, norm, rows)
+        assert gx.shape == x.shape and loss > 0
+
+    layer_backward()  # once before measuring: first calls allocate caches of their own
+    ci = dt.itemsize
+    for what, fn, planned in (
+        ("recompute", layer_backward, recompute_bytes(cfg, T, T, ci, lora)),
+        ("head", head_pass, head_bytes(cfg, T, ci)),
+    ):
+        held = live_peak_bytes(fn)
+        print(f"{name} {compute} {what}: torch holds {held / MIB:.2f} MiB, planned {planned / MIB:.2f} MiB")
+        assert held <= planned, (what, held, planned)
+        if compute == "bf16":
+            assert planned <= 1.10 * held, (what, held, planned)
+
+
+def test_training_plan_is_sized_by_its_largest_phase():
+    """Backward frees each saved input as the LoRA gradients of its layer appear: a step peaks in
+    the backward of layer 0 (every gradient, one saved input) or of the last layer or in the head
+    pass (every saved input); with grad_accum > 1 the gradients are whole in every phase."""
+    cfg = load_model_config(ROOT / "configs/smollm2-1.7b.yaml")
+    lora = LoraSettings(r=16)
+
+    def p(seq_len=512, **kw):
+        return plan(cfg, mode="lora", seq_len=seq_len, compute_itemsize=2, lora=lora, runtime=0, **kw)
+
+    grads = lora_parameter_count(cfg, lora) * 4
+    one, four = p(), p(grad_accum=4)
+    assert one.peak == "the backward of layer 0" and one.terms["activations"] == 2 * 512 * 2048 * 2
+    assert one.terms["adapters + AdamW"] == 4 * grads and "the backward of layer 0" in one.table()
+    assert four.peak == "the head pass" and four.terms["activations"] == 25 * 512 * 2048 * 2
+    assert four.terms["adapters + AdamW"] == 4 * grads and four.total > one.total
+    long = p(batch_size=2, seq_len=4096)  # activations outgrow the gradients
+    assert long.peak != "the backward of layer 0" and long.terms["activations"] == 25 * 8192 * 2048 * 2
+
+
+# Measured peaks of `odyssey train` (LoRA r=16, seq 512, batch 1, bf16 compute, 3 steps; anonymous
+# memory + the pager's pool, sampled every 3 ms from outside) on this kind of machine, MiB.
+MEASURED_1GIB = {
+    "llama-3.2-1b": 835,
+    "qwen2.5-1.5b": 895,
+    "qwen3-1.7b": 887,
+    "gemma-3-1b": 711,
+    "tinyllama-1.1b": 790,
+    "smollm2-1.7b": 966,
+}
+
+
+@pytest.mark.parametrize(
+    "name", ["llama-3.2-1b", "qwen2.5-1.5b", "qwen3-1.7b", "gemma-3-1b", "tinyllama-1.1b", "smollm2-1.7b"]
+)
+def test_real_model_shapes_plan_lora_under_1gib_in_bf16(name):
+    """Issue 16: `odyssey plan` says each of the six real-model shapes fits 1 GiB for LoRA r=16 at
+    seq 512, batch 1, bf16 compute; planned from the config with the runtime pinned to the
+    planner's measured fallback (what torch and peft cost), so the verdict does not depend on what
+    this test process imported. Each plan stays at or above the measured peak of a real run."""
+    from odyssey.planner import RUNTIME_FALLBACK
+
+    cfg = load_model_config(ROOT / f"configs/{name}.yaml")
+    p = plan(cfg, mode="lora", seq_len=512, lora=LoraSettings(r=16), compute_itemsize=2,
+             runtime=RUNTIME_FALLBACK["lora"], budget=1 << 30)  # fmt: skip
+    print(f"{name}: plan {p.total / MIB:.0f} MiB, peak in {p.peak}")
+    assert p.fits, p.table()
+    assert p.total >= MEASURED_1GIB[name] * MIB, p.table()

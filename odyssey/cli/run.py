@@ -30,6 +30,9 @@ def add_plan_parser(sub) -> None:
     s.add_argument("--seq-len", type=count(1), default=512)
     s.add_argument("--batch-size", type=count(1), default=1)
     s.add_argument("--lora-r", type=count(1), default=16)
+    s.add_argument(
+        "--grad-accum", type=count(1), default=1, help="micro-batches a step sums gradients over (train's grad_accum)"
+    )
     s.add_argument("--slots", type=count(1), default=2, help="pager buffer slots")
     s.add_argument("--compute-dtype", default="auto", choices=list(COMPUTE_DTYPES))
     s.set_defaults(func=cmd_plan)
@@ -51,6 +54,7 @@ def cmd_plan(args) -> int:
         budget=ram_budget_arg(args),
         lora=LoraSettings(r=args.lora_r) if args.mode == "lora" else None,
         compute_dtype=args.compute_dtype,
+        grad_accum=args.grad_accum,
         show=lambda p: print(f"{p.table()}\n{compute}"),
     )
     return 0

@@ -24,6 +24,8 @@ class ProcessMemory:
     """RssFile + RssShmem: file-backed pages mapped into the process."""
     peak_bytes: int
     """VmHWM: peak total RSS since the process started."""
+    shmem_bytes: int = 0
+    """RssShmem, part of file_bytes: shared anonymous mappings, such as the pager's buffer pool."""
 
     @property
     def rss_bytes(self) -> int:
@@ -47,7 +49,10 @@ def process_memory(pid: int | None = None) -> ProcessMemory:
         info = psutil.Process(pid).memory_info()
         return ProcessMemory(info.rss, 0, info.rss)
     return ProcessMemory(
-        fields["RssAnon"], fields.get("RssFile", 0) + fields.get("RssShmem", 0), fields.get("VmHWM", 0)
+        fields["RssAnon"],
+        fields.get("RssFile", 0) + fields.get("RssShmem", 0),
+        fields.get("VmHWM", 0),
+        fields.get("RssShmem", 0),
     )
 
 
@@ -120,14 +125,15 @@ def tree_pids(pid: int, exclude: frozenset[int] = frozenset()) -> list[int]:
 def tree_memory(pid: int, exclude: frozenset[int] = frozenset()) -> ProcessMemory:
     """Summed over `pid` and its descendants (the trainer may spawn workers), leaving out
     `exclude` and what is below it (the guard is the trainer's child and must not count itself)."""
-    anon = file = peak = 0
+    anon = file = peak = shmem = 0
     for p in tree_pids(pid, exclude):
         try:
             m = process_memory(p)
         except Exception:  # gone between listing and reading (ProcessLookupError, psutil's errors)
             continue
         anon, file, peak = anon + m.anon_bytes, file + m.file_bytes, max(peak, m.peak_bytes)
-    return ProcessMemory(anon, file, peak)
+        shmem += m.shmem_bytes
+    return ProcessMemory(anon, file, peak, shmem)
 
 
 def system_available_bytes() -> int:
@@ -166,7 +172,8 @@ def cgroup_usage_bytes(pid: int) -> tuple[int, int | None] | None:
 
 
 class PeakSampler:
-    """Samples this process's anonymous RSS on a thread every `interval_s`; `.peak_bytes` is the max.
+    """Samples this process's anonymous RSS on a thread every `interval_s`; `.peak_bytes` is the max,
+    `.peak_with_shmem_bytes` the max of anonymous + shared (RssShmem: the pager's pool) at one sample.
 
     with PeakSampler() as s:
         work()
@@ -177,13 +184,15 @@ class PeakSampler:
         self.interval_s = interval_s
         self.pid = pid
         self.peak_bytes = 0
+        self.peak_with_shmem_bytes = 0
         self._stop = None
         self._thread = None
 
     def sample(self) -> int:
-        anon = process_memory(self.pid).anon_bytes
-        self.peak_bytes = max(self.peak_bytes, anon)
-        return anon
+        m = process_memory(self.pid)
+        self.peak_bytes = max(self.peak_bytes, m.anon_bytes)
+        self.peak_with_shmem_bytes = max(self.peak_with_shmem_bytes, m.anon_bytes + m.shmem_bytes)
+        return m.anon_bytes
 
     def __enter__(self) -> PeakSampler:
         import threading
