@@ -31,7 +31,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def import_hf(
     src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None, force: bool = False, progress: bool = True
 ) -> dict:
-    """Convert an HF Llama-family checkpoint (single or sharded safetensors) into a store, one
+    """Convert an HF checkpoint of a supported family (single or sharded safetensors) into a store, one
     layer at a time through memory maps (never the whole model in RAM)."""
     from safetensors import safe_open
 
