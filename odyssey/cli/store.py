@@ -37,7 +37,7 @@ def cmd_init(args) -> int:
 
 
 def add_import_parser(sub) -> None:
-    s = parser_for(sub, "import", "convert a Hugging Face checkpoint (llama, mistral, qwen2, qwen3, gemma3) into a store")
+    s = parser_for(sub, "import", "convert a Hugging Face checkpoint (llama mistral qwen2 qwen3 gemma3) to a store")
     s.add_argument("src", help="HF model directory (config.json + safetensors)")
     add_store_out_options(s, None, "default: keep the source dtype")
     s.set_defaults(func=cmd_import)
