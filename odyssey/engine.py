@@ -3,7 +3,8 @@
 The model is a `CausalLM` skeleton (any family of `odyssey.families`) on the `meta` device
 (optionally with PEFT LoRA adapters, whose weights are real and stay resident). For each unit the
 pager hands over, the frozen base weights are bound to the skeleton as
-`nn.Parameter(view, requires_grad=False)`, converted to the compute dtype when that differs from the store dtype — used, and unbound.
+`nn.Parameter(view, requires_grad=False)` (converted to the compute dtype when that differs from
+the store dtype), used, and unbound.
 
 Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 
