@@ -38,7 +38,6 @@ from odyssey.outputs import check_apart
 from odyssey.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     MIN_VOCAB_SIZE,
-    SPECIAL_TOKENS,
     TOKENIZER_FILES,
     ModelTokenizer,
     hf_side_files,
@@ -169,7 +168,7 @@ def _check_options(
     if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
         raise OdysseyError(
             f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
-            f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}"
+            f"{MIN_VOCAB_SIZE - 256} special tokens), got {vocab_size}"
         )
     if vocab_size is not None and tokenizer_dir is not None:
         raise OdysseyError("--vocab-size trains a new tokenizer and --tokenizer reuses one; give only one")
