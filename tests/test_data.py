@@ -73,13 +73,13 @@ def test_read_documents_txt_jsonl_and_directories(tmp_path):
     "case, expect",
     [
         ("missing", "does not exist"),
-        ("empty_dir", "holds no .txt or .jsonl files"),
+        ("empty_dir", "holds no .txt, .jsonl, .json, .parquet or .csv files"),
         ("only_separators", "no documents found"),
         ("jsonl_no_text", 'c.jsonl:2 has no "text" field'),
         ("jsonl_bad_json", "c.jsonl:1 is not valid JSON"),
         ("jsonl_text_not_str", '"text" is int, not a string'),
         ("not_utf8", "is not UTF-8 text"),
-        ("wrong_suffix", "neither .txt nor .jsonl"),
+        ("wrong_suffix", "is not .txt, .jsonl, .json, .parquet or .csv"),
     ],
 )
 def test_read_documents_errors(tmp_path, case, expect):
@@ -88,7 +88,7 @@ def test_read_documents_errors(tmp_path, case, expect):
         "empty_dir": tmp_path / "empty",
         "only_separators": tmp_path / "e.txt",
         "not_utf8": tmp_path / "l.txt",
-        "wrong_suffix": tmp_path / "x.csv",
+        "wrong_suffix": tmp_path / "x.tsv",
     }.get(case, tmp_path / "c.jsonl")
     if case == "empty_dir":
         target.mkdir()

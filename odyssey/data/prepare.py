@@ -32,6 +32,7 @@ import numpy as np
 from odyssey import atomic
 from odyssey.atomic import atomic_open, write_json
 from odyssey.data.corpus import EOT_LINE, corpus_files, iter_documents
+from odyssey.data.formats import Keys, resolve_formats
 from odyssey.data.tokens import FORMAT, FORMAT_VERSION, SPLITS, TokenWriter, token_dtype
 from odyssey.errors import OdysseyError
 from odyssey.outputs import check_apart
@@ -48,7 +49,10 @@ from odyssey.tokenizer import (
     write_tokenizer_files,
 )
 
-OUTPUT_FILES = TOKENIZER_FILES + ("train.bin", "val.bin", "manifest.json")  # what a data directory holds
+EXAMPLE_FILES = ("train.mask", "val.mask", "train.idx", "val.idx")  # the examples layout's, beside S.bin
+OUTPUT_FILES = (
+    TOKENIZER_FILES + ("train.bin", "val.bin", "manifest.json") + EXAMPLE_FILES
+)  # what a data directory holds
 _ENCODE_BATCH_DOCS = 1024  # documents per encode call (the Rust side encodes them in parallel)
 _ENCODE_BATCH_CHARS = 4_000_000  # ... or fewer, so a batch of long documents stays a few MB
 
@@ -64,8 +68,20 @@ def prepare_data(
     force: bool = False,
     progress: bool = True,
     replace_tokenizer: bool = False,
+    data_format: str = "auto",
+    chat_template: str | os.PathLike | None = None,
+    mask_prompt: bool = True,
+    train_on: str = "all",
+    seq_len: int = 512,
+    too_long: str = "truncate",
+    prompt_key: str = "prompt",
+    completion_key: str = "completion",
 ) -> dict:
     """Tokenize a corpus into `out` (see the package docstring for the layout); return a summary.
+
+    Conversations (chat, completions, alpaca data; `data_format` auto-detects them per file) go
+    to the examples layout through odyssey.data.examples, with the options after `replace_tokenizer`
+    (see `prepare_examples`); text keeps the stream layout.
 
     Tokenizer: `tokenizer_dir`'s (any Hugging Face fast tokenizer: a checkpoint folder, a store, a
     data directory) if given; else the model store's if it has one and no `vocab_size` is asked
@@ -94,6 +110,8 @@ def prepare_data(
     _check_out(out, force)
     files = corpus_files(inputs)
     label = ", ".join(str(p) for p in inputs)
+    keys = Keys(prompt_key, completion_key)
+    file_formats = resolve_formats(files, data_format, keys, chat_template)
 
     def check(chosen: _ChosenTokenizer) -> None:  # as soon as the tokenizer exists, before reading on
         if chosen.tok.eos_id is None:
@@ -104,8 +122,23 @@ def prepare_data(
         if model is not None:
             model.check_tokenizer(chosen.tok.vocab_size, chosen, replace_tokenizer)
 
+    if set(file_formats.values()) != {"text"}:
+        from odyssey.data.examples import prepare_examples
+
+        return prepare_examples(
+            Job(inputs, out, files, label, file_formats, keys, tokenizer_dir, vocab_size, model, check),
+            dict(val_fraction=val_fraction, seed=seed, progress=progress, replace_tokenizer=replace_tokenizer),
+            chat_template=chat_template,
+            mask_prompt=mask_prompt,
+            train_on=train_on,
+            seq_len=seq_len,
+            too_long=too_long,
+            t0=t0,
+        )
+
     # --- pass 1: the tokenizer (trained, or loaded and the documents counted) ---
-    with _choose_tokenizer(files, label, tokenizer_dir, vocab_size, model, progress, check) as (chosen, n_docs):
+    docs = lambda: iter_documents(files, label)  # noqa: E731
+    with _choose_tokenizer(docs, tokenizer_dir, vocab_size, model, progress, check) as (chosen, n_docs):
         tok = chosen.tok
         vocab = tok.vocab_size
         if n_docs < 2:
@@ -126,6 +159,7 @@ def prepare_data(
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
+                "layout": "stream",
                 "dtype": dtype.name,
                 "vocab_size": vocab,
                 "bos_id": tok.bos_id,
@@ -335,10 +369,43 @@ class _Counted:
             yield d
 
 
+@dataclass(frozen=True)
+class Job:
+    """What prepare_data has checked and found, handed to the examples layout's driver."""
+
+    inputs: list[Path]
+    out: Path
+    files: list[Path]
+    label: str
+    file_formats: dict[Path, str]
+    keys: Keys
+    tokenizer_dir: str | os.PathLike | None
+    vocab_size: int | None
+    model: _ModelStore | None
+    check: Callable[[_ChosenTokenizer], None]
+
+
+def _source_dir(
+    tokenizer_dir: str | os.PathLike | None, vocab_size: int | None, model: _ModelStore | None
+) -> Path | None:
+    """The directory of the tokenizer to load (see `prepare_data`), None to train one."""
+    if tokenizer_dir is not None:
+        return _tokenizer_source(Path(tokenizer_dir))
+    if vocab_size is None and model is not None and model.has_tokenizer:
+        return model.root
+    return None
+
+
+def _loaded(source: Path, check: Callable[[_ChosenTokenizer], None]) -> _ChosenTokenizer:
+    tok = load_model_tokenizer(source)
+    chosen = _ChosenTokenizer(tok, read_tokenizer_files(source), str(tok.path))
+    check(chosen)
+    return chosen
+
+
 @contextlib.contextmanager
 def _choose_tokenizer(
-    files: list[Path],
-    label: str,
+    documents: Callable[[], Iterator[str]],
     tokenizer_dir: str | os.PathLike | None,
     vocab_size: int | None,
     model: _ModelStore | None,
@@ -346,23 +413,31 @@ def _choose_tokenizer(
     check: Callable[[_ChosenTokenizer], None],
 ) -> Iterator[tuple[_ChosenTokenizer, int]]:
     """The tokenizer (see `prepare_data`), given to `check` as soon as it exists, and the number of
-    documents in the corpus: one pass over it."""
-    source = None
-    if tokenizer_dir is not None:
-        source = _tokenizer_source(Path(tokenizer_dir))
-    elif vocab_size is None and model is not None and model.has_tokenizer:
-        source = model.root
+    documents in the corpus: one pass over `documents()`."""
+    source = _source_dir(tokenizer_dir, vocab_size, model)
     if source is not None:
-        tok = load_model_tokenizer(source)
-        chosen = _ChosenTokenizer(tok, read_tokenizer_files(source), str(tok.path))
-        check(chosen)
-        docs = _Counted(iter_documents(files, label))
+        chosen = _loaded(source, check)
+        docs = _Counted(documents())
         for _ in docs:
             pass
         yield chosen, docs.n
         return
+    docs = _Counted(documents())
+    with _trained(docs, vocab_size, model, progress, check) as chosen:
+        yield chosen, docs.n
+
+
+@contextlib.contextmanager
+def _trained(
+    docs: Iterable[str],
+    vocab_size: int | None,
+    model: _ModelStore | None,
+    progress: bool,
+    check: Callable[[_ChosenTokenizer], None],
+) -> Iterator[_ChosenTokenizer]:
+    """A byte-level BPE trained on `docs`, loaded back from its files (in a temporary directory,
+    alive while the block runs), given to `check`."""
     target = vocab_size or (model.vocab_size if model is not None else None) or DEFAULT_VOCAB_SIZE
-    docs = _Counted(iter_documents(files, label))
     shown: Iterable[str] = docs
     if progress:
         from tqdm import tqdm
@@ -378,7 +453,7 @@ def _choose_tokenizer(
             load_model_tokenizer(tmp), tok_files, f"trained (byte-level BPE, asked {target})", True
         )
         check(chosen)
-        yield chosen, docs.n
+        yield chosen
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,7 +479,7 @@ def _output_dir(out: Path, tok_files: dict[str, bytes]) -> Iterator[list[Path]]:
     atomic.remove_stale_temps(out, OUTPUT_FILES)  # left by a killed prepare-data
     with contextlib.suppress(FileNotFoundError):
         (out / "manifest.json").unlink()  # a stale manifest must not vouch for new token files
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES + EXAMPLE_FILES:  # EXAMPLE_FILES: the caller writes them again, or none
         if name not in tok_files:
             with contextlib.suppress(FileNotFoundError):
                 (out / name).unlink()  # e.g. the chat template of the tokenizer used last time
