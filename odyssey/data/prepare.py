@@ -13,13 +13,16 @@ that tokenizer adds one) followed by that tokenizer's EOS. A store that has a to
 given another one silently: a different tokenizer (given, or trained with --vocab-size) goes into
 it only with `replace_tokenizer` (--replace-tokenizer), and only when its vocabulary fits the model.
 No torch is imported (transformers' tokenizer classes do not need it).
+
+Conversations (chat, completions, alpaca records; odyssey.data.formats) take the same checks and
+the same tokenizer choice, then odyssey.data.examples writes the examples layout (a tokenizer
+trained here is trained on the examples as their chat template renders them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -33,6 +36,7 @@ from odyssey import atomic
 from odyssey.atomic import atomic_open, write_json
 from odyssey.data.corpus import EOT_LINE, corpus_files, iter_documents
 from odyssey.data.formats import Keys, resolve_formats
+from odyssey.data.modelstore import ModelStore
 from odyssey.data.tokens import FORMAT, FORMAT_VERSION, SPLITS, TokenWriter, token_dtype
 from odyssey.errors import OdysseyError
 from odyssey.outputs import check_apart
@@ -96,7 +100,7 @@ def prepare_data(
     inputs = [Path(p) for p in inputs]
     out = Path(out)
     _check_options(vocab_size, tokenizer_dir, val_fraction, model_store, replace_tokenizer)
-    model = _ModelStore.open(Path(model_store), vocab_size) if model_store is not None else None
+    model = ModelStore.open(Path(model_store), vocab_size) if model_store is not None else None
     if model is not None:
         model.check_request(vocab_size, replace_tokenizer)
     tok_file = None  # the input is the tokenizer file (--tokenizer names it or its directory)
@@ -252,99 +256,6 @@ def _tokenizer_source(path: Path) -> Path:
     return directory
 
 
-def _too_big(tok_vocab: int, model_vocab: int, trained: bool) -> OdysseyError:
-    fix = (
-        f"use --vocab-size <= {model_vocab}"
-        if trained
-        else "use the tokenizer the model was made for (e.g. --tokenizer of the checkpoint it came from)"
-    )
-    return OdysseyError(f"tokenizer vocabulary {tok_vocab} is larger than the model's {model_vocab}; {fix}")
-
-
-@dataclass
-class _ModelStore:
-    """The model store the data is prepared for (`--model`): its config.json, and its tokenizer
-    (tokenizer.json and the side files) if it has one already."""
-
-    root: Path
-    config: dict
-    has_tokenizer: bool
-
-    @classmethod
-    def open(cls, root: Path, vocab_size: int | None) -> _ModelStore:
-        """Read `root`'s config.json; refuse an asked `vocab_size` larger than the model's."""
-        config = _read_model_config(root)
-        if vocab_size is not None and vocab_size > config["vocab_size"]:
-            raise _too_big(vocab_size, config["vocab_size"], trained=True)
-        return cls(root, config, (root / "tokenizer.json").is_file())
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config["vocab_size"]
-
-    def check_request(self, vocab_size: int | None, replace: bool) -> None:
-        """Before any work: training a new tokenizer (`vocab_size`) for a store that has one is
-        refused unless `replace`."""
-        if self.has_tokenizer and vocab_size is not None and not replace:
-            raise OdysseyError(
-                f"model store {self.root} already has a tokenizer, and its data must use it: drop "
-                f"--vocab-size to tokenize with it, or pass --replace-tokenizer to train a new one "
-                f"in its place (the model then has to learn the new tokens)"
-            )
-
-    def check_tokenizer(self, vocab: int, chosen: _ChosenTokenizer, replace: bool) -> None:
-        """Refuse a tokenizer larger than the model's vocabulary, or one that differs from the
-        store's own unless asked to `replace` it."""
-        if vocab > self.vocab_size:
-            raise _too_big(vocab, self.vocab_size, trained=chosen.trained)
-        if self.has_tokenizer and not replace and not self.holds(chosen):
-            raise OdysseyError(
-                f"model store {self.root} already has a different tokenizer, and its data must use it: "
-                f"drop --tokenizer to tokenize with the store's, or pass --replace-tokenizer to put "
-                f"{chosen.origin} in its place"
-            )
-
-    def holds(self, chosen: _ChosenTokenizer) -> bool:
-        """The store's tokenizer.json is the chosen one (same JSON)."""
-        try:
-            mine = json.loads((self.root / "tokenizer.json").read_bytes())
-        except (OSError, ValueError):
-            return False
-        return mine == json.loads(chosen.files["tokenizer.json"])
-
-    def add_tokenizer(self, chosen: _ChosenTokenizer, tok: ModelTokenizer) -> None:
-        """Give the store the chosen tokenizer's files (when it has none, or replaces its own), so it
-        tokenizes (generate, export to GGUF) exactly as the data; warn where config.json's bos/eos
-        ids differ from the tokenizer's."""
-        if self.has_tokenizer and self.holds(chosen):
-            return  # the store's own: left as it is
-        atomic.remove_stale_temps(self.root, TOKENIZER_FILES)  # left by a killed prepare-data
-        gone = [n for n in TOKENIZER_FILES if n not in chosen.files and (self.root / n).is_file()]
-        for name in gone:  # a replaced tokenizer's files that the new one lacks (its chat template...)
-            (self.root / name).unlink()
-        write_tokenizer_files(chosen.files, self.root, [])
-        if self.has_tokenizer:
-            print(f"replaced the tokenizer of {self.root} with {chosen.origin}")
-        for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
-            if self.config.get(key) is not None and value is not None and self.config[key] != value:
-                print(f"warning: {self.root}/config.json has {key}={self.config[key]}, the tokenizer has {value}")
-
-
-def _read_model_config(store: Path) -> dict:
-    cfg = store / "config.json"
-    if not cfg.is_file():
-        raise OdysseyError(
-            f"model store {store} has no config.json; create it with `odyssey init` or pass the right --model"
-        )
-    try:
-        config = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OdysseyError(f"{cfg} is not valid JSON ({e}); recreate the store with `odyssey init`") from None
-    if not isinstance(config, dict) or not isinstance(config.get("vocab_size"), int):
-        raise OdysseyError(f"{cfg} has no integer vocab_size; recreate the store with `odyssey init`")
-    return config
-
-
 # --------------------------------------------------------------------------------------------
 # pass 1: the tokenizer
 
@@ -381,12 +292,12 @@ class Job:
     keys: Keys
     tokenizer_dir: str | os.PathLike | None
     vocab_size: int | None
-    model: _ModelStore | None
+    model: ModelStore | None
     check: Callable[[_ChosenTokenizer], None]
 
 
 def _source_dir(
-    tokenizer_dir: str | os.PathLike | None, vocab_size: int | None, model: _ModelStore | None
+    tokenizer_dir: str | os.PathLike | None, vocab_size: int | None, model: ModelStore | None
 ) -> Path | None:
     """The directory of the tokenizer to load (see `prepare_data`), None to train one."""
     if tokenizer_dir is not None:
@@ -408,7 +319,7 @@ def _choose_tokenizer(
     documents: Callable[[], Iterator[str]],
     tokenizer_dir: str | os.PathLike | None,
     vocab_size: int | None,
-    model: _ModelStore | None,
+    model: ModelStore | None,
     progress: bool,
     check: Callable[[_ChosenTokenizer], None],
 ) -> Iterator[tuple[_ChosenTokenizer, int]]:
@@ -431,7 +342,7 @@ def _choose_tokenizer(
 def _trained(
     docs: Iterable[str],
     vocab_size: int | None,
-    model: _ModelStore | None,
+    model: ModelStore | None,
     progress: bool,
     check: Callable[[_ChosenTokenizer], None],
 ) -> Iterator[_ChosenTokenizer]:
