@@ -315,3 +315,52 @@ def test_a_bad_record_through_the_real_cli(tmp_path, chatml):
     p = run_cli("prepare-data", src, "--out", tmp_path / "out", "--tokenizer", chatml, "--quiet")
     assert_user_error(p, f"{src}:3", "no assistant turn")
     assert not (tmp_path / "out").exists()
+
+
+def _old_store(root: Path, extra_rows: int) -> tuple[Path, int]:
+    """A store whose tokenizer was trained before <|im_start|>/<|im_end|> were reserved."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from odyssey.store import init_store
+    from odyssey.tokenizer import hf_side_files
+    from tests.conftest import tiny_config
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([q + " " + a for q, a in QA] * 3, trainer)
+    n = tok.get_vocab_size()
+    init_store(tiny_config(vocab_size=n + extra_rows), root, dtype="f32", progress=False)
+    tok.save(str(root / "tokenizer.json"))
+    for name, data in hf_side_files().items():
+        (root / name).write_bytes(data)
+    return root, n
+
+
+def test_an_older_store_tokenizer_gets_the_chatml_tokens_or_a_refusal(tmp_path, capsys):
+    from odyssey.data.templates import DEFAULT_TEMPLATE, load_chat_template
+
+    src = _write(tmp_path / "c.jsonl", _records("chat"))
+    full, n = _old_store(tmp_path / "full", 0)
+    before = _tree(full)
+    code = cli.main(["prepare-data", str(src), "--out", str(tmp_path / "o1"), "--model", str(full), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no room" in err[0] and "--chat-template FILE" in err[0], err
+    assert _tree(full) == before and not (tmp_path / "o1").exists()
+
+    roomy, n = _old_store(tmp_path / "roomy", 2)
+    old = json.loads((roomy / "tokenizer.json").read_text())["model"]["vocab"]
+    assert cli.main(["prepare-data", str(src), "--out", str(tmp_path / "o2"), "--model", str(roomy), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"added <|im_start|> (id {n}), <|im_end|> (id {n + 1}) to its tokenizer" in out
+    t = load_chat_template(roomy)
+    assert t.source == DEFAULT_TEMPLATE and not t.added_tokens and t.eot_ids[0] == n + 1
+    assert json.loads((roomy / "tokenizer.json").read_text())["model"]["vocab"] == old  # every old id kept
+    assert (tmp_path / "o2" / "tokenizer.json").read_bytes() == (roomy / "tokenizer.json").read_bytes()
+    m = json.loads((tmp_path / "o2" / "manifest.json").read_text())
+    assert m["vocab_size"] == n + 2 and m["eot_ids"][0] == n + 1
