@@ -110,17 +110,15 @@ def prepare_examples(
     with _tokenizer(job, examples, chat_template, progress) as chosen:
         model_vocab = model.vocab_size if model is not None else None
         template = load_chat_template(chosen.tok.directory, chat_template, model_vocab, tok=chosen.tok)
-        tok = template.tok
-        if model is not None and tok.vocab_size > model.vocab_size:
-            job.check(_ChosenTokenizer(tok, chosen.files, chosen.origin, chosen.trained))  # one line
+        tok = template.tok  # the chosen one (checked against the model), or it with the ChatML tokens that fit
         encode = _encoder(template, train_on, mask_prompt, seq_len, too_long)
         keep, stats = _count(examples(), encode, n_records, progress)
         n = int(keep.sum())
         if stats["trained_tokens"] == 0:
             raise OdysseyError(
                 f"no example of {job.label} keeps a trained token (the mask leaves nothing to train on; "
-                f"{stats['dropped']} dropped at --seq-len {seq_len}); raise --seq-len, use --too-long truncate "
-                f"or --train-on all"
+                f"{stats['dropped']} of {n_records} dropped at --seq-len {seq_len}); raise --seq-len or use "
+                f"--too-long truncate"
             )
         if n < 2:
             raise OdysseyError(
