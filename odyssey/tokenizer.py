@@ -6,8 +6,9 @@ Two kinds of tokenizer reach Odyssey, and both are used exactly as `transformers
   Llama 3, Qwen and SmolLM2, or SentencePiece-derived as in TinyLlama, Llama 2 and Gemma, with its
   own rules: a BOS only where the tokenizer adds one, its own EOS;
 - one trained here (`train_tokenizer`): a byte-level BPE (GPT-2 byte-to-unicode tokens + merges)
-  with <unk> = 0, <s> = 1 (bos, added), </s> = 2 (eos), written with `tokenizer_config.json` and
-  `special_tokens_map.json` so that it loads the same way.
+  with <unk> = 0, <s> = 1 (bos, added), </s> = 2 (eos), and the default chat template's
+  <|im_start|> and <|im_end|> (CHAT_TOKENS) as the last two ids, written with
+  `tokenizer_config.json` and `special_tokens_map.json` so that it loads the same way.
 
 `load_model_tokenizer(DIR)` loads a tokenizer with the class `transformers.AutoTokenizer` picks for
 DIR (the `tokenizer_class` of tokenizer_config.json, with AutoTokenizer's own corrections), but
@@ -34,8 +35,10 @@ if TYPE_CHECKING:  # imported lazily: importing this module costs no `tokenizers
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"  # ids 0, 1, 2 in a tokenizer trained here
 SPECIAL_TOKENS = [UNK, BOS, EOS]
+# the default chat template's (ChatML, odyssey.data.templates): reserved as the last ids of a tokenizer trained here
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 DEFAULT_VOCAB_SIZE = 8192
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte is a token, plus the special tokens
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + len(CHAT_TOKENS)  # every byte is a token, plus the special tokens
 # the tokenizer files a model store or data directory may hold (copied byte for byte with the weights)
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -72,26 +75,28 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a byte-level BPE (GPT-2 style: ByteLevel pre-tokenizer and decoder, no normalizer).
 
-    Ids 0, 1, 2 are <unk>, <s>, </s>; then the 256 byte tokens, then merges, up to `vocab_size`
-    (fewer if the corpus has no more pairs to merge). Any text round-trips exactly, Korean included.
+    Ids 0, 1, 2 are <unk>, <s>, </s>; then the 256 byte tokens, then merges, then <|im_start|> and
+    <|im_end|> (CHAT_TOKENS, special), `vocab_size` in all (fewer if the corpus has no more pairs to
+    merge). Any text round-trips exactly, Korean included.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < MIN_VOCAB_SIZE:
         raise OdysseyError(
             f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
-            f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}"
+            f"{len(SPECIAL_TOKENS) + len(CHAT_TOKENS)} special tokens), got {vocab_size}"
         )
     tok = Tokenizer(models.BPE())  # byte-level: every byte has a token, so no <unk> is ever produced
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(CHAT_TOKENS),
         special_tokens=SPECIAL_TOKENS,
         show_progress=progress,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )  # all 256 bytes, seen or not
     tok.train_from_iterator(documents, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS])  # after the merges
     # Like Llama's tokenizer, plain `encode(text)` (and HF `tokenizer(text)`) starts with <s>.
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]

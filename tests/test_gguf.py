@@ -134,7 +134,11 @@ def test_f32_round_trip_metadata_tensors_and_tokenizer(store, tmp_path):
     assert tokens[:3] == ["<unk>", "<s>", "</s>"] and "Ġ" in tokens  # GPT-2 byte-to-unicode form
     assert tokens[TOKENIZER_VOCAB:] == [f"[PAD{i}]" for i in range(TOKENIZER_VOCAB, MODEL_VOCAB)]
     T = gguf.TokenType
-    assert types == [T.CONTROL] * 3 + [T.NORMAL] * (TOKENIZER_VOCAB - 3) + [T.UNUSED] * (MODEL_VOCAB - TOKENIZER_VOCAB)
+    # <unk> <s> </s>, the BPE, then the chat template's <|im_start|> <|im_end|> (special: CONTROL too)
+    assert tokens[TOKENIZER_VOCAB - 2 : TOKENIZER_VOCAB] == ["<|im_start|>", "<|im_end|>"]
+    assert types == [T.CONTROL] * 3 + [T.NORMAL] * (TOKENIZER_VOCAB - 5) + [T.CONTROL] * 2 + [T.UNUSED] * (
+        MODEL_VOCAB - TOKENIZER_VOCAB
+    )
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     assert merges and f["tokenizer.ggml.merges"] == merges
 

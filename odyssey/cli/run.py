@@ -208,9 +208,11 @@ def launch_ranks(nproc: int) -> int:
 
 def add_prepare_data_parser(sub) -> None:
     s = parser_for(
-        sub, "prepare-data", "tokenize .txt/.jsonl text into token files with the model's tokenizer (or a new BPE)"
+        sub,
+        "prepare-data",
+        "tokenize text or conversations (chat, completions, alpaca) into token files with the model's tokenizer",
     )
-    s.add_argument("inputs", nargs="+", help=".txt or .jsonl files or directories")
+    s.add_argument("inputs", nargs="+", help=".txt, .jsonl, .json, .parquet or .csv files, or directories")
     s.add_argument("--out", required=True, help="data directory to write")
     s.add_argument(
         "--vocab-size", type=count(1), help="train a byte-level BPE of this size (default: the model's, else 8192)"
@@ -233,6 +235,36 @@ def add_prepare_data_parser(sub) -> None:
     s.add_argument("--seed", type=count(0), default=0)
     s.add_argument("--force", action="store_true", help="write into a non-empty --out")
     s.add_argument("--quiet", action="store_true")
+    g = s.add_argument_group("conversations (chat, completions, alpaca data)")
+    g.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "chat", "completions", "alpaca", "text"],
+        help="the data format; auto: each file's first record decides (messages, prompt/completion, "
+        "instruction/output, text)",
+    )
+    g.add_argument(
+        "--chat-template",
+        metavar="FILE|none",
+        help="a Jinja chat template file instead of the tokenizer's own (default ChatML where it has none); "
+        "none: prompt + completion + EOS, no template",
+    )
+    g.add_argument(
+        "--no-mask-prompt",
+        dest="mask_prompt",
+        action="store_false",
+        help="train on every token, not only the answers (with their end-of-turn token)",
+    )
+    g.add_argument("--train-on", default="all", choices=["all", "last"], help="the assistant turns trained on")
+    g.add_argument(
+        "--seq-len",
+        type=count(1),
+        default=512,
+        help="longest example, in tokens (+1): longer ones are truncated or dropped (--too-long)",
+    )
+    g.add_argument("--too-long", default="truncate", choices=["truncate", "drop"], help="what to do with a longer one")
+    g.add_argument("--prompt-key", default="prompt", help="the completions format's prompt key")
+    g.add_argument("--completion-key", default="completion", help="the completions format's completion key")
     s.set_defaults(func=cmd_prepare_data)
 
 
@@ -251,6 +283,14 @@ def cmd_prepare_data(args) -> int:
         force=args.force,
         progress=not args.quiet,
         replace_tokenizer=args.replace_tokenizer,
+        data_format=args.format,
+        chat_template=args.chat_template,
+        mask_prompt=args.mask_prompt,
+        train_on=args.train_on,
+        seq_len=args.seq_len,
+        too_long=args.too_long,
+        prompt_key=args.prompt_key,
+        completion_key=args.completion_key,
     )
     return 0
 

@@ -20,10 +20,17 @@ Nothing holds all token ids in RAM: documents are encoded in batches and appende
 and training reads them back through `np.memmap`. Every file is written under a temporary name
 and renamed; the manifest comes last, so a directory without one is unfinished.
 
-    corpus.py    reading documents from .txt / .jsonl files
-    tokens.py    the token files and manifest: format, writer, reader (`TokenData`), unigram baseline
-    sampler.py   (x, y) batches of windows: `BatchSampler` (training), `eval_batches`
-    prepare.py   `prepare_data`, the whole job of `odyssey prepare-data`
+Conversations (chat, completions and alpaca data) are stored in the examples layout instead:
+per split S.bin, S.mask (a uint8 loss mask per token) and S.idx (example offsets), each example
+rendered by its chat template (see examples.py and templates.py).
+
+    corpus.py     reading documents from .txt / .jsonl / .json / .parquet / .csv files
+    formats.py    records of .jsonl / .json / .parquet / .csv files: chat, completions, alpaca, text
+    templates.py  chat templates (transformers' apply_chat_template), end-of-turn ids, loss masks
+    tokens.py     the token files and manifest: format, writer, reader (`TokenData`), unigram baseline
+    sampler.py    (x, y) batches of windows: `BatchSampler` (training), `eval_batches`
+    prepare.py    `prepare_data`, the whole job of `odyssey prepare-data`; examples.py: its examples
+                  layout; modelstore.py: the --model store it prepares data for
 The tokenizer itself (training, loading, special tokens) is `odyssey.tokenizer`.
 """
 

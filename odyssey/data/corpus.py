@@ -1,7 +1,9 @@
-"""Reading a corpus: the documents of .txt and .jsonl files, in a fixed order, one at a time.
+"""Reading a corpus: the documents of .txt, .jsonl, .json, .parquet and .csv files, in a fixed order.
 
 Corpus files: `.txt` (documents separated by lines `<|endoftext|>`, or by blank lines when the
-file has no such line, TinyStories style) and `.jsonl` (one JSON object with a "text" per line).
+file has no such line, TinyStories style), `.jsonl` (one JSON object with a "text" per line), and
+`.json`, `.parquet`, `.csv` records with a "text" (odyssey.data.formats, which also reads the
+conversation formats of these files).
 Named directories are searched recursively (hidden entries skipped). Documents are yielded as
 the files are read, so a corpus larger than RAM streams through.
 """
@@ -16,14 +18,16 @@ from pathlib import Path
 from odyssey.errors import OdysseyError
 
 EOT_LINE = "<|endoftext|>"  # a .txt line that separates documents
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+_NAMES = ".txt, .jsonl, .json, .parquet or .csv"
 
 
 def corpus_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """The .txt/.jsonl files named by `inputs` (files, or directories searched recursively)."""
+    """The corpus files (SUFFIXES) named by `inputs` (files, or directories searched recursively)."""
     files: list[Path] = []
     inputs = [Path(p) for p in inputs]
     if not inputs:
-        raise OdysseyError("no corpus given; name .txt/.jsonl files or directories holding them")
+        raise OdysseyError(f"no corpus given; name {_NAMES} files or directories holding them")
     for path in inputs:
         if not path.exists():
             raise OdysseyError(f"corpus path {path} does not exist; check the path given to prepare-data")
@@ -31,22 +35,22 @@ def corpus_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             found = sorted(
                 f
                 for f in path.rglob("*")
-                if f.suffix in (".txt", ".jsonl")
+                if f.suffix in SUFFIXES
                 and f.is_file()
                 and not any(part.startswith(".") for part in f.relative_to(path).parts)
             )
             if not found:
                 raise OdysseyError(
-                    f"directory {path} holds no .txt or .jsonl files; add text files (documents "
-                    f'separated by {EOT_LINE} lines or blank lines) or .jsonl files with a "text" field'
+                    f"directory {path} holds no {_NAMES} files; add text files (documents "
+                    f"separated by {EOT_LINE} lines or blank lines) or .jsonl/.json/.parquet/.csv records"
                 )
             files.extend(found)
-        elif path.suffix in (".txt", ".jsonl"):
+        elif path.suffix in SUFFIXES:
             files.append(path)
         else:
             raise OdysseyError(
-                f"corpus file {path} is neither .txt nor .jsonl; rename it (.txt: plain text, "
-                f'.jsonl: one JSON object with a "text" field per line)'
+                f"corpus file {path} is not {_NAMES}; rename it (.txt: plain text, .jsonl: one JSON "
+                f"object per line, .json: an array of objects, .parquet/.csv: one record per row)"
             )
     unique, seen = [], set()
     for f in files:  # the same file named twice (or a file inside a named directory) counts once
@@ -95,12 +99,18 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
                 yield text
 
 
+def _record_documents(path: Path) -> Iterator[str]:
+    from odyssey.data.formats import Keys, iter_texts
+
+    return iter_texts(path, Keys())
+
+
 def iter_documents(files: list[Path], inputs_label: str) -> Iterator[str]:
     """Yield the documents of `files` (from `corpus_files`) in order; `inputs_label` names the corpus
     in the error raised when it holds no document at all. Each call reads the files again."""
     n = 0
     for path in files:
-        reader = _jsonl_documents if path.suffix == ".jsonl" else _txt_documents
+        reader = {".jsonl": _jsonl_documents, ".txt": _txt_documents}.get(path.suffix, _record_documents)
         try:
             for doc in reader(path):
                 n += 1

@@ -13,13 +13,16 @@ that tokenizer adds one) followed by that tokenizer's EOS. A store that has a to
 given another one silently: a different tokenizer (given, or trained with --vocab-size) goes into
 it only with `replace_tokenizer` (--replace-tokenizer), and only when its vocabulary fits the model.
 No torch is imported (transformers' tokenizer classes do not need it).
+
+Conversations (chat, completions, alpaca records; odyssey.data.formats) take the same checks and
+the same tokenizer choice, then odyssey.data.examples writes the examples layout (a tokenizer
+trained here is trained on the examples as their chat template renders them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -32,13 +35,14 @@ import numpy as np
 from odyssey import atomic
 from odyssey.atomic import atomic_open, write_json
 from odyssey.data.corpus import EOT_LINE, corpus_files, iter_documents
+from odyssey.data.formats import Keys, resolve_formats
+from odyssey.data.modelstore import ModelStore
 from odyssey.data.tokens import FORMAT, FORMAT_VERSION, SPLITS, TokenWriter, token_dtype
 from odyssey.errors import OdysseyError
 from odyssey.outputs import check_apart
 from odyssey.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     MIN_VOCAB_SIZE,
-    SPECIAL_TOKENS,
     TOKENIZER_FILES,
     ModelTokenizer,
     hf_side_files,
@@ -49,7 +53,10 @@ from odyssey.tokenizer import (
     write_tokenizer_files,
 )
 
-OUTPUT_FILES = TOKENIZER_FILES + ("train.bin", "val.bin", "manifest.json")  # what a data directory holds
+EXAMPLE_FILES = ("train.mask", "val.mask", "train.idx", "val.idx")  # the examples layout's, beside S.bin
+OUTPUT_FILES = (
+    TOKENIZER_FILES + ("train.bin", "val.bin", "manifest.json") + EXAMPLE_FILES
+)  # what a data directory holds
 _ENCODE_BATCH_DOCS = 1024  # documents per encode call (the Rust side encodes them in parallel)
 _ENCODE_BATCH_CHARS = 4_000_000  # ... or fewer, so a batch of long documents stays a few MB
 
@@ -65,8 +72,20 @@ def prepare_data(
     force: bool = False,
     progress: bool = True,
     replace_tokenizer: bool = False,
+    data_format: str = "auto",
+    chat_template: str | os.PathLike | None = None,
+    mask_prompt: bool = True,
+    train_on: str = "all",
+    seq_len: int = 512,
+    too_long: str = "truncate",
+    prompt_key: str = "prompt",
+    completion_key: str = "completion",
 ) -> dict:
     """Tokenize a corpus into `out` (see the package docstring for the layout); return a summary.
+
+    Conversations (chat, completions, alpaca data; `data_format` auto-detects them per file) go
+    to the examples layout through odyssey.data.examples, with the options after `replace_tokenizer`
+    (see `prepare_examples`); text keeps the stream layout.
 
     Tokenizer: `tokenizer_dir`'s (any Hugging Face fast tokenizer: a checkpoint folder, a store, a
     data directory) if given; else the model store's if it has one and no `vocab_size` is asked
@@ -81,7 +100,7 @@ def prepare_data(
     inputs = [Path(p) for p in inputs]
     out = Path(out)
     _check_options(vocab_size, tokenizer_dir, val_fraction, model_store, replace_tokenizer)
-    model = _ModelStore.open(Path(model_store), vocab_size) if model_store is not None else None
+    model = ModelStore.open(Path(model_store), vocab_size) if model_store is not None else None
     if model is not None:
         model.check_request(vocab_size, replace_tokenizer)
     tok_file = None  # the input is the tokenizer file (--tokenizer names it or its directory)
@@ -95,6 +114,8 @@ def prepare_data(
     _check_out(out, force)
     files = corpus_files(inputs)
     label = ", ".join(str(p) for p in inputs)
+    keys = Keys(prompt_key, completion_key)
+    file_formats = resolve_formats(files, data_format, keys, chat_template)
 
     def check(chosen: _ChosenTokenizer) -> None:  # as soon as the tokenizer exists, before reading on
         if chosen.tok.eos_id is None:
@@ -105,8 +126,23 @@ def prepare_data(
         if model is not None:
             model.check_tokenizer(chosen.tok.vocab_size, chosen, replace_tokenizer)
 
+    if set(file_formats.values()) != {"text"}:
+        from odyssey.data.examples import prepare_examples
+
+        return prepare_examples(
+            Job(inputs, out, files, label, file_formats, keys, tokenizer_dir, vocab_size, model, check),
+            dict(val_fraction=val_fraction, seed=seed, progress=progress, replace_tokenizer=replace_tokenizer),
+            chat_template=chat_template,
+            mask_prompt=mask_prompt,
+            train_on=train_on,
+            seq_len=seq_len,
+            too_long=too_long,
+            t0=t0,
+        )
+
     # --- pass 1: the tokenizer (trained, or loaded and the documents counted) ---
-    with _choose_tokenizer(files, label, tokenizer_dir, vocab_size, model, progress, check) as (chosen, n_docs):
+    docs = lambda: iter_documents(files, label)  # noqa: E731
+    with _choose_tokenizer(docs, tokenizer_dir, vocab_size, model, progress, check) as (chosen, n_docs):
         tok = chosen.tok
         vocab = tok.vocab_size
         if n_docs < 2:
@@ -127,6 +163,7 @@ def prepare_data(
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
+                "layout": "stream",
                 "dtype": dtype.name,
                 "vocab_size": vocab,
                 "bos_id": tok.bos_id,
@@ -169,7 +206,7 @@ def _check_options(
     if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
         raise OdysseyError(
             f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
-            f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size}"
+            f"{MIN_VOCAB_SIZE - 256} special tokens), got {vocab_size}"
         )
     if vocab_size is not None and tokenizer_dir is not None:
         raise OdysseyError("--vocab-size trains a new tokenizer and --tokenizer reuses one; give only one")
@@ -219,99 +256,6 @@ def _tokenizer_source(path: Path) -> Path:
     return directory
 
 
-def _too_big(tok_vocab: int, model_vocab: int, trained: bool) -> OdysseyError:
-    fix = (
-        f"use --vocab-size <= {model_vocab}"
-        if trained
-        else "use the tokenizer the model was made for (e.g. --tokenizer of the checkpoint it came from)"
-    )
-    return OdysseyError(f"tokenizer vocabulary {tok_vocab} is larger than the model's {model_vocab}; {fix}")
-
-
-@dataclass
-class _ModelStore:
-    """The model store the data is prepared for (`--model`): its config.json, and its tokenizer
-    (tokenizer.json and the side files) if it has one already."""
-
-    root: Path
-    config: dict
-    has_tokenizer: bool
-
-    @classmethod
-    def open(cls, root: Path, vocab_size: int | None) -> _ModelStore:
-        """Read `root`'s config.json; refuse an asked `vocab_size` larger than the model's."""
-        config = _read_model_config(root)
-        if vocab_size is not None and vocab_size > config["vocab_size"]:
-            raise _too_big(vocab_size, config["vocab_size"], trained=True)
-        return cls(root, config, (root / "tokenizer.json").is_file())
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config["vocab_size"]
-
-    def check_request(self, vocab_size: int | None, replace: bool) -> None:
-        """Before any work: training a new tokenizer (`vocab_size`) for a store that has one is
-        refused unless `replace`."""
-        if self.has_tokenizer and vocab_size is not None and not replace:
-            raise OdysseyError(
-                f"model store {self.root} already has a tokenizer, and its data must use it: drop "
-                f"--vocab-size to tokenize with it, or pass --replace-tokenizer to train a new one "
-                f"in its place (the model then has to learn the new tokens)"
-            )
-
-    def check_tokenizer(self, vocab: int, chosen: _ChosenTokenizer, replace: bool) -> None:
-        """Refuse a tokenizer larger than the model's vocabulary, or one that differs from the
-        store's own unless asked to `replace` it."""
-        if vocab > self.vocab_size:
-            raise _too_big(vocab, self.vocab_size, trained=chosen.trained)
-        if self.has_tokenizer and not replace and not self.holds(chosen):
-            raise OdysseyError(
-                f"model store {self.root} already has a different tokenizer, and its data must use it: "
-                f"drop --tokenizer to tokenize with the store's, or pass --replace-tokenizer to put "
-                f"{chosen.origin} in its place"
-            )
-
-    def holds(self, chosen: _ChosenTokenizer) -> bool:
-        """The store's tokenizer.json is the chosen one (same JSON)."""
-        try:
-            mine = json.loads((self.root / "tokenizer.json").read_bytes())
-        except (OSError, ValueError):
-            return False
-        return mine == json.loads(chosen.files["tokenizer.json"])
-
-    def add_tokenizer(self, chosen: _ChosenTokenizer, tok: ModelTokenizer) -> None:
-        """Give the store the chosen tokenizer's files (when it has none, or replaces its own), so it
-        tokenizes (generate, export to GGUF) exactly as the data; warn where config.json's bos/eos
-        ids differ from the tokenizer's."""
-        if self.has_tokenizer and self.holds(chosen):
-            return  # the store's own: left as it is
-        atomic.remove_stale_temps(self.root, TOKENIZER_FILES)  # left by a killed prepare-data
-        gone = [n for n in TOKENIZER_FILES if n not in chosen.files and (self.root / n).is_file()]
-        for name in gone:  # a replaced tokenizer's files that the new one lacks (its chat template...)
-            (self.root / name).unlink()
-        write_tokenizer_files(chosen.files, self.root, [])
-        if self.has_tokenizer:
-            print(f"replaced the tokenizer of {self.root} with {chosen.origin}")
-        for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
-            if self.config.get(key) is not None and value is not None and self.config[key] != value:
-                print(f"warning: {self.root}/config.json has {key}={self.config[key]}, the tokenizer has {value}")
-
-
-def _read_model_config(store: Path) -> dict:
-    cfg = store / "config.json"
-    if not cfg.is_file():
-        raise OdysseyError(
-            f"model store {store} has no config.json; create it with `odyssey init` or pass the right --model"
-        )
-    try:
-        config = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OdysseyError(f"{cfg} is not valid JSON ({e}); recreate the store with `odyssey init`") from None
-    if not isinstance(config, dict) or not isinstance(config.get("vocab_size"), int):
-        raise OdysseyError(f"{cfg} has no integer vocab_size; recreate the store with `odyssey init`")
-    return config
-
-
 # --------------------------------------------------------------------------------------------
 # pass 1: the tokenizer
 
@@ -336,34 +280,75 @@ class _Counted:
             yield d
 
 
+@dataclass(frozen=True)
+class Job:
+    """What prepare_data has checked and found, handed to the examples layout's driver."""
+
+    inputs: list[Path]
+    out: Path
+    files: list[Path]
+    label: str
+    file_formats: dict[Path, str]
+    keys: Keys
+    tokenizer_dir: str | os.PathLike | None
+    vocab_size: int | None
+    model: ModelStore | None
+    check: Callable[[_ChosenTokenizer], None]
+
+
+def _source_dir(
+    tokenizer_dir: str | os.PathLike | None, vocab_size: int | None, model: ModelStore | None
+) -> Path | None:
+    """The directory of the tokenizer to load (see `prepare_data`), None to train one."""
+    if tokenizer_dir is not None:
+        return _tokenizer_source(Path(tokenizer_dir))
+    if vocab_size is None and model is not None and model.has_tokenizer:
+        return model.root
+    return None
+
+
+def _loaded(source: Path, check: Callable[[_ChosenTokenizer], None]) -> _ChosenTokenizer:
+    tok = load_model_tokenizer(source)
+    chosen = _ChosenTokenizer(tok, read_tokenizer_files(source), str(tok.path))
+    check(chosen)
+    return chosen
+
+
 @contextlib.contextmanager
 def _choose_tokenizer(
-    files: list[Path],
-    label: str,
+    documents: Callable[[], Iterator[str]],
     tokenizer_dir: str | os.PathLike | None,
     vocab_size: int | None,
-    model: _ModelStore | None,
+    model: ModelStore | None,
     progress: bool,
     check: Callable[[_ChosenTokenizer], None],
 ) -> Iterator[tuple[_ChosenTokenizer, int]]:
     """The tokenizer (see `prepare_data`), given to `check` as soon as it exists, and the number of
-    documents in the corpus: one pass over it."""
-    source = None
-    if tokenizer_dir is not None:
-        source = _tokenizer_source(Path(tokenizer_dir))
-    elif vocab_size is None and model is not None and model.has_tokenizer:
-        source = model.root
+    documents in the corpus: one pass over `documents()`."""
+    source = _source_dir(tokenizer_dir, vocab_size, model)
     if source is not None:
-        tok = load_model_tokenizer(source)
-        chosen = _ChosenTokenizer(tok, read_tokenizer_files(source), str(tok.path))
-        check(chosen)
-        docs = _Counted(iter_documents(files, label))
+        chosen = _loaded(source, check)
+        docs = _Counted(documents())
         for _ in docs:
             pass
         yield chosen, docs.n
         return
+    docs = _Counted(documents())
+    with _trained(docs, vocab_size, model, progress, check) as chosen:
+        yield chosen, docs.n
+
+
+@contextlib.contextmanager
+def _trained(
+    docs: Iterable[str],
+    vocab_size: int | None,
+    model: ModelStore | None,
+    progress: bool,
+    check: Callable[[_ChosenTokenizer], None],
+) -> Iterator[_ChosenTokenizer]:
+    """A byte-level BPE trained on `docs`, loaded back from its files (in a temporary directory,
+    alive while the block runs), given to `check`."""
     target = vocab_size or (model.vocab_size if model is not None else None) or DEFAULT_VOCAB_SIZE
-    docs = _Counted(iter_documents(files, label))
     shown: Iterable[str] = docs
     if progress:
         from tqdm import tqdm
@@ -379,7 +364,7 @@ def _choose_tokenizer(
             load_model_tokenizer(tmp), tok_files, f"trained (byte-level BPE, asked {target})", True
         )
         check(chosen)
-        yield chosen, docs.n
+        yield chosen
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,7 +390,7 @@ def _output_dir(out: Path, tok_files: dict[str, bytes]) -> Iterator[list[Path]]:
     atomic.remove_stale_temps(out, OUTPUT_FILES)  # left by a killed prepare-data
     with contextlib.suppress(FileNotFoundError):
         (out / "manifest.json").unlink()  # a stale manifest must not vouch for new token files
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES + EXAMPLE_FILES:  # EXAMPLE_FILES: the caller writes them again, or none
         if name not in tok_files:
             with contextlib.suppress(FileNotFoundError):
                 (out / name).unlink()  # e.g. the chat template of the tokenizer used last time
