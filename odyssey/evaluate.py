@@ -52,11 +52,22 @@ class EvalResult:
         )
 
 
-def read_conversations(path: Path, fmt: str = "auto", limit: int | None = None) -> list[list[dict]]:
-    """The records of `path` as conversations (lists of {"role", "content"})."""
+def read_conversations(path: Path, fmt: str = "auto", limit: int | None = None, keys=None) -> list:
+    """The records of `path` (chat, completions or alpaca: `odyssey.data.formats`, as prepare-data
+    reads them) as `formats.Example`s (messages, where), the first `limit` only."""
+    from odyssey.data.formats import Keys, file_format, iter_examples
+
+    keys = keys or Keys()
+    if not path.is_file():
+        raise OdysseyError(f"--data {path} is not a file; give a .jsonl, .json, .parquet or .csv file of records")
+    found = file_format(path, fmt, keys)
+    if found == "text":
+        raise OdysseyError(
+            f"{path} holds text, which has no answers to score; give chat, completions or alpaca records"
+        )
     out = []
-    for rec in _read_jsonl(path, fmt):
-        out.append(rec)
+    for example in iter_examples(path, found, keys):
+        out.append(example)
         if limit is not None and len(out) >= limit:
             break
     if not out:
@@ -64,13 +75,14 @@ def read_conversations(path: Path, fmt: str = "auto", limit: int | None = None) 
     return out
 
 
-def encode_examples(template, conversations: list[list[dict]], source) -> list[Example]:
-    """Each conversation's ids, answer mask and prompt; one line for a record that cannot be scored."""
+def encode_examples(template, records: list) -> list[Example]:
+    """Each record's ids, answer mask and prompt; one line naming a record that cannot be scored."""
     examples = []
-    for k, msgs in enumerate(conversations, 1):
+    for rec in records:
+        msgs = rec.messages
         if not msgs or msgs[-1].get("role") != "assistant":
             raise OdysseyError(
-                f"{source}: record {k} does not end with an assistant turn, so it has no reference answer; "
+                f"{rec.where} does not end with an assistant turn, so it has no reference answer; "
                 f"end every record with the answer to score"
             )
         ids, mask = template.encode_example(msgs, train_on="last", mask_prompt=True)
@@ -79,7 +91,7 @@ def encode_examples(template, conversations: list[list[dict]], source) -> list[E
         else:
             prompt = template.encode(msgs[:-1], add_generation_prompt=True)
         if not any(mask):
-            raise OdysseyError(f"{source}: record {k} has no answer token to score; give it a non-empty answer")
+            raise OdysseyError(f"{rec.where} has no answer token to score; give it a non-empty answer")
         examples.append(Example(msgs, ids, mask, prompt, str(msgs[-1].get("content", ""))))
     return examples
 
@@ -134,39 +146,3 @@ def write_rows(path, rows: list[dict]) -> None:
     from odyssey.atomic import write_text
 
     write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def _read_jsonl(path: Path, fmt: str):
-    """Chat, completions and alpaca records of a .jsonl (or .json list) file as conversations: the
-    reading eval needs until prepare-data's readers (odyssey.data.formats) serve it."""
-    if not path.is_file():
-        raise OdysseyError(f"--data {path} is not a file; give a .jsonl file of records")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except ValueError as e:
-            raise OdysseyError(f"{path} is not valid JSON ({e}); give a list of records") from None
-        lines = list(enumerate(records if isinstance(records, list) else [records], 1))
-    else:
-        lines = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    lines.append((n, json.loads(line)))
-                except ValueError as e:
-                    raise OdysseyError(f"{path}:{n} is not a JSON object ({e}); one record per line") from None
-    for n, rec in lines:
-        keys = sorted(rec) if isinstance(rec, dict) else []
-        if fmt in ("auto", "chat") and isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-            yield [{"role": m.get("role"), "content": m.get("content")} for m in rec["messages"]]
-        elif fmt in ("auto", "completions") and "prompt" in keys and "completion" in keys:
-            yield [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
-        elif fmt in ("auto", "alpaca") and "instruction" in keys and "output" in keys:
-            q = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-            yield [{"role": "user", "content": q}, {"role": "assistant", "content": rec["output"]}]
-        else:
-            raise OdysseyError(
-                f"{path}:{n} fits no {fmt if fmt != 'auto' else 'chat, completions or alpaca'} record "
-                f"(keys found: {', '.join(keys) or 'none'}); give messages, prompt/completion or instruction/output"
-            )

@@ -161,51 +161,6 @@ def answer_labels(tok, messages) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([full]), torch.tensor([labels])
 
 
-def test_eval_matches_a_computation_by_hand(chatml, tmp_path):
-    store, hf, tok, _ = chatml
-    _, right = hf_greedy(hf, tok, [{"role": "user", "content": QUESTION}])
-    records = [
-        {"prompt": QUESTION, "completion": right},
-        {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"},
-                      {"role": "assistant", "content": "Hello there."}]},
-        {"instruction": "Name a color.", "output": "blue"},
-    ]  # fmt: skip
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = tmp_path / "answers.jsonl"
-    p = run_cli(
-        "eval", "--model", store, "--data", data, "--compute-dtype", "fp32", "--max-new-tokens", MAX_NEW,
-        "--out", out, "--quiet",
-    )  # fmt: skip
-    assert p.returncode == 0, p.stderr
-    conversations = [
-        [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": right}],
-        records[1]["messages"],
-        [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "blue"}],
-    ]
-    nll = count = 0.0
-    with torch.no_grad():
-        for conv in conversations:
-            ids, labels = answer_labels(tok, conv)
-            n = int((labels[0, 1:] != -100).sum())
-            nll += float(hf(ids, labels=labels).loss) * n
-            count += n
-    m = re.search(r"eval: 3 examples, loss on answers ([\d.]+) over (\d+) tokens .* exact match (\d+)/3", p.stdout)
-    assert m, p.stdout
-    assert abs(float(m[1]) - nll / count) < 2e-4 and int(m[2]) == count
-    assert int(m[3]) == 1 + sum(hf_greedy(hf, tok, c[:-1])[1].strip() == c[-1]["content"] for c in conversations[1:])
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["reference"] for r in rows] == [right, "Hello there.", "blue"]
-    assert rows[0]["exact"] is True and rows[0]["answer"] == right and rows[1]["question"] == "Hi?"
-    # --limit
-    p = run_cli("eval", "--model", store, "--data", data, "--limit", "1", "--quiet")
-    assert p.returncode == 0 and "eval: 1 examples" in p.stdout, p.stderr
-
-
-# --------------------------------------------------------------------------------------------
-# bad input: one line, exit 2
-
-
 def odyssey(capsys, *args) -> subprocess.CompletedProcess:
     """`odyssey ARGS` in this process (a refusal needs no fresh interpreter): exit status, stderr."""
     from odyssey.cli import main
@@ -214,6 +169,65 @@ def odyssey(capsys, *args) -> subprocess.CompletedProcess:
     rc = main([str(a) for a in args])
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+
+def hand_loss(hf, tok, conversations) -> tuple[float, int]:
+    """transformers' mean loss over the last answers' tokens (labels -100 elsewhere), token-weighted."""
+    nll = count = 0.0
+    with torch.no_grad():
+        for conv in conversations:
+            ids, labels = answer_labels(tok, conv)
+            n = int((labels[0, 1:] != -100).sum())
+            nll += float(hf(ids, labels=labels).loss) * n
+            count += n
+    return nll / count, int(count)
+
+
+EVAL_LINE = r"eval: (\d+) examples, loss on answers ([\d.]+) over (\d+) tokens .* exact match (\d+)/(\d+)"
+
+
+def test_eval_matches_a_computation_by_hand(chatml, tmp_path, capsys):
+    store, hf, tok, _ = chatml
+    _, right = hf_greedy(hf, tok, [{"role": "user", "content": QUESTION}])
+    pairs = [(QUESTION, right), ("Hi?", "Hello there."), ("Name a color.", "blue")]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in pairs))
+    out = tmp_path / "answers.jsonl"
+    p = run_cli(
+        "eval", "--model", store, "--data", data, "--compute-dtype", "fp32", "--max-new-tokens", MAX_NEW,
+        "--out", out, "--quiet",
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs]
+    loss, count = hand_loss(hf, tok, conversations)
+    m = re.search(EVAL_LINE, p.stdout)
+    assert m, p.stdout
+    assert int(m[1]) == 3 and abs(float(m[2]) - loss) < 2e-4 and int(m[3]) == count
+    exact = [hf_greedy(hf, tok, c[:-1])[1].strip() == c[-1]["content"] for c in conversations]
+    assert exact[0] and (int(m[4]), int(m[5])) == (sum(exact), 3)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    want = [(q, a, e) for (q, a), e in zip(pairs, exact, strict=True)]
+    assert [(r["question"], r["reference"], r["exact"]) for r in rows] == want
+    assert rows[0]["answer"] == right
+    # chat records (a system turn, two exchanges: the last answer is scored) and alpaca, with --limit
+    chat = [{"role": "system", "content": "Be kind."}, *conversations[1], *conversations[0]]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"messages": chat}) + "\n")
+    p = odyssey(capsys, "eval", "--model", store, "--data", tmp_path / "chat.jsonl", "--limit", 1, "--quiet",
+                "--compute-dtype", "fp32", "--max-new-tokens", MAX_NEW)  # fmt: skip
+    m = re.search(EVAL_LINE, p.stdout)
+    assert p.returncode == 0 and m, p.stderr
+    loss, count = hand_loss(hf, tok, [chat])
+    assert int(m[1]) == 1 and abs(float(m[2]) - loss) < 2e-4 and int(m[3]) == count
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text(json.dumps({"instruction": "Name a", "input": "color.", "output": "blue"}) + "\n")
+    p = odyssey(capsys, "eval", "--model", store, "--data", alpaca, "--quiet", "--compute-dtype", "fp32")
+    m = re.search(EVAL_LINE, p.stdout)
+    loss, _ = hand_loss(hf, tok, [[{"role": "user", "content": "Name a\n\ncolor."}, conversations[2][1]]])
+    assert p.returncode == 0 and m and abs(float(m[2]) - loss) < 2e-4, p.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one line, exit 2
 
 
 def test_bad_input_is_one_line(chatml, tmp_path, model_tokenizers, capsys):
@@ -241,9 +255,9 @@ def test_bad_input_is_one_line(chatml, tmp_path, model_tokenizers, capsys):
     assert_user_error(odyssey(capsys, "chat", "--model", bare, "--prompt", "hi"), "no room", "--chat-template FILE")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
-    assert_user_error(odyssey(capsys, "eval", "--model", store, "--data", bad), "record 1", "assistant")
+    assert_user_error(odyssey(capsys, "eval", "--model", store, "--data", bad), "bad.jsonl:1", "assistant")
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    assert_user_error(odyssey(capsys, "eval", "--model", store, "--data", bad), "bad.jsonl", "question")
+    assert_user_error(odyssey(capsys, "eval", "--model", store, "--data", bad), "bad.jsonl:1", "'question'")
     p = odyssey(capsys, "eval", "--model", store, "--data", bad, "--out", store / "x.jsonl")
     assert_user_error(p, "apart")
     assert not (store / "x.jsonl").exists()

@@ -129,6 +129,8 @@ def add_eval_parser(sub) -> None:
     s.add_argument("--data", required=True, help="chat, completions or alpaca records (.jsonl .json .parquet .csv)")
     s.add_argument("--format", choices=["auto", "chat", "completions", "alpaca"], default="auto")
     s.add_argument("--limit", type=count(1), help="score the first N records only")
+    s.add_argument("--prompt-key", default="prompt", help="completions records: the key of the prompt")
+    s.add_argument("--completion-key", default="completion", help="completions records: the key of the answer")
     s.add_argument("--out", help="a .jsonl file: each question, its reference and the model's answer")
     s.add_argument("--quiet", action="store_true", help="no memory plan, no progress bar")
     add_chat_options(s)
@@ -145,9 +147,11 @@ def cmd_eval(args) -> int:
 
         inputs = [("data", "--data", data), ("store", "--model", args.model), ("adapter", "--adapter", args.adapter)]
         check_apart(args.out, inputs, "--out")
-    conversations = read_conversations(data, args.format, args.limit)
+    from odyssey.data.formats import Keys
+
+    records = read_conversations(data, args.format, args.limit, Keys(args.prompt_key, args.completion_key))
     store, template, stop, _ = open_chat(args)
-    examples = encode_examples(template, conversations, data)
+    examples = encode_examples(template, records)
     with open_engine(
         store,
         adapter=args.adapter,
