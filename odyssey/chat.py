@@ -5,7 +5,8 @@ add_generation_prompt=True)`, transformers' `apply_chat_template`), generates un
 template's end-of-turn ids or an EOS, and keeps the answer (its text, as the tokenizer decodes it,
 end-of-turn token left out) as the assistant's turn. The history stays within `max_context` tokens,
 the answer's `max_new_tokens` included: the oldest user/assistant pairs go first, the system message
-stays. The KV cache is kept across turns: the ids computed so far that begin the next prompt
+stays. With `--chat-template none` each message is a plain prompt (tokenized as `generate` does) and
+answered alone, up to EOS. The KV cache is kept across turns: the ids computed so far that begin the next prompt
 (usually the whole earlier conversation) are not computed again.
 """
 
@@ -62,7 +63,11 @@ class Conversation:
         the answer's room) does not fit."""
         room = self.max_context - self.max_new_tokens
         while True:
-            ids = self.template.encode(self.messages, add_generation_prompt=True)
+            if self.template.is_none:  # --chat-template none: the message alone, as a plain prompt
+                del self.turns[:-1]
+                ids = self.template.tok.encode(self.turns[-1]["content"])
+            else:
+                ids = self.template.encode(self.messages, add_generation_prompt=True)
             if len(ids) <= room:
                 return ids
             if len(self.turns) < 3:  # the last user message alone is too long

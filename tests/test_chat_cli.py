@@ -151,6 +151,59 @@ def test_history_is_trimmed_to_max_context_and_the_cache_reused(chatml):
     assert p.stderr.count("oldest turns are dropped") == 1 and p.stdout.count("> ") == len(questions) + 1
 
 
+def test_ctrl_c_stops_an_answer_and_the_conversation_goes_on(chatml):
+    """SIGINT during an answer stops it after the token in progress; the partial answer stays in the
+    history and the next question is answered from it."""
+    import os
+    import signal
+
+    from odyssey.chat import ChatSession
+    from odyssey.data.templates import load_chat_template
+    from odyssey.engine import Engine
+    from odyssey.generate import stop_ids
+    from odyssey.store import Store
+
+    store_dir, hf, tok, _ = chatml
+    store = Store.open(store_dir)
+    template = load_chat_template(store_dir)
+    with Engine(store, compute_dtype="fp32") as eng:
+        s = ChatSession(eng, template.tok, template, stop_ids(store, template.tok, template), max_context=256,
+                        max_new_tokens=20)  # fmt: skip
+        parts: list[str] = []
+        before = signal.getsignal(signal.SIGINT)
+
+        def write(text: str) -> None:
+            parts.append(text)
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C in the terminal
+
+        first = s.ask("Where was the moon?", write)
+        assert first.interrupted and not first.stopped and len(first.ids) <= 3 and first.text == "".join(parts)
+        assert signal.getsignal(signal.SIGINT) is before  # given back
+        second = s.ask(QUESTION, lambda _: None)
+    assert not second.interrupted
+    history = [{"role": "user", "content": "Where was the moon?"}, {"role": "assistant", "content": first.text}]
+    assert second.text == hf_greedy(hf, tok, [*history, {"role": "user", "content": QUESTION}], 20)[1]
+
+
+def test_chat_template_none_answers_a_plain_prompt(chatml, capsys):
+    store = chatml[0]
+    args = (
+        "--prompt",
+        "once upon a time",
+        "--max-new-tokens",
+        10,
+        "--temperature",
+        0,
+        "--compute-dtype",
+        "fp32",
+        "--quiet",
+    )
+    plain = odyssey(capsys, "generate", "--model", store, *args)
+    chat = odyssey(capsys, "chat", "--model", store, "--chat-template", "none", *args)
+    assert plain.returncode == chat.returncode == 0, chat.stderr
+    assert chat.stdout == plain.stdout and len(chat.stdout) > 1
+
+
 def answer_labels(tok, messages) -> tuple[torch.Tensor, torch.Tensor]:
     """ids (1, n) and labels with -100 everywhere but the last answer and its <|im_end|>."""
     full = chat_ids(tok, messages)
@@ -273,7 +326,7 @@ def gguf_fields(path) -> dict:
     return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
 
 
-def test_merged_and_exported_carry_the_template(chatml, tmp_path):
+def test_merged_and_exported_carry_the_template(chatml, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from tests.test_merge import make_adapter
@@ -282,6 +335,12 @@ def test_merged_and_exported_carry_the_template(chatml, tmp_path):
     adapter = make_adapter(store, tmp_path / "adapter")
     p = run_cli("merge", "--model", store, "--adapter", adapter, "--out", tmp_path / "merged", "--quiet")
     assert p.returncode == 0, p.stderr
+    args = ("--prompt", QUESTION, "--temperature", 0, "--compute-dtype", "fp32", "--quiet")
+    merged = odyssey(capsys, "chat", "--model", tmp_path / "merged", *args)
+    on_the_fly = odyssey(capsys, "chat", "--model", store, "--adapter", adapter, *args)
+    plain = odyssey(capsys, "chat", "--model", store, *args)
+    assert merged.returncode == on_the_fly.returncode == 0, on_the_fly.stderr
+    assert merged.stdout == on_the_fly.stdout != plain.stdout
     p = run_cli("export", tmp_path / "merged", "--out", tmp_path / "exp", "--formats", "safetensors,gguf", "--quiet")
     assert p.returncode == 0, p.stderr
     conv = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "옛날 옛적에?"}]
