@@ -11,6 +11,8 @@ text equals `transformers` greedy `generate` on the same model and prompt.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -40,10 +42,13 @@ def generate_ids(
     seed: int = 0,
     eos_ids: Iterable[int] = (),
     vocab_limit: int | None = None,
+    cache: KVCache | None = None,
 ) -> Iterator[int]:
     """Yields new token ids one at a time; the last is one of `eos_ids` when generation stopped
     there. `vocab_limit`: only ids below it are sampled (a tokenizer smaller than the model's
-    vocabulary cannot decode the rows beyond it)."""
+    vocabulary cannot decode the rows beyond it). `cache`: a KV cache holding the keys and values of
+    `prompt_ids[:cache.length()]` (a conversation's earlier turns): only the rest of the prompt is
+    computed; on return it holds the prompt and every new token but the last."""
     stop = set(eos_ids)
     if not prompt_ids:
         raise OdysseyError("the prompt is empty; pass --prompt TEXT or --prompt-ids 1,2,3")
@@ -52,8 +57,11 @@ def generate_ids(
     if bad:
         raise OdysseyError(f"prompt id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
     gen = torch.Generator().manual_seed(seed)
-    cache = KVCache(engine.cfg.num_hidden_layers)
-    ids = torch.tensor([prompt_ids])
+    if cache is None:
+        cache = KVCache(engine.cfg.num_hidden_layers)
+    past = min(cache.length(), len(prompt_ids) - 1)  # the last prompt token is always computed
+    crop_cache(cache, past)
+    ids = torch.tensor([prompt_ids[past:]])
     for _ in range(max_new_tokens):
         logits = engine.logits(ids, cache=cache, last_only=True)[0]  # (V,)
         if vocab_limit is not None and vocab_limit < logits.numel():
@@ -65,16 +73,70 @@ def generate_ids(
         ids = torch.tensor([[nxt]])
 
 
-def stop_ids(store, tok) -> list[int]:
+def crop_cache(cache: KVCache, n: int) -> None:
+    """Keep the keys and values of the first `n` positions of `cache` (n <= its length)."""
+    for i, (k, v) in enumerate(zip(cache.k, cache.v, strict=True)):
+        if k is not None:
+            cache.k[i], cache.v[i] = (k[:, :, :n], v[:, :, :n]) if n else (None, None)
+
+
+def stop_ids(store, tok, template=None) -> list[int]:
     """The ids generation stops at, as transformers' `generate` would on this store: those of its
-    generation_config.json (or config.json's eos_token_id without one), with the tokenizer's EOS."""
+    generation_config.json (or config.json's eos_token_id without one), with the tokenizer's EOS;
+    in a conversation (`template`: a ChatTemplate) the template's end-of-turn ids first."""
     from odyssey.tokenizer import generation_eos_ids
 
-    ids = list(tok.stop_ids()) if tok is not None else []
+    ids = list(template.eot_ids) if template is not None else []
+    ids += [i for i in (tok.stop_ids() if tok is not None else []) if i not in ids]
     listed = generation_eos_ids(store.root)
     if listed is None:
         listed = [store.config.eos_token_id] if store.config.eos_token_id is not None else []
     return ids + [i for i in listed if i not in ids]
+
+
+@contextlib.contextmanager
+def open_engine(
+    store,
+    *,
+    adapter: str | None,
+    seq_len: int,
+    budget: int | None,
+    compute_dtype: str = "auto",
+    slots: int = 2,
+    show: bool = True,
+) -> Iterator:
+    """The engine `generate`, `chat` and `eval` run: `store` paged from disk, the LoRA adapter in
+    `adapter` (a directory, e.g. RUN/adapter) resident and applied on the fly (refused when made for
+    another base), after the memory plan of a forward over `seq_len` tokens was checked against
+    `budget` (one line naming its terms when it does not fit; its table on stderr with `show`)."""
+    from odyssey.dtypes import compute_dtype_line
+    from odyssey.engine import Engine
+    from odyssey.planner import plan_checked
+
+    line = compute_dtype_line(compute_dtype, store.dtype)
+    found = None
+    if adapter:  # read and checked against the base before anything heavy
+        from odyssey.adapters import read_adapter
+
+        found = read_adapter(adapter)
+        found.check_base(store)
+    plan_checked(
+        store,
+        mode="forward",
+        seq_len=seq_len,
+        slots=slots,
+        budget=budget,
+        compute_dtype=compute_dtype,
+        show=(lambda p: print(f"{p.table()}\n{line}", file=sys.stderr)) if show else None,
+        show_first=False,
+    )
+    model = None
+    if found is not None:
+        from odyssey.adapters import adapter_skeleton
+
+        model = adapter_skeleton(store, found)
+    with Engine(store, compute_dtype=compute_dtype, slots=slots, model=model) as eng:
+        yield eng
 
 
 def stream_text(

@@ -21,9 +21,10 @@ from pathlib import Path
 from odyssey import atomic
 from odyssey.adapters import WEIGHTS_NAME, AdapterFile, read_adapter
 from odyssey.dtypes import DTYPES, check_store_dtype
+from odyssey.export.chat import copy_tokenizer_and_template
 from odyssey.outputs import check_apart
 from odyssey.store import ChecksumMismatch, Store, StoreWriter, Unit, file_sha256, unit_label
-from odyssey.tokenizer import TOKENIZER_FILES, copy_tokenizer, tokenizer_files
+from odyssey.tokenizer import TOKENIZER_FILES, tokenizer_files
 
 MERGE_RECORD = "odyssey_merge.json"  # in the merged store: which base and adapter made it
 
@@ -131,7 +132,7 @@ def merge(
             raise
         bar.close()
         # Tokenizer and provenance before the index: a directory with an index is complete.
-        copied = copy_tokenizer(store.root, out)
+        copied = copy_tokenizer_and_template(store.root, out, store.config.vocab_size)
         atomic.write_json(
             out / MERGE_RECORD,
             {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from odyssey.cli.chat import add_chat_parser, add_eval_parser
 from odyssey.cli.common import EXAMPLES, KEY_VALUE, Parser
 from odyssey.cli.run import (
     add_bench_parser,
@@ -42,8 +43,10 @@ COMMANDS = (
     add_info_parser,
     add_plan_parser,
     add_generate_parser,
+    add_chat_parser,
     add_train_parser,
     add_prepare_data_parser,
+    add_eval_parser,
     add_bench_parser,
     add_merge_parser,
     add_export_parser,
@@ -97,7 +100,7 @@ def os_error_line(e: OSError) -> str:
     return f"{fix}{where}"
 
 
-HEAVY = {"generate", "plan", "train", "merge", "export", "bench", "init", "import"}
+HEAVY = {"generate", "chat", "eval", "plan", "train", "merge", "export", "bench", "init", "import"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,8 @@ EXAMPLES = {
     "generate": (
         'odyssey generate --model models/base --prompt "Once upon a time" --max-new-tokens 32 --ram-budget 1GiB'
     ),
+    "chat": "odyssey chat --model models/base --adapter runs/r1/adapter --ram-budget 1GiB",
+    "eval": "odyssey eval --model models/base --adapter runs/r1/adapter --data data/sample/qa.jsonl --limit 50",
     "doctor": "odyssey doctor --models-dir models",
     "guard": "odyssey guard --pid 1234 --run runs/r1 --ram-budget 2GiB --thermal-file /tmp/temp",
     "monitor": "odyssey monitor runs/r1   (headless: xvfb-run -a odyssey monitor runs/r1)",

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from odyssey.cli.chat import add_chat_options
 from odyssey.cli.common import (
     count,
     number,
@@ -75,16 +76,22 @@ def add_generate_parser(sub) -> None:
     s.add_argument("--slots", type=count(1), default=2)
     s.add_argument("--compute-dtype", default="auto", choices=list(COMPUTE_DTYPES))
     s.add_argument("--quiet", action="store_true", help="only the generated text")
+    s.add_argument(
+        "--chat", action="store_true", help="a conversation through the chat template: `odyssey chat` (see its help)"
+    )
+    add_chat_options(s)
     s.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
-    from odyssey.engine import Engine
-    from odyssey.generate import generate_ids, stop_ids, stream_text
-    from odyssey.planner import plan_checked
+    from odyssey.generate import generate_ids, open_engine, stop_ids, stream_text
     from odyssey.store import Store
     from odyssey.tokenizer import load_model_tokenizer
 
+    if args.chat:  # `generate --chat` is `odyssey chat`
+        from odyssey.cli.chat import cmd_chat
+
+        return cmd_chat(args)
     store = Store.open(args.model)
     if args.prompt_ids:
         try:
@@ -101,33 +108,20 @@ def cmd_generate(args) -> int:
             f"(or `odyssey import` a model that has one), or pass --prompt-ids 1,2,3",
         )
         prompt = tok.encode(args.prompt)  # as transformers: a BOS only where the tokenizer adds one
-    compute = compute_dtype_line(args.compute_dtype, store.dtype)
     vocab = store.config.vocab_size
     outside = [i for i in prompt if not 0 <= i < vocab]
     if outside:
         raise OdysseyError(f"prompt id {outside[0]} is outside the model's vocabulary (0..{vocab - 1})")
-    adapter = None
-    if args.adapter:  # base paged from disk, LoRA adapter resident (refused if made for another base)
-        from odyssey.adapters import read_adapter
-
-        adapter = read_adapter(args.adapter)
-    plan_checked(  # a plan that does not fit is one line naming its terms; one that fits is shown
+    t0 = time.perf_counter()
+    with open_engine(  # a plan that does not fit is one line naming its terms; one that fits is shown
         store,
-        mode="forward",
+        adapter=args.adapter,
         seq_len=len(prompt) + args.max_new_tokens,
-        slots=args.slots,
         budget=ram_budget_arg(args),
         compute_dtype=args.compute_dtype,
-        show=None if args.quiet else lambda p: print(f"{p.table()}\n{compute}", file=sys.stderr),
-        show_first=False,
-    )
-    model = None
-    if adapter is not None:
-        from odyssey.adapters import adapter_skeleton
-
-        model = adapter_skeleton(store, adapter)
-    t0 = time.perf_counter()
-    with Engine(store, compute_dtype=args.compute_dtype, slots=args.slots, model=model) as eng:
+        slots=args.slots,
+        show=not args.quiet,
+    ) as eng:
         if args.prompt and not args.quiet:
             sys.stdout.write(args.prompt)
         new = stream_text(

@@ -1,7 +1,8 @@
 """A tokenizer as GGUF carries it: `gpt2` (byte-level BPE: tokens in byte-to-unicode form, merges,
 the pre-tokenizer's llama.cpp name) or `llama` (SentencePiece-style: scores in merge order, byte
 tokens, the space prefix); special ids, add_bos/add_eos and the chat template through
-`gguf.SpecialVocab`, as llama.cpp's convert_hf_to_gguf.py writes them."""
+`gguf.SpecialVocab`, as llama.cpp's convert_hf_to_gguf.py writes them, with the end-of-turn id of
+the chat template (`odyssey.export.chat`)."""
 
 from __future__ import annotations
 
@@ -170,6 +171,7 @@ def read_vocab(tokenizer_path: Path, cfg: ModelConfig) -> GGUFVocab:
     naming the fix for what llama.cpp cannot load."""
     import gguf
 
+    from odyssey.export.chat import add_to_special_vocab
     from odyssey.tokenizer import load_model_tokenizer
 
     tok = _read_json(tokenizer_path)
@@ -220,6 +222,7 @@ def read_vocab(tokenizer_path: Path, cfg: ModelConfig) -> GGUFVocab:
         scores = _merge_scores(model, by_id)
         scores += [-1000.0] * (cfg.vocab_size - len(scores))  # padding rows, as llama.cpp's converter
     special = _special_vocab(tokenizer_path.parent, kind == "gpt2", cfg.vocab_size)
+    add_to_special_vocab(special, tokenizer_path.parent, cfg.vocab_size)  # chat template, end-of-turn id
     # the ids and the BOS/EOS rules transformers uses win over SpecialVocab's reading of the files
     for typ, i in (("bos", hf.bos_id), ("eos", hf.eos_id), ("unk", hf.unk_id), ("pad", hf.pad_id)):
         if i is not None and i < cfg.vocab_size:

@@ -29,8 +29,9 @@ from pathlib import Path
 from odyssey import atomic
 from odyssey.dtypes import DTYPES, numel
 from odyssey.export import stream_tensors
+from odyssey.export.chat import copy_tokenizer_and_template
 from odyssey.store import INDEX_NAME, build_header, shard_name, unit_shapes
-from odyssey.tokenizer import copy_tokenizer, tokenizer_files
+from odyssey.tokenizer import tokenizer_files
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30  # bytes; HF's save_pretrained default is 5 GB, smaller eases copying
 HEADER_ALIGN = 8  # bytes: the safetensors default
@@ -100,7 +101,7 @@ def write_safetensors(
             weight_map.update(_write_shard(tmp / shard_file_name(k, len(groups)), source, units, bar.update))
         if len(groups) > 1:
             atomic.write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        copy_tokenizer(Path(source.root), tmp)
+        copy_tokenizer_and_template(Path(source.root), tmp, source.config.vocab_size)
         files = sorted(p.name for p in tmp.iterdir())
     size = sum((out_dir / f).stat().st_size for f in files)
     return {"path": str(out_dir), "bytes": size, "seconds": time.perf_counter() - t0, "files": files}
