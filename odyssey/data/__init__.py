@@ -22,14 +22,24 @@ and renamed; the manifest comes last, so a directory without one is unfinished.
 
     corpus.py    reading documents from .txt / .jsonl files
     tokens.py    the token files and manifest: format, writer, reader (`TokenData`), unigram baseline
-    sampler.py   (x, y) batches of windows: `BatchSampler` (training), `eval_batches`
+    sampler.py   batches of windows (`Batch`: x, y; positions, segments for examples): `BatchSampler`, `eval_batches`
     prepare.py   `prepare_data`, the whole job of `odyssey prepare-data`
 The tokenizer itself (training, loading, special tokens) is `odyssey.tokenizer`.
 """
 
 from odyssey.data.corpus import read_documents
 from odyssey.data.prepare import prepare_data
-from odyssey.data.sampler import BatchSampler, eval_batches
+from odyssey.data.sampler import IGNORE, Batch, BatchSampler, eval_batches
 from odyssey.data.tokens import TokenData, token_dtype, unigram_loss
 
-__all__ = ["BatchSampler", "TokenData", "eval_batches", "prepare_data", "read_documents", "token_dtype", "unigram_loss"]
+__all__ = [
+    "IGNORE",
+    "Batch",
+    "BatchSampler",
+    "TokenData",
+    "eval_batches",
+    "prepare_data",
+    "read_documents",
+    "token_dtype",
+    "unigram_loss",
+]
