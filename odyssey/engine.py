@@ -16,7 +16,12 @@ Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
   each block is used in vocab chunks. A tied embedding is read once per step, for the head.
 - loss: cross-entropy over the head's blocks with an online log-sum-exp (`OnlineCrossEntropy`);
   the gradient w.r.t. the final hidden state is accumulated block by block too, and the target
-  rows are picked from the block that holds them (never B x T x V in fp32, never all of W).
+  rows are picked from the block that holds them (never B x T x V in fp32, never all of W). Targets
+  equal to IGNORE (-100: prompts, padding) are left out before the head: the loss is the mean over
+  the trained targets, their gradient exactly 0.
+- packed examples: `positions` (B, T) restart the RoPE at each example and `segments` (B, T) make
+  attention block-diagonal causal (model.attention_mask), so each example computes what it would
+  alone; without them (text data) positions are 0..T-1 and attention plainly causal.
 - backward: layers L-1..0, each recomputed with grad from its saved input (a leaf with
   requires_grad, so LoRA weights get gradients), `torch.autograd.backward(out, grad)`, the input's
   gradient passed down.

@@ -301,6 +301,20 @@ def test_sampler_shards_are_disjoint_and_resume_exactly(ex_data):
         x, y = a.next_batch()
 
 
+def test_sampler_position_carries_over_to_another_number_of_ranks(ex_data, train_dir):
+    data, _ = ex_data
+    two = BatchSampler(data, "train", 32, 2, seed=5, rank=0, world_size=2)
+    for _ in range(10):
+        two.next_batch()
+    one = BatchSampler(data, "train", 32, 2, seed=5)
+    state = one.rebase(json.loads(json.dumps(two.state_dict())))
+    one.load_state_dict(state)
+    assert one.epoch == two.epoch == 0 and one.cursor == 2 * two.cursor == 40  # the same share of the epoch
+    stream = BatchSampler(TokenData(train_dir / "tok"), "train", 32, 2)
+    with pytest.raises(OdysseyError, match="saved data position has layout='stream' but this run has 'examples'"):
+        BatchSampler(data, "train", 32, 2).load_state_dict(stream.state_dict())
+
+
 def test_eval_batches_of_examples_are_fixed_and_in_order(ex_data):
     data, exs = ex_data
     ev = eval_batches(data, 32, 2, 3)

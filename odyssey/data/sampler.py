@@ -10,12 +10,14 @@ not trained. Before anything else, examples longer than T + 1 tokens are truncat
 T + 1 tokens or dropped (`too_long`), and an example left with no trained target is dropped; the
 counts are in `ExampleSet.summary`. Then, per epoch:
 - packing (default): a greedy first-fit of the examples, in a seeded random order, into windows of
-  T slots, each example placed in the first of the last 32 opened windows with room for it (a new
-  window opened when none has), whole examples only, never split. Windows of chat-sized examples
-  come out about 90-98% full (the fill is measured and printed; the rest is padding). Positions
-  restart at 0 at each example and `segments` numbers the examples of a row 1, 2, ... (padding is
-  segment 0), so attention is block-diagonal causal: a packed batch computes what the examples
-  alone would.
+  T slots, whole examples only, never split: up to 32 windows are open at once; an example goes
+  into the first open one with room for it, or, when none has, into a new window that takes the
+  place of the fullest open one (which is closed). Windows are given out in the order they were
+  opened. Measured on 20,000 examples: lengths around 150 tokens (lognormal) fill 95% of windows
+  of 256, 97% of 512 and 99.5% of 2048; lengths uniform up to the window fill about 91% (the fill
+  is printed; the rest is padding); a pass takes about 0.25 s. Positions restart at 0 at each
+  example and `segments` numbers the examples of a row 1, 2, ... (padding is segment 0), so
+  attention is block-diagonal causal: a packed batch computes what the examples alone would.
 - packing false: one example per window, padded.
 Padding has x = EOS, y = IGNORE, its own segment 0.
 
@@ -338,7 +340,7 @@ class BatchSampler:
         for examples also packing and too_long)."""
         keys = ["split", "seed", "seq_len", "rank", "world_size", "num_windows"]
         if self.examples is not None:
-            keys += ["layout", "packing", "too_long"]
+            keys = ["layout", *keys, "packing", "too_long"]
         for key in keys:
             if state.get(key, "stream" if key == "layout" else getattr(self, key)) != getattr(self, key):
                 raise OdysseyError(
