@@ -547,3 +547,40 @@ def test_train_on_examples_weighs_micro_batches_by_trained_targets(tmp_path, tra
     )
     learner.close()
     assert abs(loss - steps[0]["loss"]) < 1e-5
+
+
+def test_two_ranks_weigh_their_trained_targets(tmp_path, train_dir):
+    """Data-parallel on examples (2 ranks of batch 2 against 1 rank of batch 4, the same windows a
+    step): the ranks train different numbers of targets, and the weighted all-reduce gives the
+    single rank's losses and adapter."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import ROOT
+
+    exs = make_examples(120, 500, 4, 30, seed=9)
+    d = write_examples(tmp_path / "ex", {"train": exs, "val": exs[:8]}, vocab=500)
+    shutil.copy(train_dir / "tok" / "tokenizer.json", d / "tokenizer.json")
+    common = ["--steps", "2", "seq_len=32", "lr=1e-2", "warmup_steps=0", "eval_every=0", "compute_dtype=fp32"]
+
+    def run(out, *extra):
+        store = str(train_dir / "store")
+        c = [sys.executable, "-m", "odyssey", "train", *extra, "--no-guard", "--quiet", "--model", store,
+             "--data", str(d), "--out", str(out), "--ram-budget", "1GiB", *common]  # fmt: skip
+        p = subprocess.run(c, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    run(tmp_path / "one", "batch_size=4")
+    run(tmp_path / "two", "--nproc=2", "batch_size=2")
+    s = [BatchSampler(TokenData(d), "train", 32, 2, rank=r, world_size=2) for r in range(2)]
+    assert s[0].next_batch().trained != s[1].next_batch().trained  # the ranks' counts differ
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert max(float(t.abs().max()) for k, t in a.items() if "lora_B" in k) > 1e-3
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)  # as tests/test_distributed.py
+    l1 = {r["step"]: r["loss"] for r in RunDir(tmp_path / "one").read_metrics("step")}
+    l2 = {r["step"]: r["loss"] for r in RunDir(tmp_path / "two").read_metrics("step")}
+    assert l1.keys() == l2.keys() == {1, 2} and all(abs(l1[k] - l2[k]) < 1e-5 for k in l1)
