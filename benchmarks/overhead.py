@@ -46,10 +46,10 @@ def worker(args) -> int:
     sampler = BatchSampler(TokenData(args.data), "train", args.seq_len, 1, seed=0)
     times, peak, stall = [], 0.0, []
     for i in range(args.steps + 1):
-        x, y = sampler.next_batch()
+        batch = sampler.next_batch()
         learner.take_stats(0.0)
         t0 = time.perf_counter()
-        learner.step(x, y, 1.0, None)
+        learner.step(batch, 1.0, None)
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0

@@ -529,7 +529,8 @@ def _train(args, torch, model, sampler, save):
     batches = BatchSampler(TokenData(args.data), "train", args.seq_len, 1, seed=0)
     steps, losses, cpus = [], [], []
     for _ in range(args.steps):
-        x, y = batches.next_batch()  # (1, T) int64 each
+        batch = batches.next_batch()  # text data: (1, T) int64 each, every target trained
+        x, y = batch.x, batch.y
         t0, c0 = time.perf_counter(), time.process_time()
         logits = model(input_ids=x).logits  # (1, T, V) fp32
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))

@@ -285,6 +285,12 @@ class TrainConfig:
     eval_every: int = 50
     """Steps between validation-loss evaluations; 0 disables."""
     eval_batches: int = 4
+    packing: bool = True
+    """Examples data (chat, completions, alpaca): pack whole examples into each seq_len window,
+    each attending only to itself (positions restart per example); false: one example per window,
+    padded. Text data is unaffected (its windows run across documents)."""
+    too_long: str = "truncate"
+    """Examples longer than seq_len + 1 tokens: truncate (keep the first seq_len + 1) or drop."""
     mode: str = "lora"
     """lora: frozen paged base + adapters. full: all parameters in RAM (small models only)."""
     compute_dtype: str = "auto"
@@ -314,6 +320,10 @@ class TrainConfig:
             raise OdysseyError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.dist_timeout_s <= 0:
             raise OdysseyError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        if self.too_long not in ("truncate", "drop"):
+            raise OdysseyError(f"too_long (--too-long) must be truncate or drop, got {self.too_long!r}")
+        if not isinstance(self.packing, bool):
+            raise OdysseyError(f"packing (--packing/--no-packing) must be true or false, got {self.packing!r}")
         if self.mode not in ("lora", "full"):
             raise OdysseyError(f"mode must be lora or full, got {self.mode!r}")
         if self.compute_dtype not in ("auto", "bf16", "fp32"):

@@ -49,14 +49,24 @@ class Ranks:
             raise PeerLost(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         return t
 
-    def average_grads(self, params: list, loss: float) -> float:
+    def average_grads(self, params: list, loss: float, weight: float | None = None) -> float:
         """Averages every parameter's .grad over the ranks in one flat fp32 all-reduce; returns the
-        mean loss. Grads: sum of numel floats, e.g. 12.6M for the 1.2B with r=16 (50 MB)."""
+        mean loss. Grads: sum of numel floats, e.g. 12.6M for the 1.2B with r=16 (50 MB).
+
+        `weight` (the trained targets of this rank's step, for masked examples where ranks train
+        different counts): a weighted mean, sum(w_r * g_r) / sum(w_r), so the step's gradient is
+        the mean over every rank's trained targets; None: the plain mean (equal counts)."""
         if not self.active:
             return loss
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss])])
-        self._all_reduce(flat, self._dist.ReduceOp.SUM).div_(self.world)
+        if weight is None:
+            flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss])])
+            self._all_reduce(flat, self._dist.ReduceOp.SUM).div_(self.world)
+        else:
+            w = float(weight)
+            flat = torch.cat([g.reshape(-1).float() * w for g in grads] + [torch.tensor([loss * w, w])])
+            self._all_reduce(flat, self._dist.ReduceOp.SUM)
+            flat = flat[:-1].div_(max(float(flat[-1]), 1.0))
         k = 0
         for p, g in zip(params, grads, strict=True):
             n = g.numel()

@@ -9,7 +9,8 @@ class torch.save's pickle names, and the GGML type where GGUF has one. A store h
 `STORE_DTYPES`; the safetensors header codec accepts every row.
 
 Shared constants: `PAGE_SIZE` (the alignment of store data and pager buffers), `VOCAB_CHUNK` (head
-rows per chunk in the engine and the planner), `MIB`; and `numel(shape)`.
+rows per chunk in the engine and the planner), `MIB`, `IGNORE` (the target id that carries no loss);
+and `numel(shape)`.
 
 The compute dtype: `--compute-dtype auto` (the default) never computes below the store's precision:
 an f32 (or f16) store computes in fp32; a bf16 store computes in bf16 where the CPU multiplies bf16
@@ -31,6 +32,7 @@ from odyssey.errors import OdysseyError
 PAGE_SIZE = 4096  # bytes: store data and pager buffers are aligned to it (O_DIRECT, zero-copy views)
 VOCAB_CHUNK = 8192  # head rows per chunk: (B*T, 8192) fp32 logits = 16 MiB at B*T = 512
 MIB = 1 << 20
+IGNORE = -100  # a target that is not trained: no loss, no gradient (torch cross_entropy's ignore_index)
 
 
 def numel(shape: Iterable[int]) -> int:

@@ -16,7 +16,12 @@ Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
   each block is used in vocab chunks. A tied embedding is read once per step, for the head.
 - loss: cross-entropy over the head's blocks with an online log-sum-exp (`OnlineCrossEntropy`);
   the gradient w.r.t. the final hidden state is accumulated block by block too, and the target
-  rows are picked from the block that holds them (never B x T x V in fp32, never all of W).
+  rows are picked from the block that holds them (never B x T x V in fp32, never all of W). Targets
+  equal to IGNORE (-100: prompts, padding) are left out before the head: the loss is the mean over
+  the trained targets, their gradient exactly 0.
+- packed examples: `positions` (B, T) restart the RoPE at each example and `segments` (B, T) make
+  attention block-diagonal causal (model.attention_mask), so each example computes what it would
+  alone; without them (text data) positions are 0..T-1 and attention plainly causal.
 - backward: layers L-1..0, each recomputed with grad from its saved input (a leaf with
   requires_grad, so LoRA weights get gradients), `torch.autograd.backward(out, grad)`, the input's
   gradient passed down.
@@ -34,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from odyssey.dtypes import ST_CODES, VOCAB_CHUNK, compute_dtype_info
+from odyssey.dtypes import IGNORE, ST_CODES, VOCAB_CHUNK, compute_dtype_info
 from odyssey.model import CausalLM, KVCache, embed_scale, rope_tables
 from odyssey.pager import Pager, Resident, ResidentPager
 from odyssey.store import Block, Store
@@ -65,13 +70,21 @@ class OnlineCrossEntropy:
     over the rows of W given block by block (`add(v0, W rows v0..)`, in any order, each row once),
     each block in vocab chunks: never the (N, V) logits, never all of W at once.
 
-    hf (N, d) compute dtype; tgt (N,) int64. For each chunk c of logits l_c (N, C): running max m,
-    sum s = sum exp(l - m) and G = sum exp(l - m) @ W_c (N, d), rescaled when m grows; the target
-    rows w_t (N, d) are taken from the block that holds them. Then loss = mean(m + log s - hf.w_t)
-    and dloss/dhf = (G / s - w_t) / N, fp32.
+    hf (N, d) compute dtype; tgt (N,) int64, IGNORE (-100) where not trained: those rows are left
+    out before anything is computed (no loss, gradient exactly 0). Over the n trained rows: for
+    each chunk c of logits l_c (n, C): running max m, sum s = sum exp(l - m) and G = sum exp(l - m)
+    @ W_c (n, d), rescaled when m grows; the target rows w_t (n, d) are taken from the block that
+    holds them. Then loss = mean(m + log s - hf.w_t) and dloss/dhf = (G / s - w_t) / n, fp32 (loss
+    0 and gradient 0 when n = 0).
     """
 
     def __init__(self, hf: torch.Tensor, tgt: torch.Tensor, grad: bool, dtype: torch.dtype):
+        self.rows = hf.shape[0]
+        self.keep = None  # (n,) indices of the trained rows, None when every row is trained
+        trained = tgt != IGNORE
+        if not bool(trained.all()):
+            self.keep = trained.nonzero().squeeze(1)
+            hf, tgt = hf[self.keep], tgt[self.keep]
         N, d = hf.shape
         self.hf, self.tgt, self.grad, self.dtype = hf, tgt, grad, dtype
         self.m = torch.full((N,), float("-inf"))
@@ -82,6 +95,8 @@ class OnlineCrossEntropy:
     def add(self, v0: int, W: torch.Tensor) -> None:
         """Head rows v0..v0+R-1: W (R, d) in the store dtype."""
         hf = self.hf
+        if hf.shape[0] == 0:
+            return
         for c0 in range(0, W.shape[0], VOCAB_CHUNK):
             Wc = W[c0 : c0 + VOCAB_CHUNK].to(self.dtype)  # (C, d)
             lc = F.linear(hf, Wc).float()  # (N, C)
@@ -97,11 +112,25 @@ class OnlineCrossEntropy:
         if here.numel():
             self.w_t[here] = W[self.tgt[here] - v0].float()
 
+    @property
+    def trained(self) -> int:
+        """Rows that carry loss (targets != IGNORE)."""
+        return self.hf.shape[0]
+
     def result(self) -> tuple[float, torch.Tensor | None]:
-        """(mean loss, dloss/dhf (N, d) fp32 or None)."""
-        N = self.hf.shape[0]
+        """(mean loss over the trained rows, dloss/dhf (N, d) fp32 or None; 0 on untrained rows)."""
+        N, d = self.hf.shape
+        if N == 0:
+            return 0.0, (torch.zeros(self.rows, d) if self.grad else None)
         loss = float((self.m + torch.log(self.s) - (self.hf.float() * self.w_t).sum(dim=1)).mean())
-        return loss, ((self.G / self.s[:, None] - self.w_t) / N if self.grad else None)
+        if not self.grad:
+            return loss, None
+        g = (self.G / self.s[:, None] - self.w_t) / N
+        if self.keep is not None:
+            full = torch.zeros(self.rows, d)
+            full[self.keep] = g
+            g = full
+        return loss, g
 
 
 class Engine:
@@ -199,9 +228,10 @@ class Engine:
     def layer(self, i: int) -> nn.Module:
         return self._core.layers[i]
 
-    def rope(self, start: int, T: int) -> dict:
-        """cos/sin per layer type for positions start..start+T-1 (see model.rope_tables)."""
-        return rope_tables(self.cfg, torch.arange(start, start + T), self.dtype)
+    def rope(self, start: int, T: int, positions: torch.Tensor | None = None) -> dict:
+        """cos/sin per layer type for positions start..start+T-1, or for `positions` (B, T) (packed
+        examples: each restarts at 0), see model.rope_tables."""
+        return rope_tables(self.cfg, torch.arange(start, start + T) if positions is None else positions, self.dtype)
 
     def head_units(self) -> list:
         """The pager units of the head pass, in order; the first holds model.norm.weight. Untied:
@@ -258,15 +288,22 @@ class Engine:
 
     # --- forward ---
     @torch.no_grad()
-    def forward_hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """ids (B, T) -> x (B, T, d) before the final norm. The caller has prefetched the schedule
-        (layers, then the head units), so the reads run ahead of the computation."""
+    def forward_hidden(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ids (B, T) -> x (B, T, d) before the final norm; positions, segments (B, T) for packed
+        examples (model.attention_mask). The caller has prefetched the schedule (layers, then the
+        head units), so the reads run ahead of the computation."""
         past = cache.length() if cache is not None else 0
         x = self.embed(ids)
-        rope = self.rope(past, ids.shape[1])
+        rope = self.rope(past, ids.shape[1], positions)
         for i in range(self.cfg.num_hidden_layers):
             with self.resident(i):
-                x = self.layer(i)(x, rope, cache)
+                x = self.layer(i)(x, rope, cache, segments)
         return x
 
     @torch.no_grad()
@@ -313,22 +350,32 @@ class Engine:
             torch.autograd.backward(h, (grad_h * grad_scale).view(B, T, d).to(h.dtype))
         return loss, xl.grad
 
-    def train_step(self, ids: torch.Tensor, targets: torch.Tensor, grad_scale: float = 1.0, between=None) -> float:
-        """One forward and backward on a batch; LoRA parameters accumulate `.grad` (scaled by
-        grad_scale, e.g. 1/grad_accum). Returns the mean loss. `between()` is called between
+    def train_step(
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor,
+        grad_scale: float = 1.0,
+        between=None,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> float:
+        """One forward and backward on a batch; LoRA parameters accumulate `.grad` of the mean loss
+        over the trained targets (targets != IGNORE), scaled by grad_scale (the trainer passes this
+        batch's share of the step's trained targets). Returns that mean loss (0 without trained
+        targets). positions, segments (B, T): packed examples. `between()` is called between
         layers (control requests); it may block (pause) or raise (stop)."""
         L = self.cfg.num_hidden_layers
         between = between or (lambda: None)
         self.pager.prefetch(self.layer_schedule(backward=True))
         dropout = self._has_dropout()
         x = self.embed(ids)
-        rope = self.rope(0, ids.shape[1])
+        rope = self.rope(0, ids.shape[1], positions)
         saved = []  # (layer input (B, T, d) compute dtype, RNG state when dropout draws masks)
         with torch.no_grad():
             for i in range(L):
                 saved.append((x, torch.get_rng_state() if dropout else None))
                 with self.resident(i):
-                    x = self.layer(i)(x, rope)
+                    x = self.layer(i)(x, rope, None, segments)
                 between()
         with self.head() as (norm, rows):
             loss, g = self.loss_and_grad_x(x, targets, norm, rows, grad_scale)
@@ -341,9 +388,9 @@ class Engine:
                 if rng is not None:
                     with torch.random.fork_rng():
                         torch.set_rng_state(rng)  # the same dropout masks as in forward
-                        out = self.layer(i)(xi, rope)
+                        out = self.layer(i)(xi, rope, None, segments)
                 else:
-                    out = self.layer(i)(xi, rope)
+                    out = self.layer(i)(xi, rope, None, segments)
                 torch.autograd.backward(out, g)
             g = xi.grad
             del out, xi
@@ -351,10 +398,17 @@ class Engine:
         return loss
 
     @torch.no_grad()
-    def eval_loss(self, ids: torch.Tensor, targets: torch.Tensor) -> float:
-        """Mean cross-entropy without gradients (validation), through the chunked head."""
+    def eval_loss(
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> float:
+        """Mean cross-entropy over the trained targets without gradients (validation), through the
+        chunked head; 0 when no target is trained."""
         self.pager.prefetch(self.layer_schedule())
-        x = self.forward_hidden(ids)
+        x = self.forward_hidden(ids, positions=positions, segments=segments)
         with self.head() as (norm, rows):
             h = norm(x)
             ce = OnlineCrossEntropy(h.reshape(-1, h.shape[-1]), targets.reshape(-1), False, self.dtype)

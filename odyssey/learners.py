@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -16,6 +16,9 @@ from odyssey import atomic
 from odyssey.config import TrainConfig
 from odyssey.errors import OdysseyError
 from odyssey.runtime.runlog import RunDir
+
+if TYPE_CHECKING:
+    from odyssey.data.sampler import Batch
 
 
 class Learner(Protocol):
@@ -28,12 +31,14 @@ class Learner(Protocol):
     def train(self, flag: bool) -> None:
         """Training mode (dropout on) or evaluation mode."""
 
-    def step(self, x, y, grad_scale: float, between: Callable[[], None] | None) -> float:
-        """Forward and backward of one micro-batch: adds grad_scale * the loss's gradient to the
-        parameters' .grad, calls `between()` between layers, returns the loss."""
+    def step(self, batch: Batch, grad_scale: float, between: Callable[[], None] | None) -> float:
+        """Forward and backward of one micro-batch (`odyssey.data.Batch`: x, y with IGNORE where not
+        trained, positions and segments for packed examples): adds grad_scale * the gradient of
+        the mean loss over its trained targets to the parameters' .grad, calls `between()` between
+        layers, returns that mean loss (0 when the batch trains no target)."""
 
-    def eval_loss(self, x, y) -> float:
-        """The loss of one batch, without gradients."""
+    def eval_loss(self, batch: Batch) -> float:
+        """The mean loss over the trained targets of one batch, without gradients."""
 
     def take_stats(self, seconds: float):
         """The page-in figures (engine.PassStats) since the last call, which resets them."""
@@ -73,11 +78,11 @@ class LoraLearner:
     def train(self, flag: bool) -> None:
         self.model.train(flag)
 
-    def step(self, x, y, grad_scale: float, between) -> float:
-        return self.engine.train_step(x, y, grad_scale, between)
+    def step(self, batch: Batch, grad_scale: float, between) -> float:
+        return self.engine.train_step(batch.x, batch.y, grad_scale, between, batch.positions, batch.segments)
 
-    def eval_loss(self, x, y) -> float:
-        return self.engine.eval_loss(x, y)
+    def eval_loss(self, batch: Batch) -> float:
+        return self.engine.eval_loss(batch.x, batch.y, batch.positions, batch.segments)
 
     def take_stats(self, seconds: float):
         return self.engine.pass_stats(seconds)
@@ -131,22 +136,23 @@ class FullLearner:
     def train(self, flag: bool) -> None:
         self.model.train(flag)
 
-    def step(self, x, y, grad_scale: float, between) -> float:
+    def step(self, batch: Batch, grad_scale: float, between) -> float:
         from odyssey.model import causal_lm_loss
 
         self._between = between
         try:
-            loss = causal_lm_loss(self.model(x), y)
+            logits = self.model(batch.x, positions=batch.positions, segments=batch.segments)
+            loss = causal_lm_loss(logits, batch.y)
             (loss * grad_scale).backward()
         finally:
             self._between = None
         return float(loss)
 
     @torch.no_grad()
-    def eval_loss(self, x, y) -> float:
+    def eval_loss(self, batch: Batch) -> float:
         from odyssey.model import causal_lm_loss
 
-        return float(causal_lm_loss(self.model(x), y))
+        return float(causal_lm_loss(self.model(batch.x, positions=batch.positions, segments=batch.segments), batch.y))
 
     def take_stats(self, seconds: float):
         from odyssey.engine import PassStats

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from odyssey.dtypes import IGNORE
 from odyssey.modelconfig import ModelConfig
 
 
@@ -110,10 +111,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def attention_mask(T: int, S: int, window: int | None) -> torch.Tensor | None:
+def attention_mask(T: int, S: int, window: int | None, segments: torch.Tensor | None = None) -> torch.Tensor | None:
     """(T, S) bool: new token t (at position S - T + t) sees key s when s <= its position and, with
     a sliding window, s > position - window (HF's sliding_window_overlay). None: plain causal
-    attention with the keys all visible to the last query, where SDPA needs no mask."""
+    attention with the keys all visible to the last query, where SDPA needs no mask.
+
+    With segments (B, T) (packed examples, no cache: S == T): (B, 1, T, T), block-diagonal causal:
+    a token sees the earlier tokens of its own segment only (and, with a window, only the last
+    `window` of them), as if each example ran alone."""
+    if segments is not None:
+        q = torch.arange(T)[:, None]
+        k = torch.arange(T)[None]
+        allowed = k <= q
+        if window is not None and window < T:
+            allowed = allowed & (k > q - window)
+        same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+        return (same & allowed)[:, None]
     if window is None or window >= S:
         return None
     q = torch.arange(S - T, S)[:, None]
@@ -160,7 +173,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, fam.gemma_norm)
         self.qk_norm = fam.qk_norm
 
-    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, d); segments (B, T) int or None: attention stays within a segment (packing)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.hd)
         k = self.k_proj(x).view(B, T, self.Hkv, self.hd)
@@ -178,7 +194,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
         gqa = self.H != self.Hkv
         S = k.shape[2]
-        mask = attention_mask(T, S, self.window)
+        if segments is not None and cache is not None:
+            raise ValueError("segments (packed examples) are for training passes, not with a KV cache")
+        mask = attention_mask(T, S, self.window, segments)
         if mask is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         elif past == 0:
@@ -222,11 +240,13 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(d, eps, gemma)
             self.post_feedforward_layernorm = RMSNorm(d, eps, gemma)
 
-    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.sandwich:
-            h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache))
+            h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, segments))
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        h = x + self.self_attn(self.input_layernorm(x), rope, cache)  # (B, T, d)
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache, segments)  # (B, T, d)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -257,9 +277,16 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hidden_states(
-        self, input_ids: torch.Tensor, cache: KVCache | None = None, dtype: torch.dtype | None = None
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        dtype: torch.dtype | None = None,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> final-normed hidden states (B, T, d)."""
+        """input_ids (B, T) -> final-normed hidden states (B, T, d). positions (B, T): each token's
+        RoPE position (default past..past+T-1); segments (B, T): packed examples, attention within
+        a segment only (see attention_mask)."""
         cfg = self.config
         x = self.model.embed_tokens(input_ids)
         scale = embed_scale(cfg, x.dtype)
@@ -268,15 +295,23 @@ class CausalLM(nn.Module):
         if dtype is not None:
             x = x.to(dtype)
         past = cache.length() if cache is not None else 0
-        positions = torch.arange(past, past + input_ids.shape[1])
+        if positions is None:
+            positions = torch.arange(past, past + input_ids.shape[1])
         rope = rope_tables(cfg, positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, rope, cache)
+            x = layer(x, rope, cache, segments)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V) in the weights' dtype."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V) in the weights' dtype (positions, segments: see
+        hidden_states)."""
+        return self.lm_head(self.hidden_states(input_ids, cache, positions=positions, segments=segments))
 
     def tied_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict with HF names, without lm_head.weight when the head is tied (as HF saves)."""
@@ -291,5 +326,10 @@ LlamaModel = DecoderModel
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy in fp32: logits (B, T, V), targets (B, T) int64."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    """Mean cross-entropy in fp32 over the trained targets: logits (B, T, V), targets (B, T) int64,
+    IGNORE (-100) where not trained (no loss, no gradient). With no trained target at all: 0, with
+    a zero gradient (not NaN)."""
+    flat = targets.reshape(-1)
+    if not bool((flat != IGNORE).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE)

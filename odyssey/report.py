@@ -64,6 +64,14 @@ class WorldSizeChanged:
 
 
 @dataclass(frozen=True)
+class ExamplesPacked:
+    """Examples-layout data: per split, the examples kept, the windows, their fill, and how many
+    were truncated or dropped (`odyssey.data.sampler.ExampleSet.summary`); said once."""
+
+    lines: tuple
+
+
+@dataclass(frozen=True)
 class MonitorUnavailable:
     """--monitor could not open its window; training goes on without it."""
 
@@ -217,6 +225,12 @@ class TrainReport:
             f"changes from {e.saved_world_size * b} to {e.world_size * b} sequences a step and each "
             f"rank reads another shard of the data, so the steps from here differ from an uninterrupted run"
         )
+
+    @__call__.register
+    def _examples_packed(self, e: ExamplesPacked) -> None:
+        for line in e.lines:
+            self.local.append("event", level="info", source="trainer", action="data", message=line)
+            self._note(line)
 
     @__call__.register
     def _monitor_unavailable(self, e: MonitorUnavailable) -> None:

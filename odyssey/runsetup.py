@@ -32,6 +32,10 @@ RESUME_FREE = {
 }
 
 
+# TrainConfig keys newer than some runs' config.yaml: a run without them resumes at their defaults
+ADDED_LATER = ("packing", "too_long")
+
+
 def _effective(model_dir: Path, data_dir: Path, budget: int, cfg: TrainConfig, store, data) -> dict:
     return {
         "model": str(model_dir.resolve()),
@@ -137,6 +141,9 @@ def prepare(
 
         check_targets(cfg.lora.targets)
     if saved is not None:
+        # a setting added after the run was made (absent from its config.yaml) ran at its default
+        train = saved["train"] if isinstance(saved["train"], dict) else {}
+        saved = {**saved, "train": {**{k: v for k, v in to_dict(TrainConfig()).items() if k in ADDED_LATER}, **train}}
         diffs = _diff(saved, eff)
         if diffs:
             free = sorted(k.removeprefix("train.") for k in RESUME_FREE if k.startswith("train."))

@@ -42,6 +42,7 @@ from odyssey.errors import OdysseyError, StopRequested
 from odyssey.learners import Learner, make_learner
 from odyssey.report import (
     CheckpointWritten,
+    ExamplesPacked,
     Finished,
     FitEnded,
     FitStarted,
@@ -136,9 +137,26 @@ class Trainer:
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8
         )
         self.sampler = BatchSampler(
-            data, "train", cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=ranks.rank, world_size=ranks.world
+            data,
+            "train",
+            cfg.seq_len,
+            cfg.batch_size,
+            seed=cfg.seed,
+            rank=ranks.rank,
+            world_size=ranks.world,
+            packing=cfg.packing,
+            too_long=cfg.too_long,
         )
-        self.val = eval_batches(data, cfg.seq_len, cfg.batch_size, cfg.eval_batches) if cfg.eval_batches else []
+        self.val = (
+            eval_batches(
+                data, cfg.seq_len, cfg.batch_size, cfg.eval_batches, packing=cfg.packing, too_long=cfg.too_long
+            )
+            if cfg.eval_batches
+            else []
+        )
+        lines = [x for x in (self.sampler.summary, getattr(self.val, "summary", None)) if x]
+        if lines:
+            self.report(ExamplesPacked(tuple(lines)))
         self.checkpoints = Checkpoints(run, keep=cfg.keep_checkpoints)
         self.step = 0
         self.tokens = 0
@@ -166,20 +184,10 @@ class Trainer:
         s = self.sampler
         if saved.get("world_size", 1) == s.world_size and saved.get("num_windows") == s.num_windows:
             return {**saved, "rank": s.rank}
-        old_per_epoch = saved["num_windows"] // saved.get("world_size", 1)
-        consumed = saved["epoch"] * old_per_epoch + saved["cursor"]
-        epoch, cursor = divmod(consumed, s.windows_per_epoch)
         self.report(
             WorldSizeChanged(saved.get("world_size", 1), s.world_size, self.cfg.batch_size * self.cfg.grad_accum)
         )
-        return {
-            **saved,
-            "epoch": epoch,
-            "cursor": cursor,
-            "rank": s.rank,
-            "world_size": s.world_size,
-            "num_windows": s.num_windows,
-        }
+        return s.rebase(saved)
 
     # --- checkpoints ---
     def checkpoint(self, reason: str) -> Path | None:
@@ -216,11 +224,20 @@ class Trainer:
         lr = lr_at(cfg, step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        # The step's loss is the mean over the trained targets of all its micro-batches: each
+        # micro-batch's mean weighs by its share of them (1/grad_accum when they all train as many,
+        # as windows of text do), so the gradient is that of one big batch.
+        batches = [self.sampler.next_batch() for _ in range(cfg.grad_accum)]
+        counts = [b.trained for b in batches]
+        total = sum(counts)
+        equal = len(set(counts)) == 1
         loss = 0.0
-        for _ in range(cfg.grad_accum):
-            x, y = self.sampler.next_batch()
-            loss += self.learner.step(x, y, 1.0 / cfg.grad_accum, self._between) / cfg.grad_accum
-        loss = self.ranks.average_grads(self.params, loss)
+        for b, n in zip(batches, counts, strict=True):
+            share = 1.0 / cfg.grad_accum if equal else n / total
+            step_loss = self.learner.step(b, share, self._between)
+            loss += step_loss / cfg.grad_accum if equal else step_loss * share
+        weight = None if self.sampler.examples is None else total  # ranks weigh by trained targets
+        loss = self.ranks.average_grads(self.params, loss, weight)
         self.channel.end_of_step(self.step)  # the ranks stop, pause or checkpoint together, at the same step
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         self.optimizer.step()
@@ -235,10 +252,14 @@ class Trainer:
             return None
         self.learner.train(False)
         try:
-            losses = [self.learner.eval_loss(x, y) for x, y in self.val]
+            losses = [self.learner.eval_loss(b) for b in self.val]
         finally:
             self.learner.train(True)
-        v = sum(losses) / len(losses)
+        counts = [b.trained for b in self.val]
+        if len(set(counts)) == 1:
+            v = sum(losses) / len(losses)
+        else:  # the mean over the answer tokens of the eval set: each batch weighs by its own
+            v = sum(loss * n for loss, n in zip(losses, counts, strict=True)) / max(sum(counts), 1)
         self.run.append("val", step=self.step, val_loss=round(v, 6), batches=len(losses))
         return v
 

@@ -166,7 +166,7 @@ def test_prepare_data_outputs_and_manifest(corpus, prepared):
         ["manifest.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
     )
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format"] == "odyssey-tokens" and m["format_version"] == 2
+    assert m["format"] == "odyssey-tokens" and m["format_version"] == 3
     assert m["dtype"] == "uint16" and m["vocab_size"] == summary["vocab_size"] <= 400
     assert (m["unk_id"], m["bos_id"], m["eos_id"], m["adds_bos"]) == (0, 1, 2, True)
     assert m["document_layout"].startswith("<s> tokens </s>")

@@ -26,6 +26,7 @@ mode = sys.argv[3] if len(sys.argv) > 3 else "forward"
 V = store.config.vocab_size
 if mode == "lora":
     from odyssey.config import LoraSettings, TrainConfig
+    from odyssey.data import Batch
     from odyssey.learners import LoraLearner
 
     r = int(sys.argv[4]) if len(sys.argv) > 4 else 16
@@ -38,7 +39,7 @@ if mode == "lora":
         for _ in range(2):  # the second step has AdamW's moments: the peak
             t0 = time.perf_counter()
             x, y = torch.randint(0, V, (1, T)), torch.randint(0, V, (1, T))
-            learner.step(x, y, 1.0, None)
+            learner.step(Batch(x, y), 1.0, None)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step_s.append(round(time.perf_counter() - t0, 2))

@@ -3,6 +3,7 @@ prepare its data."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,18 @@ def add_train_parser(sub) -> None:
     s.add_argument("--monitor", action="store_true", help="open the monitor window in its own process")
     s.add_argument("--no-guard", action="store_true", help="do not start the guard process")
     s.add_argument("--nproc", type=count(1), help="data-parallel ranks on this machine (torchrun shortcut)")
+    s.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="examples data (chat, completions, alpaca): pack whole examples into each window, attention kept "
+        "within each (default); --no-packing: one example per window, padded",
+    )
+    s.add_argument(
+        "--too-long",
+        choices=["truncate", "drop"],
+        help="examples longer than seq_len + 1 tokens: keep their first seq_len + 1 (default) or drop them",
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=32 seq_len=256")
     s.set_defaults(func=cmd_train)
@@ -171,6 +184,8 @@ def cmd_train(args) -> int:
         return launch_ranks(args.nproc)
     overrides = list(args.overrides)  # --mode and --steps are shorthands for config overrides
     overrides += [f"mode={args.mode}"] * bool(args.mode) + [f"steps={args.steps}"] * (args.steps is not None)
+    overrides += [f"packing={str(args.packing).lower()}"] * (args.packing is not None)
+    overrides += [f"too_long={args.too_long}"] * bool(args.too_long)
     return train(
         args.out,
         model=args.model,

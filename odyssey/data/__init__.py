@@ -28,7 +28,8 @@ rendered by its chat template (see examples.py and templates.py).
     formats.py    records of .jsonl / .json / .parquet / .csv files: chat, completions, alpaca, text
     templates.py  chat templates (transformers' apply_chat_template), end-of-turn ids, loss masks
     tokens.py     the token files and manifest: format, writer, reader (`TokenData`), unigram baseline
-    sampler.py    (x, y) batches of windows: `BatchSampler` (training), `eval_batches`
+    sampler.py    batches of windows (`Batch`: x, y; positions, segments for examples): `BatchSampler`,
+                  `eval_batches`
     prepare.py    `prepare_data`, the whole job of `odyssey prepare-data`; examples.py: its examples
                   layout; modelstore.py: the --model store it prepares data for
 The tokenizer itself (training, loading, special tokens) is `odyssey.tokenizer`.
@@ -36,7 +37,17 @@ The tokenizer itself (training, loading, special tokens) is `odyssey.tokenizer`.
 
 from odyssey.data.corpus import read_documents
 from odyssey.data.prepare import prepare_data
-from odyssey.data.sampler import BatchSampler, eval_batches
+from odyssey.data.sampler import IGNORE, Batch, BatchSampler, eval_batches
 from odyssey.data.tokens import TokenData, token_dtype, unigram_loss
 
-__all__ = ["BatchSampler", "TokenData", "eval_batches", "prepare_data", "read_documents", "token_dtype", "unigram_loss"]
+__all__ = [
+    "IGNORE",
+    "Batch",
+    "BatchSampler",
+    "TokenData",
+    "eval_batches",
+    "prepare_data",
+    "read_documents",
+    "token_dtype",
+    "unigram_loss",
+]

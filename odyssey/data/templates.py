@@ -42,7 +42,6 @@ from pathlib import Path
 from odyssey.errors import OdysseyError
 from odyssey.tokenizer import CHAT_TOKENS, ModelTokenizer, load_model_tokenizer
 
-IGNORE = -100  # the target of a token that is not trained (torch's cross_entropy ignore_index)
 DEFAULT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
