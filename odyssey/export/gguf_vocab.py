@@ -12,6 +12,7 @@ from pathlib import Path
 
 from odyssey.errors import OdysseyError
 from odyssey.modelconfig import ModelConfig
+from odyssey.tokenizer import MIN_VOCAB_SIZE
 
 # Pre-tokenizer regexes (as HF tokenizer.json writes them) whose llama.cpp name we know.
 LLAMA3_REGEX = (
@@ -196,7 +197,7 @@ def read_vocab(tokenizer_path: Path, cfg: ModelConfig) -> GGUFVocab:
     if kind == "gpt2" and not model.get("merges"):
         raise OdysseyError(
             f"{tokenizer_path} has no BPE merges (llama.cpp refuses a byte-level vocabulary without "
-            f"them); train one with a --vocab-size above 259 (`odyssey prepare-data --vocab-size`)"
+            f"them); train one with a --vocab-size above {MIN_VOCAB_SIZE} (`odyssey prepare-data --vocab-size`)"
         )
     hf = load_model_tokenizer(tokenizer_path.parent)
     unk = hf.unk_id if kind == "llama" else None
