@@ -18,6 +18,7 @@ from tests.conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
+INSTRUCTIONS = ROOT / "data" / "sample-instructions"
 
 
 corpus_tool = load_tool("make_sample_corpus")
@@ -606,6 +607,49 @@ def test_shipped_sample_is_reproducible_and_prepares(tmp_path):
     x, y = next(BatchSampler(data, "train", 128, 2, seed=0))
     assert x.shape == (2, 128) and int(x.max()) < 512
     assert unigram_loss(data) < math.log(512)
+
+
+def _korean_particle_fits(word: str) -> bool:
+    """을/이에요/이었어요 follow a final consonant, 를/예요/였어요 a vowel (the word's particle)."""
+    for after_final, after_vowel in (("을", "를"), ("이에요", "예요"), ("이었어요", "였어요")):
+        for ending, final in ((after_final, True), (after_vowel, False)):
+            if word.endswith(ending) and len(word) > len(ending):
+                return (corpus_tool._batchim(word[: -len(ending)]) != 0) == final
+    return True
+
+
+def test_shipped_instructions_are_reproducible_and_answered_by_their_stories(tmp_path):
+    sizes = corpus_tool.write_instructions(tmp_path, 200, seed=0)
+    assert set(sizes) == {p.name for p in INSTRUCTIONS.glob("*.jsonl")}
+    for name in sizes:
+        assert (INSTRUCTIONS / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    assert 200_000 < sum(sizes.values()) < 320_000
+    en, ko, held = corpus_tool.generate_instructions(200, seed=0)
+    shipped = [json.loads(line) for line in (INSTRUCTIONS / "instructions_ko.jsonl").read_text("utf-8").splitlines()]
+    assert shipped == [{"messages": r["messages"], "lang": "ko"} for r in ko]
+    assert (len(en), len(ko), len(held)) == (200, 200, 80)
+    kinds = set()
+    for records, langs in ((en, {"en"}), (ko, {"ko"}), (held, {"en", "ko"})):
+        assert {r["lang"] for r in records} == langs
+        for r in records:
+            roles = [m["role"] for m in r["messages"]]
+            assert roles and roles == ["user", "assistant"] * (len(roles) // 2)
+            assert r["story"] in r["messages"][0]["content"] and len(r["spans"]) == len(roles) // 2
+            for question, answer, spans in zip(r["messages"][::2], r["messages"][1::2], r["spans"], strict=True):
+                # the answer's key words are in the quoted story, and the answer gives the asked field
+                assert all(sp in r["story"] for sp in spans), (spans, r["story"])
+                assert spans[-1].lower() in answer["content"].lower(), (spans, answer)
+                kinds.add(question["content"].split("\n\n")[-1].split()[0])
+                if r["lang"] == "ko":
+                    words = answer["content"].rstrip(".").split()  # "... X이에요." or "... X을 VERB."
+                    copula = words[-1].endswith(("예요", "에요", "였어요", "이었어요"))
+                    checked = words[-1:] if copula else [] if words[-1].endswith("에서요") else words[-2:-1]
+                    assert all(_korean_particle_fits(w) for w in checked), answer
+    assert len(kinds) >= 10  # several kinds of question in both languages (first words differ)
+    # held-out stories are not training stories
+    train_stories = {r["story"] for r in en + ko}
+    assert not any(r["story"] in train_stories for r in held)
+    assert sum(len(r["messages"]) > 2 for r in en + ko) > 100  # multi-turn records too
 
 
 def test_corpus_generator_styles_and_seeds():

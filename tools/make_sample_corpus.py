@@ -3,8 +3,9 @@
 
     python tools/make_sample_corpus.py                          # -> data/sample/ (the shipped corpus)
     python tools/make_sample_corpus.py --style letters --out X  # a second, different corpus
+    python tools/make_sample_corpus.py --style instructions     # -> data/sample-instructions/ (shipped)
 
-Two styles, both deterministic per seed (Python's `random.Random`, stable across versions):
+Three styles, all deterministic per seed (Python's `random.Random`, stable across versions):
 
 - `stories` (TinyStories-like): short children's stories. A story is a *plan* (a hero, a friend, a
   place, an object, a time of day, one of eight plots) rendered in English or Korean; every
@@ -14,11 +15,19 @@ Two styles, both deterministic per seed (Python's `random.Random`, stable across
 - `letters`: letters to relatives and diary entries (dates, weather, school, food, plans). Other
   vocabulary and structure than the stories, and the Korean diaries use the plain style (했다체),
   so a model trained on the stories clearly has something left to learn (the LoRA test uses it).
+- `instructions`: chat records (`{"messages": [user, assistant, ...], "lang": "en"|"ko"}`) of
+  questions about new stories: the first user turn quotes a story's beginning and asks one question;
+  1-3 questions a record (multi-turn). Questions read the story plan's fields (the hero, the hero's
+  kind, the friend, the place, the time of day, the plot's object or event) and are asked only when
+  the quoted text holds the answer's key words, so the story determines every answer.
 
 Files written to --out: `{style}_en.txt` and `{style}_ko.txt` (documents separated by a line
 `<|endoftext|>`, paragraphs by blank lines) and `{style}_mixed.jsonl` (one JSON object per line with
 `text` and `lang` in en|ko|en+ko; en+ko documents hold a story and its translation). The mixed file
 holds other documents than the .txt files, so a directory-wide split never leaks across files.
+For `instructions`: `instructions_en.jsonl` and `instructions_ko.jsonl` (N records each, default
+200) and `instructions_eval.jsonl` (N/5 of each language about other stories, held out). They go
+to their own directory: `prepare-data data/sample` reads the stories as text.
 """
 
 from __future__ import annotations
@@ -580,8 +589,8 @@ class _LazyStory(Story):
         super().say(*variants)
 
 
-def make_story(rng: random.Random) -> tuple[str, str]:
-    """One story plan rendered as (English, Korean)."""
+def _told_story(rng: random.Random) -> tuple[Story, object]:
+    """One story plan, told: the Story (plan and parallel paragraphs) and its plot function."""
     plan = Plan(rng)
     _derived(plan)
     s = _LazyStory(plan)
@@ -591,7 +600,122 @@ def make_story(rng: random.Random) -> tuple[str, str]:
         s.paragraph()
     plot(s)
     s.maybe(0.5, *ENDINGS)
+    return s, plot
+
+
+def make_story(rng: random.Random) -> tuple[str, str]:
+    """One story plan rendered as (English, Korean)."""
+    s, _ = _told_story(rng)
     return s.render(0), s.render(1)
+
+
+# --------------------------------------------------------------------------------------------
+# instructions: questions about a story, answered from the story (chat records)
+#
+# The user's first turn quotes the story's beginning (the opening and the start of the plot) and asks one question; further user turns ask more questions about the same
+# story. Each question reads one field of the story's plan (the hero, the hero's kind, the friend,
+# the place, the time of day, the plot's object or event); it is asked only when the quoted text
+# holds the answer's key words (its spans), so every answer is determined by the quote.
+
+INSTRUCT_EN = ["Read the story and answer the question.", "Here is a short story.",
+               "Answer the question about this story.", "Please read this story."]
+INSTRUCT_KO = ["이야기를 읽고 질문에 답해 주세요.", "짧은 이야기가 있어요.", "이 이야기에 대한 질문에 답해 주세요.",
+               "다음 이야기를 읽어 보세요."]
+_PLOT_QUESTIONS = {
+    # plot: (question EN, answer EN, question KO, answer KO, span keys); spans read from the context
+    "_plot_lost": ("What did {A} lose?", "{AHis} {obj}.", "{A.eun} 무엇을 잃어버렸나요?", "{obj.eul} 잃어버렸어요.", ["obj"]),
+    "_plot_share": ("What did {A} get?", "{food_cap}.", "{A.eun} 무엇을 받았나요?", "{food.eul} 받았어요.", ["food"]),
+    "_plot_brave": ("What was {A} afraid of?", "{fear_cap}.", "{A.eun} 무엇을 무서워했나요?", "{fear.eul} 무서워했어요.",
+                    ["fear"]),
+    "_plot_new_friend": ("Who did {A} meet?", "{_an_Bkind_cap} named {B}.", "{A.eun} 누구를 만났나요?",
+                         "{B.ra} {Bkind.eul} 만났어요.", ["B", "Bkind"]),
+    "_plot_help": ("What did {A} and {B} see?", "{problem_cap}.", "{A.gwa} {B.eun} 무엇을 보았나요?", "{problem}.",
+                   ["problem"]),
+    "_plot_build": ("What did {A} and {B} make?", "{proj_cap}.", "{A.gwa} {B.eun} 무엇을 만들었나요?",
+                    "{proj.eul} 만들었어요.", ["proj"]),
+    "_plot_sorry": ("What did {A} break?", "{B}'s {obj}.", "{A.eun} 무엇을 망가뜨렸나요?", "{B.ui} {obj.eul} 망가뜨렸어요.",
+                    ["B", "obj"]),
+    "_plot_discover": ("Where did {A} see something?", "{spot_cap}.", "{A.eun} 어디에서 무언가를 보았나요?",
+                       "{spot}에서 보았어요.", ["spot"]),
+    "_plot_bake": ("What did {A} and {Ahis} mom bake?", "{bake_cap}.", "{A.eun} 엄마와 무엇을 구웠나요?",
+                   "{bake.eul} 구웠어요.", ["bake"]),
+}
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _questions(s: Story, plot) -> tuple[list[tuple[str, str, list[str]]], list[tuple[str, str, list[str]]]]:
+    """(English, Korean) lists of (question, answer, spans) about the story's plan."""
+    e, k = dict(s.plan.en), dict(s.plan.ko)
+    for key in ("food", "fear", "proj", "bake"):
+        if key in e:
+            e[key + "_cap"] = _cap(e[key])
+    e["_an_Bkind_cap"] = _cap(e["_an_Bkind"])
+    when = e["When"].removeprefix("One ")
+    kind_q = ("What kind of animal is {A}?", "{A} is {_an_Akind}.", "{A.eun} 어떤 동물이에요?", "{Akind.ieyo}.")
+    if e["Akind"] in ("girl", "boy"):
+        kind_q = ("Is {A} a boy or a girl?", "{A} is {_an_Akind}.", "{A.eun} 남자아이예요, 여자아이예요?", "{Akind.ieyo}.")
+    e["_an_Akind"] = _an(e["Akind"])
+    prep = e["at_place"].split()[0]
+    asked = [  # (question EN, answer EN, question KO, answer KO, spans EN, spans KO)
+        ("Who is the main character of the story?", "{A}, {adj_a} {Akind}.", "이 이야기의 주인공은 누구예요?",
+         "{A.ra} {adj} {Akind.ieyo}.", [e["A"], e["adj"], e["Akind"]], [k["A"].raw, k["adj"], k["Akind"].raw]),
+        (*kind_q, [e["A"], e["Akind"]], [k["A"].raw, k["Akind"].raw]),
+        ("What is the name of {A}'s friend?", "{B}.", "{A.ui} 친구 이름은 무엇이에요?", "{B.ieyo}.",
+         [e["A"], e["B"]], [k["A"].raw, k["B"].raw]),
+        ("When does the story take place?", f"On {_an(when)}.", "이 이야기는 언제 일어났나요?", f"{Ko(k['when']).ieosseoyo}.",
+         [when], [k["when"]]),
+        ("Where does the story take place?", f"{_cap(prep)} the {{place}}.", "이 이야기는 어디에서 일어났나요?", "{place}에서요.",
+         [e["place"]], [k["place"]]),
+    ]
+    q_en, a_en, q_ko, a_ko, keys = _PLOT_QUESTIONS[plot.__name__]
+    asked.append((q_en, a_en, q_ko, a_ko, [str(e[x]) for x in keys], [getattr(k[x], "raw", k[x]) for x in keys]))
+    en = [(q.format(**e), a.format(**e), sp) for q, a, _, _, sp, _ in asked]
+    ko = [(q.format(**k), a.format(**k), sp) for _, _, q, a, _, sp in asked]
+    return en, ko
+
+
+def _passage(s: Story, plot, lang: int) -> str:
+    """The story's beginning in language `lang` (0 English, 1 Korean): its first two paragraphs, or
+    three for a lost toy (the loss is told in the third)."""
+    n = 3 if plot is _plot_lost else 2
+    return "\n\n".join(" ".join(x[lang] for x in p) for p in s.paragraphs[:n] if p)
+
+
+def make_instruction(rng: random.Random, lang: str) -> dict:
+    """One chat record about a new story in `lang` ("en" or "ko"): 1-3 questions, each answered.
+
+    Returns {"messages", "lang", "story", "spans"}: `story` is the quoted text and `spans` the key
+    words of each answer (all in the story); the shipped files keep "messages" and "lang".
+    """
+    s, plot = _told_story(rng)
+    li = {"en": 0, "ko": 1}[lang]
+    story = _passage(s, plot, li)
+    answerable = [qa for qa in _questions(s, plot)[li] if all(sp in story for sp in qa[2])]
+    chosen = rng.sample(answerable, min(len(answerable), rng.choice([1, 1, 2, 3])))
+    lead = rng.choice(INSTRUCT_EN if lang == "en" else INSTRUCT_KO)
+    messages = []
+    for i, (q, a, _) in enumerate(chosen):
+        messages.append({"role": "user", "content": f"{lead}\n\n{story}\n\n{q}" if i == 0 else q})
+        messages.append({"role": "assistant", "content": a})
+    return {"messages": messages, "lang": lang, "story": story, "spans": [sp for _, _, sp in chosen]}
+
+
+def generate_instructions(n: int = 200, seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """(English, Korean, held-out evaluation) records: n per language, n // 5 per language held out.
+
+    Each set draws its stories from its own random stream, so the held-out stories are not the
+    training ones (a test checks that no quoted story is shared).
+    """
+    rng_en = random.Random(f"instructions-en-{seed}")
+    rng_ko = random.Random(f"instructions-ko-{seed}")
+    rng_eval = random.Random(f"instructions-eval-{seed}")
+    en = [make_instruction(rng_en, "en") for _ in range(n)]
+    ko = [make_instruction(rng_ko, "ko") for _ in range(n)]
+    held = [make_instruction(rng_eval, lang) for _ in range(n // 5) for lang in ("en", "ko")]
+    return en, ko, held
 
 
 # --------------------------------------------------------------------------------------------
@@ -771,6 +895,28 @@ def write_corpus(out: Path, style: str = "stories", n: int = 900, seed: int = 0)
     return sizes
 
 
+def write_instructions(out: Path, n: int = 200, seed: int = 0) -> dict[str, int]:
+    """Write instructions_en.jsonl, instructions_ko.jsonl and instructions_eval.jsonl under `out`
+    (chat records: "messages" and "lang"); returns {file name: bytes}."""
+    en, ko, held = generate_instructions(n, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for name, records in (
+        ("instructions_en.jsonl", en),
+        ("instructions_ko.jsonl", ko),
+        ("instructions_eval.jsonl", held),
+    ):
+        text = "".join(
+            json.dumps({"messages": r["messages"], "lang": r["lang"]}, ensure_ascii=False) + "\n" for r in records
+        )
+        data = text.encode("utf-8")
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(out / name)
+        sizes[name] = len(data)
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -786,16 +932,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--stories",
         type=int,
-        default=900,
+        default=None,
         metavar="N",
-        help="documents per language file (the mixed .jsonl gets N/4 more); default 900",
+        help="documents per language file (the mixed .jsonl gets N/4 more); default 900. "
+        "instructions: records per language (N/5 more each held out); default 200",
     )
-    ap.add_argument("--style", choices=["stories", "letters"], default="stories")
+    ap.add_argument(
+        "--style",
+        choices=["stories", "letters", "instructions"],
+        default="stories",
+        help="stories (default), letters, or instructions: chat records of questions about new stories",
+    )
     args = ap.parse_args(argv)
+    if args.stories is None:
+        args.stories = 200 if args.style == "instructions" else 900
     if args.stories < 1:
         ap.error(f"--stories must be >= 1, got {args.stories}")
-    out = args.out or Path("data/sample" if args.style == "stories" else "data/sample-letters")
-    sizes = write_corpus(out, args.style, args.stories, args.seed)
+    default_out = {
+        "stories": "data/sample",
+        "letters": "data/sample-letters",
+        "instructions": "data/sample-instructions",
+    }
+    out = args.out or Path(default_out[args.style])
+    if args.style == "instructions":
+        sizes = write_instructions(out, args.stories, args.seed)
+    else:
+        sizes = write_corpus(out, args.style, args.stories, args.seed)
     for name, size in sizes.items():
         print(f"{out / name}: {size / 1024:.0f} KiB")
     print(f"total {sum(sizes.values()) / 1024:.0f} KiB")
