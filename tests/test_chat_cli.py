@@ -388,10 +388,23 @@ def test_default_chatml_goes_into_the_exports(tmp_path):
 
 @pytest.mark.slow
 def test_llama_cpp_sees_the_template(chatml, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp  # make test-slow installs it
+
     store, _, tok, eot = chatml
     p = run_cli("export", store, "--out", tmp_path / "exp", "--formats", "gguf", "--gguf-type", "f32", "--quiet")
     assert p.returncode == 0, p.stderr
     llm = llama_cpp.Llama(str(next((tmp_path / "exp").glob("*.gguf"))), verbose=False, n_ctx=256)
     assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
     assert int(llm.metadata["tokenizer.ggml.eot_token_id"]) == eot
+    # llama.cpp's chat mode renders with that template and stops at its end of turn: its greedy
+    # answer is transformers' (the fixture's answer ends with <|im_end|> at the 4th token)
+    hf = chatml[1]
+    want_ids, want = hf_greedy(hf, tok, [{"role": "user", "content": QUESTION}])
+    assert want_ids[-1] == eot
+    messages = [{"role": "user", "content": QUESTION}]
+    got = llm.create_chat_completion(messages, max_tokens=MAX_NEW, temperature=0.0)
+    assert got["usage"]["prompt_tokens"] == len(chat_ids(tok, messages, True))  # the same rendering
+    assert got["choices"][0]["finish_reason"] == "stop"  # at the end of turn ...
+    assert got["usage"]["completion_tokens"] == len(want_ids) - 1  # ... after the same tokens
+    # the same text, but for the random model's invalid UTF-8 bytes (llama.cpp drops them)
+    assert got["choices"][0]["message"]["content"] == want.replace("\ufffd", "")
