@@ -12,14 +12,14 @@ import shutil
 import pytest
 import torch
 
-from odyssey.adapters import adapter_skeleton, inject, lora_parameters, read_adapter, save_adapter
-from odyssey.config import LoraSettings
+from odyssey.adapters import adapter_skeleton, lora_parameters, read_adapter
 from odyssey.engine import Engine
 from odyssey.errors import OdysseyError
 from odyssey.model import CausalLM, KVCache, rope_inv_freq
 from odyssey.modelconfig import ModelConfig
 from odyssey.store import Store
 from odyssey.store.importer import import_hf
+from tests.helpers_lora import lora_skeleton
 
 BASE = dict(
     vocab_size=160,
@@ -161,15 +161,7 @@ def test_lora_gradients_equal_peft_and_adapter_loads(imported, case, tmp_path):
 
     _, store_dir = imported(case)
     store = Store.open(store_dir)
-    settings = LoraSettings(r=4, alpha=8)
-    with torch.device("meta"):
-        skel = CausalLM(store.config)
-    inject(skel, settings, seed=5)
-    torch.manual_seed(0)
-    for k, p in lora_parameters(skel).items():
-        if "lora_B" in k:
-            torch.nn.init.normal_(p, std=0.05)  # B is zero at init: make every path carry gradient
-    save_adapter(skel, settings, tmp_path / "adapter", store)
+    skel = lora_skeleton(store, tmp_path)
     ids, tgt = ids_for(BASE["vocab_size"]), ids_for(BASE["vocab_size"], seed=2)
     with Engine(store, compute_dtype="fp32", model=skel) as eng:
         loss = eng.train_step(ids, tgt)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from odyssey.adapters import inject, lora_parameters, save_adapter
+from odyssey.adapters import lora_parameters
 from odyssey.config import LoraSettings, TrainConfig
 from odyssey.data import IGNORE, Batch, BatchSampler, TokenData, eval_batches
 from odyssey.data.sampler import ExampleSet
@@ -30,6 +30,7 @@ from odyssey.runtime.runlog import RunDir
 from odyssey.store import Store
 from odyssey.store.importer import import_hf
 from tests.conftest import run_cli
+from tests.helpers_lora import lora_skeleton
 from tests.test_families import BASE, hf_model
 
 # --------------------------------------------------------------------------------------------
@@ -356,20 +357,6 @@ def test_online_cross_entropy_leaves_masked_rows_out_exactly():
     assert float(l0) == 0.0 and bool((logits.grad == 0).all())
 
 
-def _lora_skeleton(store: Store, tmp: Path | None = None):
-    settings = LoraSettings(r=4, alpha=8)
-    with torch.device("meta"):
-        skel = CausalLM(store.config)
-    inject(skel, settings, seed=5)
-    torch.manual_seed(0)
-    for k, p in lora_parameters(skel).items():
-        if "lora_B" in k:
-            torch.nn.init.normal_(p, std=0.05)  # B is zero at init: make every path carry gradient
-    if tmp is not None:
-        save_adapter(skel, settings, tmp / "adapter", store)
-    return skel
-
-
 def _grads(params: dict) -> dict:
     out = {k: p.grad.clone() for k, p in params.items()}
     for p in params.values():
@@ -394,7 +381,7 @@ def test_masked_targets_change_neither_loss_nor_gradients(tmp_path, train_dir):
     batches = {k: eval_batches(d, 64, 2, 1, split="train")[0] for k, d in dirs.items()}
     assert torch.equal(batches["a"].y, batches["b"].y) and torch.equal(batches["a"].x, batches["b"].x)
     store = Store.open(train_dir / "store")
-    skel = _lora_skeleton(store)
+    skel = lora_skeleton(store)
     params = lora_parameters(skel)
     results = {}
     full = FullLearner(store, TrainConfig(mode="full", compute_dtype="fp32"))
@@ -453,7 +440,7 @@ def test_packed_equals_one_by_one_and_peft(tmp_path, family_store, case):
     N = sum(counts)
     assert packed.trained == N
 
-    skel = _lora_skeleton(store, tmp_path)
+    skel = lora_skeleton(store, tmp_path)
     params = lora_parameters(skel)
     with Engine(store, compute_dtype="fp32", model=skel) as eng:
         seg = packed.segments

@@ -885,6 +885,11 @@ def write_corpus(out: Path, style: str = "stories", n: int = 900, seed: int = 0)
         f"{style}_ko.txt": "".join(d + f"\n{EOT}\n" for d in ko_docs),
         f"{style}_mixed.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mixed),
     }
+    return _write_files(out, files)
+
+
+def _write_files(out: Path, files: dict[str, str]) -> dict[str, int]:
+    """Write each {name: text} under `out` (UTF-8, through a temporary name); returns {name: bytes}."""
     sizes = {}
     for name, text in files.items():
         data = text.encode("utf-8")
@@ -900,21 +905,19 @@ def write_instructions(out: Path, n: int = 200, seed: int = 0) -> dict[str, int]
     (chat records: "messages" and "lang"); returns {file name: bytes}."""
     en, ko, held = generate_instructions(n, seed)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = {}
-    for name, records in (
-        ("instructions_en.jsonl", en),
-        ("instructions_ko.jsonl", ko),
-        ("instructions_eval.jsonl", held),
-    ):
-        text = "".join(
-            json.dumps({"messages": r["messages"], "lang": r["lang"]}, ensure_ascii=False) + "\n" for r in records
-        )
-        data = text.encode("utf-8")
-        tmp = out / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(out / name)
-        sizes[name] = len(data)
-    return sizes
+    return _write_files(
+        out,
+        {
+            name: "".join(
+                json.dumps({"messages": r["messages"], "lang": r["lang"]}, ensure_ascii=False) + "\n" for r in records
+            )
+            for name, records in (
+                ("instructions_en.jsonl", en),
+                ("instructions_ko.jsonl", ko),
+                ("instructions_eval.jsonl", held),
+            )
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
