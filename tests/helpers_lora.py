@@ -13,7 +13,7 @@ from odyssey.model import CausalLM
 from odyssey.store import Store
 
 
-def lora_skeleton(store: Store, out: Path | None = None):
+def lora_skeleton(store: Store, out: Path | None = None, std: float = 0.05):
     """The skeleton (PEFT-wrapped CausalLM on meta); with `out`, its adapter saved to out/adapter."""
     settings = LoraSettings(r=4, alpha=8)
     with torch.device("meta"):
@@ -22,7 +22,7 @@ def lora_skeleton(store: Store, out: Path | None = None):
     torch.manual_seed(0)
     for k, p in lora_parameters(skel).items():
         if "lora_B" in k:
-            torch.nn.init.normal_(p, std=0.05)  # B is zero at init: make every path carry gradient
+            torch.nn.init.normal_(p, std=std)  # B is zero at init: make every path carry gradient
     if out is not None:
         save_adapter(skel, settings, out / "adapter", store)
     return skel

@@ -22,6 +22,7 @@ from odyssey.runtime.runlog import RunDir
 from odyssey.store import Store, init_store
 from odyssey.train import lr_at
 from tests.conftest import ROOT, assert_user_error, load_tool, run_cli, tiny_config
+from tests.helpers_lora import lora_skeleton
 
 corpus_tool = load_tool("make_sample_corpus")
 
@@ -127,15 +128,7 @@ def test_head_in_row_blocks_equals_peft_in_ram(tmp_path, monkeypatch, tied):
     store = Store.open(tmp_path / "s")
     blocks = store.blocks("embed" if tied else "head")
     assert len(blocks) == 36 and blocks[-1].row_end - blocks[-1].row_start == 5
-    settings = LoraSettings(r=4, alpha=8)
-    with torch.device("meta"):
-        skel = LlamaForCausalLM(store.config)
-    inject(skel, settings, seed=5)
-    torch.manual_seed(0)
-    for k, p in lora_parameters(skel).items():
-        if "lora_B" in k:
-            torch.nn.init.normal_(p, std=0.02)  # B is zero at init: make every path carry gradient
-    save_adapter(skel, settings, tmp_path / "adapter", store)
+    skel = lora_skeleton(store, tmp_path, std=0.02)
     ids = torch.randint(0, 250, (2, 24))
     tgt = torch.randint(0, 250, (2, 24))
     tgt[0, :4] = torch.tensor([0, 6, 7, 249])  # first and last rows of blocks, the last row of all
