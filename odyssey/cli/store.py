@@ -112,22 +112,43 @@ def cmd_merge(args) -> int:
 
 
 def add_export_parser(sub) -> None:
-    s = parser_for(sub, "export", "write a store as safetensors (HF), .pth and/or .gguf, streaming")
-    s.add_argument("model", help="store directory")
-    s.add_argument("--out", required=True, help="directory for OUT/safetensors/, OUT/model.pth, OUT/model-TYPE.gguf")
-    s.add_argument("--formats", default="safetensors,pth,gguf", help="comma-separated: safetensors, pth, gguf")
-    s.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16, bf16 or q8_0")
-    s.add_argument("--adapter", help="merge this adapter on the fly (the store is left unchanged)")
+    s = parser_for(sub, "export", "write a store as safetensors (HF), .pth and/or .gguf, or an adapter as a GGUF LoRA")
+    s.add_argument("model", nargs="?", help="store directory (or --model)")
+    s.add_argument("--model", dest="model_opt", metavar="STORE", help="store directory (the base, with gguf-lora)")
+    s.add_argument(
+        "--out",
+        required=True,
+        help="directory for OUT/safetensors/, OUT/model.pth, OUT/model-TYPE.gguf, OUT/adapter-TYPE.gguf",
+    )
+    s.add_argument(
+        "--formats",
+        default="safetensors,pth,gguf",
+        help="comma-separated: safetensors, pth, gguf; or gguf-lora alone (the --adapter as a llama.cpp LoRA adapter)",
+    )
+    s.add_argument(
+        "--gguf-type",
+        default=None,
+        help="GGUF tensor type: f32, f16 (default), bf16 or q8_0; gguf-lora: f32 (default) or f16",
+    )
+    s.add_argument(
+        "--adapter", help="merge this adapter on the fly (the store is left unchanged); with gguf-lora, export it"
+    )
     s.add_argument("--force", action="store_true", help="overwrite outputs that exist")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
+    from odyssey.errors import OdysseyError
     from odyssey.export import export_model
 
+    if args.model and args.model_opt and args.model != args.model_opt:
+        raise OdysseyError(f"two stores given ({args.model} and --model {args.model_opt}); pass one")
+    model = args.model or args.model_opt
+    if not model:
+        raise OdysseyError("export needs a store: `odyssey export STORE --out DIR` (or --model STORE)")
     s = export_model(
-        args.model,
+        model,
         args.out,
         args.formats,
         gguf_type=args.gguf_type,
@@ -135,11 +156,15 @@ def cmd_export(args) -> int:
         force=args.force,
         progress=not args.quiet,
     )
-    merged = f" (with {s['adapter']} merged)" if s["adapter"] else ""
-    print(f"exported {args.model}{merged} -> {s['out']} in {s['seconds']:.1f} s")
+    lora = any(r["format"].startswith("gguf-lora") for r in s["formats"])
+    if lora:
+        print(f"exported {s['adapter']} (LoRA for {model}) -> {s['out']} in {s['seconds']:.1f} s")
+    else:
+        merged = f" (with {s['adapter']} merged)" if s["adapter"] else ""
+        print(f"exported {model}{merged} -> {s['out']} in {s['seconds']:.1f} s")
     for r in s["formats"]:
         print(
-            f"  {r['format']:<12} {r['path']:<40} {r['bytes'] / 1e6:>10,.1f} MB {r['seconds']:>7.1f} s "
+            f"  {r['format']:<14} {r['path']:<40} {r['bytes'] / 1e6:>10,.1f} MB {r['seconds']:>7.1f} s "
             f"{r['mb_s']:>6.0f} MB/s  peak anonymous RSS {r['peak_anon_bytes'] / 2**20:,.0f} MiB"
         )
     return 0

@@ -5,7 +5,10 @@ tools load, each streamed one unit at a time by its own writer.
 OUT/safetensors/       HF checkpoint directory (safetensors.py)  -> transformers.from_pretrained
 OUT/model.pth          torch.save'd state dict, HF names (pth.py) -> torch.load(mmap=True)
 OUT/model-<type>.gguf  llama.cpp file (gguf.py)                   -> llama.cpp, llama-cpp-python
+OUT/adapter-<type>.gguf  the --adapter alone, as a llama.cpp LoRA adapter (gguf_lora.py)
+                       -> `llama-cli -m base.gguf --lora OUT/adapter-f32.gguf`
 ```
+`gguf-lora` is exported alone (it is the adapter, not merged weights), f32 (default) or f16.
 Everything the user can get wrong is checked before the first byte is written: format names, the
 GGUF type, the adapter's base, an --out apart from the inputs, outputs that exist already (unless
 --force), and free disk for all requested outputs together. Every output goes to a temporary name
@@ -38,10 +41,10 @@ from odyssey.errors import OdysseyError
 from odyssey.outputs import check_apart
 from odyssey.store import unit_shapes
 
-FORMATS = ("safetensors", "pth", "gguf")  # also the order they are written in
+FORMATS = ("safetensors", "pth", "gguf", "gguf-lora")  # also the order they are written in
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the estimate (metadata, filesystem slack)
 RECORD_NAME = ".odyssey-export.json"
-_OUTPUT_RE = re.compile(r"^(safetensors|model\.pth|model-[a-z0-9_]+\.gguf)$")
+_OUTPUT_RE = re.compile(r"^(safetensors|model\.pth|(model|adapter)-[a-z0-9_]+\.gguf)$")
 
 
 def is_output_name(name: str) -> bool:
@@ -63,6 +66,8 @@ def parse_formats(spec: str | Iterable[str]) -> list[str]:
 
 
 def output_path(out: Path, fmt: str, gguf_type: str) -> Path:
+    if fmt == "gguf-lora":
+        return out / f"adapter-{gguf_type}.gguf"
     return {"safetensors": out / "safetensors", "pth": out / "model.pth", "gguf": out / f"model-{gguf_type}.gguf"}[fmt]
 
 
@@ -74,9 +79,27 @@ def estimate_bytes(source, fmt: str, gguf_type: str) -> int:
         return safetensors.estimate_bytes(source)
     if fmt == "pth":
         return pth.estimate_bytes(source)
+    if fmt == "gguf-lora":
+        from odyssey.export.gguf_lora import adapter_bytes
+
+        return adapter_bytes(source, gguf_type)  # also refuses what write_gguf_lora would
     from odyssey.export.gguf import gguf_bytes
 
     return gguf_bytes(source, gguf_type)  # also refuses what write_gguf would (type, tokenizer)
+
+
+def check_lora_request(fmts: list[str], adapter) -> None:
+    """gguf-lora writes the adapter itself: it needs --adapter, and goes alone (with --adapter the
+    other formats would be merged weights, and base + adapter on top of merged weights applies
+    the adapter twice)."""
+    if adapter is None:
+        raise OdysseyError("--formats gguf-lora exports an adapter: pass --adapter RUN/adapter (and its base as STORE)")
+    if len(fmts) > 1:
+        others = ",".join(f for f in fmts if f != "gguf-lora")
+        raise OdysseyError(
+            f"--formats gguf-lora goes alone (with --adapter, {others} would hold merged weights); "
+            f"export the adapter and the base (without --adapter) in two commands"
+        )
 
 
 def _read_record(out: Path) -> dict:
@@ -113,7 +136,8 @@ def source_key(source) -> dict:
 
 def output_key(src_key: dict, fmt: str, gguf_type: str) -> str:
     """sha256 naming one output: its source (`source_key`), format and GGUF type."""
-    key = {"kind": "export", "format": fmt, "gguf_type": gguf_type if fmt == "gguf" else None, "source": src_key}
+    typed = fmt in ("gguf", "gguf-lora")
+    key = {"kind": "export", "format": fmt, "gguf_type": gguf_type if typed else None, "source": src_key}
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -205,6 +229,10 @@ def _write_one(source, fmt: str, path: Path, gguf_type: str, progress: bool) -> 
         from odyssey.export.pth import write_pth
 
         return write_pth(source, path, progress=progress)
+    if fmt == "gguf-lora":
+        from odyssey.export.gguf_lora import write_gguf_lora
+
+        return write_gguf_lora(source, path, gguf_type, progress=progress)
     from odyssey.export.gguf import write_gguf
 
     return write_gguf(source, path, gguf_type, progress=progress)  # to a temporary name, then renamed
@@ -214,25 +242,35 @@ def export_model(
     model_dir: str | os.PathLike,
     out: str | os.PathLike,
     formats: str | Iterable[str],
-    gguf_type: str = "f16",
+    gguf_type: str | None = None,
     adapter: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Writes the requested formats of the store at `model_dir` (merged with `adapter` if given)
-    under `out`. Returns {"out", "adapter", "seconds", "formats": [{"format", "path", "bytes",
-    "seconds", "mb_s", "peak_anon_bytes"}]}; peak_anon_bytes is this process's RssAnon peak while
-    that output was written (sampled every 20 ms)."""
+    """Writes the requested formats of the store at `model_dir` (merged with `adapter` if given;
+    for "gguf-lora", the adapter alone, checked against its base) under `out`. `gguf_type`: the
+    GGUF tensor type, default f16 (gguf) or f32 (gguf-lora). Returns {"out", "adapter", "seconds",
+    "formats": [{"format", "path", "bytes", "seconds", "mb_s", "peak_anon_bytes"}]};
+    peak_anon_bytes is this process's RssAnon peak while that output was written (every 20 ms)."""
     from odyssey.runtime.memory import PeakSampler
 
     atomic.set_command("export")
     out = Path(out)
     fmts = parse_formats(formats)
-    if "gguf" in fmts or gguf_type != "f16":
-        from odyssey.export.gguf_layout import check_gguf_type
+    if "gguf-lora" in fmts:
+        from odyssey.export.gguf_lora import DEFAULT_TYPE, check_adapter_file, check_adapter_type
 
-        check_gguf_type(gguf_type)
-    source = open_source(model_dir, adapter)
+        check_lora_request(fmts, adapter)
+        gguf_type = gguf_type or DEFAULT_TYPE
+        check_adapter_type(gguf_type)
+        check_adapter_file(adapter)  # before the weights are read: head/embed targets, r/alpha stated
+    else:
+        gguf_type = gguf_type or "f16"
+        if "gguf" in fmts or gguf_type != "f16":
+            from odyssey.export.gguf_layout import check_gguf_type
+
+            check_gguf_type(gguf_type)
+    source = open_source(model_dir, adapter)  # an adapter for another base is refused here
     check_apart(out, [("model", None, model_dir), ("adapter", "--adapter", adapter)])
     paths = {f: output_path(out, f, gguf_type) for f in fmts}
     src_key = source_key(source)
@@ -271,7 +309,7 @@ def export_model(
         seconds = time.perf_counter() - t0
         results.append(
             {
-                "format": fmt if fmt != "gguf" else f"gguf {gguf_type}",
+                "format": f"{fmt} {gguf_type}" if fmt in ("gguf", "gguf-lora") else fmt,
                 "path": str(paths[fmt]),
                 "bytes": size,
                 "seconds": seconds,
