@@ -222,3 +222,110 @@ def test_cli_exports_and_refuses_in_one_line(llama, tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # llama.cpp: base GGUF + adapter GGUF == merged GGUF (slow: llama-cpp-python, `make test-slow`)
+
+LLAMA_CPP_POSITIONS = 80
+GGML_TYPE_F32 = 0  # llama.cpp's KV cache type: f32, so the comparison measures the files
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 480-token byte-level BPE tokenizer (the GGUF export needs one; the prompt is token ids)."""
+    from conftest import ROOT
+
+    from odyssey.data import prepare_data
+
+    out = tmp_path_factory.mktemp("gguf-lora-data") / "data"
+    prepare_data([ROOT / "data" / "sample" / "stories_en.txt"], out, vocab_size=480, progress=False)
+    return out
+
+
+def llama_cpp_logits(model: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:
+    """llama.cpp's logits (T, V) at every position; with `lora`, the adapter applied at scale 1
+    (llama-cpp-python's lora_path: llama_adapter_lora_init + llama_set_adapters_lora)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.fail("llama-cpp-python is not installed here; run `make test-slow`, which builds it into .venv")
+    llm = llama_cpp.Llama(
+        model_path=str(model),
+        lora_path=str(lora) if lora else None,
+        logits_all=True,
+        n_ctx=128,
+        n_batch=128,
+        n_threads=2,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        verbose=False,
+    )
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_cpp_base_plus_adapter_equals_the_merged_model(tmp_path, tokenizer_dir, family, monkeypatch):
+    """A small base (2 layers, hidden 256, head_dim 64, GQA 4/2, vocab 512) exported to an f32
+    GGUF, plus this adapter (r 4, alpha 8, B ~ N(0, 0.3) so that it moves the logits), loaded in
+    llama.cpp, gives the logits of `odyssey merge` exported to an f32 GGUF, at 80 positions: max
+    abs diff <= 1e-3, argmax 100%; and the engine's logits of base + adapter. For llama, the same
+    adapter written without the Q/K permutation on lora_b is far off (the control: position 0
+    agrees, later ones drift)."""
+    from odyssey.adapters import adapter_skeleton
+    from odyssey.engine import Engine
+    from odyssey.export.gguf import write_gguf
+    from odyssey.merge import merge
+    from odyssey.tokenizer import copy_tokenizer
+
+    cfg = tiny_config(
+        model_type=family,
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.08,
+    )
+    init_store(cfg, tmp_path / "base", dtype="f32", seed=3, progress=False)
+    copy_tokenizer(tokenizer_dir, tmp_path / "base")
+    store = Store.open(tmp_path / "base")
+    lora_skeleton(store, tmp_path, std=0.3)
+    adapter_dir = tmp_path / "adapter"
+    write_gguf(store, tmp_path / "base.gguf", "f32", progress=False)
+    lora = export_lora(tmp_path / "base", adapter_dir, tmp_path / "lora")
+    merge(tmp_path / "base", adapter_dir, tmp_path / "merged", progress=False)
+    write_gguf(Store.open(tmp_path / "merged"), tmp_path / "merged.gguf", "f32", progress=False)
+
+    ids = torch.randint(3, 480, (LLAMA_CPP_POSITIONS,), generator=torch.Generator().manual_seed(7)).tolist()
+    merged = llama_cpp_logits(tmp_path / "merged.gguf", ids)
+    got = llama_cpp_logits(tmp_path / "base.gguf", ids, lora=lora)
+    plain = llama_cpp_logits(tmp_path / "base.gguf", ids)
+    with Engine(store, compute_dtype="fp32", model=adapter_skeleton(store, read_adapter(adapter_dir))) as eng:
+        engine = eng.logits(torch.tensor([ids])).numpy()[0]
+    assert got.shape == merged.shape == (LLAMA_CPP_POSITIONS, cfg.vocab_size)
+    diff = float(np.abs(got - merged).max())
+    agree = float((got.argmax(axis=1) == merged.argmax(axis=1)).mean())
+    moved = float(np.abs(plain - merged).max())  # what the adapter changes: the check must see it
+    moved_argmax = float((plain.argmax(axis=1) != merged.argmax(axis=1)).mean())
+    vs_engine = float(np.abs(got - engine).max())
+    print(
+        f"\n{family}: base + adapter vs merged, f32 GGUFs, {LLAMA_CPP_POSITIONS} positions: max abs diff "
+        f"{diff:.2e}, argmax agrees at {agree:.0%}; vs the engine (base + adapter) {vs_engine:.2e}; the adapter "
+        f"moves the logits by up to {moved:.2f} and the argmax at {moved_argmax:.0%} of positions "
+        f"(logit std {merged.std():.2f})"
+    )
+    assert moved > 0.5 and moved_argmax > 0.1
+    assert diff <= 1e-3
+    assert agree == 1.0
+    assert vs_engine <= 1e-3
+    if family == "llama":  # the control: lora_b of q/k in HF's row order
+        import odyssey.export.gguf_layout as layout
+
+        monkeypatch.setattr(layout, "permute_qk", lambda w, n_head: w)
+        unpermuted = export_lora(tmp_path / "base", adapter_dir, tmp_path / "lora-unpermuted")
+        off = np.abs(llama_cpp_logits(tmp_path / "base.gguf", ids, lora=unpermuted) - merged).max(axis=1)
+        print(f"llama without the permutation on lora_b: position 0 {off[0]:.2e}, max {off.max():.2f}")
+        assert off[0] <= 1e-3 and off.max() > 0.1
