@@ -139,6 +139,7 @@ def add_export_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
+    from odyssey.config import format_bytes
     from odyssey.errors import OdysseyError
     from odyssey.export import export_model
 
@@ -164,7 +165,7 @@ def cmd_export(args) -> int:
         print(f"exported {model}{merged} -> {s['out']} in {s['seconds']:.1f} s")
     for r in s["formats"]:
         print(
-            f"  {r['format']:<14} {r['path']:<40} {r['bytes'] / 1e6:>10,.1f} MB {r['seconds']:>7.1f} s "
+            f"  {r['format']:<14} {r['path']:<40} {format_bytes(r['bytes']):>11} {r['seconds']:>7.1f} s "
             f"{r['mb_s']:>6.0f} MB/s  peak anonymous RSS {r['peak_anon_bytes'] / 2**20:,.0f} MiB"
         )
     return 0
