@@ -170,7 +170,12 @@ def _bf16(b, o):
 
 
 def _f16s(b, o):
-    o.copy_(b.view(torch.float16))
+    h = b.contiguous().view(torch.float16)
+    o.copy_(h)
+    # torch widens every NaN to 0x7fffffff, numpy (the reference) keeps sign and payload: where the
+    # chunk has a NaN (a sum is one cheap pass; inf - inf only takes the exact path needlessly)
+    if o.sum().isnan():
+        np.copyto(o.numpy(), h.numpy(), casting="unsafe")
 
 
 def _f32(b, o):
