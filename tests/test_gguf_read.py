@@ -21,7 +21,7 @@ from odyssey.families import FAMILIES
 from odyssey.gguf.blocks import BLOCKS, SUPPORTED
 from odyssey.gguf.model import hf_names, load_tensor, model_config
 from odyssey.gguf.reader import GGUFFile
-from tests.conftest import tiny_config
+from tests.conftest import run_cli, tiny_config
 from tests.test_gguf import make_store
 
 Q = gguf.GGMLQuantizationType
@@ -179,6 +179,29 @@ def test_export_reads_back_as_its_store(exports, kind, ty):
             ref = unpermute_qk(ref, heads) if heads else ref
             assert torch.equal(bits(got), bits(ref)), hf
             assert torch.allclose(got, want, atol=float(want.abs().max()) / 100), hf
+
+
+NANO = dict(
+    hidden_size=128, intermediate_size=352, num_hidden_layers=4, max_position_embeddings=1024
+)  # configs/nano.yaml
+
+
+def test_cli_export_of_a_nano_store_reads_back(tmp_path):
+    """`odyssey export --formats gguf --gguf-type q8_0` of a store of nano's shape (vocabulary 320):
+    the config and every tensor come back (Q8_0 matrices within their quantization step)."""
+    store = make_store(tmp_path, "nano", **NANO)
+    p = run_cli("export", store.root, "--out", tmp_path / "exp", "--formats", "gguf", "--gguf-type", "q8_0", "--quiet")
+    assert p.returncode == 0, p.stderr
+    gf = GGUFFile.open(tmp_path / "exp" / "model-q8_0.gguf")
+    cfg = model_config(gf)
+    assert cfg == store.config and gf.summary() == {"F32": 2 * 4 + 1, "Q8_0": 7 * 4 + 2}
+    for hf in hf_names(gf, cfg):
+        want = store_tensor(store, hf)
+        step = (
+            want.abs().amax(dim=-1, keepdim=True) / 127 if want.dim() == 2 else 0.0
+        )  # per-row bound of a block's step
+        # half a step, plus the f16 rounding of the block scale (127 x 2^-11 of a step)
+        assert torch.all((load_tensor(gf, hf, cfg) - want).abs() <= step * 0.57 + 1e-7), hf
 
 
 def test_header_parser_agrees_with_gguf_reader(exports):
