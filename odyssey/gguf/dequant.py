@@ -4,8 +4,11 @@ Q5_1, Q4_K, Q5_K, Q6_K.
 Each dequantizer is bit-exact against the `gguf` package's numpy reference
 (`gguf.quants.dequantize`, tests/test_gguf_read.py): it reads the same block layout and performs
 the same float operations in the same order and dtypes (f16 scales widened to f32, then e.g.
-`(d * sc) * q - dmin * m` for Q4_K), so the f32 result has the same bits. A cast to the compute
-dtype, when asked for, comes after.
+`(d * sc) * q - dmin * m` for Q4_K), so the f32 result has the same bits. Most of it is exact
+anyway: an f16 scale times a 6-bit scale times a 4-6 bit integer fits f32's 24-bit mantissa; only
+the `+ m` / `- dmin * m` rounds, once, as in the reference. NaNs keep their payloads as numpy's
+widening keeps them (torch's own f16 -> f32 makes every NaN 0x7fffffff; a chunk holding one takes
+numpy's path). A cast to the compute dtype, when asked for, comes after.
 
 Block layouts (bytes; `d`, `m`, `dmin` are f16; `qs` packs two 4-bit values a byte, low nibbles
 first; `qh` holds the fifth (or fifth and sixth) bits):
@@ -31,17 +34,17 @@ Intel Xeon VM this ran on was shared, so wall time drifted with its load), torch
 workspace, and M elements/s into a fresh output:
 ```
 type   GGUF MB/s  Melem/s  fresh output
-F32         9239     2310        460
-F16         5808     2904        470
-BF16        6002     3001        422
-Q8_0        1848     1740        409
-Q4_0         491      873        291
-Q4_1         476      762        327
-Q5_0         277      403        212
-Q5_1         259      345        214
-Q4_K         317      563        274
+F32         9725     2431        465
+F16         5175     2588        463
+BF16        6256     3128        477
+Q8_0        2156     2029        439
+Q4_0         507      901        315
+Q4_1         470      753        334
+Q5_0         239      348        211
+Q5_1         262      349        214
+Q4_K         319      567        282
 Q5_K         232      337        206
-Q6_K         401      489        230
+Q6_K         400      487        235
 ```
 """
 
