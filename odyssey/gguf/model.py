@@ -96,15 +96,19 @@ def model_config(gf: GGUFFile) -> ModelConfig:
         mlp_bias="blk.0.ffn_gate.bias" in gf.tensors,
         model_type="llama",
     )
-    try:
-        cfg = ModelConfig(**kw)
-        scaling = _rope_scaling(gf, cfg)
-        if scaling is not None:
-            cfg = ModelConfig(**kw, rope_scaling=scaling)
-    except OdysseyError as e:
-        raise OdysseyError(f"{gf.path}: {e}") from None
+    cfg = _config(gf, kw)
+    scaling = _rope_scaling(gf, cfg)
+    if scaling is not None:
+        cfg = _config(gf, {**kw, "rope_scaling": scaling})
     _check_tensors(gf, cfg)
     return cfg
+
+
+def _config(gf: GGUFFile, kw: dict) -> ModelConfig:
+    try:
+        return ModelConfig(**kw)
+    except OdysseyError as e:  # a value ModelConfig refuses, named as the file holds it
+        raise OdysseyError(f"{gf.path}: {e}") from None
 
 
 def _rope_scaling(gf: GGUFFile, cfg: ModelConfig) -> dict | None:
@@ -142,8 +146,8 @@ def _rope_scaling(gf: GGUFFile, cfg: ModelConfig) -> dict | None:
     if not np.allclose(rope_factors(cand).astype(np.float64), divisors, rtol=_ROPE_RTOL, atol=0):
         raise OdysseyError(
             f"{gf.path}: {ROPE_FREQS} holds RoPE divisors that Llama 3's parameters (factor {factor:g}, "
-            f"low_freq_factor 1, high_freq_factor 4, original context 8192) do not reproduce; Odyssey "
-            f"does not compute them"
+            f"low_freq_factor 1, high_freq_factor 4, original context 8192) do not reproduce; import the "
+            f"Hugging Face checkpoint instead (`odyssey import`: its config.json states the RoPE parameters)"
         )
     return llama3
 

@@ -243,7 +243,7 @@ class GGUFFile:
             fix = "import the Hugging Face checkpoint with `odyssey import` instead"
         else:
             what = f"architecture {arch!r}" if arch else "no general.architecture"
-            fix = "Odyssey has no family for it"
+            fix = "Odyssey has no family for it: use a model of the llama architecture"
         raise OdysseyError(
             f"{self.path} has {what}, which Odyssey does not read from GGUF yet (it reads {', '.join(allowed)}); {fix}"
         )
