@@ -237,6 +237,11 @@ def test_header_parser_agrees_with_gguf_reader(exports):
     for k, v in theirs.items():
         assert gf.metadata[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), k
     assert gf.metadata["llama.attention.layer_norm_rms_epsilon"] == 1e-6  # the decimal it was written from
+    for i in range(2):  # one pread per layer: its tensors lie together, apart only by alignment padding
+        layer = [n for n in gf.tensors if n.startswith(f"blk.{i}.")]
+        ((a, b),) = gf.ranges(layer)
+        assert (a, b) == (gf.tensors[layer[0]].offset, gf.tensors[layer[-1]].end)
+    assert len(gf.ranges(["blk.0.attn_q.weight", "blk.1.attn_q.weight"])) == 2
     rows = gf.read_raw("token_embd.weight", 5, 9)
     embd = gf.tensors["token_embd.weight"]
     assert np.array_equal(rows, gf.read_raw("token_embd.weight").reshape(embd.shape[0], -1)[5:9].reshape(-1))
@@ -320,12 +325,27 @@ def test_misaligned_and_overlapping_tensors_refused(q8):
 def write_small(path, arch: str, **keys) -> None:
     w = gguf.GGUFWriter(path, arch)
     for k, v in keys.items():
-        w.add_string(k, v)
+        if isinstance(v, int):
+            w.add_uint32(k, v)
+        else:
+            w.add_string(k, v)
     w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_unsupported_model_kinds_refused(tmp_path):
+    """A mixture of experts, a RoPE scaling llama.cpp names that Odyssey does not compute."""
+    llama = {"embedding_length": 32, "block_count": 1, "feed_forward_length": 64, "attention.head_count": 4}
+    llama = {f"llama.{k}": v for k, v in {**llama, "context_length": 64}.items()}
+    write_small(tmp_path / "moe.gguf", "llama", **llama, **{"llama.expert_count": 8})
+    refused(tmp_path / "moe.gguf", "is a mixture-of-experts model (llama.expert_count)")
+    write_small(tmp_path / "yarn.gguf", "llama", **llama, **{"llama.rope.scaling.type": "yarn"})
+    refused(tmp_path / "yarn.gguf", "RoPE scaling 'yarn' (llama.rope.scaling.type) is not implemented")
+    write_small(tmp_path / "nokeys.gguf", "llama")
+    refused(tmp_path / "nokeys.gguf", "lacks metadata key llama.attention.head_count")
 
 
 def test_unsupported_architecture_and_adapter_refused(tmp_path):

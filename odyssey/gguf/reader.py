@@ -290,6 +290,18 @@ class GGUFFile:
             raise OdysseyError(f"{self.path} shrank while reading tensor {name} (got {got} of {n} bytes); {_REDO}")
         return buf
 
+    def ranges(self, names) -> list[tuple[int, int]]:
+        """The byte ranges [start, end) that hold tensors `names`, merged where only alignment
+        padding lies between two of them: a layer's tensors written in order are one range, read
+        with one pread."""
+        out: list[list[int]] = []
+        for t in sorted((self.tensor(n) for n in names), key=lambda t: t.offset):
+            if out and t.offset - out[-1][1] < self.alignment:
+                out[-1][1] = max(out[-1][1], t.end)
+            else:
+                out.append([t.offset, t.end])
+        return [(a, b) for a, b in out]
+
     def summary(self) -> dict[str, int]:
         """{GGML type name: tensors of that type}."""
         counts: dict[str, int] = {}
