@@ -61,7 +61,8 @@ def model_config(gf: GGUFFile) -> ModelConfig:
     accounted for, shapes as the config implies)."""
     if _int(gf, "expert_count", 0):
         raise OdysseyError(
-            f"{gf.path} is a mixture-of-experts model ({gf.architecture}.expert_count), which Odyssey does not train; use a dense model"
+            f"{gf.path} is a mixture-of-experts model ({gf.architecture}.expert_count), which Odyssey does "
+            f"not train; use a dense model"
         )
     _need(gf, "attention.head_count")
     _need(gf, "feed_forward_length")
