@@ -344,8 +344,12 @@ def test_unsupported_model_kinds_refused(tmp_path):
     refused(tmp_path / "moe.gguf", "is a mixture-of-experts model (llama.expert_count)")
     write_small(tmp_path / "yarn.gguf", "llama", **llama, **{"llama.rope.scaling.type": "yarn"})
     refused(tmp_path / "yarn.gguf", "RoPE scaling 'yarn' (llama.rope.scaling.type) is not implemented")
+    write_small(tmp_path / "noheads.gguf", "llama", **{**llama, "llama.attention.head_count": 0})
+    refused(tmp_path / "noheads.gguf", "num_attention_heads must be > 0, got 0")
+    write_small(tmp_path / "text.gguf", "llama", **{**llama, "llama.block_count": "two"})
+    refused(tmp_path / "text.gguf", "llama.block_count must be an integer, got 'two'")
     write_small(tmp_path / "nokeys.gguf", "llama")
-    refused(tmp_path / "nokeys.gguf", "lacks metadata key llama.attention.head_count")
+    refused(tmp_path / "nokeys.gguf", "lacks metadata key llama.embedding_length; convert the model again")
 
 
 def test_unsupported_architecture_and_adapter_refused(tmp_path):

@@ -53,7 +53,9 @@ def _int(gf: GGUFFile, key: str, default=None) -> int | None:
                 f"{gf.architecture} has one value for every layer"
             )
         v = v[0]
-    return int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise OdysseyError(f"{gf.path}: {gf.architecture}.{key} must be an integer, got {v!r}; convert the model again")
+    return v
 
 
 def model_config(gf: GGUFFile) -> ModelConfig:
@@ -64,11 +66,11 @@ def model_config(gf: GGUFFile) -> ModelConfig:
             f"{gf.path} is a mixture-of-experts model ({gf.architecture}.expert_count), which Odyssey does "
             f"not train; use a dense model"
         )
-    _need(gf, "attention.head_count")
-    _need(gf, "feed_forward_length")
+    for key in ("embedding_length", "block_count", "feed_forward_length", "attention.head_count", "context_length"):
+        _need(gf, key)
     heads = _int(gf, "attention.head_count")
-    hidden = int(_need(gf, "embedding_length"))
-    head_dim = _int(gf, "attention.key_length", hidden // heads)
+    hidden = _int(gf, "embedding_length")
+    head_dim = _int(gf, "attention.key_length", hidden // heads if heads > 0 else None)  # ModelConfig refuses 0
     if _int(gf, "attention.value_length", head_dim) != head_dim:
         raise OdysseyError(f"{gf.path}: key and value heads differ in width, which Odyssey's llama does not compute")
     if _int(gf, "rope.dimension_count", head_dim) != head_dim:
@@ -82,11 +84,11 @@ def model_config(gf: GGUFFile) -> ModelConfig:
         vocab_size=embed.shape[0],
         hidden_size=hidden,
         intermediate_size=_int(gf, "feed_forward_length"),
-        num_hidden_layers=int(_need(gf, "block_count")),
+        num_hidden_layers=_int(gf, "block_count"),
         num_attention_heads=heads,
         num_key_value_heads=_int(gf, "attention.head_count_kv", heads),
         head_dim=head_dim,
-        max_position_embeddings=int(_need(gf, "context_length")),
+        max_position_embeddings=_int(gf, "context_length"),
         rms_norm_eps=float(gf.arch_key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(gf.arch_key("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in gf.tensors,
