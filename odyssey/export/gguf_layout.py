@@ -220,6 +220,22 @@ def gguf_name(hf_name: str, family=None) -> str:
     raise ValueError(f"no GGUF name for tensor {hf_name!r}")
 
 
+def hf_name(name: str, family=None) -> str:
+    """llama.cpp GGUF name -> HF tensor name, the inverse of `gguf_name` (`blk.3.ffn_up.weight` ->
+    `model.layers.3.mlp.up_proj.weight`); ValueError for a name with no HF counterpart
+    (`rope_freqs.weight`, or a tensor the family does not have)."""
+    names = {**LAYER_NAMES, **SANDWICH_NAMES} if family is not None and family.sandwich_norms else LAYER_NAMES
+    for hf, gg in OTHER_NAMES.items():
+        if name == gg:
+            return hf
+    parts = name.split(".", 2)  # "blk", N, rest
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+        for hf, gg in names.items():
+            if gg == parts[2]:
+                return f"model.layers.{int(parts[1])}.{hf}"
+    raise ValueError(f"no HF name for GGUF tensor {name!r}")
+
+
 def permute_qk(w, n_head: int):
     """Rows of q_proj (n_head = query heads) or k_proj (n_head = KV heads), (n_head * hd, d),
     or their biases (n_head * hd,): within each head, HF's order [x0..x_{hd/2-1}, y0..y_{hd/2-1}]
