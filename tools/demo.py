@@ -49,8 +49,8 @@ TRAIN = {"nano": (30, 256, "3e-3"), "small": (10, 256, "1e-3"), "1.2b": (6, 256,
 INSTRUCTIONS = ROOT / "data" / "sample-instructions"
 HELD_OUT = INSTRUCTIONS / "instructions_eval.jsonl"  # questions about stories the training set never shows
 # the instruct stages (measured on 2 cores: about 0.4 s a step for either training)
-BASE_STEPS, BASE_LR = 150, "3e-3"  # full training on the stories as conversations
-LORA_STEPS, LORA_LR, LORA_R = 150, "5e-3", 16  # LoRA on the instruction set
+BASE_STEPS, BASE_LR = 200, "3e-3"  # full training on the stories as conversations
+LORA_STEPS, LORA_LR, LORA_R = 200, "5e-3", 16  # LoRA on the instruction set
 INSTRUCT_SEQ_LEN, INSTRUCT_BATCH, EVAL_LIMIT = 256, 8, 40
 STORY_ASKS = {"en": "Tell me a story.", "ko": "이야기 하나 들려줘."}
 
@@ -310,6 +310,11 @@ def pipeline_summary(model: Path, merged: Path, exports: Path, run: Path) -> Non
         )
 
 
+def one_line(text: str) -> str:
+    """An answer on one line of the summary (a base model's story runs over paragraphs)."""
+    return " ".join(text.split())
+
+
 def instruct_summary(inst: dict) -> None:
     base, lora, before, after = inst["base"], inst["lora"], inst["evals"]["before"], inst["evals"]["after"]
     print(
@@ -320,8 +325,8 @@ def instruct_summary(inst: dict) -> None:
     )
     for lang, (question, reference) in inst["asks"].items():
         print(f"    Q ({lang}, from the training set; after a story): {question.splitlines()[-1]}")
-        print(f"      before: {inst['answers']['before'][lang]}")
-        print(f"      after:  {inst['answers']['after'][lang]}")
+        print(f"      before: {one_line(inst['answers']['before'][lang])}")
+        print(f"      after:  {one_line(inst['answers']['after'][lang])}")
         print(f"      reference: {reference}")
     print(
         f"    eval on {after['examples']} held-out questions ({HELD_OUT.relative_to(ROOT)}): "
