@@ -13,18 +13,18 @@ summary:
   export    odyssey export --formats safetensors,pth,gguf
   generate  odyssey generate                        a short text from the merged model
 
-then, in every size, the instruct stages on a model of their own (demo/models/chat-base, nano shape,
-2048 tokens, f32 so every machine computes in fp32):
+then, in every size, the instruct stages on a model of their own (nano shape, 2048 tokens, f32 so
+every machine computes in fp32; initialised at demo/models/chat-base, trained to demo/runs/chat-base/model):
 
-  chat-init  odyssey init --dtype f32 vocab_size=2048
-  chat-data  odyssey prepare-data --no-mask-prompt    the stories as conversations ("Tell me a story." ->
-                                                      a story; demo/data/story-chat/), the BPE with ChatML
-  chat-base  odyssey train --mode full                the base: tells stories, was never asked a question
-  ask-*      odyssey chat --prompt Q --temperature 0  a question of data/sample-instructions/ (EN, KO)
-  eval-base  odyssey eval --limit 40                  held-out questions: loss on answers, exact match
-  inst-data  odyssey prepare-data --model BASE        the instruction set, loss on the answers, packed
-  inst-lora  odyssey train                            LoRA on the instruction set
-  ask-*, eval-lora                                    the same questions and the same eval, with --adapter
+  chat-init    odyssey init --dtype f32 vocab_size=2048
+  chat-data    odyssey prepare-data --no-mask-prompt     the stories as conversations ("Tell me a story." ->
+                                                         a story; demo/data/story-chat/), BPE with ChatML
+  chat-base    odyssey train --mode full                 the base: tells stories, was never asked a question
+  ask-*-before odyssey chat --prompt Q --temperature 0   a question of data/sample-instructions/ (EN, KO)
+  eval-before  odyssey eval --limit 40                   held-out questions: loss on answers, exact match
+  inst-data    odyssey prepare-data --model BASE         the instruction set, loss on the answers, packed
+  inst-lora    odyssey train                             LoRA on the instruction set
+  ask-*-after, eval-after                                the same questions and eval, with --adapter
 
 The summary's "instruct" block puts the answers and the eval figures before and after side by side.
 """
