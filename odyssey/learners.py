@@ -146,7 +146,7 @@ class FullLearner:
             (loss * grad_scale).backward()
         finally:
             self._between = None
-        return float(loss.detach())
+        return float(loss.detach())  # float() of a tensor that requires grad warns on every step
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> float:

@@ -552,6 +552,7 @@ def test_full_training_beats_unigram_then_lora_adapts(tmp_path):
         timeout=900,
     )
     assert p.returncode == 0, p.stderr
+    assert "Warning" not in p.stderr, p.stderr  # a clean terminal: no torch warning at each full-training step
     val = RunDir(tmp_path / "full").read_metrics("val")
     print(
         f"\nnano from scratch: val loss {val[0]['val_loss']:.3f} -> {val[-1]['val_loss']:.3f} "

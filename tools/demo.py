@@ -1,8 +1,9 @@
 """`make demo`: the whole odyssey on this machine, everything under demo/.
 
-DEMO=1.2b (the default: the real 1.2B model on disk), DEMO=small or DEMO=nano (seconds). Each
-stage is the `odyssey` command a user would type; the demo prints it, runs it, measures its
-seconds and peak RSS, and ends with a summary:
+DEMO=1.2b (the default: the real 1.2B model on disk), DEMO=small or DEMO=nano (seconds); DEMO=chat
+runs the corpus and the instruct stages alone (a few minutes). Each stage is the `odyssey` command a
+user would type; the demo prints it, runs it, measures its seconds and peak RSS, and ends with a
+summary:
 
   corpus    tools/make_sample_corpus.py             the bilingual sample corpus, generated
   init      odyssey init (or reuse when verified)   the model on disk, never all in RAM
@@ -11,13 +12,30 @@ seconds and peak RSS, and ends with a summary:
   merge     odyssey merge                           adapter folded in, layer by layer
   export    odyssey export --formats safetensors,pth,gguf
   generate  odyssey generate                        a short text from the merged model
+
+then, in every size, the instruct stages on a model of their own (nano shape, 2048 tokens, f32 so
+every machine computes in fp32; initialised at demo/models/chat-base, trained to demo/runs/chat-base/model):
+
+  chat-init    odyssey init --dtype f32 vocab_size=2048
+  chat-data    odyssey prepare-data --no-mask-prompt     the stories as conversations ("Tell me a story." ->
+                                                         a story; demo/data/story-chat/), BPE with ChatML
+  chat-base    odyssey train --mode full                 the base: tells stories, was never asked a question
+  ask-*-before odyssey chat --prompt Q --temperature 0   a question of data/sample-instructions/ (EN, KO)
+  eval-before  odyssey eval --limit 40                   held-out questions: loss on answers, exact match
+  inst-data    odyssey prepare-data --model BASE         the instruction set, loss on the answers, packed
+  inst-lora    odyssey train                             LoRA on the instruction set
+  ask-*-after, eval-after                                the same questions and eval, with --adapter
+
+The summary's "instruct" block puts the answers and the eval figures before and after side by side.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -28,18 +46,36 @@ DEMO = ROOT / "demo"
 BUDGET = "2GiB"
 # per size: training steps and sequence length (the 1.2B's steps take ~20 s each on 2 cores)
 TRAIN = {"nano": (30, 256, "3e-3"), "small": (10, 256, "1e-3"), "1.2b": (6, 256, "1e-3")}
+INSTRUCTIONS = ROOT / "data" / "sample-instructions"
+HELD_OUT = INSTRUCTIONS / "instructions_eval.jsonl"  # questions about stories the training set never shows
+# the instruct stages (measured on 2 cores: about 0.4 s a step for either training)
+BASE_STEPS, BASE_LR = 200, "3e-3"  # full training on the stories as conversations
+LORA_STEPS, LORA_LR, LORA_R = 200, "5e-3", 16  # LoRA on the instruction set
+INSTRUCT_SEQ_LEN, INSTRUCT_BATCH, EVAL_LIMIT = 256, 8, 40
+STORY_ASKS = {"en": "Tell me a story.", "ko": "이야기 하나 들려줘."}
 
 
 class Stage:
     def __init__(self):
         self.rows: list[tuple[str, float, float]] = []  # (name, seconds, peak RSS MiB)
 
-    def run(self, name: str, args: list[str], check: bool = True, tool: bool = False) -> int:
+        self.stdout = ""  # the last run's standard output, when it was captured
+
+    def run(self, name: str, args: list[str], check: bool = True, tool: bool = False, capture: bool = False) -> int:
+        """Print the command, run it, record its seconds and peak RSS under `name` (none: not in the table);
+        `capture`: its standard output is shown as it comes and kept in self.stdout."""
         cmd = [sys.executable, *args] if tool else [sys.executable, "-m", "odyssey", *args]
         shown = " ".join(shlex.quote(str(a)) for a in (args if tool else ["odyssey", *args]))
         print(f"\n$ {shown}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT)
+        proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE if capture else None)
+        if capture:
+            chunks = []
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # streamed tokens, shown as they come
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                chunks.append(chunk)
+            self.stdout = b"".join(chunks).decode("utf-8", "replace")
         _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS (ru_maxrss, KiB)
         proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - t0
@@ -58,21 +94,27 @@ def size_of(path: Path) -> int:
 
 def main() -> int:
     which = os.environ.get("DEMO", "1.2b").lower()
-    config = {"nano": "configs/nano.yaml", "small": "configs/small.yaml", "1.2b": "configs/odyssey-1.2b.yaml"}.get(
-        which
-    )
-    if config is None:
-        sys.exit(f"demo: DEMO must be nano, small or 1.2b, got {which!r}")
+    if which not in (*TRAIN, "chat"):
+        sys.exit(f"demo: DEMO must be nano, small, 1.2b or chat, got {which!r}")
+    st = Stage()
+    t_all = time.perf_counter()
+    corpus = DEMO / "data" / "corpus"
+    st.run("corpus", ["tools/make_sample_corpus.py", "--out", corpus], tool=True)
+    parts = None if which == "chat" else pipeline(st, which, corpus)
+    inst = instruct(st, corpus)
+    summary(st, which, parts, inst, time.perf_counter() - t_all)
+    return 0
+
+
+def pipeline(st: Stage, which: str, corpus: Path) -> tuple[Path, Path, Path, Path]:
+    """The model of this size from init to export; (model, merged, exports, run)."""
+    config = {"nano": "configs/nano.yaml", "small": "configs/small.yaml", "1.2b": "configs/odyssey-1.2b.yaml"}[which]
     steps, seq_len, lr = TRAIN[which]
     model = DEMO / "models" / f"base-{which}"
     merged = DEMO / "models" / f"merged-{which}"
-    corpus, tok = DEMO / "data" / "corpus", DEMO / "data" / f"tok-{which}"
+    tok = DEMO / "data" / f"tok-{which}"
     run = DEMO / "runs" / f"lora-{which}"
     exports = DEMO / "exports" / which
-    st = Stage()
-    t_all = time.perf_counter()
-
-    st.run("corpus", ["tools/make_sample_corpus.py", "--out", corpus], tool=True)
     reuse = (model / "model.safetensors.index.json").exists() and st.run(
         "", ["verify", model, "--quiet"], check=False
     ) == 0
@@ -105,8 +147,6 @@ def main() -> int:
     if os.environ.get("DISPLAY"):
         train.append("--monitor")
     if run.exists():  # a previous demo's run: start afresh
-        import shutil
-
         shutil.rmtree(run)
     st.run("train", train)
     st.run("merge", ["merge", "--model", model, "--adapter", run / "adapter", "--out", merged, "--force"])
@@ -127,20 +167,132 @@ def main() -> int:
             "0.8",
         ],
     )
-    summary(st, which, model, merged, exports, run, time.perf_counter() - t_all)
-    return 0
+    return model, merged, exports, run
 
 
-def summary(st: Stage, which: str, model: Path, merged: Path, exports: Path, run: Path, total_s: float) -> None:
+def conversation(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def story_chat(corpus: Path, out: Path) -> int:
+    """out/stories.jsonl: every generated story as the answer to "Tell me a story." (in its language),
+    shuffled so that the validation split holds both languages; the number of conversations."""
+    records = []
+    for lang, ask in STORY_ASKS.items():
+        text = (corpus / f"stories_{lang}.txt").read_text(encoding="utf-8")
+        records += [conversation(ask, story.strip()) for story in text.split("<|endoftext|>") if story.strip()]
+    random.Random(0).shuffle(records)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".stories.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(out / "stories.jsonl")
+    return len(records)
+
+
+def training_question(path: Path) -> tuple[str, str]:
+    """(question, reference answer): the shortest one-turn conversation of an instruction file (the
+    question is a story and a question about it; the shortest is the easiest to read on a terminal)."""
+    records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    one_turn = [r["messages"] for r in records if len(r["messages"]) == 2]
+    user, assistant = min(one_turn, key=lambda m: len(m[0]["content"]))
+    return user["content"], assistant["content"]
+
+
+def eval_figures(path: Path) -> dict:
+    """Loss on answers (over all answer tokens, as `odyssey eval` prints it) and exact matches of its --out rows."""
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    tokens = sum(r["answer_tokens"] for r in rows)
+    return {
+        "loss": sum(r["loss"] * r["answer_tokens"] for r in rows) / tokens,
+        "exact": sum(bool(r["exact"]) for r in rows),
+        "examples": len(rows),
+    }
+
+
+def run_figures(run: Path) -> dict:
+    """Steps, first and last training loss and seconds of a run directory's metrics."""
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r for r in records if r.get("kind") == "step"]
+    vals = [r for r in records if r.get("kind") == "val"]
+    return {
+        "steps": len(steps),
+        "loss": (steps[0]["loss"], steps[-1]["loss"]),
+        "val": (vals[0]["val_loss"], vals[-1]["val_loss"]) if len(vals) >= 2 else None,
+    }
+
+
+def instruct(st: Stage, corpus: Path) -> dict:
+    """The instruct stages (see the module docstring): a story-telling base, asked questions before and
+    after LoRA on the instruction set; the figures for the summary."""
+    base_store = DEMO / "models" / "chat-base"
+    stories, story_tok = DEMO / "data" / "story-chat", DEMO / "data" / "tok-story-chat"
+    inst_tok = DEMO / "data" / "tok-instructions"
+    base_run, lora_run = DEMO / "runs" / "chat-base", DEMO / "runs" / "instruct-lora"
+    for run in (base_run, lora_run):
+        if run.exists():  # a previous demo's run: start afresh
+            shutil.rmtree(run)
+    base = base_run / "model"  # where `train --mode full` saves the trained model
+    adapter = lora_run / "adapter"
+    common = ["--ram-budget", BUDGET, f"seq_len={INSTRUCT_SEQ_LEN}", f"batch_size={INSTRUCT_BATCH}", "eval_batches=2"]
+
+    print("\n== instruct: a model that tells stories learns to answer questions ==")
+    n = story_chat(corpus, stories)
+    print(f'demo: wrote {n} conversations ("Tell me a story." -> a story, EN and KO) to {stories.relative_to(ROOT)}/')
+    st.run("chat-init", ["init", "--config", "configs/nano.yaml", "--out", base_store, "--dtype", "f32", "--force",
+                         "vocab_size=2048"])  # fmt: skip
+    st.run("chat-data", ["prepare-data", stories, "--out", story_tok, "--model", base_store, "--no-mask-prompt",
+                         "--seq-len", str(INSTRUCT_SEQ_LEN * 2), "--force"])  # fmt: skip
+    st.run("chat-base", ["train", "--mode", "full", "--model", base_store, "--data", story_tok, "--out", base_run,
+                         "--steps", str(BASE_STEPS), *common, f"lr={BASE_LR}", "warmup_steps=10",
+                         f"eval_every={BASE_STEPS}", f"checkpoint_every={BASE_STEPS}"])  # fmt: skip
+
+    asks = {lang: training_question(INSTRUCTIONS / f"instructions_{lang}.jsonl") for lang in ("en", "ko")}
+    answers: dict[str, dict[str, str]] = {"before": {}, "after": {}}
+    evals = {}
+    for when, extra in (("before", []), ("after", ["--adapter", adapter])):
+        if when == "after":
+            st.run("inst-data", ["prepare-data", INSTRUCTIONS / "instructions_en.jsonl",
+                                 INSTRUCTIONS / "instructions_ko.jsonl", "--out", inst_tok, "--model", base,
+                                 "--seq-len", str(INSTRUCT_SEQ_LEN * 2), "--force"])  # fmt: skip
+            st.run("inst-lora", ["train", "--model", base, "--data", inst_tok, "--out", lora_run, "--steps",
+                                 str(LORA_STEPS), *common, f"lr={LORA_LR}", f"lora.r={LORA_R}",
+                                 f"lora.alpha={2 * LORA_R}", "warmup_steps=10", f"eval_every={LORA_STEPS}",
+                                 f"checkpoint_every={LORA_STEPS}"])  # fmt: skip
+        for lang, (question, _) in asks.items():
+            st.run(f"ask-{lang}-{when}", ["chat", "--model", base, *extra, "--prompt", question, "--temperature",
+                                          "0", "--max-new-tokens", "40", "--quiet"], capture=True)  # fmt: skip
+            answers[when][lang] = st.stdout.strip()
+        rows = DEMO / "runs" / f"instruct-eval-{when}.jsonl"
+        st.run(f"eval-{when}", ["eval", "--model", base, *extra, "--data", HELD_OUT, "--limit", str(EVAL_LIMIT),
+                                "--out", rows, "--quiet"])  # fmt: skip
+        evals[when] = eval_figures(rows)
+    seconds = {name: s for name, s, _ in st.rows}
+    return {
+        "asks": asks,
+        "answers": answers,
+        "evals": evals,
+        "base": {**run_figures(base_run), "seconds": seconds["chat-base"]},
+        "lora": {**run_figures(lora_run), "seconds": seconds["inst-lora"]},
+    }
+
+
+def summary(st: Stage, which: str, parts: tuple[Path, Path, Path, Path] | None, inst: dict, total_s: float) -> None:
+    print(f"\n== demo summary ({which}) / 데모 요약 ==")
+    print(f"  {'stage':14s} {'seconds':>8s} {'peak RSS':>10s}")
+    for name, seconds, rss in st.rows:
+        print(f"  {name:14s} {seconds:8.1f} {rss:8.0f} MiB")
+    print(f"  {'total':14s} {total_s:8.1f}")
+    if parts is not None:
+        pipeline_summary(*parts)
+    instruct_summary(inst)
+    print(f"  everything is under {DEMO.relative_to(ROOT)}/ (`make clean-demo` removes it)")
+
+
+def pipeline_summary(model: Path, merged: Path, exports: Path, run: Path) -> None:
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [r for r in records if r.get("kind") == "step"]
     vals = [r for r in records if r.get("kind") == "val"]
     pagein = [r["pagein_mb_s"] for r in steps[1:] or steps]
-    print(f"\n== demo summary ({which}) / 데모 요약 ==")
-    print(f"  {'stage':10s} {'seconds':>8s} {'peak RSS':>10s}")
-    for name, seconds, rss in st.rows:
-        print(f"  {name:10s} {seconds:8.1f} {rss:8.0f} MiB")
-    print(f"  {'total':10s} {total_s:8.1f}")
     print(
         f"  model      {size_of(model) / 1e9:.2f} GB at {model.relative_to(ROOT)}; "
         f"merged {size_of(merged) / 1e9:.2f} GB"
@@ -156,7 +308,31 @@ def summary(st: Stage, which: str, model: Path, merged: Path, exports: Path, run
             f"anonymous RSS {max(s['rss_anon_mib'] for s in steps):.0f} MiB "
             f"of the {BUDGET} budget"
         )
-    print(f"  everything is under {DEMO.relative_to(ROOT)}/ (`make clean-demo` removes it)")
+
+
+def one_line(text: str) -> str:
+    """An answer on one line of the summary (a base model's story runs over paragraphs)."""
+    return " ".join(text.split())
+
+
+def instruct_summary(inst: dict) -> None:
+    base, lora, before, after = inst["base"], inst["lora"], inst["evals"]["before"], inst["evals"]["after"]
+    print(
+        f"  instruct   base: {base['steps']} full-training steps on the stories as conversations in "
+        f"{base['seconds']:.0f} s (loss {base['loss'][0]:.2f} -> {base['loss'][1]:.2f}); LoRA r={LORA_R}: "
+        f"{lora['steps']} steps on the instruction set in {lora['seconds']:.0f} s (loss on answers "
+        f"{lora['loss'][0]:.2f} -> {lora['loss'][1]:.2f})"
+    )
+    for lang, (question, reference) in inst["asks"].items():
+        print(f"    Q ({lang}, from the training set; after a story): {question.splitlines()[-1]}")
+        print(f"      before: {one_line(inst['answers']['before'][lang])}")
+        print(f"      after:  {one_line(inst['answers']['after'][lang])}")
+        print(f"      reference: {reference}")
+    print(
+        f"    eval on {after['examples']} held-out questions ({HELD_OUT.relative_to(ROOT)}): "
+        f"loss on answers {before['loss']:.3f} -> {after['loss']:.3f}, exact match "
+        f"{before['exact']}/{before['examples']} -> {after['exact']}/{after['examples']}"
+    )
 
 
 if __name__ == "__main__":
