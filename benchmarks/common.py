@@ -59,8 +59,10 @@ def _version(module: str) -> str | None:
 
 
 def machine() -> dict:
-    """What the figures were measured on: CPU, cores, RAM, SIMD flags that decide the compute dtype,
-    library versions, allocator and cgroup support. Reads /proc; imports no torch."""
+    """What the figures were measured on: CPU, cores, RAM, SIMD flags, the compute probe's matmul
+    GFLOP/s in bf16 and fp32 at the 1.2B's largest projection and the dtype `auto` picks from them
+    (odyssey.probe: cached per machine; imports torch), library versions, allocator and cgroup support."""
+    from odyssey.probe import probe, shape_text
     from odyssey.runtime import allocator, cgroup
     from odyssey.runtime.cpu import cpu_flags
     from odyssey.runtime.cpu import native_bf16 as bf16_native
@@ -68,6 +70,7 @@ def machine() -> dict:
     model, flags = cpu_flags()
     simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "bf16") if f in flags]
     native_bf16 = bf16_native(flags)
+    measured = probe()
     ok, where = cgroup.available()
     mem = _mem_total_bytes()
     return {
@@ -77,7 +80,9 @@ def machine() -> dict:
         "ram_gib": round(mem / GIB, 1) if mem else None,
         "simd": simd,
         "native_bf16": native_bf16,
-        "compute_dtype": "bf16" if native_bf16 else "fp32",
+        "compute_dtype": measured.fastest,  # what `auto` computes a bf16 store in here
+        "matmul_gflops": {k: round(v, 1) for k, v in measured.gflops.items()},
+        "matmul_shape": shape_text(measured.key.shape),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "versions": {m: _version(m) for m in ("torch", "transformers", "peft", "accelerate", "safetensors")},
@@ -86,14 +91,24 @@ def machine() -> dict:
     }
 
 
+def _matmul(m: dict) -> str:
+    g = m.get("matmul_gflops")
+    if not g:  # a result written before the probe existed
+        return f"compute in {m.get('compute_dtype')}"
+    return (
+        f"matmul {m.get('matmul_shape')} bf16 {g['bf16']:,.0f} / fp32 {g['fp32']:,.0f} GFLOP/s, "
+        f"so Odyssey computes bf16 stores in {m.get('compute_dtype')}"
+    )
+
+
 def describe_machine(m: dict) -> str:
     """One line for titles and the README."""
     v = m.get("versions", {})
     libs = ", ".join(f"{k} {val}" for k, val in v.items() if val and k != "safetensors")
     return (
         f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, "
-        f"SIMD {'/'.join(m.get('simd') or ['-'])} (native bf16: {'yes' if m.get('native_bf16') else 'no'}, "
-        f"so everyone computes in {m.get('compute_dtype')}), Linux {m.get('kernel')}, {libs}"
+        f"SIMD {'/'.join(m.get('simd') or ['-'])} (native bf16: {'yes' if m.get('native_bf16') else 'no'}), "
+        f"{_matmul(m)}, Linux {m.get('kernel')}, {libs}"
     )
 
 

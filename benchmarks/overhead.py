@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     data = Path(args.data) if args.data else common.ensure_data()
     opened = Store.open(store)
     params = opened.config.num_parameters()
-    compute = compute_dtype_name("auto", opened.dtype)  # what the workers' engine computes in
+    compute = compute_dtype_name("auto", opened.dtype, opened.config)  # what the workers' engine computes in
     sides = {"paged": [], "resident": []}
     for _ in range(args.rounds):
         for side in ("paged", "resident"):

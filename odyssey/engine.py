@@ -45,9 +45,10 @@ from odyssey.pager import Pager, Resident, ResidentPager
 from odyssey.store import Block, Store
 
 
-def resolve_compute_dtype(name: str, store_dtype: str | None = None) -> torch.dtype:
-    """The torch dtype `--compute-dtype NAME` computes a `store_dtype` store in here (see odyssey.dtypes)."""
-    return compute_dtype_info(name, store_dtype).torch()
+def resolve_compute_dtype(name: str, store_dtype: str | None = None, config=None) -> torch.dtype:
+    """The torch dtype `--compute-dtype NAME` computes a `store_dtype` store of model `config` in
+    here (see odyssey.dtypes)."""
+    return compute_dtype_info(name, store_dtype, config).torch()
 
 
 @dataclass
@@ -145,7 +146,7 @@ class Engine:
     ):
         self.store = store
         self.cfg = store.config
-        self.dtype = resolve_compute_dtype(compute_dtype, store.dtype)
+        self.dtype = resolve_compute_dtype(compute_dtype, store.dtype, store.config)
         if model is None:
             with torch.device("meta"):
                 model = CausalLM(self.cfg)

@@ -113,7 +113,7 @@ def open_engine(
     from odyssey.engine import Engine
     from odyssey.planner import plan_checked
 
-    line = compute_dtype_line(compute_dtype, store.dtype)
+    line = compute_dtype_line(compute_dtype, store.dtype, store.config)
     found = None
     if adapter:  # read and checked against the base before anything heavy
         from odyssey.adapters import read_adapter

@@ -435,7 +435,7 @@ def plan_for_store(
     if compute_dtype is not None and not isinstance(compute_dtype, str):  # a torch.dtype
         compute_itemsize = compute_dtype.itemsize
     else:
-        compute_itemsize = compute_dtype_info(compute_dtype or "auto", store.dtype).itemsize
+        compute_itemsize = compute_dtype_info(compute_dtype or "auto", store.dtype, store.config).itemsize
     store_itemsize = DTYPES[store.dtype].itemsize
     layer_params = sum(numel(s.shape) for s in store.shards[0].tensors.values())
     return plan(

@@ -432,7 +432,7 @@ def train(
             world_size=ranks.world,
             budget_bytes=budget,
             plan_bytes=plan.total,
-            compute=compute_dtype_line(cfg.compute_dtype, store.dtype),
+            compute=compute_dtype_line(cfg.compute_dtype, store.dtype, store.config),
         )
     )
     if monitor and main:

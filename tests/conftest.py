@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,55 @@ def tiny_config(**kw) -> ModelConfig:
     )
     base.update(kw)
     return ModelConfig(**base)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_probe_cache(tmp_path_factory):
+    """The compute probe's cache (odyssey.probe) in a directory of this session, for this process
+    and every command it starts: tests never read or write the user's ~/.cache/odyssey, and a
+    machine measures once per session."""
+    from odyssey.probe import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("probe-cache"))
+    yield
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
+def plant_probe(directory: Path, shape, *, bf16: float, fp32: float, **key) -> Path:
+    """Write a compute-probe cache entry for this machine's current key at `shape` (fields of the
+    key replaced by `key`, e.g. threads=1) saying bf16 and fp32 run at these GFLOP/s."""
+    import dataclasses
+
+    from odyssey import atomic
+    from odyssey.probe import Probe, ProbeKey
+
+    k = dataclasses.replace(ProbeKey.current(shape), **key)
+    entry = Probe(k, {"bf16": bf16, "fp32": fp32}, "2026-01-02T03:04:05+00:00", 0.5, 3)
+    path = k.path(Path(directory))
+    atomic.write_json(path, entry.to_json(), durable=False)
+    return path
+
+
+@pytest.fixture
+def probe_cache(tmp_path, monkeypatch):
+    """A fresh, empty probe cache for one test (ODYSSEY_CACHE_DIR) and no ODYSSEY_COMPUTE_DTYPE;
+    returns a function that plants an entry: `probe_cache(shape, bf16=100, fp32=200)` -> path."""
+    from odyssey.dtypes import COMPUTE_ENV
+    from odyssey.probe import CACHE_ENV
+
+    directory = tmp_path / "probe-cache"
+    monkeypatch.setenv(CACHE_ENV, str(directory))
+    monkeypatch.delenv(COMPUTE_ENV, raising=False)
+
+    def plant(shape, *, bf16: float, fp32: float, **key) -> Path:
+        return plant_probe(directory, shape, bf16=bf16, fp32=fp32, **key)
+
+    plant.directory = directory
+    return plant
 
 
 @pytest.fixture

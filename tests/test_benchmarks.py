@@ -63,6 +63,10 @@ def test_machine_description_names_cpu_cores_and_dtype():
     assert m["cores"] and m["compute_dtype"] in ("bf16", "fp32")
     line = common.describe_machine(m)
     assert f"{m['cores']} cores" in line and m["compute_dtype"] in line
+    assert set(m["matmul_gflops"]) == {"bf16", "fp32"} and m["compute_dtype"] == max(
+        m["matmul_gflops"], key=m["matmul_gflops"].get
+    )
+    assert f"matmul {m['matmul_shape']} bf16 " in line and "GFLOP/s" in line
 
 
 # --------------------------------------------------------------------------------------------

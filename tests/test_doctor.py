@@ -159,6 +159,9 @@ def test_doctor_json_is_one_object_with_every_fact(tmp_path):
         {"bf16", "sve"},
     )
     assert d["compute"]["compute_dtype"] in ("bf16", "fp32")
+    probe = d["compute"]["probe"]  # the session's cache (tests/conftest.py): measured once, then read
+    assert probe["shape"] == [512, 2048, 5632] and all(v > 0 for v in probe["gflops"].values())
+    assert d["compute"]["compute_dtype"] == probe["fastest"] or d["compute"]["source"] == "environment"
     assert d["temperature"] == {
         "verdict": "note",
         "summary": f"unavailable (source: file {tmp_path / 't'})",

@@ -23,6 +23,7 @@ grep -q "odyssey/cli/__init__.py" <<< "$listing" || { echo "check_package: $sdis
 "$work/venv/bin/pip" install "${pipq[@]}" "$wheel"
 cd "$work"  # not the checkout: the installed package must stand on its own
 "$work/venv/bin/odyssey" --help > /dev/null
-"$work/venv/bin/odyssey" doctor --read-test-mib 0 --models-dir "$work" > "$work/doctor.txt"
+# its compute probe caches under the work directory, not the user's ~/.cache/odyssey
+ODYSSEY_CACHE_DIR="$work/cache" "$work/venv/bin/odyssey" doctor --read-test-mib 0 --models-dir "$work" > "$work/doctor.txt"
 echo "package: $(basename "$wheel") and $(basename "$sdist") built; in a clean venv 'odyssey --help' and" \
      "'odyssey doctor' ran ($(grep -c . "$work/doctor.txt") lines)"

@@ -46,7 +46,7 @@ def cmd_plan(args) -> int:
     from odyssey.store import Store
 
     store = Store.open(args.model)
-    compute = compute_dtype_line(args.compute_dtype, store.dtype)
+    compute = compute_dtype_line(args.compute_dtype, store.dtype, store.config)
     plan_checked(
         store,
         mode=args.mode,

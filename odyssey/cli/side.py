@@ -26,6 +26,11 @@ def add_doctor_parser(sub) -> None:
     )
     s.add_argument("--thermal-file", help="a temperature file to check (millidegrees C), as the guard would read it")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    s.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="run the compute probe (bf16 against fp32 matmul) again and rewrite its cache",
+    )
     s.set_defaults(func=cmd_doctor)
 
 
@@ -36,7 +41,7 @@ def cmd_doctor(args) -> int:
 
     if args.read_test_mib < 0:
         raise OdysseyError(f"--read-test-mib must be >= 0 (0 skips the test), got {args.read_test_mib}")
-    facts = doctor.gather(args.models_dir, args.read_test_mib << 20, args.thermal_file)
+    facts = doctor.gather(args.models_dir, args.read_test_mib << 20, args.thermal_file, args.remeasure)
     if args.json:
         print(json.dumps({f.key: f.to_json() for f in facts}, indent=2))
         return 0

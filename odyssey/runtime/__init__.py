@@ -13,5 +13,8 @@ made unimportable):
   cgroup     memory cgroups: a hard RAM cap around a process
   allocator  jemalloc when present, else glibc with fewer arenas
   cpu        the CPU as /proc/cpuinfo describes it
+  fact       one line of `odyssey doctor`: a reading, its verdict, what to do
   doctor     `odyssey doctor` (its torch fact imports torch inside the function, when it runs)
+  doctor_compute  doctor's cpu fact and compute fact (the compute probe, odyssey.probe, imports
+             torch inside the function, when it runs)
 """

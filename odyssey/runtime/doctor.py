@@ -10,7 +10,8 @@ a VM) is a normal answer. The facts, in order:
   cold read    write a temporary file there (fsync), drop it from the page cache, read it back with
                16 MiB preads: MB/s, what a pass over the 1.2B model costs in page-in (~5 s, deleted)
   cpu          model, cores, AVX2 / AVX512 / AVX512-BF16 / AMX
-  compute      the dtype `--compute-dtype auto` picks here (odyssey.dtypes.compute_dtype_name)
+  compute      the compute probe's figures (bf16 and fp32 GFLOP/s at the 1.2B's largest projection)
+               and the dtype `--compute-dtype auto` picks from them (odyssey.probe, cached)
   temperature  the guard's own reader (guard.Thermometer); "unavailable" is normal on VMs
   cgroups      whether a memory cgroup can be made (the guard's --enforce-cgroup)
   allocator    whether jemalloc is found (heavy commands preload it)
@@ -18,23 +19,24 @@ a VM) is a normal answer. The facts, in order:
   monitor      whether `odyssey monitor` can open a window (DISPLAY, tkinter)
 
 `--json` prints one object: {"<key>": {"verdict", "summary", "hint", ...figures}, ...}.
+The facts of the cpu and the compute probe live in odyssey.runtime.doctor_compute; `Fact` in
+odyssey.runtime.fact.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import platform
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from odyssey.config import format_bytes
 from odyssey.errors import OdysseyError
-from odyssey.runtime.cpu import cpu_flags
+from odyssey.runtime.doctor_compute import compute_fact, cpu_fact
+from odyssey.runtime.fact import Fact
 
 DEMO_BUDGET_BYTES = 2 << 30
 """The RAM budget `make demo` trains the 1.2B model under: the figure available RAM is judged by."""
@@ -54,33 +56,6 @@ COLD_OK_MB_S = 300.0
 """Below this, paging the 1.2B model in (~8 s a pass) takes longer than computing it on 2 cores."""
 RAM_FILESYSTEMS = ("tmpfs", "ramfs")
 """Filesystems that live in RAM: models there take RAM from the budget, and a cold read is a copy."""
-
-
-@dataclass
-class Fact:
-    key: str
-    """Key in --json output (snake_case)."""
-    label: str
-    """Left column of the text output."""
-    ok: bool
-    """True: "ok"; False: "note" (worth knowing; never an error)."""
-    summary: str
-    """The reading in words, one line."""
-    hint: str = ""
-    """What it means for Odyssey, or what to do."""
-    data: dict = field(default_factory=dict)
-    """The figures behind the summary (bytes, MB/s, flags) for --json."""
-
-    @property
-    def verdict(self) -> str:
-        return "ok" if self.ok else "note"
-
-    def to_json(self) -> dict:
-        return {"verdict": self.verdict, "summary": self.summary, "hint": self.hint, **self.data}
-
-    def lines(self) -> str:
-        text = f"{self.verdict:<5} {self.label:<12} {self.summary}"
-        return text + (f"\n{'':18} {self.hint}" if self.hint else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,78 +282,6 @@ def cold_read_fact(probe: Path, size_bytes: int = READ_TEST_BYTES) -> Fact:
 
 
 # --------------------------------------------------------------------------------------------
-# cpu and compute
-
-
-def cpu_fact() -> Fact:
-    name, flags = cpu_flags()
-    cores = os.cpu_count() or 1
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    x86 = platform.machine() in ("x86_64", "AMD64")
-    if x86:
-        has = {
-            "AVX2": "avx2" in flags,
-            "AVX512": "avx512f" in flags,
-            "AVX512-BF16": "avx512_bf16" in flags,
-            "AMX": "amx_bf16" in flags,
-        }
-    else:
-        has = {"BF16": "bf16" in flags, "SVE": "sve" in flags}
-    listed = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in has.items())
-    summary = f"{name}, {cores} cores ({usable} usable by this process); {listed}"
-    data = {
-        "model": name,
-        "cores": cores,
-        "usable_cores": usable,
-        "machine": platform.machine(),
-        "flags": {k.lower().replace("-", "_"): v for k, v in has.items()},
-    }
-    if x86 and not has["AVX2"]:
-        return Fact("cpu", "cpu", False, summary, "no AVX2: torch's matmuls run several times slower here", data)
-    return Fact("cpu", "cpu", True, summary, "", data)
-
-
-def compute_fact() -> Fact:
-    from odyssey.dtypes import COMPUTE_ENV, compute_dtype_name, compute_dtype_source
-    from odyssey.runtime.cpu import native_bf16
-
-    name, source = compute_dtype_name("auto"), compute_dtype_source("auto")
-    data = {
-        "compute_dtype": name,  # for a bf16 store
-        "f32_store_compute_dtype": compute_dtype_name("auto", "f32"),
-        "native_bf16": native_bf16(),
-        "source": source,
-    }
-    if source == "environment":
-        return Fact(
-            "compute",
-            "compute",
-            True,
-            f"{name} (`--compute-dtype auto`, forced by {COMPUTE_ENV})",
-            f"unset {COMPUTE_ENV} to let the CPU decide",
-            data,
-        )
-    if name == "bf16":
-        return Fact(
-            "compute",
-            "compute",
-            True,
-            "bf16 for bf16 stores (`--compute-dtype auto`); f32 and f16 stores in fp32",
-            "this CPU multiplies bf16 natively: bf16 weights are used as stored, and a store is never "
-            "computed below its precision",
-            data,
-        )
-    return Fact(
-        "compute",
-        "compute",
-        True,
-        "fp32 (`--compute-dtype auto`); weights stay in the store's dtype on disk",
-        "no native bf16 here: emulated bf16 matmuls are several times slower than fp32",
-        data,
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # guard, cgroups, allocator, torch, monitor
 
 
@@ -513,15 +416,19 @@ def monitor_fact() -> Fact:
 
 
 def gather(
-    models_dir: str | None = None, read_test_bytes: int = READ_TEST_BYTES, thermal_file: str | None = None
+    models_dir: str | None = None,
+    read_test_bytes: int = READ_TEST_BYTES,
+    thermal_file: str | None = None,
+    remeasure: bool = False,
 ) -> Iterator[Fact]:
-    """Every fact in order, each as soon as it is known (the cold read takes up to ~5 s, torch ~1 s)."""
+    """Every fact in order, each as soon as it is known (the cold read takes up to ~5 s, torch ~1 s,
+    the compute probe under a second when not cached; `remeasure` measures it again)."""
     asked, probe = resolve_models_dir(models_dir)
     yield memory_fact()
     yield disk_fact(asked, probe)
     yield cold_read_fact(probe, read_test_bytes)
     yield cpu_fact()
-    yield compute_fact()
+    yield compute_fact(remeasure)
     yield temperature_fact(thermal_file)
     yield cgroup_fact()
     yield allocator_fact()

@@ -1,0 +1,91 @@
+"""`odyssey doctor`'s cpu and compute facts: the CPU as /proc/cpuinfo describes it, and the compute
+probe's figures with the dtype `--compute-dtype auto` picks from them.
+
+The compute fact runs the probe at the 1.2B's largest projection (odyssey.probe.DEFAULT_SHAPE;
+training measures at its own model's shape), from the cache when this machine measured it before
+(under a second otherwise; `--remeasure` measures again). It imports torch when it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from odyssey.runtime.cpu import cpu_flags
+from odyssey.runtime.fact import Fact
+
+
+def cpu_fact() -> Fact:
+    name, flags = cpu_flags()
+    cores = os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    if x86:
+        has = {
+            "AVX2": "avx2" in flags,
+            "AVX512": "avx512f" in flags,
+            "AVX512-BF16": "avx512_bf16" in flags,
+            "AMX": "amx_bf16" in flags,
+        }
+    else:
+        has = {"BF16": "bf16" in flags, "SVE": "sve" in flags}
+    listed = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in has.items())
+    summary = f"{name}, {cores} cores ({usable} usable by this process); {listed}"
+    data = {
+        "model": name,
+        "cores": cores,
+        "usable_cores": usable,
+        "machine": platform.machine(),
+        "flags": {k.lower().replace("-", "_"): v for k, v in has.items()},
+    }
+    if x86 and not has["AVX2"]:
+        return Fact("cpu", "cpu", False, summary, "no AVX2: torch's matmuls run several times slower here", data)
+    return Fact("cpu", "cpu", True, summary, "", data)
+
+
+def compute_fact(remeasure: bool = False) -> Fact:
+    from odyssey.dtypes import COMPUTE_ENV, compute_dtype_name, compute_dtype_source
+    from odyssey.probe import DEFAULT_SHAPE, probe, shape_text
+    from odyssey.runtime.cpu import native_bf16
+
+    p = probe(DEFAULT_SHAPE, remeasure=remeasure)
+    name, source = compute_dtype_name("auto"), compute_dtype_source("auto")
+    data = {
+        "compute_dtype": name,  # for a bf16 store
+        "f32_store_compute_dtype": compute_dtype_name("auto", "f32"),
+        "native_bf16": native_bf16(),
+        "source": source,
+        "probe": {
+            "gflops": {k: round(v, 1) for k, v in p.gflops.items()},
+            "fastest": p.fastest,
+            "shape": list(p.key.shape),  # (tokens, in, out)
+            "threads": p.key.threads,
+            "measured": p.measured,
+            "probe_s": round(p.probe_s, 3),
+            "rounds": p.rounds,
+            "cached": p.cached,
+            "cache_file": str(p.path) if p.path else None,
+            "cache_error": p.cache_error or None,
+        },
+    }
+    figures = p.summary()
+    where = f"cache: {p.path}" if p.path else f"not cached: {p.cache_error}"
+    if source == "environment":
+        return Fact(
+            "compute",
+            "compute",
+            True,
+            f"{name} (`--compute-dtype auto`, forced by {COMPUTE_ENV}); the probe {figures}",
+            f"unset {COMPUTE_ENV} to let the measurement decide ({where})",
+            data,
+        )
+    shape = shape_text(p.key.shape)
+    hint = (
+        f"each model is measured once at its largest projection ({shape} here), {p.key.threads} threads; "
+        f"`odyssey doctor --remeasure` measures again ({where})"
+    )
+    if name == "bf16":
+        summary = f"bf16 for bf16 stores (`--compute-dtype auto`): {figures}; f32 and f16 stores in fp32"
+    else:
+        summary = f"fp32 (`--compute-dtype auto`): {figures}; weights stay in the store's dtype on disk"
+    return Fact("compute", "compute", True, summary, hint, data)

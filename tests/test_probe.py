@@ -1,0 +1,237 @@
+"""odyssey.probe: a real run writes the cache with sane figures; a valid entry is used without
+measuring; a corrupt, foreign or stale entry (another thread count) is measured again and
+rewritten atomically; processes measure once between them; the store-precision rule needs no
+measurement; `odyssey doctor` prints the figures and the choice."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+
+import pytest
+
+from odyssey import probe as probe_mod
+from odyssey.dtypes import COMPUTE_ENV, compute_dtype_line, compute_dtype_name
+from odyssey.probe import CACHE_ENV, DEFAULT_SHAPE, Probe, ProbeKey, cache_dir, probe, shape_of
+from tests.conftest import ROOT, run_cli
+
+SMALL = (64, 128, 256)  # a real measurement in milliseconds
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Replace the measurement by one that counts its calls and answers bf16 70, fp32 140 GFLOP/s."""
+    calls = []
+
+    def fake(shape, *a, **k):
+        calls.append(tuple(shape))
+        return {"bf16": 70.0, "fp32": 140.0}, 2, 0.01
+
+    monkeypatch.setattr(probe_mod, "measure", fake)
+    return calls
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "odyssey"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # not absolute: ignored, as the XDG spec says
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "odyssey"
+
+
+def test_shape_is_the_largest_projection(tiny_cfg):
+    from odyssey.config import load_model_config
+
+    assert shape_of(tiny_cfg) == (512, 64, 160)
+    big = load_model_config(ROOT / "configs/odyssey-1.2b.yaml")
+    assert shape_of(big) == DEFAULT_SHAPE == (512, 2048, 5632)
+
+
+def test_a_real_probe_writes_the_cache_with_sane_figures(probe_cache):
+    import torch
+
+    p = probe(SMALL)
+    assert not p.cached and p.rounds >= 1 and p.probe_s > 0 and not p.cache_error
+    assert set(p.gflops) == {"bf16", "fp32"} and all(math.isfinite(v) and v > 0 for v in p.gflops.values())
+    assert p.fastest in ("bf16", "fp32")
+    files = list(probe_cache.directory.iterdir())
+    assert files == [p.path]  # one file, no temporary left behind
+    d = read(p.path)
+    assert d["key"]["shape"] == list(SMALL) and d["key"]["threads"] == torch.get_num_threads()
+    assert d["key"]["torch"] == torch.__version__ and d["gflops"] == {k: round(v, 1) for k, v in p.gflops.items()}
+    again = probe(SMALL)  # the second call reads what the first wrote
+    assert again.cached and again.gflops == pytest.approx(p.gflops, abs=0.051) and again.measured == p.measured
+    assert again.summary().endswith(f"at 64x128x256, cached {p.measured[:10]}")
+
+
+def test_a_planted_entry_is_used_without_measuring(probe_cache, counted):
+    path = probe_cache(SMALL, bf16=11.0, fp32=22.0)
+    before = path.read_bytes()
+    p = probe(SMALL)
+    assert counted == [] and p.cached and p.gflops == {"bf16": 11.0, "fp32": 22.0} and p.fastest == "fp32"
+    assert p.summary() == "measured fp32 22 GFLOP/s vs bf16 11 at 64x128x256, cached 2026-01-02"
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: b"{not json",
+        lambda d: b"\xff\xfe",
+        lambda d: json.dumps({**d, "gflops": {"bf16": -1, "fp32": 5}}).encode(),
+        lambda d: json.dumps({**d, "gflops": {"bf16": "NaN", "fp32": 5}}).encode(),
+        lambda d: json.dumps({**d, "version": 99}).encode(),
+        lambda d: json.dumps({**d, "key": {**d["key"], "cpu": "another CPU"}}).encode(),
+        lambda d: json.dumps({k: v for k, v in d.items() if k != "rounds"}).encode(),
+        lambda d: b"[]",
+    ],
+    ids=["not-json", "not-utf8", "negative", "nan", "version", "foreign-key", "missing-field", "list"],
+)
+def test_a_corrupt_entry_is_measured_again_and_rewritten_atomically(probe_cache, counted, monkeypatch, damage):
+    path = probe_cache(SMALL, bf16=11.0, fp32=22.0)
+    bad = damage(read(path))
+    path.write_bytes(bad)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # a measurement that dies leaves the old file as it was
+        m.setattr(probe_mod, "measure", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            probe(SMALL)
+    assert path.read_bytes() == bad
+    p = probe(SMALL)
+    assert counted == [SMALL] and not p.cached and p.gflops == {"bf16": 70.0, "fp32": 140.0}
+    assert read(path)["gflops"] == {"bf16": 70.0, "fp32": 140.0}
+    assert list(probe_cache.directory.iterdir()) == [path]  # rewritten in place, no temporary left
+    assert probe(SMALL).cached and counted == [SMALL]
+
+
+def test_another_thread_count_measures_again(probe_cache, counted):
+    import torch
+
+    threads = torch.get_num_threads()
+    other = 1 if threads != 1 else 2
+    planted = probe_cache(SMALL, bf16=11.0, fp32=22.0, threads=other)  # measured under another count
+    p = probe(SMALL)
+    assert counted == [SMALL] and p.key.threads == threads and p.path != planted
+    torch.set_num_threads(other)
+    try:
+        q = probe(SMALL)  # the planted entry is this key's
+    finally:
+        torch.set_num_threads(threads)
+    assert counted == [SMALL] and q.cached and q.gflops["fp32"] == 22.0
+    assert sorted(probe_cache.directory.iterdir()) == sorted([planted, p.path])
+
+
+def test_remeasure_replaces_a_valid_entry(probe_cache, counted):
+    path = probe_cache(SMALL, bf16=11.0, fp32=22.0)
+    p = probe(SMALL, remeasure=True)
+    assert counted == [SMALL] and not p.cached and read(path)["gflops"]["fp32"] == 140.0
+
+
+def test_processes_waiting_on_the_lock_measure_once(probe_cache, monkeypatch):
+    """Two probes at once (as data-parallel ranks start): the first measures under the cache
+    directory's lock, the other waits and reads its answer, so both pick the same dtype."""
+    calls = []
+
+    def slow(shape, *a, **k):
+        calls.append(shape)
+        time.sleep(0.3)
+        return {"bf16": 70.0, "fp32": 140.0}, 2, 0.3
+
+    monkeypatch.setattr(probe_mod, "measure", slow)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(probe(SMALL))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(r.cached for r in results) == [False, True]
+    assert {r.fastest for r in results} == {"fp32"}
+
+
+def test_a_cache_that_cannot_be_written_still_decides_and_measures_once(tmp_path, monkeypatch, counted):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv(CACHE_ENV, str(blocker / "odyssey"))  # a directory under a file: cannot exist
+    monkeypatch.setattr(probe_mod, "_UNCACHED", {})
+    p = probe(SMALL)
+    assert p.cache_error and p.path is None and p.fastest == "fp32" and p.summary().endswith("(not cached)")
+    assert probe(SMALL) is p and counted == [SMALL]  # once per process
+    assert blocker.read_text() == "x"
+
+
+def test_the_store_precision_rule_needs_no_measurement(probe_cache, counted, tiny_cfg):
+    probe_cache(shape_of(tiny_cfg), bf16=1000.0, fp32=1.0)  # bf16 far faster: still never below the store
+    for store in ("f32", "f16"):
+        assert compute_dtype_name("auto", store, tiny_cfg) == "fp32"
+        assert "never computed below its precision" in compute_dtype_line("auto", store, tiny_cfg)
+    assert compute_dtype_name("auto", "bf16", tiny_cfg) == "bf16"
+    assert counted == []
+
+
+def test_bf16_store_where_fp32_measured_faster_computes_fp32(probe_cache, counted, tiny_cfg, monkeypatch):
+    probe_cache(shape_of(tiny_cfg), bf16=40.0, fp32=200.0)
+    assert compute_dtype_name("auto", "bf16", tiny_cfg) == "fp32"
+    assert compute_dtype_name("bf16", "bf16", tiny_cfg) == "bf16"  # an explicit choice wins
+    monkeypatch.setenv(COMPUTE_ENV, "bf16")
+    assert compute_dtype_name("auto", "bf16", tiny_cfg) == "bf16"  # and the environment
+    assert counted == []
+
+
+def test_probe_entry_round_trips():
+    key = ProbeKey("cpu", "x86_64", ("avx2",), "2.13.0", 2, (512, 64, 160))
+    p = Probe(key, {"bf16": 1.5, "fp32": 2.5}, "2026-01-02T03:04:05+00:00", 0.25, 3)
+    q = Probe.from_json(json.loads(json.dumps(p.to_json())), key, None)
+    assert q.gflops == p.gflops and q.rounds == 3 and q.cached and q.key == key
+    assert Probe.from_json(p.to_json(), ProbeKey("cpu", "x86_64", ("avx2",), "2.13.0", 4, (512, 64, 160)), None) is None
+
+
+# --- odyssey doctor ---
+
+
+def test_doctor_prints_the_planted_figures_and_the_choice(probe_cache, counted, monkeypatch):
+    from odyssey.runtime.doctor_compute import compute_fact
+
+    path = probe_cache(DEFAULT_SHAPE, bf16=123.0, fp32=456.0)
+    fact = compute_fact()
+    text = fact.lines()
+    assert text.startswith(
+        "ok    compute      fp32 (`--compute-dtype auto`): measured fp32 456 GFLOP/s vs bf16 123 at 512x2048x5632, "
+        "cached 2026-01-02"
+    )
+    assert f"cache: {path}" in text and "--remeasure" in text
+    c = fact.to_json()
+    assert c["compute_dtype"] == "fp32" and c["source"] == "probe" and c["f32_store_compute_dtype"] == "fp32"
+    assert c["probe"]["gflops"] == {"bf16": 123.0, "fp32": 456.0} and c["probe"]["cached"] is True
+    assert c["probe"]["shape"] == list(DEFAULT_SHAPE) and c["probe"]["measured"].startswith("2026-01-02")
+    probe_cache(DEFAULT_SHAPE, bf16=457.0, fp32=456.0)
+    assert compute_fact().summary.startswith("bf16 for bf16 stores (`--compute-dtype auto`): measured bf16 457")
+    monkeypatch.setenv(COMPUTE_ENV, "fp32")
+    forced = compute_fact()
+    assert forced.data["compute_dtype"] == "fp32" and forced.data["source"] == "environment"
+    assert "forced by ODYSSEY_COMPUTE_DTYPE); the probe measured bf16 457" in forced.summary
+    assert counted == []
+
+
+def test_doctor_remeasure_rewrites_the_entry(probe_cache):
+    path = probe_cache(DEFAULT_SHAPE, bf16=1e9, fp32=2e9)  # no CPU does that: a real run replaces it
+    p = run_cli("doctor", "--json", "--read-test-mib", "0", "--remeasure", env={**os.environ})
+    assert p.returncode == 0, p.stderr
+    c = json.loads(p.stdout)["compute"]
+    d = read(path)
+    assert c["probe"]["cached"] is False and d["gflops"] == c["probe"]["gflops"]
+    assert all(0 < v < 1e6 for v in d["gflops"].values()) and c["compute_dtype"] == max(
+        d["gflops"], key=d["gflops"].get
+    )
