@@ -15,7 +15,7 @@ import pytest
 from odyssey import cli
 from odyssey.config import GuardSettings
 from odyssey.monitor import MonitorSettings
-from odyssey.runtime import control, guard
+from odyssey.runtime import control, guard_cli
 from tests.conftest import assert_user_error, run_cli
 
 
@@ -56,7 +56,7 @@ def test_every_verb_help_ends_with_an_example(verb):
 def test_guard_help_shows_the_guards_options_and_an_example():
     p = run_cli("guard", "--help")
     assert p.returncode == 0, p.stderr
-    for a in guard.build_parser()._actions:
+    for a in guard_cli.build_parser()._actions:
         for opt in a.option_strings:
             assert opt in p.stdout, opt
     assert_ends_with_example(p.stdout, "guard")
@@ -83,13 +83,13 @@ def test_guard_arguments_reach_the_guards_settings():
             "--enforce-cgroup",
         ]
     )
-    s = guard.settings_from_args(args)
+    s = guard_cli.settings_from_args(args)
     # the values given, and the guard's defaults for the rest; a negative value stays a value
     assert (args.pid, args.run, args.ram_budget) == (12, "runs/r1", "1GiB")
     assert s == GuardSettings(interval_s=0.25, soft_pct=70.0, max_temp_c=-5.0, resume_temp_c=-10.0, enforce_cgroup=True)
     # the command line `odyssey train` starts its guard with gives the guard's parser the same settings
     argv = control.guard_command(12, "runs/r1", 1 << 30, s)[3:]
-    assert guard.settings_from_args(guard.build_parser().parse_args(argv)) == s
+    assert guard_cli.settings_from_args(guard_cli.build_parser().parse_args(argv)) == s
 
 
 def test_guard_runs_with_the_arguments_given(tmp_path):

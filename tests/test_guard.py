@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_procs import HANG_S, MIB, Hog, guard_env, wait_for  # noqa: E402
 
 from odyssey.config import GuardSettings  # noqa: E402
-from odyssey.runtime import cgroup, guard  # noqa: E402
+from odyssey.runtime import cgroup, guard, guard_cli, sensors  # noqa: E402
 from odyssey.runtime.control import Controller  # noqa: E402
 from odyssey.runtime.runlog import RunDir  # noqa: E402
 
@@ -68,9 +68,9 @@ def test_guard_process_imports_no_torch(tmp_path):
     code = (
         "import subprocess, sys\n"
         "from odyssey import config\n"
-        "from odyssey.runtime import guard, control, cgroup, runlog, memory\n"
+        "from odyssey.runtime import guard_cli, control, cgroup, runlog, memory\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.3)'])\n"
-        f"rc = guard.main(['--pid', str(child.pid), '--run', {str(tmp_path / 'run')!r}, '--ram-budget', '1GiB',"
+        f"rc = guard_cli.main(['--pid', str(child.pid), '--run', {str(tmp_path / 'run')!r}, '--ram-budget', '1GiB',"
         " '--interval', '0.05', '--min-available-mib', '1'])\n"
         "print(rc, 'torch' in sys.modules)\n"
     )
@@ -182,22 +182,22 @@ def test_temperature_unavailable_is_fine(run, hog, tmp_path):
         g.terminate()
         g.wait(timeout=HANG_S)
     # the default source (psutil, then sysfs): {} on VMs, a number on real hardware; never an error
-    t = guard.Thermometer().read()
+    t = sensors.Thermometer().read()
     assert t is None or isinstance(t, float)
-    assert guard.read_millidegrees(tmp_path / "missing") is None
+    assert sensors.read_millidegrees(tmp_path / "missing") is None
     (tmp_path / "junk").write_text("hot\n")
-    assert guard.read_millidegrees(tmp_path / "junk") is None
+    assert sensors.read_millidegrees(tmp_path / "junk") is None
 
 
 def test_bad_pid_and_bad_settings(run, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    assert guard.main(["--pid", str(dead.pid), "--run", str(run.root), "--ram-budget", "1GiB"]) == 2
+    assert guard_cli.main(["--pid", str(dead.pid), "--run", str(run.root), "--ram-budget", "1GiB"]) == 2
     assert "no such running process" in capsys.readouterr().err
-    assert guard.main(["--pid", str(os.getpid()), "--run", str(run.root), "--ram-budget", "lots"]) == 2
+    assert guard_cli.main(["--pid", str(os.getpid()), "--run", str(run.root), "--ram-budget", "lots"]) == 2
     assert "--ram-budget must be a size" in capsys.readouterr().err
     assert (
-        guard.main(
+        guard_cli.main(
             [
                 "--pid",
                 str(os.getpid()),
@@ -216,12 +216,12 @@ def test_bad_pid_and_bad_settings(run, capsys):
     assert "soft_pct <= hard_pct" in capsys.readouterr().err
     a_file = run.root.parent / "a-file"
     a_file.write_text("not a run directory")
-    assert guard.main(["--pid", str(os.getpid()), "--run", str(a_file), "--ram-budget", "1GiB"]) == 2  # at once
+    assert guard_cli.main(["--pid", str(os.getpid()), "--run", str(a_file), "--ram-budget", "1GiB"]) == 2  # at once
     assert "is a file, not a run directory" in capsys.readouterr().err
 
 
-def test_guard_options_table_round_trips_every_threshold():
-    """One table (guard.OPTIONS) builds the guard's parser, reads the settings back and writes the
+def test_guard_cli_table_round_trips_every_threshold():
+    """One table (guard_cli.OPTIONS) builds the guard's parser, reads the settings back and writes the
     child's command line: every threshold in it, set away from its default, comes back unchanged."""
     d = GuardSettings()
     s = GuardSettings(
@@ -234,19 +234,19 @@ def test_guard_options_table_round_trips_every_threshold():
         thermal_file="/tmp/odyssey-temp",
         enforce_cgroup=True,
     )
-    fields = [o.field for o in guard.OPTIONS]
+    fields = [o.field for o in guard_cli.OPTIONS]
     assert all(getattr(s, f) != getattr(d, f) for f in fields), "each threshold must differ from its default"
-    assert len(set(fields)) == len(fields) and len({o.flag for o in guard.OPTIONS}) == len(fields)
-    parser = guard.build_parser()
+    assert len(set(fields)) == len(fields) and len({o.flag for o in guard_cli.OPTIONS}) == len(fields)
+    parser = guard_cli.build_parser()
     flags = {opt for a in parser._actions for opt in a.option_strings}
-    assert {o.flag for o in guard.OPTIONS} <= flags
+    assert {o.flag for o in guard_cli.OPTIONS} <= flags
     required = ["--pid", "1", "--run", "r", "--ram-budget", "1GiB"]
-    assert guard.settings_from_args(parser.parse_args(required + guard.settings_argv(s))) == s
+    assert guard_cli.settings_from_args(parser.parse_args(required + guard_cli.settings_argv(s))) == s
     # defaults: nothing set means the settings' defaults, and the child gets no switch or file
-    assert guard.settings_from_args(parser.parse_args(required)) == d
-    argv = guard.settings_argv(d)
+    assert guard_cli.settings_from_args(parser.parse_args(required)) == d
+    argv = guard_cli.settings_argv(d)
     assert "--enforce-cgroup" not in argv and "--thermal-file" not in argv
-    assert guard.settings_from_args(parser.parse_args(required + argv)) == d
+    assert guard_cli.settings_from_args(parser.parse_args(required + argv)) == d
 
 
 def guard_footprint(run, hog) -> tuple[float, float]:
@@ -292,8 +292,8 @@ def make_guard(run, budget_mib=100, **settings) -> guard.Guard:
     return g
 
 
-def sample(anon_mib=10.0, avail_mib=10_000.0, temp=None, t=None) -> guard.Sample:
-    return guard.Sample(time.time() if t is None else t, int(anon_mib * MIB), 0, int(avail_mib * MIB), 0, temp_c=temp)
+def sample(anon_mib=10.0, avail_mib=10_000.0, temp=None, t=None) -> sensors.Sample:
+    return sensors.Sample(time.time() if t is None else t, int(anon_mib * MIB), 0, int(avail_mib * MIB), 0, temp_c=temp)
 
 
 def ack_all(run):

@@ -52,13 +52,13 @@ def cmd_doctor(args) -> int:
 
 
 def add_guard_parser(sub) -> None:
-    # The guard's options come from its own parser (odyssey.runtime.guard is light: no torch), so they
-    # cannot drift; cmd_guard turns them into the guard's settings with the guard's own function.
-    from odyssey.runtime import guard
+    # The guard's options come from its own parser (odyssey.runtime.guard_cli is light: no torch), so
+    # they cannot drift; cmd_guard turns them into the guard's settings with the guard's own function.
+    from odyssey.runtime import guard_cli
 
     s = sub.add_parser(
         "guard",
-        parents=[guard.build_parser()],
+        parents=[guard_cli.build_parser()],
         conflict_handler="resolve",
         help="watch a training process's RAM and temperature (what `train` starts)",
         description="Watch a training process's RAM and the CPU temperature; ask it (through "
@@ -72,9 +72,10 @@ def add_guard_parser(sub) -> None:
 
 def cmd_guard(args) -> int:
     from odyssey.config import parse_bytes
-    from odyssey.runtime import guard
+    from odyssey.runtime import guard, guard_cli
 
-    return guard.run(guard.Guard(args.pid, args.run, parse_bytes(args.ram_budget), guard.settings_from_args(args)))
+    settings = guard_cli.settings_from_args(args)
+    return guard_cli.run(guard.Guard(args.pid, args.run, parse_bytes(args.ram_budget), settings))
 
 
 def add_monitor_parser(sub) -> None:

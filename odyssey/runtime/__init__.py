@@ -8,7 +8,8 @@ made unimportable):
 
   runlog     the run directory (metrics.jsonl, control.json, status.json, guard.json)
   control    the trainer's side of the control channel, and the guard's launcher
-  guard      the guard process (`python -m odyssey.runtime.guard`)
+  guard      the guard process (`python -m odyssey.runtime.guard`): policies; sensors (temperature,
+             MemAvailable); guard_cli (its options, parser and main)
   memory     memory readings of a process tree, its cgroup and the system; /proc/PID/stat
   cgroup     memory cgroups: a hard RAM cap around a process
   allocator  jemalloc when present, else glibc with fewer arenas

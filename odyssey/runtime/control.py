@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from odyssey.config import GuardSettings
-from odyssey.runtime.guard import settings_argv
+from odyssey.runtime.guard_cli import settings_argv
 from odyssey.runtime.runlog import ACTIONS, RunDir
 
 GUARD_START_GRACE_S = 3.0
@@ -167,7 +167,7 @@ class Controller:
 def guard_command(
     pid: int, run_dir: str | os.PathLike, budget_bytes: int, settings: GuardSettings, python: str = sys.executable
 ) -> list[str]:
-    """The command line that starts the guard on `pid` with `settings` (its options: guard.OPTIONS)."""
+    """The command line that starts the guard on `pid` with `settings` (its options: guard_cli.OPTIONS)."""
     return [
         python,
         "-m",

@@ -12,7 +12,7 @@ a VM) is a normal answer. The facts, in order:
   cpu          model, cores, AVX2 / AVX512 / AVX512-BF16 / AMX
   compute      the compute probe's figures (bf16 and fp32 GFLOP/s at the 1.2B's largest projection)
                and the dtype `--compute-dtype auto` picks from them (odyssey.probe, cached)
-  temperature  the guard's own reader (guard.Thermometer); "unavailable" is normal on VMs
+  temperature  the guard's own reader (sensors.Thermometer); "unavailable" is normal on VMs
   cgroups      whether a memory cgroup can be made (the guard's --enforce-cgroup)
   allocator    whether jemalloc is found (heavy commands preload it)
   torch        version, threads, CPU or CUDA build
@@ -286,7 +286,7 @@ def cold_read_fact(probe: Path, size_bytes: int = READ_TEST_BYTES) -> Fact:
 
 
 def temperature_fact(thermal_file: str | None = None) -> Fact:
-    from odyssey.runtime.guard import Thermometer
+    from odyssey.runtime.sensors import Thermometer
 
     th = Thermometer(thermal_file)
     temp_c = th.read()

@@ -39,20 +39,17 @@ Exit status: 0 when the watched process is gone or on SIGTERM/SIGINT; 2 on bad a
 
 from __future__ import annotations
 
-import argparse
-import glob
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from odyssey.config import GuardSettings, format_bytes, parse_bytes
+from odyssey.config import GuardSettings, format_bytes
 from odyssey.errors import OdysseyError
 from odyssey.runtime import memory
 from odyssey.runtime.runlog import RunDir
+from odyssey.runtime.sensors import HAS_PROC, Sample, Thermometer, system_memory
 
 MIB = 1 << 20
 REARM_FRACTION = 0.95
@@ -63,95 +60,6 @@ MEMORY_LINE_MIN_S = 1.0
 MEMORY_LINE_MAX_S = 10.0
 THERMAL_LOST_RESUME_S = 30.0
 """Paused for heat and the temperature became unreadable: resume after this long (never pause forever)."""
-
-
-# --------------------------------------------------------------------------------------------
-# readings
-
-
-def read_millidegrees(path: str | os.PathLike) -> float | None:
-    """A sysfs-style temperature file ("51000\\n" = 51.0 C) -> degrees C, or None if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(64).strip()
-        value = float(raw) / 1000.0
-    except (OSError, ValueError):
-        return None
-    return value if -50.0 < value < 200.0 else None
-
-
-class Thermometer:
-    """CPU temperature in degrees C, or None when unavailable (normal on VMs; nothing breaks).
-
-    Source, chosen once: the given file; else psutil.sensors_temperatures() (the hottest CPU-ish
-    sensor); else the hottest /sys/class/thermal/thermal_zone*/temp; else none."""
-
-    CPU_SENSORS = ("coretemp", "k10temp", "zenpower", "cpu_thermal", "cpu-thermal", "soc_thermal", "acpitz", "thinkpad")
-
-    def __init__(self, thermal_file: str | None = None):
-        self.thermal_file = thermal_file
-        self.zones: list[str] = []
-        if thermal_file:
-            self.source = f"file {thermal_file}"
-        elif self._psutil() is not None:
-            self.source = "psutil"
-        else:
-            self.zones = sorted(glob.glob("/sys/class/thermal/thermal_zone*/temp"))
-            self.source = "sysfs thermal zones" if self.zones else "none"
-
-    def _psutil(self) -> float | None:
-        try:
-            import psutil
-
-            sensors = psutil.sensors_temperatures()  # {} on VMs
-        except (AttributeError, OSError, RuntimeError):
-            return None
-        if not sensors:
-            return None
-        names = [n for n in sensors if n in self.CPU_SENSORS] or list(sensors)
-        values = [e.current for n in names for e in sensors[n] if e.current is not None and e.current > -50]
-        return max(values) if values else None
-
-    def read(self) -> float | None:
-        if self.thermal_file:
-            return read_millidegrees(self.thermal_file)
-        if self.source == "psutil":
-            return self._psutil()
-        values = [v for v in (read_millidegrees(z) for z in self.zones) if v is not None]
-        return max(values) if values else None
-
-
-_HAS_PROC = os.path.exists("/proc/self/stat")
-
-
-def _system_memory() -> tuple[int, int]:
-    """(MemAvailable, swap in use) in bytes, from one read of /proc/meminfo."""
-    try:
-        fields = {}
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                key, _, rest = line.partition(b":")
-                if key in (b"MemAvailable", b"SwapTotal", b"SwapFree"):
-                    fields[key] = int(rest.split()[0]) * 1024
-        return fields[b"MemAvailable"], fields[b"SwapTotal"] - fields[b"SwapFree"]
-    except (OSError, KeyError, ValueError, IndexError):
-        return memory.system_available_bytes(), memory.swap_used_bytes()
-
-
-@dataclass
-class Sample:
-    t: float
-    anon_bytes: int
-    """RssAnon summed over the watched tree (what the budget bounds)."""
-    file_bytes: int
-    """RssFile + RssShmem summed over the tree (reclaimable)."""
-    available_bytes: int
-    """System MemAvailable."""
-    swap_used_bytes: int
-    cgroup_bytes: int | None = None
-    """Usage of the tree's memory cgroup (anon + page cache), None when in the root group."""
-    cgroup_limit_bytes: int | None = None
-    temp_c: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,11 +102,11 @@ class Guard:
         self.min_available_bytes = s.min_available_mib * MIB
         self.exclude = frozenset({os.getpid()})
 
-        self.identity = memory.proc_stat(self.pid) if _HAS_PROC else None
-        if _HAS_PROC and (self.identity is None or self.identity.state in "ZX"):
+        self.identity = memory.proc_stat(self.pid) if HAS_PROC else None
+        if HAS_PROC and (self.identity is None or self.identity.state in "ZX"):
             raise OdysseyError(f"--pid {self.pid}: no such running process")
         self._psutil_proc = None
-        if not _HAS_PROC:
+        if not HAS_PROC:
             import psutil
 
             try:
@@ -339,7 +247,7 @@ class Guard:
         if not self.watched_alive():
             return None
         tree = memory.tree_memory(self.pid, self.exclude)
-        available, swap = _system_memory()
+        available, swap = system_memory()
         cg_usage = cg_limit = None
         if self.cgroup is not None:
             cg_usage, cg_limit = self.cgroup.usage(), self.cgroup.limit()
@@ -579,108 +487,7 @@ class Guard:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# command line
+if __name__ == "__main__":  # `python -m odyssey.runtime.guard`: control.start_guard's command line
+    from odyssey.runtime.guard_cli import main
 
-
-@dataclass(frozen=True)
-class Option:
-    """One guard threshold on the command line: its flag, the GuardSettings field it sets and its help
-    (formatted with the field's default as `default`). The field's default says the kind: a float
-    takes a number, None a string, False is a switch."""
-
-    flag: str
-    field: str
-    help: str
-
-    @property
-    def dest(self) -> str:
-        return self.flag[2:].replace("-", "_")
-
-
-OPTIONS = (
-    Option(
-        "--thermal-file",
-        "thermal_file",
-        "file with the temperature in millidegrees C (default: psutil, then /sys/class/thermal)",
-    ),
-    Option("--interval", "interval_s", "seconds between samples ({default})"),
-    Option("--soft-pct", "soft_pct", "checkpoint above this %% of the budget ({default:g})"),
-    Option("--hard-pct", "hard_pct", "stop above this %% of the budget ({default:g})"),
-    Option(
-        "--min-available-mib", "min_available_mib", "stop when system MemAvailable falls below this ({default:g} MiB)"
-    ),
-    Option("--max-temp-c", "max_temp_c", "pause above this temperature ({default:g} C)"),
-    Option("--resume-temp-c", "resume_temp_c", "resume below this temperature ({default:g} C)"),
-    Option(
-        "--enforce-cgroup",
-        "enforce_cgroup",
-        "also cap the process with a memory cgroup set to the budget (Linux, root)",
-    ),
-)
-"""The guard's thresholds on its command line, in the order `--help` lists them: what builds the
-parser (`build_parser`), reads it back (`settings_from_args`) and writes it for a child
-(`settings_argv`, used by `control.guard_command`)."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="odyssey guard",
-        description="Watch a training process's RAM and the CPU temperature; ask it (through RUN/control.json) "
-        "to checkpoint, pause, resume or stop. Exits when the process is gone.",
-        epilog="example: odyssey guard --pid 1234 --run runs/r1 --ram-budget 2GiB --thermal-file /tmp/temp",
-    )
-    p.add_argument("--pid", type=int, required=True, help="process to watch (with its children)")
-    p.add_argument("--run", required=True, help="run directory (metrics.jsonl, control.json, guard.json)")
-    p.add_argument("--ram-budget", required=True, help="RAM budget, e.g. 2GiB, 1500MiB or bytes")
-    d = GuardSettings()
-    for o in OPTIONS:
-        default = getattr(d, o.field)
-        if isinstance(default, bool):
-            p.add_argument(o.flag, action="store_true", help=o.help)
-        else:
-            kind = str if default is None else type(default)
-            p.add_argument(o.flag, type=kind, default=default, help=o.help.format(default=default))
-    return p
-
-
-def settings_from_args(args: argparse.Namespace) -> GuardSettings:
-    """The thresholds in `args`, parsed by build_parser() or by a parser built on it (`odyssey guard`)."""
-    return GuardSettings(**{o.field: getattr(args, o.dest) for o in OPTIONS})
-
-
-def settings_argv(settings: GuardSettings) -> list[str]:
-    """The options that give the guard's parser `settings` back (a threshold left unset or off is left out)."""
-    argv: list[str] = []
-    for o in OPTIONS:
-        value = getattr(settings, o.field)
-        if isinstance(value, bool):
-            argv += [o.flag] * value
-        elif isinstance(value, int | float):
-            argv += [o.flag, repr(float(value))]
-        elif value:
-            argv += [o.flag, str(value)]
-    return argv
-
-
-def run(guard: Guard) -> int:
-    """Runs `guard` until its process is gone or a signal ends it; returns the exit status (0)."""
-    # SIGTERM (stop_guard) and SIGINT (Ctrl+C reaches the whole process group; the trainer handles
-    # its own) end the loop cleanly: final event, cgroup removed, heartbeat "exited".
-    signal.signal(signal.SIGTERM, guard.request_exit)
-    signal.signal(signal.SIGINT, guard.request_exit)
-    return guard.run_forever()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        guard = Guard(args.pid, args.run, parse_bytes(args.ram_budget), settings_from_args(args))
-    except OdysseyError as e:
-        print(f"odyssey guard: error: {e}", file=sys.stderr)
-        return e.exit_status
-    return run(guard)
-
-
-if __name__ == "__main__":
     sys.exit(main())
