@@ -28,7 +28,8 @@ import pytest
 from odyssey.errors import OdysseyError
 from odyssey.monitor import launch_detached
 from odyssey.monitor.charts import nice_ticks, strip_bars, time_ticks
-from odyssey.monitor.feed import Feed, fmt_duration
+from odyssey.monitor.feed import Feed
+from odyssey.monitor.fields import fmt_duration
 from odyssey.monitor.series import Series, downsample_minmax
 from odyssey.runtime.runlog import RunDir
 from tests.conftest import assert_user_error, load_tool, run_cli

@@ -1,5 +1,5 @@
-"""`odyssey monitor RUN`: a Tkinter window on a run directory (feed.py reads it, charts.py draws,
-app.py lays out and writes control requests).
+"""`odyssey monitor RUN`: a Tkinter window on a run directory (feed.py reads it, fields.py formats it,
+charts.py draws, app.py lays out and writes control requests).
 
 This module stays light (no tkinter import) because the trainer imports it for `--monitor`:
 `launch_detached` starts the window in its own process, in its own session and outside the

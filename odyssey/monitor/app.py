@@ -19,7 +19,8 @@ from pathlib import Path
 from odyssey.errors import OdysseyError
 from odyssey.monitor import MonitorSettings, charts
 from odyssey.monitor.charts import Chart, ChartData, HLine, LayerStrip, Line
-from odyssey.monitor.feed import ACTION_LABELS, Feed, fmt_mb_s
+from odyssey.monitor.feed import ACTION_LABELS, Feed
+from odyssey.monitor.fields import fmt_mb_s
 
 # Families with Hangul glyphs, best first; the first one installed is used for every widget.
 HANGUL_FAMILIES = (

@@ -13,7 +13,7 @@ import tkinter as tk
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from odyssey.monitor.feed import layer_rows
+from odyssey.monitor.records import layer_rows
 
 # Colors: readable on white, distinct for the eye and for the screenshot test.
 INK = "#222222"

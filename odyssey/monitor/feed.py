@@ -13,19 +13,18 @@ RAM, temperature) keep everything and break their line over a gap longer than `G
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from collections import deque
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
 
 from odyssey.config import GuardSettings
+from odyssey.monitor.fields import TERMINAL_STATES, FeedText
+from odyssey.monitor.records import BatchTail, find_section, finite, layer_rows, num
 from odyssey.monitor.series import Series
 from odyssey.runtime.memory import proc_stat
-from odyssey.runtime.runlog import ACTIONS, MetricsTail, RunDir
+from odyssey.runtime.runlog import ACTIONS, RunDir
 
 GAP_S = 120.0
 """A silence longer than this (seconds) between two samples of a time series breaks its line."""
@@ -36,11 +35,8 @@ LOG_LINES = 1000
 """Log entries kept (the oldest are dropped)."""
 ETA_WINDOW = 50
 """Steps over which the wall-clock rate for the ETA is measured."""
-TERMINAL_STATES = ("stopped", "finished", "failed")
 LIVE_STATES = ("starting", "running", "paused", "stopping")
 """States of status.json (control.Controller) while a trainer owns the run."""
-GUARD_NOTABLE_S = 60.0
-"""A guard request (checkpoint, pause, stop) stays in the Guard field this long."""
 
 # Bilingual labels, shared by the window and the tests.
 ACTION_LABELS = {
@@ -49,76 +45,6 @@ ACTION_LABELS = {
     "checkpoint": ("Checkpoint now", "지금 체크포인트"),
     "stop": ("Stop", "중지"),
 }
-
-
-def _finite(v: Any) -> bool:
-    """A finite JSON number (not a bool); written for speed, it runs a few times per line."""
-    t = type(v)
-    return (t is float and v - v == 0.0) or t is int
-
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-class BatchTail(MetricsTail):
-    """MetricsTail that parses a whole read with one json.loads over "[line,line,...]" (about 1.5x
-    faster than a call per line on 100,000 lines); a read with a malformed line falls back to line
-    by line, so bad lines are still counted and skipped one by one."""
-
-    def _parse(self, lines: list[bytes]):
-        lines = [line for line in lines if line.strip()]
-        if not lines:
-            return []
-        try:
-            records = json.loads(b"[" + b",".join(lines) + b"]")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return super()._parse(lines)
-        if len(records) != len(lines):  # a line such as `1,2` is two values here, one bad line there
-            return super()._parse(lines)
-        out = [r for r in records if isinstance(r, dict)]
-        self.bad_lines += len(records) - len(out)
-        return out
-
-
-# --------------------------------------------------------------------------------------------
-# formatting
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "–"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    if seconds < 86400:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
-
-
-def fmt_ago(seconds: float) -> str:
-    """Compact age: '40 s', '12 min', '3 h', '2 d'."""
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)} {unit}"
-    return f"{int(seconds)} s"
-
-
-def fmt_num(v: float | None, digits: int = 0, unit: str = "") -> str:
-    if v is None:
-        return "–"
-    if not math.isfinite(v):
-        return str(v)  # nan / inf are worth seeing as such
-    text = f"{v:,.{digits}f}"
-    return f"{text} {unit}" if unit else text
-
-
-def fmt_mb_s(v: float | None) -> str:
-    """A page-in rate, with one decimal below 10 MB/s."""
-    return fmt_num(v, 1 if (v or 0) < 10 else 0, "MB/s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +72,7 @@ class LogEntry:
     seq: int = 0
 
 
-class Feed:
+class Feed(FeedText):
     """Everything the window shows, updated by `poll()`."""
 
     def __init__(self, run_dir: str | os.PathLike, poll_bytes: int = POLL_BYTES):
@@ -222,7 +148,7 @@ class Feed:
         """Fold records (as read from metrics.jsonl) into the series and latest values."""
         for r in records:
             kind = r.get("kind")
-            t = _num(r.get("t")) or 0.0
+            t = num(r.get("t")) or 0.0
             self.records += 1
             if self.t_last is None or t > self.t_last:
                 self.t_last = t
@@ -255,29 +181,29 @@ class Feed:
             self._add_log(t, "info", f"run resumed at step {step} / 재개됨")
         self._resume_pending = False
         loss = r.get("loss")
-        if _finite(loss):
+        if finite(loss):
             self.loss.append(step, loss)
             self._ema = loss if self._ema is None else 0.9 * self._ema + 0.1 * loss
             self.loss_ema.append(step, self._ema)
         elif loss is not None:
             self._add_log(t, "error", f"step {step}: loss is {loss}")
         mbs = r.get("pagein_mb_s")
-        if _finite(mbs):
+        if finite(mbs):
             self.pagein.append(t, mbs)
         rss = r.get("rss_anon_mib")
-        if _finite(rss) and t >= self._rss[0]:
+        if finite(rss) and t >= self._rss[0]:
             self._rss = (t, rss)
-            mem_t = _num((self.last_memory or {}).get("t"))
+            mem_t = num((self.last_memory or {}).get("t"))
             if mem_t is None or t - mem_t > 15.0:  # no guard samples (they come every <= 10 s):
                 self.anon.append(t, rss)  # plot the trainer's own reading
-        if _finite(r.get("budget_mib")):
+        if finite(r.get("budget_mib")):
             self.budget_mib = r["budget_mib"]
         self.last_step = r
         self._step_times.append((t, step))
 
     def _on_val(self, r: dict, t: float) -> None:
         step, v = r.get("step"), r.get("val_loss")
-        if isinstance(step, int) and _finite(v):
+        if isinstance(step, int) and finite(v):
             last = self.val_loss.last()
             if last is not None and step <= last[0]:
                 self.val_loss.truncate_from(step)
@@ -293,19 +219,19 @@ class Feed:
     def _on_memory(self, r: dict, t: float) -> None:
         get = r.get
         anon = get("anon_mib")
-        if _finite(anon):
+        if finite(anon):
             self.anon.append(t, anon)
             if t >= self._rss[0]:
                 self._rss = (t, anon)
         v = get("cgroup_mib")
-        if v is not None and _finite(v) and _finite(get("cgroup_limit_mib")):
+        if v is not None and finite(v) and finite(get("cgroup_limit_mib")):
             # a group without a limit may hold a whole desktop session: not this run's figure
             self.cgroup.append(t, v)
         v = get("temp_c")
-        if v is not None and _finite(v):
+        if v is not None and finite(v):
             self.temp.append(t, v)
         v = get("budget_mib")
-        if v is not None and _finite(v):
+        if v is not None and finite(v):
             self.budget_mib = v
         self.last_memory = r
 
@@ -318,7 +244,7 @@ class Feed:
             self.last_guard = r  # a request the guard wrote: shown in the Guard field for a while
         if action == "start":  # the running guard's own thresholds win over config.yaml
             self.guard_started = True
-            self._guard_limits = {k: float(r[k]) for k in _LIMIT_KEYS if _finite(r.get(k))}
+            self._guard_limits = {k: float(r[k]) for k in _LIMIT_KEYS if finite(r.get(k))}
             for k, v in self._guard_limits.items():
                 setattr(self.limits, k, v)
         self._add_log(
@@ -373,11 +299,11 @@ class Feed:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except Exception:  # a half-written or foreign config must not stop the monitor
             return
-        guard = _find_section(data, "guard")
+        guard = find_section(data, "guard")
         limits = GuardSettings()
         if isinstance(guard, dict):
             for name in _LIMIT_KEYS + ("heartbeat_s",):
-                if _finite(guard.get(name)):
+                if finite(guard.get(name)):
                     setattr(limits, name, float(guard[name]))
         for k, v in self._guard_limits.items():
             setattr(limits, k, v)
@@ -472,7 +398,7 @@ class Feed:
         if gaps:
             cap = 5 * sorted(gaps)[len(gaps) // 2]
             per_step = sum(min(g, cap) for g in gaps) / len(gaps)
-        elif _finite(s.get("step_s")):
+        elif finite(s.get("step_s")):
             per_step = s["step_s"]
         else:
             return None
@@ -491,164 +417,8 @@ class Feed:
         """The last pagein record folded per unit (see `layer_rows`)."""
         return layer_rows(self.layers)
 
-    def guard_text(self) -> str:
-        """The Guard field, from guard.json (the heartbeat) and the guard's lines in metrics.jsonl."""
-        now = time.time()
-        hb = self.heartbeat
-        if hb is None and not self.guard_started:
-            return "none (--no-guard) / 없음" if self.records else "–"
-        hb_state = (hb or {}).get("state")
-        if hb_state == "exited":
-            return "exited / 종료됨"
-        age = now - (_num((hb or {}).get("t")) or 0.0)
-        stale = age > max(10.0, 5 * self.limits.heartbeat_s)
-        if stale:
-            if self.state() in TERMINAL_STATES or self.trainer_gone():
-                return "not running / 실행 안 함"
-            return f"lost, {fmt_ago(age)} ago / 끊김"
-        if hb_state == "stopping":
-            return "stop requested / 중지 요청"
-        if hb_state == "paused":
-            return "paused for heat / 과열로 일시정지"
-        g = self.last_guard
-        if g is not None:
-            g_age = now - (_num(g.get("t")) or 0.0)
-            if g_age < GUARD_NOTABLE_S:
-                return f"asked {g.get('action')} {fmt_ago(g_age)} ago / 요청"
-        return "watching / 감시 중"
-
-    def eta_text(self) -> str:
-        state = self.state()
-        if state in _ENDING_TEXT:
-            return _ENDING_TEXT[state]
-        if self.trainer_gone():
-            return "not running / 멈춤"
-        if state == "paused":
-            return "paused / 일시정지"
-        return fmt_duration(self.eta_s())
-
-    def values(self) -> dict[str, str]:
-        """The read-only fields, formatted (keys are FIELD names in app.py)."""
-        s = self.last_step or {}
-        total = self.steps_total()
-        out: dict[str, str] = {}
-        step = s.get("step")
-        out["step"] = "–" if step is None else (f"{step:,} / {total:,}" if total else f"{step:,}")
-        out["loss"] = fmt_num(_num(s.get("loss")), 4)
-        if self.last_val:
-            out["val_loss"] = f"{fmt_num(_num(self.last_val.get('val_loss')), 4)} (step {self.last_val.get('step')})"
-        else:
-            out["val_loss"] = "–"
-        out["tokens_per_s"] = fmt_num(_num(s.get("tokens_per_s")), 1)
-        out["step_s"] = fmt_num(_num(s.get("step_s")), 2, "s")
-        out["eta"] = self.eta_text()
-        if self.mode == "full":
-            out["pagein"] = "none (full mode) / 없음"
-        else:
-            out["pagein"] = fmt_mb_s(_num(s.get("pagein_mb_s")))
-        stall, step_s = _num(s.get("stall_s")), _num(s.get("step_s"))
-        out["stall"] = fmt_num(100.0 * stall / step_s, 1, "%") if stall is not None and step_s else "–"
-        out["rss"] = fmt_num(self.rss_mib(), 0, "MiB")
-        out["budget"] = fmt_num(self.budget_mib, 0, "MiB")
-        head = self.headroom_mib()
-        if head is not None and self.budget_mib:
-            out["headroom"] = f"{fmt_num(head, 0, 'MiB')} ({100 * head / self.budget_mib:.0f} %)"
-        else:
-            out["headroom"] = "–"
-        temp = _num((self.last_memory or {}).get("temp_c"))
-        if temp is not None:
-            out["temp"] = fmt_num(temp, 0, "°C")
-        else:
-            out["temp"] = "unavailable / 없음" if self.last_memory else "–"
-        out["guard"] = self.guard_text()
-        return out
-
-    def header_text(self) -> str:
-        state = self.state()
-        parts = [f"{self.run.root}", f"state: {state}"]
-        st = self.status or {}
-        if st.get("pid") and self.trainer_gone():
-            parts.append(
-                f"trainer pid {st['pid']} not running (resume with odyssey train --out {self.run.root} --resume)"
-            )
-        world = (self.last_step or {}).get("world_size")
-        if isinstance(world, int) and world > 1:  # data-parallel: RAM and page-in are rank 0's
-            parts.append(f"{world} ranks (RAM, page-in: rank 0)")
-        if self.t_last is not None:
-            parts.append(f"last metrics {fmt_ago(time.time() - self.t_last)} ago")
-        if self.tail.bad_lines:
-            parts.append(f"{self.tail.bad_lines} bad line(s) skipped")
-        if self.more_waiting:
-            parts.append("reading…")
-        return "  ·  ".join(parts)
-
-
-def layer_rows(layers: list[dict]) -> list[dict]:
-    """A pagein record's `layers` (pager.UnitStat.to_json, one entry per get() of the step: layers
-    0..L-1 forward, the head units, L-1..0 backward, times grad_accum) folded into one row per unit,
-    in order of first use: {"name", "reads", "reused", "bytes" (read from disk), "read_s", "stall_s",
-    "mb_s" (None when every use was served from a slot)}."""
-    rows: dict[Any, dict] = {}
-    for L in layers:
-        if not isinstance(L, dict):
-            continue
-        read_s, stall_s = _num(L.get("read_s")), _num(L.get("stall_s"))
-        if read_s is None or not math.isfinite(read_s):
-            continue
-        unit = L.get("layer")
-        key = unit if isinstance(unit, (int, str)) else str(unit)
-        row = rows.get(key)
-        if row is None:
-            row = rows[key] = {
-                "name": str(unit),
-                "reads": 0,
-                "reused": 0,
-                "bytes": 0,
-                "read_s": 0.0,
-                "stall_s": 0.0,
-                "mb_s": None,
-            }
-        reused = L.get("reused")
-        if reused is True or (reused is None and read_s == 0):  # served from a slot: no read
-            row["reused"] += 1
-        else:
-            row["reads"] += 1
-            row["read_s"] += max(0.0, read_s)
-            nbytes, rate = _num(L.get("bytes")), _num(L.get("mb_s"))
-            if nbytes:
-                row["bytes"] += int(nbytes)
-            elif rate:  # a record without byte counts: bytes from the pager's rate
-                row["bytes"] += int(rate * 1e6 * read_s)
-        if stall_s is not None and math.isfinite(stall_s):
-            row["stall_s"] += max(0.0, stall_s)
-    for row in rows.values():
-        if row["read_s"] > 0 and row["bytes"] > 0:
-            row["mb_s"] = row["bytes"] / 1e6 / row["read_s"]
-    return list(rows.values())
-
-
-def _find_section(data: Any, name: str, depth: int = 0) -> Any:
-    """The first mapping under key `name` anywhere in a nested config (depth-first, shallow first)."""
-    if not isinstance(data, dict) or depth > 4:
-        return None
-    if isinstance(data.get(name), dict):
-        return data[name]
-    for v in data.values():
-        found = _find_section(v, name, depth + 1)
-        if found is not None:
-            return found
-    return None
-
 
 _LIMIT_KEYS = ("soft_pct", "hard_pct", "max_temp_c", "resume_temp_c")
-_ENDING_TEXT = {
-    "finished": "done / 완료",
-    "stopped": "stopped / 중지됨",
-    "failed": "failed / 실패",
-    "stopping": "stopping / 중지 중",
-}
-"""The ETA field once the run has ended or is ending, whatever the trainer process is doing."""
-
 _HANDLERS = {
     "step": Feed._on_step,
     "val": Feed._on_val,
