@@ -22,6 +22,7 @@ from odyssey.errors import OdysseyError
 from odyssey.export import export_model
 from odyssey.export.gguf_layout import unpermute_qk
 from odyssey.store import Store, init_store
+from tests.test_llamacpp import llama_logits
 
 Q = gguf.GGMLQuantizationType
 PROJ = {  # HF module in model.layers.N. -> llama.cpp tensor in blk.N.
@@ -224,7 +225,6 @@ def test_cli_exports_and_refuses_in_one_line(llama, tmp_path):
 # llama.cpp: base GGUF + adapter GGUF == merged GGUF (slow: llama-cpp-python, `make test-slow`)
 
 LLAMA_CPP_POSITIONS = 80
-GGML_TYPE_F32 = 0  # llama.cpp's KV cache type: f32, so the comparison measures the files
 
 
 @pytest.fixture(scope="module")
@@ -237,31 +237,6 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gguf-lora-data") / "data"
     prepare_data([ROOT / "data" / "sample" / "stories_en.txt"], out, vocab_size=480, progress=False)
     return out
-
-
-def llama_cpp_logits(model: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:
-    """llama.cpp's logits (T, V) at every position; with `lora`, the adapter applied at scale 1
-    (llama-cpp-python's lora_path: llama_adapter_lora_init + llama_set_adapters_lora)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.fail("llama-cpp-python is not installed here; run `make test-slow`, which builds it into .venv")
-    llm = llama_cpp.Llama(
-        model_path=str(model),
-        lora_path=str(lora) if lora else None,
-        logits_all=True,
-        n_ctx=128,
-        n_batch=128,
-        n_threads=2,
-        type_k=GGML_TYPE_F32,
-        type_v=GGML_TYPE_F32,
-        verbose=False,
-    )
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
 
 
 @pytest.mark.slow
@@ -300,9 +275,9 @@ def test_llama_cpp_base_plus_adapter_equals_the_merged_model(tmp_path, tokenizer
     write_gguf(Store.open(tmp_path / "merged"), tmp_path / "merged.gguf", "f32", progress=False)
 
     ids = torch.randint(3, 480, (LLAMA_CPP_POSITIONS,), generator=torch.Generator().manual_seed(7)).tolist()
-    merged = llama_cpp_logits(tmp_path / "merged.gguf", ids)
-    got = llama_cpp_logits(tmp_path / "base.gguf", ids, lora=lora)
-    plain = llama_cpp_logits(tmp_path / "base.gguf", ids)
+    merged = llama_logits(tmp_path / "merged.gguf", ids)
+    got = llama_logits(tmp_path / "base.gguf", ids, lora=lora)
+    plain = llama_logits(tmp_path / "base.gguf", ids)
     with Engine(store, compute_dtype="fp32", model=adapter_skeleton(store, read_adapter(adapter_dir))) as eng:
         engine = eng.logits(torch.tensor([ids])).numpy()[0]
     assert got.shape == merged.shape == (LLAMA_CPP_POSITIONS, cfg.vocab_size)
@@ -326,6 +301,6 @@ def test_llama_cpp_base_plus_adapter_equals_the_merged_model(tmp_path, tokenizer
 
         monkeypatch.setattr(layout, "permute_qk", lambda w, n_head: w)
         unpermuted = export_lora(tmp_path / "base", adapter_dir, tmp_path / "lora-unpermuted")
-        off = np.abs(llama_cpp_logits(tmp_path / "base.gguf", ids, lora=unpermuted) - merged).max(axis=1)
+        off = np.abs(llama_logits(tmp_path / "base.gguf", ids, lora=unpermuted) - merged).max(axis=1)
         print(f"llama without the permutation on lora_b: position 0 {off[0]:.2e}, max {off.max():.2f}")
         assert off[0] <= 1e-3 and off.max() > 0.1

@@ -135,12 +135,16 @@ def engine_logits(store, ids) -> np.ndarray:
         return eng.logits(torch.tensor([ids])).numpy()[0]  # (T, V)
 
 
-def llama_logits(path: Path, ids) -> np.ndarray:
+def llama_logits(path: Path, ids, lora: Path | None = None) -> np.ndarray:
+    """llama.cpp's logits (T, V) at every position, f32 KV cache; with `lora`, that adapter GGUF applied
+    at scale 1 (llama-cpp-python's lora_path)."""
+    n = max(64, len(ids))
     llm = llama_cpp().Llama(
         model_path=str(path),
+        lora_path=str(lora) if lora else None,
         logits_all=True,
-        n_ctx=64,
-        n_batch=64,
+        n_ctx=n,
+        n_batch=n,
         n_threads=2,
         type_k=GGML_TYPE_F32,
         type_v=GGML_TYPE_F32,
