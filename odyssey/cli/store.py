@@ -37,13 +37,32 @@ def cmd_init(args) -> int:
 
 
 def add_import_parser(sub) -> None:
-    s = parser_for(sub, "import", "convert a Hugging Face checkpoint (llama mistral qwen2 qwen3 gemma3) to a store")
-    s.add_argument("src", help="HF model directory (config.json + safetensors)")
-    add_store_out_options(s, None, "default: keep the source dtype")
+    s = parser_for(
+        sub,
+        "import",
+        "convert a Hugging Face checkpoint (llama mistral qwen2 qwen3 gemma3) or a llama.cpp GGUF (llama) to a store",
+    )
+    s.add_argument("src", help="HF model directory (config.json + safetensors), or a .gguf file")
+    add_store_out_options(
+        s, None, "default: the source dtype (HF); bf16 for a GGUF, f32 for a GGUF whose tensors are all F32"
+    )
     s.set_defaults(func=cmd_import)
 
 
 def cmd_import(args) -> int:
+    from pathlib import Path
+
+    if Path(args.src).is_file():  # a GGUF (a file that is not one is refused by its first bytes)
+        from odyssey.gguf.importer import import_gguf
+
+        s = import_gguf(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
+        types = ", ".join(f"{n} {k}" for k, n in sorted(s["source_types"].items()))
+        tok = ", ".join(s["tokenizer_files"]) or "no tokenizer in the GGUF's metadata"
+        print(
+            f"imported {args.src} ({types}) -> {s['out']}: {s['parameters']:,} parameters, "
+            f"{written_phrase(s)}{kept_phrase(s)}; {tok}"
+        )
+        return 0
     from odyssey.store import import_hf
 
     s = import_hf(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)

@@ -1,0 +1,204 @@
+"""A GGUF's tokenizer as Hugging Face tokenizer files: `write_tokenizer(model.gguf, DIR)` writes
+tokenizer.json, tokenizer_config.json (special tokens, add_bos/add_eos), chat_template.jinja (from
+`tokenizer.chat_template`) and, where the file names an end-of-turn token apart from its EOS,
+generation_config.json (the ids generation stops at, `odyssey.tokenizer.ModelTokenizer.stop_ids`).
+
+The conversion is transformers' own (`transformers.integrations.gguf`: what
+`AutoTokenizer.from_pretrained(dir, gguf_file=name)` builds), not a second one written here: its
+metadata reader maps the file and walks the header only (no tensor byte is read), and the vocabulary
+becomes the class transformers uses for it (GPT-2's byte-level BPE for "gpt2": Llama 3, Qwen,
+SmolLM2; LlamaTokenizer's SentencePiece-style BPE for "llama": TinyLlama, Llama 2). The class is
+called directly rather than through AutoTokenizer, which first builds the model's config with
+`gguf.GGUFReader` (about 4 s and 400 MB for SmolLM2's 49k-token vocabulary, one numpy array per
+string); the tests check the ids and the chat rendering against AutoTokenizer's. Measured on a
+2-core VM: SmolLM2's 49,152 tokens in about 0.5 s, a 128,256-token vocabulary with its merges in
+about 1.5 s.
+
+A GGUF store converts its tokenizer once, into `tokenizer_cache_dir(model.gguf)` (under the cache
+directory of `odyssey.probe`, keyed by the file's real path, size and a digest of its header), and
+reuses it: `cached_tokenizer(model.gguf)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from odyssey import atomic
+from odyssey.errors import OdysseyError
+from odyssey.gguf.reader import GGUFFile
+
+MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values converted (byte-level BPE; SentencePiece-style)
+CACHE_SUBDIR = "gguf-tokenizers"
+HEADER_DIGEST_BYTES = 16 << 20  # the header digest reads at most this much (a 256k vocabulary's header: ~10 MB)
+# keys transformers' save_pretrained writes that say how this process loaded it, not what the tokenizer is
+_LOAD_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")
+
+
+def has_tokenizer(gf: GGUFFile) -> bool:
+    """Whether the GGUF's metadata holds a tokenizer (a tokenizer model and its tokens)."""
+    return gf.metadata.get("tokenizer.ggml.model") is not None and bool(gf.metadata.get("tokenizer.ggml.tokens"))
+
+
+def _refuse_without_tokenizer(gf: GGUFFile) -> None:
+    meta = gf.metadata
+    model = meta.get("tokenizer.ggml.model")
+    if not has_tokenizer(gf):
+        raise OdysseyError(
+            f"{gf.path} has no tokenizer (no tokenizer.ggml.model / tokenizer.ggml.tokens in its metadata); "
+            f"convert the model again with llama.cpp's convert_hf_to_gguf.py, which writes it"
+        )
+    if model not in MODELS:
+        raise OdysseyError(
+            f"{gf.path} has a {model!r} tokenizer (tokenizer.ggml.model); Odyssey converts "
+            f"{' and '.join(repr(m) for m in MODELS)} (byte-level BPE, SentencePiece-style): use a model "
+            f"with one of those"
+        )
+    n = len(meta["tokenizer.ggml.tokens"])
+    for key in ("bos", "eos", "unknown", "padding", "eot"):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and not (isinstance(i, int) and 0 <= i < n):
+            raise OdysseyError(
+                f"{gf.path}: tokenizer.ggml.{key}_token_id is {i!r}, outside its {n}-token vocabulary; "
+                f"convert the model again"
+            )
+
+
+def load_hf_tokenizer(gguf_path: str | os.PathLike, gf: GGUFFile | None = None):
+    """The transformers tokenizer of a GGUF's metadata, built as `AutoTokenizer.from_pretrained(dir,
+    gguf_file=name)` builds it (a TokenizersBackend over transformers' GGUF conversion). One line
+    naming the file when it has no tokenizer or one transformers cannot convert. `gf`: the file's
+    header, when the caller has it open already."""
+    path = Path(gguf_path)
+    # the structure checked; the architecture is the model's concern, not the tokenizer's
+    gf = gf or GGUFFile.open(path, architectures=None)
+    _refuse_without_tokenizer(gf)
+    from transformers import TokenizersBackend
+
+    from odyssey.tokenizer import _quiet_transformers
+
+    try:
+        with _quiet_transformers():
+            return TokenizersBackend.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except Exception as e:  # transformers raises many kinds; the message is the point
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OdysseyError(
+            f"transformers cannot build the tokenizer of {path} from its metadata ({type(e).__name__}: {first}); "
+            f"convert the model again with a current llama.cpp"
+        ) from None
+
+
+def tokenizer_files_of(gguf_path: str | os.PathLike, gf: GGUFFile | None = None) -> dict[str, bytes]:
+    """{file name: bytes} of the HF tokenizer files a GGUF's metadata describes (see the module);
+    `gf`: the file's header, when the caller has it open already."""
+    path = Path(gguf_path)
+    gf = gf or GGUFFile.open(path, architectures=None)
+    hf = load_hf_tokenizer(path, gf)
+    with tempfile.TemporaryDirectory(prefix=".odyssey-gguf-tokenizer-") as tmp:
+        hf.save_pretrained(tmp)
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    config = json.loads(files["tokenizer_config.json"])
+    for k in _LOAD_KEYS:
+        config.pop(k, None)
+    config["clean_up_tokenization_spaces"] = False  # decode(encode(s)) == s, as llama.cpp detokenizes
+    files["tokenizer_config.json"] = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+    meta = gf.metadata
+    eos, eot = meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")
+    stops = [i for i in (eos, eot, meta.get("tokenizer.ggml.eom_token_id")) if isinstance(i, int)]
+    stops = list(dict.fromkeys(stops))
+    if len(stops) > 1:  # an end of turn apart from the EOS (Llama 3 Instruct's <|eot_id|>): generation stops at both
+        gen = {"eos_token_id": stops}
+        if isinstance(meta.get("tokenizer.ggml.bos_token_id"), int):
+            gen = {"bos_token_id": meta["tokenizer.ggml.bos_token_id"], **gen}
+        files["generation_config.json"] = (json.dumps(gen, indent=2) + "\n").encode()
+    return files
+
+
+def write_tokenizer(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the HF tokenizer files of a GGUF's metadata into `out_dir` and return it. Into an
+    existing directory (a store being imported) each file is written atomically, tokenizer.json
+    last (the file that says a directory has a tokenizer); a directory that does not exist yet is
+    made whole beside its final name and renamed into place (`atomic.atomic_dir`)."""
+    from odyssey.tokenizer import write_tokenizer_files
+
+    files = tokenizer_files_of(gguf_path)
+    out = Path(out_dir)
+    if out.is_dir():
+        write_tokenizer_files(files, out, [])
+    else:
+        with atomic.atomic_dir(out) as tmp:
+            write_tokenizer_files(files, tmp, [])
+    return out
+
+
+def header_digest(gguf_path: str | os.PathLike) -> str:
+    """sha256 (hex) of a GGUF's header: its metadata and tensor table, up to where tensor data starts."""
+    gf = GGUFFile.open(gguf_path, architectures=None)
+    h = hashlib.sha256()
+    with open(gf.path, "rb") as f:
+        left = gf.data_offset
+        while left > 0:
+            chunk = f.read(min(left, HEADER_DIGEST_BYTES))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_cache_dir(gguf_path: str | os.PathLike) -> Path:
+    """Where the converted tokenizer of a GGUF store lives: CACHE/gguf-tokenizers/NAME-DIGEST, CACHE
+    as `odyssey.probe.cache_dir` (ODYSSEY_CACHE_DIR, else $XDG_CACHE_HOME/odyssey, else
+    ~/.cache/odyssey), DIGEST over the file's real path, its size and its header's sha256: another
+    file, a changed vocabulary or a replaced file gets another directory."""
+    from odyssey.probe import cache_dir
+
+    real = Path(os.path.realpath(gguf_path))
+    try:
+        size = real.stat().st_size
+    except OSError as e:
+        raise OdysseyError(f"cannot open GGUF file {gguf_path}: {e.strerror}; check the path") from None
+    key = json.dumps({"path": str(real), "size": size, "header": header_digest(real)}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / CACHE_SUBDIR / f"{real.stem}-{digest}"
+
+
+def cached_tokenizer(gguf_path: str | os.PathLike) -> Path:
+    """The directory of a GGUF's converted tokenizer, converted on first use (atomically, under an
+    exclusive lock so that concurrent processes convert once) and reused after."""
+    from odyssey.probe import _locked
+
+    final = tokenizer_cache_dir(gguf_path)
+    if (final / "tokenizer.json").is_file():
+        return final
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OdysseyError(
+            f"cannot create the tokenizer cache {final.parent} ({e.strerror}); set ODYSSEY_CACHE_DIR to a "
+            f"writable directory"
+        ) from None
+    with _locked(final.parent):
+        if not (final / "tokenizer.json").is_file():  # another process may have written it meanwhile
+            atomic.remove_stale_temps(final.parent)
+            with contextlib.suppress(FileNotFoundError):
+                if final.exists() and not (final / "tokenizer.json").is_file():
+                    import shutil
+
+                    shutil.rmtree(final)  # a directory without its tokenizer.json: not ours to keep
+            write_tokenizer(gguf_path, final)
+    return final
+
+
+__all__ = [
+    "cached_tokenizer",
+    "has_tokenizer",
+    "load_hf_tokenizer",
+    "tokenizer_cache_dir",
+    "tokenizer_files_of",
+    "write_tokenizer",
+]
