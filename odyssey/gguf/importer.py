@@ -8,7 +8,8 @@ What goes where:
   byte range, into the store dtype in chunks (the workspace is one tensor in the store dtype, not
   one in f32), q/k rows back in HF order (llama.cpp's RoPE permutation undone);
 - the tokenizer and chat template from the metadata (`odyssey.gguf.tokenizer`), converted before
-  anything is written, so a file whose vocabulary transformers cannot build leaves nothing behind.
+  any shard is written (after --out is checked), so a file whose vocabulary transformers cannot
+  build leaves nothing behind.
   A GGUF without tokenizer metadata imports as a store without tokenizer files, said in the summary
   (`prepare-data` and `chat` then ask for one).
 
@@ -48,15 +49,8 @@ def import_gguf(
 ) -> dict:
     """Convert the llama-architecture GGUF `src` into a store at `out` (see the module); returns the
     writer's summary with `tokenizer_files` (names written) and `source_types` ({GGML type: tensors})."""
-    import numpy as np
-    import torch
-
-    from odyssey.export.gguf_layout import unpermute_qk
-    from odyssey.gguf.dequant import dequantize
     from odyssey.gguf.model import hf_names, model_config
     from odyssey.gguf.reader import GGUFFile
-    from odyssey.gguf.tokenizer import has_tokenizer, tokenizer_files_of
-    from odyssey.store.writer import StoreWriter
 
     atomic.set_command("import")
     src = Path(src)
@@ -66,7 +60,8 @@ def import_gguf(
     check_store_dtype(dtype)
     # Before the writer touches --out: --force on the GGUF's own directory would put the store beside it.
     check_apart(out, [("GGUF file", None, src)])
-    tok_files = tokenizer_files_of(src, gf) if has_tokenizer(gf) else {}
+    from odyssey.store.writer import StoreWriter
+
     stat = src.stat()
     key = {
         "config": cfg.to_hf_dict(DTYPES[dtype].hf_name),
@@ -76,15 +71,22 @@ def import_gguf(
         # the file as it is now: a re-run resumes (or finds complete) only an import of the same bytes
         "source_files": [[src.name, stat.st_size, stat.st_mtime_ns]],
     }
-    w = StoreWriter(
-        Path(out),
-        cfg,
-        dtype,
-        key,
-        force,
-        extra_bytes=sum(len(b) for b in tok_files.values()),
-        extra_names=TOKENIZER_FILES,
-    )
+    # --out checked (and prepared) before the tokenizer is converted: every refusal so far costs no
+    # torch. The tokenizer files take about twice the header's bytes (its tokens and merges, as JSON).
+    w = StoreWriter(Path(out), cfg, dtype, key, force, extra_bytes=2 * gf.data_offset, extra_names=TOKENIZER_FILES)
+    import numpy as np
+    import torch
+
+    from odyssey.export.gguf_layout import unpermute_qk
+    from odyssey.gguf.dequant import dequantize
+    from odyssey.gguf.tokenizer import has_tokenizer, tokenizer_files_of
+
+    try:  # before any shard: a vocabulary transformers cannot build leaves nothing behind
+        tok_files = tokenizer_files_of(src, gf) if has_tokenizer(gf) and not w.complete else {}
+    except BaseException:
+        if not w.complete:
+            w.abandon()
+        raise
     names = hf_names(gf, cfg)  # HF name -> GGUF name
     target = DTYPES[dtype].torch()
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
@@ -112,7 +114,9 @@ def import_gguf(
         raise OdysseyError(f"{src} changed while it was being imported; run the import again")
     from odyssey.tokenizer import write_tokenizer_files
 
-    if not w.complete:
+    if w.complete:  # the same import finished before: its tokenizer files are there
+        tok_files = {n: b"" for n in TOKENIZER_FILES if (Path(out) / n).is_file()}
+    else:
         write_tokenizer_files(tok_files, Path(out), [])  # before the index: a directory with an index is complete
     w.finish()
     return w.summary(

@@ -104,6 +104,7 @@ def tokenizer_files_of(gguf_path: str | os.PathLike, gf: GGUFFile | None = None)
     config = json.loads(files["tokenizer_config.json"])
     for k in _LOAD_KEYS:
         config.pop(k, None)
+    _drop_tokens_beyond(files, config, len(gf.metadata["tokenizer.ggml.tokens"]))
     config["clean_up_tokenization_spaces"] = False  # decode(encode(s)) == s, as llama.cpp detokenizes
     files["tokenizer_config.json"] = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
     meta = gf.metadata
@@ -116,6 +117,26 @@ def tokenizer_files_of(gguf_path: str | os.PathLike, gf: GGUFFile | None = None)
             gen = {"bos_token_id": meta["tokenizer.ggml.bos_token_id"], **gen}
         files["generation_config.json"] = (json.dumps(gen, indent=2) + "\n").encode()
     return files
+
+
+def _drop_tokens_beyond(files: dict[str, bytes], config: dict, n: int) -> None:
+    """Remove the tokens transformers added past the GGUF's `n` (GPT-2's class adds its default
+    "<|endoftext|>" to a vocabulary without one, as Llama 3's): an id the model has no row for would
+    make the tokenizer larger than the model (prepare-data refuses that) and is no token of the file."""
+    tok = json.loads(files["tokenizer.json"])
+    extra = {t["content"] for t in tok.get("added_tokens", []) if t["id"] >= n}
+    if not extra:
+        return
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] < n]
+    files["tokenizer.json"] = json.dumps(tok, indent=2, ensure_ascii=False).encode()
+    decoder = config.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < n}
+    for key, value in list(config.items()):
+        if isinstance(value, str) and value in extra:
+            config[key] = None  # e.g. unk_token "<|endoftext|>": the file names no such token
+        elif isinstance(value, list) and any(v in extra for v in value if isinstance(v, str)):
+            config[key] = [v for v in value if v not in extra]
 
 
 def write_tokenizer(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
