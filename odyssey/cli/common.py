@@ -11,8 +11,7 @@ from odyssey.dtypes import STORE_DTYPES
 
 EXAMPLES = {
     "init": "odyssey init --config configs/odyssey-1.2b.yaml --out models/base",
-    "import": "odyssey import ~/Downloads/TinyLlama-1.1B --out models/tinyllama\n"
-    "  odyssey import SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2",
+    "import": "odyssey import ~/Downloads/TinyLlama-1.1B --out models/tinyllama",
     "verify": "odyssey verify models/base",
     "info": "odyssey info models/base",
     "plan": "odyssey plan --model models/base --ram-budget 2GiB --seq-len 512",
