@@ -157,11 +157,15 @@ def test_write_tokenizer_equals_transformers_gguf_tokenizer(model_tokenizers, tm
 
 def test_tokenizer_cache_is_keyed_and_written_once(nano, tmp_path, monkeypatch):
     """cached_tokenizer converts once into tokenizer_cache_dir (under ODYSSEY_CACHE_DIR) and reuses
-    it; the key follows the file's real path, size and header: a copy elsewhere, a symlink (the same
-    file) and a changed header each get what they should."""
+    it, replacing a partial directory; the key follows the file's real path, size and header: a copy
+    elsewhere, a symlink (the same file) and a changed header each get what they should."""
     monkeypatch.setenv("ODYSSEY_CACHE_DIR", str(tmp_path / "cache"))
     path = shutil.copy(nano["f32"], tmp_path / "m.gguf")
+    leftover = tokenizer_cache_dir(path)  # a directory without tokenizer.json (a killed writer's): replaced
+    leftover.mkdir(parents=True)
+    (leftover / "tokenizer_config.json").write_text("{")
     first = cached_tokenizer(path)
+    assert first == leftover and json.loads((first / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
     assert first == tokenizer_cache_dir(path) and first.parent.parent == tmp_path / "cache"
     assert (first / "tokenizer.json").is_file() and first.name.startswith("m-")
     stamp = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
@@ -174,6 +178,18 @@ def test_tokenizer_cache_is_keyed_and_written_once(nano, tmp_path, monkeypatch):
     patch(path, key_pos, "7s", b"GENERAL")
     assert tokenizer_cache_dir(path) != first
     assert not [p for p in first.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_files_beside_the_gguf_play_no_part(nano, tmp_path, model_tokenizers):
+    """Another model's tokenizer files in the GGUF's directory (as from_pretrained(dir, gguf_file=)
+    would read them): the conversion comes from the GGUF's metadata alone."""
+    path = shutil.copy(nano["f32"], tmp_path / "m.gguf")
+    for f in model_tokenizers["sentencepiece"].iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    want = load_model_tokenizer(nano["f32 import"]["out"])
+    got = load_model_tokenizer(write_tokenizer(path, tmp_path / "tok"))
+    assert [got.encode(t) for t in TEXTS] == [want.encode(t) for t in TEXTS]
+    assert got.vocab_size == 320 and got.chat_template == want.chat_template
 
 
 def copy_without_tokenizer(src: Path, dst: Path) -> Path:

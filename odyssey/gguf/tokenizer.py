@@ -9,10 +9,14 @@ metadata reader maps the file and walks the header only (no tensor byte is read)
 becomes the class transformers uses for it (GPT-2's byte-level BPE for "gpt2": Llama 3, Qwen,
 SmolLM2; LlamaTokenizer's SentencePiece-style BPE for "llama": TinyLlama, Llama 2). The class is
 called directly rather than through AutoTokenizer, which first builds the model's config with
-`gguf.GGUFReader` (about 4 s and 400 MB for SmolLM2's 49k-token vocabulary, one numpy array per
-string); the tests check the ids and the chat rendering against AutoTokenizer's. Measured on a
-2-core VM: SmolLM2's 49,152 tokens in about 0.5 s, a 128,256-token vocabulary with its merges in
-about 1.5 s.
+`gguf.GGUFReader` (4-5 s for SmolLM2's 49k-token vocabulary: one numpy array per string); the tests
+check the ids and the chat rendering against AutoTokenizer's. Measured on a busy 2-core VM (imports
+done): SmolLM2's 49,152 tokens and 48,900 merges in 1.2-1.5 s, a 128,256-token vocabulary with as
+many merges in 2.6-4.5 s (header parse, conversion, files written), the process peaking at about
+490 MB with torch and transformers imported. transformers reads the file through a link in an
+empty directory: tokenizer files lying beside the GGUF (another model's) play no part.
+transformers' GPT-2 class adds its "<|endoftext|>" to a vocabulary that lacks one (Llama 3's); that
+token, which the file does not have, is left out.
 
 A GGUF store converts its tokenizer once, into `tokenizer_cache_dir(model.gguf)` (under the cache
 directory of `odyssey.probe`, keyed by the file's real path, size and a digest of its header), and
@@ -21,7 +25,6 @@ reuses it: `cached_tokenizer(model.gguf)`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +37,7 @@ from odyssey.gguf.reader import GGUFFile
 
 MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values converted (byte-level BPE; SentencePiece-style)
 CACHE_SUBDIR = "gguf-tokenizers"
-HEADER_DIGEST_BYTES = 16 << 20  # the header digest reads at most this much (a 256k vocabulary's header: ~10 MB)
+HEADER_DIGEST_BYTES = 16 << 20  # the header is hashed in reads of this size (a 256k vocabulary's header: ~10 MB)
 # keys transformers' save_pretrained writes that say how this process loaded it, not what the tokenizer is
 _LOAD_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")
 
@@ -82,8 +85,11 @@ def load_hf_tokenizer(gguf_path: str | os.PathLike, gf: GGUFFile | None = None):
     from odyssey.tokenizer import _quiet_transformers
 
     try:
-        with _quiet_transformers():
-            return TokenizersBackend.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        # From a directory holding only a link to the file: from_pretrained would take a
+        # tokenizer.json or tokenizer_config.json lying beside the GGUF over its metadata.
+        with _quiet_transformers(), tempfile.TemporaryDirectory(prefix=".odyssey-gguf-") as alone:
+            os.symlink(os.path.realpath(path), os.path.join(alone, "model.gguf"))
+            return TokenizersBackend.from_pretrained(alone, gguf_file="model.gguf", local_files_only=True)
     except Exception as e:  # transformers raises many kinds; the message is the point
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise OdysseyError(
@@ -203,15 +209,20 @@ def cached_tokenizer(gguf_path: str | os.PathLike) -> Path:
             f"cannot create the tokenizer cache {final.parent} ({e.strerror}); set ODYSSEY_CACHE_DIR to a "
             f"writable directory"
         ) from None
+    from odyssey.tokenizer import write_tokenizer_files
+
     with _locked(final.parent):
         if not (final / "tokenizer.json").is_file():  # another process may have written it meanwhile
             atomic.remove_stale_temps(final.parent)
-            with contextlib.suppress(FileNotFoundError):
-                if final.exists() and not (final / "tokenizer.json").is_file():
-                    import shutil
-
-                    shutil.rmtree(final)  # a directory without its tokenizer.json: not ours to keep
-            write_tokenizer(gguf_path, final)
+            files = tokenizer_files_of(gguf_path)
+            try:  # whole or not at all; a leftover without tokenizer.json is replaced
+                with atomic.atomic_dir(final) as tmp:
+                    write_tokenizer_files(files, tmp, [])
+            except OSError as e:
+                raise OdysseyError(
+                    f"cannot write the tokenizer cache {final} ({e.strerror or e}); set ODYSSEY_CACHE_DIR to a "
+                    f"writable directory with free space"
+                ) from None
     return final
 
 
