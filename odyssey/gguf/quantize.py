@@ -24,8 +24,8 @@ instead of a second pass over the block; this only changes which of two candidat
 errors agree to about 1e-7, so the bytes equal llama.cpp's for almost every block and the error
 is the same (tests/test_gguf_quant.py compares both with llama.cpp's own functions).
 
-Memory: one chunk of `CHUNK_ELEMENTS` source elements at a time (its candidate values: 22 per
-element for Q4_K, 1.4 M floats), whatever the tensor.
+Memory: one chunk of `CHUNK_ELEMENTS` source elements per thread at a time (each thread quantizes
+its own chunks), whatever the tensor.
 
 Measured on a 4096 x 4096 f32 matrix (16.8 M elements), two threads of a shared 2-core Intel Xeon
 VM, torch 2.13, `python -m odyssey.gguf.quantize` (M elements/s, wall time, best of 3):
@@ -50,7 +50,7 @@ import torch
 from odyssey.errors import OdysseyError
 from odyssey.gguf.blocks import BLOCKS
 
-CHUNK_ELEMENTS = 1 << 16  # source elements per step: the k-quants' candidate tensors stay a few MB
+CHUNK_ELEMENTS = 1 << 18  # source elements per step and thread: the k-quants' temporaries stay a few MB
 GGUF_CHUNK_ELEMENTS = 1 << 22  # elements per gguf.quants call: bounds its f32 temporaries (16 MiB)
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this is all zero
 F16_MAX = 65504.0  # block scales are f16: larger weights would overflow them
@@ -74,7 +74,8 @@ def quantize(x: torch.Tensor, qtype: str, name: str = "tensor") -> np.ndarray:
     out = np.empty((rows, cols // elems * nbytes), dtype=np.uint8)
     per_call = GGUF_CHUNK_ELEMENTS if qtype in GGUF_PACKAGE_TYPES else CHUNK_ELEMENTS
     step = max(1, per_call // cols)
-    for r0 in range(0, rows, step):
+
+    def one(r0: int) -> None:  # rows [r0, r0 + step) into out
         part = x[r0 : r0 + step].to(torch.float32)
         _check_range(part, name)
         if qtype in GGUF_PACKAGE_TYPES:
@@ -82,8 +83,27 @@ def quantize(x: torch.Tensor, qtype: str, name: str = "tensor") -> np.ndarray:
 
             out[r0 : r0 + step] = gguf.quants.quantize(part.numpy(), gguf.GGMLQuantizationType[qtype])
         else:
-            blocks = _K_KERNELS[qtype](part.reshape(-1, 256))
-            out[r0 : r0 + step] = blocks.reshape(part.shape[0], -1).numpy()
+            out[r0 : r0 + step] = _K_KERNELS[qtype](part.reshape(-1, 256)).reshape(part.shape[0], -1).numpy()
+
+    starts = range(0, rows, step)
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers <= 1:
+        for r0 in starts:
+            one(r0)
+        return out
+    # One chunk per thread, each chunk's ops on its own thread (torch and numpy release the GIL in
+    # their kernels): no intra-op barrier per operation, which on a busy 2-core machine made the
+    # k-quants' many small operations 5-20x slower than one thread (measured).
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(one, starts):  # re-raises a chunk's error (e.g. _check_range's)
+                pass
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -131,11 +151,11 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, factors: torch.Tensor, nmax: int):
     sum_x = (w * x).sum(-1).double()
     sum_x2 = (w * x * x).sum(-1).double()
 
-    def candidate(iscale):  # (m, 1) -> L (m, n), sum w l, sum w l^2, sum w l x (m,) f64
+    def candidate(iscale):  # (m, 1) -> sum w l, sum w l^2, sum w l x (m,) f64 of l = nearest(iscale (x - min))
         L = (x - mn).mul_(iscale).round_().clamp_(0, nmax)
         s = torch.bmm(L.unsqueeze(1), wx).view(-1, 2).double()
-        s2 = torch.bmm(L.square().unsqueeze(1), w.unsqueeze(-1)).view(-1).double()
-        return L, s[:, 0], s2, s[:, 1]
+        s2 = torch.bmm(L.square_().unsqueeze(1), w.unsqueeze(-1)).view(-1).double()
+        return s[:, 0], s2, s[:, 1]
 
     def error(scale, mins, sum_l, sum_l2, sum_xl):  # sum w (scale l + min - x)^2 from the sums
         return (
@@ -148,11 +168,13 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, factors: torch.Tensor, nmax: int):
         )
 
     iscale = factors[0] / (mx - mn)
-    L, sum_l, sum_l2, sum_xl = candidate(iscale)
+    sum_l, sum_l2, sum_xl = candidate(iscale)
     scale = (1 / iscale).squeeze(-1)  # f32, as the reference
     best = error(scale.double(), mn.squeeze(-1).double(), sum_l, sum_l2, sum_xl)
+    used = (iscale, mn)  # the winner's iscale and the min it quantized with: its L, recomputed at the end
     for f in factors[1:]:
-        Lk, sum_l, sum_l2, sum_xl = candidate(f / (mx - mn))
+        iscale = f / (mx - mn)
+        sum_l, sum_l2, sum_xl = candidate(iscale)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -163,8 +185,10 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, factors: torch.Tensor, nmax: int):
         take = (D > 0) & (err < best)  # NaN (D == 0) compares false
         best = torch.where(take, err, best)
         scale = torch.where(take, this_scale, scale)
-        mn = torch.where(take.unsqueeze(-1), this_min.unsqueeze(-1), mn)
-        L = torch.where(take.unsqueeze(-1), Lk, L)
+        t = take.unsqueeze(-1)
+        used = (torch.where(t, iscale, used[0]), torch.where(t, mn, used[1]))
+        mn = torch.where(t, this_min.unsqueeze(-1), mn)
+    L = (x - used[1]).mul_(used[0]).round_().clamp_(0, nmax)
     mn = mn.squeeze(-1)
     scale[flat], L[flat] = 0.0, 0.0
     return scale, -mn, L
