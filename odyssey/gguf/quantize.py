@@ -85,23 +85,22 @@ def quantize(x: torch.Tensor, qtype: str, name: str = "tensor") -> np.ndarray:
         else:
             out[r0 : r0 + step] = _K_KERNELS[qtype](part.reshape(-1, 256)).reshape(part.shape[0], -1).numpy()
 
-    starts = range(0, rows, step)
-    workers = min(torch.get_num_threads(), len(starts))
-    if workers <= 1:
-        for r0 in starts:
-            one(r0)
-        return out
-    # One chunk per thread, each chunk's ops on its own thread (torch and numpy release the GIL in
-    # their kernels): no intra-op barrier per operation, which on a busy 2-core machine made the
-    # k-quants' many small operations 5-20x slower than one thread (measured).
+    # Each chunk's ops run on one thread, chunks on a pool of torch.get_num_threads() threads
+    # (torch and numpy release the GIL in their kernels): no intra-op barrier per operation, which
+    # on a busy 2-core machine made the k-quants' many small operations 5-20x slower (measured).
     from concurrent.futures import ThreadPoolExecutor
 
+    starts = range(0, rows, step)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(one, starts):  # re-raises a chunk's error (e.g. _check_range's)
-                pass
+        if len(starts) == 1 or threads == 1:
+            for r0 in starts:
+                one(r0)
+        else:
+            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                for _ in pool.map(one, starts):  # re-raises a chunk's error (e.g. _check_range's)
+                    pass
     finally:
         torch.set_num_threads(threads)
     return out
