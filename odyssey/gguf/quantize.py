@@ -3,11 +3,12 @@ through the `gguf` package's own quantizers (`gguf.quants.quantize`, numpy), and
 which that package does not quantize, in torch here.
 
 The k-quants follow llama.cpp's reference quantizers (ggml-quants.c, the ones `llama-quantize`
-runs without an importance matrix), vectorised over blocks; where the reference loops over
-candidate scales, the loop here runs over candidates on every block at once, with the same
-candidates, the same acceptance rule (a later candidate replaces the best one only when strictly
-better) and the same float32 roundings (`nearest_int` rounds half to even, as `torch.round`; f16
-scales round to nearest even, as `Tensor.half()`):
+runs without an importance matrix), vectorised over blocks: where the reference loops over
+candidate scales for one block, the loop here runs over the same candidates in the same order on
+every block of a chunk at once, with the same acceptance rule (a candidate replaces the best only
+when strictly better; in make_qkx2_quants an accepted candidate's min is the next candidates'
+min, so its candidates cannot be batched) and the same float32 roundings (`nearest_int` rounds half
+to even, as `torch.round`; f16 scales round to nearest even, as `Tensor.half()`):
 ```
 type  super-block of 256                       per sub-block                          reference
 Q4_K  8 x 32: 6-bit scale and min, f16 d, dmin  make_qkx2_quants(nmax 15, weights      quantize_row_q4_K_ref
@@ -18,28 +19,33 @@ Q5_K  the same, 5-bit values (qh: fifth bit)   make_qkx2_quants(nmax 31, 16 scal
 Q6_K  16 x 16: int8 scale, f16 d               make_qx_quants(nmax 32, weights x^2,   quantize_row_q6_K_ref
                                                19 scales (32 + 0.1 i), signed)
 ```
-The error of each candidate scale is computed from the five weighted sums the reference forms
-anyway (sum w, w x, w x^2, w l, w l^2, w l x: one batched matrix product per chunk), in float64,
-instead of a second pass over the block; this only changes which of two candidates wins when their
-errors agree to about 1e-7, so the bytes equal llama.cpp's for almost every block and the error
-is the same (tests/test_gguf_quant.py compares both with llama.cpp's own functions).
+The error of each candidate is computed from the weighted sums the reference forms anyway (sum w,
+w x, w x^2 once; w l, w l^2, w l x per candidate, by batched matrix products) in float64, instead
+of a second pass over the block; with sums in another order than the reference's, two candidates
+whose errors agree to about 1e-7 can rank the other way. Measured against llama.cpp's own
+functions (tests/test_gguf_quant.py, slow): the same bytes for 97.3% (Q4_K), 97.6% (Q5_K), 99.5%
+(Q6_K) of random blocks and every degenerate one, the same RMS error to 5-6 digits.
 
 Memory: one chunk of `CHUNK_ELEMENTS` source elements per thread at a time (each thread quantizes
 its own chunks), whatever the tensor.
 
-Measured on a 4096 x 4096 f32 matrix (16.8 M elements), two threads of a shared 2-core Intel Xeon
-VM, torch 2.13, `python -m odyssey.gguf.quantize` (M elements/s, wall time, best of 3):
+Speed, `python -m odyssey.gguf.quantize`: a 4096 x 4096 f32 matrix (16.8 M elements), torch 2.13,
+best of 3, on the shared 2-core Intel Xeon VM these tests run on while other jobs kept its load
+near 7 (so wall time got about 0.6 of a core: the figure per CPU-second is what each idle core
+does, and two idle cores about double it); the last column projects an 8B model (8e9 weights)
+from the CPU figure on two idle cores:
 ```
-type   Melem/s     8e9 weights (an 8B model)
-Q8_0      60        2.2 min      gguf.quants
-Q4_0     120        1.1 min      gguf.quants
-Q4_1     120        1.1 min      gguf.quants
-Q5_0     120        1.1 min      gguf.quants
-Q5_1      80        1.7 min      gguf.quants
-Q4_K      15          9 min      here
-Q5_K      18          7 min      here
-Q6_K      25          5 min      here
+type   Melem/s (wall, loaded)  per CPU-second  8e9 weights, 2 idle cores
+Q8_0          84                   165             0.4 min    gguf.quants
+Q4_0          90                   182             0.4 min    gguf.quants
+Q4_1          66                   130             0.5 min    gguf.quants
+Q5_0          79                   157             0.4 min    gguf.quants
+Q5_1          56                   117             0.6 min    gguf.quants
+Q4_K           6.2                   9.1           7 min      here (21 candidate scales, in order)
+Q5_K           6.6                  10.8           6 min      here (16)
+Q6_K           8.6                  16.9           4 min      here (19, independent: one batch)
 ```
+A q4_k file (Q4_K_M: about 1/6 of the weights in Q6_K) of an 8B model: about 7 minutes.
 """
 
 from __future__ import annotations
@@ -328,24 +334,25 @@ def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
 _K_KERNELS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
 
 
-def _bench(rows: int = 4096, cols: int = 4096, repeat: int = 3) -> list[tuple[str, float]]:
-    """[(type, M elements/s)]: wall time of `quantize` on a random normal matrix, best of `repeat`."""
+def _bench(rows: int = 4096, cols: int = 4096, repeat: int = 3) -> list[tuple[str, float, float]]:
+    """[(type, M elements/s of wall time, M elements per CPU-second)] of `quantize` on a random
+    normal matrix, best of `repeat` (the CPU figure: what a machine of idle cores gets per core)."""
     import time
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, cols, generator=g) * 0.02
     res = []
     for name in QUANTIZED:
-        best = float("inf")
+        wall, cpu = float("inf"), float("inf")
         for _ in range(repeat):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             quantize(x, name)
-            best = min(best, time.perf_counter() - t0)
-        res.append((name, rows * cols / 1e6 / best))
+            wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+        res.append((name, rows * cols / 1e6 / wall, rows * cols / 1e6 / cpu))
     return res
 
 
 if __name__ == "__main__":
-    print(f"type   Melem/s   8e9 weights    {torch.get_num_threads()} threads, wall time, 4096 x 4096 f32")
-    for name, me_s in _bench():
-        print(f"{name:5s} {me_s:8.1f} {8e9 / me_s / 1e6 / 60:8.1f} min")
+    print(f"type   Melem/s  per CPU-s  8e9 weights   {torch.get_num_threads()} threads, 4096 x 4096 f32")
+    for name, me_s, me_cpu in _bench():
+        print(f"{name:5s} {me_s:8.1f} {me_cpu:10.1f} {8e9 / me_s / 1e6 / 60:8.1f} min")
