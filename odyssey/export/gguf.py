@@ -27,8 +27,8 @@ What llama.cpp needs that a Hugging Face checkpoint does not say the same way:
   (and their biases) are reordered per head (`permute_qk`); position 0 is unaffected, later
   positions drift without it. qwen2, qwen3 and gemma3 rotate halves (NEOX) like HF;
 - Gemma's RMSNorm scales by (1 + w), llama.cpp's by the stored weight: 1 + w is stored;
-- norm weights and biases in f32 whatever the file type; q8_0 only for rows that are a multiple
-  of 32 long (others fall back to f16, as llama.cpp's own converter does);
+- norm weights and biases in f32 whatever the file type; the matrices in the file type's mix
+  (below);
 - what an architecture cannot compute (a dynamic RoPE; Llama 3 RoPE outside the llama graph; an
   o_proj bias outside it; a Gemma 3 query scale other than llama.cpp's) is refused by name
   (`layout`); a sliding window where the architecture has none makes the GGUF's context length
@@ -36,6 +36,30 @@ What llama.cpp needs that a Hugging Face checkpoint does not say the same way:
 - the tokenizer as "gpt2" (byte-level BPE): tokens in GPT-2 byte-to-unicode form (as HF's
   tokenizer.json stores them), token types, merges "a b", special ids, the pre-tokenizer name
   whose regex matches the tokenizer's; padded with unused tokens up to the model's vocab_size.
+
+Types (`--gguf-type`; `gguf_layout.choose_type`). f32, f16, bf16: every matrix in that type. The
+block types write what llama.cpp's `llama-quantize` writes from an f32/f16 GGUF without an
+importance matrix (llama-quant.cpp, `llama_tensor_get_type`, for dense models), with the same
+`general.file_type` and `general.quantization_version` 2; quantized by `odyssey.gguf.quantize`
+(gguf.quants for Q8_0 and Q4_0-Q5_1, llama.cpp's reference algorithms in torch for the k-quants):
+```
+--gguf-type  general.file_type  most matrices  head (output.weight; token_embd if tied)  more bits
+q8_0         MOSTLY_Q8_0        Q8_0           Q8_0                                     -
+q4_0         MOSTLY_Q4_0        Q4_0           Q6_K                                     -
+q4_1         MOSTLY_Q4_1        Q4_1           Q6_K                                     -
+q5_0         MOSTLY_Q5_0        Q5_0           Q6_K                                     -
+q5_1         MOSTLY_Q5_1        Q5_1           Q6_K                                     -
+q4_k         MOSTLY_Q4_K_M      Q4_K           Q6_K                                     attn_v, ffn_down: Q6_K
+q5_k         MOSTLY_Q5_K_M      Q5_K           Q6_K                                     attn_v, ffn_down: Q6_K
+q6_k         MOSTLY_Q6_K        Q6_K           Q6_K                                     -
+```
+"more bits": in the layers llama-quantize's `use_more_bits` picks (the first and last eighth and
+every third between; 16 of 32). q4_k and q5_k are the _M mixes, the ones people download most; the
+_S mixes are not offered. A matrix whose rows are not a whole number of its type's blocks (32
+elements; 256 for the k-quants) falls back as llama-quantize does, Q4_K -> Q5_0, Q5_K -> Q5_1,
+Q6_K -> Q8_0, and where that block does not fit either (or for the 32-element types, which
+llama-quantize refuses there) F16, as llama.cpp's converter writes such rows; the export says how
+many in one line. The size check before writing counts each tensor's bytes in its own type.
 """
 
 from __future__ import annotations
