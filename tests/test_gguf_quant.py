@@ -118,6 +118,25 @@ def test_k_quant_error_ordered_by_bits():
     assert rel["Q4_K"] < 0.1 and rel["Q5_K"] < 0.05 and rel["Q6_K"] < 0.025
 
 
+def test_chunks_on_threads_write_what_one_call_writes(monkeypatch):
+    """quantize() splits a tensor into chunks of rows, quantized on a pool of threads: the bytes
+    equal the kernel's on the whole tensor (k-quants) and gguf.quants' (the others)."""
+    import odyssey.gguf.quantize as qz
+
+    x = torch.randn(24, 512, generator=torch.Generator().manual_seed(3)) * 0.02
+    monkeypatch.setattr(qz, "CHUNK_ELEMENTS", 2 * 512)  # 2 rows a chunk: 12 chunks
+    monkeypatch.setattr(qz, "GGUF_CHUNK_ELEMENTS", 2 * 512)
+    assert torch.get_num_threads() >= 1
+    for qtype, kernel in qz._K_KERNELS.items():
+        whole = kernel(x.reshape(-1, 256)).reshape(24, -1).numpy()
+        np.testing.assert_array_equal(quantize(x, qtype), whole, err_msg=qtype)
+    for qtype in ("Q8_0", "Q4_0", "Q5_1"):
+        np.testing.assert_array_equal(quantize(x, qtype), gguf.quants.quantize(x.numpy(), Q[qtype]), err_msg=qtype)
+    threads = torch.get_num_threads()
+    quantize(x, "Q4_K")
+    assert torch.get_num_threads() == threads  # the caller's intra-op threads are restored
+
+
 def test_values_a_f16_scale_cannot_hold_are_refused():
     x = torch.zeros(2, 256)
     for bad, what in ((float("nan"), "NaN or inf"), (float("inf"), "NaN or inf"), (1e6, r"magnitude 1e\+06")):
