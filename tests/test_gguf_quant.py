@@ -346,9 +346,9 @@ def llama_reference(x: torch.Tensor, qtype: str) -> np.ndarray:
 def test_k_quant_bytes_equal_llama_cpps(qtype):
     """Against llama.cpp's reference quantizer on 4096 blocks (N(0, 0.02) plus the edge blocks):
     the same bytes for at least 95% of the blocks (the rest: two candidate scales whose errors agree
-    to ~1e-7, which float32 sums in another order rank the other way; measured 97.3% Q4_K, 97.6%
-    Q5_K, 99.5% Q6_K), the same RMS error within 0.5% (measured: equal to 6 digits); the degenerate
-    edge blocks byte for byte, the outlier ones with no larger error."""
+    to ~1e-7, which float32 sums in another order rank the other way; measured 97.6% Q4_K, 97.5%
+    Q5_K, 99.5% Q6_K), the same RMS error within 0.5% (measured: equal to 5-6 digits); the zero,
+    tiny and one-signed edge blocks byte for byte, the others with no larger error."""
     x = torch.randn(4096, 256, generator=torch.Generator().manual_seed(2)) * 0.02
     x[:64] = edge_blocks()
     ours, theirs = quantize(x, qtype), llama_reference(x, qtype)
@@ -358,10 +358,14 @@ def test_k_quant_bytes_equal_llama_cpps(qtype):
     print(f"{qtype}: {same:.2%} of blocks identical; RMS error ours {rms[0]:.6g}, llama.cpp {rms[1]:.6g}")
     assert same >= 0.95
     assert abs(rms[0] / rms[1] - 1) < 0.005
-    degenerate = [0, 1, 2, 5, 6, 8, 9, 10, 11]  # zeros, constants, small, tiny, one-signed: no near-ties
+    degenerate = [0, 5, 6, 8, 9, 10, 11]  # zeros, small, tiny, one-signed: no near-ties
     np.testing.assert_array_equal(ours[degenerate], theirs[degenerate])
-    for row in (3, 4, 7):  # outliers, large: an error as small as llama.cpp's
-        assert err[0][row].mean() <= 1.05 * err[1][row].mean() + 1e-12, row
+    # outliers, large, constants (for a constant block the least-squares determinant is 0 up to the
+    # float32 residue of the sums, whose sign decides llama.cpp's choice): no larger error, to
+    # within 0.3% of the values' RMS
+    for row in (1, 2, 3, 4, 7):
+        slack = 1e-5 * float((x[row] ** 2).mean())
+        assert err[0][row].mean() <= 1.05 * err[1][row].mean() + slack, row
 
 
 @pytest.fixture(scope="module")
@@ -417,7 +421,7 @@ def test_llama_cpp_runs_the_export_as_transformers_reads_it(peaked, gguf_type):
 def test_q4_k_error_matches_llama_quantize(peaked, tmp_path):
     """`llama_model_quantize` (llama-quantize) on our f32 export to Q4_K_M, against our q4_k export
     of the same model: the same type for every tensor, and for the Q4_K tensors the same RMS error
-    against the f32 weights within 5% (measured within 0.1%)."""
+    against the f32 weights within 5% (measured: ratio 1.0001)."""
     import llama_cpp
 
     _, paths = peaked

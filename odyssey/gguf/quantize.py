@@ -20,7 +20,7 @@ Q6_K  16 x 16: int8 scale, f16 d               make_qx_quants(nmax 32, weights x
                                                19 scales (32 + 0.1 i), signed)
 ```
 The error of each candidate is computed from the weighted sums the reference forms anyway (sum w,
-w x, w x^2 once; w l, w l^2, w l x per candidate, by batched matrix products) in float64, instead
+w x, w x^2 once; w l, w l^2, w l x per candidate) in float64, instead
 of a second pass over the block; with sums in another order than the reference's, two candidates
 whose errors agree to about 1e-7 can rank the other way. Measured against llama.cpp's own
 functions (tests/test_gguf_quant.py, slow): the same bytes for 97.3% (Q4_K), 97.6% (Q5_K), 99.5%
@@ -30,22 +30,22 @@ Memory: one chunk of `CHUNK_ELEMENTS` source elements per thread at a time (each
 its own chunks), whatever the tensor.
 
 Speed, `python -m odyssey.gguf.quantize`: a 4096 x 4096 f32 matrix (16.8 M elements), torch 2.13,
-best of 3, on the shared 2-core Intel Xeon VM these tests run on while other jobs kept its load
-near 7 (so wall time got about 0.6 of a core: the figure per CPU-second is what each idle core
-does, and two idle cores about double it); the last column projects an 8B model (8e9 weights)
-from the CPU figure on two idle cores:
+two threads, best of 3, two runs, on the shared 2-core Intel Xeon VM these tests run on while other
+jobs kept its load near 7-8 (wall time got 0.4-0.7 of a core). The figure per CPU-second is what
+one idle core does; the last column projects an 8B model (8e9 weights) on two idle cores from the
+lower one (on the loaded VM itself, from the wall figure: 16-21 minutes for Q4_K):
 ```
 type   Melem/s (wall, loaded)  per CPU-second  8e9 weights, 2 idle cores
-Q8_0          84                   165             0.4 min    gguf.quants
-Q4_0          90                   182             0.4 min    gguf.quants
-Q4_1          66                   130             0.5 min    gguf.quants
-Q5_0          79                   157             0.4 min    gguf.quants
-Q5_1          56                   117             0.6 min    gguf.quants
-Q4_K           6.2                   9.1           7 min      here (21 candidate scales, in order)
-Q5_K           6.6                  10.8           6 min      here (16)
-Q6_K           8.6                  16.9           4 min      here (19, independent: one batch)
+Q8_0        72-91                 145-189          0.5 min    gguf.quants
+Q4_0        83-94                 165-189          0.4 min    gguf.quants
+Q4_1        49-67                 116-134          0.6 min    gguf.quants
+Q5_0        86-108                142-164          0.5 min    gguf.quants
+Q5_1        60-74                 112-122          0.6 min    gguf.quants
+Q4_K        6.3-8.3               13-16            5 min      here (21 candidate scales, in order)
+Q5_K        7.5-10                16-20            4 min      here (16, in order)
+Q6_K        7.5-8.8               16-17.5          4 min      here (19, independent: one batch)
 ```
-A q4_k file (Q4_K_M: about 1/6 of the weights in Q6_K) of an 8B model: about 7 minutes.
+A q4_k file (Q4_K_M: about 1/6 of the weights in Q6_K) of an 8B model: about 5 minutes.
 """
 
 from __future__ import annotations
@@ -151,16 +151,16 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, factors: torch.Tensor, nmax: int):
     mx = x.amax(-1, keepdim=True)
     flat = (mx == mn).squeeze(-1)  # (m,)
     mx = torch.where(mx == mn, mn + 1, mx)  # flat rows: any finite range, overwritten at the end
-    wx = torch.stack((w, w * x), -1)  # (m, n, 2)
+    wx = w * x
     sum_w = w.sum(-1).double()  # (m,)
-    sum_x = (w * x).sum(-1).double()
-    sum_x2 = (w * x * x).sum(-1).double()
+    sum_x = wx.sum(-1).double()
+    sum_x2 = (wx * x).sum(-1).double()
 
     def candidate(iscale):  # (m, 1) -> sum w l, sum w l^2, sum w l x (m,) f64 of l = nearest(iscale (x - min))
         L = (x - mn).mul_(iscale).round_().clamp_(0, nmax)
-        s = torch.bmm(L.unsqueeze(1), wx).view(-1, 2).double()
-        s2 = torch.bmm(L.square_().unsqueeze(1), w.unsqueeze(-1)).view(-1).double()
-        return s[:, 0], s2, s[:, 1]
+        wl = w * L
+        sums = (wl.sum(-1), (wl * L).sum(-1), (L.mul_(wx)).sum(-1))  # (elementwise: faster than bmm here)
+        return tuple(v.double() for v in sums)
 
     def error(scale, mins, sum_l, sum_l2, sum_xl):  # sum w (scale l + min - x)^2 from the sums
         return (
@@ -194,9 +194,8 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, factors: torch.Tensor, nmax: int):
         used = (torch.where(t, iscale, used[0]), torch.where(t, mn, used[1]))
         mn = torch.where(t, this_min.unsqueeze(-1), mn)
     L = (x - used[1]).mul_(used[0]).round_().clamp_(0, nmax)
-    mn = mn.squeeze(-1)
-    scale[flat], L[flat] = 0.0, 0.0
-    return scale, -mn, L
+    L = torch.where(flat.unsqueeze(-1), 0.0, L)
+    return torch.where(flat, 0.0, scale), -mn.squeeze(-1), L
 
 
 def _k_scales(scales: torch.Tensor, mins: torch.Tensor):
@@ -301,8 +300,7 @@ def _qx(x: torch.Tensor, nmax: int):
         scale = torch.where(better, s_k, scale)
         best_val = torch.where(better, s_k * sumlx[:, k], best_val)
     L = (iscale.gather(1, best.unsqueeze(-1)) * x).round_().clamp_(-nmax, nmax - 1).add_(nmax)
-    scale[zero], L[zero] = 0.0, 0.0
-    return scale, L
+    return torch.where(zero, 0.0, scale), torch.where(zero.unsqueeze(-1), 0.0, L)
 
 
 def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
@@ -327,8 +325,7 @@ def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
     qh = ((q >> 4) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)).sum(2, dtype=torch.uint8)
     sc8 = sc.to(torch.int8).view(torch.uint8)
     out = torch.cat((ql.reshape(n, 128), qh.reshape(n, 64), sc8, d.view(torch.uint8)), 1)
-    out[zero] = 0  # an all-zero super-block: every byte 0 (d = 0)
-    return out
+    return torch.where(zero.unsqueeze(-1), 0, out)  # an all-zero super-block: every byte 0 (d = 0)
 
 
 _K_KERNELS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
