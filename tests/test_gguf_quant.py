@@ -395,8 +395,9 @@ def test_llama_cpp_runs_the_export_as_transformers_reads_it(peaked, gguf_type):
     """llama.cpp and transformers on the very same file: transformers dequantizes the weights
     (gguf's readers) and computes in fp32; llama.cpp multiplies with its quantized kernels (the
     activations quantized to 8 bits, Q8_K, on the way), so the two differ by that rounding only:
-    argmax at every position, max abs diff under 0.1 logit std (the weights' own quantization
-    error, Q4_K against the f32 export, is several times that: printed)."""
+    argmax at every position, max abs diff under 0.15 logit std (measured 0.069 q4_k, 0.067 q6_k;
+    the weights' own quantization error, llama.cpp on this file against the f32 export, is 0.84
+    and 0.18: a file whose values sat elsewhere than transformers reads them would show that)."""
     from transformers import AutoModelForCausalLM
 
     from tests.test_llamacpp import llama_logits, prompt_ids
@@ -414,7 +415,7 @@ def test_llama_cpp_runs_the_export_as_transformers_reads_it(peaked, gguf_type):
     agree = float((got.argmax(1) == want.argmax(1)).mean())
     print(f"{gguf_type}: llama.cpp vs transformers max diff {diff:.3f} std, argmax {agree:.0%}; vs f32 {quant:.3f} std")
     assert agree == 1.0
-    assert diff < 0.1
+    assert diff < 0.15
 
 
 @pytest.mark.slow
