@@ -147,7 +147,9 @@ def add_export_parser(sub) -> None:
     s.add_argument(
         "--gguf-type",
         default=None,
-        help="GGUF tensor type: f32, f16 (default), bf16 or q8_0; gguf-lora: f32 (default) or f16",
+        help="GGUF type: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k (llama.cpp's Q4_K_M mix), "
+        "q5_k (Q5_K_M) or q6_k; norms stay f32, the head is Q6_K in the 4- to 6-bit files; gguf-lora: f32 (default) "
+        "or f16",
     )
     s.add_argument(
         "--adapter", help="merge this adapter on the fly (the store is left unchanged); with gguf-lora, export it"
@@ -187,4 +189,7 @@ def cmd_export(args) -> int:
             f"  {r['format']:<14} {r['path']:<40} {format_bytes(r['bytes']):>11} {r['seconds']:>7.1f} s "
             f"{r['mb_s']:>6.0f} MB/s  peak anonymous RSS {r['peak_anon_bytes'] / 2**20:,.0f} MiB"
         )
+        if r.get("types"):  # a GGUF's mix: what each GGML type holds
+            mix = ", ".join(f"{t} {m['tensors']} ({format_bytes(m['bytes'])})" for t, m in r["types"].items())
+            print(f"  {'':<14} tensors: {mix}")
     return 0
