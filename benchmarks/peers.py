@@ -462,7 +462,7 @@ class ChildCpu:
                     continue
                 total += stat.cpu_ticks  # utime + stime
                 anon += process_memory(pid).anon_bytes
-            except (OSError, IndexError, ValueError, ProcessLookupError):
+            except Exception:  # gone between the listing and the reading (psutil.NoSuchProcess, OSError)
                 continue
         self.peak_anon_bytes = max(self.peak_anon_bytes, anon)
         return total / self._tick
@@ -585,7 +585,10 @@ def _train(args, torch, model, sampler, save):
 
     if args.checkpointing:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(
         model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=TARGETS, bias="none")
     )
@@ -595,7 +598,7 @@ def _train(args, torch, model, sampler, save):
         trainable=sum(p.numel() for p in params),
         lora_devices=sorted({str(p.device) for p in params}),
         lora_dtypes=sorted({str(p.dtype).removeprefix("torch.") for p in params}),
-        checkpointing=bool(getattr(model, "is_gradient_checkpointing", args.checkpointing)),
+        checkpointing=_checkpointing(model),
     )
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     batches = BatchSampler(TokenData(args.data), "train", args.seq_len, 1, seed=0)
@@ -622,6 +625,12 @@ def _train(args, torch, model, sampler, save):
         del logits, loss
         save(step_s_all=steps, cpu_s_all=cpus, losses=losses, peak_anon_mib=round(sampler.peak_bytes / MIB, 1))
     save(step_s=common.median(steps[1:]), cpu_s=common.median(cpus[1:]), measured_steps=len(steps[1:]))
+
+
+def _checkpointing(model) -> bool:
+    """Whether the model recomputes its layers in backward (transformers 5.24 renamed the flag)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
 
 
 def _generate(args, torch, model, sampler, save):
@@ -1003,9 +1012,7 @@ def best_gflops(measurements: Sequence[dict]) -> dict:
 
 def machine_caption(m: dict, matmul: dict, shape_text: str, threads: int) -> str:
     """The first line of peers.md: the CPU, the flags that matter, threads, and the matmul rates."""
-    from odyssey.probe import MATMUL_FLAGS
-
-    flags = [f for f in MATMUL_FLAGS if f in set(m.get("flags") or [])] or m.get("simd") or []
+    flags = m.get("matmul_flags") or m.get("simd") or []
     return (
         f"**Machine:** {m.get('cpu')}, {m.get('cores')} cores, torch threads {threads}, "
         f"{m.get('ram_gib')} GiB RAM; matmul flags {' '.join(flags) or '-'}; matmul {shape_text} measured "
@@ -1313,9 +1320,10 @@ def run(args) -> dict:
         + ("" if capped else f"; no cgroups ({where}): nothing capped, nothing searched")
     )
     m = common.machine()
+    from odyssey.probe import MATMUL_FLAGS
     from odyssey.runtime.cpu import cpu_flags
 
-    m["flags"] = sorted(cpu_flags()[1])
+    m["matmul_flags"] = [f for f in MATMUL_FLAGS if f in set(cpu_flags()[1])]
     result = {"machine": m, "date": common.today(), "settings": settings, "climbs": {}, "train": [], "generate": []}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()] if isinstance(args.peers, str) else args.peers
