@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 import goals  # noqa: E402
 import pagein  # noqa: E402
+import peer_report  # noqa: E402
 import peers  # noqa: E402
 import run_all  # noqa: E402
 import scaling  # noqa: E402
@@ -248,7 +249,7 @@ def _climb(status="runs", ok_bytes=2 * GIB, first_ok=True, result=None, error=""
 
 
 def _peer_row(config, climb, seq_len=512, **extra):
-    return peers.train_row(
+    return peer_report.train_row(
         config.name,
         config.label,
         config.short,
@@ -305,7 +306,7 @@ def fake_peers_result():
         "meta but got cpu",
     )
     train = [
-        peers.train_row(
+        peer_report.train_row(
             "odyssey",
             "Odyssey, 1 GiB (headline)",
             "O",
@@ -316,7 +317,7 @@ def fake_peers_result():
             compute="auto (bf16)",
             layers_kept=None,
         ),
-        peers.train_row(
+        peer_report.train_row(
             "odyssey-4g-auto",
             "Odyssey, 4 GiB",
             "O4",
@@ -335,7 +336,7 @@ def fake_peers_result():
     ]
     gody = _climb(result={"s_per_token": 2.0, "decode_steps": 7})
     goff = _climb(result={"s_per_token": 5.0, "decode_steps": 7, "device_map": {"disk_share": 0.9}})
-    gen = [peers._gen_row("odyssey", gody, 2.0), peers._gen_row("offload", goff, 2.0)]
+    gen = [peer_report._gen_row("odyssey", gody, 2.0), peer_report._gen_row("offload", goff, 2.0)]
     settings = {
         "model_label": "1.21B",
         "seq_len": 512,
@@ -362,9 +363,9 @@ def finished_fake_result():
     rows = res["train"]
     best = smallest.fastest([r for r in rows if r["kind"] != "odyssey"])
     for r in rows:
-        r["x_fastest_peer"] = peers._ratio(r["step_s"], best["step_s"])
+        r["x_fastest_peer"] = peer_report._ratio(r["step_s"], best["step_s"])
         if r["kind"] != "odyssey":
-            r["smallest"] = peers.smallest_text(r)
+            r["smallest"] = peer_report.smallest_text(r)
     res["loss_problems"] = goals.check_losses(rows, 10.8069)
     res["fastest_peer"] = best["name"]
     res["matmul"] = {"best_gflops": {"bf16": 145.0, "fp32": 244.0}, "shape": "512x2048x5632"}
@@ -384,7 +385,7 @@ def test_train_table_every_configuration_with_ratios_searches_and_errors():
     rows = res["train"]
     assert res["fastest_peer"] == "inram-bf16"  # 10 s; the failed configurations are never chosen
     assert [r["x_fastest_peer"] for r in rows] == [2.0, 0.9, 1.3, None, 1.0, None, None]
-    lines = peers.train_table(rows).splitlines()[2:]
+    lines = peer_report.train_table(rows).splitlines()[2:]
     assert len(lines) == 7
     assert lines[0].startswith("| Odyssey, 1 GiB (headline) | auto (bf16) | 1 GiB | - | 20.00 | 30.0 | 25.6 | 2.00 |")
     assert "| 9.00 GiB (8.75 GiB did not) | 13.00 |" in lines[2] and "| 16 GiB |" in lines[2]
@@ -399,7 +400,7 @@ def test_train_table_every_configuration_with_ratios_searches_and_errors():
 
 def test_peers_markdown_states_the_machine_and_the_targets_first():
     res = finished_fake_result()
-    sections = peers.markdown_sections(res)
+    sections = peer_report.markdown_sections(res)
     caption, table = sections[0]
     assert caption.startswith("**Machine:** Test CPU, 2 cores, torch threads 2")
     assert "avx2 avx512_bf16" in caption and "bf16 145 GFLOP/s, fp32 244 GFLOP/s" in caption
@@ -413,7 +414,7 @@ def test_peers_markdown_states_the_machine_and_the_targets_first():
 def test_peers_png(tmp_path):
     if common.pyplot() is None:
         pytest.skip("matplotlib not installed")
-    assert peers.png(finished_fake_result(), tmp_path / "p.png").stat().st_size > 1000
+    assert peer_report.png(finished_fake_result(), tmp_path / "p.png").stat().st_size > 1000
 
 
 def test_scaling_cases_reuse_and_table(tmp_path):
@@ -549,8 +550,8 @@ def test_climb_screen_skips_and_stops_but_always_runs_the_first_budget():
     res = peers.climb(run, peers.ladder(2 * GIB), progress=quiet, screen=screens["offload"])
     assert run.calls == [2 * GIB, 3 * GIB, 4 * GIB]  # at 6 GiB, 5 GiB of weights share holds every weight
     assert res["status"] == "does not run" and "nothing is offloaded" in res["stopped"]
-    row = peers._gen_row("offload", res, 20.0)
-    assert "stopped: from here nothing is offloaded" in peers._note(row)
+    row = peer_report._gen_row("offload", res, 20.0)
+    assert "stopped: from here nothing is offloaded" in peer_report._note(row)
     run = FakeRunner({2: "ok"})
     peers.climb(run, [2 * GIB], progress=quiet, screen=lambda b: ("skip", "never"))
     assert run.calls == [2 * GIB]
@@ -649,7 +650,7 @@ def test_bisect_respects_the_time_limit():
     assert len(run.calls) == 2 and run.now <= 250.0
     assert not res["resolved"] and "time limit" in res["stopped"]
     assert res["smallest_ok_bytes"] >= int(5.1 * GIB)  # what is reported still ran
-    assert "search stopped: time limit" in peers.smallest_text(
+    assert "search stopped: time limit" in peer_report.smallest_text(
         {"status": "runs", "search": res, "budget_bytes": 16 * GIB}
     )
     # no time left at all: nothing runs, the timed run's cap stands
@@ -664,7 +665,7 @@ def test_bisect_runs_nothing_when_the_bracket_is_already_within_the_resolution()
     run = Threshold(GIB)
     res = smallest.bisect_budget(run, GIB, GIB + 200 * MIB, 256 * MIB, progress=quiet, clock=run.clock)
     assert run.calls == [] and res["resolved"] and res["smallest_ok_bytes"] == GIB + 200 * MIB
-    assert peers.smallest_text({"status": "runs", "search": res}) == "1.20 GiB (floor 1.00 GiB)"
+    assert peer_report.smallest_text({"status": "runs", "search": res}) == "1.20 GiB (floor 1.00 GiB)"
 
 
 def test_search_floor_and_alignment():
