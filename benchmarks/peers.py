@@ -596,6 +596,7 @@ class TrainBench:
         self.climbs: dict = {}
         self.rows: dict[str, dict] = {}
         self.swap = smallest.swap_present()
+        self.train_ok: tuple[bool, str] | None = None  # `odyssey train` present? asked once
 
     def out_of_time(self, need_s: float = 0.0) -> bool:
         return self.deadline is not None and time.monotonic() + need_s > self.deadline
@@ -607,7 +608,8 @@ class TrainBench:
         )
         budget = int(budget_gib * GIB)
         print(f"  train: Odyssey, {budget_gib:g} GiB cgroup, compute_dtype {dtype}")
-        ok, why = common.train_available()
+        self.train_ok = self.train_ok or common.train_available()
+        ok, why = self.train_ok
         if not ok:
             res = not_measured(budget, why)
         elif self.out_of_time():
@@ -682,13 +684,13 @@ class TrainBench:
         )
 
     def offload_share(self, config: PeerConfig) -> int:
-        return max(int(weights_bytes(self.model, config.dtype) * self.args.offload_share), 64 * MIB)
+        return max(int(weights_bytes(self.model, config.dtype) * self.args.offload_share), MIB)
 
     def peer(self, config: PeerConfig) -> dict:
         """One timed run with memory no limit (a cap of --max-budget)."""
         name = config.name
         cpu_weights = self.offload_share(config) if config.peer == "offload" else 0
-        where = f", {cpu_weights / GIB:.2f} GiB of weights in RAM" if cpu_weights else ""
+        where = f", {cpu_weights / MIB:,.0f} MiB of weights in RAM" if cpu_weights else ""
         print(f"  train: {config.label}{where}, cap {self.cap / GIB:g} GiB")
         if self.out_of_time():
             res = not_measured(self.cap, "time limit of the benchmark reached")
