@@ -1,34 +1,38 @@
 """Odyssey against what a user would reach for instead, on the same weights, the same batches and
-the same LoRA, each inside its own memory cgroup capped at the RAM budget.
+the same LoRA, each inside its own memory cgroup, with the targets of issue 18 checked in one run.
 
 Training (batch 1, seq_len 512, LoRA r=16, alpha 32 on q,k,v,o,gate,up,down, AdamW lr 2e-4, the
 same token windows in the same order: `odyssey.data.BatchSampler` with seed 0 on the same token
-data, so every tool's first loss is the same number):
-- odyssey          `odyssey train --ram-budget B` (weights paged from disk, recompute backward)
-- peft-inram       transformers + peft, the model fully in RAM (`from_pretrained(store)`)
-- peft-offload     transformers + peft + accelerate disk offload: `device_map="auto"`,
-                   `max_memory={"cpu": B - reserve}`, `offload_folder`
+data, so every run's first loss is the same number within its dtype's precision):
+- Odyssey, `odyssey train --ram-budget B` in a cgroup of B: 1 GiB (the headline) and 4 GiB, each
+  with `compute_dtype` auto and fp32 (an fp32 row is left out where auto picked fp32: same run).
+- transformers + peft with the model in RAM, in every configuration a knowledgeable user would try
+  here: fp32, or bf16 (weights loaded in bf16, LoRA in fp32 as peft keeps it, the step under
+  `torch.autocast("cpu", torch.bfloat16)`), each with gradient checkpointing off and on. Each runs
+  once with memory no limit (a cap of --max-budget) for its step time and peak memory; the fastest
+  is the peer to beat. Then the smallest cgroup each runs in is found by bisection (smallest.py):
+  between the floor (its weights' bytes, raised to its peak anonymous memory where there is no
+  swap) and the cap, to --resolution, the fastest first, while the time limit allows.
+- transformers + peft + accelerate disk offload (`device_map="auto"`, `max_memory={"cpu": share}`,
+  `offload_folder`), the same four configurations with --offload-share of the weights in RAM; it
+  crashed at the first backward before: its row reports what it does, with its error line.
 Generation (greedy, the same prompt ids, N new tokens): `odyssey generate --ram-budget B` against
-transformers + accelerate disk offload `generate()` under the same cap.
+transformers + accelerate disk offload `generate()` under the same cap, from --budget up.
 
-All compute in fp32 here: this CPU has no native bf16 (bf16 matmuls are emulated and about 8x
-slower than fp32), so every tool gets `dtype=torch.float32` (Odyssey picks fp32 itself).
-
-Budgets: each tool starts at the budget (default 2 GiB). When it is OOM-killed or crashes, it is
-retried at the next rung of 3, 4, 6, 8, 12, 16 GiB; the smallest budget at which it runs is the
-result, or "does not run" with the last line of its error (a crash that repeats with the same
-message at two budgets is not a memory problem and stops the climb). Rungs that cannot work are
-listed, not run: in RAM, budgets below the fp32 weights alone; with disk offload, the climb stops
-at the budget whose weights share holds every weight (nothing would be offloaded: that is the
-in-RAM peer). When disk-offloaded training never ran, one probe attempt at 16 GiB with the first
-budget's weights share tells whether it runs at all when memory is no limit.
+The targets (targets.py): Odyssey's 1 GiB step / the fastest peer's step (<= 1.25), the 4 GiB
+step / the fastest peer's (<= 1.0), and the 1 GiB step's tokens/s / the compute limit (>= 0.8),
+the limit being the fastest matmul FLOP/s measured in this run at the model's largest projection
+(odyssey.probe.measure, bf16 and fp32, at the start and the end of the run: the better of the two)
+over 6 x parameters per token (4 x for layers Odyssey reports it did not recompute). The bench
+reports pass or fail; it does not fail the build.
 
 Step time is the median of the steps after the first (warm-up); "CPU s" is the CPU time of the
-tool's process in the same steps (wall time on a shared machine stretches with other work, CPU
+run's process in the same steps (wall time on a shared machine stretches with other work, CPU
 time much less). Peak memory is the cgroup's peak (anonymous memory + page cache charged to the
-group) and the process's peak anonymous RSS sampled every 0.05-0.1 s.
+group) and the process's peak anonymous RSS sampled every 0.05-0.1 s. Without the rights to make
+cgroups, everything runs uncapped and nothing is bisected (said in the notes).
 
-    .venv/bin/python benchmarks/peers.py [--model STORE] [--budget 2GiB] [--steps 4] [--new-tokens 8]
+    .venv/bin/python benchmarks/peers.py [--model STORE] [--steps 4] [--time-limit-s 2400]
 
 The workers are this file too: `peers.py worker --task train|generate --peer inram|offload ...`.
 """
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -50,18 +55,57 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import goals  # noqa: E402
+import smallest  # noqa: E402
 from common import GIB, MIB  # noqa: E402
+from peer_report import (  # noqa: E402
+    PEER_LABELS,
+    _first_attempt,
+    _gen_row,
+    _ratio,
+    markdown_sections,
+    notes,
+    png,
+    smallest_text,
+    train_row,
+)
+from peer_worker import LORA_ALPHA, LORA_R, LR, TARGETS, generation_summary, worker  # noqa: E402
 
 TITLE = "Odyssey against transformers + peft (+ accelerate)"  # of peers.md and its README section
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA_R, LORA_ALPHA, LR = 16, 32, 2e-4
 RUNGS_GIB = (2, 3, 4, 6, 8, 12, 16)
-PEER_LABELS = {
-    "odyssey": "Odyssey (paged from disk)",
-    "inram": "transformers + peft, in RAM",
-    "offload": "transformers + peft + accelerate disk offload",
-    "offload-probe": "the same, most weights on disk, memory no limit",
-}
+ODYSSEY_BUDGETS_GIB = (1, 4)  # the headline cgroup and the budget of the second target
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One way to run a peer: where the weights live, the compute dtype, gradient checkpointing."""
+
+    peer: str  # "inram" | "offload"
+    dtype: str  # "fp32" | "bf16" (bf16: weights in bf16, LoRA fp32, step under CPU autocast)
+    checkpointing: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.peer}-{self.dtype}" + ("-ckpt" if self.checkpointing else "")
+
+    @property
+    def compute(self) -> str:
+        return "bf16 autocast" if self.dtype == "bf16" else "fp32"
+
+    @property
+    def label(self) -> str:
+        where = "in RAM" if self.peer == "inram" else "accelerate disk offload"
+        ckpt = "gradient checkpointing" if self.checkpointing else "no checkpointing"
+        return f"transformers + peft, {where}, {self.compute}, {ckpt}"
+
+    @property
+    def short(self) -> str:
+        where = "peft" if self.peer == "inram" else "offload"
+        return f"{where}\n{self.dtype}" + (" ckpt" if self.checkpointing else "")
+
+
+def peer_configs(peer: str) -> list[PeerConfig]:
+    return [PeerConfig(peer, d, c) for d in ("fp32", "bf16") for c in (False, True)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,61 +231,49 @@ def peer_env(jemalloc: bool) -> dict:
 
 def peer_runner(
     task: str,
-    peer: str,
+    config: PeerConfig,
     model: Path,
     data: Path,
     work: Path,
     steps: int,
     seq_len: int,
-    reserve_bytes: int,
-    prompt_ids: Sequence[int],
-    new_tokens: int,
-    timeout_s: float,
-    jemalloc: bool,
+    timeout_s,
+    jemalloc: bool = False,
+    reserve_bytes: int = 1 * GIB,
+    prompt_ids: Sequence[int] = (0,),
+    new_tokens: int = 1,
     cpu_weights: int = 0,
+    capped: bool = True,
 ) -> Callable[[int], Attempt]:
-    """Attempts of one peer worker; accelerate gets max_memory cpu = `cpu_weights` when given,
-    else the budget less `reserve_bytes`."""
+    """Attempts of one peer worker in `config`; accelerate gets max_memory cpu = `cpu_weights` when
+    given, else the budget less `reserve_bytes`. `capped` False runs without a cgroup (no rights)."""
 
     def run(budget: int) -> Attempt:
-        tag = f"{task}-{peer}-{budget // MIB}MiB" + (f"-cpu{cpu_weights // MIB}MiB" if cpu_weights else "")
+        tag = f"{task}-{config.name}-s{steps}-{budget // MIB}MiB" + (
+            f"-cpu{cpu_weights // MIB}MiB" if cpu_weights else ""
+        )
         result_file = work / f"{tag}.json"
         offload = work / f"offload-{tag}"
         result_file.unlink(missing_ok=True)
         shutil.rmtree(offload, ignore_errors=True)
-        cmd = [
-            common.PYTHON,
-            str(Path(__file__).resolve()),
-            "worker",
-            "--task",
-            task,
-            "--peer",
-            peer,
-            "--model",
-            str(model),
-            "--data",
-            str(data),
-            "--result",
-            str(result_file),
-            "--steps",
-            str(steps),
-            "--seq-len",
-            str(seq_len),
-            "--budget",
-            str(budget),
-            "--reserve",
-            str(reserve_bytes),
-            "--offload-folder",
-            str(offload),
-            "--prompt-ids",
-            ",".join(map(str, prompt_ids)),
-            "--new-tokens",
-            str(new_tokens),
-            "--cpu-weights",
-            str(cpu_weights),
-        ]
+        cmd = [common.PYTHON, str(Path(__file__).resolve()), "worker", "--task", task, "--peer", config.peer]
+        cmd += ["--dtype", config.dtype, *(["--checkpointing"] if config.checkpointing else [])]
+        for flag, value in (
+            ("--model", model),
+            ("--data", data),
+            ("--result", result_file),
+            ("--steps", steps),
+            ("--seq-len", seq_len),
+            ("--budget", budget),
+            ("--reserve", reserve_bytes),
+            ("--offload-folder", offload),
+            ("--prompt-ids", ",".join(map(str, prompt_ids))),
+            ("--new-tokens", new_tokens),
+            ("--cpu-weights", cpu_weights),
+        ):
+            cmd += [flag, str(value)]
         rc, peak, oom, error, seconds = common.run_capped(
-            cmd, budget, work / f"{tag}.log", _seconds(timeout_s), peer_env(jemalloc)
+            cmd, budget if capped else None, work / f"{tag}.log", _seconds(timeout_s), peer_env(jemalloc)
         )
         shutil.rmtree(offload, ignore_errors=True)
         result = _read_json(result_file)
@@ -253,23 +285,50 @@ def peer_runner(
     return run
 
 
+def odyssey_env() -> dict:
+    """Odyssey's own environment, with ODYSSEY_COMPUTE_DTYPE removed: `auto` rows measure auto."""
+    from odyssey.dtypes import COMPUTE_ENV
+
+    env = dict(os.environ)
+    env.pop(COMPUTE_ENV, None)
+    return env
+
+
 def odyssey_train_runner(
-    model: Path, data: Path, work: Path, steps: int, seq_len: int, timeout_s: float, extra: Sequence[str] = ()
+    model: Path,
+    data: Path,
+    work: Path,
+    steps: int,
+    seq_len: int,
+    timeout_s: float,
+    extra: Sequence[str] = (),
+    name: str = "odyssey",
+    capped: bool = True,
+    num_layers: int | None = None,
 ) -> Callable[[int], Attempt]:
+    """Attempts of `odyssey train` (the `extra` overrides added) in a cgroup of the budget; the
+    result also names the compute dtype the run reported and, with `num_layers`, how many layers
+    it kept rather than recomputed (None: it did not say)."""
+
     def run(budget: int) -> Attempt:
-        tag = f"train-odyssey-seq{seq_len}-{budget // MIB}MiB"
+        tag = f"train-{name}-seq{seq_len}-{budget // MIB}MiB"
         run_dir = work / tag
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = common.train_cmd(model, data, run_dir, budget, steps, seq_len, extra)
         load0 = os.getloadavg()[0]
         with ChildCpu() as cpu:
-            rc, peak, oom, error, seconds = common.run_capped(cmd, budget, work / f"{tag}.log", _seconds(timeout_s))
+            rc, peak, oom, error, seconds = common.run_capped(
+                cmd, budget if capped else None, work / f"{tag}.log", _seconds(timeout_s), odyssey_env()
+            )
         records = common.read_metrics(run_dir / "metrics.jsonl")
         summary = common.summarize_steps(records)
         summary["cpu_s_all"] = [None if c is None else round(c, 2) for c in step_cpu(records, cpu.samples)]
         summary["cpu_s"] = common.median(summary["cpu_s_all"][1:])
         summary["peak_anon_mib"] = round(cpu.peak_anon_bytes / MIB, 1) or None  # sampled every 0.1 s
         summary["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+        summary["compute_dtype"] = goals.compute_dtype_of(records)
+        if num_layers is not None:
+            summary["layers_kept"] = goals.layers_kept(records, num_layers)
         ok = rc == 0 and summary["measured_steps"] > 0
         if rc == 0 and not ok:
             error = f"exited 0 with {summary['steps']} step lines in metrics.jsonl (need at least 2)"
@@ -356,18 +415,6 @@ def _seconds(timeout_s) -> float:
     return float(timeout_s() if callable(timeout_s) else timeout_s)
 
 
-def generation_summary(arrivals: Sequence[float], n_tokens: int) -> dict:
-    """Seconds per generated token = median gap between consecutive token arrivals after the
-    first (the first includes start-up and the prompt pass)."""
-    gaps = [b - a for a, b in pairwise(arrivals)]
-    return {
-        "new_tokens": n_tokens,
-        "s_per_token": common.median(gaps),
-        "decode_steps": len(gaps),
-        "first_token_s": arrivals[0] if arrivals else None,
-    }
-
-
 def _parse_generate_stderr(text: str) -> dict:
     m = re.search(r"(\d+) tokens in ([\d.]+) s \(([\d.]+) s/token\)", text)
     return {"tokens": int(m.group(1)), "seconds": float(m.group(2)), "s_per_token": float(m.group(3))} if m else {}
@@ -407,7 +454,7 @@ class ChildCpu:
                     continue
                 total += stat.cpu_ticks  # utime + stime
                 anon += process_memory(pid).anon_bytes
-            except (OSError, IndexError, ValueError, ProcessLookupError):
+            except Exception:  # gone between the listing and the reading (psutil.NoSuchProcess, OSError)
                 continue
         self.peak_anon_bytes = max(self.peak_anon_bytes, anon)
         return total / self._tick
@@ -451,141 +498,18 @@ def step_cpu(records: list[dict], samples) -> list[float | None]:
 
 
 # --------------------------------------------------------------------------------------------
-# the worker: one peer, one task, inside the cgroup
+# the benchmark: budgets, bounds and prompts
 
 
-def worker(args) -> int:
-    from odyssey.runtime.memory import PeakSampler
+def weights_bytes(model: Path, dtype: str = "fp32") -> int:
+    """The bytes of every weight of the store's model loaded in `dtype`."""
+    from odyssey.store import Store
 
-    res: dict = {"task": args.task, "peer": args.peer, "done": False, "loadavg": [round(os.getloadavg()[0], 2)]}
-
-    def save(**kw):
-        res.update(kw)
-        common.write_json(Path(args.result), res)
-
-    with PeakSampler(interval_s=0.05) as sampler:
-        t0 = time.perf_counter()
-        import torch
-
-        from odyssey.runtime import allocator
-
-        torch.manual_seed(0)
-        save(allocator=allocator.active(), threads=torch.get_num_threads(), import_s=round(time.perf_counter() - t0, 2))
-        model, device_map = _load_peer(args, torch)
-        save(
-            load_s=round(time.perf_counter() - t0, 2),
-            device_map=device_map,
-            peak_anon_mib=round(sampler.peak_bytes / MIB, 1),
-        )
-        if args.task == "train":
-            _train(args, torch, model, sampler, save)
-        else:
-            _generate(args, torch, model, sampler, save)
-    save(
-        done=True,
-        peak_anon_mib=round(sampler.peak_bytes / MIB, 1),
-        loadavg=res["loadavg"] + [round(os.getloadavg()[0], 2)],
-    )
-    return 0
-
-
-def _load_peer(args, torch):
-    from transformers import LlamaForCausalLM
-
-    if args.peer == "inram":
-        return LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32), {"cpu": "all"}
-    cpu = args.cpu_weights or max(args.budget - args.reserve, 64 * MIB)
-    model = LlamaForCausalLM.from_pretrained(
-        args.model, dtype=torch.float32, device_map="auto", max_memory={"cpu": cpu}, offload_folder=args.offload_folder
-    )
-    counts = offload_summary(model, getattr(model, "hf_device_map", {}))
-    counts["cpu_max_memory_mib"] = cpu // MIB
-    return model, counts
-
-
-def offload_summary(model, device_map: dict) -> dict:
-    """How much of the model accelerate placed where: parameters per device and their share."""
-    per: dict = {}
-    for name, where in device_map.items():
-        mod = model.get_submodule(name) if name else model
-        per[str(where)] = per.get(str(where), 0) + sum(p.numel() for p in mod.parameters())
-    total = sum(per.values()) or 1
-    return {"params": per, "disk_share": round(per.get("disk", 0) / total, 3), "entries": len(device_map)}
-
-
-def _train(args, torch, model, sampler, save):
-    import torch.nn.functional as F
-    from peft import LoraConfig, get_peft_model
-
-    from odyssey.data import BatchSampler, TokenData
-
-    model = get_peft_model(
-        model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=TARGETS, bias="none")
-    )
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    save(trainable=sum(p.numel() for p in params), lora_devices=sorted({str(p.device) for p in params}))
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    batches = BatchSampler(TokenData(args.data), "train", args.seq_len, 1, seed=0)
-    steps, losses, cpus = [], [], []
-    for _ in range(args.steps):
-        batch = batches.next_batch()  # text data: (1, T) int64 each, every target trained
-        x, y = batch.x, batch.y
-        t0, c0 = time.perf_counter(), time.process_time()
-        logits = model(input_ids=x).logits  # (1, T, V) fp32
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        steps.append(round(time.perf_counter() - t0, 3))
-        cpus.append(round(time.process_time() - c0, 2))  # all threads of this process
-        losses.append(round(float(loss), 5))
-        del logits, loss
-        save(step_s_all=steps, cpu_s_all=cpus, losses=losses, peak_anon_mib=round(sampler.peak_bytes / MIB, 1))
-    save(step_s=common.median(steps[1:]), cpu_s=common.median(cpus[1:]), measured_steps=len(steps[1:]))
-
-
-def _generate(args, torch, model, sampler, save):
-    from transformers.generation.streamers import BaseStreamer
-
-    class Clock(BaseStreamer):
-        def __init__(self):
-            self.t, self.cpu = [], []
-
-        def put(self, value):
-            self.t.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-
-        def end(self):
-            pass
-
-    ids = torch.tensor([[int(i) for i in args.prompt_ids.split(",")]])
-    clock = Clock()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=args.new_tokens,
-            do_sample=False,
-            streamer=clock,
-            pad_token_id=0,
-        )
-    new = [int(t) for t in out[0, ids.shape[1] :]]
-    arrivals = [t - t0 for t in clock.t[1:]]  # the first put() is the prompt
-    summary = generation_summary(arrivals, len(new))
-    summary["cpu_s_per_token"] = common.median([b - a for a, b in pairwise(clock.cpu[1:])])
-    save(tokens=new, generate_s=round(time.perf_counter() - t0, 2), **summary)
-
-
-# --------------------------------------------------------------------------------------------
-# the benchmark
+    return Store.open(model).config.num_parameters() * (2 if dtype == "bf16" else 4)
 
 
 def weights_fp32_bytes(model: Path) -> int:
-    from odyssey.store import Store
-
-    return Store.open(model).config.num_parameters() * 4
+    return weights_bytes(model, "fp32")
 
 
 def peer_screens(weights_bytes: int, reserve: int) -> dict:
@@ -614,211 +538,298 @@ def attempt_timeout(timeout_s: float, deadline: float | None, floor_s: float = 1
     return lambda: min(timeout_s, max(floor_s, deadline - time.monotonic()))
 
 
-def _offloaded(climb_res: dict) -> bool:
-    """Did the attempt that ran keep some weights on disk?"""
-    return bool((climb_res.get("ok_result", {}).get("device_map") or {}).get("disk_share"))
-
-
 def prompt_from(data: Path, n: int) -> list[int]:
     from odyssey.data import TokenData
 
     return [int(t) for t in TokenData(data).tokens("val")[:n]]
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a and b else None
-
-
-def _row(name: str, climb_res: dict, **measures) -> dict:
-    """A table row: the climb's outcome, the task's `measures` (times and their ratios to Odyssey),
-    and the peak memory where it ran."""
-    r = climb_res["ok_result"]
+def not_measured(budget: int, why: str) -> dict:
+    """A climb-shaped outcome for a run that was not started."""
     return {
-        "tool": name,
-        "label": climb_res.get("label") or PEER_LABELS[name],
-        "status": climb_res["status"],
-        # the probe runs at one large cap only: "within the budget" does not apply
-        "ran_within_budget": None if name == "offload-probe" else climb_res["ran_within_budget"],
-        "smallest_ok_gib": climb_res["smallest_ok_bytes"] / GIB if climb_res["smallest_ok_bytes"] else None,
-        **measures,
-        "loadavg": r.get("loadavg"),
-        "peak_cgroup_mib": round(climb_res["ok_peak_bytes"] / MIB) if climb_res["ok_peak_bytes"] else None,
-        "peak_anon_mib": r.get("peak_anon_mib") or r.get("peak_rss_anon_mib"),
-        "error": climb_res["error"],
-        "device_map": r.get("device_map"),
-        "stopped": climb_res.get("stopped", ""),
+        "attempts": [],
+        "budget_bytes": budget,
+        "ran_within_budget": False,
+        "smallest_ok_bytes": None,
+        "status": "not measured",
+        "error": why,
+        "stopped": why,
+        "skipped": [],
+        "ok_result": {},
+        "ok_peak_bytes": None,
     }
 
 
-def _train_row(name: str, climb_res: dict, odyssey_step: float | None, odyssey_cpu: float | None = None) -> dict:
-    r = climb_res["ok_result"]
-    return _row(
-        name,
-        climb_res,
-        step_s=r.get("step_s"),
-        measured_steps=r.get("measured_steps"),
-        cpu_s=r.get("cpu_s"),
-        ratio_to_odyssey=_ratio(r.get("step_s"), odyssey_step),
-        cpu_ratio_to_odyssey=_ratio(r.get("cpu_s"), odyssey_cpu),
-        first_loss=(r.get("losses") or [None])[0],
-    )
+# --------------------------------------------------------------------------------------------
+# the benchmark: the runs
 
 
-def _gen_row(name: str, climb_res: dict, odyssey_tok: float | None, odyssey_cpu: float | None = None) -> dict:
-    r = climb_res["ok_result"]
-    return _row(
-        name,
-        climb_res,
-        s_per_token=r.get("s_per_token"),
-        decode_steps=r.get("decode_steps"),
-        cpu_s_per_token=r.get("cpu_s_per_token"),
-        ratio_to_odyssey=_ratio(r.get("s_per_token"), odyssey_tok),
-        cpu_ratio_to_odyssey=_ratio(r.get("cpu_s_per_token"), odyssey_cpu),
-        tokens=r.get("tokens"),
-    )
+def measure_matmul(shape) -> dict:
+    """bf16 and fp32 GFLOP/s of F.linear at `shape` (tokens, in, out), measured now (no cache)."""
+    from odyssey.probe import measure
+
+    gflops, rounds, seconds = measure(shape, reps=7, budget_s=2.0)
+    return {"gflops": {k: float(f"{v:.4g}") for k, v in gflops.items()}, "rounds": rounds, "seconds": round(seconds, 2)}
 
 
-def _note(row: dict) -> str:
-    parts = []
-    if row["status"] != "runs" or row["ran_within_budget"] is False:
-        if row["error"]:
-            parts.append(("at smaller budgets: " if row["status"] == "runs" else "") + common.short_error(row["error"]))
-    if row.get("stopped") and row["status"] != "runs":
-        parts.append(f"stopped: {row['stopped']}")
-    dm = row.get("device_map") or {}
-    if row["tool"].startswith("offload") and row["status"] == "runs":
-        share = dm.get("disk_share", 0)
-        parts.append(
-            f"{share:.0%} of the weights on disk" if share else "nothing offloaded at this budget: runs as in RAM"
+def best_gflops(measurements: Sequence[dict]) -> dict:
+    """Per dtype, the best figure of the run's measurements."""
+    out: dict = {}
+    for m in measurements:
+        for k, v in m["gflops"].items():
+            out[k] = max(out.get(k, 0.0), v)
+    return out
+
+
+class TrainBench:
+    """The training part: Odyssey's rows, every peer configuration timed once with memory no
+    limit, then the smallest cgroup of each by bisection, all against one deadline."""
+
+    def __init__(self, args, model: Path, data: Path, work: Path, deadline: float | None, capped: bool):
+        from odyssey.store import Store
+
+        self.args, self.model, self.data, self.work = args, model, data, work
+        self.deadline, self.capped = deadline, capped
+        self.config = Store.open(model).config
+        self.timeout = attempt_timeout(args.timeout_s, deadline)
+        self.cap = common.parse_budget(args.max_budget)
+        self.climbs: dict = {}
+        self.rows: dict[str, dict] = {}
+        self.swap = smallest.swap_present()
+        self.train_ok: tuple[bool, str] | None = None  # `odyssey train` present? asked once
+
+    def out_of_time(self, need_s: float = 0.0) -> bool:
+        return self.deadline is not None and time.monotonic() + need_s > self.deadline
+
+    # --- Odyssey ---
+    def odyssey(self, budget_gib: float, dtype: str) -> dict:
+        name = (
+            "odyssey" if (budget_gib, dtype) == (ODYSSEY_BUDGETS_GIB[0], "auto") else f"odyssey-{budget_gib:g}g-{dtype}"
         )
-    return "; ".join(parts)
-
-
-def _peer_table(
-    rows: list[dict],
-    budget_gib: float,
-    measures: Sequence[tuple[str, str, int]],
-    count: str,
-    extra: Sequence[tuple[str, str, int]] = (),
-) -> str:
-    """The columns both tasks share: where each tool ran, its `measures` ((header, key, digits): wall
-    and CPU time) with how many steps they are the median of (the `count` key), the ratios to
-    Odyssey, peak memory, the `extra` columns and the notes."""
-    headers = [
-        "tool",
-        f"runs in {budget_gib:g} GiB",
-        "smallest budget that ran",
-        *(h for h, _, _ in measures),
-        "median of",
-        "x Odyssey",
-        "x Odyssey (CPU)",
-        "peak cgroup MiB",
-        "peak anon MiB",
-        *(h for h, _, _ in extra),
-        "notes",
-    ]
-    out = []
-    for r in rows:
-        out.append(
-            (
-                r["label"],
-                common.fmt(r["ran_within_budget"]),
-                "does not run" if r["status"] != "runs" else f"{r['smallest_ok_gib']:g} GiB",
-                *(common.fmt(r.get(k), d) for _, k, d in measures),
-                r[count] or "-",
-                common.fmt(r["ratio_to_odyssey"]),
-                common.fmt(r.get("cpu_ratio_to_odyssey")),
-                common.fmt(r["peak_cgroup_mib"]),
-                common.fmt(r["peak_anon_mib"], 0),
-                *(common.fmt(r.get(k), d) for _, k, d in extra),
-                _note(r),
+        budget = int(budget_gib * GIB)
+        print(f"  train: Odyssey, {budget_gib:g} GiB cgroup, compute_dtype {dtype}")
+        self.train_ok = self.train_ok or common.train_available()
+        ok, why = self.train_ok
+        if not ok:
+            res = not_measured(budget, why)
+        elif self.out_of_time():
+            res = not_measured(budget, "time limit of the benchmark reached")
+        else:
+            extra = [] if dtype == "auto" else [f"compute_dtype={dtype}"]
+            runner = odyssey_train_runner(
+                self.model,
+                self.data,
+                self.work,
+                self.args.steps,
+                self.args.seq_len,
+                self.timeout,
+                extra,
+                name=name,
+                capped=self.capped,
+                num_layers=self.config.num_hidden_layers,
             )
+            res = climb(runner, [budget])
+        self.climbs[name] = res
+        r = res.get("ok_result") or {}
+        picked = r.get("compute_dtype")
+        compute = f"auto ({picked})" if dtype == "auto" and picked else dtype
+        self.rows[name] = train_row(
+            name,
+            f"Odyssey, {budget_gib:g} GiB" + (" (headline)" if name == "odyssey" else ""),
+            f"Odyssey\n{budget_gib:g}G {dtype}",
+            res,
+            self.args.seq_len,
+            kind="odyssey",
+            dtype=picked or (dtype if dtype != "auto" else None),
+            compute=compute,
+            layers_kept=r.get("layers_kept"),
+            uncapped=not self.capped,
+            note=r.get("note", ""),
         )
-    return common.markdown_table(headers, out, "lcc" + "r" * (len(headers) - 4) + "l")
+        return self.rows[name]
 
-
-def train_table(rows: list[dict], budget_gib: float) -> str:
-    return _peer_table(
-        rows,
-        budget_gib,
-        [("step s", "step_s", 1), ("CPU s", "cpu_s", 1)],
-        "measured_steps",
-        extra=[("loss step 1", "first_loss", 4)],
-    )
-
-
-def gen_table(rows: list[dict], budget_gib: float) -> str:
-    return _peer_table(
-        rows, budget_gib, [("s / token", "s_per_token", 2), ("CPU s / token", "cpu_s_per_token", 2)], "decode_steps"
-    )
-
-
-SHORT = {
-    "odyssey": "Odyssey",
-    "inram": "peft\nin RAM",
-    "offload": "accelerate\noffload",
-    "offload-probe": "offload,\nno mem limit",
-}
-
-
-def png(result: dict, path: Path):
-    """Three panels: step time (wall and CPU), peak memory against the budget, s/token."""
-    plt = common.pyplot()
-    if plt is None:
-        return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-    budget_mib = result["settings"]["budget_gib"] * 1024
-
-    def grouped(ax, rows, keys, labels, title, ylabel, line=None):
-        width = 0.8 / len(keys)
-        for k, (key, label) in enumerate(zip(keys, labels, strict=True)):
-            xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(rows))]
-            vals = [r.get(key) for r in rows]
-            ax.bar(
-                xs,
-                [v or 0 for v in vals],
-                width,
-                label=label,
-                color=[("#2ca02c" if r["tool"] == "odyssey" else "#1f77b4") for r in rows],
-                alpha=1.0 if k == 0 else 0.5,
-            )
-            for x, v in zip(xs, vals, strict=True):
-                ax.text(x, v or 0, "n/a" if v is None else f"{v:,.1f}", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(range(len(rows)), [SHORT.get(r["tool"], r["tool"]) for r in rows], fontsize=8)
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel(ylabel)
-        if line:
-            ax.axhline(line, color="#d62728", lw=0.8, ls="--")
-        if len(keys) > 1:
-            ax.legend(fontsize=7)
-
-    t, g = result["train"], result["generate"]
-    if t:
-        grouped(
-            axes[0], t, ["step_s", "cpu_s"], ["wall s", "CPU s"], "LoRA step (lower is better; n/a: did not run)", "s"
+    def odyssey_same_as_auto(self, budget_gib: float, auto_name: str) -> None:
+        """An fp32 row where auto picked fp32: the auto row is that run."""
+        name = f"odyssey-{budget_gib:g}g-fp32"
+        res = not_measured(int(budget_gib * GIB), "")
+        res["status"] = "same run"
+        self.climbs[name] = res
+        self.rows[name] = train_row(
+            name,
+            f"Odyssey, {budget_gib:g} GiB",
+            f"Odyssey\n{budget_gib:g}G fp32",
+            res,
+            self.args.seq_len,
+            kind="odyssey",
+            dtype="fp32",
+            compute="fp32",
+            note=f"auto picked fp32 here: the row '{self.rows[auto_name]['label']}' is this configuration",
         )
-        grouped(
-            axes[1],
-            t,
-            ["peak_cgroup_mib"],
-            ["peak"],
-            "peak memory where it ran (MiB)\nred: the budget",
-            "MiB",
-            budget_mib,
+
+    # --- peers ---
+    def _peer_runner(self, config: PeerConfig, steps: int, cpu_weights: int = 0):
+        return peer_runner(
+            "train",
+            config,
+            self.model,
+            self.data,
+            self.work,
+            steps,
+            self.args.seq_len,
+            self.timeout,
+            self.args.peer_jemalloc,
+            reserve_bytes=common.parse_budget(self.args.offload_reserve),
+            cpu_weights=cpu_weights,
+            capped=self.capped,
         )
-    if g:
-        grouped(
-            axes[2],
-            g,
-            ["s_per_token", "cpu_s_per_token"],
-            ["wall s", "CPU s"],
-            "generation, s per token (lower is better)",
-            "s",
+
+    def offload_share(self, config: PeerConfig) -> int:
+        return max(int(weights_bytes(self.model, config.dtype) * self.args.offload_share), MIB)
+
+    def peer(self, config: PeerConfig) -> dict:
+        """One timed run with memory no limit (a cap of --max-budget)."""
+        name = config.name
+        cpu_weights = self.offload_share(config) if config.peer == "offload" else 0
+        where = f", {cpu_weights / MIB:,.0f} MiB of weights in RAM" if cpu_weights else ""
+        print(f"  train: {config.label}{where}, cap {self.cap / GIB:g} GiB")
+        if self.out_of_time():
+            res = not_measured(self.cap, "time limit of the benchmark reached")
+        else:
+            res = climb(self._peer_runner(config, self.args.steps, cpu_weights), [self.cap])
+        self.climbs[name] = res
+        r = res.get("ok_result") or {}
+        self.rows[name] = train_row(
+            name,
+            config.label,
+            config.short,
+            res,
+            self.args.seq_len,
+            kind=config.peer,
+            dtype=config.dtype,
+            compute=config.compute,
+            checkpointing=config.checkpointing,
+            cpu_weights=cpu_weights,
+            uncapped=not self.capped,
+            device_map=r.get("device_map") or _first_attempt(res).get("result", {}).get("device_map"),
+            seconds=_first_attempt(res).get("seconds"),
         )
-    return common.save_figure(fig, path)
+        return self.rows[name]
+
+    def search(self, config: PeerConfig) -> None:
+        """The smallest cgroup the configuration runs in, by bisection below its timed run."""
+        row = self.rows.get(config.name)
+        if not row or row["status"] != "runs":
+            return
+        if not self.capped:
+            row["search_skipped"] = "no cgroup: not searched"
+            return
+        weights = row["cpu_weights"] or weights_bytes(self.model, config.dtype)
+        anon = (row.get("peak_anon_mib") or 0) * MIB
+        lo = smallest.search_floor(weights, anon, self.swap)
+        peak = (row.get("peak_cgroup_mib") or 0) * MIB
+        guess = smallest.align_up(peak, self.args.resolution) if peak else None
+        if self.cap - lo > self.args.resolution:
+            print(f"  smallest cgroup: {config.label} (between {lo / GIB:.2f} and {self.cap / GIB:g} GiB)")
+        s = smallest.bisect_budget(
+            self._peer_runner(config, self.args.probe_steps, row["cpu_weights"]),
+            lo,
+            self.cap,
+            resolution_bytes=self.args.resolution,
+            deadline=self.deadline,
+            first_guess=guess,
+            last_seconds=row.get("seconds") or 0.0,
+        )
+        row["search"] = s
+        self.climbs[config.name]["search"] = s
+
+    def finish(self, order: Sequence[str]) -> tuple[list[dict], dict | None]:
+        """The rows in table order, each with its ratio to the fastest peer, its smallest-cgroup
+        cell and its loss checked against the fp32 reference; and the fastest peer's row."""
+        rows = [self.rows[n] for n in order if n in self.rows]
+        peers_ = [r for r in rows if r.get("kind") in ("inram", "offload")]
+        best = smallest.fastest(peers_)
+        for r in rows:
+            r["x_fastest_peer"] = _ratio(r.get("step_s"), best["step_s"]) if best else None
+            if r.get("kind") != "odyssey":
+                r["smallest"] = smallest_text(r)
+        ref_row = next(
+            (r for r in rows if r["name"] == "inram-fp32" and r.get("first_loss") is not None),
+            next((r for r in rows if r.get("dtype") == "fp32" and r.get("first_loss") is not None), None),
+        )
+        self.reference = ref_row
+        self.loss_problems = goals.check_losses(rows, ref_row["first_loss"] if ref_row else None)
+        return rows, best
+
+    # --- the order of the runs ---
+    def measure(self) -> None:
+        """Every timed run, in order of what the targets need first: Odyssey's headline, every
+        in-RAM peer (the fastest is the one to beat), Odyssey at 4 GiB, the fp32 rows, the offload
+        peers; then the smallest cgroup of the fastest peer."""
+        peers_ = self.args.peers
+        small, big = ODYSSEY_BUDGETS_GIB
+        self.inram = peer_configs("inram") if "inram" in peers_ else []
+        self.offload = peer_configs("offload") if "offload" in peers_ else []
+        head = self.odyssey(small, "auto") if "odyssey" in peers_ else None
+        for c in self.inram:
+            self.peer(c)
+        if "odyssey" in peers_:
+            self.odyssey(big, "auto")
+            auto_fp32 = bool(head and head.get("dtype") == "fp32")
+            for b in (small, big):
+                if auto_fp32:
+                    self.odyssey_same_as_auto(b, "odyssey" if b == small else f"odyssey-{b:g}g-auto")
+                else:
+                    self.odyssey(b, "fp32")
+        for c in self.offload:
+            self.peer(c)
+        self.ranked = sorted(
+            (c for c in [*self.inram, *self.offload] if self.rows[c.name]["status"] == "runs"),
+            key=lambda c: self.rows[c.name]["step_s"] or float("inf"),
+        )
+        if self.ranked:
+            self.search(self.ranked[0])
+
+    def search_rest(self) -> None:
+        """The smallest cgroup of the other peers, fastest first, while time is left."""
+        for c in self.ranked[1:]:
+            self.search(c)
+
+    def report(self, result: dict) -> None:
+        """The rows, the fastest peer, the loss check and the compute limit's FLOP into `result`."""
+        small, big = ODYSSEY_BUDGETS_GIB
+        order = [
+            "odyssey",
+            f"odyssey-{small:g}g-fp32",
+            f"odyssey-{big:g}g-auto",
+            f"odyssey-{big:g}g-fp32",
+            *(c.name for c in self.inram),
+            *(c.name for c in self.offload),
+        ]
+        rows, best = self.finish(order)
+        cfg = self.config
+        layer_params = sum(math.prod(s) for s in cfg.layer_shapes(0).values())
+        kept = (self.rows.get("odyssey") or {}).get("layers_kept") or 0
+        result["train"] = rows
+        result["fastest_peer"] = best["name"] if best else None
+        result["climbs"]["train"] = self.climbs
+        result["compute_limit"] = {
+            "parameters": cfg.num_parameters(),
+            "layer_parameters": layer_params,
+            "layers_kept": kept,
+            "flop_per_token": goals.flop_per_token(cfg.num_parameters(), layer_params, kept),
+        }
+        result["loss_reference"] = self.reference["label"] if self.reference else None
+        result["loss_problems"] = self.loss_problems
+        for line in self.loss_problems:
+            print(f"  WARNING: {line}")
 
 
 def run(args) -> dict:
+    from odyssey.probe import shape_of, shape_text
+    from odyssey.runtime import cgroup
+    from odyssey.store import Store
+
+    t_start = time.monotonic()
     model = Path(args.model) if args.model else common.ensure_store("odyssey-1.2b")
     data = Path(args.data) if args.data else common.ensure_data()
     work = Path(args.work)
@@ -826,9 +837,16 @@ def run(args) -> dict:
     budget = common.parse_budget(args.budget)
     budgets = ladder(budget, cap_bytes=common.parse_budget(args.max_budget))
     reserve = common.parse_budget(args.offload_reserve)
-    deadline = time.monotonic() + args.time_limit_s if args.time_limit_s else None
+    deadline = t_start + args.time_limit_s if args.time_limit_s else None
     timeout = attempt_timeout(args.timeout_s, deadline)
     prompt = prompt_from(data, args.prompt_len)
+    capped, where = cgroup.available()
+    cfg = Store.open(model).config
+    shape = shape_of(cfg, args.seq_len)
+    import torch
+
+    threads = torch.get_num_threads()
+    matmul = [measure_matmul(shape)]
     settings = {
         "model": str(model),
         "model_label": common.model_label(model),
@@ -841,165 +859,96 @@ def run(args) -> dict:
         "optimizer": f"AdamW lr {LR}",
         "steps": args.steps,
         "measured_steps": args.steps - 1,
+        "probe_steps": args.probe_steps,
         "budget_gib": budget / GIB,
+        "odyssey_budgets_gib": list(ODYSSEY_BUDGETS_GIB),
+        "max_budget_gib": common.parse_budget(args.max_budget) / GIB,
+        "resolution_mib": args.resolution // MIB,
         "ladder_gib": [b / GIB for b in budgets],
         "offload_reserve_gib": reserve / GIB,
-        "compute_dtype": "fp32",
+        "offload_share": args.offload_share,
         "prompt_len": len(prompt),
         "new_tokens": args.new_tokens,
         "peer_allocator": "jemalloc" if args.peer_jemalloc else "system (glibc)",
+        "cgroup": where if capped else f"unavailable: {where}",
+        "threads": threads,
+        "matmul_shape": shape_text(shape),
+        "time_limit_s": args.time_limit_s,
     }
     print(
         f"peers on {model}: seq_len {args.seq_len}, batch 1, LoRA r={LORA_R} alpha {LORA_ALPHA}, AdamW; "
-        f"{args.steps} steps each, step time = median of the last {args.steps - 1}; budget ladder "
-        f"{', '.join(f'{b / GIB:g}' for b in budgets)} GiB"
+        f"{args.steps} steps a timed run (median of the last {args.steps - 1}), {args.probe_steps} a search "
+        f"attempt; matmul {shape_text(shape)}: bf16 {matmul[0]['gflops']['bf16']:,.0f}, "
+        f"fp32 {matmul[0]['gflops']['fp32']:,.0f} GFLOP/s"
+        + ("" if capped else f"; no cgroups ({where}): nothing capped, nothing searched")
     )
-    result = {"machine": common.machine(), "date": common.today(), "settings": settings, "climbs": {}}
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    m = common.machine()
+    from odyssey.probe import MATMUL_FLAGS
+    from odyssey.runtime.cpu import cpu_flags
 
-    weights = weights_fp32_bytes(model)
-    screens = peer_screens(weights, reserve)
-    settings["weights_fp32_gib"] = round(weights / GIB, 2)
-    train_rows, gen_rows = [], []
-    if "train" in tasks:
-        climbs = {}
-        for peer in peers:
-            print(f"  train: {PEER_LABELS[peer]}")
-            if peer == "odyssey":
-                ok, why = common.train_available()
-                if not ok:
-                    print(f"    skipped: {why}")
-                    climbs[peer] = {
-                        "attempts": [],
-                        "budget_bytes": budget,
-                        "ran_within_budget": False,
-                        "smallest_ok_bytes": None,
-                        "status": "not measured",
-                        "error": why,
-                        "stopped": why,
-                        "ok_result": {},
-                        "ok_peak_bytes": None,
-                    }
-                    continue
-                runner = odyssey_train_runner(model, data, work, args.steps, args.seq_len, timeout)
-            else:
-                runner = peer_runner(
-                    "train",
-                    peer,
-                    model,
-                    data,
-                    work,
-                    args.steps,
-                    args.seq_len,
-                    reserve,
-                    prompt,
-                    args.new_tokens,
-                    timeout,
-                    args.peer_jemalloc,
-                )
-            climbs[peer] = climb(runner, budgets, deadline=deadline, screen=screens.get(peer))
-            if peer == "offload" and args.offload_probe and not _offloaded(climbs[peer]):
-                # It ran only once nothing was left on disk (or not at all): does disk-offloaded
-                # LoRA training run when memory is no limit? One attempt at the probe budget with
-                # the weights share of the first budget.
-                probe = common.parse_budget(args.offload_probe)
-                share = max(budget - reserve, 64 * MIB)
-                print(
-                    f"  train: {PEER_LABELS['offload-probe']} ({share / GIB:g} GiB of weights in RAM, "
-                    f"cap {probe / GIB:g} GiB)"
-                )
-                runner = peer_runner(
-                    "train",
-                    "offload",
-                    model,
-                    data,
-                    work,
-                    args.steps,
-                    args.seq_len,
-                    reserve,
-                    prompt,
-                    args.new_tokens,
-                    timeout,
-                    args.peer_jemalloc,
-                    cpu_weights=share,
-                )
-                climbs["offload-probe"] = climb(runner, [probe], deadline=None)
-                climbs["offload-probe"]["label"] = (
-                    f"the same, {share / GIB:g} GiB of weights in RAM, the rest "
-                    f"on disk, cap {probe / GIB:g} GiB (memory no limit)"
-                )
-        ody = climbs.get("odyssey", {}).get("ok_result", {})
-        train_rows = [_train_row(p, c, ody.get("step_s"), ody.get("cpu_s")) for p, c in climbs.items()]
-        result["climbs"]["train"] = climbs
+    m["matmul_flags"] = [f for f in MATMUL_FLAGS if f in set(cpu_flags()[1])]
+    result = {"machine": m, "date": common.today(), "settings": settings, "climbs": {}, "train": [], "generate": []}
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    args.peers = [p.strip() for p in args.peers.split(",") if p.strip()] if isinstance(args.peers, str) else args.peers
+    train = TrainBench(args, model, data, work, deadline, capped) if "train" in tasks else None
+    if train is not None:
+        train.measure()  # every timed run, and the search of the fastest peer
     if "generate" in tasks:
+        screens = peer_screens(weights_fp32_bytes(model), reserve)
         climbs = {}
-        for peer in [p for p in peers if p in ("odyssey", "offload")]:
+        for peer in [p for p in args.peers if p in ("odyssey", "offload")]:
             print(f"  generate: {PEER_LABELS[peer]}")
             if peer == "odyssey":
                 runner = odyssey_generate_runner(model, work, prompt, args.new_tokens, timeout)
             else:
                 runner = peer_runner(
                     "generate",
-                    peer,
+                    PeerConfig("offload", "fp32", False),
                     model,
                     data,
                     work,
                     args.steps,
                     args.seq_len,
-                    reserve,
-                    prompt,
-                    args.new_tokens,
                     timeout,
                     args.peer_jemalloc,
+                    reserve_bytes=reserve,
+                    prompt_ids=prompt,
+                    new_tokens=args.new_tokens,
+                    capped=capped,
                 )
-            climbs[peer] = climb(runner, budgets, deadline=deadline, screen=screens.get(peer))
+            if deadline is not None and time.monotonic() > deadline:
+                climbs[peer] = not_measured(budget, "time limit of the benchmark reached")
+            else:
+                climbs[peer] = climb(runner, budgets, deadline=deadline, screen=screens.get(peer))
         ody = climbs.get("odyssey", {}).get("ok_result", {})
-        gen_rows = [_gen_row(p, c, ody.get("s_per_token"), ody.get("cpu_s_per_token")) for p, c in climbs.items()]
+        result["generate"] = [
+            _gen_row(p, c, ody.get("s_per_token"), ody.get("cpu_s_per_token")) for p, c in climbs.items()
+        ]
         result["climbs"]["generate"] = climbs
-    result["train"], result["generate"] = train_rows, gen_rows
+    if train is not None:
+        train.search_rest()
+        train.report(result)
+    matmul.append(measure_matmul(shape))
+    best = best_gflops(matmul)
+    result["matmul"] = {"measurements": matmul, "best_gflops": best, "shape": shape_text(shape)}
+    result["targets"] = []
+    if "train" in tasks:
+        lim = result["compute_limit"]
+        lim["fastest_gflops"] = max(best.values())
+        lim["fastest_dtype"] = max(best, key=best.get)
+        lim["tokens_per_s"] = goals.compute_limit_tokens_s(
+            best, lim["parameters"], lim["layer_parameters"], lim["layers_kept"]
+        )
+        rows = {r["name"]: r for r in result["train"]}
+        peer = rows.get(result["fastest_peer"]) if result["fastest_peer"] else None
+        result["targets"] = goals.targets(
+            rows.get("odyssey"),
+            rows.get(f"odyssey-{ODYSSEY_BUDGETS_GIB[1]:g}g-auto"),
+            peer,
+            lim["tokens_per_s"],
+            args.seq_len,
+        )
     return result
-
-
-def markdown_sections(result: dict) -> list[tuple[str, str]]:
-    s = result["settings"]
-    out = []
-    if result["train"]:
-        out.append(
-            (
-                f"**LoRA training step**, {s.get('model_label', '')} model, batch 1, seq_len {s['seq_len']}, "
-                f"r={s['lora_r']}, "
-                f"alpha {s['lora_alpha']}, {', '.join(t.split('_')[0] for t in s['targets'])}, AdamW, fp32 "
-                f"compute; each tool in a memory cgroup starting at {s['budget_gib']:g} GiB. Step time is "
-                f"the median of {s['measured_steps']} steps after a warm-up step, at the smallest budget "
-                f"that ran.",
-                train_table(result["train"], s["budget_gib"]),
-            )
-        )
-    if result["generate"]:
-        out.append(
-            (
-                f"**Generation**, greedy, {s['prompt_len']}-token prompt, {s['new_tokens']} new tokens; "
-                f"seconds per token = median gap between tokens after the first.",
-                gen_table(result["generate"], s["budget_gib"]),
-            )
-        )
-    return out
-
-
-def notes(result: dict) -> list[str]:
-    s = result["settings"]
-    return [
-        "CPU s: CPU time (user + system, all threads) of the tool's process for the same step or token; "
-        "other work on the machine stretches wall time far more than CPU time, so the CPU ratio is the "
-        "steadier comparison of work done, the wall ratio the one a user waits for.",
-        f"Peers use the {s['peer_allocator']} allocator (as a user gets them); Odyssey preloads jemalloc "
-        "itself when it is installed.",
-        "Peak cgroup memory counts anonymous memory plus page cache charged to the group (file pages of "
-        "the weights read); peak anon is the process's anonymous RSS.",
-        f"accelerate disk offload gets max_memory cpu = budget - {s['offload_reserve_gib']:g} GiB for "
-        "weights; the rest goes to disk.",
-    ]
 
 
 def main(argv=None) -> int:
@@ -1014,32 +963,37 @@ def main(argv=None) -> int:
         w.add_argument(
             "--cpu-weights", type=int, default=0, help="accelerate max_memory cpu, bytes (0: budget - reserve)"
         )
+        w.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+        w.add_argument("--checkpointing", action="store_true")
         return worker(w.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="store directory (default: the 1.2B under .cache/bench, created if missing)")
     p.add_argument("--data", help="token data directory (default: the sample corpus under .cache/bench)")
-    p.add_argument("--budget", default="2GiB", help="RAM budget every tool starts at")
-    p.add_argument("--max-budget", default="16GiB", help="highest rung of the retry ladder")
+    p.add_argument("--budget", default="2GiB", help="RAM budget generation starts at (its ladder climbs from it)")
+    p.add_argument(
+        "--max-budget",
+        default="16GiB",
+        help="the cap of the peers' timed runs (memory no limit) and the top of the searches and ladders",
+    )
+    p.add_argument("--resolution", type=common.parse_budget, default=smallest.RESOLUTION, help="of the search (256MiB)")
     p.add_argument(
         "--offload-reserve",
         default="1GiB",
-        help="budget left for runtime and activations; accelerate gets the rest for weights",
+        help="generation: budget left for runtime and activations; accelerate gets the rest for weights",
     )
-    p.add_argument("--steps", type=int, default=4, help="training steps per tool (the first is warm-up)")
+    p.add_argument(
+        "--offload-share", type=float, default=0.25, help="training: the weights' share accelerate keeps in RAM"
+    )
+    p.add_argument("--steps", type=int, default=4, help="steps of a timed run (the first is warm-up)")
+    p.add_argument("--probe-steps", type=int, default=2, help="steps of a search attempt")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--tasks", default="train,generate")
     p.add_argument("--peers", default="odyssey,inram,offload")
-    p.add_argument(
-        "--offload-probe",
-        default="16GiB",
-        help="when disk-offloaded training never ran, try once at this cap with the weights share "
-        "of the first budget ('' to skip)",
-    )
     p.add_argument("--peer-jemalloc", action="store_true", help="preload jemalloc into the peers too")
     p.add_argument("--timeout-s", type=float, default=900, help="per attempt")
-    p.add_argument("--time-limit-s", type=float, default=0, help="stop climbing after this long (0: no limit)")
+    p.add_argument("--time-limit-s", type=float, default=0, help="start no run after this long (0: no limit)")
     p.add_argument("--work", default=str(common.CACHE / "peers"), help="logs, run dirs, offload folders")
     p.add_argument("--out-dir", default=str(common.RESULTS))
     p.add_argument("--replot", action="store_true", help="rewrite peers.md and peers.png from OUT_DIR/peers.json")

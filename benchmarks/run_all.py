@@ -1,10 +1,12 @@
 """Every benchmark, one after the other (`make bench`): page-in, out-of-core overhead, peers,
 scaling. Each part runs in its own process and prints its tables; the results land in
 benchmarks/results/ as JSON, markdown and PNG, and benchmarks/results/README.md collects the
-tables with the date and the machine. The whole run is planned to fit 45 minutes on a 2-core
-machine: the parts that climb budgets stop climbing when the time left runs short.
+tables with the date and the machine. The whole run is planned to fit 75 minutes on a 2-core
+machine: peers gets what pagein and overhead leave less 14 minutes for scaling (on the 1.2B: about
+25 minutes for the runs the targets need, the rest for the smallest-cgroup searches and
+generation); the parts that climb or search budgets start no run past their time limit.
 
-    .venv/bin/python benchmarks/run_all.py [--parts pagein,overhead,peers,scaling] [--minutes 45]
+    .venv/bin/python benchmarks/run_all.py [--parts pagein,overhead,peers,scaling] [--minutes 75]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import goals  # noqa: E402
 import overhead  # noqa: E402
 import peers  # noqa: E402
 import scaling  # noqa: E402
@@ -26,7 +29,7 @@ import scaling  # noqa: E402
 HERE = Path(__file__).resolve().parent
 PARTS = ("pagein", "overhead", "peers", "scaling")
 # seconds kept for the parts after this one: a part that climbs budgets stops climbing when only these are left
-RESERVE_AFTER_S = {"pagein": 40 * 60, "overhead": 30 * 60, "peers": 14 * 60, "scaling": 60}
+RESERVE_AFTER_S = {"pagein": 70 * 60, "overhead": 60 * 60, "peers": 14 * 60, "scaling": 60}
 README_ORDER = ("peers", "scaling", "overhead", "pagein")  # the headline first
 TITLES = {"pagein": "Page-in", "overhead": overhead.TITLE, "peers": peers.TITLE, "scaling": scaling.TITLE}
 MARKDOWN = {  # part -> result files shown in the README, in order
@@ -115,6 +118,24 @@ def readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
 
 
+def targets_text(out_dir: Path) -> str | None:
+    """The targets table of OUT_DIR/peers.json with the machine line, for the end of the run's
+    output; None when there is no such result."""
+    try:
+        res = json.loads((out_dir / "peers.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not res.get("targets"):
+        return None
+    m, mm = res.get("machine", {}), res.get("matmul", {})
+    g = mm.get("best_gflops", {})
+    head = (
+        f"Targets ({res.get('date', '')}; {m.get('cpu')}, {res.get('settings', {}).get('threads')} threads, matmul "
+        f"{mm.get('shape')}: bf16 {g.get('bf16', 0):,.0f}, fp32 {g.get('fp32', 0):,.0f} GFLOP/s)"
+    )
+    return head + "\n" + goals.table(res["targets"])
+
+
 def write_readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> None:
     common.atomic.write_text(out_dir / "README.md", readme(out_dir, machine, runs, date) + "\n")
     print(f"wrote {out_dir / 'README.md'}")
@@ -123,7 +144,7 @@ def write_readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> N
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS))
-    p.add_argument("--minutes", type=float, default=45, help="time the whole run should fit in")
+    p.add_argument("--minutes", type=float, default=75, help="time the whole run should fit in")
     p.add_argument("--steps", type=int, default=4, help="training steps per run; the first is warm-up")
     p.add_argument("--out-dir", default=str(common.RESULTS))
     p.add_argument(
@@ -189,6 +210,8 @@ def main(argv=None) -> int:
     for r in runs:
         print(f"  {r['part']:9s} {r['status']:18s} {r['seconds'] / 60:5.1f} min")
     write_readme(out_dir, machine, runs, date)
+    if "peers" in parts and (text := targets_text(out_dir)):
+        print(f"\n{text}")
     return 0 if all(r["returncode"] == 0 for r in runs) else 1
 
 

@@ -14,10 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
+import goals  # noqa: E402
 import pagein  # noqa: E402
+import peer_report  # noqa: E402
 import peers  # noqa: E402
 import run_all  # noqa: E402
 import scaling  # noqa: E402
+import smallest  # noqa: E402
 
 GIB, MIB = common.GIB, common.MIB
 
@@ -245,32 +248,95 @@ def _climb(status="runs", ok_bytes=2 * GIB, first_ok=True, result=None, error=""
     }
 
 
+def _peer_row(config, climb, seq_len=512, **extra):
+    return peer_report.train_row(
+        config.name,
+        config.label,
+        config.short,
+        climb,
+        seq_len,
+        kind=config.peer,
+        dtype=config.dtype,
+        compute=config.compute,
+        checkpointing=config.checkpointing,
+        cpu_weights=0,
+        **extra,
+    )
+
+
 def fake_peers_result():
     ody = _climb(
-        result={"step_s": 20.0, "cpu_s": 30.0, "measured_steps": 3, "peak_rss_anon_mib": 600.0, "losses": [10.4]}
+        ok_bytes=1 * GIB,
+        result={"step_s": 20.0, "cpu_s": 30.0, "measured_steps": 3, "peak_rss_anon_mib": 600.0, "losses": [10.8069]},
     )
-    inram = _climb(
-        ok_bytes=12 * GIB,
-        first_ok=False,
-        error="OOM-killed",
-        peak=9000 * MIB,
-        result={"step_s": 10.0, "cpu_s": 15.0, "measured_steps": 3, "peak_anon_mib": 8000.0, "losses": [10.4]},
+    ody["budget_bytes"] = 1 * GIB
+    ody4 = _climb(ok_bytes=4 * GIB, result={"step_s": 9.0, "cpu_s": 17.0, "measured_steps": 3, "losses": [10.81]})
+    ody4["budget_bytes"] = 4 * GIB
+    c_fp32, c_ckpt, c_bf16, c_bf16_ckpt = peers.peer_configs("inram")
+    fp32 = _climb(
+        ok_bytes=16 * GIB,
+        peak=10842 * MIB,
+        result={"step_s": 13.0, "cpu_s": 25.0, "measured_steps": 3, "peak_anon_mib": 8620.0, "losses": [10.8069]},
     )
+    fp32["budget_bytes"] = 16 * GIB
+    search = {
+        "smallest_ok_bytes": 9 * GIB,
+        "largest_failed_bytes": int(8.75 * GIB),
+        "lo_bytes": 8 * GIB,
+        "hi_bytes": 16 * GIB,
+        "resolution_bytes": 256 * MIB,
+        "resolved": True,
+        "stopped": "",
+        "attempts": [],
+    }
+    bf16 = _climb(
+        ok_bytes=16 * GIB,
+        peak=5200 * MIB,
+        result={"step_s": 10.0, "cpu_s": 19.0, "measured_steps": 3, "peak_anon_mib": 4900.0, "losses": [10.9]},
+    )
+    bf16["budget_bytes"] = 16 * GIB
+    failed = _climb(status="does not run", ok_bytes=None, first_ok=False, peak=None, error="OOM-killed")
+    failed["budget_bytes"] = 16 * GIB
     off = _climb(
         status="does not run",
         ok_bytes=None,
         first_ok=False,
         peak=None,
-        error="RuntimeError: expected device meta but got cpu",
+        error="RuntimeError: Function MmBackward0 returned an invalid gradient at index 1 - expected device "
+        "meta but got cpu",
     )
     train = [
-        peers._train_row("odyssey", ody, 20.0, 30.0),
-        peers._train_row("inram", inram, 20.0, 30.0),
-        peers._train_row("offload", off, 20.0, 30.0),
+        peer_report.train_row(
+            "odyssey",
+            "Odyssey, 1 GiB (headline)",
+            "O",
+            ody,
+            512,
+            kind="odyssey",
+            dtype="bf16",
+            compute="auto (bf16)",
+            layers_kept=None,
+        ),
+        peer_report.train_row(
+            "odyssey-4g-auto",
+            "Odyssey, 4 GiB",
+            "O4",
+            ody4,
+            512,
+            kind="odyssey",
+            dtype="bf16",
+            compute="auto (bf16)",
+            layers_kept=6,
+        ),
+        _peer_row(c_fp32, fp32, search=search),
+        _peer_row(c_ckpt, failed),
+        _peer_row(c_bf16, bf16, search_skipped="not searched: time limit of the benchmark reached"),
+        _peer_row(c_bf16_ckpt, failed),
+        _peer_row(peers.PeerConfig("offload", "fp32", False), off, device_map={"disk_share": 0.75}),
     ]
     gody = _climb(result={"s_per_token": 2.0, "decode_steps": 7})
     goff = _climb(result={"s_per_token": 5.0, "decode_steps": 7, "device_map": {"disk_share": 0.9}})
-    gen = [peers._gen_row("odyssey", gody, 2.0), peers._gen_row("offload", goff, 2.0)]
+    gen = [peer_report._gen_row("odyssey", gody, 2.0), peer_report._gen_row("offload", goff, 2.0)]
     settings = {
         "model_label": "1.21B",
         "seq_len": 512,
@@ -283,29 +349,72 @@ def fake_peers_result():
         "new_tokens": 8,
         "peer_allocator": "system (glibc)",
         "offload_reserve_gib": 1.0,
+        "threads": 2,
     }
-    return {"settings": settings, "train": train, "generate": gen}
+    machine = {"cpu": "Test CPU", "cores": 2, "ram_gib": 23.5, "matmul_flags": ["avx2", "avx512_bf16"]}
+    result = {"settings": settings, "machine": machine, "train": train, "generate": gen, "climbs": {}}
+    return result
 
 
-def test_peer_tables_show_ratios_budgets_and_errors():
+def finished_fake_result():
+    """fake_peers_result() with the fastest peer, the loss check and the targets worked out as
+    TrainBench.finish and run() do."""
     res = fake_peers_result()
-    train, gen = res["train"], res["generate"]
-    assert [r["ratio_to_odyssey"] for r in train] == [1.0, 0.5, None]
-    t = peers.train_table(train, 2.0)
-    rows = t.splitlines()[2:]
-    assert "| yes | 2 GiB | 20.0 | 30.0 | 3 | 1.00 | 1.00 |" in rows[0]
-    assert "| no | 12 GiB | 10.0 | 15.0 | 3 | 0.50 | 0.50 |" in rows[1] and "at smaller budgets: OOM-killed" in rows[1]
-    assert "does not run" in rows[2] and "expected device meta but got cpu" in rows[2]
-    g = peers.gen_table(gen, 2.0)
+    rows = res["train"]
+    best = smallest.fastest([r for r in rows if r["kind"] != "odyssey"])
+    for r in rows:
+        r["x_fastest_peer"] = peer_report._ratio(r["step_s"], best["step_s"])
+        if r["kind"] != "odyssey":
+            r["smallest"] = peer_report.smallest_text(r)
+    res["loss_problems"] = goals.check_losses(rows, 10.8069)
+    res["fastest_peer"] = best["name"]
+    res["matmul"] = {"best_gflops": {"bf16": 145.0, "fp32": 244.0}, "shape": "512x2048x5632"}
+    res["compute_limit"] = {
+        "fastest_dtype": "fp32",
+        "fastest_gflops": 244.0,
+        "flop_per_token": 7.26e9,
+        "layers_kept": 0,
+        "tokens_per_s": 33.6,
+    }
+    res["targets"] = goals.targets(rows[0], rows[1], best, 33.6, 512)
+    return res
+
+
+def test_train_table_every_configuration_with_ratios_searches_and_errors():
+    res = finished_fake_result()
+    rows = res["train"]
+    assert res["fastest_peer"] == "inram-bf16"  # 10 s; the failed configurations are never chosen
+    assert [r["x_fastest_peer"] for r in rows] == [2.0, 0.9, 1.3, None, 1.0, None, None]
+    lines = peer_report.train_table(rows).splitlines()[2:]
+    assert len(lines) == 7
+    assert lines[0].startswith("| Odyssey, 1 GiB (headline) | auto (bf16) | 1 GiB | - | 20.00 | 30.0 | 25.6 | 2.00 |")
+    assert "| 9.00 GiB (8.75 GiB did not) | 13.00 |" in lines[2] and "| 16 GiB |" in lines[2]
+    assert "<= 16.00 GiB (not searched: time limit" in lines[4]
+    assert "does not run" in lines[3] and "OOM-killed" in lines[3]
+    assert "expected device meta but got cpu" in lines[6] and "75% of the weights on disk" in lines[6]
+    assert "6 layers not recomputed" in lines[1]
+    # losses: fp32 within 1e-4 relative, bf16 within 1e-2
+    assert "| 10.80690 | agrees |" in lines[0] and "| 10.90000 | agrees |" in lines[4]
+    assert res["loss_problems"] == []
+
+
+def test_peers_markdown_states_the_machine_and_the_targets_first():
+    res = finished_fake_result()
+    sections = peer_report.markdown_sections(res)
+    caption, table = sections[0]
+    assert caption.startswith("**Machine:** Test CPU, 2 cores, torch threads 2")
+    assert "avx2 avx512_bf16" in caption and "bf16 145 GFLOP/s, fp32 244 GFLOP/s" in caption
+    assert "the fastest peer is transformers + peft, in RAM, bf16 autocast, no checkpointing" in caption
+    assert table.splitlines()[0] == "| target | figures | ratio | goal | verdict |"
+    assert len(sections) == 3 and "median of 3 steps" in sections[1][0] and "1.21B" in sections[1][0]
+    g = sections[2][1]
     assert "| 2.50 |" in g and "90% of the weights on disk" in g
-    sections = peers.markdown_sections(res)
-    assert len(sections) == 2 and "median of 3 steps" in sections[0][0] and "1.21B" in sections[0][0]
 
 
 def test_peers_png(tmp_path):
     if common.pyplot() is None:
         pytest.skip("matplotlib not installed")
-    assert peers.png(fake_peers_result(), tmp_path / "p.png").stat().st_size > 1000
+    assert peer_report.png(finished_fake_result(), tmp_path / "p.png").stat().st_size > 1000
 
 
 def test_scaling_cases_reuse_and_table(tmp_path):
@@ -441,8 +550,8 @@ def test_climb_screen_skips_and_stops_but_always_runs_the_first_budget():
     res = peers.climb(run, peers.ladder(2 * GIB), progress=quiet, screen=screens["offload"])
     assert run.calls == [2 * GIB, 3 * GIB, 4 * GIB]  # at 6 GiB, 5 GiB of weights share holds every weight
     assert res["status"] == "does not run" and "nothing is offloaded" in res["stopped"]
-    row = peers._train_row("offload", res, 20.0)
-    assert "stopped: from here nothing is offloaded" in peers._note(row)
+    row = peer_report._gen_row("offload", res, 20.0)
+    assert "stopped: from here nothing is offloaded" in peer_report._note(row)
     run = FakeRunner({2: "ok"})
     peers.climb(run, [2 * GIB], progress=quiet, screen=lambda b: ("skip", "never"))
     assert run.calls == [2 * GIB]
@@ -479,3 +588,240 @@ def test_run_all_readme_only(tmp_path):
     )
     assert run_all.main(["--readme-only", "--out-dir", str(tmp_path)]) == 0
     assert "| b |" in (tmp_path / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# the smallest cgroup (bisection), the fastest configuration, the targets
+
+
+class Threshold:
+    """A fake run that fits from `need` bytes up; each attempt takes `seconds` on a fake clock."""
+
+    def __init__(self, need: int, seconds: float = 60.0, error: str = "OOM-killed"):
+        self.need, self.seconds, self.error = need, seconds, error
+        self.calls: list[int] = []
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def __call__(self, budget: int) -> peers.Attempt:
+        self.calls.append(budget)
+        self.now += self.seconds
+        if budget >= self.need:
+            return peers.Attempt(budget, True, 0, False, budget - MIB, "", self.seconds, {"step_s": 1.0})
+        oom = self.error == "OOM-killed"
+        return peers.Attempt(budget, False, -9 if oom else 1, oom, budget, self.error, self.seconds)
+
+
+@pytest.mark.parametrize("need_gib", [4.6, 7.3, 9.05, 15.9])
+def test_bisect_finds_the_threshold_within_the_resolution(need_gib):
+    need = int(need_gib * GIB)
+    run = Threshold(need)
+    res = smallest.bisect_budget(run, 4 * GIB, 16 * GIB, 256 * MIB, progress=quiet, clock=run.clock)
+    assert res["resolved"] and res["stopped"] == ""
+    assert need <= res["smallest_ok_bytes"] <= need + 256 * MIB
+    assert res["largest_failed_bytes"] is None or res["largest_failed_bytes"] < need
+    assert all(4 * GIB < b < 16 * GIB for b in run.calls)  # the bounds are not run again
+    assert len(run.calls) <= 6  # log2(12 GiB / 256 MiB) = 5.6
+    assert len(res["attempts"]) == len(run.calls)
+
+
+def test_bisect_tries_the_first_guess_and_counts_any_failure_as_too_small():
+    run = Threshold(int(8.6 * GIB), error="RuntimeError: DefaultCPUAllocator: can't allocate memory")
+    res = smallest.bisect_budget(
+        run, 8 * GIB, 16 * GIB, 256 * MIB, first_guess=int(10.75 * GIB), progress=quiet, clock=run.clock
+    )
+    assert run.calls[0] == int(10.75 * GIB)
+    assert res["resolved"] and int(8.6 * GIB) <= res["smallest_ok_bytes"] <= int(8.6 * GIB) + 256 * MIB
+    assert any("DefaultCPUAllocator" in a["error"] for a in res["attempts"])
+    # a guess outside the bracket is ignored
+    run = Threshold(12 * GIB)
+    smallest.bisect_budget(run, 8 * GIB, 16 * GIB, 256 * MIB, first_guess=20 * GIB, progress=quiet, clock=run.clock)
+    assert run.calls[0] == 12 * GIB
+
+
+def test_bisect_respects_the_time_limit():
+    run = Threshold(int(5.1 * GIB), seconds=100.0)
+    # 250 s left, the measurement run took 100 s: two attempts fit, the third would end past the deadline
+    res = smallest.bisect_budget(
+        run, 4 * GIB, 16 * GIB, 256 * MIB, deadline=250.0, last_seconds=100.0, progress=quiet, clock=run.clock
+    )
+    assert len(run.calls) == 2 and run.now <= 250.0
+    assert not res["resolved"] and "time limit" in res["stopped"]
+    assert res["smallest_ok_bytes"] >= int(5.1 * GIB)  # what is reported still ran
+    assert "search stopped: time limit" in peer_report.smallest_text(
+        {"status": "runs", "search": res, "budget_bytes": 16 * GIB}
+    )
+    # no time left at all: nothing runs, the timed run's cap stands
+    run = Threshold(int(5.1 * GIB))
+    res = smallest.bisect_budget(
+        run, 4 * GIB, 16 * GIB, deadline=10.0, last_seconds=60.0, progress=quiet, clock=run.clock
+    )
+    assert run.calls == [] and res["smallest_ok_bytes"] == 16 * GIB and not res["resolved"]
+
+
+def test_bisect_runs_nothing_when_the_bracket_is_already_within_the_resolution():
+    run = Threshold(GIB)
+    res = smallest.bisect_budget(run, GIB, GIB + 200 * MIB, 256 * MIB, progress=quiet, clock=run.clock)
+    assert run.calls == [] and res["resolved"] and res["smallest_ok_bytes"] == GIB + 200 * MIB
+    assert peer_report.smallest_text({"status": "runs", "search": res}) == "1.20 GiB (floor 1.00 GiB)"
+
+
+def test_search_floor_and_alignment():
+    assert smallest.search_floor(4 * GIB, 8 * GIB, swap=False) == 8 * GIB
+    assert smallest.search_floor(4 * GIB, 8 * GIB, swap=True) == 4 * GIB  # swapped pages can leave RAM
+    assert smallest.search_floor(4 * GIB, None, swap=False) == 4 * GIB
+    assert smallest.align_up(10842 * MIB, 256 * MIB) == 11008 * MIB
+    assert smallest.midpoint(4 * GIB, 4 * GIB + 16 * MIB) == 4 * GIB + 16 * MIB
+    assert smallest.swap_present("/nonexistent") is False
+
+
+def test_fastest_wins_and_a_failed_configuration_is_never_chosen():
+    rows = [
+        {"name": "a", "status": "runs", "step_s": 13.0},
+        {"name": "b", "status": "does not run", "step_s": 1.0},  # a partial figure from a crashed run
+        {"name": "c", "status": "runs", "step_s": 10.5},
+        {"name": "d", "status": "not measured", "step_s": None},
+        {"name": "e", "status": "runs", "step_s": None},
+    ]
+    assert smallest.fastest(rows)["name"] == "c"
+    assert smallest.fastest([rows[1], rows[3]]) is None
+
+
+def test_targets_ratios_and_verdicts():
+    peer = {"status": "runs", "step_s": 13.0, "label": "peft fp32"}
+    t = goals.targets(
+        {"status": "runs", "step_s": 16.0},
+        {"status": "runs", "step_s": 13.5},
+        peer,
+        limit_tokens_s=40.0,
+        tokens_per_step=512,
+    )
+    assert [x["value"] for x in t] == [1.23, 1.04, 0.8]
+    assert [x["verdict"] for x in t] == ["pass", "FAIL", "pass"]
+    assert [x["goal"] for x in t] == ["<= 1.25", "<= 1", ">= 0.8"]
+    assert t[0]["figures"] == "16.0 s / 13.0 s (peft fp32)"
+    # what did not run is "not measured", with the reason
+    t = goals.targets({"status": "does not run", "step_s": None, "error": "OOM-killed"}, None, None, None, 512)
+    assert [x["verdict"] for x in t] == ["not measured"] * 3
+    assert "no peer ran" in t[0]["figures"] and "OOM-killed" in t[0]["figures"]
+    table = goals.table(t).splitlines()
+    assert table[0] == "| target | figures | ratio | goal | verdict |" and len(table) == 5
+
+
+def test_compute_limit_counts_4x_for_layers_not_recomputed():
+    assert goals.flop_per_token(1000, 100) == 6000
+    assert goals.flop_per_token(1000, 100, kept=3) == 5400
+    lim = goals.compute_limit_tokens_s({"bf16": 145.0, "fp32": 244.0}, 1_210_000_000, 50_000_000)
+    assert lim == pytest.approx(244e9 / (6 * 1.21e9))
+    assert goals.compute_limit_tokens_s({}, 10, 1) is None
+    recs = [
+        {"kind": "event", "message": "training started: ...; compute dtype: bf16 (auto: measured ...)"},
+        {"kind": "step", "step": 1, "layers_recomputed": 20},
+    ]
+    assert goals.layers_kept(recs, 22) == 2 and goals.compute_dtype_of(recs) == "bf16"
+    assert goals.layers_kept([{"kind": "plan", "layers_kept": [19, 20, 21]}], 22) == 3
+    assert goals.layers_kept([{"kind": "step", "step": 1}], 22) is None
+    assert goals.compute_dtype_of([{"kind": "step"}]) is None
+
+
+def test_loss_check_flags_a_disagreement_beyond_the_dtype_precision():
+    rows = [
+        {"label": "a", "first_loss": 10.8069, "dtype": "fp32"},
+        {"label": "b", "first_loss": 10.809, "dtype": "fp32"},  # 2e-4 > 1e-4 relative
+        {"label": "c", "first_loss": 10.85, "dtype": "bf16"},  # 0.04 < 1e-2 relative
+        {"label": "d", "first_loss": None, "dtype": "bf16"},
+    ]
+    problems = goals.check_losses(rows, 10.8069)
+    assert [r["loss_check"] for r in rows][:3] == ["agrees", rows[1]["loss_check"], "agrees"]
+    assert rows[1]["loss_check"].startswith("DIFFERS by 0.0021") and rows[3]["loss_check"] == ""
+    assert len(problems) == 1 and problems[0].startswith("b: loss of step 1 10.80900")
+
+
+# --------------------------------------------------------------------------------------------
+# the peers' worker and the whole benchmark on a tiny store
+
+
+def _worker_args(train_dir, tmp_path, config, **kw):
+    import argparse
+
+    base = dict(
+        task="train",
+        peer=config.peer,
+        model=str(train_dir / "store"),
+        data=str(train_dir / "tok"),
+        result=str(tmp_path / f"{config.name}.json"),
+        offload_folder=str(tmp_path / "offload"),
+        prompt_ids="1,2,3",
+        steps=2,
+        seq_len=32,
+        budget=0,
+        reserve=0,
+        new_tokens=2,
+        cpu_weights=0,
+        dtype=config.dtype,
+        checkpointing=config.checkpointing,
+    )
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_peer_worker_runs_every_in_ram_configuration(train_dir, tmp_path):
+    """In this process (no cgroup): fp32 and bf16 autocast, checkpointing off and on, on the same
+    batches: the first losses agree within each dtype's precision, LoRA stays fp32, checkpointing
+    is on exactly where asked."""
+    out = {}
+    for config in peers.peer_configs("inram"):
+        assert peers.worker(_worker_args(train_dir, tmp_path, config)) == 0
+        out[config.name] = json.loads((tmp_path / f"{config.name}.json").read_text())
+    for name, r in out.items():
+        assert r["done"] and len(r["losses"]) == 2 and r["measured_steps"] == 1 and r["step_s"] > 0
+        assert r["lora_dtypes"] == ["float32"] and r["checkpointing"] == name.endswith("-ckpt")
+    ref = out["inram-fp32"]["losses"][0]
+    assert out["inram-fp32-ckpt"]["losses"][0] == pytest.approx(ref, rel=1e-5)
+    for name in ("inram-bf16", "inram-bf16-ckpt"):
+        assert out[name]["losses"][0] == pytest.approx(ref, rel=1e-2)
+    assert (
+        goals.check_losses([{"label": "x", "first_loss": out["inram-bf16"]["losses"][0], "dtype": "bf16"}], ref) == []
+    )
+
+
+@pytest.mark.slow
+def test_peers_end_to_end_on_a_tiny_store(train_dir, tmp_path, capsys):
+    """The whole benchmark, training only, on the tiny store: every configuration has its row,
+    the targets table and the machine line lead peers.md. Several minutes on 2 cores (a dozen
+    processes that import torch, transformers and peft)."""
+    out = tmp_path / "out"
+    rc = peers.main(
+        [
+            "--model", str(train_dir / "store"), "--data", str(train_dir / "tok"), "--work", str(tmp_path / "work"),
+            "--out-dir", str(out), "--steps", "2", "--probe-steps", "1", "--seq-len", "32", "--tasks", "train",
+            "--max-budget", "1GiB", "--resolution", "512MiB",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    res = json.loads((out / "peers.json").read_text())
+    names = [r["name"] for r in res["train"]]
+    want = ["odyssey", "odyssey-1g-fp32", "odyssey-4g-auto", "odyssey-4g-fp32"]
+    want += [c.name for c in peers.peer_configs("inram") + peers.peer_configs("offload")]
+    assert names == want
+    ran = {r["name"]: r for r in res["train"]}
+    assert ran["odyssey"]["status"] == "runs" and ran["inram-fp32"]["status"] == "runs"
+    assert ran["odyssey"]["loss_check"] == "agrees" and res["loss_problems"] == []
+    assert res["fastest_peer"] in names and len(res["targets"]) == 3
+    md = (out / "peers.md").read_text()
+    assert md.splitlines()[2].startswith("**Machine:** ") and "**Targets**" in md
+    for r in res["train"]:
+        assert r["label"] in md
+    assert "| target | figures | ratio | goal | verdict |" in capsys.readouterr().out
+
+
+def test_run_all_prints_the_targets_of_peers_json(tmp_path):
+    assert run_all.targets_text(tmp_path) is None
+    res = finished_fake_result()
+    res["date"] = "2026-11-30 19:00"
+    common.write_json(tmp_path / "peers.json", res)
+    text = run_all.targets_text(tmp_path)
+    assert text.startswith("Targets (2026-11-30 19:00; Test CPU, 2 threads, matmul 512x2048x5632: bf16 145, fp32 244")
+    assert "| Odyssey step in 1 GiB / fastest peer's step | 20.0 s / 10.0 s" in text and "| FAIL |" in text

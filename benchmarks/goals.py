@@ -1,0 +1,173 @@
+"""The targets of issue 18 and their table: Odyssey's step against the fastest peer, and Odyssey's
+tokens/s against the machine's compute limit, each with its goal and pass/fail. Pure logic.
+
+The compute limit of a LoRA step (frozen base, no weight gradients of the base) is the fastest
+matmul FLOP/s measured in the same run (bf16 or fp32, at the model's largest projection) divided
+by the FLOP per token: 2 x parameters forward, 2 x parameters for the input gradients, and 2 x a
+layer's parameters again for each layer whose forward is recomputed in backward. So 6 x parameters
+when every layer is recomputed, 4 x a layer's parameters for each layer the run kept (read from
+Odyssey's metrics.jsonl where it reports them). Attention's score matmuls and the elementwise work
+are not counted: the limit is a ceiling.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import common
+
+GOALS = {  # target -> (comparison, goal)
+    "step_1g": ("<=", 1.25),
+    "step_4g": ("<=", 1.0),
+    "compute_1g": (">=", 0.8),
+}
+
+# metrics.jsonl keys that may carry how many layers a run kept (not recomputed), in any record
+KEPT_KEYS = ("layers_kept", "kept_layers", "layers_not_recomputed", "no_recompute_layers", "saved_layers")
+RECOMPUTED_KEYS = ("layers_recomputed", "recomputed_layers", "recompute_layers")
+
+
+def layers_kept(records: Sequence[dict], num_layers: int) -> int | None:
+    """How many decoder layers a run did not recompute in backward, from its metrics records: the
+    last record naming a kept count (KEPT_KEYS) or a recomputed count (RECOMPUTED_KEYS, kept = L -
+    recomputed); an int or a list of layer ids. None when no record says (count every layer as
+    recomputed)."""
+    found = None
+    for r in records:
+        for key in KEPT_KEYS:
+            if key in r:
+                found = _count(r[key])
+        for key in RECOMPUTED_KEYS:
+            if key in r and _count(r[key]) is not None:
+                found = max(0, num_layers - _count(r[key]))
+    return None if found is None else min(max(found, 0), num_layers)
+
+
+def _count(v) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, list | tuple):
+        return len(v)
+    return None
+
+
+_DTYPE_RE = re.compile(r"compute dtype:\s*(bf16|fp32|fp16)")
+
+
+def compute_dtype_of(records: Sequence[dict]) -> str | None:
+    """The compute dtype an `odyssey train` run reported in its start event ("compute dtype: bf16 (...)")."""
+    for r in records:
+        m = _DTYPE_RE.search(str(r.get("message", "")))
+        if m:
+            return m.group(1)
+    return None
+
+
+def flop_per_token(parameters: int, layer_parameters: int, kept: int = 0) -> float:
+    """6 x parameters, less 2 x a layer's parameters for each layer not recomputed."""
+    return 6.0 * parameters - 2.0 * layer_parameters * kept
+
+
+def compute_limit_tokens_s(gflops: dict, parameters: int, layer_parameters: int, kept: int = 0) -> float | None:
+    """Tokens/s at the fastest measured matmul rate; None without figures."""
+    rates = [v for v in gflops.values() if v]
+    if not rates:
+        return None
+    return max(rates) * 1e9 / flop_per_token(parameters, layer_parameters, kept)
+
+
+def loss_tolerance(dtype: str | None, reference: float) -> float:
+    """How far a first-step loss may sit from the fp32 reference: 1e-4 relative in fp32 (summation
+    order), 1e-2 relative in bf16 (8 mantissa bits through every layer)."""
+    rel = 1e-4 if dtype == "fp32" else 1e-2
+    return max(abs(reference) * rel, 1e-5)
+
+
+def check_losses(rows: list[dict], reference: float | None) -> list[str]:
+    """Sets each row's `loss_check` ("agrees", "DIFFERS by X (tolerance Y)" or "") against the
+    reference loss; returns a line per disagreement."""
+    out = []
+    for r in rows:
+        loss = r.get("first_loss")
+        if loss is None or reference is None:
+            r["loss_check"] = ""
+            continue
+        tol = loss_tolerance(r.get("dtype"), reference)
+        diff = abs(loss - reference)
+        if diff <= tol:
+            r["loss_check"] = "agrees"
+        else:
+            r["loss_check"] = f"DIFFERS by {diff:.4g} (tolerance {tol:.2g})"
+            out.append(
+                f"{r['label']}: loss of step 1 {loss:.5f} differs from the reference {reference:.5f} by {diff:.4g}"
+            )
+    return out
+
+
+def _verdict(kind: str, value: float | None) -> str:
+    if value is None:
+        return "not measured"
+    op, goal = GOALS[kind]
+    ok = value <= goal if op == "<=" else value >= goal
+    return "pass" if ok else "FAIL"
+
+
+def targets(
+    ody_1g: dict | None,
+    ody_4g: dict | None,
+    peer: dict | None,
+    limit_tokens_s: float | None,
+    tokens_per_step: int,
+) -> list[dict]:
+    """The three targets from Odyssey's 1 GiB and 4 GiB rows, the fastest peer's row (each with
+    `step_s`, `label`) and the compute limit (tokens/s). Each: {"target", "figures", "value",
+    "goal", "verdict"}."""
+
+    def step(r):
+        return r.get("step_s") if r and r.get("status") == "runs" else None
+
+    p = step(peer)
+    out = []
+    for kind, row, name in (("step_1g", ody_1g, "1 GiB"), ("step_4g", ody_4g, "4 GiB")):
+        s = step(row)
+        value = round(s / p, 2) if s and p else None
+        figures = (
+            f"{common.fmt(s, 1)} s / {common.fmt(p, 1)} s"
+            + (f" ({peer['label']})" if peer else " (no peer ran)")
+            + ("" if row is None or s else f"; Odyssey {name}: {row.get('error') or 'did not run'}")
+        )
+        op, goal = GOALS[kind]
+        out.append(
+            {
+                "target": f"Odyssey step in {name} / fastest peer's step",
+                "figures": figures,
+                "value": value,
+                "goal": f"{op} {goal:g}",
+                "verdict": _verdict(kind, value),
+            }
+        )
+    s = step(ody_1g)
+    tps = tokens_per_step / s if s else None
+    value = round(tps / limit_tokens_s, 2) if tps and limit_tokens_s else None
+    op, goal = GOALS["compute_1g"]
+    out.append(
+        {
+            "target": "tokens/s of the 1 GiB step / compute limit",
+            "figures": f"{common.fmt(tps, 1)} / {common.fmt(limit_tokens_s, 1)} tokens/s",
+            "value": value,
+            "goal": f"{op} {goal:g}",
+            "verdict": _verdict("compute_1g", value),
+        }
+    )
+    return out
+
+
+def table(rows: Sequence[dict]) -> str:
+    return common.markdown_table(
+        ["target", "figures", "ratio", "goal", "verdict"],
+        [(t["target"], t["figures"], common.fmt(t["value"]), t["goal"], t["verdict"]) for t in rows],
+        "llrcc",
+    )
