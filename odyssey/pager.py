@@ -194,7 +194,11 @@ class Pager:
         import torch
 
         out = {}
+        view = getattr(self.store, "tensor_view", None)  # a GGUF file: quantized matrices (odyssey.gguf.store)
         for name, (offset, st, shape) in self.store.page(unit).tensors.items():
+            if view is not None:
+                out[name] = view(name, slot.buf, slot.delta + offset, st, shape)
+                continue
             dt = ST_CODES[st].torch()
             t = torch.frombuffer(slot.buf, dtype=dt, count=math.prod(shape), offset=slot.delta + offset)
             out[name] = t.view(shape)
@@ -327,8 +331,8 @@ class ResidentPager:
     def get(self, unit: PageUnit) -> Resident:
         page = self.store.page(unit)
         self.stats.append(UnitStat(unit, page.nbytes, 0.0, 0.0, True))
-        if not isinstance(unit, Block):
-            return Resident(unit, self._tensors[unit], -1)
+        if not isinstance(unit, Block):  # the page's tensors (a GGUF's "head" is the norm alone)
+            return Resident(unit, {n: t for n, t in self._tensors[unit].items() if n in page.tensors}, -1)
         whole = self._tensors[unit.unit]
         rows = BLOCKED_TENSORS[unit.unit]
         views = {n: whole[n][unit.row_start : unit.row_end] if n == rows else whole[n] for n in page.tensors}

@@ -68,6 +68,17 @@ from odyssey.store.reader import ChecksumMismatch, Store
 from odyssey.store.summary import describe, verify_store
 from odyssey.store.writer import StoreWriter
 
+
+def open_model(path):
+    """What `--model PATH` names: a GGUF file (by its magic) as an `odyssey.gguf.store.GGUFStore`,
+    else a store directory (`Store.open`). Every command that opens a model calls this."""
+    from odyssey.gguf.store import GGUFStore, is_gguf
+
+    if is_gguf(path):
+        return GGUFStore.open(path)
+    return Store.open(path)
+
+
 __all__ = [
     "BLOCKED_TENSORS",
     "Block",
@@ -90,6 +101,7 @@ __all__ = [
     "import_hf",
     "init_store",
     "init_tensor",
+    "open_model",
     "read_header",
     "shard_info",
     "shard_name",
