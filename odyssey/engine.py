@@ -157,6 +157,8 @@ class Engine:
         self._core = core.model  # DecoderModel inside the (PEFT-wrapped) skeleton: layers, norm
         self._modules = dict(self._find_base_modules())
         self.workspace = Workspace()  # GGUF: where each quantized matrix is dequantized before its matmul
+        if hasattr(store, "workspace_numel"):  # allocated once, for the largest matrix
+            self.workspace.get(store.workspace_numel(), self.dtype)
 
     # --- weights ---
     def _find_base_modules(self):

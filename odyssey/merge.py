@@ -23,7 +23,7 @@ from odyssey.adapters import WEIGHTS_NAME, AdapterFile, read_adapter
 from odyssey.dtypes import DTYPES, check_store_dtype
 from odyssey.export.chat import copy_tokenizer_and_template
 from odyssey.outputs import check_apart
-from odyssey.store import ChecksumMismatch, Store, StoreWriter, Unit, file_sha256, unit_label
+from odyssey.store import ChecksumMismatch, Store, StoreWriter, Unit, file_sha256, open_model, unit_label
 from odyssey.tokenizer import TOKENIZER_FILES, tokenizer_files
 
 MERGE_RECORD = "odyssey_merge.json"  # in the merged store: which base and adapter made it
@@ -95,7 +95,7 @@ def merge(
 
     atomic.set_command("merge")
     model_dir, out = Path(model_dir), Path(out)
-    store, adapter = Store.open(model_dir), read_adapter(adapter_dir)
+    store, adapter = open_model(model_dir), read_adapter(adapter_dir)
     source = MergedSource(store, adapter)
     # Before the writer touches --out: --force on the base would delete the shards being read.
     check_apart(out, [("base model", "--model", model_dir), ("adapter", "--adapter", adapter_dir)])

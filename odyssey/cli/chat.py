@@ -54,10 +54,10 @@ def open_chat(args):
     from odyssey.chat import check_context, default_max_context
     from odyssey.data.templates import load_chat_template
     from odyssey.generate import stop_ids
-    from odyssey.store import Store
+    from odyssey.store import open_model
     from odyssey.tokenizer import load_model_tokenizer
 
-    store = Store.open(args.model)
+    store = open_model(args.model)
     tok = load_model_tokenizer(
         store.root,
         fix="a conversation needs the model's tokenizer: `odyssey import` a model that has one, or add one "

@@ -43,9 +43,9 @@ def add_plan_parser(sub) -> None:
 def cmd_plan(args) -> int:
     from odyssey.config import LoraSettings
     from odyssey.planner import plan_checked
-    from odyssey.store import Store
+    from odyssey.store import open_model
 
-    store = Store.open(args.model)
+    store = open_model(args.model)
     compute = compute_dtype_line(args.compute_dtype, store.dtype, store.config)
     plan_checked(
         store,
@@ -86,14 +86,14 @@ def add_generate_parser(sub) -> None:
 
 def cmd_generate(args) -> int:
     from odyssey.generate import generate_ids, open_engine, stop_ids, stream_text
-    from odyssey.store import Store
+    from odyssey.store import open_model
     from odyssey.tokenizer import load_model_tokenizer
 
     if args.chat:  # `generate --chat` is `odyssey chat`
         from odyssey.cli.chat import cmd_chat
 
         return cmd_chat(args)
-    store = Store.open(args.model)
+    store = open_model(args.model)
     if args.prompt_ids:
         try:
             prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]

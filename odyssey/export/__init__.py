@@ -194,9 +194,9 @@ def check_free_disk(out: Path, needs: dict[str, int]) -> None:
 
 def open_source(model_dir: str | os.PathLike, adapter: str | os.PathLike | None):
     """The store, or the store with the adapter merged on the fly (refused if made for another base)."""
-    from odyssey.store import Store
+    from odyssey.store import open_model
 
-    store = Store.open(model_dir)
+    store = open_model(model_dir)
     if adapter is None:
         return store
     from odyssey.adapters import read_adapter

@@ -105,6 +105,8 @@ class Workspace:
 
     def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self._bufs.get(dtype)
+        if numel == 0:
+            return buf if buf is not None else torch.empty(0, dtype=dtype)
         if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, dtype=dtype)
             self._bufs[dtype] = buf

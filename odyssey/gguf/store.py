@@ -293,7 +293,9 @@ class GGUFStore:
             try:
                 out[name] = load_tensor(self.gf, name, self.config, dtype or torch.float32)
             except OSError as e:
-                raise StoreError(f"{self.path}: cannot read ({e.strerror or e}); run `odyssey verify {self.path}`") from None
+                raise StoreError(
+                    f"{self.path}: cannot read ({e.strerror or e}); run `odyssey verify {self.path}`"
+                ) from None
         return out
 
     def state_dict(self, dtype=None) -> dict:
@@ -413,7 +415,9 @@ class GGUFStore:
         try:
             got = file_digests(page.path, (FAST,), start=page.start, stop=page.end)[FAST]
         except OSError as e:
-            raise StoreError(f"{self.path}: cannot read ({e.strerror or e}); run `odyssey verify {self.path}`") from None
+            raise StoreError(
+                f"{self.path}: cannot read ({e.strerror or e}); run `odyssey verify {self.path}`"
+            ) from None
         self._check_digest(unit, got)
 
     def check_unit(self, unit: Unit) -> None:
@@ -450,6 +454,42 @@ class GGUFStore:
         bar.close()
         return problems
 
+    # --- the planner ---
+    def workspace_bytes(self, compute_itemsize: int) -> int:
+        """Bytes the engine allocates to dequantize: the workspace (the largest matrix that goes
+        through it, in the compute dtype; backward dequantizes into it again), the f32 scratch of
+        one dequantization chunk when the compute dtype is not f32, and one head chunk (VOCAB_CHUNK
+        rows, converted or dequantized)."""
+        from odyssey.dtypes import VOCAB_CHUNK
+        from odyssey.gguf.dequant import CHUNK_ELEMENTS
+
+        n = self.workspace_numel()
+        scratch = CHUNK_ELEMENTS * 4 if compute_itemsize != 4 and n else 0
+        return n * compute_itemsize + scratch + VOCAB_CHUNK * self.config.hidden_size * compute_itemsize
+
+    def workspace_numel(self) -> int:
+        """Elements of the largest layer matrix the engine dequantizes (a QWeight: quantized, or a
+        permuted q/k), 0 when none is."""
+        mats = [
+            shape[0] * shape[1]
+            for i in range(self.num_layers)
+            for n, (_, q, shape) in self.page(i).tensors.items()
+            if len(shape) == 2 and (q not in FLOATS or self._heads(n) is not None)
+        ]
+        return max(mats, default=0)
+
+    def paging_note(self) -> str:
+        """What `odyssey plan` says of the file: types, and a layer's bytes as stored."""
+        from odyssey.planner import format_bytes
+
+        layer = max(self.unit_bytes(i) for i in range(self.num_layers))
+        params = sum(int(np.prod(s)) for s in self.config.layer_shapes(0).values())
+        types = ", ".join(f"{q} {n}" for q, (n, _) in self.types().items())
+        return (
+            f"{types} tensors; a layer is {format_bytes(layer)} on disk (bf16: {format_bytes(params * 2)}), "
+            f"each matrix dequantized just before its matmul"
+        )
+
     # --- description ---
     def describe(self) -> str:
         """`odyssey info` for a GGUF file."""
@@ -460,12 +500,12 @@ class GGUFStore:
             f"GGUF {self.path} (version {self.gf.version}, {format_bytes(self.gf.size)})",
             f"architecture: {self.arch} (Odyssey family {cfg.family.name}), {cfg.num_parameters():,} parameters",
             f"layers {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, FFN {cfg.intermediate_size}, heads "
-            f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}, head dim {cfg.head_dim}, vocabulary {cfg.vocab_size}, "
+            f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}, head dim {cfg.head_dim}, "
+            f"vocabulary {cfg.vocab_size}, "
             f"context {cfg.max_position_embeddings}, RoPE base {cfg.rope_theta:g}"
             + (f" ({cfg.rope_scaling['rope_type']})" if cfg.rope_scaling else "")
             + (", tied embeddings" if cfg.tie_word_embeddings else ""),
-            "types: "
-            + ", ".join(f"{q} {n} tensors {format_bytes(b)}" for q, (n, b) in self.types().items()),
+            "types: " + ", ".join(f"{q} {n} tensors {format_bytes(b)}" for q, (n, b) in self.types().items()),
             f"computes as a {self.dtype} store"
             + (" (quantized: LoRA training, generation, merge and export)" if self.quantized else ""),
             f"pager: layer {format_bytes(max(self.unit_bytes(i) for i in range(self.num_layers)))} "

@@ -281,7 +281,10 @@ class Store:
         span = info.tensors["model.embed_tokens.weight"]
         if getattr(self, "_embed_map", None) is None:
             self._embed_map = np.memmap(
-                info.path, dtype=ST_CODES[span.dtype].numpy, mode="r", offset=info.data_offset + span.start,
+                info.path,
+                dtype=ST_CODES[span.dtype].numpy,
+                mode="r",
+                offset=info.data_offset + span.start,
                 shape=span.shape,
             )
         self.check_rows("embed", np.unique(ids))  # no-op for blocks already checked
