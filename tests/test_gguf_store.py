@@ -299,3 +299,17 @@ def test_truncated_gguf_is_one_line_and_left_as_it_is(files, tmp_path):
     for args in (("verify", path), ("info", path), ("plan", "--model", path, "--seq-len", "32")):
         assert_user_error(run_cli(*args), str(path), "truncated")
     assert path.read_bytes() == data[: len(data) - 1000]
+
+
+def test_generate_from_a_gguf_equals_its_store(files, tmp_path):
+    """`odyssey generate --model x.gguf` (greedy, prompt ids) prints what the same command prints
+    on the store the f32 file came from."""
+    store, path = files["f32"]
+    args = ("--prompt-ids", "5,6,7,8", "--max-new-tokens", "6", "--temperature", "0", "--quiet")
+    args += ("--compute-dtype", "fp32")
+    bare = tmp_path / "bare"  # the store without its tokenizer: ids out, as from the GGUF here
+    shutil.copytree(store.root, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*", "*.jinja"))
+    ref = store.root if GGUFStore.open(path).tokenizer_path() else bare  # text once the metadata's tokenizer is read
+    a, b = run_cli("generate", "--model", path, *args), run_cli("generate", "--model", ref, *args)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()

@@ -54,17 +54,17 @@ def open_chat(args):
     from odyssey.chat import check_context, default_max_context
     from odyssey.data.templates import load_chat_template
     from odyssey.generate import stop_ids
-    from odyssey.store import open_model
+    from odyssey.store import open_model, tokenizer_dir
     from odyssey.tokenizer import load_model_tokenizer
 
     store = open_model(args.model)
     tok = load_model_tokenizer(
-        store.root,
+        tokenizer_dir(store),
         fix="a conversation needs the model's tokenizer: `odyssey import` a model that has one, or add one "
         f"with `odyssey prepare-data DATA --out DIR --model {store.root}`",
     )
     template = load_chat_template(
-        store.root, override=args.chat_template, model_vocab_size=store.config.vocab_size, tok=tok
+        tokenizer_dir(store), override=args.chat_template, model_vocab_size=store.config.vocab_size, tok=tok
     )
     max_context = args.max_context or default_max_context(store.config)
     check_context(store.config, max_context, args.max_new_tokens)

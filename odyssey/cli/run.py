@@ -86,7 +86,7 @@ def add_generate_parser(sub) -> None:
 
 def cmd_generate(args) -> int:
     from odyssey.generate import generate_ids, open_engine, stop_ids, stream_text
-    from odyssey.store import open_model
+    from odyssey.store import open_model, tokenizer_dir
     from odyssey.tokenizer import load_model_tokenizer
 
     if args.chat:  # `generate --chat` is `odyssey chat`
@@ -99,12 +99,12 @@ def cmd_generate(args) -> int:
             prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
         except ValueError:
             raise OdysseyError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-        tok = load_model_tokenizer(store.root) if store.tokenizer_path() else None
+        tok = load_model_tokenizer(tokenizer_dir(store)) if store.tokenizer_path() else None
     else:
         if args.prompt is None:
             raise OdysseyError("pass --prompt TEXT (or --prompt-ids 1,2,3)")
         tok = load_model_tokenizer(
-            store.root,
+            tokenizer_dir(store),
             fix=f"add one with `odyssey prepare-data DATA --out DIR --model {store.root}` "
             f"(or `odyssey import` a model that has one), or pass --prompt-ids 1,2,3",
         )

@@ -69,6 +69,15 @@ from odyssey.store.summary import describe, verify_store
 from odyssey.store.writer import StoreWriter
 
 
+def tokenizer_dir(source):
+    """The directory holding a model's tokenizer files: a store's own directory; for a GGUF file,
+    the cache directory its tokenizer is written to from the metadata (the file's path when none)."""
+    from pathlib import Path
+
+    p = source.tokenizer_path()
+    return p.parent if p is not None else Path(source.root)
+
+
 def open_model(path):
     """What `--model PATH` names: a GGUF file (by its magic) as an `odyssey.gguf.store.GGUFStore`,
     else a store directory (`Store.open`). Every command that opens a model calls this."""
@@ -102,6 +111,7 @@ __all__ = [
     "init_store",
     "init_tensor",
     "open_model",
+    "tokenizer_dir",
     "read_header",
     "shard_info",
     "shard_name",
