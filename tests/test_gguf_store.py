@@ -313,3 +313,42 @@ def test_generate_from_a_gguf_equals_its_store(files, tmp_path):
     a, b = run_cli("generate", "--model", path, *args), run_cli("generate", "--model", ref, *args)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_tokenizer_from_metadata_is_used_by_prepare_data(files, tmp_path, monkeypatch):
+    """`tokenizer_path()` asks odyssey.gguf.tokenizer (here a stand-in that writes the source store's
+    tokenizer files) once and caches; `prepare-data --model x.gguf` tokenizes with it, writes nothing
+    beside the GGUF, and refuses another tokenizer in one line."""
+    import sys
+    import types
+
+    from odyssey.errors import OdysseyError
+
+    store, path = files["q8_0"]
+    calls = []
+
+    def write_tokenizer(gguf_path, out_dir):
+        calls.append(gguf_path)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for p in store.root.glob("tokenizer*"):
+            shutil.copy(p, out_dir / p.name)
+        return out_dir
+
+    stub = types.ModuleType("odyssey.gguf.tokenizer")
+    stub.tokenizer_cache_dir = lambda gguf_path: tmp_path / "tok-cache"
+    stub.write_tokenizer = write_tokenizer
+    monkeypatch.setitem(sys.modules, "odyssey.gguf.tokenizer", stub)
+    gs = GGUFStore.open(path)
+    assert gs.tokenizer_path() == tmp_path / "tok-cache" / "tokenizer.json" == gs.tokenizer_path()
+    assert len(calls) == 1
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a cat named Tom sat on the mat.\n\nonce upon a time.", encoding="utf-8")
+    before = sorted(p.name for p in path.parent.iterdir())
+    prepare_data([corpus], tmp_path / "data", model_store=path, progress=False)
+    ref = tmp_path / "ref"
+    prepare_data([corpus], ref, tokenizer_dir=store.root, progress=False)
+    assert (tmp_path / "data" / "train.bin").read_bytes() == (ref / "train.bin").read_bytes()
+    assert sorted(p.name for p in path.parent.iterdir()) == before
+    with pytest.raises(OdysseyError, match="drop --vocab-size"):
+        prepare_data([corpus], tmp_path / "data2", model_store=path, vocab_size=280, progress=False)
