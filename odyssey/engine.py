@@ -8,9 +8,13 @@ the store dtype), used, and unbound.
 
 Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 
-- forward: embedding rows gathered from the memory-mapped embed shard (only the rows needed; the
-  row blocks holding them are checked against the index first), layers 0..L-1 without grad keeping
-  only each layer's input, final norm, then the head.
+- forward: embedding rows gathered by the store (`embedding_rows`: only the rows needed, from the
+  memory-mapped embed shard or GGUF file; the row blocks holding them are checked first), layers
+  0..L-1 without grad keeping only each layer's input, final norm, then the head.
+- a GGUF file (odyssey.gguf.store): its quantized matrices (and llama's permuted q/k) come from the
+  pager as `QWeight`s, bound by giving their Linear a forward that dequantizes the matrix into one
+  reused workspace just before its matmul, and again in backward (odyssey.gguf.qweight); the head's
+  GGUF blocks are dequantized a vocab chunk at a time.
 - the head: its weight (V, d) (the embedding when tied) is paged in row blocks no larger than a
   decoder layer (store.Block), prefetched like layers, one block resident while the next is read;
   each block is used in vocab chunks. A tied embedding is read once per step, for the head.

@@ -13,7 +13,9 @@ A unit still sitting in a slot is not read again: the last layer of a forward pa
 the backward pass, and layer 0 of one step's backward is layer 0 of the next step's forward.
 
 `get` returns a `Resident` whose tensors are zero-copy views (`torch.frombuffer`) of the slot, in
-the store dtype. They are valid until `release`; after that the slot may be overwritten.
+the store dtype. They are valid until `release`; after that the slot may be overwritten. A GGUF
+file's store makes its own views (`tensor_view`): its quantized matrices are `QWeight`s holding the
+slot's bytes (odyssey.gguf.qweight), dequantized by the engine one matrix at a time.
 The pool never grows: `slots` buffers of the largest unit (`Store.max_page_bytes`: the largest
 decoder layer, since the embedding and head are read in blocks no larger), allocated once.
 
