@@ -227,8 +227,11 @@ def test_info_and_verify(files):
 def test_train_merge_export_from_a_gguf(files, tmp_path):
     """`odyssey train` (LoRA, 3 steps) on a Q8_0 GGUF, then merge and export with it as --model; the
     merged store's layer equals the dequantized base plus the adapter's delta."""
+    import safetensors.torch
+
     from odyssey.adapters import read_adapter
-    from odyssey.merge import merge_weight
+    from odyssey.export import export_model
+    from odyssey.merge import merge, merge_weight
 
     store, path = files["q8_0"]
     data = store.root.parent / "untied-data"
@@ -240,17 +243,17 @@ def test_train_merge_export_from_a_gguf(files, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     merged = tmp_path / "merged"
-    r = run_cli("merge", "--model", path, "--adapter", run / "adapter", "--out", merged, "--dtype", "f32", "--quiet")
-    assert r.returncode == 0, r.stderr
+    merge(path, run / "adapter", merged, dtype="f32", progress=False)  # `odyssey merge` in process
     base = GGUFStore.open(path).load_tensors(1)
     adapter = read_adapter(run / "adapter")
     A, B = adapter.layer_pairs(1)["model.layers.1.self_attn.q_proj"]
     got = Store.open(merged).load_tensors(1)["model.layers.1.self_attn.q_proj.weight"]
     want = merge_weight(base["model.layers.1.self_attn.q_proj.weight"], A, B, adapter.scale, torch.float32)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
-    r = run_cli("export", path, "--adapter", run / "adapter", "--out", tmp_path / "exp", "--formats", "safetensors")
-    assert r.returncode == 0, r.stderr
-    assert any((tmp_path / "exp").rglob("*.safetensors"))
+    s = export_model(path, tmp_path / "exp", "safetensors", adapter=run / "adapter", progress=False)
+    (shard,) = Path(s["formats"][0]["path"]).glob("*.safetensors")  # one shard: the merged model
+    exported = safetensors.torch.load_file(shard)
+    torch.testing.assert_close(exported["model.layers.1.self_attn.q_proj.weight"], want.to(torch.bfloat16))
 
 
 def test_full_training_of_a_quantized_gguf_is_refused(files, tmp_path):
