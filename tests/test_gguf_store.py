@@ -46,6 +46,10 @@ def write_q4_0(store, path: Path) -> None:
         write_gguf(store, path, "q8_0", progress=False)
 
 
+def write_q8_0(store, path: Path) -> None:
+    write_gguf(store, path, "q8_0", progress=False)
+
+
 def make_store(d: Path, name: str, **kw) -> Store:
     """A tiny f32 store (vocabulary 2048) with a tokenizer trained by prepare-data (in DIR/name-data)."""
     init_store(tiny_config(vocab_size=VOCAB, **kw), d / name, dtype="f32", seed=2, progress=False)
@@ -60,14 +64,17 @@ def make_store(d: Path, name: str, **kw) -> Store:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """{kind: (source store, GGUF path)}: untied f32, untied Q8_0, tied Q4_0."""
+    """{kind: (source store, GGUF path)}: llama untied f32, untied Q8_0, tied Q4_0; qwen2 untied Q8_0,
+    qwen3 tied Q8_0."""
     d = tmp_path_factory.mktemp("gguf-store")
     untied, tied = make_store(d, "untied"), make_store(d, "tied", tie_word_embeddings=True)
     out = {}
     for kind, store, write in (
         ("f32", untied, lambda s, p: write_gguf(s, p, "f32", progress=False)),
-        ("q8_0", untied, lambda s, p: write_gguf(s, p, "q8_0", progress=False)),
+        ("q8_0", untied, write_q8_0),
         ("q4_0", tied, write_q4_0),
+        ("qwen2", make_store(d, "qwen2", model_type="qwen2"), write_q8_0),
+        ("qwen3", make_store(d, "qwen3", model_type="qwen3", tie_word_embeddings=True), write_q8_0),
     ):
         path = d / f"{kind}.gguf"
         write(store, path)
@@ -76,12 +83,13 @@ def files(tmp_path_factory):
 
 
 def hf_model(store):
-    """transformers' LlamaForCausalLM holding the GGUF's dequantized weights (load_tensors), f32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """transformers' model of the family (LlamaForCausalLM, ...) holding the GGUF's dequantized
+    weights (load_tensors), f32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = store.config
     keys = {k: v for k, v in cfg.to_hf_dict("float32").items() if k not in ("architectures", "dtype", "torch_dtype")}
-    hf = LlamaForCausalLM(LlamaConfig(**keys))
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**keys), dtype=torch.float32)
     missing, unexpected = hf.load_state_dict(store.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     return hf.eval()
@@ -108,10 +116,11 @@ def test_units_pages_and_types(files):
     assert tied.blocks("head") == ["head"] and tied.types()["Q4_0"][0] == 7 * 2 + 1
 
 
-@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0", "qwen2", "qwen3"])
 def test_logits_and_lora_gradients_equal_peft_on_the_dequantized_model(files, kind, tmp_path):
     """Paged engine (fp32) from the GGUF: logits at every position equal transformers' on the
-    dequantized state dict; LoRA gradients equal peft's on that model."""
+    dequantized state dict; LoRA gradients equal peft's on that model. llama (f32, Q8_0, Q4_0 tied:
+    q/k rows permuted in the file), qwen2 (q/k/v biases) and qwen3 (q/k norms), Q8_0."""
     import peft
 
     _, path = files[kind]
