@@ -99,6 +99,7 @@ class GGUFStore:
         self._permute = ARCHS[self.arch].permute_qk
         self._verified: set = set()
         self._record: dict | None = None  # unit key -> digest, loaded lazily
+        self._record_file: Path | None = None
         self._embed_map = None
         self._init_pages()
 
@@ -339,11 +340,15 @@ class GGUFStore:
         return what
 
     def record_path(self) -> Path:
-        real = os.path.realpath(self.path)
-        with open(self.path, "rb") as f:
-            head = f.read(self.gf.data_offset)
-        key = f"{real}|{self.gf.size}|{buffer_digest(FAST, head)}"
-        return record_dir() / f"gguf-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        """The checksum record of this file in the cache directory: keyed by the real path, the size
+        and the digest of the header (metadata and tensor table) as read at first call."""
+        if self._record_file is None:
+            real = os.path.realpath(self.path)
+            with open(self.path, "rb") as f:
+                head = f.read(self.gf.data_offset)
+            key = f"{real}|{self.gf.size}|{buffer_digest(FAST, head)}"
+            self._record_file = record_dir() / f"gguf-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        return self._record_file
 
     def _load_record(self) -> dict:
         if self._record is None:
