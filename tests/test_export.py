@@ -162,9 +162,9 @@ def test_unknown_format_refused(tmp_path, tiny_store):
 def test_unsupported_gguf_type_refused(tmp_path, tiny_store):
     out = tmp_path / "out"
     assert_user_error(
-        run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,gguf", "--gguf-type", "q4_0"),
-        "q4_0",
-        "q8_0",
+        run_cli("export", tiny_store, "--out", out, "--formats", "safetensors,gguf", "--gguf-type", "q3_k"),
+        "q3_k",
+        "q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k",
     )
     assert final_names(out) == []
 

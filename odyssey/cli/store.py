@@ -37,13 +37,32 @@ def cmd_init(args) -> int:
 
 
 def add_import_parser(sub) -> None:
-    s = parser_for(sub, "import", "convert a Hugging Face checkpoint (llama mistral qwen2 qwen3 gemma3) to a store")
-    s.add_argument("src", help="HF model directory (config.json + safetensors)")
-    add_store_out_options(s, None, "default: keep the source dtype")
+    s = parser_for(
+        sub,
+        "import",
+        "convert a Hugging Face checkpoint (llama mistral qwen2 qwen3 gemma3) or a llama.cpp GGUF (llama) to a store",
+    )
+    s.add_argument("src", help="HF model directory (config.json + safetensors), or a .gguf file")
+    add_store_out_options(
+        s, None, "default: the source dtype (HF); bf16 for a GGUF, f32 for a GGUF whose tensors are all F32"
+    )
     s.set_defaults(func=cmd_import)
 
 
 def cmd_import(args) -> int:
+    from pathlib import Path
+
+    if Path(args.src).is_file():  # a GGUF (a file that is not one is refused by its first bytes)
+        from odyssey.gguf.importer import import_gguf
+
+        s = import_gguf(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
+        types = ", ".join(f"{n} {k}" for k, n in sorted(s["source_types"].items()))
+        tok = ", ".join(s["tokenizer_files"]) or "no tokenizer in the GGUF's metadata"
+        print(
+            f"imported {args.src} ({types}) -> {s['out']}: {s['parameters']:,} parameters, "
+            f"{written_phrase(s)}{kept_phrase(s)}; {tok}"
+        )
+        return 0
     from odyssey.store import import_hf
 
     s = import_hf(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
@@ -158,7 +177,9 @@ def add_export_parser(sub) -> None:
     s.add_argument(
         "--gguf-type",
         default=None,
-        help="GGUF tensor type: f32, f16 (default), bf16 or q8_0; gguf-lora: f32 (default) or f16",
+        help="GGUF type: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k (llama.cpp's Q4_K_M mix), "
+        "q5_k (Q5_K_M) or q6_k; norms stay f32, the head is Q6_K in the 4- to 6-bit files; gguf-lora: f32 (default) "
+        "or f16",
     )
     s.add_argument(
         "--adapter", help="merge this adapter on the fly (the store is left unchanged); with gguf-lora, export it"
@@ -198,4 +219,7 @@ def cmd_export(args) -> int:
             f"  {r['format']:<14} {r['path']:<40} {format_bytes(r['bytes']):>11} {r['seconds']:>7.1f} s "
             f"{r['mb_s']:>6.0f} MB/s  peak anonymous RSS {r['peak_anon_bytes'] / 2**20:,.0f} MiB"
         )
+        if r.get("types"):  # a GGUF's mix: what each GGML type holds
+            mix = ", ".join(f"{t} {m['tensors']} ({format_bytes(m['bytes'])})" for t, m in r["types"].items())
+            print(f"  {'':<14} tensors: {mix}")
     return 0

@@ -252,7 +252,8 @@ def export_model(
     """Writes the requested formats of the store at `model_dir` (merged with `adapter` if given;
     for "gguf-lora", the adapter alone, checked against its base) under `out`. `gguf_type`: the
     GGUF tensor type, default f16 (gguf) or f32 (gguf-lora). Returns {"out", "adapter", "seconds",
-    "formats": [{"format", "path", "bytes", "seconds", "mb_s", "peak_anon_bytes"}]};
+    "formats": [{"format", "path", "bytes", "seconds", "mb_s", "peak_anon_bytes", "kept", "types"}]}
+    (types: a GGUF's {GGML type: {"tensors", "bytes"}} as written, else None);
     peak_anon_bytes is this process's RssAnon peak while that output was written (every 20 ms)."""
     from odyssey.runtime.memory import PeakSampler
 
@@ -291,6 +292,7 @@ def export_model(
         t0 = time.perf_counter()
         try:  # every shard read is checked against the store's checksums before the output is renamed
             with PeakSampler(interval_s=0.02) as mem:
+                types = None  # GGUF: the type mix written (a kept output's is not re-read)
                 if fmt in kept:
                     size = _size_on_disk(paths[fmt])
                 else:
@@ -298,7 +300,8 @@ def export_model(
                     before = _read_record(out).get(name)
                     _set_record(out, name, {"key": keys[fmt], "state": "writing"})
                     try:
-                        size = _write_one(source, fmt, paths[fmt], gguf_type, progress)["bytes"]
+                        written = _write_one(source, fmt, paths[fmt], gguf_type, progress)
+                        size, types = written["bytes"], written.get("types")
                     except BaseException:
                         _set_record(out, name, before)  # a clean failure leaves the output as it was
                         raise
@@ -318,6 +321,7 @@ def export_model(
                 "mb_s": size / 1e6 / max(seconds, 1e-9),
                 "peak_anon_bytes": mem.peak_bytes,
                 "kept": fmt in kept,  # finished by an earlier run of this same export
+                "types": types,
             }
         )
     return {

@@ -27,8 +27,8 @@ What llama.cpp needs that a Hugging Face checkpoint does not say the same way:
   (and their biases) are reordered per head (`permute_qk`); position 0 is unaffected, later
   positions drift without it. qwen2, qwen3 and gemma3 rotate halves (NEOX) like HF;
 - Gemma's RMSNorm scales by (1 + w), llama.cpp's by the stored weight: 1 + w is stored;
-- norm weights and biases in f32 whatever the file type; q8_0 only for rows that are a multiple
-  of 32 long (others fall back to f16, as llama.cpp's own converter does);
+- norm weights and biases in f32 whatever the file type; the matrices in the file type's mix
+  (below);
 - what an architecture cannot compute (a dynamic RoPE; Llama 3 RoPE outside the llama graph; an
   o_proj bias outside it; a Gemma 3 query scale other than llama.cpp's) is refused by name
   (`layout`); a sliding window where the architecture has none makes the GGUF's context length
@@ -36,6 +36,30 @@ What llama.cpp needs that a Hugging Face checkpoint does not say the same way:
 - the tokenizer as "gpt2" (byte-level BPE): tokens in GPT-2 byte-to-unicode form (as HF's
   tokenizer.json stores them), token types, merges "a b", special ids, the pre-tokenizer name
   whose regex matches the tokenizer's; padded with unused tokens up to the model's vocab_size.
+
+Types (`--gguf-type`; `gguf_layout.choose_type`). f32, f16, bf16: every matrix in that type. The
+block types write what llama.cpp's `llama-quantize` writes from an f32/f16 GGUF without an
+importance matrix (llama-quant.cpp, `llama_tensor_get_type`, for dense models), with the same
+`general.file_type` and `general.quantization_version` 2; quantized by `odyssey.gguf.quantize`
+(gguf.quants for Q8_0 and Q4_0-Q5_1, llama.cpp's reference algorithms in torch for the k-quants):
+```
+--gguf-type  general.file_type  most matrices  head (output.weight; token_embd if tied)  more bits
+q8_0         MOSTLY_Q8_0        Q8_0           Q8_0                                     -
+q4_0         MOSTLY_Q4_0        Q4_0           Q6_K                                     -
+q4_1         MOSTLY_Q4_1        Q4_1           Q6_K                                     -
+q5_0         MOSTLY_Q5_0        Q5_0           Q6_K                                     -
+q5_1         MOSTLY_Q5_1        Q5_1           Q6_K                                     -
+q4_k         MOSTLY_Q4_K_M      Q4_K           Q6_K                                     attn_v, ffn_down: Q6_K
+q5_k         MOSTLY_Q5_K_M      Q5_K           Q6_K                                     attn_v, ffn_down: Q6_K
+q6_k         MOSTLY_Q6_K        Q6_K           Q6_K                                     -
+```
+"more bits": in the layers llama-quantize's `use_more_bits` picks (the first and last eighth and
+every third between; 16 of 32). q4_k and q5_k are the _M mixes, the ones people download most; the
+_S mixes are not offered. A matrix whose rows are not a whole number of its type's blocks (32
+elements; 256 for the k-quants) falls back as llama-quantize does, Q4_K -> Q5_0, Q5_K -> Q5_1,
+Q6_K -> Q8_0, and where that block does not fit either (or for the 32-element types, which
+llama-quantize refuses there) F16, as llama.cpp's converter writes such rows; the export says how
+many in one line. The size check before writing counts each tensor's bytes in its own type.
 """
 
 from __future__ import annotations
@@ -53,6 +77,7 @@ from odyssey.dtypes import GGUF_CODES
 from odyssey.errors import OdysseyError
 from odyssey.export import DISK_MARGIN
 from odyssey.export.gguf_layout import (
+    QUANT_TYPES,
     Layout,
     TensorPlan,
     check_gguf_type,
@@ -67,25 +92,23 @@ from odyssey.export.gguf_vocab import GGUFVocab, add_vocab, read_vocab, vocab_by
 from odyssey.modelconfig import ModelConfig
 from odyssey.store import drop_cache
 
-Q8_CHUNK_ELEMENTS = 1 << 22  # elements quantized per gguf.quants call: 16 MiB of f32 input
 HEADER_SLACK_BYTES = 1 << 20  # bytes allowed for key-values and tensor infos beyond the vocabulary
 
 
 def encode(t, plan: TensorPlan) -> np.ndarray:
     """A torch tensor (any float dtype, HF layout, already permuted) -> the array written for
-    `plan` (f32, f16, or uint8 bytes for bf16/q8_0, shape `plan.stored_shape`)."""
-    import gguf
+    `plan` (f32, f16, or uint8 bytes for bf16 and the block types, shape `plan.stored_shape`).
+    Block types are quantized in chunks of rows (`odyssey.gguf.quantize`), so the temporaries are
+    bounded by a chunk whatever the tensor."""
     import torch
 
-    Q = gguf.GGMLQuantizationType
-    if plan.qtype != Q.Q8_0:  # f32, f16, bf16: a cast
-        t = t.to(GGUF_CODES[plan.qtype.name].torch()).contiguous()
+    name = plan.qtype.name
+    if name in ("F32", "F16", "BF16"):  # a cast
+        t = t.to(GGUF_CODES[name].torch()).contiguous()
         return t.numpy() if plan.np_dtype != np.uint8 else t.view(torch.uint8).numpy()  # bf16: (rows, 2 * cols) bytes
-    out = np.empty(plan.stored_shape, dtype=np.uint8)  # (rows, cols / 32 * 34) bytes
-    step = max(1, Q8_CHUNK_ELEMENTS // t.shape[1])  # rows per call: bounds gguf.quants' f32 temporaries
-    for r0 in range(0, t.shape[0], step):
-        out[r0 : r0 + step] = gguf.quants.quantize(t[r0 : r0 + step].to(torch.float32).numpy(), Q.Q8_0)
-    return out
+    from odyssey.gguf.quantize import quantize
+
+    return quantize(t, name, plan.name)  # (rows, blocks per row * block bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,13 +141,44 @@ def add_model_metadata(writer, cfg: ModelConfig, gguf_type: str, name: str, lay:
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(int(file_type(gguf_type)))
-    if gguf_type == "q8_0":
+    if gguf_type in QUANT_TYPES:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _tensor_bytes(plan) -> int:
     """Bytes of tensor data in the file: each tensor starts 32-byte aligned."""
     return sum(-(-p.nbytes // 32) * 32 for _, plans in plan for p in plans)
+
+
+def type_mix(plan) -> dict[str, dict]:
+    """{GGML type: {"tensors": count, "bytes": data bytes}}, largest share first."""
+    mix: dict[str, dict] = {}
+    for _, plans in plan:
+        for p in plans:
+            m = mix.setdefault(p.qtype.name, {"tensors": 0, "bytes": 0})
+            m["tensors"] += 1
+            m["bytes"] += p.nbytes
+    return dict(sorted(mix.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
+def fallback_note(plan) -> str | None:
+    """One line naming how many matrices have rows that are not whole blocks of the type the mix
+    chose for them, and what they were written as instead (None when there are none)."""
+    falls: dict[tuple[str, str], list[int]] = {}
+    for _, plans in plan:
+        for p in plans:
+            if p.fallback_from:
+                falls.setdefault((p.fallback_from, p.qtype.name), []).append(p.shape[-1])
+    if not falls:
+        return None
+    from odyssey.gguf.blocks import BLOCKS
+
+    parts = [
+        f"{len(cols)} as {got} instead of {want} (rows of {', '.join(str(c) for c in sorted(set(cols)))}, "
+        f"not a multiple of {BLOCKS[want][0]})"
+        for (want, got), cols in falls.items()
+    ]
+    return f"{sum(len(c) for c in falls.values())} matrices fall back as llama-quantize does: {'; '.join(parts)}"
 
 
 @dataclass
@@ -183,7 +237,8 @@ def write_gguf(source, path, gguf_type: str = "f16", progress: bool = True) -> d
 
     Everything that can be refused (type, what llama.cpp cannot compute, tokenizer, disk) is
     checked before a byte is written.
-    Returns {"path", "gguf_type", "bytes" (file size), "tensors", "seconds", "mb_s" (file MB/s)}."""
+    Returns {"path", "gguf_type", "bytes" (file size), "tensors", "types" (`type_mix`: GGML type ->
+    tensors and bytes), "seconds", "mb_s" (file MB/s)}."""
     import gguf
     from tqdm import tqdm
 
@@ -195,6 +250,9 @@ def write_gguf(source, path, gguf_type: str = "f16", progress: bool = True) -> d
     _check_disk(path, fp.bytes)
     if fp.layout.note:
         print(f"note: {fp.layout.note}")
+    fallback = fallback_note(plan)
+    if fallback:
+        print(f"note: {fallback}")
     if vocab.model == "gpt2" and vocab.pre == "default":
         print(
             f"warning: the pre-tokenizer of {source.tokenizer_path()} is not one llama.cpp knows by name; "
@@ -205,7 +263,7 @@ def write_gguf(source, path, gguf_type: str = "f16", progress: bool = True) -> d
     add_model_metadata(writer, cfg, gguf_type, Path(source.root).name, fp.layout)
     add_vocab(writer, vocab)
     for _, plans in plan:
-        for p in plans:  # raw bytes (bf16, q8_0) need their type; f32/f16 follow the numpy dtype
+        for p in plans:  # raw bytes (bf16, block types) need their type; f32/f16 follow the numpy dtype
             writer.add_tensor_info(
                 p.name, p.stored_shape, p.np_dtype, p.nbytes, raw_dtype=p.qtype if p.np_dtype == np.uint8 else None
             )
@@ -230,6 +288,7 @@ def write_gguf(source, path, gguf_type: str = "f16", progress: bool = True) -> d
         "gguf_type": gguf_type,
         "bytes": size,
         "tensors": sum(len(p) for _, p in plan),
+        "types": type_mix(plan),
         "seconds": seconds,
         "mb_s": size / 1e6 / max(seconds, 1e-9),
     }

@@ -11,10 +11,28 @@ import numpy as np
 
 from odyssey.dtypes import DTYPES, GGUF_CODES, numel
 from odyssey.errors import OdysseyError
+from odyssey.gguf.blocks import BLOCKS
 from odyssey.modelconfig import ModelConfig
 from odyssey.store import unit_shapes
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+FLOAT_TYPES = ("f32", "f16", "bf16")
+# --gguf-type -> (the GGML type of most matrices, general.file_type): llama.cpp's llama-quantize
+# file types; q4_k and q5_k are its default "_M" mixes (see `tensor_type`)
+QUANT_TYPES = {
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+    "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+    "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
+    "q4_k": ("Q4_K", "MOSTLY_Q4_K_M"),
+    "q5_k": ("Q5_K", "MOSTLY_Q5_K_M"),
+    "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
+}
+# llama-quantize's fallback for a matrix whose rows are not whole blocks of the chosen type
+# (llama-quant.cpp, llama_tensor_get_type); where the fallback's block does not fit either (or the
+# type is a 32-element one, which llama-quantize refuses), F16, as llama.cpp's converter writes it
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (Llama 3 RoPE), not in the store
 # HF names inside model.layers.N. -> llama.cpp names inside blk.N. (gguf-py's tensor_mapping.py).
 LAYER_NAMES = {
@@ -111,23 +129,30 @@ GEMMA3_SWA_PERIOD = 6  # llama.cpp's default Gemma 3 pattern: layer i is local u
 GEMMA3_27B_LAYERS = 62  # llama.cpp scales Gemma 3 27B's queries by (hidden / heads) ** -0.5
 
 
-def _types():
+def base_type(gguf_type: str):
+    """The GGML type of most matrices of a file of `gguf_type` (gguf.GGMLQuantizationType)."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    return {t: Q.Q8_0 if t == "q8_0" else Q[DTYPES[t].gguf] for t in GGUF_TYPES}
+    return Q[QUANT_TYPES[gguf_type][0]] if gguf_type in QUANT_TYPES else Q[DTYPES[gguf_type].gguf]
 
 
 def file_type(gguf_type: str) -> int:
+    """`general.file_type`: llama.cpp's LLAMA_FTYPE for the mix (q4_k: MOSTLY_Q4_K_M)."""
     import gguf
 
     F = gguf.LlamaFileType
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[gguf_type]
+    if gguf_type in QUANT_TYPES:
+        return F[QUANT_TYPES[gguf_type][1]]
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16}[gguf_type]
 
 
 def check_gguf_type(gguf_type: str) -> None:
     if gguf_type not in GGUF_TYPES:
-        raise OdysseyError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+        raise OdysseyError(
+            f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r} "
+            f"(q4_k and q5_k write llama.cpp's Q4_K_M and Q5_K_M mixes)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,17 +295,18 @@ class TensorPlan:
     name: str  # llama.cpp name
     shape: tuple[int, ...]  # numpy order, HF (out_features, in_features); GGUF stores it reversed
     qtype: object  # gguf.GGMLQuantizationType
+    fallback_from: str | None = None  # the type the mix chose, when the rows were not whole blocks of it
 
     @property
     def np_dtype(self) -> np.dtype:
-        """The dtype of the array handed to the writer: raw bytes for bf16 and q8_0."""
+        """The dtype of the array handed to the writer: raw bytes for bf16 and the block types."""
         if self.qtype.name in ("F32", "F16"):  # the writer infers these from the array's dtype
             return np.dtype(GGUF_CODES[self.qtype.name].numpy)
         return np.dtype(np.uint8)
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
-        """The shape of that array: (rows, bytes per row) for bf16 and q8_0."""
+        """The shape of that array: (rows, bytes per row) for bf16 and the block types."""
         import gguf
 
         if self.np_dtype != np.uint8:
@@ -292,18 +318,52 @@ class TensorPlan:
         return numel(self.stored_shape) * self.np_dtype.itemsize
 
 
-def tensor_type(gguf_type: str, shape: tuple[int, ...]):
-    """The GGML type of one tensor: vectors (norm weights, biases) in f32 as llama.cpp expects;
-    q8_0 needs rows that are a multiple of its 32-element block, else f16."""
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama-quantize's layers that get more bits in the _M mixes (llama-quant.cpp): the first and
+    last eighth, and every third layer between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def _mix_type(gguf_type: str, name: str, n_layers: int, tied: bool) -> str:
+    """The GGML type llama-quantize (no importance matrix) gives matrix `name` in a `gguf_type` file,
+    before the fallback for rows that are not whole blocks (llama_tensor_get_type, for dense models):
+    - the head (output.weight; token_embd.weight when the head is tied, as llama.cpp then uses it
+      for both): Q6_K, unless the mix is q8_0 (Q8_0 then);
+    - q4_k, q5_k (Q4_K_M, Q5_K_M): attn_v and ffn_down of the `use_more_bits` layers Q6_K;
+    - everything else the mix's type."""
+    base = QUANT_TYPES[gguf_type][0]
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return base if base == "Q8_0" else "Q6_K"
+    if gguf_type in ("q4_k", "q5_k") and name.endswith(("attn_v.weight", "ffn_down.weight")):
+        return "Q6_K" if use_more_bits(int(name.split(".")[1]), n_layers) else base
+    return base
+
+
+def tensor_type(gguf_type: str, shape: tuple[int, ...], name: str = "", n_layers: int = 1, tied: bool = False):
+    """The GGML type of one tensor (`choose_type` without the fallback's origin)."""
+    return choose_type(gguf_type, shape, name, n_layers, tied)[0]
+
+
+def choose_type(gguf_type: str, shape: tuple[int, ...], name: str = "", n_layers: int = 1, tied: bool = False):
+    """The GGML type of one tensor, and the type the mix chose when it had to fall back (else None).
+    Vectors (norm weights, biases) are F32 whatever the file type, as llama.cpp expects; f32, f16,
+    bf16 files hold every matrix in that type; the block types follow llama-quantize's mixes
+    (`_mix_type`), and a matrix whose rows (shape[-1]) are not whole blocks of its type falls back as
+    llama-quantize does (`FALLBACK`: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), else to F16."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
     if len(shape) == 1:
-        return Q.F32
-    qtype = _types()[gguf_type]
-    if qtype == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
-        return Q.F16
-    return qtype
+        return Q.F32, None
+    if gguf_type in FLOAT_TYPES:
+        return base_type(gguf_type), None
+    chosen = _mix_type(gguf_type, name, n_layers, tied)
+    qtype = chosen
+    if shape[-1] % BLOCKS[qtype][0]:
+        qtype = FALLBACK.get(qtype, "F16")
+        if shape[-1] % BLOCKS[qtype][0]:
+            qtype = "F16"
+    return Q[qtype], (chosen if qtype != chosen else None)
 
 
 def plan_tensors(cfg: ModelConfig, units, gguf_type: str) -> list[tuple[object, list[TensorPlan]]]:
@@ -315,11 +375,14 @@ def plan_tensors(cfg: ModelConfig, units, gguf_type: str) -> list[tuple[object, 
     plan = []
     if rope_kind(cfg) == "llama3":
         plan.append((None, [TensorPlan(None, ROPE_FREQS, (cfg.head_dim // 2,), gguf.GGMLQuantizationType.F32)]))
+    n, tied = cfg.num_hidden_layers, cfg.tie_word_embeddings
     for unit in units:
-        shapes = unit_shapes(cfg, unit).items()
-        plan.append(
-            (unit, [TensorPlan(n, gguf_name(n, fam), tuple(s), tensor_type(gguf_type, tuple(s))) for n, s in shapes])
-        )
+        tensors = []
+        for hf, shape in unit_shapes(cfg, unit).items():
+            name = gguf_name(hf, fam)
+            qtype, chosen = choose_type(gguf_type, tuple(shape), name, n, tied)
+            tensors.append(TensorPlan(hf, name, tuple(shape), qtype, chosen))
+        plan.append((unit, tensors))
     return plan
 
 
