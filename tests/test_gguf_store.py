@@ -16,7 +16,6 @@ import torch
 from conftest import assert_user_error, run_cli, tiny_config
 from helpers_lora import lora_skeleton
 
-import odyssey.export.gguf as export_gguf
 import odyssey.export.gguf_layout as gguf_layout
 from odyssey.adapters import lora_parameters
 from odyssey.data import prepare_data
@@ -30,24 +29,8 @@ Q = gguf.GGMLQuantizationType
 VOCAB = 2048  # the embedding and head take several row blocks (each no larger than a layer)
 
 
-def write_q4_0(store, path: Path) -> None:
-    """Odyssey's GGUF export with Q4_0 matrices (gguf.quants' own quantizer) in place of Q8_0."""
-    orig = export_gguf.encode
-
-    def encode(t, plan):
-        if plan.qtype.name in ("F32", "F16", "BF16"):
-            return orig(t, plan)
-        return gguf.quants.quantize(t.to(torch.float32).numpy(), plan.qtype)
-
-    types = gguf_layout._types()
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(gguf_layout, "_types", lambda: {**types, "q8_0": Q.Q4_0})
-        m.setattr(export_gguf, "encode", encode)
-        write_gguf(store, path, "q8_0", progress=False)
-
-
-def write_q8_0(store, path: Path) -> None:
-    write_gguf(store, path, "q8_0", progress=False)
+def writer(gguf_type: str):
+    return lambda store, path: write_gguf(store, path, gguf_type, progress=False)
 
 
 def make_store(d: Path, name: str, **kw) -> Store:
@@ -64,17 +47,18 @@ def make_store(d: Path, name: str, **kw) -> Store:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """{kind: (source store, GGUF path)}: llama untied f32, untied Q8_0, tied Q4_0; qwen2 untied Q8_0,
-    qwen3 tied Q8_0."""
+    """{kind: (source store, GGUF path)}: llama untied f32, untied Q8_0, tied Q4_0, untied Q4_K_M
+    (hidden 256: k-quant rows); qwen2 untied Q8_0, qwen3 tied Q8_0."""
     d = tmp_path_factory.mktemp("gguf-store")
     untied, tied = make_store(d, "untied"), make_store(d, "tied", tie_word_embeddings=True)
     out = {}
     for kind, store, write in (
-        ("f32", untied, lambda s, p: write_gguf(s, p, "f32", progress=False)),
-        ("q8_0", untied, write_q8_0),
-        ("q4_0", tied, write_q4_0),
-        ("qwen2", make_store(d, "qwen2", model_type="qwen2"), write_q8_0),
-        ("qwen3", make_store(d, "qwen3", model_type="qwen3", tie_word_embeddings=True), write_q8_0),
+        ("f32", untied, writer("f32")),
+        ("q8_0", untied, writer("q8_0")),
+        ("q4_0", tied, writer("q4_0")),  # the tied embedding (the head) in Q6_K, or its fallback
+        ("q4_k", make_store(d, "wide", hidden_size=256, intermediate_size=512), writer("q4_k")),  # Q4_K_M mix
+        ("qwen2", make_store(d, "qwen2", model_type="qwen2"), writer("q8_0")),
+        ("qwen3", make_store(d, "qwen3", model_type="qwen3", tie_word_embeddings=True), writer("q8_0")),
     ):
         path = d / f"{kind}.gguf"
         write(store, path)
@@ -113,14 +97,15 @@ def test_units_pages_and_types(files):
     assert own <= page.nbytes < own + 32 * len(page.tensors)
     assert list(store.page("head").tensors) == ["model.norm.weight"]
     tied = GGUFStore.open(files["q4_0"][1])
-    assert tied.blocks("head") == ["head"] and tied.types()["Q4_0"][0] == 7 * 2 + 1
+    assert tied.blocks("head") == ["head"] and tied.types()["Q4_0"][0] == 7 * 2
+    assert {"Q4_K", "Q6_K"} <= set(GGUFStore.open(files["q4_k"][1]).types())
 
 
-@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0", "q4_k", "qwen2", "qwen3"])
 def test_logits_and_lora_gradients_equal_peft_on_the_dequantized_model(files, kind, tmp_path):
     """Paged engine (fp32) from the GGUF: logits at every position equal transformers' on the
-    dequantized state dict; LoRA gradients equal peft's on that model. llama (f32, Q8_0, Q4_0 tied:
-    q/k rows permuted in the file), qwen2 (q/k/v biases) and qwen3 (q/k norms), Q8_0."""
+    dequantized state dict; LoRA gradients equal peft's on that model. llama (f32, Q8_0, Q4_0 tied,
+    Q4_K_M: q/k rows permuted in the file), qwen2 (q/k/v biases) and qwen3 (q/k norms), Q8_0."""
     import peft
 
     _, path = files[kind]
@@ -129,7 +114,7 @@ def test_logits_and_lora_gradients_equal_peft_on_the_dequantized_model(files, ki
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (2, 40))
     tgt = torch.randint(0, VOCAB, (2, 40))
-    tgt[0, :3] = torch.tensor([0, VOCAB - 1, store.block_rows["embed"]])  # first and last rows, a block's first
+    tgt[0, :3] = torch.tensor([0, VOCAB - 1, store.block_rows["embed"] % VOCAB])  # first and last rows, a block's
     with Engine(store, compute_dtype="fp32") as eng:
         logits = eng.logits(ids)
     with torch.no_grad():
@@ -314,46 +299,31 @@ def test_truncated_gguf_is_one_line_and_left_as_it_is(files, tmp_path):
 
 
 def test_generate_from_a_gguf_equals_its_store(files, tmp_path):
-    """`odyssey generate --model x.gguf` (greedy, prompt ids) prints what the same command prints
-    on the store the f32 file came from."""
+    """`odyssey generate --model x.gguf` (greedy) prints what the same command prints on the store
+    the f32 file came from, given the same tokenizer (the one converted from the GGUF's metadata:
+    it names the padding ids of the vocabulary, the store's own does not)."""
     store, path = files["f32"]
-    args = ("--prompt-ids", "5,6,7,8", "--max-new-tokens", "6", "--temperature", "0", "--quiet")
+    tok = GGUFStore.open(path).tokenizer_path().parent
+    ref = tmp_path / "ref"
+    shutil.copytree(store.root, ref, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*", "*.jinja"))
+    for f in tok.iterdir():
+        shutil.copy(f, ref / f.name)
+    args = ("--prompt", "once upon a time", "--max-new-tokens", "6", "--temperature", "0", "--quiet")
     args += ("--compute-dtype", "fp32")
-    bare = tmp_path / "bare"  # the store without its tokenizer: ids out, as from the GGUF here
-    shutil.copytree(store.root, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*", "*.jinja"))
-    ref = store.root if GGUFStore.open(path).tokenizer_path() else bare  # text once the metadata's tokenizer is read
     a, b = run_cli("generate", "--model", path, *args), run_cli("generate", "--model", ref, *args)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
 
 
-def test_tokenizer_from_metadata_is_used_by_prepare_data(files, tmp_path, monkeypatch):
-    """`tokenizer_path()` asks odyssey.gguf.tokenizer (here a stand-in that writes the source store's
-    tokenizer files) once and caches; `prepare-data --model x.gguf` tokenizes with it, writes nothing
-    beside the GGUF, and refuses another tokenizer in one line."""
-    import sys
-    import types
-
+def test_tokenizer_from_metadata_is_used_by_prepare_data(files, tmp_path):
+    """`tokenizer_path()` is the tokenizer converted from the metadata (odyssey.gguf.tokenizer,
+    cached); `prepare-data --model x.gguf` tokenizes with it as the source store's tokenizer does,
+    writes nothing beside the GGUF, and refuses another tokenizer in one line."""
     from odyssey.errors import OdysseyError
 
     store, path = files["q8_0"]
-    calls = []
-
-    def write_tokenizer(gguf_path, out_dir):
-        calls.append(gguf_path)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for p in store.root.glob("tokenizer*"):
-            shutil.copy(p, out_dir / p.name)
-        return out_dir
-
-    stub = types.ModuleType("odyssey.gguf.tokenizer")
-    stub.tokenizer_cache_dir = lambda gguf_path: tmp_path / "tok-cache"
-    stub.write_tokenizer = write_tokenizer
-    monkeypatch.setitem(sys.modules, "odyssey.gguf.tokenizer", stub)
-    gs = GGUFStore.open(path)
-    assert gs.tokenizer_path() == tmp_path / "tok-cache" / "tokenizer.json" == gs.tokenizer_path()
-    assert len(calls) == 1
+    tok = GGUFStore.open(path).tokenizer_path()
+    assert tok is not None and tok.is_file() and path.parent not in tok.parents
     corpus = tmp_path / "c.txt"
     corpus.write_text("a cat named Tom sat on the mat.\n\nonce upon a time.", encoding="utf-8")
     before = sorted(p.name for p in path.parent.iterdir())

@@ -100,6 +100,7 @@ class GGUFStore:
         self._verified: set = set()
         self._record: dict | None = None  # unit key -> digest, loaded lazily
         self._record_file: Path | None = None
+        self._tokenizer: Path | bool | None = None  # tokenizer.json in the cache, False: none
         self._embed_map = None
         self._init_pages()
 
@@ -231,21 +232,14 @@ class GGUFStore:
         return h.hexdigest()[:16]
 
     def tokenizer_path(self) -> Path | None:
-        """tokenizer.json built from the file's metadata (odyssey.gguf.tokenizer), cached; None when
-        that module is not there or the file has no tokenizer."""
-        try:
-            from odyssey.gguf.tokenizer import tokenizer_cache_dir, write_tokenizer
-        except ImportError:
-            return None
-        p = Path(tokenizer_cache_dir(self.path)) / "tokenizer.json"
-        if p.is_file():
-            return p
-        try:
-            out = Path(write_tokenizer(self.path, tokenizer_cache_dir(self.path)))
-        except OdysseyError:
-            return None
-        p = out / "tokenizer.json" if out.is_dir() else out
-        return p if p.is_file() else None
+        """tokenizer.json converted from the file's metadata (odyssey.gguf.tokenizer: once per file,
+        cached under the cache directory), None when the metadata holds no tokenizer. A tokenizer
+        Odyssey cannot convert is refused in one line."""
+        if self._tokenizer is None:
+            from odyssey.gguf.tokenizer import cached_tokenizer, has_tokenizer
+
+            self._tokenizer = cached_tokenizer(self.path) / "tokenizer.json" if has_tokenizer(self.gf) else False
+        return self._tokenizer or None
 
     # --- tensors ---
     def _heads(self, name: str) -> int | None:
