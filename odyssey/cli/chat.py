@@ -29,7 +29,7 @@ def add_chat_options(s) -> None:
 
 def add_model_options(s, max_new_tokens: int) -> None:
     """--model, --adapter and the engine's options, as generate has them."""
-    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--model", required=True, help="store directory, or a llama.cpp .gguf file")
     s.add_argument("--adapter", help="a LoRA adapter directory (e.g. RUN/adapter) applied on the fly")
     s.add_argument("--max-new-tokens", type=count(1), default=max_new_tokens)
     s.add_argument("--ram-budget", help="e.g. 1GiB")

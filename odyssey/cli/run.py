@@ -21,7 +21,7 @@ from odyssey.errors import OdysseyError
 
 def add_plan_parser(sub) -> None:
     s = parser_for(sub, "plan", "show the memory plan of a run against a RAM budget, term by term")
-    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--model", required=True, help="store directory, or a llama.cpp .gguf file")
     s.add_argument("--ram-budget", help="e.g. 2GiB, 1500MiB, 2G")
     s.add_argument(
         "--mode",
@@ -64,7 +64,7 @@ def cmd_plan(args) -> int:
 
 def add_generate_parser(sub) -> None:
     s = parser_for(sub, "generate", "generate text with the model paged from disk under a RAM budget")
-    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--model", required=True, help="store directory, or a llama.cpp .gguf file")
     prompt = s.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the store)")
     prompt.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
@@ -149,7 +149,7 @@ def cmd_generate(args) -> int:
 
 def add_train_parser(sub) -> None:
     s = parser_for(sub, "train", "train LoRA adapters (or a small model fully) under a RAM budget, resumable")
-    s.add_argument("--model", help="base store directory (default on --resume: the run's)")
+    s.add_argument("--model", help="base store directory or .gguf file (default on --resume: the run's)")
     s.add_argument("--data", help="data directory from `odyssey prepare-data` (default on --resume: the run's)")
     s.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints, adapter)")
     s.add_argument("--ram-budget", help="e.g. 2GiB; checked by the memory plan before the first step")
@@ -313,7 +313,7 @@ def cmd_prepare_data(args) -> int:
 def add_bench_parser(sub) -> None:
     s = parser_for(sub, "bench", "measure page-in throughput against the disk's raw sequential read")
     s.add_argument("what", choices=["pagein"], help="which benchmark")
-    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--model", required=True, help="store directory, or a llama.cpp .gguf file")
     s.add_argument("--strategies", default=",".join(("mmap", "mmap-willneed", "pread", "pread-direct")))
     s.add_argument("--slots", default="1,2,3", help="slot counts for the pager strategies")
     s.add_argument("--repeats", type=count(1), default=3, help="runs per row (the best is kept: the disk is noisy)")

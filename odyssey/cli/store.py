@@ -73,7 +73,7 @@ def cmd_import(args) -> int:
 
 def add_verify_parser(sub) -> None:
     s = parser_for(sub, "verify", "check every shard's size, header, shapes and checksum")
-    s.add_argument("model", help="store directory")
+    s.add_argument("model", help="store directory, or a llama.cpp .gguf file")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_verify)
 
@@ -129,7 +129,7 @@ def _verify_gguf(args) -> int:
 
 def add_info_parser(sub) -> None:
     s = parser_for(sub, "info", "print architecture, parameters, bytes per layer and dtype")
-    s.add_argument("model", help="store directory")
+    s.add_argument("model", help="store directory, or a llama.cpp .gguf file")
     s.set_defaults(func=cmd_info)
 
 
@@ -143,7 +143,7 @@ def cmd_info(args) -> int:
 
 def add_merge_parser(sub) -> None:
     s = parser_for(sub, "merge", "fold a LoRA adapter into its base, layer by layer, as a new store")
-    s.add_argument("--model", required=True, help="base store directory the adapter was trained on")
+    s.add_argument("--model", required=True, help="base store directory or .gguf file the adapter was trained on")
     s.add_argument("--adapter", required=True, help="adapter directory in PEFT format, e.g. runs/r1/adapter")
     add_store_out_options(s, None, "default: the base's dtype")
     s.set_defaults(func=cmd_merge)
@@ -162,7 +162,7 @@ def cmd_merge(args) -> int:
 
 def add_export_parser(sub) -> None:
     s = parser_for(sub, "export", "write a store as safetensors (HF), .pth and/or .gguf, or an adapter as a GGUF LoRA")
-    s.add_argument("model", nargs="?", help="store directory (or --model)")
+    s.add_argument("model", nargs="?", help="store directory or .gguf file (or --model)")
     s.add_argument("--model", dest="model_opt", metavar="STORE", help="store directory (the base, with gguf-lora)")
     s.add_argument(
         "--out",
