@@ -24,21 +24,28 @@ import numpy as np
 
 from odyssey.dtypes import PAGE_SIZE
 from odyssey.pager import READ_CHUNK, Pager
-from odyssey.store import Store, drop_cache
+from odyssey.store import Store, drop_cache, open_model
 
 STRATEGIES = ("mmap", "mmap-willneed", "pread", "pread-direct")
 DEFAULT = ("pread", 2)
 
 
+def _files(store) -> list[Path]:
+    """The files holding the model, in unit order: a store's shards, or the one GGUF file."""
+    if not hasattr(store, "shards"):  # a GGUF file (odyssey.gguf.store)
+        return [Path(store.path)]
+    return [store.shards[u].path for u in store.units]
+
+
 def _drop_all(store: Store) -> None:
-    for info in store.shards.values():
-        drop_cache(info.path)
+    for path in _files(store):
+        drop_cache(path)
 
 
 def _warm_all(store: Store) -> None:
     buf = bytearray(READ_CHUNK)
-    for info in store.shards.values():
-        with open(info.path, "rb", buffering=0) as f:
+    for path in _files(store):
+        with open(path, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
 
@@ -47,8 +54,8 @@ def raw_read(store: Store) -> float:
     """Seconds to read every shard sequentially with 16 MiB reads into one buffer."""
     buf = bytearray(READ_CHUNK)
     t0 = time.perf_counter()
-    for unit in store.units:
-        fd = os.open(store.shards[unit].path, os.O_RDONLY)
+    for path in _files(store):
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             while os.readv(fd, [buf]):
@@ -66,7 +73,7 @@ def pager_read(store: Store, slots: int, direct: bool, drop: bool) -> tuple[floa
             res = pager.get(unit)
             # touch one value per tensor: the consumer sees the bytes
             for t in res.tensors.values():
-                t.view(-1)[-1].item()
+                getattr(t, "raw", t).view(-1)[-1].item()  # a GGUF matrix: its bytes
             pager.release(res)
         return time.perf_counter() - t0, pager.direct_fallback
 
@@ -74,8 +81,7 @@ def pager_read(store: Store, slots: int, direct: bool, drop: bool) -> tuple[floa
 def mmap_read(store: Store, willneed: bool) -> float:
     t0 = time.perf_counter()
     maps = []
-    units = store.units
-    files = [open(store.shards[u].path, "rb") for u in units]
+    files = [open(p, "rb") for p in _files(store)]
     try:
         maps = [mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) for f in files]
         if willneed:
@@ -100,7 +106,7 @@ def mmap_read(store: Store, willneed: bool) -> float:
 def run(
     store_dir: str, strategies=STRATEGIES, slots=(1, 2, 3), caches=("cold", "warm"), repeats: int = 1, progress=print
 ) -> dict:
-    store = Store.open(store_dir)
+    store = open_model(store_dir)
     total = store.total_bytes()
     rows = []
     raw_mb_s = {}

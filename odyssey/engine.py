@@ -8,9 +8,13 @@ the store dtype), used, and unbound.
 
 Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 
-- forward: embedding rows gathered from the memory-mapped embed shard (only the rows needed; the
-  row blocks holding them are checked against the index first), layers 0..L-1 without grad keeping
-  only each layer's input, final norm, then the head.
+- forward: embedding rows gathered by the store (`embedding_rows`: only the rows needed, from the
+  memory-mapped embed shard or GGUF file; the row blocks holding them are checked first), layers
+  0..L-1 without grad keeping only each layer's input, final norm, then the head.
+- a GGUF file (odyssey.gguf.store): its quantized matrices (and llama's permuted q/k) come from the
+  pager as `QWeight`s, bound by giving their Linear a forward that dequantizes the matrix into one
+  reused workspace just before its matmul, and again in backward (odyssey.gguf.qweight); the head's
+  GGUF blocks are dequantized a vocab chunk at a time.
 - the head: its weight (V, d) (the embedding when tied) is paged in row blocks no larger than a
   decoder layer (store.Block), prefetched like layers, one block resident while the next is read;
   each block is used in vocab chunks. A tied embedding is read once per step, for the head.
@@ -34,12 +38,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from odyssey.dtypes import IGNORE, ST_CODES, VOCAB_CHUNK, compute_dtype_info
+from odyssey.dtypes import IGNORE, VOCAB_CHUNK, compute_dtype_info
+from odyssey.gguf.qweight import QWeight, Workspace, bind_linear, row_chunk, take_rows, unbind_linear
 from odyssey.model import CausalLM, KVCache, embed_scale, rope_tables
 from odyssey.pager import Pager, Resident, ResidentPager
 from odyssey.store import Block, Store
@@ -94,12 +98,12 @@ class OnlineCrossEntropy:
         self.w_t = torch.zeros(N, d)  # target rows, fp32
 
     def add(self, v0: int, W: torch.Tensor) -> None:
-        """Head rows v0..v0+R-1: W (R, d) in the store dtype."""
+        """Head rows v0..v0+R-1: W (R, d) in the store dtype, or a GGUF block (QWeight)."""
         hf = self.hf
         if hf.shape[0] == 0:
             return
         for c0 in range(0, W.shape[0], VOCAB_CHUNK):
-            Wc = W[c0 : c0 + VOCAB_CHUNK].to(self.dtype)  # (C, d)
+            Wc = row_chunk(W, c0, c0 + VOCAB_CHUNK, self.dtype)  # (C, d); a GGUF block's chunk dequantized
             lc = F.linear(hf, Wc).float()  # (N, C)
             m_new = torch.maximum(self.m, lc.max(dim=1).values)
             alpha = torch.exp(self.m - m_new)  # (N,) rescales what was summed under the old max
@@ -111,7 +115,7 @@ class OnlineCrossEntropy:
             del lc, e, Wc
         here = ((self.tgt >= v0) & (self.tgt < v0 + W.shape[0])).nonzero().squeeze(1)
         if here.numel():
-            self.w_t[here] = W[self.tgt[here] - v0].float()
+            self.w_t[here] = take_rows(W, self.tgt[here] - v0)
 
     @property
     def trained(self) -> int:
@@ -156,7 +160,9 @@ class Engine:
         core = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
         self._core = core.model  # DecoderModel inside the (PEFT-wrapped) skeleton: layers, norm
         self._modules = dict(self._find_base_modules())
-        self._embed = self._open_embedding()
+        self.workspace = Workspace()  # GGUF: where each quantized matrix is dequantized before its matmul
+        if hasattr(store, "workspace_numel"):  # allocated once, for the largest matrix
+            self.workspace.get(store.workspace_numel(), self.dtype)
 
     # --- weights ---
     def _find_base_modules(self):
@@ -177,6 +183,10 @@ class Engine:
             if name not in self._modules:
                 continue
             mod, attr = self._modules[name]
+            if isinstance(t, QWeight):  # a GGUF matrix: dequantized at each use (odyssey.gguf.qweight)
+                bind_linear(mod, t, self.workspace)
+                self._bound[name] = (mod, None, None)
+                continue
             w = t if t.dtype == self.dtype else t.to(self.dtype)
             old = mod._parameters[attr]
             mod._parameters[attr] = nn.Parameter(w, requires_grad=False)
@@ -187,6 +197,9 @@ class Engine:
             entry = self._bound.pop(name, None)
             if entry:
                 mod, attr, old = entry
+                if attr is None:
+                    unbind_linear(mod)
+                    continue
                 mod._parameters[attr] = old  # back to the meta placeholder: no view outlives the slot
 
     @contextlib.contextmanager
@@ -199,27 +212,9 @@ class Engine:
             self.unbind(res)
             self.pager.release(res)
 
-    def _open_embedding(self):
-        """The embed shard memory-mapped (rows are gathered as needed). Its bytes are not read by
-        the pager here, so `embed` checks the row blocks holding the rows it gathers against the
-        index first (each block once per store; the whole file where blocks have no digests)."""
-        info = self.store.shards["embed"]
-        span = info.tensors["model.embed_tokens.weight"]
-        return np.memmap(
-            info.path,
-            dtype=ST_CODES[span.dtype].numpy,
-            mode="r",
-            offset=info.data_offset + span.start,
-            shape=span.shape,
-        ), span.dtype
-
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> (B, T, d) compute dtype; only the rows needed are read."""
-        mm, st = self._embed
-        idx = ids.reshape(-1).numpy()
-        self.store.check_rows("embed", np.unique(idx))  # no-op for blocks already checked
-        rows = np.ascontiguousarray(mm[idx])
-        t = torch.from_numpy(rows).view(ST_CODES[st].torch())  # bf16 rows are read as uint16
+        t = self.store.embedding_rows(ids.reshape(-1).numpy())  # (B*T, d), checked against the store
         scale = embed_scale(self.cfg, t.dtype)
         if scale is not None:  # Gemma: scaled in the weights' dtype, as HF does
             t = t * scale
@@ -240,7 +235,10 @@ class Engine:
         "head" (the norm alone), then the embedding's row blocks (or "embed")."""
         if self.cfg.tie_word_embeddings:
             return ["head", *self.store.blocks("embed")]
-        return self.store.blocks("head")
+        units = self.store.blocks("head")
+        if "model.norm.weight" not in self.store.page(units[0]).tensors:  # a GGUF: "head" is the norm
+            units = ["head", *units]
+        return units
 
     def layer_schedule(self, backward: bool = False) -> list:
         L = self.cfg.num_hidden_layers
@@ -284,7 +282,7 @@ class Engine:
         of rows at a time."""
         out = torch.empty(h.shape[0], W.shape[0], dtype=self.dtype)
         for v0 in range(0, W.shape[0], VOCAB_CHUNK):
-            out[:, v0 : v0 + VOCAB_CHUNK] = F.linear(h, W[v0 : v0 + VOCAB_CHUNK].to(self.dtype))
+            out[:, v0 : v0 + VOCAB_CHUNK] = F.linear(h, row_chunk(W, v0, v0 + VOCAB_CHUNK, self.dtype))
         return out
 
     # --- forward ---

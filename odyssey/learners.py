@@ -188,7 +188,9 @@ class FullLearner:
             writer.write_unit(unit, lambda name, shape: sd[name].detach())
         writer.finish()
         if self.store.tokenizer_path():
-            copy_tokenizer(self.store.root, out)
+            from odyssey.store import tokenizer_dir
+
+            copy_tokenizer(tokenizer_dir(self.store), out)
         return out
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from odyssey.adapters import WEIGHTS_NAME, AdapterFile, read_adapter
 from odyssey.dtypes import DTYPES, check_store_dtype
 from odyssey.export.chat import copy_tokenizer_and_template
 from odyssey.outputs import check_apart
-from odyssey.store import ChecksumMismatch, Store, StoreWriter, Unit, file_sha256, unit_label
+from odyssey.store import ChecksumMismatch, Store, StoreWriter, Unit, file_sha256, open_model, tokenizer_dir, unit_label
 from odyssey.tokenizer import TOKENIZER_FILES, tokenizer_files
 
 MERGE_RECORD = "odyssey_merge.json"  # in the merged store: which base and adapter made it
@@ -95,7 +95,7 @@ def merge(
 
     atomic.set_command("merge")
     model_dir, out = Path(model_dir), Path(out)
-    store, adapter = Store.open(model_dir), read_adapter(adapter_dir)
+    store, adapter = open_model(model_dir), read_adapter(adapter_dir)
     source = MergedSource(store, adapter)
     # Before the writer touches --out: --force on the base would delete the shards being read.
     check_apart(out, [("base model", "--model", model_dir), ("adapter", "--adapter", adapter_dir)])
@@ -109,7 +109,7 @@ def merge(
         "adapter": file_sha256(adapter.path / WEIGHTS_NAME),
         "scale": adapter.scale,
     }
-    tok_bytes = sum(p.stat().st_size for p in tokenizer_files(store.root))
+    tok_bytes = sum(p.stat().st_size for p in tokenizer_files(tokenizer_dir(store)))
     w = StoreWriter(
         out, store.config, dtype, key, force, extra_bytes=tok_bytes, extra_names=(*TOKENIZER_FILES, MERGE_RECORD)
     )
@@ -132,7 +132,7 @@ def merge(
             raise
         bar.close()
         # Tokenizer and provenance before the index: a directory with an index is complete.
-        copied = copy_tokenizer_and_template(store.root, out, store.config.vocab_size)
+        copied = copy_tokenizer_and_template(tokenizer_dir(store), out, store.config.vocab_size)
         atomic.write_json(
             out / MERGE_RECORD,
             {

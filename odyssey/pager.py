@@ -13,7 +13,9 @@ A unit still sitting in a slot is not read again: the last layer of a forward pa
 the backward pass, and layer 0 of one step's backward is layer 0 of the next step's forward.
 
 `get` returns a `Resident` whose tensors are zero-copy views (`torch.frombuffer`) of the slot, in
-the store dtype. They are valid until `release`; after that the slot may be overwritten.
+the store dtype. They are valid until `release`; after that the slot may be overwritten. A GGUF
+file's store makes its own views (`tensor_view`): its quantized matrices are `QWeight`s holding the
+slot's bytes (odyssey.gguf.qweight), dequantized by the engine one matrix at a time.
 The pool never grows: `slots` buffers of the largest unit (`Store.max_page_bytes`: the largest
 decoder layer, since the embedding and head are read in blocks no larger), allocated once.
 
@@ -194,7 +196,11 @@ class Pager:
         import torch
 
         out = {}
+        view = getattr(self.store, "tensor_view", None)  # a GGUF file: quantized matrices (odyssey.gguf.store)
         for name, (offset, st, shape) in self.store.page(unit).tensors.items():
+            if view is not None:
+                out[name] = view(name, slot.buf, slot.delta + offset, st, shape)
+                continue
             dt = ST_CODES[st].torch()
             t = torch.frombuffer(slot.buf, dtype=dt, count=math.prod(shape), offset=slot.delta + offset)
             out[name] = t.view(shape)
@@ -327,8 +333,8 @@ class ResidentPager:
     def get(self, unit: PageUnit) -> Resident:
         page = self.store.page(unit)
         self.stats.append(UnitStat(unit, page.nbytes, 0.0, 0.0, True))
-        if not isinstance(unit, Block):
-            return Resident(unit, self._tensors[unit], -1)
+        if not isinstance(unit, Block):  # the page's tensors (a GGUF's "head" is the norm alone)
+            return Resident(unit, {n: t for n, t in self._tensors[unit].items() if n in page.tensors}, -1)
         whole = self._tensors[unit.unit]
         rows = BLOCKED_TENSORS[unit.unit]
         views = {n: whole[n][unit.row_start : unit.row_end] if n == rows else whole[n] for n in page.tensors}

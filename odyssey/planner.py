@@ -76,6 +76,7 @@ class Paging:
     head_blocks: int  # 1: read whole; tied: the head shard (the final norm alone)
     head_bytes: int  # the head shard
     tied: bool
+    gguf: str = ""  # a GGUF file: its types and what a layer holds quantized ("" for a store)
 
     @property
     def head_units(self) -> int:
@@ -108,6 +109,8 @@ class Paging:
             out.append(f"  head    tied: the final norm, then the embedding's {self._count(self.embed_blocks)}")
         else:
             out.append(f"  head    {self._blocks_text(self.head_rows, self.head_blocks, self.head_bytes)}")
+        if self.gguf:
+            out.append(f"  gguf    {self.gguf}")
         layer_reads, head_units, nbytes = self.step_reads(mode, slots)
         what = "a step" if mode != "forward" else "a token"
         out.append(f"  reads   {format_bytes(nbytes)} {what}: {layer_reads} layer reads + {head_units} head unit(s)")
@@ -186,6 +189,7 @@ def paging_for_store(store) -> Paging:
         head_blocks=head_blocks,
         head_bytes=store.unit_bytes("head"),
         tied=cfg.tie_word_embeddings,
+        gguf=store.paging_note() if hasattr(store, "paging_note") else "",
     )
 
 
@@ -375,9 +379,12 @@ def plan(
     budget: int | None = None,
     runtime: int | None = None,
     grad_accum: int = 1,
+    dequant_workspace: int | None = None,
 ) -> Plan:
     """The plan of a run of `cfg`; `paging` from the store (`paging_for_store`), else as `odyssey
-    init` would write it. `grad_accum`: micro-batches a training step sums gradients over."""
+    init` would write it. `grad_accum`: micro-batches a training step sums gradients over.
+    `dequant_workspace`: a GGUF file's matrices are dequantized one at a time into a workspace of
+    this many bytes (GGUFStore.workspace_bytes), counted as a term."""
     d, f, kv, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_size, cfg.num_hidden_layers, cfg.vocab_size)
     B, T = batch_size, seq_len
     BT = B * T
@@ -400,6 +407,8 @@ def plan(
         terms["buffer pool"] = slots * paging.slot_bytes
         if ci != store_itemsize:  # a layer's converted weights, or one head chunk: never both
             terms["weights"] = max(layer_params, VOCAB_CHUNK * d) * ci
+        if dequant_workspace is not None:  # GGUF: one matrix (again in backward) and a head chunk
+            terms["dequant workspace"] = dequant_workspace
         if mode == "forward":
             terms["workspace"] = BT * (3 * d + 3 * f) * ci  # no grad: the MLP's peak is live
             terms["kv cache"] = L * 2 * BT * kv * ci
@@ -436,8 +445,14 @@ def plan_for_store(
         compute_itemsize = compute_dtype.itemsize
     else:
         compute_itemsize = compute_dtype_info(compute_dtype or "auto", store.dtype, store.config).itemsize
+    gguf = hasattr(store, "workspace_bytes")  # a GGUF file (odyssey.gguf.store)
     store_itemsize = DTYPES[store.dtype].itemsize
-    layer_params = sum(numel(s.shape) for s in store.shards[0].tensors.values())
+    if gguf:
+        layer_params = sum(numel(s) for s in store.config.layer_shapes(0).values())
+        if store.quantized:  # no layer is converted whole: the workspace term counts what is
+            store_itemsize = compute_itemsize
+    else:
+        layer_params = sum(numel(s.shape) for s in store.shards[0].tensors.values())
     return plan(
         store.config,
         mode=mode,
@@ -452,6 +467,7 @@ def plan_for_store(
         budget=budget,
         runtime=runtime,
         grad_accum=grad_accum,
+        dequant_workspace=store.workspace_bytes(compute_itemsize) if gguf else None,
     )
 
 

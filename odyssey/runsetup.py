@@ -97,7 +97,7 @@ def prepare(
     (run, store, data, cfg, budget, effective config)."""
     from odyssey.config import load_train_config, parse_bytes
     from odyssey.data import TokenData
-    from odyssey.store import Store
+    from odyssey.store import open_model
 
     run = RunDir(out)
     saved = None
@@ -127,7 +127,11 @@ def prepare(
     if budget is None:
         raise OdysseyError("pass --ram-budget, e.g. --ram-budget 2GiB (see `odyssey plan`)")
     budget = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    store = Store.open(model)
+    store = open_model(model)
+    if cfg.mode != "lora":
+        from odyssey.gguf.store import refuse_quantized
+
+        refuse_quantized(store, f"{cfg.mode} fine-tuning (mode={cfg.mode})")
     data = TokenData(data_dir)
     if data.vocab_size > store.config.vocab_size:
         raise OdysseyError(

@@ -283,9 +283,9 @@ def test_unsupported_quantization_refused(nano, tmp_path):
 
 def test_unsupported_architecture_refused(tmp_path):
     (tmp_path / "src").mkdir()
-    write_small(tmp_path / "src" / "q.gguf", "qwen2")
+    write_small(tmp_path / "src" / "q.gguf", "gemma3")  # llama, qwen2 and qwen3 are read
     refused_cli(
-        tmp_path / "src" / "q.gguf", tmp_path / "out", "qwen2 architecture", "which odyssey does not read from gguf"
+        tmp_path / "src" / "q.gguf", tmp_path / "out", "gemma3 architecture", "which odyssey does not read from gguf"
     )
     write_small(tmp_path / "src" / "f.gguf", "falcon")
     refused_cli(tmp_path / "src" / "f.gguf", tmp_path / "out", "has architecture 'falcon'")

@@ -353,11 +353,11 @@ def test_unsupported_model_kinds_refused(tmp_path):
 
 
 def test_unsupported_architecture_and_adapter_refused(tmp_path):
-    write_small(tmp_path / "q.gguf", "qwen2")
+    write_small(tmp_path / "q.gguf", "gemma3")
     refused(
         tmp_path / "q.gguf",
-        "has llama.cpp's qwen2 architecture (Odyssey's qwen2 family)",
-        "reads llama",
+        "has llama.cpp's gemma3 architecture (Odyssey's gemma3 family)",
+        "reads llama, qwen2, qwen3",
         "odyssey import",
     )
     write_small(tmp_path / "f.gguf", "falcon")
@@ -368,7 +368,7 @@ def test_unsupported_architecture_and_adapter_refused(tmp_path):
     )
     write_small(tmp_path / "a.gguf", "llama", **{"general.type": "adapter"})
     refused(tmp_path / "a.gguf", "is a LoRA adapter GGUF, not a model")
-    assert GGUFFile.open(tmp_path / "q.gguf", architectures=None).architecture == "qwen2"  # structure alone
+    assert GGUFFile.open(tmp_path / "q.gguf", architectures=None).architecture == "gemma3"  # structure alone
 
 
 def rename(path, old: str, new: str) -> None:

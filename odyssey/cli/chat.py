@@ -29,7 +29,7 @@ def add_chat_options(s) -> None:
 
 def add_model_options(s, max_new_tokens: int) -> None:
     """--model, --adapter and the engine's options, as generate has them."""
-    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--model", required=True, help="store directory, or a llama.cpp .gguf file")
     s.add_argument("--adapter", help="a LoRA adapter directory (e.g. RUN/adapter) applied on the fly")
     s.add_argument("--max-new-tokens", type=count(1), default=max_new_tokens)
     s.add_argument("--ram-budget", help="e.g. 1GiB")
@@ -54,17 +54,17 @@ def open_chat(args):
     from odyssey.chat import check_context, default_max_context
     from odyssey.data.templates import load_chat_template
     from odyssey.generate import stop_ids
-    from odyssey.store import Store
+    from odyssey.store import open_model, tokenizer_dir
     from odyssey.tokenizer import load_model_tokenizer
 
-    store = Store.open(args.model)
+    store = open_model(args.model)
     tok = load_model_tokenizer(
-        store.root,
+        tokenizer_dir(store),
         fix="a conversation needs the model's tokenizer: `odyssey import` a model that has one, or add one "
         f"with `odyssey prepare-data DATA --out DIR --model {store.root}`",
     )
     template = load_chat_template(
-        store.root, override=args.chat_template, model_vocab_size=store.config.vocab_size, tok=tok
+        tokenizer_dir(store), override=args.chat_template, model_vocab_size=store.config.vocab_size, tok=tok
     )
     max_context = args.max_context or default_max_context(store.config)
     check_context(store.config, max_context, args.max_new_tokens)

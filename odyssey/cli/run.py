@@ -21,7 +21,7 @@ from odyssey.errors import OdysseyError
 
 def add_plan_parser(sub) -> None:
     s = parser_for(sub, "plan", "show the memory plan of a run against a RAM budget, term by term")
-    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--model", required=True, help="store directory, or a llama.cpp .gguf file")
     s.add_argument("--ram-budget", help="e.g. 2GiB, 1500MiB, 2G")
     s.add_argument(
         "--mode",
@@ -43,9 +43,9 @@ def add_plan_parser(sub) -> None:
 def cmd_plan(args) -> int:
     from odyssey.config import LoraSettings
     from odyssey.planner import plan_checked
-    from odyssey.store import Store
+    from odyssey.store import open_model
 
-    store = Store.open(args.model)
+    store = open_model(args.model)
     compute = compute_dtype_line(args.compute_dtype, store.dtype, store.config)
     plan_checked(
         store,
@@ -64,7 +64,7 @@ def cmd_plan(args) -> int:
 
 def add_generate_parser(sub) -> None:
     s = parser_for(sub, "generate", "generate text with the model paged from disk under a RAM budget")
-    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--model", required=True, help="store directory, or a llama.cpp .gguf file")
     prompt = s.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the store)")
     prompt.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
@@ -86,25 +86,25 @@ def add_generate_parser(sub) -> None:
 
 def cmd_generate(args) -> int:
     from odyssey.generate import generate_ids, open_engine, stop_ids, stream_text
-    from odyssey.store import Store
+    from odyssey.store import open_model, tokenizer_dir
     from odyssey.tokenizer import load_model_tokenizer
 
     if args.chat:  # `generate --chat` is `odyssey chat`
         from odyssey.cli.chat import cmd_chat
 
         return cmd_chat(args)
-    store = Store.open(args.model)
+    store = open_model(args.model)
     if args.prompt_ids:
         try:
             prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
         except ValueError:
             raise OdysseyError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-        tok = load_model_tokenizer(store.root) if store.tokenizer_path() else None
+        tok = load_model_tokenizer(tokenizer_dir(store)) if store.tokenizer_path() else None
     else:
         if args.prompt is None:
             raise OdysseyError("pass --prompt TEXT (or --prompt-ids 1,2,3)")
         tok = load_model_tokenizer(
-            store.root,
+            tokenizer_dir(store),
             fix=f"add one with `odyssey prepare-data DATA --out DIR --model {store.root}` "
             f"(or `odyssey import` a model that has one), or pass --prompt-ids 1,2,3",
         )
@@ -149,7 +149,7 @@ def cmd_generate(args) -> int:
 
 def add_train_parser(sub) -> None:
     s = parser_for(sub, "train", "train LoRA adapters (or a small model fully) under a RAM budget, resumable")
-    s.add_argument("--model", help="base store directory (default on --resume: the run's)")
+    s.add_argument("--model", help="base store directory or .gguf file (default on --resume: the run's)")
     s.add_argument("--data", help="data directory from `odyssey prepare-data` (default on --resume: the run's)")
     s.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints, adapter)")
     s.add_argument("--ram-budget", help="e.g. 2GiB; checked by the memory plan before the first step")
@@ -313,7 +313,7 @@ def cmd_prepare_data(args) -> int:
 def add_bench_parser(sub) -> None:
     s = parser_for(sub, "bench", "measure page-in throughput against the disk's raw sequential read")
     s.add_argument("what", choices=["pagein"], help="which benchmark")
-    s.add_argument("--model", required=True, help="store directory")
+    s.add_argument("--model", required=True, help="store directory, or a llama.cpp .gguf file")
     s.add_argument("--strategies", default=",".join(("mmap", "mmap-willneed", "pread", "pread-direct")))
     s.add_argument("--slots", default="1,2,3", help="slot counts for the pager strategies")
     s.add_argument("--repeats", type=count(1), default=3, help="runs per row (the best is kept: the disk is noisy)")

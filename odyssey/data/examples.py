@@ -327,6 +327,8 @@ def _update_store(job: Job, chosen: _ChosenTokenizer, chosen_out: _ChosenTokeniz
     default template where it has no template. A template given with --chat-template goes only into
     the data directory of a store that has a template of its own."""
     model = job.model
+    if model.gguf is not None:  # a GGUF's tokenizer is its metadata's: the data directory holds what changed
+        return
     if not model.has_tokenizer or not model.holds(chosen):
         model.add_tokenizer(chosen_out, chosen_out.tok)
         return

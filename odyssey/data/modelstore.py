@@ -36,14 +36,39 @@ class ModelStore:
     root: Path
     config: dict
     has_tokenizer: bool
+    gguf: Path | None = None  # a GGUF file: its tokenizer (from the metadata, cached in `root`) is fixed
 
     @classmethod
     def open(cls, root: Path, vocab_size: int | None) -> ModelStore:
-        """Read `root`'s config.json; refuse an asked `vocab_size` larger than the model's."""
+        """Read `root`'s config.json; refuse an asked `vocab_size` larger than the model's. A GGUF
+        file: its tokenizer, read from the metadata (odyssey.gguf.store), which the data must use."""
+        from odyssey.gguf.store import is_gguf
+
+        if is_gguf(root):
+            return cls._open_gguf(root, vocab_size)
         config = read_model_config(root)
         if vocab_size is not None and vocab_size > config["vocab_size"]:
             raise too_big(vocab_size, config["vocab_size"], trained=True)
         return cls(root, config, (root / "tokenizer.json").is_file())
+
+    @classmethod
+    def _open_gguf(cls, path: Path, vocab_size: int | None) -> ModelStore:
+        from odyssey.gguf.store import GGUFStore
+
+        store = GGUFStore.open(path)
+        if vocab_size is not None:
+            raise OdysseyError(
+                f"{path} is a GGUF file, whose tokenizer is in its metadata and its data must use it: drop --vocab-size"
+            )
+        tok = store.tokenizer_path()
+        if tok is None:
+            raise OdysseyError(
+                f"Odyssey cannot read the tokenizer of {path} from its metadata; convert the model with "
+                f"`odyssey import {path} --out DIR` and pass --model DIR"
+            )
+        cfg = store.config
+        config = {"vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+        return cls(tok.parent, config, True, gguf=Path(path))
 
     @property
     def vocab_size(self) -> int:
@@ -52,6 +77,10 @@ class ModelStore:
     def check_request(self, vocab_size: int | None, replace: bool) -> None:
         """Before any work: training a new tokenizer (`vocab_size`) for a store that has one is
         refused unless `replace`."""
+        if self.gguf is not None and replace:
+            raise OdysseyError(
+                f"{self.gguf} is a GGUF file, whose tokenizer is in its metadata: drop --replace-tokenizer"
+            )
         if self.has_tokenizer and vocab_size is not None and not replace:
             raise OdysseyError(
                 f"model store {self.root} already has a tokenizer, and its data must use it: drop "
@@ -64,6 +93,10 @@ class ModelStore:
         store's own unless asked to `replace` it."""
         if vocab > self.vocab_size:
             raise too_big(vocab, self.vocab_size, trained=chosen.trained)
+        if self.gguf is not None and not self.holds(chosen):
+            raise OdysseyError(
+                f"{self.gguf} is a GGUF file, whose tokenizer (in its metadata) the data must use: drop --tokenizer"
+            )
         if self.has_tokenizer and not replace and not self.holds(chosen):
             raise OdysseyError(
                 f"model store {self.root} already has a different tokenizer, and its data must use it: "

@@ -39,7 +39,7 @@ from odyssey.atomic import existing_parent
 from odyssey.config import format_bytes
 from odyssey.errors import OdysseyError
 from odyssey.outputs import check_apart
-from odyssey.store import unit_shapes
+from odyssey.store import tokenizer_dir, unit_shapes
 
 FORMATS = ("safetensors", "pth", "gguf", "gguf-lora")  # also the order they are written in
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the estimate (metadata, filesystem slack)
@@ -130,7 +130,9 @@ def source_key(source) -> dict:
 
         key["adapter"] = file_sha256(adapter.path / WEIGHTS_NAME)
         key["scale"] = adapter.scale
-    key["tokenizer"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tokenizer_files(store.root)}
+    key["tokenizer"] = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tokenizer_files(tokenizer_dir(store))
+    }
     return key
 
 
@@ -194,9 +196,9 @@ def check_free_disk(out: Path, needs: dict[str, int]) -> None:
 
 def open_source(model_dir: str | os.PathLike, adapter: str | os.PathLike | None):
     """The store, or the store with the adapter merged on the fly (refused if made for another base)."""
-    from odyssey.store import Store
+    from odyssey.store import open_model
 
-    store = Store.open(model_dir)
+    store = open_model(model_dir)
     if adapter is None:
         return store
     from odyssey.adapters import read_adapter

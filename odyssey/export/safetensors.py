@@ -30,7 +30,7 @@ from odyssey import atomic
 from odyssey.dtypes import DTYPES, numel
 from odyssey.export import stream_tensors
 from odyssey.export.chat import copy_tokenizer_and_template
-from odyssey.store import INDEX_NAME, build_header, shard_name, unit_shapes
+from odyssey.store import INDEX_NAME, build_header, shard_name, tokenizer_dir, unit_shapes
 from odyssey.tokenizer import tokenizer_files
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30  # bytes; HF's save_pretrained default is 5 GB, smaller eases copying
@@ -58,7 +58,7 @@ def unit_tensor_bytes(source, unit) -> int:
 
 def estimate_bytes(source) -> int:
     """Bytes the export will take: tensors, headers (a few KiB per shard), config and tokenizer."""
-    tok = sum(p.stat().st_size for p in tokenizer_files(source.root))
+    tok = sum(p.stat().st_size for p in tokenizer_files(tokenizer_dir(source)))
     return sum(unit_tensor_bytes(source, u) for u in source.units) + 64 * 1024 * len(source.units) + tok
 
 
@@ -101,7 +101,7 @@ def write_safetensors(
             weight_map.update(_write_shard(tmp / shard_file_name(k, len(groups)), source, units, bar.update))
         if len(groups) > 1:
             atomic.write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        copy_tokenizer_and_template(Path(source.root), tmp, source.config.vocab_size)
+        copy_tokenizer_and_template(tokenizer_dir(source), tmp, source.config.vocab_size)
         files = sorted(p.name for p in tmp.iterdir())
     size = sum((out_dir / f).stat().st_size for f in files)
     return {"path": str(out_dir), "bytes": size, "seconds": time.perf_counter() - t0, "files": files}

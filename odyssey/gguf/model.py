@@ -1,8 +1,11 @@
 """A GGUF file as an Odyssey model: the `ModelConfig` its metadata describes, its tensors under HF
 names, and each tensor in HF layout (dequantized, llama.cpp's Q/K row permutation undone).
 
-Only llama.cpp's `llama` architecture for now (Llama 2/3, TinyLlama, SmolLM2, Mistral without a
-window; `odyssey.gguf.reader.ARCHITECTURES`). Metadata keys (`llama.` prefix) -> ModelConfig:
+llama.cpp's `llama` architecture (Llama 2/3, TinyLlama, SmolLM2, Mistral without a window), `qwen2`
+(Qwen2, Qwen2.5: q/k/v biases always) and `qwen3` (q/k norms, explicit head_dim); the families of
+`odyssey.families` whose `gguf_arch` they are (`odyssey.gguf.reader.ARCHITECTURES`). Only llama
+permutes q/k rows (`gguf_layout.ARCHS`). Metadata keys (`llama.`, `qwen2.`, `qwen3.` prefix) ->
+ModelConfig:
 ```
 embedding_length -> hidden_size             block_count -> num_hidden_layers
 feed_forward_length -> intermediate_size    attention.head_count(_kv) -> num_(key_value_)heads
@@ -27,7 +30,7 @@ import dataclasses
 import numpy as np
 
 from odyssey.errors import OdysseyError
-from odyssey.export.gguf_layout import ROPE_FREQS, gguf_name, hf_name, unpermute_qk
+from odyssey.export.gguf_layout import ARCHS, ROPE_FREQS, gguf_name, hf_name, unpermute_qk
 from odyssey.gguf.reader import GGUFFile
 from odyssey.modelconfig import ModelConfig
 
@@ -80,6 +83,7 @@ def model_config(gf: GGUFFile) -> ModelConfig:
         )
     embed = gf.tensor("token_embd.weight")
     meta = gf.metadata
+    family = _family(gf)
     kw = dict(
         vocab_size=embed.shape[0],
         hidden_size=hidden,
@@ -95,9 +99,9 @@ def model_config(gf: GGUFFile) -> ModelConfig:
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-        attention_bias="blk.0.attn_q.bias" in gf.tensors,
-        mlp_bias="blk.0.ffn_gate.bias" in gf.tensors,
-        model_type="llama",
+        attention_bias=family.qkv_bias == "config" and "blk.0.attn_q.bias" in gf.tensors,
+        mlp_bias=family.mlp_bias and "blk.0.ffn_gate.bias" in gf.tensors,
+        model_type=family.model_type,
     )
     cfg = _config(gf, kw)
     scaling = _rope_scaling(gf, cfg)
@@ -105,6 +109,13 @@ def model_config(gf: GGUFFile) -> ModelConfig:
         cfg = _config(gf, {**kw, "rope_scaling": scaling})
     _check_tensors(gf, cfg)
     return cfg
+
+
+def _family(gf: GGUFFile):
+    """The Odyssey family of the file's architecture (llama: Llama, not Mistral)."""
+    from odyssey.families import FAMILIES
+
+    return next(f for f in FAMILIES.values() if f.gguf_arch == gf.architecture and f.name != "mistral")
 
 
 def _config(gf: GGUFFile, kw: dict) -> ModelConfig:
@@ -193,7 +204,9 @@ def load_tensor(gf: GGUFFile, name: str, cfg: ModelConfig, dtype=None):
 
     t = gf.tensor(gguf_name(name, cfg.family))
     w = dequantize(gf.read_raw(t.name), t.qtype, t.shape)
-    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+    if not ARCHS[gf.architecture].permute_qk:  # qwen2, qwen3: halves rotated as in HF
+        pass
+    elif name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
         w = unpermute_qk(w, cfg.num_attention_heads).contiguous()
     elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
         w = unpermute_qk(w, cfg.num_key_value_heads).contiguous()

@@ -35,7 +35,7 @@ from odyssey.gguf.blocks import BLOCKS, check_type, tensor_bytes, type_name
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
-ARCHITECTURES = ("llama",)  # general.architecture values Odyssey reads (families: llama; mistral is llama)
+ARCHITECTURES = ("llama", "qwen2", "qwen3")  # general.architecture values Odyssey reads (mistral is llama)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 
 # GGUF value types: id -> (struct format, numpy dtype) for scalars; 8 string, 9 array

@@ -68,6 +68,26 @@ from odyssey.store.reader import ChecksumMismatch, Store
 from odyssey.store.summary import describe, verify_store
 from odyssey.store.writer import StoreWriter
 
+
+def tokenizer_dir(source):
+    """The directory holding a model's tokenizer files: a store's own directory; for a GGUF file,
+    the cache directory its tokenizer is written to from the metadata (the file's path when none)."""
+    from pathlib import Path
+
+    p = source.tokenizer_path()
+    return p.parent if p is not None else Path(source.root)
+
+
+def open_model(path):
+    """What `--model PATH` names: a GGUF file (by its magic) as an `odyssey.gguf.store.GGUFStore`,
+    else a store directory (`Store.open`). Every command that opens a model calls this."""
+    from odyssey.gguf.store import GGUFStore, is_gguf
+
+    if is_gguf(path):
+        return GGUFStore.open(path)
+    return Store.open(path)
+
+
 __all__ = [
     "BLOCKED_TENSORS",
     "Block",
@@ -90,6 +110,8 @@ __all__ = [
     "import_hf",
     "init_store",
     "init_tensor",
+    "open_model",
+    "tokenizer_dir",
     "read_header",
     "shard_info",
     "shard_name",

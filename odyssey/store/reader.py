@@ -268,6 +268,29 @@ class Store:
             raise StoreError(f"store {self.root}: cannot read {self.files[unit]} ({e.strerror or e})") from None
         self._check_digest(unit, algo, digest)
 
+    def embedding_rows(self, ids):
+        """Rows `ids` (int array) of the embedding, (len(ids), d) in the store dtype, gathered from
+        the memory-mapped embed shard (only the rows needed), after checking the row blocks that
+        hold them against the index (each block once per store; the whole shard where blocks have
+        no digests)."""
+        import numpy as np
+        import torch
+
+        ids = np.asarray(ids).reshape(-1)
+        info = self.shards["embed"]
+        span = info.tensors["model.embed_tokens.weight"]
+        if getattr(self, "_embed_map", None) is None:
+            self._embed_map = np.memmap(
+                info.path,
+                dtype=ST_CODES[span.dtype].numpy,
+                mode="r",
+                offset=info.data_offset + span.start,
+                shape=span.shape,
+            )
+        self.check_rows("embed", np.unique(ids))  # no-op for blocks already checked
+        rows = np.ascontiguousarray(self._embed_map[ids])
+        return torch.from_numpy(rows).view(ST_CODES[span.dtype].torch())  # bf16 rows are read as uint16
+
     def load_tensors(self, unit: Unit, dtype=None) -> dict:
         """A unit's tensors as torch tensors (copies, `dtype` if given), checked against the index's
         checksum before they are returned (the first time in this store). For merge, export, full
