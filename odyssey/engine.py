@@ -25,8 +25,13 @@ Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 - backward: layers L-1..0, each recomputed with grad from its saved input (a leaf with
   requires_grad, so LoRA weights get gradients), `torch.autograd.backward(out, grad)`, the input's
   gradient passed down.
+- selective recompute (`keep`, decided by the planner: residency.py): the last `keep` layers run
+  their forward with grad from a leaf input and keep the graph; their backward is
+  `autograd.backward` of that graph, with no recompute and no page-in. Their weights are pinned in
+  the pager (autograd holds the views until backward). Same numbers, bit for bit.
 The schedule is forward then reverse, so the last layer of forward is the first of backward and
-stays resident; layer 0 stays resident into the next step.
+stays resident; layer 0 stays resident into the next step. Pinned units (`pinned`, residency.py)
+are read once and served from their own buffers from then on.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ our buffer; keeping a second copy in the cache would double RAM use).
 A unit still sitting in a slot is not read again: the last layer of a forward pass is the first of
 the backward pass, and layer 0 of one step's backward is layer 0 of the next step's forward.
 
+Pinned units (`pinned`, chosen by the planner: residency.py) each get a buffer of their own, are
+read once on first use, in schedule order like any unit, and are never evicted or read again; the
+slots serve the rest. `get` of a pinned unit after its read is counted `reused`.
+
 `get` returns a `Resident` whose tensors are zero-copy views (`torch.frombuffer`) of the slot, in
 the store dtype. They are valid until `release`; after that the slot may be overwritten.
 The pool never grows: `slots` buffers of the largest unit (`Store.max_page_bytes`: the largest

@@ -44,7 +44,7 @@ from odyssey.config import LoraSettings, format_bytes
 from odyssey.dtypes import DTYPES, MIB, PAGE_SIZE, VOCAB_CHUNK, compute_dtype_info, numel
 from odyssey.errors import OdysseyError
 from odyssey.modelconfig import ModelConfig
-from odyssey.residency import Residency, UnitSizes, decide, sizes_for_paging, sizes_for_store
+from odyssey.residency import FILL, Residency, UnitSizes, decide, sizes_for_paging, sizes_for_store
 
 # Measured (RssAnon, torch 2.13, peft 0.21.2, transformers 5.24, Linux x86-64, jemalloc or glibc): torch
 # and its meta kernels 212-215 MiB; with peft 260-266 MiB (`odyssey plan` and `odyssey train` both
@@ -475,7 +475,7 @@ def plan(
             head=head_sizes,
             layer_size=lambda i: layer_sizes[i],
             slots=slots,
-            fits=lambda nbytes, k, paged_any: sum(paged_terms(nbytes, k, paged_any)[0].values()) <= budget,
+            fits=lambda nbytes, k, paged_any: sum(paged_terms(nbytes, k, paged_any)[0].values()) <= budget * FILL,
             pin=pin,
             recompute=recompute,
         )

@@ -24,7 +24,8 @@ order, to:
    next step's forward), then the head pass's units in order. A unit that does not fit is
    skipped and smaller ones after it are tried. In generation every unit is read once a token.
 
-With a budget that holds the whole model every unit is pinned: the store is read once and the
+Residency fills the plan up to `FILL` (90 %) of the budget, never past it (the guard's checkpoint
+line). With a budget that holds the whole model every unit is pinned: the store is read once and the
 slots are never touched (an anonymous mapping costs no RAM until it is written, and the plan drops
 the buffer pool then). `read_bytes` is what the pager reads a step (a token in generation) in
 steady state, from a replay of the pager's slot policy (`steady_reads`).
@@ -36,6 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from odyssey.config import format_bytes
+
+FILL = 0.9
+"""Residency fills the plan up to this share of the budget, not all of it: the guard asks for a
+checkpoint when anonymous RAM passes 90 % of the budget (guard.soft_pct), and measured peaks run at
+0.94-0.96 of the plan, so a plan at 90 % keeps a run's peak clear of that line."""
 
 RECOMPUTE_CHOICES = ("auto", "all")
 """`recompute`: auto (the planner keeps the activations of as many last layers as the budget
@@ -65,7 +71,7 @@ class Residency:
     kept: int = 0  # last layers whose forward keeps activations (no recompute)
     kept_bytes: int = 0  # what they hold at once (activations, inputs, converted weights)
     units: int = 0  # units a step (a token) uses
-    unit_bytes: int = 0  # their bytes
+    unit_bytes: int = 0  # bytes a step (a token) asks the pager for (a layer twice when recomputed)
     read_bytes: int = 0  # bytes the pager reads a step (a token) in steady state
     pin: bool = True  # pin units with what is left (False: only kept layers are pinned)
     recompute: str = "auto"
@@ -81,8 +87,8 @@ class Residency:
             pinned += " (--no-pin: only layers that keep activations)"
         out = [
             f"residency: {pinned}, {self.paged} paged",
-            f"  reads   {format_bytes(self.read_bytes)} {what} of {format_bytes(self.unit_bytes)} used "
-            f"({_pct(self.read_bytes, self.unit_bytes)} paged)",
+            f"  reads   {format_bytes(self.read_bytes)} {what} of the {format_bytes(self.unit_bytes)} it uses "
+            f"({_pct(self.read_bytes, self.unit_bytes)}; the rest is in RAM)",
         ]
         if self.mode != "forward":
             how = "--recompute all" if self.recompute == "all" else f"{format_bytes(self.kept_bytes)}"
@@ -187,7 +193,7 @@ def decide(
         pinned_bytes=pbytes,
         kept=kept,
         units=total_units,
-        unit_bytes=sum(sizes.values()),
+        unit_bytes=sum(sizes[u] for u in sched),
         read_bytes=sum(sizes[u] for u in reads),
         pin=pin,
         recompute=recompute,

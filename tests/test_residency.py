@@ -5,6 +5,9 @@ run that pins half the model inside a real memory cgroup."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 import torch
 
@@ -13,9 +16,10 @@ from odyssey.config import LoraSettings
 from odyssey.engine import Engine
 from odyssey.pager import Pager
 from odyssey.planner import plan_for_store
-from odyssey.residency import schedule, steady_reads, units_from_labels
+from odyssey.residency import FILL, schedule, steady_reads, units_from_labels
+from odyssey.runtime import cgroup
 from odyssey.store import Store, init_store
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, load_tool, tiny_config
 from tests.helpers_lora import lora_skeleton
 
 MIB = 1 << 20
@@ -150,8 +154,10 @@ def test_plan_huge_tight_and_between(tmp_path):
     assert tight.residency.kept == 0 and tight.residency.pinned == []
     assert tight.terms == free.terms and tight.peak == free.peak
     assert tight.residency.read_bytes > 0
+    # the residency never takes the plan past 90 % of the budget (the guard's checkpoint line)
+    assert plan_for_store(store, budget=huge.total, **kw).residency.pinned != huge.residency.pinned
 
-    mid_budget = (free.total + huge.total) // 2
+    mid_budget = int((free.total + huge.total) / 2 / FILL)  # residency fills 90 % of a budget
     mid = plan_for_store(store, budget=mid_budget, **kw)
     m = mid.residency
     assert mid.fits and 0 < len(m.pinned) < m.units and 0 < m.read_bytes < tight.residency.read_bytes
@@ -167,7 +173,7 @@ def test_generation_plan_pins_with_what_is_left(tmp_path):
     store = four_layer_store(tmp_path, tied=True)
     kw = dict(mode="forward", seq_len=32, runtime=100 * MIB, compute_dtype="fp32")
     free = plan_for_store(store, **kw)
-    huge = plan_for_store(store, budget=free.total + 64 * MIB, **kw).residency
+    huge = plan_for_store(store, budget=(free.total + 64 * MIB) * 2, **kw).residency
     assert huge.kept == 0 and huge.pinned == [3, 2, 1, 0, "head", "embed"] and huge.read_bytes == 0
     assert "a token" in huge.lines()[1]
     assert plan_for_store(store, budget=free.total, **kw).residency.pinned == []
@@ -195,3 +201,65 @@ def test_generation_with_everything_pinned_reads_nothing_after_the_first_token(t
     assert got == want
     assert per_token[0] == sum(store.page(u).nbytes for u in pinned)
     assert per_token[1:] == [0] * 5
+
+
+# ---------------------------------------------------------------------------------------------
+# a run that pins half the model, inside a real memory cgroup
+
+OK, WHY = cgroup.available()
+
+
+@pytest.mark.skipif(not OK, reason=f"memory cgroups cannot be made here: {WHY}")
+def test_training_that_pins_half_stays_under_its_budget_in_a_cgroup(tmp_path):
+    """8 layers of 12.6 MiB (f32): at a budget between the plan without residency and the plan
+    with everything pinned, `odyssey train` pins part of the model and keeps some layers'
+    activations, reads the rest every step, and its cgroup peak (anonymous and file pages)
+    stays under the budget, which is the cgroup's limit."""
+    from odyssey.data import prepare_data
+    from odyssey.planner import RUNTIME_FALLBACK
+
+    cfg = tiny_config(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    init_store(cfg, tmp_path / "store", dtype="f32", seed=1, progress=False)
+    load_tool("make_sample_corpus").write_corpus(tmp_path / "corpus", "stories", 40, seed=2)
+    prepare_data(
+        [tmp_path / "corpus"], tmp_path / "tok", vocab_size=512, model_store=tmp_path / "store", progress=False
+    )
+    store = Store.open(tmp_path / "store")
+    kw = dict(mode="lora", seq_len=128, lora=LoraSettings(), runtime=RUNTIME_FALLBACK["lora"], compute_dtype="fp32")
+    low = plan_for_store(store, **kw).total
+    high = plan_for_store(store, budget=1 << 40, **kw).total
+    budget = int((low + high) / 2 / FILL)
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "odyssey",
+        "train",
+        "--model",
+        str(tmp_path / "store"),
+        "--data",
+        str(tmp_path / "tok"),
+    ]
+    cmd += ["--out", str(run), "--ram-budget", str(budget), "--steps", "3", "--quiet", "--no-guard"]
+    cmd += ["seq_len=128", "eval_every=0", "checkpoint_every=3", "compute_dtype=fp32"]
+    r = cgroup.run_in_cgroup(cmd, budget, cwd=ROOT, timeout=300)
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"kind":"step"' in x]
+    print(
+        f"\nbudget {budget / MIB:.0f} MiB (plan {low / MIB:.0f} paged .. {high / MIB:.0f} resident): peak "
+        f"{r.peak_bytes / MIB:.0f} MiB, pinned {[s['pinned_units'] for s in steps]} ({steps[-1]['pinned_mib']} MiB), "
+        f"kept {steps[-1]['kept_layers']}, read {[s['pagein_bytes'] for s in steps]}"
+    )
+    assert r.returncode == 0 and not r.oom_killed, r
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    last = steps[-1]
+    assert 0 < last["pinned_units"] < 9 and 0 < last["kept_layers"] < 8
+    assert 0 < last["pagein_bytes"] < steps[0]["pagein_bytes"]  # the pinned units were read in step 1 only
+    assert r.peak_bytes <= budget
+    assert last["rss_anon_mib"] * MIB < 0.9 * budget  # the guard's checkpoint line stays clear
