@@ -19,7 +19,7 @@ from odyssey.planner import plan_for_store
 from odyssey.residency import FILL, schedule, steady_reads, units_from_labels
 from odyssey.runtime import cgroup
 from odyssey.store import Store, init_store
-from tests.conftest import ROOT, load_tool, tiny_config
+from tests.conftest import ROOT, assert_user_error, load_tool, run_cli, tiny_config
 from tests.helpers_lora import lora_skeleton
 
 MIB = 1 << 20
@@ -263,3 +263,49 @@ def test_training_that_pins_half_stays_under_its_budget_in_a_cgroup(tmp_path):
     assert 0 < last["pagein_bytes"] < steps[0]["pagein_bytes"]  # the pinned units were read in step 1 only
     assert r.peak_bytes <= budget
     assert last["rss_anon_mib"] * MIB < 0.9 * budget  # the guard's checkpoint line stays clear
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands
+
+
+def test_train_with_residency_gives_the_losses_of_paging_everything(train_dir, tmp_path):
+    """`odyssey train` at 1 GiB (the tiny model: every unit pinned, both layers keep activations)
+    and with `--no-pin --recompute all` (everything paged and recomputed, as before residency):
+    the same losses, bit for bit; the step records say what each did."""
+    from odyssey.runtime.runlog import RunDir
+
+    def train(out, *extra):
+        p = run_cli(
+            "train", "--no-guard", "--quiet", "--model", train_dir / "store", "--data", train_dir / "tok",
+            "--out", out, "--ram-budget", "1GiB", "--steps", "3", "seq_len=32", "eval_every=0",
+            "compute_dtype=fp32", *extra,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        return RunDir(out).read_metrics("step")
+
+    on = train(tmp_path / "on")
+    off = train(tmp_path / "off", "--no-pin", "--recompute", "all")
+    assert [r["loss"] for r in on] == [r["loss"] for r in off]
+    assert [r["grad_norm"] for r in on] == [r["grad_norm"] for r in off]
+    assert (on[-1]["pinned_units"], on[-1]["kept_layers"], on[-1]["pagein_bytes"]) == (3, 2, 0)
+    assert (off[-1]["pinned_units"], off[-1]["kept_layers"]) == (0, 0) and off[-1]["pagein_bytes"] > 0
+    assert on[0]["pagein_bytes"] > 0 and on[0]["resident_bytes"] < on[-1]["resident_bytes"]
+
+
+def test_plan_command_shows_residency_and_its_options(train_dir):
+    store = train_dir / "store"
+    p = run_cli("plan", "--model", store, "--ram-budget", "1GiB", "--seq-len", "32")
+    assert p.returncode == 0, p.stderr
+    assert "residency: 3 of 3 units pinned" in p.stdout and "2 of 2 layers keep activations" in p.stdout
+    p = run_cli("plan", "--model", store, "--ram-budget", "1GiB", "--seq-len", "32", "--no-pin", "--recompute", "all")
+    assert p.returncode == 0, p.stderr
+    assert (
+        "residency: 0 of 3 units pinned" in p.stdout and "0 of 2 layers keep activations (--recompute all)" in p.stdout
+    )
+    p = run_cli("plan", "--model", store, "--ram-budget", "1GiB", "--mode", "forward", "--seq-len", "32")
+    assert "residency: 3 of 3 units pinned" in p.stdout and "keep activations" not in p.stdout
+    p = run_cli("train", "--model", store, "--data", train_dir / "tok", "--out", train_dir / "bad", "--ram-budget",
+                "1GiB", "recompute=some")  # fmt: skip
+    assert_user_error(p, "recompute", "auto or all")
+    assert not (train_dir / "bad").exists()
