@@ -80,6 +80,14 @@ class Residency:
     def paged(self) -> int:
         return self.units - len(self.pinned)
 
+    def summary(self) -> str:
+        """One line: what is pinned, what keeps activations, what a step reads."""
+        what = "a token" if self.mode == "forward" else "a step"
+        text = f"residency: {len(self.pinned)} of {self.units} units pinned ({format_bytes(self.pinned_bytes)})"
+        if self.mode != "forward":
+            text += f", {self.kept} of {self.layers} layers keep activations"
+        return text + f"; reads {format_bytes(self.read_bytes)} {what}"
+
     def lines(self) -> list[str]:
         what = "a token" if self.mode == "forward" else "a step"
         pinned = f"{len(self.pinned)} of {self.units} units pinned ({format_bytes(self.pinned_bytes)})"

@@ -451,6 +451,7 @@ def train(
             budget_bytes=budget,
             plan_bytes=plan.total,
             compute=compute_dtype_line(cfg.compute_dtype, store.dtype, store.config),
+            residency=plan.residency.summary() if plan.residency is not None else "",
         )
     )
     if monitor and main:

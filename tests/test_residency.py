@@ -282,10 +282,12 @@ def test_train_with_residency_gives_the_losses_of_paging_everything(train_dir, t
             "compute_dtype=fp32", *extra,
         )  # fmt: skip
         assert p.returncode == 0, p.stderr
-        return RunDir(out).read_metrics("step")
+        return RunDir(out).read_metrics("step"), p.stdout + p.stderr
 
-    on = train(tmp_path / "on")
-    off = train(tmp_path / "off", "--no-pin", "--recompute", "all")
+    on, said = train(tmp_path / "on")
+    off, said_off = train(tmp_path / "off", "--no-pin", "--recompute", "all")
+    assert "residency: 3 of 3 units pinned" in said and "2 of 2 layers keep activations; reads" in said
+    assert "residency: 0 of 3 units pinned (0 B), 0 of 2 layers keep activations" in said_off
     assert [r["loss"] for r in on] == [r["loss"] for r in off]
     assert [r["grad_norm"] for r in on] == [r["grad_norm"] for r in off]
     assert (on[-1]["pinned_units"], on[-1]["kept_layers"], on[-1]["pagein_bytes"]) == (3, 2, 0)
