@@ -169,7 +169,8 @@ class Engine:
         # The last `keep` layers keep their activations in train_step (no recompute in backward).
         # Autograd holds their weights from forward to backward, so those layers are pinned.
         self.keep = keep
-        pinned = list(pinned) + [i for i in range(L - keep, L) if i not in set(pinned)]
+        pinned = list(pinned)
+        pinned += [i for i in range(L - keep, L) if i not in pinned]
         self.pager = ResidentPager(store) if resident else Pager(store, slots=slots, direct=direct, pinned=pinned)
         self._bound: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
         core = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model

@@ -43,10 +43,6 @@ FILL = 0.9
 checkpoint when anonymous RAM passes 90 % of the budget (guard.soft_pct), and measured peaks run at
 0.94-0.96 of the plan, so a plan at 90 % keeps a run's peak clear of that line."""
 
-RECOMPUTE_CHOICES = ("auto", "all")
-"""`recompute`: auto (the planner keeps the activations of as many last layers as the budget
-allows) or all (every layer recomputed in backward: the least memory)."""
-
 
 def label(unit) -> int | str:
     """A pager unit as metrics and plans name it: a layer's index, "head", "embed[3/5]"."""
