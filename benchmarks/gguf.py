@@ -9,8 +9,13 @@
 2. step     the 1.2B LoRA step (seq 512, batch 1, r=16) paged from the bf16 store, from its Q8_0
             GGUF and from its Q4_K GGUF, each in a memory cgroup: step seconds, bytes paged in per
             step, page-in MB/s and stall.
+3. 8b       a model of Llama 3.1 8B's shape (configs/llama-3.1-8b.yaml, random init) streamed to
+            disk, exported as a Q4_K GGUF (or --big-type), and its LoRA step (seq 512, batch 1,
+            r=16) run 3 times inside a 3 GiB memory cgroup from that GGUF. The bf16 store (16 GB) and
+            the GGUF (4.6 GB) are created under --work and removed after, unless --big-gguf names
+            a GGUF made before (then nothing is created or removed).
 
-    .venv/bin/python benchmarks/gguf.py [--parts quality,step] [--model STORE] [--budget 2GiB]
+    .venv/bin/python benchmarks/gguf.py [--parts quality,step,8b] [--model STORE] [--budget 2GiB]
 
 Writes gguf.{json,md} under benchmarks/results/.
 """
@@ -205,6 +210,75 @@ def step_table(st: dict) -> str:
     )  # fmt: skip
 
 
+def big(
+    work: Path, qtype: str = "q4_k", budget: int = 3 * GIB, steps: int = 3, gguf: Path | None = None, progress=print
+) -> dict:
+    """Part 3 (see the module docstring): the 8B-shaped model's LoRA step from its GGUF in a `budget` cgroup."""
+    work.mkdir(parents=True, exist_ok=True)
+    store, tok, run = work / "store-8b", work / "tok-8b", work / "runs" / "lora-8b"
+    made: list[Path] = []
+    figures: dict = {"type": qtype, "budget": budget, "steps": steps}
+    try:
+        if gguf is None:
+            progress("8b: odyssey init --config configs/llama-3.1-8b.yaml (streamed, 16 GB bf16)")
+            t0 = time.perf_counter()
+            made.append(store)
+            _run(["init", "--config", "configs/llama-3.1-8b.yaml", "--out", store, "--force", "--quiet"])
+            figures["init_s"] = round(time.perf_counter() - t0, 1)
+            _run(["prepare-data", ROOT / "data" / "sample", "--out", tok, "--model", store, "--seq-len", 512,
+                  "--force", "--quiet"])  # fmt: skip
+            progress(f"8b: odyssey export --formats gguf --gguf-type {qtype}")
+            t0 = time.perf_counter()
+            made.append(work / "export-8b")
+            _run(["export", store, "--out", work / "export-8b", "--formats", "gguf", "--gguf-type", qtype, "--force",
+                  "--quiet"])  # fmt: skip
+            figures["export_s"] = round(time.perf_counter() - t0, 1)
+            gguf = _gguf(work / "export-8b", qtype)
+            shutil.rmtree(store)  # the GGUF is what the run reads
+        else:
+            _run(["prepare-data", ROOT / "data" / "sample", "--out", tok, "--model", gguf, "--seq-len", 512,
+                  "--force", "--quiet"])  # fmt: skip
+        figures["gguf_bytes"] = gguf.stat().st_size
+        figures["plan"] = _run(["plan", "--model", gguf, "--ram-budget", f"{budget // MIB}MiB", "--seq-len", 512,
+                                "--lora-r", 16], capture=True)  # fmt: skip
+        progress(figures["plan"])
+        progress(f"8b: {steps} LoRA steps in a {budget / GIB:.2f} GiB cgroup")
+        shutil.rmtree(run, ignore_errors=True)
+        rc, peak, oom, error, seconds = common.run_capped(
+            common.train_cmd(gguf, tok, run, budget, steps), budget, work / "logs" / "lora-8b.log"
+        )
+        records = common.read_metrics(run / "metrics.jsonl")
+        steps_ = [r for r in records if r.get("kind") == "step"]
+        figures.update(
+            error=error,
+            seconds=round(seconds, 1),
+            peak_cgroup_mib=round(peak / MIB, 1) if peak else None,
+            step_s=[r["step_s"] for r in steps_],
+            stall_s=[r["stall_s"] for r in steps_],
+            pagein_mb_s=[r["pagein_mb_s"] for r in steps_],
+            pagein_bytes=_pagein_bytes(records),
+            rss_anon_mib=[r["rss_anon_mib"] for r in steps_],
+            losses=[r["loss"] for r in steps_],
+        )
+    finally:
+        for p in made:
+            shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(tok, ignore_errors=True)
+    return figures
+
+
+def big_table(b: dict) -> str:
+    rows = [
+        [i + 1, common.fmt(b["step_s"][i], 1), common.fmt(b["pagein_bytes"][i] / MIB if i < len(b["pagein_bytes"])
+         else None, 0), common.fmt(b["pagein_mb_s"][i], 0), common.fmt(b["stall_s"][i], 2),
+         common.fmt(b["rss_anon_mib"][i], 0), common.fmt(b["losses"][i], 4)]
+        for i in range(len(b["step_s"]))
+    ]  # fmt: skip
+    return common.markdown_table(
+        ["step", "step s", "paged in MiB", "page-in MB/s", "stall s", "anon RSS MiB", "loss"], rows
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="quality,step")
@@ -212,6 +286,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", default="2GiB")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--work", type=Path, default=common.CACHE / "gguf")
+    ap.add_argument("--big-type", default="q4_k", help="the 8B part's GGUF type")
+    ap.add_argument("--big-gguf", type=Path, help="the 8B part: use this GGUF (made before) instead of creating one")
+    ap.add_argument("--big-budget", default="3GiB")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -238,6 +315,18 @@ def main(argv=None) -> int:
                 f"The 1.2B LoRA step (seq 512, batch 1, r=16) in a {args.budget} cgroup, by base; median of the "
                 f"steps after the first",
                 step_table(st),
+            )
+        )
+    if "8b" in parts:
+        b = big(args.work, args.big_type, common.parse_budget(args.big_budget), 3, args.big_gguf)
+        result["8b"] = b
+        print(big_table(b))
+        sections.append(
+            (
+                f"Llama 3.1 8B's shape as a {b['type'].upper()} GGUF ({common.fmt(b['gguf_bytes'] / GIB, 2)} GiB): "
+                f"LoRA r=16, seq 512, batch 1, inside a {args.big_budget} memory cgroup (peak "
+                f"{common.fmt(b['peak_cgroup_mib'], 0)} MiB){'; ' + b['error'] if b['error'] else ''}",
+                big_table(b),
             )
         )
     args.out_dir.mkdir(parents=True, exist_ok=True)

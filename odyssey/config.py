@@ -297,7 +297,13 @@ class TrainConfig:
     """auto (bf16 where the CPU has native bf16, else fp32; the environment variable
     ODYSSEY_COMPUTE_DTYPE overrides that choice), bf16 or fp32."""
     slots: int = 2
-    """Pager buffer slots (layers resident at once)."""
+    """Pager buffer slots (the units paged through them; pinned units have buffers of their own)."""
+    pin: bool = True
+    """Keep units resident across steps (read once, never evicted) with what the step leaves of
+    the budget (--no-pin: page every unit through the slots, as benchmarks of paging want)."""
+    recompute: str = "auto"
+    """auto: the last layers keep their activations where the budget allows (no recompute in
+    backward: about 4N instead of 6N FLOP a token for them); all: recompute every layer (--recompute all)."""
     dist_timeout_s: float = 300.0
     """Distributed runs: seconds a rank waits for the others in a collective before it stops with
     a checkpoint (a dead rank is usually noticed at once)."""
@@ -326,6 +332,10 @@ class TrainConfig:
             raise OdysseyError(f"packing (--packing/--no-packing) must be true or false, got {self.packing!r}")
         if self.mode not in ("lora", "full"):
             raise OdysseyError(f"mode must be lora or full, got {self.mode!r}")
+        if self.recompute not in ("auto", "all"):
+            raise OdysseyError(f"recompute (--recompute) must be auto or all, got {self.recompute!r}")
+        if not isinstance(self.pin, bool):
+            raise OdysseyError(f"pin (--pin/--no-pin) must be true or false, got {self.pin!r}")
         if self.compute_dtype not in ("auto", "bf16", "fp32"):
             raise OdysseyError(f"compute_dtype must be auto, bf16 or fp32, got {self.compute_dtype!r}")
 

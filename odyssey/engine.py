@@ -29,8 +29,13 @@ Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 - backward: layers L-1..0, each recomputed with grad from its saved input (a leaf with
   requires_grad, so LoRA weights get gradients), `torch.autograd.backward(out, grad)`, the input's
   gradient passed down.
+- selective recompute (`keep`, decided by the planner: residency.py): the last `keep` layers run
+  their forward with grad from a leaf input and keep the graph; their backward is
+  `autograd.backward` of that graph, with no recompute and no page-in. Their weights are pinned in
+  the pager (autograd holds the views until backward). Same numbers, bit for bit.
 The schedule is forward then reverse, so the last layer of forward is the first of backward and
-stays resident; layer 0 stays resident into the next step.
+stays resident; layer 0 stays resident into the next step. Pinned units (`pinned`, residency.py)
+are read once and served from their own buffers from then on.
 """
 
 from __future__ import annotations
@@ -64,6 +69,11 @@ class PassStats:
     read_s: float = 0.0
     stall_s: float = 0.0
     layers: list = field(default_factory=list)  # UnitStat.to_json() per unit
+    pinned_units: int = 0  # units the pager keeps resident across steps
+    pinned_bytes: int = 0  # their buffers
+    kept_layers: int = 0  # last layers that keep activations in training (no recompute)
+    units: int = 0  # units the pass used
+    unit_bytes: int = 0  # their bytes (paged-in + already resident)
 
     @property
     def pagein_mb_s(self) -> float:
@@ -147,6 +157,8 @@ class Engine:
         direct: bool = False,
         resident: bool = False,
         model: nn.Module | None = None,
+        pinned=(),
+        keep: int = 0,
     ):
         self.store = store
         self.cfg = store.config
@@ -155,7 +167,15 @@ class Engine:
             with torch.device("meta"):
                 model = CausalLM(self.cfg)
         self.model = model  # a meta skeleton, possibly wrapped by PEFT (see adapters.py)
-        self.pager = ResidentPager(store) if resident else Pager(store, slots=slots, direct=direct)
+        L = store.config.num_hidden_layers
+        if not 0 <= keep <= L:
+            raise ValueError(f"keep must be in 0..{L}, got {keep}")
+        # The last `keep` layers keep their activations in train_step (no recompute in backward).
+        # Autograd holds their weights from forward to backward, so those layers are pinned.
+        self.keep = keep
+        pinned = list(pinned)
+        pinned += [i for i in range(L - keep, L) if i not in pinned]
+        self.pager = ResidentPager(store) if resident else Pager(store, slots=slots, direct=direct, pinned=pinned)
         self._bound: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
         core = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
         self._core = core.model  # DecoderModel inside the (PEFT-wrapped) skeleton: layers, norm
@@ -241,9 +261,11 @@ class Engine:
         return units
 
     def layer_schedule(self, backward: bool = False) -> list:
+        """The units a pass asks the pager for, in order: layers, the head's units, then in
+        training the layers recomputed in backward (those that keep activations need none)."""
         L = self.cfg.num_hidden_layers
         fwd = list(range(L)) + self.head_units()
-        return fwd + list(range(L - 1, -1, -1)) if backward else fwd
+        return fwd + list(range(L - 1 - self.keep, -1, -1)) if backward else fwd
 
     @contextlib.contextmanager
     def head(self):
@@ -364,23 +386,38 @@ class Engine:
         targets). positions, segments (B, T): packed examples. `between()` is called between
         layers (control requests); it may block (pause) or raise (stop)."""
         L = self.cfg.num_hidden_layers
+        first_kept = L - self.keep  # layers from here on keep their activations (no recompute)
         between = between or (lambda: None)
         self.pager.prefetch(self.layer_schedule(backward=True))
         dropout = self._has_dropout()
         x = self.embed(ids)
         rope = self.rope(0, ids.shape[1], positions)
         saved = []  # (layer input (B, T, d) compute dtype, RNG state when dropout draws masks)
-        with torch.no_grad():
-            for i in range(L):
+        kept = []  # (layer input, a leaf; its output, with the graph its backward needs)
+        for i in range(L):
+            if i < first_kept:
                 saved.append((x, torch.get_rng_state() if dropout else None))
-                with self.resident(i):
+                with self.resident(i), torch.no_grad():
                     x = self.layer(i)(x, rope, None, segments)
-                between()
+            else:  # weights pinned: the views autograd saves stay valid until backward
+                xi = x.detach().requires_grad_(True)
+                with self.resident(i), torch.enable_grad():
+                    out = self.layer(i)(xi, rope, None, segments)
+                kept.append((xi, out))
+                x = out.detach()
+            between()
         with self.head() as (norm, rows):
             loss, g = self.loss_and_grad_x(x, targets, norm, rows, grad_scale)
         del x
         between()
-        for i in range(L - 1, -1, -1):
+        while kept:  # layers L-1 .. first_kept: backward through the graph kept from forward
+            xi, out = kept.pop()
+            with torch.enable_grad():
+                torch.autograd.backward(out, g)
+            g = xi.grad
+            del out, xi
+            between()
+        for i in range(first_kept - 1, -1, -1):
             xi, rng = saved.pop()
             xi = xi.detach().requires_grad_(True)  # a leaf: LoRA weights inside get gradients
             with self.resident(i), torch.enable_grad():
@@ -426,6 +463,11 @@ class Engine:
             read_s=sum(s.read_s for s in st),
             stall_s=sum(s.stall_s for s in st),
             layers=[s.to_json() for s in st],
+            pinned_units=len(getattr(self.pager, "pinned_units", ())),
+            pinned_bytes=getattr(self.pager, "pinned_bytes", 0),
+            kept_layers=self.keep,
+            units=len(st),
+            unit_bytes=sum(s.bytes for s in st),
         )
 
     def close(self) -> None:

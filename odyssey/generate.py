@@ -1,4 +1,6 @@
-"""Text generation under a RAM budget: the prompt in one pass, then every layer paged per token.
+"""Text generation under a RAM budget: the prompt in one pass, then every layer paged per token
+(but the units the budget lets the pager pin, residency.py: with room for the whole model, nothing
+is read after the first token).
 
 With a KV cache each new token costs one pass over the weights: (B, 1) through L layers, whose
 keys and values are appended to the cache (L x 2 x (B, Hkv, S, hd)).
@@ -103,6 +105,7 @@ def open_engine(
     budget: int | None,
     compute_dtype: str = "auto",
     slots: int = 2,
+    pin: bool = True,
     show: bool = True,
 ) -> Iterator:
     """The engine `generate`, `chat` and `eval` run: `store` paged from disk, the LoRA adapter in
@@ -120,9 +123,10 @@ def open_engine(
 
         found = read_adapter(adapter)
         found.check_base(store)
-    plan_checked(
+    p = plan_checked(
         store,
         mode="forward",
+        pin=pin,
         seq_len=seq_len,
         slots=slots,
         budget=budget,
@@ -135,7 +139,10 @@ def open_engine(
         from odyssey.adapters import adapter_skeleton
 
         model = adapter_skeleton(store, found)
-    with Engine(store, compute_dtype=compute_dtype, slots=slots, model=model) as eng:
+    from odyssey.residency import units_from_labels
+
+    pinned = units_from_labels(store, p.residency.pinned) if p.residency is not None else []
+    with Engine(store, compute_dtype=compute_dtype, slots=slots, model=model, pinned=pinned) as eng:
         yield eng
 
 

@@ -59,7 +59,7 @@ class Learner(Protocol):
 class LoraLearner:
     """Frozen paged base + LoRA adapters (PEFT) in fp32. A `Learner`."""
 
-    def __init__(self, store, cfg: TrainConfig, resident: bool = False):
+    def __init__(self, store, cfg: TrainConfig, resident: bool = False, residency=None):
         from odyssey.adapters import inject, lora_parameters
         from odyssey.engine import Engine
         from odyssey.model import LlamaForCausalLM
@@ -70,7 +70,18 @@ class LoraLearner:
         inject(model, cfg.lora, seed=cfg.seed)
         self.model = model
         self.named = lora_parameters(model)
-        self.engine = Engine(store, compute_dtype=cfg.compute_dtype, slots=cfg.slots, model=model, resident=resident)
+        from odyssey.residency import units_from_labels
+
+        pinned = units_from_labels(store, residency.pinned) if residency is not None else []
+        self.engine = Engine(
+            store,
+            compute_dtype=cfg.compute_dtype,
+            slots=cfg.slots,
+            model=model,
+            resident=resident,
+            pinned=pinned,
+            keep=residency.kept if residency is not None else 0,
+        )
 
     def parameters(self) -> list:
         return list(self.named.values())
@@ -197,6 +208,7 @@ class FullLearner:
         pass
 
 
-def make_learner(store, cfg: TrainConfig) -> Learner:
-    """The learner for cfg.mode: "full" trains every parameter in RAM, "lora" adapters on the paged base."""
-    return FullLearner(store, cfg) if cfg.mode == "full" else LoraLearner(store, cfg)
+def make_learner(store, cfg: TrainConfig, residency=None) -> Learner:
+    """The learner for cfg.mode: "full" trains every parameter in RAM, "lora" adapters on the paged
+    base, with the plan's residency (residency.Residency: pinned units, layers keeping activations)."""
+    return FullLearner(store, cfg) if cfg.mode == "full" else LoraLearner(store, cfg, residency=residency)

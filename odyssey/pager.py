@@ -12,6 +12,10 @@ our buffer; keeping a second copy in the cache would double RAM use).
 A unit still sitting in a slot is not read again: the last layer of a forward pass is the first of
 the backward pass, and layer 0 of one step's backward is layer 0 of the next step's forward.
 
+Pinned units (`pinned`, chosen by the planner: residency.py) each get a buffer of their own, are
+read once on first use, in schedule order like any unit, and are never evicted or read again; the
+slots serve the rest. `get` of a pinned unit after its read is counted `reused`.
+
 `get` returns a `Resident` whose tensors are zero-copy views (`torch.frombuffer`) of the slot, in
 the store dtype. They are valid until `release`; after that the slot may be overwritten. A GGUF
 file's store makes its own views (`tensor_view`): its quantized matrices are `QWeight`s holding the
@@ -44,6 +48,12 @@ def _aligned(page: Page) -> tuple[int, int]:
     """(file offset, length) of the page-aligned range holding `page` (what a read covers)."""
     a0 = page.start // PAGE_SIZE * PAGE_SIZE
     return a0, -(-(page.end - a0) // PAGE_SIZE) * PAGE_SIZE
+
+
+def unit_buffer_bytes(store: Store, unit: PageUnit) -> int:
+    """Bytes of a buffer that holds `unit` (its page-aligned range): a slot's share, or a pinned
+    unit's own buffer."""
+    return _aligned(store.page(unit))[1]
 
 
 def slot_bytes(store: Store) -> int:
@@ -86,6 +96,7 @@ class _Slot:
     released_at: float = 0.0
     read_s: float = 0.0
     reused_flags: collections.deque = field(default_factory=collections.deque)
+    pinned: bool = False  # a pinned unit's own buffer: read once, never given to another unit
 
 
 @dataclass
@@ -104,6 +115,7 @@ class Pager:
         read_chunk: int = READ_CHUNK,
         drop_cache: bool = True,
         verify: bool = True,
+        pinned=(),
     ):
         if slots < 1:
             raise ValueError("slots must be >= 1")
@@ -116,6 +128,16 @@ class Pager:
         size = slot_bytes(store)
         self.slot_bytes = size
         self._slots = [_Slot(i, mmap.mmap(-1, size)) for i in range(slots)]
+        # Pinned units: a buffer of its own each (anonymous: no RAM until the unit is read into it),
+        # filled on first use and kept until close. The slots above are never touched when every
+        # unit a schedule asks for is pinned.
+        self._pinned: dict = {}
+        for u in pinned:
+            if u not in self._pinned:
+                slot = _Slot(len(self._slots), mmap.mmap(-1, unit_buffer_bytes(store, u)), pinned=True)
+                self._slots.append(slot)
+                self._pinned[u] = slot
+        self.nslots = slots
         self._queue: collections.deque = collections.deque()  # units the reader has yet to place
         self._order: collections.deque = collections.deque()  # (unit, slot) in get() order
         self._cv = threading.Condition()
@@ -187,7 +209,20 @@ class Pager:
 
     @property
     def pool_bytes(self) -> int:
-        return self.slot_bytes * len(self._slots)
+        return self.slot_bytes * self.nslots
+
+    @property
+    def pinned_units(self) -> list:
+        """The pinned units (read or not yet)."""
+        return list(self._pinned)
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of the pinned units' buffers."""
+        return sum(len(s.buf) for s in self._pinned.values())
+
+    def is_pinned(self, unit: PageUnit) -> bool:
+        return unit in self._pinned
 
     # --- views ---
     def _views(self, slot: _Slot, unit: PageUnit) -> dict:
@@ -229,12 +264,14 @@ class Pager:
                         self._order.append((unit, slot))
                         self._cv.notify_all()
                         continue
-                    # Otherwise wait for a free slot; take the one released longest ago, sparing
-                    # slots that hold a unit scheduled again soon.
-                    while not self._closed:
-                        free = [s for s in self._slots if s.refs == 0 and s.pending == 0]
+                    # A pinned unit's first read goes to its own buffer. Otherwise wait for a free
+                    # slot; take the one released longest ago, sparing slots that hold a unit
+                    # scheduled again soon.
+                    slot = self._pinned.get(unit)
+                    while slot is None and not self._closed:
+                        free = [s for s in self._slots if s.refs == 0 and s.pending == 0 and not s.pinned]
                         if free:
-                            soon = set(list(self._queue)[1 : len(self._slots) + 1])
+                            soon = set(list(self._queue)[1 : self.nslots + 1])
                             free.sort(key=lambda s: (s.unit in soon, s.released_at))
                             slot = free[0]
                             break

@@ -44,6 +44,7 @@ from odyssey.config import LoraSettings, format_bytes
 from odyssey.dtypes import DTYPES, MIB, PAGE_SIZE, VOCAB_CHUNK, compute_dtype_info, numel
 from odyssey.errors import OdysseyError
 from odyssey.modelconfig import ModelConfig
+from odyssey.residency import FILL, Residency, UnitSizes, decide, sizes_for_paging, sizes_for_store
 
 # Measured (RssAnon, torch 2.13, peft 0.21.2, transformers 5.24, Linux x86-64, jemalloc or glibc): torch
 # and its meta kernels 212-215 MiB; with peft 260-266 MiB (`odyssey plan` and `odyssey train` both
@@ -101,7 +102,7 @@ class Paging:
         nbytes = layer_reads * self.layer_total_bytes // max(1, L) + self.head_pass_bytes
         return layer_reads, self.head_units, nbytes
 
-    def lines(self, mode: str, slots: int) -> list[str]:
+    def lines(self, mode: str, slots: int, reads: bool = True) -> list[str]:
         largest = "the largest decoder layer" if self.slot_bytes <= _page_up(self.layer_bytes) else "a row block"
         out = [f"paging: {slots} slot(s) of {format_bytes(self.slot_bytes)} ({largest})"]
         out.append(f"  embed   {self._blocks_text(self.embed_rows, self.embed_blocks, self.embed_bytes)}")
@@ -111,6 +112,8 @@ class Paging:
             out.append(f"  head    {self._blocks_text(self.head_rows, self.head_blocks, self.head_bytes)}")
         if self.gguf:
             out.append(f"  gguf    {self.gguf}")
+        if not reads:  # the residency's lines say what is read
+            return out
         layer_reads, head_units, nbytes = self.step_reads(mode, slots)
         what = "a step" if mode != "forward" else "a token"
         out.append(f"  reads   {format_bytes(nbytes)} {what}: {layer_reads} layer reads + {head_units} head unit(s)")
@@ -203,6 +206,7 @@ class Plan:
     paging: Paging | None = None  # None in full mode (no pager)
     slots: int = 2
     peak: str = ""  # training: the phase of a step the plan is sized by
+    residency: Residency | None = None  # with a budget: pinned units, layers keeping activations
 
     @property
     def total(self) -> int:
@@ -227,7 +231,9 @@ class Plan:
                 f"(headroom {format_bytes(self.budget - self.total)})"
             )
         if self.paging is not None:
-            lines += self.paging.lines(self.mode, self.slots)
+            lines += self.paging.lines(self.mode, self.slots, reads=self.residency is None)
+        if self.residency is not None:
+            lines += self.residency.lines()
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -242,6 +248,7 @@ class Plan:
             "slots": self.slots,
             "peak": self.peak,
             "paging": self.paging.to_json() if self.paging is not None else None,
+            "residency": self.residency.to_json() if self.residency is not None else None,
         }
 
 
@@ -326,25 +333,49 @@ def head_bytes(cfg: ModelConfig, tokens: int, compute_itemsize: int) -> int:
 
 
 def training_peak(
-    cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, lora: LoraSettings, grad_accum: int = 1
+    cfg: ModelConfig,
+    tokens: int,
+    seq_len: int,
+    compute_itemsize: int,
+    lora: LoraSettings,
+    grad_accum: int = 1,
+    kept: int = 0,
+    kept_bytes: int = 0,
 ) -> tuple[str, int, int, int]:
     """The phase of a LoRA step that holds the most: (its name, workspace, activations, LoRA
     gradient bytes). Activations: saved layer inputs (B, T, d) in the compute dtype, plus the
     last layer's output in the head pass or the gradient flowing down in backward. Backward
     frees layer i's saved input as layer i's LoRA gradients appear (zero_grad(set_to_none) at
     the end of each step); with grad_accum > 1 every gradient is already there from the first
-    micro-batch."""
+    micro-batch. `kept` last layers keep what their backward needs (`kept_bytes`, all of them:
+    see residency.py) from their forward until their backward, instead of a saved input each; the
+    first layer recomputed after them then peaks with the saved inputs below it."""
     L = cfg.num_hidden_layers
     a = tokens * cfg.hidden_size * compute_itemsize
     grads = lora_parameter_count(cfg, lora) * 4
     earlier = grads if grad_accum > 1 else 0
     recompute = recompute_bytes(cfg, tokens, seq_len, compute_itemsize, lora)
+    held = (L - kept + 1) * a + kept_bytes
     phases = [
-        ("the head pass", head_bytes(cfg, tokens, compute_itemsize), (L + 1) * a, earlier),
-        (f"the backward of layer {L - 1}", recompute, (L + 1) * a, earlier or grads // L),
+        ("the head pass", head_bytes(cfg, tokens, compute_itemsize), held, earlier),
+        (f"the backward of layer {L - 1}", recompute, held, earlier or grads // L),
         ("the backward of layer 0", recompute, 2 * a, grads),
     ]
+    if 0 < kept < L - 1:
+        j = L - kept - 1
+        phases.append((f"the backward of layer {j}", recompute, (j + 2) * a, earlier or grads * (kept + 1) // L))
     return max(phases, key=lambda p: p[1] + p[2] + p[3])
+
+
+def kept_layer_bytes(
+    cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, store_itemsize: int, layer_params: int, lora
+) -> int:
+    """What one layer that keeps its activations holds from its forward to its backward: what its
+    recompute holds (`recompute_bytes`), its input, and its weights in the compute dtype when that
+    differs from the store dtype (autograd holds the converted copy)."""
+    ci = compute_itemsize
+    extra = layer_params * ci if ci != store_itemsize else 0
+    return recompute_bytes(cfg, tokens, seq_len, ci, lora) + tokens * cfg.hidden_size * ci + extra
 
 
 def measured_runtime(mode: str) -> int:
@@ -380,11 +411,17 @@ def plan(
     runtime: int | None = None,
     grad_accum: int = 1,
     dequant_workspace: int | None = None,
+    pin: bool = True,
+    recompute: str = "auto",
+    sizes: UnitSizes | None = None,
 ) -> Plan:
     """The plan of a run of `cfg`; `paging` from the store (`paging_for_store`), else as `odyssey
     init` would write it. `grad_accum`: micro-batches a training step sums gradients over.
     `dequant_workspace`: a GGUF file's matrices are dequantized one at a time into a workspace of
-    this many bytes (GGUFStore.workspace_bytes), counted as a term."""
+    this many bytes (GGUFStore.workspace_bytes), counted as a term. With a budget, what the step
+    does not need of it is given to residency (residency.py): layers that keep their activations
+    (`recompute` auto) and pinned units (`pin`); `sizes` are the pager units' sizes
+    (`residency.sizes_for_store`), else estimated from `paging`."""
     d, f, kv, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_size, cfg.num_hidden_layers, cfg.vocab_size)
     B, T = batch_size, seq_len
     BT = B * T
@@ -393,18 +430,28 @@ def plan(
         layer_params = sum(numel(s) for s in cfg.layer_shapes(0).values())
     if paging is None:
         paging = paging_for_config(cfg, store_itemsize)
-    terms: dict[str, int] = {}
-    peak = ""
-    terms["runtime"] = runtime if runtime is not None else measured_runtime(mode)
-    per_token = 6 * d + 2 * kv + 4 * f  # values live in one layer's forward
+    runtime = runtime if runtime is not None else measured_runtime(mode)
     if mode == "full":
         params = cfg.num_parameters()
-        terms["parameters"] = params * 4
-        terms["gradients + AdamW"] = params * 4 * 3
-        terms["activations"] = L * BT * per_token * 4 * 2
-        terms["logits"] = BT * V * 4 * 3
-    else:
-        terms["buffer pool"] = slots * paging.slot_bytes
+        per_token = 6 * d + 2 * kv + 4 * f  # values live in one layer's forward
+        terms = {
+            "runtime": runtime,
+            "parameters": params * 4,
+            "gradients + AdamW": params * 4 * 3,
+            "activations": L * BT * per_token * 4 * 2,
+            "logits": BT * V * 4 * 3,
+        }
+        terms["margin"] = int(sum(terms.values()) * 0.05) + 16 * MIB + TRAINING_SLACK
+        return Plan(mode, terms, budget, seq_len, batch_size, None, slots, "")
+    settings = lora if lora is not None else LoraSettings()
+    kept_one = kept_layer_bytes(cfg, BT, T, ci, store_itemsize, layer_params, settings) if mode != "forward" else 0
+
+    def paged_terms(pinned_bytes: int, kept: int, paged_any: bool) -> tuple[dict[str, int], str]:
+        terms: dict[str, int] = {"runtime": runtime}
+        peak = ""
+        terms["buffer pool"] = slots * paging.slot_bytes if paged_any else 0  # untouched slots cost nothing
+        if pinned_bytes:
+            terms["pinned units"] = pinned_bytes
         if ci != store_itemsize:  # a layer's converted weights, or one head chunk: never both
             terms["weights"] = max(layer_params, VOCAB_CHUNK * d) * ci
         if dequant_workspace is not None:  # GGUF: one matrix (again in backward) and a head chunk
@@ -416,15 +463,38 @@ def plan(
             if lora is not None:
                 terms["adapters"] = lora_parameter_count(cfg, lora) * 4
         else:
-            settings = lora if lora is not None else LoraSettings()
-            peak, workspace, activations, grads = training_peak(cfg, BT, T, ci, settings, grad_accum)
+            peak, workspace, activations, grads = training_peak(
+                cfg, BT, T, ci, settings, grad_accum, kept, kept * kept_one
+            )
             terms["workspace"] = workspace
             terms["activations"] = activations
             if lora is not None:  # weights and two AdamW moments, fp32, and the gradients at the peak
                 terms["adapters + AdamW"] = lora_parameter_count(cfg, lora) * 4 * 3 + grads
-    rest = sum(terms.values())
-    terms["margin"] = int(rest * 0.05) + 16 * MIB + (TRAINING_SLACK if mode != "forward" else 0)
-    return Plan(mode, terms, budget, seq_len, batch_size, None if mode == "full" else paging, slots, peak)
+        rest = sum(terms.values())
+        terms["margin"] = int(rest * 0.05) + 16 * MIB + (TRAINING_SLACK if mode != "forward" else 0)
+        return terms, peak
+
+    res = None
+    kept = pinned = 0
+    if budget is not None:
+        layer_sizes, head_sizes = sizes if sizes is not None else sizes_for_paging(paging)
+        res = decide(
+            mode=mode,
+            layers=L,
+            head=head_sizes,
+            layer_size=lambda i: layer_sizes[i],
+            slots=slots,
+            fits=lambda nbytes, k, paged_any: sum(paged_terms(nbytes, k, paged_any)[0].values()) <= budget * FILL,
+            pin=pin,
+            recompute=recompute,
+        )
+        res.kept_bytes = res.kept * kept_one
+        kept, pinned = res.kept, res.pinned_bytes
+        paged_any = res.paged > 0
+    else:
+        paged_any = True
+    terms, peak = paged_terms(pinned, kept, paged_any)
+    return Plan(mode, terms, budget, seq_len, batch_size, paging, slots, peak, res)
 
 
 def plan_for_store(
@@ -439,6 +509,8 @@ def plan_for_store(
     budget: int | None = None,
     runtime: int | None = None,
     grad_accum: int = 1,
+    pin: bool = True,
+    recompute: str = "auto",
 ) -> Plan:
     """A plan with the sizes read from an opened store."""
     if compute_dtype is not None and not isinstance(compute_dtype, str):  # a torch.dtype
@@ -468,6 +540,9 @@ def plan_for_store(
         runtime=runtime,
         grad_accum=grad_accum,
         dequant_workspace=store.workspace_bytes(compute_itemsize) if gguf else None,
+        pin=pin,
+        recompute=recompute,
+        sizes=sizes_for_store(store) if budget is not None else None,
     )
 
 

@@ -44,6 +44,8 @@ class Started:
     plan_bytes: int
     compute: str = ""
     """The compute dtype and the rule that picked it (`odyssey.dtypes.compute_dtype_line`)."""
+    residency: str = ""
+    """What the plan's residency does with the budget (`residency.Residency.summary`)."""
 
 
 @dataclass(frozen=True)
@@ -208,10 +210,13 @@ class TrainReport:
                 f"{begun}: {e.parameters / 1e9:.3f} B parameters, {what}, {e.steps} steps{on}, "
                 f"RAM budget {format_bytes(e.budget_bytes)}, plan {format_bytes(e.plan_bytes)}"
                 + (f"; {e.compute}" if e.compute else "")
+                + (f"; {e.residency}" if e.residency else "")
             ),
         )
         if e.compute:
             self._note(e.compute)
+        if e.residency:
+            self._note(e.residency)
 
     @__call__.register
     def _no_checkpoint_yet(self, e: NoCheckpointYet) -> None:

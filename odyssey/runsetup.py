@@ -24,6 +24,8 @@ RESUME_FREE = {
     "train.steps",
     "train.guard",
     "train.slots",
+    "train.pin",
+    "train.recompute",
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.eval_every",
@@ -33,7 +35,7 @@ RESUME_FREE = {
 
 
 # TrainConfig keys newer than some runs' config.yaml: a run without them resumes at their defaults
-ADDED_LATER = ("packing", "too_long")
+ADDED_LATER = ("packing", "too_long", "pin", "recompute")
 
 
 def _effective(model_dir: Path, data_dir: Path, budget: int, cfg: TrainConfig, store, data) -> dict:

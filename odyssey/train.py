@@ -125,13 +125,14 @@ class Trainer:
         channel: ControlChannel,
         report: Callable[[object], None],
         hook: TrainHook | None = None,
+        residency=None,
     ):
         from odyssey.data import BatchSampler, eval_batches
 
         self.store, self.data, self.run, self.cfg, self.budget = store, data, run, cfg, budget
         self.ranks, self.channel, self.report, self.hook = ranks, channel, report, hook
         torch.manual_seed(cfg.seed)
-        self.learner: Learner = make_learner(store, cfg)
+        self.learner: Learner = make_learner(store, cfg, residency)
         self.params = [p for p in self.learner.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8
@@ -296,6 +297,7 @@ class Trainer:
             stall_s=round(st.stall_s, 4),
             rss_anon_mib=round(anon_mib, 1),
             budget_mib=round(budget_mib, 1),
+            **residency_fields(st),
             steps_total=steps_total,
             tokens=self.tokens,
             world_size=self.ranks.world,
@@ -351,6 +353,19 @@ class Trainer:
         )
 
 
+def residency_fields(st) -> dict:
+    """The step record's residency figures (engine.PassStats): bytes read this step, bytes used
+    from RAM without a read (pinned units, units still in a slot), the pinned units and their
+    buffers, and the layers that kept activations."""
+    return {
+        "pagein_bytes": st.pagein_bytes,
+        "resident_bytes": st.unit_bytes - st.pagein_bytes,
+        "pinned_units": st.pinned_units,
+        "pinned_mib": round(st.pinned_bytes / MIB, 1),
+        "kept_layers": st.kept_layers,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # entry point (odyssey train)
 
@@ -368,6 +383,8 @@ def check_plan(store, cfg: TrainConfig, budget: int):
         lora=cfg.lora if cfg.mode == "lora" else None,
         budget=budget,
         grad_accum=cfg.grad_accum,
+        pin=cfg.pin,
+        recompute=cfg.recompute,
     )
 
 
@@ -412,6 +429,7 @@ def train(
         channel=channel,
         report=report,
         hook=hook,
+        residency=plan.residency,
     )
     restored = trainer.restore() if resume else None
     if resume and restored is None:
@@ -433,6 +451,7 @@ def train(
             budget_bytes=budget,
             plan_bytes=plan.total,
             compute=compute_dtype_line(cfg.compute_dtype, store.dtype, store.config),
+            residency=plan.residency.summary() if plan.residency is not None else "",
         )
     )
     if monitor and main:

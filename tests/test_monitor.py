@@ -779,9 +779,13 @@ def test_feed_on_a_real_run(real_run, tiny_data):
     rows = feed.layer_rows()
     assert [r["name"] for r in rows] == ["0", "1", "head"]
     store = Store.open(tiny_data / "store")
+    kept = last["kept_layers"]  # a 1 GiB budget keeps both layers' activations and pins every unit
+    assert kept == 2 and last["pinned_units"] == 3 and last["pagein_bytes"] == 0
+    assert vals["resident"] == f"100 % from RAM, 3 pinned ({last['pinned_mib']:,.0f} MiB), 2 layer(s) keep activations"
+    assert vals["pagein"].endswith(", 0.0 MiB a step")
     for row, unit in zip(rows, (0, 1, "head"), strict=True):
         uses = [L for L in pagein["layers"] if L["layer"] == unit]
-        assert row["reads"] + row["reused"] == len(uses) == (1 if unit == "head" else 2)
+        assert row["reads"] + row["reused"] == len(uses) == (1 if unit == "head" or unit >= 2 - kept else 2)
         assert row["reused"] == sum(L["reused"] for L in uses)
         assert row["bytes"] == row["reads"] * store.shards[unit].file_bytes
         assert row["read_s"] == pytest.approx(sum(L["read_s"] for L in uses))

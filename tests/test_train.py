@@ -238,7 +238,22 @@ def test_train_writes_run_directory(setup, tmp_path):
     records = RunDir(run).read_metrics()
     steps = [r for r in records if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
-    for key in ("t", "loss", "lr", "tokens_per_s", "step_s", "pagein_mb_s", "stall_s", "rss_anon_mib", "budget_mib"):
+    for key in (
+        "t",
+        "loss",
+        "lr",
+        "tokens_per_s",
+        "step_s",
+        "pagein_mb_s",
+        "stall_s",
+        "rss_anon_mib",
+        "budget_mib",
+        "pagein_bytes",
+        "resident_bytes",
+        "pinned_units",
+        "pinned_mib",
+        "kept_layers",
+    ):
         assert all(key in r for r in steps), key
     assert steps[0]["budget_mib"] == 1024.0
     vals = [r for r in records if r["kind"] == "val"]

@@ -235,6 +235,11 @@ class Recorder:
             stall_s=round(stall_s, 4),
             rss_anon_mib=round(peak, 1),
             budget_mib=BUDGET_MIB,
+            pagein_bytes=int(pagein_mb_s * 1e6 * step_s),  # residency (odyssey/residency.py): a 1.5 GiB
+            resident_bytes=2 * 90_177_536,  # budget pins two layers of the 1.2B and keeps none's activations
+            pinned_units=2,
+            pinned_mib=172.0,
+            kept_layers=0,
             steps_total=self.steps_total,
             tokens=step * SEQ_LEN,
             world_size=1,

@@ -3,6 +3,7 @@ template, and scoring its answers on a question/answer set."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,19 @@ def add_model_options(s, max_new_tokens: int) -> None:
     s.add_argument("--max-new-tokens", type=count(1), default=max_new_tokens)
     s.add_argument("--ram-budget", help="e.g. 1GiB")
     s.add_argument("--slots", type=count(1), default=2)
+    add_pin_option(s)
     s.add_argument("--compute-dtype", default="auto", choices=list(COMPUTE_DTYPES))
+
+
+def add_pin_option(s) -> None:
+    """--pin/--no-pin of the commands that generate (residency.py)."""
+    s.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep units resident across tokens with what the plan leaves of --ram-budget (default); "
+        "--no-pin: page every unit through the slots",
+    )
 
 
 def add_chat_parser(sub) -> None:
@@ -96,6 +109,7 @@ def cmd_chat(args) -> int:
         budget=ram_budget_arg(args),
         compute_dtype=args.compute_dtype,
         slots=args.slots,
+        pin=args.pin,
         show=not args.quiet,
     ) as eng:
         session = ChatSession(
@@ -159,6 +173,7 @@ def cmd_eval(args) -> int:
         budget=ram_budget_arg(args),
         compute_dtype=args.compute_dtype,
         slots=args.slots,
+        pin=args.pin,
         show=not args.quiet,
     ) as eng:
         result = evaluate(

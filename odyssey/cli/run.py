@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from odyssey.cli.chat import add_chat_options
+from odyssey.cli.chat import add_chat_options, add_pin_option
 from odyssey.cli.common import (
     count,
     number,
@@ -36,8 +36,27 @@ def add_plan_parser(sub) -> None:
         "--grad-accum", type=count(1), default=1, help="micro-batches a step sums gradients over (train's grad_accum)"
     )
     s.add_argument("--slots", type=count(1), default=2, help="pager buffer slots")
+    add_residency_options(s, default_pin=True)
     s.add_argument("--compute-dtype", default="auto", choices=list(COMPUTE_DTYPES))
     s.set_defaults(func=cmd_plan)
+
+
+def add_residency_options(s, default_pin) -> None:
+    """--pin/--no-pin and --recompute (train's `pin` and `recompute`; residency.py)."""
+    s.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=default_pin,
+        help="keep units resident across steps with what the plan leaves of --ram-budget (default); "
+        "--no-pin: page every unit through the slots (layers that keep activations stay pinned)",
+    )
+    s.add_argument(
+        "--recompute",
+        choices=["auto", "all"],
+        default=None if default_pin is None else "auto",
+        help="auto: the last layers keep their activations where the budget allows (default); "
+        "all: recompute every layer in backward",
+    )
 
 
 def cmd_plan(args) -> int:
@@ -57,6 +76,8 @@ def cmd_plan(args) -> int:
         lora=LoraSettings(r=args.lora_r) if args.mode == "lora" else None,
         compute_dtype=args.compute_dtype,
         grad_accum=args.grad_accum,
+        pin=args.pin,
+        recompute=args.recompute,
         show=lambda p: print(f"{p.table()}\n{compute}"),
     )
     return 0
@@ -75,6 +96,7 @@ def add_generate_parser(sub) -> None:
     s.add_argument("--top-k", type=count(0), default=40)
     s.add_argument("--seed", type=count(0), default=0)
     s.add_argument("--slots", type=count(1), default=2)
+    add_pin_option(s)
     s.add_argument("--compute-dtype", default="auto", choices=list(COMPUTE_DTYPES))
     s.add_argument("--quiet", action="store_true", help="only the generated text")
     s.add_argument(
@@ -121,6 +143,7 @@ def cmd_generate(args) -> int:
         budget=ram_budget_arg(args),
         compute_dtype=args.compute_dtype,
         slots=args.slots,
+        pin=args.pin,
         show=not args.quiet,
     ) as eng:
         if args.prompt and not args.quiet:
@@ -172,6 +195,7 @@ def add_train_parser(sub) -> None:
         choices=["truncate", "drop"],
         help="examples longer than seq_len + 1 tokens: keep their first seq_len + 1 (default) or drop them",
     )
+    add_residency_options(s, default_pin=None)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=32 seq_len=256")
     s.set_defaults(func=cmd_train)
@@ -186,6 +210,8 @@ def cmd_train(args) -> int:
     overrides += [f"mode={args.mode}"] * bool(args.mode) + [f"steps={args.steps}"] * (args.steps is not None)
     overrides += [f"packing={str(args.packing).lower()}"] * (args.packing is not None)
     overrides += [f"too_long={args.too_long}"] * bool(args.too_long)
+    overrides += [f"pin={str(args.pin).lower()}"] * (args.pin is not None)
+    overrides += [f"recompute={args.recompute}"] * bool(args.recompute)
     return train(
         args.out,
         model=args.model,

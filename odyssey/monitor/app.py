@@ -50,6 +50,7 @@ FIELDS = (
     ("eta", "ETA", "남은 시간"),
     ("pagein", "Page-in", "페이지인"),
     ("stall", "Stall", "대기 비율"),
+    ("resident", "Resident", "상주"),
     ("rss", "Anonymous RSS", "익명 메모리"),
     ("budget", "Budget", "메모리 예산"),
     ("headroom", "Headroom", "여유 메모리"),

@@ -96,6 +96,22 @@ class FeedText:
             return "paused / 일시정지"
         return fmt_duration(self.eta_s())
 
+    def resident_text(self) -> str:
+        """The Resident field: what the step's units came from, and the layers that kept their
+        activations (the step record's residency figures, train.residency_fields)."""
+        s = self.last_step or {}
+        if self.mode == "full":
+            return "everything (full mode) / 전체"
+        read, held = num(s.get("pagein_bytes")), num(s.get("resident_bytes"))
+        pinned, kept = num(s.get("pinned_units")), num(s.get("kept_layers"))
+        if read is None or held is None or pinned is None:
+            return "–"
+        share = 100.0 * held / (read + held) if read + held > 0 else 0.0
+        text = f"{share:.0f} % from RAM, {int(pinned)} pinned ({fmt_num(num(s.get('pinned_mib')), 0, 'MiB')})"
+        if kept is not None:
+            text += f", {int(kept)} layer(s) keep activations"
+        return text
+
     def values(self) -> dict[str, str]:
         """The read-only fields, formatted (keys are FIELD names in app.py)."""
         s = self.last_step or {}
@@ -115,6 +131,10 @@ class FeedText:
             out["pagein"] = "none (full mode) / 없음"
         else:
             out["pagein"] = fmt_mb_s(num(s.get("pagein_mb_s")))
+            read = num(s.get("pagein_bytes"))
+            if read is not None:  # and what a step read (residency.py: pinned units are read once)
+                out["pagein"] += f", {fmt_num(read / 2**20, 1, 'MiB')} a step"
+        out["resident"] = self.resident_text()
         stall, step_s = num(s.get("stall_s")), num(s.get("step_s"))
         out["stall"] = fmt_num(100.0 * stall / step_s, 1, "%") if stall is not None and step_s else "–"
         out["rss"] = fmt_num(self.rss_mib(), 0, "MiB")
