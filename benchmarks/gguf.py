@@ -91,7 +91,8 @@ def quality(work: Path, progress=print) -> dict:
     _run(["prepare-data", ROOT / "data" / "sample", "--out", tok, "--model", base_store, "--seq-len", SEQ,
           "--force", "--quiet"])  # fmt: skip
     _run(["train", "--mode", "full", "--model", base_store, "--data", tok, "--out", base_run, "--steps", BASE_STEPS,
-          "--no-guard", "--quiet", f"seq_len={SEQ}", f"batch_size={BATCH}", f"lr={BASE_LR}", "warmup_steps=10",
+          "--no-guard", "--quiet", "--ram-budget", "2GiB", f"seq_len={SEQ}", f"batch_size={BATCH}", f"lr={BASE_LR}",
+          "warmup_steps=10",
           f"eval_every={BASE_STEPS}", f"checkpoint_every={BASE_STEPS}"], env=env)  # fmt: skip
     base = base_run / "model"
     progress("quality: exports (bf16, q8_0, q4_k GGUF) and the bf16 store")
@@ -111,7 +112,8 @@ def quality(work: Path, progress=print) -> dict:
         shutil.rmtree(run, ignore_errors=True)
         t1 = time.perf_counter()
         _run(["train", "--model", model, "--data", inst, "--out", run, "--steps", LORA_STEPS, "--no-guard",
-              "--quiet", f"seq_len={SEQ}", f"batch_size={BATCH}", f"lr={LORA_LR}", "lora.r=16", "lora.alpha=32",
+              "--quiet", "--ram-budget", "2GiB", f"seq_len={SEQ}", f"batch_size={BATCH}", f"lr={LORA_LR}", "lora.r=16",
+              "lora.alpha=32",
               "warmup_steps=10", f"eval_every={LORA_STEPS}", "eval_batches=8",
               f"checkpoint_every={LORA_STEPS}"], env=env)  # fmt: skip
         nbytes = model.stat().st_size if model.is_file() else sum(p.stat().st_size for p in model.glob("*.safetensors"))
