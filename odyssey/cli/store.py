@@ -40,7 +40,8 @@ def add_import_parser(sub) -> None:
     s = parser_for(
         sub,
         "import",
-        "convert a Hugging Face checkpoint (llama mistral qwen2 qwen3 gemma3) or a llama.cpp GGUF (llama qwen2 qwen3) to a store",
+        "convert a Hugging Face checkpoint (llama mistral qwen2 qwen3 gemma3) or a llama.cpp GGUF "
+        "(llama qwen2 qwen3) to a store",
     )
     s.add_argument("src", help="HF model directory (config.json + safetensors), or a .gguf file")
     add_store_out_options(
