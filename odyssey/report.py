@@ -210,7 +210,7 @@ class TrainReport:
                 + (f"; {e.compute}" if e.compute else "")
             ),
         )
-        if e.compute:
+        if e.compute and self.progress:  # --quiet: an error is then the one line on stderr
             self._note(e.compute)
 
     @__call__.register

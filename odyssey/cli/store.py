@@ -53,7 +53,9 @@ def add_import_parser(sub) -> None:
 def cmd_import(args) -> int:
     from pathlib import Path
 
-    if Path(args.src).is_file():  # a GGUF (a file that is not one is refused by its first bytes)
+    from odyssey.gguf.store import names_gguf
+
+    if Path(args.src).is_file() or names_gguf(args.src):  # a GGUF (a file that is not one: refused by its bytes)
         from odyssey.gguf.importer import import_gguf
 
         s = import_gguf(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
@@ -80,10 +82,10 @@ def add_verify_parser(sub) -> None:
 
 
 def cmd_verify(args) -> int:
-    from odyssey.gguf.store import is_gguf
+    from odyssey.gguf.store import names_gguf
     from odyssey.store import verify_store
 
-    if is_gguf(args.model):
+    if names_gguf(args.model):
         return _verify_gguf(args)
 
     # Config, index fields against the headers, sizes, shapes, checksums: one line per problem.
