@@ -109,7 +109,7 @@ class Paging:
         if self.tied:
             out.append(f"  head    tied: the final norm, then the embedding's {self._count(self.embed_blocks)}")
         else:
-            norm = ", the final norm read apart before them" if self.head_norm_unit else ""
+            norm = ", after the final norm (a unit of its own)" if self.head_norm_unit else ""
             out.append(f"  head    {self._blocks_text(self.head_rows, self.head_blocks, self.head_bytes)}{norm}")
         if self.gguf:
             out.append(f"  gguf    {self.gguf}")
