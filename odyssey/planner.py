@@ -78,12 +78,13 @@ class Paging:
     head_bytes: int  # the head shard
     tied: bool
     gguf: str = ""  # a GGUF file: its types and what a layer holds quantized ("" for a store)
+    head_norm_unit: bool = False  # untied GGUF: the final norm is a unit of its own, read before the head
 
     @property
     def head_units(self) -> int:
         """Units a head pass reads: the untied head's blocks, or the tied head's norm shard and
         the embedding's blocks (the tied embedding is read once a step, for the head)."""
-        return 1 + self.embed_blocks if self.tied else self.head_blocks
+        return 1 + self.embed_blocks if self.tied else self.head_blocks + self.head_norm_unit
 
     @property
     def head_pass_bytes(self) -> int:
@@ -109,7 +110,8 @@ class Paging:
         if self.tied:
             out.append(f"  head    tied: the final norm, then the embedding's {self._count(self.embed_blocks)}")
         else:
-            out.append(f"  head    {self._blocks_text(self.head_rows, self.head_blocks, self.head_bytes)}")
+            norm = ", after the final norm (a unit of its own)" if self.head_norm_unit else ""
+            out.append(f"  head    {self._blocks_text(self.head_rows, self.head_blocks, self.head_bytes)}{norm}")
         if self.gguf:
             out.append(f"  gguf    {self.gguf}")
         if not reads:  # the residency's lines say what is read
@@ -179,6 +181,8 @@ def paging_for_store(store) -> Paging:
     layers = [store.unit_bytes(i) for i in range(cfg.num_hidden_layers)]
     embed_blocks = len(store.blocks("embed"))
     head_blocks = len(store.blocks("head"))
+    # a GGUF keeps the final norm apart from an untied head: one unit more (Engine.head_units)
+    norm_apart = not cfg.tie_word_embeddings and "model.norm.weight" not in store.page(store.blocks("head")[0]).tensors
     return Paging(
         slot_bytes=slot_bytes(store),
         layer_bytes=max(layers),
@@ -193,6 +197,7 @@ def paging_for_store(store) -> Paging:
         head_bytes=store.unit_bytes("head"),
         tied=cfg.tie_word_embeddings,
         gguf=store.paging_note() if hasattr(store, "paging_note") else "",
+        head_norm_unit=norm_apart,
     )
 
 

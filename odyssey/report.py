@@ -213,7 +213,7 @@ class TrainReport:
                 + (f"; {e.residency}" if e.residency else "")
             ),
         )
-        if e.compute:
+        if e.compute and self.progress:  # --quiet: an error is then the one line on stderr
             self._note(e.compute)
         if e.residency:
             self._note(e.residency)

@@ -116,6 +116,11 @@ def prepare(
             base = _merged(base, read_yaml(config_path))
         cfg = from_dict(TrainConfig, apply_overrides(base, overrides))
     else:
+        if run.root.exists() and not run.root.is_dir():  # the model itself (a GGUF), or another file
+            check_apart(
+                run.root, [(w, f, p) for w, f, p in (("model", "--model", model), ("data", "--data", data_dir)) if p]
+            )
+            raise OdysseyError(f"--out {out} is a file, not a run directory; choose another --out")
         if run.root.exists() and any(run.root.iterdir()):
             raise OdysseyError(
                 f"run directory {out} already holds a run; pass --resume to continue it or choose a new --out"

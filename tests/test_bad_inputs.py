@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from odyssey import cli
 from tests.conftest import ROOT, assert_user_error, run_cli
@@ -140,7 +141,73 @@ def world(train_dir, tmp_path_factory) -> Path:
     _write(w / "hf-bad-arch" / "config.json", json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     _write(w / "hf-bad-config" / "config.json", "{")
     _write(w / "thermal-dir" / "x", "")
+    _gguf_world(w)
     return w
+
+
+def _gguf_world(w: Path) -> None:
+    """W/g: the store as an f32 and a Q8_0 GGUF (its tokenizer in the metadata), an adapter trained
+    on the f32 one (2 steps) and copies of it targeting lm_head / embed_tokens, damaged GGUFs (header
+    cut, tensor data cut, an IQ2_XXS tensor, gemma3 and falcon files, text, empty, a directory named
+    x.gguf), a GGUF changed after its checksums were recorded, and a question/answer file."""
+    from safetensors.torch import load_file, save_file
+
+    from odyssey.export.gguf import write_gguf
+    from odyssey.gguf.store import GGUFStore
+    from odyssey.store import Store
+    from tests.test_gguf_read import info_pos, patch, write_small
+
+    g = w / "g"
+    g.mkdir()
+    store = Store.open(w / "store")
+    write_gguf(store, g / "model.gguf", "f32", progress=False)
+    write_gguf(store, g / "model-q8.gguf", "q8_0", progress=False)
+    p = run_cli(
+        "train", "--model", g / "model.gguf", "--data", w / "tok", "--out", w / "grun", "--ram-budget", "1GiB",
+        "--steps", "2", "seq_len=32", "eval_every=0", "--quiet", "--no-guard",
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    shutil.copytree(w / "grun" / "adapter", g / "adapter")
+    shutil.rmtree(w / "grun")
+    cfg = json.loads((g / "adapter" / "adapter_config.json").read_text())
+    r, d, vocab = cfg["r"], store.config.hidden_size, store.config.vocab_size
+    for name, module, a_shape, b_shape in (
+        ("head-adapter", "lm_head", (r, d), (vocab, r)),
+        ("embed-adapter", "embed_tokens", (r, vocab), (d, r)),
+    ):
+        shutil.copytree(g / "adapter", g / name)
+        _write(
+            g / name / "adapter_config.json", json.dumps({**cfg, "target_modules": [*cfg["target_modules"], module]})
+        )
+        t = load_file(str(g / name / "adapter_model.safetensors"))
+        t[f"base_model.model.{module}.lora_A.weight"] = torch.randn(a_shape) if module == "lm_head" else None
+        if module == "lm_head":
+            t[f"base_model.model.{module}.lora_B.weight"] = torch.randn(b_shape)
+        else:  # PEFT's embedding LoRA: lora_embedding_A (r, vocab), lora_embedding_B (d, r)
+            del t[f"base_model.model.{module}.lora_A.weight"]
+            t[f"base_model.model.{module}.lora_embedding_A"] = torch.randn(a_shape)
+            t[f"base_model.model.{module}.lora_embedding_B"] = torch.randn(b_shape)
+        save_file(t, str(g / name / "adapter_model.safetensors"))
+    data = (g / "model-q8.gguf").read_bytes()
+    (g / "cut-header.gguf").write_bytes(data[:300])  # inside the metadata
+    (g / "cut-data.gguf").write_bytes(data[:-1000])
+    shutil.copy(g / "model-q8.gguf", g / "iq2.gguf")
+    patch(g / "iq2.gguf", info_pos(g / "iq2.gguf", "blk.0.ffn_up.weight") + 4 + 2 * 8, "<I", 16)  # IQ2_XXS
+    write_small(g / "gemma3.gguf", "gemma3")
+    write_small(g / "falcon.gguf", "falcon")
+    _write(g / "text.gguf", "not a model, a note\n")
+    (g / "empty.gguf").write_bytes(b"")
+    (g / "dir.gguf").mkdir()
+    _write(g / "dir.gguf" / "x", "")
+    # changed after first use: verify records the checksums, then one byte of layer 1 flips
+    shutil.copy(g / "model.gguf", g / "changed.gguf")
+    assert cli.main(["verify", str(g / "changed.gguf"), "--quiet"]) == 0
+    gs = GGUFStore.open(g / "changed.gguf")
+    _flip(g / "changed.gguf", gs.gf.tensors[gs.names["model.layers.1.mlp.up_proj.weight"]].offset + 100)
+    _write(
+        g / "qa.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a cat"}]}) + "\n",
+    )
 
 
 def _checksums(root: Path) -> dict[str, str]:
@@ -298,7 +365,97 @@ def _option_cases():
     yield "verb-unknown", ["frobnicate"], "frobnicate"
 
 
-CASES = [*_store_cases(), *_adapter_cases(), *_data_cases(), *_config_cases(), *_option_cases()]
+G, GQ, GA = "W/g/model.gguf", "W/g/model-q8.gguf", "W/g/adapter"
+BAD_GGUF = {  # file: what the line names
+    "cut-header": "truncated",
+    "cut-data": "truncated",
+    "iq2": "IQ2_XXS",
+    "gemma3": "gemma3",
+    "falcon": "falcon",
+    "text": "not a GGUF file",
+    "empty": "empty.gguf",
+    "dir": "dir.gguf",
+}
+
+
+def _gguf_cases():
+    """Every command that takes a model, on every kind of bad GGUF; adapters of another GGUF; head
+    adapters as GGUF adapters; a GGUF changed after first use; outputs onto the GGUF itself."""
+    uses = {
+        "info": lambda m: ["info", m],
+        "verify": lambda m: ["verify", m],
+        "plan": lambda m: ["plan", "--model", m, *BUDGET],
+        "train": lambda m: ["train", "--model", m, "--data", D, "--out", "O/run", *BUDGET, "--no-guard", "--quiet"],
+        "generate": lambda m: ["generate", "--model", m, "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--quiet"],
+        "chat": lambda m: ["chat", "--model", m, "--prompt", "hi", "--max-new-tokens", "2", "--quiet"],
+        "eval": lambda m: ["eval", "--model", m, "--data", "W/g/qa.jsonl", "--max-new-tokens", "2", "--quiet"],
+        "merge": lambda m: ["merge", "--model", m, "--adapter", GA, "--out", "O/m", "--quiet"],
+        "export": lambda m: ["export", m, "--out", "O/e", "--formats", "safetensors", "--quiet"],
+        "import": lambda m: ["import", m, "--out", "O/i", "--quiet"],
+        "prepare-data": lambda m: ["prepare-data", "W/corpus", "--out", "O/d", "--model", m, "--quiet"],
+    }
+    for verb, argv in uses.items():
+        for name, needle in BAD_GGUF.items():
+            yield f"gguf-{verb}-{name}", argv(f"W/g/{name}.gguf"), needle
+    # an adapter trained on model.gguf, used with model-q8.gguf: refused naming both files
+    both = ("model.gguf", "model-q8.gguf")
+    yield "gguf-generate-other-base", ["generate", "--model", GQ, "--adapter", GA, "--prompt-ids", "1,2"], both
+    yield (
+        "gguf-chat-other-base",
+        ["chat", "--model", GQ, "--adapter", GA, "--prompt", "hi", "--max-new-tokens", "2"],
+        both,
+    )
+    yield "gguf-eval-other-base", ["eval", "--model", GQ, "--adapter", GA, "--data", "W/g/qa.jsonl", "--quiet"], both
+    yield "gguf-merge-other-base", ["merge", "--model", GQ, "--adapter", GA, "--out", "O/m", "--quiet"], both
+    yield "gguf-export-other-base", ["export", GQ, "--adapter", GA, "--out", "O/e", "--formats", "gguf-lora"], both
+    yield (
+        "gguf-export-other-base-store",
+        ["export", S, "--adapter", GA, "--out", "O/e", "--formats", "gguf-lora"],
+        (
+            "model.gguf",
+            "store",
+        ),
+    )
+    for name, module in (("head-adapter", "lm_head"), ("embed-adapter", "embed_tokens")):
+        argv = ["export", G, "--adapter", f"W/g/{name}", "--out", "O/e", "--formats", "gguf-lora", "--quiet"]
+        yield f"gguf-lora-{name}", argv, module
+    changed = "W/g/changed.gguf"
+    yield "gguf-train-changed", uses["train"](changed), ("changed.gguf", "checksum")
+    yield "gguf-generate-changed", uses["generate"](changed), ("changed.gguf", "checksum")
+    yield "gguf-chat-changed", uses["chat"](changed), ("changed.gguf", "checksum")
+    yield "gguf-train-full-quantized", [*uses["train"](GQ), "mode=full"], "quantized GGUF"
+    yield (
+        "gguf-merge-out-is-the-gguf",
+        ["merge", "--model", G, "--adapter", GA, "--out", G, "--quiet"],
+        ("--out", "model.gguf"),
+    )
+    yield (
+        "gguf-merge-out-is-the-gguf-force",
+        ["merge", "--model", G, "--adapter", GA, "--out", G, "--force"],
+        ("--out", "model.gguf"),
+    )
+    yield (
+        "gguf-export-out-is-the-gguf",
+        ["export", G, "--out", G, "--formats", "safetensors", "--quiet"],
+        ("--out", "model.gguf"),
+    )
+    yield (
+        "gguf-export-lora-out-is-the-gguf",
+        ["export", G, "--adapter", GA, "--out", G, "--formats", "gguf-lora"],
+        ("--out", "model.gguf"),
+    )
+    yield "gguf-import-out-is-the-gguf", ["import", G, "--out", G, "--quiet"], ("--out", "model.gguf")
+    yield "gguf-import-out-is-the-gguf-force", ["import", G, "--out", G, "--force", "--quiet"], ("--out", "model.gguf")
+    yield (
+        "gguf-train-out-is-the-gguf",
+        ["train", "--model", G, "--data", D, "--out", G, *BUDGET, "--no-guard"],
+        ("--out", "model.gguf"),
+    )
+
+
+CASES = [
+    *_store_cases(), *_adapter_cases(), *_data_cases(), *_config_cases(), *_option_cases(), *_gguf_cases(),
+]  # fmt: skip
 
 
 def _argv(argv: list[str], world: Path, out: Path) -> list[str]:
@@ -340,17 +497,19 @@ def test_bad_input(world, tmp_path, capsys, monkeypatch, case, argv, needle):
     RESULTS["accepted"] += code == 0
     RESULTS["damage"] += damaged
     ok = code == 2 and len(lines) == 1 and "Traceback" not in err and not damaged
-    ok = ok and (needle is None or needle.lower() in lines[-1].lower())
+    needles = (needle,) if isinstance(needle, str) else needle or ()
+    ok = ok and all(n.lower() in lines[-1].lower() for n in needles)
     RESULTS["clean"] += ok
     assert not damaged, f"{case}: an input changed"
     assert code == 2, f"{case}: exit {code}, stderr {err[-800:]!r}"
     assert len(lines) == 1, f"{case}: {len(lines)} lines on stderr: {lines}"
-    if needle:
-        assert needle.lower() in lines[-1].lower(), (needle, lines[-1])
+    for n in needles:
+        assert n.lower() in lines[-1].lower(), (n, lines[-1])
 
 
 SUBPROCESS_SAMPLE = ["train-index-malformed", "merge-adapter-r-zero", "init-yaml-eps-nan", "plan---seq-len=-5",
-                     "guard-run-a-file", "prepare-jsonl-without-text", "generate-shard-truncated"]  # fmt: skip
+                     "guard-run-a-file", "prepare-jsonl-without-text", "generate-shard-truncated",
+                     "gguf-train-cut-data", "gguf-generate-other-base", "gguf-train-changed"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_SAMPLE)

@@ -386,6 +386,26 @@ def test_default_chatml_goes_into_the_exports(tmp_path):
     assert f["tokenizer.ggml.eos_token_id"] == raw.token_to_id("</s>")
 
 
+def test_chat_on_a_gguf_uses_its_own_template(chatml, tmp_path):
+    """`odyssey chat --model x.gguf --prompt ... --temperature 0`: an f32 GGUF exported by odyssey
+    (ChatML template and <|im_end|> in its metadata), alone in its directory, answers as transformers'
+    greedy `generate` on the template's rendering and stops at the end of turn: the tokenizer and
+    the template come from the GGUF's metadata."""
+    store, hf, tok, eot = chatml
+    p = run_cli("export", store, "--out", tmp_path / "exp", "--formats", "gguf", "--gguf-type", "f32", "--quiet")
+    assert p.returncode == 0, p.stderr
+    (tmp_path / "alone").mkdir()
+    model = shutil.move(next((tmp_path / "exp").glob("*.gguf")), tmp_path / "alone" / "model.gguf")
+    assert gguf_fields(model)["tokenizer.chat_template"] == tok.chat_template
+    new, text = hf_greedy(hf, tok, [{"role": "user", "content": QUESTION}])
+    assert new[-1] == eot and 1 < len(new) < MAX_NEW
+    p = chat_cli(model, "--prompt", QUESTION, "--max-new-tokens", MAX_NEW)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == text + "\n"
+    assert f"{len(new)} tokens" in p.stderr and "stopped at end of turn" in p.stderr
+    assert sorted(x.name for x in (tmp_path / "alone").iterdir()) == ["model.gguf"]  # nothing written beside it
+
+
 @pytest.mark.slow
 def test_llama_cpp_sees_the_template(chatml, tmp_path):
     import llama_cpp  # make test-slow installs it

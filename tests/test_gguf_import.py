@@ -30,7 +30,7 @@ from odyssey.gguf.reader import GGUFFile
 from odyssey.gguf.tokenizer import cached_tokenizer, tokenizer_cache_dir, write_tokenizer
 from odyssey.store import Store
 from odyssey.tokenizer import load_model_tokenizer
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import ROOT, assert_user_error, run_cli
 from tests.helpers_tokenizers import TEXTS
 from tests.test_gguf import make_store, store_with_tokenizer
 from tests.test_gguf_read import NANO, info_pos, patch, store_tensor, write_small
@@ -291,6 +291,16 @@ def test_unsupported_architecture_refused(tmp_path):
     refused_cli(tmp_path / "src" / "f.gguf", tmp_path / "out", "has architecture 'falcon'")
 
 
+def test_import_help_names_the_architectures_read():
+    """`odyssey import --help` names every GGUF architecture the reader takes."""
+    from odyssey.gguf.reader import ARCHITECTURES
+
+    p = run_cli("import", "--help")
+    assert p.returncode == 0, p.stderr
+    text = " ".join(p.stdout.split())
+    assert f"llama.cpp GGUF ({' '.join(ARCHITECTURES)})" in text, text[:400]
+
+
 def test_out_apart_from_the_source(nano, tmp_path):
     """--out may not be the GGUF file, lie inside it or contain it (its own directory or one above),
     --force or not."""
@@ -328,12 +338,20 @@ def smollm2():
 
 def test_real_model_is_found_and_read(smollm2):
     """The file is found without importing `llm` (whose import would need the plugin's deps), and
-    Odyssey's reader takes it: SmolLM2-135M's shape, Q4_1 matrices, tied embedding."""
+    Odyssey's reader takes it: SmolLM2-135M's shape, Q4_1 matrices, tied embedding. The imports are
+    checked in a fresh process: this one may hold llama_cpp already (tests/test_gguf_lora.py's slow
+    test loads it), which says nothing about what finding the file imports."""
+    import subprocess
     import sys
 
+    code = (
+        "import sys; from odyssey.realmodel import smollm2_gguf; from odyssey.gguf.reader import GGUFFile; "
+        "GGUFFile.open(smollm2_gguf()); print(sorted({'llm', 'llama_cpp'} & set(sys.modules)))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
     gf = GGUFFile.open(smollm2)
     cfg = model_config(gf)
-    assert "llm" not in sys.modules and "llama_cpp" not in sys.modules
     assert gf.summary() == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
     assert (cfg.vocab_size, cfg.intermediate_size, cfg.tie_word_embeddings, cfg.rope_theta) == (49152, 1536, True, 1e5)

@@ -208,6 +208,25 @@ def test_plan_counts_quantized_bytes_and_the_workspace(files):
     assert "dequant workspace" in r.stdout and "Q8_0" in r.stdout
 
 
+@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0", "store"])
+def test_plan_counts_the_head_units_the_engine_reads(files, kind):
+    """The plan's "reads" line counts the units of the engine's head pass: an untied GGUF reads the
+    final norm as a unit of its own before the head's row blocks (one more than the head's blocks);
+    a tied one reads the norm, then the embedding's blocks; a store's head shard holds the norm."""
+    from types import SimpleNamespace
+
+    from odyssey.planner import plan_for_store
+
+    store = files["f32"][0] if kind == "store" else GGUFStore.open(files[kind][1])
+    want = len(Engine.head_units(SimpleNamespace(store=store, cfg=store.config)))
+    p = plan_for_store(store, mode="lora", seq_len=64, compute_dtype="fp32")
+    assert p.paging.head_units == p.paging.step_reads("lora", 2)[1] == want
+    if kind == "f32":  # untied GGUF: the norm apart, then the head's blocks
+        assert want == len(store.blocks("head")) + 1 > 2
+        assert p.paging.head_norm_unit
+    assert f"+ {want} head unit(s)" in "\n".join(p.paging.lines("lora", 2))
+
+
 def test_info_and_verify(files):
     path = files["q8_0"][1]
     r = run_cli("info", path)

@@ -40,7 +40,8 @@ def add_import_parser(sub) -> None:
     s = parser_for(
         sub,
         "import",
-        "convert a Hugging Face checkpoint (llama mistral qwen2 qwen3 gemma3) or a llama.cpp GGUF (llama) to a store",
+        "convert a Hugging Face checkpoint (llama mistral qwen2 qwen3 gemma3) or a llama.cpp GGUF "
+        "(llama qwen2 qwen3) to a store",
     )
     s.add_argument("src", help="HF model directory (config.json + safetensors), or a .gguf file")
     add_store_out_options(
@@ -52,7 +53,9 @@ def add_import_parser(sub) -> None:
 def cmd_import(args) -> int:
     from pathlib import Path
 
-    if Path(args.src).is_file():  # a GGUF (a file that is not one is refused by its first bytes)
+    from odyssey.gguf.store import names_gguf
+
+    if Path(args.src).is_file() or names_gguf(args.src):  # a GGUF (a file that is not one: refused by its bytes)
         from odyssey.gguf.importer import import_gguf
 
         s = import_gguf(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
@@ -79,10 +82,10 @@ def add_verify_parser(sub) -> None:
 
 
 def cmd_verify(args) -> int:
-    from odyssey.gguf.store import is_gguf
+    from odyssey.gguf.store import names_gguf
     from odyssey.store import verify_store
 
-    if is_gguf(args.model):
+    if names_gguf(args.model):
         return _verify_gguf(args)
 
     # Config, index fields against the headers, sizes, shapes, checksums: one line per problem.

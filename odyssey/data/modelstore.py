@@ -42,9 +42,9 @@ class ModelStore:
     def open(cls, root: Path, vocab_size: int | None) -> ModelStore:
         """Read `root`'s config.json; refuse an asked `vocab_size` larger than the model's. A GGUF
         file: its tokenizer, read from the metadata (odyssey.gguf.store), which the data must use."""
-        from odyssey.gguf.store import is_gguf
+        from odyssey.gguf.store import names_gguf
 
-        if is_gguf(root):
+        if names_gguf(root):
             return cls._open_gguf(root, vocab_size)
         config = read_model_config(root)
         if vocab_size is not None and vocab_size > config["vocab_size"]:

@@ -157,6 +157,8 @@ class GGUFFile:
     def _parse(cls, c: _Cursor, path: Path, size: int) -> GGUFFile:
         magic = c.f.read(4)
         c.pos = len(magic)
+        if not magic:
+            raise OdysseyError(f"{path} is empty (0 bytes), not a GGUF model; download or convert the model again")
         if magic != MAGIC:
             raise OdysseyError(
                 f"{path} is not a GGUF file (it starts with {magic!r}, a GGUF file with {MAGIC!r}); "

@@ -73,6 +73,15 @@ def is_gguf(path) -> bool:
         return False
 
 
+def names_gguf(path) -> bool:
+    """What `--model PATH` takes as a GGUF: a file with the GGUF magic, or any path named .gguf but a
+    store directory (a text, an empty or a missing x.gguf, a directory named so, is then refused by
+    the reader, naming what is wrong, rather than as a store without config.json)."""
+    if is_gguf(path):
+        return True
+    return str(path).lower().endswith(".gguf") and not os.path.isfile(os.path.join(path, "config.json"))
+
+
 def record_dir() -> Path:
     from odyssey.probe import cache_dir
 
@@ -548,4 +557,4 @@ def refuse_quantized(store, what: str) -> None:
         )
 
 
-__all__ = ["BLOCKS", "GGUFStore", "is_gguf", "refuse_quantized"]
+__all__ = ["BLOCKS", "GGUFStore", "is_gguf", "names_gguf", "refuse_quantized"]

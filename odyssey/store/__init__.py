@@ -79,12 +79,13 @@ def tokenizer_dir(source):
 
 
 def open_model(path):
-    """What `--model PATH` names: a GGUF file (by its magic) as an `odyssey.gguf.store.GGUFStore`,
-    else a store directory (`Store.open`). Every command that opens a model calls this."""
-    from odyssey.gguf.store import GGUFStore, is_gguf
+    """What `--model PATH` names: a GGUF file (by its magic, or any file named .gguf) as an
+    `odyssey.gguf.store.GGUFStore`, else a store directory (`Store.open`). Every command that opens
+    a model calls this."""
+    from odyssey.gguf.store import GGUFStore, names_gguf
 
-    if is_gguf(path):
-        return GGUFStore.open(path)
+    if names_gguf(path):
+        return GGUFStore.open(path)  # a .gguf that is not one (text, empty, cut) is refused as a GGUF
     return Store.open(path)
 
 
