@@ -122,6 +122,42 @@ def test_summary_helpers(tmp_path):
     assert demo.pagein_per_step(tmp_path) == 4.0  # median of 3, 5 and 4 MiB
 
 
+def test_summary_puts_before_and_after_side_by_side(tmp_path, capsys):
+    adapter = tmp_path / "adapter-f32.gguf"
+    adapter.write_bytes(b"x" * 2_000_000)
+    fig = {
+        "gguf": adapter,
+        "asks": {"en": "A story.\n\nWhere?", "ko": "이야기.\n\n언제?", "general": "What is the capital of France?"},
+        "answers": {
+            "before": {"en": "In a small\ntown.", "ko": "어느 오후, 어느 \ufffd", "general": "Paris."},
+            "after": {"en": "In the school yard.", "ko": "햇살이 밝은 어느 오후였어요.", "general": "Paris."},
+        },
+        "references": {"en": "In the school yard.", "ko": "햇살이 밝은 어느 오후였어요."},
+        "evals": {
+            "before": {"loss": 1.2, "exact": 0, "examples": 10},
+            "after": {"loss": 0.4, "exact": 3, "examples": 10},
+        },
+        "lora": {"steps": 16, "loss": (1.5, 0.3), "val": (1.1, 0.5), "seconds": 200.0, "pagein_mib": 153.4},
+        "adapter": adapter,
+        "llama_cli": "llama-cli -m x --lora y",
+    }
+    st = demo.Stage()
+    st.rows = [("real-lora", 200.0, 420.0)]
+    demo.real_summary(st, fig, 600.0, tmp_path)
+    out = capsys.readouterr().out
+    assert (
+        "16 steps of 1024 tokens in 200 s, loss on answers 1.50 -> 0.30 (validation 1.10 -> 0.50); page-in 153 MiB"
+        in out
+    )
+    assert (
+        "Q (ko, from the training set; after a story): 언제?\n      before: 어느 오후, 어느\n      after:  햇살이"
+        in out
+    )
+    assert "before: In a small town.\n" in out
+    assert "loss on answers 1.200 -> 0.400, exact match 0/10 -> 3/10" in out
+    assert "(2.0 MB, a llama.cpp LoRA GGUF)\n             llama-cli -m x --lora y" in out
+
+
 @pytest.mark.slow
 def test_real_demo_end_to_end(tmp_path):
     """DEMO=real with 6 LoRA steps (the demo runs 16): every stage succeeds, the answers change, the loss

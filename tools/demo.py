@@ -490,7 +490,10 @@ def real(out: Path, steps: int, dry_run: bool) -> int:
             **run_figures(paths["run"]),
             "seconds": {n: s for n, s, _ in st.rows}["real-lora"],
             "pagein_mib": pagein_per_step(paths["run"]),
-        },  # fmt: skip
+        },
+        "references": {
+            lang: training_question(INSTRUCTIONS / f"instructions_{lang}.jsonl")[1] for lang in ("en", "ko")
+        },
         "adapter": adapter_gguf,
         "llama_cli": llama_cli,
     }
@@ -530,11 +533,14 @@ def real_summary(st: Stage, fig: dict, total_s: float, out: Path) -> None:
         + (f" (validation {lora['val'][0]:.2f} -> {lora['val'][1]:.2f})" if lora["val"] else "")
         + f"; page-in {lora['pagein_mib']:.0f} MiB a step"
     )
-    labels = {"en": "en, from the training set", "ko": "ko, from the training set", "general": "not in the set"}
+    labels = {"en": "en, from the training set; after a story", "ko": "ko, from the training set; after a story",
+              "general": "not in the set"}  # fmt: skip
     for key, question in fig["asks"].items():
         print(f"    Q ({labels[key]}): {question.splitlines()[-1]}")
         print(f"      before: {clean_answer(fig['answers']['before'][key])}")
         print(f"      after:  {clean_answer(fig['answers']['after'][key])}")
+        if key in fig["references"]:
+            print(f"      reference: {fig['references'][key]}")
     print(
         f"    eval on {after['examples']} held-out conversations ({HELD_OUT.relative_to(ROOT)}): loss on answers "
         f"{before['loss']:.3f} -> {after['loss']:.3f}, exact match {before['exact']}/{before['examples']} -> "
