@@ -521,10 +521,10 @@ def clean_answer(text: str) -> str:
 
 def real_summary(st: Stage, fig: dict, total_s: float, out: Path) -> None:
     print("\n== demo summary (real: SmolLM2-135M-Instruct Q4_1 GGUF) / 데모 요약 ==")
-    print(f"  {'stage':16s} {'seconds':>8s} {'peak RSS':>10s}")
+    print(f"  {'stage':18s} {'seconds':>8s} {'peak RSS':>10s}")
     for name, seconds, rss in st.rows:
-        print(f"  {name:16s} {seconds:8.1f} {rss:8.0f} MiB")
-    print(f"  {'total':16s} {total_s:8.1f}")
+        print(f"  {name:18s} {seconds:8.1f} {rss:8.0f} MiB")
+    print(f"  {'total':18s} {total_s:8.1f}")
     lora, before, after = fig["lora"], fig["evals"]["before"], fig["evals"]["after"]
     print(f"  base       {fig['gguf']} ({size_of(fig['gguf']) / 1e6:.0f} MB, read in place)")
     print(
