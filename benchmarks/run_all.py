@@ -1,12 +1,14 @@
 """Every benchmark, one after the other (`make bench`): page-in, out-of-core overhead, peers,
-scaling. Each part runs in its own process and prints its tables; the results land in
+scaling, GGUF bases. Each part runs in its own process and prints its tables; the results land in
 benchmarks/results/ as JSON, markdown and PNG, and benchmarks/results/README.md collects the
-tables with the date and the machine. The whole run is planned to fit 75 minutes on a 2-core
-machine: peers gets what pagein and overhead leave less 14 minutes for scaling (on the 1.2B: about
-25 minutes for the runs the targets need, the rest for the smallest-cgroup searches and
-generation); the parts that climb or search budgets start no run past their time limit.
+tables with the date and the machine. The whole run is planned to fit 120 minutes on a 2-core
+machine: peers gets what pagein and overhead leave less 14 minutes for scaling and 45 for the GGUF
+part (on the 1.2B: about 25 minutes for the runs the targets need, the rest for the
+smallest-cgroup searches and generation); the parts that climb or search budgets start no run past
+their time limit. The GGUF part (gguf_bases.py) runs whole: LoRA quality on a bf16 store vs its Q8_0 and
+Q4_K GGUF, the 1.2B step by base, and the 8B's shape as a Q4_K GGUF in a 3 GiB cgroup.
 
-    .venv/bin/python benchmarks/run_all.py [--parts pagein,overhead,peers,scaling] [--minutes 75]
+    .venv/bin/python benchmarks/run_all.py [--parts pagein,overhead,peers,scaling,gguf] [--minutes 120]
 """
 
 from __future__ import annotations
@@ -21,28 +23,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import gguf_bases  # noqa: E402
 import goals  # noqa: E402
 import overhead  # noqa: E402
 import peers  # noqa: E402
 import scaling  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("pagein", "overhead", "peers", "scaling")
+PARTS = ("pagein", "overhead", "peers", "scaling", "gguf")
 # seconds kept for the parts after this one: a part that climbs budgets stops climbing when only these are left
-RESERVE_AFTER_S = {"pagein": 70 * 60, "overhead": 60 * 60, "peers": 14 * 60, "scaling": 60}
-README_ORDER = ("peers", "scaling", "overhead", "pagein")  # the headline first
-TITLES = {"pagein": "Page-in", "overhead": overhead.TITLE, "peers": peers.TITLE, "scaling": scaling.TITLE}
+RESERVE_AFTER_S = {"pagein": 115 * 60, "overhead": 105 * 60, "peers": 59 * 60, "scaling": 45 * 60, "gguf": 60}
+README_ORDER = ("peers", "scaling", "gguf", "overhead", "pagein")  # the headline first
+TITLES = {
+    "pagein": "Page-in",
+    "overhead": overhead.TITLE,
+    "peers": peers.TITLE,
+    "scaling": scaling.TITLE,
+    "gguf": gguf_bases.TITLE,
+}
 MARKDOWN = {  # part -> result files shown in the README, in order
     "pagein": ("pagein-strategies.md", "pagein-grid.md"),
     "overhead": ("overhead.md",),
     "peers": ("peers.md",),
     "scaling": ("scaling.md",),
+    "gguf": ("gguf.md",),
 }
 PICTURES = {
     "pagein": ("pagein-grid.png", "pagein-strategies.png"),
     "overhead": ("overhead.png",),
     "peers": ("peers.png",),
     "scaling": ("scaling.png",),
+    "gguf": (),
 }
 
 
@@ -78,6 +89,8 @@ def command(part: str, out_dir: Path, seconds_left: float, steps: int) -> list[s
             "--time-limit-s",
             f"{limit:.0f}",
         ]
+    if part == "gguf":  # quality, the 1.2B step by base, the 8B's shape in 3 GiB (about 45 minutes on 2 cores)
+        return [py, str(HERE / "gguf_bases.py"), "--out-dir", str(out_dir), "--steps", str(steps)]
     raise ValueError(part)
 
 
@@ -144,7 +157,7 @@ def write_readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> N
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS))
-    p.add_argument("--minutes", type=float, default=75, help="time the whole run should fit in")
+    p.add_argument("--minutes", type=float, default=120, help="time the whole run should fit in")
     p.add_argument("--steps", type=int, default=4, help="training steps per run; the first is warm-up")
     p.add_argument("--out-dir", default=str(common.RESULTS))
     p.add_argument(

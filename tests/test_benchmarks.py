@@ -486,9 +486,11 @@ def test_pagein_grid_table():
 
 
 def test_run_all_commands_and_readme(tmp_path):
-    cmd = run_all.command("peers", tmp_path, 40 * 60, 4)
+    cmd = run_all.command("peers", tmp_path, 100 * 60, 4)
     assert cmd[1].endswith("peers.py") and cmd[cmd.index("--steps") + 1] == "4"
-    assert float(cmd[cmd.index("--time-limit-s") + 1]) == 40 * 60 - run_all.RESERVE_AFTER_S["peers"]
+    assert float(cmd[cmd.index("--time-limit-s") + 1]) == 100 * 60 - run_all.RESERVE_AFTER_S["peers"]
+    cmd = run_all.command("gguf", tmp_path, 50 * 60, 4)
+    assert cmd[1].endswith("gguf_bases.py") and cmd[cmd.index("--out-dir") + 1] == str(tmp_path)
     cmd = run_all.command("scaling", tmp_path, 10 * 60, 4)
     assert cmd[cmd.index("--reuse-peers") + 1] == str(tmp_path / "peers.json")
     (tmp_path / "peers.md").write_text("## Peers\n\n| a |\n|---|\n| 1 |\n")
@@ -825,3 +827,21 @@ def test_run_all_prints_the_targets_of_peers_json(tmp_path):
     text = run_all.targets_text(tmp_path)
     assert text.startswith("Targets (2026-11-30 19:00; Test CPU, 2 threads, matmul 512x2048x5632: bf16 145, fp32 244")
     assert "| Odyssey step in 1 GiB / fastest peer's step | 20.0 s / 10.0 s" in text and "| FAIL |" in text
+
+
+def test_gguf_bench_counts_only_bytes_read_and_renders_its_tables():
+    import gguf_bases as gguf_bench  # benchmarks/gguf_bases.py (not "gguf": that name is the gguf package)
+
+    records = [
+        {"kind": "pagein", "layers": [{"bytes": 100, "reused": False}, {"bytes": 50, "reused": True}]},
+        {"kind": "step", "step": 1},
+        {"kind": "pagein", "layers": [{"bytes": 70}]},
+    ]
+    assert gguf_bench._pagein_bytes(records) == [100, 70]
+    q = {"rows": [{"base": "bf16 store", "bytes": 8 << 20, "val_loss": 1.5, "vs_bf16": 1.0, "train_loss": 1.1,
+                   "seconds": 10.0}]}  # fmt: skip
+    assert "| bf16 store | 8.0 | 1.5000 | 1.0000 |" in gguf_bench.quality_table(q)
+    b = {"step_s": [3.0, 2.0], "pagein_bytes": [1 << 20, 2 << 20], "pagein_mb_s": [1.0, 2.0], "stall_s": [0.1, 0.2],
+         "rss_anon_mib": [10, 11], "losses": [5.0, 4.0]}  # fmt: skip
+    table = gguf_bench.big_table(b)
+    assert table.count("\n") == 3 and "| 2 | 2.0 | 2 |" in table

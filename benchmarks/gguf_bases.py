@@ -15,7 +15,7 @@
             the GGUF (4.6 GB) are created under --work and removed after, unless --big-gguf names
             a GGUF made before (then nothing is created or removed).
 
-    .venv/bin/python benchmarks/gguf.py [--parts quality,step,8b] [--model STORE] [--budget 2GiB]
+    .venv/bin/python benchmarks/gguf_bases.py [--parts quality,step,8b] [--model STORE] [--budget 2GiB]
 
 Writes gguf.{json,md} under benchmarks/results/.
 """
