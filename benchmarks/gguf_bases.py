@@ -159,6 +159,10 @@ def _pagein_bytes(records: list[dict]) -> list[int]:
 def step(store: Path, work: Path, budget: int, steps: int = 3, progress=print) -> dict:
     """Part 2: the 1.2B LoRA step from the bf16 store and from its Q8_0 and Q4_K GGUF."""
     data = common.ensure_data(progress=progress)
+    if not (store / "tokenizer.json").is_file():  # a GGUF carries its tokenizer: the data's, so the ids agree
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (data / name).is_file():
+                shutil.copyfile(data / name, store / name)
     exports = work / "exports-1.2b"
     models = {"bf16 store": store}
     for qtype in QUANT_TYPES:
