@@ -1,12 +1,13 @@
 """Every benchmark, one after the other (`make bench`): page-in, out-of-core overhead, peers,
-scaling. Each part runs in its own process and prints its tables; the results land in
-benchmarks/results/ as JSON, markdown and PNG, and benchmarks/results/README.md collects the
-tables with the date and the machine. The whole run is planned to fit 75 minutes on a 2-core
-machine: peers gets what pagein and overhead leave less 14 minutes for scaling (on the 1.2B: about
-25 minutes for the runs the targets need, the rest for the smallest-cgroup searches and
-generation); the parts that climb or search budgets start no run past their time limit.
+scaling, generation (SmolLM2-135M greedy: resident, paged, transformers). Each part runs in its own
+process and prints its tables; the results land in benchmarks/results/ as JSON, markdown and PNG,
+and benchmarks/results/README.md collects the tables with the date and the machine. The whole run
+is planned to fit 80 minutes on a 2-core machine: peers gets what pagein and overhead leave less 19
+minutes for scaling and generation (on the 1.2B: about 25 minutes for the runs the targets need,
+the rest for the smallest-cgroup searches and generation), scaling what leaves 5 for generation;
+the parts that climb or search budgets start no run past their time limit.
 
-    .venv/bin/python benchmarks/run_all.py [--parts pagein,overhead,peers,scaling] [--minutes 75]
+    .venv/bin/python benchmarks/run_all.py [--parts pagein,overhead,peers,scaling,generation] [--minutes 80]
 """
 
 from __future__ import annotations
@@ -21,28 +22,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import generation  # noqa: E402
 import goals  # noqa: E402
 import overhead  # noqa: E402
 import peers  # noqa: E402
 import scaling  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("pagein", "overhead", "peers", "scaling")
+PARTS = ("pagein", "overhead", "peers", "scaling", "generation")
 # seconds kept for the parts after this one: a part that climbs budgets stops climbing when only these are left
-RESERVE_AFTER_S = {"pagein": 70 * 60, "overhead": 60 * 60, "peers": 14 * 60, "scaling": 60}
-README_ORDER = ("peers", "scaling", "overhead", "pagein")  # the headline first
-TITLES = {"pagein": "Page-in", "overhead": overhead.TITLE, "peers": peers.TITLE, "scaling": scaling.TITLE}
+RESERVE_AFTER_S = {"pagein": 75 * 60, "overhead": 65 * 60, "peers": 19 * 60, "scaling": 5 * 60, "generation": 0}
+README_ORDER = ("peers", "scaling", "generation", "overhead", "pagein")  # the headline first
+TITLES = {
+    "pagein": "Page-in",
+    "overhead": overhead.TITLE,
+    "peers": peers.TITLE,
+    "scaling": scaling.TITLE,
+    "generation": generation.TITLE,
+}
 MARKDOWN = {  # part -> result files shown in the README, in order
     "pagein": ("pagein-strategies.md", "pagein-grid.md"),
     "overhead": ("overhead.md",),
     "peers": ("peers.md",),
     "scaling": ("scaling.md",),
+    "generation": ("generation-smollm2-135m.md",),
 }
 PICTURES = {
     "pagein": ("pagein-grid.png", "pagein-strategies.png"),
     "overhead": ("overhead.png",),
     "peers": ("peers.png",),
     "scaling": ("scaling.png",),
+    "generation": (),
 }
 
 
@@ -78,6 +88,8 @@ def command(part: str, out_dir: Path, seconds_left: float, steps: int) -> list[s
             "--time-limit-s",
             f"{limit:.0f}",
         ]
+    if part == "generation":
+        return [py, str(HERE / "generation.py"), "--out-dir", str(out_dir)]
     raise ValueError(part)
 
 
@@ -144,7 +156,7 @@ def write_readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> N
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS))
-    p.add_argument("--minutes", type=float, default=75, help="time the whole run should fit in")
+    p.add_argument("--minutes", type=float, default=80, help="time the whole run should fit in")
     p.add_argument("--steps", type=int, default=4, help="training steps per run; the first is warm-up")
     p.add_argument("--out-dir", default=str(common.RESULTS))
     p.add_argument(

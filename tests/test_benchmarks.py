@@ -825,3 +825,29 @@ def test_run_all_prints_the_targets_of_peers_json(tmp_path):
     text = run_all.targets_text(tmp_path)
     assert text.startswith("Targets (2026-11-30 19:00; Test CPU, 2 threads, matmul 512x2048x5632: bf16 145, fp32 244")
     assert "| Odyssey step in 1 GiB / fastest peer's step | 20.0 s / 10.0 s" in text and "| FAIL |" in text
+
+
+def test_generation_part_and_table():
+    import generation
+
+    cmd = run_all.command("generation", Path("/r"), 10 * 60, 4)
+    assert cmd[1].endswith("generation.py") and cmd[cmd.index("--out-dir") + 1] == "/r"
+    row = dict(dtype="fp32", tokens_per_s=20.0, s_per_token=0.05, cpu_ms_per_token=48.0, same_tokens=True)
+    res = {
+        "disk_mb_s": 1000.0,
+        "rows": [
+            {**row, "name": "transformers in RAM", "vs_transformers": 1.0},
+            {
+                **row,
+                "name": "Odyssey paged",
+                "tokens_per_s": 2.0,
+                "s_per_token": 0.5,
+                "vs_transformers": 0.1,
+                "pagein_bytes_per_token": 270e6,
+                "bound_s_per_token": 0.27,
+            },
+        ],
+    }
+    lines = generation.table(res).splitlines()
+    assert lines[2] == "| transformers in RAM | fp32 | 20.0 | 50 | 48 | 1.00 | yes |  |"
+    assert lines[3] == "| Odyssey paged | fp32 | 2.0 | 500 | 48 | 0.10 | yes | 270.0 MB; at 1,000 MB/s 270 ms |"
