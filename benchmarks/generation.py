@@ -244,7 +244,7 @@ def table(result: dict) -> str:
     rows = []
     for r in result["rows"]:
         paged = ""
-        if "pagein_bytes_per_token" in r:
+        if r.get("paged"):
             paged = (
                 f"{r['pagein_bytes_per_token'] / 1e6:,.1f} MB; at {result['disk_mb_s']:,.0f} MB/s "
                 f"{r['bound_s_per_token'] * 1000:,.0f} ms"

@@ -840,6 +840,7 @@ def test_generation_part_and_table():
             {
                 **row,
                 "name": "Odyssey paged",
+                "paged": True,
                 "tokens_per_s": 2.0,
                 "s_per_token": 0.5,
                 "vs_transformers": 0.1,
