@@ -225,7 +225,7 @@ def run(
     for r in rows:
         r["vs_transformers"] = r["tokens_per_s"] / best_hf["tokens_per_s"]
     return {
-        "model": model,
+        "model": Path(model).name,
         "store": str(store_dir),
         "parameters": store.config.num_parameters(),
         "store_bytes": store.total_bytes(),
@@ -249,6 +249,8 @@ def table(result: dict) -> str:
                 f"{r['pagein_bytes_per_token'] / 1e6:,.1f} MB; at {result['disk_mb_s']:,.0f} MB/s "
                 f"{r['bound_s_per_token'] * 1000:,.0f} ms"
             )
+            if r.get("read_s_per_token"):  # the pager's own reads (page cache hits included)
+                paged += f"; read at {r['pagein_bytes_per_token'] / 1e6 / r['read_s_per_token']:,.0f} MB/s"
         rows.append(
             (
                 r["name"],
@@ -289,7 +291,8 @@ def markdown(result: dict) -> str:
         "ms/token is this process's CPU time per token (the machine is shared: wall time is noisy, CPU "
         "time less so). `vs best transformers`: tokens/s over the faster transformers row. The paged row "
         "reads every unit from disk per token (cold: the pager drops what it read from the page cache), "
-        "so its bound is page-in bytes per token over the disk's raw read rate."
+        "so its bound is page-in bytes per token over the disk's raw read rate; `read at`: the pager's "
+        "own read rate (higher than the disk's when another process keeps the store in the page cache)."
     )
     return f"## {TITLE}\n\n{head}\n\n{table(result)}\n\n{notes}\n"
 

@@ -846,9 +846,13 @@ def test_generation_part_and_table():
                 "vs_transformers": 0.1,
                 "pagein_bytes_per_token": 270e6,
                 "bound_s_per_token": 0.27,
+                "read_s_per_token": 0.3,
             },
         ],
     }
     lines = generation.table(res).splitlines()
     assert lines[2] == "| transformers in RAM | fp32 | 20.0 | 50 | 48 | 1.00 | yes |  |"
-    assert lines[3] == "| Odyssey paged | fp32 | 2.0 | 500 | 48 | 0.10 | yes | 270.0 MB; at 1,000 MB/s 270 ms |"
+    assert (
+        lines[3]
+        == "| Odyssey paged | fp32 | 2.0 | 500 | 48 | 0.10 | yes | 270.0 MB; at 1,000 MB/s 270 ms; read at 900 MB/s |"
+    )
