@@ -1,14 +1,15 @@
 """Every benchmark, one after the other (`make bench`): page-in, out-of-core overhead, peers,
-scaling, GGUF bases. Each part runs in its own process and prints its tables; the results land in
-benchmarks/results/ as JSON, markdown and PNG, and benchmarks/results/README.md collects the
-tables with the date and the machine. The whole run is planned to fit 120 minutes on a 2-core
-machine: peers gets what pagein and overhead leave less 14 minutes for scaling and 45 for the GGUF
-part (on the 1.2B: about 25 minutes for the runs the targets need, the rest for the
-smallest-cgroup searches and generation); the parts that climb or search budgets start no run past
-their time limit. The GGUF part (gguf_bases.py) runs whole: LoRA quality on a bf16 store vs its Q8_0 and
-Q4_K GGUF, the 1.2B step by base, and the 8B's shape as a Q4_K GGUF in a 3 GiB cgroup.
+scaling, generation (SmolLM2-135M greedy: resident, paged, transformers), GGUF bases. Each part
+runs in its own process and prints its tables; the results land in benchmarks/results/ as JSON,
+markdown and PNG, and benchmarks/results/README.md collects the tables with the date and the
+machine. The whole run is planned to fit 125 minutes on a 2-core machine: peers gets what pagein
+and overhead leave less 64 minutes for the parts after it (on the 1.2B: about 25 minutes for the
+runs the targets need, the rest for the smallest-cgroup searches and generation); the parts that
+climb or search budgets start no run past their time limit. The GGUF part (gguf_bases.py, last)
+runs whole, about 45 minutes: LoRA quality on a bf16 store vs its Q8_0 and Q4_K GGUF, the 1.2B
+step by base, and the 8B's shape as a Q4_K GGUF in a 3 GiB cgroup.
 
-    .venv/bin/python benchmarks/run_all.py [--parts pagein,overhead,peers,scaling,gguf] [--minutes 120]
+    .venv/bin/python benchmarks/run_all.py [--parts pagein,overhead,peers,scaling,generation,gguf] [--minutes 125]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import generation  # noqa: E402
 import gguf_bases  # noqa: E402
 import goals  # noqa: E402
 import overhead  # noqa: E402
@@ -30,15 +32,23 @@ import peers  # noqa: E402
 import scaling  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("pagein", "overhead", "peers", "scaling", "gguf")
+PARTS = ("pagein", "overhead", "peers", "scaling", "generation", "gguf")
 # seconds kept for the parts after this one: a part that climbs budgets stops climbing when only these are left
-RESERVE_AFTER_S = {"pagein": 115 * 60, "overhead": 105 * 60, "peers": 59 * 60, "scaling": 45 * 60, "gguf": 60}
-README_ORDER = ("peers", "scaling", "gguf", "overhead", "pagein")  # the headline first
+RESERVE_AFTER_S = {
+    "pagein": 120 * 60,
+    "overhead": 110 * 60,
+    "peers": 64 * 60,
+    "scaling": 50 * 60,
+    "generation": 45 * 60,
+    "gguf": 0,
+}
+README_ORDER = ("peers", "scaling", "generation", "gguf", "overhead", "pagein")  # the headline first
 TITLES = {
     "pagein": "Page-in",
     "overhead": overhead.TITLE,
     "peers": peers.TITLE,
     "scaling": scaling.TITLE,
+    "generation": generation.TITLE,
     "gguf": gguf_bases.TITLE,
 }
 MARKDOWN = {  # part -> result files shown in the README, in order
@@ -46,6 +56,7 @@ MARKDOWN = {  # part -> result files shown in the README, in order
     "overhead": ("overhead.md",),
     "peers": ("peers.md",),
     "scaling": ("scaling.md",),
+    "generation": ("generation-smollm2-135m.md",),
     "gguf": ("gguf.md",),
 }
 PICTURES = {
@@ -53,6 +64,7 @@ PICTURES = {
     "overhead": ("overhead.png",),
     "peers": ("peers.png",),
     "scaling": ("scaling.png",),
+    "generation": (),
     "gguf": (),
 }
 
@@ -89,6 +101,8 @@ def command(part: str, out_dir: Path, seconds_left: float, steps: int) -> list[s
             "--time-limit-s",
             f"{limit:.0f}",
         ]
+    if part == "generation":
+        return [py, str(HERE / "generation.py"), "--out-dir", str(out_dir)]
     if part == "gguf":  # quality, the 1.2B step by base, the 8B's shape in 3 GiB (about 45 minutes on 2 cores)
         return [py, str(HERE / "gguf_bases.py"), "--out-dir", str(out_dir), "--steps", str(steps)]
     raise ValueError(part)
@@ -157,7 +171,7 @@ def write_readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> N
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS))
-    p.add_argument("--minutes", type=float, default=120, help="time the whole run should fit in")
+    p.add_argument("--minutes", type=float, default=125, help="time the whole run should fit in")
     p.add_argument("--steps", type=int, default=4, help="training steps per run; the first is warm-up")
     p.add_argument("--out-dir", default=str(common.RESULTS))
     p.add_argument(

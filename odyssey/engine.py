@@ -36,6 +36,13 @@ Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 The schedule is forward then reverse, so the last layer of forward is the first of backward and
 stays resident; layer 0 stays resident into the next step. Pinned units (`pinned`, residency.py)
 are read once and served from their own buffers from then on.
+
+Held units (`hold_pinned`, generation: open_engine): a pinned unit is bound once, at its first
+use, in the compute dtype, and stays bound: later passes neither ask the pager for it nor rebind
+or convert its weights (per token that was a pager hand-off, a Parameter per tensor and, with a
+bf16 store and fp32 compute, a conversion of every weight). When every tensor of the unit was
+converted, the pinned buffer's pages are given back (the plan counts the converted copy instead,
+planner.py); a held head block is used whole, in the compute dtype.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from torch import nn
 from odyssey.dtypes import IGNORE, VOCAB_CHUNK, compute_dtype_info
 from odyssey.gguf.qweight import QWeight, Workspace, bind_linear, row_chunk, take_rows, unbind_linear
 from odyssey.model import CausalLM, KVCache, embed_scale, rope_tables
-from odyssey.pager import Pager, Resident, ResidentPager
+from odyssey.pager import Pager, Resident, ResidentPager, UnitStat
 from odyssey.store import Block, Store
 
 
@@ -159,6 +166,7 @@ class Engine:
         model: nn.Module | None = None,
         pinned=(),
         keep: int = 0,
+        hold_pinned: bool = False,
     ):
         self.store = store
         self.cfg = store.config
@@ -177,6 +185,9 @@ class Engine:
         pinned += [i for i in range(L - keep, L) if i not in pinned]
         self.pager = ResidentPager(store) if resident else Pager(store, slots=slots, direct=direct, pinned=pinned)
         self._bound: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
+        self.hold_pinned = hold_pinned
+        self._held: dict = {}  # pinned unit -> Resident bound for good (its tensors in the compute dtype)
+        self._held_uses: list[UnitStat] = []  # uses of held units since the last pass_stats
         core = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
         self._core = core.model  # DecoderModel inside the (PEFT-wrapped) skeleton: layers, norm
         self._modules = dict(self._find_base_modules())
@@ -224,13 +235,46 @@ class Engine:
 
     @contextlib.contextmanager
     def resident(self, unit):
-        res = self.pager.get(unit)
+        res = self._get(unit)
+        if unit in self._held:  # bound for good (hold_pinned)
+            yield res
+            return
         try:
             self.bind(res)
             yield res
         finally:
             self.unbind(res)
             self.pager.release(res)
+
+    def _get(self, unit) -> Resident:
+        """The unit from the pager, or a held unit's Resident without it; a pinned unit is held at
+        its first use when `hold_pinned` (see the module's docstring)."""
+        held = self._held.get(unit)
+        if held is not None:
+            self._held_uses.append(UnitStat(unit, self.store.page(unit).nbytes, 0.0, 0.0, True))
+            return held
+        res = self.pager.get(unit)
+        if not (self.hold_pinned and getattr(self.pager, "is_pinned", lambda u: False)(unit)):
+            return res
+        tensors = {
+            n: t if isinstance(t, QWeight) or t.dtype == self.dtype else t.to(self.dtype)
+            for n, t in res.tensors.items()
+        }
+        held = Resident(unit, tensors, res.slot)
+        self.bind(held)  # already in the compute dtype: bound as they are
+        self._held[unit] = held
+        self.pager.release(res)
+        if all(tensors[n] is not t for n, t in res.tensors.items()):  # no view of the buffer is left
+            self.pager.drop_pinned(unit)
+        return held
+
+    def _release(self, res: Resident) -> None:
+        if res.unit not in self._held:
+            self.pager.release(res)
+
+    def _prefetch(self, units) -> None:
+        """Schedule `units` with the pager, but the held ones (served without it)."""
+        self.pager.prefetch([u for u in units if u not in self._held])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> (B, T, d) compute dtype; only the rows needed are read."""
@@ -278,7 +322,7 @@ class Engine:
         units = self.head_units()
         name = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
         norm = self._core.norm
-        held = [self.pager.get(units[0])]  # the unit in use (one at a time)
+        held = [self._get(units[0])]  # the unit in use (one at a time)
         old = norm._parameters["weight"]
         w = held[0].tensors["model.norm.weight"].to(self.dtype, copy=True)  # (d,)
         norm._parameters["weight"] = nn.Parameter(w, requires_grad=False)
@@ -286,22 +330,24 @@ class Engine:
         def rows():
             for k, unit in enumerate(units):
                 if k > 0:
-                    held.append(self.pager.get(unit))
+                    held.append(self._get(unit))
                 W = held[-1].tensors.get(name)
                 if W is not None:
                     yield (unit.row_start if isinstance(unit, Block) else 0), W
-                self.pager.release(held.pop())
+                self._release(held.pop())
 
         try:
             yield norm, rows
         finally:
             norm._parameters["weight"] = old
             while held:
-                self.pager.release(held.pop())
+                self._release(held.pop())
 
     def head_logits(self, h: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """h (N, d) -> logits (N, R) in compute dtype for head rows W (R, d), converting W a chunk
-        of rows at a time."""
+        of rows at a time (in one matmul when W is in the compute dtype: a held block)."""
+        if not isinstance(W, QWeight) and W.dtype == self.dtype:
+            return F.linear(h, W)
         out = torch.empty(h.shape[0], W.shape[0], dtype=self.dtype)
         for v0 in range(0, W.shape[0], VOCAB_CHUNK):
             out[:, v0 : v0 + VOCAB_CHUNK] = F.linear(h, row_chunk(W, v0, v0 + VOCAB_CHUNK, self.dtype))
@@ -330,7 +376,7 @@ class Engine:
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V) (or (B, V) with last_only), compute dtype."""
-        self.pager.prefetch(self.layer_schedule())
+        self._prefetch(self.layer_schedule())
         x = self.forward_hidden(ids, cache=cache)
         if last_only:
             x = x[:, -1:]
@@ -388,7 +434,7 @@ class Engine:
         L = self.cfg.num_hidden_layers
         first_kept = L - self.keep  # layers from here on keep their activations (no recompute)
         between = between or (lambda: None)
-        self.pager.prefetch(self.layer_schedule(backward=True))
+        self._prefetch(self.layer_schedule(backward=True))
         dropout = self._has_dropout()
         x = self.embed(ids)
         rope = self.rope(0, ids.shape[1], positions)
@@ -443,7 +489,7 @@ class Engine:
     ) -> float:
         """Mean cross-entropy over the trained targets without gradients (validation), through the
         chunked head; 0 when no target is trained."""
-        self.pager.prefetch(self.layer_schedule())
+        self._prefetch(self.layer_schedule())
         x = self.forward_hidden(ids, positions=positions, segments=segments)
         with self.head() as (norm, rows):
             h = norm(x)
@@ -456,7 +502,8 @@ class Engine:
         return any(isinstance(mod, nn.Dropout) and mod.p > 0 and mod.training for mod in self._core.modules())
 
     def pass_stats(self, seconds: float) -> PassStats:
-        st = self.pager.take_stats()
+        st = self.pager.take_stats() + self._held_uses
+        self._held_uses = []
         return PassStats(
             seconds=seconds,
             pagein_bytes=sum(s.bytes for s in st if not s.reused),

@@ -107,11 +107,14 @@ def open_engine(
     slots: int = 2,
     pin: bool = True,
     show: bool = True,
+    hold: bool = True,
 ) -> Iterator:
     """The engine `generate`, `chat` and `eval` run: `store` paged from disk, the LoRA adapter in
     `adapter` (a directory, e.g. RUN/adapter) resident and applied on the fly (refused when made for
     another base), after the memory plan of a forward over `seq_len` tokens was checked against
-    `budget` (one line naming its terms when it does not fit; its table on stderr with `show`)."""
+    `budget` (one line naming its terms when it does not fit; its table on stderr with `show`).
+    The units the plan pins are held: bound once, in the compute dtype (engine.Engine, `hold_pinned`),
+    so a token computes with them at in-RAM speed (`hold=False`: bound and unbound per use)."""
     from odyssey.dtypes import compute_dtype_line
     from odyssey.engine import Engine
     from odyssey.planner import plan_checked
@@ -142,7 +145,7 @@ def open_engine(
     from odyssey.residency import units_from_labels
 
     pinned = units_from_labels(store, p.residency.pinned) if p.residency is not None else []
-    with Engine(store, compute_dtype=compute_dtype, slots=slots, model=model, pinned=pinned) as eng:
+    with Engine(store, compute_dtype=compute_dtype, slots=slots, model=model, pinned=pinned, hold_pinned=hold) as eng:
         yield eng
 
 

@@ -224,6 +224,16 @@ class Pager:
     def is_pinned(self, unit: PageUnit) -> bool:
         return unit in self._pinned
 
+    def drop_pinned(self, unit: PageUnit) -> None:
+        """Give the pages of a pinned unit's buffer back to the OS once nothing uses them (the engine
+        holds a converted copy); a later get of the unit reads it again into the same buffer."""
+        with self._cv:
+            slot = self._pinned[unit]
+            if slot.refs or slot.pending:
+                return
+            slot.unit, slot.ready = None, False
+            slot.buf.madvise(mmap.MADV_DONTNEED)
+
     # --- views ---
     def _views(self, slot: _Slot, unit: PageUnit) -> dict:
         import math

@@ -10,6 +10,9 @@ mapping, `RssShmem`, counted here all the same):
 - buffer pool  `slots` page-aligned buffers of the largest pager unit (pager.py): the largest
                decoder layer, since the embedding and head are read in row blocks no larger
                (`Paging`; a 128k vocabulary no longer sizes the pool)
+- pinned units what the budget left over holds resident (residency.py); in generation they are held
+               in the compute dtype (engine.Engine `hold_pinned`): their buffers' bytes scaled by
+               compute / store itemsize
 - weights      one unit's base weights converted to the compute dtype (when it differs from the
                store dtype), bound for the layer being computed
 - workspace    generation: one layer's activations, about 3d + 3f values a token (the MLP's peak).
@@ -455,8 +458,8 @@ def plan(
         terms: dict[str, int] = {"runtime": runtime}
         peak = ""
         terms["buffer pool"] = slots * paging.slot_bytes if paged_any else 0  # untouched slots cost nothing
-        if pinned_bytes:
-            terms["pinned units"] = pinned_bytes
+        if pinned_bytes:  # generation holds them converted to the compute dtype, their buffers given back
+            terms["pinned units"] = pinned_bytes * ci // store_itemsize if mode == "forward" else pinned_bytes
         if ci != store_itemsize:  # a layer's converted weights, or one head chunk: never both
             terms["weights"] = max(layer_params, VOCAB_CHUNK * d) * ci
         if dequant_workspace is not None:  # GGUF: one matrix (again in backward) and a head chunk

@@ -845,3 +845,34 @@ def test_gguf_bench_counts_only_bytes_read_and_renders_its_tables():
          "rss_anon_mib": [10, 11], "losses": [5.0, 4.0]}  # fmt: skip
     table = gguf_bench.big_table(b)
     assert table.count("\n") == 3 and "| 2 | 2.0 | 2 |" in table
+
+
+def test_generation_part_and_table():
+    import generation
+
+    cmd = run_all.command("generation", Path("/r"), 10 * 60, 4)
+    assert cmd[1].endswith("generation.py") and cmd[cmd.index("--out-dir") + 1] == "/r"
+    row = dict(dtype="fp32", tokens_per_s=20.0, s_per_token=0.05, cpu_ms_per_token=48.0, same_tokens=True)
+    res = {
+        "disk_mb_s": 1000.0,
+        "rows": [
+            {**row, "name": "transformers in RAM", "vs_transformers": 1.0},
+            {
+                **row,
+                "name": "Odyssey paged",
+                "paged": True,
+                "tokens_per_s": 2.0,
+                "s_per_token": 0.5,
+                "vs_transformers": 0.1,
+                "pagein_bytes_per_token": 270e6,
+                "bound_s_per_token": 0.27,
+                "read_s_per_token": 0.3,
+            },
+        ],
+    }
+    lines = generation.table(res).splitlines()
+    assert lines[2] == "| transformers in RAM | fp32 | 20.0 | 50 | 48 | 1.00 | yes |  |"
+    assert (
+        lines[3]
+        == "| Odyssey paged | fp32 | 2.0 | 500 | 48 | 0.10 | yes | 270.0 MB; at 1,000 MB/s 270 ms; read at 900 MB/s |"
+    )

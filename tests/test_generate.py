@@ -235,3 +235,92 @@ def test_stream_text_waits_for_whole_characters_and_keeps_spaces(model_tokenizer
     parts = []
     stream_text(tok, iter(hangul), parts.append, prompt_ids=prompt)
     assert parts == [" 똠"] or "".join(parts) == "똠"
+
+
+# ---------------------------------------------------------------------------------------------
+# held units: pinned units bound once, in the compute dtype (engine.Engine hold_pinned)
+
+
+def _store(tmp_path, dtype: str, tied: bool) -> Store:
+    from odyssey.store import init_store
+
+    out = tmp_path / f"held-{dtype}-{int(tied)}"
+    init_store(tiny_config(num_hidden_layers=3, tie_word_embeddings=tied), out, dtype=dtype, seed=3, progress=False)
+    return Store.open(out)
+
+
+def _every_unit(store) -> list:
+    from odyssey.planner import plan_for_store
+    from odyssey.residency import units_from_labels
+
+    p = plan_for_store(store, mode="forward", seq_len=32, budget=1 << 40, runtime=0, compute_dtype="fp32")
+    return units_from_labels(store, p.residency.pinned)
+
+
+@pytest.mark.parametrize("dtype,tied", [("bf16", True), ("bf16", False), ("f32", True)])
+def test_held_units_give_the_same_logits_and_leave_the_pager_alone(tmp_path, dtype, tied):
+    """Every unit pinned and held (fp32 compute; a bf16 store's weights converted once): the logits
+    of the prompt and of every new token equal those of the engine that binds, converts and unbinds
+    per use, bit for bit; after the first token the pager is not asked for anything, the pass's
+    figures count every unit as resident (0 bytes read), and a converted unit's pinned buffer is
+    given back (a same-dtype unit is bound as a view of it, which stays)."""
+    from odyssey.model import KVCache
+
+    store = _store(tmp_path, dtype, tied)
+    pinned = _every_unit(store)
+    ids = [[1, 7, 42, 9], [3], [250], [17]]
+    with (
+        Engine(store, compute_dtype="fp32", pinned=pinned) as plain,
+        Engine(store, compute_dtype="fp32", pinned=pinned, hold_pinned=True) as held,
+    ):
+        c1, c2 = KVCache(3), KVCache(3)
+        for k, step in enumerate(ids):
+            want = plain.logits(torch.tensor([step]), cache=c1, last_only=True)
+            got = held.logits(torch.tensor([step]), cache=c2, last_only=True)
+            assert torch.equal(got, want)
+            st = held.pass_stats(0.0)
+            assert st.units == len(pinned)
+            if k == 0:
+                assert st.pagein_bytes == sum(store.page(u).nbytes for u in pinned)
+            else:
+                assert st.pagein_bytes == 0
+                assert held.pager.take_stats() == []
+        # converted units gave their buffer back (a later get would read them again); views keep theirs
+        assert all(held.pager._pinned[u].ready == (dtype == "f32") for u in pinned)
+
+
+def test_held_and_paged_units_mix_in_schedule_order(tmp_path):
+    """Half the units pinned and held, the rest paged through one slot: greedy tokens equal the
+    plain engine's over several tokens (the pager is given only the paged units, in order), and the
+    paged units are read for every token."""
+    store = _store(tmp_path, "bf16", tied=True)
+    units = store.page_units()
+    pinned = [u for u in units if u in (1, 2, "head")]
+    prompt = [5, 6, 7, 8]
+    with Engine(store, compute_dtype="fp32") as plain:
+        want = list(generate_ids(plain, prompt, 6))
+    with Engine(store, compute_dtype="fp32", slots=1, pinned=pinned, hold_pinned=True) as eng:
+        it = generate_ids(eng, prompt, 6)
+        got = [next(it)]
+        eng.pass_stats(0.0)
+        for tok in it:
+            got.append(tok)
+            st = eng.pass_stats(0.0)
+            paged = [u for u in units if u not in pinned]
+            assert len(paged) == 2 and st.units == len(units)
+            assert st.pagein_bytes == sum(store.page(u).nbytes for u in paged)
+    assert got == want
+
+
+def test_generation_plan_counts_held_units_in_the_compute_dtype(tmp_path):
+    """A bf16 store generating in fp32 holds its pinned units converted: the plan's pinned term is
+    twice their buffers (in bf16 compute, the buffers themselves)."""
+    from odyssey.planner import plan_for_store
+
+    store = _store(tmp_path, "bf16", tied=False)
+    kw = dict(mode="forward", seq_len=32, budget=1 << 40, runtime=0)
+    p32 = plan_for_store(store, compute_dtype="fp32", **kw)
+    p16 = plan_for_store(store, compute_dtype="bf16", **kw)
+    assert p32.residency.pinned_bytes == p16.residency.pinned_bytes > 0
+    assert p32.terms["pinned units"] == 2 * p32.residency.pinned_bytes
+    assert p16.terms["pinned units"] == p16.residency.pinned_bytes
