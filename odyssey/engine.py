@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from odyssey.dtypes import IGNORE, VOCAB_CHUNK, compute_dtype_info
 from odyssey.gguf.qweight import QWeight, Workspace, bind_linear, row_chunk, take_rows, unbind_linear
@@ -385,16 +386,28 @@ class Engine:
         batch's share of the step's trained targets). Returns that mean loss (0 without trained
         targets). positions, segments (B, T): packed examples. `between()` is called between
         layers (control requests); it may block (pause) or raise (stop)."""
-        L = self.cfg.num_hidden_layers
-        first_kept = L - self.keep  # layers from here on keep their activations (no recompute)
+        first_kept = self.cfg.num_hidden_layers - self.keep  # from here on: no recompute
         between = between or (lambda: None)
         self.pager.prefetch(self.layer_schedule(backward=True))
+        with record_function("odyssey.forward"):  # phases, named in torch.profiler's traces
+            x, rope, saved, kept = self._forward(ids, first_kept, between, positions, segments)
+        with record_function("odyssey.head_loss"), self.head() as (norm, rows):
+            loss, g = self.loss_and_grad_x(x, targets, norm, rows, grad_scale)
+        del x
+        between()
+        with record_function("odyssey.backward"):
+            self._backward(kept, saved, g, rope, segments, first_kept, between)
+        return loss
+
+    def _forward(self, ids, first_kept, between, positions, segments):
+        """train_step's forward: layers 0..L-1; returns (x before the final norm, rope, saved inputs
+        of the layers recomputed in backward, kept (input, output) graphs of the others)."""
         dropout = self._has_dropout()
         x = self.embed(ids)
         rope = self.rope(0, ids.shape[1], positions)
         saved = []  # (layer input (B, T, d) compute dtype, RNG state when dropout draws masks)
         kept = []  # (layer input, a leaf; its output, with the graph its backward needs)
-        for i in range(L):
+        for i in range(self.cfg.num_hidden_layers):
             if i < first_kept:
                 saved.append((x, torch.get_rng_state() if dropout else None))
                 with self.resident(i), torch.no_grad():
@@ -406,10 +419,10 @@ class Engine:
                 kept.append((xi, out))
                 x = out.detach()
             between()
-        with self.head() as (norm, rows):
-            loss, g = self.loss_and_grad_x(x, targets, norm, rows, grad_scale)
-        del x
-        between()
+        return x, rope, saved, kept
+
+    def _backward(self, kept, saved, g, rope, segments, first_kept, between) -> None:
+        """train_step's backward: the kept layers' graphs, then the recomputed layers."""
         while kept:  # layers L-1 .. first_kept: backward through the graph kept from forward
             xi, out = kept.pop()
             with torch.enable_grad():
@@ -431,7 +444,6 @@ class Engine:
             g = xi.grad
             del out, xi
             between()
-        return loss
 
     @torch.no_grad()
     def eval_loss(
