@@ -315,9 +315,9 @@ def main() -> int:
     m = common.machine()
     _, sections, notes = markdown(results, m, args)
     out = Path(args.out)
-    common.write_json(out.with_suffix(".json"), {"machine": m, "args": vars(args), "results": results})
-    common.write_markdown(out.with_suffix(".md"), f"Profile of one LoRA step: {Path(store.root).name}", sections, notes)
-    print(f"wrote {out.with_suffix('.md')}")
+    common.write_json(Path(f"{out}.json"), {"machine": m, "args": vars(args), "results": results})
+    common.write_markdown(Path(f"{out}.md"), f"Profile of one LoRA step: {Path(store.root).name}", sections, notes)
+    print(f"wrote {out}.md")
     return 0
 
 

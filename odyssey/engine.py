@@ -160,6 +160,8 @@ class Engine:
         model: nn.Module | None = None,
         pinned=(),
         keep: int = 0,
+        lora_fused: bool = True,
+        compile_layers: bool = False,
     ):
         self.store = store
         self.cfg = store.config
@@ -168,6 +170,10 @@ class Engine:
             with torch.device("meta"):
                 model = CausalLM(self.cfg)
         self.model = model  # a meta skeleton, possibly wrapped by PEFT (see adapters.py)
+        if lora_fused:  # PEFT's LoRA forward with fewer passes over the output (adapters.lora_forward)
+            from odyssey.adapters import use_lora_forward
+
+            use_lora_forward(model)
         L = store.config.num_hidden_layers
         if not 0 <= keep <= L:
             raise ValueError(f"keep must be in 0..{L}, got {keep}")
@@ -180,6 +186,9 @@ class Engine:
         self._bound: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
         core = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
         self._core = core.model  # DecoderModel inside the (PEFT-wrapped) skeleton: layers, norm
+        if compile_layers:  # torch.compile (inductor) of each decoder layer; off by default: see
+            for layer in self._core.layers:  # benchmarks/results/profile-1.2b.md for the figures
+                layer.compile(dynamic=False)
         self._modules = dict(self._find_base_modules())
         self.workspace = Workspace()  # GGUF: where each quantized matrix is dequantized before its matmul
         if hasattr(store, "workspace_numel"):  # allocated once, for the largest matrix
