@@ -29,9 +29,11 @@ if __name__ == "__main__":  # jemalloc, as `odyssey train` runs (re-exec once, b
     allocator.ensure([str(Path(__file__).resolve()), *sys.argv[1:]])
 
 from benchmarks import common  # noqa: E402
+from odyssey import atomic  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_mkldnn_mm", "mkldnn::_linear_pointwise"}
 ATTENTION = "scaled_dot_product"
+FINDINGS = "\n## Findings"  # a hand-written section at the end of OUT.md, kept when the script reruns
 PHASES = ("odyssey.forward", "odyssey.head_loss", "odyssey.backward", "odyssey.optimizer")
 
 
@@ -144,13 +146,15 @@ def step(eng, opt, ids, tgt) -> float:
     return loss
 
 
-def batch(store, seq_len: int):
+def batch(store, seq_len: int, sample: bool = True):
     """One batch of the benchmark's token data (the sample corpus), else random tokens."""
     import numpy as np
     import torch
 
     V = store.config.vocab_size
     try:
+        if not sample:
+            raise LookupError("random tokens asked for")
         from odyssey.data.tokens import TokenData
 
         data = TokenData(common.ensure_data(progress=lambda *_: None))
@@ -166,8 +170,16 @@ def profile_budget(store, budget: int, args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    eng, skel, opt, res = build(store, budget, args.seq_len, args.r, args.compute_dtype)
-    ids, tgt, source = batch(store, args.seq_len)
+    eng, skel, opt, res = build(
+        store,
+        budget,
+        args.seq_len,
+        args.r,
+        args.compute_dtype,
+        lora_fused=not args.peft_forward,
+        compile_layers=args.compile_layers,
+    )
+    ids, tgt, source = batch(store, args.seq_len, args.tokens == "sample")
     t0 = time.perf_counter()
     step(eng, opt, ids, tgt)  # warm-up: pinned units are read here
     warm_s = time.perf_counter() - t0
@@ -286,7 +298,7 @@ def markdown(results: list[dict], m: dict, args) -> tuple[str, list[tuple[str, s
     return "", sections, notes
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="odyssey-1.2b")
     ap.add_argument("--store", help="a store directory (default: the benchmark's store of --config)")
@@ -294,8 +306,11 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--compute-dtype", default="auto")
+    ap.add_argument("--tokens", choices=("sample", "random"), default="sample")
+    ap.add_argument("--peft-forward", action="store_true", help="PEFT's LoRA forward (the engine's before)")
+    ap.add_argument("--compile-layers", action="store_true", help="torch.compile each decoder layer")
     ap.add_argument("--out", default=str(common.RESULTS / "profile-1.2b"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from odyssey.config import parse_bytes
     from odyssey.store import Store
@@ -316,7 +331,11 @@ def main() -> int:
     _, sections, notes = markdown(results, m, args)
     out = Path(args.out)
     common.write_json(Path(f"{out}.json"), {"machine": m, "args": vars(args), "results": results})
-    common.write_markdown(Path(f"{out}.md"), f"Profile of one LoRA step: {Path(store.root).name}", sections, notes)
+    md = Path(f"{out}.md")
+    findings = md.read_text().partition(FINDINGS)[2] if md.exists() else ""  # written by hand: kept
+    common.write_markdown(md, f"Profile of one LoRA step: {Path(store.root).name}", sections, notes)
+    if findings:
+        atomic.write_text(md, md.read_text() + FINDINGS + findings)
     print(f"wrote {out}.md")
     return 0
 
