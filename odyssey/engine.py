@@ -186,8 +186,14 @@ class Engine:
         self._bound: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
         core = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
         self._core = core.model  # DecoderModel inside the (PEFT-wrapped) skeleton: layers, norm
-        if compile_layers:  # torch.compile (inductor) of each decoder layer; off by default: see
-            for layer in self._core.layers:  # benchmarks/results/profile-1.2b.md for the figures
+        if compile_layers:  # torch.compile (inductor) of each decoder layer, for training steps
+            # (one shape: generation's growing cache would recompile every token). Inductor keeps
+            # bf16 intermediates in fp32 unless told to round them as eager does: with this the
+            # gradients are eager's bit for bit (figures: benchmarks/results/profile-1.2b.md).
+            import torch._inductor.config as inductor_config
+
+            inductor_config.emulate_precision_casts = True
+            for layer in self._core.layers:
                 layer.compile(dynamic=False)
         self._modules = dict(self._find_base_modules())
         self.workspace = Workspace()  # GGUF: where each quantized matrix is dequantized before its matmul
