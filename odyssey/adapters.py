@@ -100,7 +100,7 @@ def lora_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weights, `(base(x) + lora_B(lora_A(dropout(x.float()))) * s).to(x.dtype)`: four passes over
     (T, out) besides the matmuls (the LoRA product, its scaling, the promoting add, the cast back).
     Here the scale goes on the (T, r) product and the LoRA product is added into the base result
-    by the matmul itself (`addmm_`): the base result, cast to fp32 when it is not (the promoting
+    by the matmul itself (`addmm`): the base result, cast to fp32 when it is not (the promoting
     add's copy), then the cast back. Same values up to float rounding (bit for bit when s is a
     power of two: alpha = 2r, and the base is fp32); gradients equal peft's (tests/test_train.py).
 
@@ -112,9 +112,8 @@ def lora_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     B = mod.lora_B["default"].weight  # (out, r) fp32
     result = mod.base_layer(x)  # (..., out) base dtype
     h = F.linear(mod.lora_dropout["default"](x.to(A.dtype)), A) * mod.scaling["default"]  # (..., r)
-    acc = result if result.dtype == B.dtype else result.to(B.dtype)
-    shape = acc.shape
-    acc = acc.reshape(-1, shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t())
+    shape = result.shape
+    acc = torch.addmm(result.reshape(-1, shape[-1]).to(B.dtype), h.reshape(-1, h.shape[-1]), B.t())
     return acc.view(shape).to(result.dtype)
 
 
