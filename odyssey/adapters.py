@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from odyssey import atomic
@@ -91,6 +92,54 @@ def inject(model: nn.Module, settings: LoraSettings, seed: int = 0) -> nn.Module
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     return model
+
+
+def lora_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's `lora.Linear.forward` for one plain adapter ("default": not merged, no variant), with
+    fewer passes over the (T, out) output. PEFT computes, for x in the base dtype and fp32 LoRA
+    weights, `(base(x) + lora_B(lora_A(dropout(x.float()))) * s).to(x.dtype)`: four passes over
+    (T, out) besides the matmuls (the LoRA product, its scaling, the promoting add, the cast back).
+    Here the scale goes on the (T, r) product and the LoRA product is added into the base result
+    by the matmul itself (`addmm`): the base result, cast to fp32 when it is not (the promoting
+    add's copy), then the cast back. Same values up to float rounding (bit for bit when s is a
+    power of two: alpha = 2r, and the base is fp32); gradients equal peft's (tests/test_train.py).
+
+    Measured at the 1.2B shapes (benchmarks/results/profile-1.2b.md): PEFT's scaling and add
+    were 4 % of a step's op time."""
+    if mod.merged or mod.disable_adapters:  # changed since use_lora_forward: PEFT's own path
+        return type(mod).forward(mod, x)
+    A = mod.lora_A["default"].weight  # (r, in) fp32
+    B = mod.lora_B["default"].weight  # (out, r) fp32
+    result = mod.base_layer(x)  # (..., out) base dtype
+    h = F.linear(mod.lora_dropout["default"](x.to(A.dtype)), A) * mod.scaling["default"]  # (..., r)
+    shape = result.shape
+    acc = torch.addmm(result.reshape(-1, shape[-1]).to(B.dtype), h.reshape(-1, h.shape[-1]), B.t())
+    return acc.view(shape).to(result.dtype)
+
+
+def use_lora_forward(model: nn.Module) -> int:
+    """Gives every PEFT LoRA Linear of `model` with one plain adapter `lora_forward`; returns how
+    many. Modules in another state (merged, disabled, several adapters, a variant such as DoRA)
+    keep PEFT's forward."""
+    import types
+
+    n = 0
+    for mod in model.modules():
+        lora_A = getattr(mod, "lora_A", None)
+        if not isinstance(lora_A, nn.ModuleDict) or not hasattr(mod, "base_layer"):
+            continue
+        plain = (
+            list(lora_A.keys()) == ["default"]
+            and list(getattr(mod, "active_adapters", [])) == ["default"]
+            and not getattr(mod, "merged", False)
+            and not getattr(mod, "disable_adapters", False)
+            and not getattr(mod, "lora_variant", {})
+            and isinstance(mod.base_layer, nn.Linear)
+        )
+        if plain:
+            mod.forward = types.MethodType(lora_forward, mod)
+            n += 1
+    return n
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

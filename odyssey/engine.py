@@ -33,6 +33,10 @@ Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
   their forward with grad from a leaf input and keep the graph; their backward is
   `autograd.backward` of that graph, with no recompute and no page-in. Their weights are pinned in
   the pager (autograd holds the views until backward). Same numbers, bit for bit.
+- LoRA: PEFT's `lora.Linear` forward is replaced by `adapters.lora_forward` (same values, fewer
+  passes over each projection's output; `lora_fused=False` keeps PEFT's); `compile_layers=True`
+  runs each decoder layer through torch.compile (training steps only: see Engine.__init__).
+  train_step names its phases for torch.profiler (benchmarks/profile_step.py).
 The schedule is forward then reverse, so the last layer of forward is the first of backward and
 stays resident; layer 0 stays resident into the next step. Pinned units (`pinned`, residency.py)
 are read once and served from their own buffers from then on.
@@ -53,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from odyssey.dtypes import IGNORE, VOCAB_CHUNK, compute_dtype_info
 from odyssey.gguf.qweight import QWeight, Workspace, bind_linear, row_chunk, take_rows, unbind_linear
@@ -167,6 +172,8 @@ class Engine:
         pinned=(),
         keep: int = 0,
         hold_pinned: bool = False,
+        lora_fused: bool = True,
+        compile_layers: bool = False,
     ):
         self.store = store
         self.cfg = store.config
@@ -175,6 +182,10 @@ class Engine:
             with torch.device("meta"):
                 model = CausalLM(self.cfg)
         self.model = model  # a meta skeleton, possibly wrapped by PEFT (see adapters.py)
+        if lora_fused:  # PEFT's LoRA forward with fewer passes over the output (adapters.lora_forward)
+            from odyssey.adapters import use_lora_forward
+
+            use_lora_forward(model)
         L = store.config.num_hidden_layers
         if not 0 <= keep <= L:
             raise ValueError(f"keep must be in 0..{L}, got {keep}")
@@ -190,6 +201,15 @@ class Engine:
         self._held_uses: list[UnitStat] = []  # uses of held units since the last pass_stats
         core = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
         self._core = core.model  # DecoderModel inside the (PEFT-wrapped) skeleton: layers, norm
+        if compile_layers:  # torch.compile (inductor) of each decoder layer, for training steps
+            # (one shape: generation's growing cache would recompile every token). Inductor keeps
+            # bf16 intermediates in fp32 unless told to round them as eager does: with this the
+            # gradients are eager's bit for bit (figures: benchmarks/results/profile-1.2b.md).
+            import torch._inductor.config as inductor_config
+
+            inductor_config.emulate_precision_casts = True
+            for layer in self._core.layers:
+                layer.compile(dynamic=False)
         self._modules = dict(self._find_base_modules())
         self.workspace = Workspace()  # GGUF: where each quantized matrix is dequantized before its matmul
         if hasattr(store, "workspace_numel"):  # allocated once, for the largest matrix
@@ -431,16 +451,28 @@ class Engine:
         batch's share of the step's trained targets). Returns that mean loss (0 without trained
         targets). positions, segments (B, T): packed examples. `between()` is called between
         layers (control requests); it may block (pause) or raise (stop)."""
-        L = self.cfg.num_hidden_layers
-        first_kept = L - self.keep  # layers from here on keep their activations (no recompute)
+        first_kept = self.cfg.num_hidden_layers - self.keep  # from here on: no recompute
         between = between or (lambda: None)
         self._prefetch(self.layer_schedule(backward=True))
+        with record_function("odyssey.forward"):  # phases, named in torch.profiler's traces
+            x, rope, saved, kept = self._forward(ids, first_kept, between, positions, segments)
+        with record_function("odyssey.head_loss"), self.head() as (norm, rows):
+            loss, g = self.loss_and_grad_x(x, targets, norm, rows, grad_scale)
+        del x
+        between()
+        with record_function("odyssey.backward"):
+            self._backward(kept, saved, g, rope, segments, first_kept, between)
+        return loss
+
+    def _forward(self, ids, first_kept, between, positions, segments):
+        """train_step's forward: layers 0..L-1; returns (x before the final norm, rope, saved inputs
+        of the layers recomputed in backward, kept (input, output) graphs of the others)."""
         dropout = self._has_dropout()
         x = self.embed(ids)
         rope = self.rope(0, ids.shape[1], positions)
         saved = []  # (layer input (B, T, d) compute dtype, RNG state when dropout draws masks)
         kept = []  # (layer input, a leaf; its output, with the graph its backward needs)
-        for i in range(L):
+        for i in range(self.cfg.num_hidden_layers):
             if i < first_kept:
                 saved.append((x, torch.get_rng_state() if dropout else None))
                 with self.resident(i), torch.no_grad():
@@ -452,10 +484,10 @@ class Engine:
                 kept.append((xi, out))
                 x = out.detach()
             between()
-        with self.head() as (norm, rows):
-            loss, g = self.loss_and_grad_x(x, targets, norm, rows, grad_scale)
-        del x
-        between()
+        return x, rope, saved, kept
+
+    def _backward(self, kept, saved, g, rope, segments, first_kept, between) -> None:
+        """train_step's backward: the kept layers' graphs, then the recomputed layers."""
         while kept:  # layers L-1 .. first_kept: backward through the graph kept from forward
             xi, out = kept.pop()
             with torch.enable_grad():
@@ -477,7 +509,6 @@ class Engine:
             g = xi.grad
             del out, xi
             between()
-        return loss
 
     @torch.no_grad()
     def eval_loss(

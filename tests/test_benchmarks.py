@@ -18,6 +18,7 @@ import goals  # noqa: E402
 import pagein  # noqa: E402
 import peer_report  # noqa: E402
 import peers  # noqa: E402
+import profile_step  # noqa: E402
 import run_all  # noqa: E402
 import scaling  # noqa: E402
 import smallest  # noqa: E402
@@ -876,3 +877,35 @@ def test_generation_part_and_table():
         lines[3]
         == "| Odyssey paged | fp32 | 2.0 | 500 | 48 | 0.10 | yes | 270.0 MB; at 1,000 MB/s 270 ms; read at 900 MB/s |"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# profile_step: the profile of one LoRA step
+
+
+def test_profile_step_reports_phases_matmul_share_and_keeps_findings(tmp_path):
+    """A tiny store profiled at two budgets: every phase of the step appears, the split adds up to
+    the ops' self time, matmul is among the top ops, and a hand-written Findings section survives
+    a rerun."""
+    from odyssey.store import Store
+    from odyssey.store.init import init_store
+    from tests.conftest import tiny_config
+
+    init_store(tiny_config(num_hidden_layers=2), tmp_path / "s", dtype="bf16", seed=1, progress=False)
+    Store.open(tmp_path / "s")
+    out = tmp_path / "prof"
+    argv = ["--store", str(tmp_path / "s"), "--budgets", "200MiB,4GiB", "--seq-len", "16", "--r", "4"]
+    argv += ["--tokens", "random", "--out", str(out)]
+    assert profile_step.main(argv) == 0
+    data = json.loads((tmp_path / "prof.json").read_text())
+    assert [r["budget_label"] for r in data["results"]] == ["200MiB", "4GiB"]
+    for r in data["results"]:
+        assert {"forward", "head_loss", "backward", "optimizer"} <= set(r["phases"])
+        assert abs(sum(r["split"].values()) - r["ops_self_s"]) < 1e-6
+        assert r["split"]["matmul"] > 0 and "aten::mm" in [o["op"] for o in r["top"]]
+    assert data["results"][1]["pinned_units"] > data["results"][0]["pinned_units"]
+    md = tmp_path / "prof.md"
+    md.write_text(md.read_text() + "\n## Findings\n\nthe LoRA path costs passes\n")
+    argv[argv.index("--budgets") + 1] = "4GiB"  # one budget is enough for the rerun
+    assert profile_step.main(argv) == 0
+    assert md.read_text().count("## Findings") == 1 and "the LoRA path costs passes" in md.read_text()
