@@ -184,6 +184,27 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def flocked(directory: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on `directory` (flock on the directory itself: no lock file to leave
+    behind), held for the `with` block; no lock where the platform or the filesystem has none.
+    Processes sharing a cache directory (the probe, GGUF checksum records, GGUF tokenizers) take
+    turns with it."""
+    fd = None
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
     with atomic_open(path, "wb", durable) as f:
         f.write(data)

@@ -37,7 +37,6 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -229,25 +228,6 @@ def _read(path: Path, key: ProbeKey) -> Probe | None:
         return None
 
 
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive lock on the cache directory (flock on the directory itself: no lock file to
-    leave behind); no lock where the platform or the filesystem has none."""
-    fd = None
-    try:
-        import fcntl
-
-        fd = os.open(directory, os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except (ImportError, OSError):
-        pass
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock
-
-
 _UNCACHED: dict[Path, Probe] = {}
 
 
@@ -266,7 +246,7 @@ def probe(shape=DEFAULT_SHAPE, remeasure: bool = False) -> Probe:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         error = f"{directory}: {e.strerror or e}"
-    with _locked(directory) if not error else contextlib.nullcontext():
+    with atomic.flocked(directory) if not error else contextlib.nullcontext():
         if not remeasure and not error and (hit := _read(path, key)) is not None:
             return hit  # another process measured it while this one waited for the lock
         gflops, rounds, seconds = measure(key.shape)

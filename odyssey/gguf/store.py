@@ -374,7 +374,7 @@ class GGUFStore:
         path = self.record_path()
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            with _lock(path.with_suffix(".lock")):
+            with atomic.flocked(path.parent):
                 units = self._read_record(path)
                 units.update(new)
                 atomic.write_json(
@@ -529,23 +529,6 @@ class GGUFStore:
         if self.gf.chat_template:
             lines.append("chat template: in the metadata")
         return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    fd = None
-    try:
-        import fcntl
-
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except (ImportError, OSError):
-        pass
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def refuse_quantized(store, what: str) -> None:

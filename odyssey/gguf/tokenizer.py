@@ -197,8 +197,6 @@ def tokenizer_cache_dir(gguf_path: str | os.PathLike) -> Path:
 def cached_tokenizer(gguf_path: str | os.PathLike) -> Path:
     """The directory of a GGUF's converted tokenizer, converted on first use (atomically, under an
     exclusive lock so that concurrent processes convert once) and reused after."""
-    from odyssey.probe import _locked
-
     final = tokenizer_cache_dir(gguf_path)
     if (final / "tokenizer.json").is_file():
         return final
@@ -211,7 +209,7 @@ def cached_tokenizer(gguf_path: str | os.PathLike) -> Path:
         ) from None
     from odyssey.tokenizer import write_tokenizer_files
 
-    with _locked(final.parent):
+    with atomic.flocked(final.parent):
         if not (final / "tokenizer.json").is_file():  # another process may have written it meanwhile
             atomic.remove_stale_temps(final.parent)
             files = tokenizer_files_of(gguf_path)
