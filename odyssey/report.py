@@ -213,10 +213,10 @@ class TrainReport:
                 + (f"; {e.residency}" if e.residency else "")
             ),
         )
-        if e.compute and self.progress:  # --quiet: an error is then the one line on stderr
-            self._note(e.compute)
-        if e.residency:
-            self._note(e.residency)
+        if self.progress:  # --quiet: an error is then the one line on stderr (both stay in the event)
+            for note in (e.compute, e.residency):
+                if note:
+                    self._note(note)
 
     @__call__.register
     def _no_checkpoint_yet(self, e: NoCheckpointYet) -> None:

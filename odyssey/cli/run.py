@@ -196,7 +196,11 @@ def add_train_parser(sub) -> None:
         help="examples longer than seq_len + 1 tokens: keep their first seq_len + 1 (default) or drop them",
     )
     add_residency_options(s, default_pin=None)
-    s.add_argument("--quiet", action="store_true", help="no progress bar, no compute-dtype line")
+    s.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar, no compute-dtype or residency line (both stay in the run's events)",
+    )
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=32 seq_len=256")
     s.set_defaults(func=cmd_train)
 
