@@ -93,7 +93,7 @@ def _forced() -> str | None:
     return forced or None
 
 
-def _probe(config):
+def probe_for(config):
     """The compute probe's figures at the shape of `config`'s largest projection (the 1.2B's when
     None), measured once per machine and cached (odyssey.probe)."""
     from odyssey.probe import DEFAULT_SHAPE, probe, shape_of
@@ -116,7 +116,7 @@ def compute_dtype_name(name: str = "auto", store_dtype: str | None = None, confi
         return forced
     if store_dtype in ("f32", "f16"):  # bf16 holds fewer bits than either: never below the store
         return "fp32"
-    return _probe(config).fastest
+    return probe_for(config).fastest
 
 
 def compute_dtype_info(name: str = "auto", store_dtype: str | None = None, config=None) -> DtypeInfo:
@@ -149,6 +149,6 @@ def compute_dtype_line(name: str = "auto", store_dtype: str | None = None, confi
     elif source == "store":
         why = f"auto: the store is {store_dtype}, never computed below its precision"
     else:
-        measured = _probe(config).summary()
+        measured = probe_for(config).summary()
         why = f"auto: {measured}" if store_dtype else f"auto for bf16 stores (f32 and f16: fp32): {measured}"
     return f"compute dtype: {picked} ({why})"

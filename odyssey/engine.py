@@ -201,15 +201,10 @@ class Engine:
         self._held_uses: list[UnitStat] = []  # uses of held units since the last pass_stats
         core = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
         self._core = core.model  # DecoderModel inside the (PEFT-wrapped) skeleton: layers, norm
-        if compile_layers:  # torch.compile (inductor) of each decoder layer, for training steps
-            # (one shape: generation's growing cache would recompile every token). Inductor keeps
-            # bf16 intermediates in fp32 unless told to round them as eager does: with this the
-            # gradients are eager's bit for bit (figures: benchmarks/results/profile-1.2b.md).
-            import torch._inductor.config as inductor_config
+        if compile_layers:  # torch.compile of each decoder layer, training steps only (compiling.py)
+            from odyssey.compiling import compile_layers as compile_each
 
-            inductor_config.emulate_precision_casts = True
-            for layer in self._core.layers:
-                layer.compile(dynamic=False)
+            compile_each(self._core.layers)
         self._modules = dict(self._find_base_modules())
         self.workspace = Workspace()  # GGUF: where each quantized matrix is dequantized before its matmul
         if hasattr(store, "workspace_numel"):  # allocated once, for the largest matrix

@@ -73,6 +73,8 @@ class LoraLearner:
         from odyssey.residency import units_from_labels
 
         pinned = units_from_labels(store, residency.pinned) if residency is not None else []
+        choice = compile_choice(store, cfg)
+        self.compiled, self.compile_note = choice.on, choice.why
         self.engine = Engine(
             store,
             compute_dtype=cfg.compute_dtype,
@@ -81,6 +83,7 @@ class LoraLearner:
             resident=resident,
             pinned=pinned,
             keep=residency.kept if residency is not None else 0,
+            compile_layers=choice.on,
         )
 
     def parameters(self) -> list:
@@ -206,6 +209,24 @@ class FullLearner:
 
     def close(self) -> None:
         pass
+
+
+def compile_choice(store, cfg: TrainConfig):
+    """Whether this LoRA run compiles its decoder layers (compiling.choose), from the step's FLOP
+    and the probe's matmul rate in the compute dtype; a run far too small to gain skips the probe."""
+    from odyssey.compiling import COMPILE_S, SAVED_SHARE, choose
+
+    flop = 6.0 * store.config.num_parameters() * cfg.seq_len * cfg.batch_size * cfg.grad_accum
+    slowest_gflops = 20.0  # below any CPU we measured: if even this gains too little, so does the machine
+    if cfg.compile == "auto" and SAVED_SHARE * flop / (slowest_gflops * 1e9) * cfg.steps < 2 * COMPILE_S:
+        return choose("off", flop_per_step=flop, gflops=slowest_gflops, steps=cfg.steps)
+    gflops = slowest_gflops
+    if cfg.compile == "auto":
+        from odyssey.dtypes import compute_dtype_name, probe_for
+
+        probe = probe_for(store.config)
+        gflops = probe.gflops.get(compute_dtype_name(cfg.compute_dtype, store.dtype, store.config), gflops)
+    return choose(cfg.compile, flop_per_step=flop, gflops=gflops, steps=cfg.steps)
 
 
 def make_learner(store, cfg: TrainConfig, residency=None) -> Learner:

@@ -46,6 +46,9 @@ class Started:
     """The compute dtype and the rule that picked it (`odyssey.dtypes.compute_dtype_line`)."""
     residency: str = ""
     """What the plan's residency does with the budget (`residency.Residency.summary`)."""
+    compiled: str = ""
+    """Whether the decoder layers go through torch.compile, and why (`compiling.choose`); "" when
+    they run eager by default."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,11 @@ class MonitorUnavailable:
 
     problem: str
     run: Path
+
+
+@dataclass(frozen=True)
+class CompileFellBack:
+    """The first compiled step compiled no graph (compiling.fell_back): the layers run eager."""
 
 
 @dataclass(frozen=True)
@@ -211,10 +219,11 @@ class TrainReport:
                 f"RAM budget {format_bytes(e.budget_bytes)}, plan {format_bytes(e.plan_bytes)}"
                 + (f"; {e.compute}" if e.compute else "")
                 + (f"; {e.residency}" if e.residency else "")
+                + (f"; {e.compiled}" if e.compiled else "")
             ),
         )
         if self.progress:  # --quiet: an error is then the one line on stderr (both stay in the event)
-            for note in (e.compute, e.residency):
+            for note in (e.compute, e.residency, e.compiled):
                 if note:
                     self._note(note)
 
@@ -244,6 +253,13 @@ class TrainReport:
             f"(attach later with `odyssey monitor {e.run}`)",
             file=sys.stderr,
         )
+
+    @__call__.register
+    def _compile_fell_back(self, e: CompileFellBack) -> None:
+        msg = "torch.compile compiled nothing (see `odyssey doctor`); the layers run eager, with the same results"
+        self.local.append("event", level="warning", source="trainer", action="compile", message=msg)
+        if self.progress:
+            self._note(msg)
 
     @__call__.register
     def _fit_started(self, e: FitStarted) -> None:

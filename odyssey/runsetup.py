@@ -26,6 +26,7 @@ RESUME_FREE = {
     "train.slots",
     "train.pin",
     "train.recompute",
+    "train.compile",
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.eval_every",
@@ -35,7 +36,7 @@ RESUME_FREE = {
 
 
 # TrainConfig keys newer than some runs' config.yaml: a run without them resumes at their defaults
-ADDED_LATER = ("packing", "too_long", "pin", "recompute")
+ADDED_LATER = ("packing", "too_long", "pin", "recompute", "compile")
 
 
 def _effective(model_dir: Path, data_dir: Path, budget: int, cfg: TrainConfig, store, data) -> dict:

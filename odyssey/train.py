@@ -33,7 +33,7 @@ from typing import Protocol
 
 import torch
 
-from odyssey import atomic
+from odyssey import atomic, compiling
 from odyssey.channel import ControlChannel
 from odyssey.checkpoints import Checkpoints, StepState
 from odyssey.config import TrainConfig, dump_yaml, to_dict
@@ -42,6 +42,7 @@ from odyssey.errors import OdysseyError, StopRequested
 from odyssey.learners import Learner, make_learner
 from odyssey.report import (
     CheckpointWritten,
+    CompileFellBack,
     ExamplesPacked,
     Finished,
     FitEnded,
@@ -334,6 +335,8 @@ class Trainer:
                 losses.append(loss)
                 times.append(step_s)
             self.report(StepDone(self.step, loss, tps, st.pagein_mb_s, anon))
+            if getattr(self.learner, "compiled", False) and len(times) == 1 and compiling.fell_back():
+                self.report(CompileFellBack())
             if not self.ranks.is_main:
                 continue
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == steps_total):
@@ -452,6 +455,7 @@ def train(
             plan_bytes=plan.total,
             compute=compute_dtype_line(cfg.compute_dtype, store.dtype, store.config),
             residency=plan.residency.summary() if plan.residency is not None else "",
+            compiled=getattr(trainer.learner, "compile_note", ""),
         )
     )
     if monitor and main:

@@ -197,6 +197,12 @@ def add_train_parser(sub) -> None:
     )
     add_residency_options(s, default_pin=None)
     s.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="torch.compile each decoder layer: auto (default: when the run is long enough to gain), on, off",
+    )
+    s.add_argument(
         "--quiet",
         action="store_true",
         help="no progress bar, no compute-dtype or residency line (both stay in the run's events)",
@@ -216,6 +222,7 @@ def cmd_train(args) -> int:
     overrides += [f"too_long={args.too_long}"] * bool(args.too_long)
     overrides += [f"pin={str(args.pin).lower()}"] * (args.pin is not None)
     overrides += [f"recompute={args.recompute}"] * bool(args.recompute)
+    overrides += [f"compile={args.compile}"] * bool(args.compile)
     return train(
         args.out,
         model=args.model,
