@@ -359,6 +359,12 @@ def notes(result: dict) -> list[str]:
         f"(max_memory cpu), the rest on disk; for generation max_memory cpu = budget - "
         f"{s['offload_reserve_gib']:g} GiB.",
     ]
+    if s.get("odyssey_compile"):
+        out.append(
+            f"Odyssey ran with compile={s['odyssey_compile']} (torch.compile of each decoder layer, what "
+            "`auto` picks for a run of hundreds of steps; its compilation falls in the warm-up step, left out "
+            "of the median)."
+        )
     if str(s.get("cgroup", "")).startswith("unavailable"):
         out.append(f"No memory cgroups here ({s['cgroup']}): every run was uncapped and nothing was searched.")
     for line in result.get("loss_problems") or []:

@@ -616,6 +616,7 @@ class TrainBench:
             res = not_measured(budget, "time limit of the benchmark reached")
         else:
             extra = [] if dtype == "auto" else [f"compute_dtype={dtype}"]
+            extra += [f"compile={self.args.odyssey_compile}"]
             runner = odyssey_train_runner(
                 self.model,
                 self.data,
@@ -862,6 +863,7 @@ def run(args) -> dict:
         "probe_steps": args.probe_steps,
         "budget_gib": budget / GIB,
         "odyssey_budgets_gib": list(ODYSSEY_BUDGETS_GIB),
+        "odyssey_compile": args.odyssey_compile,
         "max_budget_gib": common.parse_budget(args.max_budget) / GIB,
         "resolution_mib": args.resolution // MIB,
         "ladder_gib": [b / GIB for b in budgets],
@@ -992,6 +994,13 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="train,generate")
     p.add_argument("--peers", default="odyssey,inram,offload")
     p.add_argument("--peer-jemalloc", action="store_true", help="preload jemalloc into the peers too")
+    p.add_argument(
+        "--odyssey-compile",
+        choices=("auto", "on", "off"),
+        default="on",
+        help="Odyssey's `compile` setting (default on: what `auto` picks for a run of hundreds of steps; "
+        "the warm-up step compiles)",
+    )
     p.add_argument("--timeout-s", type=float, default=900, help="per attempt")
     p.add_argument("--time-limit-s", type=float, default=0, help="start no run after this long (0: no limit)")
     p.add_argument("--work", default=str(common.CACHE / "peers"), help="logs, run dirs, offload folders")
