@@ -20,7 +20,7 @@ from odyssey.engine import Engine
 from odyssey.model import LlamaForCausalLM
 from odyssey.runtime.runlog import RunDir
 from odyssey.store import Store, init_store
-from odyssey.train import lr_at
+from odyssey.trainer import lr_at
 from tests.conftest import ROOT, assert_user_error, load_tool, run_cli, tiny_config
 from tests.helpers_lora import lora_skeleton
 
