@@ -105,14 +105,13 @@ class Residency:
         ]
         if self.mode != "forward":
             how = "--recompute all" if self.recompute == "all" else f"{format_bytes(self.kept_bytes)}"
-            text = (
+            out.append(
                 f"  recompute: {self.kept} of {self.layers} layers keep activations ({how}), "
                 f"{self.layers - self.kept} recomputed in backward"
             )
             again = self.kept_paged
             if again:  # their weights are not held from forward to backward (engine.SavedWeights)
-                text += f"; {again} kept layer{'s' if again > 1 else ''} not pinned, paged in again for backward"
-            out.append(text)
+                out.append(f"             {again} kept layer(s) not pinned: paged in again for backward")
         return out
 
     def to_json(self) -> dict:
