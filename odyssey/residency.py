@@ -115,7 +115,7 @@ class Residency:
         return out
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return dict(self.__dict__, kept_paged=self.kept_paged)
 
 
 def _pct(a: int, b: int) -> str:

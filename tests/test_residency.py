@@ -271,6 +271,7 @@ def test_decide_keeps_every_layer_it_can_then_pins():
     r = decide_at(75)
     assert (r.kept, r.pinned, r.pinned_bytes, r.kept_paged) == (4, [3, "head"], 35, 3)
     assert r.unit_bytes == 8 * 18 + 12  # every layer twice a step, kept or not
+    assert r.to_json()["kept_paged"] == 3 and r.to_json()["pinned"] == [3, "head"]
     assert r.read_bytes == 18 * len(steady_reads(schedule("lora", 4, ["head"]), {3, "head"}, 2)) > 0
     assert r.lines()[3].strip() == "3 kept layer(s) not pinned: paged in again for backward"
     assert (decide_at(35).kept, decide_at(35).pinned) == (3, [])
