@@ -31,8 +31,16 @@ Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
   gradient passed down.
 - selective recompute (`keep`, decided by the planner: residency.py): the last `keep` layers run
   their forward with grad from a leaf input and keep the graph; their backward is
-  `autograd.backward` of that graph, with no recompute and no page-in. Their weights are pinned in
-  the pager (autograd holds the views until backward). Same numbers, bit for bit.
+  `autograd.backward` of that graph, with no recompute. Their weights need not stay in RAM from
+  forward to backward: the forward runs under `saved_tensors_hooks` (`SavedWeights`) that save,
+  in place of every tensor that is (a view of) a frozen base weight bound for the layer (a view of
+  the pager slot, or the copy converted to the compute dtype), a handle (its HF name and the view's
+  size, stride and offset); everything else (activations, LoRA weights) is saved as is. Its slot
+  and converted copy are released after forward as for any layer; in backward the layer is paged
+  in and bound again (served from RAM when pinned) and each handle is rebuilt as the same view of
+  the weight bound then. A GGUF layer's quantized matrices save nothing (`_QLinear` looks the
+  matrix bound to its Linear up again at backward: odyssey.gguf.qweight). Same numbers, bit for
+  bit.
 - LoRA: PEFT's `lora.Linear` forward is replaced by `adapters.lora_forward` (same values, fewer
   passes over each projection's output; `lora_fused=False` keeps PEFT's); `compile_layers=True`
   runs each decoder layer through torch.compile (training steps only: see Engine.__init__).
@@ -160,6 +168,57 @@ class OnlineCrossEntropy:
         return loss, g
 
 
+@dataclass(frozen=True)
+class WeightHandle:
+    """What autograd saves in place of a view of a bound base weight: its HF name and the view's
+    geometry relative to the weight (elements)."""
+
+    name: str
+    size: tuple
+    stride: tuple
+    offset: int  # storage offset of the view minus the weight's
+
+
+class SavedWeights:
+    """The pack and unpack hooks of a kept layer's forward (`torch.autograd.graph.
+    saved_tensors_hooks`). pack: a saved tensor that lies inside one of the base weights bound
+    for the unit (same dtype: the weight itself, its transpose `W.t()` that F.linear's backward
+    needs, a norm's weight) becomes a `WeightHandle`; any other tensor is saved as is. A tensor
+    that overlaps a bound weight without being a view of it in its dtype is a RuntimeError (it
+    would keep pointing at a slot). unpack: the handle's view of the weight bound under that name
+    when backward runs (the layer paged in and bound again)."""
+
+    def __init__(self, engine: Engine, res: Resident):
+        self.engine = engine
+        self.weights = []  # (HF name, first byte address, nbytes, dtype) of each bound base weight
+        for name in res.tensors:
+            entry = engine._bound.get(name)
+            if entry is None or entry[1] is None:  # not a bound Parameter (a GGUF QWeight saves nothing)
+                continue
+            w = engine.bound_weight(name)
+            if w.numel():
+                self.weights.append((name, w.data_ptr(), w.numel() * w.element_size(), w.dtype))
+
+    def pack(self, t: torch.Tensor):
+        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.layout != torch.strided:
+            return t
+        lo = t.data_ptr()
+        hi = lo + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))) * t.element_size()
+        for name, w0, nbytes, dtype in self.weights:
+            if hi <= w0 or lo >= w0 + nbytes:
+                continue
+            if t.dtype != dtype or lo < w0 or hi > w0 + nbytes or (lo - w0) % t.element_size():
+                raise RuntimeError(f"engine: autograd saves a tensor overlapping {name} that is not a view of it")
+            return WeightHandle(name, tuple(t.shape), tuple(t.stride()), (lo - w0) // t.element_size())
+        return t
+
+    def unpack(self, h):
+        if not isinstance(h, WeightHandle):
+            return h
+        w = self.engine.bound_weight(h.name)
+        return w.as_strided(h.size, h.stride, w.storage_offset() + h.offset)
+
+
 class Engine:
     def __init__(
         self,
@@ -189,11 +248,10 @@ class Engine:
         L = store.config.num_hidden_layers
         if not 0 <= keep <= L:
             raise ValueError(f"keep must be in 0..{L}, got {keep}")
-        # The last `keep` layers keep their activations in train_step (no recompute in backward).
-        # Autograd holds their weights from forward to backward, so those layers are pinned.
+        # The last `keep` layers keep their activations in train_step (no recompute in backward);
+        # their weights are paged in again for backward like any layer's (SavedWeights), so
+        # keeping a layer does not pin it.
         self.keep = keep
-        pinned = list(pinned)
-        pinned += [i for i in range(L - keep, L) if i not in pinned]
         self.pager = ResidentPager(store) if resident else Pager(store, slots=slots, direct=direct, pinned=pinned)
         self._bound: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
         self.hold_pinned = hold_pinned
@@ -291,6 +349,21 @@ class Engine:
         """Schedule `units` with the pager, but the held ones (served without it)."""
         self.pager.prefetch([u for u in units if u not in self._held])
 
+    def saving_weights(self, res: Resident):
+        """`saved_tensors_hooks` under which autograd saves the base weights bound for `res` as
+        handles, rebuilt at backward from what is bound then (SavedWeights)."""
+        sw = SavedWeights(self, res)
+        return torch.autograd.graph.saved_tensors_hooks(sw.pack, sw.unpack)
+
+    def bound_weight(self, name: str) -> torch.Tensor:
+        """The frozen base weight bound now under HF `name` (a view of the slot, or its converted
+        copy); a RuntimeError when it is not bound."""
+        entry = self._bound.get(name)
+        if entry is None or entry[1] is None:
+            raise RuntimeError(f"engine: {name} is not bound (a kept layer's backward outside its resident())")
+        mod, attr, _ = entry
+        return mod._parameters[attr]
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> (B, T, d) compute dtype; only the rows needed are read."""
         t = self.store.embedding_rows(ids.reshape(-1).numpy())  # (B*T, d), checked against the store
@@ -321,10 +394,11 @@ class Engine:
 
     def layer_schedule(self, backward: bool = False) -> list:
         """The units a pass asks the pager for, in order: layers, the head's units, then in
-        training the layers recomputed in backward (those that keep activations need none)."""
+        training every layer again, L-1..0, for its backward (recomputed, or through the graph its
+        forward kept, whose saved weights are rebuilt from the layer bound again: SavedWeights)."""
         L = self.cfg.num_hidden_layers
         fwd = list(range(L)) + self.head_units()
-        return fwd + list(range(L - 1 - self.keep, -1, -1)) if backward else fwd
+        return fwd + list(range(L - 1, -1, -1)) if backward else fwd
 
     @contextlib.contextmanager
     def head(self):
@@ -472,9 +546,9 @@ class Engine:
                 saved.append((x, torch.get_rng_state() if dropout else None))
                 with self.resident(i), torch.no_grad():
                     x = self.layer(i)(x, rope, None, segments)
-            else:  # weights pinned: the views autograd saves stay valid until backward
+            else:  # the graph is kept, its saved weights as handles (SavedWeights)
                 xi = x.detach().requires_grad_(True)
-                with self.resident(i), torch.enable_grad():
+                with self.resident(i) as res, torch.enable_grad(), self.saving_weights(res):
                     out = self.layer(i)(xi, rope, None, segments)
                 kept.append((xi, out))
                 x = out.detach()
@@ -483,9 +557,9 @@ class Engine:
 
     def _backward(self, kept, saved, g, rope, segments, first_kept, between) -> None:
         """train_step's backward: the kept layers' graphs, then the recomputed layers."""
-        while kept:  # layers L-1 .. first_kept: backward through the graph kept from forward
+        for i in range(self.cfg.num_hidden_layers - 1, first_kept - 1, -1):  # through the kept graphs
             xi, out = kept.pop()
-            with torch.enable_grad():
+            with self.resident(i), torch.enable_grad():  # bound again: the saved handles' weights
                 torch.autograd.backward(out, g)
             g = xi.grad
             del out, xi

@@ -236,15 +236,13 @@ def training_peak(
     return max(phases, key=lambda p: p[1] + p[2] + p[3])
 
 
-def kept_layer_bytes(
-    cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, store_itemsize: int, layer_params: int, lora
-) -> int:
+def kept_layer_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, lora) -> int:
     """What one layer that keeps its activations holds from its forward to its backward: what its
-    recompute holds (`recompute_bytes`), its input, and its weights in the compute dtype when that
-    differs from the store dtype (autograd holds the converted copy)."""
+    recompute holds (`recompute_bytes`) and its input. Not its weights, nor their copy in the
+    compute dtype: autograd saves them as handles and backward binds the layer again
+    (engine.SavedWeights); the `weights` term counts the one layer converted at a time."""
     ci = compute_itemsize
-    extra = layer_params * ci if ci != store_itemsize else 0
-    return recompute_bytes(cfg, tokens, seq_len, ci, lora) + tokens * cfg.hidden_size * ci + extra
+    return recompute_bytes(cfg, tokens, seq_len, ci, lora) + tokens * cfg.hidden_size * ci
 
 
 def measured_runtime(mode: str) -> int:
@@ -313,7 +311,7 @@ def plan(
         terms["margin"] = int(sum(terms.values()) * 0.05) + 16 * MIB + TRAINING_SLACK
         return Plan(mode, terms, budget, seq_len, batch_size, None, slots, "")
     settings = lora if lora is not None else LoraSettings()
-    kept_one = kept_layer_bytes(cfg, BT, T, ci, store_itemsize, layer_params, settings) if mode != "forward" else 0
+    kept_one = kept_layer_bytes(cfg, BT, T, ci, settings) if mode != "forward" else 0
 
     def paged_terms(pinned_bytes: int, kept: int, paged_any: bool) -> tuple[dict[str, int], str]:
         terms: dict[str, int] = {"runtime": runtime}

@@ -8,21 +8,24 @@ order, to:
 1. Selective recompute (training, `recompute: auto`). The last layers first (their backward comes
    first and frees soonest), a layer's forward runs with grad and keeps what its backward needs:
    no recompute for that layer, about 4N instead of 6N FLOP a token (N its parameters). A kept
-   layer costs what the planner counts for one layer's recompute (`planner.recompute_bytes`), its
-   input (B x T x d, compute dtype) and, when the compute dtype differs from the store's, its
-   weights in the compute dtype (autograd holds them until backward). Its weights must stay valid
-   from its forward to its backward, so a kept layer is always pinned (even with `pin: false`).
-   Activations come first: a kept layer saves a third of its FLOPs, which on every machine we
-   measured costs more time than reading its bytes (the pager's reader thread reads ahead while
-   the consumer computes).
+   layer costs what the planner counts for one layer's recompute (`planner.recompute_bytes`) and
+   its input (B x T x d, compute dtype): not its weights. Autograd saves the base weights it
+   needs as handles (engine.SavedWeights), so the layer's slot (and its weights converted to the
+   compute dtype) are released after forward as for any paged layer, and its backward pages it in
+   again and rebuilds the saved views from the weights bound then. As many layers as the budget
+   holds keep their activations, before anything is pinned: a kept layer saves a third of its
+   FLOPs, while pinning a layer saves only its reads, which the pager's reader thread hides behind
+   the computation (measured stall 0.0 s a step on the 1.2B model). With a budget that holds them,
+   every layer keeps its activations (4N FLOP a token, as the in-RAM peer without checkpointing).
 2. Pinned units (`pin: true`). A pinned unit is read once, into a buffer of its own, and stays
    resident across steps: never re-read, never evicted. The rest are paged through the slots as
    before. Units are pinned by bytes saved per step per byte held: a decoder layer is read twice
-   a step in training (forward and backward), a head or embedding row block once, so decoder
-   layers go first, from the last layer down (the same order as kept layers, so the paged layers
-   stay a prefix 0..m-1 whose first layer the slots still carry from one step's backward into the
-   next step's forward), then the head pass's units in order. A unit that does not fit is
-   skipped and smaller ones after it are tried. In generation every unit is read once a token.
+   a step in training (forward and backward, kept or recomputed), a head or embedding row block
+   once, so decoder layers go first, from the last layer down (the paged layers stay a prefix
+   0..m-1 whose first layer the slots still carry from one step's backward into the next step's
+   forward), then the head pass's units in order. A unit that does not fit is skipped and smaller
+   ones after it are tried. In generation every unit is read once a token. Kept and pinned are
+   independent: `pin: false` pins nothing, whatever is kept.
 
 Residency fills the plan up to `FILL` (90 %) of the budget, never past it (the guard's checkpoint
 line). With a budget that holds the whole model every unit is pinned: the store is read once and the
@@ -65,16 +68,22 @@ class Residency:
     pinned: list = field(default_factory=list)  # labels of the pinned units, in pin order
     pinned_bytes: int = 0  # their buffers
     kept: int = 0  # last layers whose forward keeps activations (no recompute)
-    kept_bytes: int = 0  # what they hold at once (activations, inputs, converted weights)
+    kept_bytes: int = 0  # what they hold at once (activations and inputs; no weights)
     units: int = 0  # units a step (a token) uses
-    unit_bytes: int = 0  # bytes a step (a token) asks the pager for (a layer twice when recomputed)
+    unit_bytes: int = 0  # bytes a step (a token) asks the pager for (a layer twice in training)
     read_bytes: int = 0  # bytes the pager reads a step (a token) in steady state
-    pin: bool = True  # pin units with what is left (False: only kept layers are pinned)
+    pin: bool = True  # pin units with what is left (False: nothing is pinned)
     recompute: str = "auto"
 
     @property
     def paged(self) -> int:
         return self.units - len(self.pinned)
+
+    @property
+    def kept_paged(self) -> int:
+        """Layers that keep activations but are not pinned: read in forward and again in backward."""
+        pinned = set(self.pinned)
+        return sum(1 for i in range(self.layers - self.kept, self.layers) if i not in pinned)
 
     def summary(self) -> str:
         """One line: what is pinned, what keeps activations, what a step reads."""
@@ -88,7 +97,7 @@ class Residency:
         what = "a token" if self.mode == "forward" else "a step"
         pinned = f"{len(self.pinned)} of {self.units} units pinned ({format_bytes(self.pinned_bytes)})"
         if not self.pin:
-            pinned += " (--no-pin: only layers that keep activations)"
+            pinned += " (--no-pin)"
         out = [
             f"residency: {pinned}, {self.paged} paged",
             f"  reads   {format_bytes(self.read_bytes)} {what} of the {format_bytes(self.unit_bytes)} it uses "
@@ -100,10 +109,13 @@ class Residency:
                 f"  recompute: {self.kept} of {self.layers} layers keep activations ({how}), "
                 f"{self.layers - self.kept} recomputed in backward"
             )
+            again = self.kept_paged
+            if again:  # their weights are not held from forward to backward (engine.SavedWeights)
+                out.append(f"             {again} kept layer(s) not pinned: paged in again for backward")
         return out
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return dict(self.__dict__, kept_paged=self.kept_paged)
 
 
 def _pct(a: int, b: int) -> str:
@@ -115,12 +127,13 @@ def pin_order(layers: int, head: list[UnitSize], layer_size: Callable[[int], Uni
     return [layer_size(i) for i in range(layers - 1, -1, -1)] + list(head)
 
 
-def schedule(mode: str, layers: int, head: list, kept: int = 0) -> list:
-    """The labels a step (a token) asks the pager for, in order (engine.layer_schedule)."""
+def schedule(mode: str, layers: int, head: list) -> list:
+    """The labels a step (a token) asks the pager for, in order (engine.layer_schedule): in
+    training every layer comes again for its backward, kept or recomputed."""
     fwd = list(range(layers)) + list(head)
     if mode == "forward":
         return fwd
-    return fwd + list(range(layers - 1 - kept, -1, -1))
+    return fwd + list(range(layers - 1, -1, -1))
 
 
 def steady_reads(sched: list, pinned: set, slots: int, rounds: int = 3) -> list:
@@ -165,29 +178,24 @@ def decide(
     recompute: str = "auto",
 ) -> Residency:
     """The residency for a budget. `fits(pinned_bytes, kept, paged_any)` says whether the plan with
-    that many pinned bytes, kept layers, and (paged_any) some unit still paged fits the budget."""
+    that many pinned bytes, kept layers, and (paged_any) some unit still paged fits the budget.
+    Layers keep activations first (the last ones first, as many as fit with nothing pinned),
+    then units are pinned with what is left."""
     order = pin_order(layers, head, layer_size)
     total_units = len(order)
     chosen: dict = {}
     pbytes = 0
     kept = 0
     if mode != "forward" and recompute == "auto":
-        for k in range(1, layers + 1):
-            u = layer_size(layers - k)
-            if not fits(pbytes + u.buffer_bytes, k, len(chosen) + 1 < total_units):
-                break
-            chosen[u.label] = u
-            pbytes += u.buffer_bytes
-            kept = k
+        while kept < layers and fits(0, kept + 1, True):
+            kept += 1
     if pin:
         for u in order:
-            if u.label in chosen:
-                continue
             if fits(pbytes + u.buffer_bytes, kept, len(chosen) + 1 < total_units):
                 chosen[u.label] = u
                 pbytes += u.buffer_bytes
     heads = [u.label for u in head]
-    sched = schedule(mode, layers, heads, kept)
+    sched = schedule(mode, layers, heads)
     sizes = {u.label: u.nbytes for u in order}
     reads = steady_reads(sched, set(chosen), slots)
     return Residency(

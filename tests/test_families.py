@@ -19,7 +19,7 @@ from odyssey.model import CausalLM, KVCache, rope_inv_freq
 from odyssey.modelconfig import ModelConfig
 from odyssey.store import Store
 from odyssey.store.importer import import_hf
-from tests.helpers_lora import lora_skeleton
+from tests.helpers_lora import lora_skeleton, poison_released_slots
 
 BASE = dict(
     vocab_size=160,
@@ -99,6 +99,32 @@ def imported(tmp_path_factory):
 
 def ids_for(vocab: int, n: int = SEQ, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", ["llama3", "qwen2", "qwen3", "gemma3"])
+def test_kept_layers_need_no_pin_in_every_family(imported, case, monkeypatch):
+    """Every layer keeps its graph from forward to backward without being pinned, while the pager
+    scribbles NaNs over each slot it releases: what autograd saves for the family's ops (biases
+    on every projection, sliding windows, q/k norms, Gemma's (1 + w) and sandwich norms) holds no
+    view of a slot, and the loss and LoRA gradients equal the full recompute's bit for bit (fp32),
+    with odyssey's LoRA forward and with PEFT's own."""
+    _, path = imported(case)
+    store = Store.open(path)
+    ids = ids_for(store.config.vocab_size, batch=1)
+
+    def run(keep, fused):
+        skel = lora_skeleton(store, None, std=0.02)
+        with Engine(store, compute_dtype="fp32", model=skel, keep=keep, lora_fused=fused) as eng:
+            loss = eng.train_step(ids, ids)
+        return loss, {k: p.grad for k, p in lora_parameters(skel).items()}
+
+    refs = {fused: run(0, fused) for fused in (True, False)}
+    poisoned = poison_released_slots(monkeypatch)
+    for fused in (True, False):
+        loss, grads = run(store.config.num_hidden_layers, fused)
+        assert loss == refs[fused][0], fused
+        assert all(torch.equal(grads[k], refs[fused][1][k]) for k in grads) and len(grads) == 2 * 7 * 3
+    assert 0 in poisoned
 
 
 @pytest.mark.parametrize("case", list(CASES))

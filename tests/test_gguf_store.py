@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_user_error, run_cli, tiny_config
-from helpers_lora import lora_skeleton
+from helpers_lora import lora_skeleton, poison_released_slots
 
 import odyssey.export.gguf_layout as gguf_layout
 from odyssey.adapters import lora_parameters
@@ -137,6 +137,30 @@ def test_logits_and_lora_gradients_equal_peft_on_the_dequantized_model(files, ki
     worst = max(float((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max()) for k in ours)
     print(f"\n{kind}: loss {loss:.6f} vs peft {ref_loss.item():.6f}, max relative gradient error {worst:.2e}")
     assert worst < 1e-4, worst
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "qwen2", "qwen3"])
+def test_kept_layers_of_a_gguf_need_no_pin(files, kind, monkeypatch):
+    """Both layers keep their graphs from forward to backward without being pinned, while every
+    slot released is scribbled over: a quantized matrix's backward dequantizes the QWeight bound
+    when it runs (the layer paged in again), so losses and gradients equal the full recompute's
+    bit for bit (fp32; Q4_K_M with permuted q/k rows, qwen2's q/k/v biases, qwen3's q/k norms)."""
+    store = GGUFStore.open(files[kind][1])
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(7))
+
+    def run(keep):
+        skel = lora_skeleton(store, None, std=0.02)
+        with Engine(store, compute_dtype="fp32", model=skel, keep=keep) as eng:
+            losses = [eng.train_step(ids, ids) for _ in range(2)]
+            assert eng.pager.pinned_units == []
+        return losses, {k: p.grad for k, p in lora_parameters(skel).items()}
+
+    ref_losses, ref_grads = run(0)
+    poisoned = poison_released_slots(monkeypatch)
+    losses, grads = run(2)
+    assert 0 in poisoned  # layer 0's slot was scribbled over between its forward and its backward
+    assert losses == ref_losses
+    assert all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads) and len(grads) == 2 * 7 * 2
 
 
 def test_qlinear_gradient_and_permutation():

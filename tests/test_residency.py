@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from odyssey.adapters import lora_parameters
-from odyssey.config import LoraSettings
+from odyssey.config import LoraSettings, format_bytes
 from odyssey.engine import Engine
 from odyssey.pager import Pager
 from odyssey.planner import plan_for_store
-from odyssey.residency import FILL, schedule, steady_reads, units_from_labels
+from odyssey.residency import FILL, UnitSize, decide, schedule, steady_reads, units_from_labels
 from odyssey.runtime import cgroup
 from odyssey.store import Store, init_store
 from tests.conftest import ROOT, assert_user_error, load_tool, run_cli, tiny_config
-from tests.helpers_lora import lora_skeleton
+from tests.helpers_lora import lora_skeleton, poison_released_slots
 
 MIB = 1 << 20
 LORA = LoraSettings(r=4, alpha=8)
@@ -87,8 +87,9 @@ def test_steady_reads_replays_the_pager(tmp_path, slots):
 @pytest.mark.parametrize("keep", [0, 1, 3, 4])
 def test_kept_layers_give_peft_gradients(tmp_path, keep):
     """LoRA on all seven targets, dropout off, fp32: with 0, some and all layers keeping their
-    activations the loss and every LoRA gradient equal transformers + peft holding the model in
-    RAM, and the recomputed layers are the only ones the backward asks the pager for."""
+    activations, none of them pinned (their slots serve other units between their forward and
+    their backward), the loss and every LoRA gradient equal transformers + peft holding the model
+    in RAM, and backward asks the pager for every layer again, kept or recomputed."""
     import peft
     import transformers
 
@@ -99,8 +100,8 @@ def test_kept_layers_give_peft_gradients(tmp_path, keep):
     with Engine(store, compute_dtype="fp32", model=skel, keep=keep) as eng:
         loss = eng.train_step(ids, tgt)
         units = [s.unit for s in eng.pager.take_stats()]
-        assert eng.pager.pinned_units == list(range(4 - keep, 4))
-    assert units == list(range(4)) + ["head"] + list(range(3 - keep, -1, -1))
+        assert eng.pager.pinned_units == []  # keeping a layer no longer pins it
+    assert units == list(range(4)) + ["head"] + list(range(3, -1, -1))
     ours = {k: p.grad for k, p in lora_parameters(skel).items()}
 
     hf = transformers.LlamaForCausalLM.from_pretrained(store.root, dtype=torch.float32)
@@ -115,21 +116,95 @@ def test_kept_layers_give_peft_gradients(tmp_path, keep):
     assert worst < 1e-5, worst
 
 
-def test_kept_layers_change_no_number(tmp_path):
-    """Keeping activations changes where the graph comes from, not what it computes: the same
-    loss and gradients bit for bit with 0, 2 and 4 layers kept (fp32), two steps each."""
-    store = four_layer_store(tmp_path)
+# (keep, pinned layers): kept without pin, kept and pinned, mixed, a recomputed layer pinned
+KEEP_PIN = [(2, []), (4, []), (4, [0, 1, 2, 3]), (2, [3]), (3, [0, 3])]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_kept_layers_change_no_number(tmp_path, monkeypatch, dtype):
+    """Keeping activations changes where the graph comes from, not what it computes (fp32
+    compute): every layer recomputed, and layers kept without pin, kept and pinned, or a mix,
+    give the same losses and gradients bit for bit, two steps each, while the pager scribbles
+    NaNs over every slot it releases (a saved tensor left in a slot would poison the gradients):
+    the slot of each kept layer that is not pinned was scribbled over before its backward. A bf16
+    store computes with copies converted to fp32: the kept graphs hold none of them."""
+    store = four_layer_store(tmp_path, dtype=dtype)
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
     tgt = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(4))
-    results = []
-    for keep in (0, 2, 4):
+
+    def run(keep, pinned):
         skel = lora_skeleton(store, std=0.02)
-        with Engine(store, compute_dtype="fp32", model=skel, keep=keep) as eng:
+        with Engine(store, compute_dtype="fp32", model=skel, keep=keep, pinned=pinned) as eng:
             losses = [eng.train_step(ids, tgt) for _ in range(2)]
-        results.append((losses, {k: p.grad.clone() for k, p in lora_parameters(skel).items()}))
-    for losses, grads in results[1:]:
-        assert losses == results[0][0]
-        assert all(torch.equal(grads[k], results[0][1][k]) for k in grads)
+        return losses, {k: p.grad.clone() for k, p in lora_parameters(skel).items()}
+
+    ref_losses, ref_grads = run(0, [])  # the plain pager, every layer recomputed
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in ref_grads.values())
+    poisoned = poison_released_slots(monkeypatch)
+    for keep, pinned in [(0, [])] + KEEP_PIN:
+        poisoned.clear()
+        losses, grads = run(keep, pinned)
+        assert losses == ref_losses, (keep, pinned)
+        assert all(torch.equal(grads[k], ref_grads[k]) for k in grads), (keep, pinned)
+        # the layers kept and not pinned, but the last (its backward may come from its slot)
+        assert {i for i in range(4 - keep, 3) if i not in pinned} <= set(poisoned), (keep, poisoned)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_kept_graph_holds_no_base_weight(tmp_path, monkeypatch, dtype):
+    """All four layers keep their graphs, none pinned. When backward starts, no base weight bound
+    during forward is alive (a slot view; with a bf16 store, its copy converted to fp32): autograd
+    saved each layer's nine weights (seven projections, two norms) as handles, and no tensor it
+    saved lies in a pager slot."""
+    import gc
+    import weakref
+
+    from odyssey.engine import SavedWeights, WeightHandle
+
+    store = four_layer_store(tmp_path, dtype=dtype)
+    storages = []  # weak references to the storage of every weight bound so far
+    real_bind = Engine.bind
+
+    def bind(self, res):
+        real_bind(self, res)
+        storages.extend(weakref.ref(self.bound_weight(n).untyped_storage()) for n in res.tensors if n in self._bound)
+
+    saved = []
+    real_pack = SavedWeights.pack
+
+    def pack(self, t):
+        saved.append(real_pack(self, t))
+        return saved[-1]
+
+    monkeypatch.setattr(Engine, "bind", bind)
+    monkeypatch.setattr(SavedWeights, "pack", pack)
+    alive = []
+
+    def between():  # called after each layer's forward, then after the head pass
+        between.calls += 1
+        if between.calls == 5:  # backward comes next
+            gc.collect()
+            alive.append((len(storages), sum(r() is not None for r in storages)))
+
+    between.calls = 0
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
+    skel = lora_skeleton(store, std=0.02)
+    with Engine(store, compute_dtype="fp32", model=skel, keep=4) as eng:
+        eng.train_step(ids, ids, between=between)
+        slots = []
+        for s in eng.pager._slots:
+            view = torch.frombuffer(s.buf, dtype=torch.uint8)
+            slots.append((view.data_ptr(), view.numel()))
+            del view
+        assert all(s.grad is not None for s in lora_parameters(skel).values())
+    assert alive == [(4 * 9, 0)] and len(storages) == 2 * 4 * 9  # bound again in backward
+    handles = {h.name for h in saved if isinstance(h, WeightHandle)}
+    assert handles == {n for i in range(4) for n in store.page(i).tensors}
+    tensors = [t for t in saved if isinstance(t, torch.Tensor) and t.numel()]
+    assert len(tensors) > 4 * 9
+    for t in tensors:
+        lo, hi = t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()
+        assert not any(lo < a + n and a < hi for a, n in slots), t.shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,16 +232,57 @@ def test_plan_huge_tight_and_between(tmp_path):
     # the residency never takes the plan past 90 % of the budget (the guard's checkpoint line)
     assert plan_for_store(store, budget=huge.total, **kw).residency.pinned != huge.residency.pinned
 
-    mid_budget = int((free.total + huge.total) / 2 / FILL)  # residency fills 90 % of a budget
+    half = plan_for_store(store, budget=int((free.total + huge.total) / 2 / FILL), **kw).residency
+    assert 0 < half.kept < 4 and half.pinned == []  # activations first: nothing pinned yet
+    mid_budget = int((free.total + 7 * huge.total) / 8 / FILL)  # residency fills 90 % of a budget
     mid = plan_for_store(store, budget=mid_budget, **kw)
     m = mid.residency
     assert mid.fits and 0 < len(m.pinned) < m.units and 0 < m.read_bytes < tight.residency.read_bytes
-    assert m.kept >= 1 and m.pinned[: m.kept] == list(range(3, 3 - m.kept, -1))  # kept layers pinned, last first
-    # --no-pin: only the kept layers are pinned; --recompute all: none kept
-    nopin = plan_for_store(store, budget=mid_budget, pin=False, **kw).residency
-    assert nopin.pinned == list(range(3, 3 - nopin.kept, -1))
+    assert m.kept == 4 and m.pinned[0] == 3  # every layer kept, then pins from the last layer
+    assert m.kept_paged == 4 - sum(isinstance(u, int) for u in m.pinned) > 0  # kept layers need no pin
+    assert f"4 of 4 layers keep activations ({format_bytes(m.kept_bytes)}), 0 recomputed in backward\n" in mid.table()
+    assert f"{m.kept_paged} kept layer(s) not pinned: paged in again for backward" in mid.table()
+    # --no-pin: nothing pinned, the same layers kept; --recompute all: none kept
+    nopin = plan_for_store(store, budget=mid_budget, pin=False, **kw)
+    assert nopin.residency.pinned == [] and nopin.residency.kept == 4 and "(--no-pin)" in nopin.table()
     allre = plan_for_store(store, budget=1 << 40, recompute="all", **kw).residency
     assert allre.kept == 0 and len(allre.pinned) == 5
+
+
+def test_decide_keeps_every_layer_it_can_then_pins():
+    """A plan that costs 10 bytes a kept layer plus the pinned buffers (20 a layer, 15 the head
+    unit): 75 bytes keep all four layers and pin layer 3 and the head with the 35 left. Before,
+    a kept layer was pinned too (30 each): 75 kept two. 35 bytes keep three and pin nothing;
+    --no-pin keeps the same four; --recompute all pins; generation keeps none."""
+    layer = lambda i: UnitSize(i, 18, 20)  # noqa: E731
+    head = [UnitSize("head", 12, 15)]
+
+    def decide_at(cap, **kw):
+        return decide(
+            mode=kw.pop("mode", "lora"),
+            layers=4,
+            head=head,
+            layer_size=layer,
+            slots=2,
+            fits=lambda pinned, kept, paged_any: 10 * kept + pinned <= cap,
+            **kw,
+        )
+
+    r = decide_at(75)
+    assert (r.kept, r.pinned, r.pinned_bytes, r.kept_paged) == (4, [3, "head"], 35, 3)
+    assert r.unit_bytes == 8 * 18 + 12  # every layer twice a step, kept or not
+    assert r.to_json()["kept_paged"] == 3 and r.to_json()["pinned"] == [3, "head"]
+    assert r.read_bytes == 18 * len(steady_reads(schedule("lora", 4, ["head"]), {3, "head"}, 2)) > 0
+    assert r.lines()[3].strip() == "3 kept layer(s) not pinned: paged in again for backward"
+    assert (decide_at(35).kept, decide_at(35).pinned) == (3, [])
+    nopin = decide_at(75, pin=False)
+    assert (nopin.kept, nopin.pinned) == (4, []) and "(--no-pin)" in nopin.lines()[0]
+    allre = decide_at(75, recompute="all")
+    assert (allre.kept, allre.pinned) == (0, [3, 2, 1, "head"])
+    everything = decide_at(1000)
+    assert everything.kept == 4 and everything.kept_paged == 0 and everything.read_bytes == 0
+    assert len(everything.lines()) == 3  # no kept layer is paged
+    assert decide_at(75, mode="forward").kept == 0
 
 
 def test_generation_plan_pins_with_what_is_left(tmp_path):
@@ -212,8 +328,8 @@ OK, WHY = cgroup.available()
 @pytest.mark.skipif(not OK, reason=f"memory cgroups cannot be made here: {WHY}")
 def test_training_that_pins_half_stays_under_its_budget_in_a_cgroup(tmp_path):
     """8 layers of 12.6 MiB (f32): at a budget between the plan without residency and the plan
-    with everything pinned, `odyssey train` pins part of the model and keeps some layers'
-    activations, reads the rest every step, and its cgroup peak (anonymous and file pages)
+    with everything pinned, `odyssey train` keeps every layer's activations, pins part of the
+    model with what is left, reads the rest every step (kept layers too), and its cgroup peak (anonymous and file pages)
     stays under the budget, which is the cgroup's limit."""
     from odyssey.data import prepare_data
     from odyssey.planner import RUNTIME_FALLBACK
@@ -259,7 +375,7 @@ def test_training_that_pins_half_stays_under_its_budget_in_a_cgroup(tmp_path):
     assert r.returncode == 0 and not r.oom_killed, r
     assert [s["step"] for s in steps] == [1, 2, 3]
     last = steps[-1]
-    assert 0 < last["pinned_units"] < 9 and 0 < last["kept_layers"] < 8
+    assert 0 < last["pinned_units"] < 9 and last["kept_layers"] == 8  # kept first; most of them paged
     assert 0 < last["pagein_bytes"] < steps[0]["pagein_bytes"]  # the pinned units were read in step 1 only
     assert r.peak_bytes <= budget
     assert last["rss_anon_mib"] * MIB < 0.9 * budget  # the guard's checkpoint line stays clear

@@ -1,8 +1,12 @@
 """Step time of a LoRA step with residency off (every unit paged, every layer recomputed) and on
 (what the planner picks for --ram-budget), in one process, rounds interleaved so that a busy
 machine slows both alike. Wall and CPU seconds (this process, all threads) per step, median.
+`--kept-pinned` adds a third setting: the plan's kept layers pinned as well (what a kept layer
+cost before its weights were saved as handles, engine.SavedWeights), to time what paging a kept
+layer again in backward costs.
 
     python tools/residency_bench.py STORE [--seq-len 256] [--ram-budget 8GiB] [--rounds 3] [--steps 2]
+        [--kept-pinned]
 
 Prints one JSON object: the plan's residency and, per setting, the step seconds and page-in bytes.
 """
@@ -36,6 +40,7 @@ def main() -> int:
     ap.add_argument("--compute-dtype", default="fp32")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2, help="timed steps a setting runs each round")
+    ap.add_argument("--kept-pinned", action="store_true", help="also time the kept layers pinned")
     args = ap.parse_args()
     store = Store.open(args.store)
     plan = plan_for_store(
@@ -51,6 +56,10 @@ def main() -> int:
         "off": dict(pinned=[], keep=0),
         "on": dict(pinned=units_from_labels(store, res.pinned), keep=res.kept),
     }
+    if args.kept_pinned:
+        kept = list(range(res.layers - res.kept, res.layers))
+        labels = list(res.pinned) + [i for i in kept if i not in res.pinned]
+        settings["kept_pinned"] = dict(pinned=units_from_labels(store, labels), keep=res.kept)
     V = store.config.vocab_size
     ids = torch.randint(0, V, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
     tgt = torch.randint(0, V, (1, args.seq_len), generator=torch.Generator().manual_seed(1))
@@ -82,7 +91,13 @@ def main() -> int:
         "compute_dtype": args.compute_dtype,
         "threads": torch.get_num_threads(),
         "budget": args.ram_budget,
-        "residency": {"pinned": len(res.pinned), "units": res.units, "kept": res.kept, "layers": res.layers},
+        "residency": {
+            "pinned": len(res.pinned),
+            "units": res.units,
+            "kept": res.kept,
+            "kept_paged": res.kept_paged,
+            "layers": res.layers,
+        },
     }
     for name in settings:
         out[name] = {
@@ -91,7 +106,9 @@ def main() -> int:
             "pagein_bytes": int(statistics.median(read[name])),
             "all_step_s": [round(x, 3) for x in wall[name]],
         }
-    out["on_over_off"] = {k: round(out["on"][k] / out["off"][k], 3) for k in ("step_s", "cpu_s")}
+    for name in settings:
+        if name != "off":
+            out[f"{name}_over_off"] = {k: round(out[name][k] / out["off"][k], 3) for k in ("step_s", "cpu_s")}
     print(json.dumps(out, indent=1))
     return 0
 

@@ -48,7 +48,7 @@ def add_residency_options(s, default_pin) -> None:
         action=argparse.BooleanOptionalAction,
         default=default_pin,
         help="keep units resident across steps with what the plan leaves of --ram-budget (default); "
-        "--no-pin: page every unit through the slots (layers that keep activations stay pinned)",
+        "--no-pin: page every unit through the slots (layers that keep activations are paged too)",
     )
     s.add_argument(
         "--recompute",

@@ -123,11 +123,15 @@ class Workspace:
 
 class _QLinear(torch.autograd.Function):
     """y = x W^T with W dequantized into the workspace; backward dequantizes W again for the input's
-    gradient (no weight gradient: the base is frozen)."""
+    gradient (no weight gradient: the base is frozen). Given the Linear `mod` it is bound to
+    (`bind_linear`), backward takes the QWeight bound to `mod` when it runs, not the one of the
+    forward: a layer that keeps its graph from forward to backward (engine.SavedWeights) has
+    released that slot and is bound again, maybe from another slot, before its backward."""
 
     @staticmethod
-    def forward(ctx, x, qw: QWeight, ws: Workspace):
-        ctx.qw, ctx.ws = qw, ws
+    def forward(ctx, x, qw: QWeight, ws: Workspace, mod: nn.Module | None = None):
+        ctx.qw = qw if mod is None else None  # with mod: nothing of the slot is held
+        ctx.mod, ctx.ws, ctx.geometry = mod, ws, (qw.qtype, qw.shape, qw.heads)
         W = qw.stored(x.dtype, out=ws.get(qw.numel, x.dtype))
         y = F.linear(x, W)
         p = qw.perm()
@@ -135,30 +139,45 @@ class _QLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        qw, ws = ctx.qw, ctx.ws
+        qw, ws = ctx.qw if ctx.mod is None else bound_qweight(ctx.mod), ctx.ws
+        if (qw.qtype, qw.shape, qw.heads) != ctx.geometry:
+            raise RuntimeError(f"qlinear: backward with {qw}, forward had {ctx.geometry}")
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
         p = qw.perm()
         if p is not None:
             g = g.index_select(-1, p[1])
         W = qw.stored(g.dtype, out=ws.get(qw.numel, g.dtype))
-        return g @ W, None, None
+        return g @ W, None, None, None
 
 
-def qlinear(x: torch.Tensor, qw: QWeight, ws: Workspace, bias: torch.Tensor | None = None) -> torch.Tensor:
-    y = _QLinear.apply(x, qw, ws)
+def qlinear(
+    x: torch.Tensor, qw: QWeight, ws: Workspace, bias: torch.Tensor | None = None, mod: nn.Module | None = None
+) -> torch.Tensor:
+    y = _QLinear.apply(x, qw, ws, mod)
     return y if bias is None else y + bias
 
 
-def _forward(mod: nn.Linear, qw: QWeight, ws: Workspace, x: torch.Tensor) -> torch.Tensor:
+def _forward(mod: nn.Linear, ws: Workspace, x: torch.Tensor) -> torch.Tensor:
     b = mod.bias
-    return qlinear(x, qw, ws, None if b is None or b.device.type == "meta" else b)
+    return qlinear(x, bound_qweight(mod), ws, None if b is None or b.device.type == "meta" else b, mod)
 
 
 def bind_linear(mod: nn.Linear, qw: QWeight, ws: Workspace) -> None:
     """`mod(x)` computes with `qw` (its meta weight stays in place) until `unbind_linear(mod)`."""
-    mod.forward = functools.partial(_forward, mod, qw, ws)
+    mod.__dict__["_qweight"] = qw
+    mod.forward = functools.partial(_forward, mod, ws)
+
+
+def bound_qweight(mod: nn.Module) -> QWeight:
+    """The QWeight bound to `mod` now; a RuntimeError when none is (a backward outside the
+    layer's binding)."""
+    qw = mod.__dict__.get("_qweight")
+    if qw is None:
+        raise RuntimeError(f"qlinear: no GGUF matrix is bound to {type(mod).__name__} (backward outside its binding)")
+    return qw
 
 
 def unbind_linear(mod: nn.Linear) -> None:
     mod.__dict__.pop("forward", None)
+    mod.__dict__.pop("_qweight", None)
