@@ -4,13 +4,15 @@ its backward), at a model's layer shapes (odyssey-1.2b: T 512, d 2048, ff 5632, 
 heads), LoRA r 16 on the seven projections, in the compute dtype (bf16 by default).
 
     python benchmarks/lora_layer.py [--config odyssey-1.2b] [--seq-len 512] [--rounds 12]
-        [--dtype bf16] [--variants before,after]
+        [--dtype bf16] [--variants before,after] [--part layer|head]
 
 Variants (each a way to run the same layer; rounds interleave them, so a machine shared with other
 work slows all alike): `before`: the LoRA forward as it was before the bf16 path
 (`lora_forward_fp32`: the LoRA path in fp32, the base result cast to fp32 and back); `after`:
 `adapters.lora_forward`; `peft`: PEFT's own forward. Prints, per variant, the median and minimum
 CPU seconds of this process (all its threads) per round, and the median wall seconds.
+`--part head`: the head's loss and gradient (engine.OnlineCrossEntropy over the whole (V, d)
+head), `before` with the gradient's matmul in fp32, `after` in the compute dtype.
 """
 
 from __future__ import annotations
@@ -82,6 +84,38 @@ def work(layer: nn.Module, x: torch.Tensor, rope, g: torch.Tensor) -> None:
         p.grad = None
 
 
+def head_work(hf: torch.Tensor, tgt: torch.Tensor, W: torch.Tensor, low: bool) -> None:
+    """The head's loss and gradient over W (V, d) in one block (engine.OnlineCrossEntropy); low=False:
+    the gradient's matmul in fp32 (`e @ W_c.float()`), as before its bf16 path."""
+    from odyssey.engine import OnlineCrossEntropy
+
+    ce = OnlineCrossEntropy(hf, tgt, True, W.dtype)
+    if not low:
+        ce.low, ce.e_t = False, None
+    ce.add(0, W)
+    ce.result()
+
+
+def main_head(args, cfg, dtype) -> None:
+    T = args.seq_len
+    torch.manual_seed(0)
+    hf = torch.randn(T, cfg.hidden_size).to(dtype)
+    W = (torch.randn(cfg.vocab_size, cfg.hidden_size) * 0.02).to(dtype)
+    tgt = torch.randint(0, cfg.vocab_size, (T,))
+    names = ["before", "after"]
+    cpu: dict = {n: [] for n in names}
+    for n in names:
+        head_work(hf, tgt, W, n == "after")
+    for k in range(args.rounds):
+        for n in names if k % 2 == 0 else names[::-1]:
+            c0 = time.process_time()
+            head_work(hf, tgt, W, n == "after")
+            cpu[n].append(time.process_time() - c0)
+    print(f"{args.config} head ({cfg.vocab_size} x {cfg.hidden_size}), T {T}, {args.dtype}, {args.rounds} rounds")
+    for n in names:
+        print(f"{n:8s} CPU median {statistics.median(cpu[n]):.3f} s  min {min(cpu[n]):.3f} s")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="odyssey-1.2b")
@@ -90,9 +124,12 @@ def main(argv=None) -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--variants", default="before,after")
+    ap.add_argument("--part", default="layer", choices=["layer", "head"])
     args = ap.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     cfg = load_model_config(ROOT / "configs" / f"{args.config}.yaml")
+    if args.part == "head":
+        return main_head(args, cfg, dtype)
     layer = build(cfg, dtype, args.r)
     T = args.seq_len
     x = torch.randn(1, T, cfg.hidden_size).to(dtype)
