@@ -228,8 +228,7 @@ class Engine:
         if compile_layers:  # torch.compile (inductor) of each decoder layer, for training steps
             # (one shape: generation's growing cache would recompile every token). Inductor keeps
             # bf16 intermediates in fp32 unless told to round them as eager does: with this the
-            # loss is eager's bit for bit, LoRA gradients within bf16 rounding (its own backward
-            # matmuls; figures: benchmarks/results/profile-1.2b.md, tests/test_adapters.py).
+            # gradients are eager's bit for bit (figures: benchmarks/results/profile-1.2b.md).
             import torch._inductor.config as inductor_config
 
             inductor_config.emulate_precision_casts = True
