@@ -33,9 +33,8 @@ Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
   their forward with grad from a leaf input and keep the graph; their backward is
   `autograd.backward` of that graph, with no recompute and no page-in. Their weights are pinned in
   the pager (autograd holds the views until backward). Same numbers, bit for bit.
-- LoRA: PEFT's `lora.Linear` forward is replaced by `adapters.lora_forward` (PEFT's values, in
-  bf16 compute PEFT's under CPU autocast; fewer passes over each projection's output and no fp32
-  copy of it; `lora_fused=False` keeps PEFT's); `compile_layers=True`
+- LoRA: PEFT's `lora.Linear` forward is replaced by `adapters.lora_forward` (same values, fewer
+  passes over each projection's output; `lora_fused=False` keeps PEFT's); `compile_layers=True`
   runs each decoder layer through torch.compile (training steps only: see Engine.__init__).
   train_step names its phases for torch.profiler (benchmarks/profile_step.py).
 The schedule is forward then reverse, so the last layer of forward is the first of backward and
