@@ -96,25 +96,57 @@ def inject(model: nn.Module, settings: LoraSettings, seed: int = 0) -> nn.Module
 
 def lora_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """PEFT's `lora.Linear.forward` for one plain adapter ("default": not merged, no variant), with
-    fewer passes over the (T, out) output. PEFT computes, for x in the base dtype and fp32 LoRA
-    weights, `(base(x) + lora_B(lora_A(dropout(x.float()))) * s).to(x.dtype)`: four passes over
-    (T, out) besides the matmuls (the LoRA product, its scaling, the promoting add, the cast back).
-    Here the scale goes on the (T, r) product and the LoRA product is added into the base result
-    by the matmul itself (`addmm`): the base result, cast to fp32 when it is not (the promoting
-    add's copy), then the cast back. Same values up to float rounding (bit for bit when s is a
-    power of two: alpha = 2r, and the base is fp32); gradients equal peft's (tests/test_train.py).
+    fewer passes over the (T, out) output. Two cases, by the dtype of x against the LoRA weights'
+    (fp32, as PEFT keeps them):
 
-    Measured at the 1.2B shapes (benchmarks/results/profile-1.2b.md): PEFT's scaling and add
-    were 4 % of a step's op time."""
+    - x in the LoRA weights' dtype (fp32 compute): PEFT computes
+      `base(x) + lora_B(lora_A(dropout(x))) * s`: four passes over (T, out) besides the matmuls
+      (the LoRA product, its scaling, the add, the cast back). Here the scale goes on the (T, r)
+      product and the LoRA product is added into the base result by the matmul itself (`addmm`).
+      Same values up to float rounding (bit for bit when s is a power of two: alpha = 2r);
+      gradients equal peft's (tests/test_adapters.py, tests/test_train.py).
+    - x in a lower precision than the LoRA weights (bf16/fp16 compute): PEFT's forward as it runs
+      under `torch.autocast("cpu", x.dtype)`, the configuration the fastest in-RAM peer trains the
+      same fp32 LoRA weights in (benchmarks/peer_worker.py). There, peft 0.21.2's
+      `_cast_input_dtype` casts x to fp32 for lora_A, dropout draws its mask on that fp32 x, and
+      autocast casts it back: `linear` is on torch's CPU autocast list of ops run in the lower
+      precision, so both LoRA matmuls take bf16 inputs (A and B cast to bf16) and give bf16
+      outputs; `mul` by the scaling and the `add` into the base result are on no autocast list
+      and run in bf16 (both operands are bf16); the final `.to(result dtype)` is a no-op. Here
+      the same: A and B cast to x's dtype ((r, in) and (out, r): tiny), the (T, r) product
+      `x @ A.T` scaled in x's dtype, and added into the base result by an in-place
+      `addmm_(h, B.T)` in x's dtype, which autograd does not save. No (T, in) or (T, out) copy
+      in fp32 (with dropout > 0 in training, x is cast to fp32 for the mask as PEFT does; the
+      mask is then the same). Rounding differs only in where it happens: the LoRA term is
+      rounded once, inside the matmul's add, instead of after lora_B, the scaling and the add;
+      the values are within bf16 precision of PEFT under autocast (tests/test_adapters.py).
+
+    Measured at the 1.2B shapes (benchmarks/lora_layer.py, benchmarks/results/lora-bf16.md): one
+    bf16 layer's forward, recompute and backward took 9 % less CPU than with the LoRA path in fp32
+    (the casts of x and of the output were most of `aten::copy_` in profile-1.2b.md)."""
     if mod.merged or mod.disable_adapters:  # changed since use_lora_forward: PEFT's own path
         return type(mod).forward(mod, x)
     A = mod.lora_A["default"].weight  # (r, in) fp32
     B = mod.lora_B["default"].weight  # (out, r) fp32
-    result = mod.base_layer(x)  # (..., out) base dtype
-    h = F.linear(mod.lora_dropout["default"](x.to(A.dtype)), A) * mod.scaling["default"]  # (..., r)
-    shape = result.shape
-    acc = torch.addmm(result.reshape(-1, shape[-1]).to(B.dtype), h.reshape(-1, h.shape[-1]), B.t())
-    return acc.view(shape).to(result.dtype)
+    dropout = mod.lora_dropout["default"]
+    if x.dtype.itemsize >= A.dtype.itemsize or not x.is_floating_point():
+        result = mod.base_layer(x)  # (..., out) base dtype
+        h = F.linear(dropout(x.to(A.dtype)), A) * mod.scaling["default"]  # (..., r)
+        shape = result.shape
+        acc = torch.addmm(result.reshape(-1, shape[-1]).to(B.dtype), h.reshape(-1, h.shape[-1]), B.t())
+        return acc.view(shape).to(result.dtype)
+    # low-precision compute, as PEFT under autocast: everything in x's dtype
+    lead = x.shape[:-1]
+    # (N, in): the base result comes out 2-D, not a view, so the in-place add below costs autograd
+    # nothing (on a view it would add a zero fill and a copy in backward: CopySlices)
+    x2 = x.reshape(-1, x.shape[-1])
+    result = mod.base_layer(x2)  # (N, out) x's dtype
+    cd = result.dtype
+    if not isinstance(dropout, nn.Identity):  # the mask drawn on fp32 x, as PEFT does
+        x2 = dropout(x2.to(A.dtype))
+    h = F.linear(x2.to(cd), A.to(cd)) * mod.scaling["default"]  # (N, r) x's dtype
+    result.addmm_(h, B.to(cd).t())
+    return result.view(*lead, result.shape[-1])
 
 
 def use_lora_forward(model: nn.Module) -> int:

@@ -111,6 +111,13 @@ class OnlineCrossEntropy:
     @ W_c (n, d), rescaled when m grows; the target rows w_t (n, d) are taken from the block that
     holds them. Then loss = mean(m + log s - hf.w_t) and dloss/dhf = (G / s - w_t) / n, fp32 (loss
     0 and gradient 0 when n = 0).
+
+    In a lower compute precision (bf16), the gradient's matmul `e @ W_c` runs in that precision,
+    as the family's class does under autocast (its logits' gradient, cast to bf16 by `.float()`'s
+    backward, times the bf16 head): no fp32 copy of W_c, 2.7x less CPU per chunk (benchmarks/
+    results/lora-bf16.md). The target's own term is kept out of it (its e, rescaled like s, in
+    e_t; G sums the other rows), so that dloss/dhf = (G / s + (e_t / s - 1) w_t) / n: a confident
+    prediction (p_t near 1) does not cancel against a bf16-rounded G.
     """
 
     def __init__(self, hf: torch.Tensor, tgt: torch.Tensor, grad: bool, dtype: torch.dtype):
@@ -126,6 +133,8 @@ class OnlineCrossEntropy:
         self.s = torch.zeros(N)
         self.G = torch.zeros(N, d) if grad else None
         self.w_t = torch.zeros(N, d)  # target rows, fp32
+        self.low = dtype != torch.float32  # the gradient's matmul in the compute dtype, target apart
+        self.e_t = torch.zeros(N) if grad and self.low else None  # the target's exp(l_t - m)
 
     def add(self, v0: int, W: torch.Tensor) -> None:
         """Head rows v0..v0+R-1: W (R, d) in the store dtype, or a GGUF block (QWeight)."""
@@ -139,7 +148,15 @@ class OnlineCrossEntropy:
             alpha = torch.exp(self.m - m_new)  # (N,) rescales what was summed under the old max
             e = torch.exp(lc - m_new[:, None])  # (N, C)
             self.s = self.s * alpha + e.sum(dim=1)
-            if self.grad:
+            if self.grad and self.low:
+                self.e_t = self.e_t * alpha
+                rows = ((self.tgt >= v0 + c0) & (self.tgt < v0 + c0 + Wc.shape[0])).nonzero().squeeze(1)
+                if rows.numel():
+                    cols = self.tgt[rows] - (v0 + c0)
+                    self.e_t[rows] = e[rows, cols]
+                    e[rows, cols] = 0.0
+                self.G = self.G * alpha[:, None] + torch.mm(e.to(Wc.dtype), Wc)  # (N, d) bf16 into fp32
+            elif self.grad:
                 self.G = self.G * alpha[:, None] + e @ Wc.float()
             self.m = m_new
             del lc, e, Wc
@@ -157,10 +174,16 @@ class OnlineCrossEntropy:
         N, d = self.hf.shape
         if N == 0:
             return 0.0, (torch.zeros(self.rows, d) if self.grad else None)
-        loss = float((self.m + torch.log(self.s) - (self.hf.float() * self.w_t).sum(dim=1)).mean())
+        l_t = (self.hf.float() * self.w_t).sum(dim=1)  # (n,) target logits
+        if self.low:  # rounded as the head's matmul rounds the other logits (the family's loss)
+            l_t = l_t.to(self.dtype).float()
+        loss = float((self.m + torch.log(self.s) - l_t).mean())
         if not self.grad:
             return loss, None
-        g = (self.G / self.s[:, None] - self.w_t) / N
+        if self.low:
+            g = (self.G / self.s[:, None] + (self.e_t / self.s - 1.0)[:, None] * self.w_t) / N
+        else:
+            g = (self.G / self.s[:, None] - self.w_t) / N
         if self.keep is not None:
             full = torch.zeros(self.rows, d)
             full[self.keep] = g

@@ -1,5 +1,6 @@
 """adapters.lora_forward (PEFT's LoRA Linear forward with fewer passes over the output) against
-PEFT's own forward: values and gradients, in fp32 and with a bf16 base; which modules get it."""
+PEFT's own forward: values and gradients, in fp32, and in bf16 against PEFT under CPU autocast;
+which modules get it."""
 
 from __future__ import annotations
 
@@ -63,22 +64,65 @@ def test_lora_forward_equals_peft_fp32(alpha):
         torch.testing.assert_close(gp1[k], gp0[k], rtol=1e-5, atol=1e-6)
 
 
-def test_lora_forward_equals_peft_with_a_bf16_base_and_dropout():
-    """bf16 base weights and input, fp32 adapters, dropout on (same masks from the same seed): the
-    output within one bf16 rounding of PEFT's, gradients within bf16's precision."""
-    peft_m, ours_m = _pair(torch.bfloat16, 8, dropout=0.2)
-    peft_m.train()
-    ours_m.train()
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.mark.parametrize("alpha,dropout", [(8, 0.0), (5, 0.0), (8, 0.2)])
+def test_bf16_lora_forward_equals_peft_under_autocast(alpha, dropout):
+    """bf16 base and input, fp32 adapters: lora_forward computes the LoRA path in bf16 (no fp32
+    copy of x or of the output) as PEFT does under torch.autocast("cpu", bf16), the peer's
+    configuration. Output, input gradient and LoRA gradients within bf16 precision of PEFT under
+    autocast, and the output closer to it than PEFT without autocast (the LoRA path in fp32, what
+    lora_forward computed before) is; the tolerance sees the LoRA term (the base alone fails it).
+    LoRA gradients come out fp32, the output bf16."""
+    peft_m, ours_m = _pair(torch.bfloat16, alpha, dropout=dropout)
+    fp32_m = _pair(torch.bfloat16, alpha, dropout=dropout)[0]  # PEFT's forward without autocast
+    for m in (peft_m, ours_m, fp32_m):
+        m.train(dropout > 0)
     x = torch.randn(2, 9, 48).to(torch.bfloat16)
     g = torch.randn(2, 9, 48).to(torch.bfloat16)
-    y0, gx0, gp0 = _run(peft_m, x, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y0, gx0, gp0 = _run(peft_m, x, g)
     y1, gx1, gp1 = _run(ours_m, x, g)
-    assert y1.dtype == y0.dtype == torch.bfloat16
-    torch.testing.assert_close(y1.float(), y0.float(), rtol=2**-7, atol=2**-7)
-    torch.testing.assert_close(gx1.float(), gx0.float(), rtol=2**-6, atol=2**-6)
+    y2, _, _ = _run(fp32_m, x, g)
+    base_m = _pair(torch.bfloat16, alpha)[0]
+    with torch.no_grad():
+        for k, p in lora_parameters(base_m).items():
+            if "lora_B" in k:
+                p.zero_()  # the base alone
+        base = base_m(x)
+    assert y1.dtype == y0.dtype == torch.bfloat16 and gx1.dtype == torch.bfloat16
+    assert all(gp1[k].dtype == torch.float32 for k in gp1)
+    err, err_fp32, err_base = _rel(y1, y0), _rel(y2, y0), _rel(base, y0)
+    assert err < 2**-7 < err_base, (err, err_base)
+    assert err <= err_fp32, (err, err_fp32)
+    assert _rel(gx1, gx0) < 2**-6
+    assert set(gp1) == set(gp0) and len(gp0) == 6
     for k in gp0:
-        err = float((gp1[k] - gp0[k]).abs().max() / gp0[k].abs().max())
-        assert err < 2e-2, (k, err)
+        assert _rel(gp1[k], gp0[k]) < 2e-2, (k, _rel(gp1[k], gp0[k]))
+
+
+def _activation_copies(m: nn.Module, T: int = 64) -> int:
+    """aten::copy_ calls on (T, .) tensors in a forward and backward of `m` on a bf16 x (T, 48)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(T, 48).to(torch.bfloat16).requires_grad_(True)
+    g = torch.randn(T, 48).to(torch.bfloat16)  # contiguous (sum()'s expanded gradient makes mm copy)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        m(x).backward(g)
+    return sum(1 for e in prof.events() if e.name == "aten::copy_" and e.input_shapes[0][:1] == [T])
+
+
+def test_bf16_lora_forward_makes_no_fp32_copy_of_activations():
+    """In bf16 compute lora_forward copies no (T, in) or (T, out) activation, forward or backward:
+    as many (T, .) copies as the plain base Linears make (addmm's bias, mm's backward), where
+    PEFT's forward without autocast adds fp32 casts of x and of the output and back."""
+    peft_m, ours_m = _pair(torch.bfloat16, 8)
+    torch.manual_seed(0)
+    plain = Block().to(torch.bfloat16)
+    n_plain, n_ours, n_peft = (_activation_copies(m) for m in (plain, ours_m, peft_m))
+    assert n_ours == n_plain < n_peft, (n_plain, n_ours, n_peft)
 
 
 def test_use_lora_forward_leaves_other_states_to_peft():
@@ -120,8 +164,10 @@ def test_engine_with_and_without_the_fused_lora_forward(tmp_path):
 @pytest.mark.slow
 def test_compiled_layers_give_the_eager_gradients(tmp_path):
     """Engine(compile_layers=True): each decoder layer through torch.compile (inductor); a bf16
-    step's loss and LoRA gradients equal the eager step's bit for bit (inductor told to round bf16
-    intermediates as eager does), two steps, no recompile per layer."""
+    step's loss equals the eager step's bit for bit (inductor told to round bf16 intermediates as
+    eager does), two steps, no recompile per layer. LoRA gradients within bf16 rounding of eager's:
+    the LoRA path runs in bf16 (lora_forward, as PEFT under autocast), and inductor's backward
+    matmuls for it round differently from eager's (measured: at most 1e-2 relative)."""
     import torch._dynamo
 
     from odyssey.engine import Engine
@@ -141,5 +187,6 @@ def test_compiled_layers_give_the_eager_gradients(tmp_path):
         out.append((losses, {k: p.grad.clone() for k, p in lora_parameters(skel).items()}))
     assert out[1][0] == out[0][0]
     for k, g in out[0][1].items():
-        assert torch.equal(out[1][1][k], g), k
+        err = float((out[1][1][k] - g).abs().max() / g.abs().max())
+        assert err < 2e-2, (k, err)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # no-grad and grad forward

@@ -401,3 +401,24 @@ def test_real_model_paged_from_its_q4_1_gguf(tmp_path):
         loss = eng.train_step(ids, ids)
         assert eng.workspace.allocations == 1 and eng.workspace.nbytes == store.workspace_numel() * 4
     assert np.isfinite(loss) and all(p.grad is not None for p in lora_parameters(skel).values())
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "qwen2"])
+def test_bf16_lora_step_on_quantized_matrices(files, kind, tmp_path):
+    """bf16 compute on a GGUF (q/k rows permuted in Q4_K_M; qwen2's q/k/v biases): lora_forward adds
+    the LoRA product in place into the quantized Linear's output; loss and LoRA gradients within
+    bf16 precision of the fp32 step, two steps alike (no stale in-place state)."""
+    store = GGUFStore.open(files[kind][1])
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, 40))
+    tgt = torch.randint(0, VOCAB, (2, 40))
+    out = []
+    for dtype in ("fp32", "bf16"):
+        skel = lora_skeleton(store, std=0.02)
+        with Engine(store, compute_dtype=dtype, model=skel) as eng:
+            losses = [eng.train_step(ids, tgt) for _ in range(2)]
+        out.append((losses, {k: p.grad / 2 for k, p in lora_parameters(skel).items()}))
+    (l32, g32), (l16, g16) = out
+    assert l16[0] == l16[1] and abs(l16[0] - l32[0]) < 2e-2 * l32[0], (l16, l32)
+    worst = max(float((g16[k] - g32[k]).abs().max() / g32[k].abs().max()) for k in g32)
+    assert worst < 0.1, worst

@@ -111,6 +111,60 @@ def test_gradients_equal_peft_in_ram(tmp_path, dropout):
     assert worst < 1e-4, worst
 
 
+def test_bf16_training_follows_peft_under_autocast(tmp_path):
+    """bf16 store, bf16 compute (the LoRA path in bf16: adapters.lora_forward), fp32 LoRA weights and
+    AdamW, four steps, against transformers + peft in RAM under torch.autocast("cpu", bf16) (the
+    peer's configuration) from the same adapter: the first step's LoRA gradients within bf16
+    precision, every step's loss within 2e-3 relative while training moves it by more than ten
+    times that."""
+    import peft
+    import transformers
+
+    cfg = load_model_config(ROOT / "configs" / "nano.yaml")
+    init_store(cfg, tmp_path / "nano", dtype="bf16", seed=3, progress=False)
+    store = Store.open(tmp_path / "nano")
+    settings = LoraSettings(r=8, alpha=16)
+    with torch.device("meta"):
+        skel = LlamaForCausalLM(store.config)
+    inject(skel, settings, seed=5)
+    torch.manual_seed(0)
+    for k, p in lora_parameters(skel).items():
+        if "lora_B" in k:
+            torch.nn.init.normal_(p, std=0.02)
+    save_adapter(skel, settings, tmp_path / "adapter", store)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, store.config.vocab_size, (2, 64), generator=gen)
+    tgt = torch.randint(0, store.config.vocab_size, (2, 64), generator=gen)
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(store.root, dtype=torch.bfloat16)
+    ref = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True)
+    theirs = {n.replace(".default", ""): p for n, p in ref.named_parameters() if "lora_" in n}
+    ours = lora_parameters(skel)
+    assert set(theirs) == set(ours) and all(p.dtype == torch.float32 for p in theirs.values())
+    opts = [torch.optim.AdamW(list(ps.values()), lr=3e-3, weight_decay=0.0) for ps in (ours, theirs)]
+    losses: list = [[], []]
+    with Engine(store, compute_dtype="bf16", model=skel) as eng:
+        for step in range(4):
+            losses[0].append(eng.train_step(ids, tgt))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = ref(input_ids=ids).logits
+            ref_loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+            ref_loss.backward()
+            losses[1].append(float(ref_loss.detach()))
+            if step == 0:
+                worst = max(
+                    float((ours[k].grad - theirs[k].grad).abs().max() / theirs[k].grad.abs().max()) for k in ours
+                )
+                assert worst < 5e-2, worst
+            for opt in opts:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    gaps = [abs(a - b) / b for a, b in zip(*losses, strict=True)]
+    print(f"\nnano bf16: losses {losses[0]} vs peft+autocast {losses[1]}, gradient error {worst:.2e}")
+    assert max(gaps) < 2e-3, (gaps, worst)
+    assert (losses[1][0] - losses[1][-1]) / losses[1][0] > 10 * max(gaps + [2e-3])
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_head_in_row_blocks_equals_peft_in_ram(tmp_path, monkeypatch, tied):
     """The head paged in many row blocks (vocab 250 in blocks of 7 rows, the last of 5; vocab
@@ -176,6 +230,59 @@ def test_chunked_loss_equals_full_cross_entropy(tiny_store):
     ref.backward()
     assert abs(loss - float(ref)) < 1e-5
     torch.testing.assert_close(grad, h.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_head_gradient_keeps_confident_rows_exact(monkeypatch):
+    """OnlineCrossEntropy in bf16 compute (the gradient's matmul in bf16, the target's term apart)
+    over three blocks of several vocab chunks, half the rows confident (p_t > 0.99): the loss
+    equals the family's own bf16 path (bf16 logits, fp32 cross-entropy) to 2e-4; dloss/dhf, row by
+    row, within 0.1 of the family's gradient (through the bf16 head) and no further from the exact
+    fp32 one than the family's is, plus 0.05 (bf16 logits move p_t: the family itself is 7e-2 off).
+    The same bf16 matmul with the target kept in (G / s - w_t, what fp32 compute does) misses the
+    confident rows' gradient by over 0.5: the bound can fail."""
+    import torch.nn.functional as F
+
+    from odyssey import engine
+    from odyssey.engine import OnlineCrossEntropy
+
+    monkeypatch.setattr(engine, "VOCAB_CHUNK", 64)
+    torch.manual_seed(0)
+    N, d, V = 32, 64, 300
+    W = (torch.randn(V, d) * 0.5).to(torch.bfloat16)
+    tgt = torch.randint(0, V, (N,))
+    hf = 0.3 * torch.randn(N, d)
+    hf[: N // 2] += 1.2 * W[tgt[: N // 2]].float()  # confident rows
+    hf = hf.to(torch.bfloat16)
+    ce = OnlineCrossEntropy(hf, tgt, True, torch.bfloat16)
+    for v0, v1 in ((0, 100), (100, 250), (250, V)):
+        ce.add(v0, W[v0:v1])
+    loss, g = ce.result()
+
+    exact_h = hf.float().requires_grad_(True)
+    exact = F.cross_entropy(exact_h @ W.float().T, tgt)
+    exact.backward()
+    fam_h = hf.clone().requires_grad_(True)
+    fam = F.cross_entropy(F.linear(fam_h, W).float(), tgt)
+    fam.backward()
+    p_t = torch.softmax(exact_h.detach() @ W.float().T, -1)[torch.arange(N), tgt]
+    assert float(p_t[: N // 2].min()) > 0.99
+
+    def row_err(a, b):
+        return float(((a.float() - b.float()).abs().amax(1) / b.float().abs().amax(1)).max())
+
+    logits = F.linear(hf, W).float()  # the same bf16 logits, the target kept in the bf16 matmul
+    e = torch.exp(logits - logits.max(1, keepdim=True).values)
+    naive = ((e.to(torch.bfloat16) @ W).float() / e.sum(1, keepdim=True) - W[tgt].float()) / N
+    errs = {
+        "family": row_err(g, fam_h.grad),
+        "exact": row_err(g, exact_h.grad),
+        "family-exact": row_err(fam_h.grad, exact_h.grad),
+        "target-kept-in": row_err(naive, fam_h.grad),
+    }
+    print(f"\nloss {loss:.5f}, family's {float(fam):.5f}, exact {float(exact):.5f}; gradient row errors {errs}")
+    assert abs(loss - float(fam)) < 2e-4 * float(fam)
+    assert errs["family"] < 0.1 and errs["exact"] < errs["family-exact"] + 0.05  # logits in bf16: p_t moves
+    assert errs["target-kept-in"] > 0.5
 
 
 def test_adapter_loads_with_peft_and_matches_engine(setup, tmp_path):
