@@ -172,8 +172,10 @@ def recompute_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsiz
     if fam.qk_norm:
         per_token += (q + kv) * 4
     per_token += (3 * q + 2 * kv + 3 * f + d) * ci
-    per_token += (lora_inputs if ci < 4 else 2 * d + f) * 4
-    per_token += 2 * f * 4
+    per_token += (2 * d + f) * ci  # LoRA's inputs: the normed x twice and down_proj's input (x's dtype)
+    per_token += 2 * f * ci
+    if fam.sandwich_norms and ci < 4:  # Gemma 3 in bf16 holds this much more (measured; not traced to a tensor)
+        per_token += f * (ci + 2)
     per_token += 2 * 7 * lora.r * 4 + cfg.num_attention_heads * 4 + 256
     if lora.dropout > 0:
         per_token += lora_inputs * (4 + 1)
@@ -196,8 +198,11 @@ def head_bytes(cfg: ModelConfig, tokens: int, compute_itemsize: int) -> int:
     d, ci = cfg.hidden_size, compute_itemsize
     C = min(VOCAB_CHUNK, cfg.vocab_size)
     rows = 8 * 4  # (N,) fp32: the running max and sum, their updates, the target mask
-    at_exp = tokens * (3 * C * 4 + 3 * d * 4 + rows)
-    at_grad = (C * d * 4 if ci < 4 else 0) + tokens * (2 * C * 4 + 5 * d * 4 + d * ci + rows)
+    at_exp = tokens * (3 * C * 4 + 3 * d * 4 + rows + (d * ci if ci < 4 else 0))  # below fp32: hf's copy
+    if ci < 4:  # e (N, C) fp32 and its copy in the compute dtype for the matmul with the chunk as it is
+        at_grad = tokens * (2 * C * 4 + C * ci + 5 * d * 4 + d * ci + rows)
+    else:
+        at_grad = tokens * (2 * C * 4 + 5 * d * 4 + d * ci + rows)
     return max(at_exp, at_grad)
 
 

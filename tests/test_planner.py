@@ -223,7 +223,7 @@ def test_training_workspace_covers_what_torch_holds(name, compute):
     import torch
     from torch import nn
 
-    from odyssey.adapters import inject
+    from odyssey.adapters import inject, use_lora_forward
     from odyssey.engine import Engine
     from odyssey.model import DecoderLayer, RMSNorm, rope_tables
     from odyssey.planner import head_bytes, recompute_bytes
@@ -237,6 +237,7 @@ def test_training_workspace_covers_what_torch_holds(name, compute):
     holder = nn.Module()
     holder.layer = DecoderLayer(cfg, 0).to(dt)
     inject(holder, lora)
+    use_lora_forward(holder)  # the LoRA forward the engine runs
     for mod in holder.modules():  # lora_B nonzero, as after a step
         if hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_B", {}):
             nn.init.normal_(mod.lora_B["default"].weight, std=0.01)
@@ -285,7 +286,8 @@ def test_training_plan_is_sized_by_its_largest_phase():
     one, four = p(), p(grad_accum=4)
     assert one.peak == "the backward of layer 0" and one.terms["activations"] == 2 * 512 * 2048 * 2
     assert one.terms["adapters + AdamW"] == 4 * grads and "the backward of layer 0" in one.table()
-    assert four.peak == "the head pass" and four.terms["activations"] == 25 * 512 * 2048 * 2
+    # bf16: the head pass holds less than the last layer's recompute (no fp32 copy of a vocab chunk)
+    assert four.peak == "the backward of layer 23" and four.terms["activations"] == 25 * 512 * 2048 * 2
     assert four.terms["adapters + AdamW"] == 4 * grads and four.total > one.total
     long = p(batch_size=2, seq_len=4096)  # activations outgrow the gradients
     assert long.peak != "the backward of layer 0" and long.terms["activations"] == 25 * 8192 * 2048 * 2
@@ -295,8 +297,8 @@ def test_training_plan_is_sized_by_its_largest_phase():
 # memory + the pager's pool, sampled every 3 ms from outside) on this kind of machine, MiB.
 MEASURED_1GIB = {
     "llama-3.2-1b": 835,
-    "qwen2.5-1.5b": 895,
-    "qwen3-1.7b": 887,
+    "qwen2.5-1.5b": 851,  # 895 before the bf16 LoRA path and head gradient (2026-11-30: 850.4)
+    "qwen3-1.7b": 861,  # 887 before them (2026-11-30: 860.6; random weights, `odyssey init`)
     "gemma-3-1b": 711,
     "tinyllama-1.1b": 790,
     "smollm2-1.7b": 966,
