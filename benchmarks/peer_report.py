@@ -359,11 +359,10 @@ def notes(result: dict) -> list[str]:
         f"(max_memory cpu), the rest on disk; for generation max_memory cpu = budget - "
         f"{s['offload_reserve_gib']:g} GiB.",
     ]
-    if s.get("odyssey_compile"):
+    if s.get("odyssey_compile") == "on":
         out.append(
-            f"Odyssey ran with compile={s['odyssey_compile']} (torch.compile of each decoder layer, what "
-            "`auto` picks for a run of hundreds of steps; its compilation falls in the warm-up step, left out "
-            "of the median)."
+            "Odyssey ran with compile=on (torch.compile of each decoder layer; its compilation falls in the "
+            "warm-up step, left out of the median)."
         )
     if str(s.get("cgroup", "")).startswith("unavailable"):
         out.append(f"No memory cgroups here ({s['cgroup']}): every run was uncapped and nothing was searched.")

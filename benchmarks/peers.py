@@ -996,10 +996,9 @@ def main(argv=None) -> int:
     p.add_argument("--peer-jemalloc", action="store_true", help="preload jemalloc into the peers too")
     p.add_argument(
         "--odyssey-compile",
-        choices=("auto", "on", "off"),
-        default="on",
-        help="Odyssey's `compile` setting (default on: what `auto` picks for a run of hundreds of steps; "
-        "the warm-up step compiles)",
+        choices=("on", "off"),
+        default="off",
+        help="Odyssey's `compile` setting (default off, as `odyssey train`; on: the warm-up step compiles)",
     )
     p.add_argument("--timeout-s", type=float, default=900, help="per attempt")
     p.add_argument("--time-limit-s", type=float, default=0, help="start no run after this long (0: no limit)")

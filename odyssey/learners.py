@@ -212,21 +212,10 @@ class FullLearner:
 
 
 def compile_choice(store, cfg: TrainConfig):
-    """Whether this LoRA run compiles its decoder layers (compiling.choose), from the step's FLOP
-    and the probe's matmul rate in the compute dtype; a run far too small to gain skips the probe."""
-    from odyssey.compiling import COMPILE_S, SAVED_SHARE, choose
+    """Whether this LoRA run compiles its decoder layers (compiling.choose)."""
+    from odyssey.compiling import choose
 
-    flop = 6.0 * store.config.num_parameters() * cfg.seq_len * cfg.batch_size * cfg.grad_accum
-    slowest_gflops = 20.0  # below any CPU we measured: if even this gains too little, so does the machine
-    if cfg.compile == "auto" and SAVED_SHARE * flop / (slowest_gflops * 1e9) * cfg.steps < 2 * COMPILE_S:
-        return choose("off", flop_per_step=flop, gflops=slowest_gflops, steps=cfg.steps)
-    gflops = slowest_gflops
-    if cfg.compile == "auto":
-        from odyssey.dtypes import compute_dtype_name, probe_for
-
-        probe = probe_for(store.config)
-        gflops = probe.gflops.get(compute_dtype_name(cfg.compute_dtype, store.dtype, store.config), gflops)
-    return choose(cfg.compile, flop_per_step=flop, gflops=gflops, steps=cfg.steps)
+    return choose(cfg.compile)
 
 
 def make_learner(store, cfg: TrainConfig, residency=None) -> Learner:

@@ -198,9 +198,9 @@ def add_train_parser(sub) -> None:
     add_residency_options(s, default_pin=None)
     s.add_argument(
         "--compile",
-        choices=["auto", "on", "off"],
+        choices=["on", "off"],
         default=None,
-        help="torch.compile each decoder layer: auto (default: when the run is long enough to gain), on, off",
+        help="torch.compile each decoder layer (default off: no faster than eager here; see README, Speed)",
     )
     s.add_argument(
         "--quiet",
