@@ -18,11 +18,8 @@ Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 - the head: its weight (V, d) (the embedding when tied) is paged in row blocks no larger than a
   decoder layer (store.Block), prefetched like layers, one block resident while the next is read;
   each block is used in vocab chunks. A tied embedding is read once per step, for the head.
-- loss: cross-entropy over the head's blocks with an online log-sum-exp (`OnlineCrossEntropy`);
-  the gradient w.r.t. the final hidden state is accumulated block by block too, and the target
-  rows are picked from the block that holds them (never B x T x V in fp32, never all of W). Targets
-  equal to IGNORE (-100: prompts, padding) are left out before the head: the loss is the mean over
-  the trained targets, their gradient exactly 0.
+- loss: cross-entropy over the head's blocks with an online log-sum-exp (headloss.py), never
+  B x T x V logits; IGNORE targets (-100: prompts, padding) are left out before the head.
 - packed examples: `positions` (B, T) restart the RoPE at each example and `segments` (B, T) make
   attention block-diagonal causal (model.attention_mask), so each example computes what it would
   alone; without them (text data) positions are 0..T-1 and attention plainly causal.
@@ -32,15 +29,10 @@ Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 - selective recompute (`keep`, decided by the planner: residency.py): the last `keep` layers run
   their forward with grad from a leaf input and keep the graph; their backward is
   `autograd.backward` of that graph, with no recompute. Their weights need not stay in RAM from
-  forward to backward: the forward runs under `saved_tensors_hooks` (`SavedWeights`) that save,
-  in place of every tensor that is (a view of) a frozen base weight bound for the layer (a view of
-  the pager slot, or the copy converted to the compute dtype), a handle (its HF name and the view's
-  size, stride and offset); everything else (activations, LoRA weights) is saved as is. Its slot
-  and converted copy are released after forward as for any layer; in backward the layer is paged
-  in and bound again (served from RAM when pinned) and each handle is rebuilt as the same view of
-  the weight bound then. A GGUF layer's quantized matrices save nothing (`_QLinear` looks the
-  matrix bound to its Linear up again at backward: odyssey.gguf.qweight). Same numbers, bit for
-  bit.
+  forward to backward: the forward saves handles in place of the bound base weights (saved.py
+  `SavedWeights`); in backward the layer is paged in and bound again (served from RAM when
+  pinned) and each handle rebuilt as the same view of the weight bound then. A GGUF layer's
+  quantized matrices save nothing (odyssey.gguf.qweight). Same numbers, bit for bit.
 - LoRA: PEFT's `lora.Linear` forward is replaced by `adapters.lora_forward` (same values, fewer
   passes over each projection's output; `lora_fused=False` keeps PEFT's); `compile_layers=True`
   runs each decoder layer through torch.compile (training steps only: see Engine.__init__).
@@ -50,11 +42,9 @@ stays resident; layer 0 stays resident into the next step. Pinned units (`pinned
 are read once and served from their own buffers from then on.
 
 Held units (`hold_pinned`, generation: open_engine): a pinned unit is bound once, at its first
-use, in the compute dtype, and stays bound: later passes neither ask the pager for it nor rebind
-or convert its weights (per token that was a pager hand-off, a Parameter per tensor and, with a
-bf16 store and fp32 compute, a conversion of every weight). When every tensor of the unit was
-converted, the pinned buffer's pages are given back (the plan counts the converted copy instead,
-planner.py); a held head block is used whole, in the compute dtype.
+use, in the compute dtype, and stays bound (no pager hand-off, rebinding or conversion per
+token). When every tensor was converted, the pinned buffer's pages are given back (the plan counts
+the converted copy, planner.py); a held head block is used whole, in the compute dtype.
 """
 
 from __future__ import annotations
@@ -67,10 +57,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from odyssey.dtypes import IGNORE, VOCAB_CHUNK, compute_dtype_info
-from odyssey.gguf.qweight import QWeight, Workspace, bind_linear, row_chunk, take_rows, unbind_linear
+from odyssey.dtypes import VOCAB_CHUNK, compute_dtype_info
+from odyssey.gguf.qweight import QWeight, Workspace, bind_linear, row_chunk, unbind_linear
+from odyssey.headloss import OnlineCrossEntropy
 from odyssey.model import CausalLM, KVCache, embed_scale, rope_tables
 from odyssey.pager import Pager, Resident, ResidentPager, UnitStat
+from odyssey.saved import SavedWeights
 from odyssey.store import Block, Store
 
 
@@ -98,148 +90,6 @@ class PassStats:
     @property
     def pagein_mb_s(self) -> float:
         return self.pagein_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
-
-
-class OnlineCrossEntropy:
-    """Mean cross-entropy of hf @ W.T against tgt, and (if grad) its gradient w.r.t. hf, in one pass
-    over the rows of W given block by block (`add(v0, W rows v0..)`, in any order, each row once),
-    each block in vocab chunks: never the (N, V) logits, never all of W at once.
-
-    hf (N, d) compute dtype; tgt (N,) int64, IGNORE (-100) where not trained: those rows are left
-    out before anything is computed (no loss, gradient exactly 0). Over the n trained rows: for
-    each chunk c of logits l_c (n, C): running max m, sum s = sum exp(l - m) and G = sum exp(l - m)
-    @ W_c (n, d), rescaled when m grows; the target rows w_t (n, d) are taken from the block that
-    holds them. Then loss = mean(m + log s - hf.w_t) and dloss/dhf = (G / s - w_t) / n, fp32 (loss
-    0 and gradient 0 when n = 0).
-
-    In a lower compute precision (bf16), the gradient's matmul `e @ W_c` runs in that precision,
-    as the family's class does under autocast (its logits' gradient, cast to bf16 by `.float()`'s
-    backward, times the bf16 head): no fp32 copy of W_c, 2.7x less CPU per chunk (benchmarks/
-    results/lora-bf16.md). The target's own term is kept out of it (its e, rescaled like s, in
-    e_t; G sums the other rows), so that dloss/dhf = (G / s + (e_t / s - 1) w_t) / n: a confident
-    prediction (p_t near 1) does not cancel against a bf16-rounded G.
-    """
-
-    def __init__(self, hf: torch.Tensor, tgt: torch.Tensor, grad: bool, dtype: torch.dtype):
-        self.rows = hf.shape[0]
-        self.keep = None  # (n,) indices of the trained rows, None when every row is trained
-        trained = tgt != IGNORE
-        if not bool(trained.all()):
-            self.keep = trained.nonzero().squeeze(1)
-            hf, tgt = hf[self.keep], tgt[self.keep]
-        N, d = hf.shape
-        self.hf, self.tgt, self.grad, self.dtype = hf, tgt, grad, dtype
-        self.m = torch.full((N,), float("-inf"))
-        self.s = torch.zeros(N)
-        self.G = torch.zeros(N, d) if grad else None
-        self.w_t = torch.zeros(N, d)  # target rows, fp32
-        self.low = dtype != torch.float32  # the gradient's matmul in the compute dtype, target apart
-        self.e_t = torch.zeros(N) if grad and self.low else None  # the target's exp(l_t - m)
-
-    def add(self, v0: int, W: torch.Tensor) -> None:
-        """Head rows v0..v0+R-1: W (R, d) in the store dtype, or a GGUF block (QWeight)."""
-        hf = self.hf
-        if hf.shape[0] == 0:
-            return
-        for c0 in range(0, W.shape[0], VOCAB_CHUNK):
-            Wc = row_chunk(W, c0, c0 + VOCAB_CHUNK, self.dtype)  # (C, d); a GGUF block's chunk dequantized
-            lc = F.linear(hf, Wc).float()  # (N, C)
-            m_new = torch.maximum(self.m, lc.max(dim=1).values)
-            alpha = torch.exp(self.m - m_new)  # (N,) rescales what was summed under the old max
-            e = torch.exp(lc - m_new[:, None])  # (N, C)
-            self.s = self.s * alpha + e.sum(dim=1)
-            if self.grad and self.low:
-                self.e_t = self.e_t * alpha
-                rows = ((self.tgt >= v0 + c0) & (self.tgt < v0 + c0 + Wc.shape[0])).nonzero().squeeze(1)
-                if rows.numel():
-                    cols = self.tgt[rows] - (v0 + c0)
-                    self.e_t[rows] = e[rows, cols]
-                    e[rows, cols] = 0.0
-                self.G = self.G * alpha[:, None] + torch.mm(e.to(Wc.dtype), Wc)  # (N, d) bf16 into fp32
-            elif self.grad:
-                self.G = self.G * alpha[:, None] + e @ Wc.float()
-            self.m = m_new
-            del lc, e, Wc
-        here = ((self.tgt >= v0) & (self.tgt < v0 + W.shape[0])).nonzero().squeeze(1)
-        if here.numel():
-            self.w_t[here] = take_rows(W, self.tgt[here] - v0)
-
-    @property
-    def trained(self) -> int:
-        """Rows that carry loss (targets != IGNORE)."""
-        return self.hf.shape[0]
-
-    def result(self) -> tuple[float, torch.Tensor | None]:
-        """(mean loss over the trained rows, dloss/dhf (N, d) fp32 or None; 0 on untrained rows)."""
-        N, d = self.hf.shape
-        if N == 0:
-            return 0.0, (torch.zeros(self.rows, d) if self.grad else None)
-        l_t = (self.hf.float() * self.w_t).sum(dim=1)  # (n,) target logits
-        if self.low:  # rounded as the head's matmul rounds the other logits (the family's loss)
-            l_t = l_t.to(self.dtype).float()
-        loss = float((self.m + torch.log(self.s) - l_t).mean())
-        if not self.grad:
-            return loss, None
-        if self.low:
-            g = (self.G / self.s[:, None] + (self.e_t / self.s - 1.0)[:, None] * self.w_t) / N
-        else:
-            g = (self.G / self.s[:, None] - self.w_t) / N
-        if self.keep is not None:
-            full = torch.zeros(self.rows, d)
-            full[self.keep] = g
-            g = full
-        return loss, g
-
-
-@dataclass(frozen=True)
-class WeightHandle:
-    """What autograd saves in place of a view of a bound base weight: its HF name and the view's
-    geometry relative to the weight (elements)."""
-
-    name: str
-    size: tuple
-    stride: tuple
-    offset: int  # storage offset of the view minus the weight's
-
-
-class SavedWeights:
-    """The pack and unpack hooks of a kept layer's forward (`torch.autograd.graph.
-    saved_tensors_hooks`). pack: a saved tensor that lies inside one of the base weights bound
-    for the unit (same dtype: the weight itself, its transpose `W.t()` that F.linear's backward
-    needs, a norm's weight) becomes a `WeightHandle`; any other tensor is saved as is. A tensor
-    that overlaps a bound weight without being a view of it in its dtype is a RuntimeError (it
-    would keep pointing at a slot). unpack: the handle's view of the weight bound under that name
-    when backward runs (the layer paged in and bound again)."""
-
-    def __init__(self, engine: Engine, res: Resident):
-        self.engine = engine
-        self.weights = []  # (HF name, first byte address, nbytes, dtype) of each bound base weight
-        for name in res.tensors:
-            entry = engine._bound.get(name)
-            if entry is None or entry[1] is None:  # not a bound Parameter (a GGUF QWeight saves nothing)
-                continue
-            w = engine.bound_weight(name)
-            if w.numel():
-                self.weights.append((name, w.data_ptr(), w.numel() * w.element_size(), w.dtype))
-
-    def pack(self, t: torch.Tensor):
-        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.layout != torch.strided:
-            return t
-        lo = t.data_ptr()
-        hi = lo + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))) * t.element_size()
-        for name, w0, nbytes, dtype in self.weights:
-            if hi <= w0 or lo >= w0 + nbytes:
-                continue
-            if t.dtype != dtype or lo < w0 or hi > w0 + nbytes or (lo - w0) % t.element_size():
-                raise RuntimeError(f"engine: autograd saves a tensor overlapping {name} that is not a view of it")
-            return WeightHandle(name, tuple(t.shape), tuple(t.stride()), (lo - w0) // t.element_size())
-        return t
-
-    def unpack(self, h):
-        if not isinstance(h, WeightHandle):
-            return h
-        w = self.engine.bound_weight(h.name)
-        return w.as_strided(h.size, h.stride, w.storage_offset() + h.offset)
 
 
 class Engine:

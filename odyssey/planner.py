@@ -187,7 +187,7 @@ def recompute_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsiz
 
 
 def head_bytes(cfg: ModelConfig, tokens: int, compute_itemsize: int) -> int:
-    """Bytes live at the peak of the training head pass (engine.OnlineCrossEntropy over N = B x T
+    """Bytes live at the peak of the training head pass (headloss.OnlineCrossEntropy over N = B x T
     rows), beyond the saved inputs and the last layer's output: per vocabulary chunk of C rows,
     the logits and their exponentials (N, C) fp32, three at once while `exp(l - m)` runs; the
     gradient's `e @ Wc.float()` needs the chunk in fp32 (C, d) (below fp32 compute: a copy; in fp32
@@ -245,7 +245,7 @@ def kept_layer_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsi
     """What one layer that keeps its activations holds from its forward to its backward: what its
     recompute holds (`recompute_bytes`) and its input. Not its weights, nor their copy in the
     compute dtype: autograd saves them as handles and backward binds the layer again
-    (engine.SavedWeights); the `weights` term counts the one layer converted at a time."""
+    (saved.SavedWeights); the `weights` term counts the one layer converted at a time."""
     ci = compute_itemsize
     return recompute_bytes(cfg, tokens, seq_len, ci, lora) + tokens * cfg.hidden_size * ci
 

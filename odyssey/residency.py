@@ -10,7 +10,7 @@ order, to:
    no recompute for that layer, about 4N instead of 6N FLOP a token (N its parameters). A kept
    layer costs what the planner counts for one layer's recompute (`planner.recompute_bytes`) and
    its input (B x T x d, compute dtype): not its weights. Autograd saves the base weights it
-   needs as handles (engine.SavedWeights), so the layer's slot (and its weights converted to the
+   needs as handles (saved.SavedWeights), so the layer's slot (and its weights converted to the
    compute dtype) are released after forward as for any paged layer, and its backward pages it in
    again and rebuilds the saved views from the weights bound then. As many layers as the budget
    holds keep their activations, before anything is pinned: a kept layer saves a third of its
@@ -110,7 +110,7 @@ class Residency:
                 f"{self.layers - self.kept} recomputed in backward"
             )
             again = self.kept_paged
-            if again:  # their weights are not held from forward to backward (engine.SavedWeights)
+            if again:  # their weights are not held from forward to backward (saved.SavedWeights)
                 out.append(f"             {again} kept layer(s) not pinned: paged in again for backward")
         return out
 

@@ -22,8 +22,9 @@ from odyssey.adapters import lora_parameters
 from odyssey.config import LoraSettings, TrainConfig
 from odyssey.data import IGNORE, Batch, BatchSampler, TokenData, eval_batches
 from odyssey.data.sampler import ExampleSet
-from odyssey.engine import Engine, OnlineCrossEntropy
+from odyssey.engine import Engine
 from odyssey.errors import OdysseyError
+from odyssey.headloss import OnlineCrossEntropy
 from odyssey.learners import FullLearner
 from odyssey.model import CausalLM, causal_lm_loss
 from odyssey.runtime.runlog import RunDir

@@ -159,7 +159,7 @@ def test_kept_graph_holds_no_base_weight(tmp_path, monkeypatch, dtype):
     import gc
     import weakref
 
-    from odyssey.engine import SavedWeights, WeightHandle
+    from odyssey.saved import SavedWeights, WeightHandle
 
     store = four_layer_store(tmp_path, dtype=dtype)
     storages = []  # weak references to the storage of every weight bound so far

@@ -125,7 +125,7 @@ class _QLinear(torch.autograd.Function):
     """y = x W^T with W dequantized into the workspace; backward dequantizes W again for the input's
     gradient (no weight gradient: the base is frozen). Given the Linear `mod` it is bound to
     (`bind_linear`), backward takes the QWeight bound to `mod` when it runs, not the one of the
-    forward: a layer that keeps its graph from forward to backward (engine.SavedWeights) has
+    forward: a layer that keeps its graph from forward to backward (saved.SavedWeights) has
     released that slot and is bound again, maybe from another slot, before its backward."""
 
     @staticmethod
