@@ -14,9 +14,10 @@ from odyssey.model import CausalLM
 from odyssey.store import Store
 
 
-def lora_skeleton(store: Store, out: Path | None = None, std: float = 0.05):
-    """The skeleton (PEFT-wrapped CausalLM on meta); with `out`, its adapter saved to out/adapter."""
-    settings = LoraSettings(r=4, alpha=8)
+def lora_skeleton(store: Store, out: Path | None = None, std: float = 0.05, settings: LoraSettings | None = None):
+    """The skeleton (PEFT-wrapped CausalLM on meta; LoRA r=4 alpha 8 unless `settings`); with
+    `out`, its adapter saved to out/adapter."""
+    settings = settings or LoraSettings(r=4, alpha=8)
     with torch.device("meta"):
         skel = CausalLM(store.config)
     inject(skel, settings, seed=5)

@@ -123,15 +123,7 @@ def test_bf16_training_follows_peft_under_autocast(tmp_path):
     cfg = load_model_config(ROOT / "configs" / "nano.yaml")
     init_store(cfg, tmp_path / "nano", dtype="bf16", seed=3, progress=False)
     store = Store.open(tmp_path / "nano")
-    settings = LoraSettings(r=8, alpha=16)
-    with torch.device("meta"):
-        skel = LlamaForCausalLM(store.config)
-    inject(skel, settings, seed=5)
-    torch.manual_seed(0)
-    for k, p in lora_parameters(skel).items():
-        if "lora_B" in k:
-            torch.nn.init.normal_(p, std=0.02)
-    save_adapter(skel, settings, tmp_path / "adapter", store)
+    skel = lora_skeleton(store, tmp_path, std=0.02, settings=LoraSettings(r=8, alpha=16))
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, store.config.vocab_size, (2, 64), generator=gen)
     tgt = torch.randint(0, store.config.vocab_size, (2, 64), generator=gen)
