@@ -73,7 +73,9 @@ class LoraLearner:
         from odyssey.residency import units_from_labels
 
         pinned = units_from_labels(store, residency.pinned) if residency is not None else []
-        choice = compile_choice(store, cfg)
+        from odyssey.compiling import choose
+
+        choice = choose(cfg.compile)
         self.compiled, self.compile_note = choice.on, choice.why
         self.engine = Engine(
             store,
@@ -209,13 +211,6 @@ class FullLearner:
 
     def close(self) -> None:
         pass
-
-
-def compile_choice(store, cfg: TrainConfig):
-    """Whether this LoRA run compiles its decoder layers (compiling.choose)."""
-    from odyssey.compiling import choose
-
-    return choose(cfg.compile)
 
 
 def make_learner(store, cfg: TrainConfig, residency=None) -> Learner:
