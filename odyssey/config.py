@@ -304,6 +304,12 @@ class TrainConfig:
     recompute: str = "auto"
     """auto: the last layers keep their activations where the budget allows (no recompute in
     backward: about 4N instead of 6N FLOP a token for them); all: recompute every layer (--recompute all)."""
+    spill: str | bool = "auto"
+    """Layers whose activations the budget cannot keep in RAM: write them to disk in forward and
+    read them back for backward instead of recomputing them (odyssey/spill.py): auto (when the
+    disk measured in spill_dir moves a layer's bytes faster than the layer computes), on, off."""
+    spill_dir: str = ""
+    """Where the spill file goes (unnamed, gone with the process): "" = the run directory."""
     compile: str | bool = "off"
     """torch.compile each decoder layer (odyssey/compiling.py): off (default: it measured no faster
     than eager on the 1.2B step once the bf16 LoRA path removed the copies it fused) or on (needs a
@@ -338,6 +344,10 @@ class TrainConfig:
             raise OdysseyError(f"mode must be lora or full, got {self.mode!r}")
         if self.recompute not in ("auto", "all"):
             raise OdysseyError(f"recompute (--recompute) must be auto or all, got {self.recompute!r}")
+        if isinstance(self.spill, bool):  # YAML reads on/off as booleans
+            self.spill = "on" if self.spill else "off"
+        if self.spill not in ("auto", "on", "off"):
+            raise OdysseyError(f"spill (--spill) must be auto, on or off, got {self.spill!r}")
         if isinstance(self.compile, bool):  # YAML reads on/off as booleans
             self.compile = "on" if self.compile else "off"
         if self.compile not in ("on", "off"):

@@ -84,6 +84,9 @@ class PassStats:
     pinned_units: int = 0  # units the pager keeps resident across steps
     pinned_bytes: int = 0  # their buffers
     kept_layers: int = 0  # last layers that keep activations in training (no recompute)
+    spilled_layers: int = 0  # layers before them that keep theirs on disk (spill.py)
+    spill_bytes: int = 0  # bytes those wrote to the spill file (and read back) in the pass
+    spill_wait_s: float = 0.0  # seconds the compute waited for the spill's disk
     units: int = 0  # units the pass used
     unit_bytes: int = 0  # their bytes (paged-in + already resident)
 
@@ -106,6 +109,9 @@ class Engine:
         hold_pinned: bool = False,
         lora_fused: bool = True,
         compile_layers: bool = False,
+        spill: int = 0,
+        spill_dir=None,
+        spill_reserve: int = 0,
     ):
         self.store = store
         self.cfg = store.config
@@ -125,6 +131,15 @@ class Engine:
         # their weights are paged in again for backward like any layer's (SavedWeights), so
         # keeping a layer does not pin it.
         self.keep = keep
+        if not 0 <= spill <= L - keep:
+            raise ValueError(f"spill must be in 0..{L - keep}, got {spill}")
+        # The `spill` layers before the kept ones keep their activations on disk (spill.py).
+        self.spill = spill
+        self._spill = None
+        if spill:
+            from odyssey.spill import Spill
+
+            self._spill = Spill(spill_dir, reserve=spill_reserve)
         self.pager = ResidentPager(store) if resident else Pager(store, slots=slots, direct=direct, pinned=pinned)
         self._bound: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
         self.hold_pinned = hold_pinned
@@ -222,10 +237,11 @@ class Engine:
         """Schedule `units` with the pager, but the held ones (served without it)."""
         self.pager.prefetch([u for u in units if u not in self._held])
 
-    def saving_weights(self, res: Resident):
+    def saving_weights(self, res: Resident, inner=None):
         """`saved_tensors_hooks` under which autograd saves the base weights bound for `res` as
-        handles, rebuilt at backward from what is bound then (SavedWeights)."""
-        sw = SavedWeights(self, res)
+        handles, rebuilt at backward from what is bound then (SavedWeights); other saved tensors
+        go to `inner` (a spill.LayerSpill) when given."""
+        sw = SavedWeights(self, res, inner)
         return torch.autograd.graph.saved_tensors_hooks(sw.pack, sw.unpack)
 
     def bound_weight(self, name: str) -> torch.Tensor:
@@ -393,7 +409,7 @@ class Engine:
         batch's share of the step's trained targets). Returns that mean loss (0 without trained
         targets). positions, segments (B, T): packed examples. `between()` is called between
         layers (control requests); it may block (pause) or raise (stop)."""
-        first_kept = self.cfg.num_hidden_layers - self.keep  # from here on: no recompute
+        first_kept = self.cfg.num_hidden_layers - self.keep - self.spill  # from here on: no recompute
         between = between or (lambda: None)
         self._prefetch(self.layer_schedule(backward=True))
         with record_function("odyssey.forward"):  # phases, named in torch.profiler's traces
@@ -414,26 +430,42 @@ class Engine:
         rope = self.rope(0, ids.shape[1], positions)
         saved = []  # (layer input (B, T, d) compute dtype, RNG state when dropout draws masks)
         kept = []  # (layer input, a leaf; its output, with the graph its backward needs)
+        first_ram = self.cfg.num_hidden_layers - self.keep  # layers first_kept.. first_ram - 1 spill
+        if self._spill is not None:
+            self._spill.begin_step(shared=[t for cs in rope.values() for t in cs])
         for i in range(self.cfg.num_hidden_layers):
             if i < first_kept:
                 saved.append((x, torch.get_rng_state() if dropout else None))
                 with self.resident(i), torch.no_grad():
                     x = self.layer(i)(x, rope, None, segments)
-            else:  # the graph is kept, its saved weights as handles (SavedWeights)
+            else:  # the graph is kept, its saved weights as handles (SavedWeights), on disk when spilled
                 xi = x.detach().requires_grad_(True)
-                with self.resident(i) as res, torch.enable_grad(), self.saving_weights(res):
+                inner = self._spill.layer(i) if i < first_ram else None
+                with self.resident(i) as res, torch.enable_grad(), self.saving_weights(res, inner):
                     out = self.layer(i)(xi, rope, None, segments)
+                if inner is not None:
+                    self._spill.seal(i)
                 kept.append((xi, out))
                 x = out.detach()
             between()
+        if self._spill is not None and first_kept < first_ram:
+            self._spill.prefetch(first_ram - 1)  # read back during the head pass
         return x, rope, saved, kept
 
     def _backward(self, kept, saved, g, rope, segments, first_kept, between) -> None:
         """train_step's backward: the kept layers' graphs, then the recomputed layers."""
+        first_ram = self.cfg.num_hidden_layers - self.keep
         for i in range(self.cfg.num_hidden_layers - 1, first_kept - 1, -1):  # through the kept graphs
             xi, out = kept.pop()
+            spilled = i < first_ram
+            if spilled:
+                self._spill.fetch(i)  # its saved tensors read back
+                if i - 1 >= first_kept:
+                    self._spill.prefetch(i - 1)
             with self.resident(i), torch.enable_grad():  # bound again: the saved handles' weights
                 torch.autograd.backward(out, g)
+            if spilled:
+                self._spill.release(i)
             g = xi.grad
             del out, xi
             between()
@@ -487,11 +519,23 @@ class Engine:
             pinned_bytes=getattr(self.pager, "pinned_bytes", 0),
             kept_layers=self.keep,
             units=len(st),
+            **self._spill_stats(),
             unit_bytes=sum(s.bytes for s in st),
         )
 
+    def _spill_stats(self) -> dict:
+        sp = self._spill
+        if sp is None:
+            return {}
+        out = dict(spilled_layers=self.spill, spill_bytes=sp.bytes_written, spill_wait_s=sp.wait_s)
+        sp.bytes_written = sp.bytes_read = 0
+        sp.wait_s = 0.0
+        return out
+
     def close(self) -> None:
         self.pager.close()
+        if self._spill is not None:
+            self._spill.close()
 
     def __enter__(self):
         return self

@@ -86,6 +86,9 @@ class LoraLearner:
             pinned=pinned,
             keep=residency.kept if residency is not None else 0,
             compile_layers=choice.on,
+            spill=residency.spilled if residency is not None else 0,
+            spill_dir=residency.spill_dir if residency is not None else None,
+            spill_reserve=residency.spill_bytes if residency is not None else 0,
         )
 
     def parameters(self) -> list:

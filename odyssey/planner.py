@@ -50,6 +50,8 @@ from odyssey.modelconfig import ModelConfig
 from odyssey.paging import Paging, paging_for_config, paging_for_store
 from odyssey.residency import FILL, Residency, UnitSizes, decide, sizes_for_paging, sizes_for_store
 
+SPILL_STAGING = 8 * MIB  # spill.py: the page-aligned buffer a spilled layer is written through
+
 # Measured (RssAnon, torch 2.13, peft 0.21.2, transformers 5.24, Linux x86-64, jemalloc or glibc): torch
 # and its meta kernels 212-215 MiB; with peft 260-266 MiB (`odyssey plan` and `odyssey train` both
 # measured 264-266 in-process). Used where no measurement can be made (not Linux).
@@ -286,6 +288,7 @@ def plan(
     pin: bool = True,
     recompute: str = "auto",
     sizes: UnitSizes | None = None,
+    spill: bool = False,
 ) -> Plan:
     """The plan of a run of `cfg`; `paging` from the store (`paging_for_store`), else as `odyssey
     init` would write it. `grad_accum`: micro-batches a training step sums gradients over.
@@ -318,7 +321,7 @@ def plan(
     settings = lora if lora is not None else LoraSettings()
     kept_one = kept_layer_bytes(cfg, BT, T, ci, settings) if mode != "forward" else 0
 
-    def paged_terms(pinned_bytes: int, kept: int, paged_any: bool) -> tuple[dict[str, int], str]:
+    def paged_terms(pinned_bytes: int, kept: int, paged_any: bool, spilled: bool = False) -> tuple[dict[str, int], str]:
         terms: dict[str, int] = {"runtime": runtime}
         peak = ""
         terms["buffer pool"] = slots * paging.slot_bytes if paged_any else 0  # untouched slots cost nothing
@@ -340,6 +343,8 @@ def plan(
             )
             terms["workspace"] = workspace
             terms["activations"] = activations
+            if spilled:  # one spilled layer's tensors in flight (written, or read ahead) and the staging buffer
+                terms["spill in flight"] = kept_one + SPILL_STAGING
             if lora is not None:  # weights and two AdamW moments, fp32, and the gradients at the peak
                 terms["adapters + AdamW"] = lora_parameter_count(cfg, lora) * 4 * 3 + grads
         rest = sum(terms.values())
@@ -356,16 +361,21 @@ def plan(
             head=head_sizes,
             layer_size=lambda i: layer_sizes[i],
             slots=slots,
-            fits=lambda nbytes, k, paged_any: sum(paged_terms(nbytes, k, paged_any)[0].values()) <= budget * FILL,
+            fits=lambda nbytes, k, paged_any, sp: (
+                sum(paged_terms(nbytes, k, paged_any, sp)[0].values()) <= budget * FILL
+            ),
             pin=pin,
             recompute=recompute,
+            spill=spill and mode != "forward",
         )
         res.kept_bytes = res.kept * kept_one
+        res.spill_bytes = res.spilled * (kept_one - BT * d * ci)  # what is saved; the input stays in RAM
         kept, pinned = res.kept, res.pinned_bytes
         paged_any = res.paged > 0
+        spilled = res.spilled > 0
     else:
-        paged_any = True
-    terms, peak = paged_terms(pinned, kept, paged_any)
+        paged_any, spilled = True, False
+    terms, peak = paged_terms(pinned, kept, paged_any, spilled)
     return Plan(mode, terms, budget, seq_len, batch_size, paging, slots, peak, res)
 
 
@@ -383,6 +393,7 @@ def plan_for_store(
     grad_accum: int = 1,
     pin: bool = True,
     recompute: str = "auto",
+    spill: bool = False,
 ) -> Plan:
     """A plan with the sizes read from an opened store."""
     if compute_dtype is not None and not isinstance(compute_dtype, str):  # a torch.dtype
@@ -415,6 +426,7 @@ def plan_for_store(
         pin=pin,
         recompute=recompute,
         sizes=sizes_for_store(store) if budget is not None else None,
+        spill=spill,
     )
 
 

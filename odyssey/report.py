@@ -47,6 +47,8 @@ class Started:
     residency: str = ""
     """What the plan's residency does with the budget (`residency.Residency.summary`)."""
     compiled: str = ""
+    spill: str = ""
+    """Whether layers spill their activations to disk, and why (`spill.choose`)."""
     """Whether the decoder layers go through torch.compile, and why (`compiling.choose`); "" when
     they run eager by default."""
 
@@ -220,10 +222,11 @@ class TrainReport:
                 + (f"; {e.compute}" if e.compute else "")
                 + (f"; {e.residency}" if e.residency else "")
                 + (f"; {e.compiled}" if e.compiled else "")
+                + (f"; {e.spill}" if e.spill else "")
             ),
         )
         if self.progress:  # --quiet: an error is then the one line on stderr (both stay in the event)
-            for note in (e.compute, e.residency, e.compiled):
+            for note in (e.compute, e.spill, e.residency, e.compiled):
                 if note:
                     self._note(note)
 

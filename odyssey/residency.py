@@ -69,6 +69,9 @@ class Residency:
     pinned_bytes: int = 0  # their buffers
     kept: int = 0  # last layers whose forward keeps activations (no recompute)
     kept_bytes: int = 0  # what they hold at once (activations and inputs; no weights)
+    spilled: int = 0  # layers before the kept ones whose activations go to disk (spill.py), not recomputed
+    spill_bytes: int = 0  # bytes they write to (and read back from) the spill file a step
+    spill_dir: str = ""  # where (set by train when it spills)
     units: int = 0  # units a step (a token) uses
     unit_bytes: int = 0  # bytes a step (a token) asks the pager for (a layer twice in training)
     read_bytes: int = 0  # bytes the pager reads a step (a token) in steady state
@@ -91,6 +94,8 @@ class Residency:
         text = f"residency: {len(self.pinned)} of {self.units} units pinned ({format_bytes(self.pinned_bytes)})"
         if self.mode != "forward":
             text += f", {self.kept} of {self.layers} layers keep activations"
+            if self.spilled:
+                text += f", {self.spilled} spill them to disk ({format_bytes(self.spill_bytes)} a step)"
         return text + f"; reads {format_bytes(self.read_bytes)} {what}"
 
     def lines(self) -> list[str]:
@@ -107,8 +112,13 @@ class Residency:
             how = "--recompute all" if self.recompute == "all" else f"{format_bytes(self.kept_bytes)}"
             out.append(
                 f"  recompute: {self.kept} of {self.layers} layers keep activations ({how}), "
-                f"{self.layers - self.kept} recomputed in backward"
+                f"{self.layers - self.kept - self.spilled} recomputed in backward"
             )
+            if self.spilled:
+                out.append(
+                    f"  spill:     {self.spilled} layer(s) keep theirs on disk: {format_bytes(self.spill_bytes)} "
+                    "written and read back a step"
+                )
             again = self.kept_paged
             if again:  # their weights are not held from forward to backward (saved.SavedWeights)
                 out.append(f"             {again} kept layer(s) not pinned: paged in again for backward")
@@ -173,25 +183,35 @@ def decide(
     head: list[UnitSize],
     layer_size: Callable[[int], UnitSize],
     slots: int,
-    fits: Callable[[int, int, bool], bool],
+    fits: Callable[[int, int, bool, bool], bool],
     pin: bool = True,
     recompute: str = "auto",
+    spill: bool = False,
 ) -> Residency:
-    """The residency for a budget. `fits(pinned_bytes, kept, paged_any)` says whether the plan with
-    that many pinned bytes, kept layers, and (paged_any) some unit still paged fits the budget.
-    Layers keep activations first (the last ones first, as many as fit with nothing pinned),
-    then units are pinned with what is left."""
+    """The residency for a budget. `fits(pinned_bytes, kept, paged_any, spilled)` says whether the
+    plan with that many pinned bytes, kept layers, (paged_any) some unit still paged and (spilled)
+    the other layers spilling their activations to disk fits the budget. Layers keep activations
+    first (the last ones first, as many as fit with nothing pinned); with `spill`, the layers left
+    spill theirs (one layer's worth in flight: a kept layer fewer when that does not fit); then
+    units are pinned with what is left."""
     order = pin_order(layers, head, layer_size)
     total_units = len(order)
     chosen: dict = {}
     pbytes = 0
     kept = 0
+    spilling = False
     if mode != "forward" and recompute == "auto":
-        while kept < layers and fits(0, kept + 1, True):
+        while kept < layers and fits(0, kept + 1, True, False):
             kept += 1
+        if spill and kept < layers:
+            k = kept
+            while k > 0 and not fits(0, k, True, True):
+                k -= 1
+            if fits(0, k, True, True):
+                kept, spilling = k, True
     if pin:
         for u in order:
-            if fits(pbytes + u.buffer_bytes, kept, len(chosen) + 1 < total_units):
+            if fits(pbytes + u.buffer_bytes, kept, len(chosen) + 1 < total_units, spilling):
                 chosen[u.label] = u
                 pbytes += u.buffer_bytes
     heads = [u.label for u in head]
@@ -204,6 +224,7 @@ def decide(
         pinned=[u.label for u in order if u.label in chosen],
         pinned_bytes=pbytes,
         kept=kept,
+        spilled=layers - kept if spilling else 0,
         units=total_units,
         unit_bytes=sum(sizes[u] for u in sched),
         read_bytes=sum(sizes[u] for u in reads),

@@ -27,6 +27,8 @@ RESUME_FREE = {
     "train.pin",
     "train.recompute",
     "train.compile",
+    "train.spill",
+    "train.spill_dir",
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.eval_every",
@@ -36,7 +38,7 @@ RESUME_FREE = {
 
 
 # TrainConfig keys newer than some runs' config.yaml: a run without them resumes at their defaults
-ADDED_LATER = ("packing", "too_long", "pin", "recompute", "compile")
+ADDED_LATER = ("packing", "too_long", "pin", "recompute", "compile", "spill", "spill_dir")
 
 
 def _effective(model_dir: Path, data_dir: Path, budget: int, cfg: TrainConfig, store, data) -> dict:

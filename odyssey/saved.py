@@ -36,8 +36,9 @@ class SavedWeights:
     would keep pointing at a slot). unpack: the handle's view of the weight bound under that name
     when backward runs (the layer paged in and bound again)."""
 
-    def __init__(self, engine: Engine, res: Resident):
+    def __init__(self, engine: Engine, res: Resident, inner=None):
         self.engine = engine
+        self.inner = inner  # pack/unpack of the other saved tensors (spill.LayerSpill), or None: as they are
         self.weights = []  # (HF name, first byte address, nbytes, dtype) of each bound base weight
         for name in res.tensors:
             entry = engine._bound.get(name)
@@ -58,10 +59,10 @@ class SavedWeights:
             if t.dtype != dtype or lo < w0 or hi > w0 + nbytes or (lo - w0) % t.element_size():
                 raise RuntimeError(f"engine: autograd saves a tensor overlapping {name} that is not a view of it")
             return WeightHandle(name, tuple(t.shape), tuple(t.stride()), (lo - w0) // t.element_size())
-        return t
+        return t if self.inner is None else self.inner.pack(t)
 
     def unpack(self, h):
         if not isinstance(h, WeightHandle):
-            return h
+            return h if self.inner is None else self.inner.unpack(h)
         w = self.engine.bound_weight(h.name)
         return w.as_strided(h.size, h.stride, w.storage_offset() + h.offset)

@@ -74,7 +74,7 @@ def load_hook() -> TrainHook | None:
 # entry point (odyssey train)
 
 
-def check_plan(store, cfg: TrainConfig, budget: int):
+def check_plan(store, cfg: TrainConfig, budget: int, spill=None):
     from odyssey.planner import plan_checked
 
     return plan_checked(
@@ -88,6 +88,25 @@ def check_plan(store, cfg: TrainConfig, budget: int):
         budget=budget,
         grad_accum=cfg.grad_accum,
         pin=cfg.pin,
+        recompute=cfg.recompute,
+        spill=spill is not None and spill.on,
+    )
+
+
+def choose_spill(store, cfg: TrainConfig, run_root):
+    """Whether this run spills activations, and where (spill.choose; LoRA only)."""
+    from odyssey.dtypes import compute_dtype_name
+    from odyssey.spill import SpillChoice, choose
+
+    if cfg.mode != "lora":
+        return SpillChoice(False, "")
+    return choose(
+        cfg.spill,
+        cfg.spill_dir or run_root,
+        store,
+        tokens=cfg.seq_len * cfg.batch_size,
+        compute=compute_dtype_name(cfg.compute_dtype, store.dtype, store.config),
+        lora=cfg.lora,
         recompute=cfg.recompute,
     )
 
@@ -111,7 +130,15 @@ def train(
     from odyssey.runtime.control import Controller, start_guard, stop_guard
 
     run, store, data_set, cfg, budget, eff = prepare(out, model, data, budget, config_path, list(overrides), resume)
-    plan = check_plan(store, cfg, budget)
+    plan = check_plan(store, cfg, budget)  # fits without spilling: spilling only replaces recompute
+    spill = (
+        choose_spill(store, cfg, run.root)
+        if plan.residency is not None and plan.residency.kept < store.config.num_hidden_layers
+        else None
+    )
+    if spill is not None and spill.on:
+        plan = check_plan(store, cfg, budget, spill)
+        plan.residency.spill_dir = spill.directory
     hook = load_hook()
     ranks = Ranks(cfg.dist_timeout_s)  # after every rank checked its inputs: nothing is written before
     main = ranks.is_main
@@ -157,6 +184,7 @@ def train(
             compute=compute_dtype_line(cfg.compute_dtype, store.dtype, store.config),
             residency=plan.residency.summary() if plan.residency is not None else "",
             compiled=getattr(trainer.learner, "compile_note", ""),
+            spill=spill.why if spill is not None else "",
         )
     )
     if monitor and main:

@@ -316,11 +316,15 @@ class Trainer:
 def residency_fields(st) -> dict:
     """The step record's residency figures (engine.PassStats): bytes read this step, bytes used
     from RAM without a read (pinned units, units still in a slot), the pinned units and their
-    buffers, and the layers that kept activations."""
+    buffers, the layers that kept activations, and those that spilled them to disk (bytes written
+    and read back, seconds the compute waited for the disk)."""
     return {
         "pagein_bytes": st.pagein_bytes,
         "resident_bytes": st.unit_bytes - st.pagein_bytes,
         "pinned_units": st.pinned_units,
         "pinned_mib": round(st.pinned_bytes / MIB, 1),
         "kept_layers": st.kept_layers,
+        "spilled_layers": st.spilled_layers,
+        "spill_bytes": st.spill_bytes,
+        "spill_wait_s": round(st.spill_wait_s, 3),
     }

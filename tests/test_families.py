@@ -102,29 +102,37 @@ def ids_for(vocab: int, n: int = SEQ, batch: int = 2, seed: int = 1) -> torch.Te
 
 
 @pytest.mark.parametrize("case", ["llama3", "qwen2", "qwen3", "gemma3"])
-def test_kept_layers_need_no_pin_in_every_family(imported, case, monkeypatch):
+def test_kept_layers_need_no_pin_in_every_family(imported, case, monkeypatch, tmp_path):
     """Every layer keeps its graph from forward to backward without being pinned, while the pager
     scribbles NaNs over each slot it releases: what autograd saves for the family's ops (biases
     on every projection, sliding windows, q/k norms, Gemma's (1 + w) and sandwich norms) holds no
     view of a slot, and the loss and LoRA gradients equal the full recompute's bit for bit (fp32),
-    with odyssey's LoRA forward and with PEFT's own."""
+    with odyssey's LoRA forward and with PEFT's own; likewise with every layer's saved tensors
+    spilled to disk and read back for backward (spill.py)."""
     _, path = imported(case)
     store = Store.open(path)
     ids = ids_for(store.config.vocab_size, batch=1)
+    L = store.config.num_hidden_layers
 
-    def run(keep, fused):
+    def run(keep, fused, spill=0):
         skel = lora_skeleton(store, None, std=0.02)
-        with Engine(store, compute_dtype="fp32", model=skel, keep=keep, lora_fused=fused) as eng:
+        with Engine(
+            store, compute_dtype="fp32", model=skel, keep=keep, lora_fused=fused, spill=spill, spill_dir=tmp_path
+        ) as eng:
+            if spill:
+                eng._spill.min_bytes = 0  # tiny tensors: spill them all
             loss = eng.train_step(ids, ids)
+            assert spill == 0 or eng.pass_stats(1.0).spill_bytes > 0
         return loss, {k: p.grad for k, p in lora_parameters(skel).items()}
 
     refs = {fused: run(0, fused) for fused in (True, False)}
     poisoned = poison_released_slots(monkeypatch)
-    for fused in (True, False):
-        loss, grads = run(store.config.num_hidden_layers, fused)
-        assert loss == refs[fused][0], fused
+    for fused, keep, spill in [(True, L, 0), (False, L, 0), (True, 0, L), (False, 1, L - 1)]:
+        poisoned.clear()
+        loss, grads = run(keep, fused, spill)
+        assert loss == refs[fused][0], (fused, keep, spill)
         assert all(torch.equal(grads[k], refs[fused][1][k]) for k in grads) and len(grads) == 2 * 7 * 3
-    assert 0 in poisoned
+        assert 0 in poisoned
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -140,27 +140,33 @@ def test_logits_and_lora_gradients_equal_peft_on_the_dequantized_model(files, ki
 
 
 @pytest.mark.parametrize("kind", ["q4_k", "qwen2", "qwen3"])
-def test_kept_layers_of_a_gguf_need_no_pin(files, kind, monkeypatch):
-    """Both layers keep their graphs from forward to backward without being pinned, while every
+def test_kept_layers_of_a_gguf_need_no_pin(files, kind, monkeypatch, tmp_path):
+    """Both layers keep their graphs from forward to backward without being pinned (in RAM, then
+    spilled to disk: spill.py), while every
     slot released is scribbled over: a quantized matrix's backward dequantizes the QWeight bound
     when it runs (the layer paged in again), so losses and gradients equal the full recompute's
     bit for bit (fp32; Q4_K_M with permuted q/k rows, qwen2's q/k/v biases, qwen3's q/k norms)."""
     store = GGUFStore.open(files[kind][1])
     ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(7))
 
-    def run(keep):
+    def run(keep, spill=0):
         skel = lora_skeleton(store, None, std=0.02)
-        with Engine(store, compute_dtype="fp32", model=skel, keep=keep) as eng:
+        with Engine(store, compute_dtype="fp32", model=skel, keep=keep, spill=spill, spill_dir=tmp_path) as eng:
+            if spill:
+                eng._spill.min_bytes = 0  # tiny tensors: spill them all
             losses = [eng.train_step(ids, ids) for _ in range(2)]
             assert eng.pager.pinned_units == []
+            assert spill == 0 or eng.pass_stats(1.0).spill_bytes > 0
         return losses, {k: p.grad for k, p in lora_parameters(skel).items()}
 
     ref_losses, ref_grads = run(0)
     poisoned = poison_released_slots(monkeypatch)
-    losses, grads = run(2)
-    assert 0 in poisoned  # layer 0's slot was scribbled over between its forward and its backward
-    assert losses == ref_losses
-    assert all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads) and len(grads) == 2 * 7 * 2
+    for keep, spill in [(2, 0), (0, 2)]:  # kept in RAM, then both layers spilled to disk
+        poisoned.clear()
+        losses, grads = run(keep, spill)
+        assert 0 in poisoned  # layer 0's slot was scribbled over between its forward and its backward
+        assert losses == ref_losses, (keep, spill)
+        assert all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads) and len(grads) == 2 * 7 * 2
 
 
 def test_qlinear_gradient_and_permutation():

@@ -253,7 +253,8 @@ def test_decide_keeps_every_layer_it_can_then_pins():
     """A plan that costs 10 bytes a kept layer plus the pinned buffers (20 a layer, 15 the head
     unit): 75 bytes keep all four layers and pin layer 3 and the head with the 35 left. Before,
     a kept layer was pinned too (30 each): 75 kept two. 35 bytes keep three and pin nothing;
-    --no-pin keeps the same four; --recompute all pins; generation keeps none."""
+    --no-pin keeps the same four; --recompute all pins; generation keeps none. With spill, the
+    layers not kept spill their activations to disk when one in flight fits."""
     layer = lambda i: UnitSize(i, 18, 20)  # noqa: E731
     head = [UnitSize("head", 12, 15)]
 
@@ -264,7 +265,7 @@ def test_decide_keeps_every_layer_it_can_then_pins():
             head=head,
             layer_size=layer,
             slots=2,
-            fits=lambda pinned, kept, paged_any: 10 * kept + pinned <= cap,
+            fits=lambda pinned, kept, paged_any, spilled: 10 * kept + pinned + 15 * spilled <= cap,
             **kw,
         )
 
@@ -283,6 +284,14 @@ def test_decide_keeps_every_layer_it_can_then_pins():
     assert everything.kept == 4 and everything.kept_paged == 0 and everything.read_bytes == 0
     assert len(everything.lines()) == 3  # no kept layer is paged
     assert decide_at(75, mode="forward").kept == 0
+    # spill (15 bytes in flight): 35 keeps two and spills the other two instead of keeping three
+    # and recomputing one; a budget that keeps all spills none; 14 cannot afford the spill
+    sp = decide_at(35, spill=True)
+    assert (sp.kept, sp.spilled, sp.pinned) == (2, 2, []) and "2 layer(s) keep theirs on disk" in sp.lines()[3]
+    assert (decide_at(75, spill=True).kept, decide_at(75, spill=True).spilled) == (4, 0)
+    assert (decide_at(14, spill=True).kept, decide_at(14, spill=True).spilled) == (1, 0)
+    assert decide_at(75, spill=True, recompute="all").spilled == 0
+    assert decide_at(75, spill=True, mode="forward").spilled == 0
 
 
 def test_generation_plan_pins_with_what_is_left(tmp_path):

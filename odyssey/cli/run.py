@@ -57,15 +57,38 @@ def add_residency_options(s, default_pin) -> None:
         help="auto: the last layers keep their activations where the budget allows (default); "
         "all: recompute every layer in backward",
     )
+    s.add_argument(
+        "--spill",
+        choices=["auto", "on", "off"],
+        default=None if default_pin is None else "auto",
+        help="layers the budget cannot keep activations for write them to disk and read them back for "
+        "backward instead of recomputing them; auto (default): when the disk is fast enough, measured",
+    )
+    s.add_argument(
+        "--spill-dir",
+        default=None,
+        help="where the spill file goes (unnamed, gone with the process); default: the run directory "
+        "(odyssey plan: the current directory)",
+    )
 
 
 def cmd_plan(args) -> int:
     from odyssey.config import LoraSettings
+    from odyssey.dtypes import compute_dtype_name
     from odyssey.planner import plan_checked
+    from odyssey.spill import choose
     from odyssey.store import open_model
 
     store = open_model(args.model)
     compute = compute_dtype_line(args.compute_dtype, store.dtype, store.config)
+    lora = LoraSettings(r=args.lora_r) if args.mode == "lora" else None
+    spill = None
+    if args.mode == "lora" and args.ram_budget:
+        dtype = compute_dtype_name(args.compute_dtype, store.dtype, store.config)
+        tokens = args.seq_len * args.batch_size
+        spill = choose(
+            args.spill, args.spill_dir or ".", store, tokens=tokens, compute=dtype, lora=lora, recompute=args.recompute
+        )
     plan_checked(
         store,
         mode=args.mode,
@@ -73,12 +96,13 @@ def cmd_plan(args) -> int:
         batch_size=args.batch_size,
         slots=args.slots,
         budget=ram_budget_arg(args),
-        lora=LoraSettings(r=args.lora_r) if args.mode == "lora" else None,
+        lora=lora,
         compute_dtype=args.compute_dtype,
         grad_accum=args.grad_accum,
         pin=args.pin,
         recompute=args.recompute,
-        show=lambda p: print(f"{p.table()}\n{compute}"),
+        spill=spill is not None and spill.on,
+        show=lambda p: print(f"{p.table()}\n{compute}" + (f"\n{spill.why}" if spill is not None and spill.why else "")),
     )
     return 0
 
@@ -223,6 +247,8 @@ def cmd_train(args) -> int:
     overrides += [f"pin={str(args.pin).lower()}"] * (args.pin is not None)
     overrides += [f"recompute={args.recompute}"] * bool(args.recompute)
     overrides += [f"compile={args.compile}"] * bool(args.compile)
+    overrides += [f"spill={args.spill}"] * bool(args.spill)
+    overrides += [f"spill_dir={args.spill_dir}"] * (args.spill_dir is not None)
     return train(
         args.out,
         model=args.model,

@@ -97,8 +97,9 @@ class FeedText:
         return fmt_duration(self.eta_s())
 
     def resident_text(self) -> str:
-        """The Resident field: what the step's units came from, and the layers that kept their
-        activations (the step record's residency figures, train.residency_fields)."""
+        """The Resident field: what the step's units came from, the layers that kept their
+        activations and those that spilled them to disk (the step record's residency figures,
+        trainer.residency_fields)."""
         s = self.last_step or {}
         if self.mode == "full":
             return "everything (full mode) / 전체"
@@ -110,6 +111,9 @@ class FeedText:
         text = f"{share:.0f} % from RAM, {int(pinned)} pinned ({fmt_num(num(s.get('pinned_mib')), 0, 'MiB')})"
         if kept is not None:
             text += f", {int(kept)} layer(s) keep activations"
+        spilled = num(s.get("spilled_layers"))
+        if spilled:
+            text += f", {int(spilled)} on disk ({fmt_num(num(s.get('spill_bytes') or 0) / 1e6, 0, 'MB')} a step)"
         return text
 
     def values(self) -> dict[str, str]:
