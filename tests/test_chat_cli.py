@@ -16,7 +16,7 @@ import gguf
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_user_error, run_cli, tiny_config
+from tests.conftest import ROOT, assert_user_error, cli_in_process, run_cli, tiny_config
 from tests.helpers_tokenizers import make_tokenizer
 
 QUESTION = "Who sat on the mat?"
@@ -67,12 +67,17 @@ def chatml(tmp_path_factory):
     for f in (d / "tok").iterdir():  # the tokenizer's generation_config.json wins: <|im_end|>, <|endoftext|>
         shutil.copy(f, d / "hf" / f.name)
     hf.generation_config.eos_token_id = json.loads((d / "tok" / "generation_config.json").read_text())["eos_token_id"]
-    p = run_cli("import", d / "hf", "--out", d / "store", "--quiet")
+    p = cli_in_process("import", d / "hf", "--out", d / "store", "--quiet")
     assert p.returncode == 0, p.stderr
     return d / "store", hf, tok, eot
 
 
-def chat_cli(store, *args, input=None, verb=("chat",)):
+def chat_cli(store, *args, input=None, verb=("chat",), in_process=False):
+    """A real `odyssey chat` process (stdin: `input`), or, for a one-shot --prompt, the command
+    through `odyssey.cli.main` in this process."""
+    if in_process:
+        assert input is None
+        return cli_in_process(*verb, "--model", store, "--temperature", "0", "--compute-dtype", "fp32", *args)
     cmd = [sys.executable, "-m", "odyssey", *verb, "--model", str(store), "--temperature", "0"]
     cmd += ["--compute-dtype", "fp32", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, input=input, timeout=300)
@@ -82,11 +87,21 @@ def test_chat_prompt_is_greedy_transformers_and_stops_at_end_of_turn(chatml):
     store, hf, tok, eot = chatml
     new, text = hf_greedy(hf, tok, [{"role": "user", "content": QUESTION}])
     assert new[-1] == eot and 1 < len(new) < MAX_NEW  # transformers stopped at the end of turn
-    p = chat_cli(store, "--prompt", QUESTION, "--max-new-tokens", MAX_NEW)
+    p = chat_cli(store, "--prompt", QUESTION, "--max-new-tokens", MAX_NEW, in_process=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout == text + "\n"  # the answer alone on stdout
     assert f"{len(new)} tokens" in p.stderr and "stopped at end of turn" in p.stderr
-    alias = chat_cli(store, "--chat", "--prompt", QUESTION, "--max-new-tokens", MAX_NEW, "--quiet", verb=("generate",))
+    alias = chat_cli(
+        store,
+        "--chat",
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        MAX_NEW,
+        "--quiet",
+        verb=("generate",),
+        in_process=True,
+    )
     assert alias.returncode == 0, alias.stderr
     assert alias.stdout == p.stdout and alias.stderr == ""
 
@@ -246,7 +261,7 @@ def test_eval_matches_a_computation_by_hand(chatml, tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in pairs))
     out = tmp_path / "answers.jsonl"
-    p = run_cli(
+    p = cli_in_process(
         "eval", "--model", store, "--data", data, "--compute-dtype", "fp32", "--max-new-tokens", MAX_NEW,
         "--out", out, "--quiet",
     )  # fmt: skip
@@ -333,7 +348,7 @@ def test_merged_and_exported_carry_the_template(chatml, tmp_path, capsys):
 
     store, _, tok, eot = chatml
     adapter = make_adapter(store, tmp_path / "adapter")
-    p = run_cli("merge", "--model", store, "--adapter", adapter, "--out", tmp_path / "merged", "--quiet")
+    p = cli_in_process("merge", "--model", store, "--adapter", adapter, "--out", tmp_path / "merged", "--quiet")
     assert p.returncode == 0, p.stderr
     args = ("--prompt", QUESTION, "--temperature", 0, "--compute-dtype", "fp32", "--quiet")
     merged = odyssey(capsys, "chat", "--model", tmp_path / "merged", *args)
@@ -341,7 +356,9 @@ def test_merged_and_exported_carry_the_template(chatml, tmp_path, capsys):
     plain = odyssey(capsys, "chat", "--model", store, *args)
     assert merged.returncode == on_the_fly.returncode == 0, on_the_fly.stderr
     assert merged.stdout == on_the_fly.stdout != plain.stdout
-    p = run_cli("export", tmp_path / "merged", "--out", tmp_path / "exp", "--formats", "safetensors,gguf", "--quiet")
+    p = cli_in_process(
+        "export", tmp_path / "merged", "--out", tmp_path / "exp", "--formats", "safetensors,gguf", "--quiet"
+    )
     assert p.returncode == 0, p.stderr
     conv = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "옛날 옛적에?"}]
     want = chat_ids(tok, conv, True)
@@ -374,7 +391,7 @@ def test_default_chatml_goes_into_the_exports(tmp_path):
         shutil.copy(f, store / f.name)
     ours = load_chat_template(store)
     assert ours.origin == "default ChatML" and not ours.added_tokens
-    p = run_cli("export", store, "--out", tmp_path / "exp", "--formats", "safetensors,gguf", "--quiet")
+    p = cli_in_process("export", store, "--out", tmp_path / "exp", "--formats", "safetensors,gguf", "--quiet")
     assert p.returncode == 0, p.stderr
     exported = tmp_path / "exp" / "safetensors"
     assert (exported / "chat_template.jinja").read_text() == DEFAULT_TEMPLATE
@@ -392,14 +409,14 @@ def test_chat_on_a_gguf_uses_its_own_template(chatml, tmp_path):
     greedy `generate` on the template's rendering and stops at the end of turn: the tokenizer and
     the template come from the GGUF's metadata."""
     store, hf, tok, eot = chatml
-    p = run_cli("export", store, "--out", tmp_path / "exp", "--formats", "gguf", "--gguf-type", "f32", "--quiet")
+    p = cli_in_process("export", store, "--out", tmp_path / "exp", "--formats", "gguf", "--gguf-type", "f32", "--quiet")
     assert p.returncode == 0, p.stderr
     (tmp_path / "alone").mkdir()
     model = shutil.move(next((tmp_path / "exp").glob("*.gguf")), tmp_path / "alone" / "model.gguf")
     assert gguf_fields(model)["tokenizer.chat_template"] == tok.chat_template
     new, text = hf_greedy(hf, tok, [{"role": "user", "content": QUESTION}])
     assert new[-1] == eot and 1 < len(new) < MAX_NEW
-    p = chat_cli(model, "--prompt", QUESTION, "--max-new-tokens", MAX_NEW)
+    p = chat_cli(model, "--prompt", QUESTION, "--max-new-tokens", MAX_NEW, in_process=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout == text + "\n"
     assert f"{len(new)} tokens" in p.stderr and "stopped at end of turn" in p.stderr

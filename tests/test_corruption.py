@@ -21,7 +21,7 @@ from odyssey import cli
 from odyssey.errors import OdysseyError
 from odyssey.store import INDEX_NAME, ChecksumMismatch, Store, StoreError, init_store, shard_name, verify_store
 from odyssey.store.checksum import FAST, SEAL, SHA256, file_digests, index_seal
-from tests.conftest import assert_user_error, run_cli, tiny_config
+from tests.conftest import assert_user_error, cli_in_process, run_cli, tiny_config
 
 KINDS = {"embed": 0, "layer": 2, "head": 3}  # shard index in a 2-layer store: embed, layers 0-1, head
 
@@ -188,13 +188,13 @@ def test_train_refuses_a_flipped_byte_before_its_first_checkpoint(tmp_path, cons
     before = digests(store)
     run = tmp_path / "run"
     args = ["train", "--no-guard", "--model", store, "--data", tok, "--out", run, "--ram-budget", "1GiB", "--quiet"]
-    p = run_cli(*args, "--steps", "2", "seq_len=32", "checkpoint_every=1", "eval_every=0")
+    p = cli_in_process(*args, "--steps", "2", "seq_len=32", "checkpoint_every=1", "eval_every=0")
     assert_user_error(p, victim.name, "does not match its checksum", "odyssey verify")
     assert not (run / "adapter").exists()
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
     assert digests(store) == before
     if kind == "layer":  # full training reads every unit through load_tensors
-        p = run_cli(*args[:-1], "--steps", "1", "mode=full", "seq_len=32", "--out", tmp_path / "full")
+        p = cli_in_process(*args[:-1], "--steps", "1", "mode=full", "seq_len=32", "--out", tmp_path / "full")
         assert_user_error(p, victim.name, "does not match its checksum")
         assert not (tmp_path / "full" / "model").exists()
 
@@ -614,18 +614,33 @@ def test_fuzz_mutated_stores_are_refused_where_verify_rejects_them(tmp_path):
 
 
 def test_fuzz_cli_sample_never_tracebacks_or_hangs(tmp_path):
-    """The same mutations through the real commands: exit 0 or 2, no traceback, within a timeout,
-    and never a store that `odyssey verify` rejects accepted by `odyssey generate`."""
+    """The same mutations through the commands: exit 0 or 2, no traceback, within a timeout, and
+    never a store that `odyssey verify` rejects accepted by `odyssey generate`. The first two cases
+    as real processes, the rest through `odyssey.cli.main` here (an alarm for the timeout)."""
     rng = random.Random(7)
     base = tmp_path / "base"
     init_store(tiny_config(), base, dtype="f32", seed=2, progress=False)
     seen = []
+
+    def in_process(*args, timeout):
+        def hung(signum, frame):
+            raise TimeoutError(f"odyssey {args[0]} hung on case {i} ({what})")
+
+        old = signal.signal(signal.SIGALRM, hung)
+        signal.alarm(timeout)
+        try:
+            return cli_in_process(*args)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+
     for i in range(6):
         case = tmp_path / f"case-{i}"
         shutil.copytree(base, case)
         what = _mutate(rng, case)
-        v = run_cli("verify", case, "--quiet", timeout=120)
-        g = run_cli("generate", "--model", case, "--prompt-ids", "1,2", "--max-new-tokens", "2", "--quiet", timeout=120)
+        run = run_cli if i < 2 else in_process
+        v = run("verify", case, "--quiet", timeout=120)
+        g = run("generate", "--model", case, "--prompt-ids", "1,2", "--max-new-tokens", "2", "--quiet", timeout=120)
         for p in (v, g):
             assert p.returncode in (0, 2) and "Traceback" not in p.stderr, (what, p.stderr)
             if p.returncode == 2:

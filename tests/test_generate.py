@@ -11,7 +11,7 @@ import torch
 from odyssey.engine import Engine
 from odyssey.generate import generate_ids, stream_text
 from odyssey.store import Store
-from tests.conftest import assert_user_error, run_cli, tiny_config
+from tests.conftest import assert_user_error, cli_in_process, run_cli, tiny_config
 from tests.helpers_tokenizers import make_checkpoint
 
 
@@ -58,7 +58,7 @@ def imported(tmp_path):
     src = tmp_path / "hf"
     hf.save_pretrained(src)
     make_tokenizer(src)
-    p = run_cli("import", src, "--out", tmp_path / "store", "--quiet")
+    p = cli_in_process("import", src, "--out", tmp_path / "store", "--quiet")
     assert p.returncode == 0, p.stderr
     return tmp_path / "store", hf.eval()
 
@@ -96,9 +96,9 @@ def test_generate_cli_streams_text(imported):
 
 
 def test_prompt_ids_without_tokenizer_and_clear_error(tiny_store):
-    p = run_cli("generate", "--model", tiny_store, "--prompt", "hello")
+    p = cli_in_process("generate", "--model", tiny_store, "--prompt", "hello")
     assert_user_error(p, "no tokenizer", "prepare-data")
-    p = run_cli(
+    p = cli_in_process(
         "generate",
         "--model",
         tiny_store,
@@ -115,7 +115,7 @@ def test_prompt_ids_without_tokenizer_and_clear_error(tiny_store):
 
 
 def test_generate_refuses_a_budget_too_small(tiny_store):
-    p = run_cli("generate", "--model", tiny_store, "--prompt-ids", "1,2", "--ram-budget", "10MiB")
+    p = cli_in_process("generate", "--model", tiny_store, "--prompt-ids", "1,2", "--ram-budget", "10MiB")
     assert_user_error(p, "too small", "--ram-budget")
 
 
@@ -155,7 +155,7 @@ def checkpoint(request, tmp_path_factory):
     family, style = request.param
     d = tmp_path_factory.mktemp(f"{family}-{style}")
     make_checkpoint(d / "hf", style, family=family)
-    p = run_cli("import", d / "hf", "--out", d / "store", "--quiet")
+    p = cli_in_process("import", d / "hf", "--out", d / "store", "--quiet")
     assert p.returncode == 0, p.stderr
     hf = AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32).eval()
     return d / "hf", d / "store", hf, AutoTokenizer.from_pretrained(d / "hf")
@@ -168,7 +168,7 @@ def hf_greedy(hf, tok, prompt: str, n: int, **kw) -> tuple[list[int], str]:
 
 
 def odyssey_generate(store, prompt: str, n: int, *extra) -> str:
-    p = run_cli(
+    p = cli_in_process(
         "generate", "--model", store, "--prompt", prompt, "--max-new-tokens", n, "--temperature", "0",
         "--compute-dtype", "fp32", "--quiet", *extra,
     )  # fmt: skip

@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_cli, tiny_config
+from conftest import assert_user_error, cli_in_process, run_cli, tiny_config
 from helpers_lora import lora_skeleton, poison_released_slots
 
 import odyssey.export.gguf_layout as gguf_layout
@@ -233,7 +233,7 @@ def test_plan_counts_quantized_bytes_and_the_workspace(files):
         < sum(int(np.prod(s)) * 2 for s in store.config.layer_shapes(0).values())
     )  # Q8_0: under half the bf16 bytes
     assert p.terms["dequant workspace"] == store.workspace_bytes(4) and "weights" not in p.terms
-    r = run_cli("plan", "--model", files["q8_0"][1], "--seq-len", "64", "--compute-dtype", "fp32")
+    r = cli_in_process("plan", "--model", files["q8_0"][1], "--seq-len", "64", "--compute-dtype", "fp32")
     assert r.returncode == 0, r.stderr
     assert "dequant workspace" in r.stdout and "Q8_0" in r.stdout
 
@@ -279,7 +279,7 @@ def test_train_merge_export_from_a_gguf(files, tmp_path):
     store, path = files["q8_0"]
     data = store.root.parent / "untied-data"
     run = tmp_path / "run"
-    r = run_cli(
+    r = cli_in_process(
         "train", "--model", path, "--data", data, "--out", run, "--ram-budget", "1GiB",
         "--steps", "3", "seq_len=32", "eval_every=0", "--quiet", "--no-guard", "compute_dtype=fp32",
     )  # fmt: skip
@@ -301,7 +301,7 @@ def test_train_merge_export_from_a_gguf(files, tmp_path):
 
 def test_full_training_of_a_quantized_gguf_is_refused(files, tmp_path):
     store, path = files["q8_0"]
-    r = run_cli(
+    r = cli_in_process(
         "train", "--model", path, "--data", store.root.parent / "untied-data", "--out", tmp_path / "run",
         "--ram-budget", "1GiB", "--steps", "1", "mode=full", "--quiet", "--no-guard",
     )  # fmt: skip
@@ -314,7 +314,7 @@ def test_corruption_after_first_use_is_one_line(files, tmp_path):
     store, src = files["f32"]
     path = tmp_path / "model.gguf"
     shutil.copy(src, path)
-    r = run_cli("verify", path, "--quiet")  # first use: records every unit
+    r = cli_in_process("verify", path, "--quiet")  # first use: records every unit
     assert r.returncode == 0, r.stderr
     gs = GGUFStore.open(path)
     t = gs.gf.tensors[gs.names["model.layers.1.mlp.up_proj.weight"]]
@@ -324,11 +324,11 @@ def test_corruption_after_first_use_is_one_line(files, tmp_path):
         f.seek(t.offset + 100)
         f.write(bytes([b[0] ^ 0x40]))
     before = path.read_bytes()
-    r = run_cli("verify", path, "--quiet")
+    r = cli_in_process("verify", path, "--quiet")
     fails = [line for line in r.stderr.splitlines() if line.startswith("FAIL")]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(fails) == 1, r.stderr
     assert str(path) in fails[0] and "layer 1" in fails[0] and "odyssey verify" in fails[0]
-    r = run_cli(
+    r = cli_in_process(
         "train", "--model", path, "--data", store.root.parent / "untied-data", "--out", tmp_path / "run",
         "--ram-budget", "1GiB", "--steps", "1", "seq_len=32", "eval_every=0", "--quiet", "--no-guard",
     )  # fmt: skip
@@ -359,7 +359,7 @@ def test_generate_from_a_gguf_equals_its_store(files, tmp_path):
         shutil.copy(f, ref / f.name)
     args = ("--prompt", "once upon a time", "--max-new-tokens", "6", "--temperature", "0", "--quiet")
     args += ("--compute-dtype", "fp32")
-    a, b = run_cli("generate", "--model", path, *args), run_cli("generate", "--model", ref, *args)
+    a, b = cli_in_process("generate", "--model", path, *args), cli_in_process("generate", "--model", ref, *args)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli, tiny_config
+from conftest import assert_user_error, cli_in_process, run_cli, tiny_config
 
 from odyssey.adapters import adapter_skeleton, inject, read_adapter, save_adapter
 from odyssey.config import LoraSettings
@@ -151,7 +151,10 @@ def test_adapter_from_same_shape_other_weights_refused(tmp_path, tiny_store, tin
     adapter = make_adapter(other, tmp_path / "adapter-other")
     out = tmp_path / "merged"
     assert_user_error(
-        run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", out), "same shape", str(other), "--model"
+        cli_in_process("merge", "--model", tiny_store, "--adapter", adapter, "--out", out),
+        "same shape",
+        str(other),
+        "--model",
     )
     assert not out.exists()
 
@@ -162,7 +165,7 @@ def test_adapter_from_other_shape_refused(tmp_path, tiny_store):
     adapter = make_adapter(other, tmp_path / "adapter-other")
     out = tmp_path / "merged"
     assert_user_error(
-        run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", out), "another shape", "--model"
+        cli_in_process("merge", "--model", tiny_store, "--adapter", adapter, "--out", out), "another shape", "--model"
     )
     assert not out.exists()
 
@@ -174,7 +177,9 @@ def test_foreign_adapter_without_record_checked_by_shape(tmp_path, tiny_store):
     adapter = make_adapter(other, tmp_path / "adapter-other")
     (adapter / "odyssey_adapter.json").unlink()
     out = tmp_path / "merged"
-    assert_user_error(run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", out), "does not fit")
+    assert_user_error(
+        cli_in_process("merge", "--model", tiny_store, "--adapter", adapter, "--out", out), "does not fit"
+    )
     assert not out.exists()
 
 
@@ -183,12 +188,12 @@ def test_non_empty_out_and_in_place_refused(tmp_path, tiny_store, adapter):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert_user_error(
-        run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", out), "not empty", "--force"
+        cli_in_process("merge", "--model", tiny_store, "--adapter", adapter, "--out", out), "not empty", "--force"
     )
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     before = {p.name: p.stat().st_mtime_ns for p in tiny_store.iterdir()}
     assert_user_error(
-        run_cli("merge", "--model", tiny_store, "--adapter", adapter, "--out", tiny_store, "--force"),
+        cli_in_process("merge", "--model", tiny_store, "--adapter", adapter, "--out", tiny_store, "--force"),
         "is the input base model",
     )
     assert {p.name: p.stat().st_mtime_ns for p in tiny_store.iterdir()} == before
@@ -209,6 +214,6 @@ def test_not_enough_disk_refused(tmp_path, tiny_store, adapter, monkeypatch, cap
 def test_not_an_adapter_refused(tmp_path, tiny_store):
     out = tmp_path / "merged"
     assert_user_error(
-        run_cli("merge", "--model", tiny_store, "--adapter", tmp_path, "--out", out), "not an adapter directory"
+        cli_in_process("merge", "--model", tiny_store, "--adapter", tmp_path, "--out", out), "not an adapter directory"
     )
     assert nothing_under(out)

@@ -20,7 +20,7 @@ from odyssey.export import RECORD_NAME, export_model
 from odyssey.merge import merge
 from odyssey.outputs import check_apart, relation
 from odyssey.store import INDEX_NAME, JOURNAL_NAME, Store, StoreError, import_hf, init_store, shard_name
-from tests.conftest import ROOT, assert_user_error, run_cli, tiny_config
+from tests.conftest import ROOT, assert_user_error, cli_in_process, run_cli, tiny_config
 from tests.test_merge import make_adapter
 
 NANO = ROOT / "configs" / "nano.yaml"
@@ -213,8 +213,10 @@ CASES = [
 
 @pytest.mark.parametrize("line,needle", CASES, ids=[f"{c[0].split()[0]}-{i}" for i, c in enumerate(CASES)])
 def test_output_apart_from_inputs(ws_apart, line, needle):
+    """In this process (the message and the status); the first case as a real process."""
     before = tree_sums(ws_apart)
-    p = run_cli(*line.format(ws=ws_apart).split())
+    run = run_cli if line == CASES[0][0] else cli_in_process
+    p = run(*line.format(ws=ws_apart).split())
     assert_user_error(p, needle, "--force does not change this")
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert tree_sums(ws_apart) == before  # inputs' bytes unchanged, and no output begun
@@ -224,7 +226,7 @@ def test_output_apart_from_inputs(ws_apart, line, needle):
 def test_train_run_dir_apart_from_inputs(train_dir, where):
     out = train_dir / ("store" if where == "model" else "tok") / "run"
     before = tree_sums(train_dir)
-    p = run_cli(
+    p = cli_in_process(
         "train", "--model", train_dir / "store", "--data", train_dir / "tok", "--out", out,
         "--ram-budget", "1GiB", "--steps", "1", "--no-guard", "--quiet", "--mode", "full",
     )  # fmt: skip
@@ -252,9 +254,9 @@ def test_init_force_keeps_foreign_files(tmp_path):
     (out / "sub").mkdir()
     (out / "sub" / "model-00001-of-00006.safetensors").write_bytes(b"deeper: not this store's")
     (out / temp_name("model-00002-of-00006.safetensors", dead_pid())).write_bytes(b"stale")
-    p = run_cli("init", "--config", NANO, "--out", out, "--quiet", "num_hidden_layers=2")
+    p = cli_in_process("init", "--config", NANO, "--out", out, "--quiet", "num_hidden_layers=2")
     assert_user_error(p, "not empty", "finished store made by another command", "--force")
-    p = run_cli("init", "--config", NANO, "--out", out, "--quiet", "--force", "num_hidden_layers=2")
+    p = cli_in_process("init", "--config", NANO, "--out", out, "--quiet", "--force", "num_hidden_layers=2")
     assert p.returncode == 0, p.stderr
     for name, data in foreign.items():
         assert (out / name).read_bytes() == data, name
@@ -414,7 +416,7 @@ def test_prepare_data_rerun_removes_stale_temps(ws, tmp_path):
     for name in [*stale, live]:
         (out / name).write_bytes(b"half")
     (store / temp_name("tokenizer.json", gone, "prepare-data")).write_bytes(b"half")
-    p = run_cli("prepare-data", ws / "corpus", "--out", out, "--model", store, "--vocab-size", "512", "--quiet")
+    p = cli_in_process("prepare-data", ws / "corpus", "--out", out, "--model", store, "--vocab-size", "512", "--quiet")
     assert p.returncode == 0, p.stderr
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [live]
     assert not [p.name for p in store.iterdir() if p.name.endswith(".tmp")]

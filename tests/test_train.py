@@ -21,7 +21,7 @@ from odyssey.model import LlamaForCausalLM
 from odyssey.runtime.runlog import RunDir
 from odyssey.store import Store, init_store
 from odyssey.trainer import lr_at
-from tests.conftest import ROOT, assert_user_error, load_tool, run_cli, tiny_config
+from tests.conftest import ROOT, assert_user_error, cli_in_process, load_tool, run_cli, tiny_config
 from tests.helpers_lora import lora_skeleton
 
 corpus_tool = load_tool("make_sample_corpus")
@@ -32,7 +32,9 @@ def setup(train_dir):
     return train_dir  # tests/conftest.py
 
 
-def train_cli(setup, out, *extra, timeout=300, guard=False):
+def train_cli(setup, out, *extra, timeout=300, guard=False, in_process=False):
+    """`odyssey train` on the setup's store and data: a real process, or (in_process) through
+    `odyssey.cli.main` here, for checks of statuses, messages and files."""
     args = [
         "train",
         "--model",
@@ -48,7 +50,7 @@ def train_cli(setup, out, *extra, timeout=300, guard=False):
     ]
     if not guard:
         args.insert(1, "--no-guard")
-    return run_cli(*args, timeout=timeout)
+    return cli_in_process(*args) if in_process else run_cli(*args, timeout=timeout)
 
 
 def step_losses(run: Path) -> dict[int, float]:
@@ -284,7 +286,18 @@ def test_adapter_loads_with_peft_and_matches_engine(setup, tmp_path):
     import transformers
 
     run = tmp_path / "run"
-    p = train_cli(setup, run, "--steps", "4", "seq_len=32", "batch_size=2", "lr=5e-3", "eval_every=0", "warmup_steps=0")
+    p = train_cli(
+        setup,
+        run,
+        "--steps",
+        "4",
+        "seq_len=32",
+        "batch_size=2",
+        "lr=5e-3",
+        "eval_every=0",
+        "warmup_steps=0",
+        in_process=True,
+    )
     assert p.returncode == 0, p.stderr
     files = sorted(x.name for x in (run / "adapter").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors", "odyssey_adapter.json"]
@@ -523,7 +536,7 @@ def test_control_pause_resume_checkpoint_stop(setup, tmp_path):
 
 
 def test_bad_inputs(setup, tmp_path):
-    p = run_cli(
+    p = cli_in_process(
         "train",
         "--model",
         setup / "store",
@@ -536,7 +549,7 @@ def test_bad_inputs(setup, tmp_path):
     )
     assert_user_error(p, "nope")
     (tmp_path / "empty").mkdir()
-    p = run_cli(
+    p = cli_in_process(
         "train",
         "--model",
         setup / "store",
@@ -552,7 +565,7 @@ def test_bad_inputs(setup, tmp_path):
 
     # a tokenizer larger than the model's vocabulary
     init_store(tiny_config(vocab_size=300), tmp_path / "small_vocab", dtype="f32", progress=False)
-    p = run_cli(
+    p = cli_in_process(
         "train",
         "--model",
         tmp_path / "small_vocab",
@@ -566,7 +579,7 @@ def test_bad_inputs(setup, tmp_path):
     assert_user_error(p, "512", "300")
 
     # budget too small
-    p = run_cli(
+    p = cli_in_process(
         "train", "--model", setup / "store", "--data", setup / "tok", "--out", tmp_path / "r2", "--ram-budget", "64MiB"
     )
     assert_user_error(p, "too small")
@@ -574,14 +587,21 @@ def test_bad_inputs(setup, tmp_path):
 
     # an existing run without --resume, and --resume with another config or another base
     run = tmp_path / "run"
-    assert train_cli(setup, run, "--steps", "3", "seq_len=32", "eval_every=0", "checkpoint_every=3").returncode == 0
+    assert (
+        train_cli(
+            setup, run, "--steps", "3", "seq_len=32", "eval_every=0", "checkpoint_every=3", in_process=True
+        ).returncode
+        == 0
+    )
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    p = train_cli(setup, run, "--steps", "3")
+    p = train_cli(setup, run, "--steps", "3", in_process=True)
     assert_user_error(p, "--resume")
-    p = train_cli(setup, run, "--resume", "--steps", "6", "seq_len=64", "eval_every=0", "checkpoint_every=3")
+    p = train_cli(
+        setup, run, "--resume", "--steps", "6", "seq_len=64", "eval_every=0", "checkpoint_every=3", in_process=True
+    )
     assert_user_error(p, "seq_len")
     init_store(tiny_config(vocab_size=512), tmp_path / "other", dtype="f32", seed=9, progress=False)
-    p = run_cli(
+    p = cli_in_process(
         "train",
         "--no-guard",
         "--model",
@@ -598,7 +618,7 @@ def test_bad_inputs(setup, tmp_path):
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
     # LoRA on the head is not supported out-of-core
-    p = train_cli(setup, tmp_path / "r3", "lora.targets=[q_proj,lm_head]")
+    p = train_cli(setup, tmp_path / "r3", "lora.targets=[q_proj,lm_head]", in_process=True)
     assert_user_error(p, "lm_head")
 
 
@@ -609,10 +629,10 @@ def test_resume_with_changes_keeps_the_run_settings(setup, tmp_path):
 
     run = tmp_path / "run"
     first = ["--steps", "3", "seq_len=32", "lr=3e-3", "eval_every=0", "checkpoint_every=3"]
-    assert train_cli(setup, run, *first).returncode == 0
+    assert train_cli(setup, run, *first, in_process=True).returncode == 0
     ref = step_losses(run)
     # an override before the options, a cadence and a longer run: accepted, settings kept
-    p = run_cli("train", "checkpoint_every=1", "--out", run, "--resume", "--quiet", "--no-guard", "--steps", "5")
+    p = cli_in_process("train", "checkpoint_every=1", "--out", run, "--resume", "--quiet", "--no-guard", "--steps", "5")
     assert p.returncode == 0, p.stderr
     saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
     assert (saved["steps"], saved["checkpoint_every"], saved["seq_len"], saved["lr"]) == (5, 1, 32, 3e-3)
@@ -621,7 +641,9 @@ def test_resume_with_changes_keeps_the_run_settings(setup, tmp_path):
     assert (run / "checkpoints" / "step-000004").is_dir()  # checkpoint_every=1 took effect
     # a change of the maths: refused with the keys named, nothing written
     before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
-    p = run_cli("train", "--out", run, "--resume", "--quiet", "--no-guard", "--steps", "6", "lr=1e-2", "seq_len=16")
+    p = cli_in_process(
+        "train", "--out", run, "--resume", "--quiet", "--no-guard", "--steps", "6", "lr=1e-2", "seq_len=16"
+    )
     assert_user_error(p, "--resume cannot change", "lr", "seq_len", "checkpoint_every")
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
 
@@ -632,7 +654,9 @@ def test_resume_with_changes_keeps_the_run_settings(setup, tmp_path):
 
 def test_full_training_beats_unigram_then_lora_adapts(tmp_path):
     """nano trained from scratch (--mode full) on the sample corpus goes below the unigram model's
-    validation loss; LoRA on top of it lowers the loss on a second corpus (letters)."""
+    validation loss; LoRA on top of it lowers the loss on a second corpus (letters). 60 full steps
+    (measured: val 9.04 -> 5.17, unigram 6.49; it crosses the unigram near step 30) and 40 LoRA
+    steps (6.67 -> 6.28)."""
     from odyssey.data import TokenData, prepare_data, unigram_loss
 
     init_store(load_model_config(ROOT / "configs" / "nano.yaml"), tmp_path / "nano", progress=False)
@@ -655,14 +679,14 @@ def test_full_training_beats_unigram_then_lora_adapts(tmp_path):
         "--ram-budget",
         "2GiB",
         "--steps",
-        "150",
+        "60",
         "seq_len=128",
         "batch_size=8",
         "lr=3e-3",
         "warmup_steps=10",
-        "eval_every=150",
+        "eval_every=60",
         "eval_batches=4",
-        "checkpoint_every=150",
+        "checkpoint_every=60",
         timeout=900,
     )
     assert p.returncode == 0, p.stderr
@@ -670,9 +694,9 @@ def test_full_training_beats_unigram_then_lora_adapts(tmp_path):
     val = RunDir(tmp_path / "full").read_metrics("val")
     print(
         f"\nnano from scratch: val loss {val[0]['val_loss']:.3f} -> {val[-1]['val_loss']:.3f} "
-        f"after 150 steps; unigram {uni:.3f}"
+        f"after 60 steps; unigram {uni:.3f}"
     )
-    assert val[-1]["step"] == 150 and val[-1]["val_loss"] < uni, (val, uni)
+    assert val[-1]["step"] == 60 and val[-1]["val_loss"] < uni, (val, uni)
 
     corpus_tool.write_corpus(tmp_path / "letters", "letters", 150, seed=4)
     prepare_data([tmp_path / "letters"], tmp_path / "tok2", tokenizer_dir=tmp_path / "full" / "model", progress=False)
@@ -708,8 +732,10 @@ def test_full_training_beats_unigram_then_lora_adapts(tmp_path):
 
 def test_generate_with_adapter_and_wrong_base(setup, tmp_path):
     run = tmp_path / "run"
-    assert train_cli(setup, run, "--steps", "2", "seq_len=32", "eval_every=0", "lr=1e-2").returncode == 0
-    p = run_cli(
+    assert (
+        train_cli(setup, run, "--steps", "2", "seq_len=32", "eval_every=0", "lr=1e-2", in_process=True).returncode == 0
+    )
+    p = cli_in_process(
         "generate",
         "--model",
         setup / "store",
@@ -726,7 +752,7 @@ def test_generate_with_adapter_and_wrong_base(setup, tmp_path):
     assert p.returncode == 0, p.stderr
     assert len(p.stdout.split()) >= 1
     init_store(tiny_config(vocab_size=512), tmp_path / "other", dtype="f32", seed=7, progress=False)
-    p = run_cli(
+    p = cli_in_process(
         "generate",
         "--model",
         tmp_path / "other",
