@@ -31,13 +31,16 @@ RECOMPUTED_KEYS = ("layers_recomputed", "recomputed_layers", "recompute_layers")
 def layers_kept(records: Sequence[dict], num_layers: int) -> int | None:
     """How many decoder layers a run did not recompute in backward, from its metrics records: the
     last record naming a kept count (KEPT_KEYS) or a recomputed count (RECOMPUTED_KEYS, kept = L -
-    recomputed); an int or a list of layer ids. None when no record says (count every layer as
-    recomputed)."""
+    recomputed); an int or a list of layer ids. Layers that spilled their activations to disk
+    (`spilled_layers`, odyssey/spill.py) are not recomputed either. None when no record says (count
+    every layer as recomputed)."""
     found = None
     for r in records:
         for key in KEPT_KEYS:
             if key in r:
                 found = _count(r[key])
+                if found is not None and _count(r.get("spilled_layers")):
+                    found += _count(r["spilled_layers"])
         for key in RECOMPUTED_KEYS:
             if key in r and _count(r[key]) is not None:
                 found = max(0, num_layers - _count(r[key]))

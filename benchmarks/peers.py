@@ -602,12 +602,14 @@ class TrainBench:
         return self.deadline is not None and time.monotonic() + need_s > self.deadline
 
     # --- Odyssey ---
-    def odyssey(self, budget_gib: float, dtype: str) -> dict:
+    def odyssey(self, budget_gib: float, dtype: str, spill: str = "auto") -> dict:
         name = (
             "odyssey" if (budget_gib, dtype) == (ODYSSEY_BUDGETS_GIB[0], "auto") else f"odyssey-{budget_gib:g}g-{dtype}"
         )
+        if spill != "auto":  # a variant of that row (spill: off recomputes what auto would spill)
+            name += f"-spill-{spill}"
         budget = int(budget_gib * GIB)
-        print(f"  train: Odyssey, {budget_gib:g} GiB cgroup, compute_dtype {dtype}")
+        print(f"  train: Odyssey, {budget_gib:g} GiB cgroup, compute_dtype {dtype}, spill {spill}")
         self.train_ok = self.train_ok or common.train_available()
         ok, why = self.train_ok
         if not ok:
@@ -616,7 +618,7 @@ class TrainBench:
             res = not_measured(budget, "time limit of the benchmark reached")
         else:
             extra = [] if dtype == "auto" else [f"compute_dtype={dtype}"]
-            extra += [f"compile={self.args.odyssey_compile}"]
+            extra += [f"compile={self.args.odyssey_compile}"] + [f"spill={spill}"] * (spill != "auto")
             runner = odyssey_train_runner(
                 self.model,
                 self.data,
@@ -636,8 +638,10 @@ class TrainBench:
         compute = f"auto ({picked})" if dtype == "auto" and picked else dtype
         self.rows[name] = train_row(
             name,
-            f"Odyssey, {budget_gib:g} GiB" + (" (headline)" if name == "odyssey" else ""),
-            f"Odyssey\n{budget_gib:g}G {dtype}",
+            f"Odyssey, {budget_gib:g} GiB"
+            + (" (headline)" if name == "odyssey" else "")
+            + (f", --spill {spill}" if spill != "auto" else ""),
+            f"Odyssey\n{budget_gib:g}G {dtype}" + (f"\nspill {spill}" if spill != "auto" else ""),
             res,
             self.args.seq_len,
             kind="odyssey",
@@ -764,8 +768,8 @@ class TrainBench:
     # --- the order of the runs ---
     def measure(self) -> None:
         """Every timed run, in order of what the targets need first: Odyssey's headline, every
-        in-RAM peer (the fastest is the one to beat), Odyssey at 4 GiB, the fp32 rows, the offload
-        peers; then the smallest cgroup of the fastest peer."""
+        in-RAM peer (the fastest is the one to beat), Odyssey at 4 GiB, at 1 GiB with --spill off,
+        the fp32 rows, the offload peers; then the smallest cgroup of the fastest peer."""
         peers_ = self.args.peers
         small, big = ODYSSEY_BUDGETS_GIB
         self.inram = peer_configs("inram") if "inram" in peers_ else []
@@ -775,6 +779,7 @@ class TrainBench:
             self.peer(c)
         if "odyssey" in peers_:
             self.odyssey(big, "auto")
+            self.odyssey(small, "auto", spill="off")  # what 1 GiB does recomputing instead of spilling
             auto_fp32 = bool(head and head.get("dtype") == "fp32")
             for b in (small, big):
                 if auto_fp32:

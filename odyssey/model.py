@@ -24,6 +24,76 @@ from odyssey.dtypes import IGNORE
 from odyssey.modelconfig import ModelConfig
 
 
+class _Recomputed(torch.autograd.Function):
+    """`fn(*args)` whose backward runs it again from its inputs instead of keeping what its ops
+    would save: for cheap elementwise chains (a norm's fp32 copy of its input, the gated MLP's
+    act(gate)), where recomputing costs a pass over memory and keeping costs bytes from a layer's
+    forward to its backward (kept and spilled layers, the recompute's peak). The same ops run
+    again on the same inputs, so values and gradients are those of plain autograd, bit for bit.
+    Its inputs are saved with save_for_backward, so saved_tensors_hooks (saved.SavedWeights, the
+    spill) see them."""
+
+    @staticmethod
+    def forward(ctx, fn, *args):
+        ctx.fn = fn
+        ctx.save_for_backward(*args)
+        with torch.no_grad():
+            return fn(*args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        args = [a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = ctx.fn(*args)
+        wanted = [a for a in args if a.requires_grad]
+        got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
+        return (None, *(next(got) if a.requires_grad else None for a in args))
+
+
+class _GLU(torch.autograd.Function):
+    """act(g) * u keeping g and u, not act(g) as well: backward computes act(g) again and applies
+    the formulas autograd's own MulBackward0 and Silu/GeluBackward0 apply (grad * u, grad * act,
+    silu_backward / gelu_backward), so gradients are autograd's bit for bit, without holding the
+    product again as _Recomputed would while its backward runs."""
+
+    @staticmethod
+    def forward(ctx, g, u, gelu: bool):
+        ctx.gelu = gelu
+        ctx.save_for_backward(g, u)
+        return (F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * u
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, u = ctx.saved_tensors
+        act = F.gelu(g, approximate="tanh") if ctx.gelu else F.silu(g)
+        grad_u = grad * act if ctx.needs_input_grad[1] else None
+        del act
+        grad_g = None
+        if ctx.needs_input_grad[0]:
+            grad_act = grad * u
+            if ctx.gelu:
+                grad_g = torch.ops.aten.gelu_backward(grad_act, g, approximate="tanh")
+            else:
+                grad_g = torch.ops.aten.silu_backward(grad_act, g)
+        return grad_g, grad_u, None
+
+
+def glu(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """GeGLU (Gemma) or SwiGLU: act(g) * u; in a graph, saving g and u only (_GLU)."""
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+        return _GLU.apply(g, u, gelu)
+    # no graph: g is the projection's fresh output, so act (SiLU) and the product go in place: a
+    # generation's forward holds one (tokens, intermediate) tensor fewer
+    return (F.gelu(g, approximate="tanh") if gelu else F.silu(g, inplace=True)).mul_(u)
+
+
+def recomputed(fn, *args: torch.Tensor) -> torch.Tensor:
+    """fn(*args), recomputed in backward rather than saved (_Recomputed) when it is part of a graph."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+        return _Recomputed.apply(fn, *args)
+    return fn(*args)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float, gemma: bool = False):
         super().__init__()
@@ -32,14 +102,18 @@ class RMSNorm(nn.Module):
         self.gemma = gemma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The graph keeps x (its own dtype), not the fp32 copy the norm computes with.
+        return recomputed(self._norm, x, self.weight)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # As HF: normalise in fp32. Llama casts back, then scales (same rounding in bf16); Gemma
         # scales by (1 + w) in fp32, then casts.
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.gemma:
-            return (h * (1.0 + self.weight.float())).to(dtype)
-        return self.weight * h.to(dtype)
+            return (h * (1.0 + weight.float())).to(dtype)
+        return weight * h.to(dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, seq_len: int, max_pos: int) -> torch.Tensor:
@@ -221,9 +295,8 @@ class MLP(nn.Module):
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gate_proj(x)
-        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)  # GeGLU (Gemma) or SwiGLU
-        return self.down_proj(g * self.up_proj(x))
+        # the graph keeps gate and up, not act(gate) as well (recomputed in backward)
+        return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), self.gelu))
 
 
 class DecoderLayer(nn.Module):

@@ -142,50 +142,55 @@ def lora_parameter_count(cfg: ModelConfig, lora: LoraSettings) -> int:
     return total
 
 
-def recompute_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, lora: LoraSettings) -> int:
-    """Bytes live at the peak of one layer's recompute backward (engine.train_step): the layer run
-    again with grad from its saved input, then `autograd.backward`. `tokens` = B x T.
-
-    Measured with torch's profiler (live tensors of its CPU allocator) on one layer of each of the
-    six real-model shapes under configs/ (LoRA r=16 on every projection, seq 256/512/1024): the peak
-    is at the start of down_proj's backward, every tensor the recompute saved still alive. Per token
-    (d hidden, q = heads x head_dim, kv, f intermediate, ci the compute itemsize):
-      2 RMSNorm inputs in fp32 (x.float(), saved by pow and mul; Gemma 3: 4)      2d x 4
-      q/k norms' inputs in fp32 (Qwen3, Gemma 3)                                (q + kv) x 4
-      q, k after RoPE, v, SDPA's output, o_proj's input; gate, act(gate), up;
-      the layer's output (held until backward returns)                    (3q + 2kv + 3f + d) x ci
-      LoRA's input to lora_A in fp32: below fp32 compute PEFT casts a copy
-      for each target (5d + q + f); in fp32 the tensors themselves (2d + f)            x 4
-      down_proj's backward: two (T, f) fp32 gradients on the LoRA path                  2f x 4
-      rank-r activations and their gradients (7 targets), SDPA's log-sum-exp,
-      per-row statistics of the norms                                     56r + 4 heads + 256
-    bf16 compute, seq 512: measured 232,522 B a token for Llama-3.2-1B (formula 232,704),
-    224,826 Qwen2.5-1.5B (224,944), 210,090 Qwen3-1.7B (210,112), 181,457 Gemma-3-1B (185,744),
-    185,418 TinyLlama-1.1B (185,600), 238,666 SmolLM2-1.7B (238,848); within 0.3 % of that a token
-    at seq 256 and 1024 (and 64 for two of them). fp32 compute: the formula is 5-9 % above what was
-    measured. Fewer LoRA targets keep fewer copies, so all seven are counted; LoRA dropout adds its
-    output (fp32) and mask per target; a sliding window shorter than the sequence adds SDPA's (T, T)
-    boolean mask. The engine's step profiled on a SmolLM2-1.7B store peaks as one layer in RAM does
-    (116.5 MiB, seq 512); tests/test_planner.py measures a small layer of each family."""
-    d, q, kv, f = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+def saved_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, lora: LoraSettings) -> int:
+    """Bytes one layer's forward with grad saves for its backward (a kept or spilled layer holds
+    them from its forward to its backward), not counting its input, its base weights (handles:
+    saved.SavedWeights) nor the RoPE tables every layer shares. Per token (d hidden, q = heads x
+    head_dim, kv, f intermediate, r LoRA rank, ci the compute itemsize):
+      the two norms' outputs (LoRA's inputs to q/k/v and gate/up) and the residual between
+      them, the second norm's input (model.RMSNorm keeps its input, not its fp32 copy)      3d x ci
+      q after RoPE and SDPA's output (o_proj's input is a view of it); k, v     (2q + 2kv) x ci
+      gate and up (model.glu keeps them, not act(gate)), down_proj's input           3f x ci
+      rank-r activations of the seven LoRA targets                                   7r x ci
+      SDPA's log-sum-exp                                                         heads x 4
+      q/k norms' inputs (Qwen3, Gemma 3)                                    (q + kv) x ci
+      Gemma 3's post-attention and post-feedforward norms' inputs                    2d x ci
+    and once a layer, below fp32 compute, the LoRA weights cast to the compute dtype. LoRA dropout
+    adds its output (fp32) and mask per target; a sliding window shorter than the sequence adds
+    SDPA's (T, T) boolean mask and its float form. Measured with saved_tensors_hooks on one layer of each family
+    (tests/test_planner.py): the 1.2B's shape, seq 512: bf16 28.4 MiB (was 39.9 before the norms
+    and the GLU kept their inputs only), fp32 54.5 MiB (65.5)."""
+    d, q, kv, f, r = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, lora.r
     fam, ci = cfg.family, compute_itemsize
-    lora_inputs = 5 * d + q + f  # the inputs of q, k, v, gate, up (d each), o_proj (q), down_proj (f)
-    per_token = (4 if fam.sandwich_norms else 2) * d * 4
+    per_token = (3 * d + 2 * q + 2 * kv + 3 * f + 7 * r) * ci + cfg.num_attention_heads * 4
     if fam.qk_norm:
-        per_token += (q + kv) * 4
-    per_token += (3 * q + 2 * kv + 3 * f + d) * ci
-    per_token += (2 * d + f) * ci  # LoRA's inputs: the normed x twice and down_proj's input (x's dtype)
-    per_token += 2 * f * ci
-    if fam.sandwich_norms and ci < 4:  # Gemma 3 in bf16 holds this much more (measured; not traced to a tensor)
-        per_token += f * (ci + 2)
-    per_token += 2 * 7 * lora.r * 4 + cfg.num_attention_heads * 4 + 256
+        per_token += (q + kv) * ci
+    if fam.sandwich_norms:
+        per_token += 2 * d * ci
     if lora.dropout > 0:
-        per_token += lora_inputs * (4 + 1)
-    mask = 0
-    windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
-    if any(w is not None and w < seq_len for w in windows):
-        mask = seq_len * seq_len
-    return tokens * per_token + mask
+        per_token += (5 * d + q + f) * (4 + 1)
+    once = 0
+    if ci < 4:  # A (r, in) and B (out, r) of each target cast for the matmuls
+        once = r * (2 * (d + q) + 2 * (d + kv) + 2 * (d + f) + (f + d)) * ci
+    windowed = any(w is not None and w < seq_len for w in map(cfg.window, range(cfg.num_hidden_layers)))
+    mask = seq_len * seq_len * (1 + ci) * (tokens // seq_len)  # SDPA keeps the bool mask and its float form
+    return tokens * per_token + once + (mask if windowed else 0)
+
+
+def recompute_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, lora: LoraSettings) -> int:
+    """Bytes live at the peak of one layer's backward (engine.train_step: the layer run again with
+    grad from its saved input, or a kept or spilled layer's graph, then `autograd.backward`):
+    what its forward saved (`saved_bytes`) and, at the peak (down_proj's and the GLU's backward),
+    per token 3f + 2d in the compute dtype: the gradient flowing into down_proj's input, act(gate)
+    computed again, the GLU's gradients, the layer's output and the gradient coming down.
+    A sliding window shorter than the sequence makes SDPA's backward hold about 5 bytes per head
+    and (T, T) pair more (measured on Gemma 3's shape). Measured with torch's profiler (live
+    tensors of its CPU allocator) on one layer of each family (tests/test_planner.py) at width 256
+    and at the real shapes, seq 512: 3-9 % above what torch holds."""
+    d, f, ci = cfg.hidden_size, cfg.intermediate_size, compute_itemsize
+    windowed = any(w is not None and w < seq_len for w in map(cfg.window, range(cfg.num_hidden_layers)))
+    attn = 5 * cfg.num_attention_heads * seq_len * seq_len * (tokens // seq_len) if windowed else 0
+    return saved_bytes(cfg, tokens, seq_len, ci, lora) + tokens * (3 * f + 2 * d) * ci + attn
 
 
 def head_bytes(cfg: ModelConfig, tokens: int, compute_itemsize: int) -> int:
@@ -245,11 +250,12 @@ def training_peak(
 
 def kept_layer_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, lora) -> int:
     """What one layer that keeps its activations holds from its forward to its backward: what its
-    recompute holds (`recompute_bytes`) and its input. Not its weights, nor their copy in the
-    compute dtype: autograd saves them as handles and backward binds the layer again
-    (saved.SavedWeights); the `weights` term counts the one layer converted at a time."""
+    forward saved (`saved_bytes`) and its input. Not its weights, nor their copy in the compute
+    dtype: autograd saves them as handles and backward binds the layer again
+    (saved.SavedWeights); the `weights` term counts the one layer converted at a time. The
+    transients of its backward are the workspace's (`recompute_bytes`), one layer at a time."""
     ci = compute_itemsize
-    return recompute_bytes(cfg, tokens, seq_len, ci, lora) + tokens * cfg.hidden_size * ci
+    return saved_bytes(cfg, tokens, seq_len, ci, lora) + tokens * cfg.hidden_size * ci
 
 
 def measured_runtime(mode: str) -> int:
@@ -370,6 +376,8 @@ def plan(
         )
         res.kept_bytes = res.kept * kept_one
         res.spill_bytes = res.spilled * (kept_one - BT * d * ci)  # what is saved; the input stays in RAM
+        if spill and mode != "forward" and not res.spilled and res.kept < L:
+            res.spill_room = kept_one + SPILL_STAGING
         kept, pinned = res.kept, res.pinned_bytes
         paged_any = res.paged > 0
         spilled = res.spilled > 0

@@ -72,6 +72,7 @@ class Residency:
     spilled: int = 0  # layers before the kept ones whose activations go to disk (spill.py), not recomputed
     spill_bytes: int = 0  # bytes they write to (and read back from) the spill file a step
     spill_dir: str = ""  # where (set by train when it spills)
+    spill_room: int = 0  # spill asked, none possible: the bytes one layer in flight needs (planner)
     units: int = 0  # units a step (a token) uses
     unit_bytes: int = 0  # bytes a step (a token) asks the pager for (a layer twice in training)
     read_bytes: int = 0  # bytes the pager reads a step (a token) in steady state
@@ -118,6 +119,11 @@ class Residency:
                 out.append(
                     f"  spill:     {self.spilled} layer(s) keep theirs on disk: {format_bytes(self.spill_bytes)} "
                     "written and read back a step"
+                )
+            elif self.spill_room:
+                out.append(
+                    f"  spill:     none: one layer's activations in flight need {format_bytes(self.spill_room)} "
+                    "the budget does not have"
                 )
             again = self.kept_paged
             if again:  # their weights are not held from forward to backward (saved.SavedWeights)

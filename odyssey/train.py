@@ -139,6 +139,14 @@ def train(
     if spill is not None and spill.on:
         plan = check_plan(store, cfg, budget, spill)
         plan.residency.spill_dir = spill.directory
+        if not plan.residency.spilled:  # the budget has no room for one layer in flight
+            from odyssey.config import format_bytes
+            from odyssey.spill import SpillChoice
+
+            room = format_bytes(plan.residency.spill_room)
+            spill = SpillChoice(
+                False, f"spill: none (one layer's activations in flight need {room} the budget does not have)"
+            )
     hook = load_hook()
     ranks = Ranks(cfg.dist_timeout_s)  # after every rank checked its inputs: nothing is written before
     main = ranks.is_main

@@ -725,6 +725,8 @@ def test_compute_limit_counts_4x_for_layers_not_recomputed():
     ]
     assert goals.layers_kept(recs, 22) == 2 and goals.compute_dtype_of(recs) == "bf16"
     assert goals.layers_kept([{"kind": "plan", "layers_kept": [19, 20, 21]}], 22) == 3
+    spilled = [{"kind": "step", "kept_layers": 1, "spilled_layers": 21}]  # spilled layers are not recomputed
+    assert goals.layers_kept(spilled, 22) == 22
     assert goals.layers_kept([{"kind": "step", "step": 1}], 22) is None
     assert goals.compute_dtype_of([{"kind": "step"}]) is None
 

@@ -236,6 +236,7 @@ def test_train_cli_spills_and_records_it(train_dir, tmp_path, monkeypatch, capsy
     budget = plan_for_store(store, budget=None, **kw).total  # every layer recomputed
     while plan_for_store(store, budget=budget, spill=True, **kw).residency.spilled == 0:
         budget += 4 << 20
+    no_room = budget - (40 << 20)  # fits recomputing, not with a layer in flight (about 70 MiB)
     budget += 24 << 20  # this process's memory (the plan's runtime term) may grow a little before train plans
     assert plan_for_store(store, budget=budget, spill=True, **kw).residency.spilled > 0
     losses = {}
@@ -253,3 +254,13 @@ def test_train_cli_spills_and_records_it(train_dir, tmp_path, monkeypatch, capsy
             said = capsys.readouterr()
             assert "spill: on (--spill on)" in said.out + said.err
     assert losses["on"] == losses["off"]
+    # --spill on where the budget has no room for one layer in flight: nothing spills, the start says why
+    out = tmp_path / "run-none"
+    args = ["train", "--no-guard", "--model", str(train_dir / "store"), "--data", str(train_dir / "tok")]
+    args += ["--out", str(out), "--ram-budget", f"{no_room >> 20}MiB", "--steps", "1", "--spill", "on"]
+    capsys.readouterr()
+    assert main([*args, "compute_dtype=fp32", "seq_len=32"]) == 0
+    said = capsys.readouterr()
+    assert "spill: none (one layer's activations in flight need" in said.out + said.err, said
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "step_s" in line]
+    assert rec[0]["spilled_layers"] == 0 and rec[0]["loss"] == losses["off"][0]

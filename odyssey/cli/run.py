@@ -89,6 +89,12 @@ def cmd_plan(args) -> int:
         spill = choose(
             args.spill, args.spill_dir or ".", store, tokens=tokens, compute=dtype, lora=lora, recompute=args.recompute
         )
+
+    def spilled(p) -> bool:  # the choice's line, unless on and nothing spills (the residency says why)
+        if spill is None or not spill.why:
+            return False
+        return not spill.on or p.residency is None or p.residency.spilled > 0
+
     plan_checked(
         store,
         mode=args.mode,
@@ -102,7 +108,7 @@ def cmd_plan(args) -> int:
         pin=args.pin,
         recompute=args.recompute,
         spill=spill is not None and spill.on,
-        show=lambda p: print(f"{p.table()}\n{compute}" + (f"\n{spill.why}" if spill is not None and spill.why else "")),
+        show=lambda p: print(f"{p.table()}\n{compute}" + (f"\n{spill.why}" if spilled(p) else "")),
     )
     return 0
 
