@@ -805,6 +805,7 @@ class TrainBench:
         small, big = ODYSSEY_BUDGETS_GIB
         order = [
             "odyssey",
+            "odyssey-spill-off",
             f"odyssey-{small:g}g-fp32",
             f"odyssey-{big:g}g-auto",
             f"odyssey-{big:g}g-fp32",

@@ -3,8 +3,11 @@
 The model is a `CausalLM` skeleton (any family of `odyssey.families`) on the `meta` device
 (optionally with PEFT LoRA adapters, whose weights are real and stay resident). For each unit the
 pager hands over, the frozen base weights are bound to the skeleton as
-`nn.Parameter(view, requires_grad=False)` (converted to the compute dtype when that differs from
-the store dtype), used, and unbound.
+`nn.Parameter(view, requires_grad=False)`, used, and unbound. When the store dtype is not the
+compute dtype (a bf16 store computed in fp32), a projection is bound as a `CastWeight`
+(odyssey.gguf.qweight): converted into one reused workspace just before its matmul and again in
+backward, so one matrix is converted at a time, not the layer (same numbers); norms and biases
+are converted whole.
 
 Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 
@@ -57,8 +60,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from odyssey.dtypes import VOCAB_CHUNK, compute_dtype_info
-from odyssey.gguf.qweight import QWeight, Workspace, bind_linear, row_chunk, unbind_linear
+from odyssey.dtypes import DTYPES, VOCAB_CHUNK, compute_dtype_info
+from odyssey.gguf.qweight import CastWeight, QWeight, Workspace, bind_linear, row_chunk, unbind_linear
 from odyssey.headloss import OnlineCrossEntropy
 from odyssey.model import CausalLM, KVCache, embed_scale, rope_tables
 from odyssey.pager import Pager, Resident, ResidentPager, UnitStat
@@ -96,6 +99,8 @@ class PassStats:
 
 
 class Engine:
+    cast_per_matrix = True  # a store's matrices in another dtype: converted at each use (CastWeight)
+
     def __init__(
         self,
         store: Store,
@@ -155,6 +160,10 @@ class Engine:
         self.workspace = Workspace()  # GGUF: where each quantized matrix is dequantized before its matmul
         if hasattr(store, "workspace_numel"):  # allocated once, for the largest matrix
             self.workspace.get(store.workspace_numel(), self.dtype)
+        elif self.cast_per_matrix and DTYPES[store.dtype].torch() != self.dtype:  # a bf16 store in fp32
+            from odyssey.planner import largest_layer_matrix
+
+            self.workspace.get(largest_layer_matrix(store), self.dtype)
 
     # --- weights ---
     def _find_base_modules(self):
@@ -177,6 +186,11 @@ class Engine:
             mod, attr = self._modules[name]
             if isinstance(t, QWeight):  # a GGUF matrix: dequantized at each use (odyssey.gguf.qweight)
                 bind_linear(mod, t, self.workspace)
+                self._bound[name] = (mod, None, None)
+                continue
+            if self.cast_per_matrix and t.dtype != self.dtype and t.dim() == 2 and isinstance(mod, nn.Linear):
+                # converted at each use, one matrix at a time (CastWeight), not the layer at once
+                bind_linear(mod, CastWeight(t), self.workspace)
                 self._bound[name] = (mod, None, None)
                 continue
             w = t if t.dtype == self.dtype else t.to(self.dtype)

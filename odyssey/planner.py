@@ -13,8 +13,9 @@ mapping, `RssShmem`, counted here all the same):
 - pinned units what the budget left over holds resident (residency.py); in generation they are held
                in the compute dtype (engine.Engine `hold_pinned`): their buffers' bytes scaled by
                compute / store itemsize
-- weights      one unit's base weights converted to the compute dtype (when it differs from the
-               store dtype), bound for the layer being computed
+- weights      what is converted to the compute dtype when it differs from the store dtype: a
+               layer's largest matrix (engine: CastWeight converts each matrix at its use, again
+               in backward) and its vectors, or one head chunk
 - workspace    generation: one layer's activations, about 3d + 3f values a token (the MLP's peak).
                Training: what the phase at the peak holds for a moment (`recompute_bytes`,
                `head_bytes`): one layer recomputed with grad and its backward, or the head pass
@@ -252,7 +253,7 @@ def kept_layer_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsi
     """What one layer that keeps its activations holds from its forward to its backward: what its
     forward saved (`saved_bytes`) and its input. Not its weights, nor their copy in the compute
     dtype: autograd saves them as handles and backward binds the layer again
-    (saved.SavedWeights); the `weights` term counts the one layer converted at a time. The
+    (saved.SavedWeights); the `weights` term counts the one matrix converted at a time. The
     transients of its backward are the workspace's (`recompute_bytes`), one layer at a time."""
     ci = compute_itemsize
     return saved_bytes(cfg, tokens, seq_len, ci, lora) + tokens * cfg.hidden_size * ci
@@ -307,8 +308,9 @@ def plan(
     B, T = batch_size, seq_len
     BT = B * T
     ci = compute_itemsize
-    if layer_params is None:
-        layer_params = sum(numel(s) for s in cfg.layer_shapes(0).values())
+    if layer_params is None:  # converted at once: the largest matrix and the vectors (CastWeight)
+        shapes = list(cfg.layer_shapes(0).values())
+        layer_params = max(numel(s) for s in shapes if len(s) == 2) + sum(numel(s) for s in shapes if len(s) != 2)
     if paging is None:
         paging = paging_for_config(cfg, store_itemsize)
     runtime = runtime if runtime is not None else measured_runtime(mode)
@@ -333,8 +335,8 @@ def plan(
         terms["buffer pool"] = slots * paging.slot_bytes if paged_any else 0  # untouched slots cost nothing
         if pinned_bytes:  # generation holds them converted to the compute dtype, their buffers given back
             terms["pinned units"] = pinned_bytes * ci // store_itemsize if mode == "forward" else pinned_bytes
-        if ci != store_itemsize:  # a layer's converted weights, or one head chunk: never both
-            terms["weights"] = max(layer_params, VOCAB_CHUNK * d) * ci
+        if ci != store_itemsize:  # the matrix being converted (the workspace stays) and a head chunk
+            terms["weights"] = (layer_params + VOCAB_CHUNK * d) * ci
         if dequant_workspace is not None:  # GGUF: one matrix (again in backward) and a head chunk
             terms["dequant workspace"] = dequant_workspace
         if mode == "forward":
@@ -387,6 +389,17 @@ def plan(
     return Plan(mode, terms, budget, seq_len, batch_size, paging, slots, peak, res)
 
 
+def largest_layer_matrix(store) -> int:
+    """Elements of the largest matrix of a store's decoder layers (what the engine converts at once
+    when the compute dtype is not the store's)."""
+    return max(
+        numel(s.shape)
+        for i in range(store.config.num_hidden_layers)
+        for s in store.shards[i].tensors.values()
+        if len(s.shape) == 2
+    )
+
+
 def plan_for_store(
     store,
     *,
@@ -414,8 +427,10 @@ def plan_for_store(
         layer_params = sum(numel(s) for s in store.config.layer_shapes(0).values())
         if store.quantized:  # no layer is converted whole: the workspace term counts what is
             store_itemsize = compute_itemsize
-    else:
-        layer_params = sum(numel(s.shape) for s in store.shards[0].tensors.values())
+    else:  # converted one matrix at a time (engine: CastWeight), the vectors (norms, biases) whole
+        layer_params = largest_layer_matrix(store) + sum(
+            numel(s.shape) for s in store.shards[0].tensors.values() if len(s.shape) != 2
+        )
     return plan(
         store.config,
         mode=mode,

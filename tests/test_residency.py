@@ -150,12 +150,38 @@ def test_kept_layers_change_no_number(tmp_path, monkeypatch, dtype):
         assert {i for i in range(4 - keep, 3) if i not in pinned} <= set(poisoned), (keep, poisoned)
 
 
+@pytest.mark.parametrize("keep", [0, 2])
+def test_matrices_converted_at_each_use_change_no_number(tmp_path, monkeypatch, keep):
+    """A bf16 store computed in fp32 converts each projection into the workspace at its use and
+    again in backward (CastWeight), not the layer at once: the losses and LoRA gradients are those
+    of the whole-layer copies, bit for bit, and the workspace holds one matrix, the largest."""
+    from odyssey.planner import largest_layer_matrix
+
+    store = four_layer_store(tmp_path, dtype="bf16")
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
+
+    def run(per_matrix):
+        monkeypatch.setattr(Engine, "cast_per_matrix", per_matrix)
+        skel = lora_skeleton(store, std=0.02)
+        with Engine(store, compute_dtype="fp32", model=skel, keep=keep) as eng:
+            losses = [eng.train_step(ids, ids) for _ in range(2)]
+            work = eng.workspace.nbytes
+        return losses, {k: p.grad.clone() for k, p in lora_parameters(skel).items()}, work
+
+    losses, grads, work = run(True)
+    ref_losses, ref_grads, ref_work = run(False)
+    assert losses == ref_losses
+    assert all(torch.equal(grads[k], ref_grads[k]) for k in grads)
+    assert work == largest_layer_matrix(store) * 4 and ref_work == 0
+
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_kept_graph_holds_no_base_weight(tmp_path, monkeypatch, dtype):
     """All four layers keep their graphs, none pinned. When backward starts, no base weight bound
     during forward is alive (a slot view; with a bf16 store, its copy converted to fp32): autograd
-    saved each layer's nine weights (seven projections, two norms) as handles, and no tensor it
-    saved lies in a pager slot."""
+    saved each layer's nine weights (seven projections, two norms) as handles, or with a bf16
+    store (fp32 compute) its two norms, the projections converted at each use into the workspace
+    (CastWeight) and saving nothing; no tensor it saved lies in a pager slot or the workspace."""
     import gc
     import weakref
 
@@ -167,7 +193,11 @@ def test_kept_graph_holds_no_base_weight(tmp_path, monkeypatch, dtype):
 
     def bind(self, res):
         real_bind(self, res)
-        storages.extend(weakref.ref(self.bound_weight(n).untyped_storage()) for n in res.tensors if n in self._bound)
+        storages.extend(
+            weakref.ref(self.bound_weight(n).untyped_storage())
+            for n in res.tensors
+            if n in self._bound and self._bound[n][1] is not None  # a CastWeight binds no Parameter
+        )
 
     saved = []
     real_pack = SavedWeights.pack
@@ -197,14 +227,21 @@ def test_kept_graph_holds_no_base_weight(tmp_path, monkeypatch, dtype):
             slots.append((view.data_ptr(), view.numel()))
             del view
         assert all(s.grad is not None for s in lora_parameters(skel).values())
-    assert alive == [(4 * 9, 0)] and len(storages) == 2 * 4 * 9  # bound again in backward
+        work = [(b.data_ptr(), b.untyped_storage().nbytes()) for b in eng.workspace._bufs.values()]
+    # f32: nine Parameters a layer (seven projections, two norms); a bf16 store in fp32 binds its
+    # projections as CastWeights (converted into the workspace at each use, saving nothing): two
+    params = 9 if dtype == "f32" else 2
+    assert alive == [(4 * params, 0)] and len(storages) == 2 * 4 * params  # bound again in backward
     handles = {h.name for h in saved if isinstance(h, WeightHandle)}
-    assert handles == {n for i in range(4) for n in store.page(i).tensors}
+    assert handles == {
+        n for i in range(4) for n, t in store.page(i).tensors.items() if dtype == "f32" or len(t[2]) == 1
+    }
+    assert (len(work) == 1) == (dtype == "bf16")  # the workspace exists only where weights convert
     tensors = [t for t in saved if isinstance(t, torch.Tensor) and t.numel()]
     assert len(tensors) > 4 * 9
-    for t in tensors:
+    for t in tensors:  # nothing saved lies in a slot, nor in the workspace the next matrix overwrites
         lo, hi = t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()
-        assert not any(lo < a + n and a < hi for a, n in slots), t.shape
+        assert not any(lo < a + n and a < hi for a, n in slots + work), t.shape
 
 
 # ---------------------------------------------------------------------------------------------

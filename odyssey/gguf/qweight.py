@@ -79,6 +79,26 @@ class QWeight:
         return dequantize(raw, self.qtype, (idx.numel(), self.shape[1]), dtype)
 
 
+class CastWeight(QWeight):
+    """A float matrix of a store whose dtype is not the compute dtype (a bf16 store computed in
+    fp32): bound like a QWeight, so each use converts it into the workspace just before its matmul
+    and backward converts it again. RAM holds one converted matrix, not a converted layer (172 MiB
+    of a 1.2B layer in fp32 against 46 MiB for its largest matrix); the values are the same
+    conversion, so the numbers are those of the whole-layer copy."""
+
+    def __init__(self, t: torch.Tensor):
+        names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+        super().__init__(t, names[t.dtype], tuple(t.shape))
+
+    def stored(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return self.raw.to(dtype)
+        return out[: self.numel].view(self.shape).copy_(self.raw)
+
+    def hf(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.raw.to(dtype)
+
+
 def row_chunk(W, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows [r0, r1) of a head block W (a tensor view or a QWeight) in `dtype` (a new tensor when
     converted or dequantized)."""
