@@ -1,59 +1,40 @@
 """Out-of-core forward and backward over the pager (layer-major, recompute in backward).
 
-The model is a `CausalLM` skeleton (any family of `odyssey.families`) on the `meta` device
-(optionally with PEFT LoRA adapters, whose weights are real and stay resident). For each unit the
-pager hands over, the frozen base weights are bound to the skeleton as
-`nn.Parameter(view, requires_grad=False)`, used, and unbound. When the store dtype is not the
-compute dtype (a bf16 store computed in fp32), a projection is bound as a `CastWeight`
-(odyssey.gguf.qweight): converted into one reused workspace just before its matmul and again in
-backward, so one matrix is converted at a time, not the layer (same numbers); norms and biases
-are converted whole.
+The model is a `CausalLM` skeleton (any family of `odyssey.families`; PEFT LoRA adapters, real and
+resident, optional) on the `meta` device. Each unit the pager hands over has its frozen weights
+bound as `nn.Parameter(view, requires_grad=False)`, used, and unbound. A matrix in another dtype
+than the compute dtype (a bf16 store in fp32: `CastWeight`) or GGUF-quantized (`QWeight`, and
+llama's permuted q/k) is bound by giving its Linear a forward that converts it into one reused
+workspace just before its matmul and again in backward (odyssey.gguf.qweight): one matrix at a
+time, same numbers. Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 
-Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
-
-- forward: embedding rows gathered by the store (`embedding_rows`: only the rows needed, from the
-  memory-mapped embed shard or GGUF file; the row blocks holding them are checked first), layers
-  0..L-1 without grad keeping only each layer's input, final norm, then the head.
-- a GGUF file (odyssey.gguf.store): its quantized matrices (and llama's permuted q/k) come from the
-  pager as `QWeight`s, bound by giving their Linear a forward that dequantizes the matrix into one
-  reused workspace just before its matmul, and again in backward (odyssey.gguf.qweight); the head's
-  GGUF blocks are dequantized a vocab chunk at a time.
-- the head: its weight (V, d) (the embedding when tied) is paged in row blocks no larger than a
-  decoder layer (store.Block), prefetched like layers, one block resident while the next is read;
-  each block is used in vocab chunks. A tied embedding is read once per step, for the head.
-- loss: cross-entropy over the head's blocks with an online log-sum-exp (headloss.py), never
-  B x T x V logits; IGNORE targets (-100: prompts, padding) are left out before the head.
-- packed examples: `positions` (B, T) restart the RoPE at each example and `segments` (B, T) make
-  attention block-diagonal causal (model.attention_mask), so each example computes what it would
-  alone; without them (text data) positions are 0..T-1 and attention plainly causal.
+- forward: embedding rows gathered by the store (only the rows needed, their blocks checked),
+  layers 0..L-1 without grad keeping only each layer's input, final norm, then the head: its
+  weight (V, d) (the embedding when tied, then read once a step) paged in row blocks no larger
+  than a layer, used in vocab chunks; the loss an online log-sum-exp over them (headloss.py), never
+  B x T x V logits, IGNORE targets left out. Packed examples: `positions` restart the RoPE and
+  `segments` make attention block-diagonal causal (model.attention_mask).
 - backward: layers L-1..0, each recomputed with grad from its saved input (a leaf with
-  requires_grad, so LoRA weights get gradients), `torch.autograd.backward(out, grad)`, the input's
-  gradient passed down.
-- selective recompute (`keep`, decided by the planner: residency.py): the last `keep` layers run
-  their forward with grad from a leaf input and keep the graph; their backward is
-  `autograd.backward` of that graph, with no recompute. Their weights need not stay in RAM from
-  forward to backward: the forward saves handles in place of the bound base weights (saved.py
-  `SavedWeights`); in backward the layer is paged in and bound again (served from RAM when
-  pinned) and each handle rebuilt as the same view of the weight bound then. A GGUF layer's
-  quantized matrices save nothing (odyssey.gguf.qweight). Same numbers, bit for bit.
-- LoRA: PEFT's `lora.Linear` forward is replaced by `adapters.lora_forward` (same values, fewer
-  passes over each projection's output; `lora_fused=False` keeps PEFT's); `compile_layers=True`
-  runs each decoder layer through torch.compile (training steps only: see Engine.__init__).
-  train_step names its phases for torch.profiler (benchmarks/profile_step.py).
-The schedule is forward then reverse, so the last layer of forward is the first of backward and
-stays resident; layer 0 stays resident into the next step. Pinned units (`pinned`, residency.py)
-are read once and served from their own buffers from then on.
-
-Held units (`hold_pinned`, generation: open_engine): a pinned unit is bound once, at its first
-use, in the compute dtype, and stays bound (no pager hand-off, rebinding or conversion per
-token). When every tensor was converted, the pinned buffer's pages are given back (the plan counts
-the converted copy, planner.py); a held head block is used whole, in the compute dtype.
+  requires_grad), `torch.autograd.backward(out, grad)`, the input's gradient passed down.
+- selective recompute (`keep`, residency.py): the last `keep` layers run their forward with grad
+  and keep the graph; their backward needs no recompute. Their weights are not held from forward
+  to backward: autograd saves handles for them (saved.SavedWeights) and backward binds the layer
+  again. Spill (`spill`, spill.py): the `spill` layers before them keep their graphs too, what
+  autograd saves written to disk in forward and read back one layer ahead of their backward. Same
+  numbers, bit for bit.
+- LoRA: PEFT's `lora.Linear` forward is `adapters.lora_forward` (fewer passes over the output;
+  `lora_fused=False` keeps PEFT's); `compile_layers=True` runs each decoder layer through
+  torch.compile (training steps only); train_step names its phases for torch.profiler.
+The schedule is forward then reverse, so the last layer of forward is the first of backward; layer
+0 stays resident into the next step. Pinned units (`pinned`) are read once and served from their
+own buffers. Held units (`hold_pinned`, generation): a pinned unit is bound once, in the compute
+dtype, and stays bound; when every tensor was converted its buffer's pages are given back (the
+plan counts the converted copy).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -64,38 +45,9 @@ from odyssey.dtypes import DTYPES, VOCAB_CHUNK, compute_dtype_info
 from odyssey.gguf.qweight import CastWeight, QWeight, Workspace, bind_linear, row_chunk, unbind_linear
 from odyssey.headloss import OnlineCrossEntropy
 from odyssey.model import CausalLM, KVCache, embed_scale, rope_tables
-from odyssey.pager import Pager, Resident, ResidentPager, UnitStat
+from odyssey.pager import Pager, PassStats, Resident, ResidentPager, UnitStat
 from odyssey.saved import SavedWeights
 from odyssey.store import Block, Store
-
-
-def resolve_compute_dtype(name: str, store_dtype: str | None = None, config=None) -> torch.dtype:
-    """The torch dtype `--compute-dtype NAME` computes a `store_dtype` store of model `config` in
-    here (see odyssey.dtypes)."""
-    return compute_dtype_info(name, store_dtype, config).torch()
-
-
-@dataclass
-class PassStats:
-    """Figures of one pass (forward, or a training step) for metrics and the monitor."""
-
-    seconds: float = 0.0
-    pagein_bytes: int = 0
-    read_s: float = 0.0
-    stall_s: float = 0.0
-    layers: list = field(default_factory=list)  # UnitStat.to_json() per unit
-    pinned_units: int = 0  # units the pager keeps resident across steps
-    pinned_bytes: int = 0  # their buffers
-    kept_layers: int = 0  # last layers that keep activations in training (no recompute)
-    spilled_layers: int = 0  # layers before them that keep theirs on disk (spill.py)
-    spill_bytes: int = 0  # bytes those wrote to the spill file (and read back) in the pass
-    spill_wait_s: float = 0.0  # seconds the compute waited for the spill's disk
-    units: int = 0  # units the pass used
-    unit_bytes: int = 0  # their bytes (paged-in + already resident)
-
-    @property
-    def pagein_mb_s(self) -> float:
-        return self.pagein_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
 
 class Engine:
@@ -120,7 +72,7 @@ class Engine:
     ):
         self.store = store
         self.cfg = store.config
-        self.dtype = resolve_compute_dtype(compute_dtype, store.dtype, store.config)
+        self.dtype = compute_dtype_info(compute_dtype, store.dtype, store.config).torch()
         if model is None:
             with torch.device("meta"):
                 model = CausalLM(self.cfg)
@@ -523,28 +475,8 @@ class Engine:
     def pass_stats(self, seconds: float) -> PassStats:
         st = self.pager.take_stats() + self._held_uses
         self._held_uses = []
-        return PassStats(
-            seconds=seconds,
-            pagein_bytes=sum(s.bytes for s in st if not s.reused),
-            read_s=sum(s.read_s for s in st),
-            stall_s=sum(s.stall_s for s in st),
-            layers=[s.to_json() for s in st],
-            pinned_units=len(getattr(self.pager, "pinned_units", ())),
-            pinned_bytes=getattr(self.pager, "pinned_bytes", 0),
-            kept_layers=self.keep,
-            units=len(st),
-            **self._spill_stats(),
-            unit_bytes=sum(s.bytes for s in st),
-        )
-
-    def _spill_stats(self) -> dict:
-        sp = self._spill
-        if sp is None:
-            return {}
-        out = dict(spilled_layers=self.spill, spill_bytes=sp.bytes_written, spill_wait_s=sp.wait_s)
-        sp.bytes_written = sp.bytes_read = 0
-        sp.wait_s = 0.0
-        return out
+        spill = {"spilled_layers": self.spill, **self._spill.take_stats()} if self._spill is not None else {}
+        return PassStats.of(st, seconds, self.pager, kept_layers=self.keep, **spill)
 
     def close(self) -> None:
         self.pager.close()

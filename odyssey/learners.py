@@ -174,7 +174,7 @@ class FullLearner:
         return float(causal_lm_loss(self.model(batch.x, positions=batch.positions, segments=batch.segments), batch.y))
 
     def take_stats(self, seconds: float):
-        from odyssey.engine import PassStats
+        from odyssey.pager import PassStats
 
         return PassStats(seconds=seconds)
 

@@ -85,6 +85,45 @@ class UnitStat:
 
 
 @dataclass
+class PassStats:
+    """Figures of one pass (forward, or a training step) for metrics and the monitor."""
+
+    seconds: float = 0.0
+    pagein_bytes: int = 0
+    read_s: float = 0.0
+    stall_s: float = 0.0
+    layers: list = field(default_factory=list)  # UnitStat.to_json() per unit
+    pinned_units: int = 0  # units the pager keeps resident across steps
+    pinned_bytes: int = 0  # their buffers
+    kept_layers: int = 0  # last layers that keep activations in training (no recompute)
+    spilled_layers: int = 0  # layers before them that keep theirs on disk (spill.py)
+    spill_bytes: int = 0  # bytes those wrote to the spill file (and read back) in the pass
+    spill_wait_s: float = 0.0  # seconds the compute waited for the spill's disk
+    units: int = 0  # units the pass used
+    unit_bytes: int = 0  # their bytes (paged-in + already resident)
+
+    @property
+    def pagein_mb_s(self) -> float:
+        return self.pagein_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    @classmethod
+    def of(cls, st: list[UnitStat], seconds: float, pager, **more) -> PassStats:
+        """The figures of a pass from its units' stats and the pager's pins (`more`: the rest)."""
+        return cls(
+            seconds=seconds,
+            pagein_bytes=sum(s.bytes for s in st if not s.reused),
+            read_s=sum(s.read_s for s in st),
+            stall_s=sum(s.stall_s for s in st),
+            layers=[s.to_json() for s in st],
+            pinned_units=len(getattr(pager, "pinned_units", ())),
+            pinned_bytes=getattr(pager, "pinned_bytes", 0),
+            units=len(st),
+            unit_bytes=sum(s.bytes for s in st),
+            **more,
+        )
+
+
+@dataclass
 class _Slot:
     index: int
     buf: mmap.mmap  # anonymous, page-aligned, size = largest unit's aligned range

@@ -217,6 +217,13 @@ class Spill:
         if ls is not None:
             ls.blob = None
 
+    def take_stats(self) -> dict:
+        """Bytes written and seconds waited since the last call (PassStats fields), then zero."""
+        out = dict(spill_bytes=self.bytes_written, spill_wait_s=self.wait_s)
+        self.bytes_written = self.bytes_read = 0
+        self.wait_s = 0.0
+        return out
+
     def close(self) -> None:
         if self._thread.is_alive():
             self._jobs.put(None)
