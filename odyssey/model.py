@@ -80,8 +80,8 @@ class _GLU(torch.autograd.Function):
 
 def glu(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tensor:
     """GeGLU (Gemma) or SwiGLU: act(g) * u; in a graph, saving g and u only (_GLU)."""
-    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
-        return _GLU.apply(g, u, gelu)
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad) and not torch.compiler.is_compiling():
+        return _GLU.apply(g, u, gelu)  # (compiled: inductor's partitioner decides what to save)
     # no graph: g is the projection's fresh output, so act (SiLU) and the product go in place: a
     # generation's forward holds one (tokens, intermediate) tensor fewer
     return (F.gelu(g, approximate="tanh") if gelu else F.silu(g, inplace=True)).mul_(u)
@@ -89,7 +89,7 @@ def glu(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tensor:
 
 def recomputed(fn, *args: torch.Tensor) -> torch.Tensor:
     """fn(*args), recomputed in backward rather than saved (_Recomputed) when it is part of a graph."""
-    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args) and not torch.compiler.is_compiling():
         return _Recomputed.apply(fn, *args)
     return fn(*args)
 
