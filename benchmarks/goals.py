@@ -124,10 +124,12 @@ def targets(
     peer: dict | None,
     limit_tokens_s: float | None,
     tokens_per_step: int,
+    floor_s: float | None = None,
 ) -> list[dict]:
     """The three targets from Odyssey's 1 GiB and 4 GiB rows, the fastest peer's row (each with
     `step_s`, `label`) and the compute limit (tokens/s). Each: {"target", "figures", "value",
-    "goal", "verdict"}."""
+    "goal", "verdict"}. With `floor_s` (the step's kernel floor, floor.py) two rows of evidence
+    follow, without a goal: the fastest peer's and Odyssey's 1 GiB step against that floor."""
 
     def step(r):
         return r.get("step_s") if r and r.get("status") == "runs" else None
@@ -165,6 +167,18 @@ def targets(
             "verdict": _verdict("compute_1g", value),
         }
     )
+    if floor_s:
+        for row, who in ((peer, "the fastest peer's step"), (ody_1g, "Odyssey's 1 GiB step")):
+            s = step(row)
+            out.append(
+                {
+                    "target": f"kernel floor / {who} (evidence)",
+                    "figures": f"{common.fmt(floor_s, 1)} s / {common.fmt(s, 1)} s",
+                    "value": round(floor_s / s, 2) if s else None,
+                    "goal": "-",
+                    "verdict": "-",
+                }
+            )
     return out
 
 

@@ -289,6 +289,18 @@ def machine_caption(m: dict, matmul: dict, shape_text: str, threads: int) -> str
     )
 
 
+def floor_caption(fl: dict | None) -> str:
+    """The kernel floor's sentence (benchmarks/floor.py), or "" when the run did not measure it."""
+    if not fl:
+        return ""
+    parts = "; ".join(f"{k} {v:.2f} s" for k, v in fl["parts"].items())
+    return (
+        f" The kernel floor is the step's unavoidable kernels timed at the model's shapes in "
+        f"{fl['dtype']} in this run (benchmarks/floor.py), summed over the layers, no recompute: "
+        f"{fl['seconds']:.2f} s ({parts})."
+    )
+
+
 def markdown_sections(result: dict) -> list[tuple[str, str]]:
     s, m = result["settings"], result["machine"]
     out = []
@@ -306,7 +318,7 @@ def markdown_sections(result: dict) -> list[tuple[str, str]]:
                 f"{lim.get('fastest_dtype', '-')} {common.fmt(lim.get('fastest_gflops'), 0)} GFLOP/s / "
                 f"{lim.get('flop_per_token', 0) / 1e9:.3g} GFLOP per token "
                 f"({lim.get('layers_kept', 0)} of the layers not recomputed) = "
-                f"{common.fmt(lim.get('tokens_per_s'), 1)} tokens/s.",
+                f"{common.fmt(lim.get('tokens_per_s'), 1)} tokens/s." + floor_caption(result.get("kernel_floor")),
                 goals.table(result["targets"]),
             )
         )

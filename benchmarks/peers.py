@@ -947,6 +947,11 @@ def run(args) -> dict:
         lim["tokens_per_s"] = goals.compute_limit_tokens_s(
             best, lim["parameters"], lim["layer_parameters"], lim["layers_kept"]
         )
+        import floor
+
+        from odyssey.store import Store
+
+        result["kernel_floor"] = floor.measure(Store.open(model).config, args.seq_len, lim["fastest_dtype"])
         rows = {r["name"]: r for r in result["train"]}
         peer = rows.get(result["fastest_peer"]) if result["fastest_peer"] else None
         result["targets"] = goals.targets(
@@ -955,6 +960,7 @@ def run(args) -> dict:
             peer,
             lim["tokens_per_s"],
             args.seq_len,
+            floor_s=result["kernel_floor"]["seconds"],
         )
     return result
 

@@ -63,8 +63,8 @@ RUNTIME_FALLBACK = {"forward": 230 * MIB, "lora": 270 * MIB, "full": 270 * MIB}
 # the 1.2B model (bf16 compute, `odyssey train`) and 30-64 MiB on the small config (fp32 and bf16).
 # jemalloc's counters split it: 24-31 MiB allocated outside torch's tensors after the first step
 # (MKL keeps 18-21 MiB of them: MKL_DISABLE_FAST_MM=1 frees those), and 10-48 MiB of freed pages
-# not yet returned (dirty_decay_ms 1000, odyssey.runtime.allocator). 5 % + 16 MiB alone fell short
-# by up to 25 MiB (small config, fp32).
+# not yet returned (dirty_decay_ms 1000, odyssey.runtime.allocator; a run with KEEP_ROOM over its
+# plan keeps them all instead). 5 % + 16 MiB alone fell short by up to 25 MiB (small config, fp32).
 TRAINING_SLACK = 32 * MIB
 
 

@@ -127,6 +127,7 @@ def train(
     """`odyssey train`; returns the exit status (0 finished or stopped by request, 3 stopped by the
     guard, 128 + signal after SIGINT/SIGTERM)."""
     from odyssey.distributed import PeerLost, Ranks
+    from odyssey.runtime import allocator
     from odyssey.runtime.control import Controller, start_guard, stop_guard
 
     run, store, data_set, cfg, budget, eff = prepare(out, model, data, budget, config_path, list(overrides), resume)
@@ -147,6 +148,7 @@ def train(
             spill = SpillChoice(
                 False, f"spill: none (one layer's activations in flight need {room} the budget does not have)"
             )
+    allocator.keep_freed_pages(None if budget is None else budget - plan.total)  # fewer page faults
     hook = load_hook()
     ranks = Ranks(cfg.dist_timeout_s)  # after every rank checked its inputs: nothing is written before
     main = ranks.is_main

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
+import floor  # noqa: E402
 import goals  # noqa: E402
 import pagein  # noqa: E402
 import peer_report  # noqa: E402
@@ -713,6 +714,41 @@ def test_targets_ratios_and_verdicts():
     assert table[0] == "| target | figures | ratio | goal | verdict |" and len(table) == 5
 
 
+def test_kernel_floor_rows_are_evidence_against_the_peer_and_the_1gib_step():
+    peer = {"status": "runs", "step_s": 8.0, "label": "peft bf16"}
+    t = goals.targets({"status": "runs", "step_s": 10.0}, None, peer, 80.0, 512, floor_s=6.0)
+    assert [x["target"] for x in t[3:]] == [
+        "kernel floor / the fastest peer's step (evidence)",
+        "kernel floor / Odyssey's 1 GiB step (evidence)",
+    ]
+    assert [x["value"] for x in t[3:]] == [0.75, 0.6] and [x["verdict"] for x in t[3:]] == ["-", "-"]
+    assert t[3]["figures"] == "6.0 s / 8.0 s"
+    res = finished_fake_result()
+    res["kernel_floor"] = {"seconds": 6.0, "parts": {"q (forward + input gradient)": 1.0}, "dtype": "bf16"}
+    assert "kernel floor is the step's unavoidable kernels timed" in peer_report.markdown_sections(res)[0][0]
+    assert "q (forward + input gradient) 1.00 s" in peer_report.markdown_sections(res)[0][0]
+
+
+def test_kernel_floor_measures_every_projection_attention_and_the_head():
+    from odyssey.modelconfig import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    fl = floor.measure(cfg, 32, "fp32", reps=1, vocab_chunk=128)
+    names = [k.split(" ")[0] for k in fl["parts"]]
+    assert names == ["q", "k", "v", "o", "gate", "up", "down", "attention", "head"]
+    assert all(v > 0 for v in fl["parts"].values())
+    assert fl["seconds"] == pytest.approx(sum(fl["parts"].values()), abs=0.01)
+    # q and o share a shape (64 x 64), so their times are one measurement; k and v likewise
+    assert fl["parts"]["k (forward + input gradient)"] == fl["parts"]["v (forward + input gradient)"]
+
+
 def test_compute_limit_counts_4x_for_layers_not_recomputed():
     assert goals.flop_per_token(1000, 100) == 6000
     assert goals.flop_per_token(1000, 100, kept=3) == 5400
@@ -808,13 +844,14 @@ def test_peers_end_to_end_on_a_tiny_store(train_dir, tmp_path, capsys):
     assert rc == 0
     res = json.loads((out / "peers.json").read_text())
     names = [r["name"] for r in res["train"]]
-    want = ["odyssey", "odyssey-1g-fp32", "odyssey-4g-auto", "odyssey-4g-fp32"]
+    want = ["odyssey", "odyssey-spill-off", "odyssey-1g-fp32", "odyssey-4g-auto", "odyssey-4g-fp32"]
     want += [c.name for c in peers.peer_configs("inram") + peers.peer_configs("offload")]
     assert names == want
     ran = {r["name"]: r for r in res["train"]}
     assert ran["odyssey"]["status"] == "runs" and ran["inram-fp32"]["status"] == "runs"
     assert ran["odyssey"]["loss_check"] == "agrees" and res["loss_problems"] == []
-    assert res["fastest_peer"] in names and len(res["targets"]) == 3
+    assert res["fastest_peer"] in names and len(res["targets"]) == 5  # 3 targets, 2 rows of the kernel floor
+    assert res["kernel_floor"]["seconds"] > 0 and "kernel floor is" in (out / "peers.md").read_text()
     md = (out / "peers.md").read_text()
     assert md.splitlines()[2].startswith("**Machine:** ") and "**Targets**" in md
     for r in res["train"]:

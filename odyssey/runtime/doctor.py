@@ -345,7 +345,7 @@ def allocator_fact() -> Fact:
             "allocator",
             True,
             f"jemalloc found at {lib}",
-            "heavy commands preload it: freed tensor memory goes back to the OS",
+            "heavy commands preload it: freed tensor memory goes back to the OS (training with room: kept)",
             data,
         )
     if lib:

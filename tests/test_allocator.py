@@ -1,0 +1,100 @@
+"""The process environment heavy commands run in (odyssey.runtime.allocator): jemalloc preloaded (a
+training run with room over its plan keeps the pages it frees), OpenMP threads that spin briefly
+and then sleep, and the user's own settings left alone. Each case runs in a fresh interpreter:
+libgomp and the preload read the environment once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from odyssey.runtime import allocator
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOW = "import json, os; print(json.dumps({k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}))"
+ENSURE = "import os; from odyssey.runtime import allocator; allocator.ensure(['-c', os.environ['PROBE']])"
+KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MALLOC_CONF", "LD_PRELOAD", "_ODYSSEY_REEXEC", "ODYSSEY_ALLOCATOR")
+
+
+def run(code: str, **env) -> str:
+    base = {k: v for k, v in os.environ.items() if k not in KEYS}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env={**base, **env}, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def threads_env(**env) -> dict:
+    return json.loads(run(f"from odyssey.runtime.allocator import quiet_threads; quiet_threads(); {SHOW}", **env))
+
+
+def test_openmp_threads_spin_briefly_then_sleep():
+    assert threads_env() == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": str(allocator.SPIN_COUNT)}
+
+
+@pytest.mark.parametrize(
+    "user",
+    [{"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "5"}],
+)
+def test_the_users_openmp_settings_are_left_alone(user):
+    want = {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None, **user}
+    assert threads_env(**user) == want
+
+
+def test_heavy_commands_run_with_jemalloc():
+    code = ENSURE
+    probe = (
+        "import json, os; from odyssey.runtime import allocator; "
+        "print(json.dumps([allocator.active(), os.environ.get('MALLOC_CONF')]))"
+    )
+    active, conf = json.loads(run(code, PROBE=probe))
+    if allocator.find_jemalloc() is None:  # no re-exec: glibc, nothing set
+        assert (active, conf) == ("glibc", None)
+    else:
+        assert (active, conf) == ("jemalloc", allocator.MALLOC_CONF)
+
+
+def test_a_users_malloc_conf_wins():
+    probe = "import os; print(os.environ.get('MALLOC_CONF'))"
+    assert run(ENSURE, PROBE=probe, MALLOC_CONF="dirty_decay_ms:5") == "dirty_decay_ms:5"
+
+
+DECAY = """
+import ctypes, json, os
+from odyssey.runtime import allocator
+
+def decay():
+    v, n = ctypes.c_ssize_t(0), ctypes.c_size_t(8)
+    rc = ctypes.CDLL(None).mallctl(
+        b"arena.0.dirty_decay_ms", ctypes.byref(v), ctypes.byref(n), None, ctypes.c_size_t(0)
+    )
+    return v.value if rc == 0 else None
+
+before = decay()
+kept = allocator.keep_freed_pages(int(os.environ["ROOM"]) if os.environ["ROOM"] else None)
+print(json.dumps([allocator.active(), before, kept, decay()]))
+"""
+
+
+@pytest.mark.parametrize("room", [None, allocator.KEEP_ROOM, allocator.KEEP_ROOM - 1])
+def test_training_keeps_freed_pages_only_with_room_over_the_plan(room):
+    active, before, kept, after = json.loads(run(ENSURE, PROBE=DECAY, ROOM="" if room is None else str(room)))
+    if active != "jemalloc":  # no jemalloc on this machine: nothing to change, nothing changed
+        assert (kept, before, after) == (False, None, None)
+        return
+    assert before == 1000
+    if room is None or room >= allocator.KEEP_ROOM:
+        assert (kept, after) == (True, -1)
+    else:
+        assert (kept, after) == (False, 1000)
+
+
+def test_a_users_malloc_conf_is_not_overridden_by_training():
+    active, before, kept, after = json.loads(run(ENSURE, PROBE=DECAY, ROOM="", MALLOC_CONF="dirty_decay_ms:5"))
+    assert kept is False and after == before
