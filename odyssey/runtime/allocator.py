@@ -66,7 +66,7 @@ def quiet_threads() -> None:
     |-------------------------|---------------------------|------------|------------|
     | 0 (PASSIVE alone)       | 0.12-0.26                 | 0.091      | 10.0       |
     | 3,000 (SPIN_COUNT)      | 0.27                      | 0.077      | 8.7        |
-    | 30,000                  | 0.90                      | 0.079      | 9.1-10     |
+    | 30,000                  | 0.90                      | 0.079      | 8.7-9.7    |
     | 300,000 (torch default) | 1.19                      |            |            |
 
     Spinning long burns the cores our own prefetch thread, the guard and the rest of a laptop
