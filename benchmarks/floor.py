@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def _time(fn, reps: int) -> float:
@@ -34,7 +35,7 @@ def _time(fn, reps: int) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return common.median(times)
 
 
 def measure(cfg, seq_len: int, dtype: str, reps: int = 5, vocab_chunk: int | None = None) -> dict:
@@ -93,8 +94,6 @@ def measure(cfg, seq_len: int, dtype: str, reps: int = 5, vocab_chunk: int | Non
 
 
 def main(argv=None) -> int:
-    import common
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="odyssey-1.2b")
     ap.add_argument("--seq-len", type=int, default=512)

@@ -949,9 +949,7 @@ def run(args) -> dict:
         )
         import floor
 
-        from odyssey.store import Store
-
-        result["kernel_floor"] = floor.measure(Store.open(model).config, args.seq_len, lim["fastest_dtype"])
+        result["kernel_floor"] = floor.measure(cfg, args.seq_len, lim["fastest_dtype"])
         rows = {r["name"]: r for r in result["train"]}
         peer = rows.get(result["fastest_peer"]) if result["fastest_peer"] else None
         result["targets"] = goals.targets(
