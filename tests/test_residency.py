@@ -71,7 +71,13 @@ def test_steady_reads_replays_the_pager(tmp_path, slots):
         for _ in range(3):
             pager.prefetch(sched)
             for u in sched:
-                pager.release(pager.get(u))
+                res = pager.get(u)
+                # Like the engine, which computes on a unit while the next is read: hold it until
+                # the reader has placed the next unit (else the order depends on thread timing).
+                # With one slot the reader waits for this release.
+                with pager._cv:
+                    assert slots == 1 or pager._cv.wait_for(lambda: pager._order or not pager._queue, 30)
+                pager.release(res)
         stats = pager.take_stats()
     got = [s.unit for s in stats[-len(sched) :] if not s.reused]
     if slots <= 2:
