@@ -118,6 +118,15 @@ def _verdict(kind: str, value: float | None) -> str:
     return "pass" if ok else "FAIL"
 
 
+ROUND_KEYS = {"step_1g": "odyssey", "step_4g": "odyssey-4g"}  # a paired round's step of each target
+
+
+def round_ratios(rounds: Sequence[dict] | None, key: str) -> list[float]:
+    """Per paired round (each {"odyssey": s, "odyssey-4g": s, "peer": s}, the three runs back to
+    back), Odyssey's step over the peer's in that round; rounds missing either are left out."""
+    return [round(r[key] / r["peer"], 2) for r in rounds or () if r.get(key) and r.get("peer")]
+
+
 def targets(
     ody_1g: dict | None,
     ody_4g: dict | None,
@@ -125,11 +134,15 @@ def targets(
     limit_tokens_s: float | None,
     tokens_per_step: int,
     floor_s: float | None = None,
+    rounds: Sequence[dict] | None = None,
 ) -> list[dict]:
     """The three targets from Odyssey's 1 GiB and 4 GiB rows, the fastest peer's row (each with
     `step_s`, `label`) and the compute limit (tokens/s). Each: {"target", "figures", "value",
-    "goal", "verdict"}. With `floor_s` (the step's kernel floor, floor.py) two rows of evidence
-    follow, without a goal: the fastest peer's and Odyssey's 1 GiB step against that floor."""
+    "goal", "verdict"}. With `rounds` (paired rounds: Odyssey and the peer run back to back, the
+    first being the rows themselves) a step target's value is the median of the rounds' ratios,
+    so that a machine slowing down between two runs does not decide it. With `floor_s` (the step's
+    kernel floor, floor.py) two rows of evidence follow, without a goal: the fastest peer's and
+    Odyssey's 1 GiB step against that floor."""
 
     def step(r):
         return r.get("step_s") if r and r.get("status") == "runs" else None
@@ -144,6 +157,10 @@ def targets(
             + (f" ({peer['label']})" if peer else " (no peer ran)")
             + ("" if row is None or s else f"; Odyssey {name}: {row.get('error') or 'did not run'}")
         )
+        paired = round_ratios(rounds, ROUND_KEYS[kind])
+        if value is not None and len(paired) > 1:
+            value = round(common.median(paired), 2)
+            figures = f"median of {len(paired)} paired rounds ({', '.join(f'{x:.2f}' for x in paired)}); " + figures
         op, goal = GOALS[kind]
         out.append(
             {

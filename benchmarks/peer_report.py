@@ -324,6 +324,15 @@ def markdown_sections(result: dict) -> list[tuple[str, str]]:
         )
     else:
         out.append((caption, ""))
+    if len(result.get("rounds") or []) > 1:
+        out.append(
+            (
+                "**Paired rounds**: the three runs the step targets compare, run again back to back (every "
+                "other round in reverse order; round 0 is the table below); the step targets are the median "
+                "of the rounds' ratios.",
+                rounds_table(result["rounds"]),
+            )
+        )
     if result["train"]:
         out.append(
             (
@@ -346,6 +355,23 @@ def markdown_sections(result: dict) -> list[tuple[str, str]]:
             )
         )
     return out
+
+
+def rounds_table(rounds: list[dict]) -> str:
+    """A row per paired round (its three step times and two ratios), then the ratios' medians."""
+    keys = ("odyssey", "odyssey-4g")
+
+    def ratio(rs, k):
+        return common.median(goals.round_ratios(rs, k))
+
+    rows = [
+        (str(r["round"]), *(common.fmt(r.get(k)) for k in ("odyssey", "peer", "odyssey-4g")))
+        + tuple(common.fmt(ratio([r], k)) for k in keys)
+        for r in rounds
+    ]
+    rows.append(("median", "", "", "", *(common.fmt(ratio(rounds, k)) for k in keys)))
+    headers = ["round", "Odyssey 1 GiB s", "fastest peer s", "Odyssey 4 GiB s", "1 GiB / peer", "4 GiB / peer"]
+    return common.markdown_table(headers, rows, "lrrrrr")
 
 
 def _label_of(result: dict, name: str | None) -> str | None:

@@ -24,7 +24,10 @@ step / the fastest peer's (<= 1.0), and the 1 GiB step's tokens/s / the compute 
 the limit being the fastest matmul FLOP/s measured in this run at the model's largest projection
 (odyssey.probe.measure, bf16 and fp32, at the start and the end of the run: the better of the two)
 over 6 x parameters per token (4 x for layers Odyssey reports it did not recompute). The bench
-reports pass or fail; it does not fail the build.
+reports pass or fail; it does not fail the build. The machine's speed drifts (tens of percent
+within an hour on a shared VM), so after the timed runs --rounds (2) paired rounds run Odyssey at
+1 GiB, the fastest peer and Odyssey at 4 GiB again, back to back, every other round in reverse
+order; the two step targets are the median of the rounds' ratios, the timed runs being round 0.
 
 Step time is the median of the steps after the first (warm-up); "CPU s" is the CPU time of the
 run's process in the same steps (wall time on a shared machine stretches with other work, CPU
@@ -617,21 +620,7 @@ class TrainBench:
         elif self.out_of_time():
             res = not_measured(budget, "time limit of the benchmark reached")
         else:
-            extra = [] if dtype == "auto" else [f"compute_dtype={dtype}"]
-            extra += [f"compile={self.args.odyssey_compile}"] + [f"spill={spill}"] * (spill != "auto")
-            runner = odyssey_train_runner(
-                self.model,
-                self.data,
-                self.work,
-                self.args.steps,
-                self.args.seq_len,
-                self.timeout,
-                extra,
-                name=name,
-                capped=self.capped,
-                num_layers=self.config.num_hidden_layers,
-            )
-            res = climb(runner, [budget])
+            res = climb(self._odyssey_runner(name, dtype, spill, self.work), [budget])
         self.climbs[name] = res
         r = res.get("ok_result") or {}
         picked = r.get("compute_dtype")
@@ -653,6 +642,22 @@ class TrainBench:
         )
         return self.rows[name]
 
+    def _odyssey_runner(self, name: str, dtype: str, spill: str, work: Path):
+        extra = [] if dtype == "auto" else [f"compute_dtype={dtype}"]
+        extra += [f"compile={self.args.odyssey_compile}"] + [f"spill={spill}"] * (spill != "auto")
+        return odyssey_train_runner(
+            self.model,
+            self.data,
+            work,
+            self.args.steps,
+            self.args.seq_len,
+            self.timeout,
+            extra,
+            name=name,
+            capped=self.capped,
+            num_layers=self.config.num_hidden_layers,
+        )
+
     def odyssey_same_as_auto(self, budget_gib: float, auto_name: str) -> None:
         """An fp32 row where auto picked fp32: the auto row is that run."""
         name = f"odyssey-{budget_gib:g}g-fp32"
@@ -672,13 +677,13 @@ class TrainBench:
         )
 
     # --- peers ---
-    def _peer_runner(self, config: PeerConfig, steps: int, cpu_weights: int = 0):
+    def _peer_runner(self, config: PeerConfig, steps: int, cpu_weights: int = 0, work: Path | None = None):
         return peer_runner(
             "train",
             config,
             self.model,
             self.data,
-            self.work,
+            work or self.work,
             steps,
             self.args.seq_len,
             self.timeout,
@@ -795,6 +800,45 @@ class TrainBench:
         if self.ranked:
             self.search(self.ranked[0])
 
+    def paired(self, rounds: int) -> None:
+        """`rounds` more rounds of the three runs the step targets compare: Odyssey at 1 GiB, the
+        fastest peer (memory no limit), Odyssey at 4 GiB, back to back, every other round in
+        reverse order; the measure() rows are round 0. The machine's speed drifts by tens of
+        percent within an hour: each round's ratios come from runs minutes apart, and the targets
+        take their median (goals.targets)."""
+        small, big = ODYSSEY_BUDGETS_GIB
+        peer = self.ranked[0] if self.ranked else None
+        first = {
+            "odyssey": (self.rows.get("odyssey") or {}).get("step_s"),
+            "odyssey-4g": (self.rows.get(f"odyssey-{big:g}g-auto") or {}).get("step_s"),
+            "peer": self.rows[peer.name]["step_s"] if peer else None,
+        }
+        self.rounds = [{"round": 0, **first}]
+        if peer is None or not (first["odyssey"] or first["odyssey-4g"]):
+            return
+        runs = [("odyssey", small), ("peer", None), ("odyssey-4g", big)]
+        names = ("odyssey", peer.name, f"odyssey-{big:g}g-auto")
+        per_round = sum(_first_attempt(self.climbs.get(n) or {}).get("seconds") or 0.0 for n in names)
+        for i in range(1, rounds + 1):
+            if self.out_of_time(per_round * 1.6):
+                print(f"  paired round {i}: time limit of the benchmark reached")
+                break
+            work = self.work / f"round{i}"
+            work.mkdir(parents=True, exist_ok=True)
+            got: dict = {"round": i}
+            for key, gib in runs if i % 2 == 0 else runs[::-1]:
+                if not first[key]:
+                    got[key] = None
+                    continue
+                print(f"  paired round {i}: {peer.label if key == 'peer' else f'Odyssey, {gib:g} GiB'}")
+                if key == "peer":
+                    res = climb(self._peer_runner(peer, self.args.steps, work=work), [self.cap])
+                else:
+                    res = climb(self._odyssey_runner(f"{key}-round{i}", "auto", "auto", work), [int(gib * GIB)])
+                got[key] = (res.get("ok_result") or {}).get("step_s")
+                got[f"{key}_cpu_s"] = (res.get("ok_result") or {}).get("cpu_s")
+            self.rounds.append(got)
+
     def search_rest(self) -> None:
         """The smallest cgroup of the other peers, fastest first, while time is left."""
         for c in self.ranked[1:]:
@@ -825,6 +869,7 @@ class TrainBench:
             "layers_kept": kept,
             "flop_per_token": goals.flop_per_token(cfg.num_parameters(), layer_params, kept),
         }
+        result["rounds"] = getattr(self, "rounds", [])
         result["loss_reference"] = self.reference["label"] if self.reference else None
         result["loss_problems"] = self.loss_problems
         for line in self.loss_problems:
@@ -901,6 +946,7 @@ def run(args) -> dict:
     train = TrainBench(args, model, data, work, deadline, capped) if "train" in tasks else None
     if train is not None:
         train.measure()  # every timed run, and the search of the fastest peer
+        train.paired(args.rounds)
     if "generate" in tasks:
         screens = peer_screens(weights_fp32_bytes(model), reserve)
         climbs = {}
@@ -959,6 +1005,7 @@ def run(args) -> dict:
             lim["tokens_per_s"],
             args.seq_len,
             floor_s=result["kernel_floor"]["seconds"],
+            rounds=result["rounds"],
         )
     return result
 
@@ -998,6 +1045,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--steps", type=int, default=4, help="steps of a timed run (the first is warm-up)")
     p.add_argument("--probe-steps", type=int, default=2, help="steps of a search attempt")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="paired rounds after the timed runs: Odyssey 1 GiB, the fastest peer and Odyssey 4 GiB again, back "
+        "to back; the step targets are the median of the rounds' ratios (0: the timed runs alone)",
+    )
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=32)

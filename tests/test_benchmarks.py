@@ -714,6 +714,33 @@ def test_targets_ratios_and_verdicts():
     assert table[0] == "| target | figures | ratio | goal | verdict |" and len(table) == 5
 
 
+def test_paired_rounds_decide_the_step_targets_by_their_median():
+    """Round 0 (the table's rows) ran on a slowed machine: 13 s against the peer's 9.5 s; two more
+    rounds back to back give 1.10 and 1.05, so the median (1.10) decides, and the figures say so."""
+    peer = {"status": "runs", "step_s": 9.5, "label": "peft bf16"}
+    rounds = [
+        {"round": 0, "odyssey": 13.0, "peer": 9.5, "odyssey-4g": 9.6},
+        {"round": 1, "odyssey": 11.0, "peer": 10.0, "odyssey-4g": 8.1},
+        {"round": 2, "odyssey": 9.45, "peer": 9.0, "odyssey-4g": None},  # 4 GiB failed in round 2
+    ]
+    one, four = ({"status": "runs", "step_s": s} for s in (13.0, 9.6))
+    t = goals.targets(one, four, peer, 80.0, 512, rounds=rounds)
+    assert goals.round_ratios(rounds, "odyssey") == [1.37, 1.1, 1.05]
+    assert goals.round_ratios(rounds, "odyssey-4g") == [1.01, 0.81]
+    assert [x["value"] for x in t[:2]] == [1.1, 0.91] and [x["verdict"] for x in t[:2]] == ["pass", "pass"]
+    assert t[0]["figures"] == "median of 3 paired rounds (1.37, 1.10, 1.05); 13.0 s / 9.5 s (peft bf16)"
+    # without rounds (or with round 0 alone) the rows decide, as before
+    assert goals.targets(one, four, peer, 80.0, 512, rounds=rounds[:1])[0]["value"] == 1.37
+    res = finished_fake_result()
+    res["rounds"] = rounds
+    caption, table = peer_report.markdown_sections(res)[1]
+    assert caption.startswith("**Paired rounds**")
+    lines = table.splitlines()
+    assert lines[0] == "| round | Odyssey 1 GiB s | fastest peer s | Odyssey 4 GiB s | 1 GiB / peer | 4 GiB / peer |"
+    assert lines[2] == "| 0 | 13.00 | 9.50 | 9.60 | 1.37 | 1.01 |" and lines[4].endswith("| 1.05 | - |")
+    assert lines[5] == "| median |  |  |  | 1.10 | 0.91 |"
+
+
 def test_kernel_floor_rows_are_evidence_against_the_peer_and_the_1gib_step():
     peer = {"status": "runs", "step_s": 8.0, "label": "peft bf16"}
     t = goals.targets({"status": "runs", "step_s": 10.0}, None, peer, 80.0, 512, floor_s=6.0)
@@ -838,7 +865,7 @@ def test_peers_end_to_end_on_a_tiny_store(train_dir, tmp_path, capsys):
         [
             "--model", str(train_dir / "store"), "--data", str(train_dir / "tok"), "--work", str(tmp_path / "work"),
             "--out-dir", str(out), "--steps", "2", "--probe-steps", "1", "--seq-len", "32", "--tasks", "train",
-            "--max-budget", "1GiB", "--resolution", "512MiB",
+            "--max-budget", "1GiB", "--resolution", "512MiB", "--rounds", "1",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -852,6 +879,8 @@ def test_peers_end_to_end_on_a_tiny_store(train_dir, tmp_path, capsys):
     assert ran["odyssey"]["loss_check"] == "agrees" and res["loss_problems"] == []
     assert res["fastest_peer"] in names and len(res["targets"]) == 5  # 3 targets, 2 rows of the kernel floor
     assert res["kernel_floor"]["seconds"] > 0 and "kernel floor is" in (out / "peers.md").read_text()
+    assert [r["round"] for r in res["rounds"]] == [0, 1] and res["rounds"][1]["odyssey"] > 0
+    assert res["rounds"][1]["peer"] > 0 and "median of 2 paired rounds" in res["targets"][0]["figures"]
     md = (out / "peers.md").read_text()
     assert md.splitlines()[2].startswith("**Machine:** ") and "**Targets**" in md
     for r in res["train"]:
