@@ -110,12 +110,14 @@ class Engine:
             compile_each(self._core.layers)
         self._modules = dict(self._find_base_modules())
         self.workspace = Workspace()  # GGUF: where each quantized matrix is dequantized before its matmul
+        self.head_ws = None  # a float store's head chunks are converted there too (planner: weights)
         if hasattr(store, "workspace_numel"):  # allocated once, for the largest matrix
             self.workspace.get(store.workspace_numel(), self.dtype)
         elif self.cast_per_matrix and DTYPES[store.dtype].torch() != self.dtype:  # a bf16 store in fp32
             from odyssey.planner import largest_layer_matrix
 
             self.workspace.get(largest_layer_matrix(store), self.dtype)
+            self.head_ws = self.workspace
 
     # --- weights ---
     def _find_base_modules(self):
@@ -294,7 +296,7 @@ class Engine:
             return F.linear(h, W)
         out = torch.empty(h.shape[0], W.shape[0], dtype=self.dtype)
         for v0 in range(0, W.shape[0], VOCAB_CHUNK):
-            out[:, v0 : v0 + VOCAB_CHUNK] = F.linear(h, row_chunk(W, v0, v0 + VOCAB_CHUNK, self.dtype))
+            out[:, v0 : v0 + VOCAB_CHUNK] = F.linear(h, row_chunk(W, v0, v0 + VOCAB_CHUNK, self.dtype, self.head_ws))
         return out
 
     # --- forward ---
@@ -339,7 +341,7 @@ class Engine:
     ) -> tuple[float, torch.Tensor | None]:
         """Mean cross-entropy of hf @ W.T against tgt, and (if grad) its gradient w.r.t. hf, with
         the whole head W (V, d) in hand: `OnlineCrossEntropy` over one block."""
-        ce = OnlineCrossEntropy(hf, tgt, grad, self.dtype)
+        ce = OnlineCrossEntropy(hf, tgt, grad, self.dtype, self.head_ws)
         ce.add(0, W)
         return ce.result()
 
@@ -353,7 +355,7 @@ class Engine:
         xl = x.detach().requires_grad_(True)
         with torch.enable_grad():
             h = norm(xl)
-        ce = OnlineCrossEntropy(h.detach().reshape(B * T, d), targets.reshape(-1), True, self.dtype)
+        ce = OnlineCrossEntropy(h.detach().reshape(B * T, d), targets.reshape(-1), True, self.dtype, self.head_ws)
         for v0, W in rows():
             ce.add(v0, W)
         loss, grad_h = ce.result()
@@ -464,7 +466,7 @@ class Engine:
         x = self.forward_hidden(ids, positions=positions, segments=segments)
         with self.head() as (norm, rows):
             h = norm(x)
-            ce = OnlineCrossEntropy(h.reshape(-1, h.shape[-1]), targets.reshape(-1), False, self.dtype)
+            ce = OnlineCrossEntropy(h.reshape(-1, h.shape[-1]), targets.reshape(-1), False, self.dtype, self.head_ws)
             for v0, W in rows():
                 ce.add(v0, W)
             return ce.result()[0]

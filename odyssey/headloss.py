@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from odyssey.dtypes import IGNORE, VOCAB_CHUNK
-from odyssey.gguf.qweight import row_chunk, take_rows
+from odyssey.gguf.qweight import Workspace, row_chunk, take_rows
 
 
 class OnlineCrossEntropy:
@@ -35,8 +35,11 @@ class OnlineCrossEntropy:
     prediction (p_t near 1) does not cancel against a bf16-rounded G.
     """
 
-    def __init__(self, hf: torch.Tensor, tgt: torch.Tensor, grad: bool, dtype: torch.dtype):
+    def __init__(
+        self, hf: torch.Tensor, tgt: torch.Tensor, grad: bool, dtype: torch.dtype, ws: Workspace | None = None
+    ):
         self.rows = hf.shape[0]
+        self.ws = ws  # where a float head's chunks are converted (row_chunk), else a new tensor each
         self.keep = None  # (n,) indices of the trained rows, None when every row is trained
         trained = tgt != IGNORE
         if not bool(trained.all()):
@@ -57,7 +60,7 @@ class OnlineCrossEntropy:
         if hf.shape[0] == 0:
             return
         for c0 in range(0, W.shape[0], VOCAB_CHUNK):
-            Wc = row_chunk(W, c0, c0 + VOCAB_CHUNK, self.dtype)  # (C, d); a GGUF block's chunk dequantized
+            Wc = row_chunk(W, c0, c0 + VOCAB_CHUNK, self.dtype, self.ws)  # (C, d); a GGUF block's dequantized
             lc = F.linear(hf, Wc).float()  # (N, C)
             m_new = torch.maximum(self.m, lc.max(dim=1).values)
             alpha = torch.exp(self.m - m_new)  # (N,) rescales what was summed under the old max

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from odyssey.errors import OdysseyError
 from odyssey.pager import slot_bytes
 from odyssey.planner import check, lora_parameter_count, plan
 from odyssey.store import Store, init_store
-from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.conftest import ROOT, assert_user_error, run_cli, tiny_config
 
 MIB = 1 << 20
 
@@ -257,7 +258,7 @@ def test_training_workspace_covers_what_torch_holds(name, compute):
 
     def head_pass():
         rows = lambda: ((v0, W[v0 : v0 + 8192]) for v0 in range(0, cfg.vocab_size, 8192))  # noqa: E731
-        loss, gx = Engine.loss_and_grad_x(types.SimpleNamespace(dtype=dt), x, targets, norm, rows)
+        loss, gx = Engine.loss_and_grad_x(types.SimpleNamespace(dtype=dt, head_ws=None), x, targets, norm, rows)
         assert gx.shape == x.shape and loss > 0
 
     layer_backward()  # once before measuring: first calls allocate caches of their own
@@ -365,3 +366,22 @@ def test_spill_plan_stays_above_its_measured_peak():
     assert f"spill:     none: one layer's activations in flight need {format_bytes(tight.residency.spill_room)}" in (
         tight.table()
     )
+
+
+def test_head_chunks_share_the_workspace_of_a_float_store(tmp_path):
+    """A bf16 store computed in fp32 converts one layer matrix or one head chunk at a time into the
+    same workspace (engine.Engine.head_ws): the plan's `weights` term is the larger of the two, not
+    their sum; a GGUF file's head is dequantized apart and keeps the sum."""
+    from odyssey.dtypes import VOCAB_CHUNK
+    from odyssey.planner import largest_layer_matrix, plan_for_store
+
+    cfg = tiny_config(vocab_size=20000, hidden_size=64, intermediate_size=160)
+    init_store(cfg, tmp_path / "s", dtype="bf16", seed=1, progress=False)
+    store = Store.open(tmp_path / "s")
+    vectors = sum(math.prod(s.shape) for s in store.shards[0].tensors.values() if len(s.shape) != 2)
+    layer, chunk = largest_layer_matrix(store) + vectors, VOCAB_CHUNK * 64
+    p = plan_for_store(store, mode="lora", seq_len=64, compute_dtype="fp32", lora=LoraSettings())
+    assert p.terms["weights"] == max(layer, chunk) * 4 == chunk * 4
+    apart = plan(cfg, mode="lora", seq_len=64, compute_itemsize=4, layer_params=layer, lora=LoraSettings())
+    assert apart.terms["weights"] == (layer + chunk) * 4
+    assert plan_for_store(store, mode="lora", seq_len=64, compute_dtype="bf16").terms.get("weights") is None

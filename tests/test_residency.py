@@ -159,8 +159,11 @@ def test_kept_layers_change_no_number(tmp_path, monkeypatch, dtype):
 @pytest.mark.parametrize("keep", [0, 2])
 def test_matrices_converted_at_each_use_change_no_number(tmp_path, monkeypatch, keep):
     """A bf16 store computed in fp32 converts each projection into the workspace at its use and
-    again in backward (CastWeight), not the layer at once: the losses and LoRA gradients are those
-    of the whole-layer copies, bit for bit, and the workspace holds one matrix, the largest."""
+    again in backward (CastWeight), not the layer at once, and the head's chunks into the same
+    workspace: the losses and LoRA gradients are those of the whole-layer copies and new head
+    chunks, bit for bit, and the workspace holds one matrix, the largest of a layer's matrix and
+    a head chunk (here the head: 256 rows of 64 against 160 x 64)."""
+    from odyssey.dtypes import VOCAB_CHUNK
     from odyssey.planner import largest_layer_matrix
 
     store = four_layer_store(tmp_path, dtype="bf16")
@@ -178,7 +181,8 @@ def test_matrices_converted_at_each_use_change_no_number(tmp_path, monkeypatch, 
     ref_losses, ref_grads, ref_work = run(False)
     assert losses == ref_losses
     assert all(torch.equal(grads[k], ref_grads[k]) for k in grads)
-    assert work == largest_layer_matrix(store) * 4 and ref_work == 0
+    chunk = min(store.config.vocab_size, VOCAB_CHUNK) * store.config.hidden_size
+    assert chunk > largest_layer_matrix(store) and work == chunk * 4 and ref_work == 0
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])

@@ -99,12 +99,17 @@ class CastWeight(QWeight):
         return self.raw.to(dtype)
 
 
-def row_chunk(W, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+def row_chunk(W, r0: int, r1: int, dtype: torch.dtype, ws: Workspace | None = None) -> torch.Tensor:
     """Rows [r0, r1) of a head block W (a tensor view or a QWeight) in `dtype` (a new tensor when
-    converted or dequantized)."""
+    converted or dequantized). With `ws`, a float block's chunk is converted into the workspace,
+    which sits idle while the head runs: RAM holds the larger of a layer's matrix and a head chunk,
+    not both (a 1.2B in fp32: 64 MiB, not 46 + 64)."""
     if isinstance(W, QWeight):
         return W.rows(r0, r1, dtype)
-    return W[r0:r1].to(dtype)
+    chunk = W[r0:r1]
+    if ws is None or chunk.dtype == dtype:
+        return chunk.to(dtype)
+    return ws.get(chunk.numel(), dtype)[: chunk.numel()].view(chunk.shape).copy_(chunk)
 
 
 def take_rows(W, idx: torch.Tensor) -> torch.Tensor:
