@@ -296,7 +296,6 @@ def plan(
     recompute: str = "auto",
     sizes: UnitSizes | None = None,
     spill: bool = False,
-    head_in_workspace: bool = False,
 ) -> Plan:
     """The plan of a run of `cfg`; `paging` from the store (`paging_for_store`), else as `odyssey
     init` would write it. `grad_accum`: micro-batches a training step sums gradients over.
@@ -304,9 +303,7 @@ def plan(
     this many bytes (GGUFStore.workspace_bytes), counted as a term. With a budget, what the step
     does not need of it is given to residency (residency.py): layers that keep their activations
     (`recompute` auto) and pinned units (`pin`); `sizes` are the pager units' sizes
-    (`residency.sizes_for_store`), else estimated from `paging`. `head_in_workspace`: a head
-    chunk is converted into the same workspace as a layer's matrix (engine.Engine.head_ws: a float
-    store), so the two are never held at once."""
+    (`residency.sizes_for_store`), else estimated from `paging`."""
     d, f, kv, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_size, cfg.num_hidden_layers, cfg.vocab_size)
     B, T = batch_size, seq_len
     BT = B * T
@@ -338,10 +335,9 @@ def plan(
         terms["buffer pool"] = slots * paging.slot_bytes if paged_any else 0  # untouched slots cost nothing
         if pinned_bytes:  # generation holds them converted to the compute dtype, their buffers given back
             terms["pinned units"] = pinned_bytes * ci // store_itemsize if mode == "forward" else pinned_bytes
-        if ci != store_itemsize:  # the matrix being converted (the workspace stays) and a head chunk
-            head_chunk = VOCAB_CHUNK * d
-            converted = max(layer_params, head_chunk) if head_in_workspace else layer_params + head_chunk
-            terms["weights"] = converted * ci
+        if ci != store_itemsize:  # the matrix being converted (the workspace stays), a head chunk:
+            pair = (layer_params, VOCAB_CHUNK * d)  # a float store's share it (Engine.head_ws), a GGUF's not
+            terms["weights"] = (max(pair) if dequant_workspace is None else sum(pair)) * ci
         if dequant_workspace is not None:  # GGUF: one matrix (again in backward) and a head chunk
             terms["dequant workspace"] = dequant_workspace
         if mode == "forward":
@@ -455,7 +451,6 @@ def plan_for_store(
         recompute=recompute,
         sizes=sizes_for_store(store) if budget is not None else None,
         spill=spill,
-        head_in_workspace=not gguf,
     )
 
 

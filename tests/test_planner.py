@@ -382,6 +382,8 @@ def test_head_chunks_share_the_workspace_of_a_float_store(tmp_path):
     layer, chunk = largest_layer_matrix(store) + vectors, VOCAB_CHUNK * 64
     p = plan_for_store(store, mode="lora", seq_len=64, compute_dtype="fp32", lora=LoraSettings())
     assert p.terms["weights"] == max(layer, chunk) * 4 == chunk * 4
-    apart = plan(cfg, mode="lora", seq_len=64, compute_itemsize=4, layer_params=layer, lora=LoraSettings())
+    kw = dict(mode="lora", seq_len=64, compute_itemsize=4, layer_params=layer, lora=LoraSettings())
+    assert plan(cfg, **kw).terms["weights"] == chunk * 4  # as `odyssey init` plans a float store
+    apart = plan(cfg, dequant_workspace=0, **kw)  # a GGUF file's plan
     assert apart.terms["weights"] == (layer + chunk) * 4
     assert plan_for_store(store, mode="lora", seq_len=64, compute_dtype="bf16").terms.get("weights") is None
