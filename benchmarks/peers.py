@@ -600,6 +600,7 @@ class TrainBench:
         self.rows: dict[str, dict] = {}
         self.swap = smallest.swap_present()
         self.train_ok: tuple[bool, str] | None = None  # `odyssey train` present? asked once
+        self.rounds: list[dict] = []  # paired(): each round's step times, round 0 the timed runs
 
     def out_of_time(self, need_s: float = 0.0) -> bool:
         return self.deadline is not None and time.monotonic() + need_s > self.deadline
@@ -808,17 +809,13 @@ class TrainBench:
         take their median (goals.targets)."""
         small, big = ODYSSEY_BUDGETS_GIB
         peer = self.ranked[0] if self.ranked else None
-        first = {
-            "odyssey": (self.rows.get("odyssey") or {}).get("step_s"),
-            "odyssey-4g": (self.rows.get(f"odyssey-{big:g}g-auto") or {}).get("step_s"),
-            "peer": self.rows[peer.name]["step_s"] if peer else None,
-        }
+        rows = {"odyssey": "odyssey", "peer": peer.name if peer else "", "odyssey-4g": f"odyssey-{big:g}g-auto"}
+        first = {key: (self.rows.get(name) or {}).get("step_s") for key, name in rows.items()}
         self.rounds = [{"round": 0, **first}]
         if peer is None or not (first["odyssey"] or first["odyssey-4g"]):
             return
         runs = [("odyssey", small), ("peer", None), ("odyssey-4g", big)]
-        names = ("odyssey", peer.name, f"odyssey-{big:g}g-auto")
-        per_round = sum(_first_attempt(self.climbs.get(n) or {}).get("seconds") or 0.0 for n in names)
+        per_round = sum(_first_attempt(self.climbs.get(n) or {}).get("seconds") or 0.0 for n in rows.values())
         for i in range(1, rounds + 1):
             if self.out_of_time(per_round * 1.6):
                 print(f"  paired round {i}: time limit of the benchmark reached")
@@ -836,7 +833,6 @@ class TrainBench:
                 else:
                     res = climb(self._odyssey_runner(f"{key}-round{i}", "auto", "auto", work), [int(gib * GIB)])
                 got[key] = (res.get("ok_result") or {}).get("step_s")
-                got[f"{key}_cpu_s"] = (res.get("ok_result") or {}).get("cpu_s")
             self.rounds.append(got)
 
     def search_rest(self) -> None:
@@ -869,7 +865,7 @@ class TrainBench:
             "layers_kept": kept,
             "flop_per_token": goals.flop_per_token(cfg.num_parameters(), layer_params, kept),
         }
-        result["rounds"] = getattr(self, "rounds", [])
+        result["rounds"] = self.rounds
         result["loss_reference"] = self.reference["label"] if self.reference else None
         result["loss_problems"] = self.loss_problems
         for line in self.loss_problems:
