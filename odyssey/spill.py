@@ -378,7 +378,7 @@ def choose(setting: str, directory, store, *, tokens: int, compute: str, lora, r
     a file system without O_DIRECT (tmpfs: the spill would be RAM), nor with less free space than
     a step spills with every layer spilled and 1 GiB to spare."""
     from odyssey.dtypes import DTYPES, numel, probe_for
-    from odyssey.planner import kept_layer_bytes
+    from odyssey.stepmemory import kept_layer_bytes
 
     directory = str(directory)
     if setting == "off" or recompute == "all":

@@ -9,7 +9,8 @@ import pytest
 from odyssey.config import LoraSettings, format_bytes, load_model_config
 from odyssey.errors import OdysseyError
 from odyssey.pager import slot_bytes
-from odyssey.planner import check, lora_parameter_count, plan
+from odyssey.planner import check, plan
+from odyssey.stepmemory import lora_parameter_count
 from odyssey.store import Store, init_store
 from tests.conftest import ROOT, assert_user_error, run_cli, tiny_config
 
@@ -228,7 +229,7 @@ def test_training_workspace_covers_what_torch_holds(name, compute):
     from odyssey.adapters import inject, use_lora_forward
     from odyssey.engine import Engine
     from odyssey.model import DecoderLayer, RMSNorm, rope_tables
-    from odyssey.planner import head_bytes, recompute_bytes, saved_bytes
+    from odyssey.stepmemory import head_bytes, recompute_bytes, saved_bytes
 
     cfg = load_model_config(ROOT / f"configs/{name}.yaml")
     dims = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, head_dim=64, num_hidden_layers=2)
