@@ -309,7 +309,12 @@ class TrainConfig:
     read them back for backward instead of recomputing them (odyssey/spill.py): auto (when the
     disk measured in spill_dir moves a layer's bytes faster than the layer computes), on, off."""
     spill_dir: str = ""
-    """Where the spill file goes (unnamed, gone with the process): "" = the run directory."""
+    """Where the spill file goes (unnamed, gone with the process): "" = the run directory. The
+    optimizer offload's file goes there too."""
+    optimizer_offload: str | bool = "auto"
+    """AdamW's two moments wait on disk between optimizer steps instead of in RAM through forward
+    and backward (odyssey/offload.py): auto (when that lets the budget spill or keep layers it
+    would otherwise recompute, or fit at all), on, off. LoRA only."""
     compile: str | bool = "off"
     """torch.compile each decoder layer (odyssey/compiling.py): off (default: it measured no faster
     than eager on the 1.2B step once the bf16 LoRA path removed the copies it fused) or on (needs a
@@ -348,6 +353,12 @@ class TrainConfig:
             self.spill = "on" if self.spill else "off"
         if self.spill not in ("auto", "on", "off"):
             raise OdysseyError(f"spill (--spill) must be auto, on or off, got {self.spill!r}")
+        if isinstance(self.optimizer_offload, bool):
+            self.optimizer_offload = "on" if self.optimizer_offload else "off"
+        if self.optimizer_offload not in ("auto", "on", "off"):
+            raise OdysseyError(
+                f"optimizer_offload (--optimizer-offload) must be auto, on or off, got {self.optimizer_offload!r}"
+            )
         if isinstance(self.compile, bool):  # YAML reads on/off as booleans
             self.compile = "on" if self.compile else "off"
         if self.compile not in ("on", "off"):

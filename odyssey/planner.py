@@ -23,7 +23,9 @@ mapping, `RssShmem`, counted here all the same):
                and the gradient flowing down, as many as the phase at the peak holds
 - kv cache     generation: L x 2 x B x T x kv
 - adapters     LoRA weights (fp32); training adds two AdamW moments and the LoRA gradients the
-               phase at the peak holds
+               phase at the peak holds. With the moments offloaded (offload.py) the term holds
+               the weights and gradients only, and the optimizer step is a phase of its own: what
+               every phase holds throughout (runtime to weights), the moments and every gradient
 - logits       generation: the last position's logits
 - margin       what the process holds beyond the terms: allocator slack and fragmentation, 5 % of
                the rest + 16 MiB; training adds `TRAINING_SLACK` (memory outside torch's tensors)
@@ -80,6 +82,7 @@ class Plan:
     slots: int = 2
     peak: str = ""  # training: the phase of a step the plan is sized by
     residency: Residency | None = None  # with a budget: pinned units, layers keeping activations
+    offload: int = 0  # bytes of AdamW moments on disk between optimizer steps (offload.py); 0: in RAM
 
     @property
     def total(self) -> int:
@@ -107,6 +110,8 @@ class Plan:
             lines += self.paging.lines(self.mode, self.slots, reads=self.residency is None)
         if self.residency is not None:
             lines += self.residency.lines()
+        if self.offload:
+            lines.append(f"optimizer: the AdamW moments ({format_bytes(self.offload)}) wait on disk between steps")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -122,6 +127,7 @@ class Plan:
             "peak": self.peak,
             "paging": self.paging.to_json() if self.paging is not None else None,
             "residency": self.residency.to_json() if self.residency is not None else None,
+            "offload_bytes": self.offload,
         }
 
 
@@ -162,6 +168,7 @@ def plan(
     recompute: str = "auto",
     sizes: UnitSizes | None = None,
     spill: bool = False,
+    offload: bool = False,
 ) -> Plan:
     """The plan of a run of `cfg`; `paging` from the store (`paging_for_store`), else as `odyssey
     init` would write it. `grad_accum`: micro-batches a training step sums gradients over.
@@ -169,7 +176,8 @@ def plan(
     this many bytes (GGUFStore.workspace_bytes), counted as a term. With a budget, what the step
     does not need of it is given to residency (residency.py): layers that keep their activations
     (`recompute` auto) and pinned units (`pin`); `sizes` are the pager units' sizes
-    (`residency.sizes_for_store`), else estimated from `paging`."""
+    (`residency.sizes_for_store`), else estimated from `paging`. `offload`: the AdamW moments
+    wait on disk between optimizer steps (offload.py; LoRA training)."""
     d, f, kv, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_size, cfg.num_hidden_layers, cfg.vocab_size)
     B, T = batch_size, seq_len
     BT = B * T
@@ -195,6 +203,14 @@ def plan(
     settings = lora if lora is not None else LoraSettings()
     kept_one = kept_layer_bytes(cfg, BT, T, ci, settings) if mode != "forward" else 0
 
+    adapters = lora_parameter_count(cfg, lora) * 4 if lora is not None else 0  # fp32 weights
+    offload = offload and mode != "forward" and lora is not None
+
+    def with_margin(terms: dict[str, int]) -> dict[str, int]:
+        rest = sum(terms.values())
+        terms["margin"] = int(rest * 0.05) + 16 * MIB + (TRAINING_SLACK if mode != "forward" else 0)
+        return terms
+
     def paged_terms(pinned_bytes: int, kept: int, paged_any: bool, spilled: bool = False) -> tuple[dict[str, int], str]:
         terms: dict[str, int] = {"runtime": runtime}
         peak = ""
@@ -206,12 +222,13 @@ def plan(
             terms["weights"] = (max(pair) if dequant_workspace is None else sum(pair)) * ci
         if dequant_workspace is not None:  # GGUF: one matrix (again in backward) and a head chunk
             terms["dequant workspace"] = dequant_workspace
+        resident = dict(terms)  # held across the whole step
         if mode == "forward":
             terms["workspace"] = BT * (3 * d + 3 * f) * ci  # no grad: the MLP's peak is live
             terms["kv cache"] = L * 2 * BT * kv * ci
             terms["logits"] = B * V * ci * 2
             if lora is not None:
-                terms["adapters"] = lora_parameter_count(cfg, lora) * 4
+                terms["adapters"] = adapters
         else:
             peak, workspace, activations, grads = training_peak(
                 cfg, BT, T, ci, settings, grad_accum, kept, kept * kept_one
@@ -220,10 +237,15 @@ def plan(
             terms["activations"] = activations
             if spilled:  # one spilled layer's tensors in flight (written, or read ahead) and the staging buffer
                 terms["spill in flight"] = kept_one + SPILL_STAGING
-            if lora is not None:  # weights and two AdamW moments, fp32, and the gradients at the peak
-                terms["adapters + AdamW"] = lora_parameter_count(cfg, lora) * 4 * 3 + grads
-        rest = sum(terms.values())
-        terms["margin"] = int(rest * 0.05) + 16 * MIB + (TRAINING_SLACK if mode != "forward" else 0)
+            if offload:  # the moments wait on disk (offload.py): the weights and the gradients at the peak
+                terms["adapters"] = adapters + grads
+            elif lora is not None:  # weights and two AdamW moments, fp32, and the gradients at the peak
+                terms["adapters + AdamW"] = adapters * 3 + grads
+        terms = with_margin(terms)
+        if offload:  # the optimizer step: the moments read back, every gradient, no activation
+            step = with_margin(dict(resident, **{"adapters + AdamW": adapters * 4}))
+            if sum(step.values()) > sum(terms.values()):
+                return step, "the optimizer step, the AdamW moments read back"
         return terms, peak
 
     res = None
@@ -253,7 +275,7 @@ def plan(
     else:
         paged_any, spilled = True, False
     terms, peak = paged_terms(pinned, kept, paged_any, spilled)
-    return Plan(mode, terms, budget, seq_len, batch_size, paging, slots, peak, res)
+    return Plan(mode, terms, budget, seq_len, batch_size, paging, slots, peak, res, 2 * adapters if offload else 0)
 
 
 def largest_layer_matrix(store) -> int:
@@ -282,6 +304,7 @@ def plan_for_store(
     pin: bool = True,
     recompute: str = "auto",
     spill: bool = False,
+    offload: bool = False,
 ) -> Plan:
     """A plan with the sizes read from an opened store."""
     if compute_dtype is not None and not isinstance(compute_dtype, str):  # a torch.dtype
@@ -317,6 +340,7 @@ def plan_for_store(
         recompute=recompute,
         sizes=sizes_for_store(store) if budget is not None else None,
         spill=spill,
+        offload=offload,
     )
 
 

@@ -47,10 +47,12 @@ class Started:
     residency: str = ""
     """What the plan's residency does with the budget (`residency.Residency.summary`)."""
     compiled: str = ""
-    spill: str = ""
-    """Whether layers spill their activations to disk, and why (`spill.choose`)."""
     """Whether the decoder layers go through torch.compile, and why (`compiling.choose`); "" when
     they run eager by default."""
+    spill: str = ""
+    """Whether layers spill their activations to disk, and why (`spill.choose`)."""
+    offload: str = ""
+    """Whether the AdamW moments wait on disk between steps, and why (`train.training_plan`)."""
 
 
 @dataclass(frozen=True)
@@ -223,10 +225,11 @@ class TrainReport:
                 + (f"; {e.residency}" if e.residency else "")
                 + (f"; {e.compiled}" if e.compiled else "")
                 + (f"; {e.spill}" if e.spill else "")
+                + (f"; {e.offload}" if e.offload else "")
             ),
         )
         if self.progress:  # --quiet: an error is then the one line on stderr (both stay in the event)
-            for note in (e.compute, e.spill, e.residency, e.compiled):
+            for note in (e.compute, e.spill, e.offload, e.residency, e.compiled):
                 if note:
                     self._note(note)
 

@@ -50,11 +50,11 @@ MIN_BYTES = 64 << 10  # smaller saved tensors stay in RAM
 PROBE_BYTES = 64 << 20
 
 
-def _round_up(n: int, a: int = ALIGN) -> int:
+def round_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-def _aligned_buffer(nbytes: int) -> torch.Tensor:
+def aligned_buffer(nbytes: int) -> torch.Tensor:
     """A uint8 tensor of nbytes whose first byte is page-aligned (a view into a slightly larger one)."""
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
     skip = (-raw.data_ptr()) % ALIGN
@@ -143,7 +143,7 @@ class Spill:
         self.bytes_written = 0
         self.bytes_read = 0
         self.wait_s = 0.0  # time the compute waited for the disk
-        self._staging = _aligned_buffer(STAGING)
+        self._staging = aligned_buffer(STAGING)
         self._staging_np = self._staging.numpy()
         self._jobs: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
@@ -155,7 +155,7 @@ class Spill:
     # --- per step ---
     def reserve(self, nbytes: int) -> None:
         """Reserve nbytes of the file (a step's worth) so a full disk fails here, not mid-step."""
-        nbytes = _round_up(nbytes)
+        nbytes = round_up(nbytes)
         if nbytes <= self.reserved:
             return
         try:
@@ -190,7 +190,7 @@ class Spill:
         ls.start = self.end
         for n in ls.nbytes:
             ls.offsets.append(self.end)
-            self.end += _round_up(n)
+            self.end += round_up(n)
         ls.size = self.end - ls.start
         if self.end > self.reserved:
             self.reserve(self.end)
@@ -279,7 +279,7 @@ class Spill:
             while done < n:
                 m = min(STAGING, n - done)
                 ctypes.memmove(addr, src + done, m)  # single-threaded, the GIL released
-                w = _round_up(m)
+                w = round_up(m)
                 got = os.pwrite(self.fd, memoryview(stage)[:w], off + done)
                 if got != w:
                     raise OSError(28, f"short write ({got} of {w} bytes)")
@@ -289,7 +289,7 @@ class Spill:
         ls.storages.clear()
 
     def _read(self, ls: LayerSpill) -> None:
-        blob = _aligned_buffer(max(ls.size, ALIGN))
+        blob = aligned_buffer(max(ls.size, ALIGN))
         view = memoryview(blob.numpy())
         done = 0
         while done < ls.size:
@@ -340,7 +340,7 @@ def probe_disk(directory, nbytes: int = PROBE_BYTES) -> tuple[float, float, bool
     and whether it is O_DIRECT; about 0.1 s on an NVMe or virtio disk."""
     fd, direct = open_unlinked(str(directory))
     try:
-        buf = _aligned_buffer(STAGING)
+        buf = aligned_buffer(STAGING)
         buf.random_(0, 256)
         view = memoryview(buf.numpy())
         t0 = time.perf_counter()

@@ -74,41 +74,117 @@ def load_hook() -> TrainHook | None:
 # entry point (odyssey train)
 
 
-def check_plan(store, cfg: TrainConfig, budget: int, spill=None):
-    from odyssey.planner import plan_checked
+@dataclasses.dataclass
+class PlanChoice:
+    """The plan a run trains by, and the choices made with it."""
 
-    return plan_checked(
-        store,
+    plan: object  # planner.Plan
+    spill: object | None  # spill.SpillChoice; None where no layer would be recomputed
+    offload: bool  # the AdamW moments wait on disk between steps (offload.py)
+    offload_why: str  # that choice in words ("" when the moments stay in RAM by default)
+
+    @property
+    def lines(self) -> list[str]:
+        """The spill and offload choices in words, for the start of a run."""
+        return [x for x in (self.spill.why if self.spill is not None else "", self.offload_why) if x]
+
+
+def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=None) -> PlanChoice:
+    """The plan of a training run, checked (raises OdysseyError as planner.check does), after
+    `show(plan, lines)` when given (`odyssey plan` shows a plan that does not fit). Spilling and
+    the optimizer offload only replace recompute: the disk is probed for a spill (spill.choose, in
+    cfg.spill_dir or `directory`) when some layer would be recomputed, and `optimizer_offload:
+    auto` offloads the AdamW moments only when that plan fits where the other does not, or
+    recomputes fewer layers (a write and a read of the moments a step bought nothing otherwise)."""
+    from odyssey.config import format_bytes
+    from odyssey.dtypes import compute_dtype_name
+    from odyssey.planner import check, plan_for_store
+    from odyssey.spill import SpillChoice, choose
+
+    lora = cfg.mode == "lora"
+    settings = dict(
         mode=cfg.mode,
-        seq_len=cfg.seq_len,
         batch_size=cfg.batch_size,
         slots=cfg.slots,
         compute_dtype=cfg.compute_dtype,
-        lora=cfg.lora if cfg.mode == "lora" else None,
+        lora=cfg.lora if lora else None,
         budget=budget,
         grad_accum=cfg.grad_accum,
         pin=cfg.pin,
         recompute=cfg.recompute,
-        spill=spill is not None and spill.on,
     )
+    directory = str(cfg.spill_dir or directory)
+    L = store.config.num_hidden_layers
 
+    def recomputed(p) -> int:
+        return 0 if p.residency is None else L - p.residency.kept - p.residency.spilled
 
-def choose_spill(store, cfg: TrainConfig, run_root):
-    """Whether this run spills activations, and where (spill.choose; LoRA only)."""
-    from odyssey.dtypes import compute_dtype_name
-    from odyssey.spill import SpillChoice, choose
-
-    if cfg.mode != "lora":
-        return SpillChoice(False, "")
-    return choose(
-        cfg.spill,
-        cfg.spill_dir or run_root,
-        store,
-        tokens=cfg.seq_len * cfg.batch_size,
-        compute=compute_dtype_name(cfg.compute_dtype, store.dtype, store.config),
-        lora=cfg.lora,
-        recompute=cfg.recompute,
+    setting = cfg.optimizer_offload if lora and budget is not None else "off"
+    spill = None
+    tried = []  # (offload, plan), without it first
+    for offload in {"off": [False], "on": [True], "auto": [False, True]}[setting]:
+        p = plan_for_store(store, seq_len=cfg.seq_len, offload=offload, **settings)
+        if lora and spill is None and p.fits and p.residency is not None and p.residency.kept < L:
+            dtype = compute_dtype_name(cfg.compute_dtype, store.dtype, store.config)
+            tokens = cfg.seq_len * cfg.batch_size
+            spill = choose(
+                cfg.spill, directory, store, tokens=tokens, compute=dtype, lora=cfg.lora, recompute=cfg.recompute
+            )
+        if spill is not None and spill.on:
+            p = plan_for_store(store, seq_len=cfg.seq_len, offload=offload, spill=True, **settings)
+        tried.append((offload, p))
+    offload, p = min(tried, key=lambda t: (not t[1].fits, recomputed(t[1])))  # ties: the first
+    why = ""
+    if setting == "on":
+        why = (
+            f"optimizer offload: on (optimizer_offload=on): the AdamW moments, {format_bytes(p.offload)}, "
+            f"wait in {directory} between steps"
+        )
+    elif offload:
+        first = tried[0][1]
+        gain = (
+            "lets the plan fit" if not first.fits else f"spares {recomputed(first) - recomputed(p)} layer(s) recompute"
+        )
+        if not offload_possible(directory):
+            offload, p = tried[0]
+            why = (
+                f"optimizer offload: off (auto: {directory} takes no O_DIRECT files (tmpfs?): "
+                "the moments would stay in RAM)"
+            )
+        else:
+            why = (
+                f"optimizer offload: on (auto: the AdamW moments, {format_bytes(p.offload)}, wait on disk "
+                f"between steps, which {gain}; optimizer_offload=off keeps them in RAM)"
+            )
+    if spill is not None and spill.on and p.residency is not None and not p.residency.spilled:
+        room = format_bytes(p.residency.spill_room)  # the budget has no room for one layer in flight
+        spill = SpillChoice(
+            False, f"spill: none (one layer's activations in flight need {room} the budget does not have)"
+        )
+    if spill is not None and spill.on:
+        p.residency.spill_dir = spill.directory
+    chosen = PlanChoice(p, spill, offload, why)
+    if show is not None:
+        show(p, chosen.lines)
+    check(
+        p, lambda n: plan_for_store(store, seq_len=n, offload=offload, spill=spill is not None and spill.on, **settings)
     )
+    return chosen
+
+
+def offload_possible(directory: str) -> bool:
+    """Whether `directory` (or the nearest existing directory above it) takes an O_DIRECT file."""
+    from odyssey.spill import open_unlinked
+
+    where = directory
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(os.path.abspath(where))
+    try:
+        fd, direct = open_unlinked(where)
+    except OdysseyError:
+        return False
+    os.close(fd)
+    return direct
 
 
 def train(
@@ -131,23 +207,8 @@ def train(
     from odyssey.runtime.control import Controller, start_guard, stop_guard
 
     run, store, data_set, cfg, budget, eff = prepare(out, model, data, budget, config_path, list(overrides), resume)
-    plan = check_plan(store, cfg, budget)  # fits without spilling: spilling only replaces recompute
-    spill = (
-        choose_spill(store, cfg, run.root)
-        if plan.residency is not None and plan.residency.kept < store.config.num_hidden_layers
-        else None
-    )
-    if spill is not None and spill.on:
-        plan = check_plan(store, cfg, budget, spill)
-        plan.residency.spill_dir = spill.directory
-        if not plan.residency.spilled:  # the budget has no room for one layer in flight
-            from odyssey.config import format_bytes
-            from odyssey.spill import SpillChoice
-
-            room = format_bytes(plan.residency.spill_room)
-            spill = SpillChoice(
-                False, f"spill: none (one layer's activations in flight need {room} the budget does not have)"
-            )
+    chosen = training_plan(store, cfg, budget, run.root)
+    plan, spill = chosen.plan, chosen.spill
     allocator.keep_freed_pages(None if budget is None else budget - plan.total)  # fewer page faults
     hook = load_hook()
     ranks = Ranks(cfg.dist_timeout_s)  # after every rank checked its inputs: nothing is written before
@@ -171,6 +232,7 @@ def train(
         report=report,
         hook=hook,
         residency=plan.residency,
+        offload_dir=str(cfg.spill_dir or run.root) if chosen.offload else None,
     )
     restored = trainer.restore() if resume else None
     if resume and restored is None:
@@ -195,6 +257,7 @@ def train(
             residency=plan.residency.summary() if plan.residency is not None else "",
             compiled=getattr(trainer.learner, "compile_note", ""),
             spill=spill.why if spill is not None else "",
+            offload=chosen.offload_why,
         )
     )
     if monitor and main:
@@ -236,7 +299,7 @@ def train(
         for s, h in old.items():
             signal.signal(s, h)
         stop_guard(guard_proc)
-        trainer.learner.close()
+        trainer.close()
         ranks.close(clean=not peer_lost)
     return code
 

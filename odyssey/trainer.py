@@ -84,6 +84,7 @@ class Trainer:
         report: Callable[[object], None],
         hook: TrainHook | None = None,
         residency=None,
+        offload_dir: str | None = None,
     ):
         from odyssey.data import BatchSampler, eval_batches
 
@@ -95,6 +96,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8
         )
+        self.moments = None  # offload.MomentsOffload: the AdamW moments on disk between steps
+        if offload_dir is not None:
+            from odyssey.offload import MomentsOffload
+
+            self.moments = MomentsOffload(self.optimizer, offload_dir)
         self.sampler = BatchSampler(
             data,
             "train",
@@ -121,6 +127,11 @@ class Trainer:
         self.tokens = 0
         self.last_done: StepState | None = None
 
+    def close(self) -> None:
+        self.learner.close()
+        if self.moments is not None:
+            self.moments.close()
+
     # --- resume ---
     def restore(self) -> Path | None:
         """Everything from the newest checkpoint; returns its path, or None when there is none."""
@@ -130,6 +141,8 @@ class Trainer:
         path, state = found
         self.learner.load(path)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.moments is not None:
+            self.moments.evict()
         self.sampler.load_state_dict(self._sampler_state(state["sampler"]))
         torch.set_rng_state(state["rng"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
@@ -159,9 +172,13 @@ class Trainer:
         if self.checkpoints.is_complete(done.step):
             return path  # this step is already saved
         t0 = time.perf_counter()
+        if self.moments is not None:  # the optimizer's state_dict holds them
+            self.moments.load()
         size = self.checkpoints.write(
             done, self.learner, self.optimizer, world_size=self.ranks.world, config=to_dict(self.cfg)
         )
+        if self.moments is not None:
+            self.moments.evict()
         self.report(CheckpointWritten(done.step, path, reason, size, time.perf_counter() - t0))
         return path
 
@@ -199,8 +216,12 @@ class Trainer:
         loss = self.ranks.average_grads(self.params, loss, weight)
         self.channel.end_of_step(self.step)  # the ranks stop, pause or checkpoint together, at the same step
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if self.moments is not None:
+            self.moments.load()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.moments is not None:
+            self.moments.evict()
         self.step = step
         self.tokens += cfg.grad_accum * cfg.batch_size * cfg.seq_len * self.ranks.world
         self.last_done = StepState(step, self.sampler.state_dict(), torch.get_rng_state(), self.tokens)
@@ -256,6 +277,7 @@ class Trainer:
             rss_anon_mib=round(anon_mib, 1),
             budget_mib=round(budget_mib, 1),
             **residency_fields(st),
+            **({"offload_bytes": self.moments.take_stats()} if self.moments is not None else {}),
             steps_total=steps_total,
             tokens=self.tokens,
             world_size=self.ranks.world,
@@ -276,6 +298,8 @@ class Trainer:
         tokens_a_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * self.ranks.world  # all ranks
         while self.step < steps_total:
             self.learner.take_stats(0.0)  # reset page-in counters
+            if self.moments is not None:
+                self.moments.take_stats()
             t0 = time.perf_counter()
             try:
                 loss, gnorm = self._step_once()

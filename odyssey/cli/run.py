@@ -70,46 +70,52 @@ def add_residency_options(s, default_pin) -> None:
         help="where the spill file goes (unnamed, gone with the process); default: the run directory "
         "(odyssey plan: the current directory)",
     )
+    s.add_argument(
+        "--optimizer-offload",
+        choices=["auto", "on", "off"],
+        default=None if default_pin is None else "auto",
+        help="the AdamW moments wait on disk (in the spill directory) between optimizer steps instead of "
+        "in RAM; auto (default): where that spares recompute or lets the plan fit",
+    )
 
 
 def cmd_plan(args) -> int:
-    from odyssey.config import LoraSettings
-    from odyssey.dtypes import compute_dtype_name
+    from odyssey.config import LoraSettings, TrainConfig
     from odyssey.planner import plan_checked
-    from odyssey.spill import choose
     from odyssey.store import open_model
+    from odyssey.train import training_plan
 
     store = open_model(args.model)
     compute = compute_dtype_line(args.compute_dtype, store.dtype, store.config)
-    lora = LoraSettings(r=args.lora_r) if args.mode == "lora" else None
-    spill = None
-    if args.mode == "lora" and args.ram_budget:
-        dtype = compute_dtype_name(args.compute_dtype, store.dtype, store.config)
-        tokens = args.seq_len * args.batch_size
-        spill = choose(
-            args.spill, args.spill_dir or ".", store, tokens=tokens, compute=dtype, lora=lora, recompute=args.recompute
+    budget = ram_budget_arg(args)
+    if args.mode == "forward":
+        plan_checked(
+            store,
+            mode="forward",
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            slots=args.slots,
+            budget=budget,
+            compute_dtype=args.compute_dtype,
+            pin=args.pin,
+            show=lambda p: print(f"{p.table()}\n{compute}"),
         )
-
-    def spilled(p) -> bool:  # the choice's line, unless on and nothing spills (the residency says why)
-        if spill is None or not spill.why:
-            return False
-        return not spill.on or p.residency is None or p.residency.spilled > 0
-
-    plan_checked(
-        store,
+        return 0
+    cfg = TrainConfig(  # the plan `odyssey train` would make with these settings
         mode=args.mode,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
-        slots=args.slots,
-        budget=ram_budget_arg(args),
-        lora=lora,
-        compute_dtype=args.compute_dtype,
         grad_accum=args.grad_accum,
+        slots=args.slots,
+        compute_dtype=args.compute_dtype,
         pin=args.pin,
         recompute=args.recompute,
-        spill=spill is not None and spill.on,
-        show=lambda p: print(f"{p.table()}\n{compute}" + (f"\n{spill.why}" if spilled(p) else "")),
+        spill=args.spill,
+        spill_dir=args.spill_dir or "",
+        optimizer_offload=args.optimizer_offload,
+        lora=LoraSettings(r=args.lora_r),
     )
+    training_plan(store, cfg, budget, ".", show=lambda p, lines: print("\n".join([p.table(), compute, *lines])))
     return 0
 
 
@@ -255,6 +261,7 @@ def cmd_train(args) -> int:
     overrides += [f"compile={args.compile}"] * bool(args.compile)
     overrides += [f"spill={args.spill}"] * bool(args.spill)
     overrides += [f"spill_dir={args.spill_dir}"] * (args.spill_dir is not None)
+    overrides += [f"optimizer_offload={args.optimizer_offload}"] * bool(args.optimizer_offload)
     return train(
         args.out,
         model=args.model,
