@@ -34,7 +34,9 @@ Training peaks in one of three phases of a step, and the plan is the largest (`P
 the head pass (every saved input, no LoRA gradient yet), the backward of the last layer (every
 saved input, that layer's gradients) or that of layer 0 (one saved input, every gradient). Backward
 frees layer i's saved input as it makes layer i's gradients, so the two are never both whole; with
-grad_accum > 1 the gradients of the earlier micro-batches are whole in every phase.
+grad_accum > 1 the gradients of the earlier micro-batches are whole in every phase. With the AdamW
+moments offloaded (offload.py) the optimizer step is a fourth phase: the moments read back and every
+gradient, no activation.
 
 Below the terms, `Paging` says how the pager reads the model: slot size, the row blocks of the
 embedding and head, and the reads of one step (each head block counted; a head of more units than

@@ -133,7 +133,9 @@ def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=N
         if spill is not None and spill.on:
             p = plan_for_store(store, seq_len=cfg.seq_len, offload=offload, spill=True, **settings)
         tried.append((offload, p))
-    offload, p = min(tried, key=lambda t: (not t[1].fits, recomputed(t[1])))  # ties: the first
+    # fitting first, then fewer layers recomputed; none fits: the smaller plan, whose error names
+    # the smallest budget (ties: the first, without the offload)
+    offload, p = min(tried, key=lambda t: (not t[1].fits, recomputed(t[1])) if t[1].fits else (True, t[1].total))
     why = ""
     if setting == "on":
         why = (

@@ -15,6 +15,7 @@ import torch
 from odyssey import offload as offload_mod
 from odyssey.config import LoraSettings, TrainConfig
 from odyssey.errors import OdysseyError
+from odyssey.monitor.feed import Feed
 from odyssey.offload import MomentsOffload, moment_bytes
 from odyssey.planner import plan_for_store
 from odyssey.runtime.runlog import RunDir
@@ -187,7 +188,7 @@ def test_offload_check_of_the_directory(tmp_path):
 
 def test_train_with_offload_equals_without_and_resumes_exactly(train_dir, tmp_path):
     """`odyssey train --optimizer-offload on`: the losses of every step equal `off`'s, each step
-    record counts the moments written and read back, and a run stopped at a checkpoint and
+    record counts the moments written and read back (the monitor shows it), and a run stopped at a checkpoint and
     resumed gives the losses of one that was not (the checkpoint holds the moments, not their
     placeholders)."""
     common = [
@@ -209,6 +210,11 @@ def test_train_with_offload_equals_without_and_resumes_exactly(train_dir, tmp_pa
         steps = [r for r in recs if r.get("kind") == "step"]
         if setting == "on":
             assert steps[0]["offload_bytes"] > 0 and all(r["offload_bytes"] > 0 for r in steps)
+            feed = Feed(out)  # the monitor's Resident field says so
+            feed.poll()
+            while feed.more_waiting:
+                feed.poll()
+            assert "AdamW moments on disk" in feed.values()["resident"]
         else:
             assert all("offload_bytes" not in r for r in steps)
     assert runs["on"] == runs["off"] and len(runs["on"]) == 6

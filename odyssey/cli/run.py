@@ -115,7 +115,11 @@ def cmd_plan(args) -> int:
         optimizer_offload=args.optimizer_offload,
         lora=LoraSettings(r=args.lora_r),
     )
-    training_plan(store, cfg, budget, ".", show=lambda p, lines: print("\n".join([p.table(), compute, *lines])))
+
+    def show(p, lines) -> None:  # "spill: none" is in the table already (the residency's lines)
+        print("\n".join([p.table(), compute, *(x for x in lines if not x.startswith("spill: none"))]))
+
+    training_plan(store, cfg, budget, ".", show=show)
     return 0
 
 

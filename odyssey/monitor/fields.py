@@ -99,7 +99,7 @@ class FeedText:
     def resident_text(self) -> str:
         """The Resident field: what the step's units came from, the layers that kept their
         activations and those that spilled them to disk (the step record's residency figures,
-        trainer.residency_fields)."""
+        trainer.residency_fields), and the AdamW moments when they wait on disk (offload_bytes)."""
         s = self.last_step or {}
         if self.mode == "full":
             return "everything (full mode) / 전체"
@@ -114,6 +114,9 @@ class FeedText:
         spilled = num(s.get("spilled_layers"))
         if spilled:
             text += f", {int(spilled)} on disk ({fmt_num(num(s.get('spill_bytes') or 0) / 1e6, 0, 'MB')} a step)"
+        moved = num(s.get("offload_bytes"))
+        if moved:  # written after the optimizer step, read back before the next (offload.py)
+            text += f", AdamW moments on disk ({fmt_num(moved / 2e6, 0, 'MB')})"
         return text
 
     def values(self) -> dict[str, str]:
