@@ -27,7 +27,8 @@ from odyssey.errors import OdysseyError
 from odyssey.spill import aligned_buffer, open_unlinked, round_up
 
 CHUNK = 64 << 20  # bytes a pwrite / preadv moves at once (a whole number of pages)
-ALIGN = 64  # each moment's offset in the file and in RAM (cache-line aligned views)
+STAGING = 8 << 20  # the page-aligned buffer a moment that is not yet in one buffer is written through
+ALIGN = 4096  # each moment's offset in the file and in RAM: whole pages, as O_DIRECT writes them
 
 
 def moment_bytes(params) -> int:
@@ -92,13 +93,18 @@ class MomentsOffload:
             layout.append((p, k, offset, tuple(t.shape), t.dtype))
             offset = round_up(offset + t.numel() * t.element_size(), ALIGN)
         size = round_up(offset)
-        flat = self._flat_of(moments, layout, size)
-        view = memoryview(flat.numpy())
         try:
-            for start in range(0, size, CHUNK):
-                n = min(CHUNK, size - start)
-                if os.pwrite(self.fd, view[start : start + n], start) != n:
-                    raise OSError(28, "short write")
+            flat = self._flat_of(moments, layout, size)
+            if flat is not None:  # after a load: the buffer as it is
+                self._write(flat, 0)
+            else:  # the first step's moments, or a checkpoint's: one at a time through a small buffer
+                stage = aligned_buffer(min(STAGING, size))
+                for (_, _, t), (_, _, off, _, _) in zip(moments, layout, strict=True):
+                    src = t.contiguous().view(-1).view(torch.uint8)
+                    for done in range(0, src.numel(), stage.numel()):
+                        n = min(stage.numel(), src.numel() - done)
+                        stage[:n].copy_(src[done : done + n])
+                        self._write(stage[: round_up(n)], off + done)
         except OSError as e:
             raise OdysseyError(
                 f"optimizer offload: writing the AdamW moments in {self.directory} failed ({e.strerror}); "
@@ -109,25 +115,28 @@ class MomentsOffload:
         self.layout, self.size = layout, size
         self.bytes_moved += size
 
-    def _flat_of(self, moments, layout, size: int) -> torch.Tensor:
-        """One page-aligned buffer holding every moment: the one `load` made when they all still
-        view it (no copy), else a new one they are copied into."""
+    def _write(self, buf: torch.Tensor, offset: int) -> None:
+        """`buf` (page-aligned, whole pages) at `offset` of the file."""
+        view = memoryview(buf.numpy())
+        for start in range(0, len(view), CHUNK):
+            n = min(CHUNK, len(view) - start)
+            if os.pwrite(self.fd, view[start : start + n], offset + start) != n:
+                raise OSError(28, "short write")
+
+    def _flat_of(self, moments, layout, size: int) -> torch.Tensor | None:
+        """The buffer `load` made, when every moment still views it where the layout says."""
         base = moments[0][2].untyped_storage()
         start = moments[0][2].data_ptr() - base.data_ptr()  # layout's offset 0
         if (
             start + size <= base.nbytes()
-            and (base.data_ptr() + start) % 4096 == 0
+            and (base.data_ptr() + start) % ALIGN == 0
             and all(
                 t.untyped_storage().data_ptr() == base.data_ptr() and t.data_ptr() - base.data_ptr() - start == off
                 for (_, _, t), (_, _, off, _, _) in zip(moments, layout, strict=True)
             )
         ):
             return torch.empty(0, dtype=torch.uint8).set_(base, start, (size,), (1,))
-        flat = aligned_buffer(size)
-        for (_, _, t), (_, _, off, _, _) in zip(moments, layout, strict=True):
-            n = t.numel() * t.element_size()
-            flat[off : off + n].view(t.dtype).view(t.shape).copy_(t)
-        return flat
+        return None
 
     def load(self) -> None:
         """Read the moments back into RAM (before `optimizer.step()` or its `state_dict()`): every

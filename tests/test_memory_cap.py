@@ -88,9 +88,9 @@ def sample_tokens(tmp_path_factory):
     return out
 
 
-def lora_steps_in_cgroup(store_dir, tokens, run, limit: int, budget: str):
-    """`odyssey train` LoRA r=16, seq 512, batch 1, 3 steps inside a memory cgroup of `limit` bytes:
-    (the cgroup run's result, the step records)."""
+def lora_steps_in_cgroup(store_dir, tokens, run, limit: int, budget: str, *extra: str):
+    """`odyssey train` LoRA r=16, seq 512, batch 1, 3 steps inside a memory cgroup of `limit` bytes
+    (`extra`: more config overrides): (the cgroup run's result, the step records)."""
     import json
 
     cmd = [
@@ -114,6 +114,7 @@ def lora_steps_in_cgroup(store_dir, tokens, run, limit: int, budget: str):
         "lora.r=16",
         "eval_every=0",
         "checkpoint_every=3",
+        *extra,
     ]
     r = cgroup.run_in_cgroup(cmd, limit, cwd=ROOT)
     metrics = run / "metrics.jsonl"
@@ -134,6 +135,27 @@ def test_1p2b_lora_training_inside_2gib(store_1p2b, sample_tokens, tmp_path):
     assert r.returncode == 0 and not r.oom_killed, r
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@needs_cgroup
+@pytest.mark.parametrize("compute,mib", [("fp32", 1024), ("bf16", 768)])
+def test_1p2b_lora_with_the_moments_on_disk(store_1p2b, sample_tokens, tmp_path, compute, mib):
+    """With the AdamW moments on disk between steps (optimizer_offload auto): in fp32 (a CPU
+    without native bf16) a 1 GiB cgroup spills all 24 layers instead of recomputing them; in
+    bf16 the step runs inside 768 MiB, with the guard beside it (the moments in RAM need 794 MiB of
+    plan)."""
+    run = tmp_path / "run"
+    r, steps = lora_steps_in_cgroup(store_1p2b, sample_tokens, run, mib * MIB, f"{mib}MiB", f"compute_dtype={compute}")
+    print(
+        f"1.2B LoRA seq 512 r=16 {compute} in a {mib} MiB cgroup: rc {r.returncode}, "
+        f"peak {r.peak_bytes / MIB:.0f} MiB, step_s {[s['step_s'] for s in steps]}, "
+        f"spilled {[s['spilled_layers'] for s in steps]}"
+    )
+    assert r.returncode == 0 and not r.oom_killed, r
+    assert [s["step"] for s in steps] == [1, 2, 3] and all(s["offload_bytes"] > 0 for s in steps)
+    if compute == "fp32":
+        assert all(s["spilled_layers"] == 24 for s in steps)
 
 
 def shape_store(name: str):

@@ -58,7 +58,7 @@ def test_offloaded_moments_are_exact_and_leave_ram(tmp_path, monkeypatch):
         off.evict()
         moments = [t for p in got for t in o_got.state[p].values() if t.dim() > 0]
         assert len(moments) == 2 * len(got) and all(t.device.type == "meta" for t in moments)
-    assert allocations[0] == allocations[1] and len(allocations) == 5  # evict 1 copies; loads 2-5 reuse
+    assert len(allocations) == 5 and allocations[0] <= offload_mod.STAGING  # evict 1 stages; loads 2-5 reuse
     assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
     off.load()
     for a, b in zip(ref, got, strict=True):

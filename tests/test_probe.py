@@ -235,3 +235,20 @@ def test_doctor_remeasure_rewrites_the_entry(probe_cache):
     assert all(0 < v < 1e6 for v in d["gflops"].values()) and c["compute_dtype"] == max(
         d["gflops"], key=d["gflops"].get
     )
+
+
+def test_the_measurement_runs_in_a_child_process_and_falls_back_here(monkeypatch):
+    """`measure` times the matmuls in a child with this process's thread count, so the operands and
+    what oneDNN keeps after them stay out of the memory the plan measures next; where no child can
+    run it measures here."""
+    import sys
+
+    def here(shape, *a):
+        raise AssertionError("measured in the parent")
+
+    monkeypatch.setattr(probe_mod, "measure_here", here)
+    gflops, rounds, seconds = probe_mod.measure(SMALL, reps=2, budget_s=0.5)
+    assert set(gflops) == {"bf16", "fp32"} and all(v > 0 for v in gflops.values()) and rounds >= 1
+    monkeypatch.setattr(probe_mod, "measure_here", lambda shape, *a: ({"bf16": 1.0, "fp32": 2.0}, 1, 0.1))
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    assert probe_mod.measure(SMALL) == ({"bf16": 1.0, "fp32": 2.0}, 1, 0.1)
