@@ -199,6 +199,33 @@ def targets(
     return out
 
 
+def fp32_evidence(rows: Sequence[dict]) -> list[dict]:
+    """The two step targets in fp32 alone, from Odyssey's fp32 rows and the fastest fp32 peer
+    ("odyssey-1g-fp32", "odyssey-4g-fp32", the in-RAM fp32 peers): what a CPU without native bf16
+    (AVX2 only: fp32 everywhere) would be held to, measured here by forcing fp32. Evidence rows
+    (no verdict); none where `auto` picked fp32 (the targets are then these already)."""
+    by = {r["name"]: r for r in rows}
+    if (by.get("odyssey") or {}).get("dtype") == "fp32":
+        return []
+    peers = [r for r in rows if r["name"].startswith("inram-") and r.get("dtype") == "fp32" and r.get("step_s")]
+    peer = min(peers, key=lambda r: r["step_s"], default=None)
+    out = []
+    for name, budget, goal in (("odyssey-1g-fp32", "1 GiB", "1.25"), ("odyssey-4g-fp32", "4 GiB", "1.0")):
+        s = (by.get(name) or {}).get("step_s")
+        if not s or peer is None:
+            continue
+        out.append(
+            {
+                "target": f"fp32 forced: Odyssey step in {budget} / fastest fp32 peer's (evidence: AVX2-only)",
+                "figures": f"{common.fmt(s, 1)} s / {common.fmt(peer['step_s'], 1)} s ({peer['label']})",
+                "value": round(s / peer["step_s"], 2),
+                "goal": f"(<= {goal} there)",
+                "verdict": "-",
+            }
+        )
+    return out
+
+
 def table(rows: Sequence[dict]) -> str:
     return common.markdown_table(
         ["target", "figures", "ratio", "goal", "verdict"],

@@ -1002,7 +1002,7 @@ def run(args) -> dict:
             args.seq_len,
             floor_s=result["kernel_floor"]["seconds"],
             rounds=result["rounds"],
-        )
+        ) + goals.fp32_evidence(result["train"])
     return result
 
 

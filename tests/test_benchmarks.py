@@ -714,6 +714,36 @@ def test_targets_ratios_and_verdicts():
     assert table[0] == "| target | figures | ratio | goal | verdict |" and len(table) == 5
 
 
+def test_fp32_evidence_holds_odyssey_fp32_against_the_fastest_fp32_peer():
+    """On a machine where `auto` picked bf16, the fp32 rows give the step ratios an AVX2-only
+    machine would be held to (evidence, no verdict); where auto picked fp32 there are none."""
+
+    def row(name, dtype, step, label=""):
+        return {
+            "name": name,
+            "dtype": dtype,
+            "status": "runs" if step else "does not run",
+            "step_s": step,
+            "label": label,
+        }
+
+    rows = [
+        row("odyssey", "bf16", 10.0),
+        row("odyssey-1g-fp32", "fp32", 21.0),
+        row("odyssey-4g-fp32", "fp32", 17.0),
+        row("inram-fp32", "fp32", 20.0, "peft fp32"),
+        row("inram-fp32-ckpt", "fp32", 24.0, "peft fp32 ckpt"),
+        row("inram-bf16", "bf16", 8.0, "peft bf16"),
+        row("offload-fp32", "fp32", None),
+    ]
+    e = goals.fp32_evidence(rows)
+    assert [x["value"] for x in e] == [1.05, 0.85] and all(x["verdict"] == "-" for x in e)
+    assert "1 GiB" in e[0]["target"] and "(peft fp32)" in e[0]["figures"] and e[0]["goal"] == "(<= 1.25 there)"
+    rows[0]["dtype"] = "fp32"
+    assert goals.fp32_evidence(rows) == []
+    assert goals.fp32_evidence([row("odyssey", "bf16", 10.0), row("odyssey-1g-fp32", "fp32", 21.0)]) == []
+
+
 def test_paired_rounds_decide_the_step_targets_by_their_median():
     """Round 0 (the table's rows) ran on a slowed machine: 13 s against the peer's 9.5 s; two more
     rounds back to back give 1.10 and 1.05, so the median (1.10) decides, and the figures say so."""
