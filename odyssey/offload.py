@@ -24,11 +24,22 @@ import shutil
 import torch
 
 from odyssey.errors import OdysseyError
-from odyssey.spill import aligned_buffer, open_unlinked, round_up
+from odyssey.spill import aligned_buffer, existing, open_unlinked, round_up
 
 CHUNK = 64 << 20  # bytes a pwrite / preadv moves at once (a whole number of pages)
 STAGING = 8 << 20  # the page-aligned buffer a moment that is not yet in one buffer is written through
 ALIGN = 4096  # each moment's offset in the file and in RAM: whole pages, as O_DIRECT writes them
+
+
+def offload_possible(directory: str) -> bool:
+    """Whether `directory` (or the nearest existing directory above it) takes an O_DIRECT file: on
+    tmpfs the moments would stay in RAM."""
+    try:
+        fd, direct = open_unlinked(existing(str(directory)))
+    except OdysseyError:
+        return False
+    os.close(fd)
+    return direct
 
 
 def moment_bytes(params) -> int:

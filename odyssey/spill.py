@@ -335,6 +335,15 @@ def open_unlinked(directory: str) -> tuple[int, bool]:
     raise OdysseyError(f"spill: cannot create a file in {directory}; choose another --spill-dir, or --spill off")
 
 
+def existing(directory: str) -> str:
+    """`directory`, or the nearest directory above it that exists (where a run directory not yet
+    made will be)."""
+    where = directory
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(os.path.abspath(where))
+    return where
+
+
 def probe_disk(directory, nbytes: int = PROBE_BYTES) -> tuple[float, float, bool]:
     """(write, read) bytes/s of I/O in `directory` as the spill does it (STAGING-sized requests),
     and whether it is O_DIRECT; about 0.1 s on an NVMe or virtio disk."""
@@ -390,9 +399,7 @@ def choose(setting: str, directory, store, *, tokens: int, compute: str, lora, r
     act = kept_layer_bytes(cfg, tokens, tokens, ci, lora) - tokens * cfg.hidden_size * ci
     weights = sum(numel(s) for s in cfg.layer_shapes(0).values()) * DTYPES[store.dtype].itemsize
     step_bytes = act * cfg.num_hidden_layers
-    where = directory  # the run directory may not exist yet: measure where it will be
-    while not os.path.isdir(where) and os.path.dirname(where) != where:
-        where = os.path.dirname(os.path.abspath(where))
+    where = existing(directory)  # the run directory may not exist yet: measure where it will be
     try:
         free = shutil.disk_usage(where).free
         if free < step_bytes + (1 << 30):

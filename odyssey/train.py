@@ -98,6 +98,7 @@ def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=N
     recomputes fewer layers (a write and a read of the moments a step bought nothing otherwise)."""
     from odyssey.config import format_bytes
     from odyssey.dtypes import compute_dtype_name
+    from odyssey.offload import offload_possible
     from odyssey.planner import check, plan_for_store
     from odyssey.spill import SpillChoice, choose
 
@@ -133,9 +134,9 @@ def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=N
         if spill is not None and spill.on:
             p = plan_for_store(store, seq_len=cfg.seq_len, offload=offload, spill=True, **settings)
         tried.append((offload, p))
-    # fitting first, then fewer layers recomputed; none fits: the smaller plan, whose error names
-    # the smallest budget (ties: the first, without the offload)
-    offload, p = min(tried, key=lambda t: (not t[1].fits, recomputed(t[1])) if t[1].fits else (True, t[1].total))
+    # a plan that fits, recomputing the fewest layers; none fits: the smaller, whose error names the
+    # smallest budget. Ties: the first, without the offload
+    offload, p = min(tried, key=lambda t: (0, recomputed(t[1])) if t[1].fits else (1, t[1].total))
     why = ""
     if setting == "on":
         why = (
@@ -172,21 +173,6 @@ def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=N
         p, lambda n: plan_for_store(store, seq_len=n, offload=offload, spill=spill is not None and spill.on, **settings)
     )
     return chosen
-
-
-def offload_possible(directory: str) -> bool:
-    """Whether `directory` (or the nearest existing directory above it) takes an O_DIRECT file."""
-    from odyssey.spill import open_unlinked
-
-    where = directory
-    while not os.path.isdir(where) and os.path.dirname(where) != where:
-        where = os.path.dirname(os.path.abspath(where))
-    try:
-        fd, direct = open_unlinked(where)
-    except OdysseyError:
-        return False
-    os.close(fd)
-    return direct
 
 
 def train(

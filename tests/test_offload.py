@@ -20,6 +20,7 @@ from odyssey.offload import MomentsOffload, moment_bytes
 from odyssey.planner import plan_for_store
 from odyssey.runtime.runlog import RunDir
 from odyssey.stepmemory import lora_parameter_count
+from tests.conftest import cli_in_process
 from tests.test_train import step_losses, train_cli
 
 
@@ -137,10 +138,11 @@ def test_auto_offloads_where_it_spares_recompute_and_nowhere_else(tmp_path, monk
     more layers' activations, the moments go to disk and the start line says how many layers it
     spares; where every layer is kept anyway they stay in RAM; `off` and `on` do as they say; a
     directory without O_DIRECT (tmpfs) keeps them in RAM with a line saying why."""
-    from odyssey import train as train_mod
+    from odyssey import planner
     from odyssey.train import training_plan
 
-    monkeypatch.setattr(train_mod, "offload_possible", lambda d: True)
+    monkeypatch.setattr(planner, "measured_runtime", lambda mode: 100 << 20)  # the same in every plan here
+    monkeypatch.setattr(offload_mod, "offload_possible", lambda d: True)
     store = _store(tmp_path)
     lora = LoraSettings(r=64)
 
@@ -148,7 +150,7 @@ def test_auto_offloads_where_it_spares_recompute_and_nowhere_else(tmp_path, monk
         return TrainConfig(seq_len=256, lora=lora, compute_dtype="fp32", spill="off", optimizer_offload=setting)
 
     kw = dict(mode="lora", seq_len=256, lora=lora, compute_dtype="fp32")
-    budget = plan_for_store(store, **kw).total
+    budget = -(-plan_for_store(store, **kw).total >> 20) << 20  # whole MiB, as --ram-budget says it
     while plan_for_store(store, budget=budget, offload=True, **kw).residency.kept <= (
         plan_for_store(store, budget=budget, **kw).residency.kept
     ):
@@ -161,26 +163,34 @@ def test_auto_offloads_where_it_spares_recompute_and_nowhere_else(tmp_path, monk
     assert not training_plan(store, cfg("auto"), wide, tmp_path).offload  # every layer kept without it
     on = training_plan(store, cfg("on"), wide, tmp_path)
     assert on.offload and on.plan.offload > 0 and "optimizer_offload=on" in on.offload_why
-    monkeypatch.setattr(train_mod, "offload_possible", lambda d: False)
+    monkeypatch.setattr(offload_mod, "offload_possible", lambda d: False)
     tmpfs = training_plan(store, cfg("auto"), budget, tmp_path)
     assert not tmpfs.offload and "no O_DIRECT" in tmpfs.offload_why
     # a budget that fits only with the moments on disk
     tight = plan_for_store(store, offload=True, **kw).total + (1 << 20)
-    monkeypatch.setattr(train_mod, "offload_possible", lambda d: True)
+    monkeypatch.setattr(offload_mod, "offload_possible", lambda d: True)
     assert not plan_for_store(store, budget=tight, **kw).fits
     fits = training_plan(store, cfg("auto"), tight, tmp_path)
     assert fits.offload and fits.plan.fits and "lets the plan fit" in fits.offload_why
     with pytest.raises(OdysseyError, match="is too small"):
         training_plan(store, cfg("off"), tight, tmp_path)
+    # odyssey plan makes the same choice and shows it
+    args = ["plan", "--model", str(tmp_path / "m"), "--ram-budget", f"{budget >> 20}MiB", "--seq-len", "256"]
+    args += ["--lora-r", "64", "--compute-dtype", "fp32", "--spill", "off"]
+    shown = cli_in_process(*args, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "optimizer: the AdamW moments" in shown.stdout and "optimizer offload: on (auto" in shown.stdout
+    shown = cli_in_process(*args, "--optimizer-offload", "off", cwd=tmp_path)
+    assert shown.returncode == 0 and "optimizer" not in shown.stdout
 
 
 def test_offload_check_of_the_directory(tmp_path):
-    from odyssey.spill import open_unlinked
-    from odyssey.train import offload_possible
-
-    fd, direct = open_unlinked(str(tmp_path))
     import os
 
+    from odyssey.offload import offload_possible
+    from odyssey.spill import open_unlinked
+
+    fd, direct = open_unlinked(str(tmp_path))
     os.close(fd)
     assert offload_possible(str(tmp_path / "run" / "not-yet")) == direct  # where the run dir will be
     assert list(tmp_path.iterdir()) == []
