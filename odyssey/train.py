@@ -143,7 +143,7 @@ def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=N
             f"optimizer offload: on (optimizer_offload=on): the AdamW moments, {format_bytes(p.offload)}, "
             f"wait in {directory} between steps"
         )
-    elif offload:
+    elif offload and p.fits:  # none fits: the error below says so, with the smaller plan's figures
         first = tried[0][1]
         gain = (
             "lets the plan fit" if not first.fits else f"spares {recomputed(first) - recomputed(p)} layer(s) recompute"

@@ -174,6 +174,10 @@ def test_auto_offloads_where_it_spares_recompute_and_nowhere_else(tmp_path, monk
     assert fits.offload and fits.plan.fits and "lets the plan fit" in fits.offload_why
     with pytest.raises(OdysseyError, match="is too small"):
         training_plan(store, cfg("off"), tight, tmp_path)
+    shown = []  # fitting in neither way: no offload line, the error names the smaller plan's budget
+    with pytest.raises(OdysseyError, match=f"use --ram-budget {-(-fits.plan.total >> 20)}MiB"):
+        training_plan(store, cfg("auto"), 64 << 20, tmp_path, show=lambda p, lines: shown.extend(lines))
+    assert not any("optimizer offload" in line for line in shown)
     # odyssey plan makes the same choice and shows it
     args = ["plan", "--model", str(tmp_path / "m"), "--ram-budget", f"{budget >> 20}MiB", "--seq-len", "256"]
     args += ["--lora-r", "64", "--compute-dtype", "fp32", "--spill", "off"]
