@@ -61,8 +61,9 @@ class MomentsOffload:
                 f"optimizer offload: cannot create {self.directory} ({e.strerror}); "
                 "choose --spill-dir elsewhere, or optimizer_offload=off"
             ) from None
-        self.fd, self.direct = open_unlinked(self.directory)
+        self.fd, _ = open_unlinked(self.directory)
         self.layout: list[tuple] = []  # (param, key, offset, shape, dtype) of each moment on disk
+        self.loaded: tuple | None = None  # (the buffer `load` read into, the views it put in the state)
         self.size = 0  # bytes of the file in use (whole pages)
         self.bytes_moved = 0  # written and read back since take_stats
         reserve = round_up(moment_bytes(self.params))
@@ -105,9 +106,9 @@ class MomentsOffload:
             offset = round_up(offset + t.numel() * t.element_size(), ALIGN)
         size = round_up(offset)
         try:
-            flat = self._flat_of(moments, layout, size)
+            flat = self._loaded_buffer(moments)
             if flat is not None:  # after a load: the buffer as it is
-                self._write(flat, 0)
+                self._write(flat[:size], 0)
             else:  # the first step's moments, or a checkpoint's: one at a time through a small buffer
                 stage = aligned_buffer(min(STAGING, size))
                 for (_, _, t), (_, _, off, _, _) in zip(moments, layout, strict=True):
@@ -123,7 +124,7 @@ class MomentsOffload:
             ) from None
         for p, k, _, shape, dtype in layout:
             self.optimizer.state[p][k] = torch.empty(shape, dtype=dtype, device="meta")
-        self.layout, self.size = layout, size
+        self.layout, self.size, self.loaded = layout, size, None
         self.bytes_moved += size
 
     def _write(self, buf: torch.Tensor, offset: int) -> None:
@@ -134,20 +135,14 @@ class MomentsOffload:
             if os.pwrite(self.fd, view[start : start + n], offset + start) != n:
                 raise OSError(28, "short write")
 
-    def _flat_of(self, moments, layout, size: int) -> torch.Tensor | None:
-        """The buffer `load` made, when every moment still views it where the layout says."""
-        base = moments[0][2].untyped_storage()
-        start = moments[0][2].data_ptr() - base.data_ptr()  # layout's offset 0
-        if (
-            start + size <= base.nbytes()
-            and (base.data_ptr() + start) % ALIGN == 0
-            and all(
-                t.untyped_storage().data_ptr() == base.data_ptr() and t.data_ptr() - base.data_ptr() - start == off
-                for (_, _, t), (_, _, off, _, _) in zip(moments, layout, strict=True)
-            )
-        ):
-            return torch.empty(0, dtype=torch.uint8).set_(base, start, (size,), (1,))
-        return None
+    def _loaded_buffer(self, moments) -> torch.Tensor | None:
+        """The buffer `load` read into, when the state still holds the views it put there (AdamW
+        updates them in place; a checkpoint's load_state_dict replaces them)."""
+        if self.loaded is None:
+            return None
+        flat, views = self.loaded
+        same = len(views) == len(moments) and all(t is v for (_, _, t), v in zip(moments, views, strict=True))
+        return flat if same else None
 
     def load(self) -> None:
         """Read the moments back into RAM (before `optimizer.step()` or its `state_dict()`): every
@@ -167,10 +162,12 @@ class MomentsOffload:
             raise OdysseyError(
                 f"optimizer offload: reading the AdamW moments back from {self.directory} failed ({e.strerror})"
             ) from None
+        views = []
         for p, k, off, shape, dtype in self.layout:
             n = torch.Size(shape).numel() * dtype.itemsize
-            self.optimizer.state[p][k] = flat[off : off + n].view(dtype).view(shape)
-        self.layout = []
+            views.append(flat[off : off + n].view(dtype).view(shape))
+            self.optimizer.state[p][k] = views[-1]
+        self.layout, self.loaded = [], (flat, views)
         self.bytes_moved += self.size
 
     def take_stats(self) -> int:
