@@ -315,6 +315,10 @@ class TrainConfig:
     """AdamW's two moments wait on disk between optimizer steps instead of in RAM through forward
     and backward (odyssey/offload.py): auto (when that lets the budget spill or keep layers it
     would otherwise recompute, or fit at all), on, off. LoRA only."""
+    direct_io: str | bool = "auto"
+    """How the pager reads the layers it pages a step (odyssey/readmode.py): O_DIRECT (no
+    page-cache copy: less CPU) or buffered (the kernel's read-ahead: faster on some disks). auto
+    (O_DIRECT when the store's measured O_DIRECT rate is well above what a step needs), on, off."""
     compile: str | bool = "off"
     """torch.compile each decoder layer (odyssey/compiling.py): off (default: it measured no faster
     than eager on the 1.2B step once the bf16 LoRA path removed the copies it fused) or on (needs a
@@ -359,6 +363,10 @@ class TrainConfig:
             raise OdysseyError(
                 f"optimizer_offload (--optimizer-offload) must be auto, on or off, got {self.optimizer_offload!r}"
             )
+        if isinstance(self.direct_io, bool):
+            self.direct_io = "on" if self.direct_io else "off"
+        if self.direct_io not in ("auto", "on", "off"):
+            raise OdysseyError(f"direct_io must be auto, on or off, got {self.direct_io!r}")
         if isinstance(self.compile, bool):  # YAML reads on/off as booleans
             self.compile = "on" if self.compile else "off"
         if self.compile not in ("on", "off"):

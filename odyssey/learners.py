@@ -89,6 +89,7 @@ class LoraLearner:
             spill=residency.spilled if residency is not None else 0,
             spill_dir=residency.spill_dir if residency is not None else None,
             spill_reserve=residency.spill_bytes if residency is not None else 0,
+            direct=residency.direct if residency is not None else False,
         )
 
     def parameters(self) -> list:

@@ -53,6 +53,8 @@ class Started:
     """Whether layers spill their activations to disk, and why (`spill.choose`)."""
     offload: str = ""
     """Whether the AdamW moments wait on disk between steps, and why (`train.training_plan`)."""
+    reads: str = ""
+    """How the pager reads the layers it pages a step, and why (`readmode.choose`)."""
 
 
 @dataclass(frozen=True)
@@ -226,10 +228,11 @@ class TrainReport:
                 + (f"; {e.compiled}" if e.compiled else "")
                 + (f"; {e.spill}" if e.spill else "")
                 + (f"; {e.offload}" if e.offload else "")
+                + (f"; {e.reads}" if e.reads else "")
             ),
         )
         if self.progress:  # --quiet: an error is then the one line on stderr (both stay in the event)
-            for note in (e.compute, e.spill, e.offload, e.residency, e.compiled):
+            for note in (e.compute, e.spill, e.offload, e.reads, e.residency, e.compiled):
                 if note:
                     self._note(note)
 

@@ -72,6 +72,7 @@ class Residency:
     spilled: int = 0  # layers before the kept ones whose activations go to disk (spill.py), not recomputed
     spill_bytes: int = 0  # bytes they write to (and read back from) the spill file a step
     spill_dir: str = ""  # where (set by train when it spills)
+    direct: bool = False  # the pager reads O_DIRECT (set by train: readmode.choose)
     spill_room: int = 0  # spill asked, none possible: the bytes one layer in flight needs (planner)
     units: int = 0  # units a step (a token) uses
     unit_bytes: int = 0  # bytes a step (a token) asks the pager for (a layer twice in training)

@@ -30,6 +30,7 @@ RESUME_FREE = {
     "train.spill",
     "train.spill_dir",
     "train.optimizer_offload",
+    "train.direct_io",
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.eval_every",
@@ -39,7 +40,17 @@ RESUME_FREE = {
 
 
 # TrainConfig keys newer than some runs' config.yaml: a run without them resumes at their defaults
-ADDED_LATER = ("packing", "too_long", "pin", "recompute", "compile", "spill", "spill_dir", "optimizer_offload")
+ADDED_LATER = (
+    "packing",
+    "too_long",
+    "pin",
+    "recompute",
+    "compile",
+    "spill",
+    "spill_dir",
+    "optimizer_offload",
+    "direct_io",
+)
 
 
 def _effective(model_dir: Path, data_dir: Path, budget: int, cfg: TrainConfig, store, data) -> dict:

@@ -82,11 +82,13 @@ class PlanChoice:
     spill: object | None  # spill.SpillChoice; None where no layer would be recomputed
     offload: bool  # the AdamW moments wait on disk between steps (offload.py)
     offload_why: str  # that choice in words ("" when the moments stay in RAM by default)
+    reads: object | None = None  # readmode.ReadChoice; None where the run pages nothing (no budget)
 
     @property
     def lines(self) -> list[str]:
-        """The spill and offload choices in words, for the start of a run."""
-        return [x for x in (self.spill.why if self.spill is not None else "", self.offload_why) if x]
+        """The spill, offload and page-in choices in words, for the start of a run."""
+        spill, reads = (x.why if x is not None else "" for x in (self.spill, self.reads))
+        return [x for x in (spill, self.offload_why, reads) if x]
 
 
 def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=None) -> PlanChoice:
@@ -100,6 +102,7 @@ def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=N
     from odyssey.dtypes import compute_dtype_name
     from odyssey.offload import offload_possible
     from odyssey.planner import check, plan_for_store
+    from odyssey.readmode import choose as choose_reads
     from odyssey.spill import SpillChoice, choose
 
     lora = cfg.mode == "lora"
@@ -166,7 +169,18 @@ def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=N
         )
     if spill is not None and spill.on:
         p.residency.spill_dir = spill.directory
-    chosen = PlanChoice(p, spill, offload, why)
+    reads = None
+    if p.fits and p.residency is not None:
+        dtype = compute_dtype_name(cfg.compute_dtype, store.dtype, store.config)
+        reads = choose_reads(
+            cfg.direct_io,
+            store,
+            read_bytes=p.residency.read_bytes,
+            tokens=cfg.seq_len * cfg.batch_size,
+            compute=dtype,
+        )
+        p.residency.direct = reads.direct
+    chosen = PlanChoice(p, spill, offload, why, reads)
     if show is not None:
         show(p, chosen.lines)
     check(
@@ -246,6 +260,7 @@ def train(
             compiled=getattr(trainer.learner, "compile_note", ""),
             spill=spill.why if spill is not None else "",
             offload=chosen.offload_why,
+            reads=chosen.reads.why if chosen.reads is not None else "",
         )
     )
     if monitor and main:
