@@ -58,15 +58,26 @@ def _count(v) -> int | None:
 
 
 _DTYPE_RE = re.compile(r"compute dtype:\s*(bf16|fp32|fp16)")
+_PAGE_IN_RE = re.compile(r"page-in:\s*(O_DIRECT|buffered)")
+
+
+def _reported(records: Sequence[dict], pattern: re.Pattern) -> str | None:
+    for r in records:
+        m = pattern.search(str(r.get("message", "")))
+        if m:
+            return m.group(1)
+    return None
 
 
 def compute_dtype_of(records: Sequence[dict]) -> str | None:
     """The compute dtype an `odyssey train` run reported in its start event ("compute dtype: bf16 (...)")."""
-    for r in records:
-        m = _DTYPE_RE.search(str(r.get("message", "")))
-        if m:
-            return m.group(1)
-    return None
+    return _reported(records, _DTYPE_RE)
+
+
+def page_in_of(records: Sequence[dict]) -> str | None:
+    """How an `odyssey train` run read the layers it paged ("O_DIRECT" or "buffered", from its
+    start event's "page-in: ..." line); None where it said nothing (nothing paged, or direct_io=off)."""
+    return _reported(records, _PAGE_IN_RE)
 
 
 def flop_per_token(parameters: int, layer_parameters: int, kept: int = 0) -> float:

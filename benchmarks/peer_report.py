@@ -81,6 +81,8 @@ def train_notes(row: dict) -> str:
         parts.append(f"{share:.0%} of the weights on disk" if share else "nothing offloaded")
     if row.get("layers_kept") is not None:
         parts.append(f"{row['layers_kept']} layers not recomputed")
+    if row.get("page_in"):
+        parts.append(f"page-in {row['page_in']}")
     if row.get("note"):
         parts.append(row["note"])
     return "; ".join(parts)

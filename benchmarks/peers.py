@@ -330,6 +330,7 @@ def odyssey_train_runner(
         summary["peak_anon_mib"] = round(cpu.peak_anon_bytes / MIB, 1) or None  # sampled every 0.1 s
         summary["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         summary["compute_dtype"] = goals.compute_dtype_of(records)
+        summary["page_in"] = goals.page_in_of(records)
         if num_layers is not None:
             summary["layers_kept"] = goals.layers_kept(records, num_layers)
         ok = rc == 0 and summary["measured_steps"] > 0
@@ -638,6 +639,7 @@ class TrainBench:
             dtype=picked or (dtype if dtype != "auto" else None),
             compute=compute,
             layers_kept=r.get("layers_kept"),
+            page_in=r.get("page_in"),
             uncapped=not self.capped,
             note=r.get("note", ""),
         )

@@ -329,6 +329,7 @@ def fake_peers_result():
             dtype="bf16",
             compute="auto (bf16)",
             layers_kept=6,
+            page_in="O_DIRECT",
         ),
         _peer_row(c_fp32, fp32, search=search),
         _peer_row(c_ckpt, failed),
@@ -394,7 +395,7 @@ def test_train_table_every_configuration_with_ratios_searches_and_errors():
     assert "<= 16.00 GiB (not searched: time limit" in lines[4]
     assert "does not run" in lines[3] and "OOM-killed" in lines[3]
     assert "expected device meta but got cpu" in lines[6] and "75% of the weights on disk" in lines[6]
-    assert "6 layers not recomputed" in lines[1]
+    assert "6 layers not recomputed; page-in O_DIRECT" in lines[1] and "page-in" not in lines[0]
     # losses: fp32 within 1e-4 relative, bf16 within 1e-2
     assert "| 10.80690 | agrees |" in lines[0] and "| 10.90000 | agrees |" in lines[4]
     assert res["loss_problems"] == []
@@ -822,6 +823,8 @@ def test_compute_limit_counts_4x_for_layers_not_recomputed():
     assert goals.layers_kept(spilled, 22) == 22
     assert goals.layers_kept([{"kind": "step", "step": 1}], 22) is None
     assert goals.compute_dtype_of([{"kind": "step"}]) is None
+    said = [{"kind": "event", "message": "training started: ...; page-in: O_DIRECT (auto: the store reads ...)"}]
+    assert goals.page_in_of(said) == "O_DIRECT" and goals.page_in_of(recs) is None
 
 
 def test_loss_check_flags_a_disagreement_beyond_the_dtype_precision():
