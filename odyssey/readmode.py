@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 PROBE_BYTES = 96 << 20  # read this much of the store to time the disk
 PROBE_UNITS = 3  # from the start of this many units spread over the store
-PAGE = 4096  # O_DIRECT: lengths in whole pages
 MARGIN = 1.25  # O_DIRECT rate / the rate a step needs, at least
 
 
@@ -40,15 +39,16 @@ class ReadChoice:
 
 def probe_direct(store, nbytes: int = PROBE_BYTES, units: int = PROBE_UNITS) -> float:
     """Bytes/s of O_DIRECT reads of `store`, in the pager's request size: `nbytes` in all, from
-    the first bytes of `units` layers spread over the store (one spot alone read 550-1,210 MB/s in
+    the first bytes of `units` units spread over the store (one spot alone read 550-1,210 MB/s in
     one hour on a virtio disk; spots the host has cached read fast). Raises OSError where the
     file system refuses O_DIRECT."""
+    from odyssey.dtypes import PAGE_SIZE
     from odyssey.pager import READ_CHUNK, _aligned
 
     pool = store.page_units()
     picks = [pool[round(i * (len(pool) - 1) / max(units - 1, 1))] for i in range(units)]
     picks = list(dict.fromkeys(picks))  # a store of fewer units than `units`
-    each = max(nbytes // len(picks) // PAGE, 1) * PAGE
+    each = max(nbytes // len(picks) // PAGE_SIZE, 1) * PAGE_SIZE  # O_DIRECT: whole pages
     chunk = min(READ_CHUNK, each)
     buf = mmap.mmap(-1, chunk)
     view = memoryview(buf)
@@ -61,7 +61,7 @@ def probe_direct(store, nbytes: int = PROBE_BYTES, units: int = PROBE_UNITS) -> 
             fd = os.open(page.path, os.O_RDONLY | os.O_DIRECT)
             try:
                 t0 = time.perf_counter()
-                got = off = 0
+                off = 0
                 while off < size and (got := os.preadv(fd, [view[: min(chunk, size - off)]], a0 + off)) > 0:
                     off += got
                 seconds += time.perf_counter() - t0
