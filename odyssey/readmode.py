@@ -12,11 +12,11 @@ where page-in is the bound, read-ahead is.
 
 `auto` measures the store's O_DIRECT read rate (PROBE_BYTES from PROBE_UNITS units, about 0.1 s)
 and reads O_DIRECT when that rate is at least MARGIN times what the step needs: the bytes the pager
-reads a step over the step's compute time (4N FLOP a token at spill.STEP_EFFICIENCY of the matmul
-probe's rate: already ~20 % more than the 1.2B's steps at 1 GiB read, 4.3 GB in 10-11 s; the
-forward of a layer, half the compute, reads the whole layer, as backward does). The reader never
-stalled a step at 806-1,210 MB/s against the ~475 MB/s so estimated. A file system that refuses
-O_DIRECT (tmpfs) keeps buffered reads.
+reads a step over the step's compute time (spill.layer_compute_s: 4N FLOP a token at
+STEP_EFFICIENCY of the matmul probe's rate; already ~20 % more than the 1.2B's steps at 1 GiB read,
+4.3 GB in 10-11 s; the forward of a layer, half the compute, reads the whole layer, as backward
+does). The reader never stalled a step at 806-1,210 MB/s against the ~475 MB/s so estimated. A
+file system that refuses O_DIRECT (tmpfs) keeps buffered reads.
 """
 
 from __future__ import annotations
@@ -80,8 +80,7 @@ def choose(setting: str, store, *, read_bytes: int, tokens: int, compute: str, p
     """Whether the pager reads `store` O_DIRECT in a training run whose steps read `read_bytes`
     (the plan's steady-state page-in a step) of `tokens` tokens each, computed in `compute`
     ("bf16" | "fp32"). `on` / `off` as said; `auto` by the measured rate (module docstring)."""
-    from odyssey.dtypes import numel, probe_for
-    from odyssey.spill import STEP_EFFICIENCY
+    from odyssey.spill import layer_compute_s
 
     if setting == "off":
         return ReadChoice(False, "")
@@ -90,9 +89,7 @@ def choose(setting: str, store, *, read_bytes: int, tokens: int, compute: str, p
     if read_bytes <= 0:
         return ReadChoice(False, "")  # every unit pinned: read once, nothing paged a step
     cfg = store.config
-    params = sum(numel(s) for s in cfg.layer_shapes(0).values()) * cfg.num_hidden_layers
-    gflops = probe_for(cfg).gflops[compute]
-    need = read_bytes / (4 * params * tokens / (gflops * 1e9 * STEP_EFFICIENCY))
+    need = read_bytes / (cfg.num_hidden_layers * layer_compute_s(cfg, tokens, compute))
     try:
         rate = probe(store)
     except OSError as e:

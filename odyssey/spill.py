@@ -370,6 +370,16 @@ def probe_disk(directory, nbytes: int = PROBE_BYTES) -> tuple[float, float, bool
 STEP_EFFICIENCY = 0.6  # a step's FLOP rate / the probe's matmul rate (1.2B bf16: 0.63, benchmarks/results/peers.md)
 
 
+def layer_compute_s(cfg, tokens: int, compute: str) -> float:
+    """Seconds one decoder layer's forward and backward of `tokens` tokens take, estimated: 4N FLOP
+    a token (N the layer's parameters) at STEP_EFFICIENCY of the matmul probe's rate in `compute`
+    ("bf16" | "fp32"). What the disk has to keep up with (spill.choose, readmode.choose)."""
+    from odyssey.dtypes import numel, probe_for
+
+    layer_params = sum(numel(s) for s in cfg.layer_shapes(0).values())
+    return 4 * layer_params * tokens / (probe_for(cfg).gflops[compute] * 1e9 * STEP_EFFICIENCY)
+
+
 @dataclass(frozen=True)
 class SpillChoice:
     on: bool
@@ -386,7 +396,7 @@ def choose(setting: str, directory, store, *, tokens: int, compute: str, lora, r
     then the disk keeps up with the compute and recomputing (2N more) is what would cost. Never on
     a file system without O_DIRECT (tmpfs: the spill would be RAM), nor with less free space than
     a step spills with every layer spilled and 1 GiB to spare."""
-    from odyssey.dtypes import DTYPES, numel, probe_for
+    from odyssey.dtypes import DTYPES, numel
     from odyssey.stepmemory import kept_layer_bytes
 
     directory = str(directory)
@@ -417,9 +427,7 @@ def choose(setting: str, directory, store, *, tokens: int, compute: str, lora, r
         return SpillChoice(
             False, f"spill: off (auto: {directory} takes no O_DIRECT files (tmpfs?): the spill would be RAM)"
         )
-    gflops = probe_for(cfg).gflops["bf16" if ci == 2 else "fp32"]
-    layer_params = sum(numel(s) for s in cfg.layer_shapes(0).values())
-    compute_s = 4 * layer_params * tokens / (gflops * 1e9 * STEP_EFFICIENCY)
+    compute_s = layer_compute_s(cfg, tokens, "bf16" if ci == 2 else "fp32")
     io_s = (2 * act + 2 * weights) / min(write, read)
     disk = f"disk {write / 1e6:,.0f} MB/s write, {read / 1e6:,.0f} read in {directory}"
     if io_s > compute_s:

@@ -119,6 +119,8 @@ def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=N
     )
     directory = str(cfg.spill_dir or directory)
     L = store.config.num_hidden_layers
+    dtype = compute_dtype_name(cfg.compute_dtype, store.dtype, store.config)
+    tokens = cfg.seq_len * cfg.batch_size
 
     def recomputed(p) -> int:
         return 0 if p.residency is None else L - p.residency.kept - p.residency.spilled
@@ -129,8 +131,6 @@ def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=N
     for offload in {"off": [False], "on": [True], "auto": [False, True]}[setting]:
         p = plan_for_store(store, seq_len=cfg.seq_len, offload=offload, **settings)
         if lora and spill is None and p.fits and p.residency is not None and p.residency.kept < L:
-            dtype = compute_dtype_name(cfg.compute_dtype, store.dtype, store.config)
-            tokens = cfg.seq_len * cfg.batch_size
             spill = choose(
                 cfg.spill, directory, store, tokens=tokens, compute=dtype, lora=cfg.lora, recompute=cfg.recompute
             )
@@ -171,14 +171,7 @@ def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=N
         p.residency.spill_dir = spill.directory
     reads = None
     if p.fits and p.residency is not None:
-        dtype = compute_dtype_name(cfg.compute_dtype, store.dtype, store.config)
-        reads = choose_reads(
-            cfg.direct_io,
-            store,
-            read_bytes=p.residency.read_bytes,
-            tokens=cfg.seq_len * cfg.batch_size,
-            compute=dtype,
-        )
+        reads = choose_reads(cfg.direct_io, store, read_bytes=p.residency.read_bytes, tokens=tokens, compute=dtype)
         p.residency.direct = reads.direct
     chosen = PlanChoice(p, spill, offload, why, reads)
     if show is not None:
