@@ -204,7 +204,7 @@ def train(
     run, store, data_set, cfg, budget, eff = prepare(out, model, data, budget, config_path, list(overrides), resume)
     chosen = training_plan(store, cfg, budget, run.root)
     plan, spill = chosen.plan, chosen.spill
-    allocator.keep_freed_pages(None if budget is None else budget - plan.total)  # fewer page faults
+    allocator.hold_freed_pages(None if budget is None else budget - plan.total)  # fewer page faults
     hook = load_hook()
     ranks = Ranks(cfg.dist_timeout_s)  # after every rank checked its inputs: nothing is written before
     main = ranks.is_main

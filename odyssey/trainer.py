@@ -285,8 +285,10 @@ class Trainer:
 
     # --- the loop ---
     def fit(self, steps_total: int) -> FitSummary:
+        from odyssey.runtime import allocator
         from odyssey.runtime.memory import process_memory
 
+        lazy = allocator.mode == "lazy"  # RssAnon counts the pages freed lazily: leave them out
         cfg = self.cfg
         first_val = self.evaluate() if (cfg.eval_every and self.step == 0) else None
         last_val = first_val
@@ -308,7 +310,7 @@ class Trainer:
                 raise
             step_s = time.perf_counter() - t0
             st = self.learner.take_stats(step_s)
-            anon = process_memory().anon_bytes / MIB
+            anon = process_memory(lazy=lazy).held_bytes / MIB
             rss_peak = max(rss_peak, anon)
             tps = tokens_a_step / step_s
             self._write_metrics(steps_total, loss, gnorm, step_s, st, anon, tps)

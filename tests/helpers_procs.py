@@ -3,7 +3,10 @@
 As a script (the watched "trainer"):
     python tests/helpers_procs.py hold      reads commands on stdin: "alloc MIB" makes it hold MIB of
                                             touched memory (replacing what it held) and answers
-                                            "ok MIB"; "exit" or end of input ends it.
+                                            "ok MIB"; "lazy MIB" maps MIB more, touches it and frees
+                                            it with MADV_FREE (the kernel may take it back; RssAnon
+                                            counts it meanwhile, as LazyFree), answers "ok lazy MIB";
+                                            "exit" or end of input ends it.
     python tests/helpers_procs.py alloc MIB touch MIB of memory, print "ok", exit 0.
 
 As a module: `Hog` drives a `hold` process; `guard_env()` is an environment in which
@@ -44,6 +47,13 @@ class Hog:
         line = self.proc.stdout.readline()
         assert line.strip() == f"ok {mib}", line
 
+    def hold_lazy(self, mib: int) -> None:
+        """Map `mib` MiB more, touch it, and free it with MADV_FREE (replacing what was so freed)."""
+        self.proc.stdin.write(f"lazy {mib}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line.strip() == f"ok lazy {mib}", line
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -80,6 +90,15 @@ def _touched(mib: int) -> bytes | None:
     return b"\x01" * (mib * MIB) if mib > 0 else None  # every page written, so it is resident
 
 
+def _lazy(mib: int):
+    import mmap
+
+    m = mmap.mmap(-1, mib * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.write(b"\x01" * (mib * MIB))
+    m.madvise(mmap.MADV_FREE)
+    return m
+
+
 def _main(argv: list[str]) -> int:
     if argv[0] == "alloc":
         buf = _touched(int(argv[1]))
@@ -87,7 +106,7 @@ def _main(argv: list[str]) -> int:
         del buf
         return 0
     if argv[0] == "hold":
-        buf = None
+        buf = lazy = None
         for line in sys.stdin:
             cmd = line.split()
             if not cmd or cmd[0] == "exit":
@@ -96,7 +115,11 @@ def _main(argv: list[str]) -> int:
                 buf = None
                 buf = _touched(int(cmd[1]))
                 print(f"ok {cmd[1]}", flush=True)
-        del buf
+            if cmd[0] == "lazy":
+                lazy = None
+                lazy = _lazy(int(cmd[1]))
+                print(f"ok lazy {cmd[1]}", flush=True)
+        del buf, lazy
         return 0
     print(f"unknown mode {argv[0]!r}", file=sys.stderr)
     return 2

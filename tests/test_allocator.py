@@ -69,32 +69,40 @@ DECAY = """
 import ctypes, json, os
 from odyssey.runtime import allocator
 
-def decay():
+def decay(name):
     v, n = ctypes.c_ssize_t(0), ctypes.c_size_t(8)
-    rc = ctypes.CDLL(None).mallctl(
-        b"arena.0.dirty_decay_ms", ctypes.byref(v), ctypes.byref(n), None, ctypes.c_size_t(0)
-    )
+    rc = ctypes.CDLL(None).mallctl(name.encode(), ctypes.byref(v), ctypes.byref(n), None, ctypes.c_size_t(0))
     return v.value if rc == 0 else None
 
-before = decay()
-kept = allocator.keep_freed_pages(int(os.environ["ROOM"]) if os.environ["ROOM"] else None)
-print(json.dumps([allocator.active(), before, kept, decay()]))
+def both():
+    return [decay(f"{a}.{k}_decay_ms") for a in ("arena.0", "arenas") for k in ("dirty", "muzzy")]
+
+before = both()
+mode = allocator.hold_freed_pages(int(os.environ["ROOM"]) if os.environ["ROOM"] else None)
+print(json.dumps([allocator.active(), before, mode, allocator.mode, both()]))
 """
 
 
-@pytest.mark.parametrize("room", [None, allocator.KEEP_ROOM, allocator.KEEP_ROOM - 1])
-def test_training_keeps_freed_pages_only_with_room_over_the_plan(room):
-    active, before, kept, after = json.loads(run(ENSURE, PROBE=DECAY, ROOM="" if room is None else str(room)))
+@pytest.mark.parametrize("room", [None, allocator.KEEP_ROOM, allocator.KEEP_ROOM - 1, 0])
+def test_training_keeps_freed_pages_with_room_over_the_plan_else_frees_them_lazily(room):
+    """dirty_decay_ms -1: freed pages are never purged ("kept"); muzzy_decay_ms -1: they are purged
+    with MADV_FREE (the kernel takes them when it needs them) and never forced out ("lazy")."""
+    active, before, mode, remembered, after = json.loads(
+        run(ENSURE, PROBE=DECAY, ROOM="" if room is None else str(room))
+    )
     if active != "jemalloc":  # no jemalloc on this machine: nothing to change, nothing changed
-        assert (kept, before, after) == (False, None, None)
+        assert (mode, remembered, before, after) == ("", "", [None] * 4, [None] * 4)
         return
-    assert before == 1000
+    assert before == [1000, 0, 1000, 0]  # allocator.MALLOC_CONF
+    assert mode == remembered
     if room is None or room >= allocator.KEEP_ROOM:
-        assert (kept, after) == (True, -1)
+        assert (mode, after) == ("kept", [-1, 0, -1, 0])
     else:
-        assert (kept, after) == (False, 1000)
+        assert (mode, after) == ("lazy", [1000, -1, 1000, -1])
 
 
 def test_a_users_malloc_conf_is_not_overridden_by_training():
-    active, before, kept, after = json.loads(run(ENSURE, PROBE=DECAY, ROOM="", MALLOC_CONF="dirty_decay_ms:5"))
-    assert kept is False and after == before
+    active, before, mode, remembered, after = json.loads(
+        run(ENSURE, PROBE=DECAY, ROOM="0", MALLOC_CONF="dirty_decay_ms:5")
+    )
+    assert (mode, remembered) == ("", "") and after == before

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_procs import HANG_S, MIB, Hog, guard_env, wait_for  # noqa: E402
 
 from odyssey.config import GuardSettings  # noqa: E402
-from odyssey.runtime import cgroup, guard, guard_cli, sensors  # noqa: E402
+from odyssey.runtime import cgroup, guard, guard_cli, memory, sensors  # noqa: E402
 from odyssey.runtime.control import Controller  # noqa: E402
 from odyssey.runtime.runlog import RunDir  # noqa: E402
 
@@ -134,6 +134,34 @@ def test_soft_then_hard_limit_then_watched_killed(run, hog):
         g.kill()
         g.wait()
     assert "hard limit" in g.stderr.read()  # warnings also go to stderr
+
+
+def test_memory_freed_lazily_is_not_held(run, hog):
+    """Pages freed with MADV_FREE (a training run's allocator at a tight budget: allocator.
+    hold_freed_pages) stay in RssAnon until the kernel takes them: process_memory(lazy=True) reads
+    them as LazyFree, and the guard leaves them out. 120 MiB so freed with a 100 MiB budget (soft 50%,
+    hard 90%) asks for nothing; 120 MiB held asks to stop."""
+    hog.hold(5)
+    hog.hold_lazy(120)
+    m = memory.process_memory(hog.pid, lazy=True)
+    assert m.lazy_bytes >= 110 * MIB and m.anon_bytes >= m.lazy_bytes + 5 * MIB
+    assert m.held_bytes == m.anon_bytes - m.lazy_bytes < 50 * MIB
+    assert memory.process_memory(hog.pid).lazy_bytes == 0  # not read unless asked (smaps_rollup walks page tables)
+
+    g = start_guard_proc(hog.pid, run, "100MiB", "--soft-pct", "50", "--hard-pct", "90")
+    trainer = Controller(run, GuardSettings())
+    try:
+        lines = wait_for(lambda: [m for m in run.read_metrics("memory") if m.get("lazy_mib")])
+        assert lines, run.read_metrics("memory")
+        assert lines[-1]["lazy_mib"] >= 110 and lines[-1]["anon_mib"] < 50
+        time.sleep(0.5)  # five more samples
+        assert trainer.poll() is None and not guard_events(run, "stop") and not guard_events(run, "checkpoint")
+
+        hog.hold(120)
+        assert wait_for(lambda: guard_events(run, "stop")), run.read_metrics("memory")[-3:]
+    finally:
+        g.kill()
+        g.wait()
 
 
 def test_thermal_file_pause_and_resume(run, hog, tmp_path):

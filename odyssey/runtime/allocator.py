@@ -11,11 +11,15 @@ jemalloc starts returning freed pages to the OS within about a second (dirty_dec
 command's RSS follows what it holds. A training step, though, allocates and frees the same
 activation-sized buffers at every layer, and the kernel faults and zeroes them in again each time:
 3.2 M minor faults in 5 steps of the 1.2B at 4 GiB, 11.8 s of system time. Where the plan leaves
-room (KEEP_ROOM), training keeps its freed pages instead (`keep_freed_pages`: dirty_decay_ms -1 on
-every arena): 0.93 M faults (the pinned weights', once) and 5.6 s, and one OpenMP core less idle.
-What is kept is the step's own high-water mark plus jemalloc's fragmentation, 1395 MiB of
+room (KEEP_ROOM), training keeps its freed pages instead (`hold_freed_pages` "kept": dirty_decay_ms
+-1 on every arena): 0.93 M faults (the pinned weights', once) and 5.6 s, and one OpenMP core less
+idle. What is kept is the step's own high-water mark plus jemalloc's fragmentation, 1395 MiB of
 anonymous RSS against 1260 in the first step at 4 GiB, 772 against 540-690 at 1 GiB, flat over 20
-steps; at 1 GiB that pushed the cgroup to its limit, hence the room it needs.
+steps; at 1 GiB that pushed the cgroup to its limit, hence the room it needs. With less room the
+freed pages go back lazily ("lazy": MADV_FREE, muzzy_decay_ms -1): the kernel takes them when the
+cgroup or the machine needs the memory, and until then they come back without a fault. The 1.2B
+at 1 GiB in a 1 GiB cgroup, 7 steps: minor faults 5.3-5.7 M -> 1.8 M, system time 16.8-19.6 ->
+9.2-11.5 s; see README's speed section for the steps.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ M_ARENA_MAX = -8
 MALLOC_CONF = "dirty_decay_ms:1000,muzzy_decay_ms:0,background_thread:false"
 KEEP_ROOM = 256 << 20  # bytes of the budget over the plan that let a training run keep freed pages
 SPIN_COUNT = 3_000  # libgomp busy-wait iterations before sleeping: some 30 microseconds
+mode = ""  # what hold_freed_pages chose in this process: "kept", "lazy", or "" (nothing)
 
 
 def find_jemalloc() -> str | None:
@@ -100,29 +105,38 @@ def ensure(argv: list[str]) -> None:
             pass
 
 
-def keep_freed_pages(room: int | None) -> bool:
-    """Training: keep the pages jemalloc frees (no purging) when the budget has `room` bytes over
-    the plan (None: no budget) of at least KEEP_ROOM; True if it now does. False, and nothing
-    changed, otherwise or without jemalloc (glibc keeps its heap as it likes) or under a user's
-    own MALLOC_CONF."""
-    if room is not None and room < KEEP_ROOM:
-        return False
+def hold_freed_pages(room: int | None) -> str:
+    """Training: how the pages jemalloc frees go back to the OS, by the budget's `room` over the plan
+    (None: no budget). "kept" with at least KEEP_ROOM: never purged (dirty_decay_ms -1). "lazy" with
+    less: purged with MADV_FREE instead of MADV_DONTNEED and never forced out (muzzy_decay_ms -1), so
+    a page stays mapped until the kernel needs the memory (the budget's cgroup at its limit, the
+    machine short) and until then comes back without a fault or a zeroing; RssAnon counts it
+    meanwhile, as LazyFree (memory.process_memory(lazy=True)). The arena of allocations over 8 MiB
+    (jemalloc's oversize_threshold) keeps purging at once, and at once is always MADV_DONTNEED: given
+    any decay time, it held freed buffers unpurged instead (the 1.2B in fp32 at 1 GiB: +214 MiB, OOM).
+    "" (nothing changed) without jemalloc (glibc keeps its heap as it likes) or under a user's own
+    MALLOC_CONF."""
+    global mode
     if active() != "jemalloc" or os.environ.get("MALLOC_CONF", MALLOC_CONF) != MALLOC_CONF:
-        return False
+        return ""
     try:
         mallctl = ctypes.CDLL(None).mallctl
     except (OSError, AttributeError):
-        return False
+        return ""
     never = ctypes.c_ssize_t(-1)
     narenas = ctypes.c_uint(0)
     size = ctypes.c_size_t(ctypes.sizeof(narenas))
     if mallctl(b"arenas.narenas", ctypes.byref(narenas), ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
-        return False
+        return ""
+    which = "kept" if room is None or room >= KEEP_ROOM else "lazy"
+    knob = "dirty_decay_ms" if which == "kept" else "muzzy_decay_ms"
 
     def put(name: str) -> bool:
         return mallctl(name.encode(), None, None, ctypes.byref(never), ctypes.c_size_t(ctypes.sizeof(never))) == 0
 
-    ok = put("arenas.dirty_decay_ms")  # the default of arenas made later
+    if not put(f"arenas.{knob}"):  # the default of arenas made later
+        return ""
     for i in range(narenas.value):  # arenas not yet initialised refuse: they take that default
-        put(f"arena.{i}.dirty_decay_ms")
-    return ok
+        put(f"arena.{i}.{knob}")
+    mode = which
+    return which

@@ -6,7 +6,9 @@
     python -m odyssey.runtime.guard --pid 1234 --run runs/r1 --ram-budget 2GiB --thermal-file /tmp/temp
 
 Every `interval_s` (0.5 s) it samples the watched process tree (anonymous and file-backed RSS; the
-guard itself is left out although it is the trainer's child), the tree's memory cgroup when it is
+guard itself is left out although it is the trainer's child; from 95% of the soft limit up, pages
+the allocator freed lazily (LazyFree: the kernel takes them back without I/O) are left out of the
+anonymous figure), the tree's memory cgroup when it is
 not the root group, MemAvailable and swap in use, and the CPU temperature (the --thermal-file,
 else psutil's sensors, else /sys/class/thermal/thermal_zone*/temp; millidegrees C; "unavailable" is
 a normal reading on VMs). Then it applies the policies and asks the trainer through RUN/control.json:
@@ -25,7 +27,8 @@ request is still unacknowledged, so two requests in quick succession do not over
 
 What it writes to RUN/metrics.jsonl (sizes in MiB, one decimal):
   memory  {"source":"guard","pid","anon_mib","file_mib","anon_pct","budget_mib","avail_mib",
-           "swap_mib","cgroup_mib","cgroup_limit_mib","temp_c"}   (cgroup_*/temp_c null when unknown)
+           "swap_mib","cgroup_mib","cgroup_limit_mib","temp_c"}   (cgroup_*/temp_c null when unknown;
+          "lazy_mib", the LazyFree left out of anon_mib, where it was read)
           at most one line a second, only when something moved (anon, file or cgroup by 1% of the
           budget, MemAvailable by 32 MiB, temperature by 1 C), else one every 10 s; and one with
           every policy decision. Under constant change: <= 3600 lines (~0.6 MB) an hour.
@@ -247,6 +250,9 @@ class Guard:
         if not self.watched_alive():
             return None
         tree = memory.tree_memory(self.pid, self.exclude)
+        lazy = tree.anon_bytes >= self.soft_bytes * REARM_FRACTION  # where a decision could turn on it
+        if lazy:  # pages freed with MADV_FREE are the kernel's to take: not held (allocator.hold_freed_pages)
+            tree = memory.tree_memory(self.pid, self.exclude, lazy=True)
         available, swap = system_memory()
         cg_usage = cg_limit = None
         if self.cgroup is not None:
@@ -259,7 +265,15 @@ class Guard:
                 except (OSError, ValueError):
                     pass
         sample = Sample(
-            time.time(), tree.anon_bytes, tree.file_bytes, available, swap, cg_usage, cg_limit, self.thermometer.read()
+            time.time(),
+            tree.held_bytes,
+            tree.file_bytes,
+            available,
+            swap,
+            cg_usage,
+            cg_limit,
+            self.thermometer.read(),
+            tree.lazy_bytes if lazy else None,
         )
         if not self.watched_alive():  # died while we read: its numbers are meaningless
             return None
@@ -484,6 +498,7 @@ class Guard:
             cgroup_mib=_mib(s.cgroup_bytes),
             cgroup_limit_mib=_mib(s.cgroup_limit_bytes),
             temp_c=None if s.temp_c is None else round(s.temp_c, 1),
+            **({} if s.lazy_bytes is None else {"lazy_mib": _mib(s.lazy_bytes)}),
         )
 
 

@@ -26,13 +26,36 @@ class ProcessMemory:
     """VmHWM: peak total RSS since the process started."""
     shmem_bytes: int = 0
     """RssShmem, part of file_bytes: shared anonymous mappings, such as the pager's buffer pool."""
+    lazy_bytes: int = 0
+    """LazyFree, part of anon_bytes: pages freed with MADV_FREE (a training run's allocator, see
+    allocator.hold_freed_pages) that the kernel takes back, without I/O, when it needs them. 0 unless
+    read: process_memory(lazy=True) reads /proc/PID/smaps_rollup, which walks the page tables (~11 ms
+    for 800 MiB of 4 KiB pages) where /proc/PID/status takes ~0.03 ms."""
 
     @property
     def rss_bytes(self) -> int:
         return self.anon_bytes + self.file_bytes
 
+    @property
+    def held_bytes(self) -> int:
+        """Anonymous memory the kernel cannot take back without swapping: RssAnon less LazyFree."""
+        return self.anon_bytes - self.lazy_bytes
 
-def process_memory(pid: int | None = None) -> ProcessMemory:
+
+def lazy_free_bytes(pid: int) -> int:
+    """LazyFree of `pid` from /proc/PID/smaps_rollup (Linux 4.14 and later); 0 where there is none."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"LazyFree:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def process_memory(pid: int | None = None, lazy: bool = False) -> ProcessMemory:
+    """The process's memory from /proc/PID/status; with `lazy`, LazyFree too (see lazy_bytes)."""
     pid = os.getpid() if pid is None else pid
     fields = {}
     try:
@@ -53,6 +76,7 @@ def process_memory(pid: int | None = None) -> ProcessMemory:
         fields.get("RssFile", 0) + fields.get("RssShmem", 0),
         fields.get("VmHWM", 0),
         fields.get("RssShmem", 0),
+        lazy_free_bytes(pid) if lazy else 0,
     )
 
 
@@ -122,18 +146,18 @@ def tree_pids(pid: int, exclude: frozenset[int] = frozenset()) -> list[int]:
     return out
 
 
-def tree_memory(pid: int, exclude: frozenset[int] = frozenset()) -> ProcessMemory:
+def tree_memory(pid: int, exclude: frozenset[int] = frozenset(), lazy: bool = False) -> ProcessMemory:
     """Summed over `pid` and its descendants (the trainer may spawn workers), leaving out
     `exclude` and what is below it (the guard is the trainer's child and must not count itself)."""
-    anon = file = peak = shmem = 0
+    anon = file = peak = shmem = free = 0
     for p in tree_pids(pid, exclude):
         try:
-            m = process_memory(p)
+            m = process_memory(p, lazy)
         except Exception:  # gone between listing and reading (ProcessLookupError, psutil's errors)
             continue
         anon, file, peak = anon + m.anon_bytes, file + m.file_bytes, max(peak, m.peak_bytes)
-        shmem += m.shmem_bytes
-    return ProcessMemory(anon, file, peak, shmem)
+        shmem, free = shmem + m.shmem_bytes, free + m.lazy_bytes
+    return ProcessMemory(anon, file, peak, shmem, free)
 
 
 def system_available_bytes() -> int:

@@ -83,7 +83,8 @@ def system_memory() -> tuple[int, int]:
 class Sample:
     t: float
     anon_bytes: int
-    """RssAnon summed over the watched tree (what the budget bounds)."""
+    """RssAnon summed over the watched tree (what the budget bounds), less LazyFree where that was
+    read (lazy_bytes)."""
     file_bytes: int
     """RssFile + RssShmem summed over the tree (reclaimable)."""
     available_bytes: int
@@ -93,3 +94,5 @@ class Sample:
     """Usage of the tree's memory cgroup (anon + page cache), None when in the root group."""
     cgroup_limit_bytes: int | None = None
     temp_c: float | None = None
+    lazy_bytes: int | None = None
+    """LazyFree summed over the tree, left out of anon_bytes; None when not read."""
