@@ -249,10 +249,8 @@ class Guard:
         """One reading, or None when the watched process is gone."""
         if not self.watched_alive():
             return None
-        tree = memory.tree_memory(self.pid, self.exclude)
-        lazy = tree.anon_bytes >= self.soft_bytes * REARM_FRACTION  # where a decision could turn on it
-        if lazy:  # pages freed with MADV_FREE are the kernel's to take: not held (allocator.hold_freed_pages)
-            tree = memory.tree_memory(self.pid, self.exclude, lazy=True)
+        near = self.soft_bytes * REARM_FRACTION  # where a decision could turn on pages freed lazily
+        tree = memory.tree_memory(self.pid, self.exclude, lazy_from=near)  # the kernel's: not held
         available, swap = system_memory()
         cg_usage = cg_limit = None
         if self.cgroup is not None:
@@ -264,17 +262,8 @@ class Guard:
                     cg_usage, cg_limit = memory.cgroup_usage_bytes(self.pid) or (None, None)
                 except (OSError, ValueError):
                     pass
-        sample = Sample(
-            time.time(),
-            tree.held_bytes,
-            tree.file_bytes,
-            available,
-            swap,
-            cg_usage,
-            cg_limit,
-            self.thermometer.read(),
-            tree.lazy_bytes if lazy else None,
-        )
+        sample = Sample(time.time(), tree.held_bytes, tree.file_bytes, available, swap, cg_usage, cg_limit)
+        sample.temp_c, sample.lazy_bytes = self.thermometer.read(), tree.lazy_bytes if tree.anon_bytes >= near else None
         if not self.watched_alive():  # died while we read: its numbers are meaningless
             return None
         return sample

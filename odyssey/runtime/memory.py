@@ -146,17 +146,21 @@ def tree_pids(pid: int, exclude: frozenset[int] = frozenset()) -> list[int]:
     return out
 
 
-def tree_memory(pid: int, exclude: frozenset[int] = frozenset(), lazy: bool = False) -> ProcessMemory:
+def tree_memory(pid: int, exclude: frozenset[int] = frozenset(), lazy_from: float | None = None) -> ProcessMemory:
     """Summed over `pid` and its descendants (the trainer may spawn workers), leaving out
-    `exclude` and what is below it (the guard is the trainer's child and must not count itself)."""
-    anon = file = peak = shmem = free = 0
+    `exclude` and what is below it (the guard is the trainer's child and must not count itself).
+    LazyFree too (lazy_bytes) where the summed RssAnon reaches `lazy_from` (None: never)."""
+    anon = file = peak = shmem = 0
+    read = []
     for p in tree_pids(pid, exclude):
         try:
-            m = process_memory(p, lazy)
+            m = process_memory(p)
         except Exception:  # gone between listing and reading (ProcessLookupError, psutil's errors)
             continue
         anon, file, peak = anon + m.anon_bytes, file + m.file_bytes, max(peak, m.peak_bytes)
-        shmem, free = shmem + m.shmem_bytes, free + m.lazy_bytes
+        shmem += m.shmem_bytes
+        read.append(p)
+    free = sum(map(lazy_free_bytes, read)) if lazy_from is not None and anon >= lazy_from else 0
     return ProcessMemory(anon, file, peak, shmem, free)
 
 
