@@ -36,6 +36,7 @@ from odyssey.report import (
     StepDone,
     WorldSizeChanged,
 )
+from odyssey.runtime import allocator
 from odyssey.runtime.runlog import RunDir
 
 MIB = 1 << 20
@@ -189,7 +190,9 @@ class Trainer:
 
     # --- one step ---
     def _between(self) -> None:
-        """Between layers: the hook, then the control channel (which may pause or raise a stop)."""
+        """Between layers: freed buffers back to the OS (allocator.release_freed), the hook, then the
+        control channel (which may pause or raise a stop)."""
+        allocator.release_freed()
         if self.hook is not None:
             self.hook.between_layers(self.step)
         self.channel.between_layers(self.step)
@@ -285,7 +288,6 @@ class Trainer:
 
     # --- the loop ---
     def fit(self, steps_total: int) -> FitSummary:
-        from odyssey.runtime import allocator
         from odyssey.runtime.memory import process_memory
 
         lazy = allocator.mode == "lazy"  # RssAnon counts the pages freed lazily: leave them out

@@ -106,3 +106,57 @@ def test_a_users_malloc_conf_is_not_overridden_by_training():
         run(ENSURE, PROBE=DECAY, ROOM="0", MALLOC_CONF="dirty_decay_ms:5")
     )
     assert (mode, remembered) == ("", "") and after == before
+
+
+HUGE = """
+import ctypes, json, os, resource, time
+from odyssey.runtime import allocator
+from odyssey.runtime.memory import process_memory
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+N = 64 << 20  # over jemalloc's oversize_threshold (8 MiB): its huge arena
+
+def churn():  # a layer's buffer: allocated, written, freed
+    p = libc.malloc(N)
+    ctypes.memset(p, 1, N)
+    libc.free(p)
+
+if os.environ["EARLY"]:
+    churn()  # the huge arena made before the mode is chosen, else after it
+mode = allocator.hold_freed_pages(int(os.environ["ROOM"]) if os.environ["ROOM"] else None)
+for layer in range(2):
+    churn()
+    time.sleep(0.01)
+    allocator.release_freed()  # between layers
+time.sleep(0.01)
+allocator.release_freed()  # the boundary after
+lazy = process_memory(os.getpid(), lazy=True).lazy_bytes
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()  # the next layer's buffer
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps([allocator.active(), mode, N, lazy, faults]))
+"""
+
+
+@pytest.mark.parametrize("early", [True, False])
+@pytest.mark.parametrize("room", [None, 0])
+def test_buffers_over_8mib_come_back_without_faults(room, early):
+    """A buffer over 8 MiB freed in one layer and allocated again in the next: "lazy" (room 0) hands
+    it back with MADV_FREE between layers (LazyFree), "kept" (no budget) keeps it; either way it
+    comes back without faulting its 16,384 pages in again, which jemalloc's huge arena did before
+    (it purged at once with MADV_DONTNEED), whether that arena was made before the mode or after."""
+    active, mode, n, lazy, faults = json.loads(
+        run(ENSURE, PROBE=HUGE, ROOM="" if room is None else str(room), EARLY="1" if early else "")
+    )
+    if active != "jemalloc":
+        assert mode == ""
+        return
+    pages = n // os.sysconf("SC_PAGE_SIZE")
+    assert faults < pages // 8, (mode, faults, pages)
+    if room is None:
+        assert mode == "kept" and lazy < n // 2
+    else:
+        assert mode == "lazy" and lazy >= n * 0.9

@@ -19,7 +19,11 @@ steps; at 1 GiB that pushed the cgroup to its limit, hence the room it needs. Wi
 freed pages go back lazily ("lazy": MADV_FREE, muzzy_decay_ms -1): the kernel takes them when the
 cgroup or the machine needs the memory, and until then they come back without a fault. The 1.2B
 at 1 GiB in a 1 GiB cgroup, 7 steps: minor faults 5.3-5.7 M -> 1.8 M, system time 16.8-19.6 ->
-9.2-11.5 s; see README's speed section for the steps.
+9.2-11.5 s; see README's speed section for the steps. jemalloc's arena for allocations over 8 MiB
+(oversize_threshold; most of an fp32 step's activations) purges at once, and at once is always
+MADV_DONTNEED; in "lazy" it gets a decay time, so that a purge is MADV_FREE, and the trainer purges
+it between layers (`release_freed`), so that what it holds unpurged is one layer's buffers at most:
+the 1.2B in fp32 at 1 GiB, 6 steps: 8.1 M minor faults -> 0.6 M, system time 25 -> 8 s.
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ M_ARENA_MAX = -8
 # freed memory back to the OS promptly; no background purging thread (2 cores)
 MALLOC_CONF = "dirty_decay_ms:1000,muzzy_decay_ms:0,background_thread:false"
 KEEP_ROOM = 256 << 20  # bytes of the budget over the plan that let a training run keep freed pages
+HUGE_DECAY_MS = 1  # the huge arena's decay time in "lazy": not 0 (a purge at 0 ms is MADV_DONTNEED)
 SPIN_COUNT = 3_000  # libgomp busy-wait iterations before sleeping: some 30 microseconds
 mode = ""  # what hold_freed_pages chose in this process: "kept", "lazy", or "" (nothing)
+_mallctl = None  # jemalloc's mallctl, once hold_freed_pages changed something
+_huge = None  # "lazy": the huge arena's mallctl name to purge (b"arena.N.decay") once it exists
 
 
 def find_jemalloc() -> str | None:
@@ -112,11 +119,11 @@ def hold_freed_pages(room: int | None) -> str:
     a page stays mapped until the kernel needs the memory (the budget's cgroup at its limit, the
     machine short) and until then comes back without a fault or a zeroing; RssAnon counts it
     meanwhile, as LazyFree (memory.process_memory(lazy=True)). The arena of allocations over 8 MiB
-    (jemalloc's oversize_threshold) keeps purging at once, and at once is always MADV_DONTNEED: given
-    any decay time, it held freed buffers unpurged instead (the 1.2B in fp32 at 1 GiB: +214 MiB, OOM).
-    "" (nothing changed) without jemalloc (glibc keeps its heap as it likes) or under a user's own
-    MALLOC_CONF."""
-    global mode
+    (jemalloc's oversize_threshold) purges when `release_freed` asks, between layers: left to its
+    own ticks with a decay time, it held freed buffers unpurged (the 1.2B in fp32 at 1 GiB: +214 MiB,
+    OOM-killed). "" (nothing changed) without jemalloc (glibc keeps its heap as it likes) or under a
+    user's own MALLOC_CONF."""
+    global mode, _mallctl
     if active() != "jemalloc" or os.environ.get("MALLOC_CONF", MALLOC_CONF) != MALLOC_CONF:
         return ""
     try:
@@ -124,9 +131,8 @@ def hold_freed_pages(room: int | None) -> str:
     except (OSError, AttributeError):
         return ""
     never = ctypes.c_ssize_t(-1)
-    narenas = ctypes.c_uint(0)
-    size = ctypes.c_size_t(ctypes.sizeof(narenas))
-    if mallctl(b"arenas.narenas", ctypes.byref(narenas), ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+    narenas = _read(mallctl, b"arenas.narenas", ctypes.c_uint)
+    if narenas is None:
         return ""
     which = "kept" if room is None or room >= KEEP_ROOM else "lazy"
     knob = "dirty_decay_ms" if which == "kept" else "muzzy_decay_ms"
@@ -136,7 +142,42 @@ def hold_freed_pages(room: int | None) -> str:
 
     if not put(f"arenas.{knob}"):  # the default of arenas made later
         return ""
-    for i in range(narenas.value):  # arenas not yet initialised refuse: they take that default
+    for i in range(narenas):  # arenas not yet initialised refuse: they take that default
         put(f"arena.{i}.{knob}")
-    mode = which
+    mode, _mallctl = which, mallctl
+    release_freed()
     return which
+
+
+def _read(mallctl, name: bytes, ctype):
+    """A jemalloc setting's value, None where it refuses."""
+    value = ctype(0)
+    size = ctypes.c_size_t(ctypes.sizeof(value))
+    ok = mallctl(name, ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) == 0
+    return value.value if ok else None
+
+
+def release_freed() -> None:
+    """In "lazy": hand the buffers the huge arena holds freed back to the OS lazily (MADV_FREE); the
+    trainer calls it between layers. jemalloc's decay counts a freed page from the first decay pass
+    that sees it, so a call purges what the call before found free (HUGE_DECAY_MS ago at least):
+    until then the next layer reuses it as it is, and the arena holds two layers' freed buffers at
+    most. jemalloc makes that arena on the first allocation over opt.oversize_threshold, numbered
+    after the opt.narenas automatic ones, and sets its decay times then (dirty 0: MADV_DONTNEED at
+    once); the first call that finds it sets HUGE_DECAY_MS and muzzy -1. Nothing in the other modes."""
+    global _huge
+    if mode != "lazy":
+        return
+    mallctl = _mallctl
+    if _huge is None:
+        auto = _read(mallctl, b"opt.narenas", ctypes.c_uint)
+        total = _read(mallctl, b"arenas.narenas", ctypes.c_uint)
+        if not _read(mallctl, b"opt.oversize_threshold", ctypes.c_size_t) or not auto or not total or total <= auto:
+            return  # no huge arena (yet)
+        for knob, ms in (("dirty", HUGE_DECAY_MS), ("muzzy", -1)):
+            value = ctypes.c_ssize_t(ms)
+            name = f"arena.{auto}.{knob}_decay_ms".encode()
+            if mallctl(name, None, None, ctypes.byref(value), ctypes.c_size_t(ctypes.sizeof(value))) != 0:
+                return
+        _huge = f"arena.{auto}.decay".encode()
+    mallctl(_huge, None, None, None, ctypes.c_size_t(0))
