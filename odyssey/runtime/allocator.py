@@ -22,8 +22,8 @@ at 1 GiB in a 1 GiB cgroup, 7 steps: minor faults 5.3-5.7 M -> 1.8 M, system tim
 9.2-11.5 s; see README's speed section for the steps. jemalloc's arena for allocations over 8 MiB
 (oversize_threshold; most of an fp32 step's activations) purges at once, and at once is always
 MADV_DONTNEED; in "lazy" it gets a decay time, so that a purge is MADV_FREE, and the trainer purges
-it between layers (`release_freed`), so that what it holds unpurged is one layer's buffers at most:
-the 1.2B in fp32 at 1 GiB, 6 steps: 8.1 M minor faults -> 0.6 M, system time 25 -> 8 s.
+it between layers (`release_freed`), so that what it holds unpurged is two layers' freed buffers
+at most: the 1.2B in fp32 at 1 GiB, 6 steps: 8.1 M minor faults -> 0.6 M, system time 24 -> 8-9 s.
 """
 
 from __future__ import annotations
