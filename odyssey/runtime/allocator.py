@@ -48,7 +48,8 @@ HUGE_DECAY_MS = 1  # the huge arena's decay time in "lazy": not 0 (a purge at 0 
 SPIN_COUNT = 3_000  # libgomp busy-wait iterations before sleeping: some 30 microseconds
 mode = ""  # what hold_freed_pages chose in this process: "kept", "lazy", or "" (nothing)
 _mallctl = None  # jemalloc's mallctl, once hold_freed_pages changed something
-_huge = None  # "lazy": the huge arena's mallctl name to purge (b"arena.N.decay") once it exists
+_huge = None  # "lazy": the huge arena's index (opt.narenas); None without one
+_purge = None  # "lazy": b"arena.N.decay" once the huge arena exists and purges lazily
 
 
 def find_jemalloc() -> str | None:
@@ -123,28 +124,25 @@ def hold_freed_pages(room: int | None) -> str:
     own ticks with a decay time, it held freed buffers unpurged (the 1.2B in fp32 at 1 GiB: +214 MiB,
     OOM-killed). "" (nothing changed) without jemalloc (glibc keeps its heap as it likes) or under a
     user's own MALLOC_CONF."""
-    global mode, _mallctl
+    global mode, _mallctl, _huge
     if active() != "jemalloc" or os.environ.get("MALLOC_CONF", MALLOC_CONF) != MALLOC_CONF:
         return ""
     try:
         mallctl = ctypes.CDLL(None).mallctl
     except (OSError, AttributeError):
         return ""
-    never = ctypes.c_ssize_t(-1)
     narenas = _read(mallctl, b"arenas.narenas", ctypes.c_uint)
     if narenas is None:
         return ""
     which = "kept" if room is None or room >= KEEP_ROOM else "lazy"
     knob = "dirty_decay_ms" if which == "kept" else "muzzy_decay_ms"
-
-    def put(name: str) -> bool:
-        return mallctl(name.encode(), None, None, ctypes.byref(never), ctypes.c_size_t(ctypes.sizeof(never))) == 0
-
-    if not put(f"arenas.{knob}"):  # the default of arenas made later
+    if not _write(mallctl, f"arenas.{knob}", -1):  # the default of arenas made later
         return ""
     for i in range(narenas):  # arenas not yet initialised refuse: they take that default
-        put(f"arena.{i}.{knob}")
+        _write(mallctl, f"arena.{i}.{knob}", -1)
     mode, _mallctl = which, mallctl
+    if _read(mallctl, b"opt.oversize_threshold", ctypes.c_size_t):  # else no huge arena
+        _huge = _read(mallctl, b"opt.narenas", ctypes.c_uint)
     release_freed()
     return which
 
@@ -157,6 +155,12 @@ def _read(mallctl, name: bytes, ctype):
     return value.value if ok else None
 
 
+def _write(mallctl, name: str, ms: int) -> bool:
+    """Set a jemalloc decay time (milliseconds, -1: never); False where it refuses."""
+    value = ctypes.c_ssize_t(ms)
+    return mallctl(name.encode(), None, None, ctypes.byref(value), ctypes.c_size_t(ctypes.sizeof(value))) == 0
+
+
 def release_freed() -> None:
     """In "lazy": hand the buffers the huge arena holds freed back to the OS lazily (MADV_FREE); the
     trainer calls it between layers. jemalloc's decay counts a freed page from the first decay pass
@@ -165,19 +169,14 @@ def release_freed() -> None:
     most. jemalloc makes that arena on the first allocation over opt.oversize_threshold, numbered
     after the opt.narenas automatic ones, and sets its decay times then (dirty 0: MADV_DONTNEED at
     once); the first call that finds it sets HUGE_DECAY_MS and muzzy -1. Nothing in the other modes."""
-    global _huge
-    if mode != "lazy":
+    global _purge
+    if mode != "lazy" or not _huge:
         return
-    mallctl = _mallctl
-    if _huge is None:
-        auto = _read(mallctl, b"opt.narenas", ctypes.c_uint)
-        total = _read(mallctl, b"arenas.narenas", ctypes.c_uint)
-        if not _read(mallctl, b"opt.oversize_threshold", ctypes.c_size_t) or not auto or not total or total <= auto:
-            return  # no huge arena (yet)
+    if _purge is None:
+        if (_read(_mallctl, b"arenas.narenas", ctypes.c_uint) or 0) <= _huge:
+            return  # not made yet
         for knob, ms in (("dirty", HUGE_DECAY_MS), ("muzzy", -1)):
-            value = ctypes.c_ssize_t(ms)
-            name = f"arena.{auto}.{knob}_decay_ms".encode()
-            if mallctl(name, None, None, ctypes.byref(value), ctypes.c_size_t(ctypes.sizeof(value))) != 0:
+            if not _write(_mallctl, f"arena.{_huge}.{knob}_decay_ms", ms):
                 return
-        _huge = f"arena.{auto}.decay".encode()
-    mallctl(_huge, None, None, None, ctypes.c_size_t(0))
+        _purge = f"arena.{_huge}.decay".encode()
+    _mallctl(_purge, None, None, None, ctypes.c_size_t(0))
