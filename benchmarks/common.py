@@ -83,6 +83,7 @@ def machine() -> dict:
         "compute_dtype": measured.fastest,  # what `auto` computes a bf16 store in here
         "matmul_gflops": {k: round(v, 1) for k, v in measured.gflops.items()},
         "matmul_shape": shape_text(measured.key.shape),
+        "kernels": measured.key.kernels,  # ATen's ISA and any variable limiting the kernels' ISA
         "kernel": platform.release(),
         "python": platform.python_version(),
         "versions": {m: _version(m) for m in ("torch", "transformers", "peft", "accelerate", "safetensors")},

@@ -284,9 +284,11 @@ def png(result: dict, path: Path):
 def machine_caption(m: dict, matmul: dict, shape_text: str, threads: int) -> str:
     """The first line of peers.md: the CPU, the flags that matter, threads, and the matmul rates."""
     flags = m.get("matmul_flags") or m.get("simd") or []
+    kernels = m.get("kernels") or ""
+    limited = f" (kernels limited: {kernels.split(' ', 1)[1]})" if " " in kernels else ""
     return (
         f"**Machine:** {m.get('cpu')}, {m.get('cores')} cores, torch threads {threads}, "
-        f"{m.get('ram_gib')} GiB RAM; matmul flags {' '.join(flags) or '-'}; matmul {shape_text} measured "
+        f"{m.get('ram_gib')} GiB RAM; matmul flags {' '.join(flags) or '-'}{limited}; matmul {shape_text} measured "
         f"in this run: bf16 {matmul.get('bf16', 0):,.0f} GFLOP/s, fp32 {matmul.get('fp32', 0):,.0f} GFLOP/s."
     )
 

@@ -8,7 +8,9 @@ data, so every run's first loss is the same number within its dtype's precision)
   with `compute_dtype` auto and fp32 (an fp32 row is left out where auto picked fp32: same run).
 - transformers + peft with the model in RAM, in every configuration a knowledgeable user would try
   here: fp32, or bf16 (weights loaded in bf16, LoRA in fp32 as peft keeps it, the step under
-  `torch.autocast("cpu", torch.bfloat16)`), each with gradient checkpointing off and on. Each runs
+  `torch.autocast("cpu", torch.bfloat16)`; only where bf16 matmul measured at the start reaches
+  half of fp32's: on a CPU without native bf16 a bf16 step takes many minutes and no user would
+  pick it), each with gradient checkpointing off and on. Each runs
   once with memory no limit (a cap of --max-budget) for its step time and peak memory; the fastest
   is the peer to beat. Then the smallest cgroup each runs in is found by bisection (smallest.py):
   between the floor (its weights' bytes, raised to its peak anonymous memory where there is no
@@ -77,6 +79,7 @@ from peer_worker import LORA_ALPHA, LORA_R, LR, TARGETS, generation_summary, wor
 TITLE = "Odyssey against transformers + peft (+ accelerate)"  # of peers.md and its README section
 RUNGS_GIB = (2, 3, 4, 6, 8, 12, 16)
 ODYSSEY_BUDGETS_GIB = (1, 4)  # the headline cgroup and the budget of the second target
+BF16_PEER_MIN = 0.5  # bf16 peers run where bf16 matmul reaches this share of fp32's at the start
 
 
 @dataclass(frozen=True)
@@ -576,6 +579,19 @@ def measure_matmul(shape) -> dict:
     return {"gflops": {k: float(f"{v:.4g}") for k, v in gflops.items()}, "rounds": rounds, "seconds": round(seconds, 2)}
 
 
+def bf16_skip(gflops: dict) -> str:
+    """Why the bf16 peers are not run ("" where they are): where bf16 matmul runs at under
+    BF16_PEER_MIN of fp32's (a CPU without native bf16, e.g. AVX2-only: bf16 falls back to a path
+    tens of times slower), no user would train in bf16 and a step would take many minutes."""
+    bf16, fp32 = gflops.get("bf16"), gflops.get("fp32")
+    if not bf16 or not fp32 or bf16 >= BF16_PEER_MIN * fp32:
+        return ""
+    return (
+        f"not run: bf16 matmul {bf16:,.0f} GFLOP/s here against fp32 {fp32:,.0f} (under "
+        f"{BF16_PEER_MIN:g}x): the fp32 peers are the ones a user would run"
+    )
+
+
 def best_gflops(measurements: Sequence[dict]) -> dict:
     """Per dtype, the best figure of the run's measurements."""
     out: dict = {}
@@ -589,7 +605,7 @@ class TrainBench:
     """The training part: Odyssey's rows, every peer configuration timed once with memory no
     limit, then the smallest cgroup of each by bisection, all against one deadline."""
 
-    def __init__(self, args, model: Path, data: Path, work: Path, deadline: float | None, capped: bool):
+    def __init__(self, args, model: Path, data: Path, work: Path, deadline: float | None, capped: bool, gflops: dict):
         from odyssey.store import Store
 
         self.args, self.model, self.data, self.work = args, model, data, work
@@ -602,6 +618,7 @@ class TrainBench:
         self.swap = smallest.swap_present()
         self.train_ok: tuple[bool, str] | None = None  # `odyssey train` present? asked once
         self.rounds: list[dict] = []  # paired(): each round's step times, round 0 the timed runs
+        self.bf16_skip = bf16_skip(gflops)
 
     def out_of_time(self, need_s: float = 0.0) -> bool:
         return self.deadline is not None and time.monotonic() + need_s > self.deadline
@@ -707,6 +724,8 @@ class TrainBench:
         print(f"  train: {config.label}{where}, cap {self.cap / GIB:g} GiB")
         if self.out_of_time():
             res = not_measured(self.cap, "time limit of the benchmark reached")
+        elif config.dtype == "bf16" and self.bf16_skip:
+            res = not_measured(self.cap, self.bf16_skip)
         else:
             res = climb(self._peer_runner(config, self.args.steps, cpu_weights), [self.cap])
         self.climbs[name] = res
@@ -941,7 +960,7 @@ def run(args) -> dict:
     result = {"machine": m, "date": common.today(), "settings": settings, "climbs": {}, "train": [], "generate": []}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()] if isinstance(args.peers, str) else args.peers
-    train = TrainBench(args, model, data, work, deadline, capped) if "train" in tasks else None
+    train = TrainBench(args, model, data, work, deadline, capped, matmul[0]["gflops"]) if "train" in tasks else None
     if train is not None:
         train.measure()  # every timed run, and the search of the fastest peer
         train.paired(args.rounds)

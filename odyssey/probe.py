@@ -22,8 +22,10 @@ f16 store computes in fp32, which holds it exactly.
 
 The cache: one JSON file per key under `ODYSSEY_CACHE_DIR`, else `$XDG_CACHE_HOME/odyssey`, else
 `~/.cache/odyssey`, named `compute-probe-DIGEST.json`. The key is what decides the figures: the
-CPU's model name and the flags that matter to matmul kernels, the architecture, torch's version,
-torch's thread count and the shape. A file that is missing, unreadable, malformed or made for
+CPU's model name and the flags that matter to matmul kernels, the architecture, the kernels torch
+may use (ATen's CPU capability and any variable that limits the instruction set of ATen, oneDNN or
+MKL: the same CPU under `ONEDNN_MAX_CPU_ISA=AVX2` multiplies bf16 matrices a hundred times slower),
+torch's version, torch's thread count and the shape. A file that is missing, unreadable, malformed or made for
 another key is measured again and rewritten atomically; concurrent processes (data-parallel ranks)
 take an exclusive lock on the cache directory while one of them measures, so they measure once
 and agree. A cache that cannot be written costs a measurement per process, nothing else.
@@ -52,6 +54,7 @@ REPS = 5  # timed rounds at most
 ROUND_BUDGET_S = 0.8  # no round starts after this long (at least one runs)
 WARMUP_ROWS = 16
 VERSION = 1  # of the cache file's layout
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 MATMUL_FLAGS = (  # /proc/cpuinfo flags that change which matmul kernel oneDNN and ATen can use
     "avx",
     "avx2",
@@ -99,6 +102,15 @@ def shape_text(shape) -> str:
     return "x".join(str(n) for n in shape)
 
 
+def kernels_in_use() -> str:
+    """ATen's CPU capability ("AVX512", "AVX2", ...) and the KERNEL_ENV variables that are set,
+    e.g. "AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"."""
+    import torch
+
+    limits = [f"{name}={os.environ[name]}" for name in KERNEL_ENV if os.environ.get(name)]
+    return " ".join([torch.backends.cpu.get_cpu_capability(), *limits])
+
+
 @dataclass(frozen=True)
 class ProbeKey:
     """What the figures depend on; a change in any field measures again."""
@@ -109,6 +121,7 @@ class ProbeKey:
     torch: str
     threads: int
     shape: tuple[int, int, int]  # (tokens, in, out)
+    kernels: str = ""  # kernels_in_use()
 
     @classmethod
     def current(cls, shape) -> ProbeKey:
@@ -122,6 +135,7 @@ class ProbeKey:
             torch=torch.__version__,
             threads=torch.get_num_threads(),
             shape=tuple(int(n) for n in shape),
+            kernels=kernels_in_use(),
         )
 
     def to_json(self) -> dict:

@@ -208,6 +208,23 @@ def test_train_cmd_follows_the_contract(tmp_path):
     assert ck and int(ck[0].split("=")[1]) > 4  # no checkpoint inside the measured steps
 
 
+def test_bf16_peers_run_unless_bf16_matmul_is_under_half_of_fp32():
+    assert peers.bf16_skip({"bf16": 379.0, "fp32": 146.0}) == ""  # AVX512-BF16 (this EPYC)
+    assert peers.bf16_skip({"bf16": 145.0, "fp32": 244.0}) == ""  # the Xeon: bf16 slower, still tried
+    why = peers.bf16_skip({"bf16": 1.2, "fp32": 110.0})  # AVX2-only: bf16 has no fast path
+    assert why.startswith("not run: bf16 matmul 1 GFLOP/s here against fp32 110")
+    assert peers.bf16_skip({"bf16": 0.0, "fp32": 110.0}) == ""  # no figure: nothing to judge by
+
+
+def test_machine_caption_says_when_the_kernels_were_limited():
+    m = {"cpu": "AMD EPYC", "cores": 2, "ram_gib": 23.5, "matmul_flags": ["avx2", "avx512_bf16"]}
+    native = peer_report.machine_caption({**m, "kernels": "AVX512"}, {"bf16": 379, "fp32": 146}, "512x2048x5632", 2)
+    assert "matmul flags avx2 avx512_bf16; matmul 512x2048x5632" in native and "limited" not in native
+    limits = "AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"
+    emulated = peer_report.machine_caption({**m, "kernels": limits}, {"bf16": 1, "fp32": 146}, "512x2048x5632", 2)
+    assert "avx512_bf16 (kernels limited: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2); matmul" in emulated
+
+
 def test_generation_summary_leaves_out_the_first_token():
     s = peers.generation_summary([5.0, 6.0, 6.5, 7.5], 4)
     assert s["first_token_s"] == 5.0 and s["decode_steps"] == 3 and s["s_per_token"] == 1.0

@@ -1,7 +1,7 @@
 """odyssey.probe: a real run writes the cache with sane figures; a valid entry is used without
-measuring; a corrupt, foreign or stale entry (another thread count) is measured again and
-rewritten atomically; processes measure once between them; the store-precision rule needs no
-measurement; `odyssey doctor` prints the figures and the choice."""
+measuring; a corrupt, foreign or stale entry (another thread count, other kernel limits) is
+measured again and rewritten atomically; processes measure once between them; the store-precision
+rule needs no measurement; `odyssey doctor` prints the figures and the choice."""
 
 from __future__ import annotations
 
@@ -132,6 +132,21 @@ def test_another_thread_count_measures_again(probe_cache, counted):
         torch.set_num_threads(threads)
     assert counted == [SMALL] and q.cached and q.gflops["fp32"] == 22.0
     assert sorted(probe_cache.directory.iterdir()) == sorted([planted, p.path])
+
+
+def test_a_kernel_limit_measures_again(probe_cache, counted, monkeypatch):
+    """The same CPU with its kernels limited (ONEDNN_MAX_CPU_ISA=AVX2: bf16 matmul falls back to a
+    path a hundred times slower) is another key: its figures are measured, not read."""
+    for name in probe_mod.KERNEL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    planted = probe_cache(SMALL, bf16=11.0, fp32=22.0)
+    assert probe(SMALL).cached and counted == []
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    p = probe(SMALL)
+    assert counted == [SMALL] and not p.cached and p.path != planted
+    assert p.key.kernels.endswith(" ONEDNN_MAX_CPU_ISA=AVX2")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert probe(SMALL).gflops["fp32"] == 22.0 and counted == [SMALL]
 
 
 def test_remeasure_replaces_a_valid_entry(probe_cache, counted):

@@ -60,6 +60,7 @@ def compute_fact(remeasure: bool = False) -> Fact:
             "fastest": p.fastest,
             "shape": list(p.key.shape),  # (tokens, in, out)
             "threads": p.key.threads,
+            "kernels": p.key.kernels,
             "measured": p.measured,
             "probe_s": round(p.probe_s, 3),
             "rounds": p.rounds,
@@ -81,7 +82,8 @@ def compute_fact(remeasure: bool = False) -> Fact:
         )
     shape = shape_text(p.key.shape)
     hint = (
-        f"each model is measured once at its largest projection ({shape} here), {p.key.threads} threads; "
+        f"each model is measured once at its largest projection ({shape} here), {p.key.threads} threads, "
+        f"kernels {p.key.kernels}; "
         f"`odyssey doctor --remeasure` measures again ({where})"
     )
     if name == "bf16":
