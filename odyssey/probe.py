@@ -24,11 +24,11 @@ The cache: one JSON file per key under `ODYSSEY_CACHE_DIR`, else `$XDG_CACHE_HOM
 `~/.cache/odyssey`, named `compute-probe-DIGEST.json`. The key is what decides the figures: the
 CPU's model name and the flags that matter to matmul kernels, the architecture, the kernels torch
 may use (ATen's CPU capability and any variable that limits the instruction set of ATen, oneDNN or
-MKL: the same CPU under `ONEDNN_MAX_CPU_ISA=AVX2` multiplies bf16 matrices a hundred times slower),
-torch's version, torch's thread count and the shape. A file that is missing, unreadable, malformed or made for
-another key is measured again and rewritten atomically; concurrent processes (data-parallel ranks)
-take an exclusive lock on the cache directory while one of them measures, so they measure once
-and agree. A cache that cannot be written costs a measurement per process, nothing else.
+MKL: this AVX512-BF16 EPYC under `ONEDNN_MAX_CPU_ISA=AVX2` multiplies bf16 at 46 GFLOP/s, not 379),
+torch's version, torch's thread count and the shape. A file that is missing, unreadable,
+malformed or made for another key is measured again and rewritten atomically; concurrent
+processes (data-parallel ranks) take an exclusive lock on the cache directory while one of them
+measures, so they measure once and agree. A cache that cannot be written costs a measurement per process, nothing else.
 """
 
 from __future__ import annotations
