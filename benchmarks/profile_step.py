@@ -102,8 +102,9 @@ def analyse(prof, wall_s: float, cpu_s: float, top: int = 25) -> dict:
     }
 
 
-def build(store, budget: int, seq_len: int, r: int, compute_dtype: str, **engine_kw):
-    """(engine, skeleton, optimizer, plan residency) for a LoRA step at `budget`."""
+def build(store, budget: int, seq_len: int, r: int, compute_dtype: str, runtime: int | None = None, **engine_kw):
+    """(engine, skeleton, optimizer, plan residency) for a LoRA step at `budget`; `runtime` the
+    process's own memory for the plan (measured now when None, as `odyssey train` does at start)."""
     import torch
 
     from odyssey.adapters import inject, lora_parameters
@@ -115,7 +116,7 @@ def build(store, budget: int, seq_len: int, r: int, compute_dtype: str, **engine
 
     settings = LoraSettings(r=r, alpha=2 * r)
     plan = plan_for_store(
-        store, mode="lora", seq_len=seq_len, lora=settings, budget=budget, compute_dtype=compute_dtype
+        store, mode="lora", seq_len=seq_len, lora=settings, budget=budget, compute_dtype=compute_dtype, runtime=runtime
     )
     res = plan.residency
     with torch.device("meta"):
@@ -166,7 +167,7 @@ def batch(store, seq_len: int, sample: bool = True):
         return torch.randint(0, V, (1, seq_len), generator=g), torch.randint(0, V, (1, seq_len), generator=g), "random"
 
 
-def profile_budget(store, budget: int, args) -> dict:
+def profile_budget(store, budget: int, args, runtime: int | None = None) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -176,6 +177,7 @@ def profile_budget(store, budget: int, args) -> dict:
         args.seq_len,
         args.r,
         args.compute_dtype,
+        runtime,
         lora_fused=not args.peft_forward,
         compile_layers=args.compile_layers,
     )
@@ -313,13 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from odyssey.config import parse_bytes
+    from odyssey.planner import measured_runtime
     from odyssey.store import Store
 
     store = Store.open(args.store or common.ensure_store(args.config))
+    # The plan counts this process's own memory; measured once, before any budget runs: a budget
+    # profiled after another would see what the allocator kept of it (4 GiB in fp32 after 8 GiB:
+    # 8 units pinned instead of 15).
+    runtime = measured_runtime("lora")
     results = []
     for b in args.budgets.split(","):
         print(f"profiling a step at {b} ...", flush=True)
-        r = profile_budget(store, parse_bytes(b), args)
+        r = profile_budget(store, parse_bytes(b), args, runtime)
         r["budget_label"] = b
         results.append(r)
         print(

@@ -1001,11 +1001,21 @@ def test_generation_part_and_table():
 # profile_step: the profile of one LoRA step
 
 
-def test_profile_step_reports_phases_matmul_share_and_keeps_findings(tmp_path):
+def test_profile_step_reports_phases_matmul_share_and_keeps_findings(tmp_path, monkeypatch):
     """A tiny store profiled at two budgets: every phase of the step appears, the split adds up to
-    the ops' self time, matmul is among the top ops, and a hand-written Findings section survives
-    a rerun."""
+    the ops' self time, matmul is among the top ops, the plans count the process's memory as it was
+    before either ran, and a hand-written Findings section survives a rerun."""
+    from odyssey import planner
     from odyssey.store import Store
+
+    runtimes = []
+    measure = planner.measured_runtime
+
+    def counted(mode):
+        runtimes.append(measure(mode))
+        return runtimes[-1]
+
+    monkeypatch.setattr(planner, "measured_runtime", counted)
     from odyssey.store.init import init_store
     from tests.conftest import tiny_config
 
@@ -1022,6 +1032,7 @@ def test_profile_step_reports_phases_matmul_share_and_keeps_findings(tmp_path):
         assert abs(sum(r["split"].values()) - r["ops_self_s"]) < 1e-6
         assert r["split"]["matmul"] > 0 and "aten::mm" in [o["op"] for o in r["top"]]
     assert data["results"][1]["pinned_units"] > data["results"][0]["pinned_units"]
+    assert runtimes == [runtimes[0]]  # the process's memory measured once, before either budget ran
     md = tmp_path / "prof.md"
     md.write_text(md.read_text() + "\n## Findings\n\nthe LoRA path costs passes\n")
     argv[argv.index("--budgets") + 1] = "4GiB"  # one budget is enough for the rerun
