@@ -28,7 +28,8 @@ MKL: this AVX512-BF16 EPYC under `ONEDNN_MAX_CPU_ISA=AVX2` multiplies bf16 at 46
 torch's version, torch's thread count and the shape. A file that is missing, unreadable,
 malformed or made for another key is measured again and rewritten atomically; concurrent
 processes (data-parallel ranks) take an exclusive lock on the cache directory while one of them
-measures, so they measure once and agree. A cache that cannot be written costs a measurement per process, nothing else.
+measures, so they measure once and agree. A cache that cannot be written costs a measurement
+per process, nothing else.
 """
 
 from __future__ import annotations
