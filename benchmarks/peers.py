@@ -606,7 +606,7 @@ class TrainBench:
     """The training part: Odyssey's rows, every peer configuration timed once with memory no
     limit, then the smallest cgroup of each by bisection, all against one deadline."""
 
-    def __init__(self, args, model: Path, data: Path, work: Path, deadline: float | None, capped: bool, gflops: dict):
+    def __init__(self, args, model: Path, data: Path, work: Path, deadline: float | None, capped: bool, skip_bf16: str):
         from odyssey.store import Store
 
         self.args, self.model, self.data, self.work = args, model, data, work
@@ -619,7 +619,7 @@ class TrainBench:
         self.swap = smallest.swap_present()
         self.train_ok: tuple[bool, str] | None = None  # `odyssey train` present? asked once
         self.rounds: list[dict] = []  # paired(): each round's step times, round 0 the timed runs
-        self.bf16_skip = bf16_skip(gflops)
+        self.skip_bf16 = skip_bf16  # bf16_skip(): why the bf16 peers are not run, "" where they are
 
     def out_of_time(self, need_s: float = 0.0) -> bool:
         return self.deadline is not None and time.monotonic() + need_s > self.deadline
@@ -725,8 +725,8 @@ class TrainBench:
         print(f"  train: {config.label}{where}, cap {self.cap / GIB:g} GiB")
         if self.out_of_time():
             res = not_measured(self.cap, "time limit of the benchmark reached")
-        elif config.dtype == "bf16" and self.bf16_skip:
-            res = not_measured(self.cap, self.bf16_skip)
+        elif config.dtype == "bf16" and self.skip_bf16:
+            res = not_measured(self.cap, self.skip_bf16)
         else:
             res = climb(self._peer_runner(config, self.args.steps, cpu_weights), [self.cap])
         self.climbs[name] = res
@@ -961,7 +961,11 @@ def run(args) -> dict:
     result = {"machine": m, "date": common.today(), "settings": settings, "climbs": {}, "train": [], "generate": []}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()] if isinstance(args.peers, str) else args.peers
-    train = TrainBench(args, model, data, work, deadline, capped, matmul[0]["gflops"]) if "train" in tasks else None
+    train = (
+        TrainBench(args, model, data, work, deadline, capped, bf16_skip(matmul[0]["gflops"]))
+        if "train" in tasks
+        else None
+    )
     if train is not None:
         train.measure()  # every timed run, and the search of the fastest peer
         train.paired(args.rounds)

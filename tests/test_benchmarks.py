@@ -1007,6 +1007,8 @@ def test_profile_step_reports_phases_matmul_share_and_keeps_findings(tmp_path, m
     before either ran, and a hand-written Findings section survives a rerun."""
     from odyssey import planner
     from odyssey.store import Store
+    from odyssey.store.init import init_store
+    from tests.conftest import tiny_config
 
     runtimes = []
     measure = planner.measured_runtime
@@ -1016,8 +1018,6 @@ def test_profile_step_reports_phases_matmul_share_and_keeps_findings(tmp_path, m
         return runtimes[-1]
 
     monkeypatch.setattr(planner, "measured_runtime", counted)
-    from odyssey.store.init import init_store
-    from tests.conftest import tiny_config
 
     init_store(tiny_config(num_hidden_layers=2), tmp_path / "s", dtype="bf16", seed=1, progress=False)
     Store.open(tmp_path / "s")

@@ -136,7 +136,7 @@ def test_another_thread_count_measures_again(probe_cache, counted):
 
 def test_a_kernel_limit_measures_again(probe_cache, counted, monkeypatch):
     """The same CPU with its kernels limited (ONEDNN_MAX_CPU_ISA=AVX2: bf16 matmul falls back to a
-    path a hundred times slower) is another key: its figures are measured, not read."""
+    slow path, 46 GFLOP/s against 379 on this EPYC) is another key: its figures are measured, not read."""
     for name in probe_mod.KERNEL_ENV:
         monkeypatch.delenv(name, raising=False)
     planted = probe_cache(SMALL, bf16=11.0, fp32=22.0)
