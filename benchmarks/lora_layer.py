@@ -8,9 +8,11 @@ heads), LoRA r 16 on the seven projections, in the compute dtype (bf16 by defaul
 
 Variants (each a way to run the same layer; rounds interleave them, so a machine shared with other
 work slows all alike): `before`: the LoRA forward as it was before the bf16 path
-(`lora_forward_fp32`: the LoRA path in fp32, the base result cast to fp32 and back); `after`:
-`adapters.lora_forward`; `peft`: PEFT's own forward. Prints, per variant, the median and minimum
-CPU seconds of this process (all its threads) per round, and the median wall seconds.
+(`lora_forward_fp32`: the LoRA path in fp32, the base result cast to fp32 and back; with
+`--dtype fp32`, the fp32 path as it was before its in-place add: an out-of-place addmm copied the
+base result); `after`: `adapters.lora_forward`; `peft`: PEFT's own forward. Prints, per variant,
+the median and minimum CPU seconds of this process (all its threads) per round, and the median
+wall seconds.
 `--part head`: the head's loss and gradient (engine.OnlineCrossEntropy over the whole (V, d)
 head), `before` with the gradient's matmul in fp32, `after` in the compute dtype.
 """

@@ -102,9 +102,12 @@ def lora_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     - x in the LoRA weights' dtype (fp32 compute): PEFT computes
       `base(x) + lora_B(lora_A(dropout(x))) * s`: four passes over (T, out) besides the matmuls
       (the LoRA product, its scaling, the add, the cast back). Here the scale goes on the (T, r)
-      product and the LoRA product is added into the base result by the matmul itself (`addmm`).
-      Same values up to float rounding (bit for bit when s is a power of two: alpha = 2r);
-      gradients equal peft's (tests/test_adapters.py, tests/test_train.py).
+      product and the LoRA product is added into the base result by the matmul itself: an in-place
+      `addmm_` on the base result made 2-D, which autograd does not save (an out-of-place addmm
+      copied each base result first: 1.3 % more CPU for a 1.2B layer, `benchmarks/lora_layer.py
+      --dtype fp32`, 30 interleaved rounds). Same values up to float rounding (bit for bit when s
+      is a power of two: alpha = 2r); gradients equal peft's (tests/test_adapters.py,
+      tests/test_train.py).
     - x in a lower precision than the LoRA weights (bf16/fp16 compute): PEFT's forward as it runs
       under `torch.autocast("cpu", x.dtype)`, the configuration the fastest in-RAM peer trains the
       same fp32 LoRA weights in (benchmarks/peer_worker.py). There, peft 0.21.2's
@@ -129,17 +132,19 @@ def lora_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     A = mod.lora_A["default"].weight  # (r, in) fp32
     B = mod.lora_B["default"].weight  # (out, r) fp32
     dropout = mod.lora_dropout["default"]
-    if x.dtype.itemsize >= A.dtype.itemsize or not x.is_floating_point():
-        result = mod.base_layer(x)  # (..., out) base dtype
-        h = F.linear(dropout(x.to(A.dtype)), A) * mod.scaling["default"]  # (..., r)
-        shape = result.shape
-        acc = torch.addmm(result.reshape(-1, shape[-1]).to(B.dtype), h.reshape(-1, h.shape[-1]), B.t())
-        return acc.view(shape).to(result.dtype)
-    # low-precision compute, as PEFT under autocast: everything in x's dtype
     lead = x.shape[:-1]
-    # (N, in): the base result comes out 2-D, not a view, so the in-place add below costs autograd
+    # (N, in): the base result comes out 2-D, not a view, so the in-place adds below cost autograd
     # nothing (on a view it would add a zero fill and a copy in backward: CopySlices)
     x2 = x.reshape(-1, x.shape[-1])
+    if x.dtype.itemsize >= A.dtype.itemsize or not x.is_floating_point():
+        result = mod.base_layer(x2)  # (N, out) base dtype
+        h = F.linear(dropout(x2.to(A.dtype)), A) * mod.scaling["default"]  # (N, r)
+        if result.dtype == B.dtype:  # fp32 compute: the LoRA product added in place, no (N, out) copy
+            result.addmm_(h, B.t())
+            return result.view(*lead, result.shape[-1])
+        acc = torch.addmm(result.to(B.dtype), h, B.t())
+        return acc.view(*lead, acc.shape[-1]).to(result.dtype)
+    # low-precision compute, as PEFT under autocast: everything in x's dtype
     result = mod.base_layer(x2)  # (N, out) x's dtype
     cd = result.dtype
     if not isinstance(dropout, nn.Identity):  # the mask drawn on fp32 x, as PEFT does

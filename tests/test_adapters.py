@@ -103,12 +103,12 @@ def test_bf16_lora_forward_equals_peft_under_autocast(alpha, dropout):
         assert _rel(gp1[k], gp0[k]) < 2e-2, (k, _rel(gp1[k], gp0[k]))
 
 
-def _activation_copies(m: nn.Module, T: int = 64) -> int:
-    """aten::copy_ calls on (T, .) tensors in a forward and backward of `m` on a bf16 x (T, 48)."""
+def _activation_copies(m: nn.Module, T: int = 64, dtype: torch.dtype = torch.bfloat16) -> int:
+    """aten::copy_ calls on (T, .) tensors in a forward and backward of `m` on an x (T, 48) in `dtype`."""
     from torch.profiler import ProfilerActivity, profile
 
-    x = torch.randn(T, 48).to(torch.bfloat16).requires_grad_(True)
-    g = torch.randn(T, 48).to(torch.bfloat16)  # contiguous (sum()'s expanded gradient makes mm copy)
+    x = torch.randn(T, 48).to(dtype).requires_grad_(True)
+    g = torch.randn(T, 48).to(dtype)  # contiguous (sum()'s expanded gradient makes mm copy)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         m(x).backward(g)
     return sum(1 for e in prof.events() if e.name == "aten::copy_" and e.input_shapes[0][:1] == [T])
@@ -123,6 +123,16 @@ def test_bf16_lora_forward_makes_no_fp32_copy_of_activations():
     plain = Block().to(torch.bfloat16)
     n_plain, n_ours, n_peft = (_activation_copies(m) for m in (plain, ours_m, peft_m))
     assert n_ours == n_plain < n_peft, (n_plain, n_ours, n_peft)
+
+
+def test_fp32_lora_forward_copies_no_activation():
+    """In fp32 compute the LoRA product goes into the base result in place: as many (T, .) copies
+    as the plain base Linears make (an out-of-place addmm copied each base result first: 4 here)."""
+    _, ours_m = _pair(torch.float32, 8)
+    torch.manual_seed(0)
+    plain = Block()
+    n_plain, n_ours = (_activation_copies(m, dtype=torch.float32) for m in (plain, ours_m))
+    assert n_ours == n_plain, (n_plain, n_ours)
 
 
 def test_use_lora_forward_leaves_other_states_to_peft():
