@@ -59,6 +59,14 @@ MARKDOWN = {  # part -> result files shown in the README, in order
     "generation": ("generation-smollm2-135m.md",),
     "gguf": ("gguf.md",),
 }
+RESULT_JSON = {  # part -> the result file whose "date" and "machine" say when and where it was measured
+    "pagein": "pagein-grid.json",
+    "overhead": "overhead.json",
+    "peers": "peers.json",
+    "scaling": "scaling.json",
+    "generation": "generation-smollm2-135m.json",
+    "gguf": "gguf.json",
+}
 PICTURES = {
     "pagein": ("pagein-grid.png", "pagein-strategies.png"),
     "overhead": ("overhead.png",),
@@ -108,24 +116,50 @@ def command(part: str, out_dir: Path, seconds_left: float, steps: int) -> list[s
     raise ValueError(part)
 
 
+def measured(out_dir: Path, part: str) -> tuple[str, str] | None:
+    """(date, machine line) of a part's result file (RESULT_JSON), or None where it has none."""
+    try:
+        res = json.loads((out_dir / RESULT_JSON[part]).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(res, dict) or not res.get("date"):
+        return None
+    m = res.get("machine")
+    return str(res["date"]), (common.describe_machine(m) if isinstance(m, dict) else str(m or "-"))
+
+
+def _status_row(run: dict, rerun: bool) -> tuple[str, str, str]:
+    """(part, status, minutes) of the README's first table; `rerun`: the part's results are newer
+    than this run's (or from another machine)."""
+    seconds = run.get("seconds")
+    status = run["status"] + ("; results rerun on their own since" if rerun and seconds is not None else "")
+    return run["part"], status, common.fmt(seconds / 60 if seconds is not None else None, 1)
+
+
 def readme(out_dir: Path, machine: dict, runs: list[dict], date: str) -> str:
-    """The combined README of the results directory: date, machine, every table, the charts."""
+    """The combined README of the results directory: date, machine, every table, the charts. A
+    section measured on another day or machine than the run (a part rerun on its own since) says
+    when and where."""
+    where = common.describe_machine(machine)
+    own = {r["part"]: measured(out_dir, r["part"]) for r in runs}
+    other = {p: m for p, m in own.items() if m and (m[0][:10] != date[:10] or m[1] != where)}
     lines = [
         "# Odyssey benchmarks",
         "",
-        f"Measured {date} on {common.describe_machine(machine)}.",
+        f"Measured {date} on {where}."
+        + (" Sections measured on another day or machine say when and where." if other else ""),
         "",
         "Every comparison is a ratio of figures measured side by side in one run; other work shared "
         "this machine, so absolute timings are noisy. Reproduce with `make bench`.",
         "",
-        common.markdown_table(
-            ["part", "status", "minutes"], [(r["part"], r["status"], f"{r['seconds'] / 60:.1f}") for r in runs], "lll"
-        ),
+        common.markdown_table(["part", "status", "minutes"], [_status_row(r, r["part"] in other) for r in runs], "lll"),
         "",
     ]
     for r in sorted(runs, key=lambda r: README_ORDER.index(r["part"])):
         part = r["part"]
         lines += [f"## {TITLES[part]}", ""]
+        if part in other:
+            lines += [f"Measured {other[part][0]} on {other[part][1]}.", ""]
         shown = False
         for name in MARKDOWN[part]:
             path = out_dir / name
@@ -177,13 +211,18 @@ def main(argv=None) -> int:
     p.add_argument(
         "--readme-only",
         action="store_true",
-        help="rebuild OUT_DIR/README.md from the results already there (OUT_DIR/run_all.json)",
+        help="rebuild OUT_DIR/README.md from the results already there (OUT_DIR/run_all.json, and the "
+        "parts run on their own since)",
     )
     args = p.parse_args(argv)
     if args.readme_only:
         out_dir = Path(args.out_dir)
         summary = json.loads((out_dir / "run_all.json").read_text())
-        write_readme(out_dir, summary["machine"], summary["parts"], summary["date"])
+        runs = list(summary["parts"])
+        done = {r["part"] for r in runs}
+        # parts run on their own (not in that whole run) whose results are there
+        runs += [{"part": p, "status": "run on its own"} for p in PARTS if p not in done and measured(out_dir, p)]
+        write_readme(out_dir, summary["machine"], runs, summary["date"])
         return 0
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     bad = [x for x in parts if x not in PARTS]

@@ -609,7 +609,33 @@ def test_run_all_readme_only(tmp_path):
         },
     )
     assert run_all.main(["--readme-only", "--out-dir", str(tmp_path)]) == 0
-    assert "| b |" in (tmp_path / "README.md").read_text()
+    text = (tmp_path / "README.md").read_text()
+    assert "| b |" in text and "another day" not in text
+
+
+def test_readme_only_adds_parts_run_on_their_own_and_says_when_each_was_measured(tmp_path):
+    """A whole run on 2026-11-21, then peers and gguf rerun on their own on 2026-12-01 on another
+    machine: the README shows gguf too, and both say their own date and machine; overhead, from the
+    whole run, says nothing of its own."""
+    old = dict(common.machine(), cpu="Old CPU")
+    new = dict(common.machine(), cpu="New CPU")
+    for part, date, m in (("overhead", "2026-11-21 09:19", old), ("peers", "2026-12-01 20:24", new)):
+        common.write_json(tmp_path / run_all.RESULT_JSON[part], {"date": date, "machine": m})
+    common.write_json(tmp_path / "gguf.json", {"date": "2026-11-30 19:29", "machine": new})
+    (tmp_path / "gguf.md").write_text("## GGUF\n\n| g |\n|---|\n| 3 |\n")
+    runs = [{"part": "overhead", "status": "ok", "seconds": 60.0}, {"part": "peers", "status": "ok", "seconds": 0.0}]
+    common.write_json(tmp_path / "run_all.json", {"date": "2026-11-21 09:12", "machine": old, "parts": runs})
+    assert run_all.main(["--readme-only", "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "Measured 2026-11-21 09:12 on Old CPU" in text and "say when and where" in text
+    assert (
+        "| gguf | run on its own | - |" in text
+        and "| peers | ok; results rerun on their own since | 0.0 |" in text
+        and "| g |" in text
+    )
+    assert "Measured 2026-12-01 20:24 on New CPU" in text and "Measured 2026-11-30 19:29 on New CPU" in text
+    assert "Measured 2026-11-21 09:19" not in text  # overhead: the run's own day and machine
+    assert text.index("2026-12-01 20:24") < text.index("2026-11-30 19:29")  # peers' section before gguf's
 
 
 # --------------------------------------------------------------------------------------------
