@@ -59,6 +59,7 @@ def _count(v) -> int | None:
 
 _DTYPE_RE = re.compile(r"compute dtype:\s*(bf16|fp32|fp16)")
 _PAGE_IN_RE = re.compile(r"page-in:\s*(O_DIRECT|buffered)")
+_PINNED_RE = re.compile(r"residency:\s*(\d+ of \d+ units pinned(?: \([^)]*\))?)")
 
 
 def _reported(records: Sequence[dict], pattern: re.Pattern) -> str | None:
@@ -78,6 +79,12 @@ def page_in_of(records: Sequence[dict]) -> str | None:
     """How an `odyssey train` run read the layers it paged ("O_DIRECT" or "buffered", from its
     start event's "page-in: ..." line); None where it said nothing (nothing paged, or direct_io=off)."""
     return _reported(records, _PAGE_IN_RE)
+
+
+def pinned_of(records: Sequence[dict]) -> str | None:
+    """The units an `odyssey train` run kept in RAM across steps, as its start event said it
+    ("15 of 26 units pinned (1.21 GiB)"); None where it said nothing."""
+    return _reported(records, _PINNED_RE)
 
 
 def flop_per_token(parameters: int, layer_parameters: int, kept: int = 0) -> float:

@@ -79,6 +79,8 @@ def train_notes(row: dict) -> str:
     if row["name"].startswith("offload") and dm:
         share = dm.get("disk_share", 0)
         parts.append(f"{share:.0%} of the weights on disk" if share else "nothing offloaded")
+    if row.get("pinned"):
+        parts.append(row["pinned"])
     if row.get("layers_kept") is not None:
         parts.append(f"{row['layers_kept']} layers not recomputed")
     if row.get("page_in"):

@@ -334,6 +334,7 @@ def odyssey_train_runner(
         summary["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         summary["compute_dtype"] = goals.compute_dtype_of(records)
         summary["page_in"] = goals.page_in_of(records)
+        summary["pinned"] = goals.pinned_of(records)
         if num_layers is not None:
             summary["layers_kept"] = goals.layers_kept(records, num_layers)
         ok = rc == 0 and summary["measured_steps"] > 0
@@ -658,6 +659,7 @@ class TrainBench:
             compute=compute,
             layers_kept=r.get("layers_kept"),
             page_in=r.get("page_in"),
+            pinned=r.get("pinned"),
             uncapped=not self.capped,
             note=r.get("note", ""),
         )

@@ -868,6 +868,10 @@ def test_compute_limit_counts_4x_for_layers_not_recomputed():
     assert goals.compute_dtype_of([{"kind": "step"}]) is None
     said = [{"kind": "event", "message": "training started: ...; page-in: O_DIRECT (auto: the store reads ...)"}]
     assert goals.page_in_of(said) == "O_DIRECT" and goals.page_in_of(recs) is None
+    said = [{"kind": "event", "message": "...; residency: 15 of 26 units pinned (1.21 GiB), 24 of 24 layers keep"}]
+    assert goals.pinned_of(said) == "15 of 26 units pinned (1.21 GiB)" and goals.pinned_of(recs) is None
+    row = {"name": "odyssey", "status": "runs", "pinned": goals.pinned_of(said), "layers_kept": 24}
+    assert peer_report.train_notes(row) == "15 of 26 units pinned (1.21 GiB); 24 layers not recomputed"
 
 
 def test_loss_check_flags_a_disagreement_beyond_the_dtype_precision():
