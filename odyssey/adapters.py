@@ -136,8 +136,8 @@ def lora_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # (N, in): the base result comes out 2-D, not a view, so the in-place adds below cost autograd
     # nothing (on a view it would add a zero fill and a copy in backward: CopySlices)
     x2 = x.reshape(-1, x.shape[-1])
+    result = mod.base_layer(x2)  # (N, out) base dtype (x's in low-precision compute)
     if x.dtype.itemsize >= A.dtype.itemsize or not x.is_floating_point():
-        result = mod.base_layer(x2)  # (N, out) base dtype
         h = F.linear(dropout(x2.to(A.dtype)), A) * mod.scaling["default"]  # (N, r)
         if result.dtype == B.dtype:  # fp32 compute: the LoRA product added in place, no (N, out) copy
             result.addmm_(h, B.t())
@@ -145,7 +145,6 @@ def lora_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         acc = torch.addmm(result.to(B.dtype), h, B.t())
         return acc.view(*lead, acc.shape[-1]).to(result.dtype)
     # low-precision compute, as PEFT under autocast: everything in x's dtype
-    result = mod.base_layer(x2)  # (N, out) x's dtype
     cd = result.dtype
     if not isinstance(dropout, nn.Identity):  # the mask drawn on fp32 x, as PEFT does
         x2 = dropout(x2.to(A.dtype))
