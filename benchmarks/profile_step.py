@@ -102,23 +102,36 @@ def analyse(prof, wall_s: float, cpu_s: float, top: int = 25) -> dict:
     }
 
 
-def build(store, budget: int, seq_len: int, r: int, compute_dtype: str, runtime: int | None = None, **engine_kw):
-    """(engine, skeleton, optimizer, plan residency) for a LoRA step at `budget`; `runtime` the
-    process's own memory for the plan (measured now when None, as `odyssey train` does at start)."""
+def build(
+    store,
+    budget: int,
+    seq_len: int,
+    r: int,
+    compute_dtype: str,
+    runtime: int | None = None,
+    spill: str = "auto",
+    spill_dir=common.CACHE / "profile-spill",
+    **engine_kw,
+):
+    """(engine, skeleton, optimizer, plan choice) for a LoRA step at `budget`, planned as `odyssey
+    train` plans it (train.training_plan: pinned units, layers kept, spilled to `spill_dir` or
+    recomputed, page-in mode); `runtime` the process's own memory for the plan (measured now when
+    None, as `odyssey train` does at start). The AdamW moments stay in RAM whatever the plan chose
+    for them (its optimizer offload moves them between steps, outside the step profiled)."""
     import torch
 
     from odyssey.adapters import inject, lora_parameters
-    from odyssey.config import LoraSettings
+    from odyssey.config import LoraSettings, TrainConfig
     from odyssey.engine import Engine
     from odyssey.model import CausalLM
-    from odyssey.planner import plan_for_store
     from odyssey.residency import units_from_labels
+    from odyssey.train import training_plan
 
     settings = LoraSettings(r=r, alpha=2 * r)
-    plan = plan_for_store(
-        store, mode="lora", seq_len=seq_len, lora=settings, budget=budget, compute_dtype=compute_dtype, runtime=runtime
-    )
-    res = plan.residency
+    cfg = TrainConfig(seq_len=seq_len, batch_size=1, lora=settings, compute_dtype=compute_dtype, spill=spill)
+    Path(spill_dir).mkdir(parents=True, exist_ok=True)
+    choice = training_plan(store, cfg, budget, spill_dir, runtime=runtime)
+    res = choice.plan.residency
     with torch.device("meta"):
         skel = CausalLM(store.config)
     inject(skel, settings, seed=0)
@@ -131,10 +144,14 @@ def build(store, budget: int, seq_len: int, r: int, compute_dtype: str, runtime:
         model=skel,
         pinned=units_from_labels(store, res.pinned),
         keep=res.kept,
+        spill=res.spilled,
+        spill_dir=res.spill_dir,
+        spill_reserve=res.spill_bytes,
+        direct=res.direct,
         **engine_kw,
     )
     opt = torch.optim.AdamW(list(lora_parameters(skel).values()), lr=1e-4)
-    return eng, skel, opt, res
+    return eng, skel, opt, choice
 
 
 def step(eng, opt, ids, tgt) -> float:
@@ -171,16 +188,19 @@ def profile_budget(store, budget: int, args, runtime: int | None = None) -> dict
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    eng, skel, opt, res = build(
+    eng, skel, opt, choice = build(
         store,
         budget,
         args.seq_len,
         args.r,
         args.compute_dtype,
         runtime,
+        spill=args.spill,
+        spill_dir=Path(args.spill_dir),
         lora_fused=not args.peft_forward,
         compile_layers=args.compile_layers,
     )
+    res = choice.plan.residency
     ids, tgt, source = batch(store, args.seq_len, args.tokens == "sample")
     t0 = time.perf_counter()
     step(eng, opt, ids, tgt)  # warm-up: pinned units are read here
@@ -210,6 +230,9 @@ def profile_budget(store, budget: int, args, runtime: int | None = None) -> dict
         load_after=os.getloadavg(),
         pinned_units=len(res.pinned),
         kept_layers=res.kept,
+        spilled_layers=res.spilled,
+        spill_bytes=stats.spill_bytes,
+        plan_lines=choice.lines,
         pagein_bytes=stats.pagein_bytes,
         stall_s=stats.stall_s,
         torch_threads=torch.get_num_threads(),
@@ -227,7 +250,7 @@ def markdown(results: list[dict], m: dict, args) -> tuple[str, list[tuple[str, s
         rows.append(
             [
                 r["budget_label"],
-                f"{r['pinned_units']} / {r['kept_layers']}",
+                f"{r['pinned_units']} / {r['kept_layers']} / {r['spilled_layers']}",
                 r["compute_dtype"],
                 f(r["wall_s"], 1),
                 f(r["cpu_s"], 1),
@@ -244,7 +267,7 @@ def markdown(results: list[dict], m: dict, args) -> tuple[str, list[tuple[str, s
             common.markdown_table(
                 [
                     "budget",
-                    "pinned units / kept layers",
+                    "pinned units / layers kept / spilled",
                     "compute",
                     "profiled wall s",
                     "CPU s",
@@ -296,6 +319,9 @@ def markdown(results: list[dict], m: dict, args) -> tuple[str, list[tuple[str, s
         "then one profiled step (torch.profiler, CPU, record_shapes) and one unprofiled.",
         "Self CPU time of the main thread's ops; the pager's reader thread does not appear (its stall is in the "
         "wall time). The machine is shared with other work: shares mean more than seconds.",
+        "Planned as `odyssey train` plans (train.training_plan); its choices: "
+        + "; ".join(f"{r['budget_label']}: {', '.join(r['plan_lines']) or 'none to say'}" for r in results)
+        + " (the spill's disk traffic is the spill thread's, not in the ops).",
     ]
     return "", sections, notes
 
@@ -311,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", choices=("sample", "random"), default="sample")
     ap.add_argument("--peft-forward", action="store_true", help="PEFT's LoRA forward (the engine's before)")
     ap.add_argument("--compile-layers", action="store_true", help="torch.compile each decoder layer")
+    ap.add_argument("--spill", choices=("auto", "on", "off"), default="auto", help="as odyssey train's spill")
+    ap.add_argument("--spill-dir", default=str(common.CACHE / "profile-spill"), help="where layers spill")
     ap.add_argument("--out", default=str(common.RESULTS / "profile-1.2b"))
     args = ap.parse_args(argv)
 

@@ -91,13 +91,16 @@ class PlanChoice:
         return [x for x in (spill, self.offload_why, reads) if x]
 
 
-def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=None) -> PlanChoice:
+def training_plan(
+    store, cfg: TrainConfig, budget: int | None, directory, show=None, runtime: int | None = None
+) -> PlanChoice:
     """The plan of a training run, checked (raises OdysseyError as planner.check does), after
     `show(plan, lines)` when given (`odyssey plan` shows a plan that does not fit). Spilling and
     the optimizer offload only replace recompute: the disk is probed for a spill (spill.choose, in
     cfg.spill_dir or `directory`) when some layer would be recomputed, and `optimizer_offload:
     auto` offloads the AdamW moments only when that plan fits where the other does not, or
-    recomputes fewer layers (a write and a read of the moments a step bought nothing otherwise)."""
+    recomputes fewer layers (a write and a read of the moments a step bought nothing otherwise).
+    `runtime`: the process's own memory for the plan (measured now when None)."""
     from odyssey.config import format_bytes
     from odyssey.dtypes import compute_dtype_name
     from odyssey.offload import offload_possible
@@ -116,6 +119,7 @@ def training_plan(store, cfg: TrainConfig, budget: int | None, directory, show=N
         grad_accum=cfg.grad_accum,
         pin=cfg.pin,
         recompute=cfg.recompute,
+        runtime=runtime,
     )
     directory = str(cfg.spill_dir or directory)
     L = store.config.num_hidden_layers

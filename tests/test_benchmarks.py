@@ -1041,10 +1041,9 @@ def test_profile_step_reports_phases_matmul_share_and_keeps_findings(tmp_path, m
     from tests.conftest import tiny_config
 
     runtimes = []
-    measure = planner.measured_runtime
 
-    def counted(mode):
-        runtimes.append(measure(mode))
+    def counted(mode):  # the process's memory as 64 MiB: the budgets below are planned as in a small process
+        runtimes.append(64 * MIB)
         return runtimes[-1]
 
     monkeypatch.setattr(planner, "measured_runtime", counted)
@@ -1052,11 +1051,11 @@ def test_profile_step_reports_phases_matmul_share_and_keeps_findings(tmp_path, m
     init_store(tiny_config(num_hidden_layers=2), tmp_path / "s", dtype="bf16", seed=1, progress=False)
     Store.open(tmp_path / "s")
     out = tmp_path / "prof"
-    argv = ["--store", str(tmp_path / "s"), "--budgets", "200MiB,4GiB", "--seq-len", "16", "--r", "4"]
+    argv = ["--store", str(tmp_path / "s"), "--budgets", "120MiB,4GiB", "--seq-len", "16", "--r", "4"]
     argv += ["--tokens", "random", "--out", str(out)]
     assert profile_step.main(argv) == 0
     data = json.loads((tmp_path / "prof.json").read_text())
-    assert [r["budget_label"] for r in data["results"]] == ["200MiB", "4GiB"]
+    assert [r["budget_label"] for r in data["results"]] == ["120MiB", "4GiB"]
     for r in data["results"]:
         assert {"forward", "head_loss", "backward", "optimizer"} <= set(r["phases"])
         assert abs(sum(r["split"].values()) - r["ops_self_s"]) < 1e-6
@@ -1068,3 +1067,40 @@ def test_profile_step_reports_phases_matmul_share_and_keeps_findings(tmp_path, m
     argv[argv.index("--budgets") + 1] = "4GiB"  # one budget is enough for the rerun
     assert profile_step.main(argv) == 0
     assert md.read_text().count("## Findings") == 1 and "the LoRA path costs passes" in md.read_text()
+
+
+def test_profile_step_plans_as_odyssey_train_does(tmp_path, monkeypatch):
+    """The profiled engine is the one `odyssey train` would run at that budget: the same plan
+    (train.training_plan), so a budget too small to keep every layer spills them (--spill on, as
+    train's spill) and the profiled step writes the spill; with --spill off it keeps fewer and
+    recomputes the rest. (Before, profile_step planned without the spill: at the 1.2B's 1 GiB it
+    profiled 4 layers kept and 20 recomputed where `odyssey train` spills all 24.) The process's
+    own memory is fixed at 64 MiB for both plans, the compute dtype at fp32 (the window of budgets
+    between "keeps every layer" and "too small" depends on both)."""
+    from odyssey import planner
+    from odyssey.config import LoraSettings, TrainConfig
+    from odyssey.store import Store
+    from odyssey.store.init import init_store
+    from odyssey.train import training_plan
+    from tests.conftest import tiny_config
+
+    runtime = 64 * MIB
+    monkeypatch.setattr(planner, "measured_runtime", lambda mode: runtime)
+    cfg = tiny_config(num_hidden_layers=4, hidden_size=128, intermediate_size=512, max_position_embeddings=2048)
+    init_store(cfg, tmp_path / "s", dtype="bf16", seed=1, progress=False)
+    store = Store.open(tmp_path / "s")
+    base = ["--store", str(tmp_path / "s"), "--budgets", "230MiB", "--seq-len", "2048", "--r", "4"]
+    base += ["--tokens", "random", "--compute-dtype", "fp32", "--spill-dir", str(tmp_path / "spill")]
+    for spill in ("on", "off"):
+        out = tmp_path / f"prof-{spill}"
+        assert profile_step.main([*base, "--spill", spill, "--out", str(out)]) == 0
+        r = json.loads(out.with_suffix(".json").read_text())["results"][0]
+        train_cfg = TrainConfig(
+            seq_len=2048, batch_size=1, lora=LoraSettings(r=4, alpha=8), compute_dtype="fp32", spill=spill
+        )
+        res = training_plan(store, train_cfg, 230 * MIB, tmp_path / "d", runtime=runtime).plan.residency
+        assert (r["kept_layers"], r["spilled_layers"], r["pinned_units"]) == (res.kept, res.spilled, len(res.pinned))
+        if spill == "on":
+            assert r["spilled_layers"] > 0 and r["spill_bytes"] > 0, r
+        else:
+            assert r["spilled_layers"] == 0 and r["kept_layers"] < 4, r
