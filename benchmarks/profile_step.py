@@ -33,6 +33,7 @@ from odyssey import atomic  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_mkldnn_mm", "mkldnn::_linear_pointwise"}
 ATTENTION = "scaled_dot_product"
+SPILL_DIR = common.CACHE / "profile-spill"  # where layers spill when the plan spills them (--spill-dir)
 FINDINGS = "\n## Findings"  # a hand-written section at the end of OUT.md, kept when the script reruns
 PHASES = ("odyssey.forward", "odyssey.head_loss", "odyssey.backward", "odyssey.optimizer")
 
@@ -110,7 +111,7 @@ def build(
     compute_dtype: str,
     runtime: int | None = None,
     spill: str = "auto",
-    spill_dir=common.CACHE / "profile-spill",
+    spill_dir=SPILL_DIR,
     **engine_kw,
 ):
     """(engine, skeleton, optimizer, plan choice) for a LoRA step at `budget`, planned as `odyssey
@@ -338,11 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peft-forward", action="store_true", help="PEFT's LoRA forward (the engine's before)")
     ap.add_argument("--compile-layers", action="store_true", help="torch.compile each decoder layer")
     ap.add_argument("--spill", choices=("auto", "on", "off"), default="auto", help="as odyssey train's spill")
-    ap.add_argument("--spill-dir", default=str(common.CACHE / "profile-spill"), help="where layers spill")
+    ap.add_argument("--spill-dir", default=str(SPILL_DIR), help="where layers spill")
     ap.add_argument("--out", default=str(common.RESULTS / "profile-1.2b"))
     args = ap.parse_args(argv)
 
     from odyssey.config import parse_bytes
+    from odyssey.errors import OdysseyError
     from odyssey.planner import measured_runtime
     from odyssey.store import Store
 
@@ -354,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for b in args.budgets.split(","):
         print(f"profiling a step at {b} ...", flush=True)
-        r = profile_budget(store, parse_bytes(b), args, runtime)
+        try:
+            r = profile_budget(store, parse_bytes(b), args, runtime)
+        except OdysseyError as e:  # a budget `odyssey train` refuses: its one line
+            print(f"profile_step: {e}", file=sys.stderr)
+            return 2
         r["budget_label"] = b
         results.append(r)
         print(

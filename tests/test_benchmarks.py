@@ -1104,3 +1104,6 @@ def test_profile_step_plans_as_odyssey_train_does(tmp_path, monkeypatch):
             assert r["spilled_layers"] > 0 and r["spill_bytes"] > 0, r
         else:
             assert r["spilled_layers"] == 0 and r["kept_layers"] < 4, r
+    small = [*base, "--budgets", "100MiB", "--out", str(tmp_path / "small")]
+    assert profile_step.main(small) == 2  # a budget `odyssey train` refuses: refused, with its one line
+    assert not (tmp_path / "small.json").exists()
