@@ -125,7 +125,6 @@ def build(
     from odyssey.config import LoraSettings, TrainConfig
     from odyssey.engine import Engine
     from odyssey.model import CausalLM
-    from odyssey.residency import units_from_labels
     from odyssey.train import training_plan
 
     settings = LoraSettings(r=r, alpha=2 * r)
@@ -143,12 +142,7 @@ def build(
         store,
         compute_dtype=compute_dtype,
         model=skel,
-        pinned=units_from_labels(store, res.pinned),
-        keep=res.kept,
-        spill=res.spilled,
-        spill_dir=res.spill_dir,
-        spill_reserve=res.spill_bytes,
-        direct=res.direct,
+        **res.engine_kwargs(store),
         **engine_kw,
     )
     opt = torch.optim.AdamW(list(lora_parameters(skel).values()), lr=1e-4)

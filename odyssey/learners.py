@@ -70,9 +70,6 @@ class LoraLearner:
         inject(model, cfg.lora, seed=cfg.seed)
         self.model = model
         self.named = lora_parameters(model)
-        from odyssey.residency import units_from_labels
-
-        pinned = units_from_labels(store, residency.pinned) if residency is not None else []
         from odyssey.compiling import choose
 
         choice = choose(cfg.compile)
@@ -83,13 +80,8 @@ class LoraLearner:
             slots=cfg.slots,
             model=model,
             resident=resident,
-            pinned=pinned,
-            keep=residency.kept if residency is not None else 0,
             compile_layers=choice.on,
-            spill=residency.spilled if residency is not None else 0,
-            spill_dir=residency.spill_dir if residency is not None else None,
-            spill_reserve=residency.spill_bytes if residency is not None else 0,
-            direct=residency.direct if residency is not None else False,
+            **(residency.engine_kwargs(store) if residency is not None else {}),
         )
 
     def parameters(self) -> list:

@@ -84,6 +84,18 @@ class Residency:
     def paged(self) -> int:
         return self.units - len(self.pinned)
 
+    def engine_kwargs(self, store) -> dict:
+        """The training Engine's arguments that carry this plan: the pinned units, the layers that
+        keep or spill their activations, where they spill and how the pager reads."""
+        return dict(
+            pinned=units_from_labels(store, self.pinned),
+            keep=self.kept,
+            spill=self.spilled,
+            spill_dir=self.spill_dir,
+            spill_reserve=self.spill_bytes,
+            direct=self.direct,
+        )
+
     @property
     def kept_paged(self) -> int:
         """Layers that keep activations but are not pinned: read in forward and again in backward."""
