@@ -93,18 +93,26 @@ def _forced() -> str | None:
     return forced or None
 
 
-def probe_for(config):
+def probe_for(config, tokens: int | None = None):
     """The compute probe's figures at the shape of `config`'s largest projection (the 1.2B's when
-    None), measured once per machine and cached (odyssey.probe)."""
-    from odyssey.probe import DEFAULT_SHAPE, probe, shape_of
+    None) with `tokens` rows (None: a training step's, odyssey.probe.PROBE_TOKENS; 1 for generating,
+    DECODE_TOKENS), measured once per machine and cached (odyssey.probe)."""
+    from odyssey.probe import DEFAULT_SHAPE, PROBE_TOKENS, probe, shape_of
 
-    return probe(DEFAULT_SHAPE if config is None else shape_of(config))
+    if config is None:
+        shape = DEFAULT_SHAPE if tokens is None else (tokens, *DEFAULT_SHAPE[1:])
+    else:
+        shape = shape_of(config, PROBE_TOKENS if tokens is None else tokens)
+    return probe(shape)
 
 
-def compute_dtype_name(name: str = "auto", store_dtype: str | None = None, config=None) -> str:
+def compute_dtype_name(
+    name: str = "auto", store_dtype: str | None = None, config=None, tokens: int | None = None
+) -> str:
     """ "bf16" or "fp32": what `--compute-dtype NAME` computes a store of `store_dtype` ("bf16",
     "f16", "f32"; None: not known, as for `odyssey doctor`) with the model `config` (a ModelConfig,
-    whose largest projection the probe measures; None: the 1.2B's) in on this machine."""
+    whose largest projection the probe measures; None: the 1.2B's) in on this machine, for passes
+    of `tokens` rows (None: training's; 1: generating, where the weights' bytes decide)."""
     if name in ("fp32", "f32"):
         return "fp32"
     if name == "bf16":
@@ -116,7 +124,7 @@ def compute_dtype_name(name: str = "auto", store_dtype: str | None = None, confi
         return forced
     if store_dtype in ("f32", "f16"):  # bf16 holds fewer bits than either: never below the store
         return "fp32"
-    return probe_for(config).fastest
+    return probe_for(config, tokens).fastest
 
 
 def compute_dtype_info(name: str = "auto", store_dtype: str | None = None, config=None) -> DtypeInfo:
@@ -136,11 +144,13 @@ def compute_dtype_source(name: str = "auto", store_dtype: str | None = None) -> 
     return "store" if store_dtype in ("f32", "f16") else "probe"
 
 
-def compute_dtype_line(name: str = "auto", store_dtype: str | None = None, config=None) -> str:
+def compute_dtype_line(
+    name: str = "auto", store_dtype: str | None = None, config=None, tokens: int | None = None
+) -> str:
     """One line naming the compute dtype and the rule that picked it, e.g.
     "compute dtype: fp32 (auto: the store is f32, never computed below its precision)" or
     "compute dtype: bf16 (auto: measured bf16 399 GFLOP/s vs fp32 173 at 512x2048x5632, cached 2026-11-30)"."""
-    picked = compute_dtype_name(name, store_dtype, config)
+    picked = compute_dtype_name(name, store_dtype, config, tokens)
     source = compute_dtype_source(name, store_dtype)
     if source == "option":
         why = f"--compute-dtype {name}"
@@ -149,6 +159,6 @@ def compute_dtype_line(name: str = "auto", store_dtype: str | None = None, confi
     elif source == "store":
         why = f"auto: the store is {store_dtype}, never computed below its precision"
     else:
-        measured = probe_for(config).summary()
+        measured = probe_for(config, tokens).summary()
         why = f"auto: {measured}" if store_dtype else f"auto for bf16 stores (f32 and f16: fp32): {measured}"
     return f"compute dtype: {picked} ({why})"

@@ -114,12 +114,16 @@ def open_engine(
     another base), after the memory plan of a forward over `seq_len` tokens was checked against
     `budget` (one line naming its terms when it does not fit; its table on stderr with `show`).
     The units the plan pins are held: bound once, in the compute dtype (engine.Engine, `hold_pinned`),
-    so a token computes with them at in-RAM speed (`hold=False`: bound and unbound per use)."""
-    from odyssey.dtypes import compute_dtype_line
+    so a token computes with them at in-RAM speed (`hold=False`: bound and unbound per use).
+    `compute_dtype` auto picks the dtype that multiplies one token faster (odyssey.probe, DECODE_TOKENS)."""
+    from odyssey.dtypes import compute_dtype_line, compute_dtype_name
     from odyssey.engine import Engine
     from odyssey.planner import plan_checked
+    from odyssey.probe import DECODE_TOKENS
 
-    line = compute_dtype_line(compute_dtype, store.dtype, store.config)
+    # `auto` decides for one token a pass (odyssey.probe): the weights' bytes, not the arithmetic
+    line = compute_dtype_line(compute_dtype, store.dtype, store.config, DECODE_TOKENS)
+    compute_dtype = compute_dtype_name(compute_dtype, store.dtype, store.config, DECODE_TOKENS)
     found = None
     if adapter:  # read and checked against the base before anything heavy
         from odyssey.adapters import read_adapter

@@ -5,6 +5,15 @@ projection at bf16 145 GFLOP/s and fp32 244; an AVX2 EPYC at bf16 20 and fp32 15
 one matmul in each dtype at the shape of the model's own largest projection, x (T, in) by W (out,
 in) with T = 512 tokens (a training step's sequence; the default `--seq-len`), and keeps the faster.
 
+Generating is another workload: a pass of one token multiplies a vector by every weight, so it is
+bound by the bytes the weights stream from memory, not by arithmetic, and bf16 weights stream half
+the bytes. `generate` and `chat` therefore decide at T = 1 (DECODE_TOKENS), over enough copies of W
+that the fp32 ones fill 128 MiB (DECODE_BYTES, more than a last-level cache). Measured 2026-12-02 on
+a 2-core AVX2-only AMD EPYC (no AVX-512): at T = 512 bf16 17 GFLOP/s against fp32 88 (training
+computes in fp32), at T = 1 on SmolLM2-135M's 576x1536 bf16 8.9 against fp32 2.4, and greedy
+decoding of that model ran 18.4 tokens/s in bf16 against 9.7 in fp32 (benchmarks/generation.py),
+the same tokens.
+
 The measurement: both dtypes' operands allocated (random, seeded), a warm-up of 16 rows in each
 (oneDNN builds its kernels), then rounds that time one full matmul in each dtype in turn (so a
 neighbour's load falls on both alike), until REPS rounds or ROUND_BUDGET_S have passed (at least
@@ -49,6 +58,8 @@ from odyssey.runtime.cpu import cpu_flags
 
 CACHE_ENV = "ODYSSEY_CACHE_DIR"
 PROBE_TOKENS = 512  # rows of x: a training step's sequence (the default --seq-len)
+DECODE_TOKENS = 1  # rows of x when generating: one new token a pass
+DECODE_BYTES = 128 * 2**20  # a decode probe's fp32 weights at least: more than a last-level cache
 DEFAULT_SHAPE = (PROBE_TOKENS, 2048, 5632)  # the 1.2B's gate/up projection: `odyssey doctor` without a model
 PROBE_DTYPES = ("bf16", "fp32")
 REPS = 5  # timed rounds at most
@@ -176,9 +187,10 @@ class Probe:
         when = f"cached {self.measured[:10]}" if self.cached else "measured now"
         if self.cache_error:
             when += " (not cached)"
+        one = " (one token a pass)" if self.key.shape[0] <= DECODE_TOKENS else ""
         return (
-            f"measured {win} {self.gflops[win]:,.0f} GFLOP/s vs {lose} {self.gflops[lose]:,.0f} "
-            f"at {shape_text(self.key.shape)}, {when}"
+            f"measured {win} {_figure(self.gflops[win])} GFLOP/s vs {lose} {_figure(self.gflops[lose])} "
+            f"at {shape_text(self.key.shape)}{one}, {when}"
         )
 
     def to_json(self) -> dict:
@@ -230,31 +242,49 @@ def measure(shape, reps: int = REPS, budget_s: float = ROUND_BUDGET_S) -> tuple[
         return measure_here(shape, reps, budget_s)
 
 
+def decode_copies(shape) -> int:
+    """How many copies of W a probe of `shape` multiplies in turn: 1 for a training shape; for one
+    token a pass (DECODE_TOKENS) enough that the fp32 copies fill DECODE_BYTES, since a token's pass
+    streams every layer's weights from memory: one W alone would stay in the cache and time the
+    arithmetic, not the memory the two dtypes differ in by half."""
+    T, inp, out = shape
+    return max(1, math.ceil(DECODE_BYTES / (4 * inp * out))) if T <= DECODE_TOKENS else 1
+
+
 def measure_here(shape, reps: int = REPS, budget_s: float = ROUND_BUDGET_S) -> tuple[dict[str, float], int, float]:
-    """Time F.linear(x (T, in), W (out, in)) in bf16 and fp32, rounds interleaved. Returns
-    (GFLOP/s by dtype, rounds, seconds taken)."""
+    """Time F.linear(x (T, in), W (out, in)) in bf16 and fp32, rounds interleaved (with one token,
+    over `decode_copies` copies of W in turn). Returns (GFLOP/s by dtype, rounds, seconds taken)."""
     import torch
     import torch.nn.functional as F
 
     t_all = time.perf_counter()
     T, inp, out = shape
+    copies = decode_copies(shape)
     g = torch.Generator().manual_seed(0)
-    x32, w32 = torch.randn(T, inp, generator=g), torch.randn(out, inp, generator=g) / math.sqrt(inp)
-    operands = {"fp32": (x32, w32), "bf16": (x32.to(torch.bfloat16), w32.to(torch.bfloat16))}
+    x32 = torch.randn(T, inp, generator=g)
+    w32 = [torch.randn(out, inp, generator=g) / math.sqrt(inp) for _ in range(copies)]
+    operands = {"fp32": (x32, w32), "bf16": (x32.to(torch.bfloat16), [w.to(torch.bfloat16) for w in w32])}
     times: dict[str, list[float]] = {d: [] for d in PROBE_DTYPES}
     with torch.inference_mode():
-        for x, w in operands.values():
-            F.linear(x[:WARMUP_ROWS], w)
+        for x, ws in operands.values():
+            for w in ws:  # a warm-up pass (with one token: the whole pass, pages touched once)
+                F.linear(x[:WARMUP_ROWS], w)
         t_rounds = time.perf_counter()
         while not times["fp32"] or (len(times["fp32"]) < reps and time.perf_counter() - t_rounds < budget_s):
             for d in PROBE_DTYPES:
-                x, w = operands[d]
+                x, ws = operands[d]
                 t0 = time.perf_counter()
-                F.linear(x, w)
-                times[d].append(time.perf_counter() - t0)
+                for w in ws:
+                    F.linear(x, w)
+                times[d].append((time.perf_counter() - t0) / copies)
     flop = 2.0 * T * inp * out
     gflops = {d: flop / max(_median(ts), 1e-9) / 1e9 for d, ts in times.items()}
     return gflops, len(times["fp32"]), time.perf_counter() - t_all
+
+
+def _figure(gflops: float) -> str:
+    """GFLOP/s as the summary writes them: whole numbers, one decimal under 10 (one token a pass)."""
+    return f"{gflops:,.0f}" if gflops >= 10 else f"{gflops:.1f}"
 
 
 def _median(xs: list[float]) -> float:

@@ -220,8 +220,10 @@ def test_doctor_prints_the_planted_figures_and_the_choice(probe_cache, counted, 
     from odyssey.runtime.doctor_compute import compute_fact
 
     path = probe_cache(DEFAULT_SHAPE, bf16=123.0, fp32=456.0)
+    probe_cache((1, *DEFAULT_SHAPE[1:]), bf16=12.0, fp32=5.9)  # one token a pass: generate, chat
     fact = compute_fact()
     text = fact.lines()
+    assert "; generating (generate, chat): bf16, measured bf16 12 GFLOP/s vs fp32 5.9 at 1x2048x5632" in text
     assert text.startswith(
         "ok    compute      fp32 (`--compute-dtype auto`): measured fp32 456 GFLOP/s vs bf16 123 at 512x2048x5632, "
         "cached 2026-01-02"
@@ -231,6 +233,7 @@ def test_doctor_prints_the_planted_figures_and_the_choice(probe_cache, counted, 
     assert c["compute_dtype"] == "fp32" and c["source"] == "probe" and c["f32_store_compute_dtype"] == "fp32"
     assert c["probe"]["gflops"] == {"bf16": 123.0, "fp32": 456.0} and c["probe"]["cached"] is True
     assert c["probe"]["shape"] == list(DEFAULT_SHAPE) and c["probe"]["measured"].startswith("2026-01-02")
+    assert c["generate_compute_dtype"] == "bf16" and c["decode_probe"]["shape"] == [1, *DEFAULT_SHAPE[1:]]
     probe_cache(DEFAULT_SHAPE, bf16=457.0, fp32=456.0)
     assert compute_fact().summary.startswith("bf16 for bf16 stores (`--compute-dtype auto`): measured bf16 457")
     monkeypatch.setenv(COMPUTE_ENV, "fp32")
@@ -267,3 +270,69 @@ def test_the_measurement_runs_in_a_child_process_and_falls_back_here(monkeypatch
     monkeypatch.setattr(probe_mod, "measure_here", lambda shape, *a: ({"bf16": 1.0, "fp32": 2.0}, 1, 0.1))
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     assert probe_mod.measure(SMALL) == ({"bf16": 1.0, "fp32": 2.0}, 1, 0.1)
+
+
+# --- generating: one token a pass ---
+
+
+def test_a_decode_probe_streams_enough_copies_to_leave_the_cache():
+    """At one token a pass the probe multiplies copies of W in turn, their fp32 bytes at least
+    DECODE_BYTES: one W alone would stay in the cache and time arithmetic, not memory."""
+    from odyssey.probe import DECODE_BYTES, decode_copies, measure_here
+
+    assert decode_copies((512, 576, 1536)) == 1  # a training shape: one W, as before
+    n = decode_copies((1, 576, 1536))
+    assert n == math.ceil(DECODE_BYTES / (4 * 576 * 1536)) and n * 4 * 576 * 1536 >= DECODE_BYTES
+    assert decode_copies((1, 8192, 8192 * 4)) == 1  # one W is already larger
+    gflops, rounds, seconds = measure_here((1, 256, 512), reps=2, budget_s=0.5)
+    assert rounds >= 1 and all(math.isfinite(v) and v > 0 for v in gflops.values()) and seconds > 0
+
+
+def test_generating_decides_at_one_token_and_training_at_512(probe_cache, counted, tiny_cfg):
+    """A CPU without native bf16 (an AVX2 EPYC, 2026-12-02): bf16 17 against fp32 88 GFLOP/s at a
+    training step's 512 tokens, but 8.9 against 2.4 at one token a pass, where the weights' bytes
+    decide. Each workload's auto follows its own figures."""
+    from odyssey.probe import DECODE_TOKENS
+
+    probe_cache(shape_of(tiny_cfg), bf16=17.0, fp32=88.0)
+    probe_cache(shape_of(tiny_cfg, DECODE_TOKENS), bf16=8.9, fp32=2.4)
+    assert compute_dtype_name("auto", "bf16", tiny_cfg) == "fp32"
+    assert compute_dtype_name("auto", "bf16", tiny_cfg, DECODE_TOKENS) == "bf16"
+    assert compute_dtype_name("auto", "f32", tiny_cfg, DECODE_TOKENS) == "fp32"  # never below the store
+    assert compute_dtype_line("auto", "bf16", tiny_cfg, DECODE_TOKENS) == (
+        "compute dtype: bf16 (auto: measured bf16 8.9 GFLOP/s vs fp32 2.4 at 1x64x160 (one token a pass), "
+        "cached 2026-01-02)"
+    )
+    assert counted == []
+
+
+def test_generate_and_the_forward_plan_compute_in_what_one_token_measured_faster(
+    probe_cache, counted, tiny_cfg, tmp_path
+):
+    """`odyssey generate` (and chat, through the same engine) and `odyssey plan --mode forward` take
+    the one-token figures; `odyssey plan` of a LoRA step keeps the training ones."""
+    from odyssey.probe import DECODE_TOKENS
+    from odyssey.store import init_store
+    from tests.conftest import cli_in_process
+
+    store = tmp_path / "bf16-store"
+    init_store(tiny_cfg, store, dtype="bf16", seed=1, progress=False)
+    probe_cache(shape_of(tiny_cfg), bf16=17.0, fp32=88.0)
+    probe_cache(shape_of(tiny_cfg, DECODE_TOKENS), bf16=8.9, fp32=2.4)
+    args = ("generate", "--model", store, "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--temperature", "0")
+    auto = cli_in_process(*args)
+    assert auto.returncode == 0, auto.stderr
+    assert "compute dtype: bf16 (auto: measured bf16 8.9 GFLOP/s vs fp32 2.4 at 1x64x160 (one token a pass)" in (
+        auto.stderr
+    )
+    bf16 = cli_in_process(*args, "--compute-dtype", "bf16")
+    fp32 = cli_in_process(*args, "--compute-dtype", "fp32")
+    assert bf16.returncode == 0 and fp32.returncode == 0
+    assert auto.stdout == bf16.stdout  # the same tokens as bf16 asked for by name
+    forward = cli_in_process("plan", "--model", store, "--mode", "forward", "--seq-len", "32")
+    assert forward.returncode == 0, forward.stderr
+    assert "compute dtype: bf16 (auto: measured bf16 8.9" in forward.stdout
+    lora = cli_in_process("plan", "--model", store, "--seq-len", "32")
+    assert lora.returncode == 0, lora.stderr
+    assert "compute dtype: fp32 (auto: measured fp32 88 GFLOP/s vs bf16 17 at 512x64x160" in lora.stdout
+    assert counted == []

@@ -86,9 +86,13 @@ def cmd_plan(args) -> int:
     from odyssey.train import training_plan
 
     store = open_model(args.model)
-    compute = compute_dtype_line(args.compute_dtype, store.dtype, store.config)
     budget = ram_budget_arg(args)
-    if args.mode == "forward":
+    if args.mode == "forward":  # generate's plan: `auto` decides for one token a pass, as generate does
+        from odyssey.dtypes import compute_dtype_name
+        from odyssey.probe import DECODE_TOKENS
+
+        compute = compute_dtype_line(args.compute_dtype, store.dtype, store.config, DECODE_TOKENS)
+        args.compute_dtype = compute_dtype_name(args.compute_dtype, store.dtype, store.config, DECODE_TOKENS)
         plan_checked(
             store,
             mode="forward",
@@ -115,6 +119,7 @@ def cmd_plan(args) -> int:
         optimizer_offload=args.optimizer_offload,
         lora=LoraSettings(r=args.lora_r),
     )
+    compute = compute_dtype_line(args.compute_dtype, store.dtype, store.config)
 
     def show(p, lines) -> None:  # "spill: none" is in the table already (the residency's lines)
         print("\n".join([p.table(), compute, *(x for x in lines if not x.startswith("spill: none"))]))

@@ -2,7 +2,8 @@
 probe's figures with the dtype `--compute-dtype auto` picks from them.
 
 The compute fact runs the probe at the 1.2B's largest projection (odyssey.probe.DEFAULT_SHAPE;
-training measures at its own model's shape), from the cache when this machine measured it before
+training measures at its own model's shape), for a training step's 512 tokens and for one token a
+pass (what `generate` and `chat` decide by), from the cache when this machine measured it before
 (under a second otherwise; `--remeasure` measures again). It imports torch when it runs.
 """
 
@@ -45,11 +46,13 @@ def cpu_fact() -> Fact:
 
 def compute_fact(remeasure: bool = False) -> Fact:
     from odyssey.dtypes import COMPUTE_ENV, compute_dtype_name, compute_dtype_source
-    from odyssey.probe import DEFAULT_SHAPE, probe, shape_text
+    from odyssey.probe import DECODE_TOKENS, DEFAULT_SHAPE, probe, shape_text
     from odyssey.runtime.cpu import native_bf16
 
     p = probe(DEFAULT_SHAPE, remeasure=remeasure)
+    decode = probe((DECODE_TOKENS, *DEFAULT_SHAPE[1:]), remeasure=remeasure)
     name, source = compute_dtype_name("auto"), compute_dtype_source("auto")
+    generating = compute_dtype_name("auto", tokens=DECODE_TOKENS)
     data = {
         "compute_dtype": name,  # for a bf16 store
         "f32_store_compute_dtype": compute_dtype_name("auto", "f32"),
@@ -68,15 +71,23 @@ def compute_fact(remeasure: bool = False) -> Fact:
             "cache_file": str(p.path) if p.path else None,
             "cache_error": p.cache_error or None,
         },
+        "generate_compute_dtype": generating,  # generate and chat, a bf16 store: one token a pass
+        "decode_probe": {
+            "gflops": {k: round(v, 1) for k, v in decode.gflops.items()},
+            "fastest": decode.fastest,
+            "shape": list(decode.key.shape),
+            "cached": decode.cached,
+        },
     }
     figures = p.summary()
+    gen = f"; generating (generate, chat): {generating}, {decode.summary()}"
     where = f"cache: {p.path}" if p.path else f"not cached: {p.cache_error}"
     if source == "environment":
         return Fact(
             "compute",
             "compute",
             True,
-            f"{name} (`--compute-dtype auto`, forced by {COMPUTE_ENV}); the probe {figures}",
+            f"{name} (`--compute-dtype auto`, forced by {COMPUTE_ENV}); the probe {figures}{gen}",
             f"unset {COMPUTE_ENV} to let the measurement decide ({where})",
             data,
         )
@@ -87,7 +98,7 @@ def compute_fact(remeasure: bool = False) -> Fact:
         f"`odyssey doctor --remeasure` measures again ({where})"
     )
     if name == "bf16":
-        summary = f"bf16 for bf16 stores (`--compute-dtype auto`): {figures}; f32 and f16 stores in fp32"
+        summary = f"bf16 for bf16 stores (`--compute-dtype auto`): {figures}; f32 and f16 stores in fp32{gen}"
     else:
-        summary = f"fp32 (`--compute-dtype auto`): {figures}; weights stay in the store's dtype on disk"
+        summary = f"fp32 (`--compute-dtype auto`): {figures}; weights stay in the store's dtype on disk{gen}"
     return Fact("compute", "compute", True, summary, hint, data)
