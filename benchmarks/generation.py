@@ -169,6 +169,8 @@ def run(
 ) -> dict:
     import torch
 
+    from odyssey.dtypes import compute_dtype_line
+    from odyssey.probe import DECODE_TOKENS
     from odyssey.store import open_model, tokenizer_dir
     from odyssey.tokenizer import load_model_tokenizer
 
@@ -237,6 +239,8 @@ def run(
         "machine": common.machine(),
         "date": common.today(),
         "rows": rows,
+        # what `odyssey generate` computes this store in with `--compute-dtype auto` (one token a pass)
+        "auto": compute_dtype_line("auto", store.dtype, store.config, DECODE_TOKENS),
     }
 
 
@@ -286,6 +290,8 @@ def markdown(result: dict) -> str:
         f"{result['rounds']} rounds taking turns, {result['threads']} threads; {result['date']}, "
         f"{common.describe_machine(result['machine'])}."
     )
+    if result.get("auto"):  # results written before generating had its own probe lack it
+        head += f" `odyssey generate` with `--compute-dtype auto`: {result['auto'].removeprefix('compute dtype: ')}."
     notes = (
         "tokens/s and ms/token count the tokens after the first (the prompt's pass is timed apart); CPU "
         "ms/token is this process's CPU time per token (the machine is shared: wall time is noisy, CPU "

@@ -8,11 +8,11 @@ in) with T = 512 tokens (a training step's sequence; the default `--seq-len`), a
 Generating is another workload: a pass of one token multiplies a vector by every weight, so it is
 bound by the bytes the weights stream from memory, not by arithmetic, and bf16 weights stream half
 the bytes. `generate` and `chat` therefore decide at T = 1 (DECODE_TOKENS), over enough copies of W
-that the fp32 ones fill 128 MiB (DECODE_BYTES, more than a last-level cache). Measured 2026-12-02 on
-a 2-core AVX2-only AMD EPYC (no AVX-512): at T = 512 bf16 17 GFLOP/s against fp32 88 (training
-computes in fp32), at T = 1 on SmolLM2-135M's 576x1536 bf16 8.9 against fp32 2.4, and greedy
-decoding of that model ran 18.4 tokens/s in bf16 against 9.7 in fp32 (benchmarks/generation.py),
-the same tokens.
+that the fp32 ones fill 128 MiB (DECODE_BYTES; the bf16 ones' 64 MiB are still twice the 32 MiB
+L3 of the EPYC below). Measured 2026-12-02 on a 2-core AVX2-only AMD EPYC (no AVX-512): at
+T = 512 bf16 17 GFLOP/s against fp32 88 (training computes in fp32), at T = 1 on SmolLM2-135M's
+576x1536 bf16 8.9 against fp32 2.4, and greedy decoding of that model ran 18.4 tokens/s in bf16
+against 9.7 in fp32 (benchmarks/generation.py), the same tokens.
 
 The measurement: both dtypes' operands allocated (random, seeded), a warm-up of 16 rows in each
 (oneDNN builds its kernels), then rounds that time one full matmul in each dtype in turn (so a

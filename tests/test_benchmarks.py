@@ -1025,6 +1025,12 @@ def test_generation_part_and_table():
         lines[3]
         == "| Odyssey paged | fp32 | 2.0 | 500 | 48 | 0.10 | yes | 270.0 MB; at 1,000 MB/s 270 ms; read at 900 MB/s |"
     )
+    head = dict(model="m", parameters=135e6, store_bytes=269e6, prompt_tokens=19, new_tokens=32, rounds=3, threads=2)
+    head.update(date="2026-12-02 05:42", machine={"cpu": "AMD EPYC", "cores": 2})
+    auto = "compute dtype: bf16 (auto: measured bf16 8.9 GFLOP/s vs fp32 2.4 at 1x576x1536 (one token a pass), x)"
+    page = generation.markdown({**res, **head, "auto": auto})
+    assert "`odyssey generate` with `--compute-dtype auto`: bf16 (auto: measured bf16 8.9 GFLOP/s" in page
+    assert "--compute-dtype auto" not in generation.markdown({**res, **head})  # a result from before
 
 
 # --------------------------------------------------------------------------------------------
