@@ -96,14 +96,15 @@ def _forced() -> str | None:
 def probe_for(config, tokens: int | None = None):
     """The compute probe's figures at the shape of `config`'s largest projection (the 1.2B's when
     None) with `tokens` rows (None: a training step's, odyssey.probe.PROBE_TOKENS; 1 for generating,
-    DECODE_TOKENS), measured once per machine and cached (odyssey.probe)."""
-    from odyssey.probe import DEFAULT_SHAPE, PROBE_TOKENS, probe, shape_of
+    DECODE_TOKENS: over copies of W that reach the model's fp32 weights or 64 MiB, whichever is less),
+    measured once per machine and cached (odyssey.probe)."""
+    from odyssey.probe import DEFAULT_SHAPE, PROBE_TOKENS, decode_copies, probe, shape_of
 
     if config is None:
         shape = DEFAULT_SHAPE if tokens is None else (tokens, *DEFAULT_SHAPE[1:])
     else:
         shape = shape_of(config, PROBE_TOKENS if tokens is None else tokens)
-    return probe(shape)
+    return probe(shape, copies=decode_copies(shape, None if config is None else 4 * config.num_parameters()))
 
 
 def compute_dtype_name(

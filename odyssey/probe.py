@@ -7,9 +7,11 @@ in) with T = 512 tokens (a training step's sequence; the default `--seq-len`), a
 
 Generating is another workload: a pass of one token multiplies a vector by every weight, so it is
 bound by the bytes the weights stream from memory, not by arithmetic, and bf16 weights stream half
-the bytes. `generate` and `chat` therefore decide at T = 1 (DECODE_TOKENS), over enough copies of W
-that the fp32 ones fill 128 MiB (DECODE_BYTES; the bf16 ones' 64 MiB are still twice the 32 MiB
-L3 of the EPYC below). Measured 2026-12-02 on a 2-core AVX2-only AMD EPYC (no AVX-512): at
+the bytes. `generate` and `chat` therefore decide at T = 1 (DECODE_TOKENS), over copies of W
+multiplied in turn whose fp32 bytes reach the model's own fp32 weights or 64 MiB (DECODE_BYTES,
+more than a last-level cache: 32 MiB on the EPYC below), whichever is less: a model that fits in
+the cache is timed in the cache, as it decodes, and the probe's memory stays small (under a 400 MiB
+cgroup the nano model's generate ran beside it). Measured 2026-12-02 on a 2-core AVX2-only AMD EPYC (no AVX-512): at
 T = 512 bf16 17 GFLOP/s against fp32 88 (training computes in fp32), at T = 1 on SmolLM2-135M's
 576x1536 bf16 8.9 against fp32 2.4, and greedy decoding of that model ran 18.4 tokens/s in bf16
 against 9.7 in fp32 (benchmarks/generation.py), the same tokens.
@@ -59,7 +61,7 @@ from odyssey.runtime.cpu import cpu_flags
 CACHE_ENV = "ODYSSEY_CACHE_DIR"
 PROBE_TOKENS = 512  # rows of x: a training step's sequence (the default --seq-len)
 DECODE_TOKENS = 1  # rows of x when generating: one new token a pass
-DECODE_BYTES = 128 * 2**20  # a decode probe's fp32 weights at least: more than a last-level cache
+DECODE_BYTES = 64 * 2**20  # a decode probe's fp32 weights at most: more than a last-level cache
 DEFAULT_SHAPE = (PROBE_TOKENS, 2048, 5632)  # the 1.2B's gate/up projection: `odyssey doctor` without a model
 PROBE_DTYPES = ("bf16", "fp32")
 REPS = 5  # timed rounds at most
@@ -134,9 +136,10 @@ class ProbeKey:
     threads: int
     shape: tuple[int, int, int]  # (tokens, in, out)
     kernels: str = ""  # kernels_in_use()
+    copies: int = 1  # of W, multiplied in turn (decode_copies); left out of the JSON when 1
 
     @classmethod
-    def current(cls, shape) -> ProbeKey:
+    def current(cls, shape, copies: int = 1) -> ProbeKey:
         import torch
 
         name, flags = cpu_flags()
@@ -148,11 +151,14 @@ class ProbeKey:
             threads=torch.get_num_threads(),
             shape=tuple(int(n) for n in shape),
             kernels=kernels_in_use(),
+            copies=int(copies),
         )
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["flags"], d["shape"] = list(self.flags), list(self.shape)
+        if self.copies == 1:  # as entries were written before decode probes existed
+            del d["copies"]
         return d
 
     def digest(self) -> str:
@@ -217,7 +223,9 @@ class Probe:
             return None
 
 
-def measure(shape, reps: int = REPS, budget_s: float = ROUND_BUDGET_S) -> tuple[dict[str, float], int, float]:
+def measure(
+    shape, reps: int = REPS, budget_s: float = ROUND_BUDGET_S, copies: int = 1
+) -> tuple[dict[str, float], int, float]:
     """`measure_here` in a child process with this one's torch thread count: the operands and what
     oneDNN keeps after them (about 35 MiB at the 1.2B's shape, never given back) stay out of this
     process, whose memory the plan measures next (planner.measured_runtime). In this process when
@@ -229,9 +237,10 @@ def measure(shape, reps: int = REPS, budget_s: float = ROUND_BUDGET_S) -> tuple[
 
     code = (
         "import json, sys, torch; torch.set_num_threads(int(sys.argv[1])); from odyssey.probe import measure_here; "
-        "print(json.dumps(measure_here(tuple(json.loads(sys.argv[2])), int(sys.argv[3]), float(sys.argv[4]))))"
+        "print(json.dumps(measure_here(tuple(json.loads(sys.argv[2])), int(sys.argv[3]), float(sys.argv[4]), "
+        "int(sys.argv[5]))))"
     )
-    args = [str(torch.get_num_threads()), json.dumps(list(shape)), str(reps), str(budget_s)]
+    args = [str(torch.get_num_threads()), json.dumps(list(shape)), str(reps), str(budget_s), str(copies)]
     try:
         out = subprocess.run(
             [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, check=True
@@ -239,27 +248,32 @@ def measure(shape, reps: int = REPS, budget_s: float = ROUND_BUDGET_S) -> tuple[
         gflops, rounds, seconds = json.loads(out.strip().splitlines()[-1])
         return {k: float(v) for k, v in gflops.items()}, int(rounds), float(seconds)
     except (OSError, subprocess.SubprocessError, ValueError, IndexError, TypeError):
-        return measure_here(shape, reps, budget_s)
+        return measure_here(shape, reps, budget_s, copies)
 
 
-def decode_copies(shape) -> int:
+def decode_copies(shape, weight_bytes: int | None = None) -> int:
     """How many copies of W a probe of `shape` multiplies in turn: 1 for a training shape; for one
-    token a pass (DECODE_TOKENS) enough that the fp32 copies fill DECODE_BYTES, since a token's pass
-    streams every layer's weights from memory: one W alone would stay in the cache and time the
-    arithmetic, not the memory the two dtypes differ in by half."""
+    token a pass (DECODE_TOKENS) enough that the fp32 copies reach `weight_bytes` (the model's
+    weights in fp32; None: no model, DECODE_BYTES) or DECODE_BYTES, whichever is less, since a
+    token's pass streams every weight: one W alone would stay in the cache and time the arithmetic,
+    not the memory the two dtypes differ in by half."""
     T, inp, out = shape
-    return max(1, math.ceil(DECODE_BYTES / (4 * inp * out))) if T <= DECODE_TOKENS else 1
+    if T > DECODE_TOKENS:
+        return 1
+    stream = min(DECODE_BYTES, weight_bytes or DECODE_BYTES)
+    return max(1, math.ceil(stream / (4 * inp * out)))
 
 
-def measure_here(shape, reps: int = REPS, budget_s: float = ROUND_BUDGET_S) -> tuple[dict[str, float], int, float]:
-    """Time F.linear(x (T, in), W (out, in)) in bf16 and fp32, rounds interleaved (with one token,
-    over `decode_copies` copies of W in turn). Returns (GFLOP/s by dtype, rounds, seconds taken)."""
+def measure_here(
+    shape, reps: int = REPS, budget_s: float = ROUND_BUDGET_S, copies: int = 1
+) -> tuple[dict[str, float], int, float]:
+    """Time F.linear(x (T, in), W (out, in)) in bf16 and fp32, rounds interleaved, over `copies`
+    copies of W in turn (decode_copies). Returns (GFLOP/s by dtype, rounds, seconds taken)."""
     import torch
     import torch.nn.functional as F
 
     t_all = time.perf_counter()
     T, inp, out = shape
-    copies = decode_copies(shape)
     g = torch.Generator().manual_seed(0)
     x32 = torch.randn(T, inp, generator=g)
     w32 = [torch.randn(out, inp, generator=g) / math.sqrt(inp) for _ in range(copies)]
@@ -303,12 +317,13 @@ def _read(path: Path, key: ProbeKey) -> Probe | None:
 _UNCACHED: dict[Path, Probe] = {}
 
 
-def probe(shape=DEFAULT_SHAPE, remeasure: bool = False) -> Probe:
-    """The figures for `shape` on this machine: from the cache when it holds a valid entry for the
-    current key, else measured now and cached (`remeasure` measures in any case)."""
+def probe(shape=DEFAULT_SHAPE, remeasure: bool = False, copies: int = 1) -> Probe:
+    """The figures for `shape` (over `copies` copies of W, decode_copies) on this machine: from the
+    cache when it holds a valid entry for the current key, else measured now and cached
+    (`remeasure` measures in any case)."""
     from odyssey import atomic
 
-    key = ProbeKey.current(shape)
+    key = ProbeKey.current(shape, copies)
     directory = cache_dir()
     path = key.path(directory)
     if not remeasure and (hit := _read(path, key) or _UNCACHED.get(path)) is not None:
@@ -321,7 +336,7 @@ def probe(shape=DEFAULT_SHAPE, remeasure: bool = False) -> Probe:
     with atomic.flocked(directory) if not error else contextlib.nullcontext():
         if not remeasure and not error and (hit := _read(path, key)) is not None:
             return hit  # another process measured it while this one waited for the lock
-        gflops, rounds, seconds = measure(key.shape)
+        gflops, rounds, seconds = measure(key.shape, copies=key.copies)
         now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
         result = Probe(key, gflops, now, seconds, rounds, cached=False, path=path)
         if not error:

@@ -220,7 +220,8 @@ def test_doctor_prints_the_planted_figures_and_the_choice(probe_cache, counted, 
     from odyssey.runtime.doctor_compute import compute_fact
 
     path = probe_cache(DEFAULT_SHAPE, bf16=123.0, fp32=456.0)
-    probe_cache((1, *DEFAULT_SHAPE[1:]), bf16=12.0, fp32=5.9)  # one token a pass: generate, chat
+    one = (1, *DEFAULT_SHAPE[1:])
+    probe_cache(one, bf16=12.0, fp32=5.9, copies=probe_mod.decode_copies(one))  # one token a pass: generate, chat
     fact = compute_fact()
     text = fact.lines()
     assert "; generating (generate, chat): bf16, measured bf16 12 GFLOP/s vs fp32 5.9 at 1x2048x5632" in text
@@ -275,27 +276,44 @@ def test_the_measurement_runs_in_a_child_process_and_falls_back_here(monkeypatch
 # --- generating: one token a pass ---
 
 
-def test_a_decode_probe_streams_enough_copies_to_leave_the_cache():
-    """At one token a pass the probe multiplies copies of W in turn, their fp32 bytes at least
-    DECODE_BYTES: one W alone would stay in the cache and time arithmetic, not memory."""
+def test_a_decode_probe_streams_the_models_bytes_up_to_a_cap():
+    """At one token a pass the probe multiplies copies of W in turn, their fp32 bytes reaching the
+    model's fp32 weights or DECODE_BYTES, whichever is less: a pass streams every weight, and a
+    model that fits in the cache decodes from it."""
     from odyssey.probe import DECODE_BYTES, decode_copies, measure_here
 
-    assert decode_copies((512, 576, 1536)) == 1  # a training shape: one W, as before
-    n = decode_copies((1, 576, 1536))
-    assert n == math.ceil(DECODE_BYTES / (4 * 576 * 1536)) and n * 4 * 576 * 1536 >= DECODE_BYTES
-    assert decode_copies((1, 8192, 8192 * 4)) == 1  # one W is already larger
-    gflops, rounds, seconds = measure_here((1, 256, 512), reps=2, budget_s=0.5)
+    W = 4 * 576 * 1536  # SmolLM2-135M's gate, fp32
+    assert decode_copies((512, 576, 1536), 4 * 135_000_000) == 1  # a training shape: one W, as before
+    n = decode_copies((1, 576, 1536), 4 * 135_000_000)
+    assert n == math.ceil(DECODE_BYTES / W) and (n - 1) * W < DECODE_BYTES <= n * W
+    assert decode_copies((1, 576, 1536)) == n  # no model: the cap
+    assert decode_copies((1, 576, 1536), 5 * W) == 5  # a small model: its own bytes
+    assert decode_copies((1, 8192, 8192 * 4), 4 * 8_000_000_000) == 1  # one W is already larger
+    gflops, rounds, seconds = measure_here((1, 256, 512), reps=2, budget_s=0.5, copies=3)
     assert rounds >= 1 and all(math.isfinite(v) and v > 0 for v in gflops.values()) and seconds > 0
+
+
+def test_a_decode_entry_is_its_own_and_a_training_entry_keeps_its_old_key(probe_cache, counted):
+    """The copies are part of a decode probe's key; a training key's JSON is what it was before
+    decode probes existed (no "copies"), so the entries a machine cached stay valid."""
+    one = ProbeKey.current((1, 64, 160), copies=7)
+    assert one.to_json()["copies"] == 7 and "copies" not in ProbeKey.current((512, 64, 160)).to_json()
+    assert one.digest() != ProbeKey.current((1, 64, 160), copies=8).digest()
+    probe((1, 64, 160), copies=7)
+    assert counted == [(1, 64, 160)]
+    probe((1, 64, 160), copies=7)  # cached
+    assert counted == [(1, 64, 160)]
 
 
 def test_generating_decides_at_one_token_and_training_at_512(probe_cache, counted, tiny_cfg):
     """A CPU without native bf16 (an AVX2 EPYC, 2026-12-02): bf16 17 against fp32 88 GFLOP/s at a
     training step's 512 tokens, but 8.9 against 2.4 at one token a pass, where the weights' bytes
     decide. Each workload's auto follows its own figures."""
-    from odyssey.probe import DECODE_TOKENS
+    from odyssey.probe import DECODE_TOKENS, decode_copies
 
+    one = shape_of(tiny_cfg, DECODE_TOKENS)
     probe_cache(shape_of(tiny_cfg), bf16=17.0, fp32=88.0)
-    probe_cache(shape_of(tiny_cfg, DECODE_TOKENS), bf16=8.9, fp32=2.4)
+    probe_cache(one, bf16=8.9, fp32=2.4, copies=decode_copies(one, 4 * tiny_cfg.num_parameters()))
     assert compute_dtype_name("auto", "bf16", tiny_cfg) == "fp32"
     assert compute_dtype_name("auto", "bf16", tiny_cfg, DECODE_TOKENS) == "bf16"
     assert compute_dtype_name("auto", "f32", tiny_cfg, DECODE_TOKENS) == "fp32"  # never below the store
@@ -311,14 +329,15 @@ def test_generate_and_the_forward_plan_compute_in_what_one_token_measured_faster
 ):
     """`odyssey generate` (and chat, through the same engine) and `odyssey plan --mode forward` take
     the one-token figures; `odyssey plan` of a LoRA step keeps the training ones."""
-    from odyssey.probe import DECODE_TOKENS
+    from odyssey.probe import DECODE_TOKENS, decode_copies
     from odyssey.store import init_store
     from tests.conftest import cli_in_process
 
     store = tmp_path / "bf16-store"
     init_store(tiny_cfg, store, dtype="bf16", seed=1, progress=False)
+    one = shape_of(tiny_cfg, DECODE_TOKENS)
     probe_cache(shape_of(tiny_cfg), bf16=17.0, fp32=88.0)
-    probe_cache(shape_of(tiny_cfg, DECODE_TOKENS), bf16=8.9, fp32=2.4)
+    probe_cache(one, bf16=8.9, fp32=2.4, copies=decode_copies(one, 4 * tiny_cfg.num_parameters()))
     args = ("generate", "--model", store, "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--temperature", "0")
     auto = cli_in_process(*args)
     assert auto.returncode == 0, auto.stderr

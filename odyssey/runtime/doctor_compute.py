@@ -46,11 +46,12 @@ def cpu_fact() -> Fact:
 
 def compute_fact(remeasure: bool = False) -> Fact:
     from odyssey.dtypes import COMPUTE_ENV, compute_dtype_name, compute_dtype_source
-    from odyssey.probe import DECODE_TOKENS, DEFAULT_SHAPE, probe, shape_text
+    from odyssey.probe import DECODE_TOKENS, DEFAULT_SHAPE, decode_copies, probe, shape_text
     from odyssey.runtime.cpu import native_bf16
 
     p = probe(DEFAULT_SHAPE, remeasure=remeasure)
-    decode = probe((DECODE_TOKENS, *DEFAULT_SHAPE[1:]), remeasure=remeasure)
+    one = (DECODE_TOKENS, *DEFAULT_SHAPE[1:])  # as dtypes.probe_for(None, DECODE_TOKENS) asks
+    decode = probe(one, remeasure=remeasure, copies=decode_copies(one))
     name, source = compute_dtype_name("auto"), compute_dtype_source("auto")
     generating = compute_dtype_name("auto", tokens=DECODE_TOKENS)
     data = {
@@ -76,6 +77,7 @@ def compute_fact(remeasure: bool = False) -> Fact:
             "gflops": {k: round(v, 1) for k, v in decode.gflops.items()},
             "fastest": decode.fastest,
             "shape": list(decode.key.shape),
+            "copies": decode.key.copies,
             "cached": decode.cached,
         },
     }
