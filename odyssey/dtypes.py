@@ -93,7 +93,7 @@ def _forced() -> str | None:
     return forced or None
 
 
-def probe_for(config, tokens: int | None = None):
+def probe_for(config, tokens: int | None = None, remeasure: bool = False):
     """The compute probe's figures at the shape of `config`'s largest projection (the 1.2B's when
     None) with `tokens` rows (None: a training step's, odyssey.probe.PROBE_TOKENS; 1 for generating,
     DECODE_TOKENS: over copies of W that reach the model's fp32 weights or 64 MiB, whichever is less),
@@ -104,7 +104,8 @@ def probe_for(config, tokens: int | None = None):
         shape = DEFAULT_SHAPE if tokens is None else (tokens, *DEFAULT_SHAPE[1:])
     else:
         shape = shape_of(config, PROBE_TOKENS if tokens is None else tokens)
-    return probe(shape, copies=decode_copies(shape, None if config is None else 4 * config.num_parameters()))
+    copies = decode_copies(shape, None if config is None else 4 * config.num_parameters())
+    return probe(shape, remeasure=remeasure, copies=copies)
 
 
 def compute_dtype_name(
