@@ -145,6 +145,18 @@ def round_ratios(rounds: Sequence[dict] | None, key: str) -> list[float]:
     return [round(r[key] / r["peer"], 2) for r in rounds or () if r.get(key) and r.get("peer")]
 
 
+def round_limit_ratios(rounds: Sequence[dict] | None, tokens_per_step: int, flop: float | None) -> list[float]:
+    """Per paired round that measured the matmul beside its Odyssey 1 GiB run ({"odyssey": s,
+    "gflops": {dtype: GFLOP/s}}), that run's tokens/s over the compute limit at that measurement's
+    fastest rate (`flop` FLOP a token); rounds missing either are left out."""
+    out = []
+    for r in rounds or ():
+        rate = max((v for v in (r.get("gflops") or {}).values() if v), default=None)
+        if rate and r.get("odyssey") and flop:
+            out.append(round(tokens_per_step / r["odyssey"] / (rate * 1e9 / flop), 2))
+    return out
+
+
 def targets(
     ody_1g: dict | None,
     ody_4g: dict | None,
@@ -153,12 +165,16 @@ def targets(
     tokens_per_step: int,
     floor_s: float | None = None,
     rounds: Sequence[dict] | None = None,
+    flop: float | None = None,
 ) -> list[dict]:
     """The three targets from Odyssey's 1 GiB and 4 GiB rows, the fastest peer's row (each with
     `step_s`, `label`) and the compute limit (tokens/s). Each: {"target", "figures", "value",
     "goal", "verdict"}. With `rounds` (paired rounds: Odyssey and the peer run back to back, the
     first being the rows themselves) a step target's value is the median of the rounds' ratios,
-    so that a machine slowing down between two runs does not decide it. With `floor_s` (the step's
+    so that a machine slowing down between two runs does not decide it; likewise the compute
+    target's, from rounds that measured the matmul beside their 1 GiB run (`flop` FLOP a token,
+    round_limit_ratios), since a limit measured at the fast end of a drifting hour and a step
+    timed at its slow end compare two machines. With `floor_s` (the step's
     kernel floor, floor.py) two rows of evidence follow, without a goal: the fastest peer's and
     Odyssey's 1 GiB step against that floor."""
 
@@ -192,11 +208,19 @@ def targets(
     s = step(ody_1g)
     tps = tokens_per_step / s if s else None
     value = round(tps / limit_tokens_s, 2) if tps and limit_tokens_s else None
+    figures = f"{common.fmt(tps, 1)} / {common.fmt(limit_tokens_s, 1)} tokens/s"
+    paired = round_limit_ratios(rounds, tokens_per_step, flop)
+    if value is not None and len(paired) > 1:
+        value = round(common.median(paired), 2)
+        figures = (
+            f"median of {len(paired)} paired rounds, each against the matmul measured beside it "
+            f"({', '.join(f'{x:.2f}' for x in paired)}); against the run's fastest matmul: " + figures
+        )
     op, goal = GOALS["compute_1g"]
     out.append(
         {
             "target": "tokens/s of the 1 GiB step / compute limit",
-            "figures": f"{common.fmt(tps, 1)} / {common.fmt(limit_tokens_s, 1)} tokens/s",
+            "figures": figures,
             "value": value,
             "goal": f"{op} {goal:g}",
             "verdict": _verdict("compute_1g", value),

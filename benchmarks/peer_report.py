@@ -335,8 +335,14 @@ def markdown_sections(result: dict) -> list[tuple[str, str]]:
             (
                 "**Paired rounds**: the three runs the step targets compare, run again back to back (every "
                 "other round in reverse order; round 0 is the table below); the step targets are the median "
-                "of the rounds' ratios.",
-                rounds_table(result["rounds"]),
+                "of the rounds' ratios."
+                + (
+                    " Each round also measured the matmul just before its Odyssey 1 GiB run; the compute "
+                    "target is the median of the rounds' 1 GiB step against the limit at that rate."
+                    if any(r.get("gflops") for r in result["rounds"])
+                    else ""
+                ),
+                rounds_table(result["rounds"], s["seq_len"], (result.get("compute_limit") or {}).get("flop_per_token")),
             )
         )
     if result["train"]:
@@ -363,21 +369,36 @@ def markdown_sections(result: dict) -> list[tuple[str, str]]:
     return out
 
 
-def rounds_table(rounds: list[dict]) -> str:
-    """A row per paired round (its three step times and two ratios), then the ratios' medians."""
+def rounds_table(rounds: list[dict], tokens_per_step: int = 0, flop: float | None = None) -> str:
+    """A row per paired round (its three step times and two ratios), then the ratios' medians;
+    where the rounds measured the matmul beside their 1 GiB run (and `flop`, FLOP a token, is
+    given), two more columns: the fastest rate measured and the 1 GiB step over that limit."""
     keys = ("odyssey", "odyssey-4g")
+    limit = flop is not None and any(r.get("gflops") for r in rounds)
 
     def ratio(rs, k):
         return common.median(goals.round_ratios(rs, k))
 
+    def of_limit(rs):
+        return common.median(goals.round_limit_ratios(rs, tokens_per_step, flop))
+
+    def rate(r):
+        return max((v for v in (r.get("gflops") or {}).values() if v), default=None)
+
     rows = [
         (str(r["round"]), *(common.fmt(r.get(k)) for k in ("odyssey", "peer", "odyssey-4g")))
         + tuple(common.fmt(ratio([r], k)) for k in keys)
+        + ((common.fmt(rate(r), 0), common.fmt(of_limit([r]))) if limit else ())
         for r in rounds
     ]
-    rows.append(("median", "", "", "", *(common.fmt(ratio(rounds, k)) for k in keys)))
+    rows.append(
+        ("median", "", "", "", *(common.fmt(ratio(rounds, k)) for k in keys))
+        + (("", common.fmt(of_limit(rounds))) if limit else ())
+    )
     headers = ["round", "Odyssey 1 GiB s", "fastest peer s", "Odyssey 4 GiB s", "1 GiB / peer", "4 GiB / peer"]
-    return common.markdown_table(headers, rows, "lrrrrr")
+    if limit:
+        headers += ["matmul GFLOP/s beside", "1 GiB / compute limit"]
+    return common.markdown_table(headers, rows, "lrrrrr" + ("rr" if limit else ""))
 
 
 def _label_of(result: dict, name: str | None) -> str | None:

@@ -30,6 +30,10 @@ reports pass or fail; it does not fail the build. The machine's speed drifts (te
 within an hour on a shared VM), so after the timed runs --rounds (2) paired rounds run Odyssey at
 1 GiB, the fastest peer and Odyssey at 4 GiB again, back to back, every other round in reverse
 order; the two step targets are the median of the rounds' ratios, the timed runs being round 0.
+Each round also measures the matmul just before its Odyssey 1 GiB run (round 0: the run's first
+measurement), and the compute target is the median of the rounds' 1 GiB tokens/s against the limit
+at that rate: the machine sped up 1.8x within one hour here (2026-12-02), and a step timed at the
+slow start against the fastest matmul of the run compares two machines.
 
 Step time is the median of the steps after the first (warm-up); "CPU s" is the CPU time of the
 run's process in the same steps (wall time on a shared machine stretches with other work, CPU
@@ -825,17 +829,21 @@ class TrainBench:
         if self.ranked:
             self.search(self.ranked[0])
 
-    def paired(self, rounds: int) -> None:
+    def paired(self, rounds: int, gflops0: dict | None = None) -> None:
         """`rounds` more rounds of the three runs the step targets compare: Odyssey at 1 GiB, the
         fastest peer (memory no limit), Odyssey at 4 GiB, back to back, every other round in
         reverse order; the measure() rows are round 0. The machine's speed drifts by tens of
         percent within an hour: each round's ratios come from runs minutes apart, and the targets
-        take their median (goals.targets)."""
+        take their median (goals.targets). Each round also measures the matmul just before its
+        Odyssey 1 GiB run (round 0: `gflops0`, the run's first measurement, taken just before
+        measure()'s first run, which is that one), for the compute target's ratio of the round."""
+        from odyssey.probe import shape_of
+
         small, big = ODYSSEY_BUDGETS_GIB
         peer = self.ranked[0] if self.ranked else None
         rows = {"odyssey": "odyssey", "peer": peer.name if peer else "", "odyssey-4g": f"odyssey-{big:g}g-auto"}
         first = {key: (self.rows.get(name) or {}).get("step_s") for key, name in rows.items()}
-        self.rounds = [{"round": 0, **first}]
+        self.rounds = [{"round": 0, **first, **({"gflops": gflops0} if gflops0 else {})}]
         if peer is None or not (first["odyssey"] or first["odyssey-4g"]):
             return
         runs = [("odyssey", small), ("peer", None), ("odyssey-4g", big)]
@@ -852,6 +860,8 @@ class TrainBench:
                     got[key] = None
                     continue
                 print(f"  paired round {i}: {peer.label if key == 'peer' else f'Odyssey, {gib:g} GiB'}")
+                if key == "odyssey":
+                    got["gflops"] = measure_matmul(shape_of(self.config, self.args.seq_len))["gflops"]
                 if key == "peer":
                     res = climb(self._peer_runner(peer, self.args.steps, work=work), [self.cap])
                 else:
@@ -970,7 +980,7 @@ def run(args) -> dict:
     )
     if train is not None:
         train.measure()  # every timed run, and the search of the fastest peer
-        train.paired(args.rounds)
+        train.paired(args.rounds, matmul[0]["gflops"])
     if "generate" in tasks:
         screens = peer_screens(weights_fp32_bytes(model), reserve)
         climbs = {}
@@ -1030,6 +1040,7 @@ def run(args) -> dict:
             args.seq_len,
             floor_s=result["kernel_floor"]["seconds"],
             rounds=result["rounds"],
+            flop=lim["flop_per_token"],
         ) + goals.fp32_evidence(result["train"])
     return result
 

@@ -815,6 +815,41 @@ def test_paired_rounds_decide_the_step_targets_by_their_median():
     assert lines[5] == "| median |  |  |  | 1.10 | 0.91 |"
 
 
+def test_paired_rounds_decide_the_compute_target_against_the_matmul_measured_beside_each():
+    """The machine sped up 1.8x within the hour: the run's fastest matmul (142 GFLOP/s, at its
+    end) against a 1 GiB step timed at its slow start gives 0.53; each round's step against the
+    matmul measured just before it gives 0.73, 0.81 and 0.86, and their median (0.81) decides."""
+    flop = 5.12e9  # FLOP a token
+    rounds = [  # 512 tokens a step: tokens/s over (GFLOP/s * 1e9 / flop)
+        {"round": 0, "odyssey": 34.7, "peer": 30.9, "odyssey-4g": 28.0, "gflops": {"bf16": 20.0, "fp32": 103.0}},
+        {"round": 1, "odyssey": 28.0, "peer": 24.8, "odyssey-4g": 22.8, "gflops": {"bf16": 20.0, "fp32": 115.0}},
+        {"round": 2, "odyssey": 21.5, "peer": 17.6, "odyssey-4g": 20.6, "gflops": {"bf16": 21.0, "fp32": 142.0}},
+        {"round": 3, "odyssey": 20.0, "peer": 17.0, "odyssey-4g": 19.0},  # no measurement: left out
+    ]
+    assert goals.round_limit_ratios(rounds, 512, flop) == [0.73, 0.81, 0.86]
+    assert goals.round_limit_ratios(rounds, 512, None) == []
+    one, four, peer = ({"status": "runs", "step_s": s, "label": "peft fp32"} for s in (34.7, 28.0, 30.9))
+    limit = 142.0e9 / flop  # the run's fastest rate: 27.7 tokens/s
+    t = goals.targets(one, four, peer, limit, 512, rounds=rounds, flop=flop)
+    assert t[2]["value"] == 0.81 and t[2]["verdict"] == "pass"
+    assert t[2]["figures"] == (
+        "median of 3 paired rounds, each against the matmul measured beside it (0.73, 0.81, 0.86); "
+        "against the run's fastest matmul: 14.8 / 27.7 tokens/s"
+    )
+    # without the rounds' measurements the run's fastest rate decides, as before
+    plain = [{k: v for k, v in r.items() if k != "gflops"} for r in rounds]
+    t = goals.targets(one, four, peer, limit, 512, rounds=plain, flop=flop)
+    assert t[2]["value"] == 0.53 and t[2]["verdict"] == "FAIL" and t[2]["figures"] == "14.8 / 27.7 tokens/s"
+    res = finished_fake_result()
+    res["rounds"], res["compute_limit"]["flop_per_token"] = rounds, flop
+    caption, table = peer_report.markdown_sections(res)[1]
+    assert "measured the matmul just before its Odyssey 1 GiB run" in caption
+    lines = table.splitlines()
+    assert lines[0].endswith("| 4 GiB / peer | matmul GFLOP/s beside | 1 GiB / compute limit |")
+    assert lines[2].endswith("| 103 | 0.73 |") and lines[5].endswith("| - | - |")
+    assert lines[6].endswith("|  | 0.81 |")
+
+
 def test_kernel_floor_rows_are_evidence_against_the_peer_and_the_1gib_step():
     peer = {"status": "runs", "step_s": 8.0, "label": "peft bf16"}
     t = goals.targets({"status": "runs", "step_s": 10.0}, None, peer, 80.0, 512, floor_s=6.0)
