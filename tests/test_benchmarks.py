@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 import floor  # noqa: E402
 import goals  # noqa: E402
+import io_tax  # noqa: E402
 import pagein  # noqa: E402
 import peer_report  # noqa: E402
 import peers  # noqa: E402
@@ -1148,3 +1149,24 @@ def test_profile_step_plans_as_odyssey_train_does(tmp_path, monkeypatch):
     small = [*base, "--budgets", "100MiB", "--out", str(tmp_path / "small")]
     assert profile_step.main(small) == 2  # a budget `odyssey train` refuses: refused, with its one line
     assert not (tmp_path / "small.json").exists()
+
+
+def test_io_tax_measures_the_matmul_alone_and_beside_a_reader_of_the_store(tmp_path):
+    """Each round times the matmul alone and while a thread streams the store's units (O_DIRECT
+    where the file system takes it), and reports what the reader read and what the matmuls lost."""
+    from odyssey.store.init import init_store
+    from tests.conftest import tiny_config
+
+    init_store(tiny_config(), tmp_path / "s", dtype="bf16", seed=1, progress=False)
+    out = tmp_path / "io"
+    assert io_tax.main(["--model", str(tmp_path / "s"), "--rounds", "2", "--seconds", "0.3", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert [r["round"] for r in res["rounds"]] == [0, 1] and res["dtype"] in ("bf16", "fp32")
+    for r in res["rounds"]:
+        assert r["alone_gflops"] > 0 and r["beside_gflops"] > 0 and r["read_gb"] > 0 and r["read_mb_s"] > 0
+        assert abs(r["ratio"] - r["beside_gflops"] / r["alone_gflops"]) < 0.02
+        assert r["core_s_lost_per_gb"] is not None and r["core_s_lost_per_gb"] >= 0
+    assert res["median"]["read_mb_s"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "core-s lost / GB" in md and f"in {res['dtype']}" in md
+    assert io_tax.steal_jiffies() is None or io_tax.steal_jiffies() >= 0

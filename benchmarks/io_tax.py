@@ -1,0 +1,229 @@
+"""What reading the store costs the matmuls on this machine: matmul GFLOP/s at the model's largest
+projection (odyssey.probe's shape, the compute dtype `auto` trains in) alone, and while a thread
+streams the store's units from disk as the pager does (O_DIRECT, READ_CHUNK a preadv call), the
+two taking turns for --rounds rounds.
+
+A process's CPU time does not show this cost: on a VM the host may serve the guest's disk reads on
+the cores the guest's vCPUs run on, and the guest sees it as steal time (the eighth figure of
+/proc/stat's cpu line). Measured on the 2-core AVX2-only EPYC (2026-12-02, a Firecracker guest,
+kernel 6.18.44-fc): fp32 matmul 157-160 GFLOP/s alone, 91-102 while the store streamed at
+0.5-1.8 GB/s, steal rising from ~0 to ~30 % of the two cores; about 0.5-1.5 core-seconds lost per
+GB read. A 1.2B LoRA step in a 1 GiB cgroup reads 4.3 GB of weights and writes and reads 1.4 GB
+of spilled activations: seconds of the two cores a step that no kernel timing counts.
+
+    python benchmarks/io_tax.py [--model STORE] [--rounds 3] [--seconds 4] [--out benchmarks/results/io-tax]
+
+Writes OUT.json and OUT.md: per round the matmul alone and beside the reader, the reader's MB/s,
+the steal time, and the core-seconds the matmuls lost per GB read ((1 - beside / alone) x seconds
+x threads / GB); then the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import mmap
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+STEAL = 7  # /proc/stat "cpu" line: user nice system idle iowait irq softirq steal ...
+
+
+def steal_jiffies() -> int | None:
+    """The machine's steal time so far, in clock ticks (None where /proc/stat has no such field)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        return int(fields[STEAL])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class StoreStreamer:
+    """A thread reading `store`'s units from disk, in turn and over again, O_DIRECT in the pager's
+    request size, until stopped; `nbytes` read so far. Where the file system refuses O_DIRECT
+    (tmpfs) it reads buffered, as the pager does, and `direct` says so."""
+
+    def __init__(self, store):
+        from odyssey.pager import READ_CHUNK, _aligned
+
+        self.spans = [(store.page(u).path, *_aligned(store.page(u))) for u in store.page_units()]
+        self.chunk = READ_CHUNK
+        self.nbytes = 0
+        self.direct = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        buf = mmap.mmap(-1, self.chunk)
+        view = memoryview(buf)
+        try:
+            while not self._stop.is_set():
+                for path, a0, size in self.spans:
+                    fd = self._open(path)
+                    try:
+                        off = 0
+                        while off < size and not self._stop.is_set():
+                            got = os.preadv(fd, [view[: min(self.chunk, size - off)]], a0 + off)
+                            if got <= 0:
+                                break
+                            off += got
+                            self.nbytes += got
+                    finally:
+                        os.close(fd)
+                    if self._stop.is_set():
+                        break
+        finally:
+            view.release()
+            buf.close()
+
+    def _open(self, path) -> int:
+        if self.direct:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+        return os.open(path, os.O_RDONLY)
+
+    def __enter__(self) -> StoreStreamer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def matmul_gflops(x, w, seconds: float) -> float:
+    """GFLOP/s of x @ w repeated for `seconds` (after one warm-up product)."""
+    x @ w
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x @ w
+        n += 1
+    return 2 * x.shape[0] * x.shape[1] * w.shape[1] * n / (time.perf_counter() - t0) / 1e9
+
+
+def one_round(store, x, w, seconds: float, threads: int) -> dict:
+    """The matmul alone, then beside the reader, for `seconds` each."""
+    s0 = steal_jiffies()
+    alone = matmul_gflops(x, w, seconds)
+    s1 = steal_jiffies()
+    t0 = time.perf_counter()
+    with StoreStreamer(store) as reader:
+        beside = matmul_gflops(x, w, seconds)
+        s2 = steal_jiffies()
+    gb = reader.nbytes / 1e9
+    wall = time.perf_counter() - t0
+    lost = max(1.0 - beside / alone, 0.0) * seconds * threads
+    tick = os.sysconf("SC_CLK_TCK")
+    return {
+        "alone_gflops": round(alone, 1),
+        "beside_gflops": round(beside, 1),
+        "ratio": round(beside / alone, 3),
+        "read_mb_s": round(reader.nbytes / wall / 1e6, 1),
+        "read_gb": round(gb, 3),
+        "steal_s_alone": None if None in (s0, s1) else round((s1 - s0) / tick, 2),
+        "steal_s_beside": None if None in (s1, s2) else round((s2 - s1) / tick, 2),
+        "core_s_lost_per_gb": round(lost / gb, 2) if gb else None,
+        "direct": reader.direct,
+    }
+
+
+def run(model: Path, rounds: int, seconds: float) -> dict:
+    import torch
+
+    from odyssey.dtypes import compute_dtype_name
+    from odyssey.probe import shape_of, shape_text
+    from odyssey.store import Store
+
+    store = Store.open(model)
+    shape = shape_of(store.config, 512)
+    dtype_name = compute_dtype_name("auto", store.dtype, store.config)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+    tokens, d_in, d_out = shape
+    x, w = torch.randn(tokens, d_in, dtype=dtype), torch.randn(d_in, d_out, dtype=dtype)
+    threads = torch.get_num_threads()
+    got = []
+    for i in range(rounds):
+        r = one_round(store, x, w, seconds, threads)
+        got.append({"round": i, **r})
+        print(
+            f"round {i}: {dtype_name} matmul {r['alone_gflops']:,.0f} GFLOP/s alone, {r['beside_gflops']:,.0f} "
+            f"beside the reader at {r['read_mb_s']:,.0f} MB/s (x{r['ratio']:.2f}); "
+            f"{r['core_s_lost_per_gb']} core-s lost per GB",
+            flush=True,
+        )
+
+    def med(key):
+        vals = [r[key] for r in got if r[key] is not None]
+        return round(statistics.median(vals), 3) if vals else None
+
+    return {
+        "machine": common.machine(),
+        "date": common.today(),
+        "model": str(model),
+        "shape": shape_text(shape),
+        "dtype": dtype_name,
+        "threads": threads,
+        "seconds": seconds,
+        "read_chunk_mib": StoreStreamer(store).chunk >> 20,
+        "rounds": got,
+        "median": {k: med(k) for k in ("alone_gflops", "beside_gflops", "ratio", "read_mb_s", "core_s_lost_per_gb")},
+    }
+
+
+def sections(result: dict) -> list[tuple[str, str]]:
+    m, med = result["machine"], result["median"]
+    caption = (
+        f"**Machine:** {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch threads {result['threads']}, "
+        f"Linux {m.get('kernel', '?')}. Matmul {result['shape']} in {result['dtype']} for {result['seconds']:g} s "
+        f"alone, then {result['seconds']:g} s while a thread reads the store's units "
+        f"{'O_DIRECT' if all(r['direct'] for r in result['rounds']) else 'buffered (no O_DIRECT here)'} "
+        f"in {result['read_chunk_mib']} MiB requests, "
+        f"{len(result['rounds'])} rounds. Median: x{common.fmt(med['ratio'])} the matmul's rate, "
+        f"{common.fmt(med['core_s_lost_per_gb'])} core-seconds lost per GB read."
+    )
+    headers = ["round", "alone GFLOP/s", "beside GFLOP/s", "ratio", "read MB/s", "steal s alone", "steal s beside"]
+    headers.append("core-s lost / GB")
+    rows = [
+        (
+            str(r["round"]),
+            common.fmt(r["alone_gflops"], 0),
+            common.fmt(r["beside_gflops"], 0),
+            common.fmt(r["ratio"]),
+            common.fmt(r["read_mb_s"], 0),
+            common.fmt(r["steal_s_alone"]),
+            common.fmt(r["steal_s_beside"]),
+            common.fmt(r["core_s_lost_per_gb"]),
+        )
+        for r in result["rounds"]
+    ]
+    return [(caption, common.markdown_table(headers, rows, "lrrrrrrr"))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="store directory (default: the 1.2B under .cache/bench, created if missing)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=4.0, help="of each measurement")
+    p.add_argument("--out", default=str(common.RESULTS / "io-tax"), help="OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    model = Path(args.model) if args.model else common.ensure_store("odyssey-1.2b")
+    result = run(model, args.rounds, args.seconds)
+    out = Path(args.out)
+    common.write_results(out.parent, out.name, result, "What reading the store costs the matmuls", sections(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
