@@ -145,13 +145,18 @@ def round_ratios(rounds: Sequence[dict] | None, key: str) -> list[float]:
     return [round(r[key] / r["peer"], 2) for r in rounds or () if r.get(key) and r.get("peer")]
 
 
+def round_rate(r: dict) -> float | None:
+    """The fastest matmul GFLOP/s a paired round measured beside its 1 GiB run (None: none)."""
+    return max((v for v in (r.get("gflops") or {}).values() if v), default=None)
+
+
 def round_limit_ratios(rounds: Sequence[dict] | None, tokens_per_step: int, flop: float | None) -> list[float]:
     """Per paired round that measured the matmul beside its Odyssey 1 GiB run ({"odyssey": s,
     "gflops": {dtype: GFLOP/s}}), that run's tokens/s over the compute limit at that measurement's
     fastest rate (`flop` FLOP a token); rounds missing either are left out."""
     out = []
     for r in rounds or ():
-        rate = max((v for v in (r.get("gflops") or {}).values() if v), default=None)
+        rate = round_rate(r)
         if rate and r.get("odyssey") and flop:
             out.append(round(tokens_per_step / r["odyssey"] / (rate * 1e9 / flop), 2))
     return out

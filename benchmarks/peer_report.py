@@ -382,13 +382,10 @@ def rounds_table(rounds: list[dict], tokens_per_step: int = 0, flop: float | Non
     def of_limit(rs):
         return common.median(goals.round_limit_ratios(rs, tokens_per_step, flop))
 
-    def rate(r):
-        return max((v for v in (r.get("gflops") or {}).values() if v), default=None)
-
     rows = [
         (str(r["round"]), *(common.fmt(r.get(k)) for k in ("odyssey", "peer", "odyssey-4g")))
         + tuple(common.fmt(ratio([r], k)) for k in keys)
-        + ((common.fmt(rate(r), 0), common.fmt(of_limit([r]))) if limit else ())
+        + ((common.fmt(goals.round_rate(r), 0), common.fmt(of_limit([r]))) if limit else ())
         for r in rounds
     ]
     rows.append(
