@@ -8,7 +8,10 @@ GB paged a step): reading the store costs 0.29 CPU s a GB buffered against 0.15 
 run's system time fell from 19.3-22.3 s to 15.6-17.9 s (7 steps, three pairs), about 0.5 s of CPU
 a step that the two cores' matmuls get back; but the same disk reads 760-875 MB/s O_DIRECT
 against 1,260 buffered (cold). Where the step is compute-bound the CPU saved is what counts;
-where page-in is the bound, read-ahead is.
+where page-in is the bound, read-ahead is. Neither figure counts what the host spends serving the
+reads: on a VM that can be the guest's own cores, seen as steal time (benchmarks/io_tax.py; on the
+2-core AVX2-only EPYC, a Firecracker guest, fp32 matmul ran at 0.54-0.72 of its rate while the
+store streamed O_DIRECT, whatever the rate, 557-879 MB/s).
 
 `auto` measures the store's O_DIRECT read rate (PROBE_BYTES from PROBE_UNITS units, about 0.1 s)
 and reads O_DIRECT when that rate is at least MARGIN times what the step needs: the bytes the pager
