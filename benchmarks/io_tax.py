@@ -143,6 +143,7 @@ def run(model: Path, rounds: int, seconds: float) -> dict:
     import torch
 
     from odyssey.dtypes import compute_dtype_name
+    from odyssey.pager import READ_CHUNK
     from odyssey.probe import shape_of, shape_text
     from odyssey.store import Store
 
@@ -176,7 +177,7 @@ def run(model: Path, rounds: int, seconds: float) -> dict:
         "dtype": dtype_name,
         "threads": threads,
         "seconds": seconds,
-        "read_chunk_mib": StoreStreamer(store).chunk >> 20,
+        "read_chunk_mib": READ_CHUNK >> 20,
         "rounds": got,
         "median": {k: med(k) for k in ("alone_gflops", "beside_gflops", "ratio", "read_mb_s", "core_s_lost_per_gb")},
     }
