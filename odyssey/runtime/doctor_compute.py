@@ -46,10 +46,10 @@ def cpu_fact() -> Fact:
 
 def compute_fact(remeasure: bool = False) -> Fact:
     from odyssey.dtypes import COMPUTE_ENV, compute_dtype_name, compute_dtype_source, probe_for
-    from odyssey.probe import DECODE_TOKENS, DEFAULT_SHAPE, probe, shape_text
+    from odyssey.probe import DECODE_TOKENS, shape_text
     from odyssey.runtime.cpu import native_bf16
 
-    p = probe(DEFAULT_SHAPE, remeasure=remeasure)
+    p = probe_for(None, remeasure=remeasure)  # what training decides by
     decode = probe_for(None, DECODE_TOKENS, remeasure=remeasure)  # what generate and chat decide by
     name, source = compute_dtype_name("auto"), compute_dtype_source("auto")
     generating = compute_dtype_name("auto", tokens=DECODE_TOKENS)
