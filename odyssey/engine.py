@@ -19,9 +19,11 @@ time, same numbers. Shapes: B batch, T tokens, d hidden, V vocabulary, L layers.
 - selective recompute (`keep`, residency.py): the last `keep` layers run their forward with grad
   and keep the graph; their backward needs no recompute. Their weights are not held from forward
   to backward: autograd saves handles for them (saved.SavedWeights) and backward binds the layer
-  again. Spill (`spill`, spill.py): the `spill` layers before them keep their graphs too, what
-  autograd saves written to disk in forward and read back one layer ahead of their backward. Same
-  numbers, bit for bit.
+  again; nor are the norms' and the GLU's outputs (LoRA's inputs): recipes computed again once in
+  backward from what the graph keeps anyway (saved.Derived, `derive_saved`), bit for bit. Spill
+  (`spill`, spill.py): the `spill` layers before them keep their graphs too, what autograd saves
+  written to disk in forward and read back one layer ahead of their backward. Same numbers, bit
+  for bit.
 - LoRA: PEFT's `lora.Linear` forward is `adapters.lora_forward` (fewer passes over the output;
   `lora_fused=False` keeps PEFT's); `compile_layers=True` runs each decoder layer through
   torch.compile (training steps only); train_step names its phases for torch.profiler.
@@ -46,7 +48,7 @@ from odyssey.gguf.qweight import CastWeight, QWeight, Workspace, bind_linear, ro
 from odyssey.headloss import OnlineCrossEntropy
 from odyssey.model import CausalLM, KVCache, embed_scale, rope_tables
 from odyssey.pager import Pager, PassStats, Resident, ResidentPager, UnitStat
-from odyssey.saved import SavedWeights
+from odyssey.saved import Derived, SavedWeights, noting
 from odyssey.store import Block, Store
 
 
@@ -69,8 +71,11 @@ class Engine:
         spill: int = 0,
         spill_dir=None,
         spill_reserve: int = 0,
+        derive_saved: bool = True,
     ):
         self.store = store
+        # kept and spilled layers save the norms' and the GLU's outputs as recipes (saved.Derived)
+        self.derive_saved = derive_saved
         self.cfg = store.config
         self.dtype = compute_dtype_info(compute_dtype, store.dtype, store.config).torch()
         if model is None:
@@ -205,12 +210,20 @@ class Engine:
         """Schedule `units` with the pager, but the held ones (served without it)."""
         self.pager.prefetch([u for u in units if u not in self._held])
 
+    @contextlib.contextmanager
     def saving_weights(self, res: Resident, inner=None):
         """`saved_tensors_hooks` under which autograd saves the base weights bound for `res` as
-        handles, rebuilt at backward from what is bound then (SavedWeights); other saved tensors
-        go to `inner` (a spill.LayerSpill) when given."""
-        sw = SavedWeights(self, res, inner)
-        return torch.autograd.graph.saved_tensors_hooks(sw.pack, sw.unpack)
+        handles, rebuilt at backward from what is bound then (SavedWeights), and the outputs the
+        layer notes (its norms', its GLU's) as recipes computed again in backward (saved.Derived,
+        when `derive_saved`); other saved tensors go to `inner` (a spill.LayerSpill) when given."""
+        derived = Derived() if self.derive_saved else None
+        sw = SavedWeights(self, res, inner, derived)
+        with torch.autograd.graph.saved_tensors_hooks(sw.pack, sw.unpack):
+            if derived is None:
+                yield
+            else:
+                with noting(derived):
+                    yield
 
     def bound_weight(self, name: str) -> torch.Tensor:
         """The frozen base weight bound now under HF `name` (a view of the slot, or its converted

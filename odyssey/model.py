@@ -22,6 +22,7 @@ from torch import nn
 
 from odyssey.dtypes import IGNORE
 from odyssey.modelconfig import ModelConfig
+from odyssey.saved import note
 
 
 class _Recomputed(torch.autograd.Function):
@@ -60,7 +61,7 @@ class _GLU(torch.autograd.Function):
     def forward(ctx, g, u, gelu: bool):
         ctx.gelu = gelu
         ctx.save_for_backward(g, u)
-        return (F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * u
+        return _glu_value(g, u, gelu)
 
     @staticmethod
     def backward(ctx, grad):
@@ -78,10 +79,15 @@ class _GLU(torch.autograd.Function):
         return grad_g, grad_u, None
 
 
+def _glu_value(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tensor:
+    return (F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * u
+
+
 def glu(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tensor:
-    """GeGLU (Gemma) or SwiGLU: act(g) * u; in a graph, saving g and u only (_GLU)."""
+    """GeGLU (Gemma) or SwiGLU: act(g) * u; in a graph, saving g and u only (_GLU), and the
+    output, which down_proj's LoRA saves, noted as computed again from them (saved.note)."""
     if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad) and not torch.compiler.is_compiling():
-        return _GLU.apply(g, u, gelu)  # (compiled: inductor's partitioner decides what to save)
+        return note(_GLU.apply(g, u, gelu), _glu_value, g, u, gelu)  # (compiled: inductor decides)
     # no graph: g is the projection's fresh output, so act (SiLU) and the product go in place: a
     # generation's forward holds one (tokens, intermediate) tensor fewer
     return (F.gelu(g, approximate="tanh") if gelu else F.silu(g, inplace=True)).mul_(u)
@@ -102,8 +108,12 @@ class RMSNorm(nn.Module):
         self.gemma = gemma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The graph keeps x (its own dtype), not the fp32 copy the norm computes with.
-        return recomputed(self._norm, x, self.weight)
+        # The graph keeps x (its own dtype), not the fp32 copy the norm computes with; the output,
+        # which LoRA saves as its input, is noted as computed again from x (saved.note)
+        out = recomputed(self._norm, x, self.weight)
+        if not out.requires_grad or torch.compiler.is_compiling():
+            return out
+        return note(out, self._norm, x, self.weight)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # As HF: normalise in fp32. Llama casts back, then scales (same rounding in bf16); Gemma

@@ -8,9 +8,10 @@ order, to:
 1. Selective recompute (training, `recompute: auto`). The last layers first (their backward comes
    first and frees soonest), a layer's forward runs with grad and keeps what its backward needs:
    no recompute for that layer, about 4N instead of 6N FLOP a token (N its parameters). A kept
-   layer costs what the planner counts for one layer's recompute (`stepmemory.recompute_bytes`) and
-   its input (B x T x d, compute dtype): not its weights. Autograd saves the base weights it
-   needs as handles (saved.SavedWeights), so the layer's slot (and its weights converted to the
+   layer costs what its forward saves and its input (B x T x d, compute dtype;
+   `stepmemory.kept_layer_bytes`): not its weights, nor its norms' and GLU's outputs, computed again
+   in backward (saved.Derived). Autograd saves the base weights it needs as handles
+   (saved.SavedWeights), so the layer's slot (and its weights converted to the
    compute dtype) are released after forward as for any paged layer, and its backward pages it in
    again and rebuilds the saved views from the weights bound then. As many layers as the budget
    holds keep their activations, before anything is pinned: a kept layer saves a third of its

@@ -28,7 +28,9 @@ def lora_parameter_count(cfg: ModelConfig, lora: LoraSettings) -> int:
     return total
 
 
-def saved_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, lora: LoraSettings) -> int:
+def saved_bytes(
+    cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, lora: LoraSettings, derived: bool = False
+) -> int:
     """Bytes one layer's forward with grad saves for its backward (a kept or spilled layer holds
     them from its forward to its backward), not counting its input, its base weights (handles:
     saved.SavedWeights) nor the RoPE tables every layer shares. Per token (d hidden, q = heads x
@@ -45,10 +47,16 @@ def saved_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: i
     adds its output (fp32) and mask per target; a sliding window shorter than the sequence adds
     SDPA's (T, T) boolean mask and its float form. Measured with saved_tensors_hooks on one layer of each family
     (tests/test_planner.py): the 1.2B's shape, seq 512: bf16 28.4 MiB (was 39.9 before the norms
-    and the GLU kept their inputs only), fp32 54.5 MiB (65.5)."""
+    and the GLU kept their inputs only), fp32 54.5 MiB (65.5).
+    `derived`: a kept or spilled layer's graph (the engine's hooks), where the two norms' outputs
+    and down_proj's input are recipes computed again in backward (saved.Derived): (2d + f) x ci a
+    token fewer (without LoRA dropout, whose own outputs are saved in their place): 35.4 MiB in fp32
+    at the 1.2B's shape."""
     d, q, kv, f, r = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, lora.r
     fam, ci = cfg.family, compute_itemsize
     per_token = (3 * d + 2 * q + 2 * kv + 3 * f + 7 * r) * ci + cfg.num_attention_heads * 4
+    if derived and lora.dropout == 0:
+        per_token -= (2 * d + f) * ci
     if fam.qk_norm:
         per_token += (q + kv) * ci
     if fam.sandwich_norms:
@@ -136,9 +144,10 @@ def training_peak(
 
 def kept_layer_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_itemsize: int, lora) -> int:
     """What one layer that keeps its activations holds from its forward to its backward: what its
-    forward saved (`saved_bytes`) and its input. Not its weights, nor their copy in the compute
-    dtype: autograd saves them as handles and backward binds the layer again
-    (saved.SavedWeights); the `weights` term counts the one matrix converted at a time. The
-    transients of its backward are the workspace's (`recompute_bytes`), one layer at a time."""
+    forward saved (`saved_bytes`, the norms' and the GLU's outputs as recipes) and its input. Not its
+    weights, nor their copy in the compute dtype: autograd saves them as handles and backward binds
+    the layer again (saved.SavedWeights); the `weights` term counts the one matrix converted at a
+    time. The transients of its backward are the workspace's (`recompute_bytes`), one layer at a
+    time."""
     ci = compute_itemsize
-    return saved_bytes(cfg, tokens, seq_len, ci, lora) + tokens * cfg.hidden_size * ci
+    return saved_bytes(cfg, tokens, seq_len, ci, lora, derived=True) + tokens * cfg.hidden_size * ci

@@ -217,9 +217,11 @@ def test_training_workspace_covers_what_torch_holds(name, compute):
     """One decoder layer of each family (LoRA r=16 on the seven projections, as PEFT injects them)
     recomputed with grad from a saved input and backpropagated as `Engine.train_step` does, and the
     head pass of `Engine.loss_and_grad_x`: what the layer's forward saves for backward equals the
-    planner's `saved_bytes` within 3 %, and the live tensors at their peaks stay under the planner's
-    `recompute_bytes` and `head_bytes`, within 10 % in bf16 (the formula keeps fp32's extra copies
-    whatever the dtype, 5-9 % above in fp32 on the real shapes)."""
+    planner's `saved_bytes` within 3 %, also as a kept or spilled layer saves it (the norms' and the
+    GLU's outputs as recipes: saved.Derived; at most 0.8 of the plain graph's), and the live
+    tensors at their peaks stay under the planner's `recompute_bytes` and `head_bytes`, within
+    10 % in bf16 (the formula keeps fp32's extra copies whatever the dtype, 5-9 % above in fp32 on
+    the real shapes)."""
     import dataclasses
     import types
 
@@ -229,6 +231,7 @@ def test_training_workspace_covers_what_torch_holds(name, compute):
     from odyssey.adapters import inject, use_lora_forward
     from odyssey.engine import Engine
     from odyssey.model import DecoderLayer, RMSNorm, rope_tables
+    from odyssey.saved import Derived, noting
     from odyssey.stepmemory import head_bytes, recompute_bytes, saved_bytes
 
     cfg = load_model_config(ROOT / f"configs/{name}.yaml")
@@ -282,6 +285,21 @@ def test_training_workspace_covers_what_torch_holds(name, compute):
     planned = saved_bytes(cfg, T, T, ci, lora)
     print(f"{name} {compute} saved: {sum(saved.values()) / MIB:.3f} MiB, planned {planned / MIB:.3f} MiB")
     assert sum(saved.values()) <= planned <= 1.03 * sum(saved.values()), (sum(saved.values()), planned)
+    # a kept or spilled layer (the engine's hooks): the norms' and the GLU's outputs as recipes
+    plain, derived = dict(saved), Derived()
+    saved.clear()
+
+    def pack_derived(t):
+        recipe = derived.find(t)
+        return pack(t) if recipe is None else recipe.handle(t, pack)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_derived, lambda t: t), noting(derived):
+        out = holder.layer(x.detach().requires_grad_(True), rope)
+    del out
+    planned = saved_bytes(cfg, T, T, ci, lora, derived=True)
+    print(f"{name} {compute} saved with recipes: {sum(saved.values()) / MIB:.3f} MiB, planned {planned / MIB:.3f} MiB")
+    assert sum(saved.values()) <= planned <= 1.03 * sum(saved.values()), (sum(saved.values()), planned)
+    assert sum(saved.values()) <= 0.8 * sum(plain.values())
     for what, fn, planned in (
         ("recompute", layer_backward, recompute_bytes(cfg, T, T, ci, lora)),
         ("head", head_pass, head_bytes(cfg, T, ci)),
