@@ -11,11 +11,18 @@ kernel 6.18.44-fc): fp32 matmul 157-160 GFLOP/s alone, 91-102 while the store st
 GB read. A 1.2B LoRA step in a 1 GiB cgroup reads 4.3 GB of weights and writes and reads 1.4 GB
 of spilled activations: seconds of the two cores a step that no kernel timing counts.
 
-    python benchmarks/io_tax.py [--model STORE] [--rounds 3] [--seconds 4] [--out benchmarks/results/io-tax]
+With the cores idle the same reads cause no steal (0.00-0.01 s in 3 s at 640-970 MB/s): the host
+serves them on a core the guest is not using. Several readers at once (`--readers`, the units
+shared between them: more requests in flight) neither read faster beside the matmul (490-620 MB/s
+with 1, 2, 4 or 8) nor cost it less per GB (1.1-1.9 core-seconds): the tax is the host's work per
+byte while the guest keeps both cores busy, so only fewer bytes read lower it.
 
-Writes OUT.json and OUT.md: per round the matmul alone and beside the reader, the reader's MB/s,
-the steal time, and the core-seconds the matmuls lost per GB read ((1 - beside / alone) x seconds
-x threads / GB); then the medians.
+    python benchmarks/io_tax.py [--model STORE] [--rounds 3] [--seconds 4] [--readers 1]
+                                [--out benchmarks/results/io-tax]
+
+Writes OUT.json and OUT.md: per round the matmul alone and beside the readers, their MB/s, the
+steal time, and the core-seconds the matmuls lost per GB read ((1 - beside / alone) x seconds
+x threads / GB), then the readers alone with the cores idle (MB/s, steal); then the medians.
 """
 
 from __future__ import annotations
@@ -51,10 +58,11 @@ class StoreStreamer:
     request size, until stopped; `nbytes` read so far. Where the file system refuses O_DIRECT
     (tmpfs) it reads buffered, as the pager does, and `direct` says so."""
 
-    def __init__(self, store):
+    def __init__(self, store, part: int = 0, parts: int = 1):
         from odyssey.pager import READ_CHUNK, _aligned
 
-        self.spans = [(store.page(u).path, *_aligned(store.page(u))) for u in store.page_units()]
+        spans = [(store.page(u).path, *_aligned(store.page(u))) for u in store.page_units()]
+        self.spans = spans[part::parts] or spans  # `parts` streamers share the units between them
         self.chunk = READ_CHUNK
         self.nbytes = 0
         self.direct = True
@@ -113,17 +121,48 @@ def matmul_gflops(x, w, seconds: float) -> float:
     return 2 * x.shape[0] * x.shape[1] * w.shape[1] * n / (time.perf_counter() - t0) / 1e9
 
 
-def one_round(store, x, w, seconds: float, threads: int) -> dict:
-    """The matmul alone, then beside the reader, for `seconds` each."""
+class Readers:
+    """`k` StoreStreamers at once, the store's units shared between them (k requests in flight)."""
+
+    def __init__(self, store, k: int):
+        self.streamers = [StoreStreamer(store, i, k) for i in range(k)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.streamers)
+
+    @property
+    def direct(self) -> bool:
+        return all(s.direct for s in self.streamers)
+
+    def __enter__(self) -> Readers:
+        for s in self.streamers:
+            s.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s in self.streamers:
+            s.__exit__(*exc)
+
+
+def one_round(store, x, w, seconds: float, threads: int, readers: int = 1) -> dict:
+    """The matmul alone, then beside the readers, for `seconds` each; then the readers alone (the
+    cores idle) for `seconds`: their rate and the steal time they cause by themselves."""
     s0 = steal_jiffies()
     alone = matmul_gflops(x, w, seconds)
     s1 = steal_jiffies()
     t0 = time.perf_counter()
-    with StoreStreamer(store) as reader:
+    with Readers(store, readers) as reader:
         beside = matmul_gflops(x, w, seconds)
         s2 = steal_jiffies()
     gb = reader.nbytes / 1e9
     wall = time.perf_counter() - t0
+    s3 = steal_jiffies()
+    t1 = time.perf_counter()
+    with Readers(store, readers) as idle:
+        time.sleep(seconds)
+        s4 = steal_jiffies()
+    idle_wall = time.perf_counter() - t1
     lost = max(1.0 - beside / alone, 0.0) * seconds * threads
     tick = os.sysconf("SC_CLK_TCK")
     return {
@@ -136,10 +175,12 @@ def one_round(store, x, w, seconds: float, threads: int) -> dict:
         "steal_s_beside": None if None in (s1, s2) else round((s2 - s1) / tick, 2),
         "core_s_lost_per_gb": round(lost / gb, 2) if gb else None,
         "direct": reader.direct,
+        "read_alone_mb_s": round(idle.nbytes / idle_wall / 1e6, 1),
+        "steal_s_read_alone": None if None in (s3, s4) else round((s4 - s3) / tick, 2),
     }
 
 
-def run(model: Path, rounds: int, seconds: float) -> dict:
+def run(model: Path, rounds: int, seconds: float, readers: int = 1) -> dict:
     import torch
 
     from odyssey.dtypes import compute_dtype_name
@@ -156,12 +197,13 @@ def run(model: Path, rounds: int, seconds: float) -> dict:
     threads = torch.get_num_threads()
     got = []
     for i in range(rounds):
-        r = one_round(store, x, w, seconds, threads)
+        r = one_round(store, x, w, seconds, threads, readers)
         got.append({"round": i, **r})
         print(
             f"round {i}: {dtype_name} matmul {r['alone_gflops']:,.0f} GFLOP/s alone, {r['beside_gflops']:,.0f} "
             f"beside the reader at {r['read_mb_s']:,.0f} MB/s (x{r['ratio']:.2f}); "
-            f"{r['core_s_lost_per_gb']} core-s lost per GB",
+            f"{r['core_s_lost_per_gb']} core-s lost per GB; the readers alone {r['read_alone_mb_s']:,.0f} MB/s, "
+            f"steal {r['steal_s_read_alone']} s",
             flush=True,
         )
 
@@ -178,8 +220,12 @@ def run(model: Path, rounds: int, seconds: float) -> dict:
         "threads": threads,
         "seconds": seconds,
         "read_chunk_mib": READ_CHUNK >> 20,
+        "readers": readers,
         "rounds": got,
-        "median": {k: med(k) for k in ("alone_gflops", "beside_gflops", "ratio", "read_mb_s", "core_s_lost_per_gb")},
+        "median": {
+            k: med(k)
+            for k in ("alone_gflops", "beside_gflops", "ratio", "read_mb_s", "core_s_lost_per_gb", "read_alone_mb_s")
+        },
     }
 
 
@@ -188,14 +234,19 @@ def sections(result: dict) -> list[tuple[str, str]]:
     caption = (
         f"**Machine:** {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch threads {result['threads']}, "
         f"Linux {m.get('kernel', '?')}. Matmul {result['shape']} in {result['dtype']} for {result['seconds']:g} s "
-        f"alone, then {result['seconds']:g} s while a thread reads the store's units "
+        f"alone, then {result['seconds']:g} s while {readers_text(result.get('readers', 1))} the store's units "
         f"{'O_DIRECT' if all(r['direct'] for r in result['rounds']) else 'buffered (no O_DIRECT here)'} "
         f"in {result['read_chunk_mib']} MiB requests, "
-        f"{len(result['rounds'])} rounds. Median: x{common.fmt(med['ratio'])} the matmul's rate, "
+        f"{len(result['rounds'])} rounds"
+        + (", then the same reading with the cores idle" if "read_alone_mb_s" in result["rounds"][0] else "")
+        + f". Median: x{common.fmt(med['ratio'])} the matmul's rate, "
         f"{common.fmt(med['core_s_lost_per_gb'])} core-seconds lost per GB read."
     )
+    idle = "read_alone_mb_s" in result["rounds"][0]  # (results before 2026-12-02 lack it)
     headers = ["round", "alone GFLOP/s", "beside GFLOP/s", "ratio", "read MB/s", "steal s alone", "steal s beside"]
     headers.append("core-s lost / GB")
+    if idle:
+        headers += ["read MB/s, cores idle", "steal s, cores idle"]
     rows = [
         (
             str(r["round"]),
@@ -206,10 +257,15 @@ def sections(result: dict) -> list[tuple[str, str]]:
             common.fmt(r["steal_s_alone"]),
             common.fmt(r["steal_s_beside"]),
             common.fmt(r["core_s_lost_per_gb"]),
+            *((common.fmt(r["read_alone_mb_s"], 0), common.fmt(r["steal_s_read_alone"])) if idle else ()),
         )
         for r in result["rounds"]
     ]
-    return [(caption, common.markdown_table(headers, rows, "lrrrrrrr"))]
+    return [(caption, common.markdown_table(headers, rows, "l" + "r" * (len(headers) - 1)))]
+
+
+def readers_text(k: int) -> str:
+    return "a thread reads" if k == 1 else f"{k} threads read (the units shared between them)"
 
 
 def main(argv=None) -> int:
@@ -217,10 +273,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="store directory (default: the 1.2B under .cache/bench, created if missing)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=4.0, help="of each measurement")
+    p.add_argument("--readers", type=int, default=1, help="threads reading at once (requests in flight)")
     p.add_argument("--out", default=str(common.RESULTS / "io-tax"), help="OUT.json and OUT.md")
     args = p.parse_args(argv)
     model = Path(args.model) if args.model else common.ensure_store("odyssey-1.2b")
-    result = run(model, args.rounds, args.seconds)
+    if args.readers < 1:
+        p.error("--readers must be at least 1")
+    result = run(model, args.rounds, args.seconds, args.readers)
     out = Path(args.out)
     common.write_results(out.parent, out.name, result, "What reading the store costs the matmuls", sections(result))
     return 0

@@ -1154,19 +1154,27 @@ def test_profile_step_plans_as_odyssey_train_does(tmp_path, monkeypatch):
 def test_io_tax_measures_the_matmul_alone_and_beside_a_reader_of_the_store(tmp_path):
     """Each round times the matmul alone and while a thread streams the store's units (O_DIRECT
     where the file system takes it), and reports what the reader read and what the matmuls lost."""
+    from odyssey.store import Store
     from odyssey.store.init import init_store
     from tests.conftest import tiny_config
 
     init_store(tiny_config(), tmp_path / "s", dtype="bf16", seed=1, progress=False)
     out = tmp_path / "io"
-    assert io_tax.main(["--model", str(tmp_path / "s"), "--rounds", "2", "--seconds", "0.3", "--out", str(out)]) == 0
+    args = ["--model", str(tmp_path / "s"), "--rounds", "2", "--seconds", "0.3", "--readers", "2", "--out", str(out)]
+    assert io_tax.main(args) == 0
     res = json.loads(out.with_suffix(".json").read_text())
-    assert [r["round"] for r in res["rounds"]] == [0, 1] and res["dtype"] in ("bf16", "fp32")
+    assert [r["round"] for r in res["rounds"]] == [0, 1] and res["dtype"] in ("bf16", "fp32") and res["readers"] == 2
     for r in res["rounds"]:
         assert r["alone_gflops"] > 0 and r["beside_gflops"] > 0 and r["read_gb"] > 0 and r["read_mb_s"] > 0
         assert abs(r["ratio"] - r["beside_gflops"] / r["alone_gflops"]) < 0.02
         assert r["core_s_lost_per_gb"] is not None and r["core_s_lost_per_gb"] >= 0
+        assert r["read_alone_mb_s"] > 0
     assert res["median"]["read_mb_s"] > 0
     md = out.with_suffix(".md").read_text()
-    assert "core-s lost / GB" in md and f"in {res['dtype']}" in md
+    assert "core-s lost / GB" in md and f"in {res['dtype']}" in md and "2 threads read" in md
+    assert "steal s, cores idle" in md
+    # the two readers share the store's units, every unit read by one of them
+    store = Store.open(tmp_path / "s")
+    shared = sum((s.spans for s in io_tax.Readers(store, 2).streamers), [])
+    assert sorted(shared) == sorted(io_tax.StoreStreamer(store).spans) and len(shared) > 2
     assert io_tax.steal_jiffies() is None or io_tax.steal_jiffies() >= 0
