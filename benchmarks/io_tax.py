@@ -11,11 +11,14 @@ kernel 6.18.44-fc): fp32 matmul 157-160 GFLOP/s alone, 91-102 while the store st
 GB read. A 1.2B LoRA step in a 1 GiB cgroup reads 4.3 GB of weights and writes and reads 1.4 GB
 of spilled activations: seconds of the two cores a step that no kernel timing counts.
 
-With the cores idle the same reads cause no steal (0.00-0.01 s in 3 s at 640-970 MB/s): the host
-serves them on a core the guest is not using. Several readers at once (`--readers`, the units
-shared between them: more requests in flight) neither read faster beside the matmul (490-620 MB/s
-with 1, 2, 4 or 8) nor cost it less per GB (1.1-1.9 core-seconds): the tax is the host's work per
-byte while the guest keeps both cores busy, so only fewer bytes read lower it.
+With the cores idle the same reads cause almost no steal (0.04-0.22 s of a 4 s window at 670-943
+MB/s, against 2.3-2.6 s beside the matmul): the host serves them on a core the guest is not using.
+Several readers at once (`--readers`, the units shared between them: more requests in flight) did
+not lower the cost: one reader 742-807 MB/s beside the matmul and 0.71-1.05 core-seconds lost per
+GB, four 793-855 MB/s and 0.65-0.88, in runs minutes apart on a drifting machine
+(benchmarks/results/io-tax-avx2-only-{1reader,4readers}.md; an earlier try with 1, 2, 4 and 8
+readers: 404-623 MB/s, 0.35-1.93 core-seconds a GB, no order). The tax is the host's work for the
+bytes while the guest keeps both cores busy, so what lowers it is fewer bytes read.
 
     python benchmarks/io_tax.py [--model STORE] [--rounds 3] [--seconds 4] [--readers 1]
                                 [--out benchmarks/results/io-tax]
@@ -201,7 +204,7 @@ def run(model: Path, rounds: int, seconds: float, readers: int = 1) -> dict:
         got.append({"round": i, **r})
         print(
             f"round {i}: {dtype_name} matmul {r['alone_gflops']:,.0f} GFLOP/s alone, {r['beside_gflops']:,.0f} "
-            f"beside the reader at {r['read_mb_s']:,.0f} MB/s (x{r['ratio']:.2f}); "
+            f"beside the reading at {r['read_mb_s']:,.0f} MB/s (x{r['ratio']:.2f}); "
             f"{r['core_s_lost_per_gb']} core-s lost per GB; the readers alone {r['read_alone_mb_s']:,.0f} MB/s, "
             f"steal {r['steal_s_read_alone']} s",
             flush=True,
@@ -265,7 +268,7 @@ def sections(result: dict) -> list[tuple[str, str]]:
 
 
 def readers_text(k: int) -> str:
-    return "a thread reads" if k == 1 else f"{k} threads read (the units shared between them)"
+    return "a thread reads" if k == 1 else f"{k} threads (a share of the units each) read"
 
 
 def main(argv=None) -> int:
