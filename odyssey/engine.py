@@ -48,7 +48,7 @@ from odyssey.gguf.qweight import CastWeight, QWeight, Workspace, bind_linear, ro
 from odyssey.headloss import OnlineCrossEntropy
 from odyssey.model import CausalLM, KVCache, embed_scale, rope_tables
 from odyssey.pager import Pager, PassStats, Resident, ResidentPager, UnitStat
-from odyssey.saved import Derived, SavedWeights, noting
+from odyssey.saved import saving
 from odyssey.store import Block, Store
 
 
@@ -209,21 +209,6 @@ class Engine:
     def _prefetch(self, units) -> None:
         """Schedule `units` with the pager, but the held ones (served without it)."""
         self.pager.prefetch([u for u in units if u not in self._held])
-
-    @contextlib.contextmanager
-    def saving_weights(self, res: Resident, inner=None):
-        """`saved_tensors_hooks` under which autograd saves the base weights bound for `res` as
-        handles, rebuilt at backward from what is bound then (SavedWeights), and the outputs the
-        layer notes (its norms', its GLU's) as recipes computed again in backward (saved.Derived,
-        when `derive_saved`); other saved tensors go to `inner` (a spill.LayerSpill) when given."""
-        derived = Derived() if self.derive_saved else None
-        sw = SavedWeights(self, res, inner, derived)
-        with torch.autograd.graph.saved_tensors_hooks(sw.pack, sw.unpack):
-            if derived is None:
-                yield
-            else:
-                with noting(derived):
-                    yield
 
     def bound_weight(self, name: str) -> torch.Tensor:
         """The frozen base weight bound now under HF `name` (a view of the slot, or its converted
@@ -422,7 +407,7 @@ class Engine:
             else:  # the graph is kept, its saved weights as handles (SavedWeights), on disk when spilled
                 xi = x.detach().requires_grad_(True)
                 inner = self._spill.layer(i) if i < first_ram else None
-                with self.resident(i) as res, torch.enable_grad(), self.saving_weights(res, inner):
+                with self.resident(i) as res, torch.enable_grad(), saving(self, res, inner, self.derive_saved):
                     out = self.layer(i)(xi, rope, None, segments)
                 if inner is not None:
                     self._spill.seal(i)

@@ -118,7 +118,7 @@ class Recipe:
     @torch.compiler.disable
     def view(self, h: DerivedHandle, unpack) -> torch.Tensor:
         if self.value is None:
-            args = [unpack(a) if not isinstance(a, (bool, int, float, str, type(None))) else a for a in self.packed]
+            args = [unpack(a) for a in self.packed]  # (unpack passes constants through)
             with torch.no_grad():
                 value = self.fn(*args)
             if tuple(value.shape) != self.size or tuple(value.stride()) != self.stride:
@@ -198,3 +198,20 @@ def note(out: torch.Tensor, fn: Callable, *args) -> torch.Tensor:
     if _active:
         _active[-1].note(out, fn, args)
     return out
+
+
+@contextlib.contextmanager
+def saving(engine: Engine, res: Resident, inner=None, derive: bool = True):
+    """`saved_tensors_hooks` for a kept or spilled layer's forward (engine.Engine._forward): the base
+    weights bound for `res` saved as handles, rebuilt at backward from what is bound then
+    (SavedWeights), and with `derive` the outputs the layer notes (its norms', its GLU's) as recipes
+    computed again in backward (Derived); other saved tensors go to `inner` (a spill.LayerSpill)
+    when given."""
+    derived = Derived() if derive else None
+    sw = SavedWeights(engine, res, inner, derived)
+    with torch.autograd.graph.saved_tensors_hooks(sw.pack, sw.unpack):
+        if derived is None:
+            yield
+        else:
+            with noting(derived):
+                yield
