@@ -488,28 +488,3 @@ def test_plan_command_shows_residency_and_its_options(train_dir):
                 "1GiB", "recompute=some")  # fmt: skip
     assert_user_error(p, "recompute", "auto or all")
     assert not (train_dir / "bad").exists()
-
-
-@pytest.mark.parametrize("rows,shape", [(1100, (1, 37, 96)), (512, (2, 5, 64)), (8, (5, 16))])
-def test_blocked_linear_converts_block_by_block_and_multiplies_as_linear(rows, shape):
-    """A bf16 matrix in an fp32 forward (CastWeight) is converted BLOCK_ROWS rows at a time into
-    the workspace, each block just before its matmul: the product is F.linear's to fp32 rounding
-    (the same bits at the 1.2B's shapes, not at every shape), a tensor of its own (not a view: LoRA
-    adds to it in place), and the workspace holds one block, not the matrix."""
-    import torch.nn.functional as F
-
-    from odyssey.gguf import qweight
-
-    g = torch.Generator().manual_seed(0)
-    k = shape[-1]
-    raw = torch.randn(rows, k, generator=g).bfloat16()
-    x = torch.randn(*shape, generator=g)
-    ws = qweight.Workspace()
-    y = qweight._blocked_linear(x, raw, ws)
-    ref = F.linear(x, raw.float())
-    assert y.shape == ref.shape and y.is_contiguous() and y._base is None
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    assert ws.nbytes == min(rows, qweight.BLOCK_ROWS) * k * 4
-    ys = qweight._QLinear.apply(x.clone().requires_grad_(), qweight.CastWeight(raw), ws, None)
-    ys.add_(1.0)  # in place, as LoRA's fused forward does
-    torch.testing.assert_close(ys, ref + 1.0, rtol=1e-5, atol=1e-5)

@@ -146,30 +146,6 @@ class Workspace:
         self._bufs.clear()
 
 
-BLOCK_ROWS = 512
-"""Rows of a converted matrix a forward multiplies at a time (_blocked_linear)."""
-
-
-def _blocked_linear(x: torch.Tensor, raw: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    """x W^T for a float matrix `raw` stored in another dtype than x's (CastWeight), BLOCK_ROWS rows
-    of W at a time: each block is converted into the workspace just before its own matmul (the
-    converted values are read back from cache) and W_block x^T fills rows of y^T. Measured on a
-    2-core AVX2 EPYC in fp32 (a bf16 5632x2048 matrix, x 512x2048, medians of 15 rounds taking
-    turns): 110 ms against 156 for converting the whole matrix and one matmul."""
-    x2 = x.reshape(-1, x.shape[-1])
-    n, k = raw.shape
-    yt = torch.empty(n, x2.shape[0], dtype=x.dtype)
-    buf = ws.get(min(n, BLOCK_ROWS) * k, x.dtype)
-    xt = x2.t()
-    for r0 in range(0, n, BLOCK_ROWS):
-        r1 = min(n, r0 + BLOCK_ROWS)
-        block = buf[: (r1 - r0) * k].view(r1 - r0, k).copy_(raw[r0:r1])
-        torch.mm(block, xt, out=yt[r0:r1])
-    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    y.view(-1, n).copy_(yt.t())
-    return y
-
-
 class _QLinear(torch.autograd.Function):
     """y = x W^T with W dequantized into the workspace; backward dequantizes W again for the input's
     gradient (no weight gradient: the base is frozen). Given the Linear `mod` it is bound to
@@ -181,10 +157,8 @@ class _QLinear(torch.autograd.Function):
     def forward(ctx, x, qw: QWeight, ws: Workspace, mod: nn.Module | None = None):
         ctx.qw = qw if mod is None else None  # with mod: nothing of the slot is held
         ctx.mod, ctx.ws, ctx.geometry = mod, ws, (qw.qtype, qw.shape, qw.heads)
-        if isinstance(qw, CastWeight) and qw.raw.dim() == 2:
-            y = _blocked_linear(x, qw.raw, ws)
-        else:
-            y = F.linear(x, qw.stored(x.dtype, out=ws.get(qw.numel, x.dtype)))
+        W = qw.stored(x.dtype, out=ws.get(qw.numel, x.dtype))
+        y = F.linear(x, W)
         p = qw.perm()
         return y.index_select(-1, p[0]) if p is not None else y
 
